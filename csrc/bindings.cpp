@@ -1,0 +1,31 @@
+// fastml._C: one line per exported kernel and dtype. Every call releases the GIL.
+#include <pybind11/pybind11.h>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+using namespace fastml;
+
+#define FASTML_DEF(name, fn) m.def(name, &fn, py::call_guard<py::gil_scoped_release>())
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "fastml C++ CPU kernels (pybind11, OpenMP); pointers in, nothing allocated";
+    m.attr("openmp_max_threads") = omp_get_max_threads();
+
+    FASTML_DEF("linear_mse_forward_f32", linear_mse_forward<float>);
+    FASTML_DEF("linear_mse_forward_f64", linear_mse_forward<double>);
+    FASTML_DEF("linear_regression_sgd_epoch_f32", linear_regression_sgd_epoch<float>);
+    FASTML_DEF("linear_regression_sgd_epoch_f64", linear_regression_sgd_epoch<double>);
+
+    FASTML_DEF("linear_forward_f32", linear_forward<float>);
+    FASTML_DEF("linear_forward_f64", linear_forward<double>);
+    FASTML_DEF("linear_backward_input_f32", linear_backward_input<float>);
+    FASTML_DEF("linear_backward_input_f64", linear_backward_input<double>);
+    FASTML_DEF("linear_backward_weight_f32", linear_backward_weight<float>);
+    FASTML_DEF("linear_backward_weight_f64", linear_backward_weight<double>);
+
+    FASTML_DEF("mse_loss_forward_f32", mse_loss_forward<float>);
+    FASTML_DEF("mse_loss_forward_f64", mse_loss_forward<double>);
+    FASTML_DEF("mse_loss_backward_f32", mse_loss_backward<float>);
+    FASTML_DEF("mse_loss_backward_f64", mse_loss_backward<double>);
+}

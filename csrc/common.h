@@ -1,0 +1,40 @@
+// Shared helpers for fastml's C++ kernels.
+//
+// Tensors cross the Python boundary as integer data pointers plus sizes: no libtorch headers, so
+// the extension builds in seconds and works with any torch. Python validates arguments, makes
+// inputs contiguous, allocates every output and passes the thread count; kernels never allocate
+// tensors (small per-thread scratch vectors only) and run with the GIL released.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <omp.h>
+
+namespace fastml {
+
+using index_t = std::int64_t;
+using address_t = std::uintptr_t;  // a tensor's data_ptr(), 0 meaning "absent"
+
+template <typename T>
+inline T* as_ptr(address_t address) {
+    return reinterpret_cast<T*>(address);
+}
+
+// Splits [0, n) into `parts` contiguous ranges that differ in length by at most one;
+// returns the range of part `p`. Static partitioning keeps each thread on its own rows,
+// so per-thread partial sums are combined in a fixed order: results are deterministic.
+inline void split_range(index_t n, int parts, int p, index_t& begin, index_t& end) {
+    const index_t base = n / parts, extra = n % parts;
+    begin = p * base + std::min<index_t>(p, extra);
+    end = begin + base + (p < extra ? 1 : 0);
+}
+
+// Threads worth using for `work` multiply-adds: spawning a team costs a few microseconds,
+// which dominates tiny problems (the course's batch of 10 rows).
+inline int threads_for(index_t work, int requested) {
+    constexpr index_t kWorkPerThread = 32 * 1024;
+    const index_t useful = std::max<index_t>(1, work / kWorkPerThread);
+    return static_cast<int>(std::max<index_t>(1, std::min<index_t>(requested, useful)));
+}
+
+}  // namespace fastml

@@ -1,0 +1,37 @@
+// Entry points of every C++ kernel, as bound in bindings.cpp. Arguments: data pointers
+// (address_t, 0 = absent) and sizes; shapes are documented beside each definition.
+#pragma once
+
+#include "common.h"
+
+namespace fastml {
+
+// linear_mse.cpp: reduction 0 none, 1 mean, 2 sum.
+template <typename T>
+void linear_mse_forward(address_t x, address_t w, address_t b, address_t y, index_t n, index_t d,
+                        index_t o, int reduction, address_t loss, address_t residual,
+                        address_t grad_w, address_t grad_b, int nthreads);
+template <typename T>
+void linear_regression_sgd_epoch(address_t x, address_t y, address_t order, index_t n, index_t d,
+                                 index_t o, address_t w, address_t b, double lr, index_t batch_size);
+
+// linear.cpp
+template <typename T>
+void linear_forward(address_t x, address_t w, address_t b, index_t n, index_t d, index_t o,
+                    address_t out, int nthreads);
+template <typename T>
+void linear_backward_input(address_t g, address_t w, index_t n, index_t d, index_t o,
+                           address_t grad_x, int nthreads);
+template <typename T>
+void linear_backward_weight(address_t g, address_t x, index_t n, index_t d, index_t o,
+                            address_t grad_w, address_t grad_b, int nthreads);
+
+// mse_loss.cpp
+template <typename T>
+void mse_loss_forward(address_t input, address_t target, index_t n, int reduction, address_t loss,
+                      address_t diff, int nthreads);
+template <typename T>
+void mse_loss_backward(address_t diff, address_t grad_out, index_t g_stride, double scale, index_t n,
+                       address_t grad_input, int nthreads);
+
+}  // namespace fastml

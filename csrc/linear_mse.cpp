@@ -1,0 +1,170 @@
+// Fused linear forward + squared loss (and its gradients) for linear regression.
+//
+// One pass over X: each row block's prediction P = X W^T + b, residual R = P - Y, the loss and
+// the weight / bias gradients (sums of R-weighted rows) come from the same tile of X while it
+// is in L1. The N × O prediction never exists whole: a block of kBlockRows rows at a time.
+#include <cmath>
+#include <vector>
+
+#include "kernels.h"
+#include "linear_tiles.h"
+
+namespace fastml {
+namespace {
+
+constexpr index_t kBlockRows = 64;
+// Per-thread gradient copies up to this many bytes in all; beyond, threads split the outputs.
+constexpr index_t kMaxPartialBytes = index_t(32) << 20;
+// Gradients this small are summed per block first, then per thread (closer to pairwise
+// summation, so float32 sums over many rows stay accurate); larger ones accumulate directly.
+constexpr index_t kTwoLevelElements = 8192;
+
+struct Problem {
+    index_t n, d, o;
+    int reduction;  // 0 none, 1 mean, 2 sum
+};
+
+// Processes rows [row_begin, row_end) for outputs [col_begin, col_end) of the full problem.
+// W, bias, Y, residual and loss are indexed by global column; grad_acc is (cols × d) local.
+template <typename T>
+double process_rows(const Problem& p, const T* x, const T* w, const T* bias, const T* y,
+                    index_t row_begin, index_t row_end, index_t col_begin, index_t col_end,
+                    T* residual, T* loss_elems, T* grad_acc, T* grad_b_acc) {
+    const index_t d = p.d, o = p.o, cols = col_end - col_begin;
+    const bool two_level = grad_acc && cols * d <= kTwoLevelElements;
+    std::vector<T> pred(kBlockRows * cols), block_grad(two_level ? cols * d : 0);
+    double loss = 0.0;
+    for (index_t r0 = row_begin; r0 < row_end; r0 += kBlockRows) {
+        const index_t rows = std::min(kBlockRows, row_end - r0);
+        const T* xb = x + r0 * d;
+        dot_block(xb, rows, d, w + col_begin * d, bias ? bias + col_begin : nullptr, cols, pred.data());
+        for (index_t r = 0; r < rows; ++r) {
+            for (index_t j = 0; j < cols; ++j) {
+                const index_t g = (r0 + r) * o + col_begin + j;
+                const T diff = pred[r * cols + j] - y[g];
+                pred[r * cols + j] = diff;  // the block's residual, reused below
+                if (residual) residual[g] = diff;
+                if (loss_elems) loss_elems[g] = diff * diff;
+                loss += double(diff) * double(diff);
+                if (grad_b_acc) grad_b_acc[j] += diff;
+            }
+        }
+        if (!grad_acc) continue;
+        if (two_level) {
+            std::fill(block_grad.begin(), block_grad.end(), T(0));
+            accumulate_outer(pred.data(), xb, rows, d, cols, block_grad.data());
+            for (index_t i = 0; i < cols * d; ++i) grad_acc[i] += block_grad[i];
+        } else {
+            accumulate_outer(pred.data(), xb, rows, d, cols, grad_acc);
+        }
+    }
+    return loss;
+}
+
+}  // namespace
+
+template <typename T>
+void linear_mse_forward(address_t x_, address_t w_, address_t b_, address_t y_, index_t n,
+                        index_t d, index_t o, int reduction, address_t loss_, address_t residual_,
+                        address_t grad_w_, address_t grad_b_, int nthreads) {
+    const Problem p{n, d, o, reduction};
+    const T *x = as_ptr<const T>(x_), *w = as_ptr<const T>(w_), *bias = as_ptr<const T>(b_),
+            *y = as_ptr<const T>(y_);
+    T *loss_out = as_ptr<T>(loss_), *residual = as_ptr<T>(residual_), *grad_w = as_ptr<T>(grad_w_),
+      *grad_b = as_ptr<T>(grad_b_);
+    T* loss_elems = reduction == 0 ? loss_out : nullptr;
+
+    // mean over no elements is NaN (0 / 0), as in torch; the gradient of an empty sum is 0.
+    const double count = double(n) * double(o);
+    const double scale = reduction == 1 ? 1.0 / count : 1.0;
+    const T grad_scale = T(n > 0 ? 2.0 * scale : 0.0);
+
+    const int threads = threads_for(n * d * std::max<index_t>(o, 1), nthreads);
+    const bool split_outputs =
+        grad_w && threads > 1 && index_t(threads) * o * d * index_t(sizeof(T)) > kMaxPartialBytes;
+    const int parts = split_outputs ? 1 : threads;
+    std::vector<T> grad_parts(grad_w && !split_outputs ? parts * o * d : 0);
+    std::vector<T> grad_b_parts(grad_b ? threads * o : 0);
+    std::vector<double> loss_parts(threads, 0.0);
+
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num();
+        index_t begin, end;
+        if (split_outputs) {  // each thread owns columns [begin, end) over all rows
+            split_range(o, threads, t, begin, end);
+            if (begin < end) {
+                T* acc = grad_w + begin * d;
+                std::fill(acc, acc + (end - begin) * d, T(0));
+                loss_parts[t] = process_rows(p, x, w, bias, y, 0, n, begin, end, residual,
+                                             loss_elems, acc,
+                                             grad_b ? grad_b_parts.data() + t * o + begin : nullptr);
+            }
+        } else {  // each thread owns rows [begin, end) over all columns
+            split_range(n, threads, t, begin, end);
+            T* acc = grad_w ? grad_parts.data() + t * o * d : nullptr;
+            loss_parts[t] = process_rows(p, x, w, bias, y, begin, end, 0, o, residual, loss_elems,
+                                         acc, grad_b ? grad_b_parts.data() + t * o : nullptr);
+        }
+    }
+
+    if (grad_w) {
+        if (split_outputs) {
+            for (index_t i = 0; i < o * d; ++i) grad_w[i] *= grad_scale;
+        } else {
+            reduce_partials(grad_parts.data(), parts, o * d, grad_scale, grad_w, nthreads);
+        }
+    }
+    if (grad_b) reduce_partials(grad_b_parts.data(), threads, o, grad_scale, grad_b, 1);
+    if (reduction != 0) {
+        double total = 0.0;
+        for (double part : loss_parts) total += part;
+        *loss_out = T(total * scale);
+    }
+}
+
+// One epoch of the course's minibatch SGD on squared loss (y_hat - y)^2 / 2, in visiting order
+// `order`: for each batch, w -= lr * (summed gradient) / batch_size. The last batch may be
+// shorter and is still divided by batch_size, as the course's `sgd` does. Sequential by nature
+// (each step needs the last), and tiny per step: one thread, no allocation in the loop.
+template <typename T>
+void linear_regression_sgd_epoch(address_t x_, address_t y_, address_t order_, index_t n,
+                                 index_t d, index_t o, address_t w_, address_t b_, double lr,
+                                 index_t batch_size) {
+    const T *x = as_ptr<const T>(x_), *y = as_ptr<const T>(y_);
+    const std::int64_t* order = as_ptr<const std::int64_t>(order_);
+    T *w = as_ptr<T>(w_), *bias = as_ptr<T>(b_);
+    std::vector<T> grad_w(o * d), grad_b(o), residual(o);
+    const T step = T(lr / double(batch_size));
+    for (index_t start = 0; start < n; start += batch_size) {
+        const index_t stop = std::min(n, start + batch_size);
+        std::fill(grad_w.begin(), grad_w.end(), T(0));
+        std::fill(grad_b.begin(), grad_b.end(), T(0));
+        for (index_t s = start; s < stop; ++s) {
+            const index_t i = order[s];
+            const T* xi = x + i * d;
+            dot_rows<T, 1>(xi, d, w, bias, o, residual.data(), o);
+            for (index_t j = 0; j < o; ++j) {
+                const T diff = residual[j] - y[i * o + j];
+                if (bias) grad_b[j] += diff;
+                T* gj = grad_w.data() + j * d;
+#pragma omp simd
+                for (index_t k = 0; k < d; ++k) gj[k] += diff * xi[k];
+            }
+        }
+        for (index_t i = 0; i < o * d; ++i) w[i] -= step * grad_w[i];
+        if (bias)
+            for (index_t j = 0; j < o; ++j) bias[j] -= step * grad_b[j];
+    }
+}
+
+template void linear_mse_forward<float>(address_t, address_t, address_t, address_t, index_t, index_t,
+                                        index_t, int, address_t, address_t, address_t, address_t, int);
+template void linear_mse_forward<double>(address_t, address_t, address_t, address_t, index_t, index_t,
+                                         index_t, int, address_t, address_t, address_t, address_t, int);
+template void linear_regression_sgd_epoch<float>(address_t, address_t, address_t, index_t, index_t,
+                                                 index_t, address_t, address_t, double, index_t);
+template void linear_regression_sgd_epoch<double>(address_t, address_t, address_t, index_t, index_t,
+                                                  index_t, address_t, address_t, double, index_t);
+
+}  // namespace fastml

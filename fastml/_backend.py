@@ -1,0 +1,186 @@
+"""Backend registry and selection.
+
+Four backends implement every op, with one forward and one backward each and the same results:
+
+- ``triton``    Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
+- ``cpp``       the compiled extension ``fastml._C`` (pybind11 + OpenMP), CPU tensors
+- ``numba``     numba-compiled loops, CPU tensors (fallback when the extension is absent)
+- ``reference`` pure PyTorch: any device and dtype, the oracle the others are tested against
+
+Automatic choice: CUDA tensors → triton; CPU tensors → cpp, else numba; then reference. A
+configuration a kernel does not cover (an exotic dtype, a device it cannot reach) runs the
+reference path, so fastml never fails where torch works. ``use_backend(name)`` (a context
+manager) or ``FASTML_BACKEND=name`` overrides the choice; asking for a backend that is absent
+raises ``BackendUnavailableError`` saying why.
+
+Probing is lazy and cached: importing fastml imports neither triton nor numba.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import importlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+BACKENDS = ("triton", "cpp", "numba", "reference")
+ENV_VAR = "FASTML_BACKEND"
+
+_FLOAT_KERNEL_DTYPES = frozenset({torch.float32, torch.float64})
+_TRITON_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested that is not present on this installation."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    present: bool
+    reason: str  # why it is absent, or what it runs on when present
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run through the interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _probe_triton() -> BackendStatus:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # not installed, or broken
+        return BackendStatus("triton", False, f"triton is not importable ({exc})")
+    if triton_interpreted():
+        return BackendStatus("triton", True, f"triton {triton.__version__}, interpreter (TRITON_INTERPRET=1)")
+    if torch.cuda.is_available():
+        return BackendStatus("triton", True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}")
+    return BackendStatus(
+        "triton", False,
+        f"triton {triton.__version__} is installed but no CUDA GPU is visible "
+        "(set TRITON_INTERPRET=1 to run its kernels on CPU tensors through the interpreter)")
+
+
+def _build_info() -> str:
+    path = Path(__file__).with_name("_build_info.json")
+    try:
+        return json.loads(path.read_text()).get("cpp", "unknown")
+    except (OSError, ValueError):
+        return "no build record: fastml was not installed with pip, so the C++ extension was never built"
+
+
+def _probe_cpp() -> BackendStatus:
+    try:
+        from fastml import _C
+    except ImportError as exc:
+        return BackendStatus("cpp", False, f"fastml._C is not importable ({exc}); build: {_build_info()}")
+    return BackendStatus("cpp", True, f"fastml._C, OpenMP, up to {_C.openmp_max_threads} threads")
+
+
+def _probe_numba() -> BackendStatus:
+    try:
+        import numba
+    except Exception as exc:
+        return BackendStatus("numba", False, f"numba is not importable ({exc})")
+    return BackendStatus("numba", True, f"numba {numba.__version__}")
+
+
+_PROBES = {
+    "triton": _probe_triton,
+    "cpp": _probe_cpp,
+    "numba": _probe_numba,
+    "reference": lambda: BackendStatus("reference", True, f"pure PyTorch {torch.__version__}"),
+}
+
+
+@functools.cache
+def status(name: str) -> BackendStatus:
+    """Presence of one backend, probed once."""
+    _check_name(name)
+    return _PROBES[name]()
+
+
+def available() -> list[str]:
+    """Names of the backends present here, in order of preference."""
+    return [name for name in BACKENDS if status(name).present]
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fastml backend {name!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def _require(name: str) -> str:
+    _check_name(name)
+    st = status(name)
+    if not st.present:
+        raise BackendUnavailableError(f"fastml backend {name!r} is not available: {st.reason}")
+    return name
+
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastml_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the enclosed fastml calls on backend ``name`` (where it covers the configuration).
+
+    >>> with fastml.use_backend("numba"):
+    ...     loss = fastml.functional.linear_mse(x, w, b, y)
+    """
+    token = _override.set(_require(name))
+    try:
+        yield name
+    finally:
+        _override.reset(token)
+
+
+def requested() -> str | None:
+    """The backend asked for by use_backend or FASTML_BACKEND, if any."""
+    name = _override.get()
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_VAR, "").strip()
+    return _require(env) if env else None
+
+
+def covers(name: str, tensor: torch.Tensor) -> bool:
+    """Whether backend ``name`` has kernels for ``tensor``'s device and dtype."""
+    if name == "reference":
+        return True
+    if name == "triton":
+        on_device = tensor.is_cuda or (tensor.device.type == "cpu" and triton_interpreted())
+        return on_device and tensor.dtype in _TRITON_DTYPES and status("triton").present
+    return tensor.device.type == "cpu" and tensor.dtype in _FLOAT_KERNEL_DTYPES and status(name).present
+
+
+def select(tensor: torch.Tensor, implemented: tuple[str, ...] = BACKENDS) -> str:
+    """The backend that runs an op on ``tensor`` (the op's main input).
+
+    ``implemented`` lists the backends that have this op; the reference is always among them.
+    """
+    want = requested()
+    if want is not None:
+        return want if want in implemented and covers(want, tensor) else "reference"
+    order = ("triton",) if tensor.is_cuda else ("cpp", "numba")
+    for name in order:
+        if name in implemented and covers(name, tensor):
+            return name
+    return "reference"
+
+
+def load(op_package: str, name: str):
+    """The module implementing one backend of an op, e.g. load("fastml.ops.linear", "cpp")."""
+    suffix = "reference" if name == "reference" else f"{name}_impl"
+    return importlib.import_module(f"{op_package}.{suffix}")
+
+
+def info() -> dict[str, BackendStatus]:
+    """Every backend's status, in order of preference."""
+    return {name: status(name) for name in BACKENDS}

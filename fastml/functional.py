@@ -1,0 +1,142 @@
+"""fastml's public functions: argument checks with clear errors, then the op's dispatch.
+
+Each function accepts what its torch twin accepts. Where no fastml kernel covers a configuration
+(mixed dtypes, integer tensors, extra options), it runs torch's own implementation, so it never
+fails where torch works and is never silently different.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn import _reduction
+
+from fastml.ops import linear as _linear_op
+from fastml.ops import linear_mse as _linear_mse_op
+from fastml.ops import mse_loss as _mse_loss_op
+
+__all__ = ["linear", "linear_mse", "mse_loss"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class ShapeError(ValueError, RuntimeError):
+    """A tensor argument has the wrong shape (a RuntimeError too, as torch raises)."""
+
+
+class DTypeError(TypeError, RuntimeError):
+    """Tensor arguments disagree in dtype, or one is not floating point."""
+
+
+class DeviceError(ValueError, RuntimeError):
+    """Tensor arguments live on different devices."""
+
+
+def _check_tensor(name: str, value, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        kind = "a Tensor or None" if optional else "a Tensor"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+
+
+def _check_same(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in ``others`` has ``reference``'s dtype and device."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != reference.device:
+            raise DeviceError(f"{name} is on {t.device} but {reference_name} is on {reference.device}; "
+                              "move them to the same device")
+        if t.dtype != reference.dtype:
+            raise DTypeError(f"{name} has dtype {t.dtype} but {reference_name} has dtype {reference.dtype}; "
+                             "cast them to the same floating-point dtype")
+
+
+def _check_reduction(reduction) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction!r} is not a valid value for reduction: expected 'mean', 'sum' or 'none'")
+
+
+def _check_linear_args(input, weight, bias, weight_rank_1_ok: bool) -> None:
+    _check_tensor("input", input)
+    _check_tensor("weight", weight)
+    _check_tensor("bias", bias, optional=True)
+    if input.dim() == 0:
+        raise ShapeError("input must have at least 1 dimension (..., in_features), got a 0-dim tensor")
+    if weight.dim() != 2 and not (weight_rank_1_ok and weight.dim() == 1):
+        raise ShapeError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if input.shape[-1] != weight.shape[-1]:
+        raise ShapeError(f"input has {input.shape[-1]} features (last dim of shape {tuple(input.shape)}) "
+                         f"but weight of shape {tuple(weight.shape)} expects in_features={weight.shape[-1]}")
+    out_features = weight.shape[0] if weight.dim() == 2 else None
+    if bias is not None and out_features is not None and bias.shape not in ((out_features,), ()):
+        raise ShapeError(f"bias must have shape ({out_features},) to match weight's out_features, "
+                         f"got {tuple(bias.shape)}")
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = input @ weight.T + bias, as ``torch.nn.functional.linear``.
+
+    input (*, in_features); weight (out_features, in_features) or (in_features,); bias
+    (out_features,) or None → (*, out_features) (or (*) for a 1-D weight).
+    """
+    _check_linear_args(input, weight, bias, weight_rank_1_ok=True)
+    if (weight.dim() != 2 or input.dtype not in _KERNEL_DTYPES or weight.dtype != input.dtype
+            or (bias is not None and (bias.dtype != input.dtype or bias.dim() != 1))
+            or weight.device != input.device or (bias is not None and bias.device != input.device)):
+        return F.linear(input, weight, bias)  # a configuration the kernels do not cover: torch's own
+    lead = input.shape[:-1]
+    out = _linear_op.linear(input.reshape(-1, input.shape[-1]), weight, bias)
+    return out.reshape(*lead, weight.shape[0])
+
+
+def linear_mse(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+               reduction: str = "mean") -> torch.Tensor:
+    """Squared loss of a linear layer, fused: ``mse_loss(linear(input, weight, bias), target)``.
+
+    input (*, D); weight (O, D); bias (O,) or None; target (*, O), the prediction's shape. The
+    loss and the weight / bias gradients come from one pass over ``input``; gradients flow to
+    every argument that requires them. reduction: "mean" (over all elements), "sum" or "none"
+    (→ (*, O)), as in ``torch.nn.MSELoss``.
+    """
+    _check_linear_args(input, weight, bias, weight_rank_1_ok=False)
+    _check_tensor("target", target)
+    _check_reduction(reduction)
+    expected = (*input.shape[:-1], weight.shape[0])
+    if tuple(target.shape) != expected:
+        raise ShapeError(f"target must have the prediction's shape {expected} (input's leading dims, "
+                         f"then out_features), got {tuple(target.shape)}")
+    if bias is not None and bias.dim() != 1:
+        raise ShapeError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if not input.dtype.is_floating_point:
+        raise DTypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
+    _check_same("input", input, weight=weight, bias=bias, target=target)
+    d, o = weight.shape[1], weight.shape[0]
+    loss = _linear_mse_op.linear_mse(input.reshape(-1, d), weight, bias, target.reshape(-1, o), reduction)
+    return loss.reshape(expected) if reduction == "none" else loss
+
+
+def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduce=None, reduction: str = "mean",
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error, as ``torch.nn.functional.mse_loss`` (same broadcasting and warning)."""
+    _check_tensor("input", input)
+    _check_tensor("target", target)
+    if size_average is not None or reduce is not None:
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    if (weight is not None or input.dtype != target.dtype or input.dtype not in _KERNEL_DTYPES
+            or input.device != target.device or reduction not in _REDUCTIONS):
+        # Not covered by a kernel (weights, type promotion, a bad reduction): torch's own, which
+        # also gives torch's warnings and errors.
+        return F.mse_loss(input, target, reduction=reduction, weight=weight)
+    if target.size() != input.size():
+        warnings.warn(
+            f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
+            "This will likely lead to incorrect results due to broadcasting. Please ensure they have the same size.",
+            stacklevel=2,
+        )
+        input, target = torch.broadcast_tensors(input, target)  # differentiable: grads sum back
+    return _mse_loss_op.mse_loss(input, target, reduction)

@@ -1,0 +1,53 @@
+"""Linear layer y = x W^T + b: autograd.Function and per-backend dispatch.
+
+Every backend module (reference, cpp_impl, numba_impl, triton_impl) provides
+``forward(x, weight, bias)``, ``backward_input(grad, weight)`` and
+``backward_weight(grad, x, need_bias)`` on contiguous 2-D tensors (see reference.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fastml import _backend
+
+IMPLEMENTED = ("triton", "cpp", "numba", "reference")
+
+
+def impl(backend: str):
+    return _backend.load(__name__, backend)
+
+
+class LinearFunction(torch.autograd.Function):
+    """x (N, D), weight (O, D), bias (O,) or None, all contiguous → (N, O)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, backend):
+        ctx.backend = backend
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return impl(backend).forward(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        kernels = impl(ctx.backend)
+        grad = grad.contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = kernels.backward_input(grad, weight) if need_x else None
+        grad_w = grad_b = None
+        if need_w or (need_b and ctx.has_bias):
+            grad_w, grad_b = kernels.backward_weight(grad, x, need_b and ctx.has_bias)
+        return grad_x, (grad_w if need_w else None), grad_b, None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Dispatches a validated, 2-D linear layer to the selected backend."""
+    backend = _backend.select(x, IMPLEMENTED)
+    x, weight = x.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return LinearFunction.apply(x, weight, bias, backend)
+    return impl(backend).forward(x, weight, bias)

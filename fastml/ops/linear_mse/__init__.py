@@ -1,0 +1,75 @@
+"""Fused linear forward + squared loss: autograd.Function and per-backend dispatch.
+
+For "mean" / "sum" the kernel returns the loss and, in the same pass over the input, the
+gradients for weight and bias; backward only scales them by the incoming gradient. The input
+and target gradients come from the residual (kept only when one of them is needed). For "none"
+the backward pass forms every gradient from the residual with the linear op's kernels.
+
+Backend modules provide ``forward`` and ``sgd_epoch`` with the signatures of reference.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fastml import _backend
+from fastml.ops import linear as linear_op
+
+IMPLEMENTED = ("triton", "cpp", "numba", "reference")
+
+
+def impl(backend: str):
+    return _backend.load(__name__, backend)
+
+
+class LinearMSEFunction(torch.autograd.Function):
+    """x (N, D), weight (O, D), bias (O,) or None, target (N, O), contiguous, same dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, reduction, backend):
+        need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
+        need_b = need_b and bias is not None
+        keep_residual = need_x or need_t or (reduction == "none" and (need_w or need_b))
+        loss, residual, grad_w, grad_b = impl(backend).forward(
+            x, weight, bias, target, reduction, need_w, need_b, keep_residual)
+        ctx.reduction, ctx.backend = reduction, backend
+        count = x.shape[0] * weight.shape[0]
+        ctx.scale = 2.0 / count if reduction == "mean" and count else 2.0  # d(loss)/d(residual) / residual
+        ctx.save_for_backward(x if reduction == "none" else None, weight if need_x else None,
+                              residual, grad_w, grad_b)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, residual, grad_w, grad_b = ctx.saved_tensors
+        need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
+        if ctx.reduction != "none":
+            grad_w = grad_w * grad if need_w else None
+            grad_b = grad_b * grad if need_b and grad_b is not None else None
+            coef = residual * (ctx.scale * grad) if residual is not None else None
+        else:
+            coef = (2.0 * grad) * residual
+            grad_w = grad_b = None
+            if need_w or need_b:
+                grad_w, grad_b = linear_op.impl(ctx.backend).backward_weight(coef, x, need_b)
+                grad_w = grad_w if need_w else None
+        grad_x = linear_op.impl(ctx.backend).backward_input(coef, weight) if need_x else None
+        grad_t = -coef if need_t else None
+        return grad_x, grad_w, grad_b, grad_t, None, None
+
+
+def linear_mse(x, weight, bias, target, reduction):
+    """Dispatches validated 2-D, same-dtype tensors to the selected backend."""
+    backend = _backend.select(x, IMPLEMENTED)
+    x, weight, target = x.contiguous(), weight.contiguous(), target.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, target)):
+        return LinearMSEFunction.apply(x, weight, bias, target, reduction, backend)
+    return impl(backend).forward(x, weight, bias, target, reduction, False, False, False)[0]
+
+
+def sgd_epoch(x, target, order, weight, bias, lr, batch_size):
+    """One in-place epoch of minibatch SGD on contiguous tensors (see reference.sgd_epoch)."""
+    impl(_backend.select(x, IMPLEMENTED)).sgd_epoch(x, target, order, weight, bias, lr, batch_size)

@@ -1,0 +1,31 @@
+"""Linear + squared loss on fastml._C (csrc/linear_mse.cpp); signatures as in reference.py."""
+
+from __future__ import annotations
+
+import torch
+
+from fastml._cpp import kernel, ptr, threads
+
+_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
+
+
+def forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual):
+    n, d = x.shape
+    o = weight.shape[0]
+    new = x.new_empty
+    loss = new((n, o)) if reduction == "none" else new(())
+    residual = new((n, o)) if keep_residual else None
+    fused_grads = reduction != "none"
+    grad_w = new((o, d)) if fused_grads and need_weight_grad else None
+    grad_b = new((o,)) if fused_grads and need_bias_grad else None
+    kernel("linear_mse_forward", x.dtype)(
+        ptr(x), ptr(weight), ptr(bias), ptr(target), n, d, o, _REDUCTION_CODE[reduction],
+        ptr(loss), ptr(residual), ptr(grad_w), ptr(grad_b), threads())
+    return loss, residual, grad_w, grad_b
+
+
+def sgd_epoch(x, target, order, weight, bias, lr, batch_size):
+    n, d = x.shape
+    o = weight.shape[0]
+    kernel("linear_regression_sgd_epoch", x.dtype)(
+        ptr(x), ptr(target), ptr(order), n, d, o, ptr(weight), ptr(bias), float(lr), int(batch_size))

@@ -1,0 +1,107 @@
+"""Shared test machinery: the backend fixture, the per-dtype tolerance table, fresh random inputs.
+
+Every op test runs once per backend. A backend that is absent here is a pytest.skip carrying the
+reason fastml.info() gives, never a silent pass. On a machine without a GPU, Triton kernels run
+on CPU tensors through the interpreter (TRITON_INTERPRET=1, set below before triton is imported).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastml  # noqa: E402  (after TRITON_INTERPRET is settled)
+from fastml import _backend  # noqa: E402
+
+# (rtol, atol) for comparing a backend's result in `dtype` with the float64 reference.
+# float32 sums over many terms drift by ~sqrt(n)·eps; half types keep ~3 significant digits.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (2e-4, 2e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    name: str
+    device: torch.device
+
+    @property
+    def interpreted(self) -> bool:
+        """Triton through the interpreter: correct but slow, so tests keep sizes small."""
+        return self.name == "triton" and self.device.type == "cpu"
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype, ...]:
+        """Dtypes this backend's kernels cover (others take the reference path)."""
+        if self.name == "triton":
+            return (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+        return (torch.float32, torch.float64)
+
+    def use(self):
+        return fastml.use_backend(self.name)
+
+
+@pytest.fixture(params=_backend.BACKENDS)
+def backend(request) -> Backend:
+    name = request.param
+    status = _backend.status(name)
+    if not status.present:
+        pytest.skip(f"backend {name} absent: {status.reason}")
+    device = torch.device("cuda" if name == "triton" and torch.cuda.is_available() else "cpu")
+    with fastml.use_backend(name):
+        yield Backend(name, device)
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    """A fresh seed per test run (printed on failure through the fixture's repr)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    gen.seed_value = seed
+    return gen
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", generator=None, requires_grad=False, scale=1.0):
+    """Standard-normal values (never zeros), made on the CPU then moved, so seeds reproduce."""
+    t = torch.randn(*shape, dtype=torch.float64, generator=generator) * scale
+    t = t.to(dtype=dtype, device=device)
+    return t.requires_grad_(requires_grad)
+
+
+def upcast(*tensors):
+    """Detached float64 CPU copies that require grad where the originals do."""
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        c = t.detach().to(device="cpu", dtype=torch.float64)
+        out.append(c.requires_grad_(t.requires_grad))
+    return out
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, scale=None):
+    """actual (any dtype / device) against a float64 reference with the dtype's tolerance.
+
+    ``scale``: the magnitude the absolute tolerance is relative to (for sums of many terms whose
+    result can be small by cancellation), default 1.
+    """
+    dtype = dtype or actual.dtype
+    rtol, atol = TOLERANCES[dtype]
+    if scale is not None:
+        atol = atol * float(scale)
+    torch.testing.assert_close(actual.detach().to("cpu", torch.float64), expected.detach().to(torch.float64),
+                               rtol=rtol, atol=atol, equal_nan=True)
+
+
+def grads(*tensors):
+    return [None if t is None else t.grad for t in tensors]
