@@ -7,6 +7,7 @@ fails where torch works and is never silently different.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -78,6 +79,11 @@ def _check_linear_args(input, weight, bias, weight_rank_1_ok: bool) -> None:
                          f"got {tuple(bias.shape)}")
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(*, F) → (prod(*), F); explicit row count, since reshape(-1, 0) is ambiguous."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = input @ weight.T + bias, as ``torch.nn.functional.linear``.
 
@@ -90,7 +96,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
             or weight.device != input.device or (bias is not None and bias.device != input.device)):
         return F.linear(input, weight, bias)  # a configuration the kernels do not cover: torch's own
     lead = input.shape[:-1]
-    out = _linear_op.linear(input.reshape(-1, input.shape[-1]), weight, bias)
+    out = _linear_op.linear(_rows(input), weight, bias)
     return out.reshape(*lead, weight.shape[0])
 
 
@@ -115,8 +121,7 @@ def linear_mse(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if not input.dtype.is_floating_point:
         raise DTypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
     _check_same("input", input, weight=weight, bias=bias, target=target)
-    d, o = weight.shape[1], weight.shape[0]
-    loss = _linear_mse_op.linear_mse(input.reshape(-1, d), weight, bias, target.reshape(-1, o), reduction)
+    loss = _linear_mse_op.linear_mse(_rows(input), weight, bias, _rows(target), reduction)
     return loss.reshape(expected) if reduction == "none" else loss
 
 

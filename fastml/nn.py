@@ -41,8 +41,9 @@ class LinearMSELoss(torch.nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.reduction = in_features, out_features, reduction
         self.weight = torch.nn.Parameter(torch.empty((out_features, in_features), **factory))
-        self.bias = torch.nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = torch.nn.Parameter(torch.empty(out_features, **factory))
+        else:
             self.register_parameter("bias", None)
         self.reset_parameters()
 

@@ -1,0 +1,98 @@
+"""fastml.functional.linear (the kernels behind fastml.nn.Linear), on every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, magnitude, rand, upcast
+
+import fastml
+from fastml.functional import ShapeError
+
+SHAPES = [((1,), 1, 1), ((7,), 3, 2), ((37,), 13, 5), ((131,), 67, 17), ((0,), 5, 3), ((2, 3, 5), 11, 7), ((), 4, 3),
+          ((70,), 129, 33)]
+INTERPRETED_SHAPES = [((7,), 3, 2), ((37,), 13, 5), ((0,), 5, 3), ((2, 3, 5), 11, 7)]
+
+
+def check(x, w, b, generator):
+    out = fastml.functional.linear(x, w, b)
+    rx, rw, rb = upcast(x, w, b)
+    ref = F.linear(rx, rw, rb)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert_close(out, ref, x.dtype, scale=magnitude(ref))
+    upstream = rand(*out.shape, dtype=x.dtype, device=x.device, generator=generator)
+    out.backward(upstream)
+    ref.backward(upstream.detach().cpu().double())
+    for t, r in zip((x, w, b), (rx, rw, rb)):
+        if t is not None and t.requires_grad:
+            assert_close(t.grad, r.grad, x.dtype, scale=magnitude(r.grad))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matches_float64_reference(backend, dtype, shape, bias, rng):
+    lead, d, o = shape
+    if backend.interpreted and shape not in INTERPRETED_SHAPES:
+        pytest.skip("kept small under the Triton interpreter")
+    dev = backend.device
+    x = rand(*lead, d, dtype=dtype, device=dev, generator=rng, requires_grad=True)
+    w = rand(o, d, dtype=dtype, device=dev, generator=rng, requires_grad=True)
+    b = rand(o, dtype=dtype, device=dev, generator=rng, requires_grad=True) if bias else None
+    check(x, w, b, rng)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision(backend, dtype, rng):
+    dev = backend.device
+    x = rand(21, 19, dtype=dtype, device=dev, generator=rng, requires_grad=True)
+    w = rand(6, 19, dtype=dtype, device=dev, generator=rng, requires_grad=True)
+    b = rand(6, dtype=dtype, device=dev, generator=rng, requires_grad=True)
+    check(x, w, b, rng)
+
+
+def test_gradcheck_float64(backend, rng):
+    dev = backend.device
+    args = [rand(5, 4, dtype=torch.float64, device=dev, generator=rng, requires_grad=True),
+            rand(3, 4, dtype=torch.float64, device=dev, generator=rng, requires_grad=True),
+            rand(3, dtype=torch.float64, device=dev, generator=rng, requires_grad=True)]
+    assert torch.autograd.gradcheck(fastml.functional.linear, args)
+
+
+def test_non_contiguous(backend, rng):
+    dev = backend.device
+    x = rand(9, 14, device=dev, generator=rng)[:, ::2].requires_grad_()
+    w = rand(7, 5, device=dev, generator=rng).t().requires_grad_()
+    b = rand(10, device=dev, generator=rng)[::2].requires_grad_()
+    check(x, w, b, rng)
+
+
+def test_only_weight_requires_grad(backend, rng):
+    dev = backend.device
+    x = rand(11, 6, device=dev, generator=rng)
+    w = rand(4, 6, device=dev, generator=rng, requires_grad=True)
+    check(x, w, None, rng)
+    assert x.grad is None
+
+
+def test_one_dimensional_weight_and_mixed_dtypes_follow_torch(rng):
+    """Configurations the kernels do not cover give torch's own result (or error)."""
+    x, w = rand(5, 4, generator=rng), rand(4, generator=rng)
+    torch.testing.assert_close(fastml.functional.linear(x, w), F.linear(x, w))
+    xi = torch.ones(3, 4, dtype=torch.int64)
+    wi = torch.ones(2, 4, dtype=torch.int64)
+    torch.testing.assert_close(fastml.functional.linear(xi, wi), F.linear(xi, wi))
+    with pytest.raises(RuntimeError):
+        fastml.functional.linear(x, rand(2, 4, dtype=torch.float64, generator=rng))
+
+
+def test_bad_shapes():
+    with pytest.raises(ShapeError, match=r"input has 3 features"):
+        fastml.functional.linear(torch.randn(2, 3), torch.randn(4, 5))
+    with pytest.raises(ShapeError, match="weight must be 2-D"):
+        fastml.functional.linear(torch.randn(2, 3), torch.randn(1, 4, 3))
+    with pytest.raises(ShapeError, match="bias must have shape"):
+        fastml.functional.linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(5))
+    with pytest.raises(ShapeError, match="at least 1 dimension"):
+        fastml.functional.linear(torch.tensor(2.0), torch.randn(4, 1))

@@ -1,0 +1,223 @@
+"""fastml.functional.linear_mse: the fused linear + squared loss, on every backend.
+
+Oracle: torch's own mse_loss(linear(...)) in float64 on upcast copies of the same inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, magnitude, rand, upcast
+
+import fastml
+from fastml.functional import DeviceError, DTypeError, ShapeError
+
+REDUCTIONS = ("mean", "sum", "none")
+# (leading dims, D, O): odd and prime sizes, a single row, an empty batch, leading batch dims.
+SHAPES = [((1,), 1, 1), ((7,), 3, 1), ((37,), 13, 5), ((131,), 67, 17), ((0,), 5, 3), ((2, 3), 11, 2), ((), 4, 3)]
+INTERPRETED_SHAPES = [((7,), 3, 1), ((37,), 13, 5), ((0,), 5, 3), ((2, 3), 11, 2)]
+
+
+def oracle(x, w, b, y, reduction):
+    return F.mse_loss(F.linear(x, w, b), y, reduction=reduction)
+
+
+def make_problem(lead, d, o, dtype, device, generator, bias=True, requires_grad=(True, True, True, True)):
+    x = rand(*lead, d, dtype=dtype, device=device, generator=generator, requires_grad=requires_grad[0])
+    w = rand(o, d, dtype=dtype, device=device, generator=generator, requires_grad=requires_grad[1])
+    b = rand(o, dtype=dtype, device=device, generator=generator, requires_grad=requires_grad[2]) if bias else None
+    y = rand(*lead, o, dtype=dtype, device=device, generator=generator, requires_grad=requires_grad[3])
+    return x, w, b, y
+
+
+def check_against_oracle(x, w, b, y, reduction, generator):
+    """Loss and every requested gradient of fastml vs the float64 oracle."""
+    dtype = x.dtype
+    loss = fastml.functional.linear_mse(x, w, b, y, reduction=reduction)
+    ref_args = upcast(x, w, b, y)
+    ref = oracle(*ref_args, reduction)
+    assert loss.shape == ref.shape and loss.dtype == dtype and loss.device == x.device
+    assert_close(loss, ref, dtype, scale=magnitude(ref))
+
+    upstream = rand(*loss.shape, dtype=dtype, device=x.device, generator=generator)
+    if not any(t is not None and t.requires_grad for t in (x, w, b, y)):
+        return
+    loss.backward(upstream)
+    ref.backward(upstream.detach().to("cpu", torch.float64))
+    for name, t, r in zip("xwby", (x, w, b, y), ref_args):
+        if t is None or not t.requires_grad:
+            continue
+        assert t.grad is not None, f"no gradient for {name}"
+        assert t.grad.shape == t.shape and t.grad.dtype == dtype
+        assert_close(t.grad, r.grad, dtype, scale=magnitude(r.grad))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matches_float64_reference(backend, dtype, shape, bias, reduction, rng):
+    lead, d, o = shape
+    if backend.interpreted and shape not in INTERPRETED_SHAPES:
+        pytest.skip("kept small under the Triton interpreter")
+    check_against_oracle(*make_problem(lead, d, o, dtype, backend.device, rng, bias=bias), reduction, rng)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_half_precision(backend, dtype, reduction, rng):
+    """Half types run on Triton (float32 accumulation); other backends take the reference path."""
+    check_against_oracle(*make_problem((29,), 19, 3, dtype, backend.device, rng), reduction, rng)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_float64(backend, reduction, rng):
+    x, w, b, y = make_problem((6,), 5, 3, torch.float64, backend.device, rng)
+    assert torch.autograd.gradcheck(lambda *a: fastml.functional.linear_mse(*a, reduction=reduction), (x, w, b, y))
+
+
+@pytest.mark.parametrize("requires_grad", [(False, True, True, False), (True, False, False, False),
+                                           (False, False, False, True), (False, True, False, False),
+                                           (False, False, True, False), (False, False, False, False)], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_only_requested_gradients(backend, requires_grad, reduction, rng):
+    """Each gradient is computed when (and only when) its argument requires it."""
+    x, w, b, y = make_problem((23,), 7, 3, torch.float32, backend.device, rng, requires_grad=requires_grad)
+    check_against_oracle(x, w, b, y, reduction, rng)
+    for t, wanted in zip((x, w, b, y), requires_grad):
+        assert (t.grad is not None) == wanted
+
+
+def test_non_contiguous_inputs(backend, rng):
+    dev = backend.device
+    x = rand(13, 24, device=dev, generator=rng)[:, ::2].requires_grad_()  # stride 2 along features
+    w = rand(12, 5, device=dev, generator=rng).t().requires_grad_()  # (5, 12) transposed
+    b = rand(10, device=dev, generator=rng)[::2].requires_grad_()
+    y = rand(5, 13, device=dev, generator=rng).t().requires_grad_()
+    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous() or y.is_contiguous())
+    for reduction in REDUCTIONS:
+        for t in (x, w, b, y):
+            t.grad = None
+        check_against_oracle(x, w, b, y, reduction, rng)
+
+
+def test_no_grad_and_inference_mode(backend, rng):
+    x, w, b, y = make_problem((17,), 6, 2, torch.float32, backend.device, rng)
+    expected = oracle(*upcast(x, w, b, y), "mean")
+    with torch.no_grad():
+        loss = fastml.functional.linear_mse(x, w, b, y)
+    assert not loss.requires_grad
+    assert_close(loss, expected)
+    with torch.inference_mode():
+        assert_close(fastml.functional.linear_mse(x, w, b, y), expected)
+
+
+def test_empty_batch_mean_is_nan_with_zero_gradients(backend):
+    dev = backend.device
+    x = torch.empty(0, 4, device=dev, requires_grad=True)
+    w = torch.randn(3, 4, device=dev, requires_grad=True)
+    b = torch.randn(3, device=dev, requires_grad=True)
+    y = torch.empty(0, 3, device=dev)
+    loss = fastml.functional.linear_mse(x, w, b, y)
+    assert math.isnan(loss.item())  # torch's mean over no elements
+    loss.backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    assert x.grad.shape == (0, 4)
+    assert fastml.functional.linear_mse(x, w, b, y, reduction="sum").item() == 0.0
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_nan_and_inf_propagate_like_torch(backend, reduction, rng):
+    x, w, b, y = make_problem((9,), 5, 2, torch.float32, backend.device, rng)
+    with torch.no_grad():
+        x[2, 3] = float("nan")
+        y[5, 1] = float("inf")
+    got = fastml.functional.linear_mse(x, w, b, y, reduction=reduction).detach().cpu()
+    want = oracle(*upcast(x, w, b, y), reduction).detach().float()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    loss = fastml.functional.linear_mse(x, w, b, y, reduction="sum")
+    loss.backward()
+    assert torch.isnan(w.grad).any()  # NaN in the input poisons the weight gradient, as in torch
+
+
+def test_many_outputs_splits_work_without_materialising(backend, rng):
+    """A wide layer: per-thread (O × D) gradient copies would pass 32 MB, so the C++ kernel splits
+    the outputs between threads instead; every backend agrees with the oracle."""
+    if backend.interpreted:
+        pytest.skip("too large for the Triton interpreter")
+    x, w, b, y = make_problem((9,), 2100, 2100, torch.float32, backend.device, rng)
+    check_against_oracle(x, w, b, y, "mean", rng)
+
+
+def test_large_batch_float32_accuracy(backend, rng):
+    """Sums over tens of thousands of rows stay within float32 tolerance of float64."""
+    if backend.interpreted:
+        pytest.skip("too large for the Triton interpreter")
+    x, w, b, y = make_problem((40_000,), 33, 2, torch.float32, backend.device, rng)
+    check_against_oracle(x, w, b, y, "mean", rng)
+
+
+class TestBadInput:
+    def args(self, **over):
+        a = dict(input=torch.randn(5, 3), weight=torch.randn(2, 3), bias=torch.randn(2), target=torch.randn(5, 2))
+        a.update(over)
+        return a
+
+    def call(self, **over):
+        return fastml.functional.linear_mse(**self.args(**over))
+
+    def test_weight_of_wrong_rank(self):
+        with pytest.raises(ShapeError, match="weight must be 2-D"):
+            self.call(weight=torch.randn(3))
+        with pytest.raises(ShapeError, match="weight must be 2-D"):
+            self.call(weight=torch.randn(1, 2, 3))
+
+    def test_feature_mismatch(self):
+        with pytest.raises(ShapeError, match=r"input has 4 features.*in_features=3"):
+            self.call(input=torch.randn(5, 4))
+
+    def test_target_shape(self):
+        with pytest.raises(ShapeError, match=r"target must have the prediction's shape \(5, 2\)"):
+            self.call(target=torch.randn(5))
+        with pytest.raises(ShapeError, match="target"):
+            self.call(target=torch.randn(5, 1))
+
+    def test_bias_shape(self):
+        with pytest.raises(ShapeError, match="bias must have shape"):
+            self.call(bias=torch.randn(3))
+
+    def test_dtype_mismatch_names_argument(self):
+        with pytest.raises(DTypeError, match="target has dtype torch.float64"):
+            self.call(target=torch.randn(5, 2, dtype=torch.float64))
+        with pytest.raises(DTypeError, match="weight has dtype"):
+            self.call(weight=torch.randn(2, 3, dtype=torch.float64))
+        with pytest.raises(DTypeError, match="input must be a floating-point"):
+            self.call(input=torch.ones(5, 3, dtype=torch.int64), weight=torch.ones(2, 3, dtype=torch.int64),
+                      bias=None, target=torch.ones(5, 2, dtype=torch.int64))
+
+    def test_device_mismatch_names_argument(self):
+        with pytest.raises(DeviceError, match="bias is on meta"):
+            self.call(bias=torch.randn(2, device="meta"))
+
+    def test_errors_are_runtime_errors_too(self):
+        """Code written against torch's RuntimeError still catches fastml's errors."""
+        with pytest.raises(RuntimeError):
+            self.call(input=torch.randn(5, 4))
+        with pytest.raises(RuntimeError):
+            self.call(target=torch.randn(5, 2, dtype=torch.float64))
+
+    def test_bad_reduction(self):
+        with pytest.raises(ValueError, match="'avg' is not a valid value for reduction"):
+            self.call(reduction="avg")
+
+    def test_not_tensors(self):
+        with pytest.raises(TypeError, match="input must be a Tensor"):
+            self.call(input=[[1.0, 2.0, 3.0]])
+        with pytest.raises(TypeError, match="bias must be a Tensor or None"):
+            self.call(bias=1.0)
+        with pytest.raises(ShapeError, match="input must have at least 1 dimension"):
+            self.call(input=torch.tensor(1.0))

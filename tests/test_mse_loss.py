@@ -1,0 +1,94 @@
+"""fastml.functional.mse_loss (behind fastml.nn.MSELoss), on every backend, against torch."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, magnitude, rand, upcast
+
+import fastml
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check(inp, tgt, reduction, generator):
+    out = fastml.functional.mse_loss(inp, tgt, reduction=reduction)
+    ri, rt = upcast(inp, tgt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = F.mse_loss(ri, rt, reduction=reduction)
+    assert out.shape == ref.shape and out.dtype == inp.dtype
+    assert_close(out, ref, inp.dtype, scale=magnitude(ref))
+    up = rand(*out.shape, dtype=inp.dtype, device=inp.device, generator=generator)
+    out.backward(up)
+    ref.backward(up.detach().cpu().double())
+    for t, r in zip((inp, tgt), (ri, rt)):
+        if t.requires_grad:
+            assert t.grad.shape == t.shape
+            assert_close(t.grad, r.grad, inp.dtype)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 5), (2, 3, 17), (0, 4), (), (1001,)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matches_torch(backend, dtype, shape, reduction, rng):
+    dev = backend.device
+    inp = rand(*shape, dtype=dtype, device=dev, generator=rng, requires_grad=True)
+    tgt = rand(*shape, dtype=dtype, device=dev, generator=rng, requires_grad=True)
+    check(inp, tgt, reduction, rng)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision(backend, dtype, rng):
+    inp = rand(5, 33, dtype=dtype, device=backend.device, generator=rng, requires_grad=True)
+    check(inp, rand(5, 33, dtype=dtype, device=backend.device, generator=rng), "mean", rng)
+
+
+def test_broadcasting_warns_exactly_as_torch(backend, rng):
+    inp = rand(6, 1, device=backend.device, generator=rng, requires_grad=True)
+    tgt = rand(6, device=backend.device, generator=rng)
+    with pytest.warns(UserWarning) as ours:
+        fastml.functional.mse_loss(inp, tgt)
+    with pytest.warns(UserWarning) as theirs:
+        F.mse_loss(inp, tgt)
+    assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]
+    assert ours[0].filename == __file__  # attributed to the caller, as torch does
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check(inp, tgt, "mean", rng)  # (6, 1) vs (6,) broadcasts to (6, 6), gradients sum back
+
+
+def test_non_contiguous(backend, rng):
+    inp = rand(8, 10, device=backend.device, generator=rng).t().requires_grad_()
+    tgt = rand(10, 16, device=backend.device, generator=rng)[:, ::2]
+    check(inp, tgt, "sum", rng)
+
+
+def test_gradcheck(backend, rng):
+    args = (rand(4, 3, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True),
+            rand(4, 3, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True))
+    for reduction in REDUCTIONS:
+        assert torch.autograd.gradcheck(lambda a, b: fastml.functional.mse_loss(a, b, reduction=reduction), args)
+
+
+def test_empty_mean_is_nan(backend):
+    out = fastml.functional.mse_loss(torch.empty(0, device=backend.device), torch.empty(0, device=backend.device))
+    assert torch.isnan(out)
+
+
+def test_options_torch_handles_are_handled(rng):
+    """Legacy size_average / reduce, elementwise weights, type promotion: as torch does."""
+    a, b = rand(4, 3, generator=rng), rand(4, 3, generator=rng)
+    torch.testing.assert_close(fastml.functional.mse_loss(a, b, size_average=False),
+                               F.mse_loss(a, b, size_average=False))
+    torch.testing.assert_close(fastml.functional.mse_loss(a, b, reduce=False), F.mse_loss(a, b, reduce=False))
+    wt = rand(4, 3, generator=rng).abs()
+    torch.testing.assert_close(fastml.functional.mse_loss(a, b, weight=wt), F.mse_loss(a, b, weight=wt))
+    torch.testing.assert_close(fastml.functional.mse_loss(a, b.double()), F.mse_loss(a, b.double()))
+    with pytest.raises(ValueError, match="is not a valid value for reduction"):
+        fastml.functional.mse_loss(a, b, reduction="avg")
+    with pytest.raises(TypeError, match="target must be a Tensor"):
+        fastml.functional.mse_loss(a, [1.0])
