@@ -25,6 +25,7 @@ import functools
 import importlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -172,7 +173,16 @@ def select(tensor: torch.Tensor, implemented: tuple[str, ...] = BACKENDS) -> str
     for name in order:
         if name in implemented and covers(name, tensor):
             return name
+        if name in implemented and not status(name).present:
+            _warn_missing_once(name)
     return "reference"
+
+
+@functools.cache
+def _warn_missing_once(name: str) -> None:
+    """Say once per process that a preferred backend is missing and why (fastml.info() has more)."""
+    warnings.warn(f"fastml: backend {name!r} is unavailable ({status(name).reason}); "
+                  "falling back to the next backend. See fastml.info().", RuntimeWarning, stacklevel=4)
 
 
 def load(op_package: str, name: str):
