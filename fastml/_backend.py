@@ -185,8 +185,10 @@ def _warn_missing_once(name: str) -> None:
                   "falling back to the next backend. See fastml.info().", RuntimeWarning, stacklevel=4)
 
 
+@functools.cache
 def load(op_package: str, name: str):
-    """The module implementing one backend of an op, e.g. load("fastml.ops.linear", "cpp")."""
+    """The module implementing one backend of an op, e.g. load("fastml.ops.linear", "cpp");
+    imported on first use (so triton and numba load only when their backend runs), then cached."""
     suffix = "reference" if name == "reference" else f"{name}_impl"
     return importlib.import_module(f"{op_package}.{suffix}")
 

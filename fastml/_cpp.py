@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
+@functools.cache
 def kernel(name: str, dtype: torch.dtype):
-    """The compiled kernel ``name`` for ``dtype`` (float32 or float64)."""
+    """The compiled kernel ``name`` for ``dtype`` (float32 or float64), looked up once."""
     from fastml import _C
 
     return getattr(_C, f"{name}_{_SUFFIX[dtype]}")
@@ -19,5 +22,4 @@ def ptr(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
 
-def threads() -> int:
-    return torch.get_num_threads()
+threads = torch.get_num_threads

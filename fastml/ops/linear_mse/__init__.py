@@ -65,7 +65,8 @@ def linear_mse(x, weight, bias, target, reduction):
     backend = _backend.select(x, IMPLEMENTED)
     x, weight, target = x.contiguous(), weight.contiguous(), target.contiguous()
     bias = None if bias is None else bias.contiguous()
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, target)):
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or target.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
         return LinearMSEFunction.apply(x, weight, bias, target, reduction, backend)
     return impl(backend).forward(x, weight, bias, target, reduction, False, False, False)[0]
 
