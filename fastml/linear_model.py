@@ -1,0 +1,290 @@
+"""Linear regression as the course trains it, behind scikit-learn's estimator interface.
+
+>>> model = fastml.linear_model.LinearRegression(lr=0.03, batch_size=10, epochs=3).fit(X, y)
+>>> model.coef_, model.intercept_, model.loss_history_
+>>> model.predict(X_new), model.score(X, y)
+
+``solver="sgd"`` is the course's minibatch SGD: weights initialised from N(0, 0.01²) and the bias
+at zero, then per epoch a fresh random order and the whole minibatch loop in ONE compiled kernel
+call (``fastml.ops.linear_mse.sgd_epoch``: C++ / numba on the CPU, Triton on the GPU), with the
+course's update ``w -= lr * summed_gradient / batch_size``. ``solver="lstsq"`` is the closed form.
+
+numpy arrays (or lists) in → numpy out; torch tensors in → tensors out, on the input's device,
+where the work also runs.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import numpy as np
+import torch
+
+from fastml import functional
+from fastml.data import InvalidArgumentError, _randperm
+from fastml.ops import linear_mse as _linear_mse_op
+
+__all__ = ["InvalidArgumentError", "LinearRegression", "NotFittedError"]
+
+SOLVERS = ("sgd", "lstsq")
+_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64, "float32": torch.float32,
+           "float64": torch.float64}
+
+
+class NotFittedError(ValueError, AttributeError):
+    """The estimator is used before ``fit`` (a ValueError and an AttributeError, as scikit-learn's)."""
+
+
+def _as_tensor(name: str, value) -> tuple[torch.Tensor, bool]:
+    """→ (tensor, was_a_tensor). numpy arrays and lists become CPU tensors, sharing memory where
+    they can; anything that is not real numbers is refused naming the argument."""
+    if isinstance(value, torch.Tensor):
+        t, is_tensor = value.detach(), True
+    else:
+        try:
+            array = np.asarray(value)
+        except Exception as exc:  # ragged lists and the like
+            raise InvalidArgumentError(f"{name} must be a numpy array or a torch tensor of numbers ({exc})") from None
+        if array.dtype.kind not in "biuf":
+            raise InvalidArgumentError(f"{name} must hold real numbers, got a numpy array of dtype {array.dtype}")
+        t, is_tensor = torch.from_numpy(np.ascontiguousarray(array)), False
+    if t.is_complex():
+        raise InvalidArgumentError(f"{name} must hold real numbers, got dtype {t.dtype}")
+    return t, is_tensor
+
+
+def _check_X(X: torch.Tensor) -> None:
+    if X.dim() != 2:
+        hint = " (reshape a single feature with X.reshape(-1, 1))" if X.dim() == 1 else ""
+        raise InvalidArgumentError(f"X must be 2-D (n_samples, n_features), got shape {tuple(X.shape)}{hint}")
+    if X.shape[0] == 0:
+        raise InvalidArgumentError(f"X is empty: shape {tuple(X.shape)} has 0 samples, at least 1 is required")
+    if X.shape[1] == 0:
+        raise InvalidArgumentError(f"X has 0 features (shape {tuple(X.shape)}), at least 1 is required")
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise InvalidArgumentError(f"{name} contains NaN or infinity")
+
+
+def _to_user(t: torch.Tensor, as_tensor: bool):
+    return t if as_tensor else t.cpu().numpy()
+
+
+class LinearRegression:
+    """Least-squares linear regression, y ≈ X @ coef_.T + intercept_.
+
+    Parameters
+    ----------
+    solver : "sgd" (the course's minibatch SGD, default) or "lstsq" (closed form, float64).
+    lr : SGD learning rate, > 0.
+    batch_size : SGD minibatch size, a positive int (the last minibatch of an epoch is shorter;
+        its update still divides by ``batch_size``, as the course's ``sgd``).
+    epochs : passes over the data, a non-negative int.
+    fit_intercept : learn a bias (True) or fit through the origin.
+    shuffle : a fresh random order every epoch (True, as the course) or the data's own order.
+    dtype : the dtype training and prediction run in: torch.float32 / torch.float64 (or the
+        strings). None: float64 for float64 inputs, else float32.
+    random_state : an int seed: every ``fit`` draws the same initial weights and orders.
+    generator : a torch.Generator to draw from (its state advances across fits); at most one of
+        ``random_state`` and ``generator``. With neither, torch's global generator is used, so
+        ``torch.manual_seed`` makes a fit reproducible, as in the course.
+
+    Attributes (after ``fit``; numpy for numpy input, tensors on the input's device for tensors)
+    ----------
+    coef_ : (n_features,) for 1-D y, (n_targets, n_features) for 2-D y.
+    intercept_ : a float (0-dim tensor for tensor input) for 1-D y, (n_targets,) for 2-D y; zero
+        when ``fit_intercept=False``.
+    loss_history_ : list of floats: the course's training loss, mean over all examples of
+        (ŷ − y)² / 2, after each epoch ("sgd"), or once for the solution ("lstsq").
+    n_features_in_ : number of features seen by ``fit``.
+    """
+
+    def __init__(self, solver: str = "sgd", lr: float = 0.03, batch_size: int = 10, epochs: int = 3,
+                 fit_intercept: bool = True, shuffle: bool = True, dtype=None, random_state: int | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        self.solver, self.lr, self.batch_size, self.epochs = solver, lr, batch_size, epochs
+        self.fit_intercept, self.shuffle, self.dtype = fit_intercept, shuffle, dtype
+        self.random_state, self.generator = random_state, generator
+        self._validate_params()
+
+    # -- scikit-learn's parameter protocol (so sklearn.base.clone and grid searches work) --------
+
+    _PARAMS = ("solver", "lr", "batch_size", "epochs", "fit_intercept", "shuffle", "dtype", "random_state",
+               "generator")
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {name: getattr(self, name) for name in self._PARAMS}
+
+    def set_params(self, **params) -> LinearRegression:
+        for name, value in params.items():
+            if name not in self._PARAMS:
+                raise InvalidArgumentError(f"invalid parameter {name!r} for LinearRegression; "
+                                           f"valid parameters: {', '.join(self._PARAMS)}")
+            setattr(self, name, value)
+        self._validate_params()
+        return self
+
+    def __repr__(self) -> str:
+        defaults = LinearRegression.__init__.__defaults__
+        changed = [f"{name}={getattr(self, name)!r}" for name, default in zip(self._PARAMS, defaults)
+                   if getattr(self, name) is not default and getattr(self, name) != default]
+        return f"LinearRegression({', '.join(changed)})"
+
+    def _validate_params(self) -> None:
+        if not isinstance(self.solver, str) or self.solver not in SOLVERS:
+            raise InvalidArgumentError(f"solver must be one of {', '.join(map(repr, SOLVERS))}, got {self.solver!r}")
+        lr = self.lr
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (lr > 0 and math.isfinite(lr)):
+            raise InvalidArgumentError(f"lr must be a positive finite number, got {lr!r}")
+        for name, minimum in (("batch_size", 1), ("epochs", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+                kind = "a positive int" if minimum else "a non-negative int"
+                raise InvalidArgumentError(f"{name} must be {kind}, got {value!r}")
+        for name in ("fit_intercept", "shuffle"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise InvalidArgumentError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.dtype is not None and (not isinstance(self.dtype, (torch.dtype, str)) or self.dtype not in _DTYPES):
+            raise InvalidArgumentError(f"dtype must be None, torch.float32 or torch.float64, got {self.dtype!r}")
+        rs = self.random_state
+        if rs is not None and (isinstance(rs, bool) or not isinstance(rs, numbers.Integral) or rs < 0):
+            raise InvalidArgumentError(f"random_state must be None or a non-negative int, got {rs!r}")
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise InvalidArgumentError(f"generator must be a torch.Generator or None, "
+                                       f"got {type(self.generator).__name__}")
+        if rs is not None and self.generator is not None:
+            raise InvalidArgumentError("give at most one of random_state and generator")
+
+    # -- fitting ---------------------------------------------------------------------------------
+
+    def fit(self, X, y) -> LinearRegression:
+        """Fit on X (n_samples, n_features) and y (n_samples,) or (n_samples, n_targets). Returns self."""
+        self._validate_params()
+        X, x_is_tensor = _as_tensor("X", X)
+        _check_X(X)
+        y, _ = _as_tensor("y", y)
+        if y.dim() not in (1, 2):
+            raise InvalidArgumentError(f"y must be 1-D (n_samples,) or 2-D (n_samples, n_targets), "
+                                       f"got shape {tuple(y.shape)}")
+        n, d = X.shape
+        if y.shape[0] != n:
+            raise InvalidArgumentError(f"y has {y.shape[0]} samples but X has {n}: they must have the same length")
+        if y.dim() == 2 and y.shape[1] == 0:
+            raise InvalidArgumentError(f"y has 0 targets (shape {tuple(y.shape)})")
+        dtype = _DTYPES[self.dtype] if self.dtype is not None else (
+            torch.float64 if X.dtype == torch.float64 else torch.float32)
+        X = X.to(dtype=dtype).contiguous()
+        Y = y.to(device=X.device, dtype=dtype).reshape(n, -1).contiguous()
+        _check_finite("X", X)
+        _check_finite("y", Y)
+
+        with torch.no_grad():
+            if self.solver == "sgd":
+                weight, bias, history = self._fit_sgd(X, Y)
+            else:
+                weight, bias, history = self._fit_lstsq(X, Y)
+
+        single = y.dim() == 1
+        if bias is None:
+            bias = weight.new_zeros(weight.shape[0])
+        self.coef_ = _to_user(weight[0] if single else weight, x_is_tensor)
+        intercept = _to_user(bias[0] if single else bias, x_is_tensor)
+        self.intercept_ = float(intercept) if single and not x_is_tensor else intercept
+        self.loss_history_ = history
+        self.n_features_in_ = d
+        return self
+
+    def _generator(self) -> torch.Generator | None:
+        if self.generator is not None:
+            return self.generator
+        if self.random_state is not None:
+            return torch.Generator().manual_seed(int(self.random_state))
+        return None
+
+    def _fit_sgd(self, X: torch.Tensor, Y: torch.Tensor):
+        n, d = X.shape
+        k = Y.shape[1]
+        gen = self._generator()
+        draw_device = gen.device if gen is not None else torch.device("cpu")
+        # The course's initialisation: w ~ N(0, 0.01²), b = 0.
+        weight = torch.normal(0.0, 0.01, (k, d), generator=gen, device=draw_device, dtype=X.dtype).to(X.device)
+        bias = X.new_zeros(k) if self.fit_intercept else None
+        history = []
+        for _ in range(self.epochs):
+            order = _randperm(n, X.device, gen) if self.shuffle else torch.arange(n, device=X.device)
+            _linear_mse_op.sgd_epoch(X, Y, order, weight, bias, float(self.lr), int(self.batch_size))
+            history.append(self._loss(X, Y, weight, bias))
+        if history and not math.isfinite(history[-1]):
+            warnings.warn(f"SGD diverged (training loss {history[-1]}): lower lr (now {self.lr}) or scale X",
+                          RuntimeWarning, stacklevel=3)
+        return weight, bias, history
+
+    def _fit_lstsq(self, X: torch.Tensor, Y: torch.Tensor):
+        # float64 on the CPU with LAPACK's SVD driver (as numpy.linalg.lstsq): exact for
+        # rank-deficient X too, where the GPU's only driver (QR) is not. Centering X and y finds
+        # the intercept without a ones column (better conditioned when features have large means)
+        # and gives scikit-learn's minimum-norm coefficients when X is rank-deficient.
+        X64, Y64 = X.to("cpu", torch.float64), Y.to("cpu", torch.float64)
+        if self.fit_intercept:
+            x_mean, y_mean = X64.mean(0), Y64.mean(0)
+            solution = torch.linalg.lstsq(X64 - x_mean, Y64 - y_mean, driver="gelsd").solution  # (d, k)
+            bias64 = y_mean - x_mean @ solution
+        else:
+            solution = torch.linalg.lstsq(X64, Y64, driver="gelsd").solution
+            bias64 = None
+        weight = solution.T.to(device=X.device, dtype=X.dtype).contiguous()
+        bias = None if bias64 is None else bias64.to(device=X.device, dtype=X.dtype)
+        return weight, bias, [self._loss(X, Y, weight, bias)]
+
+    @staticmethod
+    def _loss(X, Y, weight, bias) -> float:
+        """The course's printed loss: mean over examples of (ŷ − y)² / 2."""
+        return float(functional.linear_mse(X, weight, bias, Y, reduction="mean")) / 2
+
+    # -- using the fit ---------------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "coef_"):
+            raise NotFittedError("This LinearRegression instance is not fitted yet: call fit(X, y) first")
+
+    def predict(self, X):
+        """X (n_samples, n_features) → (n_samples,) or (n_samples, n_targets), as y in ``fit``:
+        numpy for numpy input, a tensor on X's device for tensor input."""
+        self._check_fitted()
+        X, x_is_tensor = _as_tensor("X", X)
+        _check_X(X)
+        if X.shape[1] != self.n_features_in_:
+            raise InvalidArgumentError(f"X has {X.shape[1]} features, but LinearRegression was fitted with "
+                                       f"{self.n_features_in_} features")
+        coef = torch.as_tensor(self.coef_)
+        dtype = coef.dtype if coef.dtype in (torch.float32, torch.float64) else torch.float32
+        weight = coef.to(device=X.device, dtype=dtype)
+        bias = torch.as_tensor(self.intercept_, dtype=dtype).to(device=X.device)
+        single = weight.dim() == 1
+        with torch.no_grad():
+            out = functional.linear(X.to(dtype), weight.reshape(-1, X.shape[1]), bias.reshape(-1))
+        return _to_user(out.reshape(-1) if single else out, x_is_tensor)
+
+    def score(self, X, y) -> float:
+        """R² of ``predict(X)`` against y, as scikit-learn's ``r2_score`` (averaged uniformly over
+        targets; a constant target scores 1.0 when predicted exactly, else 0.0)."""
+        pred, _ = _as_tensor("predict(X)", self.predict(X))
+        y, _ = _as_tensor("y", y)
+        if y.shape[0] != pred.shape[0]:
+            raise InvalidArgumentError(f"y has {y.shape[0]} samples but X has {pred.shape[0]}")
+        y = y.to(device=pred.device, dtype=torch.float64).reshape(y.shape[0], -1)
+        pred = pred.to(torch.float64).reshape(pred.shape[0], -1)
+        if y.shape != pred.shape:
+            raise InvalidArgumentError(f"y has {y.shape[1]} targets but the model predicts {pred.shape[1]}")
+        if y.shape[0] < 2:
+            warnings.warn("R^2 score is not well-defined with less than two samples.", stacklevel=2)
+            return float("nan")
+        ss_res = (y - pred).square().sum(0)
+        ss_tot = (y - y.mean(0)).square().sum(0)
+        r2 = torch.where(ss_tot != 0, 1 - ss_res / torch.where(ss_tot != 0, ss_tot, 1.0),
+                         (ss_res == 0).to(torch.float64))
+        return float(r2.mean())
