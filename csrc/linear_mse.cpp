@@ -13,6 +13,8 @@ namespace fastml {
 namespace {
 
 constexpr index_t kBlockRows = 64;
+// A row block is read twice (prediction, then gradient): size it to stay in L1 between the two.
+constexpr index_t kBlockBytes = 16 * 1024;
 // Per-thread gradient copies up to this many bytes in all; beyond, threads split the outputs.
 constexpr index_t kMaxPartialBytes = index_t(32) << 20;
 // Gradients this small are summed per block first, then per thread (closer to pairwise
@@ -32,10 +34,13 @@ double process_rows(const Problem& p, const T* x, const T* w, const T* bias, con
                     T* residual, T* loss_elems, T* grad_acc, T* grad_b_acc) {
     const index_t d = p.d, o = p.o, cols = col_end - col_begin;
     const bool two_level = grad_acc && cols * d <= kTwoLevelElements;
-    std::vector<T> pred(kBlockRows * cols), block_grad(two_level ? cols * d : 0);
+    const index_t block_rows =
+        std::clamp<index_t>(kBlockBytes / std::max<index_t>(1, d * index_t(sizeof(T))) / kRows * kRows, kRows,
+                            kBlockRows);
+    std::vector<T> pred(block_rows * cols), block_grad(two_level ? cols * d : 0);
     double loss = 0.0;
-    for (index_t r0 = row_begin; r0 < row_end; r0 += kBlockRows) {
-        const index_t rows = std::min(kBlockRows, row_end - r0);
+    for (index_t r0 = row_begin; r0 < row_end; r0 += block_rows) {
+        const index_t rows = std::min(block_rows, row_end - r0);
         const T* xb = x + r0 * d;
         dot_block(xb, rows, d, w + col_begin * d, bias ? bias + col_begin : nullptr, cols, pred.data());
         for (index_t r = 0; r < rows; ++r) {
