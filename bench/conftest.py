@@ -1,0 +1,82 @@
+"""Shared machinery of the pytest-benchmark suite.
+
+Every benchmark takes ``device`` and ``impl`` (generated here: on the CPU "torch", "cpp" and
+"numba"; on CUDA "torch" and "triton"), so each group of the table shows torch beside every
+fastml backend on the same inputs. The ``backend`` fixture skips, with the reason, an
+implementation absent here (a backend not installed, an op without that backend's kernels, no
+GPU); the Triton interpreter is never timed. Around a fastml implementation it enters
+``fastml.use_backend(impl)``.
+
+Run:  python -m pytest bench/bench_linear_mse.py --benchmark-only -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fastml
+from fastml import _bench
+
+IMPLEMENTATIONS = {"cpu": ("torch", "cpp", "numba"), "cuda": ("torch", "triton")}
+CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+
+
+def pytest_generate_tests(metafunc):
+    """(device, impl) pairs for every benchmark that takes both; ``@pytest.mark.devices`` narrows."""
+    if not {"device", "impl"} <= set(metafunc.fixturenames):
+        return
+    marker = metafunc.definition.get_closest_marker("devices")
+    devices = marker.args if marker else ("cpu", "cuda")
+    params = []
+    for device in devices:
+        marks = [pytest.mark.gpu] if device == "cuda" else []
+        params += [pytest.param(device, impl, id=f"{device}-{impl}", marks=marks) for impl in IMPLEMENTATIONS[device]]
+    metafunc.parametrize("device,impl", params)
+
+
+@pytest.fixture
+def backend(request, device, impl, benchmark):
+    """Skip what cannot be timed here; run the test inside ``fastml.use_backend(impl)``."""
+    if device == "cuda" and not CUDA:
+        pytest.skip("no CUDA GPU visible")
+    if impl != "torch":
+        marker = request.node.get_closest_marker("ops")
+        ops = marker.args if marker else ()
+        present, missing = _bench.fastml_backends(ops, device)
+        if impl not in present:
+            pytest.skip(f"fastml backend {impl} absent: {dict(missing).get(impl, 'not a ' + device + ' backend')}")
+    benchmark.extra_info.update(backend=impl, device=device, torch=torch.__version__)
+    with contextlib.nullcontext() if impl == "torch" else fastml.use_backend(impl):
+        yield impl
+
+
+@pytest.fixture
+def sync(device):
+    """Drains the device's queue: called inside every timed GPU function."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+@pytest.fixture
+def regression_data(device):
+    """make(n, d, o) → x (n, d), target (n, o) on ``device``, and the state_dict of an
+    nn.Linear(d, o) that every implementation starts from."""
+    def make(n, d, o, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, d, generator=gen).to(device)
+        target = torch.randn(n, o, generator=gen).to(device)
+        torch.manual_seed(seed)
+        return x, target, torch.nn.Linear(d, o).state_dict()
+    return make
+
+
+@pytest.fixture
+def course_data(device):
+    """The course's experiment: features (1000, 2), labels (1000, 1) from w = [2, -3.4], b = 4.2."""
+    return _bench.course_data(_bench.COURSE_EXPERIMENT["num_examples"], device)

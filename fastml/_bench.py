@@ -1,0 +1,672 @@
+"""``python -m fastml bench``: how fast fastml is on this machine, beside PyTorch.
+
+First the machine's ceilings are measured per device: memory bandwidth (a large tensor copy,
+counting the bytes read and written) and matrix-product throughput (a large float32 ``torch.mm``
+with torch's default settings). Then every registered hot path is timed for PyTorch and each
+fastml backend present for it (cpp and numba on the CPU; triton on CUDA only; the Triton
+interpreter is never timed) on the same inputs, in one run, interleaved, warm: each
+implementation is called before timing (numba's JIT compile and Triton's autotuning stay out of
+the numbers), every sample is a loop of calls lasting at least a few milliseconds, and a row
+reports the median sample. CUDA samples are timed with CUDA events after a synchronize.
+
+A row gives the time per call, the speed-up over torch (torch's median / this median), the
+achieved throughput for the op's bound (GB/s for memory-bound ops, GFLOP/s for compute-bound
+ones, steps/s for latency-bound ones) and its share of the measured ceiling.
+
+Byte model (documented per hot path in ``HotPath.byte_model``): the bytes an ideal kernel must
+move — one read of every input and one write of every output — not what an implementation
+happens to move. "Achieved GB/s" is that minimum divided by the time: an implementation that
+reads its input twice shows half the GB/s of one that reads it once.
+
+To add a hot path (knn, conv2d, an optimizer, cross-entropy), write a function that returns its
+cases and add one ``HotPath`` entry to ``HOT_PATHS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import random
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import fastml
+from fastml import _backend
+
+CPU_BACKENDS = ("cpp", "numba")
+CUDA_BACKENDS = ("triton",)
+FLOAT_BYTES = 4  # every case runs in float32
+
+# Size sets: "tiny" for tests (seconds), "quick" the default, "full" adds the large cases.
+SIZE_SETS = ("tiny", "quick", "full")
+
+
+# --------------------------------------------------------------------------------------------
+# The course's linear regression, as the course writes it (the baseline fastml's fit replaces)
+# --------------------------------------------------------------------------------------------
+
+COURSE_TRUE_W = (2.0, -3.4)
+COURSE_TRUE_B = 4.2
+COURSE_EXPERIMENT = {"num_examples": 1000, "batch_size": 10, "lr": 0.03, "num_epochs": 3}
+
+
+def synthetic_data(w: torch.Tensor, b: float, num_examples: int, generator=None):
+    """y = Xw + b + noise, as the course generates its data: X (N, len(w)), y (N, 1)."""
+    X = torch.normal(0, 1, (num_examples, len(w)), generator=generator)
+    y = torch.matmul(X, w) + b
+    y += torch.normal(0, 0.01, y.shape, generator=generator)
+    return X, y.reshape((-1, 1))
+
+
+def course_data(num_examples: int = 1000, device="cpu", seed: int = 0):
+    """The course's experiment: features (N, 2), labels (N, 1) from w = [2, -3.4], b = 4.2."""
+    gen = torch.Generator().manual_seed(seed)
+    features, labels = synthetic_data(torch.tensor(COURSE_TRUE_W), COURSE_TRUE_B, num_examples, gen)
+    return features.to(device), labels.to(device)
+
+
+def data_iter(batch_size, features, labels):
+    num_examples = len(features)
+    indices = list(range(num_examples))
+    random.shuffle(indices)
+    for i in range(0, num_examples, batch_size):
+        batch_indices = torch.tensor(indices[i: min(i + batch_size, num_examples)])
+        yield features[batch_indices], labels[batch_indices]
+
+
+def linreg(X, w, b):
+    return torch.matmul(X, w) + b
+
+
+def squared_loss(y_hat, y):
+    return (y_hat - y.reshape(y_hat.shape)) ** 2 / 2
+
+
+def sgd(params, lr, batch_size):
+    with torch.no_grad():
+        for param in params:
+            param -= lr * param.grad / batch_size
+            param.grad.zero_()
+
+
+def course_linear_regression(features, labels, batch_size=10, lr=0.03, num_epochs=3):
+    """The course's training loop, verbatim in spirit: → (w (D, 1), b (1,))."""
+    w = torch.normal(0, 0.01, size=(features.shape[1], 1), device=features.device, requires_grad=True)
+    b = torch.zeros(1, device=features.device, requires_grad=True)
+    for _ in range(num_epochs):
+        for X, y in data_iter(batch_size, features, labels):
+            loss = squared_loss(linreg(X, w, b), y)
+            loss.sum().backward()
+            sgd([w, b], lr, batch_size)
+    return w, b
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Case:
+    """One size of one hot path.
+
+    ``prepare(device)`` allocates the inputs and returns ``make(impl)``, which returns the
+    zero-argument function timed for implementation ``impl`` ("torch" or a fastml backend; the
+    runner enters ``fastml.use_backend(impl)`` around fastml's calls).
+    """
+
+    label: str
+    params: dict
+    bound: str  # "memory" | "compute" | "latency"
+    bytes: int  # byte model: one read of the inputs + one write of the outputs
+    flops: int
+    steps: int  # training steps per call (latency-bound cases report steps/s)
+    prepare: Callable[[torch.device], Callable[[str], Callable[[], object]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class HotPath:
+    name: str
+    ops: tuple[str, ...]  # fastml.ops packages it runs on: a backend counts when each has its kernels
+    cases: Callable[[torch.device, str], list[Case]]  # (device, size set) → cases
+    description: str
+    byte_model: str
+    requires: Callable[[], str | None] = lambda: None  # why it cannot run here, or None
+
+
+def _params_to_device(module: torch.nn.Module, state: dict, device) -> torch.nn.Module:
+    module.load_state_dict(state)
+    return module.to(device)
+
+
+# linear_mse ---------------------------------------------------------------------------------
+
+def _linear_mse_cases(device: torch.device, sizes: str) -> list[Case]:
+    shapes = {"tiny": [(4096, 64, 1), (4096, 64, 8)],
+              "quick": [(65536, 256, 1), (65536, 256, 8)]}.get(sizes, [(65536, 256, 1), (65536, 256, 8)])
+    if sizes == "full" or (device.type == "cuda" and sizes != "tiny"):
+        shapes = shapes + [(1_048_576, 256, 1)]
+    cases = []
+    for n, d, o in shapes:
+        read = n * d + n * o + o * d + o  # x, target, weight, bias
+        write = 1 + o * d + o  # loss, grad_weight, grad_bias
+        cases.append(Case(f"N={n} D={d} O={o}", {"N": n, "D": d, "O": o}, "memory",
+                          FLOAT_BYTES * (read + write), 4 * n * d * o, 1,
+                          lambda dev, n=n, d=d, o=o: _linear_mse_prepare(dev, n, d, o)))
+    return cases
+
+
+def _linear_mse_prepare(device, n, d, o):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).to(device)
+    y = torch.randn(n, o, generator=gen).to(device)
+    state = torch.nn.Linear(d, o).state_dict()
+
+    def make(impl):
+        if impl == "torch":
+            lin = _params_to_device(torch.nn.Linear(d, o), state, device)
+            loss_fn = torch.nn.MSELoss()
+
+            def step():
+                lin.weight.grad = lin.bias.grad = None
+                loss_fn(lin(x), y).backward()
+            return step
+        w = state["weight"].clone().to(device).requires_grad_()
+        b = state["bias"].clone().to(device).requires_grad_()
+
+        def step():
+            w.grad = b.grad = None
+            fastml.functional.linear_mse(x, w, b, y).backward()
+        return step
+    return make
+
+
+# linear -------------------------------------------------------------------------------------
+
+def _linear_cases(device: torch.device, sizes: str) -> list[Case]:
+    shapes = [(64, 32, 16)] if sizes == "tiny" else [(256, 784, 256)]
+    if sizes == "full" or (device.type == "cuda" and sizes != "tiny"):
+        shapes = shapes + [(4096, 1024, 1024)]
+    cases = []
+    for n, d, o in shapes:
+        read = n * d + o * d + o + n * o  # x, weight, bias, grad_output
+        write = n * o + n * d + o * d + o  # output, grad_input, grad_weight, grad_bias
+        cases.append(Case(f"N={n} D={d} O={o}", {"N": n, "D": d, "O": o}, "compute",
+                          FLOAT_BYTES * (read + write), 6 * n * d * o, 1,
+                          lambda dev, n=n, d=d, o=o: _linear_prepare(dev, n, d, o)))
+    return cases
+
+
+def _linear_prepare(device, n, d, o):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).to(device).requires_grad_()
+    grad_out = torch.randn(n, o, generator=gen).to(device)
+    state = torch.nn.Linear(d, o).state_dict()
+
+    def make(impl):
+        cls = torch.nn.Linear if impl == "torch" else fastml.nn.Linear
+        lin = _params_to_device(cls(d, o), state, device)
+
+        def step():
+            x.grad = lin.weight.grad = lin.bias.grad = None
+            lin(x).backward(grad_out)
+        return step
+    return make
+
+
+# toy_step -----------------------------------------------------------------------------------
+
+def _toy_step_cases(device: torch.device, sizes: str) -> list[Case]:
+    n, d = 10, 2
+    read, write = n * d + n + d + 1, d + 1 + 1  # x, y, w, b; new w, b and the loss
+    return [Case("batch=10 features=2", {"batch": n, "features": d}, "latency",
+                 FLOAT_BYTES * (read + write), 4 * n * d, 1, lambda dev: _toy_step_prepare(dev, n, d))]
+
+
+def _toy_step_prepare(device, n, d):
+    features, labels = course_data(n, device)
+    state = torch.nn.Linear(d, 1).state_dict()
+
+    def make(impl):
+        if impl == "torch":
+            model = _params_to_device(torch.nn.Linear(d, 1), state, device)
+            loss_fn = torch.nn.MSELoss()
+            opt = torch.optim.SGD(model.parameters(), lr=0.03)
+
+            def step():
+                opt.zero_grad()
+                loss_fn(model(features), labels).backward()
+                opt.step()
+            return step
+        model = _params_to_device(fastml.nn.LinearMSELoss(d, 1), state, device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.03)
+
+        def step():
+            opt.zero_grad()
+            model(features, labels).backward()
+            opt.step()
+        return step
+    return make
+
+
+# linear_regression_fit ----------------------------------------------------------------------
+
+def _linear_regression_requires() -> str | None:
+    if getattr(getattr(fastml, "linear_model", None), "LinearRegression", None) is None:
+        return "fastml.linear_model.LinearRegression is not present in this installation"
+    return None
+
+
+def _linear_regression_cases(device: torch.device, sizes: str) -> list[Case]:
+    exp = dict(COURSE_EXPERIMENT)
+    if sizes == "tiny":
+        exp.update(num_examples=200, num_epochs=1)
+    n, batch, epochs = exp["num_examples"], exp["batch_size"], exp["num_epochs"]
+    steps = epochs * math.ceil(n / batch)
+    read, write = epochs * (n * 2 + n), 2 + 1  # each epoch reads features and labels; writes w, b
+    label = f"N={n} batch={batch} epochs={epochs}"
+    return [Case(label, {"N": n, "D": 2, "batch": batch, "lr": exp["lr"], "epochs": epochs}, "latency",
+                 FLOAT_BYTES * (read + write), epochs * n * 2 * 2 * 2, steps,
+                 lambda dev: _linear_regression_prepare(dev, exp))]
+
+
+def _linear_regression_prepare(device, exp):
+    features, labels = course_data(exp["num_examples"], device)
+    batch, lr, epochs = exp["batch_size"], exp["lr"], exp["num_epochs"]
+
+    def make(impl):
+        if impl == "torch":
+            return lambda: course_linear_regression(features, labels, batch, lr, epochs)
+        from fastml.linear_model import LinearRegression
+
+        return lambda: LinearRegression(solver="sgd", lr=lr, batch_size=batch, epochs=epochs).fit(features, labels)
+    return make
+
+
+HOT_PATHS: dict[str, HotPath] = {hp.name: hp for hp in (
+    HotPath("linear_mse", ("linear_mse",), _linear_mse_cases,
+            "fused linear + squared loss, forward + backward (torch: nn.Linear + nn.MSELoss + backward; "
+            "fastml: functional.linear_mse + backward); weight and bias require grad, x does not",
+            "read x (N, D), target (N, O), weight (O, D), bias (O); write loss, grad_weight, grad_bias; "
+            "FLOPs 4·N·D·O (prediction and weight gradient)"),
+    HotPath("linear", ("linear",), _linear_cases,
+            "fastml.nn.Linear forward + backward at an MLP layer's size, all of x, weight, bias requiring grad",
+            "read x, weight, bias, grad_output; write output, grad_input, grad_weight, grad_bias; "
+            "FLOPs 6·N·D·O (three matrix products)"),
+    HotPath("toy_step", ("linear_mse",), _toy_step_cases,
+            "the course's training step, batch 10, 2 features: zero_grad, linear + MSE loss, backward, "
+            "torch.optim.SGD step (torch: nn.Linear + nn.MSELoss; fastml: nn.LinearMSELoss)",
+            "latency-bound (a step moves ~150 bytes; its time is dispatch overhead): reported as steps/s, "
+            "no ceiling applies"),
+    HotPath("linear_regression_fit", ("linear_mse",), _linear_regression_cases,
+            "the course's experiment (1000 examples, w = [2, -3.4], b = 4.2, batch 10, lr 0.03, 3 epochs): "
+            "fastml.linear_model.LinearRegression(solver='sgd').fit vs the course's Python loop "
+            "(data_iter with random.shuffle, linreg, squared_loss, sgd)",
+            "latency-bound (300 steps of 10 examples): reported as steps/s, no ceiling applies",
+            _linear_regression_requires),
+)}
+
+
+# --------------------------------------------------------------------------------------------
+# Backends, machine, ceilings
+# --------------------------------------------------------------------------------------------
+
+def fastml_backends(ops: tuple[str, ...], device: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(fastml backends to time on ``device`` for a hot path running on the fastml.ops packages
+    ``ops``, [(backend, why not), ...])."""
+    present, missing = [], []
+    for name in (CUDA_BACKENDS if device == "cuda" else CPU_BACKENDS):
+        st = _backend.status(name)
+        if not st.present:
+            missing.append((name, st.reason))
+            continue
+        if name == "triton" and _backend.triton_interpreted():
+            missing.append((name, "TRITON_INTERPRET=1 is set: the Triton interpreter is never timed"))
+            continue
+        why = None
+        for op in ops:
+            try:
+                _backend.load(f"fastml.ops.{op}", name)
+            except Exception as exc:  # absent, or a module still being written
+                why = f"fastml.ops.{op} has no {name} kernels ({type(exc).__name__}: {exc})"
+                break
+        if why:
+            missing.append((name, why))
+        else:
+            present.append(name)
+    return present, missing
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine() -> dict:
+    def version(mod):
+        try:
+            return __import__(mod).__version__
+        except Exception:
+            return None
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": usable,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fastml": fastml.__version__,
+        "numba": version("numba"),
+        "triton": version("triton") if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        # Other processes' CPU load at the start: OpenMP pools (torch's, fastml's) slow down
+        # sharply when another process takes a core, so a busy machine gives noisy numbers.
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def short_name(desc: dict) -> str:
+    """A file-name-friendly machine name: 'amd-epyc-2c'."""
+    words = [w for w in desc["cpu_model"].lower().replace("(r)", "").replace("(tm)", "").split()
+             if w not in ("processor", "cpu", "@")][:3]
+    name = "-".join("".join(c for c in w if c.isalnum()) for w in words).strip("-") or "cpu"
+    return f"{name}-{desc['cpu_cores']}c"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _sample_seconds(fn, number: int, device: torch.device) -> float:
+    """Seconds for ``number`` calls of ``fn``, the device's queue drained before and after."""
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(number):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return time.perf_counter() - t0
+
+
+def _best_seconds(fn, device: torch.device, reps: int, min_sample_s: float) -> float:
+    """Fastest time per call over ``reps`` samples of at least ``min_sample_s`` each (after a warm call)."""
+    fn()
+    once = _sample_seconds(fn, 1, device)
+    number = max(1, math.ceil(min_sample_s / max(once, 1e-7)))
+    return min(_sample_seconds(fn, number, device) / number for _ in range(reps))
+
+
+def measure_ceilings(device: torch.device, sizes: str) -> dict:
+    """The machine's ceilings, best of a few samples: copy bandwidth (bytes read + written by
+    ``dst.copy_(src)``, a tensor far larger than the caches) and float32 ``torch.mm`` throughput."""
+    tiny = sizes == "tiny"
+    if device.type == "cuda":
+        copy_elems, mm_n = (1 << 22 if tiny else 1 << 28), (512 if tiny else 8192)
+    else:
+        copy_elems, mm_n = (1 << 22 if tiny else 1 << 26), (256 if tiny else 2048)
+    reps, min_sample_s = (3, 0.002) if tiny else (5, 0.05)
+    src = torch.empty(copy_elems, device=device).uniform_()
+    dst = torch.empty_like(src)
+    copy_s = _best_seconds(lambda: dst.copy_(src), device, reps, min_sample_s)
+    del src, dst
+    a = torch.randn(mm_n, mm_n, device=device)
+    b = torch.randn(mm_n, mm_n, device=device)
+    mm_s = _best_seconds(lambda: torch.mm(a, b), device, reps, min_sample_s)
+    del a, b
+    copy_bytes = 2 * copy_elems * FLOAT_BYTES
+    return {"copy_GBps": copy_bytes / copy_s / 1e9, "copy_bytes": copy_bytes,
+            "matmul_GFLOPps": 2 * mm_n ** 3 / mm_s / 1e9, "matmul_n": mm_n, "matmul_dtype": "float32",
+            "method": f"best of {reps} samples: dst.copy_(src) of {copy_bytes // 2 >> 20} MiB counting read + "
+                      f"write bytes; torch.mm of two {mm_n}x{mm_n} float32 matrices (torch's default settings)"}
+
+
+# --------------------------------------------------------------------------------------------
+# Runner
+# --------------------------------------------------------------------------------------------
+
+def _context(impl: str):
+    return contextlib.nullcontext() if impl == "torch" else fastml.use_backend(impl)
+
+
+def _time_case(fns: dict, device: torch.device, repeat: int, min_sample_s: float) -> dict:
+    """Interleaved timing: {impl: [seconds per call, one per repeat]}."""
+    numbers = {}
+    for impl, fn in fns.items():
+        with _context(impl):
+            fn()
+            fn()  # warm: JIT compiles, autotuning, allocator caches
+            once = _sample_seconds(fn, 1, device)
+        numbers[impl] = max(1, min(100_000, math.ceil(min_sample_s / max(once, 1e-7))))
+    samples = {impl: [] for impl in fns}
+    order = list(fns)
+    for r in range(repeat):
+        for impl in order[r % len(order):] + order[:r % len(order)]:  # rotate: no impl always first
+            with _context(impl):
+                samples[impl].append(_sample_seconds(fns[impl], numbers[impl], device) / numbers[impl])
+    return samples
+
+
+def run(ops=None, devices=("cpu",), repeat: int = 15, sizes: str = "quick", progress=sys.stderr) -> dict:
+    """Measure ceilings and every hot path in ``ops`` (default: all) on ``devices``.
+
+    Returns the report (what the JSON file holds).
+    """
+    ops = list(ops or HOT_PATHS)
+    min_sample_s = 0.0005 if sizes == "tiny" else 0.005
+    report = {
+        "format": "fastml-bench/1",
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "backends": {k: {"present": v.present, "detail": v.reason} for k, v in _backend.info().items()},
+        "settings": {"ops": ops, "devices": list(devices), "repeat": repeat, "sizes": sizes,
+                     "min_sample_ms": min_sample_s * 1e3, "statistic": "median", "dtype": "float32"},
+        "hot_paths": {name: {"description": HOT_PATHS[name].description, "byte_model": HOT_PATHS[name].byte_model}
+                      for name in ops},
+        "ceilings": {},
+        "rows": [],
+        "skipped": [],
+    }
+
+    def say(msg):
+        if progress is not None:
+            print(msg, file=progress, flush=True)
+
+    plan = []
+    for dev_name in devices:
+        device = torch.device(dev_name)
+        for name in ops:
+            hp = HOT_PATHS[name]
+            why = hp.requires()
+            if why:
+                report["skipped"].append({"device": dev_name, "op": name, "backend": None, "reason": why})
+                continue
+            backends, missing = fastml_backends(hp.ops, dev_name)
+            for backend, reason in missing:
+                report["skipped"].append({"device": dev_name, "op": name, "backend": backend, "reason": reason})
+            plan += [(device, hp, case, backends) for case in hp.cases(device, sizes)]
+
+    started = time.perf_counter()
+    for dev_name in devices:
+        say(f"[fastml bench] measuring the {dev_name} ceilings (copy bandwidth, matmul) ...")
+        report["ceilings"][dev_name] = measure_ceilings(torch.device(dev_name), sizes)
+
+    for i, (device, hp, case, backends) in enumerate(plan, 1):
+        say(f"[{i}/{len(plan)}] {device.type} {hp.name} {case.label}: torch{''.join(' ' + b for b in backends)}"
+            f"  ({time.perf_counter() - started:.0f}s)")
+        gc.collect()
+        make = case.prepare(device)
+        fns = {}
+        for impl in ["torch", *backends]:
+            try:
+                with _context(impl):
+                    fns[impl] = make(impl)
+                    fns[impl]()  # a first call: an implementation that fails is reported, not timed
+            except Exception as exc:
+                if impl == "torch":
+                    raise
+                report["skipped"].append({"device": device.type, "op": hp.name, "backend": impl,
+                                          "case": case.label, "reason": f"failed: {type(exc).__name__}: {exc}"})
+                fns.pop(impl, None)
+        samples = _time_case(fns, device, repeat, min_sample_s)
+        torch_median = statistics.median(samples["torch"])
+        ceil = report["ceilings"][device.type]
+        for impl, times in samples.items():
+            median = statistics.median(times)
+            gbps = case.bytes / median / 1e9
+            gflops = case.flops / median / 1e9
+            if case.bound == "memory":
+                unit, throughput, share = "GB/s", gbps, gbps / ceil["copy_GBps"]
+            elif case.bound == "compute":
+                unit, throughput, share = "GFLOP/s", gflops, gflops / ceil["matmul_GFLOPps"]
+            else:
+                unit, throughput, share = "steps/s", case.steps / median, None
+            report["rows"].append({
+                "device": device.type, "op": hp.name, "case": case.label, "params": case.params,
+                "impl": impl, "kind": "torch" if impl == "torch" else "fastml",
+                "time_ms": median * 1e3, "time_ms_min": min(times) * 1e3, "repeats": len(times),
+                "speedup": torch_median / median, "unit": unit, "throughput": throughput,
+                "ceiling_share": share, "bound": case.bound, "bytes": case.bytes, "flops": case.flops,
+                "steps": case.steps, "GBps": gbps, "GFLOPps": gflops,
+            })
+        del make, fns
+    report["elapsed_s"] = time.perf_counter() - started
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Output: table, JSON, chart
+# --------------------------------------------------------------------------------------------
+
+def _fmt_time(ms: float) -> str:
+    if ms < 1:
+        return f"{ms * 1e3:.1f} us"
+    if ms < 1000:
+        return f"{ms:.2f} ms"
+    return f"{ms / 1e3:.2f} s"
+
+
+def _fmt_throughput(value: float, unit: str) -> str:
+    if unit == "steps/s" and value >= 1000:
+        return f"{value / 1e3:.1f} k{unit}"
+    return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+
+
+def format_report(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"fastml {m['fastml']} bench: {m['cpu_model']} ({m['cpu_cores']} cores, "
+             f"{m['torch_threads']} torch threads), GPU: {m['gpu'] or 'none'}, torch {m['torch']}"]
+    load, cores = m.get("load_average_1min"), m.get("cpu_cores_usable") or m["cpu_cores"]
+    if load is not None and load >= max(1.0, 0.5 * cores):
+        lines.append(f"warning: the machine was busy (load average {load:.1f} on {cores} cores at the start): "
+                     "CPU timings are noisy; run again when it is idle")
+    for dev, c in report["ceilings"].items():
+        lines.append(f"ceiling {dev}: copy {c['copy_GBps']:.1f} GB/s, float32 matmul {c['matmul_GFLOPps']:.0f} GFLOP/s")
+    header = ("device", "op", "case", "impl", "time", "vs torch", "achieved", "of ceiling")
+    table = [header]
+    for r in report["rows"]:
+        share = "-" if r["ceiling_share"] is None else f"{100 * r['ceiling_share']:.0f}%"
+        table.append((r["device"], r["op"], r["case"], r["impl"], _fmt_time(r["time_ms"]),
+                      f"{r['speedup']:.2f}x", _fmt_throughput(r["throughput"], r["unit"]), share))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    right = {4, 5, 6, 7}
+    prev = None
+    for row in table:
+        key = row[:3]
+        if prev is not None and key != prev and row is not header:
+            lines.append("")
+        prev = key if row is not header else None
+        lines.append("  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+    for s in report["skipped"]:
+        where = f"{s['device']} {s['op']}" + (f" [{s['backend']}]" if s.get("backend") else "")
+        lines.append(f"skipped {where}: {s['reason']}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "fastml-bench.json"
+    path.write_text(json.dumps(report, indent=2))
+    return path
+
+
+def _wrap(name: str, width: int = 18) -> str:
+    """linear_regression_fit → linear_regression\n_fit: tick labels that fit under their bars."""
+    if len(name) <= width or "_" not in name[1:]:
+        return name
+    cut = name.rindex("_", 1)
+    return f"{_wrap(name[:cut], width)}\n{name[cut:]}"
+
+
+def draw_chart(report: dict, out_dir: Path) -> tuple[Path | None, str | None]:
+    """Speed-up over torch per case and backend, one panel per device: (path, None) or (None, why not)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        return None, f"matplotlib is not importable ({exc}); install it (pip install matplotlib) for the chart"
+    devices = [d for d in report["settings"]["devices"] if any(r["device"] == d for r in report["rows"])]
+    if not devices:
+        return None, "no rows to draw"
+    fig = Figure(figsize=(6.5 * len(devices), 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(devices), squeeze=False, sharey=True)[0]
+    speedups = [r["speedup"] for r in report["rows"]]
+    colors = {"cpp": "tab:blue", "numba": "tab:orange", "triton": "tab:green"}
+    for ax, dev in zip(axes, devices):
+        rows = [r for r in report["rows"] if r["device"] == dev]
+        cases = list(dict.fromkeys((r["op"], r["case"]) for r in rows))
+        impls = list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "torch"))
+        width = 0.8 / max(1, len(impls))
+        for j, impl in enumerate(impls):
+            xs, ys = [], []
+            for i, key in enumerate(cases):
+                hit = [r for r in rows if (r["op"], r["case"]) == key and r["impl"] == impl]
+                if hit:
+                    xs.append(i + (j - (len(impls) - 1) / 2) * width)
+                    ys.append(hit[0]["speedup"])
+            bars = ax.bar(xs, ys, width, label=impl, color=colors.get(impl))
+            ax.bar_label(bars, labels=[f"{y:.2f}x" if y < 10 else f"{y:.0f}x" for y in ys], fontsize=7)
+        ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="torch")
+        ax.set_yscale("log")
+        ax.set_ylim(min(0.5, min(speedups) / 1.5), max(2.0, max(speedups) * 1.5))
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels([f"{_wrap(op)}\n{case.replace(' ', chr(10))}" for op, case in cases], fontsize=7)
+        name = report["machine"]["gpu"] if dev == "cuda" else report["machine"]["cpu_model"]
+        ax.set_title(f"{dev}: {name}", fontsize=9)
+        ax.set_ylabel("speed-up over PyTorch (median, higher is better)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"fastml {report['machine']['fastml']} vs torch {report['machine']['torch']}", fontsize=10)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "fastml-bench.png"
+    fig.savefig(path, dpi=110)
+    return path, None
