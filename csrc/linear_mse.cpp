@@ -42,6 +42,7 @@ double process_rows(const Problem& p, const T* x, const T* w, const T* bias, con
     for (index_t r0 = row_begin; r0 < row_end; r0 += block_rows) {
         const index_t rows = std::min(block_rows, row_end - r0);
         const T* xb = x + r0 * d;
+        prefetch_rows(xb + rows * d, std::min(block_rows, row_end - r0 - rows) * d);
         dot_block(xb, rows, d, w + col_begin * d, bias ? bias + col_begin : nullptr, cols, pred.data());
         for (index_t r = 0; r < rows; ++r) {
             for (index_t j = 0; j < cols; ++j) {
