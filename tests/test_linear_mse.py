@@ -221,3 +221,27 @@ class TestBadInput:
             self.call(bias=1.0)
         with pytest.raises(ShapeError, match="input must have at least 1 dimension"):
             self.call(input=torch.tensor(1.0))
+
+
+def test_course_experiment_from_scratch(backend, rng):
+    """The course's from-scratch loop on fastml.functional.linear_mse with its hand-written sgd:
+    w = [2, -3.4], b = 4.2, 1000 examples, lr 0.03, batch 10, 3 epochs → loss near 5e-5."""
+    if backend.interpreted:
+        pytest.skip("300 steps through the Triton interpreter: covered by LinearRegression's test")
+    true_w = torch.tensor([2.0, -3.4])
+    X, y = fastml.data.synthetic_linear(true_w, 4.2, 1000, generator=rng)
+    w = torch.normal(0, 0.01, size=(1, 2), generator=rng).requires_grad_()
+    b = torch.zeros(1, requires_grad=True)
+    for _ in range(3):
+        for xb, yb in fastml.data.batches(X, y, batch_size=10, generator=rng):
+            loss = fastml.functional.linear_mse(xb, w, b, yb, reduction="sum") / 2  # sum of (ŷ - y)² / 2
+            loss.backward()
+            with torch.no_grad():
+                for p in (w, b):
+                    p -= 0.03 * p.grad / 10
+                    p.grad.zero_()
+    with torch.no_grad():
+        final = fastml.functional.linear_mse(X, w, b, y).item() / 2
+    assert 2.5e-5 < final < 1e-4
+    assert (w.detach().reshape(-1) - true_w).abs().max() < 1e-2
+    assert abs(b.item() - 4.2) < 1e-2
