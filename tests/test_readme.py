@@ -30,4 +30,4 @@ def test_readme_commands_match_ci():
     ci = (README.parent / ".ci" / "run").read_text()
     command = 'python -m pip install -e ".[test]" && python -m pytest'
     assert command in text and command in ci
-    assert "python -m pip install -e ".[plot]" && python -m fastml bench" in text
+    assert 'python -m pip install -e ".[plot]" && python -m fastml bench' in text
