@@ -96,3 +96,11 @@ def test_bad_shapes():
         fastml.functional.linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(5))
     with pytest.raises(ShapeError, match="at least 1 dimension"):
         fastml.functional.linear(torch.tensor(2.0), torch.randn(4, 1))
+
+
+def test_double_backward(backend, rng):
+    dev = backend.device
+    args = [rand(5, 4, dtype=torch.float64, device=dev, generator=rng, requires_grad=True),
+            rand(3, 4, dtype=torch.float64, device=dev, generator=rng, requires_grad=True),
+            rand(3, dtype=torch.float64, device=dev, generator=rng, requires_grad=True)]
+    assert torch.autograd.gradgradcheck(fastml.functional.linear, args)

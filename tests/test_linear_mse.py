@@ -245,3 +245,11 @@ def test_course_experiment_from_scratch(backend, rng):
     assert 2.5e-5 < final < 1e-4
     assert (w.detach().reshape(-1) - true_w).abs().max() < 1e-2
     assert abs(b.item() - 4.2) < 1e-2
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_double_backward(backend, reduction, rng):
+    """Second derivatives (create_graph=True), as torch's mse_loss(linear(...)) has them."""
+    x, w, b, y = make_problem((5,), 4, 3, torch.float64, backend.device, rng)
+    assert torch.autograd.gradgradcheck(lambda *a: fastml.functional.linear_mse(*a, reduction=reduction),
+                                        (x, w, b, y))

@@ -92,3 +92,10 @@ def test_options_torch_handles_are_handled(rng):
         fastml.functional.mse_loss(a, b, reduction="avg")
     with pytest.raises(TypeError, match="target must be a Tensor"):
         fastml.functional.mse_loss(a, [1.0])
+
+
+def test_double_backward(backend, rng):
+    args = (rand(4, 3, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True),
+            rand(4, 3, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True))
+    for reduction in REDUCTIONS:
+        assert torch.autograd.gradgradcheck(lambda a, b: fastml.functional.mse_loss(a, b, reduction=reduction), args)

@@ -8,7 +8,6 @@ Every backend module (reference, cpp_impl, numba_impl, triton_impl) provides
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastml import _backend
 
@@ -30,10 +29,11 @@ class LinearFunction(torch.autograd.Function):
         return impl(backend).forward(x, weight, bias)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        kernels = impl(ctx.backend)
+        # Under create_graph (double backward) grad mode is on here: the reference's torch ops
+        # then build a differentiable graph; otherwise the backend's kernels run.
+        kernels = impl("reference" if torch.is_grad_enabled() else ctx.backend)
         grad = grad.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = kernels.backward_input(grad, weight) if need_x else None

@@ -11,7 +11,6 @@ Backend modules provide ``forward`` and ``sgd_epoch`` with the signatures of ref
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastml import _backend
 from fastml.ops import linear as linear_op
@@ -36,15 +35,20 @@ class LinearMSEFunction(torch.autograd.Function):
         ctx.reduction, ctx.backend = reduction, backend
         count = x.shape[0] * weight.shape[0]
         ctx.scale = 2.0 / count if reduction == "mean" and count else 2.0  # d(loss)/d(residual) / residual
-        ctx.save_for_backward(x if reduction == "none" else None, weight if need_x else None,
-                              residual, grad_w, grad_b)
+        ctx.save_for_backward(x, weight, bias, target, residual, grad_w, grad_b)
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        x, weight, residual, grad_w, grad_b = ctx.saved_tensors
+        x, weight, bias, target, residual, grad_w, grad_b = ctx.saved_tensors
         need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
+        backend = ctx.backend
+        if torch.is_grad_enabled():
+            # create_graph (double backward): recompute from the inputs with the reference's
+            # torch ops, so that every gradient below is itself differentiable.
+            backend = "reference"
+            _, residual, grad_w, grad_b = impl(backend).forward(
+                x, weight, bias, target, ctx.reduction, need_w, need_b and bias is not None, True)
         if ctx.reduction != "none":
             grad_w = grad_w * grad if need_w else None
             grad_b = grad_b * grad if need_b and grad_b is not None else None
@@ -53,9 +57,9 @@ class LinearMSEFunction(torch.autograd.Function):
             coef = (2.0 * grad) * residual
             grad_w = grad_b = None
             if need_w or need_b:
-                grad_w, grad_b = linear_op.impl(ctx.backend).backward_weight(coef, x, need_b)
+                grad_w, grad_b = linear_op.impl(backend).backward_weight(coef, x, need_b)
                 grad_w = grad_w if need_w else None
-        grad_x = linear_op.impl(ctx.backend).backward_input(coef, weight) if need_x else None
+        grad_x = linear_op.impl(backend).backward_input(coef, weight) if need_x else None
         grad_t = -coef if need_t else None
         return grad_x, grad_w, grad_b, grad_t, None, None
 

@@ -7,7 +7,6 @@ Backend modules provide ``forward(input, target, reduction, keep_diff)`` and
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastml import _backend
 
@@ -25,15 +24,17 @@ class MSELossFunction(torch.autograd.Function):
         count = input.numel()
         ctx.scale = 2.0 / count if reduction == "mean" and count else 2.0
         ctx.backend = backend
-        ctx.save_for_backward(diff)
+        ctx.save_for_backward(input, target, diff)
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        (diff,) = ctx.saved_tensors
+        input, target, diff = ctx.saved_tensors
         need_input, need_target = ctx.needs_input_grad[:2]
-        grad_input = impl(ctx.backend).backward(diff, grad, ctx.scale)
+        if torch.is_grad_enabled():  # create_graph: differentiable torch ops, for double backward
+            grad_input = impl("reference").backward(input - target, grad, ctx.scale)
+        else:
+            grad_input = impl(ctx.backend).backward(diff, grad, ctx.scale)
         return (grad_input if need_input else None), (-grad_input if need_target else None), None, None
 
 
