@@ -79,6 +79,11 @@ def _check_linear_args(input, weight, bias, weight_rank_1_ok: bool) -> None:
                          f"got {tuple(bias.shape)}")
 
 
+def _strided(*tensors: torch.Tensor | None) -> bool:
+    """Dense tensors, which the kernels take; sparse and other layouts run torch's own path."""
+    return all(t is None or t.layout == torch.strided for t in tensors)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(*, F) → (prod(*), F); explicit row count, since reshape(-1, 0) is ambiguous."""
     if t.dim() == 2:
@@ -93,7 +98,8 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     (out_features,) or None → (*, out_features) (or (*) for a 1-D weight).
     """
     _check_linear_args(input, weight, bias, weight_rank_1_ok=True)
-    if (weight.dim() != 2 or input.dtype not in _KERNEL_DTYPES or weight.dtype != input.dtype
+    if (weight.dim() != 2 or not _strided(input, weight, bias)
+            or input.dtype not in _KERNEL_DTYPES or weight.dtype != input.dtype
             or (bias is not None and (bias.dtype != input.dtype or bias.dim() != 1))
             or weight.device != input.device or (bias is not None and bias.device != input.device)):
         return F.linear(input, weight, bias)  # a configuration the kernels do not cover: torch's own
@@ -127,6 +133,8 @@ def linear_mse(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     _check_reduction(reduction)
     if not _linear_mse_args_ok(input, weight, bias, target):
         _diagnose_linear_mse(input, weight, bias, target)
+    if not _strided(input, weight, bias, target):  # sparse and other layouts: torch's own ops
+        return F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)
     loss = _linear_mse_op.linear_mse(_rows(input), weight, bias, _rows(target), reduction)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
@@ -153,7 +161,8 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduc
     _check_tensor("target", target)
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    if (weight is not None or input.dtype != target.dtype or input.dtype not in _KERNEL_DTYPES
+    if (weight is not None or not _strided(input, target) or input.dtype != target.dtype
+            or input.dtype not in _KERNEL_DTYPES
             or input.device != target.device or reduction not in _REDUCTIONS):
         # Not covered by a kernel (weights, type promotion, a bad reduction): torch's own, which
         # also gives torch's warnings and errors.

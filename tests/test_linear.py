@@ -104,3 +104,11 @@ def test_double_backward(backend, rng):
             rand(3, 4, dtype=torch.float64, device=dev, generator=rng, requires_grad=True),
             rand(3, dtype=torch.float64, device=dev, generator=rng, requires_grad=True)]
     assert torch.autograd.gradgradcheck(fastml.functional.linear, args)
+
+
+def test_sparse_input_follows_torch(rng):
+    dense = rand(6, 5, generator=rng) * (torch.rand(6, 5, generator=rng) > 0.5)
+    w, b = rand(3, 5, generator=rng), rand(3, generator=rng)
+    sparse = dense.to_sparse()
+    torch.testing.assert_close(fastml.functional.linear(sparse, w, b), F.linear(sparse, w, b))
+    assert fastml.nn.Linear(5, 3)(sparse).shape == (6, 3)

@@ -253,3 +253,10 @@ def test_double_backward(backend, reduction, rng):
     x, w, b, y = make_problem((5,), 4, 3, torch.float64, backend.device, rng)
     assert torch.autograd.gradgradcheck(lambda *a: fastml.functional.linear_mse(*a, reduction=reduction),
                                         (x, w, b, y))
+
+
+def test_sparse_input_follows_torch(rng):
+    dense = rand(6, 5, generator=rng) * (torch.rand(6, 5, generator=rng) > 0.5)
+    w, b, y = rand(2, 5, generator=rng), rand(2, generator=rng), rand(6, 2, generator=rng)
+    got = fastml.functional.linear_mse(dense.to_sparse(), w, b, y)
+    torch.testing.assert_close(got, oracle(dense, w, b, y, "mean"))
