@@ -52,12 +52,14 @@ def test_half_precision(backend, dtype, rng):
     check(x, w, b, rng)
 
 
+def float64_args(device, generator):
+    """input (5, 4), weight (3, 4), bias (3,) in float64, all requiring grad."""
+    return [rand(*shape, dtype=torch.float64, device=device, generator=generator, requires_grad=True)
+            for shape in ((5, 4), (3, 4), (3,))]
+
+
 def test_gradcheck_float64(backend, rng):
-    dev = backend.device
-    args = [rand(5, 4, dtype=torch.float64, device=dev, generator=rng, requires_grad=True),
-            rand(3, 4, dtype=torch.float64, device=dev, generator=rng, requires_grad=True),
-            rand(3, dtype=torch.float64, device=dev, generator=rng, requires_grad=True)]
-    assert torch.autograd.gradcheck(fastml.functional.linear, args)
+    assert torch.autograd.gradcheck(fastml.functional.linear, float64_args(backend.device, rng))
 
 
 def test_non_contiguous(backend, rng):
@@ -99,11 +101,7 @@ def test_bad_shapes():
 
 
 def test_double_backward(backend, rng):
-    dev = backend.device
-    args = [rand(5, 4, dtype=torch.float64, device=dev, generator=rng, requires_grad=True),
-            rand(3, 4, dtype=torch.float64, device=dev, generator=rng, requires_grad=True),
-            rand(3, dtype=torch.float64, device=dev, generator=rng, requires_grad=True)]
-    assert torch.autograd.gradgradcheck(fastml.functional.linear, args)
+    assert torch.autograd.gradgradcheck(fastml.functional.linear, float64_args(backend.device, rng))
 
 
 def test_sparse_input_follows_torch(rng):
