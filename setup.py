@@ -28,7 +28,8 @@ def _extension():
 
     sources = sorted(str(p.relative_to(HERE)) for p in CSRC.glob("*.cpp"))
     arch = os.environ.get("FASTML_CPU_ARCH", "native")
-    compile_args = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden"]
+    # -g0 overrides the -g in Python's own CFLAGS: no debug info, a 10x smaller extension.
+    compile_args = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-fvisibility=hidden"]
     if arch:
         compile_args.append(f"-march={arch}")
     return Extension(
