@@ -80,7 +80,11 @@ def _check_linear_args(input, weight, bias, weight_rank_1_ok: bool) -> None:
 
 
 def _strided(*tensors: torch.Tensor | None) -> bool:
-    """Dense tensors, which the kernels take; sparse and other layouts run torch's own path."""
+    """Whether the kernels can take these tensors: dense (not sparse or another layout) and not
+    inside a torch.func transform (vmap, grad, jvp), whose wrapped tensors have no data pointer.
+    Otherwise torch's own ops run, which the transforms know how to batch and differentiate."""
+    if torch._C._are_functorch_transforms_active():
+        return False
     return all(t is None or t.layout == torch.strided for t in tensors)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
+from fastml.ops import tracks_gradients
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -26,7 +27,13 @@ class LinearFunction(torch.autograd.Function):
         ctx.backend = backend
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        ctx.primals = (x, weight)  # for jvp (forward-mode AD)
         return impl(backend).forward(x, weight, bias)
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, _):
+        x, weight = ctx.primals
+        return linear_tangent(x, weight, x_t, weight_t, bias_t)
 
     @staticmethod
     def backward(ctx, grad):
@@ -43,11 +50,23 @@ class LinearFunction(torch.autograd.Function):
         return grad_x, (grad_w if need_w else None), grad_b, None
 
 
+def linear_tangent(x, weight, x_t, weight_t, bias_t) -> torch.Tensor:
+    """Forward-mode derivative of x W^T + b along tangents (None = zero), with torch ops."""
+    out = x.new_zeros(x.shape[0], weight.shape[0])
+    if x_t is not None:
+        out = out + x_t @ weight.T
+    if weight_t is not None:
+        out = out + x @ weight_t.T
+    if bias_t is not None:
+        out = out + bias_t
+    return out
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Dispatches a validated, 2-D linear layer to the selected backend."""
     backend = _backend.select(x, IMPLEMENTED)
     x, weight = x.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if tracks_gradients(x, weight, bias):
         return LinearFunction.apply(x, weight, bias, backend)
     return impl(backend).forward(x, weight, bias)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
+from fastml.ops import tracks_gradients
 from fastml.ops import linear as linear_op
+from fastml.ops.mse_loss import squared_error_tangent
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -36,7 +38,15 @@ class LinearMSEFunction(torch.autograd.Function):
         count = x.shape[0] * weight.shape[0]
         ctx.scale = 2.0 / count if reduction == "mean" and count else 2.0  # d(loss)/d(residual) / residual
         ctx.save_for_backward(x, weight, bias, target, residual, grad_w, grad_b)
+        ctx.primals = (x, weight, bias, target)  # for jvp (forward-mode AD)
         return loss
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, target_t, _, __):
+        x, weight, bias, target = ctx.primals
+        residual = impl("reference").forward(x, weight, bias, target, "none", False, False, True)[1]
+        pred_t = linear_op.linear_tangent(x, weight, x_t, weight_t, bias_t)
+        return squared_error_tangent(residual, pred_t, target_t, ctx.reduction)
 
     @staticmethod
     def backward(ctx, grad):
@@ -69,8 +79,7 @@ def linear_mse(x, weight, bias, target, reduction):
     backend = _backend.select(x, IMPLEMENTED)
     x, weight, target = x.contiguous(), weight.contiguous(), target.contiguous()
     bias = None if bias is None else bias.contiguous()
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or target.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if tracks_gradients(x, weight, bias, target):
         return LinearMSEFunction.apply(x, weight, bias, target, reduction, backend)
     return impl(backend).forward(x, weight, bias, target, reduction, False, False, False)[0]
 

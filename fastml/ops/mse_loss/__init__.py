@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
+from fastml.ops import tracks_gradients
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -25,7 +26,12 @@ class MSELossFunction(torch.autograd.Function):
         ctx.scale = 2.0 / count if reduction == "mean" and count else 2.0
         ctx.backend = backend
         ctx.save_for_backward(input, target, diff)
+        ctx.reduction, ctx.diff = reduction, diff  # for jvp (forward-mode AD)
         return loss
+
+    @staticmethod
+    def jvp(ctx, input_t, target_t, _, __):
+        return squared_error_tangent(ctx.diff, input_t, target_t, ctx.reduction)
 
     @staticmethod
     def backward(ctx, grad):
@@ -38,12 +44,22 @@ class MSELossFunction(torch.autograd.Function):
         return (grad_input if need_input else None), (-grad_input if need_target else None), None, None
 
 
+def squared_error_tangent(diff, input_t, target_t, reduction):
+    """Forward-mode derivative of the reduced (input - target)^2 along tangents (None = zero);
+    ``diff`` = input - target."""
+    moved = (0 if input_t is None else input_t) - (0 if target_t is None else target_t)
+    elementwise = 2 * diff * moved
+    if reduction == "none":
+        return elementwise
+    return elementwise.mean() if reduction == "mean" else elementwise.sum()
+
+
 def mse_loss(input, target, reduction):
     """Dispatches equally shaped, same-dtype tensors to the selected backend."""
     backend = _backend.select(input, IMPLEMENTED)
     shape = input.shape
     input, target = input.contiguous().reshape(-1), target.contiguous().reshape(-1)
-    if torch.is_grad_enabled() and (input.requires_grad or target.requires_grad):
+    if tracks_gradients(input, target):
         loss = MSELossFunction.apply(input, target, reduction, backend)
     else:
         loss = impl(backend).forward(input, target, reduction, keep_diff=False)[0]

@@ -1,0 +1,70 @@
+"""Autograd beyond reverse mode, where torch's twins support it: forward-mode AD (jvp) and the
+torch.func transforms (vmap, grad), on every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rand
+
+import fastml
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def float64(*shapes, device, generator):
+    return [rand(*s, dtype=torch.float64, device=device, generator=generator, requires_grad=True) for s in shapes]
+
+
+def test_linear_forward_ad(backend, rng):
+    args = float64((5, 4), (3, 4), (3,), device=backend.device, generator=rng)
+    assert torch.autograd.gradcheck(fastml.functional.linear, args, check_forward_ad=True,
+                                    check_backward_ad=True, check_batched_grad=False)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_mse_loss_forward_ad(backend, reduction, rng):
+    args = float64((4, 3), (4, 3), device=backend.device, generator=rng)
+    assert torch.autograd.gradcheck(lambda a, b: fastml.functional.mse_loss(a, b, reduction=reduction), args,
+                                    check_forward_ad=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_mse_forward_ad(backend, reduction, rng):
+    args = float64((5, 4), (3, 4), (3,), (5, 3), device=backend.device, generator=rng)
+    assert torch.autograd.gradcheck(lambda *a: fastml.functional.linear_mse(*a, reduction=reduction), args,
+                                    check_forward_ad=True)
+
+
+def test_jvp_matches_torch(backend, rng):
+    x, w, b, y = (t.detach() for t in float64((6, 4), (2, 4), (2,), (6, 2), device=backend.device, generator=rng))
+    tangents = tuple(torch.randn_like(t) for t in (x, w, b, y))
+    ours = torch.func.jvp(lambda *a: fastml.functional.linear_mse(*a), (x, w, b, y), tangents)
+    theirs = torch.func.jvp(lambda x, w, b, y: F.mse_loss(F.linear(x, w, b), y), (x, w, b, y), tangents)
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a, e)
+
+
+def test_vmap_and_func_grad(backend, rng):
+    x = rand(7, 3, 4, device=backend.device, generator=rng)
+    lin, ref = fastml.nn.Linear(4, 2, device=backend.device), torch.nn.Linear(4, 2, device=backend.device)
+    ref.load_state_dict(lin.state_dict())
+    torch.testing.assert_close(torch.func.vmap(lin)(x), torch.func.vmap(ref)(x))
+    params = dict(lin.named_parameters())
+
+    def loss(p, xb):
+        return fastml.functional.mse_loss(torch.func.functional_call(lin, p, (xb,)), torch.ones(3, 2, device=xb.device))
+
+    def ref_loss(p, xb):
+        return F.mse_loss(torch.func.functional_call(ref, p, (xb,)), torch.ones(3, 2, device=xb.device))
+
+    ours = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    theirs = torch.func.vmap(torch.func.grad(ref_loss), in_dims=(None, 0))(dict(ref.named_parameters()), x)
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k])
+    y = rand(7, 3, 2, device=backend.device, generator=rng)
+    w, b = params["weight"].detach(), params["bias"].detach()
+    torch.testing.assert_close(
+        torch.func.vmap(lambda xb, yb: fastml.functional.linear_mse(xb, w, b, yb))(x, y),
+        torch.func.vmap(lambda xb, yb: F.mse_loss(F.linear(xb, w, b), yb))(x, y))
