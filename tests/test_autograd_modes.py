@@ -68,3 +68,16 @@ def test_vmap_and_func_grad(backend, rng):
     torch.testing.assert_close(
         torch.func.vmap(lambda xb, yb: fastml.functional.linear_mse(xb, w, b, yb))(x, y),
         torch.func.vmap(lambda xb, yb: F.mse_loss(F.linear(xb, w, b), yb))(x, y))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_batched_gradients(backend, reduction, rng):
+    """gradcheck's batched-grad check runs backward under vmap (is_grads_batched)."""
+    lin_args = float64((5, 4), (3, 4), (3,), device=backend.device, generator=rng)
+    assert torch.autograd.gradcheck(fastml.functional.linear, lin_args, check_batched_grad=True)
+    mse_args = float64((4, 3), (4, 3), device=backend.device, generator=rng)
+    assert torch.autograd.gradcheck(lambda a, b: fastml.functional.mse_loss(a, b, reduction=reduction), mse_args,
+                                    check_batched_grad=True)
+    fused_args = float64((5, 4), (3, 4), (3,), (5, 3), device=backend.device, generator=rng)
+    assert torch.autograd.gradcheck(lambda *a: fastml.functional.linear_mse(*a, reduction=reduction), fused_args,
+                                    check_batched_grad=True)

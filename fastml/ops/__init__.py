@@ -17,3 +17,20 @@ def tracks_gradients(*tensors: torch.Tensor | None) -> bool:
             if t is not None and t.requires_grad:
                 return True
     return getattr(forward_ad, "_current_level", -1) >= 0
+
+
+def backward_in_torch_ops(grad: torch.Tensor) -> bool:
+    """Whether a Function's backward must run the reference's torch ops, which autograd and vmap
+    see through, rather than kernels: under create_graph (double backward: grad mode is on inside
+    backward), under a torch.func transform, or for a batched gradient without storage
+    (gradcheck's batched check runs backward under the legacy vmap)."""
+    return (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+            or not _has_storage(grad))
+
+
+def backward_backend(forward_backend: str, grad: torch.Tensor) -> str:
+    """The backend a Function's backward runs on: the forward's, unless backward_in_torch_ops."""
+    return "reference" if backward_in_torch_ops(grad) else forward_backend
+
+
+_has_storage = getattr(torch._C, "_has_storage", lambda t: True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import tracks_gradients
+from fastml.ops import backward_backend, tracks_gradients
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -38,9 +38,7 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        # Under create_graph (double backward) grad mode is on here: the reference's torch ops
-        # then build a differentiable graph; otherwise the backend's kernels run.
-        kernels = impl("reference" if torch.is_grad_enabled() else ctx.backend)
+        kernels = impl(backward_backend(ctx.backend, grad))
         grad = grad.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = kernels.backward_input(grad, weight) if need_x else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import tracks_gradients
+from fastml.ops import backward_in_torch_ops, tracks_gradients
 from fastml.ops import linear as linear_op
 from fastml.ops.mse_loss import squared_error_tangent
 
@@ -53,9 +53,9 @@ class LinearMSEFunction(torch.autograd.Function):
         x, weight, bias, target, residual, grad_w, grad_b = ctx.saved_tensors
         need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
         backend = ctx.backend
-        if torch.is_grad_enabled():
-            # create_graph (double backward): recompute from the inputs with the reference's
-            # torch ops, so that every gradient below is itself differentiable.
+        if backward_in_torch_ops(grad):
+            # Recompute from the inputs with the reference's torch ops, so that every gradient
+            # below is itself differentiable (double backward) or batched (vmap).
             backend = "reference"
             _, residual, grad_w, grad_b = impl(backend).forward(
                 x, weight, bias, target, ctx.reduction, need_w, need_b and bias is not None, True)

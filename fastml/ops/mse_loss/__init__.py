@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import tracks_gradients
+from fastml.ops import backward_in_torch_ops, tracks_gradients
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -37,10 +37,10 @@ class MSELossFunction(torch.autograd.Function):
     def backward(ctx, grad):
         input, target, diff = ctx.saved_tensors
         need_input, need_target = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled():  # create_graph: differentiable torch ops, for double backward
-            grad_input = impl("reference").backward(input - target, grad, ctx.scale)
-        else:
-            grad_input = impl(ctx.backend).backward(diff, grad, ctx.scale)
+        backend = ctx.backend
+        if backward_in_torch_ops(grad):  # recompute the difference so that autograd / vmap see it
+            backend, diff = "reference", input - target
+        grad_input = impl(backend).backward(diff, grad, ctx.scale)
         return (grad_input if need_input else None), (-grad_input if need_target else None), None, None
 
 
