@@ -79,11 +79,28 @@ def _check_linear_args(input, weight, bias, weight_rank_1_ok: bool) -> None:
                          f"got {tuple(bias.shape)}")
 
 
-def _strided(*tensors: torch.Tensor | None) -> bool:
-    """Whether the kernels can take these tensors: dense (not sparse or another layout) and not
-    inside a torch.func transform (vmap, grad, jvp), whose wrapped tensors have no data pointer.
-    Otherwise torch's own ops run, which the transforms know how to batch and differentiate."""
-    if torch._C._are_functorch_transforms_active():
+def _autocast_on() -> bool:
+    """Whether torch.autocast is active on the CPU or CUDA (an autograd.Function is invisible to it)."""
+    return _autocast_enabled("cpu") or _autocast_enabled("cuda")
+
+
+def _legacy_autocast_enabled(device: str) -> bool:  # torch < 2.4: no device argument
+    return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+
+
+try:
+    torch.is_autocast_enabled("cpu")
+    _autocast_enabled = torch.is_autocast_enabled
+except TypeError:
+    _autocast_enabled = _legacy_autocast_enabled
+
+
+def _kernels_can_run(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels can take these tensors: dense (not sparse or another layout), outside
+    torch.func transforms (vmap, grad, jvp: their wrapped tensors have no data pointer) and
+    outside torch.autocast (which casts torch's own ops only). Otherwise torch's own ops run,
+    which the transforms batch and differentiate, and autocast casts, exactly as for torch."""
+    if torch._C._are_functorch_transforms_active() or _autocast_on():
         return False
     return all(t is None or t.layout == torch.strided for t in tensors)
 
@@ -102,7 +119,7 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     (out_features,) or None → (*, out_features) (or (*) for a 1-D weight).
     """
     _check_linear_args(input, weight, bias, weight_rank_1_ok=True)
-    if (weight.dim() != 2 or not _strided(input, weight, bias)
+    if (weight.dim() != 2 or not _kernels_can_run(input, weight, bias)
             or input.dtype not in _KERNEL_DTYPES or weight.dtype != input.dtype
             or (bias is not None and (bias.dtype != input.dtype or bias.dim() != 1))
             or weight.device != input.device or (bias is not None and bias.device != input.device)):
@@ -137,7 +154,7 @@ def linear_mse(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     _check_reduction(reduction)
     if not _linear_mse_args_ok(input, weight, bias, target):
         _diagnose_linear_mse(input, weight, bias, target)
-    if not _strided(input, weight, bias, target):  # sparse and other layouts: torch's own ops
+    if not _kernels_can_run(input, weight, bias, target):  # sparse and other layouts: torch's own ops
         return F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)
     loss = _linear_mse_op.linear_mse(_rows(input), weight, bias, _rows(target), reduction)
     return loss.reshape(target.shape) if reduction == "none" else loss
@@ -165,7 +182,7 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduc
     _check_tensor("target", target)
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    if (weight is not None or not _strided(input, target) or input.dtype != target.dtype
+    if (weight is not None or not _kernels_can_run(input, target) or input.dtype != target.dtype
             or input.dtype not in _KERNEL_DTYPES
             or input.device != target.device or reduction not in _REDUCTIONS):
         # Not covered by a kernel (weights, type promotion, a bad reduction): torch's own, which

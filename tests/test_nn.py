@@ -161,3 +161,19 @@ def test_course_experiment_with_drop_ins(backend, api, rng):
     assert 2.5e-5 < final < 1e-4
     assert (model.weight.detach().reshape(-1) - true_w).abs().max() < 1e-2
     assert abs(model.bias.item() - true_b) < 1e-2
+
+
+def test_autocast_behaves_like_torch():
+    """Under torch.autocast, linear runs in the lower precision and mse_loss in float32, as torch's."""
+    ours, theirs = twin_pair(Linear, torch.nn.Linear, 8, 4)
+    x, y = torch.randn(5, 8), torch.randn(5, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = ours(x), theirs(x)
+        assert out.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(out, ref)
+        loss, ref_loss = MSELoss()(out, y), torch.nn.MSELoss()(ref, y)
+        assert loss.dtype == ref_loss.dtype
+        torch.testing.assert_close(loss, ref_loss)
+        fused = LinearMSELoss(8, 4)
+        fused.load_state_dict(theirs.state_dict())
+        torch.testing.assert_close(fused(x, y), torch.nn.MSELoss()(theirs(x), y))
