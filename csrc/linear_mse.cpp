@@ -17,9 +17,6 @@ constexpr index_t kBlockRows = 64;
 constexpr index_t kBlockBytes = 16 * 1024;
 // Per-thread gradient copies up to this many bytes in all; beyond, threads split the outputs.
 constexpr index_t kMaxPartialBytes = index_t(32) << 20;
-// Gradients this small are summed per block first, then per thread (closer to pairwise
-// summation, so float32 sums over many rows stay accurate); larger ones accumulate directly.
-constexpr index_t kTwoLevelElements = 8192;
 
 struct Problem {
     index_t n, d, o;
@@ -33,11 +30,10 @@ double process_rows(const Problem& p, const T* x, const T* w, const T* bias, con
                     index_t row_begin, index_t row_end, index_t col_begin, index_t col_end,
                     T* residual, T* loss_elems, T* grad_acc, T* grad_b_acc) {
     const index_t d = p.d, o = p.o, cols = col_end - col_begin;
-    const bool two_level = grad_acc && cols * d <= kTwoLevelElements;
     const index_t block_rows =
         std::clamp<index_t>(kBlockBytes / std::max<index_t>(1, d * index_t(sizeof(T))) / kRows * kRows, kRows,
                             kBlockRows);
-    std::vector<T> pred(block_rows * cols), block_grad(two_level ? cols * d : 0);
+    std::vector<T> pred(block_rows * cols);
     double loss = 0.0;
     for (index_t r0 = row_begin; r0 < row_end; r0 += block_rows) {
         const index_t rows = std::min(block_rows, row_end - r0);
@@ -55,14 +51,8 @@ double process_rows(const Problem& p, const T* x, const T* w, const T* bias, con
                 if (grad_b_acc) grad_b_acc[j] += diff;
             }
         }
-        if (!grad_acc) continue;
-        if (two_level) {
-            std::fill(block_grad.begin(), block_grad.end(), T(0));
-            accumulate_outer(pred.data(), xb, rows, d, cols, block_grad.data());
-            for (index_t i = 0; i < cols * d; ++i) grad_acc[i] += block_grad[i];
-        } else {
-            accumulate_outer(pred.data(), xb, rows, d, cols, grad_acc);
-        }
+        // The block's gradient is summed in registers and added once (see accumulate_outer).
+        if (grad_acc) accumulate_outer(pred.data(), xb, rows, d, cols, grad_acc);
     }
     return loss;
 }

@@ -24,6 +24,7 @@ struct Simd {
         std::memcpy(&v, p, sizeof(vec));  // an unaligned vector load
         return v;
     }
+    static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
     static T sum(vec v) {
         T s = 0;
         for (index_t i = 0; i < kWidth; ++i) s += v[i];
@@ -132,41 +133,66 @@ inline void dot_block(const T* x, index_t rows, index_t d, const T* w, const T* 
     for (; r < rows; ++r) dot_rows<T, 1>(x + r * d, d, w, bias, o, out + r * o, o);
 }
 
-// acc[j] += sum_r coef[r * o + j] * x[r] for every output j (acc is o × d): the weight
-// gradient of a row block, coef being the block's (rows × o) gradient of the prediction.
-// Two outputs at a time share each loaded x vector (4 rows: 4 loads feed 8 FMAs).
-template <typename T>
-inline void accumulate_outer(const T* coef, const T* x, index_t rows, index_t d, index_t o, T* acc) {
-    index_t r = 0;
-    for (; r + kRows <= rows; r += kRows) {
-        const T *x0 = x + r * d, *x1 = x0 + d, *x2 = x1 + d, *x3 = x2 + d;
-        const T* c = coef + r * o;
-        index_t j = 0;
-        for (; j + 2 <= o; j += 2) {
-            const T c00 = c[j], c10 = c[o + j], c20 = c[2 * o + j], c30 = c[3 * o + j];
-            const T c01 = c[j + 1], c11 = c[o + j + 1], c21 = c[2 * o + j + 1], c31 = c[3 * o + j + 1];
-            T *a0 = acc + j * d, *a1 = a0 + d;
-#pragma omp simd
-            for (index_t k = 0; k < d; ++k) {
-                const T v0 = x0[k], v1 = x1[k], v2 = x2[k], v3 = x3[k];
-                a0[k] += c00 * v0 + c10 * v1 + c20 * v2 + c30 * v3;
-                a1[k] += c01 * v0 + c11 * v1 + c21 * v2 + c31 * v3;
-            }
-        }
-        for (; j < o; ++j) {
-            const T c0 = c[j], c1 = c[o + j], c2 = c[2 * o + j], c3 = c[3 * o + j];
-            T* aj = acc + j * d;
-#pragma omp simd
-            for (index_t k = 0; k < d; ++k) aj[k] += c0 * x0[k] + c1 * x1[k] + c2 * x2[k] + c3 * x3[k];
+// acc[j, k .. k + K·W) += sum_r coef[r * o + j] * x[r, k .. k + K·W) for outputs j .. j + C:
+// a C × K tile of vector accumulators stays in registers over all the rows, then is added to
+// acc once (the loop is FMA-bound, not bound by loading and storing acc for every row).
+template <typename T, int C, int K>
+inline void outer_tile(const T* coef, index_t o, const T* x, index_t d, index_t rows, index_t j, index_t k,
+                       T* acc) {
+    using S = Simd<T>;
+    using V = typename S::vec;
+    V a[C][K];
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c)
+#pragma GCC unroll 16
+        for (int kk = 0; kk < K; ++kk) a[c][kk] = V{};
+    for (index_t r = 0; r < rows; ++r) {
+        const T* xr = x + r * d + k;
+        V xv[K];
+#pragma GCC unroll 16
+        for (int kk = 0; kk < K; ++kk) xv[kk] = S::load(xr + kk * S::kWidth);
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) {
+            const V cv = V{} + coef[r * o + j + c];  // broadcast
+#pragma GCC unroll 16
+            for (int kk = 0; kk < K; ++kk) a[c][kk] += cv * xv[kk];
         }
     }
-    for (; r < rows; ++r) {
-        const T* xr = x + r * d;
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c)
+#pragma GCC unroll 16
+        for (int kk = 0; kk < K; ++kk) {
+            T* p = acc + (j + c) * d + k + kk * S::kWidth;
+            S::store(p, S::load(p) + a[c][kk]);
+        }
+}
+
+// acc[j] += sum_r coef[r * o + j] * x[r] for every output j (acc is o × d, x is rows × d): the
+// weight gradient of a row block, coef being the block's (rows × o) gradient of the prediction.
+// The block's sum is formed in registers and added to acc once per block, so acc holds a sum of
+// per-block partials (closer to pairwise summation than adding row by row).
+template <typename T>
+inline void accumulate_outer(const T* coef, const T* x, index_t rows, index_t d, index_t o, T* acc) {
+    constexpr index_t W = Simd<T>::kWidth;
+    index_t k = 0;
+    for (; k + 2 * W <= d; k += 2 * W) {
+        index_t j = 0;
+        for (; j + 4 <= o; j += 4) outer_tile<T, 4, 2>(coef, o, x, d, rows, j, k, acc);
+        for (; j < o; ++j) outer_tile<T, 1, 2>(coef, o, x, d, rows, j, k, acc);
+    }
+    for (; k + W <= d; k += W) {
+        index_t j = 0;
+        for (; j + 4 <= o; j += 4) outer_tile<T, 4, 1>(coef, o, x, d, rows, j, k, acc);
+        for (; j < o; ++j) outer_tile<T, 1, 1>(coef, o, x, d, rows, j, k, acc);
+    }
+    if (k < d) {  // the last d % W columns
         for (index_t j = 0; j < o; ++j) {
-            const T c = coef[r * o + j];
             T* aj = acc + j * d;
-#pragma omp simd
-            for (index_t k = 0; k < d; ++k) aj[k] += c * xr[k];
+            for (index_t kk = k; kk < d; ++kk) {
+                T sum = 0;
+                for (index_t r = 0; r < rows; ++r) sum += coef[r * o + j] * x[r * d + kk];
+                aj[kk] += sum;
+            }
         }
     }
 }

@@ -13,6 +13,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch.nn import _reduction
+from torch.overrides import has_torch_function
 
 from fastml.ops import linear as _linear_op
 from fastml.ops import linear_mse as _linear_mse_op
@@ -62,7 +63,7 @@ def _check_reduction(reduction) -> None:
         raise ValueError(f"{reduction!r} is not a valid value for reduction: expected 'mean', 'sum' or 'none'")
 
 
-def _check_linear_args(input, weight, bias, weight_rank_1_ok: bool) -> None:
+def _check_linear_args(input, weight, bias, weight_rank_1_ok: bool, strict_bias: bool) -> None:
     _check_tensor("input", input)
     _check_tensor("weight", weight)
     _check_tensor("bias", bias, optional=True)
@@ -74,7 +75,7 @@ def _check_linear_args(input, weight, bias, weight_rank_1_ok: bool) -> None:
         raise ShapeError(f"input has {input.shape[-1]} features (last dim of shape {tuple(input.shape)}) "
                          f"but weight of shape {tuple(weight.shape)} expects in_features={weight.shape[-1]}")
     out_features = weight.shape[0] if weight.dim() == 2 else None
-    if bias is not None and out_features is not None and bias.shape not in ((out_features,), ()):
+    if strict_bias and bias is not None and out_features is not None and bias.shape != (out_features,):
         raise ShapeError(f"bias must have shape ({out_features},) to match weight's out_features, "
                          f"got {tuple(bias.shape)}")
 
@@ -88,11 +89,20 @@ def _legacy_autocast_enabled(device: str) -> bool:  # torch < 2.4: no device arg
     return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
 
 
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # torch >= 2.3
+
 try:
     torch.is_autocast_enabled("cpu")
     _autocast_enabled = torch.is_autocast_enabled
 except TypeError:
     _autocast_enabled = _legacy_autocast_enabled
+
+
+def _defer_to_torch(*args) -> bool:
+    """Whether torch's own op must run, before any check of ours: arguments that carry
+    __torch_function__ (torch.fx proxies, tensor subclasses) or a tracer that records torch ops
+    (torch.jit.trace; torch.compile / torch.export's dynamo), which cannot see a kernel call."""
+    return has_torch_function(args) or torch.jit.is_tracing() or _is_compiling()
 
 
 def _kernels_can_run(*tensors: torch.Tensor | None) -> bool:
@@ -118,10 +128,12 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     input (*, in_features); weight (out_features, in_features) or (in_features,); bias
     (out_features,) or None → (*, out_features) (or (*) for a 1-D weight).
     """
-    _check_linear_args(input, weight, bias, weight_rank_1_ok=True)
+    if _defer_to_torch(input, weight, bias):
+        return F.linear(input, weight, bias)
+    _check_linear_args(input, weight, bias, weight_rank_1_ok=True, strict_bias=False)
     if (weight.dim() != 2 or not _kernels_can_run(input, weight, bias)
             or input.dtype not in _KERNEL_DTYPES or weight.dtype != input.dtype
-            or (bias is not None and (bias.dtype != input.dtype or bias.dim() != 1))
+            or (bias is not None and (bias.dtype != input.dtype or bias.shape != (weight.shape[0],)))
             or weight.device != input.device or (bias is not None and bias.device != input.device)):
         return F.linear(input, weight, bias)  # a configuration the kernels do not cover: torch's own
     lead = input.shape[:-1]
@@ -152,6 +164,8 @@ def linear_mse(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     (→ (*, O)), as in ``torch.nn.MSELoss``.
     """
     _check_reduction(reduction)
+    if _defer_to_torch(input, weight, bias, target):
+        return F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)
     if not _linear_mse_args_ok(input, weight, bias, target):
         _diagnose_linear_mse(input, weight, bias, target)
     if not _kernels_can_run(input, weight, bias, target):  # sparse and other layouts: torch's own ops
@@ -162,7 +176,7 @@ def linear_mse(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def _diagnose_linear_mse(input, weight, bias, target) -> None:
     """Raises the clear error for whatever _linear_mse_args_ok rejected."""
-    _check_linear_args(input, weight, bias, weight_rank_1_ok=False)
+    _check_linear_args(input, weight, bias, weight_rank_1_ok=False, strict_bias=True)
     _check_tensor("target", target)
     expected = (*input.shape[:-1], weight.shape[0])
     if tuple(target.shape) != expected:
@@ -178,6 +192,8 @@ def _diagnose_linear_mse(input, weight, bias, target) -> None:
 def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduce=None, reduction: str = "mean",
              weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error, as ``torch.nn.functional.mse_loss`` (same broadcasting and warning)."""
+    if _defer_to_torch(input, target, weight):
+        return F.mse_loss(input, target, size_average, reduce, reduction, weight=weight)
     _check_tensor("input", input)
     _check_tensor("target", target)
     if size_average is not None or reduce is not None:

@@ -37,7 +37,10 @@ class LinearMSEFunction(torch.autograd.Function):
         ctx.reduction, ctx.backend = reduction, backend
         count = x.shape[0] * weight.shape[0]
         ctx.scale = 2.0 / count if reduction == "mean" and count else 2.0  # d(loss)/d(residual) / residual
-        ctx.save_for_backward(x, weight, bias, target, residual, grad_w, grad_b)
+        # The bias is not saved (as torch's addmm does not): its value is never needed again, so
+        # changing it in place after the forward pass is allowed, as with torch's layers.
+        ctx.save_for_backward(x, weight, target, residual, grad_w, grad_b)
+        ctx.bias = bias
         ctx.primals = (x, weight, bias, target)  # for jvp (forward-mode AD)
         return loss
 
@@ -50,15 +53,20 @@ class LinearMSEFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, target, residual, grad_w, grad_b = ctx.saved_tensors
+        x, weight, target, residual, grad_w, grad_b = ctx.saved_tensors
         need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
         backend = ctx.backend
         if backward_in_torch_ops(grad):
-            # Recompute from the inputs with the reference's torch ops, so that every gradient
-            # below is itself differentiable (double backward) or batched (vmap).
+            # Rebuild the residual's graph from the inputs with torch ops, so that every gradient
+            # below is itself differentiable (double backward) or batched (vmap); keep the values
+            # from the forward pass where they were kept (saved + (fresh - fresh) is exactly saved).
             backend = "reference"
-            _, residual, grad_w, grad_b = impl(backend).forward(
-                x, weight, bias, target, ctx.reduction, need_w, need_b and bias is not None, True)
+            fresh = linear_op.impl(backend).forward(x, weight, ctx.bias) - target
+            residual = fresh if residual is None else residual + (fresh - fresh.detach())
+            if ctx.reduction != "none":
+                coef = residual * ctx.scale
+                grad_w = coef.T @ x if need_w else None
+                grad_b = coef.sum(0) if need_b else None
         if ctx.reduction != "none":
             grad_w = grad_w * grad if need_w else None
             grad_b = grad_b * grad if need_b and grad_b is not None else None

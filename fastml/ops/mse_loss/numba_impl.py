@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+import torch
 
 from fastml import _numba as nb
 from fastml._numba import pjit, split_range
@@ -82,9 +83,9 @@ def forward(input, target, reduction, keep_diff):
                             nb.flat(loss) if reduction == "none" else nb.absent(dtype, 1), reduction == "none",
                             nb.threads_for(n))
     if reduction == "mean":
-        loss.fill_(total / n if n else float("nan"))  # mean over no elements is NaN, as in torch
+        loss.copy_(torch.tensor(total / n if n else float("nan"), dtype=torch.float64))  # mean of nothing: NaN
     elif reduction == "sum":
-        loss.fill_(total)
+        loss.copy_(torch.tensor(total, dtype=torch.float64))  # a cast, not fill_: overflow gives inf
     return loss, diff
 
 
