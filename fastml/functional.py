@@ -1,8 +1,9 @@
 """fastml's public functions: argument checks with clear errors, then the op's dispatch.
 
-Each function accepts what its torch twin accepts. Where no fastml kernel covers a configuration
-(mixed dtypes, integer tensors, extra options), it runs torch's own implementation, so it never
-fails where torch works and is never silently different.
+``linear`` and ``mse_loss`` accept what their torch twins accept: where no fastml kernel covers a
+configuration (mixed dtypes, integer tensors, extra options, tracers, transforms), they run torch's
+own implementation, so they never fail where torch works and are never silently different.
+``linear_mse`` has no twin and is strict: wrong shapes, dtypes or devices are clear errors.
 """
 
 from __future__ import annotations
@@ -89,13 +90,14 @@ def _legacy_autocast_enabled(device: str) -> bool:  # torch < 2.4: no device arg
     return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
 
 
-_is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # torch >= 2.3
-
 try:
     torch.is_autocast_enabled("cpu")
     _autocast_enabled = torch.is_autocast_enabled
 except TypeError:
     _autocast_enabled = _legacy_autocast_enabled
+
+
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # torch >= 2.3
 
 
 def _defer_to_torch(*args) -> bool:
