@@ -32,6 +32,15 @@ struct Simd {
     }
 };
 
+// Zeroes a tile of vector accumulators (unrolled: constant indices keep it in registers).
+template <typename V, int R, int C>
+inline void zero_tile(V (&tile)[R][C]) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) tile[r][c] = V{};
+}
+
 // dots[r][c] = dot(x[r], w[c]) for R rows of x and C consecutive rows of w (row length d):
 // R·C vector accumulators stay in registers (fully unrolled, constant indices), each loaded x
 // vector serves C outputs and each weight vector R rows.
@@ -40,10 +49,7 @@ inline void dot_tile(const T* const* x, const T* w, index_t d, T (&dots)[R][C]) 
     using S = Simd<T>;
     using V = typename S::vec;
     V acc[R][C];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-        for (int c = 0; c < C; ++c) acc[r][c] = V{};
+    zero_tile(acc);
     index_t k = 0;
     for (; k + S::kWidth <= d; k += S::kWidth) {
         V wv[C];
@@ -142,10 +148,7 @@ inline void outer_tile(const T* coef, index_t o, const T* x, index_t d, index_t 
     using S = Simd<T>;
     using V = typename S::vec;
     V a[C][K];
-#pragma GCC unroll 16
-    for (int c = 0; c < C; ++c)
-#pragma GCC unroll 16
-        for (int kk = 0; kk < K; ++kk) a[c][kk] = V{};
+    zero_tile(a);
     for (index_t r = 0; r < rows; ++r) {
         const T* xr = x + r * d + k;
         V xv[K];
