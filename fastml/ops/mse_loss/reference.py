@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 
 def forward(input, target, reduction, keep_diff):
     """→ (loss, diff): loss 0-dim ("mean" / "sum") or input-shaped ("none"); diff = input - target
