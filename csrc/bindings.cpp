@@ -1,5 +1,6 @@
 // fastml._C: one line per exported kernel and dtype. Every call releases the GIL.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // lists of pointers and sizes for the multi-tensor optimizer steps
 
 #include "kernels.h"
 
@@ -28,4 +29,12 @@ PYBIND11_MODULE(_C, m) {
     FASTML_DEF("mse_loss_forward_f64", mse_loss_forward<double>);
     FASTML_DEF("mse_loss_backward_f32", mse_loss_backward<float>);
     FASTML_DEF("mse_loss_backward_f64", mse_loss_backward<double>);
+
+    FASTML_DEF("sgd_step_f32", sgd_step<float>);
+    FASTML_DEF("sgd_step_f64", sgd_step<double>);
+    FASTML_DEF("sgd_course_step_f32", sgd_course_step<float>);
+    FASTML_DEF("sgd_course_step_f64", sgd_course_step<double>);
+
+    FASTML_DEF("adam_step_f32", adam_step<float>);
+    FASTML_DEF("adam_step_f64", adam_step<double>);
 }

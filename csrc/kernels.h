@@ -2,6 +2,8 @@
 // (address_t, 0 = absent) and sizes; shapes are documented beside each definition.
 #pragma once
 
+#include <vector>
+
 #include "common.h"
 
 namespace fastml {
@@ -33,5 +35,24 @@ void mse_loss_forward(address_t input, address_t target, index_t n, int reductio
 template <typename T>
 void mse_loss_backward(address_t diff, address_t grad_out, index_t g_stride, double scale, index_t n,
                        address_t grad_input, int nthreads);
+
+// sgd.cpp: lists hold one entry per tensor.
+template <typename T>
+void sgd_step(const std::vector<address_t>& params, const std::vector<address_t>& grads,
+              const std::vector<address_t>& buffers, const std::vector<index_t>& sizes,
+              const std::vector<int>& fresh, double lr, double momentum, double dampening,
+              double weight_decay, bool nesterov, bool maximize, bool zero_grad, int nthreads);
+template <typename T>
+void sgd_course_step(const std::vector<address_t>& params, const std::vector<address_t>& grads,
+                     const std::vector<index_t>& sizes, double lr, double batch_size, int nthreads);
+
+// adam.cpp: lists hold one entry per tensor.
+template <typename T>
+void adam_step(const std::vector<address_t>& params, const std::vector<address_t>& grads,
+               const std::vector<address_t>& exp_avgs, const std::vector<address_t>& exp_avg_sqs,
+               const std::vector<address_t>& max_exp_avg_sqs, const std::vector<index_t>& sizes,
+               const std::vector<double>& step_sizes, const std::vector<double>& bias2_sqrts,
+               double lr, double beta1, double beta2, double eps, double weight_decay,
+               bool decoupled, bool amsgrad, bool maximize, bool zero_grad, int nthreads);
 
 }  // namespace fastml

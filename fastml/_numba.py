@@ -30,11 +30,15 @@ import functools
 import numba
 import numpy as np
 import torch
+from numba import types
+from numba.extending import intrinsic
 
 BLOCK_ROWS = 64  # rows of x per block: the block's x and predictions stay in L1 / L2
 MAX_PARTIAL_BYTES = 32 << 20  # per-thread gradient copies up to this in all; beyond, split outputs
 TWO_LEVEL_ELEMENTS = 8192  # gradients this small are summed per block, then per thread
 WORK_PER_THREAD = 32 * 1024  # multiply-adds worth waking a thread for
+ELEMENTS_PER_THREAD = 64 * 1024  # optimizer-updated elements worth waking a thread for
+SPAN_ALIGN = 16  # multi-tensor chunk boundaries: a multiple of this many elements into a tensor
 
 # Every kernel: strict IEEE arithmetic, no bounds checks, numpy's rules for division by zero.
 jit = functools.partial(numba.njit, cache=True, fastmath=False, nogil=True, error_model="numpy")
@@ -76,12 +80,13 @@ def view_or_absent(t: torch.Tensor | None, dtype: torch.dtype, ndim: int) -> np.
     return absent(dtype, ndim) if t is None else view(t)
 
 
-def threads_for(work: int) -> int:
-    """Chunks (= threads) for ``work`` multiply-adds: torch's thread count, fewer for small work
-    (waking a team costs microseconds, which dominates the course's batch of 10 rows). Also sets
-    numba's thread count for the calling thread, so each chunk gets one thread."""
+def threads_for(work: int, per_thread: int = WORK_PER_THREAD) -> int:
+    """Chunks (= threads) for ``work`` multiply-adds (or other units, ``per_thread`` of them
+    worth a thread): torch's thread count, fewer for small work (waking a team costs
+    microseconds, which dominates the course's batch of 10 rows). Also sets numba's thread
+    count for the calling thread, so each chunk gets one thread."""
     requested = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    chunks = max(1, min(requested, work // WORK_PER_THREAD))
+    chunks = max(1, min(requested, work // per_thread))
     numba.set_num_threads(chunks)
     return chunks
 
@@ -93,6 +98,54 @@ def split_outputs(threads: int, o: int, d: int, itemsize: int) -> bool:
 
 
 # ---------------------------------------------------------------- jitted building blocks
+
+
+@intrinsic
+def _address_as_pointer(typingctx, address, like):
+    """A typed pointer to ``like``'s dtype at the integer ``address`` (a tensor's data_ptr)."""
+    pointer = types.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(address, like), codegen
+
+
+@jit
+def array_at(address, count, like):
+    """1-D array of ``count`` elements of ``like``'s dtype at ``address``: how the multi-tensor
+    kernels reach each tensor of a list given as a table of data pointers (one compilation for
+    any number of tensors, where a tuple of arrays would compile once per length)."""
+    return numba.carray(_address_as_pointer(address, like), (count,))
+
+
+@jit
+def tensor_starts(sizes):
+    """starts[t] = first element of tensor t in the concatenation of all; starts[-1] = total."""
+    starts = np.zeros(sizes.shape[0] + 1, np.int64)
+    for t in range(sizes.shape[0]):
+        starts[t + 1] = starts[t] + sizes[t]
+    return starts
+
+
+@jit
+def tensor_holding(starts, i):
+    """The tensor holding element ``i`` of the concatenation (the last with start <= i)."""
+    return np.searchsorted(starts, i, side="right") - 1
+
+
+@jit
+def span_boundary(starts, chunks, c):
+    """Start of chunk ``c`` of the concatenation split into ``chunks`` (csrc/multi_tensor.h's
+    twin): an even split, moved down to a multiple of SPAN_ALIGN from its tensor's start so that
+    two threads never write the same cache line."""
+    total = starts[-1]
+    if c >= chunks:
+        return total
+    c, chunks = np.int64(c), np.int64(chunks)
+    b = total // chunks * c + min(c, total % chunks)
+    t = tensor_holding(starts, b)
+    return starts[t] + (b - starts[t]) // SPAN_ALIGN * SPAN_ALIGN
 
 
 @jit

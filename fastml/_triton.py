@@ -237,3 +237,68 @@ def _reduce_partials_torch(part, grad_columns, split, count, mean, grad_a, grad_
             grad_b.copy_(grads[split:])
     if loss is not None:
         loss.copy_(part[:, grad_columns:].sum() * inv)
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-tensor launches (the optimizer steps): one launch updates a list of tensors.
+# --------------------------------------------------------------------------------------------
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
+             torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# Elements per block of a multi-tensor launch: on the GPU one program per block (2048 float32
+# = 8 KB per array in flight per program); under the interpreter a few programs loop over
+# large blocks, since each block costs Python time.
+MULTI_TENSOR_BLOCK = 2048
+INTERPRETER_MULTI_TENSOR_BLOCK = 8192
+
+
+def multi_tensor_table(columns, sizes, per_tensor_floats, scalars, device) -> torch.Tensor:
+    """Everything a multi-tensor kernel reads besides the tensors themselves, in one int64 tensor
+    on ``device`` (one host-to-device copy per launch):
+
+    rows 0..len(columns)-1, T entries each: data pointers (``columns``: lists of T tensors);
+    then ``sizes`` (T element counts); then each list of ``per_tensor_floats`` (T floats each)
+    and finally ``scalars`` (floats), both as float64 bit patterns (``load_float``).
+    """
+    ints = torch.tensor([t.data_ptr() for col in columns for t in col] + list(sizes), dtype=torch.int64)
+    floats = torch.tensor([x for row in per_tensor_floats for x in row] + list(scalars), dtype=torch.float64)
+    return torch.cat([ints, floats.view(torch.int64)]).to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=64)
+def block_map(sizes: tuple[int, ...], block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor of each block (int32), first element of each block within its tensor (int64)) for
+    tensors of ``sizes`` cut into blocks of ``block_size``; cached, since a parameter group's
+    sizes stay the same from step to step."""
+    tensor_of, start_of = [], []
+    for t, n in enumerate(sizes):
+        blocks = triton.cdiv(n, block_size)
+        tensor_of.extend([t] * blocks)
+        start_of.extend(range(0, blocks * block_size, block_size))
+    return (torch.tensor(tensor_of, dtype=torch.int32, device=device),
+            torch.tensor(start_of, dtype=torch.int64, device=device))
+
+
+def multi_tensor_grid(n_blocks: int) -> tuple[int, int]:
+    """(programs, block size): one program per block on the GPU, a few looping ones under the
+    interpreter."""
+    if interpreted():
+        return max(1, min(n_blocks, INTERPRETER_PROGRAMS)), INTERPRETER_MULTI_TENSOR_BLOCK
+    return max(1, n_blocks), MULTI_TENSOR_BLOCK
+
+
+def multi_tensor_block_size() -> int:
+    return INTERPRETER_MULTI_TENSOR_BLOCK if interpreted() else MULTI_TENSOR_BLOCK
+
+
+@triton.jit
+def load_pointer(table_ptr, row, count, t, DTYPE: tl.constexpr):
+    """The data pointer of tensor ``t`` in pointer row ``row`` of a multi_tensor_table."""
+    return tl.load(table_ptr + row * count + t).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def load_float(table_ptr, index):
+    """The float stored (as float64 bits) at ``index`` of a multi_tensor_table."""
+    return tl.load(table_ptr + index).to(tl.float64, bitcast=True)

@@ -1,0 +1,111 @@
+"""Preparing lists of tensors for the multi-tensor kernels (the optimizer steps).
+
+A multi-tensor kernel updates many tensors of one device and dtype in one launch, walking each
+as a flat run of ``numel`` elements from its data pointer. That is right for a contiguous tensor,
+and for any set of tensors that are dense, non-overlapping and share their strides (a transposed
+parameter with a gradient and state laid out like it): elementwise, the same memory offset is
+the same element in each. A row whose tensors do not share such a layout (a transposed
+parameter with a contiguous gradient) is staged: the kernel works on contiguous copies, and the
+copies of the tensors it wrote are copied back afterwards.
+
+Complex tensors are walked through their real views: every update rule here is elementwise on
+real and imaginary parts alike, as torch.optim's own implementations treat them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from fastml import _backend
+
+try:  # is_non_overlapping_and_dense: a Python helper in torch._prims_common, stable since 2.0
+    from torch._prims_common import is_non_overlapping_and_dense as _dense
+except ImportError:  # pragma: no cover - older torch: only contiguous rows go direct
+    def _dense(t: torch.Tensor) -> bool:
+        return t.is_contiguous()
+
+
+def bucket_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` per (device, dtype), in first-seen order: one launch per bucket."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((t.device, t.dtype), []).append(i)
+    return buckets
+
+
+def walkable(row: Sequence[torch.Tensor]) -> bool:
+    """Whether a kernel may walk every tensor of ``row`` as one flat run from its data pointer,
+    element i of one being element i of the others."""
+    if all(t.is_contiguous() for t in row):
+        return True
+    first = row[0]
+    return _dense(first) and all(t.stride() == first.stride() and _dense(t) for t in row[1:])
+
+
+def real_view(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+@contextlib.contextmanager
+def staged(columns: Sequence[list[torch.Tensor]], written: Sequence[bool]):
+    """Yields ``columns`` (lists of equally many tensors, row i = the i-th of each) with every
+    row made walkable: a row that is not gets contiguous copies, and on leaving, the copies in
+    the columns flagged ``written`` are copied back into the originals."""
+    rows = len(columns[0])
+    out = [list(col) for col in columns]
+    copies: list[int] = []
+    for i in range(rows):
+        if not walkable([col[i] for col in columns]):
+            copies.append(i)
+            for col in out:
+                col[i] = col[i].contiguous()
+    yield out
+    for i in copies:
+        for col, original, was_written in zip(out, columns, written):
+            if was_written and col[i] is not original[i]:
+                original[i].copy_(col[i])
+
+
+def mark_written(tensors: Sequence[torch.Tensor]) -> None:
+    """Bumps the version counters of tensors a kernel wrote through their data pointers, as an
+    in-place torch op would: autograd then refuses a backward through a graph that saved one of
+    them before the write, instead of silently using the new values."""
+    if not tensors:
+        return
+    try:
+        torch.autograd.graph.increment_version(tensors)
+    except TypeError:  # torch < 2.4 takes one tensor at a time
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
+def launches(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], implemented: tuple[str, ...]):
+    """Yields (backend, row indices) per launch of an optimizer step: one per (device, dtype)
+    bucket of the rows a kernel can take (a dense gradient of its parameter's dtype and
+    device), then the remaining rows on the reference (which does what torch's ops do)."""
+    kernel_rows, reference_rows = [], []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        same = g.dtype == p.dtype and g.device == p.device and g.layout == p.layout == torch.strided
+        (kernel_rows if same else reference_rows).append(i)
+    for bucket in bucket_by_device_and_dtype([params[i] for i in kernel_rows]).values():
+        rows = [kernel_rows[j] for j in bucket]
+        yield _backend.select(real_view(params[rows[0]]), implemented), rows
+    if reference_rows:
+        yield "reference", reference_rows
+
+
+@contextlib.contextmanager
+def columns_for(backend: str, lists: Sequence[Sequence[torch.Tensor]], rows: list[int], written: Sequence[bool]):
+    """Yields the ``rows`` of each of ``lists`` as ``backend`` takes them. The reference gets the
+    tensors as they are (its torch ops handle any layout and dtype). A kernel gets real views,
+    staged where a row is not walkable; afterwards the tensors of the lists flagged ``written``
+    have their version counters bumped (mark_written)."""
+    if backend == "reference":
+        yield [[tensors[i] for i in rows] for tensors in lists]
+        return
+    with staged([[real_view(tensors[i]) for i in rows] for tensors in lists], written) as columns:
+        yield columns
+    mark_written([tensors[i] for tensors, w in zip(lists, written) if w for i in rows])

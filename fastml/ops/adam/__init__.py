@@ -1,0 +1,63 @@
+"""Adam / AdamW over lists of tensors: step counting, bias corrections and per-bucket dispatch.
+
+Backend modules provide ``adam_step`` (see reference.py) for lists of walkable tensors of one
+device and dtype. ``adam_step`` here takes lists of any mix, as fastml.ops.sgd does: it counts
+the step on every tensor's ``step`` tensor, works out each tensor's bias corrections (tensors
+whose gradients appeared later have taken fewer steps), then launches once per (device, dtype)
+bucket.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastml import _backend
+from fastml._multi_tensor import columns_for, launches
+
+IMPLEMENTED = ("triton", "cpp", "numba", "reference")
+
+
+def impl(backend: str):
+    return _backend.load(__name__, backend)
+
+
+def count_steps(state_steps) -> list[float]:
+    """Adds one to every step tensor (as torch's ``step_t += 1``) and returns the new counts."""
+    try:
+        torch._foreach_add_(state_steps, 1)
+        return torch.stack(state_steps).tolist()
+    except RuntimeError:  # steps of mixed devices or dtypes (e.g. after loading an old state)
+        counts = []
+        for step in state_steps:
+            step += 1
+            counts.append(step.item())
+        return counts
+
+
+def bias_corrections(counts, lr, beta1, beta2) -> tuple[list[float], list[float]]:
+    """Per tensor: step_size = lr / (1 - beta1^step), bias2_sqrt = (1 - beta2^step) ** 0.5, in
+    Python floats as torch's for-loop implementation computes them; one evaluation per distinct
+    step count."""
+    seen: dict[float, tuple[float, float]] = {}
+    step_sizes, bias2_sqrts = [], []
+    for step in counts:
+        pair = seen.get(step)
+        if pair is None:
+            pair = seen[step] = (lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5)
+        step_sizes.append(pair[0])
+        bias2_sqrts.append(pair[1])
+    return step_sizes, bias2_sqrts
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
+              weight_decay, decoupled, amsgrad, maximize, zero_grad=False):
+    """One torch.optim.Adam step over lists of any devices and dtypes, in place: state_steps are
+    the per-tensor step-count tensors (incremented here); the rest as reference.adam_step."""
+    step_sizes, bias2_sqrts = bias_corrections(count_steps(state_steps), lr, beta1, beta2)
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    for backend, rows in launches(params, grads, IMPLEMENTED):
+        with columns_for(backend, lists, rows, (True, zero_grad, True, True, True)) as cols:
+            impl(backend).adam_step(cols[0], cols[1], cols[2], cols[3], cols[4] if amsgrad else [],
+                                    [step_sizes[i] for i in rows], [bias2_sqrts[i] for i in rows],
+                                    lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                                    decoupled=decoupled, amsgrad=amsgrad, maximize=maximize, zero_grad=zero_grad)

@@ -1,0 +1,80 @@
+"""Adam on numba, the twin of csrc/adam.cpp: one parallel loop for all tensors; signature as in
+reference.py. Tensors arrive as tables of data pointers (see fastml/ops/sgd/numba_impl.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from fastml import _numba as nb
+from fastml._numba import array_at, jit, pjit, span_boundary, tensor_holding, tensor_starts
+
+
+@jit
+def _adam_span(p, g, m, v, vmax, begin, end, decay, l2, lerp_weight, one_minus_w, beta2, one_minus_beta2, eps,
+               sign, l2_decay, amsgrad, neg_step_size, bias2_sqrt, zero_grad):
+    low_weight = abs(lerp_weight) < 0.5  # torch.lerp's two formulas
+    for i in range(begin, end):
+        pi = p[i] * decay
+        d = sign * g[i]
+        if l2_decay:
+            d = d + l2 * pi
+        mi = m[i]
+        mn = mi + lerp_weight * (d - mi) if low_weight else d - (d - mi) * one_minus_w
+        m[i] = mn
+        vn = v[i] * beta2 + one_minus_beta2 * d * d
+        v[i] = vn
+        second = vn
+        if amsgrad:
+            old = vmax[i]
+            second = old if (old > vn or old != old) else vn
+            vmax[i] = second
+        denom = math.sqrt(second) / bias2_sqrt + eps
+        p[i] = pi + neg_step_size * mn / denom
+        if zero_grad:
+            g[i] = 0
+
+
+@pjit
+def _adam_kernel(param_at, grad_at, m_at, v_at, vmax_at, sizes, step_sizes, bias2_sqrts, like, lr, beta1,
+                 beta2, eps, weight_decay, decoupled, amsgrad, maximize, zero_grad, chunks):
+    """*_at: (T,) int64 data pointers (vmax_at empty without amsgrad); sizes (T,) int64;
+    step_sizes, bias2_sqrts: (T,) float64; like: an empty array of the tensors' dtype."""
+    starts = tensor_starts(sizes)
+    count = sizes.shape[0]
+    scalar = like.dtype.type
+    decays = weight_decay != 0
+    decay = scalar(1.0 - lr * weight_decay) if decays and decoupled else scalar(1.0)
+    l2, lerp_weight = scalar(weight_decay), scalar(1.0 - beta1)
+    beta2_, one_minus_beta2, eps_ = scalar(beta2), scalar(1.0 - beta2), scalar(eps)
+    sign = scalar(-1.0 if maximize else 1.0)
+    for c in numba.prange(chunks):
+        lo, hi = span_boundary(starts, chunks, c), span_boundary(starts, chunks, c + 1)
+        t = tensor_holding(starts, lo)
+        while t < count and starts[t] < hi:
+            begin, end = max(lo, starts[t]) - starts[t], min(hi, starts[t + 1]) - starts[t]
+            if begin < end:
+                n = sizes[t]
+                vmax = array_at(vmax_at[t], n, like) if amsgrad else like
+                _adam_span(array_at(param_at[t], n, like), array_at(grad_at[t], n, like),
+                           array_at(m_at[t], n, like), array_at(v_at[t], n, like), vmax, begin, end,
+                           decay, l2, lerp_weight, scalar(1.0) - lerp_weight, beta2_, one_minus_beta2, eps_, sign, decays and not decoupled,
+                           amsgrad, scalar(-step_sizes[t]), scalar(bias2_sqrts[t]), zero_grad)
+            t += 1
+
+
+def _addresses(tensors):
+    return np.array([t.data_ptr() for t in tensors], dtype=np.int64)
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes, bias2_sqrts, *, lr, beta1,
+              beta2, eps, weight_decay, decoupled, amsgrad, maximize, zero_grad):
+    sizes = np.array([p.numel() for p in params], dtype=np.int64)
+    _adam_kernel(_addresses(params), _addresses(grads), _addresses(exp_avgs), _addresses(exp_avg_sqs),
+                 _addresses(max_exp_avg_sqs) if amsgrad else np.empty(0, np.int64), sizes,
+                 np.asarray(step_sizes, dtype=np.float64), np.asarray(bias2_sqrts, dtype=np.float64),
+                 nb.absent(params[0].dtype, 1), float(lr), float(beta1), float(beta2), float(eps),
+                 float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize), bool(zero_grad),
+                 nb.threads_for(int(sizes.sum()), nb.ELEMENTS_PER_THREAD))

@@ -1,0 +1,99 @@
+"""SGD on numba, the twin of csrc/sgd.cpp: one parallel loop for all tensors; signatures as in
+reference.py.
+
+Tensors reach the kernel as tables of data pointers and sizes (fastml._numba.array_at), so one
+compiled kernel per dtype serves any number of tensors. Their concatenated elements are split
+into one chunk per thread, chunk boundaries falling inside tensors as in the C++ kernel.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from fastml import _numba as nb
+from fastml._numba import array_at, jit, pjit, span_boundary, tensor_holding, tensor_starts
+
+
+@jit
+def _sgd_span(p, g, buf, begin, end, lr, momentum, one_minus_dampening, weight_decay, sign,
+              decay, with_momentum, nesterov, fresh, zero_grad):
+    for i in range(begin, end):
+        d = sign * g[i]
+        if decay:
+            d = d + weight_decay * p[i]
+        if with_momentum:
+            b = d if fresh else buf[i] * momentum + one_minus_dampening * d
+            buf[i] = b
+            d = d + momentum * b if nesterov else b
+        p[i] = p[i] - lr * d
+        if zero_grad:
+            g[i] = 0
+
+
+@pjit
+def _sgd_kernel(param_at, grad_at, buf_at, sizes, fresh, like, lr, momentum, dampening,
+                weight_decay, nesterov, maximize, zero_grad, chunks):
+    """param_at, grad_at, buf_at: (T,) int64 data pointers (buf_at empty without momentum);
+    sizes, fresh: (T,) int64; like: an empty array of the tensors' dtype."""
+    starts = tensor_starts(sizes)
+    count = sizes.shape[0]
+    scalar = like.dtype.type
+    lr_, momentum_, keep, wd = scalar(lr), scalar(momentum), scalar(1.0 - dampening), scalar(weight_decay)
+    sign = scalar(-1.0 if maximize else 1.0)
+    with_momentum = momentum != 0
+    for c in numba.prange(chunks):
+        lo, hi = span_boundary(starts, chunks, c), span_boundary(starts, chunks, c + 1)
+        t = tensor_holding(starts, lo)
+        while t < count and starts[t] < hi:
+            begin, end = max(lo, starts[t]) - starts[t], min(hi, starts[t + 1]) - starts[t]
+            if begin < end:
+                n = sizes[t]
+                buf = array_at(buf_at[t], n, like) if with_momentum else like
+                _sgd_span(array_at(param_at[t], n, like), array_at(grad_at[t], n, like), buf, begin, end,
+                          lr_, momentum_, keep, wd, sign, weight_decay != 0, with_momentum, nesterov,
+                          with_momentum and fresh[t] != 0, zero_grad)
+            t += 1
+
+
+@pjit
+def _course_kernel(param_at, grad_at, sizes, like, lr, batch_size, chunks):
+    starts = tensor_starts(sizes)
+    count = sizes.shape[0]
+    rate, divisor = like.dtype.type(lr), like.dtype.type(batch_size)
+    for c in numba.prange(chunks):
+        lo, hi = span_boundary(starts, chunks, c), span_boundary(starts, chunks, c + 1)
+        t = tensor_holding(starts, lo)
+        while t < count and starts[t] < hi:
+            begin, end = max(lo, starts[t]) - starts[t], min(hi, starts[t + 1]) - starts[t]
+            p, g = array_at(param_at[t], sizes[t], like), array_at(grad_at[t], sizes[t], like)
+            for i in range(begin, end):
+                p[i] = p[i] - rate * g[i] / divisor
+                g[i] = 0
+            t += 1
+
+
+def _addresses(tensors):
+    return np.array([t.data_ptr() for t in tensors], dtype=np.int64)
+
+
+def _sizes(tensors):
+    return np.array([t.numel() for t in tensors], dtype=np.int64)
+
+
+def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_decay, nesterov,
+             maximize, zero_grad):
+    sizes = _sizes(params)
+    with_momentum = momentum != 0
+    like = nb.absent(params[0].dtype, 1)
+    _sgd_kernel(_addresses(params), _addresses(grads),
+                _addresses(buffers) if with_momentum else np.empty(0, np.int64), sizes,
+                np.array(fresh, dtype=np.int64) if with_momentum else np.zeros(len(params), np.int64),
+                like, float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
+                bool(maximize), bool(zero_grad), nb.threads_for(int(sizes.sum()), nb.ELEMENTS_PER_THREAD))
+
+
+def sgd_course_step(params, grads, *, lr, batch_size):
+    sizes = _sizes(params)
+    _course_kernel(_addresses(params), _addresses(grads), sizes, nb.absent(params[0].dtype, 1), float(lr),
+                   float(batch_size), nb.threads_for(int(sizes.sum()), nb.ELEMENTS_PER_THREAD))

@@ -1,0 +1,222 @@
+"""Optimizers whose step is one kernel launch per (device, dtype) for all of a group's tensors.
+
+``SGD``, ``Adam`` and ``AdamW`` subclass their torch.optim twins: construction, argument
+checks, param groups, ``add_param_group``, ``zero_grad``, hooks, LR schedulers and
+``state_dict`` / ``load_state_dict`` are torch's own, so a state dict moves between fastml's and
+torch's optimizer in either direction, mid-training. Only ``step`` changes: it gathers each
+group's parameters, gradients and state as torch does, then updates them all in one launch
+(fastml.ops.sgd, fastml.ops.adam) instead of one or more torch ops per tensor, with the same
+arithmetic as torch's for-loop implementation. ``step(zero_grad=True)`` also sets every gradient
+to zero in the same pass.
+
+``foreach`` and ``fused`` are accepted and recorded as torch does (torch validates them): fastml
+runs its own single-launch kernels either way. What the kernels do not cover runs torch's own
+implementation for that group, so a step is never wrong where torch's is right: sparse
+gradients, ``differentiable=True``, ``capturable=True``, gradient scaling by torch.amp (an
+optimizer given ``grad_scale`` / ``found_inf``), hyperparameters that require grad, and
+torch.compile tracing.
+
+``sgd_(params, lr, batch_size)`` is the course's hand-written ``sgd`` step, fused.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import numbers
+
+import torch
+from torch.optim import adam as torch_adam
+from torch.optim import adamw as torch_adamw
+from torch.optim import sgd as torch_sgd
+
+from fastml.ops import adam as adam_op
+from fastml.ops import sgd as sgd_op
+
+__all__ = ["SGD", "Adam", "AdamW", "sgd_"]
+
+
+def _evaluate(closure):
+    """torch.optim's closure protocol: re-evaluate the model with gradients enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _value(x) -> float:
+    """A hyperparameter as a Python float (a 1-element tensor included), as torch's for-loop
+    implementations use it."""
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def _requires_grad(*values) -> bool:
+    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
+
+
+def _zero(grads) -> None:
+    for g in grads:
+        g.zero_()
+
+
+class _KernelStep:
+    """Shared parts of the fastml optimizers' ``step``."""
+
+    def _runs_in_torch(self, group, *hyperparameters) -> bool:
+        """Whether a group's step must run torch's own implementation (see the module docstring)."""
+        return bool(group.get("differentiable") or group.get("capturable")
+                    or getattr(self, "grad_scale", None) is not None
+                    or getattr(self, "found_inf", None) is not None
+                    or _requires_grad(*hyperparameters)
+                    or torch.compiler.is_compiling())
+
+
+class SGD(_KernelStep, torch.optim.SGD):
+    """Drop-in for ``torch.optim.SGD`` (same arguments, param groups, errors and state_dict) whose
+    step updates every parameter of a group in one launch per (device, dtype).
+
+    >>> opt = fastml.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    >>> loss_fn(model(x), y).backward()
+    >>> opt.step(zero_grad=True)   # the update and the gradients' reset in one pass
+    """
+
+    def step(self, closure=None, *, zero_grad: bool = False):
+        """One SGD step for every group; returns the closure's loss (None without a closure).
+
+        zero_grad: also set every updated gradient to zero, in the same pass (the gradients stay
+        allocated, unlike ``optimizer.zero_grad()``'s default of setting them to None).
+        """
+        loss = _evaluate(closure)
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            for group in self.param_groups:
+                self._group_step(group, zero_grad)
+        return loss
+
+    def _group_step(self, group, zero_grad):
+        params, grads, buffers = [], [], []
+        has_sparse_grad = self._init_group(group, params, grads, buffers)
+        if not params:
+            return
+        momentum = group["momentum"]
+        if has_sparse_grad or self._runs_in_torch(group, group["lr"], group["weight_decay"]):
+            self._torch_group_step(group, params, grads, buffers, has_sparse_grad)
+            if zero_grad:
+                _zero(grads)
+            return
+        fresh = [b is None for b in buffers]
+        if momentum != 0:
+            buffers = [torch.empty_like(g) if b is None else b for g, b in zip(grads, buffers)]
+        sgd_op.sgd_step(params, grads, buffers, fresh, lr=_value(group["lr"]), momentum=_value(momentum),
+                        dampening=_value(group["dampening"]), weight_decay=_value(group["weight_decay"]),
+                        nesterov=group["nesterov"], maximize=group["maximize"], zero_grad=zero_grad)
+        if momentum != 0:
+            for p, buf in zip(params, buffers):
+                self.state[p]["momentum_buffer"] = buf
+
+    def _torch_group_step(self, group, params, grads, buffers, has_sparse_grad):
+        """torch.optim.SGD.step's body for one group (its functional implementation)."""
+        torch_sgd.sgd(params, grads, buffers, weight_decay=group["weight_decay"],
+                            momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                            nesterov=group["nesterov"], maximize=group["maximize"],
+                            has_sparse_grad=has_sparse_grad, foreach=group["foreach"], fused=group["fused"],
+                            grad_scale=getattr(self, "grad_scale", None),
+                            found_inf=getattr(self, "found_inf", None))
+        if group["momentum"] != 0:
+            for p, buf in zip(params, buffers):
+                self.state[p]["momentum_buffer"] = buf
+
+
+def sgd_(params, lr, batch_size) -> None:
+    """The course's minibatch SGD step, fused: for every tensor in ``params``,
+    ``param -= lr * param.grad / batch_size`` and then ``param.grad.zero_()``, with the same
+    rounding, in one launch per (device, dtype).
+
+    params: an iterable of tensors, each with a gradient. lr: the learning rate. batch_size: the
+    number of examples the gradients were summed over (a positive number).
+    """
+    params = list(params)
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"sgd_: params[{i}] is a {type(p).__name__}, expected a tensor")
+        if p.grad is None:
+            raise ValueError(f"sgd_: params[{i}] has no gradient (its .grad is None): run backward() "
+                             "first, or leave out parameters that take no part in the loss")
+    if isinstance(lr, bool) or not isinstance(lr, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"sgd_: lr must be a real number, got {type(lr).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"sgd_: batch_size must be a positive number, got {type(batch_size).__name__}")
+    if not _value(batch_size) > 0:
+        raise ValueError(f"sgd_: batch_size must be positive, got {_value(batch_size)}")
+    with torch.no_grad():
+        sgd_op.sgd_course_step(params, [p.grad for p in params], lr=_value(lr), batch_size=_value(batch_size))
+
+
+# Whether torch's Adam takes decoupled_weight_decay (newer torch, where AdamW is an Adam with
+# it set); older torch has AdamW as its own class with its own functional implementation.
+_ADAM_DECOUPLES = "decoupled_weight_decay" in inspect.signature(torch_adam.adam).parameters
+
+
+class _AdamStep(_KernelStep):
+    """``step`` for Adam and AdamW, which differ only in how weight decay is applied."""
+
+    _decoupled = False
+
+    def step(self, closure=None, *, zero_grad: bool = False):
+        """One Adam step for every group; returns the closure's loss (None without a closure).
+
+        zero_grad: also set every updated gradient to zero, in the same pass.
+        """
+        loss = _evaluate(closure)
+        with torch.set_grad_enabled(self.defaults["differentiable"]):
+            for group in self.param_groups:
+                self._group_step(group, zero_grad)
+        return loss
+
+    def _group_step(self, group, zero_grad):
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
+        has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+        if not params:
+            return
+        beta1, beta2 = group["betas"]
+        if self._runs_in_torch(group, group["lr"], beta1, beta2, group["weight_decay"]):
+            self._torch_group_step(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                                   has_complex)
+            if zero_grad:
+                _zero(grads)
+            return
+        adam_op.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                          lr=_value(group["lr"]), beta1=_value(beta1), beta2=_value(beta2), eps=_value(group["eps"]),
+                          weight_decay=_value(group["weight_decay"]),
+                          decoupled=group.get("decoupled_weight_decay", self._decoupled),
+                          amsgrad=group["amsgrad"], maximize=group["maximize"], zero_grad=zero_grad)
+
+    def _torch_group_step(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                          has_complex):
+        """torch.optim.Adam(W).step's body for one group (its functional implementation)."""
+        beta1, beta2 = group["betas"]
+        kwargs = dict(amsgrad=group["amsgrad"], has_complex=has_complex, beta1=beta1, beta2=beta2,
+                      lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                      maximize=group["maximize"], foreach=group["foreach"], capturable=group["capturable"],
+                      differentiable=group["differentiable"], fused=group["fused"],
+                      grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None))
+        decoupled = group.get("decoupled_weight_decay", self._decoupled)
+        if _ADAM_DECOUPLES:
+            functional = functools.partial(torch_adam.adam, decoupled_weight_decay=decoupled)
+        else:
+            functional = torch_adamw.adamw if decoupled else torch_adam.adam
+        functional(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, **kwargs)
+
+
+class Adam(_AdamStep, torch.optim.Adam):
+    """Drop-in for ``torch.optim.Adam`` (same arguments, param groups, errors and state_dict)
+    whose step updates every parameter of a group in one launch per (device, dtype).
+
+    >>> opt = fastml.optim.Adam(model.parameters(), lr=1e-3, amsgrad=True)
+    """
+
+
+class AdamW(_AdamStep, torch.optim.AdamW):
+    """Drop-in for ``torch.optim.AdamW``: Adam with decoupled weight decay (p *= 1 - lr·wd),
+    one launch per (device, dtype) per step."""
+
+    _decoupled = True
