@@ -29,10 +29,11 @@ except ImportError:  # pragma: no cover - older torch: only contiguous rows go d
 
 
 def bucket_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
-    """Indices of ``tensors`` per (device, dtype), in first-seen order: one launch per bucket."""
+    """Indices of ``tensors`` per (device, dtype), in first-seen order: one launch per bucket.
+    A complex tensor goes with the real tensors of its parts' dtype (kernels take its real view)."""
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
-        buckets.setdefault((t.device, t.dtype), []).append(i)
+        buckets.setdefault((t.device, t.dtype.to_real()), []).append(i)
     return buckets
 
 
@@ -82,6 +83,22 @@ def mark_written(tensors: Sequence[torch.Tensor]) -> None:
             torch.autograd.graph.increment_version(t)
 
 
+def uniform(params: Sequence[torch.Tensor], *others: Sequence[torch.Tensor]) -> bool:
+    """Whether one launch can take the lists as they are: every tensor contiguous, strided and
+    real, of one dtype and on one device (the common case, checked in one cheap pass so that
+    a small model's step is not dominated by its preparation)."""
+    first = params[0]
+    dtype, device = first.dtype, first.get_device()
+    if dtype.is_complex:
+        return False
+    for tensors in (params, *others):
+        for t in tensors:
+            if (t.dtype is not dtype or t.get_device() != device or t.layout is not torch.strided
+                    or not t.is_contiguous()):
+                return False
+    return True
+
+
 def launches(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], implemented: tuple[str, ...]):
     """Yields (backend, row indices) per launch of an optimizer step: one per (device, dtype)
     bucket of the rows a kernel can take (a dense gradient of its parameter's dtype and
@@ -97,6 +114,12 @@ def launches(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], impl
         yield "reference", reference_rows
 
 
+def mark_rows_written(lists: Sequence[Sequence[torch.Tensor]], written: Sequence[bool], rows=None) -> None:
+    """mark_written for the tensors of the lists flagged ``written`` (all, or those in ``rows``)."""
+    mark_written([t for tensors, w in zip(lists, written) if w
+                  for t in (tensors if rows is None else (tensors[i] for i in rows))])
+
+
 @contextlib.contextmanager
 def columns_for(backend: str, lists: Sequence[Sequence[torch.Tensor]], rows: list[int], written: Sequence[bool]):
     """Yields the ``rows`` of each of ``lists`` as ``backend`` takes them. The reference gets the
@@ -108,4 +131,4 @@ def columns_for(backend: str, lists: Sequence[Sequence[torch.Tensor]], rows: lis
         return
     with staged([[real_view(tensors[i]) for i in rows] for tensors in lists], written) as columns:
         yield columns
-    mark_written([tensors[i] for tensors, w in zip(lists, written) if w for i in rows])
+    mark_rows_written(lists, written, rows)

@@ -250,7 +250,7 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64,
 # = 8 KB per array in flight per program); under the interpreter a few programs loop over
 # large blocks, since each block costs Python time.
 MULTI_TENSOR_BLOCK = 2048
-INTERPRETER_MULTI_TENSOR_BLOCK = 8192
+INTERPRETER_MULTI_TENSOR_BLOCK = 1024
 
 
 def multi_tensor_table(columns, sizes, per_tensor_floats, scalars, device) -> torch.Tensor:

@@ -104,14 +104,15 @@ class SGD(_KernelStep, torch.optim.SGD):
                 _zero(grads)
             return
         fresh = [b is None for b in buffers]
-        if momentum != 0:
-            buffers = [torch.empty_like(g) if b is None else b for g, b in zip(grads, buffers)]
+        if momentum != 0 and any(fresh):
+            # A parameter's first step: its buffer will hold the gradient (torch clones it, so
+            # the buffer takes the gradient's layout).
+            for i, p in enumerate(params):
+                if fresh[i]:
+                    buffers[i] = self.state[p]["momentum_buffer"] = torch.empty_like(grads[i])
         sgd_op.sgd_step(params, grads, buffers, fresh, lr=_value(group["lr"]), momentum=_value(momentum),
                         dampening=_value(group["dampening"]), weight_decay=_value(group["weight_decay"]),
                         nesterov=group["nesterov"], maximize=group["maximize"], zero_grad=zero_grad)
-        if momentum != 0:
-            for p, buf in zip(params, buffers):
-                self.state[p]["momentum_buffer"] = buf
 
     def _torch_group_step(self, group, params, grads, buffers, has_sparse_grad):
         """torch.optim.SGD.step's body for one group (its functional implementation)."""

@@ -57,7 +57,11 @@ def _adam_kernel(
             old = tl.load(vmax_ptr + offs, mask=mask, other=0).to(ACC)
             second = tl.where((old > v) | (old != old), old, v)  # NaN propagates, as torch.maximum
             tl.store(vmax_ptr + offs, second.to(DTYPE), mask=mask)
-        denom = tl.sqrt_rn(second) / bias2_sqrt + eps
+        if ACC == tl.float64:  # correctly rounded, as torch's sqrt: sqrt.rn.f64
+            root = tl.sqrt(second)
+        else:  # tl.sqrt would be the approximate sqrt.approx.f32 on the GPU
+            root = tl.sqrt_rn(second)
+        denom = root / bias2_sqrt + eps
         tl.store(p_ptr + offs, (p + neg_step * m / denom).to(DTYPE), mask=mask)
         if ZERO_GRAD:
             tl.store(g_ptr + offs, tl.zeros([BLOCK], DTYPE), mask=mask)
