@@ -294,6 +294,60 @@ def _linear_regression_prepare(device, exp):
     return make
 
 
+# optimizer steps ----------------------------------------------------------------------------
+
+# The course's LeNet: conv 1→6 5×5, conv 6→16 5×5, linear 400→120→84→10 (weights and biases).
+LENET_PARAMETER_SIZES = (150, 6, 2400, 16, 48000, 120, 10080, 84, 840, 10)  # 61,706 in 10 tensors
+OPTIMIZER_SETTINGS = {
+    "sgd": ("SGD", {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}),
+    "adam": ("Adam", {"lr": 1e-3}),
+}
+# Arrays an optimizer step must move per parameter: SGD with momentum reads p, grad, buffer and
+# writes p, buffer; Adam reads p, grad, exp_avg, exp_avg_sq and writes p, exp_avg, exp_avg_sq.
+OPTIMIZER_ARRAY_PASSES = {"sgd": 5, "adam": 7}
+# torch's own implementations of a step: its default (the for-loop on the CPU, foreach on CUDA),
+# foreach and fused; each is timed beside fastml's.
+TORCH_OPTIMIZER_IMPLS = {"torch": {}, "torch-foreach": {"foreach": True}, "torch-fused": {"fused": True}}
+
+
+def optimizer_step_factory(kind: str, sizes, device, seed: int = 0):
+    """make(impl) → one ``kind`` ("sgd" or "adam") optimizer step over tensors of ``sizes``
+    elements with fixed gradients. impl: a key of TORCH_OPTIMIZER_IMPLS (torch.optim) or a
+    fastml backend (fastml.optim; the caller enters fastml.use_backend)."""
+    name, settings = OPTIMIZER_SETTINGS[kind]
+    gen = torch.Generator().manual_seed(seed)
+    values = [torch.randn(n, generator=gen).to(device) for n in sizes]
+    grads = [torch.randn(n, generator=gen).to(device) for n in sizes]
+
+    def make(impl):
+        params = [v.clone().requires_grad_() for v in values]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        if impl in TORCH_OPTIMIZER_IMPLS:
+            opt = getattr(torch.optim, name)(params, **settings, **TORCH_OPTIMIZER_IMPLS[impl])
+        else:
+            opt = getattr(fastml.optim, name)(params, **settings)
+        return opt.step
+    return make
+
+
+def _optimizer_cases(kind: str):
+    def cases(device: torch.device, sizes: str) -> list[Case]:
+        shapes = {"tiny": [("1M params in 10 tensors", [100_000] * 10), ("LeNet", list(LENET_PARAMETER_SIZES))]}.get(
+            sizes, [("10M params in 20 tensors", [500_000] * 20), ("LeNet", list(LENET_PARAMETER_SIZES))])
+        if device.type == "cuda" and sizes != "tiny":
+            shapes = [("100M params in 100 tensors", [1_000_000] * 100), ("1000 tensors of 1024", [1024] * 1000)]
+        out = []
+        for label, tensor_sizes in shapes:
+            n = sum(tensor_sizes)
+            bound = "memory" if n >= 1_000_000 else "latency"
+            out.append(Case(f"{label} ({n:,} params)", {"params": n, "tensors": len(tensor_sizes)}, bound,
+                            FLOAT_BYTES * OPTIMIZER_ARRAY_PASSES[kind] * n, 0, 1,
+                            lambda dev, s=tensor_sizes: optimizer_step_factory(kind, s, dev)))
+        return out
+    return cases
+
+
 HOT_PATHS: dict[str, HotPath] = {hp.name: hp for hp in (
     HotPath("linear_mse", ("linear_mse",), _linear_mse_cases,
             "fused linear + squared loss, forward + backward (torch: nn.Linear + nn.MSELoss + backward; "
@@ -315,6 +369,14 @@ HOT_PATHS: dict[str, HotPath] = {hp.name: hp for hp in (
             "(data_iter with random.shuffle, linreg, squared_loss, sgd)",
             "latency-bound (300 steps of 10 examples): reported as steps/s, no ceiling applies",
             _linear_regression_requires),
+    HotPath("sgd_step", ("sgd",), _optimizer_cases("sgd"),
+            "one optimizer step, SGD with momentum 0.9 and weight decay 1e-4, gradients given "
+            "(torch: torch.optim.SGD, default implementation; fastml: fastml.optim.SGD)",
+            "read params, grads, momentum buffers; write params, buffers (5 arrays of N floats)"),
+    HotPath("adam_step", ("adam",), _optimizer_cases("adam"),
+            "one optimizer step, Adam lr 1e-3, gradients given "
+            "(torch: torch.optim.Adam, default implementation; fastml: fastml.optim.Adam)",
+            "read params, grads, exp_avg, exp_avg_sq; write params, exp_avg, exp_avg_sq (7 arrays of N floats)"),
 )}
 
 

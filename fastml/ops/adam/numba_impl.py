@@ -11,30 +11,57 @@ import numpy as np
 from fastml import _numba as nb
 from fastml._numba import array_at, jit, pjit, span_boundary, tensor_holding, tensor_starts
 
+PIECE = 2048  # elements per piece: its p, g, m, v (and vmax) stay in L1
+
 
 @jit
-def _adam_span(p, g, m, v, vmax, begin, end, decay, l2, lerp_weight, one_minus_w, beta2, one_minus_beta2, eps,
-               sign, l2_decay, amsgrad, neg_step_size, bias2_sqrt, zero_grad):
-    low_weight = abs(lerp_weight) < 0.5  # torch.lerp's two formulas
-    for i in range(begin, end):
-        pi = p[i] * decay
-        d = sign * g[i]
-        if l2_decay:
-            d = d + l2 * pi
-        mi = m[i]
-        mn = mi + lerp_weight * (d - mi) if low_weight else d - (d - mi) * one_minus_w
-        m[i] = mn
-        vn = v[i] * beta2 + one_minus_beta2 * d * d
-        v[i] = vn
-        second = vn
-        if amsgrad:
+def _moments(pi, gi, mi, vi, l2, lerp_weight, one_minus_w, beta2, one_minus_beta2, sign, l2_decay, low_weight):
+    """One element's gradient (signed, L2-decayed) and new first and second moments."""
+    d = sign * gi
+    d = d + l2 * pi if l2_decay else d
+    m = mi + lerp_weight * (d - mi) if low_weight else d - (d - mi) * one_minus_w  # torch.lerp
+    v = vi * beta2 + one_minus_beta2 * d * d
+    return m, v
+
+
+@jit
+def _adam_piece(p, g, m, v, vmax, begin, end, decay, l2, lerp_weight, one_minus_w, beta2, one_minus_beta2,
+                eps, sign, l2_decay, neg_step_size, bias2_sqrt):
+    """Elements [begin, end) of one tensor; vmax is used (amsgrad) when it is not empty. Choices
+    inside the loops are selects on loop-invariant flags, so both loops vectorise."""
+    low_weight = abs(lerp_weight) < 0.5
+    p, g, m, v = p[begin:end], g[begin:end], m[begin:end], v[begin:end]  # indices from 0: no wraparound
+    if vmax.shape[0] > 0:
+        vmax = vmax[begin:end]
+        for i in range(p.shape[0]):
+            pi = p[i] * decay
+            mn, vn = _moments(pi, g[i], m[i], v[i], l2, lerp_weight, one_minus_w, beta2, one_minus_beta2, sign,
+                              l2_decay, low_weight)
+            m[i], v[i] = mn, vn
             old = vmax[i]
-            second = old if (old > vn or old != old) else vn
+            second = old if (old > vn or old != old) else vn  # NaN propagates, as torch.maximum
             vmax[i] = second
-        denom = math.sqrt(second) / bias2_sqrt + eps
-        p[i] = pi + neg_step_size * mn / denom
+            p[i] = pi + neg_step_size * mn / (math.sqrt(second) / bias2_sqrt + eps)
+    else:
+        for i in range(p.shape[0]):
+            pi = p[i] * decay
+            mn, vn = _moments(pi, g[i], m[i], v[i], l2, lerp_weight, one_minus_w, beta2, one_minus_beta2, sign,
+                              l2_decay, low_weight)
+            m[i], v[i] = mn, vn
+            p[i] = pi + neg_step_size * mn / (math.sqrt(vn) / bias2_sqrt + eps)
+
+
+@jit
+def _adam_tensor(p, g, m, v, vmax, begin, end, decay, l2, lerp_weight, one_minus_w, beta2, one_minus_beta2, eps,
+                 sign, l2_decay, neg_step_size, bias2_sqrt, zero_grad):
+    """Elements [begin, end) of one tensor in L1-sized pieces, zeroing the gradient of each piece
+    (still in cache) after its update when ``zero_grad``."""
+    for lo in range(begin, end, PIECE):
+        hi = min(end, lo + PIECE)
+        _adam_piece(p, g, m, v, vmax, lo, hi, decay, l2, lerp_weight, one_minus_w, beta2, one_minus_beta2, eps,
+                    sign, l2_decay, neg_step_size, bias2_sqrt)
         if zero_grad:
-            g[i] = 0
+            g[lo:hi] = 0
 
 
 @pjit
@@ -58,10 +85,10 @@ def _adam_kernel(param_at, grad_at, m_at, v_at, vmax_at, sizes, step_sizes, bias
             if begin < end:
                 n = sizes[t]
                 vmax = array_at(vmax_at[t], n, like) if amsgrad else like
-                _adam_span(array_at(param_at[t], n, like), array_at(grad_at[t], n, like),
-                           array_at(m_at[t], n, like), array_at(v_at[t], n, like), vmax, begin, end,
-                           decay, l2, lerp_weight, scalar(1.0) - lerp_weight, beta2_, one_minus_beta2, eps_, sign, decays and not decoupled,
-                           amsgrad, scalar(-step_sizes[t]), scalar(bias2_sqrts[t]), zero_grad)
+                _adam_tensor(array_at(param_at[t], n, like), array_at(grad_at[t], n, like),
+                             array_at(m_at[t], n, like), array_at(v_at[t], n, like), vmax, begin, end,
+                             decay, l2, lerp_weight, scalar(1.0) - lerp_weight, beta2_, one_minus_beta2, eps_, sign,
+                             decays and not decoupled, scalar(-step_sizes[t]), scalar(bias2_sqrts[t]), zero_grad)
             t += 1
 
 

@@ -14,21 +14,53 @@ import numpy as np
 from fastml import _numba as nb
 from fastml._numba import array_at, jit, pjit, span_boundary, tensor_holding, tensor_starts
 
+PIECE = 2048  # elements per piece: a piece of p, g and buf is 24 KB of float32, in L1
+
 
 @jit
-def _sgd_span(p, g, buf, begin, end, lr, momentum, one_minus_dampening, weight_decay, sign,
-              decay, with_momentum, nesterov, fresh, zero_grad):
-    for i in range(begin, end):
+def _plain_piece(p, g, begin, end, lr, weight_decay, sign, decay):
+    """p -= lr * g' on [begin, end), g' the signed, decayed gradient. The choices are selects on
+    loop-invariant flags, so the loop vectorises (a branch that changes which arrays a loop
+    touches would stop it: those choices are separate functions or loops)."""
+    p, g = p[begin:end], g[begin:end]  # indices from 0: provably non-negative, no wraparound
+    for i in range(p.shape[0]):
+        pi = p[i]
         d = sign * g[i]
-        if decay:
-            d = d + weight_decay * p[i]
-        if with_momentum:
-            b = d if fresh else buf[i] * momentum + one_minus_dampening * d
-            buf[i] = b
-            d = d + momentum * b if nesterov else b
-        p[i] = p[i] - lr * d
+        d = d + weight_decay * pi if decay else d
+        p[i] = pi - lr * d
+
+
+@jit
+def _momentum_piece(p, g, buf, begin, end, lr, momentum, keep, weight_decay, sign, decay, nesterov, fresh):
+    """_plain_piece with a momentum buffer (set to g' when ``fresh``); keep = 1 - dampening."""
+    p, g, buf = p[begin:end], g[begin:end], buf[begin:end]
+    for i in range(p.shape[0]):
+        pi = p[i]
+        d = sign * g[i]
+        d = d + weight_decay * pi if decay else d
+        b = d if fresh else buf[i] * momentum + keep * d
+        buf[i] = b
+        d = d + momentum * b if nesterov else b
+        p[i] = pi - lr * d
+
+
+@jit
+def _zero_piece(g, begin, end):
+    g[begin:end] = 0
+
+
+@jit
+def _sgd_tensor(p, g, buf, begin, end, lr, momentum, keep, weight_decay, sign, decay, nesterov, fresh, zero_grad):
+    """Elements [begin, end) of one tensor, in L1-sized pieces so that zeroing the gradient
+    after the update finds it still in cache."""
+    for lo in range(begin, end, PIECE):
+        hi = min(end, lo + PIECE)
+        if buf.shape[0] > 0:
+            _momentum_piece(p, g, buf, lo, hi, lr, momentum, keep, weight_decay, sign, decay, nesterov, fresh)
+        else:
+            _plain_piece(p, g, lo, hi, lr, weight_decay, sign, decay)
         if zero_grad:
-            g[i] = 0
+            _zero_piece(g, lo, hi)
 
 
 @pjit
@@ -50,9 +82,9 @@ def _sgd_kernel(param_at, grad_at, buf_at, sizes, fresh, like, lr, momentum, dam
             if begin < end:
                 n = sizes[t]
                 buf = array_at(buf_at[t], n, like) if with_momentum else like
-                _sgd_span(array_at(param_at[t], n, like), array_at(grad_at[t], n, like), buf, begin, end,
-                          lr_, momentum_, keep, wd, sign, weight_decay != 0, with_momentum, nesterov,
-                          with_momentum and fresh[t] != 0, zero_grad)
+                _sgd_tensor(array_at(param_at[t], n, like), array_at(grad_at[t], n, like), buf, begin, end,
+                            lr_, momentum_, keep, wd, sign, weight_decay != 0, nesterov,
+                            with_momentum and fresh[t] != 0, zero_grad)
             t += 1
 
 
@@ -66,10 +98,11 @@ def _course_kernel(param_at, grad_at, sizes, like, lr, batch_size, chunks):
         t = tensor_holding(starts, lo)
         while t < count and starts[t] < hi:
             begin, end = max(lo, starts[t]) - starts[t], min(hi, starts[t + 1]) - starts[t]
-            p, g = array_at(param_at[t], sizes[t], like), array_at(grad_at[t], sizes[t], like)
-            for i in range(begin, end):
+            p = array_at(param_at[t], sizes[t], like)[begin:end]
+            g = array_at(grad_at[t], sizes[t], like)[begin:end]
+            for i in range(p.shape[0]):
                 p[i] = p[i] - rate * g[i] / divisor
-                g[i] = 0
+            g[:] = 0
             t += 1
 
 
