@@ -102,7 +102,7 @@ def _course_kernel(param_at, grad_at, sizes, like, lr, batch_size, chunks):
             g = array_at(grad_at[t], sizes[t], like)[begin:end]
             for i in range(p.shape[0]):
                 p[i] = p[i] - rate * g[i] / divisor
-            g[:] = 0
+            _zero_piece(g, 0, g.shape[0])  # `g[:] = 0` inline here left g unchanged (numba 0.68)
             t += 1
 
 
