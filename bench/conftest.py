@@ -29,15 +29,20 @@ def pytest_configure(config):
 
 
 def pytest_generate_tests(metafunc):
-    """(device, impl) pairs for every benchmark that takes both; ``@pytest.mark.devices`` narrows."""
+    """(device, impl) pairs for every benchmark that takes both; ``@pytest.mark.devices`` narrows
+    the devices, ``@pytest.mark.torch_impls("torch-foreach", ...)`` adds variants of torch's own
+    implementation (timed beside its default, "torch")."""
     if not {"device", "impl"} <= set(metafunc.fixturenames):
         return
     marker = metafunc.definition.get_closest_marker("devices")
     devices = marker.args if marker else ("cpu", "cuda")
+    variants = metafunc.definition.get_closest_marker("torch_impls")
     params = []
     for device in devices:
         marks = [pytest.mark.gpu] if device == "cuda" else []
-        params += [pytest.param(device, impl, id=f"{device}-{impl}", marks=marks) for impl in IMPLEMENTATIONS[device]]
+        torch_impl, *fastml_impls = IMPLEMENTATIONS[device]
+        impls = [torch_impl, *(variants.args if variants else ()), *fastml_impls]
+        params += [pytest.param(device, impl, id=f"{device}-{impl}", marks=marks) for impl in impls]
     metafunc.parametrize("device,impl", params)
 
 
@@ -46,14 +51,14 @@ def backend(request, device, impl, benchmark):
     """Skip what cannot be timed here; run the test inside ``fastml.use_backend(impl)``."""
     if device == "cuda" and not CUDA:
         pytest.skip("no CUDA GPU visible")
-    if impl != "torch":
+    if not impl.startswith("torch"):
         marker = request.node.get_closest_marker("ops")
         ops = marker.args if marker else ()
         present, missing = _bench.fastml_backends(ops, device)
         if impl not in present:
             pytest.skip(f"fastml backend {impl} absent: {dict(missing).get(impl, 'not a ' + device + ' backend')}")
     benchmark.extra_info.update(backend=impl, device=device, torch=torch.__version__)
-    with contextlib.nullcontext() if impl == "torch" else fastml.use_backend(impl):
+    with contextlib.nullcontext() if impl.startswith("torch") else fastml.use_backend(impl):
         yield impl
 
 

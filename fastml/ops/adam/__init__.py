@@ -23,15 +23,15 @@ def impl(backend: str):
 
 def count_steps(state_steps) -> list[float]:
     """Adds one to every step tensor (as torch's ``step_t += 1``) and returns the new counts."""
-    try:
+    first = state_steps[0]
+    if all(s.dtype == first.dtype and s.device == first.device for s in state_steps):
         torch._foreach_add_(state_steps, 1)
         return torch.stack(state_steps).tolist()
-    except RuntimeError:  # steps of mixed devices or dtypes (e.g. after loading an old state)
-        counts = []
-        for step in state_steps:
-            step += 1
-            counts.append(step.item())
-        return counts
+    counts = []  # steps of several dtypes or devices (a state loaded from elsewhere)
+    for step in state_steps:
+        step += 1
+        counts.append(step.item())
+    return counts
 
 
 def bias_corrections(counts, lr, beta1, beta2) -> tuple[list[float], list[float]]:
