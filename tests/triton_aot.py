@@ -1,0 +1,59 @@
+"""Compiles Triton kernels ahead of time for an H100 (sm_90), no GPU needed: ptxas ships with
+triton. Run as a script, outside TRITON_INTERPRET (test_optim.py does so in a child process):
+
+    python tests/triton_aot.py fastml.ops.sgd.triton_impl:_sgd_kernel ...
+
+Each kernel is compiled for float32, float64, float16 and bfloat16 tensors with every flag of
+its launcher on; a line "compiled <kernel> <dtype>" per success. Exit 3 (UNSUPPORTED) when this
+triton lacks the ahead-of-time API, 1 on a compile error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+
+UNSUPPORTED = 3
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+# Runtime arguments of the multi-tensor kernels, by name; every other parameter is a constexpr.
+RUNTIME_TYPES = {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "block_start_ptr": "*i64", "count": "i32",
+                 "n_blocks": "i32"}
+POINTER_ROWS = {"_sgd_kernel": 3, "_adam_kernel": 5, "_course_kernel": 2}
+
+
+def constants_for(kernel, dtype_name: str, tl) -> dict:
+    """Every constexpr of a multi-tensor kernel: the dtype, its accumulator, flags all on."""
+    names = [p for p in inspect.signature(kernel.fn).parameters if p not in RUNTIME_TYPES]
+    dtype = getattr(tl, dtype_name)
+    values = {"DTYPE": dtype, "ACC": tl.float64 if dtype_name == "float64" else tl.float32, "BLOCK": 2048,
+              "POINTER_ROWS": POINTER_ROWS[kernel.fn.__name__]}
+    return {name: values.get(name, True) for name in names}
+
+
+def main(targets: list[str]) -> int:
+    try:
+        import triton
+        import triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:
+        print(f"this triton has no ahead-of-time compile API ({exc})")
+        return UNSUPPORTED
+    for target in targets:
+        module_name, kernel_name = target.split(":")
+        kernel = getattr(importlib.import_module(module_name), kernel_name)
+        for dtype_name in DTYPES:
+            constants = constants_for(kernel, dtype_name, tl)
+            signature = dict(RUNTIME_TYPES, **{name: "constexpr" for name in constants})
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                      target=GPUTarget("cuda", 90, 32))
+            if not compiled.asm.get("cubin"):
+                print(f"no cubin for {kernel_name} {dtype_name}")
+                return 1
+            print(f"compiled {kernel_name} {dtype_name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
