@@ -13,4 +13,7 @@ python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.txt"
 python -m pytest bench/bench_linear_mse.py --benchmark-only -p no:cacheprovider -k cuda \
     --benchmark-columns=median,min,mean,stddev,rounds --benchmark-json "$out/bench-linear_mse-cuda.json" \
     2>&1 | tee "$out/bench-linear_mse-cuda.txt" | tail -40
+python -m pytest bench/bench_optim.py --benchmark-only -p no:cacheprovider -k cuda \
+    --benchmark-columns=median,min,mean,stddev,rounds --benchmark-json "$out/bench-optim-cuda.json" \
+    2>&1 | tee "$out/bench-optim-cuda.txt" | tail -40
 python -m fastml bench --device cuda --full --out "$out/profile" 2>&1 | tail -30

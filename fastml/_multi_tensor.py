@@ -116,8 +116,11 @@ def launches(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], impl
 
 def mark_rows_written(lists: Sequence[Sequence[torch.Tensor]], written: Sequence[bool], rows=None) -> None:
     """mark_written for the tensors of the lists flagged ``written`` (all, or those in ``rows``)."""
-    mark_written([t for tensors, w in zip(lists, written) if w
-                  for t in (tensors if rows is None else (tensors[i] for i in rows))])
+    tensors = []
+    for column, was_written in zip(lists, written):
+        if was_written:
+            tensors.extend(column if rows is None else [column[i] for i in rows])
+    mark_written(tensors)
 
 
 @contextlib.contextmanager
