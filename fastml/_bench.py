@@ -143,6 +143,7 @@ class HotPath:
     description: str
     byte_model: str
     requires: Callable[[], str | None] = lambda: None  # why it cannot run here, or None
+    torch_impls: tuple[str, ...] = ()  # variants of torch's implementation timed beside its default
 
 
 def _params_to_device(module: torch.nn.Module, state: dict, device) -> torch.nn.Module:
@@ -313,20 +314,35 @@ TORCH_OPTIMIZER_IMPLS = {"torch": {}, "torch-foreach": {"foreach": True}, "torch
 def optimizer_step_factory(kind: str, sizes, device, seed: int = 0):
     """make(impl) → one ``kind`` ("sgd" or "adam") optimizer step over tensors of ``sizes``
     elements with fixed gradients. impl: a key of TORCH_OPTIMIZER_IMPLS (torch.optim) or a
-    fastml backend (fastml.optim; the caller enters fastml.use_backend)."""
+    fastml backend (fastml.optim; the caller enters fastml.use_backend).
+
+    Every implementation updates the same tensors, its optimizer state pre-filled with the same
+    buffers: on a VM, how fast a fresh allocation streams depends on where the host placed its
+    pages (seen here: 1.6 ms or 3 ms for the same step on different 200 MB), so separate
+    allocations would time page placement, not code."""
     name, settings = OPTIMIZER_SETTINGS[kind]
     gen = torch.Generator().manual_seed(seed)
-    values = [torch.randn(n, generator=gen).to(device) for n in sizes]
-    grads = [torch.randn(n, generator=gen).to(device) for n in sizes]
+
+    def randn(n, positive=False):
+        t = torch.randn(n, generator=gen)
+        return (t.abs() if positive else t).to(device)
+
+    params = [randn(n).requires_grad_() for n in sizes]
+    for p in params:
+        p.grad = randn(p.numel())
+    if kind == "sgd":
+        states = [{"momentum_buffer": randn(p.numel())} for p in params]
+    else:
+        states = [{"step": torch.tensor(0.0), "exp_avg": randn(p.numel()), "exp_avg_sq": randn(p.numel(), True)}
+                  for p in params]
 
     def make(impl):
-        params = [v.clone().requires_grad_() for v in values]
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
         if impl in TORCH_OPTIMIZER_IMPLS:
             opt = getattr(torch.optim, name)(params, **settings, **TORCH_OPTIMIZER_IMPLS[impl])
         else:
             opt = getattr(fastml.optim, name)(params, **settings)
+        for p, state in zip(params, states):
+            opt.state[p].update(state)
         return opt.step
     return make
 
@@ -372,11 +388,13 @@ HOT_PATHS: dict[str, HotPath] = {hp.name: hp for hp in (
     HotPath("sgd_step", ("sgd",), _optimizer_cases("sgd"),
             "one optimizer step, SGD with momentum 0.9 and weight decay 1e-4, gradients given "
             "(torch: torch.optim.SGD, default implementation; fastml: fastml.optim.SGD)",
-            "read params, grads, momentum buffers; write params, buffers (5 arrays of N floats)"),
+            "read params, grads, momentum buffers; write params, buffers (5 arrays of N floats)",
+            torch_impls=("torch-foreach", "torch-fused")),
     HotPath("adam_step", ("adam",), _optimizer_cases("adam"),
             "one optimizer step, Adam lr 1e-3, gradients given "
             "(torch: torch.optim.Adam, default implementation; fastml: fastml.optim.Adam)",
-            "read params, grads, exp_avg, exp_avg_sq; write params, exp_avg, exp_avg_sq (7 arrays of N floats)"),
+            "read params, grads, exp_avg, exp_avg_sq; write params, exp_avg, exp_avg_sq (7 arrays of N floats)",
+            torch_impls=("torch-foreach", "torch-fused")),
 )}
 
 
@@ -516,7 +534,7 @@ def measure_ceilings(device: torch.device, sizes: str) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def _context(impl: str):
-    return contextlib.nullcontext() if impl == "torch" else fastml.use_backend(impl)
+    return contextlib.nullcontext() if impl.startswith("torch") else fastml.use_backend(impl)
 
 
 def _time_case(fns: dict, device: torch.device, repeat: int, min_sample_s: float) -> dict:
@@ -587,13 +605,13 @@ def run(ops=None, devices=("cpu",), repeat: int = 15, sizes: str = "quick", prog
         gc.collect()
         make = case.prepare(device)
         fns = {}
-        for impl in ["torch", *backends]:
+        for impl in ["torch", *hp.torch_impls, *backends]:
             try:
                 with _context(impl):
                     fns[impl] = make(impl)
                     fns[impl]()  # a first call: an implementation that fails is reported, not timed
             except Exception as exc:
-                if impl == "torch":
+                if impl.startswith("torch"):
                     raise
                 report["skipped"].append({"device": device.type, "op": hp.name, "backend": impl,
                                           "case": case.label, "reason": f"failed: {type(exc).__name__}: {exc}"})
@@ -613,7 +631,7 @@ def run(ops=None, devices=("cpu",), repeat: int = 15, sizes: str = "quick", prog
                 unit, throughput, share = "steps/s", case.steps / median, None
             report["rows"].append({
                 "device": device.type, "op": hp.name, "case": case.label, "params": case.params,
-                "impl": impl, "kind": "torch" if impl == "torch" else "fastml",
+                "impl": impl, "kind": "torch" if impl.startswith("torch") else "fastml",
                 "time_ms": median * 1e3, "time_ms_min": min(times) * 1e3, "repeats": len(times),
                 "speedup": torch_median / median, "unit": unit, "throughput": throughput,
                 "ceiling_share": share, "bound": case.bound, "bytes": case.bytes, "flops": case.flops,
@@ -703,7 +721,8 @@ def draw_chart(report: dict, out_dir: Path) -> tuple[Path | None, str | None]:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(devices), squeeze=False, sharey=True)[0]
     speedups = [r["speedup"] for r in report["rows"]]
-    colors = {"cpp": "tab:blue", "numba": "tab:orange", "triton": "tab:green"}
+    colors = {"cpp": "tab:blue", "numba": "tab:orange", "triton": "tab:green",
+              "torch-foreach": "0.75", "torch-fused": "0.5"}
     for ax, dev in zip(axes, devices):
         rows = [r for r in report["rows"] if r["device"] == dev]
         cases = list(dict.fromkeys((r["op"], r["case"]) for r in rows))

@@ -37,7 +37,7 @@ BLOCK_ROWS = 64  # rows of x per block: the block's x and predictions stay in L1
 MAX_PARTIAL_BYTES = 32 << 20  # per-thread gradient copies up to this in all; beyond, split outputs
 TWO_LEVEL_ELEMENTS = 8192  # gradients this small are summed per block, then per thread
 WORK_PER_THREAD = 32 * 1024  # multiply-adds worth waking a thread for
-ELEMENTS_PER_THREAD = 64 * 1024  # optimizer-updated elements worth waking a thread for
+ELEMENTS_PER_THREAD = 16 * 1024  # optimizer-updated elements worth waking a thread for (csrc/multi_tensor.h)
 SPAN_ALIGN = 16  # multi-tensor chunk boundaries: a multiple of this many elements into a tensor
 
 # Every kernel: strict IEEE arithmetic, no bounds checks, numpy's rules for division by zero.
