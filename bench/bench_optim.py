@@ -41,29 +41,17 @@ def _step(benchmark, backend, device, kind, label, sizes, sync):
     benchmark.extra_info["GB/s"] = round(moved / benchmark.stats.stats.median / 1e9, 3)
 
 
-@pytest.mark.ops("sgd")
+@pytest.mark.ops("sgd", "adam")
 @pytest.mark.devices("cpu")
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
 @pytest.mark.parametrize("label", list(CPU_SIZES))
-def test_sgd_cpu(benchmark, backend, device, label, sync):
-    _step(benchmark, backend, device, "sgd", label, CPU_SIZES[label], sync)
+def test_step_cpu(benchmark, backend, device, kind, label, sync):
+    _step(benchmark, backend, device, kind, label, CPU_SIZES[label], sync)
 
 
-@pytest.mark.ops("adam")
-@pytest.mark.devices("cpu")
-@pytest.mark.parametrize("label", list(CPU_SIZES))
-def test_adam_cpu(benchmark, backend, device, label, sync):
-    _step(benchmark, backend, device, "adam", label, CPU_SIZES[label], sync)
-
-
-@pytest.mark.ops("sgd")
+@pytest.mark.ops("sgd", "adam")
 @pytest.mark.devices("cuda")
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
 @pytest.mark.parametrize("label", list(CUDA_SIZES))
-def test_sgd_cuda(benchmark, backend, device, label, sync):
-    _step(benchmark, backend, device, "sgd", label, CUDA_SIZES[label], sync)
-
-
-@pytest.mark.ops("adam")
-@pytest.mark.devices("cuda")
-@pytest.mark.parametrize("label", list(CUDA_SIZES))
-def test_adam_cuda(benchmark, backend, device, label, sync):
-    _step(benchmark, backend, device, "adam", label, CUDA_SIZES[label], sync)
+def test_step_cuda(benchmark, backend, device, kind, label, sync):
+    _step(benchmark, backend, device, kind, label, CUDA_SIZES[label], sync)

@@ -135,6 +135,26 @@ def tensor_holding(starts, i):
 
 
 @jit
+def chunk_pieces(starts, chunks, c):
+    """The pieces of chunk ``c`` (of ``chunks``) of the concatenation of tensors starting at
+    ``starts`` (tensor_starts): rows (tensor, begin, end), [begin, end) nonempty and counted
+    from the tensor's first element. The multi-tensor kernels' walk, shared."""
+    lo, hi = span_boundary(starts, chunks, c), span_boundary(starts, chunks, c + 1)
+    count = starts.shape[0] - 1
+    first = tensor_holding(starts, lo)
+    pieces = np.empty((max(0, count - first), 3), np.int64)
+    n = 0
+    t = first
+    while t < count and starts[t] < hi:
+        begin, end = max(lo, starts[t]) - starts[t], min(hi, starts[t + 1]) - starts[t]
+        if begin < end:
+            pieces[n, 0], pieces[n, 1], pieces[n, 2] = t, begin, end
+            n += 1
+        t += 1
+    return pieces[:n]
+
+
+@jit
 def span_boundary(starts, chunks, c):
     """Start of chunk ``c`` of the concatenation split into ``chunks`` (csrc/multi_tensor.h's
     twin): an even split, moved down to a multiple of SPAN_ALIGN from its tensor's start so that

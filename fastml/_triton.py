@@ -280,16 +280,15 @@ def block_map(sizes: tuple[int, ...], block_size: int, device: torch.device) -> 
             torch.tensor(start_of, dtype=torch.int64, device=device))
 
 
-def multi_tensor_grid(n_blocks: int) -> tuple[int, int]:
-    """(programs, block size): one program per block on the GPU, a few looping ones under the
-    interpreter."""
-    if interpreted():
-        return max(1, min(n_blocks, INTERPRETER_PROGRAMS)), INTERPRETER_MULTI_TENSOR_BLOCK
-    return max(1, n_blocks), MULTI_TENSOR_BLOCK
-
-
-def multi_tensor_block_size() -> int:
-    return INTERPRETER_MULTI_TENSOR_BLOCK if interpreted() else MULTI_TENSOR_BLOCK
+def multi_tensor_launch(tensors) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(block → tensor map, block → first element map, programs, block size) of one
+    multi-tensor launch over ``tensors``: one program per block on the GPU, a few looping ones
+    under the interpreter."""
+    block = INTERPRETER_MULTI_TENSOR_BLOCK if interpreted() else MULTI_TENSOR_BLOCK
+    block_tensor, block_start = block_map(tuple(t.numel() for t in tensors), block, tensors[0].device)
+    n_blocks = block_tensor.numel()
+    programs = min(n_blocks, INTERPRETER_PROGRAMS) if interpreted() else n_blocks
+    return block_tensor, block_start, max(1, programs), block
 
 
 @triton.jit
@@ -302,3 +301,13 @@ def load_pointer(table_ptr, row, count, t, DTYPE: tl.constexpr):
 def load_float(table_ptr, index):
     """The float stored (as float64 bits) at ``index`` of a multi_tensor_table."""
     return tl.load(table_ptr + index).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def multi_tensor_block(table_ptr, block_tensor_ptr, block_start_ptr, sizes_at, blk, BLOCK: tl.constexpr):
+    """(tensor, element offsets, mask) of block ``blk`` of a multi-tensor launch: the tensor it
+    belongs to (block_map), BLOCK offsets from the block's first element, and which of them lie
+    inside the tensor (its size is entry ``sizes_at`` + tensor of the table)."""
+    t = tl.load(block_tensor_ptr + blk)
+    offs = tl.load(block_start_ptr + blk) + tl.arange(0, BLOCK)
+    return t, offs, offs < tl.load(table_ptr + sizes_at + t)

@@ -63,7 +63,20 @@ def _zero(grads) -> None:
 
 
 class _KernelStep:
-    """Shared parts of the fastml optimizers' ``step``."""
+    """``step`` of the fastml optimizers: torch.optim's protocol around each group's
+    ``_group_step`` (which the optimizer defines)."""
+
+    def step(self, closure=None, *, zero_grad: bool = False):
+        """One optimizer step for every group; returns the closure's loss (None without one).
+
+        zero_grad: also set every updated gradient to zero, in the same pass (the gradients stay
+        allocated, unlike ``optimizer.zero_grad()``'s default of setting them to None).
+        """
+        loss = _evaluate(closure)
+        with torch.set_grad_enabled(self.defaults["differentiable"]):  # as torch.optim's steps
+            for group in self.param_groups:
+                self._group_step(group, zero_grad)
+        return loss
 
     def _runs_in_torch(self, group, *hyperparameters) -> bool:
         """Whether a group's step must run torch's own implementation (see the module docstring)."""
@@ -82,18 +95,6 @@ class SGD(_KernelStep, torch.optim.SGD):
     >>> loss_fn(model(x), y).backward()
     >>> opt.step(zero_grad=True)   # the update and the gradients' reset in one pass
     """
-
-    def step(self, closure=None, *, zero_grad: bool = False):
-        """One SGD step for every group; returns the closure's loss (None without a closure).
-
-        zero_grad: also set every updated gradient to zero, in the same pass (the gradients stay
-        allocated, unlike ``optimizer.zero_grad()``'s default of setting them to None).
-        """
-        loss = _evaluate(closure)
-        with torch.set_grad_enabled(self.defaults["differentiable"]):
-            for group in self.param_groups:
-                self._group_step(group, zero_grad)
-        return loss
 
     def _group_step(self, group, zero_grad):
         params, grads, buffers = [], [], []
@@ -164,17 +165,6 @@ class _AdamStep(_KernelStep):
     """``step`` for Adam and AdamW, which differ only in how weight decay is applied."""
 
     _decoupled = False
-
-    def step(self, closure=None, *, zero_grad: bool = False):
-        """One Adam step for every group; returns the closure's loss (None without a closure).
-
-        zero_grad: also set every updated gradient to zero, in the same pass.
-        """
-        loss = _evaluate(closure)
-        with torch.set_grad_enabled(self.defaults["differentiable"]):
-            for group in self.param_groups:
-                self._group_step(group, zero_grad)
-        return loss
 
     def _group_step(self, group, zero_grad):
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []

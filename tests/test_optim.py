@@ -45,13 +45,18 @@ def twin_params(values):
     return ([v.clone().requires_grad_() for v in values], [v.clone().requires_grad_() for v in values])
 
 
-def set_grads(ours, theirs, gen, skip=()):
-    """The same fresh random gradient on both copies (none for the indices in ``skip``)."""
+def set_grads(ours, theirs, gen, skip=(), layout=lambda i, g: g):
+    """The same fresh random gradient on both copies (none for the indices in ``skip``);
+    ``layout(i, g)`` may re-lay the gradient of tensor i out in memory."""
     for i, (a, b) in enumerate(zip(ours, theirs)):
         if i in skip:
             a.grad = b.grad = None
             continue
-        g = rand(*a.shape, dtype=a.dtype, device=a.device, generator=gen)
+        if a.dtype.is_complex:
+            g = torch.randn(a.shape, dtype=a.dtype, generator=gen).to(a.device)
+        else:
+            g = rand(*a.shape, dtype=a.dtype, device=a.device, generator=gen)
+        g = layout(i, g)
         a.grad, b.grad = g.clone(), g.clone()
 
 
@@ -179,11 +184,9 @@ def test_noncontiguous_parameters(backend, rng, ours_cls, torch_cls, kwargs):
     assert not any(t.is_contiguous() for t in ours)
     opt_ours, opt_theirs = ours_cls(ours, **kwargs), torch_cls(theirs, **kwargs)
     for step in range(STEPS):
-        for i, (a, b) in enumerate(zip(ours, theirs)):
-            g = rand(*a.shape, dtype=dtype, device=device, generator=rng)
-            if i == 0 and step % 2:  # alternate: gradient laid out like the parameter, or not
-                g = g.t().contiguous().t()
-            a.grad, b.grad = g.clone(), g.clone()
+        # Tensor 0's gradient alternates: laid out like the parameter (.clone() keeps a dense
+        # layout), or contiguous.
+        set_grads(ours, theirs, rng, layout=lambda i, g: g.t().contiguous().t() if i == 0 and step % 2 else g)
         opt_ours.step()
         opt_theirs.step()
     assert_same_state(opt_ours, opt_theirs, ours, theirs)
@@ -284,9 +287,7 @@ def test_complex_parameters(backend, rng, ours_cls, torch_cls, kwargs):
     ours, theirs = twin_params(values)
     opt_ours, opt_theirs = ours_cls(ours, **kwargs), torch_cls(theirs, **kwargs)
     for _ in range(5):
-        for a, b in zip(ours, theirs):
-            g = torch.randn(a.shape, dtype=a.dtype, generator=rng).to(a.device)
-            a.grad, b.grad = g.clone(), g.clone()
+        set_grads(ours, theirs, rng)
         opt_ours.step()
         opt_theirs.step()
     assert_same_state(opt_ours, opt_theirs, ours, theirs)

@@ -9,7 +9,7 @@ import numba
 import numpy as np
 
 from fastml import _numba as nb
-from fastml._numba import array_at, jit, pjit, span_boundary, tensor_holding, tensor_starts
+from fastml._numba import array_at, chunk_pieces, jit, pjit, tensor_starts
 
 PIECE = 2048  # elements per piece: its p, g, m, v (and vmax) stay in L1
 
@@ -70,7 +70,6 @@ def _adam_kernel(param_at, grad_at, m_at, v_at, vmax_at, sizes, step_sizes, bias
     """*_at: (T,) int64 data pointers (vmax_at empty without amsgrad); sizes (T,) int64;
     step_sizes, bias2_sqrts: (T,) float64; like: an empty array of the tensors' dtype."""
     starts = tensor_starts(sizes)
-    count = sizes.shape[0]
     scalar = like.dtype.type
     decays = weight_decay != 0
     decay = scalar(1.0 - lr * weight_decay) if decays and decoupled else scalar(1.0)
@@ -78,18 +77,15 @@ def _adam_kernel(param_at, grad_at, m_at, v_at, vmax_at, sizes, step_sizes, bias
     beta2_, one_minus_beta2, eps_ = scalar(beta2), scalar(1.0 - beta2), scalar(eps)
     sign = scalar(-1.0 if maximize else 1.0)
     for c in numba.prange(chunks):
-        lo, hi = span_boundary(starts, chunks, c), span_boundary(starts, chunks, c + 1)
-        t = tensor_holding(starts, lo)
-        while t < count and starts[t] < hi:
-            begin, end = max(lo, starts[t]) - starts[t], min(hi, starts[t + 1]) - starts[t]
-            if begin < end:
-                n = sizes[t]
-                vmax = array_at(vmax_at[t], n, like) if amsgrad else like
-                _adam_tensor(array_at(param_at[t], n, like), array_at(grad_at[t], n, like),
-                             array_at(m_at[t], n, like), array_at(v_at[t], n, like), vmax, begin, end,
-                             decay, l2, lerp_weight, scalar(1.0) - lerp_weight, beta2_, one_minus_beta2, eps_, sign,
-                             decays and not decoupled, scalar(-step_sizes[t]), scalar(bias2_sqrts[t]), zero_grad)
-            t += 1
+        pieces = chunk_pieces(starts, chunks, c)
+        for j in range(pieces.shape[0]):
+            t, begin, end = pieces[j, 0], pieces[j, 1], pieces[j, 2]
+            n = sizes[t]
+            vmax = array_at(vmax_at[t], n, like) if amsgrad else like
+            _adam_tensor(array_at(param_at[t], n, like), array_at(grad_at[t], n, like),
+                         array_at(m_at[t], n, like), array_at(v_at[t], n, like), vmax, begin, end,
+                         decay, l2, lerp_weight, scalar(1.0) - lerp_weight, beta2_, one_minus_beta2, eps_, sign,
+                         decays and not decoupled, scalar(-step_sizes[t]), scalar(bias2_sqrts[t]), zero_grad)
 
 
 def _addresses(tensors):

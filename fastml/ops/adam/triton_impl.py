@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from fastml import _triton as tt
-from fastml._triton import load_float, load_pointer
+from fastml._triton import load_float, load_pointer, multi_tensor_block
 
 
 @triton.jit
@@ -31,9 +31,7 @@ def _adam_kernel(
     one_minus_beta2 = load_float(table_ptr, scalars_at + 4).to(ACC)
     eps = load_float(table_ptr, scalars_at + 5).to(ACC)
     for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        t = tl.load(block_tensor_ptr + blk)
-        offs = tl.load(block_start_ptr + blk) + tl.arange(0, BLOCK)
-        mask = offs < tl.load(table_ptr + sizes_at + t)
+        t, offs, mask = multi_tensor_block(table_ptr, block_tensor_ptr, block_start_ptr, sizes_at, blk, BLOCK)
         neg_step = load_float(table_ptr, neg_step_at + t).to(ACC)
         bias2_sqrt = load_float(table_ptr, bias2_at + t).to(ACC)
         p_ptr = load_pointer(table_ptr, 0, count, t, DTYPE)
@@ -75,9 +73,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
                float(beta2), 1.0 - beta2, float(eps)]
     table = tt.multi_tensor_table(columns, [p.numel() for p in params],
                                   [[-s for s in step_sizes], list(bias2_sqrts)], scalars, params[0].device)
-    block = tt.multi_tensor_block_size()
-    block_tensor, block_start = tt.block_map(tuple(p.numel() for p in params), block, params[0].device)
-    programs, _ = tt.multi_tensor_grid(block_tensor.numel())
+    block_tensor, block_start, programs, block = tt.multi_tensor_launch(params)
     dtype = params[0].dtype
     _adam_kernel[(programs,)](
         table, block_tensor, block_start, len(params), block_tensor.numel(),

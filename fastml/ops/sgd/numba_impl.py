@@ -12,7 +12,7 @@ import numba
 import numpy as np
 
 from fastml import _numba as nb
-from fastml._numba import array_at, jit, pjit, span_boundary, tensor_holding, tensor_starts
+from fastml._numba import array_at, chunk_pieces, jit, pjit, tensor_starts
 
 PIECE = 2048  # elements per piece: a piece of p, g and buf is 24 KB of float32, in L1
 
@@ -69,41 +69,34 @@ def _sgd_kernel(param_at, grad_at, buf_at, sizes, fresh, like, lr, momentum, dam
     """param_at, grad_at, buf_at: (T,) int64 data pointers (buf_at empty without momentum);
     sizes, fresh: (T,) int64; like: an empty array of the tensors' dtype."""
     starts = tensor_starts(sizes)
-    count = sizes.shape[0]
     scalar = like.dtype.type
     lr_, momentum_, keep, wd = scalar(lr), scalar(momentum), scalar(1.0 - dampening), scalar(weight_decay)
     sign = scalar(-1.0 if maximize else 1.0)
     with_momentum = momentum != 0
     for c in numba.prange(chunks):
-        lo, hi = span_boundary(starts, chunks, c), span_boundary(starts, chunks, c + 1)
-        t = tensor_holding(starts, lo)
-        while t < count and starts[t] < hi:
-            begin, end = max(lo, starts[t]) - starts[t], min(hi, starts[t + 1]) - starts[t]
-            if begin < end:
-                n = sizes[t]
-                buf = array_at(buf_at[t], n, like) if with_momentum else like
-                _sgd_tensor(array_at(param_at[t], n, like), array_at(grad_at[t], n, like), buf, begin, end,
-                            lr_, momentum_, keep, wd, sign, weight_decay != 0, nesterov,
-                            with_momentum and fresh[t] != 0, zero_grad)
-            t += 1
+        pieces = chunk_pieces(starts, chunks, c)
+        for j in range(pieces.shape[0]):
+            t, begin, end = pieces[j, 0], pieces[j, 1], pieces[j, 2]
+            n = sizes[t]
+            buf = array_at(buf_at[t], n, like) if with_momentum else like
+            _sgd_tensor(array_at(param_at[t], n, like), array_at(grad_at[t], n, like), buf, begin, end,
+                        lr_, momentum_, keep, wd, sign, weight_decay != 0, nesterov,
+                        with_momentum and fresh[t] != 0, zero_grad)
 
 
 @pjit
 def _course_kernel(param_at, grad_at, sizes, like, lr, batch_size, chunks):
     starts = tensor_starts(sizes)
-    count = sizes.shape[0]
     rate, divisor = like.dtype.type(lr), like.dtype.type(batch_size)
     for c in numba.prange(chunks):
-        lo, hi = span_boundary(starts, chunks, c), span_boundary(starts, chunks, c + 1)
-        t = tensor_holding(starts, lo)
-        while t < count and starts[t] < hi:
-            begin, end = max(lo, starts[t]) - starts[t], min(hi, starts[t + 1]) - starts[t]
+        pieces = chunk_pieces(starts, chunks, c)
+        for j in range(pieces.shape[0]):
+            t, begin, end = pieces[j, 0], pieces[j, 1], pieces[j, 2]
             p = array_at(param_at[t], sizes[t], like)[begin:end]
             g = array_at(grad_at[t], sizes[t], like)[begin:end]
             for i in range(p.shape[0]):
                 p[i] = p[i] - rate * g[i] / divisor
             _zero_piece(g, 0, g.shape[0])  # `g[:] = 0` inline here left g unchanged (numba 0.68)
-            t += 1
 
 
 def _addresses(tensors):

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from fastml import _triton as tt
-from fastml._triton import load_float, load_pointer
+from fastml._triton import load_float, load_pointer, multi_tensor_block
 
 
 @triton.jit
@@ -35,9 +35,7 @@ def _sgd_kernel(
     keep = load_float(table_ptr, scalars_at + 2).to(ACC)
     weight_decay = load_float(table_ptr, scalars_at + 3).to(ACC)
     for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        t = tl.load(block_tensor_ptr + blk)
-        offs = tl.load(block_start_ptr + blk) + tl.arange(0, BLOCK)
-        mask = offs < tl.load(table_ptr + sizes_at + t)
+        t, offs, mask = multi_tensor_block(table_ptr, block_tensor_ptr, block_start_ptr, sizes_at, blk, BLOCK)
         p_ptr = load_pointer(table_ptr, 0, count, t, DTYPE)
         g_ptr = load_pointer(table_ptr, 1, count, t, DTYPE)
         p = tl.load(p_ptr + offs, mask=mask, other=0).to(ACC)
@@ -71,23 +69,13 @@ def _course_kernel(
     lr = load_float(table_ptr, 3 * count).to(ACC)
     batch_size = load_float(table_ptr, 3 * count + 1).to(ACC)
     for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        t = tl.load(block_tensor_ptr + blk)
-        offs = tl.load(block_start_ptr + blk) + tl.arange(0, BLOCK)
-        mask = offs < tl.load(table_ptr + 2 * count + t)
+        t, offs, mask = multi_tensor_block(table_ptr, block_tensor_ptr, block_start_ptr, 2 * count, blk, BLOCK)
         p_ptr = load_pointer(table_ptr, 0, count, t, DTYPE)
         g_ptr = load_pointer(table_ptr, 1, count, t, DTYPE)
         p = tl.load(p_ptr + offs, mask=mask, other=0).to(ACC)
         g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
         tl.store(p_ptr + offs, (p - lr * g / batch_size).to(DTYPE), mask=mask)
         tl.store(g_ptr + offs, tl.zeros([BLOCK], DTYPE), mask=mask)
-
-
-def _launch_shape(params):
-    """(block map, programs, block size) for a list of tensors."""
-    block = tt.multi_tensor_block_size()
-    block_tensor, block_start = tt.block_map(tuple(p.numel() for p in params), block, params[0].device)
-    programs, _ = tt.multi_tensor_grid(block_tensor.numel())
-    return block_tensor, block_start, programs, block
 
 
 def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_decay, nesterov,
@@ -98,7 +86,7 @@ def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_d
                                   [[float(f) for f in fresh] if with_momentum else [0.0] * len(params)],
                                   [float(lr), float(momentum), 1.0 - float(dampening), float(weight_decay)],
                                   params[0].device)
-    block_tensor, block_start, programs, block = _launch_shape(params)
+    block_tensor, block_start, programs, block = tt.multi_tensor_launch(params)
     dtype = params[0].dtype
     _sgd_kernel[(programs,)](
         table, block_tensor, block_start, len(params), block_tensor.numel(),
@@ -110,7 +98,7 @@ def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_d
 def sgd_course_step(params, grads, *, lr, batch_size):
     table = tt.multi_tensor_table([params, grads], [p.numel() for p in params], [],
                                   [float(lr), float(batch_size)], params[0].device)
-    block_tensor, block_start, programs, block = _launch_shape(params)
+    block_tensor, block_start, programs, block = tt.multi_tensor_launch(params)
     dtype = params[0].dtype
     _course_kernel[(programs,)](table, block_tensor, block_start, len(params), block_tensor.numel(),
                                 DTYPE=tt.TL_DTYPES[dtype], ACC=tt.acc_dtype(dtype), BLOCK=block)
