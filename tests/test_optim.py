@@ -73,10 +73,11 @@ def assert_same_state(ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer
                 assert sa[key] == sb[key], key
 
 
-def run_twins(backend, fastml_cls, torch_cls, kwargs, dtype, gen, steps=STEPS, late=(), shapes=SHAPES):
-    """``steps`` steps of both optimizers on the same problem; parameters in ``late`` get no
-    gradient during the first half."""
-    values = make_params(dtype, backend.device, gen, shapes)
+def run_twins(backend, fastml_cls, torch_cls, kwargs, dtype, gen, steps=STEPS, late=(), shapes=SHAPES, values=None):
+    """``steps`` steps of both optimizers on the same problem (``values``, or random ones of
+    ``shapes``); parameters in ``late`` get no gradient during the first half."""
+    if values is None:
+        values = make_params(dtype, backend.device, gen, shapes)
     ours, theirs = twin_params(values)
     opt_ours, opt_theirs = fastml_cls(ours, **kwargs), torch_cls(theirs, **kwargs)
     for step in range(steps):
@@ -284,13 +285,7 @@ def test_one_launch_per_device_and_dtype(backend, rng, monkeypatch):
 def test_complex_parameters(backend, rng, ours_cls, torch_cls, kwargs):
     values = [torch.randn(5, 3, dtype=torch.complex64, generator=rng).to(backend.device),
               torch.randn(7, dtype=torch.complex128, generator=rng).to(backend.device)]
-    ours, theirs = twin_params(values)
-    opt_ours, opt_theirs = ours_cls(ours, **kwargs), torch_cls(theirs, **kwargs)
-    for _ in range(5):
-        set_grads(ours, theirs, rng)
-        opt_ours.step()
-        opt_theirs.step()
-    assert_same_state(opt_ours, opt_theirs, ours, theirs)
+    run_twins(backend, ours_cls, torch_cls, kwargs, None, rng, steps=5, values=values)
 
 
 @pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)
