@@ -120,40 +120,14 @@ class SGD(_KernelStep, torch.optim.SGD):
 
     def _torch_group_step(self, group, params, grads, buffers, has_sparse_grad):
         """torch.optim.SGD.step's body for one group (its functional implementation)."""
-        torch_sgd.sgd(params, grads, buffers, weight_decay=group["weight_decay"],
-                            momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
-                            nesterov=group["nesterov"], maximize=group["maximize"],
-                            has_sparse_grad=has_sparse_grad, foreach=group["foreach"], fused=group["fused"],
-                            grad_scale=getattr(self, "grad_scale", None),
-                            found_inf=getattr(self, "found_inf", None))
+        torch_sgd.sgd(params, grads, buffers, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                      lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+                      maximize=group["maximize"], has_sparse_grad=has_sparse_grad, foreach=group["foreach"],
+                      fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
+                      found_inf=getattr(self, "found_inf", None))
         if group["momentum"] != 0:
             for p, buf in zip(params, buffers):
                 self.state[p]["momentum_buffer"] = buf
-
-
-def sgd_(params, lr, batch_size) -> None:
-    """The course's minibatch SGD step, fused: for every tensor in ``params``,
-    ``param -= lr * param.grad / batch_size`` and then ``param.grad.zero_()``, with the same
-    rounding, in one launch per (device, dtype).
-
-    params: an iterable of tensors, each with a gradient. lr: the learning rate. batch_size: the
-    number of examples the gradients were summed over (a positive number).
-    """
-    params = list(params)
-    for i, p in enumerate(params):
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"sgd_: params[{i}] is a {type(p).__name__}, expected a tensor")
-        if p.grad is None:
-            raise ValueError(f"sgd_: params[{i}] has no gradient (its .grad is None): run backward() "
-                             "first, or leave out parameters that take no part in the loss")
-    if isinstance(lr, bool) or not isinstance(lr, (numbers.Real, torch.Tensor)):
-        raise TypeError(f"sgd_: lr must be a real number, got {type(lr).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (numbers.Real, torch.Tensor)):
-        raise TypeError(f"sgd_: batch_size must be a positive number, got {type(batch_size).__name__}")
-    if not _value(batch_size) > 0:
-        raise ValueError(f"sgd_: batch_size must be positive, got {_value(batch_size)}")
-    with torch.no_grad():
-        sgd_op.sgd_course_step(params, [p.grad for p in params], lr=_value(lr), batch_size=_value(batch_size))
 
 
 # Whether torch's Adam takes decoupled_weight_decay (newer torch, where AdamW is an Adam with
@@ -161,14 +135,24 @@ def sgd_(params, lr, batch_size) -> None:
 _ADAM_DECOUPLES = "decoupled_weight_decay" in inspect.signature(torch_adam.adam).parameters
 
 
+@functools.cache
+def _init_group_takes_amsgrad(cls) -> bool:
+    """Whether ``cls._init_group`` takes amsgrad (torch's AdamW before it became an Adam)."""
+    return "amsgrad" in inspect.signature(cls._init_group).parameters
+
+
 class _AdamStep(_KernelStep):
-    """``step`` for Adam and AdamW, which differ only in how weight decay is applied."""
+    """The group step of Adam and AdamW, which differ only in how weight decay is applied."""
 
     _decoupled = False
 
     def _group_step(self, group, zero_grad):
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-        has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
+        if _init_group_takes_amsgrad(type(self)):
+            has_complex = self._init_group(group, params, grads, group["amsgrad"], exp_avgs, exp_avg_sqs,
+                                           max_exp_avg_sqs, steps)
+        else:
+            has_complex = self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)
         if not params:
             return
         beta1, beta2 = group["betas"]
@@ -214,3 +198,28 @@ class AdamW(_AdamStep, torch.optim.AdamW):
     one launch per (device, dtype) per step."""
 
     _decoupled = True
+
+
+def sgd_(params, lr, batch_size) -> None:
+    """The course's minibatch SGD step, fused: for every tensor in ``params``,
+    ``param -= lr * param.grad / batch_size`` and then ``param.grad.zero_()``, with the same
+    rounding, in one launch per (device, dtype).
+
+    params: an iterable of tensors, each with a gradient. lr: the learning rate. batch_size: the
+    number of examples the gradients were summed over (a positive number).
+    """
+    params = list(params)
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"sgd_: params[{i}] is a {type(p).__name__}, expected a tensor")
+        if p.grad is None:
+            raise ValueError(f"sgd_: params[{i}] has no gradient (its .grad is None): run backward() "
+                             "first, or leave out parameters that take no part in the loss")
+    if isinstance(lr, bool) or not isinstance(lr, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"sgd_: lr must be a real number, got {type(lr).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"sgd_: batch_size must be a positive number, got {type(batch_size).__name__}")
+    if not _value(batch_size) > 0:
+        raise ValueError(f"sgd_: batch_size must be positive, got {_value(batch_size)}")
+    with torch.no_grad():
+        sgd_op.sgd_course_step(params, [p.grad for p in params], lr=_value(lr), batch_size=_value(batch_size))
