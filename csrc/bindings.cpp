@@ -37,4 +37,9 @@ PYBIND11_MODULE(_C, m) {
 
     FASTML_DEF("adam_step_f32", adam_step<float>);
     FASTML_DEF("adam_step_f64", adam_step<double>);
+
+    FASTML_DEF("cdist_forward_f32", cdist_forward<float>);
+    FASTML_DEF("cdist_forward_f64", cdist_forward<double>);
+    FASTML_DEF("knn_forward_f32", knn_forward<float>);
+    FASTML_DEF("knn_forward_f64", knn_forward<double>);
 }

@@ -6,31 +6,10 @@
 // reduction needs without -ffast-math, which would break NaN / Inf propagation).
 #pragma once
 
-#include <cstring>
-
 #include "common.h"
+#include "simd.h"
 
 namespace fastml {
-
-// One 64-byte SIMD vector through GCC / Clang vector extensions (16 floats or 8 doubles; the
-// compiler splits it into halves or quarters where the machine's vectors are narrower). Used
-// where `omp simd reduction` would spill its accumulators to the stack instead of registers.
-template <typename T>
-struct Simd {
-    typedef T vec __attribute__((vector_size(64)));
-    static constexpr index_t kWidth = 64 / index_t(sizeof(T));
-    static vec load(const T* p) {
-        vec v;
-        std::memcpy(&v, p, sizeof(vec));  // an unaligned vector load
-        return v;
-    }
-    static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
-    static T sum(vec v) {
-        T s = 0;
-        for (index_t i = 0; i < kWidth; ++i) s += v[i];
-        return s;
-    }
-};
 
 // Zeroes a tile of vector accumulators (unrolled: constant indices keep it in registers).
 template <typename V, int R, int C>

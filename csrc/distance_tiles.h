@@ -1,0 +1,67 @@
+// Exact distance tiles shared by cdist.cpp and knn.cpp.
+//
+// A tile is QB queries × W references (W = one SIMD vector: 16 floats or 8 doubles). The
+// references arrive transposed and padded, rT (m × ldr) with ldr a multiple of W, so each step
+// over a coordinate loads one vector of W references' values and updates QB vector accumulators
+// with the difference to each query's coordinate (broadcast): no horizontal sums, and every
+// loaded vector serves QB queries. Differences are taken coordinate by coordinate, never through
+// |x|² - 2x·y + |y|², so a distance is exact to rounding even between points far from the
+// origin (the expanded form cancels there: torch.cdist finds 0 between 512695 and 512804).
+#pragma once
+
+#include <cmath>
+
+#include "common.h"
+#include "simd.h"
+
+namespace fastml {
+
+// Which distance: Σ d² (the square of the euclidean distance, rooted on output), Σ |d|, max |d|.
+enum class Norm { kL2, kL1, kLinf };
+
+constexpr int kTileQueries = 8;  // QB: 8 accumulators + the loaded vector fit the 32 registers
+
+template <typename V>
+inline V abs_vec(V v) {
+    return v > 0 ? v : -v;  // NaN stays NaN
+}
+
+// acc[i][lane] = the Norm's accumulated distance between query qs[i] and reference column
+// (column0 + lane) of rT, over the m coordinates.
+template <typename T, Norm N>
+inline void distance_tile(const T* const (&qs)[kTileQueries], const T* rT, index_t ldr, index_t m,
+                          typename Simd<T>::vec (&acc)[kTileQueries]) {
+    using V = typename Simd<T>::vec;
+#pragma GCC unroll 8
+    for (int i = 0; i < kTileQueries; ++i) acc[i] = V{};
+    for (index_t k = 0; k < m; ++k) {
+        const V r = Simd<T>::load(rT + k * ldr);
+#pragma GCC unroll 8
+        for (int i = 0; i < kTileQueries; ++i) {
+            const V diff = r - qs[i][k];
+            if constexpr (N == Norm::kL2) {
+                acc[i] += diff * diff;
+            } else if constexpr (N == Norm::kL1) {
+                acc[i] += abs_vec(diff);
+            } else {
+                const V a = abs_vec(diff);
+                acc[i] = ((a > acc[i]) | (a != a)) ? a : acc[i];  // NaN propagates, as torch.cdist
+            }
+        }
+    }
+}
+
+// The distance a tile's accumulated value stands for.
+template <typename T, Norm N>
+inline T finish_distance(T accumulated) {
+    return N == Norm::kL2 ? std::sqrt(accumulated) : accumulated;
+}
+
+// Query pointers of a tile starting at query q0 of n: rows past the end repeat the last one
+// (their results are ignored), so the micro-kernel always runs full.
+template <typename T>
+inline void tile_queries(const T* x, index_t m, index_t q0, index_t n, const T* (&qs)[kTileQueries]) {
+    for (int i = 0; i < kTileQueries; ++i) qs[i] = x + std::min<index_t>(q0 + i, n - 1) * m;
+}
+
+}  // namespace fastml

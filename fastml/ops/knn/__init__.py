@@ -1,0 +1,43 @@
+"""k nearest neighbours: per-backend dispatch of the fused distance + top-k kernels.
+
+Backend modules provide ``forward(query, reference, k, p)`` (see reference.py). The kernels
+select on exact distances and return them; the indices are not differentiable, so where a
+gradient is wanted the chosen neighbours' distances are recomputed from the indices in torch ops
+(``neighbour_distances``), which autograd differentiates as torch.cdist + gather would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastml import _backend
+from fastml.ops import tracks_gradients
+
+IMPLEMENTED = ("triton", "cpp", "numba", "reference")
+
+
+def impl(backend: str):
+    return _backend.load(__name__, backend)
+
+
+def neighbour_distances(query, reference, indices, p):
+    """Distances from each query (B, Q, M) to its neighbours reference[b, indices[b, q]] (indices
+    (B, Q, k)), in torch ops: (B, Q, k). Memory B·Q·k·M."""
+    batch = torch.arange(query.shape[0], device=query.device)[:, None, None]
+    diff = query[:, :, None, :] - reference[batch, indices]
+    if p == 2.0:  # the gradient at zero distance is 0, as torch.cdist's
+        squared = diff.square().sum(-1)
+        safe = torch.where(squared > 0, squared, torch.ones_like(squared))
+        return torch.where(squared > 0, safe.sqrt(), torch.zeros_like(squared))
+    return torch.linalg.vector_norm(diff, ord=p, dim=-1)
+
+
+def knn(query, reference, k, p):
+    """(distances, indices) of the k nearest references (B, R, M) of each query (B, Q, M), both
+    contiguous of one dtype and device, 1 <= k <= R, p in fastml.ops.cdist.KERNEL_NORMS."""
+    backend = _backend.select(query, IMPLEMENTED)
+    with torch.no_grad():
+        distances, indices = impl(backend).forward(query.detach(), reference.detach(), k, p)
+    if tracks_gradients(query, reference):
+        distances = neighbour_distances(query, reference, indices, p)
+    return distances, indices
