@@ -1,10 +1,10 @@
 // Exact distance tiles shared by cdist.cpp and knn.cpp.
 //
-// A tile is QB queries × W references (W = one SIMD vector: 16 floats or 8 doubles). The
-// references arrive transposed and padded, rT (m × ldr) with ldr a multiple of W, so each step
-// over a coordinate loads one vector of W references' values and updates QB vector accumulators
-// with the difference to each query's coordinate (broadcast): no horizontal sums, and every
-// loaded vector serves QB queries. Differences are taken coordinate by coordinate, never through
+// A tile is QB queries × W references (W = one SIMD vector: 16 floats or 8 doubles). A chunk of
+// references is first packed transposed and padded (pack_chunk: m × ldc, ldc a multiple of W,
+// small enough for L2), so each step over a coordinate loads one vector of W references' values
+// and updates QB vector accumulators with the difference to each query's coordinate
+// (broadcast): no horizontal sums, and every loaded vector serves QB queries. Differences are taken coordinate by coordinate, never through
 // |x|² - 2x·y + |y|², so a distance is exact to rounding even between points far from the
 // origin (the expanded form cancels there: torch.cdist finds 0 between 512695 and 512804).
 #pragma once
@@ -45,7 +45,7 @@ inline void distance_tile(const T* const (&qs)[kTileQueries], const T* rT, index
                 acc[i] += abs_vec(diff);
             } else {
                 const V a = abs_vec(diff);
-                acc[i] = ((a > acc[i]) | (a != a)) ? a : acc[i];  // NaN propagates, as torch.cdist
+                acc[i] = a > acc[i] ? a : acc[i];  // a NaN coordinate is passed over, as in torch.cdist
             }
         }
     }
@@ -62,6 +62,37 @@ inline T finish_distance(T accumulated) {
 template <typename T>
 inline void tile_queries(const T* x, index_t m, index_t q0, index_t n, const T* (&qs)[kTileQueries]) {
     for (int i = 0; i < kTileQueries; ++i) qs[i] = x + std::min<index_t>(q0 + i, n - 1) * m;
+}
+
+constexpr index_t kReferenceChunk = 1024;  // references per packed chunk: 1024 × m values in L2
+
+// Packs references [c0, c1) of x2 (rows of m) transposed into buf (m × ldc), zero-padding the
+// columns past c1 up to ldc (the next multiple of the SIMD width). Returns ldc.
+template <typename T>
+inline index_t pack_chunk(const T* x2, index_t m, index_t c0, index_t c1, T* buf) {
+    const index_t width = Simd<T>::kWidth;
+    const index_t ldc = (c1 - c0 + width - 1) / width * width;
+    // One SIMD-width block of references at a time: W rows' k-th values become one contiguous
+    // vector of the packed column block (the rows are read from L1 after the first k).
+    for (index_t j0 = c0; j0 < c0 + ldc; j0 += width) {
+        const index_t valid = std::min(width, c1 - j0);
+        T* block = buf + (j0 - c0);
+        for (index_t k = 0; k < m; ++k) {
+            T* out = block + k * ldc;
+            for (index_t l = 0; l < valid; ++l) out[l] = x2[(j0 + l) * m + k];
+            for (index_t l = valid; l < width; ++l) out[l] = T(0);
+        }
+    }
+    return ldc;
+}
+
+// The reference range [begin, end) of part `part` of `parts`, split on SIMD-width boundaries.
+template <typename T>
+inline void reference_part(index_t n2, int parts, int part, index_t& begin, index_t& end) {
+    const index_t width = Simd<T>::kWidth;
+    split_range((n2 + width - 1) / width, parts, part, begin, end);
+    begin *= width;
+    end = std::min(n2, end * width);
 }
 
 }  // namespace fastml

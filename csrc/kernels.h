@@ -55,12 +55,12 @@ void adam_step(const std::vector<address_t>& params, const std::vector<address_t
                double lr, double beta1, double beta2, double eps, double weight_decay,
                bool decoupled, bool amsgrad, bool maximize, bool zero_grad, int nthreads);
 
-// cdist.cpp, knn.cpp: x2t is x2 transposed and zero-padded, (batch, m, ldr); norm 2, 1 or 0 (inf).
+// cdist.cpp, knn.cpp: x1 (batch, n1, m), x2 (batch, n2, m); norm 2, 1 or 0 (inf).
 template <typename T>
-void cdist_forward(address_t x1, address_t x2t, index_t batch, index_t n1, index_t n2, index_t m, index_t ldr,
-                   int norm, address_t out, int nthreads);
+void cdist_forward(address_t x1, address_t x2, index_t batch, index_t n1, index_t n2, index_t m, int norm,
+                   address_t out, int nthreads);
 template <typename T>
-void knn_forward(address_t x1, address_t x2t, index_t batch, index_t n1, index_t n2, index_t m, index_t ldr,
-                 index_t k, int norm, address_t out_d, address_t out_j, int nthreads);
+void knn_forward(address_t x1, address_t x2, index_t batch, index_t n1, index_t n2, index_t m, index_t k, int norm,
+                 address_t out_d, address_t out_j, int nthreads);
 
 }  // namespace fastml

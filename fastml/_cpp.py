@@ -24,13 +24,3 @@ def ptr(tensor: torch.Tensor | None) -> int:
 
 threads = torch.get_num_threads
 
-
-def padded_transpose(x: torch.Tensor) -> torch.Tensor:
-    """(B, N, M) → (B, M, ldr): x's rows as columns, zero-padded to ldr = N rounded up to a
-    multiple of 64 bytes of elements: the reference layout of csrc/distance_tiles.h."""
-    width = 64 // x.element_size()
-    b, n, m = x.shape
-    ldr = -(-n // width) * width
-    out = x.new_zeros((b, m, ldr)) if ldr != n else x.new_empty((b, m, ldr))
-    out[:, :, :n] = x.transpose(1, 2)
-    return out

@@ -32,6 +32,16 @@ def neighbour_distances(query, reference, indices, p):
     return torch.linalg.vector_norm(diff, ord=p, dim=-1)
 
 
+def order_neighbours(query, reference, indices, p):
+    """(distances, indices) for a selected set of neighbours (B, Q, k) in no particular order:
+    exact distances recomputed in torch ops, then the neighbour order, (distance, index)
+    ascending with NaN last, by two stable sorts."""
+    indices, _ = torch.sort(indices, dim=-1)
+    distances = neighbour_distances(query, reference, indices, p)
+    distances, order = torch.sort(distances, dim=-1, stable=True)
+    return distances, torch.gather(indices, -1, order)
+
+
 def knn(query, reference, k, p):
     """(distances, indices) of the k nearest references (B, R, M) of each query (B, Q, M), both
     contiguous of one dtype and device, 1 <= k <= R, p in fastml.ops.cdist.KERNEL_NORMS."""

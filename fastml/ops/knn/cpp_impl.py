@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from fastml._cpp import kernel, padded_transpose, threads
+from fastml._cpp import kernel, threads
 from fastml.ops.cdist import norm_code
 
 
 def forward(query, reference, k, p):
     b, q, m = query.shape
     r = reference.shape[1]
-    ref_t = padded_transpose(reference)
     distances = query.new_empty((b, q, k))
     indices = torch.empty((b, q, k), dtype=torch.int64)
-    kernel("knn_forward", query.dtype)(query.data_ptr(), ref_t.data_ptr(), b, q, r, m, ref_t.shape[2], k,
-                                       norm_code(p), distances.data_ptr(), indices.data_ptr(), threads())
+    kernel("knn_forward", query.dtype)(query.data_ptr(), reference.data_ptr(), b, q, r, m, k, norm_code(p),
+                                       distances.data_ptr(), indices.data_ptr(), threads())
     return distances, indices
