@@ -1,9 +1,10 @@
 """fastml's public functions: argument checks with clear errors, then the op's dispatch.
 
-``linear`` and ``mse_loss`` accept what their torch twins accept: where no fastml kernel covers a
+``linear``, ``mse_loss`` and ``cdist`` accept what their torch twins accept: where no fastml kernel covers a
 configuration (mixed dtypes, integer tensors, extra options, tracers, transforms), they run torch's
 own implementation, so they never fail where torch works and are never silently different.
-``linear_mse`` has no twin and is strict: wrong shapes, dtypes or devices are clear errors.
+``linear_mse`` and ``knn`` have no twin and are strict: wrong shapes, dtypes or devices are clear
+errors.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ import torch.nn.functional as F
 from torch.nn import _reduction
 from torch.overrides import has_torch_function
 
+from torch.autograd import forward_ad
+
+from fastml.ops import cdist as _cdist_op
+from fastml.ops import knn as _knn_op
 from fastml.ops import linear as _linear_op
 from fastml.ops import linear_mse as _linear_mse_op
 from fastml.ops import mse_loss as _mse_loss_op
 
-__all__ = ["linear", "linear_mse", "mse_loss"]
+__all__ = ["cdist", "knn", "linear", "linear_mse", "mse_loss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -46,16 +51,16 @@ def _check_tensor(name: str, value, optional: bool = False) -> None:
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
 
 
-def _check_same(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
-    """Every tensor in ``others`` has ``reference``'s dtype and device."""
+def _check_same(first_name: str, first: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in ``others`` has ``first``'s dtype and device."""
     for name, t in others.items():
         if t is None:
             continue
-        if t.device != reference.device:
-            raise DeviceError(f"{name} is on {t.device} but {reference_name} is on {reference.device}; "
+        if t.device != first.device:
+            raise DeviceError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
                               "move them to the same device")
-        if t.dtype != reference.dtype:
-            raise DTypeError(f"{name} has dtype {t.dtype} but {reference_name} has dtype {reference.dtype}; "
+        if t.dtype != first.dtype:
+            raise DTypeError(f"{name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}; "
                              "cast them to the same floating-point dtype")
 
 
@@ -214,3 +219,86 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduc
         )
         input, target = torch.broadcast_tensors(input, target)  # differentiable: grads sum back
     return _mse_loss_op.mse_loss(input, target, reduction)
+
+
+_CDIST_MODES = ("use_mm_for_euclid_dist_if_necessary", "use_mm_for_euclid_dist", "donot_use_mm_for_euclid_dist")
+_DISTANCE_DTYPES = (torch.float32, torch.float64)
+
+
+def _forward_ad_active() -> bool:
+    return getattr(forward_ad, "_current_level", -1) >= 0
+
+
+def _batched_pair(x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """(*b1, P, M), (*b2, R, M) → contiguous (B, P, M), (B, R, M) over the broadcast batch
+    shape, and that shape."""
+    batch = torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+    flat = math.prod(batch)
+    a = x1.expand(*batch, *x1.shape[-2:]).reshape(flat, *x1.shape[-2:]).contiguous()
+    b = x2.expand(*batch, *x2.shape[-2:]).reshape(flat, *x2.shape[-2:]).contiguous()
+    return a, b, batch
+
+
+def cdist(x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0,
+          compute_mode: str = "use_mm_for_euclid_dist_if_necessary") -> torch.Tensor:
+    """Distances between the rows of x1 (*, P, M) and of x2 (*, R, M) → (*, P, R), as
+    ``torch.cdist`` (batch dimensions broadcast), with backward.
+
+    p = 2, 1 and inf run fastml's kernels, always from coordinate differences: exact to rounding
+    even between points far from the origin, where torch's matrix-product shortcut cancels
+    (``compute_mode`` only chooses that shortcut in torch, so it changes nothing here). The
+    gradient at zero distance is 0. Other p, and what the kernels do not cover, run torch.cdist.
+    """
+    if (_defer_to_torch(x1, x2) or not isinstance(x1, torch.Tensor) or not isinstance(x2, torch.Tensor)
+            or compute_mode not in _CDIST_MODES or x1.dim() < 2 or x2.dim() < 2
+            or x1.shape[-1] != x2.shape[-1] or x1.dtype not in _DISTANCE_DTYPES or x2.dtype != x1.dtype
+            or x1.device != x2.device or not isinstance(p, (int, float)) or float(p) not in _cdist_op.KERNEL_NORMS
+            or not _kernels_can_run(x1, x2) or _forward_ad_active()
+            or 0 in (x1.shape[-2], x2.shape[-2], *x1.shape[:-2], *x2.shape[:-2])):
+        return torch.cdist(x1, x2, p, compute_mode)  # torch's own path and errors
+    a, b, batch = _batched_pair(x1, x2)
+    out = _cdist_op.cdist(a, b, float(p))
+    return out.reshape(*batch, x1.shape[-2], x2.shape[-2])
+
+
+def knn(query: torch.Tensor, reference: torch.Tensor, k: int, p: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest rows of ``reference`` to each row of ``query``: (distances, indices).
+
+    query (*, Q, M), reference (*, R, M) (batch dimensions broadcast); 0 <= k <= R; p >= 0
+    (2, 1 and inf on fastml's kernels, other p through exact torch.cdist) → distances (*, Q, k)
+    in the inputs' dtype and indices (*, Q, k) int64, ascending by distance, ties broken by the
+    lower index, NaN distances last. The query × reference matrix is never formed: distances are
+    reduced to each query's k best tile by tile, and are exact (coordinate differences).
+    Gradients flow to query and reference through the returned distances.
+    """
+    _check_tensor("query", query)
+    _check_tensor("reference", reference)
+    if query.dim() < 2 or reference.dim() < 2:
+        raise ShapeError(f"query and reference must be (*, points, features); got shapes {tuple(query.shape)} "
+                         f"and {tuple(reference.shape)}")
+    if query.shape[-1] != reference.shape[-1]:
+        raise ShapeError(f"query has {query.shape[-1]} features but reference has {reference.shape[-1]}")
+    if not query.dtype.is_floating_point:
+        raise DTypeError(f"query must be a floating-point tensor, got dtype {query.dtype}")
+    _check_same("query", query, reference=reference)
+    if isinstance(k, bool) or not isinstance(k, int) and not (isinstance(k, torch.Tensor) and k.numel() == 1):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    k, r = int(k), reference.shape[-2]
+    if not 0 <= k <= r:
+        raise ValueError(f"k must be between 0 and the number of reference points ({r}), got k={k}")
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not float(p) >= 0:
+        raise ValueError(f"p must be a non-negative number, got {p!r}")
+    try:
+        batch = torch.broadcast_shapes(query.shape[:-2], reference.shape[:-2])
+    except RuntimeError as exc:
+        raise ShapeError(f"the batch dimensions of query {tuple(query.shape)} and reference "
+                         f"{tuple(reference.shape)} do not broadcast") from exc
+    shape = (*batch, query.shape[-2], k)
+    if k == 0 or math.prod(shape) == 0:
+        return query.new_empty(shape), torch.empty(shape, dtype=torch.int64, device=query.device)
+    q, ref, _ = _batched_pair(query, reference)
+    p = float(p)
+    kernels = (p in _cdist_op.KERNEL_NORMS and query.dtype in _KERNEL_DTYPES and _kernels_can_run(query, reference)
+               and not _defer_to_torch(query, reference))
+    distances, indices = _knn_op.knn(q, ref, k, p, None if kernels else "reference")
+    return distances.reshape(shape), indices.reshape(shape)

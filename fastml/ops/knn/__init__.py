@@ -12,6 +12,7 @@ import torch
 
 from fastml import _backend
 from fastml.ops import tracks_gradients
+from fastml.ops.cdist import KERNEL_NORMS
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -42,10 +43,12 @@ def order_neighbours(query, reference, indices, p):
     return distances, torch.gather(indices, -1, order)
 
 
-def knn(query, reference, k, p):
+def knn(query, reference, k, p, backend=None):
     """(distances, indices) of the k nearest references (B, R, M) of each query (B, Q, M), both
-    contiguous of one dtype and device, 1 <= k <= R, p in fastml.ops.cdist.KERNEL_NORMS."""
-    backend = _backend.select(query, IMPLEMENTED)
+    contiguous of one dtype and device, 1 <= k <= R. p outside fastml.ops.cdist.KERNEL_NORMS,
+    or ``backend="reference"``, runs the reference (torch ops throughout)."""
+    if backend is None:
+        backend = _backend.select(query, IMPLEMENTED) if p in KERNEL_NORMS else "reference"
     with torch.no_grad():
         distances, indices = impl(backend).forward(query.detach(), reference.detach(), k, p)
     if tracks_gradients(query, reference):
