@@ -43,7 +43,9 @@ def _to_tensor(name: str, data, device=None, dtype=None) -> tuple[torch.Tensor, 
         array = np.asarray(data)
         if array.dtype == object:
             raise ValueError(f"{name} must be numeric, got an array of Python objects")
-        t = torch.from_numpy(np.ascontiguousarray(array))
+        # A copy torch owns: a numpy-backed tensor's storage cannot be resized, which the
+        # Triton interpreter does to its arguments.
+        t = torch.from_numpy(np.array(array, copy=True, order="C"))
     if dtype is not None:
         t = t.to(dtype)
     elif t.dtype not in (torch.float32, torch.float64):

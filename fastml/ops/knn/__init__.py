@@ -28,8 +28,8 @@ def neighbour_distances(query, reference, indices, p):
     diff = query[:, :, None, :] - reference[batch, indices]
     if p == 2.0:  # the gradient at zero distance is 0, as torch.cdist's
         squared = diff.square().sum(-1)
-        safe = torch.where(squared > 0, squared, torch.ones_like(squared))
-        return torch.where(squared > 0, safe.sqrt(), torch.zeros_like(squared))
+        zero = squared == 0  # (NaN stays NaN)
+        return torch.where(zero, torch.zeros_like(squared), torch.where(zero, 1.0, squared).sqrt())
     return torch.linalg.vector_norm(diff, ord=p, dim=-1)
 
 

@@ -1,0 +1,146 @@
+"""fastml.functional.knn on every backend against the float64 reference (exact distances, a
+stable sort: ascending, ties by the lower index, NaN last)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import assert_close, rand, upcast
+
+import fastml
+from fastml import functional as F
+from fastml.ops.knn import reference as knn_reference
+
+NORMS = [2.0, 1.0, math.inf]
+
+
+def expected(query, reference, k, p):
+    q, r = upcast(query, reference)
+    q, r = q.reshape(-1, *q.shape[-2:]), r.reshape(-1, *r.shape[-2:])
+    d, i = knn_reference.forward(q, r, k, p)
+    return d.reshape(*query.shape[:-1], k), i.reshape(*query.shape[:-1], k)
+
+
+def assert_neighbours(distances, indices, query, reference, k, p):
+    """Distances close to the float64 reference's; indices equal, except where the reference's
+    own distances tie (then the same distances, whatever the order there)."""
+    d64, i64 = expected(query, reference, k, p)
+    assert indices.dtype == torch.int64 and distances.dtype == query.dtype
+    assert_close(distances, d64, scale=d64.abs().max() if d64.numel() else 1)
+    differ = indices.cpu() != i64
+    if differ.any():
+        # Only between equal float64 distances: recompute ours exactly and compare values.
+        q, r = upcast(query, reference)
+        ours = torch.cdist(q, r, p, compute_mode="donot_use_mm_for_euclid_dist").gather(-1, indices.cpu())
+        torch.testing.assert_close(ours, d64, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", NORMS, ids=["p2", "p1", "pinf"])
+@pytest.mark.parametrize("q, r, m, k", [(7, 11, 3, 1), (37, 253, 19, 5), (5, 9, 4, 9), (1, 1, 1, 1), (64, 70, 1, 7)],
+                         ids=["small-k1", "odd", "k-equals-R", "one", "one-feature"])
+def test_matches_float64_reference(backend, rng, p, q, r, m, k):
+    for dtype in (torch.float32, torch.float64):
+        query = rand(q, m, dtype=dtype, device=backend.device, generator=rng)
+        reference = rand(r, m, dtype=dtype, device=backend.device, generator=rng)
+        distances, indices = F.knn(query, reference, k, p)
+        assert distances.shape == indices.shape == (q, k)
+        assert_neighbours(distances, indices, query, reference, k, p)
+
+
+def test_batched_and_broadcast(backend, rng):
+    query = rand(2, 3, 9, 4, device=backend.device, generator=rng)
+    reference = rand(3, 40, 4, device=backend.device, generator=rng)
+    distances, indices = F.knn(query, reference, 6)
+    assert distances.shape == (2, 3, 9, 6)
+    assert_neighbours(distances, indices, query, reference.expand(2, 3, 40, 4), 6, 2.0)
+
+
+def test_large_k_has_no_cap(backend, rng):
+    """k beyond any register-resident path (the Triton kernel's blocked fallback included)."""
+    query = rand(3, 5, device=backend.device, generator=rng)
+    reference = rand(300, 5, device=backend.device, generator=rng)
+    distances, indices = F.knn(query, reference, 300)
+    assert_neighbours(distances, indices, query, reference, 300, 2.0)
+
+
+def test_ties_and_duplicates_break_by_lower_index(backend):
+    """Duplicate reference points and equal distances: ascending distance, then index."""
+    reference = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [2.0, 2.0]],
+                             device=backend.device)
+    query = torch.zeros(2, 2, device=backend.device)
+    distances, indices = F.knn(query, reference, 5)
+    assert indices.tolist() == [[0, 1, 2, 3, 4]] * 2
+    assert distances.tolist() == [[1.0] * 5] * 2
+    for p in NORMS:
+        _, first = F.knn(reference, reference, 1, p)
+        assert first[:, 0].tolist() == [0, 1, 2, 0, 4, 5]  # a duplicate finds its first copy
+
+
+def test_exact_far_from_the_origin(backend):
+    base = torch.tensor([[512695.0, 0.0]], device=backend.device)
+    reference = torch.tensor([[512804.0, 0.0], [512700.0, 0.0], [512690.0, 0.5]], device=backend.device)
+    distances, indices = F.knn(base, reference, 3)
+    assert indices.tolist() == [[1, 2, 0]]
+    assert distances.tolist() == [[5.0, pytest.approx(5.0249, abs=1e-3), 109.0]]
+
+
+def test_nan_distances_come_last(backend):
+    reference = torch.tensor([[0.0], [float("nan")], [3.0], [1.0]], device=backend.device)
+    distances, indices = F.knn(torch.zeros(1, 1, device=backend.device), reference, 4)
+    assert indices.tolist() == [[0, 3, 2, 1]]
+    assert math.isnan(distances[0, 3].item())
+
+
+def test_noncontiguous_inputs(backend, rng):
+    base = rand(40, 12, device=backend.device, generator=rng)
+    query, reference = base[::3, ::2], base.t()[:, :6]
+    assert not query.is_contiguous() and not reference.is_contiguous()
+    distances, indices = F.knn(query, reference, 4)
+    assert_neighbours(distances, indices, query, reference, 4, 2.0)
+
+
+def test_gradients_through_distances(backend, rng):
+    query = rand(5, 3, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
+    reference = rand(9, 3, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
+    for p in NORMS:
+        assert torch.autograd.gradcheck(lambda q, r: F.knn(q, r, 3, p)[0], (query, reference))
+    same = query.detach()[:2].clone().requires_grad_()
+    (grad,) = torch.autograd.grad(F.knn(same, same.detach(), 1)[0].sum(), same)
+    assert torch.equal(grad, torch.zeros_like(grad)), "the gradient at zero distance is 0"
+
+
+def test_other_p_and_empty(backend, rng):
+    query, reference = rand(4, 3, device=backend.device, generator=rng), rand(7, 3, device=backend.device, generator=rng)
+    distances, indices = F.knn(query, reference, 3, p=3.0)
+    assert_neighbours(distances, indices, query, reference, 3, 3.0)
+    d, i = F.knn(query[:0], reference, 3)
+    assert d.shape == i.shape == (0, 3)
+    d, i = F.knn(query, reference, 0)
+    assert d.shape == i.shape == (4, 0)
+
+
+@pytest.mark.parametrize("args, error, message", [
+    ((torch.zeros(3), torch.zeros(4, 3), 1), ValueError, "query and reference must be"),
+    ((torch.zeros(2, 3), torch.zeros(4, 2), 1), ValueError, "query has 3 features but reference has 2"),
+    ((torch.zeros(2, 3), torch.zeros(4, 3), 5), ValueError, "k must be between 0 and the number of reference"),
+    ((torch.zeros(2, 3), torch.zeros(4, 3), -1), ValueError, "k must be between"),
+    ((torch.zeros(2, 3), torch.zeros(4, 3), 1.5), TypeError, "k must be an int"),
+    ((torch.zeros(2, 3), torch.zeros(4, 3, dtype=torch.float64), 1), TypeError, "reference has dtype"),
+    ((torch.zeros(2, 3, dtype=torch.int64), torch.zeros(4, 3, dtype=torch.int64), 1), TypeError, "floating-point"),
+    ((torch.zeros(2, 3), torch.zeros(4, 3), 1, -2.0), ValueError, "p must be a non-negative number"),
+    (([[0.0]], torch.zeros(4, 1), 1), TypeError, "query must be a Tensor"),
+])
+def test_bad_input(args, error, message):
+    with pytest.raises(error, match=message):
+        F.knn(*args)
+
+
+def test_each_backend_runs_its_kernel(backend, monkeypatch):
+    calls = []
+    module = fastml._backend.load("fastml.ops.knn", backend.name)
+    real = module.forward
+    monkeypatch.setattr(module, "forward", lambda *a: (calls.append(1), real(*a))[1])
+    F.knn(torch.randn(3, 2, device=backend.device), torch.randn(8, 2, device=backend.device), 2)
+    assert calls == [1]

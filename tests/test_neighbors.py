@@ -1,0 +1,184 @@
+"""fastml.neighbors against scikit-learn's KNeighborsClassifier / KNeighborsRegressor.
+
+Where the k-th and (k+1)-th nearest training points of a query are at exactly the same
+distance, which of them is kept is a tie-break: fastml keeps the lower index, scikit-learn
+whatever its heap or tree leaves. Predictions, probabilities and neighbours must be identical
+for every query without such a boundary tie; distances identical for all.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import fastml
+from fastml.neighbors import KNeighborsClassifier, KNeighborsRegressor, NotFittedError
+
+sklearn = pytest.importorskip("sklearn", reason="scikit-learn is the twin these tests compare with")
+from sklearn import datasets  # noqa: E402
+from sklearn import neighbors as sk_neighbors  # noqa: E402
+
+
+def _split(loader):
+    X, y = loader(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(X))
+    X, y = X[order], y[order]
+    n = len(X) * 2 // 3
+    return X[:n], y[:n], X[n:]
+
+
+DATASETS = {"iris": _split(datasets.load_iris), "digits": _split(datasets.load_digits)}
+
+
+def _untied(fm, X_test, k):
+    """Queries whose k-th and (k+1)-th nearest training points are at clearly different
+    distances: iris's decimals make ties that rounding turns either way, in scikit-learn's
+    arithmetic and in fastml's, so "equal" here is within 1e-9 (digits' integers tie exactly)."""
+    if k >= fm.n_samples_fit_:
+        return np.ones(len(X_test), dtype=bool)
+    d, _ = fm.kneighbors(X_test, n_neighbors=k + 1)
+    return d[:, k] - d[:, k - 1] > 1e-9 * np.maximum(1.0, d[:, k])
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_classifier_identical_to_sklearn(backend, name):
+    if backend.interpreted and name == "digits":
+        pytest.skip("digits through the Triton interpreter takes minutes: iris covers the kernel")
+    X_train, y_train, X_test = DATASETS[name]
+    ks = (1, 15) if backend.interpreted else range(1, 16)  # the interpreter: seconds per fit
+    for k, weights, p in itertools.product(ks, ("uniform", "distance"), (1, 2)):
+        sk = sk_neighbors.KNeighborsClassifier(k, weights=weights, p=p).fit(X_train, y_train)
+        fm = KNeighborsClassifier(k, weights=weights, p=p).fit(X_train, y_train)
+        untied = _untied(fm, X_test, k)
+        assert untied.mean() > 0.25, "the comparison must cover a good share of the queries"
+        np.testing.assert_array_equal(fm.predict(X_test)[untied], sk.predict(X_test)[untied])
+        np.testing.assert_allclose(fm.predict_proba(X_test)[untied], sk.predict_proba(X_test)[untied],
+                                   rtol=1e-12, atol=1e-12)
+        d_fm, i_fm = fm.kneighbors(X_test)
+        d_sk, i_sk = sk.kneighbors(X_test)
+        np.testing.assert_allclose(d_fm, d_sk, rtol=1e-12, atol=1e-12)
+        for row in np.where(untied)[0]:  # same neighbours; the same order where distances differ
+            assert set(i_fm[row]) == set(i_sk[row])
+            gap = np.diff(d_fm[row]) > 1e-9 * np.maximum(1.0, d_fm[row][1:])
+            distinct = np.r_[True, gap] & np.r_[gap, True]
+            np.testing.assert_array_equal(i_fm[row][distinct], i_sk[row][distinct])
+        assert fm.score(X_test, sk.predict(X_test)) >= untied.mean()
+
+
+def test_regressor_identical_to_sklearn(backend):
+    rng = np.random.default_rng(1)
+    X, X_test = rng.normal(size=(120, 5)), rng.normal(size=(33, 5))
+    y = np.c_[X @ rng.normal(size=5), np.sin(X[:, 0])]
+    ks = (4,) if backend.interpreted else (1, 4, 15)  # the interpreter: seconds per fit
+    for k, weights, p, target in itertools.product(ks, ("uniform", "distance"), (1, 2), (y[:, 0], y)):
+        sk = sk_neighbors.KNeighborsRegressor(k, weights=weights, p=p).fit(X, target)
+        fm = KNeighborsRegressor(k, weights=weights, p=p).fit(X, target)
+        np.testing.assert_allclose(fm.predict(X_test), sk.predict(X_test), rtol=1e-12, atol=1e-12)
+        assert fm.score(X_test, sk.predict(X_test)) == pytest.approx(1.0)
+        assert fm.score(X, target) == pytest.approx(sk.score(X, target), abs=1e-12)
+
+
+@pytest.mark.parametrize("metric, p", [("euclidean", 2), ("manhattan", 2), ("chebyshev", 2), ("minkowski", 1),
+                                       ("minkowski", 3)])
+def test_metrics_as_sklearn(metric, p):
+    rng = np.random.default_rng(2)
+    X, X_test, y = rng.normal(size=(80, 3)), rng.normal(size=(20, 3)), rng.integers(0, 3, 80)
+    sk = sk_neighbors.KNeighborsClassifier(5, metric=metric, p=p).fit(X, y)
+    fm = KNeighborsClassifier(5, metric=metric, p=p).fit(X, y)
+    np.testing.assert_allclose(fm.kneighbors(X_test)[0], sk.kneighbors(X_test)[0], rtol=1e-12)
+    np.testing.assert_array_equal(fm.kneighbors(X_test)[1], sk.kneighbors(X_test)[1])
+    np.testing.assert_array_equal(fm.predict(X_test), sk.predict(X_test))
+
+
+def test_exact_matches_under_distance_weights_as_sklearn():
+    X = np.array([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    y = np.array([0, 1, 1, 2, 2])
+    queries = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, 0.5]])
+    for cls, sk_cls in ((KNeighborsClassifier, sk_neighbors.KNeighborsClassifier),
+                        (KNeighborsRegressor, sk_neighbors.KNeighborsRegressor)):
+        fm, sk = cls(3, weights="distance").fit(X, y), sk_cls(3, weights="distance").fit(X, y)
+        np.testing.assert_allclose(fm.predict(queries), sk.predict(queries))
+        if cls is KNeighborsClassifier:
+            np.testing.assert_allclose(fm.predict_proba(queries), sk.predict_proba(queries))
+
+
+def test_callable_weights_and_any_labels():
+    rng = np.random.default_rng(3)
+    X, X_test = rng.normal(size=(40, 2)), rng.normal(size=(10, 2))
+    y = np.array(["wolf", "dog", "fox"])[rng.integers(0, 3, 40)]
+    weight = lambda d: np.exp(-d)  # noqa: E731
+    fm = KNeighborsClassifier(4, weights=weight).fit(X, y)
+    sk = sk_neighbors.KNeighborsClassifier(4, weights=weight).fit(X, y)
+    np.testing.assert_array_equal(fm.classes_, sk.classes_)
+    np.testing.assert_array_equal(fm.predict(X_test), sk.predict(X_test))
+    np.testing.assert_allclose(fm.predict_proba(X_test), sk.predict_proba(X_test))
+
+
+def test_kneighbors_without_X_leaves_each_point_out_as_sklearn():
+    X = np.array([[0.0], [1.0], [1.0], [3.0], [6.0]])
+    fm = KNeighborsClassifier(2).fit(X, [0, 1, 1, 0, 1])
+    sk = sk_neighbors.KNeighborsClassifier(2).fit(X, [0, 1, 1, 0, 1])
+    for a, b in zip(fm.kneighbors(), sk.kneighbors()):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(fm.kneighbors(return_distance=False, n_neighbors=3),
+                                  sk.kneighbors(return_distance=False, n_neighbors=3))
+
+
+def test_tensors_in_tensors_out_on_the_same_device(backend, rng):
+    X = torch.randn(30, 3, generator=rng).to(backend.device)
+    y = torch.randint(0, 3, (30,), generator=rng).to(backend.device)
+    with fastml.use_backend(backend.name):
+        clf = KNeighborsClassifier(3).fit(X, y)
+        pred, proba = clf.predict(X[:5]), clf.predict_proba(X[:5])
+        distances, indices = clf.kneighbors(X[:5])
+    for t in (pred, proba, distances, indices):
+        assert isinstance(t, torch.Tensor) and t.device == X.device
+    assert torch.equal(indices[:, 0].cpu(), torch.arange(5))
+    assert isinstance(clf.predict(X[:5].cpu().numpy()), np.ndarray)
+    reg = KNeighborsRegressor(2).fit(X, y.to(X.dtype))
+    assert isinstance(reg.predict(X[:4]), torch.Tensor)
+
+
+def test_float32_and_integer_inputs():
+    X = datasets.load_digits().data
+    y = datasets.load_digits().target
+    as_uint8 = KNeighborsClassifier(1).fit(X[:1400].astype(np.uint8), y[:1400]).score(X[1400:], y[1400:])
+    as_float = KNeighborsClassifier(1).fit(X[:1400], y[:1400]).score(X[1400:], y[1400:])
+    assert as_uint8 == as_float > 0.95
+    clf = KNeighborsClassifier(3).fit(X[:200].astype(np.float32), y[:200])
+    assert clf.kneighbors(X[:3])[0].dtype == np.float32
+
+
+def test_params_api_and_clone():
+    clf = KNeighborsClassifier(7, weights="distance", p=1)
+    assert clf.get_params()["n_neighbors"] == 7 and clf.get_params()["p"] == 1
+    copy = sklearn.base.clone(clf)
+    assert copy.get_params() == clf.get_params() and copy is not clf
+    assert clf.set_params(n_neighbors=3) is clf and clf.n_neighbors == 3
+    with pytest.raises(ValueError, match="Invalid parameter"):
+        clf.set_params(k=3)
+    assert "n_neighbors=3" in repr(clf)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: KNeighborsClassifier(6).fit(np.zeros((5, 2)), np.arange(5)).predict(np.zeros((1, 2))), ValueError,
+     "Expected n_neighbors <= n_samples_fit"),
+    (lambda: KNeighborsClassifier(1).fit(np.zeros((0, 2)), []), ValueError, "0 sample"),
+    (lambda: KNeighborsClassifier(1).fit([[0.0, np.nan]], [1]), ValueError, "contains NaN"),
+    (lambda: KNeighborsClassifier(1).fit([[0.0, 1.0]], [1]).predict([[0.0, np.nan]]), ValueError, "contains NaN"),
+    (lambda: KNeighborsClassifier(1).fit([[0.0, 1.0]], [1]).predict([[0.0, 1.0, 2.0]]), ValueError,
+     "X has 3 features, but KNeighborsClassifier is expecting 2 features"),
+    (lambda: KNeighborsClassifier(1).predict([[0.0]]), NotFittedError, "not fitted yet"),
+    (lambda: KNeighborsRegressor(1).kneighbors([[0.0]]), NotFittedError, "not fitted yet"),
+    (lambda: KNeighborsClassifier(0).fit([[0.0]], [1]), ValueError, "n_neighbors must be a positive integer"),
+    (lambda: KNeighborsClassifier(1, weights="gaussian").fit([[0.0]], [1]), ValueError, "weights must be"),
+    (lambda: KNeighborsClassifier(1, metric="cosine").fit([[0.0]], [1]), ValueError, "metric must be one of"),
+    (lambda: KNeighborsClassifier(1).fit([[0.0], [1.0]], [1]), ValueError, "inconsistent numbers of samples"),
+    (lambda: KNeighborsClassifier(1).fit([0.0, 1.0], [1, 0]), ValueError, "Expected a 2D array"),
+])
+def test_bad_input(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
