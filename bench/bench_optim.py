@@ -23,7 +23,7 @@ from fastml import _bench
 CPU_SIZES = {"10M params in 20 tensors": [500_000] * 20, "LeNet": list(_bench.LENET_PARAMETER_SIZES)}
 CUDA_SIZES = {"100M params in 100 tensors": [1_000_000] * 100, "1000 tensors of 1024": [1024] * 1000}
 
-pytestmark = pytest.mark.torch_impls("torch-foreach", "torch-fused")
+pytestmark = pytest.mark.baselines("torch-foreach", "torch-fused")
 
 
 def _step(benchmark, backend, device, kind, label, sizes, sync):

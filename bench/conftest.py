@@ -21,6 +21,7 @@ import fastml
 from fastml import _bench
 
 IMPLEMENTATIONS = {"cpu": ("torch", "cpp", "numba"), "cuda": ("torch", "triton")}
+FASTML_BACKENDS = {"cpp", "numba", "triton"}
 CUDA = torch.cuda.is_available()
 
 
@@ -30,13 +31,14 @@ def pytest_configure(config):
 
 def pytest_generate_tests(metafunc):
     """(device, impl) pairs for every benchmark that takes both; ``@pytest.mark.devices`` narrows
-    the devices, ``@pytest.mark.torch_impls("torch-foreach", ...)`` adds variants of torch's own
-    implementation (timed beside its default, "torch")."""
+    the devices, ``@pytest.mark.baselines("torch-foreach", "sklearn", ...)`` adds other
+    implementations to time beside torch's default ("torch"): variants of torch's own, or
+    another library's."""
     if not {"device", "impl"} <= set(metafunc.fixturenames):
         return
     marker = metafunc.definition.get_closest_marker("devices")
     devices = marker.args if marker else ("cpu", "cuda")
-    variants = metafunc.definition.get_closest_marker("torch_impls")
+    variants = metafunc.definition.get_closest_marker("baselines")
     params = []
     for device in devices:
         marks = [pytest.mark.gpu] if device == "cuda" else []
@@ -51,14 +53,14 @@ def backend(request, device, impl, benchmark):
     """Skip what cannot be timed here; run the test inside ``fastml.use_backend(impl)``."""
     if device == "cuda" and not CUDA:
         pytest.skip("no CUDA GPU visible")
-    if not impl.startswith("torch"):
+    if impl in FASTML_BACKENDS:
         marker = request.node.get_closest_marker("ops")
         ops = marker.args if marker else ()
         present, missing = _bench.fastml_backends(ops, device)
         if impl not in present:
             pytest.skip(f"fastml backend {impl} absent: {dict(missing).get(impl, 'not a ' + device + ' backend')}")
     benchmark.extra_info.update(backend=impl, device=device, torch=torch.__version__)
-    with contextlib.nullcontext() if impl.startswith("torch") else fastml.use_backend(impl):
+    with fastml.use_backend(impl) if impl in FASTML_BACKENDS else contextlib.nullcontext():
         yield impl
 
 

@@ -7,14 +7,9 @@ from __future__ import annotations
 
 import copy
 import itertools
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import triton_aot
 from conftest import assert_steps_close, rand
 
 import fastml
@@ -457,23 +452,3 @@ def test_sgd_underscore_rejects_bad_input(params, lr, batch_size, error, message
         params[0].grad = torch.ones(2)
     with pytest.raises(error, match=message):
         optim.sgd_(params, lr, batch_size)
-
-
-# ------------------------------------------------------------- Triton kernels, GPU compile
-
-
-def test_triton_kernels_compile_for_an_h100():
-    """The interpreter runs the kernels' Python; this compiles them to sm_90 cubins (ptxas ships
-    with triton), so a construct only the interpreter accepts fails here, GPU or not. In a child
-    process: with TRITON_INTERPRET set, as in this one, kernels are not compilable objects."""
-    pytest.importorskip("triton", reason="triton is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).with_name("triton_aot.py")
-    kernels = ["fastml.ops.sgd.triton_impl:_sgd_kernel", "fastml.ops.sgd.triton_impl:_course_kernel",
-               "fastml.ops.adam.triton_impl:_adam_kernel"]
-    done = subprocess.run([sys.executable, str(script), *kernels], env=env, capture_output=True, text=True,
-                          timeout=600)
-    if done.returncode == triton_aot.UNSUPPORTED:
-        pytest.skip(done.stdout.strip())
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("compiled") == 4 * len(kernels), done.stdout

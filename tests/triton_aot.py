@@ -1,10 +1,10 @@
 """Compiles Triton kernels ahead of time for an H100 (sm_90), no GPU needed: ptxas ships with
-triton. Run as a script, outside TRITON_INTERPRET (test_optim.py does so in a child process):
+triton. Run as a script, outside TRITON_INTERPRET (test_triton_aot.py does so in a child process):
 
     python tests/triton_aot.py fastml.ops.sgd.triton_impl:_sgd_kernel ...
 
 Each kernel is compiled for float32, float64, float16 and bfloat16 tensors with every flag of
-its launcher on; a line "compiled <kernel> <dtype>" per success. Exit 3 (UNSUPPORTED) when this
+its launcher on (euclidean for the distance kernels); a line "compiled <kernel> <dtype>" per success. Exit 3 (UNSUPPORTED) when this
 triton lacks the ahead-of-time API, 1 on a compile error.
 """
 
@@ -16,19 +16,29 @@ import sys
 
 UNSUPPORTED = 3
 DTYPES = ("float32", "float64", "float16", "bfloat16")
-# Runtime arguments of the multi-tensor kernels, by name; every other parameter is a constexpr.
+# Runtime arguments by name (a pointer of "*DT" takes the kernel's element type); every other
+# parameter is a constexpr.
 RUNTIME_TYPES = {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "block_start_ptr": "*i64", "count": "i32",
-                 "n_blocks": "i32"}
+                 "n_blocks": "i32", "x1_ptr": "*DT", "x2_ptr": "*DT", "out_ptr": "*DT", "out_j_ptr": "*i64",
+                 "P": "i32", "Q": "i32", "R": "i32", "M": "i32", "K": "i32"}
 POINTER_ROWS = {"_sgd_kernel": 3, "_adam_kernel": 5, "_course_kernel": 2}
+SHORT = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def constants_for(kernel, dtype_name: str, tl) -> dict:
-    """Every constexpr of a multi-tensor kernel: the dtype, its accumulator, flags all on."""
+    """Every constexpr of a kernel: the dtype, its accumulator, block sizes, flags all on."""
     names = [p for p in inspect.signature(kernel.fn).parameters if p not in RUNTIME_TYPES]
     dtype = getattr(tl, dtype_name)
     values = {"DTYPE": dtype, "ACC": tl.float64 if dtype_name == "float64" else tl.float32, "BLOCK": 2048,
-              "POINTER_ROWS": POINTER_ROWS[kernel.fn.__name__]}
+              "POINTER_ROWS": POINTER_ROWS.get(kernel.fn.__name__), "NORM": 2, "BQ": 32, "BR": 32, "BD": 8,
+              "KP": 16}
     return {name: values.get(name, True) for name in names}
+
+
+def signature_for(kernel, dtype_name: str, constants: dict) -> dict:
+    runtime = [p for p in inspect.signature(kernel.fn).parameters if p not in constants]
+    types = {name: RUNTIME_TYPES[name].replace("DT", SHORT[dtype_name]) for name in runtime}
+    return dict(types, **{name: "constexpr" for name in constants})
 
 
 def main(targets: list[str]) -> int:
@@ -45,7 +55,7 @@ def main(targets: list[str]) -> int:
         kernel = getattr(importlib.import_module(module_name), kernel_name)
         for dtype_name in DTYPES:
             constants = constants_for(kernel, dtype_name, tl)
-            signature = dict(RUNTIME_TYPES, **{name: "constexpr" for name in constants})
+            signature = signature_for(kernel, dtype_name, constants)
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                                       target=GPUTarget("cuda", 90, 32))
             if not compiled.asm.get("cubin"):
