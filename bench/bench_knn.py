@@ -77,7 +77,9 @@ else:
     small = (query[:8], reference[:64])
     with fastml.use_backend(impl):
         fastml.functional.knn(*small, k)  # compile / load outside the measurement
-    run = lambda: fastml.use_backend(impl).__enter__() and fastml.functional.knn(query, reference, k)
+    def run():
+        with fastml.use_backend(impl):
+            return fastml.functional.knn(query, reference, k)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 run()
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
