@@ -23,6 +23,12 @@ SHAPES = [(), (1,), (7,), (3, 5), (2, 3, 4), (33, 17), (1031,)]
 SGD_GRID = [dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
             for m, d, n, wd, mx in itertools.product((0.0, 0.9), (0.0, 0.3), (False, True), (0.0, 0.05),
                                                      (False, True))]
+# Adam's step divides the first moment by the root of the second: where a gradient nearly
+# cancels (g + weight_decay·p ≈ 0, seen at 2.7e-7 from terms of 0.045), one rounding of that sum
+# (torch fuses it into an FMA, the Triton interpreter does not) moves the step by up to ~1e-4·lr.
+# So parameters are compared with this absolute floor (0.2% of one step of lr = 0.05) besides the
+# relative tolerance of STEP_TOLERANCES; the moments themselves keep the table's tolerances.
+ADAM_PARAM_ATOL = {torch.float32: 1e-5, torch.float64: 1e-13}
 ADAM_GRID = [dict(weight_decay=wd, amsgrad=a, maximize=mx)
              for wd, a, mx in itertools.product((0.0, 0.1), (False, True), (False, True))]
 
@@ -55,9 +61,10 @@ def set_grads(ours, theirs, gen, skip=(), layout=lambda i, g: g):
         a.grad, b.grad = g.clone(), g.clone()
 
 
-def assert_same_state(ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer, params_ours, params_theirs):
+def assert_same_state(ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer, params_ours, params_theirs,
+                      param_atol=None):
     for a, b in zip(params_ours, params_theirs):
-        assert_steps_close(a, b)
+        assert_steps_close(a, b, atol=param_atol)
         sa, sb = ours.state.get(a, {}), theirs.state.get(b, {})
         assert sa.keys() == sb.keys()
         for key in sa:
@@ -68,7 +75,8 @@ def assert_same_state(ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer
                 assert sa[key] == sb[key], key
 
 
-def run_twins(backend, fastml_cls, torch_cls, kwargs, dtype, gen, steps=STEPS, late=(), shapes=SHAPES, values=None):
+def run_twins(backend, fastml_cls, torch_cls, kwargs, dtype, gen, steps=STEPS, late=(), shapes=SHAPES, values=None,
+              param_atol=None):
     """``steps`` steps of both optimizers on the same problem (``values``, or random ones of
     ``shapes``); parameters in ``late`` get no gradient during the first half."""
     if values is None:
@@ -79,7 +87,7 @@ def run_twins(backend, fastml_cls, torch_cls, kwargs, dtype, gen, steps=STEPS, l
         set_grads(ours, theirs, gen, skip=late if step < steps // 2 else ())
         opt_ours.step()
         opt_theirs.step()
-    assert_same_state(opt_ours, opt_theirs, ours, theirs)
+    assert_same_state(opt_ours, opt_theirs, ours, theirs, param_atol)
     return opt_ours, ours
 
 
@@ -126,7 +134,8 @@ def test_sgd_is_a_torch_sgd():
 @pytest.mark.parametrize("pair", [(optim.Adam, torch.optim.Adam), (optim.AdamW, torch.optim.AdamW)],
                          ids=["Adam", "AdamW"])
 def test_adam_matches_torch(backend, rng, dtype, kwargs, pair):
-    run_twins(backend, *pair, dict(lr=0.05, betas=(0.8, 0.95), **kwargs), dtype, rng, late=(0, 5))
+    run_twins(backend, *pair, dict(lr=0.05, betas=(0.8, 0.95), **kwargs), dtype, rng, late=(0, 5),
+              param_atol=ADAM_PARAM_ATOL[dtype])
 
 
 @pytest.mark.parametrize("kwargs, message", [
