@@ -135,3 +135,25 @@ def columns_for(backend: str, lists: Sequence[Sequence[torch.Tensor]], rows: lis
     with staged([[real_view(tensors[i]) for i in rows] for tensors in lists], written) as columns:
         yield columns
     mark_rows_written(lists, written, rows)
+
+
+def each_launch(lists: Sequence[Sequence[torch.Tensor]], written: Sequence[bool], implemented: tuple[str, ...]):
+    """The launches of one optimizer step over ``lists`` (params, grads, then state lists, one
+    entry per tensor): yields (backend, rows, columns), ``columns`` being the rows' tensors of
+    each list as the backend takes them, and ``rows`` their indices (None: all of them, the
+    uniform case, passed through without any per-row work). The tensors of the lists flagged
+    ``written`` have their version counters bumped after a kernel's launch."""
+    if uniform(*lists):
+        backend = _backend.select(lists[0][0], implemented)
+        yield backend, None, lists
+        if backend != "reference":
+            mark_rows_written(lists, written)
+        return
+    for backend, rows in launches(lists[0], lists[1], implemented):
+        with columns_for(backend, lists, rows, written) as columns:
+            yield backend, rows, columns
+
+
+def pick(values: Sequence, rows: list[int] | None) -> list:
+    """The entries of a per-tensor list for the rows of a launch (all of them for None)."""
+    return list(values) if rows is None else [values[i] for i in rows]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml._multi_tensor import columns_for, launches, mark_rows_written, uniform
+from fastml._multi_tensor import each_launch, pick
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -55,16 +55,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
     the per-tensor step-count tensors (incremented here); the rest as reference.adam_step."""
     step_sizes, bias2_sqrts = bias_corrections(count_steps(state_steps), lr, beta1, beta2)
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    written = (True, zero_grad, True, True, True)
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
-                 amsgrad=amsgrad, maximize=maximize, zero_grad=zero_grad)
-    if uniform(*lists):
-        backend = _backend.select(params[0], IMPLEMENTED)
-        impl(backend).adam_step(*lists[:4], lists[4] if amsgrad else [], step_sizes, bias2_sqrts, **hyper)
-        if backend != "reference":
-            mark_rows_written(lists, written)
-        return
-    for backend, rows in launches(params, grads, IMPLEMENTED):
-        with columns_for(backend, lists, rows, written) as cols:
-            impl(backend).adam_step(*cols[:4], cols[4] if amsgrad else [], [step_sizes[i] for i in rows],
-                                    [bias2_sqrts[i] for i in rows], **hyper)
+    for backend, rows, cols in each_launch(lists, (True, zero_grad, True, True, True), IMPLEMENTED):
+        impl(backend).adam_step(*cols[:4], cols[4] if amsgrad else [], pick(step_sizes, rows),
+                                pick(bias2_sqrts, rows), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
+                                zero_grad=zero_grad)

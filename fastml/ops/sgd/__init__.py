@@ -10,7 +10,7 @@ not cover (a dtype or device without kernels, a gradient of another dtype) take 
 from __future__ import annotations
 
 from fastml import _backend
-from fastml._multi_tensor import columns_for, launches, mark_rows_written, uniform
+from fastml._multi_tensor import each_launch, pick
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -25,24 +25,14 @@ def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_d
     reference.sgd_step; ``buffers`` and ``fresh`` are ignored when momentum == 0)."""
     with_momentum = momentum != 0
     lists = (params, grads, buffers) if with_momentum else (params, grads)
-    written = (True, zero_grad, True)
-    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                 maximize=maximize, zero_grad=zero_grad)
-    if uniform(*lists):
-        backend = _backend.select(params[0], IMPLEMENTED)
-        impl(backend).sgd_step(params, grads, buffers if with_momentum else [], fresh if with_momentum else [],
-                               **hyper)
-        if backend != "reference":
-            mark_rows_written(lists, written)
-        return
-    for backend, rows in launches(params, grads, IMPLEMENTED):
-        with columns_for(backend, lists, rows, written) as cols:
-            impl(backend).sgd_step(cols[0], cols[1], cols[2] if with_momentum else [],
-                                   [fresh[i] for i in rows] if with_momentum else [], **hyper)
+    for backend, rows, cols in each_launch(lists, (True, zero_grad, True), IMPLEMENTED):
+        impl(backend).sgd_step(cols[0], cols[1], cols[2] if with_momentum else [],
+                               pick(fresh, rows) if with_momentum else [], lr=lr, momentum=momentum,
+                               dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                               zero_grad=zero_grad)
 
 
 def sgd_course_step(params, grads, *, lr, batch_size):
     """The course's ``sgd(params, lr, batch_size)`` over lists of any devices and dtypes."""
-    for backend, rows in launches(params, grads, IMPLEMENTED):
-        with columns_for(backend, (params, grads), rows, (True, True)) as cols:
-            impl(backend).sgd_course_step(cols[0], cols[1], lr=lr, batch_size=batch_size)
+    for backend, _, cols in each_launch((params, grads), (True, True), IMPLEMENTED):
+        impl(backend).sgd_course_step(cols[0], cols[1], lr=lr, batch_size=batch_size)
