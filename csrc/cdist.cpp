@@ -16,42 +16,27 @@ namespace {
 template <typename T, Norm N>
 void cdist_all(const T* x1, const T* x2, index_t batch, index_t n1, index_t n2, index_t m, T* out,
                int nthreads) {
-    using S = Simd<T>;
     const int threads = threads_for(batch * n1 * n2 * std::max<index_t>(m, 1) / 8, nthreads);
     const index_t tiles = (n1 + kTileQueries - 1) / kTileQueries;
     const bool split_queries = tiles >= threads;
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num();
-        std::vector<T> packed(std::max<index_t>(m, 1) * (kReferenceChunk + S::kWidth));
+        std::vector<T> packed(packed_chunk_size<T>(m));
         index_t q_begin = 0, q_end = n1, r_begin = 0, r_end = n2;
         if (split_queries) {
-            split_range(tiles, threads, t, q_begin, q_end);
-            q_begin *= kTileQueries;
-            q_end = std::min(n1, q_end * kTileQueries);
+            query_part(n1, threads, t, q_begin, q_end);
         } else {
             reference_part<T>(n2, threads, t, r_begin, r_end);
         }
         for (index_t b = 0; b < batch; ++b) {
-            const T* x = x1 + b * n1 * m;
             T* o = out + b * n1 * n2;
-            for (index_t c0 = r_begin; c0 < r_end; c0 += kReferenceChunk) {
-                const index_t c1 = std::min(r_end, c0 + kReferenceChunk);
-                const index_t ldc = pack_chunk(x2 + b * n2 * m, m, c0, c1, packed.data());
-                for (index_t q0 = q_begin; q0 < q_end; q0 += kTileQueries) {
-                    const T* qs[kTileQueries];
-                    tile_queries(x, m, q0, n1, qs);
-                    const index_t rows = std::min<index_t>(kTileQueries, q_end - q0);
-                    for (index_t j0 = c0; j0 < c1; j0 += S::kWidth) {
-                        typename S::vec acc[kTileQueries];
-                        distance_tile<T, N>(qs, packed.data() + (j0 - c0), ldc, m, acc);
-                        const index_t cols = std::min<index_t>(S::kWidth, c1 - j0);
-                        for (index_t i = 0; i < rows; ++i)
-                            for (index_t l = 0; l < cols; ++l)
-                                o[(q0 + i) * n2 + j0 + l] = finish_distance<T, N>(acc[i][l]);
-                    }
-                }
-            }
+            for_each_tile<T, N>(x1 + b * n1 * m, x2 + b * n2 * m, n1, m, q_begin, q_end, r_begin, r_end,
+                                packed.data(), [&](index_t t0, index_t rows, index_t j0, index_t cols, const auto& acc) {
+                                    for (index_t i = 0; i < rows; ++i)
+                                        for (index_t l = 0; l < cols; ++l)
+                                            o[(t0 + i) * n2 + j0 + l] = finish_distance<T, N>(acc[i][l]);
+                                });
         }
     }
 }

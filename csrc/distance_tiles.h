@@ -86,6 +86,19 @@ inline index_t pack_chunk(const T* x2, index_t m, index_t c0, index_t c1, T* buf
     return ldc;
 }
 
+// Elements of the scratch a thread packs reference chunks into (pack_chunk, for_each_tile).
+template <typename T>
+inline index_t packed_chunk_size(index_t m) {
+    return std::max<index_t>(m, 1) * (kReferenceChunk + Simd<T>::kWidth);
+}
+
+// The query range [begin, end) of part `part` of `parts`, split on query-tile boundaries.
+inline void query_part(index_t n1, int parts, int part, index_t& begin, index_t& end) {
+    split_range((n1 + kTileQueries - 1) / kTileQueries, parts, part, begin, end);
+    begin *= kTileQueries;
+    end = std::min(n1, end * kTileQueries);
+}
+
 // The reference range [begin, end) of part `part` of `parts`, split on SIMD-width boundaries.
 template <typename T>
 inline void reference_part(index_t n2, int parts, int part, index_t& begin, index_t& end) {
@@ -93,6 +106,31 @@ inline void reference_part(index_t n2, int parts, int part, index_t& begin, inde
     split_range((n2 + width - 1) / width, parts, part, begin, end);
     begin *= width;
     end = std::min(n2, end * width);
+}
+
+// Every tile of queries [q0, q1) of x (n1 rows of m) against references [r_begin, r_end) of x2:
+// each chunk of references is packed once (into `packed`, room for m × (kReferenceChunk + W)),
+// then every query tile of the range runs against it. body(t0, rows, j0, cols, acc) receives
+// the tile's first query and first reference, how many of each are real, and the accumulated
+// values (acc[i][l]: query t0 + i, reference j0 + l).
+template <typename T, Norm N, typename Body>
+inline void for_each_tile(const T* x, const T* x2, index_t n1, index_t m, index_t q0, index_t q1, index_t r_begin,
+                          index_t r_end, T* packed, Body&& body) {
+    using S = Simd<T>;
+    for (index_t c0 = r_begin; c0 < r_end; c0 += kReferenceChunk) {
+        const index_t c1 = std::min(r_end, c0 + kReferenceChunk);
+        const index_t ldc = pack_chunk(x2, m, c0, c1, packed);
+        for (index_t t0 = q0; t0 < q1; t0 += kTileQueries) {
+            const T* qs[kTileQueries];
+            tile_queries(x, m, t0, n1, qs);
+            const index_t rows = std::min<index_t>(kTileQueries, q1 - t0);
+            for (index_t j0 = c0; j0 < c1; j0 += S::kWidth) {
+                typename S::vec acc[kTileQueries];
+                distance_tile<T, N>(qs, packed + (j0 - c0), ldc, m, acc);
+                body(t0, rows, j0, std::min<index_t>(S::kWidth, c1 - j0), acc);
+            }
+        }
+    }
 }
 
 }  // namespace fastml

@@ -70,32 +70,20 @@ struct BoundedHeap {
 template <typename T, Norm N>
 void scan(const T* x, const T* x2, index_t n1, index_t m, index_t q0, index_t q1, index_t r_begin,
           index_t r_end, BoundedHeap<T>* heaps, T* packed) {
-    using S = Simd<T>;
-    for (index_t c0 = r_begin; c0 < r_end; c0 += kReferenceChunk) {
-        const index_t c1 = std::min(r_end, c0 + kReferenceChunk);
-        const index_t ldc = pack_chunk(x2, m, c0, c1, packed);
-        for (index_t t0 = q0; t0 < q1; t0 += kTileQueries) {
-            const T* qs[kTileQueries];
-            tile_queries(x, m, t0, n1, qs);
-            const index_t rows = std::min<index_t>(kTileQueries, q1 - t0);
-            for (index_t j0 = c0; j0 < c1; j0 += S::kWidth) {
-                typename S::vec acc[kTileQueries];
-                distance_tile<T, N>(qs, packed + (j0 - c0), ldc, m, acc);
-                const index_t cols = std::min<index_t>(S::kWidth, c1 - j0);
-                for (index_t i = 0; i < rows; ++i) {
-                    BoundedHeap<T>& heap = heaps[t0 - q0 + i];
-                    if (heap.full()) {
-                        // Most tiles hold no candidate once the heap is full: one vector test.
-                        const T worst = heap.worst();
-                        bool any = false;
-                        for (index_t l = 0; l < S::kWidth; ++l) any |= !(acc[i][l] >= worst);
-                        if (!any) continue;
-                    }
-                    for (index_t l = 0; l < cols; ++l) heap.offer(acc[i][l], j0 + l);
-                }
+    for_each_tile<T, N>(x, x2, n1, m, q0, q1, r_begin, r_end, packed,
+                        [&](index_t t0, index_t rows, index_t j0, index_t cols, const auto& acc) {
+        for (index_t i = 0; i < rows; ++i) {
+            BoundedHeap<T>& heap = heaps[t0 - q0 + i];
+            if (heap.full()) {
+                // Most tiles hold no candidate once the heap is full: one vector test.
+                const T worst = heap.worst();
+                bool any = false;
+                for (index_t l = 0; l < Simd<T>::kWidth; ++l) any |= !(acc[i][l] >= worst);
+                if (!any) continue;
             }
+            for (index_t l = 0; l < cols; ++l) heap.offer(acc[i][l], j0 + l);
         }
-    }
+    });
 }
 
 // Sorts a heap's entries into neighbour order and finishes the distances (square roots).
@@ -119,18 +107,15 @@ void sort_neighbours(T* d, index_t* j, index_t k, std::vector<std::pair<T, index
 template <typename T, Norm N>
 void knn_all(const T* x1, const T* x2, index_t batch, index_t n1, index_t n2, index_t m, index_t k, T* out_d,
              index_t* out_j, int nthreads) {
-    using S = Simd<T>;
     const int threads = threads_for(batch * n1 * n2 * std::max<index_t>(m, 1) / 8, nthreads);
     const index_t tiles = (n1 + kTileQueries - 1) / kTileQueries;
-    const index_t scratch = std::max<index_t>(m, 1) * (kReferenceChunk + S::kWidth);
+    const index_t scratch = packed_chunk_size<T>(m);
     if (tiles >= index_t(threads) * 64) {
 #pragma omp parallel num_threads(threads)
         {
             const int t = omp_get_thread_num();
             index_t q_begin, q_end;
-            split_range(tiles, threads, t, q_begin, q_end);
-            q_begin *= kTileQueries;
-            q_end = std::min(n1, q_end * kTileQueries);
+            query_part(n1, threads, t, q_begin, q_end);
             std::vector<T> packed(scratch);
             std::vector<BoundedHeap<T>> heaps(std::max<index_t>(q_end - q_begin, 0));
             std::vector<std::pair<T, index_t>> order;
