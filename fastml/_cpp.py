@@ -24,3 +24,7 @@ def ptr(tensor: torch.Tensor | None) -> int:
 
 threads = torch.get_num_threads
 
+
+def addresses(tensors) -> list[int]:
+    """The tensors' data pointers, as a list (pybind11 takes it as a std::vector)."""
+    return [t.data_ptr() for t in tensors]

@@ -80,6 +80,16 @@ def view_or_absent(t: torch.Tensor | None, dtype: torch.dtype, ndim: int) -> np.
     return absent(dtype, ndim) if t is None else view(t)
 
 
+def addresses(tensors) -> np.ndarray:
+    """The tensors' data pointers, a multi-tensor kernel's table (array_at reads them)."""
+    return np.array([t.data_ptr() for t in tensors], dtype=np.int64)
+
+
+def sizes(tensors) -> np.ndarray:
+    """The tensors' element counts, as int64."""
+    return np.array([t.numel() for t in tensors], dtype=np.int64)
+
+
 def threads_for(work: int, per_thread: int = WORK_PER_THREAD) -> int:
     """Chunks (= threads) for ``work`` multiply-adds (or other units, ``per_thread`` of them
     worth a thread): torch's thread count, fewer for small work (waking a team costs

@@ -113,7 +113,8 @@ def test_gradients_through_distances(backend, rng):
 
 
 def test_other_p_and_empty(backend, rng):
-    query, reference = rand(4, 3, device=backend.device, generator=rng), rand(7, 3, device=backend.device, generator=rng)
+    query = rand(4, 3, device=backend.device, generator=rng)
+    reference = rand(7, 3, device=backend.device, generator=rng)
     distances, indices = F.knn(query, reference, 3, p=3.0)
     assert_neighbours(distances, indices, query, reference, 3, 3.0)
     d, i = F.knn(query[:0], reference, 3)

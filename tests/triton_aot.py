@@ -4,8 +4,8 @@ triton. Run as a script, outside TRITON_INTERPRET (test_triton_aot.py does so in
     python tests/triton_aot.py fastml.ops.sgd.triton_impl:_sgd_kernel ...
 
 Each kernel is compiled for float32, float64, float16 and bfloat16 tensors with every flag of
-its launcher on (euclidean for the distance kernels); a line "compiled <kernel> <dtype>" per success. Exit 3 (UNSUPPORTED) when this
-triton lacks the ahead-of-time API, 1 on a compile error.
+its launcher on (euclidean for the distance kernels); a line "compiled <kernel> <dtype>" per
+success. Exit 3 (UNSUPPORTED) when this triton lacks the ahead-of-time API, 1 on a compile error.
 """
 
 from __future__ import annotations

@@ -88,15 +88,11 @@ def _adam_kernel(param_at, grad_at, m_at, v_at, vmax_at, sizes, step_sizes, bias
                          decays and not decoupled, scalar(-step_sizes[t]), scalar(bias2_sqrts[t]), zero_grad)
 
 
-def _addresses(tensors):
-    return np.array([t.data_ptr() for t in tensors], dtype=np.int64)
-
-
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes, bias2_sqrts, *, lr, beta1,
               beta2, eps, weight_decay, decoupled, amsgrad, maximize, zero_grad):
-    sizes = np.array([p.numel() for p in params], dtype=np.int64)
-    _adam_kernel(_addresses(params), _addresses(grads), _addresses(exp_avgs), _addresses(exp_avg_sqs),
-                 _addresses(max_exp_avg_sqs) if amsgrad else np.empty(0, np.int64), sizes,
+    sizes = nb.sizes(params)
+    _adam_kernel(nb.addresses(params), nb.addresses(grads), nb.addresses(exp_avgs), nb.addresses(exp_avg_sqs),
+                 nb.addresses(max_exp_avg_sqs) if amsgrad else np.empty(0, np.int64), sizes,
                  np.asarray(step_sizes, dtype=np.float64), np.asarray(bias2_sqrts, dtype=np.float64),
                  nb.absent(params[0].dtype, 1), float(lr), float(beta1), float(beta2), float(eps),
                  float(weight_decay), bool(decoupled), bool(amsgrad), bool(maximize), bool(zero_grad),

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from fastml._cpp import kernel, threads
+from fastml._cpp import addresses, kernel, threads
 
 
 def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_decay, nesterov,
              maximize, zero_grad):
     with_momentum = momentum != 0
     kernel("sgd_step", params[0].dtype)(
-        [p.data_ptr() for p in params], [g.data_ptr() for g in grads],
-        [b.data_ptr() for b in buffers] if with_momentum else [],
+        addresses(params), addresses(grads), addresses(buffers) if with_momentum else [],
         [p.numel() for p in params], [int(f) for f in fresh] if with_momentum else [],
         float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
         bool(maximize), bool(zero_grad), threads())
@@ -18,5 +17,5 @@ def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_d
 
 def sgd_course_step(params, grads, *, lr, batch_size):
     kernel("sgd_course_step", params[0].dtype)(
-        [p.data_ptr() for p in params], [g.data_ptr() for g in grads], [p.numel() for p in params],
+        addresses(params), addresses(grads), [p.numel() for p in params],
         float(lr), float(batch_size), threads())

@@ -99,27 +99,19 @@ def _course_kernel(param_at, grad_at, sizes, like, lr, batch_size, chunks):
             _zero_piece(g, 0, g.shape[0])  # `g[:] = 0` inline here left g unchanged (numba 0.68)
 
 
-def _addresses(tensors):
-    return np.array([t.data_ptr() for t in tensors], dtype=np.int64)
-
-
-def _sizes(tensors):
-    return np.array([t.numel() for t in tensors], dtype=np.int64)
-
-
 def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_decay, nesterov,
              maximize, zero_grad):
-    sizes = _sizes(params)
+    sizes = nb.sizes(params)
     with_momentum = momentum != 0
     like = nb.absent(params[0].dtype, 1)
-    _sgd_kernel(_addresses(params), _addresses(grads),
-                _addresses(buffers) if with_momentum else np.empty(0, np.int64), sizes,
+    _sgd_kernel(nb.addresses(params), nb.addresses(grads),
+                nb.addresses(buffers) if with_momentum else np.empty(0, np.int64), sizes,
                 np.array(fresh, dtype=np.int64) if with_momentum else np.zeros(len(params), np.int64),
                 like, float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
                 bool(maximize), bool(zero_grad), nb.threads_for(int(sizes.sum()), nb.ELEMENTS_PER_THREAD))
 
 
 def sgd_course_step(params, grads, *, lr, batch_size):
-    sizes = _sizes(params)
-    _course_kernel(_addresses(params), _addresses(grads), sizes, nb.absent(params[0].dtype, 1), float(lr),
+    sizes = nb.sizes(params)
+    _course_kernel(nb.addresses(params), nb.addresses(grads), sizes, nb.absent(params[0].dtype, 1), float(lr),
                    float(batch_size), nb.threads_for(int(sizes.sum()), nb.ELEMENTS_PER_THREAD))
