@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch.nn import _reduction
 from torch.overrides import has_torch_function
 
-from torch.autograd import forward_ad
-
 from fastml.ops import cdist as _cdist_op
+from fastml.ops import forward_ad_active, is_compiling
 from fastml.ops import knn as _knn_op
 from fastml.ops import linear as _linear_op
 from fastml.ops import linear_mse as _linear_mse_op
@@ -102,14 +101,11 @@ except TypeError:
     _autocast_enabled = _legacy_autocast_enabled
 
 
-_is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)  # torch >= 2.3
-
-
 def _defer_to_torch(*args) -> bool:
     """Whether torch's own op must run, before any check of ours: arguments that carry
     __torch_function__ (torch.fx proxies, tensor subclasses) or a tracer that records torch ops
     (torch.jit.trace; torch.compile / torch.export's dynamo), which cannot see a kernel call."""
-    return has_torch_function(args) or torch.jit.is_tracing() or _is_compiling()
+    return has_torch_function(args) or torch.jit.is_tracing() or is_compiling()
 
 
 def _kernels_can_run(*tensors: torch.Tensor | None) -> bool:
@@ -225,10 +221,6 @@ _CDIST_MODES = ("use_mm_for_euclid_dist_if_necessary", "use_mm_for_euclid_dist",
 _DISTANCE_DTYPES = (torch.float32, torch.float64)
 
 
-def _forward_ad_active() -> bool:
-    return getattr(forward_ad, "_current_level", -1) >= 0
-
-
 def _batched_pair(x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """(*b1, P, M), (*b2, R, M) → contiguous (B, P, M), (B, R, M) over the broadcast batch
     shape, and that shape."""
@@ -253,7 +245,7 @@ def cdist(x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0,
             or compute_mode not in _CDIST_MODES or x1.dim() < 2 or x2.dim() < 2
             or x1.shape[-1] != x2.shape[-1] or x1.dtype not in _DISTANCE_DTYPES or x2.dtype != x1.dtype
             or x1.device != x2.device or not isinstance(p, (int, float)) or float(p) not in _cdist_op.KERNEL_NORMS
-            or not _kernels_can_run(x1, x2) or _forward_ad_active()
+            or not _kernels_can_run(x1, x2) or forward_ad_active()
             or 0 in (x1.shape[-2], x2.shape[-2], *x1.shape[:-2], *x2.shape[:-2])):
         return torch.cdist(x1, x2, p, compute_mode)  # torch's own path and errors
     a, b, batch = _batched_pair(x1, x2)

@@ -31,6 +31,7 @@ from torch.optim import adamw as torch_adamw
 from torch.optim import sgd as torch_sgd
 
 from fastml.ops import adam as adam_op
+from fastml.ops import is_compiling
 from fastml.ops import sgd as sgd_op
 
 __all__ = ["SGD", "Adam", "AdamW", "sgd_"]
@@ -84,7 +85,7 @@ class _KernelStep:
                     or getattr(self, "grad_scale", None) is not None
                     or getattr(self, "found_inf", None) is not None
                     or _requires_grad(*hyperparameters)
-                    or torch.compiler.is_compiling())
+                    or is_compiling())
 
 
 class SGD(_KernelStep, torch.optim.SGD):

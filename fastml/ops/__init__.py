@@ -16,6 +16,11 @@ def tracks_gradients(*tensors: torch.Tensor | None) -> bool:
         for t in tensors:  # a plain loop: any() over a generator costs ~1 µs at batch 10
             if t is not None and t.requires_grad:
                 return True
+    return forward_ad_active()
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD dual level is open (torch.autograd.forward_ad.dual_level)."""
     return getattr(forward_ad, "_current_level", -1) >= 0
 
 
@@ -34,3 +39,6 @@ def backward_backend(forward_backend: str, grad: torch.Tensor) -> str:
 
 
 _has_storage = getattr(torch._C, "_has_storage", lambda t: True)
+
+is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
+"""Whether torch.compile / torch.export's dynamo is tracing (torch >= 2.3; never, before)."""
