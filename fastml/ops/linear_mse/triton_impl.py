@@ -52,6 +52,22 @@ def _residual(xt, w, bias, t_ptr, res_ptr, loss_ptr, rows64, rmask, o: tl.conste
 
 
 @triton.jit
+def _accumulate_output(xt, w, bias, g, s, loss_acc, t_ptr, res_ptr, loss_ptr, rows64, rmask, o: tl.constexpr,
+                       NUM_OUT: tl.constexpr, HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, KEEP_RES: tl.constexpr,
+                       NEED_W: tl.constexpr, NEED_B: tl.constexpr, ACC: tl.constexpr):
+    """One output's share of a row tile, for the register-resident path (NUM_OUT <= 4): its
+    residual (_residual), added into the loss, the un-reduced r·x accumulator g (BLOCK_N,
+    BLOCK_D) and the residual sum s (BLOCK_N,). Returns the new (g, s, loss_acc)."""
+    r = _residual(xt, w, bias, t_ptr, res_ptr, loss_ptr, rows64, rmask, o, NUM_OUT, HAS_BIAS, REDUCE, KEEP_RES, ACC)
+    loss_acc += r * r
+    if NEED_W:
+        g += r[:, None] * xt
+    if NEED_B:
+        s += r
+    return g, s, loss_acc
+
+
+@triton.jit
 def _weight_row(w_ptr, b_ptr, o: tl.constexpr, D, offs_d, dmask, HAS_BIAS: tl.constexpr, ACC: tl.constexpr):
     w = tl.load(w_ptr + o * D + offs_d, mask=dmask, other=0).to(ACC)
     b = 0.0
@@ -111,37 +127,17 @@ def _rows_kernel(
         xt = tl.load(x_ptr + rows64[:, None] * D + offs_d[None, :],
                      mask=rmask[:, None] & dmask[None, :], other=0).to(ACC)
         if NUM_OUT <= 4:
-            r = _residual(xt, w0, b0, t_ptr, res_ptr, loss_ptr, rows64, rmask, 0, NUM_OUT,
-                          HAS_BIAS, REDUCE, KEEP_RES, ACC)
-            loss_acc += r * r
-            if NEED_W:
-                g0 += r[:, None] * xt
-            if NEED_B:
-                s0 += r
+            g0, s0, loss_acc = _accumulate_output(xt, w0, b0, g0, s0, loss_acc, t_ptr, res_ptr, loss_ptr,
+                rows64, rmask, 0, NUM_OUT, HAS_BIAS, REDUCE, KEEP_RES, NEED_W, NEED_B, ACC)
             if NUM_OUT > 1:
-                r = _residual(xt, w1, b1, t_ptr, res_ptr, loss_ptr, rows64, rmask, 1, NUM_OUT,
-                              HAS_BIAS, REDUCE, KEEP_RES, ACC)
-                loss_acc += r * r
-                if NEED_W:
-                    g1 += r[:, None] * xt
-                if NEED_B:
-                    s1 += r
+                g1, s1, loss_acc = _accumulate_output(xt, w1, b1, g1, s1, loss_acc, t_ptr, res_ptr, loss_ptr,
+                    rows64, rmask, 1, NUM_OUT, HAS_BIAS, REDUCE, KEEP_RES, NEED_W, NEED_B, ACC)
             if NUM_OUT > 2:
-                r = _residual(xt, w2, b2, t_ptr, res_ptr, loss_ptr, rows64, rmask, 2, NUM_OUT,
-                              HAS_BIAS, REDUCE, KEEP_RES, ACC)
-                loss_acc += r * r
-                if NEED_W:
-                    g2 += r[:, None] * xt
-                if NEED_B:
-                    s2 += r
+                g2, s2, loss_acc = _accumulate_output(xt, w2, b2, g2, s2, loss_acc, t_ptr, res_ptr, loss_ptr,
+                    rows64, rmask, 2, NUM_OUT, HAS_BIAS, REDUCE, KEEP_RES, NEED_W, NEED_B, ACC)
             if NUM_OUT > 3:
-                r = _residual(xt, w3, b3, t_ptr, res_ptr, loss_ptr, rows64, rmask, 3, NUM_OUT,
-                              HAS_BIAS, REDUCE, KEEP_RES, ACC)
-                loss_acc += r * r
-                if NEED_W:
-                    g3 += r[:, None] * xt
-                if NEED_B:
-                    s3 += r
+                g3, s3, loss_acc = _accumulate_output(xt, w3, b3, g3, s3, loss_acc, t_ptr, res_ptr, loss_ptr,
+                    rows64, rmask, 3, NUM_OUT, HAS_BIAS, REDUCE, KEEP_RES, NEED_W, NEED_B, ACC)
         else:
             for o in tl.static_range(NUM_OUT):
                 wo, bo = _weight_row(w_ptr, b_ptr, o, D, offs_d, dmask, HAS_BIAS, ACC)
