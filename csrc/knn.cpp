@@ -74,13 +74,9 @@ void scan(const T* x, const T* x2, index_t n1, index_t m, index_t q0, index_t q1
                         [&](index_t t0, index_t rows, index_t j0, index_t cols, const auto& acc) {
         for (index_t i = 0; i < rows; ++i) {
             BoundedHeap<T>& heap = heaps[t0 - q0 + i];
-            if (heap.full()) {
-                // Most tiles hold no candidate once the heap is full: one vector test.
-                const T worst = heap.worst();
-                bool any = false;
-                for (index_t l = 0; l < Simd<T>::kWidth; ++l) any |= !(acc[i][l] >= worst);
-                if (!any) continue;
-            }
+            // Most tiles hold no candidate once the heap is full: one vector test (a lane equal
+            // to the worst comes later in index order, so offering it changes nothing).
+            if (heap.full() && Simd<T>::all_greater(acc[i], heap.worst())) continue;
             for (index_t l = 0; l < cols; ++l) heap.offer(acc[i][l], j0 + l);
         }
     });
