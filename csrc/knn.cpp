@@ -8,11 +8,15 @@
 // (as torch.sort puts it). References are scanned in increasing index order within a heap, so a
 // later reference at an equal distance never displaces an earlier one.
 #include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "distance_tiles.h"
 #include "kernels.h"
+#include "quantized_tiles.h"
 
 namespace fastml {
 
@@ -82,6 +86,115 @@ void scan(const T* x, const T* x2, index_t n1, index_t m, index_t q0, index_t q1
     });
 }
 
+// Squared euclidean distance between rows a and b of m values, accumulated in double over four
+// partial sums: for float rows the true value rounded once, or nearly.
+template <typename T>
+inline T exact_squared_distance(const T* a, const T* b, index_t m) {
+    double part[4] = {0, 0, 0, 0};
+    index_t k = 0;
+    for (; k + 4 <= m; k += 4) {
+        for (int u = 0; u < 4; ++u) {
+            const double d = double(a[k + u]) - double(b[k + u]);
+            part[u] += d * d;
+        }
+    }
+    for (; k < m; ++k) {
+        const double d = double(a[k]) - double(b[k]);
+        part[0] += d * d;
+    }
+    return T((part[0] + part[1]) + (part[2] + part[3]));
+}
+
+#if defined(FASTML_QUANTIZED_TILES)
+// Euclidean selection among float rows through int8 tiles (quantized_tiles.h): each pair's lower
+// bound on its squared distance is tested against its query's heap, and only the pairs that
+// pass (the first k, then about k·ln(R/k) per query on random data, a few more for the bound's
+// width) are recomputed exactly from their rows and offered: the heaps only ever hold exact
+// values, and a row that cannot be quantized (NaN scale) passes every test.
+void scan_quantized(const float* x, const float* x2, index_t n2, index_t m, index_t q0, index_t q1, index_t r_begin,
+                    index_t r_end, BoundedHeap<float>* heaps) {
+    // The center: the mean of the first (up to) 1024 references, in double.
+    const index_t sample = std::min<index_t>(n2, kReferenceChunk);
+    std::vector<double> mean(m, 0.0);
+    for (index_t j = 0; j < sample; ++j)
+        for (index_t k = 0; k < m; ++k) mean[k] += x2[j * m + k];
+    std::vector<float> center(m);
+    for (index_t k = 0; k < m; ++k) center[k] = float(mean[k] / double(std::max<index_t>(sample, 1)));
+    const index_t width = quantized_width(m), count = q1 - q0;
+    std::vector<std::int8_t> query_bytes(count * width);
+    std::vector<QuantizedRow> queries(count);
+    quantize_queries(x, center.data(), m, q0, q1, query_bytes.data(), queries.data());
+    std::vector<std::uint8_t> packed((kReferenceChunk + kQuantizedBlock) * width);
+    std::vector<float> reference_rows(3 * (kReferenceChunk + kQuantizedBlock));
+    const QuantizedReferences references{reference_rows.data(), reference_rows.data() + kReferenceChunk + kQuantizedBlock,
+                                         reference_rows.data() + 2 * (kReferenceChunk + kQuantizedBlock)};
+    // The float rounding the bound leaves out: the norms' accumulation (m·ε each) and the few
+    // products and sums around them, with room to spare; underflow adds at most a few 2^-149
+    // per operation.
+    const float eps = std::numeric_limits<float>::epsilon();
+    const __m512 keep = _mm512_set1_ps(1 - float(2 * m + 32) * eps);
+    const float widen = 2 * kHalfStep * (1 + float(2 * m + 32) * eps);
+    const float underflow = float(m + 32) * std::numeric_limits<float>::min();
+    const float unbounded = std::numeric_limits<float>::infinity();
+    for (index_t c0 = r_begin; c0 < r_end; c0 += kReferenceChunk) {
+        const index_t c1 = std::min(r_end, c0 + kReferenceChunk);
+        quantize_references(x2, center.data(), m, c0, c1, packed.data(), references);
+        for (index_t t0 = q0; t0 < q1; t0 += kTileQueries) {
+            const index_t rows = std::min<index_t>(kTileQueries, q1 - t0);
+            const std::int8_t* qs[kTileQueries];
+            for (int i = 0; i < kTileQueries; ++i)
+                qs[i] = query_bytes.data() + std::min<index_t>(t0 - q0 + i, count - 1) * width;
+            for (index_t j0 = c0; j0 < c1; j0 += kQuantizedBlock) {
+                __m512i dots[kTileQueries];
+                quantized_tile(qs, packed.data() + (j0 - c0) * width, m, dots);
+                const __m512 r_scale = _mm512_loadu_ps(references.scale + (j0 - c0));
+                const __m512 r_norm2 = _mm512_loadu_ps(references.norm2 + (j0 - c0));
+                const __m512 r_spread = _mm512_loadu_ps(references.spread + (j0 - c0));
+                const index_t cols = std::min<index_t>(kQuantizedBlock, c1 - j0);
+                for (index_t i = 0; i < rows; ++i) {
+                    const QuantizedRow& q = queries[t0 - q0 + i];
+                    BoundedHeap<float>& heap = heaps[t0 - q0 + i];
+                    // lower = keep·(|q|² + |r|²) − s_r·(2 s_q D + w A_q) − w s_q A_r, w = 2b (1 + slack)
+                    const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(dots[i], _mm512_set1_epi32(128 * q.sum)));
+                    const __m512 u = _mm512_fmadd_ps(d, _mm512_set1_ps(2 * q.scale), _mm512_set1_ps(widen * q.spread));
+                    __m512 lower = _mm512_fmadd_ps(keep, _mm512_add_ps(r_norm2, _mm512_set1_ps(q.norm2)),
+                                                   _mm512_set1_ps(-underflow));
+                    lower = _mm512_fnmadd_ps(r_scale, u, lower);
+                    lower = _mm512_fnmadd_ps(_mm512_set1_ps(widen * q.scale), r_spread, lower);
+                    // Most blocks hold no candidate once the heap is full: one vector test.
+                    const float worst = heap.full() ? heap.worst() : unbounded;
+                    if (_mm512_cmp_ps_mask(lower, _mm512_set1_ps(worst), _CMP_GT_OQ) == 0xFFFF) continue;
+                    alignas(64) float bound[kQuantizedBlock];
+                    _mm512_store_ps(bound, lower);
+                    const float* query = x + (t0 + i) * m;
+                    for (index_t l = 0; l < cols; ++l) {
+                        if (bound[l] > (heap.full() ? heap.worst() : unbounded)) continue;
+                        heap.offer(exact_squared_distance(query, x2 + (j0 + l) * m, m), j0 + l);
+                    }
+                }
+            }
+        }
+    }
+}
+#endif
+
+// The scan for one range. Euclidean selection among float rows goes through int8 tiles where the
+// machine has them, while k is small against the references (the recomputed candidates then
+// stay few); everything else through exact float tiles. scratch: packed_chunk_size(m) elements.
+template <typename T, Norm N>
+void scan_range(const T* x, const T* x2, index_t n1, index_t n2, index_t m, index_t k, index_t q0, index_t q1,
+                index_t r_begin, index_t r_end, BoundedHeap<T>* heaps, T* scratch) {
+#if defined(FASTML_QUANTIZED_TILES)
+    if constexpr (std::is_same_v<T, float> && N == Norm::kL2) {
+        if (m >= kQuantizedMinDim && m <= kQuantizedMaxDim && 64 * k <= n2) {
+            scan_quantized(x, x2, n2, m, q0, q1, r_begin, r_end, heaps);
+            return;
+        }
+    }
+#endif
+    scan<T, N>(x, x2, n1, m, q0, q1, r_begin, r_end, heaps, scratch);
+}
+
 // Sorts a heap's entries into neighbour order and finishes the distances (square roots).
 template <typename T, Norm N>
 void sort_neighbours(T* d, index_t* j, index_t k, std::vector<std::pair<T, index_t>>& scratch) {
@@ -118,8 +231,8 @@ void knn_all(const T* x1, const T* x2, index_t batch, index_t n1, index_t n2, in
             for (index_t b = 0; b < batch && q_begin < q_end; ++b) {
                 for (index_t q = q_begin; q < q_end; ++q)
                     heaps[q - q_begin] = {out_d + (b * n1 + q) * k, out_j + (b * n1 + q) * k, k, 0};
-                scan<T, N>(x1 + b * n1 * m, x2 + b * n2 * m, n1, m, q_begin, q_end, 0, n2, heaps.data(),
-                           packed.data());
+                scan_range<T, N>(x1 + b * n1 * m, x2 + b * n2 * m, n1, n2, m, k, q_begin, q_end, 0, n2,
+                                 heaps.data(), packed.data());
                 for (auto& heap : heaps) sort_neighbours<T, N>(heap.d, heap.j, k, order);
             }
         }
@@ -139,7 +252,8 @@ void knn_all(const T* x1, const T* x2, index_t batch, index_t n1, index_t n2, in
         for (index_t b = 0; b < batch; ++b) {
             const index_t base = index_t(t) * total + b * n1;
             for (index_t q = 0; q < n1; ++q) heaps[q] = {&part_d[(base + q) * k], &part_j[(base + q) * k], k, 0};
-            scan<T, N>(x1 + b * n1 * m, x2 + b * n2 * m, n1, m, 0, n1, r_begin, r_end, heaps.data(), packed.data());
+            scan_range<T, N>(x1 + b * n1 * m, x2 + b * n2 * m, n1, n2, m, k, 0, n1, r_begin, r_end, heaps.data(),
+                             packed.data());
             for (index_t q = 0; q < n1; ++q) part_count[base + q] = heaps[q].count;
         }
     }

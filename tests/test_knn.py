@@ -123,6 +123,70 @@ def test_other_p_and_empty(backend, rng):
     assert d.shape == i.shape == (4, 0)
 
 
+# The C++ backend selects float32 euclidean neighbours through int8 tiles and a proven lower bound
+# (csrc/quantized_tiles.h) once m >= 16 and 64·k <= R; these cases reach that path, and the
+# others run them as well.
+def _selection_case(query, reference, k):
+    """Indices as the float64 reference's (but between distances float32 cannot tell apart) and
+    distances within float32 rounding of each true distance, however large; a distance under
+    1e-18 may read 0 (its square is below float32's normal range)."""
+    distances, indices = F.knn(query, reference, k)
+    d64, i64 = expected(query, reference, k, 2.0)
+    tolerance = dict(rtol=4e-7, atol=1e-18)
+    torch.testing.assert_close(distances.cpu().double(), d64, equal_nan=True, **tolerance)
+    differ = indices.cpu() != i64
+    if differ.any():
+        q, r = upcast(query, reference)
+        chosen = torch.cdist(q, r, compute_mode="donot_use_mm_for_euclid_dist").gather(-1, indices.cpu())
+        torch.testing.assert_close(chosen[differ], d64[differ], **tolerance)
+
+
+@pytest.mark.parametrize("m", [16, 33, 64])
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_selection_filter_matches_float64(backend, rng, m, k):
+    query = rand(37, m, device=backend.device, generator=rng)
+    reference = rand(64 * k + 29, m, device=backend.device, generator=rng)
+    _selection_case(query, reference, k)
+    _selection_case(query.reshape(1, 37, m).expand(2, 37, m), torch.stack([reference, reference.flip(0)]), k)
+
+
+def test_selection_filter_far_from_the_origin_and_near_ties(backend, rng):
+    """Points clustered 5e5 from the origin (where |q|² + |r|² − 2q·r cancels), and references on a
+    sphere around the query whose radii differ by a few float32 steps."""
+    center = torch.full((1, 20), 512695.0, dtype=torch.float64)
+    query = (center + rand(5, 20, dtype=torch.float64, generator=rng)).float().to(backend.device)
+    reference = (center + 3 * rand(700, 20, dtype=torch.float64, generator=rng)).float().to(backend.device)
+    _selection_case(query, reference, 5)
+    direction = rand(900, 24, dtype=torch.float64, generator=rng)
+    direction /= direction.norm(dim=1, keepdim=True)
+    radius = 1 + torch.randint(0, 6, (900, 1), generator=rng, dtype=torch.float64) * 2.0**-22
+    sphere = (direction * radius).float().to(backend.device)
+    _selection_case(torch.zeros(3, 24, device=backend.device), sphere, 12)
+
+
+def test_selection_filter_extreme_magnitudes(backend, rng):
+    """Rows of wildly different sizes, zero rows, rows below and above what int8 scales can hold
+    (1e-35, 1e18): each is either quantized with its own bound or always recomputed."""
+    scales = torch.tensor([1e-35, 1e-20, 1e-6, 0.0, 1.0, 1e6, 1e17, 1e18], dtype=torch.float64)
+    reference = rand(8 * 100, 17, dtype=torch.float64, generator=rng) * scales.repeat(100)[:, None]
+    query = rand(16, 17, dtype=torch.float64, generator=rng) * scales.repeat(2)[:, None]
+    _selection_case(query.float().to(backend.device), reference.float().to(backend.device), 7)
+
+
+def test_selection_filter_nan_inf_and_duplicates(backend, rng):
+    reference = rand(400, 16, device=backend.device, generator=rng)
+    reference[[5, 50]] = reference[7].clone()  # duplicates of 7: equal distances, lower index first
+    reference[11, 3] = float("nan")
+    reference[12, 0] = float("inf")
+    query = torch.cat([reference[7:8], reference[11:13], rand(1, 16, device=backend.device, generator=rng)])
+    distances, indices = F.knn(query, reference, 6)
+    assert indices[0, :3].tolist() == [5, 7, 50] and distances[0, :3].tolist() == [0.0] * 3
+    assert indices[1].tolist() == [0, 1, 2, 3, 4, 5] and distances[1].isnan().all()  # NaN everywhere: index order
+    assert indices[2].tolist() == [0, 1, 2, 3, 4, 5] and distances[2].isinf().all()  # NaN only to 11 and 12
+    assert 11 not in indices[3].tolist() and 12 not in indices[3].tolist()
+    _selection_case(query[3:], reference, 6)
+
+
 @pytest.mark.parametrize("args, error, message", [
     ((torch.zeros(3), torch.zeros(4, 3), 1), ValueError, "query and reference must be"),
     ((torch.zeros(2, 3), torch.zeros(4, 2), 1), ValueError, "query has 3 features but reference has 2"),
