@@ -42,4 +42,16 @@ PYBIND11_MODULE(_C, m) {
     FASTML_DEF("cdist_forward_f64", cdist_forward<double>);
     FASTML_DEF("knn_forward_f32", knn_forward<float>);
     FASTML_DEF("knn_forward_f64", knn_forward<double>);
+
+    FASTML_DEF("max_pool2d_forward_f32", max_pool2d_forward<float>);
+    FASTML_DEF("max_pool2d_forward_f64", max_pool2d_forward<double>);
+    FASTML_DEF("max_pool2d_backward_f32", max_pool2d_backward<float>);
+    FASTML_DEF("max_pool2d_backward_f64", max_pool2d_backward<double>);
+
+    FASTML_DEF("conv2d_forward_f32", conv2d_forward<float>);
+    FASTML_DEF("conv2d_forward_f64", conv2d_forward<double>);
+    FASTML_DEF("conv2d_backward_input_f32", conv2d_backward_input<float>);
+    FASTML_DEF("conv2d_backward_input_f64", conv2d_backward_input<double>);
+    FASTML_DEF("conv2d_backward_weight_f32", conv2d_backward_weight<float>);
+    FASTML_DEF("conv2d_backward_weight_f64", conv2d_backward_weight<double>);
 }

@@ -63,4 +63,28 @@ template <typename T>
 void knn_forward(address_t x1, address_t x2, index_t batch, index_t n1, index_t n2, index_t m, index_t k, int norm,
                  address_t out_d, address_t out_j, int nthreads);
 
+// max_pool2d.cpp: x (planes, h, w) → out, indices (planes, oh, ow); kernel kh × kw, stride sh,
+// sw, padding ph, pw, dilation dh, dw. Backward: grad, indices (planes, outputs) → grad_input
+// (planes, inputs).
+template <typename T>
+void max_pool2d_forward(address_t x, index_t planes, index_t h, index_t w, index_t oh, index_t ow, index_t kh,
+                        index_t kw, index_t sh, index_t sw, index_t ph, index_t pw, index_t dh, index_t dw,
+                        address_t out, address_t indices, int nthreads);
+template <typename T>
+void max_pool2d_backward(address_t grad, address_t indices, index_t planes, index_t outputs, index_t inputs,
+                         address_t grad_input, int nthreads);
+
+// conv2d.cpp: dims = (n, c, h, w, k, r, s, stride h, stride w, padding h, padding w, dilation h,
+// dilation w, groups, oh, ow): input (n, c, h, w), weight (k, c / groups, r, s), bias (k,) or 0,
+// output and its gradient (n, k, oh, ow).
+template <typename T>
+void conv2d_forward(address_t x, address_t w, address_t b, const std::vector<index_t>& dims, address_t out,
+                    int nthreads);
+template <typename T>
+void conv2d_backward_input(address_t grad, address_t w, const std::vector<index_t>& dims, address_t grad_x,
+                           int nthreads);
+template <typename T>
+void conv2d_backward_weight(address_t grad, address_t x, const std::vector<index_t>& dims, address_t grad_w,
+                            address_t grad_b, int nthreads);
+
 }  // namespace fastml

@@ -1,6 +1,6 @@
 """fastml's public functions: argument checks with clear errors, then the op's dispatch.
 
-``linear``, ``mse_loss`` and ``cdist`` accept what their torch twins accept: where no fastml kernel covers a
+``linear``, ``mse_loss``, ``cdist`` and ``max_pool2d`` accept what their torch twins accept: where no fastml kernel covers a
 configuration (mixed dtypes, integer tensors, extra options, tracers, transforms), they run torch's
 own implementation, so they never fail where torch works and are never silently different.
 ``linear_mse`` and ``knn`` have no twin and are strict: wrong shapes, dtypes or devices are clear
@@ -22,9 +22,10 @@ from fastml.ops import forward_ad_active, is_compiling
 from fastml.ops import knn as _knn_op
 from fastml.ops import linear as _linear_op
 from fastml.ops import linear_mse as _linear_mse_op
+from fastml.ops import max_pool2d as _max_pool2d_op
 from fastml.ops import mse_loss as _mse_loss_op
 
-__all__ = ["cdist", "knn", "linear", "linear_mse", "mse_loss"]
+__all__ = ["cdist", "knn", "linear", "linear_mse", "max_pool2d", "mse_loss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -294,3 +295,69 @@ def knn(query: torch.Tensor, reference: torch.Tensor, k: int, p: float = 2.0) ->
                and not _defer_to_torch(query, reference))
     distances, indices = _knn_op.knn(q, ref, k, p, None if kernels else "reference")
     return distances.reshape(shape), indices.reshape(shape)
+
+
+def _pair(value, allow_empty: bool = False) -> tuple[int, int] | None:
+    """An int, or a sequence of one or two ints, as a (rows, columns) pair; None if it is not one
+    (or is empty where allow_empty says an empty sequence means "the default")."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (tuple, list, torch.Size)) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                          for v in value):
+        if len(value) == 2:
+            return value[0], value[1]
+        if len(value) == 1:
+            return value[0], value[0]
+    return None
+
+
+def _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode):
+    """(kernel, stride, padding, dilation) pairs where fastml's kernels take this max_pool2d call as
+    it is, else None: then torch's own max_pool2d runs, with its results and its errors."""
+    if (not isinstance(input, torch.Tensor) or input.dim() not in (3, 4) or 0 in input.shape[-3:]
+            or input.dtype not in _KERNEL_DTYPES or not isinstance(ceil_mode, bool) or not _kernels_can_run(input)
+            or forward_ad_active()):
+        return None
+    kernel = _pair(kernel_size)
+    stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else _pair(stride)
+    padding, dilation = _pair(padding), _pair(dilation)
+    if None in (kernel, stride, padding, dilation) or min(*kernel, *stride, *dilation) <= 0:
+        return None
+    if not (0 <= padding[0] <= kernel[0] // 2 and 0 <= padding[1] <= kernel[1] // 2):
+        return None
+    h, w = input.shape[-2:]
+    if min(_max_pool2d_op.output_size(size, k, s, p, d, ceil_mode)
+           for size, k, s, p, d in zip((h, w), kernel, stride, padding, dilation)) < 1:
+        return None
+    return kernel, stride, padding, dilation
+
+
+def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
+               return_indices: bool = False):
+    """``torch.nn.functional.max_pool2d``: input (N, C, H, W) or (C, H, W) → the maxima of each
+    window, with torch's indices (flat positions in the input plane, ties to the first maximum,
+    NaN propagating) when ``return_indices``; backward routes each gradient to its maximum.
+    A channels_last input gives channels_last outputs, as torch. What the kernels do not cover
+    (other dtypes, transforms, invalid arguments) runs torch's max_pool2d.
+    """
+    args = None if _defer_to_torch(input) else _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode)
+    if args is None:
+        return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
+                            return_indices=return_indices)
+    x = input if input.dim() == 4 else input.unsqueeze(0)
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if x.shape[0] == 0:
+        n, c, h, w = x.shape
+        shape = (0, c, *(_max_pool2d_op.output_size(size, *dims, ceil_mode)
+                         for size, dims in zip((h, w), zip(*args))))
+        out, indices = x.new_empty(shape), torch.empty(shape, dtype=torch.int64, device=x.device)
+    else:
+        out, indices = _max_pool2d_op.max_pool2d(x.contiguous(), *args, ceil_mode)
+    if channels_last:
+        out, indices = (t.contiguous(memory_format=torch.channels_last) for t in (out, indices))
+    if input.dim() == 3:
+        out, indices = out.squeeze(0), indices.squeeze(0)
+    return (out, indices) if return_indices else out
+

@@ -7,7 +7,7 @@ import torch
 
 from fastml import functional
 
-__all__ = ["Linear", "LinearMSELoss", "MSELoss"]
+__all__ = ["Linear", "LinearMSELoss", "MaxPool2d", "MSELoss"]
 
 
 class Linear(torch.nn.Linear):
@@ -15,6 +15,15 @@ class Linear(torch.nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return functional.linear(input, self.weight, self.bias)
+
+
+class MaxPool2d(torch.nn.MaxPool2d):
+    """``torch.nn.MaxPool2d`` on fastml's max-pooling kernels (indices as torch's, so
+    ``MaxUnpool2d`` takes them). Input (N, C, H, W) or (C, H, W)."""
+
+    def forward(self, input: torch.Tensor):
+        return functional.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                                     ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 
 
 class MSELoss(torch.nn.MSELoss):

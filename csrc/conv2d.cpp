@@ -1,0 +1,197 @@
+// 2-D convolution (cross-correlation, as torch.nn.Conv2d) and its three gradients, on the
+// register tiles of conv_tiles.h.
+//
+// Forward: the input is copied once into zero-padded planes, then OpenMP splits (image, group,
+// block of 8 output channels, output row) between threads; each runs tiles of 8 channels × 16 or
+// 32 columns over every (input channel, r, s).
+// grad_input: the same correlation, run on the output gradient (spread by the stride and padded
+// by the kernel's reach) with the weights flipped and the channel axes swapped.
+// grad_weight: per image and group, the output gradient times the image's im2col matrix (a dot
+// product tile), partial sums per thread added in a fixed order; grad_bias: per output channel.
+#include <vector>
+
+#include "conv_tiles.h"
+#include "kernels.h"
+#include "linear_tiles.h"
+
+namespace fastml {
+
+namespace {
+
+ConvShape shape_of(const std::vector<index_t>& d) {
+    return {d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15]};
+}
+
+// out (n, outs, oh, ow) = correlation of the padded planes x (n, ins, hp, wp) with the packed
+// weights of every group (groups × blocks × [ins / groups][r][s][kKB]), plus bias (or none).
+// cs: ins = cs.c, outs = cs.k, output cs.oh × cs.ow, stride (cs.sh, cs.sw), dilation (cs.dh, cs.dw).
+template <typename T, int NV>
+void correlate(const T* x, index_t hp, index_t wp, const T* packed, const T* bias, const ConvShape& cs, T* out,
+               int threads) {
+    const index_t kg = cs.kg(), blocks = cs.kblocks(), weights_per_block = cs.cg() * cs.r * cs.s * kKB;
+    const index_t tasks = cs.n * cs.groups * blocks * cs.oh;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (index_t task = 0; task < tasks; ++task) {
+        const index_t row = task % cs.oh, block = task / cs.oh % blocks, g = task / cs.oh / blocks % cs.groups,
+                      img = task / cs.oh / blocks / cs.groups;
+        const T* xg = x + (img * cs.c + g * cs.cg()) * hp * wp;
+        const T* wb = packed + (g * blocks + block) * weights_per_block;
+        const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);
+        conv_row<T, NV>(xg, cs, hp, wp, wb, row, [&](index_t col0, index_t cols, const auto& acc) {
+            for (index_t o = 0; o < count; ++o) {
+                T* dst = out + ((img * cs.k + first + o) * cs.oh + row) * cs.ow + col0;
+                const T shift = bias ? bias[first + o] : T(0);
+                for (index_t l = 0; l < cols; ++l) dst[l] = acc[o][l / Simd<T>::kWidth][l % Simd<T>::kWidth] + shift;
+            }
+        });
+    }
+}
+
+template <typename T>
+void correlate_any(const T* x, index_t hp, index_t wp, const T* packed, const T* bias, const ConvShape& cs, T* out,
+                   int threads) {
+    if (cs.ow <= Simd<T>::kWidth) {
+        correlate<T, 1>(x, hp, wp, packed, bias, cs, out, threads);
+    } else {
+        correlate<T, 2>(x, hp, wp, packed, bias, cs, out, threads);
+    }
+}
+
+// The input's padded planes (n · c, hp, wp), copied in parallel.
+template <typename T>
+std::vector<T> padded_input(const T* x, const ConvShape& cs, index_t hp, index_t wp, int threads) {
+    std::vector<T> padded(padded_size<T>(cs.n * cs.c, hp, wp, cs.sw));
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (index_t p = 0; p < cs.n * cs.c; ++p)
+        pad_planes(x + p * cs.h * cs.w, 1, cs.h, cs.w, cs.ph, cs.pw, 1, 1, hp, wp, padded.data() + p * hp * wp);
+    return padded;
+}
+
+template <typename T>
+std::vector<T> packed_forward_weights(const T* w, const ConvShape& cs) {
+    std::vector<T> all;
+    for (index_t g = 0; g < cs.groups; ++g) {
+        const T* wg = w + g * cs.kg() * cs.cg() * cs.r * cs.s;
+        const auto packed = pack_weights<T>(cs.kg(), cs.cg(), cs.r, cs.s, [&](index_t o, index_t i, index_t a, index_t b) {
+            return wg[((o * cs.cg() + i) * cs.r + a) * cs.s + b];
+        });
+        all.insert(all.end(), packed.begin(), packed.end());
+    }
+    return all;
+}
+
+int conv_threads(const ConvShape& cs, int nthreads) {
+    return threads_for(cs.n * cs.k * cs.oh * cs.ow * cs.cg() * cs.r * cs.s, nthreads);
+}
+
+}  // namespace
+
+template <typename T>
+void conv2d_forward(address_t x_, address_t w_, address_t b_, const std::vector<index_t>& dims, address_t out_,
+                    int nthreads) {
+    const ConvShape cs = shape_of(dims);
+    const int threads = conv_threads(cs, nthreads);
+    const index_t hp = cs.hp(), wp = cs.wp();
+    const auto padded = padded_input(as_ptr<const T>(x_), cs, hp, wp, threads);
+    const auto packed = packed_forward_weights(as_ptr<const T>(w_), cs);
+    correlate_any(padded.data(), hp, wp, packed.data(), as_ptr<const T>(b_), cs, as_ptr<T>(out_), threads);
+}
+
+template <typename T>
+void conv2d_backward_input(address_t grad_, address_t w_, const std::vector<index_t>& dims, address_t grad_x_,
+                           int nthreads) {
+    const ConvShape cs = shape_of(dims);
+    const int threads = conv_threads(cs, nthreads);
+    // grad_x[c, i, j] = Σ g_up[k, i + a'·dh − top, j + b'·dw − left] · w[k, c, r − 1 − a', s − 1 − b']
+    // with g_up the gradient spread by the stride: a stride-1 correlation with h × w outputs.
+    const index_t top = (cs.r - 1) * cs.dh - cs.ph, left = (cs.s - 1) * cs.dw - cs.pw;
+    const index_t hp = cs.h + (cs.r - 1) * cs.dh, wp = cs.w + (cs.s - 1) * cs.dw;
+    const T* grad = as_ptr<const T>(grad_);
+    std::vector<T> spread(padded_size<T>(cs.n * cs.k, hp, wp, 1));
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (index_t p = 0; p < cs.n * cs.k; ++p)
+        pad_planes(grad + p * cs.oh * cs.ow, 1, cs.oh, cs.ow, top, left, cs.sh, cs.sw, hp, wp, spread.data() + p * hp * wp);
+    const T* w = as_ptr<const T>(w_);
+    std::vector<T> packed;
+    for (index_t g = 0; g < cs.groups; ++g) {
+        const T* wg = w + g * cs.kg() * cs.cg() * cs.r * cs.s;
+        const auto block = pack_weights<T>(cs.cg(), cs.kg(), cs.r, cs.s, [&](index_t o, index_t i, index_t a, index_t b) {
+            return wg[((i * cs.cg() + o) * cs.r + (cs.r - 1 - a)) * cs.s + (cs.s - 1 - b)];
+        });
+        packed.insert(packed.end(), block.begin(), block.end());
+    }
+    const ConvShape transposed{cs.n, cs.k, hp, wp, cs.c, cs.r, cs.s, 1, 1, 0, 0, cs.dh, cs.dw, cs.groups, cs.h, cs.w};
+    correlate_any<T>(spread.data(), hp, wp, packed.data(), nullptr, transposed, as_ptr<T>(grad_x_), threads);
+}
+
+// grad_w (k, c / groups, r, s) and grad_b (k,) (either 0: not wanted) from grad (n, k, oh, ow).
+template <typename T>
+void conv2d_backward_weight(address_t grad_, address_t x_, const std::vector<index_t>& dims, address_t grad_w_,
+                            address_t grad_b_, int nthreads) {
+    const ConvShape cs = shape_of(dims);
+    const int threads = conv_threads(cs, nthreads);
+    const T* grad = as_ptr<const T>(grad_);
+    const index_t outputs = cs.oh * cs.ow;
+    if (grad_b_) {
+        T* grad_b = as_ptr<T>(grad_b_);
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (index_t ko = 0; ko < cs.k; ++ko) {
+            T total = 0;
+            for (index_t img = 0; img < cs.n; ++img) {
+                const T* g = grad + (img * cs.k + ko) * outputs;
+                T part = 0;
+#pragma omp simd reduction(+ : part)
+                for (index_t q = 0; q < outputs; ++q) part += g[q];
+                total += part;
+            }
+            grad_b[ko] = total;
+        }
+    }
+    if (!grad_w_) return;
+    // grad_w (per group) = Σ over images of G (kg × positions) · im2col(x)ᵀ: both operands are
+    // contiguous along the positions, the form of linear_tiles.h's dot_block. Threads take
+    // images and keep partial sums, added in a fixed order.
+    const index_t hp = cs.hp(), wp = cs.wp(), cg = cs.cg(), kg = cs.kg(), taps = cg * cs.r * cs.s;
+    const T* x = as_ptr<const T>(x_);
+    const int parts = static_cast<int>(std::min<index_t>(threads, std::max<index_t>(cs.n, 1)));
+    std::vector<T> partial(index_t(parts) * cs.k * taps, T(0));
+#pragma omp parallel num_threads(parts)
+    {
+        const int t = omp_get_thread_num();
+        index_t first, last;
+        split_range(cs.n, parts, t, first, last);
+        std::vector<T> planes(padded_size<T>(cg, hp, wp, cs.sw)), columns(taps * outputs), dots(kg * taps);
+        T* mine = partial.data() + index_t(t) * cs.k * taps;
+        for (index_t img = first; img < last; ++img) {
+            for (index_t g = 0; g < cs.groups; ++g) {
+                pad_planes(x + (img * cs.c + g * cg) * cs.h * cs.w, cg, cs.h, cs.w, cs.ph, cs.pw, 1, 1, hp, wp,
+                           planes.data());
+                for (index_t i = 0; i < cg; ++i)
+                    for (index_t a = 0; a < cs.r; ++a)
+                        for (index_t b = 0; b < cs.s; ++b) {
+                            T* dst = columns.data() + ((i * cs.r + a) * cs.s + b) * outputs;
+                            const T* src = planes.data() + i * hp * wp + a * cs.dh * wp + b * cs.dw;
+                            for (index_t row = 0; row < cs.oh; ++row)
+                                for (index_t col = 0; col < cs.ow; ++col)
+                                    dst[row * cs.ow + col] = src[row * cs.sh * wp + col * cs.sw];
+                        }
+                dot_block(grad + (img * cs.k + g * kg) * outputs, kg, outputs, columns.data(), static_cast<const T*>(nullptr),
+                          taps, dots.data());
+                T* acc = mine + g * kg * taps;
+                for (index_t e = 0; e < kg * taps; ++e) acc[e] += dots[e];
+            }
+        }
+    }
+    reduce_partials(partial.data(), parts, cs.k * taps, T(1), as_ptr<T>(grad_w_), threads);
+}
+
+#define FASTML_CONV2D(T)                                                                                            \
+    template void conv2d_forward<T>(address_t, address_t, address_t, const std::vector<index_t>&, address_t, int); \
+    template void conv2d_backward_input<T>(address_t, address_t, const std::vector<index_t>&, address_t, int);     \
+    template void conv2d_backward_weight<T>(address_t, address_t, const std::vector<index_t>&, address_t, address_t, \
+                                            int);
+FASTML_CONV2D(float)
+FASTML_CONV2D(double)
+#undef FASTML_CONV2D
+
+}  // namespace fastml

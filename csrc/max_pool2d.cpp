@@ -1,0 +1,95 @@
+// 2-D max pooling over (planes, H, W) contiguous input, with torch's indices (the flat position
+// ih·W + iw of each maximum in its input plane) for backward and max_unpool2d.
+//
+// Window order and ties as torch: rows then columns; a value replaces the running maximum when
+// it is greater or NaN, so ties keep the first and a NaN window reports its last NaN. The
+// running maximum starts at -inf on the window's first element inside the input, so a window
+// of -inf reports that element; padding takes no part. OpenMP over planes and output rows.
+#include <limits>
+
+#include "kernels.h"
+
+namespace fastml {
+
+namespace {
+
+// The window taps along one dimension that fall inside [0, size): the first tap index and one
+// past the last, for a window starting at `start` with `taps` taps `dilation` apart.
+inline void inside_taps(index_t start, index_t taps, index_t dilation, index_t size, index_t& first, index_t& last) {
+    first = start >= 0 ? 0 : (-start + dilation - 1) / dilation;
+    last = start + (taps - 1) * dilation < size ? taps : (size - 1 - start) / dilation + 1;
+    if (last < first) last = first;
+}
+
+}  // namespace
+
+template <typename T>
+void max_pool2d_forward(address_t x, index_t planes, index_t h, index_t w, index_t oh, index_t ow, index_t kh,
+                        index_t kw, index_t sh, index_t sw, index_t ph, index_t pw, index_t dh, index_t dw,
+                        address_t out, address_t indices, int nthreads) {
+    const T* in = as_ptr<const T>(x);
+    T* o = as_ptr<T>(out);
+    index_t* idx = as_ptr<index_t>(indices);
+    const int threads = threads_for(planes * oh * ow * kh * kw, nthreads);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (index_t p = 0; p < planes; ++p) {
+        for (index_t r = 0; r < oh; ++r) {
+            const T* plane = in + p * h * w;
+            const index_t row0 = r * sh - ph;
+            index_t i0, i1;
+            inside_taps(row0, kh, dh, h, i0, i1);
+            for (index_t c = 0; c < ow; ++c) {
+                const index_t col0 = c * sw - pw;
+                index_t j0, j1;
+                inside_taps(col0, kw, dw, w, j0, j1);
+                T best = -std::numeric_limits<T>::infinity();
+                // -1 for a window with no element inside the input (backward passes it over)
+                index_t where = i0 < i1 && j0 < j1 ? (row0 + i0 * dh) * w + col0 + j0 * dw : -1;
+                for (index_t i = i0; i < i1; ++i) {
+                    const index_t row = (row0 + i * dh) * w;
+                    for (index_t j = j0; j < j1; ++j) {
+                        const index_t at = row + col0 + j * dw;
+                        const T v = plane[at];
+                        if (v > best || v != v) {
+                            best = v;
+                            where = at;
+                        }
+                    }
+                }
+                o[(p * oh + r) * ow + c] = best;
+                idx[(p * oh + r) * ow + c] = where;
+            }
+        }
+    }
+}
+
+// grad_input (planes, h·w) = 0, then grad (planes, outputs) added at each output's index, in
+// output order within a plane (deterministic where windows overlap).
+template <typename T>
+void max_pool2d_backward(address_t grad, address_t indices, index_t planes, index_t outputs, index_t inputs,
+                         address_t grad_input, int nthreads) {
+    const T* g = as_ptr<const T>(grad);
+    const index_t* idx = as_ptr<const index_t>(indices);
+    T* gi = as_ptr<T>(grad_input);
+    const int threads = threads_for(planes * (outputs + inputs), nthreads);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (index_t p = 0; p < planes; ++p) {
+        T* plane = gi + p * inputs;
+        for (index_t i = 0; i < inputs; ++i) plane[i] = T(0);
+        for (index_t o = 0; o < outputs; ++o) {
+            const index_t at = idx[p * outputs + o];
+            if (at >= 0) plane[at] += g[p * outputs + o];
+        }
+    }
+}
+
+template void max_pool2d_forward<float>(address_t, index_t, index_t, index_t, index_t, index_t, index_t, index_t,
+                                        index_t, index_t, index_t, index_t, index_t, index_t, address_t, address_t,
+                                        int);
+template void max_pool2d_forward<double>(address_t, index_t, index_t, index_t, index_t, index_t, index_t, index_t,
+                                         index_t, index_t, index_t, index_t, index_t, index_t, address_t, address_t,
+                                         int);
+template void max_pool2d_backward<float>(address_t, address_t, index_t, index_t, index_t, address_t, int);
+template void max_pool2d_backward<double>(address_t, address_t, index_t, index_t, index_t, address_t, int);
+
+}  // namespace fastml

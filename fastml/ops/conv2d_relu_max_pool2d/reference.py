@@ -1,0 +1,64 @@
+"""Pure-PyTorch conv + bias + ReLU + max-pool: the oracle, and the "reference" backend.
+
+Every backend module provides the two functions below with these signatures and results:
+
+``forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride) -> (out, argmax)``
+    x, weight, bias, stride, padding, dilation, groups as fastml.ops.conv2d.reference.forward;
+    pool_kernel, pool_stride: (rows, columns) pairs (no pool padding or dilation). With z = the
+    convolution plus bias (N, K, OH, OW), out (N, K, PH, PW) = max_pool2d(relu(z), pool_kernel,
+    pool_stride), PH = (OH − pool_kernel[0]) // pool_stride[0] + 1 (PW alike), the window scanned
+    row by row, a value replacing the maximum when greater or NaN (torch's rule, ties to the
+    first). argmax (N, K, PH, PW) int8: the offset i·pool_kernel[1] + j of the maximum within its
+    window, all the backward needs (with out): the pre-pool activation is never stored.
+``backward(grad, out, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs)
+        -> (grad_x, grad_weight, grad_bias)``
+    grad (N, K, PH, PW) contiguous; the gradient of z is grad at each window's argmax where out > 0
+    (ReLU passes no gradient at 0 or NaN, as torch's threshold_backward), zero elsewhere; then the
+    convolution's backward (fastml.ops.conv2d.reference.backward, same `needs`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastml.ops.conv2d import reference as conv_reference
+
+
+def pooled_size(size: int, kernel: int, stride: int) -> int:
+    return (size - kernel) // stride + 1
+
+
+def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
+    z = torch.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
+    out, indices = F.max_pool2d(z, pool_kernel, pool_stride, return_indices=True)
+    return out, window_offsets(indices, z.shape[-1], out.shape[-2:], pool_kernel, pool_stride)
+
+
+def window_offsets(indices, width, pooled, pool_kernel, pool_stride):
+    """max_pool2d's flat indices (row · width + column) as offsets i · pool_kernel[1] + j within
+    each window, int8."""
+    rows = torch.arange(pooled[0], device=indices.device)[:, None] * pool_stride[0]
+    cols = torch.arange(pooled[1], device=indices.device)[None, :] * pool_stride[1]
+    i, j = indices // width - rows, indices % width - cols
+    return (i * pool_kernel[1] + j).to(torch.int8)
+
+
+def activation_grad(grad, out, argmax, conv_size, pool_kernel, pool_stride):
+    """The gradient of the pre-ReLU activation z (N, K, OH, OW): grad at each window's maximum
+    where out > 0, zero elsewhere."""
+    n, k, ph, pw = grad.shape
+    offsets = argmax.long()
+    rows = torch.arange(ph, device=grad.device)[:, None] * pool_stride[0] + offsets // pool_kernel[1]
+    cols = torch.arange(pw, device=grad.device)[None, :] * pool_stride[1] + offsets % pool_kernel[1]
+    flat = (rows * conv_size[1] + cols).reshape(n, k, -1)
+    grad_z = grad.new_zeros((n, k, conv_size[0] * conv_size[1]))
+    grad_z.scatter_add_(2, flat, torch.where(out > 0, grad, torch.zeros_like(grad)).reshape(n, k, -1))
+    return grad_z.reshape(n, k, *conv_size)
+
+
+def backward(grad, out, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
+    conv_size = tuple(conv_reference.output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d],
+                                                 dilation[d]) for d in range(2))
+    grad_z = activation_grad(grad, out, argmax, conv_size, pool_kernel, pool_stride)
+    return conv_reference.backward(grad_z, x, weight, stride, padding, dilation, groups, needs)

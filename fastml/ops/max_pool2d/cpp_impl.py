@@ -1,0 +1,27 @@
+"""2-D max pooling on fastml._C (csrc/max_pool2d.cpp); signatures as in reference.py."""
+
+from __future__ import annotations
+
+import torch
+
+from fastml._cpp import kernel, threads
+from fastml.ops.max_pool2d.reference import output_size
+
+
+def forward(x, kernel_size, stride, padding, dilation, ceil_mode):
+    n, c, h, w = x.shape
+    oh = output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
+    ow = output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
+    out = x.new_empty((n, c, oh, ow))
+    indices = torch.empty((n, c, oh, ow), dtype=torch.int64)
+    kernel("max_pool2d_forward", x.dtype)(x.data_ptr(), n * c, h, w, oh, ow, *kernel_size, *stride, *padding,
+                                          *dilation, out.data_ptr(), indices.data_ptr(), threads())
+    return out, indices
+
+
+def backward(grad, indices, height, width):
+    n, c, oh, ow = grad.shape
+    grad_input = grad.new_empty((n, c, height, width))
+    kernel("max_pool2d_backward", grad.dtype)(grad.data_ptr(), indices.data_ptr(), n * c, oh * ow, height * width,
+                                              grad_input.data_ptr(), threads())
+    return grad_input
