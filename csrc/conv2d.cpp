@@ -18,10 +18,6 @@ namespace fastml {
 
 namespace {
 
-ConvShape shape_of(const std::vector<index_t>& d) {
-    return {d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15]};
-}
-
 // out (n, outs, oh, ow) = correlation of the padded planes x (n, ins, hp, wp) with the packed
 // weights of every group (groups × blocks × [ins / groups][r][s][kKB]), plus bias (or none).
 // cs: ins = cs.c, outs = cs.k, output cs.oh × cs.ow, stride (cs.sh, cs.sw), dilation (cs.dh, cs.dw).
@@ -57,29 +53,6 @@ void correlate_any(const T* x, index_t hp, index_t wp, const T* packed, const T*
     }
 }
 
-// The input's padded planes (n · c, hp, wp), copied in parallel.
-template <typename T>
-std::vector<T> padded_input(const T* x, const ConvShape& cs, index_t hp, index_t wp, int threads) {
-    std::vector<T> padded(padded_size<T>(cs.n * cs.c, hp, wp, cs.sw));
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (index_t p = 0; p < cs.n * cs.c; ++p)
-        pad_planes(x + p * cs.h * cs.w, 1, cs.h, cs.w, cs.ph, cs.pw, 1, 1, hp, wp, padded.data() + p * hp * wp);
-    return padded;
-}
-
-template <typename T>
-std::vector<T> packed_forward_weights(const T* w, const ConvShape& cs) {
-    std::vector<T> all;
-    for (index_t g = 0; g < cs.groups; ++g) {
-        const T* wg = w + g * cs.kg() * cs.cg() * cs.r * cs.s;
-        const auto packed = pack_weights<T>(cs.kg(), cs.cg(), cs.r, cs.s, [&](index_t o, index_t i, index_t a, index_t b) {
-            return wg[((o * cs.cg() + i) * cs.r + a) * cs.s + b];
-        });
-        all.insert(all.end(), packed.begin(), packed.end());
-    }
-    return all;
-}
-
 int conv_threads(const ConvShape& cs, int nthreads) {
     return threads_for(cs.n * cs.k * cs.oh * cs.ow * cs.cg() * cs.r * cs.s, nthreads);
 }
@@ -89,7 +62,7 @@ int conv_threads(const ConvShape& cs, int nthreads) {
 template <typename T>
 void conv2d_forward(address_t x_, address_t w_, address_t b_, const std::vector<index_t>& dims, address_t out_,
                     int nthreads) {
-    const ConvShape cs = shape_of(dims);
+    const ConvShape cs = conv_shape(dims);
     const int threads = conv_threads(cs, nthreads);
     const index_t hp = cs.hp(), wp = cs.wp();
     const auto padded = padded_input(as_ptr<const T>(x_), cs, hp, wp, threads);
@@ -100,7 +73,7 @@ void conv2d_forward(address_t x_, address_t w_, address_t b_, const std::vector<
 template <typename T>
 void conv2d_backward_input(address_t grad_, address_t w_, const std::vector<index_t>& dims, address_t grad_x_,
                            int nthreads) {
-    const ConvShape cs = shape_of(dims);
+    const ConvShape cs = conv_shape(dims);
     const int threads = conv_threads(cs, nthreads);
     // grad_x[c, i, j] = Σ g_up[k, i + a'·dh − top, j + b'·dw − left] · w[k, c, r − 1 − a', s − 1 − b']
     // with g_up the gradient spread by the stride: a stride-1 correlation with h × w outputs.
@@ -128,7 +101,7 @@ void conv2d_backward_input(address_t grad_, address_t w_, const std::vector<inde
 template <typename T>
 void conv2d_backward_weight(address_t grad_, address_t x_, const std::vector<index_t>& dims, address_t grad_w_,
                             address_t grad_b_, int nthreads) {
-    const ConvShape cs = shape_of(dims);
+    const ConvShape cs = conv_shape(dims);
     const int threads = conv_threads(cs, nthreads);
     const T* grad = as_ptr<const T>(grad_);
     const index_t outputs = cs.oh * cs.ow;

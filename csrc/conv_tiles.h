@@ -135,4 +135,34 @@ inline index_t padded_size(index_t planes, index_t hp, index_t wp, index_t sw) {
     return planes * hp * wp + 2 * Simd<T>::kWidth * std::max<index_t>(sw, 1) + wp;
 }
 
+// The kernels' size vector (n, c, h, w, k, r, s, stride h, stride w, padding h, padding w,
+// dilation h, dilation w, groups, oh, ow) as a ConvShape.
+inline ConvShape conv_shape(const std::vector<index_t>& d) {
+    return {d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15]};
+}
+
+// The input x (n, c, h, w) as padded planes (n · c, hp, wp), copied in parallel.
+template <typename T>
+std::vector<T> padded_input(const T* x, const ConvShape& cs, index_t hp, index_t wp, int threads) {
+    std::vector<T> padded(padded_size<T>(cs.n * cs.c, hp, wp, cs.sw));
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (index_t p = 0; p < cs.n * cs.c; ++p)
+        pad_planes(x + p * cs.h * cs.w, 1, cs.h, cs.w, cs.ph, cs.pw, 1, 1, hp, wp, padded.data() + p * hp * wp);
+    return padded;
+}
+
+// The weights (k, c / groups, r, s) packed for forward tiles, group after group.
+template <typename T>
+std::vector<T> packed_forward_weights(const T* w, const ConvShape& cs) {
+    std::vector<T> all;
+    for (index_t g = 0; g < cs.groups; ++g) {
+        const T* wg = w + g * cs.kg() * cs.cg() * cs.r * cs.s;
+        const auto packed = pack_weights<T>(cs.kg(), cs.cg(), cs.r, cs.s, [&](index_t o, index_t i, index_t a, index_t b) {
+            return wg[((o * cs.cg() + i) * cs.r + a) * cs.s + b];
+        });
+        all.insert(all.end(), packed.begin(), packed.end());
+    }
+    return all;
+}
+
 }  // namespace fastml

@@ -1,6 +1,6 @@
 """fastml's public functions: argument checks with clear errors, then the op's dispatch.
 
-``linear``, ``mse_loss``, ``cdist`` and ``max_pool2d`` accept what their torch twins accept: where no fastml kernel covers a
+``linear``, ``mse_loss``, ``cdist``, ``conv2d`` and ``max_pool2d`` accept what their torch twins accept: where no fastml kernel covers a
 configuration (mixed dtypes, integer tensors, extra options, tracers, transforms), they run torch's
 own implementation, so they never fail where torch works and are never silently different.
 ``linear_mse`` and ``knn`` have no twin and are strict: wrong shapes, dtypes or devices are clear
@@ -18,6 +18,8 @@ from torch.nn import _reduction
 from torch.overrides import has_torch_function
 
 from fastml.ops import cdist as _cdist_op
+from fastml.ops import conv2d as _conv2d_op
+from fastml.ops import conv2d_relu_max_pool2d as _fused_op
 from fastml.ops import forward_ad_active, is_compiling
 from fastml.ops import knn as _knn_op
 from fastml.ops import linear as _linear_op
@@ -25,7 +27,7 @@ from fastml.ops import linear_mse as _linear_mse_op
 from fastml.ops import max_pool2d as _max_pool2d_op
 from fastml.ops import mse_loss as _mse_loss_op
 
-__all__ = ["cdist", "knn", "linear", "linear_mse", "max_pool2d", "mse_loss"]
+__all__ = ["cdist", "conv2d", "conv2d_relu_max_pool2d", "knn", "linear", "linear_mse", "max_pool2d", "mse_loss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -327,11 +329,22 @@ def _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode):
         return None
     if not (0 <= padding[0] <= kernel[0] // 2 and 0 <= padding[1] <= kernel[1] // 2):
         return None
-    h, w = input.shape[-2:]
-    if min(_max_pool2d_op.output_size(size, k, s, p, d, ceil_mode)
-           for size, k, s, p, d in zip((h, w), kernel, stride, padding, dilation)) < 1:
-        return None
+    for size, k, s, p, d in zip(input.shape[-2:], kernel, stride, padding, dilation):
+        outputs = _max_pool2d_op.output_size(size, k, s, p, d, ceil_mode)
+        if outputs < 1 or (d > 1 and _empty_window(size, outputs, k, s, p, d)):
+            return None
     return kernel, stride, padding, dilation
+
+
+def _empty_window(size, outputs, kernel, stride, padding, dilation) -> bool:
+    """Whether some pooling window has no tap inside the input. Only dilated windows can: a
+    contiguous one starts before the end and, padding being at most half the kernel, ends after
+    the start. torch then reports an index outside the plane; its own max_pool2d runs."""
+    for o in range(outputs):
+        start = o * stride - padding
+        if not any(0 <= start + i * dilation < size for i in range(kernel)):
+            return True
+    return False
 
 
 def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
@@ -360,4 +373,112 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     if input.dim() == 3:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
+
+
+def _conv_padding(padding, weight, stride, dilation):
+    """(top, bottom, left, right) zero padding for conv2d's padding argument (ints, a pair, "valid"
+    or "same", torch's meaning: "same" puts the odd one out at the bottom and right), or None."""
+    if padding == "valid":
+        return 0, 0, 0, 0
+    if padding == "same":
+        if stride != (1, 1):
+            return None  # torch's error
+        (top, left) = (dilation[0] * (weight.shape[2] - 1), dilation[1] * (weight.shape[3] - 1))
+        return top // 2, top - top // 2, left // 2, left - left // 2
+    pair = _pair(padding)
+    if pair is None or min(pair) < 0:
+        return None
+    return pair[0], pair[0], pair[1], pair[1]
+
+
+def _conv_args(input, weight, bias, stride, padding, dilation, groups):
+    """(stride, (top, bottom, left, right), dilation) where fastml's kernels take this conv2d
+    call as it is, else None: then torch's conv2d runs, with its results and its errors."""
+    if (not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor) or input.dim() not in (3, 4)
+            or weight.dim() != 4 or input.dtype not in _KERNEL_DTYPES or weight.dtype != input.dtype
+            or weight.device != input.device or 0 in input.shape or 0 in weight.shape
+            or not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0
+            or (bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)
+                                      or bias.dtype != input.dtype or bias.device != input.device))
+            or not _kernels_can_run(input, weight, bias) or forward_ad_active()):
+        return None
+    stride, dilation = _pair(stride), _pair(dilation)
+    if stride is None or dilation is None or min(*stride, *dilation) <= 0:
+        return None
+    channels = input.shape[-3]
+    if channels % groups or weight.shape[0] % groups or weight.shape[1] * groups != channels:
+        return None
+    pads = padding if isinstance(padding, str) else _pair(padding)
+    pads = None if pads is None else _conv_padding(padding, weight, stride, dilation)
+    if pads is None:
+        return None
+    h, w = input.shape[-2:]
+    if (h + pads[0] + pads[1] < dilation[0] * (weight.shape[2] - 1) + 1
+            or w + pads[2] + pads[3] < dilation[1] * (weight.shape[3] - 1) + 1):
+        return None
+    return stride, pads, dilation
+
+
+def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+           dilation=1, groups: int = 1) -> torch.Tensor:
+    """``torch.nn.functional.conv2d``: input (N, C, H, W) or (C, H, W), weight (K, C / groups, R, S),
+    bias (K,) or None; stride, padding (ints, a pair, "valid" or "same") and dilation as torch's;
+    with backward for input, weight and bias. A channels_last input gives a channels_last output,
+    as torch. What the kernels do not cover (other dtypes, transforms, invalid arguments) runs
+    torch's conv2d.
+    """
+    args = None if _defer_to_torch(input, weight, bias) else _conv_args(input, weight, bias, stride, padding,
+                                                                        dilation, groups)
+    if args is None:
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    x, padding, restore = _conv_input(input, args[1])
+    out = _conv2d_op.conv2d(x, weight.contiguous(), None if bias is None else bias.contiguous(), args[0], padding,
+                            args[2], groups)
+    return restore(out)
+
+
+def _conv_input(input, pads):
+    """The kernels' view of a convolution's input: (x (N, C, H, W) contiguous, symmetric padding,
+    restore) where restore gives an output the input's layout (unbatched, channels_last).
+    Asymmetric padding (an even kernel under "same") adds the odd row and column by F.pad."""
+    top, bottom, left, right = pads
+    x = input if input.dim() == 4 else input.unsqueeze(0)
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    if top != bottom or left != right:
+        x = F.pad(x, (left, right, top, bottom))
+        top = left = 0
+
+    def restore(out):
+        if channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out if input.dim() == 4 else out.squeeze(0)
+
+    return x.contiguous(), (top, left), restore
+
+
+def conv2d_relu_max_pool2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
+                           padding=0, dilation=1, groups: int = 1, pool_kernel_size=2, pool_stride=None) -> torch.Tensor:
+    """``max_pool2d(relu(conv2d(input, weight, bias, stride, padding, dilation, groups)),
+    pool_kernel_size, pool_stride)`` in one kernel (pool_stride defaults to the pool kernel): the
+    activation before pooling is never stored, and backward keeps only the pooled output and an
+    int8 offset per window. Arguments as conv2d's and max_pool2d's; what the kernels do not cover
+    runs those three torch ops.
+    """
+    pool_kernel = _pair(pool_kernel_size)
+    pool_stride = pool_kernel if pool_stride is None else _pair(pool_stride)
+    args = None if _defer_to_torch(input, weight, bias) else _conv_args(input, weight, bias, stride, padding,
+                                                                        dilation, groups)
+    if args is not None and pool_kernel is not None and pool_stride is not None:
+        (stride_pair, (top, bottom, left, right), dilation_pair) = args
+        conv_size = [(size + before + after - d * (k - 1) - 1) // s + 1 for size, before, after, k, s, d in
+                     zip(input.shape[-2:], (top, left), (bottom, right), weight.shape[2:], stride_pair, dilation_pair)]
+        # int8 window offsets hold windows of up to 127 elements
+        if (min(*pool_kernel, *pool_stride) > 0 and pool_kernel[0] * pool_kernel[1] <= 127
+                and all(size >= k for size, k in zip(conv_size, pool_kernel))):
+            x, padding, restore = _conv_input(input, args[1])
+            out = _fused_op.conv2d_relu_max_pool2d(x, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                                   args[0], padding, args[2], groups, pool_kernel, pool_stride)
+            return restore(out)
+    z = torch.relu(conv2d(input, weight, bias, stride, padding, dilation, groups))
+    return max_pool2d(z, pool_kernel_size, pool_stride if pool_stride is not None else pool_kernel_size)
 

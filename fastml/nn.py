@@ -7,7 +7,7 @@ import torch
 
 from fastml import functional
 
-__all__ = ["Linear", "LinearMSELoss", "MaxPool2d", "MSELoss"]
+__all__ = ["Conv2d", "ConvReLUPool2d", "Linear", "LinearMSELoss", "MaxPool2d", "MSELoss"]
 
 
 class Linear(torch.nn.Linear):
@@ -15,6 +15,41 @@ class Linear(torch.nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return functional.linear(input, self.weight, self.bias)
+
+
+class Conv2d(torch.nn.Conv2d):
+    """``torch.nn.Conv2d`` on fastml's convolution kernels: same constructor (every padding mode;
+    modes other than "zeros" pad in torch first), parameters, state_dict and repr. Input
+    (N, C, H, W) or (C, H, W)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return functional.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return functional.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                 self.groups)
+
+
+class ConvReLUPool2d(torch.nn.Conv2d):
+    """Conv2d → ReLU → MaxPool2d(pool_kernel_size, pool_stride) in one kernel (fastml.functional.
+    conv2d_relu_max_pool2d): the activation before pooling never goes to memory. A Conv2d by
+    construction, parameters and state_dict (it loads from and into an nn.Conv2d of the same
+    arguments); pool_stride defaults to pool_kernel_size."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, pool_kernel_size=2, pool_stride=None, device=None,
+                 dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         device=device, dtype=dtype)
+        self.pool_kernel_size = pool_kernel_size
+        self.pool_stride = pool_kernel_size if pool_stride is None else pool_stride
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pool_kernel_size={self.pool_kernel_size}, pool_stride={self.pool_stride}"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return functional.conv2d_relu_max_pool2d(input, self.weight, self.bias, self.stride, self.padding,
+                                                 self.dilation, self.groups, self.pool_kernel_size, self.pool_stride)
 
 
 class MaxPool2d(torch.nn.MaxPool2d):

@@ -12,7 +12,8 @@ import triton_aot
 
 KERNELS = ["fastml.ops.sgd.triton_impl:_sgd_kernel", "fastml.ops.sgd.triton_impl:_course_kernel",
            "fastml.ops.adam.triton_impl:_adam_kernel", "fastml.ops.cdist.triton_impl:_cdist_kernel",
-           "fastml.ops.knn.triton_impl:_knn_kernel"]
+           "fastml.ops.knn.triton_impl:_knn_kernel", "fastml.ops.max_pool2d.triton_impl:_max_pool2d_forward_kernel",
+           "fastml.ops.max_pool2d.triton_impl:_max_pool2d_backward_kernel"]
 
 
 def test_triton_kernels_compile_for_an_h100():

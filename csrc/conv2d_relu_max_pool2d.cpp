@@ -1,0 +1,130 @@
+// Convolution + bias + ReLU + max-pool in one pass (LeNet's and VGG's block), and its backward.
+//
+// Forward: a task is (image, group, block of 8 output channels, pooled row). It computes the
+// pool_kernel[0] convolution rows that pooled row reads with conv_tiles.h's register tiles into a
+// small scratch (8 channels × those rows × the row's columns, in L1), then pools them: the
+// pre-pool activation never reaches memory. Each maximum is kept as its int8 offset i·pool_kw + j
+// in the window. Windows are scanned row by row, and a value replaces the maximum when greater
+// or NaN (torch's max_pool2d rule); ReLU keeps NaN, as torch.relu.
+// Backward: the activation gradient (grad at each window's maximum where the output is positive)
+// then conv2d.cpp's gradients.
+#include <vector>
+
+#include "conv_tiles.h"
+#include "kernels.h"
+
+namespace fastml {
+
+namespace {
+
+template <typename T, int NV>
+void fused_forward(const T* padded, index_t hp, index_t wp, const T* packed, const T* bias, const ConvShape& cs,
+                   index_t pkh, index_t pkw, index_t psh, index_t psw, index_t ph_out, index_t pw_out, T* out,
+                   std::int8_t* argmax, int threads) {
+    using S = Simd<T>;
+    const index_t kg = cs.kg(), blocks = cs.kblocks(), weights_per_block = cs.cg() * cs.r * cs.s * kKB;
+    const index_t row_stride = (cs.ow + NV * S::kWidth - 1) / (NV * S::kWidth) * (NV * S::kWidth);
+    const index_t tasks = cs.n * cs.groups * blocks * ph_out;
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<T> scratch(kKB * pkh * row_stride);  // [channel][window row][column]
+#pragma omp for schedule(static)
+        for (index_t task = 0; task < tasks; ++task) {
+            const index_t prow = task % ph_out, block = task / ph_out % blocks, g = task / ph_out / blocks % cs.groups,
+                          img = task / ph_out / blocks / cs.groups;
+            const T* xg = padded + (img * cs.c + g * cs.cg()) * hp * wp;
+            const T* wb = packed + (g * blocks + block) * weights_per_block;
+            const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);
+            for (index_t i = 0; i < pkh; ++i) {
+                conv_row<T, NV>(xg, cs, hp, wp, wb, prow * psh + i, [&](index_t col0, index_t cols, const auto& acc) {
+                    for (index_t o = 0; o < count; ++o) {
+                        T* dst = scratch.data() + (o * pkh + i) * row_stride + col0;
+                        const T shift = bias ? bias[first + o] : T(0);
+                        for (index_t l = 0; l < cols; ++l) {
+                            const T z = acc[o][l / S::kWidth][l % S::kWidth] + shift;
+                            dst[l] = z < 0 ? T(0) : z;  // ReLU; NaN stays NaN
+                        }
+                    }
+                });
+            }
+            for (index_t o = 0; o < count; ++o) {
+                const index_t at = ((img * cs.k + first + o) * ph_out + prow) * pw_out;
+                for (index_t pc = 0; pc < pw_out; ++pc) {
+                    T best = 0;
+                    int offset = -1;
+                    for (index_t i = 0; i < pkh; ++i) {
+                        const T* row = scratch.data() + (o * pkh + i) * row_stride + pc * psw;
+                        for (index_t j = 0; j < pkw; ++j) {
+                            const T v = row[j];
+                            if (offset < 0 || v > best || v != v) {
+                                best = v;
+                                offset = static_cast<int>(i * pkw + j);
+                            }
+                        }
+                    }
+                    out[at + pc] = best;
+                    argmax[at + pc] = static_cast<std::int8_t>(offset);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+template <typename T>
+void conv2d_relu_max_pool2d_forward(address_t x_, address_t w_, address_t b_, const std::vector<index_t>& dims,
+                                    const std::vector<index_t>& pool, address_t out_, address_t argmax_,
+                                    int nthreads) {
+    const ConvShape cs = conv_shape(dims);
+    const index_t pkh = pool[0], pkw = pool[1], psh = pool[2], psw = pool[3], ph_out = pool[4], pw_out = pool[5];
+    const int threads = threads_for(cs.n * cs.k * cs.oh * cs.ow * cs.cg() * cs.r * cs.s, nthreads);
+    const index_t hp = cs.hp(), wp = cs.wp();
+    const auto padded = padded_input(as_ptr<const T>(x_), cs, hp, wp, threads);
+    const auto packed = packed_forward_weights(as_ptr<const T>(w_), cs);
+    const T* bias = as_ptr<const T>(b_);
+    T* out = as_ptr<T>(out_);
+    auto* argmax = as_ptr<std::int8_t>(argmax_);
+    if (cs.ow <= Simd<T>::kWidth) {
+        fused_forward<T, 1>(padded.data(), hp, wp, packed.data(), bias, cs, pkh, pkw, psh, psw, ph_out, pw_out, out,
+                            argmax, threads);
+    } else {
+        fused_forward<T, 2>(padded.data(), hp, wp, packed.data(), bias, cs, pkh, pkw, psh, psw, ph_out, pw_out, out,
+                            argmax, threads);
+    }
+}
+
+// grad_z (planes, oh, ow) = grad (planes, ph_out, pw_out) at each window's maximum where out > 0,
+// zero elsewhere (overlapping windows add up, in output order).
+template <typename T>
+void relu_max_pool2d_backward(address_t grad_, address_t out_, address_t argmax_, index_t planes, index_t oh,
+                              index_t ow, const std::vector<index_t>& pool, address_t grad_z_, int nthreads) {
+    const index_t pkw = pool[1], psh = pool[2], psw = pool[3], ph_out = pool[4], pw_out = pool[5];
+    const T *grad = as_ptr<const T>(grad_), *out = as_ptr<const T>(out_);
+    const auto* argmax = as_ptr<const std::int8_t>(argmax_);
+    T* grad_z = as_ptr<T>(grad_z_);
+#pragma omp parallel for schedule(static) num_threads(threads_for(planes * oh * ow, nthreads))
+    for (index_t p = 0; p < planes; ++p) {
+        T* plane = grad_z + p * oh * ow;
+        std::fill(plane, plane + oh * ow, T(0));
+        for (index_t r = 0; r < ph_out; ++r) {
+            for (index_t c = 0; c < pw_out; ++c) {
+                const index_t at = (p * ph_out + r) * pw_out + c;
+                if (!(out[at] > 0)) continue;  // ReLU passes nothing at 0 or NaN
+                const index_t offset = argmax[at];
+                plane[(r * psh + offset / pkw) * ow + c * psw + offset % pkw] += grad[at];
+            }
+        }
+    }
+}
+
+#define FASTML_FUSED(T)                                                                                        \
+    template void conv2d_relu_max_pool2d_forward<T>(address_t, address_t, address_t, const std::vector<index_t>&, \
+                                                    const std::vector<index_t>&, address_t, address_t, int);      \
+    template void relu_max_pool2d_backward<T>(address_t, address_t, address_t, index_t, index_t, index_t,        \
+                                              const std::vector<index_t>&, address_t, int);
+FASTML_FUSED(float)
+FASTML_FUSED(double)
+#undef FASTML_FUSED
+
+}  // namespace fastml

@@ -1,0 +1,44 @@
+"""2-D convolution: autograd.Function and per-backend dispatch.
+
+Backend modules provide ``forward(x, weight, bias, stride, padding, dilation, groups)`` and
+``backward(grad, x, weight, stride, padding, dilation, groups, needs)``, as documented in
+reference.py. The forward saves its inputs only when a gradient is wanted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastml import _backend
+from fastml.ops import backward_backend, tracks_gradients
+from fastml.ops.conv2d.reference import output_size  # noqa: F401  (part of the op's interface)
+
+IMPLEMENTED = ("triton", "cpp", "numba", "reference")
+
+
+def impl(backend: str):
+    return _backend.load(__name__, backend)
+
+
+class Conv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, backend):
+        ctx.save_for_backward(x, weight)
+        ctx.args, ctx.backend = (stride, padding, dilation, groups), backend
+        return impl(backend).forward(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        backend = backward_backend(ctx.backend, grad)
+        grads = impl(backend).backward(grad.contiguous(), x, weight, *ctx.args, tuple(ctx.needs_input_grad[:3]))
+        return (*grads, None, None, None, None, None)
+
+
+def conv2d(x, weight, bias, stride, padding, dilation, groups):
+    """The convolution of contiguous x (N, C, H, W) with weight (K, C / groups, R, S) on the
+    selected backend; arguments as in reference.forward."""
+    backend = _backend.select(x, IMPLEMENTED)
+    if tracks_gradients(x, weight, bias):
+        return Conv2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, backend)
+    return impl(backend).forward(x, weight, bias, stride, padding, dilation, groups)

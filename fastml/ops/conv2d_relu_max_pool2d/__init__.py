@@ -1,0 +1,49 @@
+"""Conv + bias + ReLU + max-pool in one kernel: autograd.Function and per-backend dispatch.
+
+Backend modules provide ``forward(x, weight, bias, stride, padding, dilation, groups,
+pool_kernel, pool_stride)`` → (out, argmax) and ``backward(grad, out, argmax, x, weight, ...,
+needs)``, as documented in reference.py. Backward keeps the pooled output and int8 window
+offsets, never the pre-pool activation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastml import _backend
+from fastml.ops import backward_backend, tracks_gradients
+from fastml.ops.conv2d_relu_max_pool2d.reference import pooled_size  # noqa: F401  (part of the interface)
+
+IMPLEMENTED = ("triton", "cpp", "numba", "reference")
+
+
+def impl(backend: str):
+    return _backend.load(__name__, backend)
+
+
+class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride, backend):
+        out, argmax = impl(backend).forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel,
+                                            pool_stride)
+        ctx.save_for_backward(out, argmax, x, weight)
+        ctx.args, ctx.backend = (stride, padding, dilation, groups, pool_kernel, pool_stride), backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, argmax, x, weight = ctx.saved_tensors
+        backend = backward_backend(ctx.backend, grad)
+        grads = impl(backend).backward(grad.contiguous(), out, argmax, x, weight, *ctx.args,
+                                       tuple(ctx.needs_input_grad[:3]))
+        return (*grads, *([None] * 7))
+
+
+def conv2d_relu_max_pool2d(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
+    """max_pool2d(relu(conv2d(x, weight, bias))) for contiguous x (N, C, H, W) on the selected
+    backend; arguments as in reference.forward."""
+    backend = _backend.select(x, IMPLEMENTED)
+    if tracks_gradients(x, weight, bias):
+        return Conv2dReLUMaxPool2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, pool_kernel,
+                                                 pool_stride, backend)
+    return impl(backend).forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride)[0]

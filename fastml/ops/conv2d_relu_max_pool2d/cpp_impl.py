@@ -1,0 +1,37 @@
+"""Conv + bias + ReLU + max-pool on fastml._C (csrc/conv2d_relu_max_pool2d.cpp, then
+csrc/conv2d.cpp's gradients); signatures as in reference.py."""
+
+from __future__ import annotations
+
+import torch
+
+from fastml._cpp import kernel, ptr, threads
+from fastml.ops.conv2d import cpp_impl as conv
+from fastml.ops.conv2d_relu_max_pool2d.reference import pooled_size
+
+
+def _pool_dims(conv_dims, pool_kernel, pool_stride):
+    oh, ow = conv_dims[-2:]
+    return [*pool_kernel, *pool_stride, pooled_size(oh, pool_kernel[0], pool_stride[0]),
+            pooled_size(ow, pool_kernel[1], pool_stride[1])]
+
+
+def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
+    dims = conv.dims(x, weight, stride, padding, dilation, groups)
+    pool = _pool_dims(dims, pool_kernel, pool_stride)
+    shape = (x.shape[0], weight.shape[0], pool[4], pool[5])
+    out, argmax = x.new_empty(shape), torch.empty(shape, dtype=torch.int8)
+    kernel("conv2d_relu_max_pool2d_forward", x.dtype)(x.data_ptr(), weight.data_ptr(), ptr(bias), dims, pool,
+                                                      out.data_ptr(), argmax.data_ptr(), threads())
+    return out, argmax
+
+
+def backward(grad, out, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
+    dims = conv.dims(x, weight, stride, padding, dilation, groups)
+    oh, ow = dims[-2:]
+    grad_z = grad.new_empty((x.shape[0], weight.shape[0], oh, ow))
+    kernel("relu_max_pool2d_backward", grad.dtype)(grad.data_ptr(), out.data_ptr(), argmax.data_ptr(),
+                                                   grad_z.shape[0] * grad_z.shape[1], oh, ow,
+                                                   _pool_dims(dims, pool_kernel, pool_stride), grad_z.data_ptr(),
+                                                   threads())
+    return conv.backward(grad_z, x, weight, stride, padding, dilation, groups, needs)

@@ -1,0 +1,149 @@
+"""The fused conv + bias + ReLU + max-pool block (fastml.functional.conv2d_relu_max_pool2d,
+fastml.nn.ConvReLUPool2d) on every backend against torch's three ops, and the course's LeNet built
+from fastml layers against the same network built from torch layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from conftest import assert_close, rand, upcast
+
+import fastml
+from fastml import functional as F
+
+# (input shape, weight shape, bias, stride, padding, dilation, groups, pool kernel, pool stride)
+CONFIGS = [
+    ((2, 1, 12, 12), (6, 1, 5, 5), True, 1, 2, 1, 1, 2, None),          # LeNet's first block
+    ((2, 6, 9, 9), (16, 6, 5, 5), True, 1, 0, 1, 1, 2, None),           # its second (odd: a row left over)
+    ((1, 4, 11, 10), (6, 2, 3, 3), False, 1, 1, 1, 2, 3, 2),            # groups, overlapping pool windows
+    ((2, 3, 9, 13), (5, 3, 3, 2), True, (2, 1), (1, 0), (1, 2), 1, (2, 3), (1, 2)),  # everything rectangular
+    ((1, 3, 10, 36), (9, 3, 3, 3), True, 1, 1, 1, 1, 2, 2),             # rows wider than two SIMD vectors
+]
+
+
+def _ids(config):
+    x, w, bias, stride, padding, dilation, groups, pk, ps = config
+    return f"x{'x'.join(map(str, x))}-w{'x'.join(map(str, w))}-s{stride}-p{padding}-d{dilation}-g{groups}-pool{pk},{ps}"
+
+
+def _composite(x, w, b, config):
+    _, _, _, stride, padding, dilation, groups, pk, ps = config
+    return TF.max_pool2d(torch.relu(TF.conv2d(x, w, b, stride, padding, dilation, groups)), pk, ps)
+
+
+def _fused(x, w, b, config):
+    _, _, _, stride, padding, dilation, groups, pk, ps = config
+    return F.conv2d_relu_max_pool2d(x, w, b, stride, padding, dilation, groups, pk, ps)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[_ids(c) for c in CONFIGS])
+def test_matches_float64_composite(backend, rng, config):
+    for dtype in (torch.float32, torch.float64):
+        x = rand(*config[0], dtype=dtype, device=backend.device, generator=rng, requires_grad=True)
+        w = rand(*config[1], dtype=dtype, device=backend.device, generator=rng, requires_grad=True)
+        b = rand(config[1][0], dtype=dtype, device=backend.device, generator=rng, requires_grad=True) if config[2] \
+            else None
+        out = _fused(x, w, b, config)
+        x64, w64, b64 = upcast(x, w, b)
+        expected = _composite(x64, w64, b64, config)
+        assert_close(out, expected, scale=config[1][1] * config[1][2] * config[1][3])
+        grad = rand(*out.shape, dtype=dtype, device=backend.device, generator=rng)
+        ours = torch.autograd.grad(out, [t for t in (x, w, b) if t is not None], grad)
+        theirs = torch.autograd.grad(expected, [t for t in (x64, w64, b64) if t is not None], grad.cpu().double())
+        for a, e in zip(ours, theirs):
+            assert_close(a, e, scale=max(1.0, float(e.abs().max())))
+
+
+def test_ties_nan_and_relu_zero_route_as_torch(backend, rng):
+    """Small integers make every sum exact, so windows tie exactly: the first maximum takes the
+    gradient, as max_pool2d's; a window whose maximum is 0 (after ReLU) passes none back; NaN wins."""
+    config = ((2, 2, 8, 9), (3, 2, 3, 3), True, 1, 1, 1, 1, 2, None)
+    x = torch.randint(-2, 3, config[0], generator=rng).double()
+    x[0, 0, 2, 2] = float("nan")
+    w = torch.randint(-1, 2, config[1], generator=rng).double()
+    b = torch.randint(-1, 2, (3,), generator=rng).double()
+    leaves = [t.to(backend.device).requires_grad_() for t in (x, w, b)]
+    out = _fused(*leaves, config)
+    cpu = [t.clone().requires_grad_() for t in (x, w, b)]
+    expected = _composite(*cpu, config)
+    torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+    grad = torch.randn(out.shape, generator=rng, dtype=torch.float64)
+    mask = ~expected.isnan()  # NaN poisons the weight gradient alike on both sides; compare the rest
+    for a, e in zip(torch.autograd.grad(out, leaves[:1], grad.to(backend.device) * mask.to(backend.device)),
+                    torch.autograd.grad(expected, cpu[:1], grad * mask)):
+        torch.testing.assert_close(a.cpu(), e, rtol=0, atol=1e-12, equal_nan=True)
+
+
+def test_gradcheck(backend, rng):
+    x = rand(1, 2, 7, 8, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
+    w = rand(3, 2, 3, 3, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
+    b = rand(3, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: F.conv2d_relu_max_pool2d(*t, 1, 1, 1, 1, 2), (x, w, b))
+
+
+def test_backward_keeps_no_activation(backend, rng):
+    x = rand(2, 3, 12, 12, device=backend.device, generator=rng, requires_grad=True)
+    w = rand(8, 3, 3, 3, device=backend.device, generator=rng, requires_grad=True)
+    out = F.conv2d_relu_max_pool2d(x, w, None, padding=1)
+    activation = 2 * 8 * 12 * 12
+    saved = out.grad_fn.saved_tensors
+    assert saved and all(t.numel() < activation for t in saved), [t.shape for t in saved]
+    assert any(t.dtype == torch.int8 for t in saved), "window offsets are kept as int8"
+
+
+def test_unbatched_empty_and_fallbacks(backend, rng):
+    w = rand(4, 3, 3, 3, device=backend.device, generator=rng)
+    x = rand(3, 10, 11, device=backend.device, generator=rng)
+    out = F.conv2d_relu_max_pool2d(x, w, padding=1)
+    torch.testing.assert_close(out.cpu(), TF.max_pool2d(torch.relu(TF.conv2d(x.cpu(), w.cpu(), padding=1)), 2),
+                               rtol=1e-5, atol=1e-5)
+    assert F.conv2d_relu_max_pool2d(x.new_empty(0, 3, 10, 11), w).shape == (0, 4, 4, 4)
+    tall = rand(3, 14, 12, device=backend.device, generator=rng)
+    big_window = F.conv2d_relu_max_pool2d(tall, w, padding=1, pool_kernel_size=(14, 12))
+    assert big_window.shape == (4, 1, 1)  # 168 elements per window: past int8 offsets, torch's ops run
+    torch.testing.assert_close(big_window.cpu(), torch.relu(TF.conv2d(tall.cpu(), w.cpu(), padding=1)).amax((1, 2))[:, None, None],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="Output size is too small"):
+        F.conv2d_relu_max_pool2d(x, w, pool_kernel_size=20)
+
+
+def test_module_state_dict_is_a_conv2ds(backend, rng):
+    ours = fastml.nn.ConvReLUPool2d(3, 6, 5, padding=2, pool_kernel_size=2).to(backend.device)
+    conv = torch.nn.Conv2d(3, 6, 5, padding=2)
+    conv.load_state_dict({k: v.cpu() for k, v in ours.state_dict().items()})
+    ours.load_state_dict(conv.state_dict())
+    assert "pool_kernel_size=2, pool_stride=2" in repr(ours)
+    x = rand(2, 3, 12, 12, device=backend.device, generator=rng)
+    torch.testing.assert_close(ours(x).cpu(), TF.max_pool2d(torch.relu(conv(x.cpu())), 2), rtol=1e-5, atol=1e-5)
+
+
+def _lenet(conv, pool, fused):
+    """The course's LeNet on 28 × 28 images, from the given layer classes (or fused blocks)."""
+    torch.manual_seed(0)
+    if fused:
+        features = [fastml.nn.ConvReLUPool2d(1, 6, 5, padding=2), fastml.nn.ConvReLUPool2d(6, 16, 5)]
+    else:
+        features = [conv(1, 6, 5, padding=2), torch.nn.ReLU(), pool(2), conv(6, 16, 5), torch.nn.ReLU(), pool(2)]
+    return torch.nn.Sequential(*features, torch.nn.Flatten(), torch.nn.Linear(400, 120), torch.nn.ReLU(),
+                               torch.nn.Linear(120, 84), torch.nn.ReLU(), torch.nn.Linear(84, 10))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused-blocks"])
+def test_lenet_trains_like_torch(rng, fused):
+    images = torch.rand(64, 1, 28, 28, generator=rng)
+    labels = torch.randint(0, 10, (64,), generator=rng)
+    curves = []
+    for model in (_lenet(torch.nn.Conv2d, torch.nn.MaxPool2d, False), _lenet(fastml.nn.Conv2d, fastml.nn.MaxPool2d,
+                                                                             fused)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses = []
+        for step in range(8):
+            batch = slice(step % 4 * 16, step % 4 * 16 + 16)
+            loss = TF.cross_entropy(model(images[batch]), labels[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves.append(losses)
+    torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-5)
