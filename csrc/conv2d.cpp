@@ -35,9 +35,8 @@ void correlate(const T* x, index_t hp, index_t wp, const T* packed, const T* bia
         const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);
         conv_row<T, NV>(xg, cs, hp, wp, wb, row, [&](index_t col0, index_t cols, const auto& acc) {
             for (index_t o = 0; o < count; ++o) {
-                T* dst = out + ((img * cs.k + first + o) * cs.oh + row) * cs.ow + col0;
-                const T shift = bias ? bias[first + o] : T(0);
-                for (index_t l = 0; l < cols; ++l) dst[l] = acc[o][l / Simd<T>::kWidth][l % Simd<T>::kWidth] + shift;
+                store_tile_row(acc[o], bias ? bias[first + o] : T(0), cols,
+                               out + ((img * cs.k + first + o) * cs.oh + row) * cs.ow + col0, [](auto z) { return z; });
             }
         });
     }

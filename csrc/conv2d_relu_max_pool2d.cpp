@@ -38,12 +38,10 @@ void fused_forward(const T* padded, index_t hp, index_t wp, const T* packed, con
             for (index_t i = 0; i < pkh; ++i) {
                 conv_row<T, NV>(xg, cs, hp, wp, wb, prow * psh + i, [&](index_t col0, index_t cols, const auto& acc) {
                     for (index_t o = 0; o < count; ++o) {
-                        T* dst = scratch.data() + (o * pkh + i) * row_stride + col0;
-                        const T shift = bias ? bias[first + o] : T(0);
-                        for (index_t l = 0; l < cols; ++l) {
-                            const T z = acc[o][l / S::kWidth][l % S::kWidth] + shift;
-                            dst[l] = z < 0 ? T(0) : z;  // ReLU; NaN stays NaN
-                        }
+                        // ReLU keeping NaN (a NaN is not below 0), as torch.relu
+                        store_tile_row(acc[o], bias ? bias[first + o] : T(0), cols,
+                                       scratch.data() + (o * pkh + i) * row_stride + col0,
+                                       [](auto z) { return z < 0 ? decltype(z){} : z; });
                     }
                 });
             }

@@ -129,6 +129,22 @@ inline void conv_row(const T* x, const ConvShape& cs, index_t hp, index_t wp, co
     }
 }
 
+// dst[0, cols) = activation(tile + shift) for one output channel's tile of NV vectors: whole
+// vectors stored as such, a partial last tile lane by lane. activation takes a vector.
+template <typename V, int NV, typename T, typename Activation>
+inline void store_tile_row(const V (&tile)[NV], T shift, index_t cols, T* dst, Activation&& activation) {
+    constexpr index_t kWidth = Simd<T>::kWidth;
+    for (int v = 0; v < NV; ++v) {
+        const V z = activation(tile[v] + shift);
+        if (cols >= (v + 1) * kWidth) {
+            Simd<T>::store(dst + v * kWidth, z);
+        } else {
+            for (index_t l = 0; l < cols - v * kWidth; ++l) dst[v * kWidth + l] = z[l];
+            return;
+        }
+    }
+}
+
 // Elements of padded planes, with slack for the last vectors' reads past the end.
 template <typename T>
 inline index_t padded_size(index_t planes, index_t hp, index_t wp, index_t sw) {
