@@ -1,8 +1,9 @@
 """fastml's public functions: argument checks with clear errors, then the op's dispatch.
 
-``linear``, ``mse_loss``, ``cdist``, ``conv2d`` and ``max_pool2d`` accept what their torch twins accept: where no fastml kernel covers a
-configuration (mixed dtypes, integer tensors, extra options, tracers, transforms), they run torch's
-own implementation, so they never fail where torch works and are never silently different.
+``linear``, ``mse_loss``, ``cdist``, ``conv2d``, ``max_pool2d`` and ``conv2d_relu_max_pool2d`` accept
+what their torch twins accept: where no fastml kernel covers a configuration (mixed dtypes,
+integer tensors, extra options, tracers, transforms), they run torch's own implementation, so
+they never fail where torch works and are never silently different.
 ``linear_mse`` and ``knn`` have no twin and are strict: wrong shapes, dtypes or devices are clear
 errors.
 """
@@ -457,7 +458,8 @@ def _conv_input(input, pads):
 
 
 def conv2d_relu_max_pool2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
-                           padding=0, dilation=1, groups: int = 1, pool_kernel_size=2, pool_stride=None) -> torch.Tensor:
+                           padding=0, dilation=1, groups: int = 1, pool_kernel_size=2,
+                           pool_stride=None) -> torch.Tensor:
     """``max_pool2d(relu(conv2d(input, weight, bias, stride, padding, dilation, groups)),
     pool_kernel_size, pool_stride)`` in one kernel (pool_stride defaults to the pool kernel): the
     activation before pooling is never stored, and backward keeps only the pooled output and an
