@@ -227,7 +227,7 @@ def _conv2d_backward_weight_kernel(
     m_count = tl.minimum(M - m_lo, m_per_split)
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     bias_sum = tl.zeros([BLOCK_M], ACC)
-    for i in range(0, tl.cdiv(m_count, BLOCK_K)):
+    for i in range(tl.cdiv(m_count, BLOCK_K)):
         m = m_lo + i * BLOCK_K + tl.arange(0, BLOCK_K)
         m_ok = m < m_lo + m_count
         n = m // ohw
@@ -249,7 +249,7 @@ def _conv2d_backward_weight_kernel(
     if WEIGHT:
         out = grad_weight_ptr + split.to(tl.int64) * K * red + (k.to(tl.int64) * red)[:, None] + offs_r[None, :]
         tl.store(out, acc.to(grad_weight_ptr.dtype.element_ty), mask=k_ok[:, None] & r_ok[None, :])
-    if BIAS:
+    if BIAS:  # noqa: SIM102 (a constexpr test, then a runtime one: the first column tile writes)
         if pid_n == 0:
             tl.store(grad_bias_ptr + split.to(tl.int64) * K + k, bias_sum.to(grad_bias_ptr.dtype.element_ty),
                      mask=k_ok)
@@ -266,7 +266,7 @@ def _sum_partials_kernel(
     mask = cols < length
     acc = tl.zeros([BLOCK], ACC)
     part = part_ptr + cols
-    for _ in range(0, splits):  # a fixed order: deterministic
+    for _ in range(splits):  # a fixed order: deterministic
         acc += tl.load(part, mask=mask, other=0).to(ACC)
         part += length
     tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -296,8 +296,9 @@ def _tuner(kernel, fp64: bool, max_n: int, max_k: int):
 def _meta(dtype: torch.dtype) -> dict:
     interp = tt.interpreted()
     upcast = interp and dtype in (torch.float16, torch.bfloat16)
-    return dict(ACC=tt.acc_dtype(dtype), PREC=tt.upcast_dot_precision(dtype) if upcast else tt.dot_precision(dtype),
-                USE_DOT=tt.use_dot(dtype), UPCAST=upcast)
+    return {"ACC": tt.acc_dtype(dtype),
+            "PREC": tt.upcast_dot_precision(dtype) if upcast else tt.dot_precision(dtype),
+            "USE_DOT": tt.use_dot(dtype), "UPCAST": upcast}
 
 
 def launch(kernel, tiles, rows: int, cols: int, red: int, args: tuple, meta: dict, dtype: torch.dtype,
@@ -305,7 +306,7 @@ def launch(kernel, tiles, rows: int, cols: int, red: int, args: tuple, meta: dic
     """Launches an implicit-GEMM ``kernel`` of ``rows`` × ``cols`` outputs reduced over ``red``
     terms, whose 1-D grid has ``tiles(BLOCK_M, BLOCK_N)`` programs (× ``splits`` on axis 1)."""
     if tt.interpreted():
-        bm, bn, bk = tt.block(rows, 16, 64), tt.block(cols, 16, 32), tt.block(red, 16, 32)
+        bm, bn, bk = tt.block(rows, 16, 128), tt.block(cols, 16, 64), tt.block(red, 16, 64)
         kernel[(tiles(bm, bn), splits)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
     elif not meta["USE_DOT"]:  # broadcast products: BLOCK_M·BLOCK_N·BLOCK_K values in registers
         kernel[(tiles(16, 16), splits)](*args, **meta, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=NUM_WARPS,
