@@ -59,11 +59,14 @@ def test_matches_float64_reference(backend, rng, config):
 
 
 def test_gradcheck(backend, rng):
-    x = rand(2, 4, 6, 5, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
-    w = rand(6, 2, 3, 2, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
-    b = rand(6, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
+    x = rand(1, 4, 5, 5, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
+    w = rand(4, 2, 3, 2, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
+    b = rand(4, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: F.conv2d(*t, (2, 1), 1, (1, 2), 2), (x, w, b))
-    assert torch.autograd.gradgradcheck(lambda *t: F.conv2d(*t, 1, 1, 1, 2), (x, w[:, :, :2], b))
+    if backend.name != "triton" or torch.cuda.is_available():
+        # Double backward runs the reference's torch ops on every backend; through the Triton
+        # interpreter its ~1,600 forward calls take minutes and test no other kernel.
+        assert torch.autograd.gradgradcheck(lambda *t: F.conv2d(*t, 1, 1, 1, 2), (x, w[:, :, :2], b))
 
 
 def test_unbatched_empty_noncontiguous_and_channels_last(backend, rng):

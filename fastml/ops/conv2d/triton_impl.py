@@ -24,7 +24,8 @@ grad_weight  rows: the group's output channels, columns: r, reduction: output po
 tl.dot runs on tiles of at least 16 on every side; float64 takes the broadcast multiply + sum of
 ``tt.mm`` where tl.dot has no float64 path (``tt.use_dot``), on 16 × 16 × 16 tiles. On the GPU the
 large problems autotune their tiles, once per power-of-two bucket of the GEMM's sizes; under the
-interpreter one small config (16 to 64 wide), so the tests' small maps span several programs.
+interpreter one config of tiles sized to the problem (16 to 128 rows, 16 to 64 columns and
+reduction steps): each program costs Python time per operation, so few programs are launched.
 """
 
 from __future__ import annotations
@@ -276,20 +277,22 @@ def _sum_partials_kernel(
 # Launch configurations
 # --------------------------------------------------------------------------------------------
 
-_CONFIGS = [  # (warps, stages, BLOCK_M, BLOCK_N, BLOCK_K)
+_CONFIGS = [  # (warps, stages, BLOCK_M, BLOCK_N, BLOCK_K); the first fits every GEMM
+    (4, 2, 16, 16, 16), (4, 3, 64, 16, 16), (4, 3, 128, 16, 16), (4, 3, 32, 64, 32), (4, 3, 16, 64, 64),
     (4, 3, 64, 16, 32), (4, 3, 128, 16, 32), (4, 3, 64, 32, 32), (4, 3, 128, 32, 32),
     (4, 3, 64, 64, 32), (8, 3, 128, 64, 32), (4, 3, 64, 64, 64), (8, 3, 128, 128, 32),
 ]
-_CONFIGS_FP64 = [(4, 2, 32, 16, 16), (4, 2, 64, 16, 16), (4, 2, 32, 32, 16), (4, 2, 64, 32, 16),
-                 (4, 2, 64, 64, 16)]
+_CONFIGS_FP64 = [(4, 2, 16, 16, 16), (4, 2, 32, 16, 16), (4, 2, 64, 16, 16), (4, 2, 16, 32, 16),
+                 (4, 2, 32, 32, 16), (4, 2, 64, 32, 16), (4, 2, 64, 64, 16)]
 
 
 @functools.cache
-def _tuner(kernel, fp64: bool, max_n: int, max_k: int):
-    """An autotuner of ``kernel`` over the configs whose column and reduction tiles do not pass
-    max_n and max_k (tiles wider than the GEMM only add masked work)."""
+def _tuner(kernel, fp64: bool, max_m: int, max_n: int, max_k: int):
+    """An autotuner of ``kernel`` over the configs whose tiles do not pass max_m, max_n and max_k
+    (tiles larger than the GEMM only add masked work)."""
     configs = [tt.cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-               for w, s, bm, bn, bk in (_CONFIGS_FP64 if fp64 else _CONFIGS) if bn <= max_n and bk <= max_k]
+               for w, s, bm, bn, bk in (_CONFIGS_FP64 if fp64 else _CONFIGS)
+               if bm <= max_m and bn <= max_n and bk <= max_k]
     return triton.autotune(configs=configs, key=["M", "K"])(kernel)
 
 
@@ -319,7 +322,8 @@ def launch(kernel, tiles, rows: int, cols: int, red: int, args: tuple, meta: dic
         kernel[(tiles(bm, bn), splits)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS,
                                         num_stages=2 if fp64 else 3)
     else:
-        tuner = _tuner(kernel, dtype == torch.float64, tt.block(cols, 16, 128), tt.block(red, 16, 64))
+        tuner = _tuner(kernel, dtype == torch.float64, tt.block(rows, 16, 128), tt.block(cols, 16, 128),
+                       tt.block(red, 16, 64))
         key = (tt.size_bucket(rows), tt.size_bucket(cols), tt.size_bucket(red), splits, dtype,
                tuple(sorted((k, v) for k, v in meta.items() if isinstance(v, bool))))
         tt.launch_tuned(tuner, kernel, lambda m: (tiles(m["BLOCK_M"], m["BLOCK_N"]), splits), key, *args, **meta)
