@@ -9,11 +9,14 @@ Work is split so that each task owns what it writes, with no partials to combine
 - grad_weight / grad_bias: one (k, c) weight slice per task (grad_bias[k] with its c = 0 slice),
   summed over the batch and the output positions.
 
-The innermost loop always runs along an output row (contiguous), with the kernel tap fixed, so
-LLVM vectorises it. Its bounds are clipped to the columns whose input lies inside x, which is how
-zero padding is applied without padding x or testing each element. The grad_weight sums along a
-row carry only LLVM's reassoc flag (fastmath={"reassoc"}, see fastml/_numba.py), so they run in
-SIMD lanes; everything else is strict IEEE arithmetic.
+The innermost loop always runs along an output row (contiguous) with the kernel tap fixed, on
+slices indexed from 0, so LLVM vectorises it (for stride 1; a larger stride makes the input side
+a strided gather, or in grad_x a scatter). Its bounds are clipped to the columns whose input lies
+inside x: zero padding contributes nothing and is skipped, never materialised nor tested per
+element. (Hence a non-finite weight or gradient meeting the padding gives no NaN here, where
+torch's im2col paths compute 0 · inf; torch's own paths disagree on this.) The grad_weight sums
+along a row carry only LLVM's reassoc flag (fastmath={"reassoc"}, see fastml/_numba.py), so they
+run in SIMD lanes; everything else is strict IEEE arithmetic.
 """
 
 from __future__ import annotations
@@ -222,8 +225,7 @@ def backward(grad, x, weight, stride, padding, dilation, groups, needs):
         if not empty:
             nb.threads_for(work)
             _backward_weight_kernel(nb.view(grad), nb.view(x), grad_w.numpy(), bool(need_w), grad_b.numpy(),
-                                    bool(need_b),
-                                    int(groups), *stride, *padding, *dilation)
+                                    bool(need_b), int(groups), *stride, *padding, *dilation)
         grad_w = grad_w if need_w else None
         grad_b = grad_b if need_b else None
     return grad_x, grad_w, grad_b

@@ -1,10 +1,11 @@
 """Fused conv + bias + ReLU + max-pool on numba; signatures and shapes as in reference.py.
 
-Forward: the (n, k) output planes split into one contiguous range per thread. For each pooled row the task computes the pool_kernel[0]
-convolution rows that row's windows cover into a small scratch (conv2d's ``conv_row``, only the
-columns some window reads), applies ReLU there and pools them with torch's rule (row by row, a
-value replacing the maximum when greater or NaN). The pre-pool activation (N, K, OH, OW) is never
-stored; rows shared by overlapping windows (pool_stride[0] < pool_kernel[0]) are recomputed.
+Forward: the N·K output planes split into one contiguous range per thread. For each pooled row a
+thread computes the pool_kernel[0] convolution rows that row's windows cover into its scratch
+(conv2d's ``conv_row``, only the columns some window reads), applies ReLU there and pools them
+with torch's rule (row by row, a value replacing the maximum when greater or NaN). The pre-pool
+activation (N, K, OH, OW) is never stored; rows shared by overlapping windows (pool_stride[0] <
+pool_kernel[0]) are recomputed.
 
 Backward: one (n, k) plane per task rebuilds the gradient of the pre-ReLU activation from (grad,
 out, argmax), each plane's windows added in row-major order (overlapping windows sum in a fixed
@@ -62,7 +63,7 @@ def _forward_kernel(x, w, bias, has_bias, out, argmax, groups, sh, sw, ph, pw, d
                     for i in range(pkh):
                         for j in range(pkw):
                             v = rows[i, j0 + j]
-                            if v > best or v != v:  # every NaN replaces, as in torch's max_pool2d
+                            if v > best or math.isnan(v):  # every NaN replaces, as in torch's max_pool2d
                                 best, at = v, i * pkw + j
                     out[n, k, pi, pj] = best
                     argmax[n, k, pi, pj] = at

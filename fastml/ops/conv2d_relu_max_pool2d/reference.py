@@ -51,9 +51,9 @@ def activation_grad(grad, out, argmax, conv_size, pool_kernel, pool_stride):
     offsets = argmax.long()
     rows = torch.arange(ph, device=grad.device)[:, None] * pool_stride[0] + offsets // pool_kernel[1]
     cols = torch.arange(pw, device=grad.device)[None, :] * pool_stride[1] + offsets % pool_kernel[1]
-    flat = (rows * conv_size[1] + cols).reshape(n, k, -1)
+    flat = (rows * conv_size[1] + cols).reshape(n, k, ph * pw)
     grad_z = grad.new_zeros((n, k, conv_size[0] * conv_size[1]))
-    grad_z.scatter_add_(2, flat, torch.where(out > 0, grad, torch.zeros_like(grad)).reshape(n, k, -1))
+    grad_z.scatter_add_(2, flat, torch.where(out > 0, grad, torch.zeros_like(grad)).reshape(n, k, ph * pw))
     return grad_z.reshape(n, k, *conv_size)
 
 

@@ -53,6 +53,7 @@ def forward(x, kernel, stride, padding, dilation, ceil_mode):
 
 def backward(grad, indices, height, width):
     n, c = grad.shape[:2]
+    outputs = grad.shape[2] * grad.shape[3]
     grad_input = grad.new_zeros((n, c, height * width))
-    grad_input.scatter_add_(2, indices.reshape(n, c, -1), grad.reshape(n, c, -1))
+    grad_input.scatter_add_(2, indices.reshape(n, c, outputs), grad.reshape(n, c, outputs))
     return grad_input.reshape(n, c, height, width)
