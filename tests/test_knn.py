@@ -144,6 +144,8 @@ def _selection_case(query, reference, k):
 @pytest.mark.parametrize("m", [16, 33, 64])
 @pytest.mark.parametrize("k", [1, 3, 10])
 def test_selection_filter_matches_float64(backend, rng, m, k):
+    if backend.name == "triton" and not torch.cuda.is_available() and (m, k) != (33, 3):
+        pytest.skip("kept small under the Triton interpreter: the int8 selection is the C++ backend's")
     query = rand(37, m, device=backend.device, generator=rng)
     reference = rand(64 * k + 29, m, device=backend.device, generator=rng)
     _selection_case(query, reference, k)
