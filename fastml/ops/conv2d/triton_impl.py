@@ -85,6 +85,19 @@ def conv_tile(
 
 
 @triton.jit
+def group_tile(pid, M, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tile program ``pid`` owns on a 1-D grid ordered (group, row tile, column tile): its
+    group; its rows [BLOCK_M] (int64: N·OH·OW may pass 2**31) and their mask (< M); its columns
+    [BLOCK_N] and their mask (< cols, the group's width)."""
+    tiles_n = tl.cdiv(cols, BLOCK_N)
+    tiles = tl.cdiv(M, BLOCK_M) * tiles_n
+    pid_m = (pid % tiles) // tiles_n
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid // tiles, offs_m, offs_m < M, offs_n, offs_n < cols
+
+
+@triton.jit
 def _conv2d_forward_kernel(
     x_ptr,     # (N, C, H, W) input, contiguous
     w_ptr,     # (K, C / groups, KH, KW) filters, contiguous, x's dtype
@@ -97,23 +110,14 @@ def _conv2d_forward_kernel(
     UPCAST: tl.constexpr,  # operands to ACC before the product (half types under the interpreter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     CG = C // groups
     KG = K // groups
-    tiles_n = tl.cdiv(KG, BLOCK_N)
-    tiles = tl.cdiv(M, BLOCK_M) * tiles_n
-    g = pid // tiles
-    pid_m = (pid % tiles) // tiles_n
-    pid_n = pid % tiles_n
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # N·OH·OW may pass 2**31
-    m_ok = offs_m < M
+    g, offs_m, m_ok, offs_n, n_ok = group_tile(tl.program_id(0), M, KG, BLOCK_M, BLOCK_N)
     ohw = OH * OW
     n = offs_m // ohw
     p = (offs_m - n * ohw).to(tl.int32)
     oh = p // OW
     ow = p % OW
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < KG
     k = g * KG + offs_n
     acc = conv_tile(x_ptr, w_ptr, (n * C + g * CG) * H * W, oh * SH - PH, ow * SW - PW, m_ok,
                     k.to(tl.int64) * (CG * KH * KW), n_ok, CG, H, W, KH, KW, DH, DW,
@@ -136,24 +140,15 @@ def _conv2d_backward_input_kernel(
     ACC: tl.constexpr, PREC: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     CG = C // groups
     KG = K // groups
-    tiles_n = tl.cdiv(CG, BLOCK_N)
-    tiles = tl.cdiv(M, BLOCK_M) * tiles_n
-    g = pid // tiles
-    pid_m = (pid % tiles) // tiles_n
-    pid_n = pid % tiles_n
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
+    g, offs_m, m_ok, offs_n, n_ok = group_tile(tl.program_id(0), M, CG, BLOCK_M, BLOCK_N)
     hw = H * W
     ohw = OH * OW
     n = offs_m // hw
     q = (offs_m - n * hw).to(tl.int32)
     th0 = q // W + PH  # ih + PH = oh·SH + kr·DH
     tw0 = q % W + PW
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < CG
     taps = KH * KW
     red = KG * taps
     grad_rows = (n * K + g * KG) * ohw  # [BLOCK_M] int64: the group's channel 0 of each row's sample

@@ -27,7 +27,7 @@ import triton.language as tl
 from fastml import _triton as tt
 from fastml.ops.conv2d import triton_impl as conv_triton
 from fastml.ops.conv2d.reference import output_size
-from fastml.ops.conv2d.triton_impl import conv_tile
+from fastml.ops.conv2d.triton_impl import conv_tile, group_tile
 from fastml.ops.conv2d_relu_max_pool2d.reference import pooled_size
 
 # Pooled outputs per program of the scatter kernel.
@@ -51,24 +51,15 @@ def _conv2d_relu_max_pool2d_forward_kernel(
     UPCAST: tl.constexpr,  # operands to ACC before the product (half types under the interpreter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     CG = C // groups
     KG = K // groups
-    tiles_n = tl.cdiv(KG, BLOCK_N)
-    tiles = tl.cdiv(M, BLOCK_M) * tiles_n
-    g = pid // tiles
-    pid_m = (pid % tiles) // tiles_n
-    pid_n = pid % tiles_n
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # N·POH·POW may pass 2**31
-    m_ok = offs_m < M
+    g, offs_m, m_ok, offs_n, n_ok = group_tile(tl.program_id(0), M, KG, BLOCK_M, BLOCK_N)
     pooled = POH * POW
     n = offs_m // pooled
     q = (offs_m - n * pooled).to(tl.int32)
     # The window's top-left input row / column at offset (0, 0), and each offset's step.
     ih_base = (q // POW) * (PSH * SH) - PH
     iw_base = (q % POW) * (PSW * SW) - PW
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < KG
     k = g * KG + offs_n
     x_rows = (n * C + g * CG) * H * W
     w_cols = k.to(tl.int64) * (CG * KH * KW)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-
 from fastml._cpp import kernel, threads
-from fastml.ops.max_pool2d.reference import output_size
+from fastml.ops.max_pool2d.reference import empty_outputs
 
 
 def forward(x, kernel_size, stride, padding, dilation, ceil_mode):
-    n, c, h, w = x.shape
-    oh = output_size(h, kernel_size[0], stride[0], padding[0], dilation[0], ceil_mode)
-    ow = output_size(w, kernel_size[1], stride[1], padding[1], dilation[1], ceil_mode)
-    out = x.new_empty((n, c, oh, ow))
-    indices = torch.empty((n, c, oh, ow), dtype=torch.int64)
+    out, indices = empty_outputs(x, kernel_size, stride, padding, dilation, ceil_mode)
+    n, c, oh, ow = out.shape
+    h, w = x.shape[2:]
     kernel("max_pool2d_forward", x.dtype)(x.data_ptr(), n * c, h, w, oh, ow, *kernel_size, *stride, *padding,
                                           *dilation, out.data_ptr(), indices.data_ptr(), threads())
     return out, indices

@@ -7,11 +7,10 @@ from __future__ import annotations
 import math
 
 import numba
-import torch
 
 from fastml import _numba as nb
 from fastml._numba import jit, pjit
-from fastml.ops.max_pool2d.reference import output_size
+from fastml.ops.max_pool2d.reference import empty_outputs
 
 
 @jit
@@ -58,11 +57,9 @@ def _backward_kernel(grad, idx, grad_input):
 
 
 def forward(x, kernel, stride, padding, dilation, ceil_mode):
-    n, c, h, w = x.shape
-    oh = output_size(h, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
-    ow = output_size(w, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
-    out = x.new_empty((n, c, oh, ow))
-    indices = torch.empty((n, c, oh, ow), dtype=torch.int64)
+    out, indices = empty_outputs(x, kernel, stride, padding, dilation, ceil_mode)
+    n, c, oh, ow = out.shape
+    h, w = x.shape[2:]
     if out.numel() == 0:
         return out, indices
     nb.threads_for(out.numel() * kernel[0] * kernel[1])

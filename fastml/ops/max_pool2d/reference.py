@@ -30,6 +30,14 @@ def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int
     return out
 
 
+def empty_outputs(x, kernel, stride, padding, dilation, ceil_mode):
+    """(out, indices) of forward's shapes and dtypes, uninitialised, for the kernels to fill."""
+    n, c, h, w = x.shape
+    oh = output_size(h, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
+    ow = output_size(w, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
+    return x.new_empty((n, c, oh, ow)), torch.empty((n, c, oh, ow), dtype=torch.int64, device=x.device)
+
+
 def forward(x, kernel, stride, padding, dilation, ceil_mode):
     n, c, h, w = x.shape
     oh = output_size(h, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)

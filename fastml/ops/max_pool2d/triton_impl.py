@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from fastml import _triton as tt
-from fastml.ops.max_pool2d.reference import output_size
+from fastml.ops.max_pool2d.reference import empty_outputs
 
 # Elements per tile (BLOCK_P · BLOCK): on the GPU 1024 (8 per thread of 4 warps); under the
 # interpreter a small tile, so that the small maps of the tests still span several programs and
@@ -114,11 +114,9 @@ def _tiling(planes: int, n_outputs: int) -> tuple[int, int, tuple[int]]:
 
 def forward(x, kernel, stride, padding, dilation, ceil_mode):
     x = x.contiguous()
-    n, c, h, w = x.shape
-    oh = output_size(h, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
-    ow = output_size(w, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
-    out = x.new_empty((n, c, oh, ow))
-    indices = torch.empty((n, c, oh, ow), dtype=torch.int64, device=x.device)
+    out, indices = empty_outputs(x, kernel, stride, padding, dilation, ceil_mode)
+    n, c, oh, ow = out.shape
+    h, w = x.shape[2:]
     if out.numel() == 0:
         return out, indices
     planes = n * c
