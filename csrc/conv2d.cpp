@@ -18,6 +18,8 @@ namespace fastml {
 
 namespace {
 
+constexpr index_t kImagePositions = 4096;  // output positions per grad_weight dot product, at least
+
 // out (n, outs, oh, ow) = correlation of the padded planes x (n, ins, hp, wp) with the packed
 // weights of every group (groups × blocks × [ins / groups][r][s][kKB]), plus bias (or none).
 // cs: ins = cs.c, outs = cs.k, output cs.oh × cs.ow, stride (cs.sh, cs.sw), dilation (cs.dh, cs.dw).
@@ -120,10 +122,13 @@ void conv2d_backward_weight(address_t grad_, address_t x_, const std::vector<ind
         }
     }
     if (!grad_w_) return;
-    // grad_w (per group) = Σ over images of G (kg × positions) · im2col(x)ᵀ: both operands are
-    // contiguous along the positions, the form of linear_tiles.h's dot_block. Threads take
-    // images and keep partial sums, added in a fixed order.
+    // grad_w (per group) = G (kg × positions) · im2col(x)ᵀ, both operands contiguous along the
+    // positions: the form of linear_tiles.h's dot_block. Small images are taken several at a
+    // time (G's rows gathered beside their im2col columns), so each dot product runs over a few
+    // thousand positions rather than LeNet's 100, which left dot_block mostly horizontal sums.
+    // Threads take images and keep partial sums, added in a fixed order.
     const index_t hp = cs.hp(), wp = cs.wp(), cg = cs.cg(), kg = cs.kg(), taps = cg * cs.r * cs.s;
+    const index_t batch = std::max<index_t>(1, kImagePositions / std::max<index_t>(outputs, 1));
     const T* x = as_ptr<const T>(x_);
     const int parts = static_cast<int>(std::min<index_t>(threads, std::max<index_t>(cs.n, 1)));
     std::vector<T> partial(index_t(parts) * cs.k * taps, T(0));
@@ -132,23 +137,37 @@ void conv2d_backward_weight(address_t grad_, address_t x_, const std::vector<ind
         const int t = omp_get_thread_num();
         index_t first, last;
         split_range(cs.n, parts, t, first, last);
-        std::vector<T> planes(padded_size<T>(cg, hp, wp, cs.sw)), columns(taps * outputs), dots(kg * taps);
+        const index_t span = std::min(batch, std::max<index_t>(last - first, 1)) * outputs;
+        std::vector<T> planes(padded_size<T>(cg, hp, wp, cs.sw)), columns(taps * span), rows(kg * span),
+            dots(kg * taps);
         T* mine = partial.data() + index_t(t) * cs.k * taps;
-        for (index_t img = first; img < last; ++img) {
+        for (index_t img0 = first; img0 < last; img0 += batch) {
+            const index_t images = std::min(batch, last - img0), width = images * outputs;
             for (index_t g = 0; g < cs.groups; ++g) {
-                pad_planes(x + (img * cs.c + g * cg) * cs.h * cs.w, cg, cs.h, cs.w, cs.ph, cs.pw, 1, 1, hp, wp,
-                           planes.data());
-                for (index_t i = 0; i < cg; ++i)
-                    for (index_t a = 0; a < cs.r; ++a)
-                        for (index_t b = 0; b < cs.s; ++b) {
-                            T* dst = columns.data() + ((i * cs.r + a) * cs.s + b) * outputs;
-                            const T* src = planes.data() + i * hp * wp + a * cs.dh * wp + b * cs.dw;
-                            for (index_t row = 0; row < cs.oh; ++row)
-                                for (index_t col = 0; col < cs.ow; ++col)
-                                    dst[row * cs.ow + col] = src[row * cs.sh * wp + col * cs.sw];
-                        }
-                dot_block(grad + (img * cs.k + g * kg) * outputs, kg, outputs, columns.data(), static_cast<const T*>(nullptr),
-                          taps, dots.data());
+                for (index_t e = 0; e < images; ++e) {
+                    const index_t img = img0 + e;
+                    pad_planes(x + (img * cs.c + g * cg) * cs.h * cs.w, cg, cs.h, cs.w, cs.ph, cs.pw, 1, 1, hp, wp,
+                               planes.data());
+                    for (index_t i = 0; i < cg; ++i)
+                        for (index_t a = 0; a < cs.r; ++a)
+                            for (index_t b = 0; b < cs.s; ++b) {
+                                T* dst = columns.data() + ((i * cs.r + a) * cs.s + b) * width + e * outputs;
+                                const T* src = planes.data() + i * hp * wp + a * cs.dh * wp + b * cs.dw;
+                                for (index_t row = 0; row < cs.oh; ++row) {
+                                    const T* in = src + row * cs.sh * wp;
+                                    if (cs.sw == 1) {
+                                        std::copy(in, in + cs.ow, dst + row * cs.ow);
+                                    } else {
+                                        for (index_t col = 0; col < cs.ow; ++col) dst[row * cs.ow + col] = in[col * cs.sw];
+                                    }
+                                }
+                            }
+                    for (index_t o = 0; o < kg; ++o) {
+                        const T* src = grad + (img * cs.k + g * kg + o) * outputs;
+                        std::copy(src, src + outputs, rows.data() + o * width + e * outputs);
+                    }
+                }
+                dot_block(rows.data(), kg, width, columns.data(), static_cast<const T*>(nullptr), taps, dots.data());
                 T* acc = mine + g * kg * taps;
                 for (index_t e = 0; e < kg * taps; ++e) acc[e] += dots[e];
             }
