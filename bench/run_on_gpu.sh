@@ -19,4 +19,7 @@ python -m pytest bench/bench_optim.py --benchmark-only -p no:cacheprovider -k cu
 python -m pytest bench/bench_knn.py --benchmark-only -p no:cacheprovider -k cuda \
     --benchmark-columns=median,min,max,rounds --benchmark-json "$out/bench-knn-cuda.json" \
     2>&1 | tee "$out/bench-knn-cuda.txt" | tail -20
+python -m pytest bench/bench_conv.py --benchmark-only -p no:cacheprovider -k cuda \
+    --benchmark-columns=median,min,max,rounds --benchmark-json "$out/bench-conv-cuda.json" \
+    2>&1 | tee "$out/bench-conv-cuda.txt" | tail -40
 python -m fastml bench --device cuda --full --out "$out/profile" 2>&1 | tail -30
