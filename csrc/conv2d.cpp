@@ -67,7 +67,7 @@ void conv2d_forward(address_t x_, address_t w_, address_t b_, const std::vector<
     const int threads = conv_threads(cs, nthreads);
     const index_t hp = cs.hp(), wp = cs.wp();
     const auto padded = padded_input(as_ptr<const T>(x_), cs, hp, wp, threads);
-    const auto packed = packed_forward_weights(as_ptr<const T>(w_), cs);
+    const auto packed = packed_weights(as_ptr<const T>(w_), cs, false);
     correlate_any(padded.data(), hp, wp, packed.data(), as_ptr<const T>(b_), cs, as_ptr<T>(out_), threads);
 }
 
@@ -84,16 +84,9 @@ void conv2d_backward_input(address_t grad_, address_t w_, const std::vector<inde
     std::vector<T> spread(padded_size<T>(cs.n * cs.k, hp, wp, 1));
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (index_t p = 0; p < cs.n * cs.k; ++p)
-        pad_planes(grad + p * cs.oh * cs.ow, 1, cs.oh, cs.ow, top, left, cs.sh, cs.sw, hp, wp, spread.data() + p * hp * wp);
-    const T* w = as_ptr<const T>(w_);
-    std::vector<T> packed;
-    for (index_t g = 0; g < cs.groups; ++g) {
-        const T* wg = w + g * cs.kg() * cs.cg() * cs.r * cs.s;
-        const auto block = pack_weights<T>(cs.cg(), cs.kg(), cs.r, cs.s, [&](index_t o, index_t i, index_t a, index_t b) {
-            return wg[((i * cs.cg() + o) * cs.r + (cs.r - 1 - a)) * cs.s + (cs.s - 1 - b)];
-        });
-        packed.insert(packed.end(), block.begin(), block.end());
-    }
+        pad_planes(grad + p * cs.oh * cs.ow, 1, cs.oh, cs.ow, top, left, cs.sh, cs.sw, hp, wp,
+                   spread.data() + p * hp * wp);
+    const auto packed = packed_weights(as_ptr<const T>(w_), cs, true);
     const ConvShape transposed{cs.n, cs.k, hp, wp, cs.c, cs.r, cs.s, 1, 1, 0, 0, cs.dh, cs.dw, cs.groups, cs.h, cs.w};
     correlate_any<T>(spread.data(), hp, wp, packed.data(), nullptr, transposed, as_ptr<T>(grad_x_), threads);
 }
@@ -158,7 +151,8 @@ void conv2d_backward_weight(address_t grad_, address_t x_, const std::vector<ind
                                     if (cs.sw == 1) {
                                         std::copy(in, in + cs.ow, dst + row * cs.ow);
                                     } else {
-                                        for (index_t col = 0; col < cs.ow; ++col) dst[row * cs.ow + col] = in[col * cs.sw];
+                                        for (index_t col = 0; col < cs.ow; ++col)
+                                            dst[row * cs.ow + col] = in[col * cs.sw];
                                     }
                                 }
                             }

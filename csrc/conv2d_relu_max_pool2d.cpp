@@ -79,7 +79,7 @@ void conv2d_relu_max_pool2d_forward(address_t x_, address_t w_, address_t b_, co
     const int threads = threads_for(cs.n * cs.k * cs.oh * cs.ow * cs.cg() * cs.r * cs.s, nthreads);
     const index_t hp = cs.hp(), wp = cs.wp();
     const auto padded = padded_input(as_ptr<const T>(x_), cs, hp, wp, threads);
-    const auto packed = packed_forward_weights(as_ptr<const T>(w_), cs);
+    const auto packed = packed_weights(as_ptr<const T>(w_), cs, false);
     const T* bias = as_ptr<const T>(b_);
     T* out = as_ptr<T>(out_);
     auto* argmax = as_ptr<std::int8_t>(argmax_);

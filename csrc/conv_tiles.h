@@ -167,14 +167,19 @@ std::vector<T> padded_input(const T* x, const ConvShape& cs, index_t hp, index_t
     return padded;
 }
 
-// The weights (k, c / groups, r, s) packed for forward tiles, group after group.
+// The weights w (k, c / groups, r, s) packed for the tiles, group after group: as they are
+// (forward), or transposed, input and output channels swapped and the window flipped (the
+// gradient of the input is that correlation of the output gradient).
 template <typename T>
-std::vector<T> packed_forward_weights(const T* w, const ConvShape& cs) {
+std::vector<T> packed_weights(const T* w, const ConvShape& cs, bool transposed) {
+    const index_t kg = cs.kg(), cg = cs.cg(), r = cs.r, s = cs.s;
     std::vector<T> all;
     for (index_t g = 0; g < cs.groups; ++g) {
-        const T* wg = w + g * cs.kg() * cs.cg() * cs.r * cs.s;
-        const auto packed = pack_weights<T>(cs.kg(), cs.cg(), cs.r, cs.s, [&](index_t o, index_t i, index_t a, index_t b) {
-            return wg[((o * cs.cg() + i) * cs.r + a) * cs.s + b];
+        const T* wg = w + g * kg * cg * r * s;
+        const auto packed = pack_weights<T>(transposed ? cg : kg, transposed ? kg : cg, r, s,
+                                            [&](index_t o, index_t i, index_t a, index_t b) {
+            return transposed ? wg[((i * cg + o) * r + (r - 1 - a)) * s + (s - 1 - b)]
+                              : wg[((o * cg + i) * r + a) * s + b];
         });
         all.insert(all.end(), packed.begin(), packed.end());
     }

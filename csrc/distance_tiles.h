@@ -4,9 +4,10 @@
 // references is first packed transposed and padded (pack_chunk: m × ldc, ldc a multiple of W,
 // small enough for L2), so each step over a coordinate loads one vector of W references' values
 // and updates QB vector accumulators with the difference to each query's coordinate
-// (broadcast): no horizontal sums, and every loaded vector serves QB queries. Differences are taken coordinate by coordinate, never through
-// |x|² - 2x·y + |y|², so a distance is exact to rounding even between points far from the
-// origin (the expanded form cancels there: torch.cdist finds 0 between 512695 and 512804).
+// (broadcast): no horizontal sums, and every loaded vector serves QB queries. Differences are
+// taken coordinate by coordinate, never through |x|² - 2x·y + |y|², so a distance is exact to
+// rounding even between points far from the origin (the expanded form cancels there: torch.cdist
+// finds 0 between 512695 and 512804).
 #pragma once
 
 #include <cmath>

@@ -125,9 +125,10 @@ void scan_quantized(const float* x, const float* x2, index_t n2, index_t m, inde
     std::vector<QuantizedRow> queries(count);
     quantize_queries(x, center.data(), m, q0, q1, query_bytes.data(), queries.data());
     std::vector<std::uint8_t> packed((kReferenceChunk + kQuantizedBlock) * width);
-    std::vector<float> reference_rows(3 * (kReferenceChunk + kQuantizedBlock));
-    const QuantizedReferences references{reference_rows.data(), reference_rows.data() + kReferenceChunk + kQuantizedBlock,
-                                         reference_rows.data() + 2 * (kReferenceChunk + kQuantizedBlock)};
+    const index_t stride = kReferenceChunk + kQuantizedBlock;
+    std::vector<float> reference_rows(3 * stride);
+    const QuantizedReferences references{reference_rows.data(), reference_rows.data() + stride,
+                                         reference_rows.data() + 2 * stride};
     // The float rounding the bound leaves out: the norms' accumulation (m·ε each) and the few
     // products and sums around them, with room to spare; underflow adds at most a few 2^-149
     // per operation.

@@ -94,7 +94,8 @@ inline void quantize_queries(const float* x, const float* center, index_t m, ind
     const index_t width = quantized_width(m);
     for (index_t q = q0; q < q1; ++q) {
         std::int8_t* row = bytes + (q - q0) * width;
-        rows[q - q0] = quantize_row(x + q * m, center, m, [&](index_t k, int v) { row[k] = static_cast<std::int8_t>(v); });
+        rows[q - q0] =
+            quantize_row(x + q * m, center, m, [&](index_t k, int v) { row[k] = static_cast<std::int8_t>(v); });
     }
 }
 

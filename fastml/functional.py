@@ -362,13 +362,7 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
                             return_indices=return_indices)
     x = input if input.dim() == 4 else input.unsqueeze(0)
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    if x.shape[0] == 0:
-        n, c, h, w = x.shape
-        shape = (0, c, *(_max_pool2d_op.output_size(size, *dims, ceil_mode)
-                         for size, dims in zip((h, w), zip(*args))))
-        out, indices = x.new_empty(shape), torch.empty(shape, dtype=torch.int64, device=x.device)
-    else:
-        out, indices = _max_pool2d_op.max_pool2d(x.contiguous(), *args, ceil_mode)
+    out, indices = _max_pool2d_op.max_pool2d(x.contiguous(), *args, ceil_mode)
     if channels_last:
         out, indices = (t.contiguous(memory_format=torch.channels_last) for t in (out, indices))
     if input.dim() == 3:
@@ -409,8 +403,7 @@ def _conv_args(input, weight, bias, stride, padding, dilation, groups):
     channels = input.shape[-3]
     if channels % groups or weight.shape[0] % groups or weight.shape[1] * groups != channels:
         return None
-    pads = padding if isinstance(padding, str) else _pair(padding)
-    pads = None if pads is None else _conv_padding(padding, weight, stride, dilation)
+    pads = _conv_padding(padding, weight, stride, dilation)
     if pads is None:
         return None
     h, w = input.shape[-2:]
@@ -467,20 +460,21 @@ def conv2d_relu_max_pool2d(input: torch.Tensor, weight: torch.Tensor, bias: torc
     runs those three torch ops.
     """
     pool_kernel = _pair(pool_kernel_size)
-    pool_stride = pool_kernel if pool_stride is None else _pair(pool_stride)
+    pool_step = pool_kernel if pool_stride is None else _pair(pool_stride)
     args = None if _defer_to_torch(input, weight, bias) else _conv_args(input, weight, bias, stride, padding,
                                                                         dilation, groups)
-    if args is not None and pool_kernel is not None and pool_stride is not None:
-        (stride_pair, (top, bottom, left, right), dilation_pair) = args
-        conv_size = [(size + before + after - d * (k - 1) - 1) // s + 1 for size, before, after, k, s, d in
-                     zip(input.shape[-2:], (top, left), (bottom, right), weight.shape[2:], stride_pair, dilation_pair)]
+    if args is not None and pool_kernel is not None and pool_step is not None:
+        conv_stride, (top, bottom, left, right), conv_dilation = args
+        conv_size = [_conv2d_op.output_size(size + before + after, k, s, 0, d) for size, before, after, k, s, d in
+                     zip(input.shape[-2:], (top, left), (bottom, right), weight.shape[2:], conv_stride, conv_dilation)]
         # int8 window offsets hold windows of up to 127 elements
-        if (min(*pool_kernel, *pool_stride) > 0 and pool_kernel[0] * pool_kernel[1] <= 127
+        if (min(*pool_kernel, *pool_step) > 0 and pool_kernel[0] * pool_kernel[1] <= 127
                 and all(size >= k for size, k in zip(conv_size, pool_kernel))):
             x, padding, restore = _conv_input(input, args[1])
             out = _fused_op.conv2d_relu_max_pool2d(x, weight.contiguous(), None if bias is None else bias.contiguous(),
-                                                   args[0], padding, args[2], groups, pool_kernel, pool_stride)
+                                                   conv_stride, padding, conv_dilation, groups, pool_kernel, pool_step)
             return restore(out)
+    # torch's ops, with the caller's own arguments (and so torch's errors for bad ones)
     z = torch.relu(conv2d(input, weight, bias, stride, padding, dilation, groups))
-    return max_pool2d(z, pool_kernel_size, pool_stride if pool_stride is not None else pool_kernel_size)
+    return max_pool2d(z, pool_kernel_size, pool_stride)
 

@@ -30,12 +30,18 @@ def assert_neighbours(distances, indices, query, reference, k, p):
     d64, i64 = expected(query, reference, k, p)
     assert indices.dtype == torch.int64 and distances.dtype == query.dtype
     assert_close(distances, d64, scale=d64.abs().max() if d64.numel() else 1)
+    tol = 4 * torch.finfo(query.dtype).eps
+    assert_ties_only(indices, i64, d64, query, reference, p, rtol=tol, atol=tol * float(d64.abs().max()))
+
+
+def assert_ties_only(indices, i64, d64, query, reference, p, rtol, atol):
+    """Where an index differs from the float64 reference's (i64), the float64 distance of the point
+    chosen equals the reference's (d64) within rtol / atol: the two are a tie at the input's precision."""
     differ = indices.cpu() != i64
     if differ.any():
         q, r = upcast(query, reference)
-        ours = torch.cdist(q, r, p, compute_mode="donot_use_mm_for_euclid_dist").gather(-1, indices.cpu())
-        tol = 4 * torch.finfo(query.dtype).eps
-        torch.testing.assert_close(ours[differ], d64[differ], rtol=tol, atol=tol * float(d64.abs().max()))
+        chosen = torch.cdist(q, r, p, compute_mode="donot_use_mm_for_euclid_dist").gather(-1, indices.cpu())
+        torch.testing.assert_close(chosen[differ], d64[differ], rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("p", NORMS, ids=["p2", "p1", "pinf"])
@@ -134,11 +140,7 @@ def _selection_case(query, reference, k):
     d64, i64 = expected(query, reference, k, 2.0)
     tolerance = dict(rtol=4e-7, atol=1e-18)
     torch.testing.assert_close(distances.cpu().double(), d64, equal_nan=True, **tolerance)
-    differ = indices.cpu() != i64
-    if differ.any():
-        q, r = upcast(query, reference)
-        chosen = torch.cdist(q, r, compute_mode="donot_use_mm_for_euclid_dist").gather(-1, indices.cpu())
-        torch.testing.assert_close(chosen[differ], d64[differ], **tolerance)
+    assert_ties_only(indices, i64, d64, query, reference, 2.0, **tolerance)
 
 
 @pytest.mark.parametrize("m", [16, 33, 64])
