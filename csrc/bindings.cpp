@@ -58,4 +58,11 @@ PYBIND11_MODULE(_C, m) {
     FASTML_DEF("conv2d_relu_max_pool2d_forward_f64", conv2d_relu_max_pool2d_forward<double>);
     FASTML_DEF("relu_max_pool2d_backward_f32", relu_max_pool2d_backward<float>);
     FASTML_DEF("relu_max_pool2d_backward_f64", relu_max_pool2d_backward<double>);
+
+    FASTML_DEF("cross_entropy_rows_f32", cross_entropy_rows<float>);
+    FASTML_DEF("cross_entropy_rows_f64", cross_entropy_rows<double>);
+    FASTML_DEF("cross_entropy_target_total_f32", cross_entropy_target_total<float>);
+    FASTML_DEF("cross_entropy_target_total_f64", cross_entropy_target_total<double>);
+    FASTML_DEF("linear_cross_entropy_forward_f32", linear_cross_entropy_forward<float>);
+    FASTML_DEF("linear_cross_entropy_forward_f64", linear_cross_entropy_forward<double>);
 }

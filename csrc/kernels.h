@@ -2,6 +2,8 @@
 // (address_t, 0 = absent) and sizes; shapes are documented beside each definition.
 #pragma once
 
+#include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "common.h"
@@ -95,5 +97,24 @@ void conv2d_relu_max_pool2d_forward(address_t x, address_t w, address_t b, const
 template <typename T>
 void relu_max_pool2d_backward(address_t grad, address_t out, address_t argmax, index_t planes, index_t oh, index_t ow,
                               const std::vector<index_t>& pool, address_t grad_z, int nthreads);
+
+// cross_entropy.cpp: logits (m, c), index (m,) int64 or probs (m, c), weight (c,) or 0,
+// row_scale (m,) or 0 → row_loss (m,), grad (m, c) (either may be 0; grad may be logits).
+template <typename T>
+void cross_entropy_rows(address_t logits, address_t index, address_t probs, address_t weight, index_t m, index_t c,
+                        std::int64_t ignore_index, double smoothing, double scale, address_t row_scale,
+                        address_t row_loss, address_t grad, int nthreads);
+template <typename T>
+std::tuple<double, std::int64_t, bool> cross_entropy_target_total(address_t index, address_t weight, index_t m,
+                                                                  index_t c, std::int64_t ignore_index);
+
+// linear_cross_entropy.cpp: x (n, d), w (c, d), b (c,) or 0, targets as cross_entropy_rows';
+// every row's gradient scaled by `scale`. Writes row_loss (n,) or the scaled total into
+// loss_total (0-dim), and the gradients asked for (0 = not asked).
+template <typename T>
+void linear_cross_entropy_forward(address_t x, address_t w, address_t b, address_t index, address_t probs,
+                                  address_t weight, index_t n, index_t d, index_t c, std::int64_t ignore_index,
+                                  double smoothing, double scale, address_t row_loss, address_t loss_total,
+                                  address_t grad_x, address_t grad_w, address_t grad_b, int nthreads);
 
 }  // namespace fastml

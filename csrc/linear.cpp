@@ -27,7 +27,7 @@ void linear_forward(address_t x_, address_t w_, address_t b_, index_t n, index_t
     }
 }
 
-// grad_input[i] = sum_j g[i, j] * W[j]: four rows share each loaded weight row.
+// grad_input[i] = sum_j g[i, j] * W[j], four rows at a time (combine_rows).
 template <typename T>
 void linear_backward_input(address_t g_, address_t w_, index_t n, index_t d, index_t o,
                            address_t grad_x_, int nthreads) {
@@ -36,46 +36,8 @@ void linear_backward_input(address_t g_, address_t w_, index_t n, index_t d, ind
     const index_t quads = (n + kRows - 1) / kRows;
 #pragma omp parallel for num_threads(threads_for(n * d * o, nthreads)) schedule(static)
     for (index_t q = 0; q < quads; ++q) {
-        const index_t r0 = q * kRows, rows = std::min<index_t>(kRows, n - r0);
-        T* out = grad_x + r0 * d;
-        std::fill(out, out + rows * d, T(0));
-        const T* gq = g + r0 * o;
-        if (rows == kRows) {
-            T *o0 = out, *o1 = out + d, *o2 = out + 2 * d, *o3 = out + 3 * d;
-            index_t j = 0;
-            // Four weight rows at a time: each output vector is loaded and stored once per four
-            // weight rows instead of once per row (the loop is otherwise load/store bound).
-            for (; j + 4 <= o; j += 4) {
-                const T* c = gq + j;
-                const T *w0 = w + j * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
-#pragma omp simd
-                for (index_t k = 0; k < d; ++k) {
-                    const T u0 = w0[k], u1 = w1[k], u2 = w2[k], u3 = w3[k];
-                    o0[k] += c[0] * u0 + c[1] * u1 + c[2] * u2 + c[3] * u3;
-                    o1[k] += c[o] * u0 + c[o + 1] * u1 + c[o + 2] * u2 + c[o + 3] * u3;
-                    o2[k] += c[2 * o] * u0 + c[2 * o + 1] * u1 + c[2 * o + 2] * u2 + c[2 * o + 3] * u3;
-                    o3[k] += c[3 * o] * u0 + c[3 * o + 1] * u1 + c[3 * o + 2] * u2 + c[3 * o + 3] * u3;
-                }
-            }
-            for (; j < o; ++j) {
-                const T c0 = gq[j], c1 = gq[o + j], c2 = gq[2 * o + j], c3 = gq[3 * o + j];
-                const T* wj = w + j * d;
-#pragma omp simd
-                for (index_t k = 0; k < d; ++k) {
-                    const T wk = wj[k];
-                    o0[k] += c0 * wk, o1[k] += c1 * wk, o2[k] += c2 * wk, o3[k] += c3 * wk;
-                }
-            }
-        } else {
-            for (index_t r = 0; r < rows; ++r)
-                for (index_t j = 0; j < o; ++j) {
-                    const T c = gq[r * o + j];
-                    const T* wj = w + j * d;
-                    T* orow = out + r * d;
-#pragma omp simd
-                    for (index_t k = 0; k < d; ++k) orow[k] += c * wj[k];
-                }
-        }
+        const index_t r0 = q * kRows;
+        combine_rows(g + r0 * o, std::min<index_t>(kRows, n - r0), o, w, d, grad_x + r0 * d);
     }
 }
 

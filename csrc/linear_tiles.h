@@ -179,6 +179,50 @@ inline void accumulate_outer(const T* coef, const T* x, index_t rows, index_t d,
     }
 }
 
+// out[r] = sum_j coef[r * o + j] * w[j] for r < rows (out is rows × d, w is o × d): the input
+// gradient of a row block. Four rows share each loaded weight row, and four weight rows are
+// taken at a time, so each output vector is loaded and stored once per four weight rows instead
+// of once per row (the loop is otherwise load / store bound).
+template <typename T>
+inline void combine_rows(const T* coef, index_t rows, index_t o, const T* w, index_t d, T* out) {
+    std::fill(out, out + rows * d, T(0));
+    index_t r = 0;
+    for (; r + 4 <= rows; r += 4, coef += 4 * o) {
+        T *o0 = out + r * d, *o1 = o0 + d, *o2 = o1 + d, *o3 = o2 + d;
+        index_t j = 0;
+        for (; j + 4 <= o; j += 4) {
+            const T* c = coef + j;
+            const T *w0 = w + j * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
+#pragma omp simd
+            for (index_t k = 0; k < d; ++k) {
+                const T u0 = w0[k], u1 = w1[k], u2 = w2[k], u3 = w3[k];
+                o0[k] += c[0] * u0 + c[1] * u1 + c[2] * u2 + c[3] * u3;
+                o1[k] += c[o] * u0 + c[o + 1] * u1 + c[o + 2] * u2 + c[o + 3] * u3;
+                o2[k] += c[2 * o] * u0 + c[2 * o + 1] * u1 + c[2 * o + 2] * u2 + c[2 * o + 3] * u3;
+                o3[k] += c[3 * o] * u0 + c[3 * o + 1] * u1 + c[3 * o + 2] * u2 + c[3 * o + 3] * u3;
+            }
+        }
+        for (; j < o; ++j) {
+            const T c0 = coef[j], c1 = coef[o + j], c2 = coef[2 * o + j], c3 = coef[3 * o + j];
+            const T* wj = w + j * d;
+#pragma omp simd
+            for (index_t k = 0; k < d; ++k) {
+                const T wk = wj[k];
+                o0[k] += c0 * wk, o1[k] += c1 * wk, o2[k] += c2 * wk, o3[k] += c3 * wk;
+            }
+        }
+    }
+    for (; r < rows; ++r, coef += o) {
+        T* orow = out + r * d;
+        for (index_t j = 0; j < o; ++j) {
+            const T c = coef[j];
+            const T* wj = w + j * d;
+#pragma omp simd
+            for (index_t k = 0; k < d; ++k) orow[k] += c * wj[k];
+        }
+    }
+}
+
 // Adds the per-thread partial sums parts[t] (each `count` long) into out, scaled; the threads
 // are summed in a fixed order so that results do not depend on scheduling.
 template <typename T>

@@ -1,6 +1,7 @@
 """fastml's public functions: argument checks with clear errors, then the op's dispatch.
 
-``linear``, ``mse_loss``, ``cdist``, ``conv2d``, ``max_pool2d`` and ``conv2d_relu_max_pool2d`` accept
+``linear``, ``mse_loss``, ``cross_entropy``, ``linear_cross_entropy``, ``cdist``, ``conv2d``,
+``max_pool2d`` and ``conv2d_relu_max_pool2d`` accept
 what their torch twins accept: where no fastml kernel covers a configuration (mixed dtypes,
 integer tensors, extra options, tracers, transforms), they run torch's own implementation, so
 they never fail where torch works and are never silently different.
@@ -21,14 +22,17 @@ from torch.overrides import has_torch_function
 from fastml.ops import cdist as _cdist_op
 from fastml.ops import conv2d as _conv2d_op
 from fastml.ops import conv2d_relu_max_pool2d as _fused_op
+from fastml.ops import cross_entropy as _cross_entropy_op
 from fastml.ops import forward_ad_active, is_compiling
 from fastml.ops import knn as _knn_op
 from fastml.ops import linear as _linear_op
+from fastml.ops import linear_cross_entropy as _linear_cross_entropy_op
 from fastml.ops import linear_mse as _linear_mse_op
 from fastml.ops import max_pool2d as _max_pool2d_op
 from fastml.ops import mse_loss as _mse_loss_op
 
-__all__ = ["cdist", "conv2d", "conv2d_relu_max_pool2d", "knn", "linear", "linear_mse", "max_pool2d", "mse_loss"]
+__all__ = ["cdist", "conv2d", "conv2d_relu_max_pool2d", "cross_entropy", "knn", "linear", "linear_cross_entropy",
+           "linear_mse", "max_pool2d", "mse_loss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -478,3 +482,163 @@ def conv2d_relu_max_pool2d(input: torch.Tensor, weight: torch.Tensor, bias: torc
     z = torch.relu(conv2d(input, weight, bias, stride, padding, dilation, groups))
     return max_pool2d(z, pool_kernel_size, pool_stride)
 
+
+
+def _class_weight_ok(weight, input, num_classes) -> bool:
+    """Whether a class-weight argument is one the kernels take: absent, or (C,) in the input's
+    dtype and device, not itself requiring a gradient (torch has none to give it)."""
+    return weight is None or (isinstance(weight, torch.Tensor) and weight.shape == (num_classes,)
+                              and weight.dtype == input.dtype and weight.device == input.device
+                              and not (weight.requires_grad and torch.is_grad_enabled()))
+
+
+def _target_kind(target, input, index_shape, probs_shape) -> str | None:
+    """"index" for an int64 target of index_shape, "probs" for a floating one of probs_shape in
+    the input's dtype (neither requiring a gradient through a kernel), else None."""
+    if not isinstance(target, torch.Tensor) or target.device != input.device:
+        return None
+    if target.dtype == torch.int64 and target.shape == index_shape:
+        return "index"
+    if target.dtype == input.dtype and target.shape == probs_shape:
+        return "probs"
+    return None
+
+
+def _smoothing_ok(label_smoothing) -> bool:
+    return (isinstance(label_smoothing, (int, float)) and not isinstance(label_smoothing, bool)
+            and 0.0 <= label_smoothing <= 1.0)
+
+
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None, size_average=None,
+                  ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                  label_smoothing: float = 0.0) -> torch.Tensor:
+    """``torch.nn.functional.cross_entropy`` on one fused softmax + loss + gradient kernel: input
+    (C), (N, C) or (N, C, d1, ...); target class indices (int64, the input's shape without C) or
+    class probabilities (the input's shape and dtype); ``weight``, ``ignore_index``,
+    ``label_smoothing`` and every reduction with torch's meaning. What the kernels do not cover
+    (legacy size_average / reduce, other dtypes, transforms, invalid arguments) runs torch's
+    cross_entropy, with its results and errors.
+    """
+    rows = None
+    if not _defer_to_torch(input, target, weight) and size_average is None and reduce is None:
+        rows = _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_smoothing)
+    if rows is None:
+        return F.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+    logits, flat_target, shape = rows
+    loss = _cross_entropy_op.cross_entropy(logits, flat_target, None if weight is None else weight.contiguous(),
+                                           ignore_index, float(label_smoothing), reduction)
+    return loss.reshape(shape) if reduction == "none" else loss
+
+
+def _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_smoothing):
+    """(logits (M, C), target (M,) or (M, C), the "none" loss's shape), contiguous, where the
+    kernels take this call, else None."""
+    if (not isinstance(input, torch.Tensor) or input.dtype not in _KERNEL_DTYPES or input.dim() < 1
+            or reduction not in _REDUCTIONS or not isinstance(ignore_index, int) or isinstance(ignore_index, bool)
+            or not _smoothing_ok(label_smoothing) or not _kernels_can_run(input, target, weight)
+            or forward_ad_active()):
+        return None
+    num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size()
+    kind = _target_kind(target, input, index_shape, input.shape)
+    if kind is None or num_classes == 0 or not _class_weight_ok(weight, input, num_classes):
+        return None
+    if input.dim() == 1:
+        logits = input.unsqueeze(0)
+    elif input.dim() == 2:
+        logits = input
+    else:
+        logits = input.movedim(1, -1).reshape(-1, num_classes)
+    if kind == "index":
+        flat = target.reshape(-1)
+    else:
+        flat = target.unsqueeze(0) if input.dim() == 1 else target.movedim(1, -1).reshape(-1, num_classes)
+    return logits.contiguous(), flat.contiguous(), index_shape
+
+
+def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
+                         linear_bias: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                         reduction: str = "mean", ignore_index: int | None = None, label_smoothing: float = 0.0,
+                         options=None) -> torch.Tensor:
+    """``torch.nn.functional.linear_cross_entropy`` (torch ≥ 2.13; here on any torch):
+    ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` computed chunk by
+    chunk, so the N × C logits never exist whole, with the gradients for input, weight and bias
+    formed in the same pass. input (D) or (N, D); linear_weight (C, D); target class indices
+    ((), (N)) or probabilities ((C), (N, C)); ``ignore_index`` None means -100 for index
+    targets. fastml always chunks: ``options`` (torch's LinearCrossEntropyOptions) is accepted
+    and not needed. What the kernels do not cover (K-dimensional losses, probability targets
+    that require a gradient, other dtypes, transforms, invalid arguments) runs torch's
+    linear_cross_entropy (or linear + cross_entropy before torch 2.13), with its errors.
+    """
+    if not _defer_to_torch(input, linear_weight, target, linear_bias, weight):
+        args = _linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                          label_smoothing)
+        if args is not None:
+            x, target_rows, index = args
+            loss = _linear_cross_entropy_op.linear_cross_entropy(
+                x, linear_weight.contiguous(), None if linear_bias is None else linear_bias.contiguous(),
+                target_rows, None if weight is None else weight.contiguous(),
+                -100 if ignore_index is None else ignore_index, float(label_smoothing), reduction)
+            return loss.squeeze(0) if reduction == "none" and input.dim() == 1 else loss
+    return _torch_linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                       reduction=reduction, ignore_index=ignore_index,
+                                       label_smoothing=label_smoothing, options=options)
+
+
+def _linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                               label_smoothing):
+    """(x (N, D), target (N,) or (N, C), whether indices), contiguous, where the kernels take
+    this call, else None."""
+    if (not isinstance(input, torch.Tensor) or not isinstance(linear_weight, torch.Tensor)
+            or input.dim() not in (1, 2) or linear_weight.dim() != 2 or input.dtype not in _KERNEL_DTYPES
+            or linear_weight.dtype != input.dtype or linear_weight.device != input.device
+            or input.shape[-1] != linear_weight.shape[1] or reduction not in _REDUCTIONS
+            or not _smoothing_ok(label_smoothing) or not _kernels_can_run(input, linear_weight, target, linear_bias,
+                                                                          weight)
+            or forward_ad_active()):
+        return None
+    num_classes = linear_weight.shape[0]
+    if linear_bias is not None and (not isinstance(linear_bias, torch.Tensor) or linear_bias.shape != (num_classes,)
+                                    or linear_bias.dtype != input.dtype or linear_bias.device != input.device):
+        return None
+    kind = _target_kind(target, input, input.shape[:-1], input.shape[:-1] + (num_classes,))
+    if (kind is None or num_classes == 0 or not _class_weight_ok(weight, input, num_classes)
+            or (kind == "index" and ignore_index is not None
+                and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)))
+            or (kind == "probs" and (ignore_index is not None or (target.requires_grad and torch.is_grad_enabled())))):
+        return None
+    x = input if input.dim() == 2 else input.unsqueeze(0)
+    rows = target if input.dim() == 2 else target.unsqueeze(0)
+    return x.contiguous(), rows.contiguous(), kind == "index"
+
+
+def _torch_linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, reduction, ignore_index,
+                                label_smoothing, options):
+    """torch's linear_cross_entropy where it exists; before torch 2.13, its reference path."""
+    twin = getattr(F, "linear_cross_entropy", None)
+    if twin is not None:
+        return twin(input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+                    ignore_index=ignore_index, label_smoothing=label_smoothing, options=options)
+    if input.dim() < 1 or input.dim() > 2:
+        raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise RuntimeError(f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    in_features, num_classes, out_features = input.shape[-1], linear_weight.shape[0], linear_weight.shape[1:-1]
+    if in_features != linear_weight.shape[-1]:
+        raise RuntimeError("expected equal input and linear_weight last dimensions (in_features), "
+                           f"got {in_features} and {linear_weight.shape[-1]}, respectively")
+    if linear_bias is not None and tuple(linear_bias.shape) != (num_classes, *out_features):
+        raise RuntimeError(f"expected linear_bias shape {(num_classes, *out_features)}, "
+                           f"got {tuple(linear_bias.shape)}")
+    if out_features and input.dim() == 1:
+        raise RuntimeError(f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} "
+                           f"requires batched input, (N, {in_features}), got unbatched input with shape "
+                           f"{tuple(input.shape)}")
+    logits_shape = (*input.shape[:-1], num_classes, *out_features)
+    if target.shape == logits_shape and ignore_index is not None:
+        raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
+    flat = math.prod(out_features) * num_classes
+    logits = linear(input, linear_weight.reshape(flat, in_features),
+                    None if linear_bias is None else linear_bias.reshape(flat))
+    return cross_entropy(logits.reshape(logits_shape), target, weight=weight, reduction=reduction,
+                         ignore_index=-100 if ignore_index is None else ignore_index, label_smoothing=label_smoothing)

@@ -3,11 +3,14 @@ state_dict and repr) whose forward runs fastml's kernels."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastml import functional
 
-__all__ = ["Conv2d", "ConvReLUPool2d", "Linear", "LinearMSELoss", "MaxPool2d", "MSELoss"]
+__all__ = ["Conv2d", "ConvReLUPool2d", "CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss", "LinearMSELoss",
+           "MaxPool2d", "MSELoss"]
 
 
 class Linear(torch.nn.Linear):
@@ -103,3 +106,67 @@ class LinearMSELoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, reduction={self.reduction!r}")
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` on fastml's fused softmax + loss + gradient kernel (class
+    indices or probabilities, weight, ignore_index, label_smoothing, every reduction; input (C),
+    (N, C) or (N, C, d1, ...))."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return functional.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                                        reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+
+_TorchLinearCrossEntropyLoss = getattr(torch.nn, "LinearCrossEntropyLoss", None)
+
+
+class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or torch.nn.modules.loss._WeightedLoss):
+    """``torch.nn.LinearCrossEntropyLoss`` (torch ≥ 2.13; here on any torch): a linear layer and
+    softmax cross-entropy in one chunked kernel (fastml.functional.linear_cross_entropy), the
+    logits never whole. Same constructor, attributes and state_dict (``linear.weight`` of shape
+    (num_classes · prod(out_features), in_features), ``linear.bias`` when ``bias``); a subclass
+    of torch's where torch has it. ``predict_proba(input)`` gives the class probabilities."""
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (), bias: bool = False,
+                 device=None, dtype=None, reduction: str = "mean", weight: torch.Tensor | None = None,
+                 ignore_index: int | None = None, label_smoothing: float = 0.0, options=None) -> None:
+        if _TorchLinearCrossEntropyLoss is not None:
+            super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device,
+                             dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
+                             label_smoothing=label_smoothing, options=options)
+            return
+        # torch < 2.13: the same checks, attributes and parameters as torch's own.
+        if weight is not None and weight.shape != (num_classes,):
+            raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+        if label_smoothing < 0 or label_smoothing > 1.0:
+            raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+        super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
+        self.num_classes, self.out_features = num_classes, out_features
+        self.ignore_index, self.label_smoothing, self.options = ignore_index, label_smoothing, options
+        self.linear = torch.nn.Linear(in_features, math.prod(out_features, start=num_classes), bias=bias,
+                                      device=device, dtype=dtype)
+
+    def _linear_parameters(self):
+        weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+        bias = None if self.linear.bias is None else self.linear.bias.reshape((self.num_classes, *self.out_features))
+        return weight, bias
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._linear_parameters() if self.out_features else (self.linear.weight, self.linear.bias)
+        return functional.linear_cross_entropy(input, weight, target, linear_bias=bias, weight=self.weight,
+                                               reduction=self.reduction, ignore_index=self.ignore_index,
+                                               label_smoothing=self.label_smoothing, options=self.options)
+
+    def predict_proba(self, input: torch.Tensor) -> torch.Tensor:
+        """softmax over the classes of the logits: (N, C, *out_features) for input (N, D),
+        (C,) for input (D,)."""
+        logits = functional.linear(input, self.linear.weight, self.linear.bias)
+        logits = logits.reshape((*input.shape[:-1], self.num_classes, *self.out_features))
+        return torch.softmax(logits, dim=input.dim() - 1)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes},"
+                f" out_features={self.out_features}, bias={self.linear.bias is not None},"
+                f" reduction={self.reduction}, ignore_index={self.ignore_index},"
+                f" label_smoothing={self.label_smoothing}, options={self.options}")

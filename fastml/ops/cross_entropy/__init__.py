@@ -1,0 +1,106 @@
+"""Softmax cross-entropy over rows of logits: autograd.Function and per-backend dispatch.
+
+For "mean" / "sum" the kernel returns each row's loss and, in the same pass, the logits'
+gradient, which backward only scales by the incoming gradient. For "none" backward runs the
+kernel again with the incoming gradient as per-row scale. Backend modules provide ``rows`` and
+``target_total`` as documented in reference.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastml import _backend
+from fastml.ops import backward_in_torch_ops, tracks_gradients
+from fastml.ops.cross_entropy.reference import coefficients
+
+IMPLEMENTED = ("triton", "cpp", "numba", "reference")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def impl(backend: str):
+    return _backend.load(__name__, backend)
+
+
+def loss_scale(kernels, reduction, target, class_weight, ignore_index, num_classes, num_rows):
+    """Σ_i ℓ_i → reduced loss (reference.loss_scale), with the index check on the backend."""
+    if target.dtype == torch.int64:
+        total = kernels.target_total(target, class_weight, ignore_index, num_classes)  # validates
+    else:
+        total = float(num_rows)
+    if reduction != "mean":
+        return 1.0
+    return 1.0 / total if total else float("nan")
+
+
+def row_loss_buffer(logits):
+    """Per-row losses in the accumulation dtype: float32 for float16 / bfloat16 logits."""
+    dtype = torch.float32 if logits.dtype in _LOW_PRECISION else logits.dtype
+    return torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+
+
+def reduce_rows(row_loss, scale, reduction, dtype):
+    """The loss of a reduction from the per-row losses, in the logits' dtype."""
+    loss = row_loss if reduction == "none" else row_loss.sum() * scale
+    return loss.to(dtype)
+
+
+def gradient_in_torch_ops(logits, target, class_weight, ignore_index, label_smoothing, scale):
+    """dℓ/dz · scale from torch ops (differentiable, vmap-able): for double backward."""
+    a = coefficients(logits, target, class_weight, ignore_index, label_smoothing)
+    return (a.sum(1, keepdim=True) * torch.softmax(logits, 1) - a) * scale
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """logits (M, C) and target (M,) int64 or (M, C) probabilities, contiguous; class_weight (C,)
+    or None. Gradients flow to logits and to probability targets."""
+
+    @staticmethod
+    def forward(ctx, logits, target, class_weight, ignore_index, label_smoothing, reduction, backend):
+        kernels = impl(backend)
+        m, c = logits.shape
+        scale = loss_scale(kernels, reduction, target, class_weight, ignore_index, c, m)
+        fused_grad = ctx.needs_input_grad[0] and reduction != "none"
+        row_loss = row_loss_buffer(logits)
+        grad = torch.empty_like(logits) if fused_grad else None
+        kernels.rows(logits, target, class_weight, ignore_index, label_smoothing,
+                     0.0 if m == 0 else scale, row_loss, grad)
+        ctx.save_for_backward(logits, target, class_weight, grad)
+        ctx.options = (ignore_index, label_smoothing, reduction, scale, backend)
+        return reduce_rows(row_loss, scale, reduction, logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, target, class_weight, grad = ctx.saved_tensors
+        ignore_index, label_smoothing, reduction, scale, backend = ctx.options
+        need_logits, need_target = ctx.needs_input_grad[:2]
+        row_scale = grad_output if reduction == "none" else grad_output * scale
+        grad_logits = grad_target = None
+        if need_logits and backward_in_torch_ops(grad_output):
+            per_row = row_scale.unsqueeze(1) if reduction == "none" else row_scale
+            grad_logits = gradient_in_torch_ops(logits, target, class_weight, ignore_index, label_smoothing, per_row)
+        elif need_logits and reduction == "none":
+            grad_logits = torch.empty_like(logits)
+            impl(backend).rows(logits, target, class_weight, ignore_index, label_smoothing,
+                               grad_output.contiguous().to(logits.dtype), None, grad_logits)
+        elif need_logits:
+            grad_logits = grad * grad_output
+        if need_target:  # probabilities: dℓ/dp = -(1 - ε) · w · log softmax(z)
+            w = 1.0 if class_weight is None else class_weight
+            per_row = row_scale.unsqueeze(1) if reduction == "none" else row_scale
+            grad_target = -(1.0 - label_smoothing) * w * torch.log_softmax(logits, 1) * per_row
+        return grad_logits, grad_target, None, None, None, None, None
+
+
+def cross_entropy(logits, target, class_weight, ignore_index, label_smoothing, reduction):
+    """The loss for contiguous logits (M, C) and target on the selected backend."""
+    backend = _backend.select(logits, IMPLEMENTED)
+    if tracks_gradients(logits, target):
+        return CrossEntropyFunction.apply(logits, target, class_weight, ignore_index, label_smoothing,
+                                          reduction, backend)
+    kernels = impl(backend)
+    m, c = logits.shape
+    scale = loss_scale(kernels, reduction, target, class_weight, ignore_index, c, m)
+    row_loss = row_loss_buffer(logits)
+    kernels.rows(logits, target, class_weight, ignore_index, label_smoothing, scale, row_loss, None)
+    return reduce_rows(row_loss, scale, reduction, logits.dtype)

@@ -1,0 +1,26 @@
+"""Softmax cross-entropy rows on fastml._C (csrc/cross_entropy.cpp); signatures as in reference.py."""
+
+from __future__ import annotations
+
+import torch
+
+from fastml._cpp import kernel, ptr, threads
+
+
+def target_total(target, class_weight, ignore_index, num_classes):
+    dtype = torch.float64 if class_weight is None else class_weight.dtype
+    total, bad, found = kernel("cross_entropy_target_total", dtype)(
+        ptr(target), ptr(class_weight), target.shape[0], num_classes, ignore_index)
+    if found:
+        raise IndexError(f"Target {bad} is out of bounds.")
+    return total
+
+
+def rows(logits, target, class_weight, ignore_index, label_smoothing, grad_scale, row_loss, grad):
+    m, c = logits.shape
+    index, probs = (target, None) if target.dtype == torch.int64 else (None, target)
+    per_row = isinstance(grad_scale, torch.Tensor)
+    kernel("cross_entropy_rows", logits.dtype)(
+        ptr(logits), ptr(index), ptr(probs), ptr(class_weight), m, c, ignore_index, float(label_smoothing),
+        1.0 if per_row else float(grad_scale), ptr(grad_scale if per_row else None), ptr(row_loss), ptr(grad),
+        threads())

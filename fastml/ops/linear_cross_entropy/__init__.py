@@ -1,0 +1,75 @@
+"""Fused linear + softmax cross-entropy: autograd.Function and per-backend dispatch.
+
+For "mean" / "sum" the forward pass returns the loss and, from the same logits, the input,
+weight and bias gradients asked for; backward only scales them by the incoming gradient, so the
+logits are never kept. For "none" backward runs the chunks again with the incoming gradient as
+the per-row scale. Backend modules provide ``forward`` and ``backward`` as in reference.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastml import _backend
+from fastml.ops import backward_in_torch_ops, tracks_gradients
+from fastml.ops.cross_entropy import gradient_in_torch_ops, loss_scale
+from fastml.ops.cross_entropy import reference as rows_reference
+
+IMPLEMENTED = ("triton", "cpp", "numba", "reference")
+
+
+def impl(backend: str):
+    return _backend.load(__name__, backend)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """x (N, D), weight (C, D), bias (C,) or None, target (N,) int64 or (N, C), contiguous."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction, backend):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        loss, grad_x, grad_w, grad_b = impl(backend).forward(
+            x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction, need_x, need_w, need_b)
+        ctx.save_for_backward(x, weight, bias, target, class_weight, grad_x, grad_w, grad_b)
+        ctx.options = (ignore_index, label_smoothing, reduction, backend)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, bias, target, class_weight, grad_x, grad_w, grad_b = ctx.saved_tensors
+        ignore_index, label_smoothing, reduction, backend = ctx.options
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
+        if backward_in_torch_ops(grad_output):
+            grads = _gradients_in_torch_ops(x, weight, bias, target, class_weight, ignore_index, label_smoothing,
+                                            reduction, grad_output, needs)
+        elif reduction == "none":
+            grads = impl(backend).backward(x, weight, bias, target, class_weight, ignore_index, label_smoothing,
+                                           grad_output.contiguous(), *needs)
+        else:
+            grads = tuple(None if g is None else g * grad_output for g in (grad_x, grad_w, grad_b))
+        return (*grads, None, None, None, None, None, None)
+
+
+def _gradients_in_torch_ops(x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction,
+                            grad_output, needs):
+    """The gradients from torch ops on the saved inputs, differentiable again (double backward)
+    and batchable (vmap)."""
+    n, c = x.shape[0], weight.shape[0]
+    logits = x @ weight.T if bias is None else torch.addmm(bias, x, weight.T)
+    if reduction == "none":
+        row_scale = grad_output.unsqueeze(1)
+    else:
+        row_scale = grad_output * loss_scale(rows_reference, reduction, target, class_weight, ignore_index, c, n)
+    g = gradient_in_torch_ops(logits, target, class_weight, ignore_index, label_smoothing, row_scale)
+    return (g @ weight if needs[0] else None, g.T @ x if needs[1] else None, g.sum(0) if needs[2] else None)
+
+
+def linear_cross_entropy(x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction):
+    """The loss for contiguous 2-D x, weight and (N,) or (N, C) target on the selected backend."""
+    backend = _backend.select(x, IMPLEMENTED)
+    if tracks_gradients(x, weight, bias):
+        return LinearCrossEntropyFunction.apply(x, weight, bias, target, class_weight, ignore_index,
+                                                label_smoothing, reduction, backend)
+    return impl(backend).forward(x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction,
+                                 False, False, False)[0]

@@ -1,0 +1,90 @@
+"""Linear + cross-entropy a chunk of rows at a time, for large class counts.
+
+Each chunk's logits (rows × C) are made by the BLAS behind torch.addmm, turned into their
+gradient in place by a backend's cross-entropy row kernel (fastml.ops.cross_entropy), and
+multiplied back into the input, weight and bias gradients, so the N × C logits never exist
+whole: the peak extra memory is one chunk plus the gradients. The three matrix products are
+nearly all the work (6·N·D·C flops against a few passes over a chunk that stays in cache), and
+a vendor GEMM runs them faster than a hand-written one would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastml.ops.cross_entropy import loss_scale, row_loss_buffer
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# A chunk of logits as large as the input itself (torch's "aspect_ratio" rule), but never below
+# kMinChunkElements: smaller matrix products lose GEMM efficiency for no memory gain.
+_MIN_CHUNK_ELEMENTS = 1 << 20
+
+
+def chunk_rows(n, d, c):
+    """Rows per chunk: logits of about N·D elements (at least 1 Mi), a multiple of 8 rows."""
+    rows = max(8, max(n * d, _MIN_CHUNK_ELEMENTS) // max(c, 1) // 8 * 8)
+    return max(1, min(n, rows))
+
+
+def run(kernels, x, weight, bias, target, class_weight, ignore_index, label_smoothing, grad_scale,
+        want_loss, need_input_grad, need_weight_grad, need_bias_grad):
+    """→ (row_loss (N,) or None, grad_input, grad_weight, grad_bias).
+
+    kernels: a cross-entropy backend module (its ``rows``). grad_scale: the float that scales
+    every row's gradient, or a tensor (N,) of per-row scales. Shapes as in reference.py.
+    """
+    n, d = x.shape
+    c = weight.shape[0]
+    want_grads = need_input_grad or need_weight_grad or need_bias_grad
+    row_loss = row_loss_buffer(x) if want_loss else None
+    grad_x = torch.empty_like(x) if need_input_grad else None
+    # Low-precision weight gradients are summed over chunks in float32.
+    acc = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_weight_grad else None
+    grad_b = torch.zeros(c, dtype=acc, device=x.device) if need_bias_grad else None
+    step = chunk_rows(n, d, c)
+    buffer = torch.empty((min(step, n), c), dtype=x.dtype, device=x.device)
+    weight_t = weight.T
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        xs, logits = x[start:stop], buffer[:stop - start]
+        if bias is None:
+            torch.mm(xs, weight_t, out=logits)
+        else:
+            torch.addmm(bias, xs, weight_t, out=logits)
+        scale = grad_scale[start:stop] if isinstance(grad_scale, torch.Tensor) else grad_scale
+        kernels.rows(logits, target[start:stop], class_weight, ignore_index, label_smoothing, scale,
+                     None if row_loss is None else row_loss[start:stop], logits if want_grads else None)
+        if need_input_grad:
+            torch.mm(logits, weight, out=grad_x[start:stop])
+        if need_weight_grad:
+            if acc == x.dtype:
+                grad_w.addmm_(logits.T, xs)
+            else:
+                grad_w += (logits.T @ xs).to(acc)
+        if need_bias_grad:
+            grad_b += logits.sum(0, dtype=acc)
+    if acc != x.dtype:
+        grad_w = None if grad_w is None else grad_w.to(x.dtype)
+        grad_b = None if grad_b is None else grad_b.to(x.dtype)
+    return row_loss, grad_x, grad_w, grad_b
+
+
+def forward(kernels, x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction,
+            need_input_grad, need_weight_grad, need_bias_grad):
+    """reference.forward's contract, chunked, on a backend's row kernel."""
+    n, c = x.shape[0], weight.shape[0]
+    scale = loss_scale(kernels, reduction, target, class_weight, ignore_index, c, n)
+    reduced = reduction != "none"
+    grads = (need_input_grad, need_weight_grad, need_bias_grad) if reduced else (False, False, False)
+    row_loss, *grads = run(kernels, x, weight, bias, target, class_weight, ignore_index, label_smoothing,
+                           scale if n else 0.0, True, *grads)
+    loss = row_loss.sum() * scale if reduced else row_loss
+    return (loss.to(x.dtype), *grads)
+
+
+def backward(kernels, x, weight, bias, target, class_weight, ignore_index, label_smoothing, grad_output,
+             need_input_grad, need_weight_grad, need_bias_grad):
+    """reference.backward's contract, chunked, on a backend's row kernel."""
+    return tuple(run(kernels, x, weight, bias, target, class_weight, ignore_index, label_smoothing,
+                     grad_output.to(x.dtype), False, need_input_grad, need_weight_grad, need_bias_grad)[1:])
