@@ -541,7 +541,8 @@ def _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_sm
     num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
     index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size()
     kind = _target_kind(target, input, index_shape, input.shape)
-    if kind is None or num_classes == 0 or not _class_weight_ok(weight, input, num_classes):
+    if (kind is None or num_classes == 0 or not _class_weight_ok(weight, input, num_classes)
+            or (kind == "probs" and ignore_index != -100)):  # torch's error
         return None
     if input.dim() == 1:
         logits = input.unsqueeze(0)

@@ -12,7 +12,7 @@ import torch
 
 from fastml import _backend
 from fastml.ops import backward_in_torch_ops, tracks_gradients
-from fastml.ops.cross_entropy.reference import coefficients
+from fastml.ops.cross_entropy.reference import coefficients, scaled_gradient
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -48,7 +48,7 @@ def reduce_rows(row_loss, scale, reduction, dtype):
 def gradient_in_torch_ops(logits, target, class_weight, ignore_index, label_smoothing, scale):
     """dℓ/dz · scale from torch ops (differentiable, vmap-able): for double backward."""
     a = coefficients(logits, target, class_weight, ignore_index, label_smoothing)
-    return (a.sum(1, keepdim=True) * torch.softmax(logits, 1) - a) * scale
+    return scaled_gradient(torch.softmax(logits, 1), a, target, ignore_index, scale)
 
 
 class CrossEntropyFunction(torch.autograd.Function):

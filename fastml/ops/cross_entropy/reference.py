@@ -25,13 +25,12 @@ import torch
 def target_total(target, class_weight, ignore_index, num_classes):
     """Σ of w[t_i] over the rows whose index target is not ``ignore_index`` (their count when
     ``class_weight`` is None), as a Python float: the "mean" reduction's divisor. Raises torch's
-    IndexError for a target outside [0, num_classes) that is not ignore_index."""
+    IndexError for the first target outside [0, num_classes) that is not ignore_index."""
     kept = target != ignore_index
     valid = target[kept]
-    if valid.numel():
-        low, high = int(valid.min()), int(valid.max())
-        if low < 0 or high >= num_classes:
-            raise IndexError(f"Target {low if low < 0 else high} is out of bounds.")
+    bad = valid[(valid < 0) | (valid >= num_classes)]
+    if bad.numel():  # the first in row order, as torch reports it
+        raise IndexError(f"Target {int(bad[0])} is out of bounds.")
     if class_weight is None:
         return float(valid.numel())
     return float(class_weight.to(torch.float64)[valid].sum())
@@ -79,7 +78,16 @@ def rows(logits, target, class_weight, ignore_index, label_smoothing, grad_scale
         row_loss.copy_(_row_losses(z, log_p, a, target, class_weight, ignore_index, label_smoothing))
     if grad is not None:
         scale = grad_scale.unsqueeze(1) if isinstance(grad_scale, torch.Tensor) else grad_scale
-        grad.copy_((a.sum(1, keepdim=True) * log_p.exp() - a) * scale)
+        grad.copy_(scaled_gradient(log_p.exp(), a, target, ignore_index, scale))
+
+
+def scaled_gradient(softmax, a, target, ignore_index, scale):
+    """(A · softmax - a) · scale, exactly 0 on ignored rows whatever the scale (torch's gradient
+    when every row is ignored and the "mean" divides 0 by 0)."""
+    grad = (a.sum(1, keepdim=True) * softmax - a) * scale
+    if target.dtype == torch.int64:
+        grad = torch.where((target != ignore_index).unsqueeze(1), grad, torch.zeros_like(grad))
+    return grad
 
 
 def _row_losses(z, log_p, a, target, class_weight, ignore_index, label_smoothing):

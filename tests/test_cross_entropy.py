@@ -1,0 +1,246 @@
+"""fastml.functional.cross_entropy (behind fastml.nn.CrossEntropyLoss), on every backend.
+
+Oracle: torch's own cross_entropy in float64 on upcast copies of the same inputs, over class
+index and class probability targets, weights, ignore_index, label smoothing and every reduction.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, magnitude, rand, upcast
+
+import fastml
+
+REDUCTIONS = ("mean", "sum", "none")
+# input shapes: (N, C) with odd and prime sizes, one class, an empty batch, spatial (N, C, d1, d2),
+# unbatched (C,); a C of 1000 spans many vectors and a partial one.
+SHAPES = [(13, 7), (5, 1), (0, 4), (3, 5, 4, 2), (7,), (6, 1000)]
+INTERPRETED_SHAPES = [(13, 7), (0, 4), (3, 5, 2), (7,)]
+OPTIONS = [dict(), dict(weight=True), dict(label_smoothing=0.3), dict(weight=True, label_smoothing=0.15)]
+
+
+def make_target(kind, shape, generator, device, dtype, ignore_index=-100):
+    """Class indices (the input's shape without C; a few rows ignored) or probabilities."""
+    classes = shape[1] if len(shape) > 1 else shape[0]
+    if kind == "probs":
+        return rand(*shape, dtype=torch.float64, generator=generator).softmax(1 if len(shape) > 1 else 0).to(
+            device=device, dtype=dtype)
+    index_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+    target = torch.randint(0, classes, index_shape, generator=generator)
+    if target.dim() and target.numel() > 2:
+        target.view(-1)[1::3] = ignore_index
+    return target.to(device)
+
+
+def check(logits, target, generator, weight=None, **kwargs):
+    """Loss and gradients (logits and, for probabilities that require one, target) against
+    torch's cross_entropy in float64."""
+    dtype = logits.dtype
+    out = fastml.functional.cross_entropy(logits, target, weight=weight, **kwargs)
+    ref_logits, ref_target, ref_weight = upcast(logits, target if target.is_floating_point() else None, weight)
+    ref_target = target.cpu() if ref_target is None else ref_target
+    ref = F.cross_entropy(ref_logits, ref_target, weight=ref_weight, **kwargs)
+    assert out.shape == ref.shape and out.dtype == dtype and out.device == logits.device
+    assert_close(out, ref, dtype, scale=magnitude(ref))
+    upstream = rand(*out.shape, dtype=dtype, device=logits.device, generator=generator)
+    out.backward(upstream)
+    ref.backward(upstream.detach().cpu().double())
+    for t, r in ((logits, ref_logits), (target, ref_target)):
+        if t.requires_grad:
+            assert t.grad.shape == t.shape and t.grad.dtype == dtype
+            assert_close(t.grad, r.grad, dtype, scale=magnitude(r.grad))
+
+
+def options(opts, classes, dtype, device, generator):
+    kwargs = {k: v for k, v in opts.items() if k != "weight"}
+    if opts.get("weight"):
+        kwargs["weight"] = (torch.rand(classes, generator=generator, dtype=torch.float64) + 0.1).to(device, dtype)
+    return kwargs
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matches_torch(backend, dtype, shape, kind, reduction, rng):
+    if backend.interpreted and shape not in INTERPRETED_SHAPES:
+        pytest.skip("the Triton interpreter takes the small shapes")
+    dev = backend.device
+    classes = shape[1] if len(shape) > 1 else shape[0]
+    for opts in OPTIONS:
+        logits = rand(*shape, dtype=dtype, device=dev, generator=rng, requires_grad=True, scale=3.0)
+        target = make_target(kind, shape, rng, dev, dtype)
+        check(logits, target, rng, reduction=reduction, **options(opts, classes, dtype, dev, rng))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_half_precision(backend, dtype, kind, rng):
+    logits = rand(9, 37, dtype=dtype, device=backend.device, generator=rng, requires_grad=True)
+    check(logits, make_target(kind, (9, 37), rng, backend.device, dtype), rng, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_extreme_logits_are_stable(backend, kind, rng):
+    """Huge, tiny and -inf logits: a stable log-sum-exp gives torch's finite values (and its
+    inf or NaN exactly where torch has one)."""
+    logits = rand(6, 33, dtype=torch.float64, generator=rng) * 1e4
+    logits[1] = rand(33, dtype=torch.float64, generator=rng) * 1e-30
+    logits[2, 3::4] = float("-inf")
+    logits[3] = logits[3] - 1e5
+    logits = logits.to(backend.device).requires_grad_()
+    target = make_target(kind, (6, 33), rng, backend.device, torch.float64)
+    if kind == "index":
+        target = torch.tensor([0, 1, 2, 3, 4, 5], device=backend.device)  # row 2's target logit finite
+        check(logits, target, rng, reduction="none")
+        check(logits.detach().clone().requires_grad_(), target, rng, label_smoothing=0.2, reduction="none")
+    else:
+        target[2] = 1.0 / 33  # every class weighted: the -inf logits make the loss inf
+        check(logits, target, rng, reduction="none")
+
+
+def test_custom_ignore_index_and_all_ignored(backend, rng):
+    logits = rand(8, 5, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
+    target = torch.tensor([0, 2, 2, 4, 2, 1, 3, 2], device=backend.device)
+    check(logits, target, rng, ignore_index=2)
+    check(logits.detach().clone().requires_grad_(), target, rng, ignore_index=2, label_smoothing=0.2,
+          weight=torch.rand(5, dtype=torch.float64, device=backend.device, generator=None))
+    every = torch.full((8,), 7, device=backend.device)
+    z = logits.detach().clone().requires_grad_()
+    out = fastml.functional.cross_entropy(z, every, ignore_index=7)
+    assert torch.isnan(out)  # torch's 0 / 0
+    out.backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))
+
+
+def test_empty_batch(backend):
+    z = torch.zeros(0, 4, device=backend.device, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.int64, device=backend.device)
+    assert torch.isnan(fastml.functional.cross_entropy(z, t))
+    assert fastml.functional.cross_entropy(z, t, reduction="sum").item() == 0.0
+    assert fastml.functional.cross_entropy(z, t, reduction="none").shape == (0,)
+    fastml.functional.cross_entropy(z, t, reduction="sum").backward()
+    assert z.grad.shape == (0, 4)
+
+
+def test_non_contiguous_inputs(backend, rng):
+    logits = rand(40, 11, dtype=torch.float64, device=backend.device, generator=rng)[::2].t().t().requires_grad_()
+    spatial = rand(3, 4, 6, 5, dtype=torch.float64, device=backend.device, generator=rng).permute(0, 3, 1, 2)
+    check(logits, make_target("index", (20, 11), rng, backend.device, torch.float64), rng)
+    probs = rand(20, 22, dtype=torch.float64, device=backend.device, generator=rng).softmax(1)[:, ::2]
+    check(logits.detach().clone().requires_grad_(), probs, rng, reduction="sum")
+    check(spatial.requires_grad_(), make_target("index", (3, 5, 4, 6), rng, backend.device, torch.float64), rng)
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_gradcheck(backend, kind, rng):
+    target = make_target(kind, (5, 4), rng, backend.device, torch.float64)
+    weight = torch.rand(4, dtype=torch.float64, generator=rng).to(backend.device) + 0.5
+    for reduction in REDUCTIONS:
+        z = rand(5, 4, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
+        fn = lambda z: fastml.functional.cross_entropy(z, target, weight=weight, reduction=reduction,  # noqa: E731
+                                                       label_smoothing=0.1)
+        assert torch.autograd.gradcheck(fn, (z,))
+        if not backend.interpreted:
+            assert torch.autograd.gradgradcheck(fn, (z,))
+
+
+def test_probability_target_gradient(backend, rng):
+    """A probability target that requires grad gets torch's gradient, -(1 - ε) w log softmax."""
+    logits = rand(6, 5, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
+    probs = make_target("probs", (6, 5), rng, backend.device, torch.float64).requires_grad_()
+    check(logits, probs, rng, label_smoothing=0.2, weight=torch.rand(5, dtype=torch.float64).to(backend.device))
+    fn = lambda z, p: fastml.functional.cross_entropy(z, p, reduction="none")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logits.detach().requires_grad_(), probs.detach().requires_grad_()))
+
+
+def test_no_grad_and_inference_mode(backend, rng):
+    logits = rand(7, 6, device=backend.device, generator=rng)
+    target = make_target("index", (7, 6), rng, backend.device, torch.float32)
+    expected = F.cross_entropy(logits, target)
+    with torch.no_grad():
+        assert_close(fastml.functional.cross_entropy(logits, target), expected.double(), torch.float32)
+    with torch.inference_mode():
+        assert_close(fastml.functional.cross_entropy(logits, target), expected.double(), torch.float32)
+
+
+@pytest.mark.parametrize("bad", [5, -1, -101])
+def test_out_of_range_target_is_torchs_index_error(backend, bad, rng):
+    logits = rand(4, 5, device=backend.device, generator=rng, requires_grad=True)
+    target = torch.tensor([0, bad, 2, 7], device=backend.device)  # the first bad one is reported
+    with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+        fastml.functional.cross_entropy(logits, target)
+    with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+        fastml.functional.cross_entropy(logits.detach(), target, reduction="none")
+
+
+@pytest.mark.parametrize("call", [
+    lambda z: (z, torch.zeros(3, dtype=torch.int64)),                        # batch mismatch
+    lambda z: (z, torch.zeros(4, 6)),                                         # probability shape
+    lambda z: (z, torch.zeros(4, dtype=torch.int32)),                         # target dtype
+    lambda z: (z, torch.zeros(4, dtype=torch.int64), dict(weight=torch.ones(3))),
+    lambda z: (z, torch.zeros(4, dtype=torch.int64), dict(label_smoothing=1.5)),
+    lambda z: (z, torch.zeros(4, dtype=torch.int64), dict(reduction="avg")),
+    lambda z: (z, torch.rand(4, 5), dict(ignore_index=1)),
+], ids=["batch", "probs-shape", "int32", "weight-shape", "smoothing", "reduction", "ignore-probs"])
+def test_bad_arguments_raise_torchs_errors(call, rng):
+    z = rand(4, 5, generator=rng, requires_grad=True)
+    args = call(z)
+    kwargs = args[2] if len(args) > 2 else {}
+    with pytest.raises(Exception) as theirs:
+        F.cross_entropy(args[0], args[1], **kwargs)
+    with pytest.raises(type(theirs.value)) as ours:
+        fastml.functional.cross_entropy(args[0], args[1], **kwargs)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_legacy_size_average_and_reduce(rng):
+    z, t = rand(5, 3, generator=rng), torch.tensor([0, 1, 2, 1, 0])
+    for size_average, reduce in [(False, None), (None, False), (True, True)]:
+        with pytest.warns(UserWarning):
+            ours = fastml.functional.cross_entropy(z, t, size_average=size_average, reduce=reduce)
+        with pytest.warns(UserWarning):
+            theirs = F.cross_entropy(z, t, size_average=size_average, reduce=reduce)
+        torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(reduction="none", ignore_index=1), dict(label_smoothing=0.2),
+                                    dict(weight=torch.tensor([0.2, 1.0, 3.0]), reduction="sum")], ids=str)
+def test_module_is_a_drop_in(backend, kwargs, rng):
+    ours, theirs = fastml.nn.CrossEntropyLoss(**kwargs), torch.nn.CrossEntropyLoss(**kwargs)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    assert repr(ours) == repr(theirs) and ours.state_dict().keys() == theirs.state_dict().keys()
+    z = rand(9, 3, device=backend.device, generator=rng, requires_grad=True)
+    t = make_target("index", (9, 3), rng, backend.device, torch.float32, kwargs.get("ignore_index", -100))
+    ours, theirs = ours.to(backend.device), theirs.to(backend.device, torch.float64)
+    assert_close(ours(z, t), theirs(z.double(), t).detach(), torch.float32, scale=10)
+
+
+def test_softmax_regression_and_mlp_train_like_torch(backend, rng):
+    """The course's softmax regression (784 → 10) and a one-hidden-layer MLP, trained with
+    fastml's loss and torch's, from the same start on the same batches: the same loss curve."""
+    steps, batch = (3, 16) if backend.interpreted else (25, 64)
+    x = rand(steps * batch, 784, generator=rng).to(backend.device)
+    y = torch.randint(0, 10, (steps * batch,), generator=rng).to(backend.device)
+    for hidden in (None, 64):
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+        layers = [torch.nn.Linear(784, 10)] if hidden is None else [
+            torch.nn.Linear(784, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10)]
+        model = torch.nn.Sequential(torch.nn.Flatten(), *layers).to(backend.device)
+        twin = copy.deepcopy(model)
+        curves = []
+        for net, loss_fn in ((model, fastml.nn.CrossEntropyLoss()), (twin, torch.nn.CrossEntropyLoss())):
+            opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            curve = []
+            for s in range(steps):
+                loss = loss_fn(net(x[s * batch:(s + 1) * batch]), y[s * batch:(s + 1) * batch])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                curve.append(loss.item())
+            curves.append(torch.tensor(curve))
+        torch.testing.assert_close(curves[0], curves[1], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,258 @@
+"""fastml.functional.linear_cross_entropy (behind fastml.nn.LinearCrossEntropyLoss), on every
+backend, through both of the C++ backend's paths (the fused small-head kernel and the chunks).
+
+Oracle: linear then torch's cross_entropy in float64 on upcast copies of the same inputs, and
+torch's own linear_cross_entropy / LinearCrossEntropyLoss (torch >= 2.13) as the twin.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, magnitude, rand, upcast
+
+import fastml
+from fastml.ops.linear_cross_entropy import chunked, cpp_impl
+
+REDUCTIONS = ("mean", "sum", "none")
+# (leading dims, D, C): odd and prime sizes, one class, an empty batch, unbatched input, a head
+# wide enough for several vectors and a partial one.
+SHAPES = [((13,), 7, 5), ((5,), 3, 1), ((0,), 4, 3), ((), 6, 4), ((37,), 9, 130)]
+INTERPRETED_SHAPES = [((13,), 7, 5), ((0,), 4, 3), ((), 6, 4)]
+OPTIONS = [dict(), dict(weight=True, label_smoothing=0.2), dict(ignore_index=2)]
+HAS_TWIN = hasattr(F, "linear_cross_entropy")
+
+
+@pytest.fixture(params=["fused", "chunked"])
+def path(request, monkeypatch):
+    """The C++ backend's two paths; "chunked" also makes every backend's chunks a few rows."""
+    if request.param == "chunked":
+        monkeypatch.setattr(cpp_impl, "_FUSED_MAX_WEIGHT", 0)
+        monkeypatch.setattr(chunked, "_MIN_CHUNK_ELEMENTS", 16)
+    return request.param
+
+
+def oracle(x, w, b, target, **kwargs):
+    kwargs["ignore_index"] = -100 if kwargs.get("ignore_index") is None else kwargs["ignore_index"]
+    return F.cross_entropy(F.linear(x, w, b), target, **kwargs)
+
+
+def make_target(kind, lead, classes, generator, device, dtype, ignore_index=-100):
+    if kind == "probs":
+        return rand(*lead, classes, dtype=torch.float64, generator=generator).softmax(-1).to(device, dtype)
+    target = torch.randint(0, classes, lead, generator=generator)
+    if target.numel() > 2:
+        target[1::3] = ignore_index
+    return target.to(device)
+
+
+def check(x, w, b, target, generator, **kwargs):
+    """Loss and every requested gradient against the float64 oracle (and the twin's shape)."""
+    dtype = x.dtype
+    loss = fastml.functional.linear_cross_entropy(x, w, target, linear_bias=b, **kwargs)
+    rx, rw, rb = upcast(x, w, b)
+    rt = target.cpu().double() if target.is_floating_point() else target.cpu()
+    rkw = dict(kwargs, weight=None if kwargs.get("weight") is None else kwargs["weight"].cpu().double())
+    ref = oracle(rx, rw, rb, rt, **rkw)
+    assert loss.shape == ref.shape and loss.dtype == dtype and loss.device == x.device
+    assert_close(loss, ref, dtype, scale=magnitude(ref))
+    if HAS_TWIN:
+        twin = F.linear_cross_entropy(rx, rw, rt, linear_bias=rb, **rkw)
+        torch.testing.assert_close(ref, twin, equal_nan=True)
+    if not any(t is not None and t.requires_grad for t in (x, w, b)):
+        return
+    upstream = rand(*loss.shape, dtype=dtype, device=x.device, generator=generator)
+    loss.backward(upstream)
+    ref.backward(upstream.detach().cpu().double())
+    for name, t, r in zip("xwb", (x, w, b), (rx, rw, rb)):
+        if t is not None and t.requires_grad:
+            assert t.grad is not None, f"no gradient for {name}"
+            assert t.grad.shape == t.shape and t.grad.dtype == dtype
+            assert_close(t.grad, r.grad, dtype, scale=magnitude(r.grad))
+
+
+def options(opts, classes, dtype, device, generator):
+    kwargs = {k: v for k, v in opts.items() if k != "weight"}
+    if opts.get("weight"):
+        kwargs["weight"] = (torch.rand(classes, generator=generator, dtype=torch.float64) + 0.1).to(device, dtype)
+    return kwargs
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matches_float64_reference(backend, path, dtype, shape, kind, reduction, rng):
+    if backend.interpreted and (shape not in INTERPRETED_SHAPES or dtype == torch.float64):
+        pytest.skip("the Triton interpreter takes the small float32 shapes")
+    lead, d, c = shape
+    dev = backend.device
+    for opts in OPTIONS:
+        if kind == "probs" and "ignore_index" in opts:
+            continue  # torch's error, tested below
+        bias = "weight" not in opts  # with and without a bias
+        x = rand(*lead, d, dtype=dtype, device=dev, generator=rng, requires_grad=True)
+        w = rand(c, d, dtype=dtype, device=dev, generator=rng, requires_grad=True)
+        b = rand(c, dtype=dtype, device=dev, generator=rng, requires_grad=True) if bias else None
+        target = make_target(kind, lead, c, rng, dev, dtype, opts.get("ignore_index", -100))
+        check(x, w, b, target, rng, reduction=reduction, **options(opts, c, dtype, dev, rng))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision(backend, dtype, rng):
+    x = rand(9, 16, dtype=dtype, device=backend.device, generator=rng, requires_grad=True)
+    w = rand(37, 16, dtype=dtype, device=backend.device, generator=rng, requires_grad=True, scale=0.3)
+    check(x, w, None, make_target("index", (9,), 37, rng, backend.device, dtype), rng)
+
+
+@pytest.mark.parametrize("requires_grad", [(True, False, False), (False, True, True), (False, False, True)], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_only_requested_gradients(backend, path, requires_grad, reduction, rng):
+    x = rand(11, 6, device=backend.device, generator=rng, requires_grad=requires_grad[0])
+    w = rand(9, 6, device=backend.device, generator=rng, requires_grad=requires_grad[1])
+    b = rand(9, device=backend.device, generator=rng, requires_grad=requires_grad[2])
+    check(x, w, b, make_target("index", (11,), 9, rng, backend.device, torch.float32), rng, reduction=reduction)
+    assert all(t.grad is None for t, need in zip((x, w, b), requires_grad) if not need)
+
+
+def test_non_contiguous_inputs(backend, path, rng):
+    x = rand(12, 20, dtype=torch.float64, device=backend.device, generator=rng)[:, ::2].requires_grad_()
+    w = rand(10, 7, dtype=torch.float64, device=backend.device, generator=rng).t().requires_grad_()
+    b = rand(14, dtype=torch.float64, device=backend.device, generator=rng)[::2].requires_grad_()
+    target = make_target("index", (24,), 7, rng, backend.device, torch.float64)[::2]
+    check(x, w, b, target, rng)
+
+
+def test_no_grad_and_inference_mode(backend, rng):
+    x, w = rand(8, 5, device=backend.device, generator=rng), rand(4, 5, device=backend.device, generator=rng)
+    target = make_target("index", (8,), 4, rng, backend.device, torch.float32)
+    expected = oracle(x.double(), w.double(), None, target)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert_close(fastml.functional.linear_cross_entropy(x, w, target), expected, torch.float32)
+
+
+def test_all_ignored_and_empty(backend, path):
+    x = torch.randn(5, 3, device=backend.device, requires_grad=True)
+    w = torch.randn(4, 3, device=backend.device, requires_grad=True)
+    loss = fastml.functional.linear_cross_entropy(x, w, torch.full((5,), -100, device=backend.device))
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
+    empty = torch.zeros(0, 3, device=backend.device, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.int64, device=backend.device)
+    assert torch.isnan(fastml.functional.linear_cross_entropy(empty, w, target))
+    fastml.functional.linear_cross_entropy(empty, w, target, reduction="sum").backward()
+    assert empty.grad.shape == (0, 3)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck(backend, path, reduction, rng):
+    args = [rand(5, 3, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True),
+            rand(4, 3, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True),
+            rand(4, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)]
+    weight = torch.rand(4, dtype=torch.float64, generator=rng).to(backend.device) + 0.5
+    target = make_target("index", (5,), 4, rng, backend.device, torch.float64)
+
+    def fn(x, w, b):
+        return fastml.functional.linear_cross_entropy(x, w, target, linear_bias=b, weight=weight,
+                                                      reduction=reduction, label_smoothing=0.1)
+
+    assert torch.autograd.gradcheck(fn, args)
+    if not backend.interpreted:
+        assert torch.autograd.gradgradcheck(fn, args)
+
+
+@pytest.mark.parametrize("bad", [4, -1])
+def test_out_of_range_target_is_torchs_index_error(backend, path, bad, rng):
+    x = rand(3, 5, device=backend.device, generator=rng, requires_grad=True)
+    w = rand(4, 5, device=backend.device, generator=rng)
+    with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+        fastml.functional.linear_cross_entropy(x, w, torch.tensor([0, bad, 1], device=backend.device))
+
+
+@pytest.mark.skipif(not HAS_TWIN, reason="torch < 2.13 has no linear_cross_entropy to compare errors with")
+@pytest.mark.parametrize("call", [
+    lambda x, w: (x.reshape(2, 2, 5), w, torch.zeros(2, 2, dtype=torch.int64), {}),
+    lambda x, w: (x, w[:, :4], torch.zeros(4, dtype=torch.int64), {}),
+    lambda x, w: (x, w, torch.zeros(4, dtype=torch.int64), dict(linear_bias=torch.zeros(5))),
+    lambda x, w: (x, w, torch.rand(4, 3), dict(ignore_index=0)),
+    lambda x, w: (x, w[0], torch.zeros(4, dtype=torch.int64), {}),
+    lambda x, w: (x, w, torch.zeros(4, dtype=torch.int64), dict(reduction="avg")),
+], ids=["input-rank", "in-features", "bias-shape", "ignore-probs", "weight-rank", "reduction"])
+def test_bad_arguments_raise_torchs_errors(call, rng):
+    x, w, target, kwargs = call(rand(4, 5, generator=rng), rand(3, 5, generator=rng))
+    with pytest.raises(Exception) as theirs:
+        F.linear_cross_entropy(x, w, target, **kwargs)
+    with pytest.raises(type(theirs.value)) as ours:
+        fastml.functional.linear_cross_entropy(x, w, target, **kwargs)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_k_dimensional_loss_and_probability_target_gradient(rng):
+    """What the kernels leave to torch: a (C, d1, D) weight, and a probability target that
+    requires a gradient (both as the twin computes them)."""
+    x = rand(4, 5, dtype=torch.float64, generator=rng, requires_grad=True)
+    w = rand(3, 2, 5, dtype=torch.float64, generator=rng, requires_grad=True)
+    target = torch.randint(0, 3, (4, 2), generator=rng)
+    got = fastml.functional.linear_cross_entropy(x, w, target)
+    ref = F.cross_entropy(F.linear(x, w.reshape(6, 5)).reshape(4, 3, 2), target)
+    torch.testing.assert_close(got, ref)
+    probs = rand(4, 3, dtype=torch.float64, generator=rng).softmax(1).requires_grad_()
+    w2 = rand(3, 5, dtype=torch.float64, generator=rng)
+    assert torch.autograd.gradcheck(lambda p: fastml.functional.linear_cross_entropy(x.detach(), w2, p), (probs,))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(bias=True, reduction="sum"), dict(bias=True, label_smoothing=0.1),
+                                    dict(ignore_index=0, reduction="none"), dict(out_features=(2,), bias=True)],
+                         ids=str)
+def test_module_is_a_drop_in(backend, kwargs, rng):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    ours = fastml.nn.LinearCrossEntropyLoss(6, 5, **kwargs).to(backend.device)
+    target_shape = (7, *kwargs.get("out_features", ()))
+    target = torch.randint(0, 5, target_shape, generator=rng).to(backend.device)
+    x = rand(7, 6, device=backend.device, generator=rng)
+    assert list(ours.state_dict()) == ["linear.weight"] + (["linear.bias"] if kwargs.get("bias") else [])
+    if HAS_TWIN:
+        twin = torch.nn.LinearCrossEntropyLoss(6, 5, **kwargs).to(backend.device)
+        assert isinstance(ours, torch.nn.LinearCrossEntropyLoss) and repr(ours) == repr(twin)
+        twin.load_state_dict(ours.state_dict())
+        torch.testing.assert_close(ours(x, target), twin(x, target), rtol=1e-5, atol=1e-6)
+    probs = ours.predict_proba(x)
+    assert probs.shape == (7, 5, *kwargs.get("out_features", ()))
+    logits = F.linear(x, ours.linear.weight, ours.linear.bias).reshape(probs.shape)
+    torch.testing.assert_close(probs, logits.softmax(1))
+    assert ours.predict_proba(x[0]).shape == (5, *kwargs.get("out_features", ()))
+
+
+def test_softmax_regression_and_mlp_train_like_torch(backend, rng):
+    """The course's softmax regression (784 → 10) and a one-hidden-layer MLP ending in
+    fastml.nn.LinearCrossEntropyLoss, against nn.Linear + nn.CrossEntropyLoss from the same
+    start on the same batches: the same loss curve."""
+    steps, batch = (3, 16) if backend.interpreted else (25, 64)
+    x = rand(steps * batch, 784, generator=rng).to(backend.device)
+    y = torch.randint(0, 10, (steps * batch,), generator=rng).to(backend.device)
+    for hidden in (None, 64):
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+        body = torch.nn.Identity() if hidden is None else torch.nn.Sequential(torch.nn.Linear(784, hidden),
+                                                                            torch.nn.ReLU())
+        head = fastml.nn.LinearCrossEntropyLoss(784 if hidden is None else hidden, 10, bias=True)
+        ours = torch.nn.ModuleList([body, head]).to(backend.device)
+        theirs = copy.deepcopy(ours)
+        curves = []
+        for net, fused in ((ours, True), (theirs, False)):
+            opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            curve = []
+            for s in range(steps):
+                features, target = net[0](x[s * batch:(s + 1) * batch]), y[s * batch:(s + 1) * batch]
+                linear = net[1].linear
+                loss = net[1](features, target) if fused else F.cross_entropy(linear(features), target)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                curve.append(loss.item())
+            curves.append(torch.tensor(curve))
+        torch.testing.assert_close(curves[0], curves[1], rtol=1e-4, atol=1e-5)
