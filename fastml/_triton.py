@@ -109,9 +109,13 @@ def split_float(value: float) -> tuple[float, float]:
 
     Triton passes Python floats as float32 scalars; kernels working in float64 rebuild a double
     from the pair (``hi.to(tl.float64) + lo.to(tl.float64)``) instead of losing its low bits.
+    A value float32 cannot hold (inf, NaN, beyond 3e38) goes whole in hi, with lo 0 (not the
+    NaN that inf - inf would give).
     """
     value = float(value)
-    hi = struct.unpack("f", struct.pack("f", value))[0] if abs(value) < 3.0e38 else value
+    if not abs(value) < 3.0e38:
+        return value, 0.0
+    hi = struct.unpack("f", struct.pack("f", value))[0]
     return hi, value - hi
 
 

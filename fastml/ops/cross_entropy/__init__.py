@@ -33,10 +33,14 @@ def loss_scale(kernels, reduction, target, class_weight, ignore_index, num_class
     return 1.0 / total if total else float("nan")
 
 
+def accumulation_dtype(dtype):
+    """float32 for float16 / bfloat16, else the dtype itself."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
 def row_loss_buffer(logits):
-    """Per-row losses in the accumulation dtype: float32 for float16 / bfloat16 logits."""
-    dtype = torch.float32 if logits.dtype in _LOW_PRECISION else logits.dtype
-    return torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+    """Per-row losses in the accumulation dtype."""
+    return torch.empty(logits.shape[0], dtype=accumulation_dtype(logits.dtype), device=logits.device)
 
 
 def reduce_rows(row_loss, scale, reduction, dtype):
@@ -82,7 +86,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         elif need_logits and reduction == "none":
             grad_logits = torch.empty_like(logits)
             impl(backend).rows(logits, target, class_weight, ignore_index, label_smoothing,
-                               grad_output.contiguous().to(logits.dtype), None, grad_logits)
+                               grad_output.contiguous().to(accumulation_dtype(logits.dtype)), None, grad_logits)
         elif need_logits:
             grad_logits = grad * grad_output
         if need_target:  # probabilities: dℓ/dp = -(1 - ε) · w · log softmax(z)

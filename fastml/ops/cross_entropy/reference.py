@@ -83,7 +83,8 @@ def rows(logits, target, class_weight, ignore_index, label_smoothing, grad_scale
 
 def scaled_gradient(softmax, a, target, ignore_index, scale):
     """(A · softmax - a) · scale, exactly 0 on ignored rows whatever the scale (torch's gradient
-    when every row is ignored and the "mean" divides 0 by 0)."""
+    when every row is ignored and the "mean" divides 0 by 0). One knowing difference: torch
+    gives an ignored row with NaN logits a NaN gradient, fastml 0 (the row is ignored)."""
     grad = (a.sum(1, keepdim=True) * softmax - a) * scale
     if target.dtype == torch.int64:
         grad = torch.where((target != ignore_index).unsqueeze(1), grad, torch.zeros_like(grad))

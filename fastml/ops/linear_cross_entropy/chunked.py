@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from fastml.ops.cross_entropy import loss_scale, row_loss_buffer
+from fastml.ops.cross_entropy import accumulation_dtype, loss_scale, row_loss_buffer
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 # A chunk of logits as large as the input itself (torch's "aspect_ratio" rule), but never below
-# kMinChunkElements: smaller matrix products lose GEMM efficiency for no memory gain.
+# _MIN_CHUNK_ELEMENTS: smaller matrix products lose GEMM efficiency for no memory gain.
 _MIN_CHUNK_ELEMENTS = 1 << 20
 
 
@@ -39,7 +38,7 @@ def run(kernels, x, weight, bias, target, class_weight, ignore_index, label_smoo
     row_loss = row_loss_buffer(x) if want_loss else None
     grad_x = torch.empty_like(x) if need_input_grad else None
     # Low-precision weight gradients are summed over chunks in float32.
-    acc = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    acc = accumulation_dtype(x.dtype)
     grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_weight_grad else None
     grad_b = torch.zeros(c, dtype=acc, device=x.device) if need_bias_grad else None
     step = chunk_rows(n, d, c)
@@ -86,5 +85,6 @@ def forward(kernels, x, weight, bias, target, class_weight, ignore_index, label_
 def backward(kernels, x, weight, bias, target, class_weight, ignore_index, label_smoothing, grad_output,
              need_input_grad, need_weight_grad, need_bias_grad):
     """reference.backward's contract, chunked, on a backend's row kernel."""
-    return tuple(run(kernels, x, weight, bias, target, class_weight, ignore_index, label_smoothing,
-                     grad_output.to(x.dtype), False, need_input_grad, need_weight_grad, need_bias_grad)[1:])
+    row_scale = grad_output.to(accumulation_dtype(x.dtype))
+    return tuple(run(kernels, x, weight, bias, target, class_weight, ignore_index, label_smoothing, row_scale,
+                     False, need_input_grad, need_weight_grad, need_bias_grad)[1:])
