@@ -8,8 +8,11 @@
 // by the kernel's reach) with the weights flipped and the channel axes swapped.
 // grad_weight: per image and group, the output gradient times the image's im2col matrix (a dot
 // product tile), partial sums per thread added in a fixed order; grad_bias: per output channel.
+// Small images in a large batch (rows that would leave SIMD lanes empty) take the batch-innermost
+// layout of conv_batch_tiles.h instead, for all three.
 #include <vector>
 
+#include "conv_batch_tiles.h"
 #include "conv_tiles.h"
 #include "kernels.h"
 #include "linear_tiles.h"
@@ -66,8 +69,13 @@ void conv2d_forward(address_t x_, address_t w_, address_t b_, const std::vector<
     const ConvShape cs = conv_shape(dims);
     const int threads = conv_threads(cs, nthreads);
     const index_t hp = cs.hp(), wp = cs.wp();
-    const auto padded = padded_input(as_ptr<const T>(x_), cs, hp, wp, threads);
     const auto packed = packed_weights(as_ptr<const T>(w_), cs, false);
+    if (batch_layout_pays<T>(cs.n, cs.ow)) {
+        const auto planes = batch_input(as_ptr<const T>(x_), cs, hp, wp, threads);
+        batch_correlate(planes.data(), hp, wp, packed.data(), as_ptr<const T>(b_), cs, as_ptr<T>(out_), threads);
+        return;
+    }
+    const auto padded = padded_input(as_ptr<const T>(x_), cs, hp, wp, threads);
     correlate_any(padded.data(), hp, wp, packed.data(), as_ptr<const T>(b_), cs, as_ptr<T>(out_), threads);
 }
 
@@ -81,13 +89,19 @@ void conv2d_backward_input(address_t grad_, address_t w_, const std::vector<inde
     const index_t top = (cs.r - 1) * cs.dh - cs.ph, left = (cs.s - 1) * cs.dw - cs.pw;
     const index_t hp = cs.h + (cs.r - 1) * cs.dh, wp = cs.w + (cs.s - 1) * cs.dw;
     const T* grad = as_ptr<const T>(grad_);
+    const auto packed = packed_weights(as_ptr<const T>(w_), cs, true);
+    const ConvShape transposed{cs.n, cs.k, hp, wp, cs.c, cs.r, cs.s, 1, 1, 0, 0, cs.dh, cs.dw, cs.groups, cs.h, cs.w};
+    if (batch_layout_pays<T>(cs.n, cs.w)) {
+        std::vector<T> planes(batch_planes_size<T>(cs.n, cs.k, hp, wp));
+        to_batch_planes(grad, cs.n, cs.k, cs.oh, cs.ow, top, left, cs.sh, cs.sw, hp, wp, planes.data(), threads);
+        batch_correlate<T>(planes.data(), hp, wp, packed.data(), nullptr, transposed, as_ptr<T>(grad_x_), threads);
+        return;
+    }
     std::vector<T> spread(padded_size<T>(cs.n * cs.k, hp, wp, 1));
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (index_t p = 0; p < cs.n * cs.k; ++p)
         pad_planes(grad + p * cs.oh * cs.ow, 1, cs.oh, cs.ow, top, left, cs.sh, cs.sw, hp, wp,
                    spread.data() + p * hp * wp);
-    const auto packed = packed_weights(as_ptr<const T>(w_), cs, true);
-    const ConvShape transposed{cs.n, cs.k, hp, wp, cs.c, cs.r, cs.s, 1, 1, 0, 0, cs.dh, cs.dw, cs.groups, cs.h, cs.w};
     correlate_any<T>(spread.data(), hp, wp, packed.data(), nullptr, transposed, as_ptr<T>(grad_x_), threads);
 }
 
@@ -115,6 +129,15 @@ void conv2d_backward_weight(address_t grad_, address_t x_, const std::vector<ind
         }
     }
     if (!grad_w_) return;
+    if (batch_layout_pays<T>(cs.n, cs.ow)) {
+        const index_t hp = cs.hp(), wp = cs.wp();
+        const auto planes = batch_input(as_ptr<const T>(x_), cs, hp, wp, threads);
+        const index_t rows = gradient_plane_rows(cs.oh, cs.ow);
+        std::vector<T> grads(batch_planes_size<T>(cs.n, cs.k, rows, cs.ow));
+        to_batch_planes(grad, cs.n, cs.k, cs.oh, cs.ow, 0, 0, 1, 1, rows, cs.ow, grads.data(), threads);
+        batch_weight_gradient(grads.data(), planes.data(), hp, wp, cs, as_ptr<T>(grad_w_), threads);
+        return;
+    }
     // grad_w (per group) = G (kg × positions) · im2col(x)ᵀ, both operands contiguous along the
     // positions: the form of linear_tiles.h's dot_block. Small images are taken several at a
     // time (G's rows gathered beside their im2col columns), so each dot product runs over a few

@@ -6,10 +6,14 @@
 // pre-pool activation never reaches memory. Each maximum is kept as its int8 offset i·pool_kw + j
 // in the window. Windows are scanned row by row, and a value replaces the maximum when greater
 // or NaN (torch's max_pool2d rule); ReLU keeps NaN, as torch.relu.
+// Small images in a large batch run the same in the batch-innermost layout (conv_batch_tiles.h),
+// a vector holding one position of 16 images, its windows pooled lane-wise.
 // Backward: the activation gradient (grad at each window's maximum where the output is positive)
 // then conv2d.cpp's gradients.
+#include <type_traits>
 #include <vector>
 
+#include "conv_batch_tiles.h"
 #include "conv_tiles.h"
 #include "kernels.h"
 
@@ -68,6 +72,66 @@ void fused_forward(const T* padded, index_t hp, index_t wp, const T* packed, con
     }
 }
 
+// fused_forward in the batch layout: a task is (block of images, group, block of 8 output
+// channels, pooled row); scratch holds [channel][window row][column] vectors of images.
+template <typename T>
+void batch_fused_forward(const T* planes, index_t hp, index_t wp, const T* packed, const T* bias, const ConvShape& cs,
+                         index_t pkh, index_t pkw, index_t psh, index_t psw, index_t ph_out, index_t pw_out, T* out,
+                         std::int8_t* argmax, int threads) {
+    using S = Simd<T>;
+    using V = typename S::vec;
+    using Lanes = decltype(V{} < V{});  // integer vector: comparison masks, and the offsets kept
+    using Offset = std::remove_reference_t<decltype(Lanes{}[0])>;
+    constexpr index_t L = S::kWidth;
+    const index_t kg = cs.kg(), blocks = cs.kblocks(), weights_per_block = cs.cg() * cs.r * cs.s * kKB;
+    const index_t image_blocks = (cs.n + L - 1) / L, pooled = ph_out * pw_out;
+    const index_t tasks = image_blocks * cs.groups * blocks * ph_out;
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<V> scratch(kKB * pkh * cs.ow);
+#pragma omp for schedule(static)
+        for (index_t task = 0; task < tasks; ++task) {
+            const index_t prow = task % ph_out, block = task / ph_out % blocks, g = task / ph_out / blocks % cs.groups,
+                          ib = task / ph_out / blocks / cs.groups;
+            const T* xg = planes + (ib * cs.c + g * cs.cg()) * hp * wp * L;
+            const T* wb = packed + (g * blocks + block) * weights_per_block;
+            const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);
+            for (index_t i = 0; i < pkh; ++i) {
+                batch_conv_row<T>(xg, cs, hp, wp, wb, prow * psh + i, [&](index_t col, index_t cols, const auto& acc) {
+                    for (index_t o = 0; o < count; ++o) {
+                        const V shift = S::broadcast(bias ? bias[first + o] : T(0));
+                        for (index_t p = 0; p < cols; ++p) {
+                            const V z = acc[o][p] + shift;
+                            scratch[(o * pkh + i) * cs.ow + col + p] = z < 0 ? V{} : z;  // ReLU keeping NaN
+                        }
+                    }
+                });
+            }
+            const index_t images = std::min(L, cs.n - ib * L);
+            for (index_t o = 0; o < count; ++o) {
+                const index_t at = ((ib * L * cs.k + first + o) * ph_out + prow) * pw_out;
+                for (index_t pc = 0; pc < pw_out; ++pc) {
+                    const V* window = scratch.data() + o * pkh * cs.ow + pc * psw;
+                    V best = window[0];
+                    Lanes offset{};
+                    for (index_t i = 0; i < pkh; ++i) {
+                        for (index_t j = (i == 0 ? 1 : 0); j < pkw; ++j) {
+                            const V v = window[i * cs.ow + j];
+                            const Lanes take = (v > best) | (v != v);  // torch's rule: greater, or NaN
+                            best = take ? v : best;
+                            offset = take ? Lanes{} + Offset(i * pkw + j) : offset;
+                        }
+                    }
+                    for (index_t l = 0; l < images; ++l) {
+                        out[at + l * cs.k * pooled + pc] = best[l];
+                        argmax[at + l * cs.k * pooled + pc] = static_cast<std::int8_t>(offset[l]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 }  // namespace
 
 template <typename T>
@@ -78,11 +142,17 @@ void conv2d_relu_max_pool2d_forward(address_t x_, address_t w_, address_t b_, co
     const index_t pkh = pool[0], pkw = pool[1], psh = pool[2], psw = pool[3], ph_out = pool[4], pw_out = pool[5];
     const int threads = threads_for(cs.n * cs.k * cs.oh * cs.ow * cs.cg() * cs.r * cs.s, nthreads);
     const index_t hp = cs.hp(), wp = cs.wp();
-    const auto padded = padded_input(as_ptr<const T>(x_), cs, hp, wp, threads);
     const auto packed = packed_weights(as_ptr<const T>(w_), cs, false);
     const T* bias = as_ptr<const T>(b_);
     T* out = as_ptr<T>(out_);
     auto* argmax = as_ptr<std::int8_t>(argmax_);
+    if (batch_layout_pays<T>(cs.n, cs.ow)) {
+        const auto planes = batch_input(as_ptr<const T>(x_), cs, hp, wp, threads);
+        batch_fused_forward(planes.data(), hp, wp, packed.data(), bias, cs, pkh, pkw, psh, psw, ph_out, pw_out, out,
+                            argmax, threads);
+        return;
+    }
+    const auto padded = padded_input(as_ptr<const T>(x_), cs, hp, wp, threads);
     if (cs.ow <= Simd<T>::kWidth) {
         fused_forward<T, 1>(padded.data(), hp, wp, packed.data(), bias, cs, pkh, pkw, psh, psw, ph_out, pw_out, out,
                             argmax, threads);

@@ -24,6 +24,11 @@ CONFIGS = [
     ((2, 2, 6, 7), (3, 2, 3, 3), True, 1, "valid", 2, 1),      # "valid" with dilation
     ((1, 17, 5, 6), (9, 17, 1, 1), True, 1, 0, 1, 1),          # many channels, 1 × 1
     ((1, 2, 3, 40), (3, 2, 3, 3), True, 1, (2, 1), 1, 1),      # wide rows (two SIMD vectors and a tail)
+    # A batch of small images takes the C++ batch-innermost layout: 31 images are a full block of
+    # 16 (float) or 8 (double) lanes and a partial one.
+    ((31, 3, 9, 11), (10, 3, 3, 2), True, 1, 1, 1, 1),         # batch layout, a partial channel block
+    ((31, 4, 10, 8), (12, 2, 3, 3), True, 2, 1, 1, 2),         # batch layout, strides, groups
+    ((31, 2, 12, 9), (9, 2, 3, 3), False, 1, 2, 2, 1),         # batch layout, dilation, no bias
 ]
 
 

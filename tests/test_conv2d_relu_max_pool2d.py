@@ -19,6 +19,8 @@ CONFIGS = [
     ((1, 4, 11, 10), (6, 2, 3, 3), False, 1, 1, 1, 2, 3, 2),            # groups, overlapping pool windows
     ((2, 3, 9, 13), (5, 3, 3, 2), True, (2, 1), (1, 0), (1, 2), 1, (2, 3), (1, 2)),  # everything rectangular
     ((1, 3, 10, 36), (9, 3, 3, 3), True, 1, 1, 1, 1, 2, 2),             # rows wider than two SIMD vectors
+    ((31, 6, 9, 9), (16, 6, 5, 5), True, 1, 0, 1, 1, 2, None),          # C++ batch layout, a partial block
+    ((31, 4, 11, 10), (6, 2, 3, 3), False, 1, 1, 1, 2, 3, 2),           # batch layout, overlapping windows
 ]
 
 
@@ -55,12 +57,14 @@ def test_matches_float64_composite(backend, rng, config):
             assert_close(a, e, scale=max(1.0, float(e.abs().max())))
 
 
-def test_ties_nan_and_relu_zero_route_as_torch(backend, rng):
+@pytest.mark.parametrize("batch", [2, 15], ids=["rows", "batch-layout"])
+def test_ties_nan_and_relu_zero_route_as_torch(backend, rng, batch):
     """Small integers make every sum exact, so windows tie exactly: the first maximum takes the
-    gradient, as max_pool2d's; a window whose maximum is 0 (after ReLU) passes none back; NaN wins."""
-    config = ((2, 2, 8, 9), (3, 2, 3, 3), True, 1, 1, 1, 1, 2, None)
+    gradient, as max_pool2d's; a window whose maximum is 0 (after ReLU) passes none back; NaN wins.
+    A batch of 15 float64 images runs the C++ batch-innermost layout (a block of 8 and 7 more)."""
+    config = ((batch, 2, 8, 9), (3, 2, 3, 3), True, 1, 1, 1, 1, 2, None)
     x = torch.randint(-2, 3, config[0], generator=rng).double()
-    x[0, 0, 2, 2] = float("nan")
+    x[0, 0, 2, 2] = x[batch - 1, 1, 4, 5] = float("nan")
     w = torch.randint(-1, 2, config[1], generator=rng).double()
     b = torch.randint(-1, 2, (3,), generator=rng).double()
     leaves = [t.to(backend.device).requires_grad_() for t in (x, w, b)]

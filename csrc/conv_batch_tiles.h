@@ -1,0 +1,264 @@
+// Direct convolution with the batch innermost, for small images with a large batch (LeNet's
+// second layer: 10 × 10 outputs, batch 256).
+//
+// conv_tiles.h runs its SIMD vectors along an output row, so a row of 10 outputs fills 10 of 16
+// float lanes. Here the planes are stored batch-innermost, (image block, channel, row, column,
+// lane) with the lane the image within a block of kWidth images, and a vector holds one position
+// of kWidth images: every lane is useful whatever the plane's size. A tile is kKB output
+// channels × P output positions of a row: per (input channel, r, s), P vector loads and kKB
+// broadcast weights (packed as conv_tiles.h's pack_weights) feed kKB · P FMAs. The weight
+// gradient's tile multiplies kKB output-gradient vectors by P input vectors, the lanes (images)
+// summed once at the end.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "conv_tiles.h"
+#include "linear_tiles.h"
+
+namespace fastml {
+
+// Whether to run a convolution in the batch-innermost layout: when its batch fills the lanes (at
+// least one vector of images, and no more than an eighth of the last vector empty). Measured on
+// Zen 4 against conv_tiles.h's row vectors, it was as fast or faster at every size tried (VGG's
+// 56 × 56 included), by 3× to 8× for LeNet's fused blocks (out_w: the width a pass produces,
+// kept for the choice's record; the rows' lane waste does not decide it).
+template <typename T>
+inline bool batch_layout_pays(index_t n, index_t out_w) {
+    constexpr index_t L = Simd<T>::kWidth;
+    (void)out_w;
+    const index_t batch_lanes = (n + L - 1) / L * L;
+    return n >= L && 8 * n >= 7 * batch_lanes;
+}
+
+// dst (blocks of kWidth images, channels, hp, wp, lane) = the planes of src (n, channels, h, w)
+// with element (i, j) at (top + i·up_h, left + j·up_w) (cropped where outside), zero elsewhere
+// and in the lanes of images past n. As pad_planes, for the batch-innermost layout.
+template <typename T>
+void to_batch_planes(const T* src, index_t n, index_t channels, index_t h, index_t w, index_t top, index_t left,
+                     index_t up_h, index_t up_w, index_t hp, index_t wp, T* dst, int threads) {
+    constexpr index_t L = Simd<T>::kWidth;
+    const index_t blocks = (n + L - 1) / L;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (index_t task = 0; task < blocks * channels; ++task) {
+        const index_t block = task / channels, ch = task % channels;
+        T* plane = dst + task * hp * wp * L;
+        std::fill(plane, plane + hp * wp * L, T(0));
+        for (index_t l = 0; l < L && block * L + l < n; ++l) {
+            const T* in = src + ((block * L + l) * channels + ch) * h * w;
+            for (index_t i = 0; i < h; ++i) {
+                const index_t row = top + i * up_h;
+                if (row < 0 || row >= hp) continue;
+                for (index_t j = 0; j < w; ++j) {
+                    const index_t col = left + j * up_w;
+                    if (col >= 0 && col < wp) plane[(row * wp + col) * L + l] = in[i * w + j];
+                }
+            }
+        }
+    }
+}
+
+// Elements of batch planes for n images of `channels` planes hp × wp.
+template <typename T>
+inline index_t batch_planes_size(index_t n, index_t channels, index_t hp, index_t wp) {
+    constexpr index_t L = Simd<T>::kWidth;
+    return (n + L - 1) / L * channels * hp * wp * L;
+}
+
+// The input x (n, c, h, w) as padded batch planes (forward and weight gradient).
+template <typename T>
+std::vector<T> batch_input(const T* x, const ConvShape& cs, index_t hp, index_t wp, int threads) {
+    std::vector<T> planes(batch_planes_size<T>(cs.n, cs.c, hp, wp));
+    to_batch_planes(x, cs.n, cs.c, cs.h, cs.w, cs.ph, cs.pw, 1, 1, hp, wp, planes.data(), threads);
+    return planes;
+}
+
+// acc[o][p] = Σ_{i, a, b} w[o, i, a, b] · x[i, a·dh, p·sw + b·dw] (vectors of images) for one
+// tile: x points at the tile's first tap in batch planes; steps are in elements (plane: one
+// channel's plane; row_step: dh rows; tap_step: dw columns; col_step: sw columns); w at the
+// tile's packed weights ([ins][r][s][kKB]).
+template <typename T, int P>
+inline void batch_conv_tile(const T* x, index_t plane, index_t row_step, index_t tap_step, index_t col_step,
+                            const T* w, index_t ins, index_t r, index_t s, typename Simd<T>::vec (&acc)[kKB][P]) {
+    using S = Simd<T>;
+    using V = typename S::vec;
+#pragma GCC unroll 8
+    for (int o = 0; o < kKB; ++o)
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) acc[o][p] = V{};
+    for (index_t i = 0; i < ins; ++i) {
+        for (index_t a = 0; a < r; ++a) {
+            const T* row = x + i * plane + a * row_step;
+            for (index_t b = 0; b < s; ++b, w += kKB) {
+                const T* at = row + b * tap_step;
+                V in[P];
+#pragma GCC unroll 4
+                for (int p = 0; p < P; ++p) in[p] = S::load(at + p * col_step);
+#pragma GCC unroll 8
+                for (int o = 0; o < kKB; ++o)
+#pragma GCC unroll 4
+                    for (int p = 0; p < P; ++p) acc[o][p] += in[p] * w[o];
+            }
+        }
+    }
+}
+
+// One output row of one block of kKB output channels in the batch layout: body(col, count, acc)
+// receives each tile's accumulators (count = P positions from column col, or 1 for the last
+// ones). x: batch planes of the group's input channels for one block of images.
+template <typename T, typename Body>
+inline void batch_conv_row(const T* x, const ConvShape& cs, index_t hp, index_t wp, const T* w_block, index_t row,
+                           Body&& body) {
+    constexpr index_t L = Simd<T>::kWidth;
+    constexpr int P = 3;  // 8 × 3 accumulators + 3 inputs: 27 of AVX-512's 32 registers
+    const index_t plane = hp * wp * L, row_step = cs.dh * wp * L, tap_step = cs.dw * L, col_step = cs.sw * L;
+    const T* base = x + row * cs.sh * wp * L;
+    index_t col = 0;
+    for (; col + P <= cs.ow; col += P) {
+        typename Simd<T>::vec acc[kKB][P];
+        batch_conv_tile<T, P>(base + col * col_step, plane, row_step, tap_step, col_step, w_block, cs.cg(), cs.r,
+                              cs.s, acc);
+        body(col, P, acc);
+    }
+    for (; col < cs.ow; ++col) {
+        typename Simd<T>::vec acc[kKB][1];
+        batch_conv_tile<T, 1>(base + col * col_step, plane, row_step, tap_step, col_step, w_block, cs.cg(), cs.r,
+                              cs.s, acc);
+        body(col, 1, acc);
+    }
+}
+
+// out (n, outs, oh, ow) = correlation of batch planes x (blocks, ins, hp, wp, lane) with the
+// packed weights of every group, plus bias (or none); the lanes of each result vector are
+// written to their images' planes.
+template <typename T>
+void batch_correlate(const T* x, index_t hp, index_t wp, const T* packed, const T* bias, const ConvShape& cs, T* out,
+                     int threads) {
+    constexpr index_t L = Simd<T>::kWidth;
+    const index_t kg = cs.kg(), blocks = cs.kblocks(), weights_per_block = cs.cg() * cs.r * cs.s * kKB;
+    const index_t image_blocks = (cs.n + L - 1) / L, outputs = cs.oh * cs.ow;
+    const index_t tasks = image_blocks * cs.groups * blocks * cs.oh;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (index_t task = 0; task < tasks; ++task) {
+        const index_t row = task % cs.oh, block = task / cs.oh % blocks, g = task / cs.oh / blocks % cs.groups,
+                      ib = task / cs.oh / blocks / cs.groups;
+        const T* xg = x + (ib * cs.c + g * cs.cg()) * hp * wp * L;
+        const T* wb = packed + (g * blocks + block) * weights_per_block;
+        const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);
+        const index_t images = std::min(L, cs.n - ib * L);
+        batch_conv_row<T>(xg, cs, hp, wp, wb, row, [&](index_t col, index_t cols, const auto& acc) {
+            for (index_t o = 0; o < count; ++o) {
+                const T shift = bias ? bias[first + o] : T(0);
+                T* dst = out + ((ib * L) * cs.k + first + o) * outputs + row * cs.ow + col;
+                for (index_t p = 0; p < cols; ++p)
+                    for (index_t l = 0; l < images; ++l) dst[l * cs.k * outputs + p] = acc[o][p][l] + shift;
+            }
+        });
+    }
+}
+
+// acc[o][p] = Σ over the band's positions of grad[o] · x[tap p] (vectors of images) for the
+// first `count` of kKB output channels and P taps of one kernel row. gz: the block's first
+// channel's gradient at the band's first position (channels `pitch` elements apart); xi: the
+// input under the first tap at the band's first row. 8 × 3 accumulators, 3 inputs and one
+// gradient vector at a time: 28 of AVX-512's 32 registers.
+template <typename T, int P, bool kFullBlock>
+inline void weight_tile(const T* gz, const T* xi, const ConvShape& cs, index_t wp, index_t rows, index_t pitch,
+                        index_t count, typename Simd<T>::vec (&acc)[kKB][P]) {
+    using S = Simd<T>;
+    using V = typename S::vec;
+    constexpr index_t L = S::kWidth;
+#pragma GCC unroll 8
+    for (int o = 0; o < kKB; ++o)
+#pragma GCC unroll 3
+        for (int p = 0; p < P; ++p) acc[o][p] = V{};
+    for (index_t row = 0; row < rows; ++row) {
+        for (index_t col = 0; col < cs.ow; ++col) {
+            const T* in = xi + (row * cs.sh * wp + col * cs.sw) * L;
+            const T* g = gz + (row * cs.ow + col) * L;
+            V xs[P];
+#pragma GCC unroll 3
+            for (int p = 0; p < P; ++p) xs[p] = S::load(in + p * cs.dw * L);
+#pragma GCC unroll 8
+            for (int o = 0; o < kKB; ++o) {
+                if (!kFullBlock && o >= count) break;  // past this block's last channel
+                V gv = S::load(g + o * pitch);
+                // Keep gv in a register: GCC would fold the load into each of the P FMAs, and
+                // the loads, not the FMAs, then bound the loop (27 loads per 24 FMAs).
+                __asm__("" : "+v"(gv));
+#pragma GCC unroll 3
+                for (int p = 0; p < P; ++p) acc[o][p] += gv * xs[p];
+            }
+        }
+    }
+}
+
+// Rows of the output gradient's batch planes: oh, plus one unused row where oh · ow is a
+// multiple of 64 positions. Otherwise the kKB channels a weight tile reads at once lie a
+// multiple of 4 KiB apart and share L1 sets (VGG's 56 × 56: grad_weight ran 2× slower).
+inline index_t gradient_plane_rows(index_t oh, index_t ow) { return oh + (oh * ow % 64 == 0 ? 1 : 0); }
+
+// grad_w (k, c / groups, r, s) = Σ over images and output positions of grad · input, from batch
+// planes grad (blocks, k, gradient_plane_rows, ow, lane) and x (blocks, c, hp, wp, lane). The positions are cut
+// into chunks (one block of images, a band of output rows: about kBandPositions positions) so a
+// block of kKB channels of the gradient (kBandPositions · kKB vectors, 128 KiB in float) stays in
+// L2 while every (input channel, kernel row) multiplies it, by tiles of kKB channels × 3 taps.
+// Threads take chunks and keep partial sums, added in a fixed order.
+template <typename T>
+void batch_weight_gradient(const T* grad, const T* x, index_t hp, index_t wp, const ConvShape& cs, T* grad_w,
+                           int threads) {
+    using S = Simd<T>;
+    using V = typename S::vec;
+    constexpr index_t L = S::kWidth, kBandPositions = 256;
+    constexpr int P = 3;
+    const index_t kg = cs.kg(), cg = cs.cg(), blocks = cs.kblocks(), image_blocks = (cs.n + L - 1) / L;
+    const index_t pitch = gradient_plane_rows(cs.oh, cs.ow) * cs.ow * L, weights = cs.k * cg * cs.r * cs.s;
+    const index_t band = std::max<index_t>(1, kBandPositions / std::max<index_t>(cs.ow, 1));
+    const index_t bands = (cs.oh + band - 1) / band, chunks = image_blocks * bands;
+    const int parts = static_cast<int>(std::max<index_t>(1, std::min<index_t>(threads, chunks)));
+    std::vector<T> partial(index_t(parts) * weights, T(0));
+#pragma omp parallel num_threads(parts)
+    {
+        const int t = omp_get_thread_num();
+        index_t first_chunk, last_chunk;
+        split_range(chunks, parts, t, first_chunk, last_chunk);
+        T* mine = partial.data() + index_t(t) * weights;
+        for (index_t chunk = first_chunk; chunk < last_chunk; ++chunk) {
+            const index_t ib = chunk / bands, row0 = chunk % bands * band, rows = std::min(cs.oh, row0 + band) - row0;
+            for (index_t g = 0; g < cs.groups; ++g)
+                for (index_t block = 0; block < blocks; ++block) {
+                    const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);
+                    const T* gz = grad + (ib * cs.k + first) * pitch + row0 * cs.ow * L;
+                    for (index_t i = 0; i < cg; ++i)
+                        for (index_t a = 0; a < cs.r; ++a) {
+                            const T* xa = x + ((ib * cs.c + g * cg + i) * hp + row0 * cs.sh + a * cs.dh) * wp * L;
+                            T* dst = mine + (((first * cg + i) * cs.r + a) * cs.s);
+                            auto add = [&](const auto& acc, index_t b0, index_t taps) {
+                                for (index_t o = 0; o < count; ++o)
+                                    for (index_t p = 0; p < taps; ++p)
+                                        dst[o * cg * cs.r * cs.s + b0 + p] += S::sum(acc[o][p]);
+                            };
+                            index_t b0 = 0;
+                            for (; b0 + P <= cs.s; b0 += P) {
+                                V acc[kKB][P];
+                                if (count == kKB)
+                                    weight_tile<T, P, true>(gz, xa + b0 * cs.dw * L, cs, wp, rows, pitch, count, acc);
+                                else
+                                    weight_tile<T, P, false>(gz, xa + b0 * cs.dw * L, cs, wp, rows, pitch, count, acc);
+                                add(acc, b0, P);
+                            }
+                            for (; b0 < cs.s; ++b0) {  // the row's last s % 3 taps, one at a time
+                                V acc[kKB][1];
+                                weight_tile<T, 1, false>(gz, xa + b0 * cs.dw * L, cs, wp, rows, pitch, count, acc);
+                                add(acc, b0, 1);
+                            }
+                        }
+                }
+        }
+    }
+    reduce_partials(partial.data(), parts, weights, T(1), grad_w, threads);
+}
+
+}  // namespace fastml
