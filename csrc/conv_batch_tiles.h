@@ -152,8 +152,8 @@ void batch_correlate(const T* x, index_t hp, index_t wp, const T* packed, const 
             for (index_t o = 0; o < count; ++o) {
                 const T shift = bias ? bias[first + o] : T(0);
                 T* dst = out + ((ib * L) * cs.k + first + o) * outputs + row * cs.ow + col;
-                for (index_t p = 0; p < cols; ++p)
-                    for (index_t l = 0; l < images; ++l) dst[l * cs.k * outputs + p] = acc[o][p][l] + shift;
+                for (index_t l = 0; l < images; ++l)  // each image's positions side by side
+                    for (index_t p = 0; p < cols; ++p) dst[l * cs.k * outputs + p] = acc[o][p][l] + shift;
             }
         });
     }
