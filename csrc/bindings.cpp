@@ -58,6 +58,8 @@ PYBIND11_MODULE(_C, m) {
     FASTML_DEF("conv2d_relu_max_pool2d_forward_f64", conv2d_relu_max_pool2d_forward<double>);
     FASTML_DEF("relu_max_pool2d_backward_f32", relu_max_pool2d_backward<float>);
     FASTML_DEF("relu_max_pool2d_backward_f64", relu_max_pool2d_backward<double>);
+    FASTML_DEF("conv2d_relu_max_pool2d_backward_f32", conv2d_relu_max_pool2d_backward<float>);
+    FASTML_DEF("conv2d_relu_max_pool2d_backward_f64", conv2d_relu_max_pool2d_backward<double>);
 
     FASTML_DEF("cross_entropy_rows_f32", cross_entropy_rows<float>);
     FASTML_DEF("cross_entropy_rows_f64", cross_entropy_rows<double>);

@@ -135,7 +135,8 @@ void conv2d_backward_weight(address_t grad_, address_t x_, const std::vector<ind
         const index_t rows = gradient_plane_rows(cs.oh, cs.ow);
         std::vector<T> grads(batch_planes_size<T>(cs.n, cs.k, rows, cs.ow));
         to_batch_planes(grad, cs.n, cs.k, cs.oh, cs.ow, 0, 0, 1, 1, rows, cs.ow, grads.data(), threads);
-        batch_weight_gradient(grads.data(), planes.data(), hp, wp, cs, as_ptr<T>(grad_w_), threads);
+        batch_weight_gradient(grads.data(), cs.ow, rows * cs.ow * Simd<T>::kWidth, planes.data(), hp, wp, cs,
+                              as_ptr<T>(grad_w_), threads);
         return;
     }
     // grad_w (per group) = G (kg × positions) · im2col(x)ᵀ, both operands contiguous along the

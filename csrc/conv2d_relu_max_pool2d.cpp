@@ -186,11 +186,84 @@ void relu_max_pool2d_backward(address_t grad_, address_t out_, address_t argmax_
     }
 }
 
+// The whole backward pass: grad (n, k, pooled h, pooled w) → grad_x, grad_w, grad_b (each 0 when
+// not wanted). In the batch layout (stride 1, padding within the kernel's reach) the activation
+// gradient goes straight from the pooled gradient into batch planes laid out as grad_input's
+// spread planes, and grad_weight reads the same planes at their offset: no (n, k, oh, ow)
+// activation gradient, and one transposition instead of three. Otherwise relu_max_pool2d_backward
+// and conv2d.cpp's gradients, as before.
+template <typename T>
+void conv2d_relu_max_pool2d_backward(address_t grad_, address_t out_, address_t argmax_, address_t x_, address_t w_,
+                                     const std::vector<index_t>& dims, const std::vector<index_t>& pool,
+                                     address_t grad_x_, address_t grad_w_, address_t grad_b_, int nthreads) {
+    const ConvShape cs = conv_shape(dims);
+    const index_t top = (cs.r - 1) * cs.dh - cs.ph, left = (cs.s - 1) * cs.dw - cs.pw;
+    if (!batch_layout_pays<T>(cs.n, cs.ow) || cs.sh != 1 || cs.sw != 1 || top < 0 || left < 0) {
+        std::vector<T> grad_z(cs.n * cs.k * cs.oh * cs.ow);
+        const address_t z = reinterpret_cast<address_t>(grad_z.data());
+        relu_max_pool2d_backward<T>(grad_, out_, argmax_, cs.n * cs.k, cs.oh, cs.ow, pool, z, nthreads);
+        if (grad_x_) conv2d_backward_input<T>(z, w_, dims, grad_x_, nthreads);
+        if (grad_w_ || grad_b_) conv2d_backward_weight<T>(z, x_, dims, grad_w_, grad_b_, nthreads);
+        return;
+    }
+    using S = Simd<T>;
+    constexpr index_t L = S::kWidth;
+    const int threads = threads_for(cs.n * cs.k * cs.oh * cs.ow * cs.cg() * cs.r * cs.s, nthreads);
+    const index_t pkw = pool[1], psh = pool[2], psw = pool[3], ph_out = pool[4], pw_out = pool[5];
+    const index_t hp = gradient_plane_rows(cs.h + (cs.r - 1) * cs.dh, cs.w + (cs.s - 1) * cs.dw);
+    const index_t wp = cs.w + (cs.s - 1) * cs.dw, pitch = hp * wp * L, pooled = ph_out * pw_out;
+    const index_t image_blocks = (cs.n + L - 1) / L;
+    const T *grad = as_ptr<const T>(grad_), *out = as_ptr<const T>(out_);
+    const auto* argmax = as_ptr<const std::int8_t>(argmax_);
+    std::vector<T> planes(image_blocks * cs.k * pitch), bias_parts(image_blocks * cs.k, T(0));
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (index_t task = 0; task < image_blocks * cs.k; ++task) {
+        const index_t ib = task / cs.k, ko = task % cs.k, images = std::min(L, cs.n - ib * L);
+        T* plane = planes.data() + task * pitch;
+        std::fill(plane, plane + pitch, T(0));
+        T total = 0;
+        for (index_t l = 0; l < images; ++l) {
+            const index_t at = ((ib * L + l) * cs.k + ko) * pooled;
+            for (index_t q = 0; q < pooled; ++q) {
+                if (!(out[at + q] > 0)) continue;  // ReLU passes nothing at 0 or NaN
+                const index_t offset = argmax[at + q], pr = q / pw_out, pc = q % pw_out;
+                const index_t row = top + pr * psh + offset / pkw, col = left + pc * psw + offset % pkw;
+                plane[(row * wp + col) * L + l] += grad[at + q];
+                total += grad[at + q];
+            }
+        }
+        bias_parts[task] = total;
+    }
+    if (grad_b_) {
+        T* grad_b = as_ptr<T>(grad_b_);
+        for (index_t ko = 0; ko < cs.k; ++ko) {
+            T total = 0;
+            for (index_t ib = 0; ib < image_blocks; ++ib) total += bias_parts[ib * cs.k + ko];
+            grad_b[ko] = total;
+        }
+    }
+    if (grad_x_) {
+        const auto packed = packed_weights(as_ptr<const T>(w_), cs, true);
+        const ConvShape transposed{cs.n, cs.k, hp, wp, cs.c, cs.r, cs.s, 1, 1, 0, 0, cs.dh, cs.dw, cs.groups, cs.h,
+                                   cs.w};
+        batch_correlate<T>(planes.data(), hp, wp, packed.data(), nullptr, transposed, as_ptr<T>(grad_x_), threads);
+    }
+    if (grad_w_) {
+        const index_t xh = cs.hp(), xw = cs.wp();
+        const auto inputs = batch_input(as_ptr<const T>(x_), cs, xh, xw, threads);
+        batch_weight_gradient(planes.data() + (top * wp + left) * L, wp, pitch, inputs.data(), xh, xw, cs,
+                              as_ptr<T>(grad_w_), threads);
+    }
+}
+
 #define FASTML_FUSED(T)                                                                                        \
     template void conv2d_relu_max_pool2d_forward<T>(address_t, address_t, address_t, const std::vector<index_t>&, \
                                                     const std::vector<index_t>&, address_t, address_t, int);      \
     template void relu_max_pool2d_backward<T>(address_t, address_t, address_t, index_t, index_t, index_t,        \
-                                              const std::vector<index_t>&, address_t, int);
+                                              const std::vector<index_t>&, address_t, int);                      \
+    template void conv2d_relu_max_pool2d_backward<T>(address_t, address_t, address_t, address_t, address_t,      \
+                                                     const std::vector<index_t>&, const std::vector<index_t>&,    \
+                                                     address_t, address_t, address_t, int);
 FASTML_FUSED(float)
 FASTML_FUSED(double)
 #undef FASTML_FUSED

@@ -161,12 +161,13 @@ void batch_correlate(const T* x, index_t hp, index_t wp, const T* packed, const 
 
 // acc[o][p] = Σ over the band's positions of grad[o] · x[tap p] (vectors of images) for the
 // first `count` of kKB output channels and P taps of one kernel row. gz: the block's first
-// channel's gradient at the band's first position (channels `pitch` elements apart); xi: the
+// channel's gradient at the band's first position (rows grad_row positions apart, channels
+// `pitch` elements apart); xi: the
 // input under the first tap at the band's first row. 8 × 3 accumulators, 3 inputs and one
 // gradient vector at a time: 28 of AVX-512's 32 registers.
 template <typename T, int P, bool kFullBlock>
-inline void weight_tile(const T* gz, const T* xi, const ConvShape& cs, index_t wp, index_t rows, index_t pitch,
-                        index_t count, typename Simd<T>::vec (&acc)[kKB][P]) {
+inline void weight_tile(const T* gz, index_t grad_row, index_t pitch, const T* xi, const ConvShape& cs, index_t wp,
+                        index_t rows, index_t count, typename Simd<T>::vec (&acc)[kKB][P]) {
     using S = Simd<T>;
     using V = typename S::vec;
     constexpr index_t L = S::kWidth;
@@ -177,7 +178,7 @@ inline void weight_tile(const T* gz, const T* xi, const ConvShape& cs, index_t w
     for (index_t row = 0; row < rows; ++row) {
         for (index_t col = 0; col < cs.ow; ++col) {
             const T* in = xi + (row * cs.sh * wp + col * cs.sw) * L;
-            const T* g = gz + (row * cs.ow + col) * L;
+            const T* g = gz + (row * grad_row + col) * L;
             V xs[P];
 #pragma GCC unroll 3
             for (int p = 0; p < P; ++p) xs[p] = S::load(in + p * cs.dw * L);
@@ -201,20 +202,22 @@ inline void weight_tile(const T* gz, const T* xi, const ConvShape& cs, index_t w
 inline index_t gradient_plane_rows(index_t oh, index_t ow) { return oh + (oh * ow % 64 == 0 ? 1 : 0); }
 
 // grad_w (k, c / groups, r, s) = Σ over images and output positions of grad · input, from batch
-// planes grad (blocks, k, gradient_plane_rows, ow, lane) and x (blocks, c, hp, wp, lane). The positions are cut
+// planes of the output gradient (position (row, col) of channel k of image block ib at
+// grad + ib·k·pitch + k·pitch + (row·grad_row + col)·kWidth: planes of conv2d_backward_weight's
+// gradient_plane_rows × ow, or the fused backward's padded ones) and x (blocks, c, hp, wp, lane). The positions are cut
 // into chunks (one block of images, a band of output rows: about kBandPositions positions) so a
 // block of kKB channels of the gradient (kBandPositions · kKB vectors, 128 KiB in float) stays in
 // L2 while every (input channel, kernel row) multiplies it, by tiles of kKB channels × 3 taps.
 // Threads take chunks and keep partial sums, added in a fixed order.
 template <typename T>
-void batch_weight_gradient(const T* grad, const T* x, index_t hp, index_t wp, const ConvShape& cs, T* grad_w,
-                           int threads) {
+void batch_weight_gradient(const T* grad, index_t grad_row, index_t pitch, const T* x, index_t hp, index_t wp,
+                           const ConvShape& cs, T* grad_w, int threads) {
     using S = Simd<T>;
     using V = typename S::vec;
     constexpr index_t L = S::kWidth, kBandPositions = 256;
     constexpr int P = 3;
     const index_t kg = cs.kg(), cg = cs.cg(), blocks = cs.kblocks(), image_blocks = (cs.n + L - 1) / L;
-    const index_t pitch = gradient_plane_rows(cs.oh, cs.ow) * cs.ow * L, weights = cs.k * cg * cs.r * cs.s;
+    const index_t weights = cs.k * cg * cs.r * cs.s;
     const index_t band = std::max<index_t>(1, kBandPositions / std::max<index_t>(cs.ow, 1));
     const index_t bands = (cs.oh + band - 1) / band, chunks = image_blocks * bands;
     const int parts = static_cast<int>(std::max<index_t>(1, std::min<index_t>(threads, chunks)));
@@ -230,7 +233,7 @@ void batch_weight_gradient(const T* grad, const T* x, index_t hp, index_t wp, co
             for (index_t g = 0; g < cs.groups; ++g)
                 for (index_t block = 0; block < blocks; ++block) {
                     const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);
-                    const T* gz = grad + (ib * cs.k + first) * pitch + row0 * cs.ow * L;
+                    const T* gz = grad + (ib * cs.k + first) * pitch + row0 * grad_row * L;
                     for (index_t i = 0; i < cg; ++i)
                         for (index_t a = 0; a < cs.r; ++a) {
                             const T* xa = x + ((ib * cs.c + g * cg + i) * hp + row0 * cs.sh + a * cs.dh) * wp * L;
@@ -243,15 +246,17 @@ void batch_weight_gradient(const T* grad, const T* x, index_t hp, index_t wp, co
                             index_t b0 = 0;
                             for (; b0 + P <= cs.s; b0 += P) {
                                 V acc[kKB][P];
+                                const T* xb = xa + b0 * cs.dw * L;
                                 if (count == kKB)
-                                    weight_tile<T, P, true>(gz, xa + b0 * cs.dw * L, cs, wp, rows, pitch, count, acc);
+                                    weight_tile<T, P, true>(gz, grad_row, pitch, xb, cs, wp, rows, count, acc);
                                 else
-                                    weight_tile<T, P, false>(gz, xa + b0 * cs.dw * L, cs, wp, rows, pitch, count, acc);
+                                    weight_tile<T, P, false>(gz, grad_row, pitch, xb, cs, wp, rows, count, acc);
                                 add(acc, b0, P);
                             }
                             for (; b0 < cs.s; ++b0) {  // the row's last s % 3 taps, one at a time
                                 V acc[kKB][1];
-                                weight_tile<T, 1, false>(gz, xa + b0 * cs.dw * L, cs, wp, rows, pitch, count, acc);
+                                const T* xb = xa + b0 * cs.dw * L;
+                                weight_tile<T, 1, false>(gz, grad_row, pitch, xb, cs, wp, rows, count, acc);
                                 add(acc, b0, 1);
                             }
                         }

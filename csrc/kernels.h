@@ -95,6 +95,10 @@ template <typename T>
 void conv2d_relu_max_pool2d_forward(address_t x, address_t w, address_t b, const std::vector<index_t>& dims,
                                     const std::vector<index_t>& pool, address_t out, address_t argmax, int nthreads);
 template <typename T>
+void conv2d_relu_max_pool2d_backward(address_t grad, address_t out, address_t argmax, address_t x, address_t w,
+                                     const std::vector<index_t>& dims, const std::vector<index_t>& pool,
+                                     address_t grad_x, address_t grad_w, address_t grad_b, int nthreads);
+template <typename T>
 void relu_max_pool2d_backward(address_t grad, address_t out, address_t argmax, index_t planes, index_t oh, index_t ow,
                               const std::vector<index_t>& pool, address_t grad_z, int nthreads);
 

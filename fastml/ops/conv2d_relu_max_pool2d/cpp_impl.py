@@ -1,5 +1,5 @@
-"""Conv + bias + ReLU + max-pool on fastml._C (csrc/conv2d_relu_max_pool2d.cpp, then
-csrc/conv2d.cpp's gradients); signatures as in reference.py."""
+"""Conv + bias + ReLU + max-pool on fastml._C (csrc/conv2d_relu_max_pool2d.cpp: the forward pass,
+and the backward pass in one call); signatures as in reference.py."""
 
 from __future__ import annotations
 
@@ -28,10 +28,11 @@ def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, poo
 
 def backward(grad, out, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
     dims = conv.dims(x, weight, stride, padding, dilation, groups)
-    oh, ow = dims[-2:]
-    grad_z = grad.new_empty((x.shape[0], weight.shape[0], oh, ow))
-    kernel("relu_max_pool2d_backward", grad.dtype)(grad.data_ptr(), out.data_ptr(), argmax.data_ptr(),
-                                                   grad_z.shape[0] * grad_z.shape[1], oh, ow,
-                                                   _pool_dims(dims, pool_kernel, pool_stride), grad_z.data_ptr(),
-                                                   threads())
-    return conv.backward(grad_z, x, weight, stride, padding, dilation, groups, needs)
+    need_x, need_w, need_b = needs
+    grad_x = x.new_empty(x.shape) if need_x else None
+    grad_w = weight.new_empty(weight.shape) if need_w else None
+    grad_b = weight.new_empty(weight.shape[0]) if need_b else None
+    kernel("conv2d_relu_max_pool2d_backward", grad.dtype)(
+        grad.data_ptr(), out.data_ptr(), argmax.data_ptr(), x.data_ptr(), weight.data_ptr(), dims,
+        _pool_dims(dims, pool_kernel, pool_stride), ptr(grad_x), ptr(grad_w), ptr(grad_b), threads())
+    return grad_x, grad_w, grad_b

@@ -15,12 +15,14 @@ import torch
 from fastml.ops.cross_entropy import accumulation_dtype, loss_scale, row_loss_buffer
 
 # A chunk of logits as large as the input itself (torch's "aspect_ratio" rule), but never below
-# _MIN_CHUNK_ELEMENTS: smaller matrix products lose GEMM efficiency for no memory gain.
-_MIN_CHUNK_ELEMENTS = 1 << 20
+# _MIN_CHUNK_ELEMENTS (16 MiB of float32): smaller matrix products lose GEMM efficiency for
+# little memory gain. At (4096, 512, 8192) on 2 Zen 4 cores, chunks of 256 / 512 / 1024 rows
+# took 0.61 / 0.58 / 0.57 s.
+_MIN_CHUNK_ELEMENTS = 1 << 22
 
 
 def chunk_rows(n, d, c):
-    """Rows per chunk: logits of about N·D elements (at least 1 Mi), a multiple of 8 rows."""
+    """Rows per chunk: logits of about N·D elements (at least 4 Mi), a multiple of 8 rows."""
     rows = max(8, max(n * d, _MIN_CHUNK_ELEMENTS) // max(c, 1) // 8 * 8)
     return max(1, min(n, rows))
 
