@@ -131,31 +131,41 @@ inline void batch_conv_row(const T* x, const ConvShape& cs, index_t hp, index_t 
 }
 
 // out (n, outs, oh, ow) = correlation of batch planes x (blocks, ins, hp, wp, lane) with the
-// packed weights of every group, plus bias (or none); the lanes of each result vector are
-// written to their images' planes.
+// packed weights of every group, plus bias (or none). A task's row of result vectors is kept in
+// a scratch [channel][column] of vectors, then written image by image as whole rows: a lane at
+// a time straight from the tiles wrote 3 elements per image and per cache line (conv2d alone
+// at VGG's size: 188 ms against the fused block's 148).
 template <typename T>
 void batch_correlate(const T* x, index_t hp, index_t wp, const T* packed, const T* bias, const ConvShape& cs, T* out,
                      int threads) {
+    using V = typename Simd<T>::vec;
     constexpr index_t L = Simd<T>::kWidth;
     const index_t kg = cs.kg(), blocks = cs.kblocks(), weights_per_block = cs.cg() * cs.r * cs.s * kKB;
     const index_t image_blocks = (cs.n + L - 1) / L, outputs = cs.oh * cs.ow;
     const index_t tasks = image_blocks * cs.groups * blocks * cs.oh;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (index_t task = 0; task < tasks; ++task) {
-        const index_t row = task % cs.oh, block = task / cs.oh % blocks, g = task / cs.oh / blocks % cs.groups,
-                      ib = task / cs.oh / blocks / cs.groups;
-        const T* xg = x + (ib * cs.c + g * cs.cg()) * hp * wp * L;
-        const T* wb = packed + (g * blocks + block) * weights_per_block;
-        const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);
-        const index_t images = std::min(L, cs.n - ib * L);
-        batch_conv_row<T>(xg, cs, hp, wp, wb, row, [&](index_t col, index_t cols, const auto& acc) {
-            for (index_t o = 0; o < count; ++o) {
-                const T shift = bias ? bias[first + o] : T(0);
-                T* dst = out + ((ib * L) * cs.k + first + o) * outputs + row * cs.ow + col;
-                for (index_t l = 0; l < images; ++l)  // each image's positions side by side
-                    for (index_t p = 0; p < cols; ++p) dst[l * cs.k * outputs + p] = acc[o][p][l] + shift;
-            }
-        });
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<V> scratch(kKB * cs.ow);
+#pragma omp for schedule(static)
+        for (index_t task = 0; task < tasks; ++task) {
+            const index_t row = task % cs.oh, block = task / cs.oh % blocks, g = task / cs.oh / blocks % cs.groups,
+                          ib = task / cs.oh / blocks / cs.groups;
+            const T* xg = x + (ib * cs.c + g * cs.cg()) * hp * wp * L;
+            const T* wb = packed + (g * blocks + block) * weights_per_block;
+            const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);
+            const index_t images = std::min(L, cs.n - ib * L);
+            batch_conv_row<T>(xg, cs, hp, wp, wb, row, [&](index_t col, index_t cols, const auto& acc) {
+                for (index_t o = 0; o < count; ++o)
+                    for (index_t p = 0; p < cols; ++p) scratch[o * cs.ow + col + p] = acc[o][p];
+            });
+            for (index_t l = 0; l < images; ++l)
+                for (index_t o = 0; o < count; ++o) {
+                    const T shift = bias ? bias[first + o] : T(0);
+                    T* dst = out + ((ib * L + l) * cs.k + first + o) * outputs + row * cs.ow;
+                    const V* src = scratch.data() + o * cs.ow;
+                    for (index_t col = 0; col < cs.ow; ++col) dst[col] = src[col][l] + shift;
+                }
+        }
     }
 }
 
