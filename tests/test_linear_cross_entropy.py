@@ -256,3 +256,23 @@ def test_softmax_regression_and_mlp_train_like_torch(backend, rng):
                 curve.append(loss.item())
             curves.append(torch.tensor(curve))
         torch.testing.assert_close(curves[0], curves[1], rtol=1e-4, atol=1e-5)
+
+
+def test_before_torch_2_13_the_composite_matches_the_twin(rng, monkeypatch):
+    """Without torch's linear_cross_entropy (torch < 2.13), what the kernels leave to torch runs
+    fastml's own linear + cross_entropy, with the twin's results and errors."""
+    x = rand(4, 5, dtype=torch.float64, generator=rng, requires_grad=True)
+    w = rand(3, 2, 5, dtype=torch.float64, generator=rng, requires_grad=True)
+    b = rand(3, 2, dtype=torch.float64, generator=rng, requires_grad=True)
+    target = torch.randint(0, 3, (4, 2), generator=rng)
+    twin = F.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.1) if HAS_TWIN else (
+        F.cross_entropy(F.linear(x, w.reshape(6, 5), b.reshape(6)).reshape(4, 3, 2), target, label_smoothing=0.1))
+    expected = torch.autograd.grad(twin, (x, w, b))
+    monkeypatch.delattr(F, "linear_cross_entropy", raising=False)
+    got = fastml.functional.linear_cross_entropy(x, w, target, linear_bias=b, label_smoothing=0.1)
+    torch.testing.assert_close(got, twin)
+    torch.testing.assert_close(torch.autograd.grad(got, (x, w, b)), expected)
+    with pytest.raises(RuntimeError, match=r"expected linear_bias shape \(3, 2\), got \(6,\)"):
+        fastml.functional.linear_cross_entropy(x, w, target, linear_bias=b.reshape(6))
+    with pytest.raises(RuntimeError, match="ignore_index cannot be specified when target contains probabilities"):
+        fastml.functional.linear_cross_entropy(x, w, torch.rand(4, 3, 2, dtype=torch.float64), ignore_index=0)
