@@ -84,10 +84,7 @@ inline void batch_conv_tile(const T* x, index_t plane, index_t row_step, index_t
                             const T* w, index_t ins, index_t r, index_t s, typename Simd<T>::vec (&acc)[kKB][P]) {
     using S = Simd<T>;
     using V = typename S::vec;
-#pragma GCC unroll 8
-    for (int o = 0; o < kKB; ++o)
-#pragma GCC unroll 4
-        for (int p = 0; p < P; ++p) acc[o][p] = V{};
+    zero_tile(acc);
     for (index_t i = 0; i < ins; ++i) {
         for (index_t a = 0; a < r; ++a) {
             const T* row = x + i * plane + a * row_step;
@@ -181,10 +178,7 @@ inline void weight_tile(const T* gz, index_t grad_row, index_t pitch, const T* x
     using S = Simd<T>;
     using V = typename S::vec;
     constexpr index_t L = S::kWidth;
-#pragma GCC unroll 8
-    for (int o = 0; o < kKB; ++o)
-#pragma GCC unroll 3
-        for (int p = 0; p < P; ++p) acc[o][p] = V{};
+    zero_tile(acc);
     for (index_t row = 0; row < rows; ++row) {
         for (index_t col = 0; col < cs.ow; ++col) {
             const T* in = xi + (row * cs.sh * wp + col * cs.sw) * L;

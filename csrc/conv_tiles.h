@@ -81,10 +81,7 @@ inline void conv_tile(const T* x, index_t plane_size, index_t wp, index_t sw, co
                       index_t s, index_t dh, index_t dw, typename Simd<T>::vec (&acc)[kKB][NV]) {
     using S = Simd<T>;
     using V = typename S::vec;
-#pragma GCC unroll 8
-    for (int o = 0; o < kKB; ++o)
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[o][v] = V{};
+    zero_tile(acc);
     for (index_t i = 0; i < ins; ++i) {
         for (index_t a = 0; a < r; ++a) {
             const T* row = x + i * plane_size + a * dh * wp;

@@ -11,15 +11,6 @@
 
 namespace fastml {
 
-// Zeroes a tile of vector accumulators (unrolled: constant indices keep it in registers).
-template <typename V, int R, int C>
-inline void zero_tile(V (&tile)[R][C]) {
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-        for (int c = 0; c < C; ++c) tile[r][c] = V{};
-}
-
 // dots[r][c] = dot(x[r], w[c]) for R rows of x and C consecutive rows of w (row length d):
 // R·C vector accumulators stay in registers (fully unrolled, constant indices), each loaded x
 // vector serves C outputs and each weight vector R rows.

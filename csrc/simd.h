@@ -48,4 +48,13 @@ struct Simd {
     }
 };
 
+// Zeroes a tile of vector accumulators (unrolled: constant indices keep it in registers).
+template <typename V, int R, int C>
+inline void zero_tile(V (&tile)[R][C]) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) tile[r][c] = V{};
+}
+
 }  // namespace fastml

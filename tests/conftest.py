@@ -129,3 +129,12 @@ def grads(*tensors):
 def magnitude(t: torch.Tensor) -> float:
     """max(1, max |t|): the scale for absolute tolerances on sums that may cancel (1 if empty)."""
     return max(1.0, t.detach().abs().max().item()) if t.numel() else 1.0
+
+
+def loss_options(opts, classes, dtype, device, generator):
+    """Keyword arguments for a cross-entropy call from a table entry: its options, with
+    ``weight=True`` replaced by fresh positive class weights (classes,)."""
+    kwargs = {k: v for k, v in opts.items() if k != "weight"}
+    if opts.get("weight"):
+        kwargs["weight"] = (torch.rand(classes, generator=generator, dtype=torch.float64) + 0.1).to(device, dtype)
+    return kwargs

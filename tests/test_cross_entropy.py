@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, magnitude, rand, upcast
+from conftest import assert_close, loss_options, magnitude, rand, upcast
 
 import fastml
 
@@ -55,13 +55,6 @@ def check(logits, target, generator, weight=None, **kwargs):
             assert_close(t.grad, r.grad, dtype, scale=magnitude(r.grad))
 
 
-def options(opts, classes, dtype, device, generator):
-    kwargs = {k: v for k, v in opts.items() if k != "weight"}
-    if opts.get("weight"):
-        kwargs["weight"] = (torch.rand(classes, generator=generator, dtype=torch.float64) + 0.1).to(device, dtype)
-    return kwargs
-
-
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", ["index", "probs"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -74,7 +67,7 @@ def test_matches_torch(backend, dtype, shape, kind, reduction, rng):
     for opts in OPTIONS:
         logits = rand(*shape, dtype=dtype, device=dev, generator=rng, requires_grad=True, scale=3.0)
         target = make_target(kind, shape, rng, dev, dtype)
-        check(logits, target, rng, reduction=reduction, **options(opts, classes, dtype, dev, rng))
+        check(logits, target, rng, reduction=reduction, **loss_options(opts, classes, dtype, dev, rng))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, magnitude, rand, upcast
+from conftest import assert_close, loss_options, magnitude, rand, upcast
 
 import fastml
 from fastml.ops.linear_cross_entropy import chunked, cpp_impl
@@ -74,13 +74,6 @@ def check(x, w, b, target, generator, **kwargs):
             assert_close(t.grad, r.grad, dtype, scale=magnitude(r.grad))
 
 
-def options(opts, classes, dtype, device, generator):
-    kwargs = {k: v for k, v in opts.items() if k != "weight"}
-    if opts.get("weight"):
-        kwargs["weight"] = (torch.rand(classes, generator=generator, dtype=torch.float64) + 0.1).to(device, dtype)
-    return kwargs
-
-
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("kind", ["index", "probs"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -98,7 +91,7 @@ def test_matches_float64_reference(backend, path, dtype, shape, kind, reduction,
         w = rand(c, d, dtype=dtype, device=dev, generator=rng, requires_grad=True)
         b = rand(c, dtype=dtype, device=dev, generator=rng, requires_grad=True) if bias else None
         target = make_target(kind, lead, c, rng, dev, dtype, opts.get("ignore_index", -100))
-        check(x, w, b, target, rng, reduction=reduction, **options(opts, c, dtype, dev, rng))
+        check(x, w, b, target, rng, reduction=reduction, **loss_options(opts, c, dtype, dev, rng))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
