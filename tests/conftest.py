@@ -138,3 +138,17 @@ def loss_options(opts, classes, dtype, device, generator):
     if opts.get("weight"):
         kwargs["weight"] = (torch.rand(classes, generator=generator, dtype=torch.float64) + 0.1).to(device, dtype)
     return kwargs
+
+
+def backward_and_compare(out, ref, pairs, generator):
+    """Backpropagates the same random upstream gradient through ``out`` and its float64 oracle
+    ``ref``, then compares the gradient of every (name, tensor, oracle copy) in ``pairs`` whose
+    tensor requires one."""
+    upstream = rand(*out.shape, dtype=out.dtype, device=out.device, generator=generator)
+    out.backward(upstream)
+    ref.backward(upstream.detach().cpu().double())
+    for name, t, r in pairs:
+        if t is not None and t.requires_grad:
+            assert t.grad is not None, f"no gradient for {name}"
+            assert t.grad.shape == t.shape and t.grad.dtype == out.dtype, name
+            assert_close(t.grad, r.grad, out.dtype, scale=magnitude(r.grad))

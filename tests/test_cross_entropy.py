@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, loss_options, magnitude, rand, upcast
+from conftest import assert_close, backward_and_compare, loss_options, magnitude, rand, upcast
 
 import fastml
 
@@ -46,13 +46,7 @@ def check(logits, target, generator, weight=None, **kwargs):
     ref = F.cross_entropy(ref_logits, ref_target, weight=ref_weight, **kwargs)
     assert out.shape == ref.shape and out.dtype == dtype and out.device == logits.device
     assert_close(out, ref, dtype, scale=magnitude(ref))
-    upstream = rand(*out.shape, dtype=dtype, device=logits.device, generator=generator)
-    out.backward(upstream)
-    ref.backward(upstream.detach().cpu().double())
-    for t, r in ((logits, ref_logits), (target, ref_target)):
-        if t.requires_grad:
-            assert t.grad.shape == t.shape and t.grad.dtype == dtype
-            assert_close(t.grad, r.grad, dtype, scale=magnitude(r.grad))
+    backward_and_compare(out, ref, (("logits", logits, ref_logits), ("target", target, ref_target)), generator)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, loss_options, magnitude, rand, upcast
+from conftest import assert_close, backward_and_compare, loss_options, magnitude, rand, upcast
 
 import fastml
 from fastml.ops.linear_cross_entropy import chunked, cpp_impl
@@ -64,14 +64,7 @@ def check(x, w, b, target, generator, **kwargs):
         torch.testing.assert_close(ref, twin, equal_nan=True)
     if not any(t is not None and t.requires_grad for t in (x, w, b)):
         return
-    upstream = rand(*loss.shape, dtype=dtype, device=x.device, generator=generator)
-    loss.backward(upstream)
-    ref.backward(upstream.detach().cpu().double())
-    for name, t, r in zip("xwb", (x, w, b), (rx, rw, rb)):
-        if t is not None and t.requires_grad:
-            assert t.grad is not None, f"no gradient for {name}"
-            assert t.grad.shape == t.shape and t.grad.dtype == dtype
-            assert_close(t.grad, r.grad, dtype, scale=magnitude(r.grad))
+    backward_and_compare(loss, ref, zip("xwb", (x, w, b), (rx, rw, rb)), generator)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
