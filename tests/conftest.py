@@ -152,3 +152,17 @@ def backward_and_compare(out, ref, pairs, generator):
             assert t.grad is not None, f"no gradient for {name}"
             assert t.grad.shape == t.shape and t.grad.dtype == out.dtype, name
             assert_close(t.grad, r.grad, out.dtype, scale=magnitude(r.grad))
+
+
+def sgd_loss_curve(parameters, loss_at, steps, lr=0.1):
+    """The losses of ``steps`` steps of torch.optim.SGD on ``parameters``, loss_at(step) giving
+    each step's loss: the curve a training test compares between fastml's layers and torch's."""
+    opt = torch.optim.SGD(parameters, lr=lr)
+    curve = []
+    for step in range(steps):
+        loss = loss_at(step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        curve.append(loss.item())
+    return torch.tensor(curve)

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, backward_and_compare, loss_options, magnitude, rand, upcast
+from conftest import assert_close, backward_and_compare, loss_options, magnitude, rand, sgd_loss_curve, upcast
 
 import fastml
 
@@ -219,15 +219,8 @@ def test_softmax_regression_and_mlp_train_like_torch(backend, rng):
             torch.nn.Linear(784, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10)]
         model = torch.nn.Sequential(torch.nn.Flatten(), *layers).to(backend.device)
         twin = copy.deepcopy(model)
-        curves = []
-        for net, loss_fn in ((model, fastml.nn.CrossEntropyLoss()), (twin, torch.nn.CrossEntropyLoss())):
-            opt = torch.optim.SGD(net.parameters(), lr=0.1)
-            curve = []
-            for s in range(steps):
-                loss = loss_fn(net(x[s * batch:(s + 1) * batch]), y[s * batch:(s + 1) * batch])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                curve.append(loss.item())
-            curves.append(torch.tensor(curve))
+        curves = [sgd_loss_curve(net.parameters(),
+                                 lambda s: loss_fn(net(x[s * batch:(s + 1) * batch]), y[s * batch:(s + 1) * batch]),
+                                 steps)
+                  for net, loss_fn in ((model, fastml.nn.CrossEntropyLoss()), (twin, torch.nn.CrossEntropyLoss()))]
         torch.testing.assert_close(curves[0], curves[1], rtol=1e-4, atol=1e-5)

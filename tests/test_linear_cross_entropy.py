@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, backward_and_compare, loss_options, magnitude, rand, upcast
+from conftest import assert_close, backward_and_compare, loss_options, magnitude, rand, sgd_loss_curve, upcast
 
 import fastml
 from fastml.ops.linear_cross_entropy import chunked, cpp_impl
@@ -228,19 +228,12 @@ def test_softmax_regression_and_mlp_train_like_torch(backend, rng):
         head = fastml.nn.LinearCrossEntropyLoss(784 if hidden is None else hidden, 10, bias=True)
         ours = torch.nn.ModuleList([body, head]).to(backend.device)
         theirs = copy.deepcopy(ours)
-        curves = []
-        for net, fused in ((ours, True), (theirs, False)):
-            opt = torch.optim.SGD(net.parameters(), lr=0.1)
-            curve = []
-            for s in range(steps):
-                features, target = net[0](x[s * batch:(s + 1) * batch]), y[s * batch:(s + 1) * batch]
-                linear = net[1].linear
-                loss = net[1](features, target) if fused else F.cross_entropy(linear(features), target)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                curve.append(loss.item())
-            curves.append(torch.tensor(curve))
+        def loss_at(net, fused, s):
+            features, target = net[0](x[s * batch:(s + 1) * batch]), y[s * batch:(s + 1) * batch]
+            return net[1](features, target) if fused else F.cross_entropy(net[1].linear(features), target)
+
+        curves = [sgd_loss_curve(net.parameters(), lambda s: loss_at(net, fused, s), steps)
+                  for net, fused in ((ours, True), (theirs, False))]
         torch.testing.assert_close(curves[0], curves[1], rtol=1e-4, atol=1e-5)
 
 
