@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=_positive_int, default=15,
                        help="timed samples per implementation; the median is reported (default: 15)")
     bench.add_argument("--full", action="store_true", help="add the large cases (minutes on a small CPU)")
+    bench.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
+                       help="instead of timing, compare two saved profiles (another machine, another version): "
+                            "each shared row's times and B's speed relative to A")
     bench.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # for tests: seconds
     bench.set_defaults(subparser=bench)  # its error() names the subcommand in usage messages
     return parser
@@ -52,6 +55,13 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     from fastml import _bench
 
+    if args.compare:
+        try:
+            a, b = (_bench.load_report(path) for path in args.compare)
+        except _bench.ReportError as exc:
+            parser.error(f"argument --compare: {exc}")
+        print(_bench.compare_reports(a, b, args.compare[0].name, args.compare[1].name))
+        return 0
     ops = []
     for item in args.ops or []:
         ops += [name for name in item.split(",") if name]

@@ -18,8 +18,8 @@ move — one read of every input and one write of every output — not what an i
 happens to move. "Achieved GB/s" is that minimum divided by the time: an implementation that
 reads its input twice shows half the GB/s of one that reads it once.
 
-To add a hot path (knn, conv2d, an optimizer, cross-entropy), write a function that returns its
-cases and add one ``HotPath`` entry to ``HOT_PATHS``.
+To add a hot path, write a function that returns its cases and add one ``HotPath`` entry to
+``HOT_PATHS``.
 """
 
 from __future__ import annotations
@@ -364,6 +364,198 @@ def _optimizer_cases(kind: str):
     return cases
 
 
+# linear_cross_entropy -----------------------------------------------------------------------
+
+def _linear_cross_entropy_cases(device: torch.device, sizes: str) -> list[Case]:
+    shapes = {"tiny": [(64, 32, 10), (128, 64, 512)]}.get(sizes, [(256, 784, 10), (1024, 512, 4096)])
+    if sizes == "full":
+        shapes = shapes + [(4096, 512, 8192)]
+    if device.type == "cuda" and sizes != "tiny":
+        shapes = [(256, 784, 10), (8192, 2048, 32768)]
+    cases = []
+    for n, d, c in shapes:
+        read, write = n * d + c * d + c + n, 1 + n * d + c * d + c  # x, weight, bias, target; loss, grads
+        cases.append(Case(f"N={n} D={d} C={c}", {"N": n, "D": d, "C": c}, "compute", FLOAT_BYTES * (read + write),
+                          6 * n * d * c, 1, lambda dev, n=n, d=d, c=c: _linear_cross_entropy_prepare(dev, n, d, c)))
+    return cases
+
+
+def _linear_cross_entropy_prepare(device, n, d, c):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).to(device).requires_grad_()
+    target = torch.randint(0, c, (n,), generator=gen).to(device)
+    state = torch.nn.Linear(d, c).state_dict()
+
+    def make(impl):
+        lin = _params_to_device(torch.nn.Linear(d, c), state, device)
+        loss_fn = torch.nn.CrossEntropyLoss()
+
+        def step():
+            x.grad = lin.weight.grad = lin.bias.grad = None
+            if impl == "torch":
+                loss_fn(lin(x), target).backward()
+            else:
+                fastml.functional.linear_cross_entropy(x, lin.weight, target, linear_bias=lin.bias).backward()
+        return step
+    return make
+
+
+# knn ----------------------------------------------------------------------------------------
+
+def _knn_cases(device: torch.device, sizes: str) -> list[Case]:
+    shapes = {"tiny": [(256, 2048, 16, 5)]}.get(sizes, [(1024, 16384, 64, 10)])
+    if sizes == "full":
+        shapes = shapes + [(4096, 65536, 64, 10)]
+    if device.type == "cuda" and sizes != "tiny":
+        shapes = [(16384, 65536, 128, 16)]
+    return [Case(f"Q={q} R={r} D={d} k={k}", {"Q": q, "R": r, "D": d, "k": k}, "compute",
+                 FLOAT_BYTES * (q * d + r * d + 2 * q * k), 3 * q * r * d, 1,
+                 lambda dev, q=q, r=r, d=d, k=k: _knn_prepare(dev, q, r, d, k)) for q, r, d, k in shapes]
+
+
+def _knn_prepare(device, q, r, d, k):
+    gen = torch.Generator().manual_seed(0)
+    query, reference = torch.randn(q, d, generator=gen).to(device), torch.randn(r, d, generator=gen).to(device)
+
+    def make(impl):
+        if impl == "torch":
+            return lambda: torch.cdist(query, reference).topk(k, largest=False)
+        return lambda: fastml.functional.knn(query, reference, k)
+    return make
+
+
+# conv2d, max_pool2d, the fused block and the LeNet step ---------------------------------------
+
+# (batch, in channels, out channels, image size, kernel, padding): LeNet's two layers, a VGG layer
+_CONV_SIZES = {"LeNet conv1": (256, 1, 6, 28, 5, 2), "LeNet conv2": (256, 6, 16, 14, 5, 0),
+               "VGG": (64, 64, 128, 56, 3, 1)}
+
+
+def _conv_shapes(device: torch.device, sizes: str) -> list[tuple[str, tuple]]:
+    if sizes == "tiny":
+        return [("small", (16, 3, 8, 12, 3, 1))]
+    names = ["LeNet conv1", "LeNet conv2"] + (["VGG"] if sizes == "full" or device.type == "cuda" else [])
+    return [(name, _CONV_SIZES[name]) for name in names]
+
+
+def _conv_flops(n, c, k, size, r, pad):
+    out = size + 2 * pad - r + 1
+    return 2 * n * k * out * out * c * r * r
+
+
+def _conv_cases(device: torch.device, sizes: str) -> list[Case]:
+    cases = []
+    for name, (n, c, k, size, r, pad) in _conv_shapes(device, sizes):
+        out = size + 2 * pad - r + 1
+        cases.append(Case(f"{name} {n}x{c}x{size}x{size} -> {k} {r}x{r}", {"N": n, "C": c, "K": k, "size": size},
+                          "compute", FLOAT_BYTES * (n * c * size * size + k * c * r * r + k + n * k * out * out),
+                          _conv_flops(n, c, k, size, r, pad), 1,
+                          lambda dev, shape=(n, c, k, size, r, pad): _conv_prepare(dev, *shape, fused=False)))
+    return cases
+
+
+def _conv_block_cases(device: torch.device, sizes: str) -> list[Case]:
+    cases = []
+    for name, (n, c, k, size, r, pad) in _conv_shapes(device, sizes):
+        out = size + 2 * pad - r + 1
+        read = n * c * size * size + k * c * r * r + k + n * k * (out // 2) ** 2  # x, w, b, grad_output
+        write = n * k * (out // 2) ** 2 + n * c * size * size + k * c * r * r + k  # output and the gradients
+        cases.append(Case(f"{name} {n}x{c}x{size}x{size} -> {k} {r}x{r}", {"N": n, "C": c, "K": k, "size": size},
+                          "compute", FLOAT_BYTES * (read + write), 3 * _conv_flops(n, c, k, size, r, pad), 1,
+                          lambda dev, shape=(n, c, k, size, r, pad): _conv_prepare(dev, *shape, fused=True)))
+    return cases
+
+
+def _conv_prepare(device, n, c, k, size, r, pad, fused):
+    """Conv2d forward, or the conv + bias + ReLU + max-pool 2 block forward + backward."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, size, size, generator=gen).to(device).requires_grad_(fused)
+    weight = (torch.randn(k, c, r, r, generator=gen) / (c * r * r) ** 0.5).to(device).requires_grad_(fused)
+    bias = torch.randn(k, generator=gen).to(device).requires_grad_(fused)
+    F = torch.nn.functional
+
+    def make(impl):
+        if not fused:
+            conv = F.conv2d if impl == "torch" else fastml.functional.conv2d
+            return lambda: conv(x, weight, bias, 1, pad)
+
+        def step():
+            x.grad = weight.grad = bias.grad = None
+            if impl == "torch":
+                out = F.max_pool2d(F.relu(F.conv2d(x, weight, bias, 1, pad)), 2)
+            else:
+                out = fastml.functional.conv2d_relu_max_pool2d(x, weight, bias, 1, pad)
+            out.sum().backward()
+        return step
+    return make
+
+
+def _max_pool_cases(device: torch.device, sizes: str) -> list[Case]:
+    n, c, size = (16, 4, 12) if sizes == "tiny" else (256, 6, 28) if device.type == "cpu" else (256, 64, 56)
+    elements = n * c * size * size
+    return [Case(f"{n}x{c}x{size}x{size} kernel 2", {"N": n, "C": c, "size": size}, "memory",
+                 FLOAT_BYTES * (elements + elements // 4 + elements // 4 + elements), 0, 1,
+                 lambda dev: _max_pool_prepare(dev, n, c, size))]
+
+
+def _max_pool_prepare(device, n, c, size):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, size, size, generator=gen).to(device).requires_grad_()
+
+    def make(impl):
+        pool = torch.nn.functional.max_pool2d if impl == "torch" else fastml.functional.max_pool2d
+
+        def step():
+            x.grad = None
+            pool(x, 2).sum().backward()
+        return step
+    return make
+
+
+def lenet(fast: bool) -> torch.nn.Sequential:
+    """The course's LeNet (28 × 28 inputs): torch's layers, or fastml's (two fused conv blocks,
+    fastml.nn.Linear)."""
+    linear = fastml.nn.Linear if fast else torch.nn.Linear
+    if fast:
+        features = [fastml.nn.ConvReLUPool2d(1, 6, 5, padding=2), fastml.nn.ConvReLUPool2d(6, 16, 5)]
+    else:
+        features = [torch.nn.Conv2d(1, 6, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                    torch.nn.Conv2d(6, 16, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+    return torch.nn.Sequential(*features, torch.nn.Flatten(), linear(400, 120), torch.nn.ReLU(), linear(120, 84),
+                               torch.nn.ReLU(), linear(84, 10))
+
+
+def _lenet_step_cases(device: torch.device, sizes: str) -> list[Case]:
+    batch = 16 if sizes == "tiny" else 256
+    flops = 3 * (_conv_flops(batch, 1, 6, 28, 5, 2) + _conv_flops(batch, 6, 16, 14, 5, 0)
+                 + 2 * batch * (400 * 120 + 120 * 84 + 84 * 10))
+    return [Case(f"batch {batch}", {"batch": batch}, "compute", FLOAT_BYTES * batch * (28 * 28 + 1), flops, 1,
+                 lambda dev: _lenet_step_prepare(dev, batch))]
+
+
+def _lenet_step_prepare(device, batch):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 1, 28, 28, generator=gen).to(device)
+    labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    torch.manual_seed(0)
+    state = lenet(False).state_dict()
+
+    def make(impl):
+        fast = impl != "torch"
+        model = lenet(fast).to(device)
+        model.load_state_dict(dict(zip(model.state_dict(), state.values())))
+        optimizer = (fastml.optim.SGD if fast else torch.optim.SGD)(model.parameters(), lr=0.05)
+        loss_fn = fastml.nn.CrossEntropyLoss() if fast else torch.nn.CrossEntropyLoss()
+
+        def step():
+            loss = loss_fn(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return step
+    return make
+
+
 HOT_PATHS: dict[str, HotPath] = {hp.name: hp for hp in (
     HotPath("linear_mse", ("linear_mse",), _linear_mse_cases,
             "fused linear + squared loss, forward + backward (torch: nn.Linear + nn.MSELoss + backward; "
@@ -395,6 +587,27 @@ HOT_PATHS: dict[str, HotPath] = {hp.name: hp for hp in (
             "(torch: torch.optim.Adam, default implementation; fastml: fastml.optim.Adam)",
             "read params, grads, exp_avg, exp_avg_sq; write params, exp_avg, exp_avg_sq (7 arrays of N floats)",
             torch_impls=("torch-foreach", "torch-fused")),
+    HotPath("linear_cross_entropy", ("linear_cross_entropy", "cross_entropy"), _linear_cross_entropy_cases,
+            "linear + softmax cross-entropy, forward + backward, x, weight and bias requiring grad "
+            "(torch: nn.Linear + nn.CrossEntropyLoss; fastml: functional.linear_cross_entropy)",
+            "read x, weight, bias, target; write the loss and the three gradients; FLOPs 6·N·D·C"),
+    HotPath("knn", ("knn",), _knn_cases,
+            "k nearest neighbours, euclidean (torch: cdist + topk; fastml: functional.knn)",
+            "read queries and references, write k distances and indices per query; FLOPs 3·Q·R·D"),
+    HotPath("conv2d", ("conv2d",), _conv_cases,
+            "conv2d forward, stride 1 (torch: F.conv2d, oneDNN / cuDNN; fastml: functional.conv2d)",
+            "read x, weight, bias; write the output; FLOPs 2·N·K·OH·OW·C·R·S"),
+    HotPath("max_pool2d", ("max_pool2d",), _max_pool_cases,
+            "max_pool2d(kernel 2) forward + backward (torch: F.max_pool2d; fastml: functional.max_pool2d)",
+            "read x and grad_output, write the output, its indices and grad_input"),
+    HotPath("conv_block", ("conv2d_relu_max_pool2d",), _conv_block_cases,
+            "conv + bias + ReLU + max-pool 2, forward + backward (torch: the three ops eager; "
+            "fastml: functional.conv2d_relu_max_pool2d, one kernel each way)",
+            "read x, weight, bias, grad_output; write the output and the three gradients; FLOPs 3 convolutions"),
+    HotPath("lenet_step", ("conv2d_relu_max_pool2d", "linear", "cross_entropy", "sgd"), _lenet_step_cases,
+            "one LeNet training step: forward, cross-entropy, backward, SGD (torch's layers and optimizer "
+            "against fastml's: fused conv blocks, nn.Linear, nn.CrossEntropyLoss, optim.SGD)",
+            "compute-bound: FLOPs of the two convolutions and three linear layers, forward and backward"),
 )}
 
 
@@ -600,8 +813,9 @@ def run(ops=None, devices=("cpu",), repeat: int = 15, sizes: str = "quick", prog
         report["ceilings"][dev_name] = measure_ceilings(torch.device(dev_name), sizes)
 
     for i, (device, hp, case, backends) in enumerate(plan, 1):
-        say(f"[{i}/{len(plan)}] {device.type} {hp.name} {case.label}: torch{''.join(' ' + b for b in backends)}"
-            f"  ({time.perf_counter() - started:.0f}s)")
+        done = 20 * (i - 1) // len(plan)  # a bar of 20 cells: the share of cases already timed
+        say(f"[{'#' * done}{'.' * (20 - done)}] {i}/{len(plan)} {device.type} {hp.name} {case.label}: "
+            f"torch{''.join(' ' + b for b in backends)}  ({time.perf_counter() - started:.0f}s)")
         gc.collect()
         make = case.prepare(device)
         fns = {}
@@ -751,3 +965,55 @@ def draw_chart(report: dict, out_dir: Path) -> tuple[Path | None, str | None]:
     path = out_dir / "fastml-bench.png"
     fig.savefig(path, dpi=110)
     return path, None
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing two saved profiles
+# --------------------------------------------------------------------------------------------
+
+class ReportError(ValueError):
+    """A file given to --compare is not a fastml bench JSON."""
+
+
+def load_report(path: Path) -> dict:
+    """A profile written by write_json, checked enough to compare."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ReportError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ReportError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(report, dict) or not str(report.get("format", "")).startswith("fastml-bench/") or not isinstance(
+            report.get("rows"), list):
+        raise ReportError(f"{path} is not a fastml bench profile (no 'format': 'fastml-bench/...' and 'rows')")
+    return report
+
+
+def compare_reports(a: dict, b: dict, a_name: str = "A", b_name: str = "B") -> str:
+    """A table of the rows two profiles share (same device, op, case and implementation): each
+    one's time, and B's speed relative to A (A's time / B's time: above 1, B is faster). Rows
+    only one profile has are counted at the end."""
+    def key(row):
+        return row["device"], row["op"], row["case"], row["impl"]
+
+    rows_a, rows_b = {key(r): r for r in a["rows"]}, {key(r): r for r in b["rows"]}
+    shared = [k for k in rows_a if k in rows_b]
+    header = (f"{a_name}: {short_name(a.get('machine', {}))}, fastml {a.get('machine', {}).get('fastml')}, "
+              f"{a.get('created', '?')}\n"
+              f"{b_name}: {short_name(b.get('machine', {}))}, fastml {b.get('machine', {}).get('fastml')}, "
+              f"{b.get('created', '?')}")
+    cols = ("device", "op", "case", "impl", f"time {a_name}", f"time {b_name}", f"{b_name} vs {a_name}")
+    table = [cols]
+    for k in shared:
+        ta, tb = rows_a[k]["time_ms"], rows_b[k]["time_ms"]
+        table.append((*k, _fmt_time(ta), _fmt_time(tb), f"{ta / tb:.2f}x" if tb > 0 else "-"))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(cols))]
+    lines = [header, ""] + ["  ".join(str(v).ljust(w) if i < 4 else str(v).rjust(w)
+                                      for i, (v, w) in enumerate(zip(row, widths))) for row in table if shared]
+    only_a, only_b = len(rows_a) - len(shared), len(rows_b) - len(shared)
+    if only_a or only_b:
+        lines.append(f"\nnot compared: {only_a} row(s) only in {a_name}, {only_b} only in {b_name}")
+    if not shared:
+        lines.append("no rows in common: the profiles timed different ops, cases or implementations")
+    return "\n".join(lines)
+

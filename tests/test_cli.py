@@ -76,6 +76,29 @@ def test_bench_chart_is_a_png(tiny_bench):
     assert (out / "fastml-bench.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_compare_two_profiles(tiny_bench, tmp_path):
+    """--compare prints every shared row with B's speed relative to A (A's time / B's time)."""
+    out, _, report = tiny_bench
+    slower = dict(report, rows=[dict(row, time_ms=2 * row["time_ms"]) for row in report["rows"][1:]])
+    (tmp_path / "slower.json").write_text(json.dumps(slower))
+    done = fastml_cli("bench", "--compare", str(out / "fastml-bench.json"), str(tmp_path / "slower.json"))
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("cpu ")]
+    assert len(lines) == len(report["rows"]) - 1 and all(line.endswith("0.50x") for line in lines)
+    assert "not compared: 1 row(s) only in fastml-bench.json, 0 only in slower.json" in done.stdout
+
+
+def test_compare_rejects_what_is_not_a_profile(tiny_bench, tmp_path, capsys):
+    out, _, _ = tiny_bench
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    (tmp_path / "broken.json").write_text("{")
+    cases = ((tmp_path / "missing.json", "cannot read"), (tmp_path / "other.json", "is not a fastml bench"),
+             (tmp_path / "broken.json", "is not JSON"))
+    for other, message in cases:
+        assert main(["bench", "--compare", str(out / "fastml-bench.json"), str(other)]) == 2
+        assert message in capsys.readouterr().err
+
+
 BAD_OPTIONS = [
     (["bench", "--ops", "no_such_op"], "unknown op 'no_such_op'"),
     (["bench", "--ops", "linear_mse,nope"], "unknown op 'nope'"),
