@@ -913,14 +913,6 @@ def write_json(report: dict, out_dir: Path) -> Path:
     return path
 
 
-def _wrap(name: str, width: int = 18) -> str:
-    """linear_regression_fit → linear_regression\n_fit: tick labels that fit under their bars."""
-    if len(name) <= width or "_" not in name[1:]:
-        return name
-    cut = name.rindex("_", 1)
-    return f"{_wrap(name[:cut], width)}\n{name[cut:]}"
-
-
 def draw_chart(report: dict, out_dir: Path) -> tuple[Path | None, str | None]:
     """Speed-up over torch per case and backend, one panel per device: (path, None) or (None, why not)."""
     try:
@@ -931,9 +923,11 @@ def draw_chart(report: dict, out_dir: Path) -> tuple[Path | None, str | None]:
     devices = [d for d in report["settings"]["devices"] if any(r["device"] == d for r in report["rows"])]
     if not devices:
         return None, "no rows to draw"
-    fig = Figure(figsize=(6.5 * len(devices), 5.0), layout="constrained")
+    # Horizontal bars, a row per case: the labels (op and size) stay readable however many cases.
+    most = max(len({(r["op"], r["case"]) for r in report["rows"] if r["device"] == d}) for d in devices)
+    fig = Figure(figsize=(7.5 * len(devices), 1.5 + 0.42 * most), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(devices), squeeze=False, sharey=True)[0]
+    axes = fig.subplots(1, len(devices), squeeze=False)[0]
     speedups = [r["speedup"] for r in report["rows"]]
     colors = {"cpp": "tab:blue", "numba": "tab:orange", "triton": "tab:green",
               "torch-foreach": "0.75", "torch-fused": "0.5"}
@@ -941,25 +935,26 @@ def draw_chart(report: dict, out_dir: Path) -> tuple[Path | None, str | None]:
         rows = [r for r in report["rows"] if r["device"] == dev]
         cases = list(dict.fromkeys((r["op"], r["case"]) for r in rows))
         impls = list(dict.fromkeys(r["impl"] for r in rows if r["impl"] != "torch"))
-        width = 0.8 / max(1, len(impls))
+        height = 0.8 / max(1, len(impls))
         for j, impl in enumerate(impls):
-            xs, ys = [], []
+            ys, xs = [], []
             for i, key in enumerate(cases):
                 hit = [r for r in rows if (r["op"], r["case"]) == key and r["impl"] == impl]
                 if hit:
-                    xs.append(i + (j - (len(impls) - 1) / 2) * width)
-                    ys.append(hit[0]["speedup"])
-            bars = ax.bar(xs, ys, width, label=impl, color=colors.get(impl))
-            ax.bar_label(bars, labels=[f"{y:.2f}x" if y < 10 else f"{y:.0f}x" for y in ys], fontsize=7)
-        ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="torch")
-        ax.set_yscale("log")
-        ax.set_ylim(min(0.5, min(speedups) / 1.5), max(2.0, max(speedups) * 1.5))
-        ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels([f"{_wrap(op)}\n{case.replace(' ', chr(10))}" for op, case in cases], fontsize=7)
+                    ys.append(i + (j - (len(impls) - 1) / 2) * height)
+                    xs.append(hit[0]["speedup"])
+            bars = ax.barh(ys, xs, height, label=impl, color=colors.get(impl))
+            ax.bar_label(bars, labels=[f"{x:.2f}x" if x < 10 else f"{x:.0f}x" for x in xs], fontsize=6, padding=2)
+        ax.axvline(1.0, color="black", linewidth=1, linestyle="--", label="torch")
+        ax.set_xscale("log")
+        ax.set_xlim(min(0.5, min(speedups) / 1.5), max(2.0, max(speedups) * 2.5))
+        ax.set_yticks(range(len(cases)))
+        ax.set_yticklabels([f"{op}  {case}" for op, case in cases], fontsize=7)
+        ax.invert_yaxis()  # the first case at the top, as in the table
         name = report["machine"]["gpu"] if dev == "cuda" else report["machine"]["cpu_model"]
         ax.set_title(f"{dev}: {name}", fontsize=9)
-        ax.set_ylabel("speed-up over PyTorch (median, higher is better)")
-        ax.legend(fontsize=8)
+        ax.set_xlabel("speed-up over PyTorch (median, higher is better)")
+        ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"fastml {report['machine']['fastml']} vs torch {report['machine']['torch']}", fontsize=10)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "fastml-bench.png"
