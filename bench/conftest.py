@@ -13,6 +13,7 @@ Run:  python -m pytest bench/bench_linear_mse.py --benchmark-only -p no:cachepro
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +26,16 @@ FASTML_BACKENDS = {"cpp", "numba", "triton"}
 CUDA = torch.cuda.is_available()
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    # --benchmark-save / --benchmark-autosave keep their runs beside the recorded results, from
+    # any working directory (pytest-benchmark's default is ./.benchmarks). Its own configure
+    # hook runs last, so it reads the option as set here.
+    if getattr(config.option, "benchmark_storage", None) == "file://./.benchmarks":
+        config.option.benchmark_storage = f"file://{RESULTS / 'pytest-benchmark'}"
 
 
 def pytest_generate_tests(metafunc):
