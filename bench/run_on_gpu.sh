@@ -25,4 +25,7 @@ python -m pytest bench/bench_conv.py --benchmark-only -p no:cacheprovider -k cud
 python -m pytest bench/bench_cross_entropy.py --benchmark-only -p no:cacheprovider -k cuda \
     --benchmark-columns=median,min,max,rounds --benchmark-json "$out/bench-cross_entropy-cuda.json" \
     2>&1 | tee "$out/bench-cross_entropy-cuda.txt" | tail -40
+python -m pytest bench/bench_max_pool2d.py --benchmark-only -p no:cacheprovider -k cuda \
+    --benchmark-columns=median,min,max,rounds --benchmark-json "$out/bench-max_pool2d-cuda.json" \
+    2>&1 | tee "$out/bench-max_pool2d-cuda.txt" | tail -30
 python -m fastml bench --device cuda --full --out "$out/profile" 2>&1 | tail -30

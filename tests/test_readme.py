@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -31,3 +32,12 @@ def test_readme_commands_match_ci():
     command = 'python -m pip install -e ".[test]" && python -m pytest'
     assert command in text and command in ci
     assert 'python -m pip install -e ".[plot]" && python -m fastml bench' in text
+
+
+def test_readme_profile_table_is_the_recorded_profile():
+    """The README's profile table is fastml's own report of the recorded JSON (bench/update_readme.py
+    writes it), not typed numbers."""
+    spec = importlib.util.spec_from_file_location("update_readme", README.parent / "bench" / "update_readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.table_block() in README.read_text()
