@@ -1,10 +1,10 @@
 """fastml's public functions: argument checks with clear errors, then the op's dispatch.
 
 ``linear``, ``mse_loss``, ``cross_entropy``, ``linear_cross_entropy``, ``cdist``, ``conv2d``,
-``max_pool2d`` and ``conv2d_relu_max_pool2d`` accept
-what their torch twins accept: where no fastml kernel covers a configuration (mixed dtypes,
-integer tensors, extra options, tracers, transforms), they run torch's own implementation, so
-they never fail where torch works and are never silently different.
+``max_pool2d`` and ``conv2d_relu_max_pool2d`` accept what their torch twins accept: where no
+fastml kernel covers a configuration (mixed dtypes, integer tensors, extra options, tracers,
+transforms), they run torch's own implementation, so they never fail where torch works and are
+never silently different.
 ``linear_mse`` and ``knn`` have no twin and are strict: wrong shapes, dtypes or devices are clear
 errors.
 """
