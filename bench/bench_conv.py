@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as TF
 
 import fastml
+from fastml._bench import lenet
 
 # name: (batch, in channels, out channels, size, kernel, padding)
 BLOCKS = {"LeNet conv1": (256, 1, 6, 28, 5, 2), "LeNet conv2": (256, 6, 16, 14, 5, 0), "VGG": (64, 64, 128, 56, 3, 1)}
@@ -115,15 +116,9 @@ def test_conv2d_cuda(benchmark, backend, device, sync, label):
 
 
 def _lenet(fast: bool) -> torch.nn.Sequential:
+    """The course's LeNet on torch's layers or fastml's (fastml._bench.lenet), seeded."""
     torch.manual_seed(0)
-    linear = fastml.nn.Linear if fast else torch.nn.Linear
-    if fast:
-        features = [fastml.nn.ConvReLUPool2d(1, 6, 5, padding=2), fastml.nn.ConvReLUPool2d(6, 16, 5)]
-    else:
-        features = [torch.nn.Conv2d(1, 6, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                    torch.nn.Conv2d(6, 16, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
-    return torch.nn.Sequential(*features, torch.nn.Flatten(), linear(400, 120), torch.nn.ReLU(), linear(120, 84),
-                               torch.nn.ReLU(), linear(84, 10))
+    return lenet(fast)
 
 
 @pytest.mark.ops("conv2d_relu_max_pool2d", "linear", "sgd")
