@@ -3,11 +3,9 @@ and the backward pass in one call); signatures as in reference.py."""
 
 from __future__ import annotations
 
-import torch
-
 from fastml._cpp import kernel, ptr, threads
 from fastml.ops.conv2d import cpp_impl as conv
-from fastml.ops.conv2d_relu_max_pool2d.reference import pooled_size
+from fastml.ops.conv2d_relu_max_pool2d.reference import empty_outputs, pooled_size
 
 
 def _pool_dims(conv_dims, pool_kernel, pool_stride):
@@ -18,9 +16,8 @@ def _pool_dims(conv_dims, pool_kernel, pool_stride):
 
 def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
     dims = conv.dims(x, weight, stride, padding, dilation, groups)
-    pool = _pool_dims(dims, pool_kernel, pool_stride)
-    shape = (x.shape[0], weight.shape[0], pool[4], pool[5])
-    out, argmax = x.new_empty(shape), torch.empty(shape, dtype=torch.int8)
+    out, argmax = empty_outputs(x, weight, stride, padding, dilation, pool_kernel, pool_stride)
+    pool = [*pool_kernel, *pool_stride, *out.shape[2:]]
     kernel("conv2d_relu_max_pool2d_forward", x.dtype)(x.data_ptr(), weight.data_ptr(), ptr(bias), dims, pool,
                                                       out.data_ptr(), argmax.data_ptr(), threads())
     return out, argmax

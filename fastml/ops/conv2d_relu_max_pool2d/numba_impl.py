@@ -18,14 +18,13 @@ import math
 
 import numba
 import numpy as np
-import torch
 
 from fastml import _numba as nb
 from fastml._numba import pjit
 from fastml.ops.conv2d import numba_impl as conv_numba
 from fastml.ops.conv2d.numba_impl import conv_row, valid_columns
 from fastml.ops.conv2d.reference import output_size
-from fastml.ops.conv2d_relu_max_pool2d.reference import pooled_size
+from fastml.ops.conv2d_relu_max_pool2d.reference import empty_outputs
 
 
 @pjit
@@ -86,13 +85,8 @@ def _activation_grad_kernel(grad, out, argmax, grad_z, pkw, psh, psw):
 
 
 def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
-    n, _, h, w = x.shape
-    k, cg, kh, kw = weight.shape
-    oh = output_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = output_size(w, kw, stride[1], padding[1], dilation[1])
-    ph, pw = pooled_size(oh, pool_kernel[0], pool_stride[0]), pooled_size(ow, pool_kernel[1], pool_stride[1])
-    out = x.new_empty((n, k, ph, pw))
-    argmax = torch.empty((n, k, ph, pw), dtype=torch.int8)
+    _, cg, kh, kw = weight.shape
+    out, argmax = empty_outputs(x, weight, stride, padding, dilation, pool_kernel, pool_stride)
     if out.numel() == 0:
         return out, argmax
     chunks = nb.threads_for(out.numel() * pool_kernel[0] * pool_kernel[1] * cg * kh * kw)

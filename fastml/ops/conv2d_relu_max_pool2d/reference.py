@@ -29,6 +29,15 @@ def pooled_size(size: int, kernel: int, stride: int) -> int:
     return (size - kernel) // stride + 1
 
 
+def empty_outputs(x, weight, stride, padding, dilation, pool_kernel, pool_stride):
+    """(out, argmax) of forward's shapes (N, K, PH, PW) and dtypes (x's, int8), uninitialised,
+    for the kernels to fill."""
+    conv = [conv_reference.output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d])
+            for d in range(2)]
+    shape = (x.shape[0], weight.shape[0], *(pooled_size(conv[d], pool_kernel[d], pool_stride[d]) for d in range(2)))
+    return x.new_empty(shape), torch.empty(shape, dtype=torch.int8, device=x.device)
+
+
 def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
     z = torch.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
     out, indices = F.max_pool2d(z, pool_kernel, pool_stride, return_indices=True)

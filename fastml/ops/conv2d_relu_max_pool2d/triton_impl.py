@@ -28,7 +28,7 @@ from fastml import _triton as tt
 from fastml.ops.conv2d import triton_impl as conv_triton
 from fastml.ops.conv2d.reference import output_size
 from fastml.ops.conv2d.triton_impl import conv_tile, group_tile
-from fastml.ops.conv2d_relu_max_pool2d.reference import pooled_size
+from fastml.ops.conv2d_relu_max_pool2d.reference import empty_outputs
 
 # Pooled outputs per program of the scatter kernel.
 SCATTER_BLOCK = 1024
@@ -117,11 +117,8 @@ def _pool_grad_scatter_kernel(
 def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
     n, c, h, w = x.shape
     k, cg, kh, kw = weight.shape
-    oh = output_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = output_size(w, kw, stride[1], padding[1], dilation[1])
-    poh, pow_ = pooled_size(oh, pool_kernel[0], pool_stride[0]), pooled_size(ow, pool_kernel[1], pool_stride[1])
-    out = x.new_empty((n, k, poh, pow_))
-    argmax = torch.empty((n, k, poh, pow_), dtype=torch.int8, device=x.device)
+    out, argmax = empty_outputs(x, weight, stride, padding, dilation, pool_kernel, pool_stride)
+    poh, pow_ = out.shape[2:]
     if out.numel() == 0:
         return out, argmax
     rows, kg = n * poh * pow_, k // groups
