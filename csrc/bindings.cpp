@@ -56,8 +56,6 @@ PYBIND11_MODULE(_C, m) {
     FASTML_DEF("conv2d_backward_weight_f64", conv2d_backward_weight<double>);
     FASTML_DEF("conv2d_relu_max_pool2d_forward_f32", conv2d_relu_max_pool2d_forward<float>);
     FASTML_DEF("conv2d_relu_max_pool2d_forward_f64", conv2d_relu_max_pool2d_forward<double>);
-    FASTML_DEF("relu_max_pool2d_backward_f32", relu_max_pool2d_backward<float>);
-    FASTML_DEF("relu_max_pool2d_backward_f64", relu_max_pool2d_backward<double>);
     FASTML_DEF("conv2d_relu_max_pool2d_backward_f32", conv2d_relu_max_pool2d_backward<float>);
     FASTML_DEF("conv2d_relu_max_pool2d_backward_f64", conv2d_relu_max_pool2d_backward<double>);
 

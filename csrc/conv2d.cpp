@@ -70,7 +70,7 @@ void conv2d_forward(address_t x_, address_t w_, address_t b_, const std::vector<
     const int threads = conv_threads(cs, nthreads);
     const index_t hp = cs.hp(), wp = cs.wp();
     const auto packed = packed_weights(as_ptr<const T>(w_), cs, false);
-    if (batch_layout_pays<T>(cs.n, cs.ow)) {
+    if (batch_layout_pays<T>(cs.n)) {
         const auto planes = batch_input(as_ptr<const T>(x_), cs, hp, wp, threads);
         batch_correlate(planes.data(), hp, wp, packed.data(), as_ptr<const T>(b_), cs, as_ptr<T>(out_), threads);
         return;
@@ -91,7 +91,7 @@ void conv2d_backward_input(address_t grad_, address_t w_, const std::vector<inde
     const T* grad = as_ptr<const T>(grad_);
     const auto packed = packed_weights(as_ptr<const T>(w_), cs, true);
     const ConvShape transposed{cs.n, cs.k, hp, wp, cs.c, cs.r, cs.s, 1, 1, 0, 0, cs.dh, cs.dw, cs.groups, cs.h, cs.w};
-    if (batch_layout_pays<T>(cs.n, cs.w)) {
+    if (batch_layout_pays<T>(cs.n)) {
         std::vector<T> planes(batch_planes_size<T>(cs.n, cs.k, hp, wp));
         to_batch_planes(grad, cs.n, cs.k, cs.oh, cs.ow, top, left, cs.sh, cs.sw, hp, wp, planes.data(), threads);
         batch_correlate<T>(planes.data(), hp, wp, packed.data(), nullptr, transposed, as_ptr<T>(grad_x_), threads);
@@ -129,7 +129,7 @@ void conv2d_backward_weight(address_t grad_, address_t x_, const std::vector<ind
         }
     }
     if (!grad_w_) return;
-    if (batch_layout_pays<T>(cs.n, cs.ow)) {
+    if (batch_layout_pays<T>(cs.n)) {
         const index_t hp = cs.hp(), wp = cs.wp();
         const auto planes = batch_input(as_ptr<const T>(x_), cs, hp, wp, threads);
         const index_t rows = gradient_plane_rows(cs.oh, cs.ow);

@@ -8,8 +8,8 @@
 // or NaN (torch's max_pool2d rule); ReLU keeps NaN, as torch.relu.
 // Small images in a large batch run the same in the batch-innermost layout (conv_batch_tiles.h),
 // a vector holding one position of 16 images, its windows pooled lane-wise.
-// Backward: the activation gradient (grad at each window's maximum where the output is positive)
-// then conv2d.cpp's gradients.
+// Backward, one call: the activation gradient (grad at each window's maximum where the output is
+// positive), then the convolution's three gradients (see conv2d_relu_max_pool2d_backward).
 #include <type_traits>
 #include <vector>
 
@@ -132,36 +132,6 @@ void batch_fused_forward(const T* planes, index_t hp, index_t wp, const T* packe
     }
 }
 
-}  // namespace
-
-template <typename T>
-void conv2d_relu_max_pool2d_forward(address_t x_, address_t w_, address_t b_, const std::vector<index_t>& dims,
-                                    const std::vector<index_t>& pool, address_t out_, address_t argmax_,
-                                    int nthreads) {
-    const ConvShape cs = conv_shape(dims);
-    const index_t pkh = pool[0], pkw = pool[1], psh = pool[2], psw = pool[3], ph_out = pool[4], pw_out = pool[5];
-    const int threads = threads_for(cs.n * cs.k * cs.oh * cs.ow * cs.cg() * cs.r * cs.s, nthreads);
-    const index_t hp = cs.hp(), wp = cs.wp();
-    const auto packed = packed_weights(as_ptr<const T>(w_), cs, false);
-    const T* bias = as_ptr<const T>(b_);
-    T* out = as_ptr<T>(out_);
-    auto* argmax = as_ptr<std::int8_t>(argmax_);
-    if (batch_layout_pays<T>(cs.n, cs.ow)) {
-        const auto planes = batch_input(as_ptr<const T>(x_), cs, hp, wp, threads);
-        batch_fused_forward(planes.data(), hp, wp, packed.data(), bias, cs, pkh, pkw, psh, psw, ph_out, pw_out, out,
-                            argmax, threads);
-        return;
-    }
-    const auto padded = padded_input(as_ptr<const T>(x_), cs, hp, wp, threads);
-    if (cs.ow <= Simd<T>::kWidth) {
-        fused_forward<T, 1>(padded.data(), hp, wp, packed.data(), bias, cs, pkh, pkw, psh, psw, ph_out, pw_out, out,
-                            argmax, threads);
-    } else {
-        fused_forward<T, 2>(padded.data(), hp, wp, packed.data(), bias, cs, pkh, pkw, psh, psw, ph_out, pw_out, out,
-                            argmax, threads);
-    }
-}
-
 // grad_z (planes, oh, ow) = grad (planes, ph_out, pw_out) at each window's maximum where out > 0,
 // zero elsewhere (overlapping windows add up, in output order).
 template <typename T>
@@ -186,6 +156,36 @@ void relu_max_pool2d_backward(address_t grad_, address_t out_, address_t argmax_
     }
 }
 
+}  // namespace
+
+template <typename T>
+void conv2d_relu_max_pool2d_forward(address_t x_, address_t w_, address_t b_, const std::vector<index_t>& dims,
+                                    const std::vector<index_t>& pool, address_t out_, address_t argmax_,
+                                    int nthreads) {
+    const ConvShape cs = conv_shape(dims);
+    const index_t pkh = pool[0], pkw = pool[1], psh = pool[2], psw = pool[3], ph_out = pool[4], pw_out = pool[5];
+    const int threads = threads_for(cs.n * cs.k * cs.oh * cs.ow * cs.cg() * cs.r * cs.s, nthreads);
+    const index_t hp = cs.hp(), wp = cs.wp();
+    const auto packed = packed_weights(as_ptr<const T>(w_), cs, false);
+    const T* bias = as_ptr<const T>(b_);
+    T* out = as_ptr<T>(out_);
+    auto* argmax = as_ptr<std::int8_t>(argmax_);
+    if (batch_layout_pays<T>(cs.n)) {
+        const auto planes = batch_input(as_ptr<const T>(x_), cs, hp, wp, threads);
+        batch_fused_forward(planes.data(), hp, wp, packed.data(), bias, cs, pkh, pkw, psh, psw, ph_out, pw_out, out,
+                            argmax, threads);
+        return;
+    }
+    const auto padded = padded_input(as_ptr<const T>(x_), cs, hp, wp, threads);
+    if (cs.ow <= Simd<T>::kWidth) {
+        fused_forward<T, 1>(padded.data(), hp, wp, packed.data(), bias, cs, pkh, pkw, psh, psw, ph_out, pw_out, out,
+                            argmax, threads);
+    } else {
+        fused_forward<T, 2>(padded.data(), hp, wp, packed.data(), bias, cs, pkh, pkw, psh, psw, ph_out, pw_out, out,
+                            argmax, threads);
+    }
+}
+
 // The whole backward pass: grad (n, k, pooled h, pooled w) → grad_x, grad_w, grad_b (each 0 when
 // not wanted). In the batch layout (stride 1, padding within the kernel's reach) the activation
 // gradient goes straight from the pooled gradient into batch planes laid out as grad_input's
@@ -198,7 +198,7 @@ void conv2d_relu_max_pool2d_backward(address_t grad_, address_t out_, address_t 
                                      address_t grad_x_, address_t grad_w_, address_t grad_b_, int nthreads) {
     const ConvShape cs = conv_shape(dims);
     const index_t top = (cs.r - 1) * cs.dh - cs.ph, left = (cs.s - 1) * cs.dw - cs.pw;
-    if (!batch_layout_pays<T>(cs.n, cs.ow) || cs.sh != 1 || cs.sw != 1 || top < 0 || left < 0) {
+    if (!batch_layout_pays<T>(cs.n) || cs.sh != 1 || cs.sw != 1 || top < 0 || left < 0) {
         std::vector<T> grad_z(cs.n * cs.k * cs.oh * cs.ow);
         const address_t z = reinterpret_cast<address_t>(grad_z.data());
         relu_max_pool2d_backward<T>(grad_, out_, argmax_, cs.n * cs.k, cs.oh, cs.ow, pool, z, nthreads);
@@ -259,8 +259,6 @@ void conv2d_relu_max_pool2d_backward(address_t grad_, address_t out_, address_t 
 #define FASTML_FUSED(T)                                                                                        \
     template void conv2d_relu_max_pool2d_forward<T>(address_t, address_t, address_t, const std::vector<index_t>&, \
                                                     const std::vector<index_t>&, address_t, address_t, int);      \
-    template void relu_max_pool2d_backward<T>(address_t, address_t, address_t, index_t, index_t, index_t,        \
-                                              const std::vector<index_t>&, address_t, int);                      \
     template void conv2d_relu_max_pool2d_backward<T>(address_t, address_t, address_t, address_t, address_t,      \
                                                      const std::vector<index_t>&, const std::vector<index_t>&,    \
                                                      address_t, address_t, address_t, int);

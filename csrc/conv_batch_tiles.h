@@ -20,15 +20,13 @@
 
 namespace fastml {
 
-// Whether to run a convolution in the batch-innermost layout: when its batch fills the lanes (at
-// least one vector of images, and no more than an eighth of the last vector empty). Measured on
-// Zen 4 against conv_tiles.h's row vectors, it was as fast or faster at every size tried (VGG's
-// 56 × 56 included), by 3× to 8× for LeNet's fused blocks (out_w: the width a pass produces,
-// kept for the choice's record; the rows' lane waste does not decide it).
+// Whether to run a convolution of n images in the batch-innermost layout: when the batch fills
+// the lanes (at least one vector of images, and no more than an eighth of the last vector empty).
+// Measured on Zen 4 against conv_tiles.h's row vectors, it was as fast or faster at every size
+// tried, whatever the planes' width (VGG's 56 × 56 included), by 3× to 8× for LeNet's fused blocks.
 template <typename T>
-inline bool batch_layout_pays(index_t n, index_t out_w) {
+inline bool batch_layout_pays(index_t n) {
     constexpr index_t L = Simd<T>::kWidth;
-    (void)out_w;
     const index_t batch_lanes = (n + L - 1) / L * L;
     return n >= L && 8 * n >= 7 * batch_lanes;
 }
