@@ -55,33 +55,37 @@ def gradient_in_torch_ops(logits, target, class_weight, ignore_index, label_smoo
     return scaled_gradient(torch.softmax(logits, 1), a, target, ignore_index, scale)
 
 
+def loss_and_gradient(kernels, logits, target, class_weight, ignore_index, label_smoothing, reduction, want_grad):
+    """(loss, its scale, the logits' gradient for "mean" / "sum" when want_grad, else None) from
+    one pass of the backend's row kernel."""
+    m, c = logits.shape
+    scale = loss_scale(kernels, reduction, target, class_weight, ignore_index, c, m)
+    row_loss = row_loss_buffer(logits)
+    grad = torch.empty_like(logits) if want_grad and reduction != "none" else None
+    kernels.rows(logits, target, class_weight, ignore_index, label_smoothing, scale, row_loss, grad)
+    return reduce_rows(row_loss, scale, reduction, logits.dtype), scale, grad
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """logits (M, C) and target (M,) int64 or (M, C) probabilities, contiguous; class_weight (C,)
     or None. Gradients flow to logits and to probability targets."""
 
     @staticmethod
     def forward(ctx, logits, target, class_weight, ignore_index, label_smoothing, reduction, backend):
-        kernels = impl(backend)
-        m, c = logits.shape
-        scale = loss_scale(kernels, reduction, target, class_weight, ignore_index, c, m)
-        fused_grad = ctx.needs_input_grad[0] and reduction != "none"
-        row_loss = row_loss_buffer(logits)
-        grad = torch.empty_like(logits) if fused_grad else None
-        kernels.rows(logits, target, class_weight, ignore_index, label_smoothing,
-                     0.0 if m == 0 else scale, row_loss, grad)
+        loss, scale, grad = loss_and_gradient(impl(backend), logits, target, class_weight, ignore_index,
+                                              label_smoothing, reduction, ctx.needs_input_grad[0])
         ctx.save_for_backward(logits, target, class_weight, grad)
         ctx.options = (ignore_index, label_smoothing, reduction, scale, backend)
-        return reduce_rows(row_loss, scale, reduction, logits.dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         logits, target, class_weight, grad = ctx.saved_tensors
         ignore_index, label_smoothing, reduction, scale, backend = ctx.options
         need_logits, need_target = ctx.needs_input_grad[:2]
-        row_scale = grad_output if reduction == "none" else grad_output * scale
+        per_row = grad_output.unsqueeze(1) if reduction == "none" else grad_output * scale
         grad_logits = grad_target = None
         if need_logits and backward_in_torch_ops(grad_output):
-            per_row = row_scale.unsqueeze(1) if reduction == "none" else row_scale
             grad_logits = gradient_in_torch_ops(logits, target, class_weight, ignore_index, label_smoothing, per_row)
         elif need_logits and reduction == "none":
             grad_logits = torch.empty_like(logits)
@@ -91,7 +95,6 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad_logits = grad * grad_output
         if need_target:  # probabilities: dℓ/dp = -(1 - ε) · w · log softmax(z)
             w = 1.0 if class_weight is None else class_weight
-            per_row = row_scale.unsqueeze(1) if reduction == "none" else row_scale
             grad_target = -(1.0 - label_smoothing) * w * torch.log_softmax(logits, 1) * per_row
         return grad_logits, grad_target, None, None, None, None, None
 
@@ -102,9 +105,5 @@ def cross_entropy(logits, target, class_weight, ignore_index, label_smoothing, r
     if tracks_gradients(logits, target):
         return CrossEntropyFunction.apply(logits, target, class_weight, ignore_index, label_smoothing,
                                           reduction, backend)
-    kernels = impl(backend)
-    m, c = logits.shape
-    scale = loss_scale(kernels, reduction, target, class_weight, ignore_index, c, m)
-    row_loss = row_loss_buffer(logits)
-    kernels.rows(logits, target, class_weight, ignore_index, label_smoothing, scale, row_loss, None)
-    return reduce_rows(row_loss, scale, reduction, logits.dtype)
+    return loss_and_gradient(impl(backend), logits, target, class_weight, ignore_index, label_smoothing, reduction,
+                             False)[0]

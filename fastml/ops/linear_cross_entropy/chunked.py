@@ -79,7 +79,7 @@ def forward(kernels, x, weight, bias, target, class_weight, ignore_index, label_
     reduced = reduction != "none"
     grads = (need_input_grad, need_weight_grad, need_bias_grad) if reduced else (False, False, False)
     row_loss, *grads = run(kernels, x, weight, bias, target, class_weight, ignore_index, label_smoothing,
-                           scale if n else 0.0, True, *grads)
+                           scale, True, *grads)
     loss = row_loss.sum() * scale if reduced else row_loss
     return (loss.to(x.dtype), *grads)
 

@@ -36,10 +36,8 @@ def forward(x, weight, bias, target, class_weight, ignore_index, label_smoothing
     index, probs = (target, None) if target.dtype == torch.int64 else (None, target)
     kernel("linear_cross_entropy_forward", x.dtype)(
         ptr(x), ptr(weight), ptr(bias), ptr(index), ptr(probs), ptr(class_weight), n, d, c, ignore_index,
-        float(label_smoothing), scale if n else 0.0, ptr(None if reduced else loss), ptr(loss if reduced else None),
+        float(label_smoothing), scale, ptr(None if reduced else loss), ptr(loss if reduced else None),
         ptr(grad_x), ptr(grad_w), ptr(grad_b), threads())
-    if reduced and n == 0:
-        loss.fill_(float("nan") if reduction == "mean" else 0.0)
     return loss, grad_x, grad_w, grad_b
 
 

@@ -33,7 +33,7 @@ def forward(x, weight, bias, target, class_weight, ignore_index, label_smoothing
     want_grads = reduced and (need_input_grad or need_weight_grad or need_bias_grad)
     grad_logits = torch.empty_like(logits) if want_grads else None
     rows_reference.rows(logits, target, class_weight, ignore_index, label_smoothing,
-                        scale if n else 0.0, row_loss, grad_logits)
+                        scale, row_loss, grad_logits)
     loss = row_loss.sum() * scale if reduced else row_loss
     if not want_grads:
         return loss, None, None, None
