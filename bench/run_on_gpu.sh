@@ -1,18 +1,49 @@
 #!/usr/bin/env bash
 # What a session with a lent CUDA machine runs (no package registry there): build fastml in place,
-# run the whole test suite with real Triton on the GPU, then the CUDA benchmarks and the profile.
-# Results land in $OUT (or ./gpu-results); copy them to bench/results/ and commit.
+# then any of these phases, in the order given (default: all three):
+#   tests     the whole test suite, Triton kernels compiled for the GPU (pytest-xdist when present)
+#   bench     every bench/bench_*.py, CUDA cases only, torch beside fastml
+#   profile   python -m fastml bench --device cuda --full
+#   tests:PATTERN   only the tests whose ids match PATTERN (pytest -k)
+# Everything is written to a work folder and packed after each step into $OUT/gpu-results.tar.gz
+# (the device returns at most 8 files; a step killed at the time limit keeps what came before).
+# Unpack it into bench/results/ and commit.
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
+work=$(mktemp -d)
+pack() { tar -czf "$out/gpu-results.tar.gz" -C "$work" .; }
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$work/gpu.txt"
 python -m pip install --no-build-isolation --no-deps -e . -q 2>&1 | tail -3
-python -m fastml info | tee -a "$out/gpu.txt"
-python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.txt" | tail -25
-for op in linear_mse optim knn conv cross_entropy max_pool2d; do
-    python -m pytest "bench/bench_$op.py" --benchmark-only -p no:cacheprovider -k cuda \
-        --benchmark-columns=median,min,max,rounds --benchmark-json "$out/bench-$op-cuda.json" \
-        2>&1 | tee "$out/bench-$op-cuda.txt" | tail -40
+python -m fastml info | tee -a "$work/gpu.txt"
+pack
+
+parallel=()
+python -c "import xdist" 2>/dev/null && parallel=(-n 8)
+
+for phase in "${@:-tests bench profile}"; do
+  for step in $phase; do
+    case $step in
+      tests|tests:*)
+        select=()
+        [[ $step == tests:* ]] && select=(-k "${step#tests:}")
+        python -m pytest tests -q -p no:cacheprovider "${parallel[@]}" "${select[@]}" -rfE --maxfail=40 \
+            2>&1 | tee "$work/gpu-tests.txt" | tail -60
+        pack ;;
+      bench)
+        for file in bench/bench_*.py; do
+          name=$(basename "$file" .py)
+          python -m pytest "$file" --benchmark-only -p no:cacheprovider -k cuda \
+              --benchmark-columns=median,min,max,rounds --benchmark-json "$work/$name-cuda.json" \
+              2>&1 | tee "$work/$name-cuda.txt" | tail -30
+          pack
+        done ;;
+      profile)
+        python -m fastml bench --device cuda --full --out "$work/profile" 2>&1 | tail -30
+        pack ;;
+      *) echo "unknown phase: $step" >&2; exit 2 ;;
+    esac
+  done
 done
-python -m fastml bench --device cuda --full --out "$out/profile" 2>&1 | tail -30
