@@ -29,8 +29,9 @@ for phase in "${@:-tests bench profile}"; do
       tests|tests:*)
         select=()
         [[ $step == tests:* ]] && select=(-k "${step#tests:}")
-        python -m pytest tests -q -p no:cacheprovider "${parallel[@]}" "${select[@]}" -rfE --maxfail=40 \
-            2>&1 | tee "$work/gpu-tests.txt" | tail -60
+        # bounded, so the log is packed even when the suite runs long; it also streams to $out
+        timeout "${TESTS_TIMEOUT:-540}" python -m pytest tests -q -p no:cacheprovider "${parallel[@]}" \
+            "${select[@]}" -rfE --maxfail=40 2>&1 | tee "$work/gpu-tests.txt" "$out/gpu-tests.txt" | tail -60
         pack ;;
       bench)
         for file in bench/bench_*.py; do
