@@ -4,7 +4,7 @@
 #   tests     the whole test suite, Triton kernels compiled for the GPU (pytest-xdist when present)
 #   bench     every bench/bench_*.py, CUDA cases only, torch beside fastml
 #   profile   python -m fastml bench --device cuda --full
-#   tests:PATTERN   only the tests whose ids match PATTERN (pytest -k)
+#   (TESTS_K=EXPR narrows the tests to pytest -k EXPR; TESTS_TIMEOUT bounds them, default 540 s)
 # Everything is written to a work folder and packed after each step into $OUT/gpu-results.tar.gz
 # (the device returns at most 8 files; a step killed at the time limit keeps what came before).
 # Unpack it into bench/results/ and commit.
@@ -26,9 +26,9 @@ python -c "import xdist" 2>/dev/null && parallel=(-n 8)
 for phase in "${@:-tests bench profile}"; do
   for step in $phase; do
     case $step in
-      tests|tests:*)
+      tests)
         select=()
-        [[ $step == tests:* ]] && select=(-k "${step#tests:}")
+        [[ -n ${TESTS_K:-} ]] && select=(-k "$TESTS_K")
         # bounded, so the log is packed even when the suite runs long; it also streams to $out
         timeout "${TESTS_TIMEOUT:-540}" python -m pytest tests -q -p no:cacheprovider "${parallel[@]}" \
             "${select[@]}" -rfE --maxfail=40 2>&1 | tee "$work/gpu-tests.txt" "$out/gpu-tests.txt" | tail -60

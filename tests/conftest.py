@@ -110,7 +110,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     rtol, atol = TOLERANCES[dtype]
     if scale is not None:
         atol = atol * float(scale)
-    torch.testing.assert_close(actual.detach().to("cpu", torch.float64), expected.detach().to(torch.float64),
+    torch.testing.assert_close(actual.detach().to("cpu", torch.float64), expected.detach().to("cpu", torch.float64),
                                rtol=rtol, atol=atol, equal_nan=True)
 
 

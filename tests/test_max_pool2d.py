@@ -5,11 +5,13 @@ maximum, a NaN window to its last NaN, padding never chosen), gradients, and tor
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as TF
 from conftest import rand
+from torch.nn.modules.utils import _pair
 
 import fastml
 from fastml import functional as F
@@ -60,9 +62,14 @@ def test_matches_torch_values_indices_and_gradients(backend, rng, config):
         _assert_same_pooling(ours, theirs)
         grad = rand(*ours[0].shape, dtype=dtype, device=backend.device, generator=rng)
         (grad_x,) = torch.autograd.grad(ours[0], x, grad)
-        (expected,) = torch.autograd.grad(theirs[0], x_cpu, grad.cpu())
-        # Overlapping windows add several gradients into one input: equal up to summation order.
-        torch.testing.assert_close(grad_x.cpu(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+        (expected,) = torch.autograd.grad(theirs[0], x_cpu, grad.cpu(), retain_graph=True)
+        # Overlapping windows add several gradients into one input, in an order that differs between
+        # implementations (the GPU adds atomically): a sum of n terms in any order is within
+        # (n - 1)·eps·Σ|terms| of another, which can exceed eps·|sum| where the terms cancel.
+        (magnitude,) = torch.autograd.grad(theirs[0], x_cpu, grad.abs().cpu())
+        terms = math.prod(_pair(config[1]))  # with stride 1 every tap of the window lands on one input
+        bound = (terms - 1) * torch.finfo(dtype).eps * magnitude
+        assert ((grad_x.cpu() - expected).abs() <= bound).all(), (grad_x.cpu() - expected).abs().max()
 
 
 def test_ties_nan_and_infinite_windows(backend):
