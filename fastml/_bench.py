@@ -343,6 +343,8 @@ def optimizer_step_factory(kind: str, sizes, device, seed: int = 0):
             opt = getattr(fastml.optim, name)(params, **settings)
         for p, state in zip(params, states):
             opt.state[p].update(state)
+            if impl == "torch-fused" and "step" in state:  # torch's fused Adam keeps its step count on the device
+                opt.state[p]["step"] = state["step"].to(p.device)
         return opt.step
     return make
 
