@@ -4,7 +4,7 @@
 #   tests     the whole test suite, Triton kernels compiled for the GPU (pytest-xdist when present)
 #   bench     every bench/bench_*.py, CUDA cases only, torch beside fastml
 #   profile   python -m fastml bench --device cuda --full
-#   (TESTS_K=EXPR narrows the tests to pytest -k EXPR; TESTS_TIMEOUT bounds them, default 540 s)
+#   (BENCH_FILES narrows the bench phase; TESTS_K=EXPR narrows the tests to pytest -k EXPR; TESTS_TIMEOUT bounds them, default 540 s)
 # Everything is written to a work folder and packed after each step into $OUT/gpu-results.tar.gz
 # (the device returns at most 8 files; a step killed at the time limit keeps what came before).
 # Unpack it into bench/results/ and commit.
@@ -34,7 +34,7 @@ for phase in "${@:-tests bench profile}"; do
             "${select[@]}" -rfE --maxfail=40 2>&1 | tee "$work/gpu-tests.txt" "$out/gpu-tests.txt" | tail -60
         pack ;;
       bench)
-        for file in bench/bench_*.py; do
+        for file in ${BENCH_FILES:-bench/bench_*.py}; do
           name=$(basename "$file" .py)
           python -m pytest "$file" --benchmark-only -p no:cacheprovider -k cuda \
               --benchmark-columns=median,min,max,rounds --benchmark-json "$work/$name-cuda.json" \
