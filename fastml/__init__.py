@@ -1,14 +1,16 @@
 """fastml: compiled kernels (Triton, C++, numba) for the classic models of an introductory
 deep-learning course, as drop-ins for the PyTorch modules people already use.
 
-Importing fastml changes nothing global: swap layers yourself (``fastml.nn.Linear``, ...).
+Importing fastml changes nothing global: swap layers yourself (``fastml.nn.Linear``, ...) or call
+``fastml.patch(model)``.
 """
 
 from fastml import data, functional, linear_model, neighbors, nn, optim
 from fastml._backend import BackendUnavailableError, use_backend
 from fastml._info import info
+from fastml._patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "data", "functional", "info", "linear_model", "neighbors", "nn", "optim",
-           "use_backend"]
+__all__ = ["BackendUnavailableError", "PatchReport", "data", "functional", "info", "linear_model", "neighbors", "nn",
+           "optim", "patch", "unpatch", "use_backend"]

@@ -1,0 +1,403 @@
+"""``fastml.patch(model)``: put fastml's drop-in modules into an existing torch model, in place,
+and ``fastml.unpatch(model)`` to take them out again.
+
+One-for-one replacements (Linear, Conv2d, MaxPool2d, MSELoss, CrossEntropyLoss) swap the
+module's ``__class__`` to its fastml twin. The twins subclass the torch classes and change only
+``forward``, so the swap keeps the very same object: its Parameters (an optimizer built before
+still steps the model), buffers, hooks, training flag and any attribute the user set. Building
+new modules instead would need every one of those copied and every outside reference (a
+variable, a second place in the tree) re-pointed. Only modules whose type is exactly the torch
+class are swapped: a subclass may have its own forward or rely on torch's.
+
+Every configuration an exact torch class accepts is covered, because fastml's modules fall back
+to torch's own op where no kernel fits (padding_mode, dtypes, return_indices, ...): nothing is
+left out for its configuration, except fusion below.
+
+Fusion: Conv2d → ReLU → MaxPool2d, consecutive in a module that chains its children as
+nn.Sequential does, becomes one ConvReLUPool2d at the conv's key, and the ReLU's and pool's keys
+hold nn.Identity, so indices and state_dict keys stay as they were. Here a new module is built
+(sharing the conv's Parameters) rather than the conv's class swapped: a reference to the conv
+held elsewhere must keep meaning "a convolution". The originals are kept on the fused module so
+that unpatch puts the same objects back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from fastml import nn as fastml_nn
+
+__all__ = ["Fused", "Left", "PatchReport", "Replaced", "patch", "unpatch"]
+
+# op name → (torch class, fastml twin)
+_ONE_FOR_ONE = {
+    "linear": (torch.nn.Linear, fastml_nn.Linear),
+    "conv2d": (torch.nn.Conv2d, fastml_nn.Conv2d),
+    "max_pool2d": (torch.nn.MaxPool2d, fastml_nn.MaxPool2d),
+    "mse_loss": (torch.nn.MSELoss, fastml_nn.MSELoss),
+    "cross_entropy": (torch.nn.CrossEntropyLoss, fastml_nn.CrossEntropyLoss),
+}
+_FUSION = "conv_relu_pool"
+OPS = (*_ONE_FOR_ONE, _FUSION)
+
+_OP_OF_TORCH = {torch_cls: op for op, (torch_cls, _) in _ONE_FOR_ONE.items()}
+_TORCH_OF_FASTML = {fastml_cls: torch_cls for torch_cls, fastml_cls in _ONE_FOR_ONE.values()}
+_COVERED_TORCH = tuple(_OP_OF_TORCH)
+_FASTML_MODULES = tuple(getattr(fastml_nn, name) for name in fastml_nn.__all__)
+
+# A module patch swapped carries this attribute, so unpatch undoes patch and nothing else: a
+# model the user built from fastml.nn modules keeps them. An attribute (not a registry) survives
+# deepcopy and pickling of the patched model.
+_SWAPPED = "_fastml_patched"
+_FUSED_RUN = "_fastml_fused_run"  # on a ConvReLUPool2d patch built: the _FusedRun
+_PLACEHOLDER = "_fastml_fused_placeholder"  # on the nn.Identity in a fused-away slot
+
+# Every per-module hook dict torch has (some only in newer versions). A fused run would skip the
+# conv's output and the ReLU's and pool's calls, which forward / backward hooks observe; state
+# dict hooks would be lost on the new module.
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+@dataclasses.dataclass(frozen=True)
+class Replaced:
+    """One module whose class changed: ``name`` is its qualified name ("" for the model itself)."""
+    name: str
+    old: str
+    new: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Fused:
+    """A Conv2d → ReLU → MaxPool2d run (its three qualified names) fused, or split by unpatch."""
+    names: tuple[str, ...]
+    old: str
+    new: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Left:
+    """A module (or a run: several names, comma-separated) left as it was, and why."""
+    name: str
+    type: str
+    reason: str
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What ``fastml.patch`` (or ``fastml.unpatch``, by ``action``) replaced, fused and left."""
+    action: str = "patch"
+    replaced: list[Replaced] = dataclasses.field(default_factory=list)
+    fused: list[Fused] = dataclasses.field(default_factory=list)
+    left: list[Left] = dataclasses.field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the call changed the model at all."""
+        return bool(self.replaced or self.fused)
+
+    def __str__(self) -> str:
+        swapped, joined = ("replaced", "fused") if self.action == "patch" else ("restored", "unfused")
+        rows = [(swapped, _display(r.name), f"{r.old} → {r.new}") for r in self.replaced]
+        rows += [(joined, ", ".join(map(_display, f.names)), f"{f.old} → {f.new}") for f in self.fused]
+        rows += [("left", _display(x.name), f"{x.type}: {x.reason}") for x in self.left]
+        head = (f"fastml.{self.action}: {len(self.replaced)} {swapped}, {len(self.fused)} {joined}, "
+                f"{len(self.left)} left")
+        if not rows:
+            return head
+        name_width = max(len(name) for _, name, _ in rows)
+        return "\n".join([head] + [f"  {kind:<8}  {name:<{name_width}}  {what}" for kind, name, what in rows])
+
+
+def _display(name: str) -> str:
+    return name or "(model)"
+
+
+@dataclasses.dataclass(eq=False)
+class _FusedRun:
+    """What a fused run replaced, kept for unpatch: the original modules, the keys of the ReLU's
+    and pool's slots in their parent, and the nn.Identity placeholders patch put there. A plain
+    object, not a Module, so the originals stay out of the model's modules() and state_dict."""
+    conv: torch.nn.Module
+    relu: torch.nn.Module
+    pool: torch.nn.Module
+    relu_key: str
+    pool_key: str
+    relu_slot: torch.nn.Module
+    pool_slot: torch.nn.Module
+
+
+def _type_name(cls: type) -> str:
+    for prefix, namespace in (("torch.nn", torch.nn), ("fastml.nn", fastml_nn)):
+        if getattr(namespace, cls.__name__, None) is cls:
+            return f"{prefix}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _run_type(*modules) -> str:
+    # "+" rather than "→", which the report uses for old → new
+    return " + ".join(_type_name(type(m)) for m in modules)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _check_model(model, function: str) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{function}() argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _parse_ops(ops) -> frozenset[str]:
+    """The selected op names. A single string is one name: iterating it would give letters."""
+    if ops is None:
+        return frozenset(OPS)
+    if isinstance(ops, str):
+        ops = (ops,)
+    try:
+        names = list(ops)
+    except TypeError:
+        raise TypeError(f"patch() argument 'ops' must be None, an op name or an iterable of op names, "
+                        f"got {type(ops).__name__}") from None
+    not_str = [n for n in names if not isinstance(n, str)]
+    if not_str:
+        raise TypeError(f"patch() argument 'ops' must hold op names (str), got {not_str[0]!r} "
+                        f"({type(not_str[0]).__name__})")
+    unknown = sorted(set(names) - set(OPS))
+    if unknown:
+        raise ValueError(f"unknown op name(s) in patch() argument 'ops': {', '.join(map(repr, unknown))}; "
+                         f"valid names: {', '.join(map(repr, OPS))}")
+    return frozenset(names)
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return any(getattr(module, attr, None) for attr in _HOOK_DICTS)
+
+
+def _pair(value):
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        return value[0], value[0]
+    return tuple(value) if isinstance(value, (tuple, list)) else value
+
+
+def _is_conv(module) -> bool:
+    # a fastml Conv2d (from an earlier patch with ops=["conv2d"], or the user's) fuses as well
+    return type(module) in (torch.nn.Conv2d, fastml_nn.Conv2d)
+
+
+def _is_pool(module) -> bool:
+    return type(module) in (torch.nn.MaxPool2d, fastml_nn.MaxPool2d)
+
+
+def _chains_children(module: torch.nn.Module) -> bool:
+    """Whether forward feeds each child's output to the next, so adjacent children can fuse: an
+    nn.Sequential, or a subclass that keeps Sequential's forward."""
+    return isinstance(module, torch.nn.Sequential) and type(module).forward is torch.nn.Sequential.forward
+
+
+def _fusion_obstacles(conv, relu, pool) -> list[str]:
+    """Why this run cannot become one ConvReLUPool2d (empty if it can). ConvReLUPool2d takes the
+    conv's own arguments but pools with only a kernel size and stride, zero-padded convolution."""
+    reasons = []
+    if conv.padding_mode != "zeros":
+        reasons.append(f"the conv's padding_mode={conv.padding_mode!r} (ConvReLUPool2d pads with zeros only)")
+    if _pair(pool.padding) != (0, 0):
+        reasons.append(f"the pool's padding={pool.padding!r} (ConvReLUPool2d pools without padding)")
+    if _pair(pool.dilation) != (1, 1):
+        reasons.append(f"the pool's dilation={pool.dilation!r} (ConvReLUPool2d pools without dilation)")
+    if pool.ceil_mode:
+        reasons.append("the pool's ceil_mode=True (ConvReLUPool2d rounds the output size down)")
+    if pool.return_indices:
+        reasons.append("the pool's return_indices=True (ConvReLUPool2d returns no indices)")
+    hooked = [role for role, m in (("conv", conv), ("ReLU", relu), ("pool", pool)) if _has_hooks(m)]
+    if hooked:
+        reasons.append(f"hooks on the {', '.join(hooked)} (a fused module would not call them as before)")
+    return reasons
+
+
+def _share_state(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Points target's parameters and buffers at source's very tensors (no copies), in order."""
+    target._parameters.clear()
+    target._parameters.update(source._parameters)
+    target._buffers.clear()
+    target._buffers.update(source._buffers)
+    target._non_persistent_buffers_set.clear()
+    target._non_persistent_buffers_set.update(source._non_persistent_buffers_set)
+    target.training = source.training
+
+
+def _placeholder(replaced: torch.nn.Module) -> torch.nn.Identity:
+    slot = torch.nn.Identity()
+    slot.training = replaced.training  # model.eval() / train() state reads the same
+    setattr(slot, _PLACEHOLDER, True)
+    return slot
+
+
+def _fuse(parent, keys, conv, relu, pool) -> torch.nn.Module:
+    # Built on the meta device: no memory, no use of the random generator; the conv's own
+    # Parameters then take the place of the meta ones.
+    fused = fastml_nn.ConvReLUPool2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                     conv.padding, conv.dilation, conv.groups, bias=conv.bias is not None,
+                                     pool_kernel_size=pool.kernel_size, pool_stride=pool.stride, device="meta")
+    _share_state(conv, fused)
+    conv_key, relu_key, pool_key = keys
+    run = _FusedRun(conv, relu, pool, relu_key, pool_key, _placeholder(relu), _placeholder(pool))
+    setattr(fused, _FUSED_RUN, run)
+    # Assigning to an existing key keeps its place in the parent's ordered dict of children.
+    parent._modules[conv_key] = fused
+    parent._modules[relu_key] = run.relu_slot
+    parent._modules[pool_key] = run.pool_slot
+    return fused
+
+
+def patch(model: torch.nn.Module, ops=None) -> PatchReport:
+    """Replaces, in place, the torch modules of ``model`` that fastml covers by fastml's, and
+    returns a :class:`PatchReport` of what it replaced, fused and left (and why).
+
+    ``ops``: None for all, else an op name or an iterable of them: "linear" (nn.Linear),
+    "conv2d" (nn.Conv2d), "max_pool2d" (nn.MaxPool2d), "mse_loss" (nn.MSELoss), "cross_entropy"
+    (nn.CrossEntropyLoss) and "conv_relu_pool" (Conv2d → ReLU → MaxPool2d in an nn.Sequential
+    becomes one fastml.nn.ConvReLUPool2d; the ReLU's and pool's slots hold nn.Identity).
+
+    Parameters, buffers and hooks stay the same objects (an optimizer built before keeps
+    working), state_dict keys do not change, and only modules whose type is exactly the torch
+    class are replaced. Patching again replaces nothing new. ``fastml.unpatch`` undoes it.
+    """
+    _check_model(model, "patch")
+    selected = _parse_ops(ops)
+    report = PatchReport("patch")
+    _patch_tree(model, "", selected, report, set())
+    return report
+
+
+def _patch_tree(module, name, selected, report, seen) -> None:
+    if module in seen:  # a module registered in several places is patched (and reported) once
+        return
+    seen.add(module)
+    _patch_module(module, name, selected, report)
+    if _FUSION in selected and _chains_children(module):
+        seen.update(_fuse_runs(module, name, report))
+    for key, child in list(module._modules.items()):
+        if child is not None:
+            _patch_tree(child, _join(name, key), selected, report, seen)
+
+
+def _patch_module(module, name, selected, report) -> None:
+    cls = type(module)
+    if cls in _OP_OF_TORCH:
+        op = _OP_OF_TORCH[cls]
+        if op not in selected:
+            report.left.append(Left(name, _type_name(cls), f"op {op!r} not in ops"))
+            return
+        new = _ONE_FOR_ONE[op][1]
+        module.__class__ = new
+        setattr(module, _SWAPPED, True)
+        report.replaced.append(Replaced(name, _type_name(cls), _type_name(new)))
+    elif isinstance(module, _FASTML_MODULES):
+        if getattr(module, _SWAPPED, False):
+            reason = "already fastml (replaced by an earlier patch)"
+        elif hasattr(module, _FUSED_RUN):
+            reason = "already fastml (fused by an earlier patch)"
+        else:
+            reason = "already fastml (built so)"
+        report.left.append(Left(name, _type_name(cls), reason))
+    elif getattr(module, _PLACEHOLDER, False):
+        return  # a fused-away slot from an earlier patch: reported with its ConvReLUPool2d
+    elif isinstance(module, _COVERED_TORCH):
+        base = next(c for c in _COVERED_TORCH if isinstance(module, c))
+        report.left.append(Left(name, _type_name(cls), f"a subclass of {_type_name(base)}: only exact torch "
+                                                        "classes are replaced (a subclass may change forward)"))
+    elif not module._modules:  # containers are walked, not reported
+        report.left.append(Left(name, _type_name(cls), "no fastml module for this type"))
+
+
+def _fuse_runs(parent, name, report) -> list[torch.nn.Module]:
+    """Fuses every Conv2d → ReLU → MaxPool2d run among parent's children; returns the new modules."""
+    items = list(parent._modules.items())
+    created = []
+    i = 0
+    while i + 2 < len(items):
+        (conv_key, conv), (relu_key, relu), (pool_key, pool) = items[i:i + 3]
+        if not (_is_conv(conv) and type(relu) is torch.nn.ReLU and _is_pool(pool)):
+            i += 1
+            continue
+        keys = (conv_key, relu_key, pool_key)
+        names = tuple(_join(name, k) for k in keys)
+        run_type = _run_type(conv, relu, pool)
+        obstacles = _fusion_obstacles(conv, relu, pool)
+        if obstacles:
+            report.left.append(Left(", ".join(names), run_type, "not fused: " + "; ".join(obstacles)))
+            i += 1
+            continue
+        fused = _fuse(parent, keys, conv, relu, pool)
+        run = getattr(fused, _FUSED_RUN)
+        created += [fused, run.relu_slot, run.pool_slot]
+        report.fused.append(Fused(names, run_type, _type_name(type(fused))))
+        i += 3
+    return created
+
+
+def unpatch(model: torch.nn.Module) -> PatchReport:
+    """Undoes ``fastml.patch`` in place: every module it replaced is its torch class again (the
+    same object, same Parameters), and every fused run is the original Conv2d, ReLU and
+    MaxPool2d objects again, the conv holding the fused module's current Parameters. fastml
+    modules the user built are left. Returns a :class:`PatchReport` (``action="unpatch"``).
+    Hooks added to a fused module or its Identity slots after patching are dropped with them."""
+    _check_model(model, "unpatch")
+    report = PatchReport("unpatch")
+    _unpatch_tree(model, "", report, set())
+    return report
+
+
+def _unpatch_tree(module, name, report, seen) -> None:
+    if module in seen:
+        return
+    seen.add(module)
+    # Splitting first puts the original children back, so the walk below restores their classes
+    # too (a conv or pool that an earlier patch had swapped before fusing it).
+    _unfuse_runs(module, name, report)
+    _unpatch_module(module, name, report)
+    for key, child in list(module._modules.items()):
+        if child is not None:
+            _unpatch_tree(child, _join(name, key), report, seen)
+
+
+def _unfuse_runs(parent, name, report) -> None:
+    for conv_key, fused in list(parent._modules.items()):
+        run = getattr(fused, _FUSED_RUN, None) if isinstance(fused, fastml_nn.ConvReLUPool2d) else None
+        if run is None:
+            continue
+        if parent._modules.get(run.relu_key) is not run.relu_slot or \
+                parent._modules.get(run.pool_key) is not run.pool_slot:
+            continue  # moved away from its slots after patching: reported by _unpatch_module
+        # The fused module's current Parameters: whatever replaced them since (model.to() may
+        # build new ones) is what the conv must hold.
+        _share_state(fused, run.conv)
+        run.relu.training = run.relu_slot.training
+        run.pool.training = run.pool_slot.training
+        parent._modules[conv_key] = run.conv
+        parent._modules[run.relu_key] = run.relu
+        parent._modules[run.pool_key] = run.pool
+        names = tuple(_join(name, k) for k in (conv_key, run.relu_key, run.pool_key))
+        restored = _run_type(run.conv, run.relu, run.pool)
+        report.fused.append(Fused(names, _type_name(type(fused)), restored))
+
+
+def _unpatch_module(module, name, report) -> None:
+    cls = type(module)
+    if cls in _TORCH_OF_FASTML and getattr(module, _SWAPPED, False):
+        old = _TORCH_OF_FASTML[cls]
+        module.__class__ = old
+        delattr(module, _SWAPPED)
+        report.replaced.append(Replaced(name, _type_name(cls), _type_name(old)))
+    elif isinstance(module, _FASTML_MODULES):
+        if hasattr(module, _FUSED_RUN):
+            reason = "fused by patch, but no longer beside the Identity slots of its ReLU and MaxPool2d"
+        else:
+            reason = "built as a fastml module, not by fastml.patch"
+        report.left.append(Left(name, _type_name(cls), reason))
