@@ -9,16 +9,30 @@ Inputs are numpy arrays (or lists) or torch tensors, on the CPU or a GPU; result
 query's kind, on its device. The training data keep their floating dtype (float32 or float64;
 other dtypes become float64), and queries are computed in it. ``algorithm``, ``leaf_size`` and
 ``n_jobs`` are accepted for compatibility: the search is always brute force on the kernels.
+
+With ``process_group`` (a torch.distributed process group, e.g. ``torch.distributed.group.WORLD``
+after ``init_process_group``), the training set is split across the group's ranks: each rank
+``fit``s its own shard (of any size, an empty one as an (0, n_features) array, y of the other
+shards' shape past the first dimension), and the estimator answers as one fitted on the
+concatenation of the shards in rank order, ties included: training indices refer to that
+concatenation, ``n_samples_fit_`` counts it, ``classes_`` is the union of the shards' labels.
+``shard_sizes_`` and ``shard_offset_`` tell where each shard lies in it. Every rank must make the
+same calls with the same queries and gets the same answers: each rank finds its shard's k best
+for every query, the ranks exchange them (k distances, indices and targets per query and rank;
+collectives on the training data's device, so gloo for CPU tensors, nccl for CUDA ones) and
+merge them. A call that fails on one rank raises on all of them, so none waits in a collective.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import numbers
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from fastml import functional
 
@@ -63,12 +77,12 @@ def _check_finite(name: str, X: torch.Tensor) -> None:
         raise ValueError(f"Input {name} contains {what}.")
 
 
-def _check_2d(name: str, X: torch.Tensor, estimator: str) -> None:
+def _check_2d(name: str, X: torch.Tensor, estimator: str, min_samples: int = 1) -> None:
     if X.dim() != 2:
         raise ValueError(f"Expected a 2D array for {name}, got {X.dim()}D array of shape {tuple(X.shape)} instead: "
                          "reshape your data with X.reshape(-1, 1) for a single feature or X.reshape(1, -1) "
                          "for a single sample.")
-    if X.shape[0] == 0:
+    if X.shape[0] < min_samples:
         raise ValueError(f"Found array with 0 sample(s) (shape={tuple(X.shape)}) while a minimum of 1 is "
                          f"required by {estimator}.")
     if X.shape[1] == 0:
@@ -81,11 +95,56 @@ def _back(t: torch.Tensor, device: torch.device | None):
     return t.to(device) if device is not None else t.cpu().numpy()
 
 
+def _checked_group(group):
+    """``group`` (a process_group parameter) if it can be used here, None for None."""
+    if group is None:
+        return None
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("process_group is set but torch.distributed is not initialized: call "
+                           "torch.distributed.init_process_group(...) on every rank first (or leave "
+                           "process_group=None for one process holding the whole reference set)")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup (e.g. "
+                        f"torch.distributed.group.WORLD) or None, got {type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError("this process is not a member of process_group")
+    return group
+
+
+def _all_gather_object(group, obj) -> list:
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
+def _all_gather(group, t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``t`` (of one shape on all ranks), in rank order."""
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, t.contiguous(), group=group)
+    return gathered
+
+
+def _agree(group, error: Exception | None, what: str, call: tuple[int, ...]) -> torch.Tensor:
+    """Every rank's ``call`` (integers, as many on every rank) as a (world size, len(call))
+    tensor, after raising on every rank of ``group`` if any rank met an error (its own error on
+    that rank): no rank may go on to a collective that the others never join, which would hang
+    until the group's timeout."""
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    mine = torch.tensor([error is not None, *call], dtype=torch.int64, device=device)
+    gathered = torch.stack(_all_gather(group, mine)).cpu()
+    if error is not None:
+        raise error
+    failed = gathered[:, 0].nonzero().flatten().tolist()
+    if failed:
+        raise RuntimeError(f"{what} failed on rank {failed[0]} of the process group (see that rank's error)")
+    return gathered[:, 1:]
+
+
 class _KNeighborsBase:
     _estimator_type = None
 
     def __init__(self, n_neighbors=5, *, weights="uniform", algorithm="auto", leaf_size=30, p=2,
-                 metric="minkowski", metric_params=None, n_jobs=None):
+                 metric="minkowski", metric_params=None, n_jobs=None, process_group=None):
         self.n_neighbors = n_neighbors
         self.weights = weights
         self.algorithm = algorithm
@@ -94,6 +153,7 @@ class _KNeighborsBase:
         self.metric = metric
         self.metric_params = metric_params
         self.n_jobs = n_jobs
+        self.process_group = process_group
 
     # ------------------------------------------------------------ scikit-learn's parameter API
 
@@ -118,6 +178,14 @@ class _KNeighborsBase:
         changed = [f"{name}={value!r}" for name, value in self.get_params().items()
                    if not (value is defaults.get(name) or value == defaults.get(name))]
         return f"{type(self).__name__}({', '.join(changed)})"
+
+    def __sklearn_clone__(self):
+        """scikit-learn's ``clone``: an unfitted estimator with deep copies of the parameters,
+        except process_group, which the copy shares (a handle on the ranks' communicator cannot
+        be copied, and the copy is meant to run on the same ranks)."""
+        params = {name: value if name == "process_group" else copy.deepcopy(value)
+                  for name, value in self.get_params().items()}
+        return type(self)(**params)
 
     # ------------------------------------------------------------------------- checks
 
@@ -145,17 +213,6 @@ class _KNeighborsBase:
             raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with "
                                  "appropriate arguments before using this estimator.")
 
-    def _fit_data(self, X) -> None:
-        self._check_params()
-        X, _ = _to_tensor("X", X)
-        _check_2d("X", X, type(self).__name__)
-        _check_finite("X", X)
-        self._fit_X = X
-        self.n_features_in_ = X.shape[1]
-        self.n_samples_fit_ = X.shape[0]
-        self.effective_metric_ = "minkowski" if self.metric == "minkowski" else self.metric
-        self.effective_metric_params_ = dict(self.metric_params or {})
-
     def _queries(self, X) -> tuple[torch.Tensor, torch.device | None]:
         Xq, device = _to_tensor("X", X, device=self._fit_X.device, dtype=self._fit_X.dtype)
         _check_2d("X", Xq, type(self).__name__)
@@ -165,40 +222,196 @@ class _KNeighborsBase:
         _check_finite("X", Xq)
         return Xq, device
 
+    # ------------------------------------------------------------------------------ fit
+
+    def fit(self, X, y):
+        """Remembers the training points X (n_samples, n_features) and their targets y
+        (n_samples, ...); returns self. With a process_group: this rank's shard of them, of any
+        size (0 included, as an (0, n_features) array), every rank calling fit."""
+        group = _checked_group(self.process_group)
+        if group is None:
+            X, y = self._checked_shard(X, y, min_samples=1)
+            self._set_fit(X, y, [self._describe(X, y)], 0, None)
+            return self
+        error = None
+        try:
+            X, y = self._checked_shard(X, y, min_samples=0)
+            shard = self._describe(X, y)
+        except Exception as exc:  # raised below, once every rank knows: none must wait for the others
+            error, shard = exc, f"{type(exc).__name__}: {exc}"
+        shards = _all_gather_object(group, shard)
+        if error is not None:
+            raise error
+        for rank, shard in enumerate(shards):
+            if isinstance(shard, str):
+                raise RuntimeError(f"fit failed on rank {rank} of the process group: {shard}")
+        self._set_fit(X, y, shards, dist.get_rank(group), group)
+        return self
+
+    def _checked_shard(self, X, y, min_samples: int):
+        """(X as a tensor, y as the estimator keeps it), both checked; X of at least min_samples rows."""
+        raise NotImplementedError
+
+    def _checked_X(self, X, min_samples: int) -> torch.Tensor:
+        self._check_params()
+        X, _ = _to_tensor("X", X)
+        _check_2d("X", X, type(self).__name__, min_samples)
+        _check_finite("X", X)
+        return X
+
+    def _describe(self, X, y) -> dict:
+        """What the other ranks need to know of this rank's shard."""
+        return {"n_samples": X.shape[0], "n_features": X.shape[1], "dtype": X.dtype}
+
+    def _set_fit(self, X, y, shards: list[dict], rank: int, group) -> None:
+        """Takes this rank's checked shard, knowing every rank's (in rank order; one without a
+        group). The checks here see the same shards on every rank, so all raise alike."""
+        name = type(self).__name__
+        self._check_targets(shards)
+        sizes = [shard["n_samples"] for shard in shards]
+        for r, shard in enumerate(shards):
+            if shard["n_features"] != shards[0]["n_features"]:
+                raise ValueError(f"X has {shard['n_features']} features on rank {r} of the process group but "
+                                 f"{shards[0]['n_features']} on rank 0")
+        if sum(sizes) == 0:
+            raise ValueError(f"Found array with 0 sample(s) (shape={(0, X.shape[1])}) while a minimum of 1 is "
+                             f"required by {name}.")
+        dtypes = {shard["dtype"] for shard in shards if shard["n_samples"]}
+        if len(dtypes) > 1:
+            raise ValueError(f"X must have one dtype on every rank of the process group, got "
+                             f"{[shard['dtype'] for shard in shards]} (rank order)")
+        self._fit_X = X.to(dtypes.pop())  # an empty shard takes the others' dtype
+        self._group = group
+        self.shard_sizes_ = sizes
+        self.shard_offset_ = sum(sizes[:rank])
+        self.n_features_in_ = X.shape[1]
+        self.n_samples_fit_ = sum(sizes)
+        self.effective_metric_ = "minkowski" if self.metric == "minkowski" else self.metric
+        self.effective_metric_params_ = dict(self.metric_params or {})
+        self._set_targets(y, shards)
+
+    def _check_targets(self, shards: list[dict]) -> None:
+        """Whether the ranks' targets can make one training set (raises if not)."""
+
+    def _set_targets(self, y, shards: list[dict]) -> None:
+        raise NotImplementedError
+
     # ------------------------------------------------------------------------ neighbours
 
-    def _neighbours(self, X, n_neighbors):
-        """(distances, indices, device of a torch query or None): as ``kneighbors``, in tensors."""
+    def _neighbours(self, X, n_neighbors, with_targets: bool = False):
+        """(distances, indices, targets or None, device of a torch query or None): as
+        ``kneighbors``, in tensors, plus the neighbours' targets (n_queries, k, ...) if asked."""
         self._check_fitted()
+        group = self._group
+        if group is None:
+            return self._neighbours_here(X, n_neighbors, with_targets)
+        _checked_group(group)
+        error, call = None, (0, 0, 0)
+        try:  # the same call on every rank: a bad one fails everywhere, unless the ranks' calls differ
+            k, Xq, device, self_query = self._search(X, n_neighbors)
+            call = (self_query, Xq.shape[0] if not self_query else self.n_samples_fit_, k)
+        except Exception as exc:
+            error = exc
+        calls = _agree(group, error, "kneighbors", call)
+        if not bool((calls == calls[0]).all()):
+            raise ValueError(f"every rank of the process group must ask for the neighbours of the same queries: "
+                             f"got (without X, n_queries, n_neighbors) = {calls.tolist()} in rank order")
+        if self_query:
+            Xq = self._all_shards()
+        distances, indices, targets = self._merged_neighbours(Xq, k + self_query, with_targets)
+        if self_query:
+            distances, indices, targets = self._leave_self_out(distances, indices, targets, k)
+        return distances, indices, targets, device
+
+    def _search(self, X, n_neighbors):
+        """(k, queries, device of a torch query or None, whether the queries are the training
+        points), checked: an X of None asks for every training point's neighbours but itself."""
         k = self.n_neighbors if n_neighbors is None else n_neighbors
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0:
             raise ValueError(f"Expected n_neighbors > 0. Got {k!r}")
         k = int(k)
         self_query = X is None
         if self_query:
-            Xq, device = self._fit_X, None
-            k_search = k + 1  # each training point finds itself too, which is then left out
+            Xq, device, n_queries = self._fit_X, None, self.n_samples_fit_
         else:
             Xq, device = self._queries(X)
-            k_search = k
+            n_queries = Xq.shape[0]
+        k_search = k + self_query  # each training point finds itself too, which is then left out
         if k_search > self.n_samples_fit_:
             raise ValueError(f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {k_search}, "
-                             f"n_samples_fit = {self.n_samples_fit_}, n_samples = {Xq.shape[0]}")
-        distances, indices = functional.knn(Xq, self._fit_X, k_search, self._norm())
+                             f"n_samples_fit = {self.n_samples_fit_}, n_samples = {n_queries}")
+        return k, Xq, device, self_query
+
+    def _neighbours_here(self, X, n_neighbors, with_targets):
+        """_neighbours for one process holding the whole reference set."""
+        k, Xq, device, self_query = self._search(X, n_neighbors)
+        distances, indices = functional.knn(Xq, self._fit_X, k + self_query, self._norm())
+        targets = self._y[indices] if with_targets else None
         if self_query:
-            # As scikit-learn: drop the point itself; where duplicates hide it, drop the first.
-            rows = torch.arange(Xq.shape[0], device=indices.device)
-            keep = indices != rows[:, None]
-            keep[keep.all(dim=1), 0] = False
-            distances = distances[keep].reshape(-1, k)
-            indices = indices[keep].reshape(-1, k)
-        return distances, indices, device
+            distances, indices, targets = self._leave_self_out(distances, indices, targets, k)
+        return distances, indices, targets, device
+
+    @staticmethod
+    def _leave_self_out(distances, indices, targets, k):
+        """As scikit-learn: each training point's k + 1 neighbours without the point itself; where
+        duplicates hide it, without the first."""
+        rows = torch.arange(indices.shape[0], device=indices.device)
+        keep = indices != rows[:, None]
+        keep[keep.all(dim=1), 0] = False
+        distances = distances[keep].reshape(-1, k)
+        indices = indices[keep].reshape(-1, k)
+        if targets is not None:
+            targets = targets[keep].reshape(-1, k, *targets.shape[2:])
+        return distances, indices, targets
+
+    def _all_shards(self) -> torch.Tensor:
+        """Every rank's training points, concatenated in rank order (the queries of a distributed
+        kneighbors without X)."""
+        largest = max(self.shard_sizes_)
+        padded = self._fit_X.new_zeros((largest, self.n_features_in_))
+        padded[:self._fit_X.shape[0]] = self._fit_X
+        shards = _all_gather(self._group, padded)
+        return torch.cat([shard[:size] for shard, size in zip(shards, self.shard_sizes_)])
+
+    def _merged_neighbours(self, Xq, k, with_targets):
+        """The k nearest training points of every rank's shard to the queries Xq (the same on
+        every rank): this shard's k best, exchanged and merged. (distances, global indices,
+        targets or None)."""
+        group, n_queries = self._group, Xq.shape[0]
+        local_k = min(k, self._fit_X.shape[0])
+        # A shard with fewer than k points pads its list: distance inf and an index past every
+        # training point, so a pad comes after any real neighbour, one at distance inf included.
+        distances = Xq.new_full((n_queries, k), math.inf)
+        indices = torch.full((n_queries, k), self.n_samples_fit_, dtype=torch.int64, device=Xq.device)
+        targets = self._y.new_zeros((n_queries, k, *self._y.shape[1:])) if with_targets else None
+        if local_k:
+            d, j = functional.knn(Xq, self._fit_X, local_k, self._norm())
+            distances[:, :local_k] = d
+            indices[:, :local_k] = j + self.shard_offset_
+            if with_targets:
+                targets[:, :local_k] = self._y[j]
+        distances = torch.cat(_all_gather(group, distances), dim=1)
+        indices = torch.cat(_all_gather(group, indices), dim=1)
+        # One process's order: (distance, index) ascending, NaN last. Sorted by index first, a
+        # stable sort by distance keeps the index order among equal distances.
+        by_index = torch.argsort(indices, dim=1)
+        by_distance = torch.sort(distances.gather(1, by_index), dim=1, stable=True).indices[:, :k]
+        order = by_index.gather(1, by_distance)
+        distances, indices = distances.gather(1, order), indices.gather(1, order)
+        if with_targets:
+            targets = torch.cat(_all_gather(group, targets), dim=1)
+            targets = targets[torch.arange(n_queries, device=Xq.device)[:, None], order]
+        return distances, indices, targets
 
     def kneighbors(self, X=None, n_neighbors=None, return_distance=True):
         """The n_neighbors (default: the estimator's) nearest training points of each row of X
         (default: of each training point, leaving the point itself out): (distances, indices),
-        both (n_queries, n_neighbors), ascending; or only the indices."""
-        distances, indices, device = self._neighbours(X, n_neighbors)
+        both (n_queries, n_neighbors), ascending; or only the indices.
+
+        With a process_group, every rank passes the same X and gets the same answer, indices
+        into the concatenation of the shards; without X, the queries are all the ranks' training
+        points (gathered on every rank), in that order."""
+        distances, indices, _, device = self._neighbours(X, n_neighbors)
         if return_distance:
             return _back(distances, device), _back(indices, device)
         return _back(indices, device)
@@ -228,31 +441,50 @@ class KNeighborsClassifier(_KNeighborsBase):
 
     >>> clf = fastml.neighbors.KNeighborsClassifier(n_neighbors=3).fit(X, y)
     >>> clf.predict(X_new), clf.predict_proba(X_new), clf.kneighbors(X_new)
+
+    With a process_group, each rank fits its shard (X_rank, y_rank); ``classes_`` is the union
+    of every shard's labels, sorted, on every rank.
     """
 
     _estimator_type = "classifier"
 
     def fit(self, X, y):
         """Remembers the training points X (n_samples, n_features) and their labels y
-        (n_samples,), of any values; returns self."""
-        self._fit_data(X)
+        (n_samples,), of any values; returns self. With a process_group: this rank's shard of
+        them, every rank calling fit."""
+        return super().fit(X, y)
+
+    def _checked_shard(self, X, y, min_samples):
+        """(X, (the shard's classes, sorted, and each label's position among them))."""
+        X = self._checked_X(X, min_samples)
         labels = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels.ravel()
         if labels.ndim != 1:
             raise ValueError(f"y must be 1-D (one label per sample), got shape {labels.shape}")
-        if labels.shape[0] != self.n_samples_fit_:
+        if labels.shape[0] != X.shape[0]:
             raise ValueError(f"Found input variables with inconsistent numbers of samples: "
-                             f"[{self.n_samples_fit_}, {labels.shape[0]}]")
-        self.classes_, codes = np.unique(labels, return_inverse=True)
+                             f"[{X.shape[0]}, {labels.shape[0]}]")
+        return X, np.unique(labels, return_inverse=True)
+
+    def _describe(self, X, labels) -> dict:
+        return {**super()._describe(X, labels), "classes": labels[0]}
+
+    def _set_targets(self, labels, shards) -> None:
+        classes, codes = labels
+        if len(shards) == 1:
+            self.classes_ = classes
+        else:
+            # An empty shard's labels (numpy's default dtype for []) take no part in the union's dtype.
+            self.classes_ = np.unique(np.concatenate([shard["classes"] for shard in shards if shard["n_samples"]]))
+            if len(codes):
+                codes = np.searchsorted(self.classes_, classes)[codes]
         self.outputs_2d_ = False
-        self._y = torch.from_numpy(codes.astype(np.int64)).to(self._fit_X.device)
-        return self
+        self._y = torch.from_numpy(np.asarray(codes, dtype=np.int64)).to(self._fit_X.device)
 
     def _proba(self, X):
-        distances, indices, device = self._neighbours(X, None)
+        distances, indices, labels, device = self._neighbours(X, None, with_targets=True)
         weights = self._weights(distances, device)
-        labels = self._y[indices]
         votes = torch.ones_like(distances) if weights is None else weights
         proba = torch.zeros((indices.shape[0], len(self.classes_)), dtype=distances.dtype, device=distances.device)
         proba.scatter_add_(1, labels, votes)
@@ -290,21 +522,36 @@ class KNeighborsRegressor(_KNeighborsBase):
 
     def fit(self, X, y):
         """Remembers the training points X (n_samples, n_features) and targets y (n_samples,) or
-        (n_samples, n_outputs); returns self."""
-        self._fit_data(X)
-        targets, _ = _to_tensor("y", y, device=self._fit_X.device)
-        if targets.dim() not in (1, 2) or targets.shape[0] != self.n_samples_fit_:
+        (n_samples, n_outputs); returns self. With a process_group: this rank's shard of them,
+        every rank calling fit, with y of the same number of dimensions and outputs on every
+        rank."""
+        return super().fit(X, y)
+
+    def _checked_shard(self, X, y, min_samples):
+        X = self._checked_X(X, min_samples)
+        targets, _ = _to_tensor("y", y, device=X.device)
+        if targets.dim() not in (1, 2) or targets.shape[0] != X.shape[0]:
             raise ValueError(f"y must be (n_samples,) or (n_samples, n_outputs) with n_samples = "
-                             f"{self.n_samples_fit_}, got shape {tuple(targets.shape)}")
+                             f"{X.shape[0]}, got shape {tuple(targets.shape)}")
+        return X, targets
+
+    def _describe(self, X, targets) -> dict:
+        return {**super()._describe(X, targets), "outputs": tuple(targets.shape[1:])}
+
+    def _check_targets(self, shards) -> None:
+        outputs = [shard["outputs"] for shard in shards]
+        if len(set(outputs)) > 1:
+            raise ValueError(f"y must have the same shape past its first dimension on every rank of the "
+                             f"process group, got {outputs} (rank order)")
+
+    def _set_targets(self, targets, shards) -> None:
         self._y = targets.to(self._fit_X.dtype)
-        return self
 
     def predict(self, X):
         """The (weighted) mean target of each query's neighbours: (n_queries,) or
         (n_queries, n_outputs), as y."""
-        distances, indices, device = self._neighbours(X, None)
-        weights = self._weights(distances, device)
-        targets = self._y[indices]  # (n_queries, k) or (n_queries, k, n_outputs)
+        distances, _, targets, device = self._neighbours(X, None, with_targets=True)
+        weights = self._weights(distances, device)  # targets: (n_queries, k) or (n_queries, k, n_outputs)
         if weights is None:
             prediction = targets.mean(dim=1)
         else:
