@@ -4,7 +4,7 @@ deep-learning course, as drop-ins for the PyTorch modules people already use.
 Importing fastml changes nothing global: swap layers yourself (``fastml.nn.Linear``, ...).
 """
 
-from fastml import data, functional, linear_model, neighbors, nn, optim
+from fastml import _library, data, functional, linear_model, neighbors, nn, optim  # noqa: F401  (_library: registers fastml::*)
 from fastml._backend import BackendUnavailableError, use_backend
 from fastml._info import info
 
