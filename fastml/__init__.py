@@ -5,7 +5,7 @@ Importing fastml changes nothing global: swap layers yourself (``fastml.nn.Linea
 ``fastml.patch(model)``.
 """
 
-from fastml import data, functional, linear_model, neighbors, nn, optim
+from fastml import _library, data, functional, linear_model, neighbors, nn, optim  # noqa: F401  (_library: registers fastml::*)
 from fastml._backend import BackendUnavailableError, use_backend
 from fastml._info import info
 from fastml._patch import PatchReport, patch, unpatch

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch.nn import _reduction
 from torch.overrides import has_torch_function
 
+from fastml.ops import LIBRARY, forward_ad_active, in_custom_op_graph, is_compiling
 from fastml.ops import cdist as _cdist_op
 from fastml.ops import conv2d as _conv2d_op
 from fastml.ops import conv2d_relu_max_pool2d as _fused_op
 from fastml.ops import cross_entropy as _cross_entropy_op
-from fastml.ops import forward_ad_active, is_compiling
 from fastml.ops import knn as _knn_op
 from fastml.ops import linear as _linear_op
 from fastml.ops import linear_cross_entropy as _linear_cross_entropy_op
@@ -112,8 +112,28 @@ except TypeError:
 def _defer_to_torch(*args) -> bool:
     """Whether torch's own op must run, before any check of ours: arguments that carry
     __torch_function__ (torch.fx proxies, tensor subclasses) or a tracer that records torch ops
-    (torch.jit.trace; torch.compile / torch.export's dynamo), which cannot see a kernel call."""
-    return has_torch_function(args) or torch.jit.is_tracing() or is_compiling()
+    (torch.jit.trace; torch.compile / torch.export on a torch without custom ops), which cannot
+    see a kernel call. torch.compile and torch.export on torch >= 2.4 trace the checks below and
+    record the kernels as fastml::<op> custom ops."""
+    if is_compiling():
+        # torch.export's non-strict tracing holds a torch-function mode, which makes
+        # has_torch_function true for any argument: only the arguments' own types count here.
+        return not LIBRARY or _overrides_torch_function(args)
+    return has_torch_function(args) or torch.jit.is_tracing()
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _overrides_torch_function(args) -> bool:
+    """Whether an argument's type has its own __torch_function__ (the fake and functional
+    tensors of tracing disable theirs)."""
+    for a in args:
+        if (a is not None and type(a) not in _PLAIN_TENSORS
+                and getattr(type(a), "__torch_function__", torch._C._disabled_torch_function_impl)
+                is not torch._C._disabled_torch_function_impl):
+            return True
+    return False
 
 
 def _kernels_can_run(*tensors: torch.Tensor | None) -> bool:
@@ -216,6 +236,8 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduc
         # also gives torch's warnings and errors.
         return F.mse_loss(input, target, reduction=reduction, weight=weight)
     if target.size() != input.size():
+        if in_custom_op_graph():  # torch's op warns inside the graph; warnings.warn would break it
+            return F.mse_loss(input, target, reduction=reduction)
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
             "This will likely lead to incorrect results due to broadcasting. Please ensure they have the same size.",

@@ -14,7 +14,8 @@ runs its own single-launch kernels either way. What the kernels do not cover run
 implementation for that group, so a step is never wrong where torch's is right: sparse
 gradients, ``differentiable=True``, ``capturable=True``, gradient scaling by torch.amp (an
 optimizer given ``grad_scale`` / ``found_inf``), hyperparameters that require grad, and
-torch.compile tracing.
+torch.compile tracing on torch < 2.4 (later, a traced step calls fastml::sgd_step /
+fastml::adam_step, the same kernels as a custom op).
 
 ``sgd_(params, lr, batch_size)`` is the course's hand-written ``sgd`` step, fused.
 """
@@ -30,8 +31,8 @@ from torch.optim import adam as torch_adam
 from torch.optim import adamw as torch_adamw
 from torch.optim import sgd as torch_sgd
 
+from fastml.ops import LIBRARY, is_compiling
 from fastml.ops import adam as adam_op
-from fastml.ops import is_compiling
 from fastml.ops import sgd as sgd_op
 
 __all__ = ["SGD", "Adam", "AdamW", "sgd_"]
@@ -81,11 +82,16 @@ class _KernelStep:
 
     def _runs_in_torch(self, group, *hyperparameters) -> bool:
         """Whether a group's step must run torch's own implementation (see the module docstring)."""
+        if is_compiling():
+            # Traced into a graph, the step is fastml's custom op where torch has them. Dynamo
+            # shows every group with capturable=True while it traces an optimizer, so that flag
+            # says nothing here; the op counts steps on any device.
+            return bool(not LIBRARY or group.get("differentiable") or getattr(self, "grad_scale", None) is not None
+                        or getattr(self, "found_inf", None) is not None or _requires_grad(*hyperparameters))
         return bool(group.get("differentiable") or group.get("capturable")
                     or getattr(self, "grad_scale", None) is not None
                     or getattr(self, "found_inf", None) is not None
-                    or _requires_grad(*hyperparameters)
-                    or is_compiling())
+                    or _requires_grad(*hyperparameters))
 
 
 class SGD(_KernelStep, torch.optim.SGD):
@@ -136,20 +142,21 @@ class SGD(_KernelStep, torch.optim.SGD):
 _ADAM_DECOUPLES = "decoupled_weight_decay" in inspect.signature(torch_adam.adam).parameters
 
 
-@functools.cache
-def _init_group_takes_amsgrad(cls) -> bool:
-    """Whether ``cls._init_group`` takes amsgrad (torch's AdamW before it became an Adam)."""
-    return "amsgrad" in inspect.signature(cls._init_group).parameters
-
-
 class _AdamStep(_KernelStep):
     """The group step of Adam and AdamW, which differ only in how weight decay is applied."""
 
     _decoupled = False
+    _init_group_takes_amsgrad = False  # torch's AdamW before it became an Adam: set per class below
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # A class attribute rather than a cached function: dynamo reads it as a constant while it
+        # traces a step, where it would trace through the cache and warn.
+        cls._init_group_takes_amsgrad = "amsgrad" in inspect.signature(cls._init_group).parameters
 
     def _group_step(self, group, zero_grad):
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
-        if _init_group_takes_amsgrad(type(self)):
+        if self._init_group_takes_amsgrad:
             has_complex = self._init_group(group, params, grads, group["amsgrad"], exp_avgs, exp_avg_sqs,
                                            max_exp_avg_sqs, steps)
         else:

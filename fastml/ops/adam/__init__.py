@@ -13,6 +13,7 @@ import torch
 
 from fastml import _backend
 from fastml._multi_tensor import each_launch, pick
+from fastml.ops import in_custom_op_graph
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -53,6 +54,19 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
               weight_decay, decoupled, amsgrad, maximize, zero_grad=False):
     """One torch.optim.Adam step over lists of any devices and dtypes, in place: state_steps are
     the per-tensor step-count tensors (incremented here); the rest as reference.adam_step."""
+    if in_custom_op_graph():
+        torch.ops.fastml.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
+                                   eps, weight_decay, decoupled, amsgrad, maximize, zero_grad)
+    else:
+        launch_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
+                         beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad,
+                         maximize=maximize, zero_grad=zero_grad)
+
+
+def launch_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
+                     weight_decay, decoupled, amsgrad, maximize, zero_grad):
+    """adam_step's step counting and kernel launches (also fastml::adam_step's implementation:
+    the counts are read back from the step tensors, which a traced graph cannot do)."""
     step_sizes, bias2_sqrts = bias_corrections(count_steps(state_steps), lr, beta1, beta2)
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     for backend, rows, cols in each_launch(lists, (True, zero_grad, True, True, True), IMPLEMENTED):

@@ -13,7 +13,7 @@ import math
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_in_torch_ops, tracks_gradients
+from fastml.ops import backward_in_torch_ops, in_custom_op_graph, tracks_gradients
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 KERNEL_NORMS = (2.0, 1.0, math.inf)
@@ -47,12 +47,18 @@ class CdistFunction(torch.autograd.Function):
                 wanted = [t for t, need in ((a, need_x1), (b, need_x2)) if need]
                 grads = iter(torch.autograd.grad(dist, wanted, grad, create_graph=True))
             return (next(grads) if need_x1 else None), (next(grads) if need_x2 else None), None, None
-        grad = grad.contiguous()
-        cdist_backward = torch.ops.aten._cdist_backward
-        grad_x1 = cdist_backward(grad, x1, x2, ctx.p, out) if need_x1 else None
-        grad_x2 = (cdist_backward(grad.transpose(1, 2).contiguous(), x2, x1, ctx.p, out.transpose(1, 2).contiguous())
-                   if need_x2 else None)
-        return grad_x1, grad_x2, None, None
+        return (*distance_gradients(grad, x1, x2, ctx.p, out, need_x1, need_x2), None, None)
+
+
+def distance_gradients(grad, x1, x2, p, out, need_x1: bool, need_x2: bool):
+    """(grad_x1, grad_x2) of out = cdist(x1, x2, p), None where not asked for, by torch's own
+    cdist backward (which also torch.compile traces)."""
+    grad, x1, x2 = grad.contiguous(), x1.contiguous(), x2.contiguous()  # as _cdist_backward requires
+    cdist_backward = torch.ops.aten._cdist_backward
+    grad_x1 = cdist_backward(grad, x1, x2, p, out) if need_x1 else None
+    grad_x2 = (cdist_backward(grad.transpose(1, 2).contiguous(), x2, x1, p, out.transpose(1, 2).contiguous())
+               if need_x2 else None)
+    return grad_x1, grad_x2
 
 
 def _reference_forward(x1, x2, p):
@@ -62,6 +68,8 @@ def _reference_forward(x1, x2, p):
 def cdist(x1, x2, p):
     """Distances between contiguous x1 (B, P, M) and x2 (B, R, M) of one dtype and device, p in
     KERNEL_NORMS, on the selected backend."""
+    if in_custom_op_graph():
+        return torch.ops.fastml.cdist(x1, x2, p)
     backend = _backend.select(x1, IMPLEMENTED)
     if tracks_gradients(x1, x2):
         return CdistFunction.apply(x1, x2, p, backend)

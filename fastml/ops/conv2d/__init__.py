@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_backend, tracks_gradients
+from fastml.ops import backward_backend, in_custom_op_graph, tracks_gradients
 from fastml.ops.conv2d.reference import output_size  # noqa: F401  (part of the op's interface)
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -38,6 +38,8 @@ class Conv2dFunction(torch.autograd.Function):
 def conv2d(x, weight, bias, stride, padding, dilation, groups):
     """The convolution of contiguous x (N, C, H, W) with weight (K, C / groups, R, S) on the
     selected backend; arguments as in reference.forward."""
+    if in_custom_op_graph():
+        return torch.ops.fastml.conv2d(x, weight, bias, stride, padding, dilation, groups)
     backend = _backend.select(x, IMPLEMENTED)
     if tracks_gradients(x, weight, bias):
         return Conv2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, backend)

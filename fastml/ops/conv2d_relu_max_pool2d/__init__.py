@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_backend, tracks_gradients
+from fastml.ops import backward_backend, in_custom_op_graph, tracks_gradients
 from fastml.ops.conv2d_relu_max_pool2d.reference import pooled_size  # noqa: F401  (part of the interface)
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -42,6 +42,9 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
 def conv2d_relu_max_pool2d(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
     """max_pool2d(relu(conv2d(x, weight, bias))) for contiguous x (N, C, H, W) on the selected
     backend; arguments as in reference.forward."""
+    if in_custom_op_graph():
+        return torch.ops.fastml.conv2d_relu_max_pool2d(x, weight, bias, stride, padding, dilation, groups, pool_kernel,
+                                                       pool_stride)[0]
     backend = _backend.select(x, IMPLEMENTED)
     if tracks_gradients(x, weight, bias):
         return Conv2dReLUMaxPool2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, pool_kernel,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_in_torch_ops, tracks_gradients
+from fastml.ops import backward_in_torch_ops, in_custom_op_graph, needs_grad, tracks_gradients
 from fastml.ops.cross_entropy.reference import coefficients, scaled_gradient
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -88,19 +88,37 @@ class CrossEntropyFunction(torch.autograd.Function):
         if need_logits and backward_in_torch_ops(grad_output):
             grad_logits = gradient_in_torch_ops(logits, target, class_weight, ignore_index, label_smoothing, per_row)
         elif need_logits and reduction == "none":
-            grad_logits = torch.empty_like(logits)
-            impl(backend).rows(logits, target, class_weight, ignore_index, label_smoothing,
-                               grad_output.contiguous().to(accumulation_dtype(logits.dtype)), None, grad_logits)
+            grad_logits = row_gradients(impl(backend), logits, target, class_weight, ignore_index, label_smoothing,
+                                        grad_output)
         elif need_logits:
             grad_logits = grad * grad_output
-        if need_target:  # probabilities: dℓ/dp = -(1 - ε) · w · log softmax(z)
-            w = 1.0 if class_weight is None else class_weight
-            grad_target = -(1.0 - label_smoothing) * w * torch.log_softmax(logits, 1) * per_row
+        if need_target:
+            grad_target = target_gradient(logits, class_weight, label_smoothing, per_row)
         return grad_logits, grad_target, None, None, None, None, None
+
+
+def row_gradients(kernels, logits, target, class_weight, ignore_index, label_smoothing, grad_output):
+    """The logits' gradient of Σ_i grad_output[i] · ℓ_i (the "none" reduction's backward), from
+    the backend's row kernel with grad_output (M,) as the per-row scale."""
+    grad_logits = torch.empty_like(logits)
+    kernels.rows(logits, target, class_weight, ignore_index, label_smoothing,
+                 grad_output.contiguous().to(accumulation_dtype(logits.dtype)), None, grad_logits)
+    return grad_logits
+
+
+def target_gradient(logits, class_weight, label_smoothing, per_row):
+    """The gradient of probability targets, dℓ/dp = -(1 - ε) · w · log softmax(z), times per_row
+    (M, 1) or a scalar: in torch ops."""
+    w = 1.0 if class_weight is None else class_weight
+    return -(1.0 - label_smoothing) * w * torch.log_softmax(logits, 1) * per_row
 
 
 def cross_entropy(logits, target, class_weight, ignore_index, label_smoothing, reduction):
     """The loss for contiguous logits (M, C) and target on the selected backend."""
+    if in_custom_op_graph():
+        want_grad = needs_grad(logits)[0] and reduction != "none"
+        return torch.ops.fastml.cross_entropy(logits, target, class_weight, ignore_index, label_smoothing, reduction,
+                                              want_grad)[0]
     backend = _backend.select(logits, IMPLEMENTED)
     if tracks_gradients(logits, target):
         return CrossEntropyFunction.apply(logits, target, class_weight, ignore_index, label_smoothing,

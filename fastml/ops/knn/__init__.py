@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import tracks_gradients
+from fastml.ops import in_custom_op_graph, tracks_gradients
 from fastml.ops.cdist import KERNEL_NORMS
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -43,14 +43,21 @@ def order_neighbours(query, reference, indices, p):
     return distances, torch.gather(indices, -1, order)
 
 
+def select(query, p, kernels: bool) -> str:
+    """The backend for a call: the selected one where ``kernels`` and p has kernels, else the reference."""
+    return _backend.select(query, IMPLEMENTED) if kernels and p in KERNEL_NORMS else "reference"
+
+
 def knn(query, reference, k, p, backend=None):
     """(distances, indices) of the k nearest references (B, R, M) of each query (B, Q, M), both
     contiguous of one dtype and device, 1 <= k <= R. p outside fastml.ops.cdist.KERNEL_NORMS,
     or ``backend="reference"``, runs the reference (torch ops throughout)."""
-    if backend is None:
-        backend = _backend.select(query, IMPLEMENTED) if p in KERNEL_NORMS else "reference"
     with torch.no_grad():
-        distances, indices = impl(backend).forward(query.detach(), reference.detach(), k, p)
+        if in_custom_op_graph():
+            distances, indices = torch.ops.fastml.knn(query.detach(), reference.detach(), k, p, backend is None)
+        else:
+            distances, indices = impl(select(query, p, backend is None)).forward(query.detach(), reference.detach(),
+                                                                                 k, p)
     if tracks_gradients(query, reference):
         distances = neighbour_distances(query, reference, indices, p)
     return distances, indices

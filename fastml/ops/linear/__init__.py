@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_backend, tracks_gradients
+from fastml.ops import backward_backend, in_custom_op_graph, tracks_gradients
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -62,6 +62,8 @@ def linear_tangent(x, weight, x_t, weight_t, bias_t) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Dispatches a validated, 2-D linear layer to the selected backend."""
+    if in_custom_op_graph():
+        return torch.ops.fastml.linear(x, weight, bias)
     backend = _backend.select(x, IMPLEMENTED)
     x, weight = x.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_in_torch_ops, tracks_gradients
+from fastml.ops import backward_in_torch_ops, in_custom_op_graph, needs_grad, tracks_gradients
 from fastml.ops.cross_entropy import gradient_in_torch_ops, loss_scale
 from fastml.ops.cross_entropy import reference as rows_reference
 
@@ -67,6 +67,10 @@ def _gradients_in_torch_ops(x, weight, bias, target, class_weight, ignore_index,
 
 def linear_cross_entropy(x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction):
     """The loss for contiguous 2-D x, weight and (N,) or (N, C) target on the selected backend."""
+    if in_custom_op_graph():
+        need_x, need_w, need_b = needs_grad(x, weight, bias)
+        return torch.ops.fastml.linear_cross_entropy(x, weight, bias, target, class_weight, ignore_index,
+                                                     label_smoothing, reduction, need_x, need_w, need_b)[0]
     backend = _backend.select(x, IMPLEMENTED)
     if tracks_gradients(x, weight, bias):
         return LinearCrossEntropyFunction.apply(x, weight, bias, target, class_weight, ignore_index,

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_in_torch_ops, tracks_gradients
+from fastml.ops import backward_in_torch_ops, in_custom_op_graph, needs_grad, tracks_gradients
 from fastml.ops import linear as linear_op
-from fastml.ops.mse_loss import squared_error_tangent
+from fastml.ops.mse_loss import error_scale, squared_error_tangent
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -29,14 +29,11 @@ class LinearMSEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, reduction, backend):
-        need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
-        need_b = need_b and bias is not None
-        keep_residual = need_x or need_t or (reduction == "none" and (need_w or need_b))
+        need_w, need_b, keep_residual = forward_flags(ctx.needs_input_grad[:4], bias is not None, reduction)
         loss, residual, grad_w, grad_b = impl(backend).forward(
             x, weight, bias, target, reduction, need_w, need_b, keep_residual)
         ctx.reduction, ctx.backend = reduction, backend
-        count = x.shape[0] * weight.shape[0]
-        ctx.scale = 2.0 / count if reduction == "mean" and count else 2.0  # d(loss)/d(residual) / residual
+        ctx.scale = error_scale(reduction, x.shape[0] * weight.shape[0])  # d(loss)/d(residual) / residual
         # The bias is not saved (as torch's addmm does not): its value is never needed again, so
         # changing it in place after the forward pass is allowed, as with torch's layers.
         ctx.save_for_backward(x, weight, target, residual, grad_w, grad_b)
@@ -82,8 +79,19 @@ class LinearMSEFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_t, None, None
 
 
+def forward_flags(needs, has_bias: bool, reduction: str) -> tuple[bool, bool, bool]:
+    """(need_weight_grad, need_bias_grad, keep_residual) for the kernels' forward, from which of
+    (x, weight, bias, target) want a gradient: the forward pass prepares what backward needs."""
+    need_x, need_w, need_b, need_t = needs
+    need_b = need_b and has_bias
+    return need_w, need_b, need_x or need_t or (reduction == "none" and (need_w or need_b))
+
+
 def linear_mse(x, weight, bias, target, reduction):
     """Dispatches validated 2-D, same-dtype tensors to the selected backend."""
+    if in_custom_op_graph():
+        flags = forward_flags(needs_grad(x, weight, bias, target), bias is not None, reduction)
+        return torch.ops.fastml.linear_mse(x, weight, bias, target, reduction, *flags)[0]
     backend = _backend.select(x, IMPLEMENTED)
     x, weight, target = x.contiguous(), weight.contiguous(), target.contiguous()
     bias = None if bias is None else bias.contiguous()

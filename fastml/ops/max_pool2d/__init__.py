@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_backend, tracks_gradients
+from fastml.ops import backward_backend, in_custom_op_graph, tracks_gradients
 from fastml.ops.max_pool2d.reference import output_size  # noqa: F401  (part of the op's interface)
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -40,6 +40,8 @@ class MaxPool2dFunction(torch.autograd.Function):
 def max_pool2d(x, kernel, stride, padding, dilation, ceil_mode):
     """(out, indices) for contiguous x (N, C, H, W) on the selected backend; arguments as in
     reference.forward."""
+    if in_custom_op_graph():
+        return torch.ops.fastml.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
     backend = _backend.select(x, IMPLEMENTED)
     if tracks_gradients(x):
         return MaxPool2dFunction.apply(x, kernel, stride, padding, dilation, ceil_mode, backend)

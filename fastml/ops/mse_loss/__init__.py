@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_in_torch_ops, tracks_gradients
+from fastml.ops import backward_in_torch_ops, in_custom_op_graph, needs_grad, tracks_gradients
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -22,8 +22,7 @@ class MSELossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, reduction, backend):
         loss, diff = impl(backend).forward(input, target, reduction, keep_diff=True)
-        count = input.numel()
-        ctx.scale = 2.0 / count if reduction == "mean" and count else 2.0
+        ctx.scale = error_scale(reduction, input.numel())
         ctx.backend = backend
         ctx.save_for_backward(input, target, diff)
         ctx.reduction, ctx.diff = reduction, diff  # for jvp (forward-mode AD)
@@ -44,6 +43,12 @@ class MSELossFunction(torch.autograd.Function):
         return (grad_input if need_input else None), (-grad_input if need_target else None), None, None
 
 
+def error_scale(reduction: str, count) -> float:
+    """d(loss)/d(error) / error for ``count`` squared errors (2 for an empty "mean", whose
+    gradient has no elements anyway)."""
+    return 2.0 / count if reduction == "mean" and count else 2.0
+
+
 def squared_error_tangent(diff, input_t, target_t, reduction):
     """Forward-mode derivative of the reduced (input - target)^2 along tangents (None = zero);
     ``diff`` = input - target."""
@@ -56,6 +61,8 @@ def squared_error_tangent(diff, input_t, target_t, reduction):
 
 def mse_loss(input, target, reduction):
     """Dispatches equally shaped, same-dtype tensors to the selected backend."""
+    if in_custom_op_graph():
+        return torch.ops.fastml.mse_loss(input, target, reduction, any(needs_grad(input, target)))[0]
     backend = _backend.select(input, IMPLEMENTED)
     shape = input.shape
     input, target = input.contiguous().reshape(-1), target.contiguous().reshape(-1)

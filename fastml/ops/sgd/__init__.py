@@ -9,8 +9,11 @@ not cover (a dtype or device without kernels, a gradient of another dtype) take 
 
 from __future__ import annotations
 
+import torch
+
 from fastml import _backend
 from fastml._multi_tensor import each_launch, pick
+from fastml.ops import in_custom_op_graph
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -23,6 +26,19 @@ def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_d
              maximize, zero_grad=False):
     """One torch.optim.SGD step over lists of any devices and dtypes, in place (arguments as in
     reference.sgd_step; ``buffers`` and ``fresh`` are ignored when momentum == 0)."""
+    if in_custom_op_graph():
+        if momentum == 0:
+            buffers, fresh = [], []  # torch's buffer list then holds Nones, which a Tensor[] cannot
+        torch.ops.fastml.sgd_step(params, grads, buffers, fresh, lr, momentum, dampening, weight_decay, nesterov,
+                                  maximize, zero_grad)
+    else:
+        launch_sgd_step(params, grads, buffers, fresh, lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, zero_grad=zero_grad)
+
+
+def launch_sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                    zero_grad):
+    """sgd_step's kernel launches, one per bucket (also fastml::sgd_step's implementation)."""
     with_momentum = momentum != 0
     lists = (params, grads, buffers) if with_momentum else (params, grads)
     for backend, rows, cols in each_launch(lists, (True, zero_grad, True), IMPLEMENTED):
@@ -34,5 +50,13 @@ def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_d
 
 def sgd_course_step(params, grads, *, lr, batch_size):
     """The course's ``sgd(params, lr, batch_size)`` over lists of any devices and dtypes."""
+    if in_custom_op_graph():
+        torch.ops.fastml.sgd_course_step(params, grads, lr, batch_size)
+    else:
+        launch_sgd_course_step(params, grads, lr=lr, batch_size=batch_size)
+
+
+def launch_sgd_course_step(params, grads, *, lr, batch_size):
+    """sgd_course_step's kernel launches (also fastml::sgd_course_step's implementation)."""
     for backend, _, cols in each_launch((params, grads), (True, True), IMPLEMENTED):
         impl(backend).sgd_course_step(cols[0], cols[1], lr=lr, batch_size=batch_size)

@@ -1,0 +1,33 @@
+"""fastml::cdist: pairwise distances as a torch.library custom op, with fake and autograd, for
+torch.compile / torch.export (see fastml/_library.py). Backward is torch's own cdist backward on
+the exact distances, as CdistFunction's."""
+
+import torch
+from torch import Tensor
+
+from fastml import _backend
+from fastml.ops.cdist import IMPLEMENTED, distance_gradients, impl
+
+
+@torch.library.custom_op("fastml::cdist", mutates_args=())
+def cdist(x1: Tensor, x2: Tensor, p: float) -> Tensor:
+    """x1 (B, P, M), x2 (B, R, M), p in KERNEL_NORMS → (B, P, R)."""
+    return impl(_backend.select(x1, IMPLEMENTED)).forward(x1.contiguous(), x2.contiguous(), p)
+
+
+@cdist.register_fake
+def _(x1, x2, p):
+    return x1.new_empty((x1.shape[0], x1.shape[1], x2.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    x1, x2, ctx.p = inputs
+    ctx.save_for_backward(x1, x2, output)
+
+
+def _backward(ctx, grad):
+    x1, x2, out = ctx.saved_tensors
+    return (*distance_gradients(grad, x1, x2, ctx.p, out, *ctx.needs_input_grad[:2]), None)
+
+
+cdist.register_autograd(_backward, setup_context=_setup_context)

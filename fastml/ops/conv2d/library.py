@@ -1,0 +1,77 @@
+"""fastml::conv2d and fastml::conv2d_backward: the convolution as torch.library custom ops, with
+fakes and autograd, for torch.compile / torch.export (see fastml/_library.py)."""
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fastml import _backend
+from fastml.ops import contiguous, or_placeholder, placeholder
+from fastml.ops.conv2d import IMPLEMENTED, impl, output_size
+
+
+@torch.library.custom_op("fastml::conv2d", mutates_args=())
+def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+           dilation: Sequence[int], groups: int) -> Tensor:
+    """x (N, C, H, W), weight (K, C / groups, R, S), bias (K,) or None, (rows, columns) pairs as
+    reference.forward's → (N, K, OH, OW)."""
+    # The dispatcher hands int[] arguments over as lists; the backends take tuples.
+    return impl(_backend.select(x, IMPLEMENTED)).forward(x.contiguous(), weight.contiguous(), contiguous(bias),
+                                                         tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+@conv2d.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups):
+    return x.new_empty((x.shape[0], weight.shape[0], *(output_size(x.shape[2 + d], weight.shape[2 + d], stride[d],
+                                                                   padding[d], dilation[d]) for d in range(2))))
+
+
+@torch.library.custom_op("fastml::conv2d_backward", mutates_args=())
+def conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
+                    dilation: Sequence[int], groups: int, needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """grad (N, K, OH, OW) → (grad_x, grad_weight, grad_bias) for needs = which of them to form;
+    an empty (0,) tensor for each one not asked for."""
+    grads = impl(_backend.select(grad, IMPLEMENTED)).backward(
+        grad.contiguous(), x.contiguous(), weight.contiguous(), tuple(stride), tuple(padding), tuple(dilation),
+        groups, tuple(needs))
+    return as_outputs(grads, needs, grad)
+
+
+@conv2d_backward.register_fake
+def _(grad, x, weight, stride, padding, dilation, groups, needs):
+    return parameter_gradients(grad, x, weight, needs)
+
+
+def parameter_gradients(grad, x, weight, needs):
+    """Uninitialised (grad_x, grad_weight, grad_bias), the (0,) placeholder where not needed."""
+    shapes = (x.shape, weight.shape, weight.shape[:1])
+    return tuple(grad.new_empty(shape) if need else placeholder(grad) for shape, need in zip(shapes, needs))
+
+
+def as_outputs(grads, needs, like):
+    """A backend's (grad_x, grad_weight, grad_bias) as a backward op returns them: the (0,)
+    placeholder for each one not asked for."""
+    return tuple(or_placeholder(g if need else None, like) for g, need in zip(grads, needs))
+
+
+def gradients(op, grad, *args, needs):
+    """A backward op's (grad_x, grad_weight, grad_bias), None where not asked for."""
+    return tuple(g if need else None for g, need in zip(op(grad, *args, needs), needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, *ctx.args = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    needs = [need_x, need_w, need_b and ctx.has_bias]
+    grads = gradients(torch.ops.fastml.conv2d_backward, grad, x, weight, *ctx.args, needs=needs)
+    return (*grads, None, None, None, None)
+
+
+conv2d.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,90 @@
+"""fastml::linear_cross_entropy and its backward: the fused, chunked linear + softmax
+cross-entropy as torch.library custom ops, with fakes and autograd, for torch.compile /
+torch.export (see fastml/_library.py). As LinearCrossEntropyFunction, "mean" / "sum" return
+the gradients asked for (flags the caller works out while tracing) from the forward pass and
+backward scales them; "none" runs the chunks again in backward."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastml import _backend
+from fastml.ops import contiguous, or_placeholder, placeholder
+from fastml.ops.linear_cross_entropy import IMPLEMENTED, impl
+
+
+def _gradient_outputs(grads, x):
+    return tuple(or_placeholder(g, x) for g in grads)
+
+
+def _fake_gradients(x, weight, needs):
+    shapes = (x.shape, weight.shape, weight.shape[:1])
+    return tuple(x.new_empty(shape) if need else placeholder(x) for shape, need in zip(shapes, needs))
+
+
+@torch.library.custom_op("fastml::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                         class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float, reduction: str,
+                         need_input_grad: bool, need_weight_grad: bool,
+                         need_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x (N, D), weight (C, D), bias (C,) or None, target (N,) int64 or (N, C) → (loss, grad_x,
+    grad_weight, grad_bias) as the backends' forward (see reference.py), an empty (0,) tensor for
+    each gradient not computed (all of them for "none")."""
+    outputs = impl(_backend.select(x, IMPLEMENTED)).forward(
+        x.contiguous(), weight.contiguous(), contiguous(bias), target.contiguous(), contiguous(class_weight),
+        ignore_index, label_smoothing, reduction, need_input_grad, need_weight_grad, need_bias_grad)
+    return outputs[0], *_gradient_outputs(outputs[1:], x)
+
+
+@linear_cross_entropy.register_fake
+def _(x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction, need_input_grad,
+      need_weight_grad, need_bias_grad):
+    fused = reduction != "none"
+    needs = (fused and need_input_grad, fused and need_weight_grad, fused and need_bias_grad and bias is not None)
+    return x.new_empty(x.shape[:1] if reduction == "none" else ()), *_fake_gradients(x, weight, needs)
+
+
+@torch.library.custom_op("fastml::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                                  class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
+                                  grad_output: Tensor, need_input_grad: bool, need_weight_grad: bool,
+                                  need_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients (grad_x, grad_weight, grad_bias) of Σ_i grad_output[i] · ℓ_i, grad_output
+    (N,); an empty (0,) tensor for each one not asked for."""
+    grads = impl(_backend.select(x, IMPLEMENTED)).backward(
+        x.contiguous(), weight.contiguous(), contiguous(bias), target.contiguous(), contiguous(class_weight),
+        ignore_index, label_smoothing, grad_output.contiguous(), need_input_grad, need_weight_grad, need_bias_grad)
+    return _gradient_outputs(grads, x)
+
+
+@linear_cross_entropy_backward.register_fake
+def _(x, weight, bias, target, class_weight, ignore_index, label_smoothing, grad_output, need_input_grad,
+      need_weight_grad, need_bias_grad):
+    return _fake_gradients(x, weight, (need_input_grad, need_weight_grad, need_bias_grad))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction, *prepared = inputs
+    ctx.save_for_backward(x, weight, bias, target, class_weight, *output[1:])
+    ctx.options = (ignore_index, label_smoothing, reduction)
+    ctx.prepared = prepared
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_output, *_):
+    x, weight, bias, target, class_weight, *grads = ctx.saved_tensors
+    ignore_index, label_smoothing, reduction = ctx.options
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
+    if reduction == "none":
+        grads = torch.ops.fastml.linear_cross_entropy_backward(x, weight, bias, target, class_weight, ignore_index,
+                                                               label_smoothing, grad_output, *needs)
+    else:
+        if any(need and not have for need, have in zip(needs, ctx.prepared)):
+            raise RuntimeError("fastml::linear_cross_entropy: backward needs the forward call's need_*_grad=True "
+                               "for each input that requires a gradient")
+        grads = [g * grad_output if need else None for g, need in zip(grads, needs)]
+    return (*(g if need else None for g, need in zip(grads, needs)), *([None] * 8))
+
+
+linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
