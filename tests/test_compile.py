@@ -472,6 +472,32 @@ def test_lenet_under_inductor(rng):
         assert_close(a, b)
 
 
+def test_patched_torch_model_compiles_with_fullgraph(rng):
+    """The issue's path: a model written with torch.nn only, then fastml.patch: one graph, with
+    fastml's ops in it (fused block, linear, cross-entropy), loss and gradients as the unpatched
+    torch model's."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 6, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Conv2d(6, 16, 5),
+        torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(16 * 5 * 5, 84),
+        torch.nn.Dropout(0.0), torch.nn.ReLU(), torch.nn.Linear(84, 10))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    original = copy.deepcopy(model)
+    assert fastml.patch(model).fused and fastml.patch(loss_fn).replaced
+    params, original_params = list(model.parameters()), list(original.parameters())
+    x, y = rand(11, 1, 28, 28, generator=rng), torch.randint(0, 10, (11,), generator=rng)
+    (expected,), expected_grads, _ = _run(lambda x, y: torch.nn.functional.cross_entropy(original(x), y), [x, y],
+                                          original_params, [torch.tensor(1.0)])
+    recorder = Recorder()
+    fast = compiled(lambda x, y: loss_fn(model(x), y), recorder)
+    (got,), got_grads, _ = _run(fast, [x, y], params, [torch.tensor(1.0)])
+    assert_close(got, expected)
+    assert len(got_grads) == len(expected_grads) == 8
+    for a, b in zip(got_grads, expected_grads):
+        assert_close(a, b)
+    assert {"conv2d_relu_max_pool2d", "linear", "cross_entropy"} <= recorder.fastml_ops()
+
+
 @pytest.mark.slow
 def test_lenet_training_under_inductor_with_dynamic_batches(rng):
     """Training steps of a compiled LeNet and a compiled fastml SGD step, batch sizes varying,
