@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +177,16 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
     with pytest.raises(fastml.training.MissingDependencyError, match=r"pip install 'fastml\[plot\]'"):
         trainer.plot(tmp_path / "loss.png")
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_readme_training_example_runs(tmp_path, monkeypatch):
+    """The README's Trainer example, as written (it saves mlp.png in the working directory)."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "fastml.training" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["history"].val["accuracy"][-1] > 0.9
+    assert (tmp_path / "mlp.png").read_bytes()[:8] == PNG_SIGNATURE
