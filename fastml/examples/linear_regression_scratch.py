@@ -28,8 +28,8 @@ def squared_loss(X, y, w, b):
 
 def main(out_dir, quick: bool = False, progress: bool = True) -> dict:
     generator = torch.Generator().manual_seed(0)
-    num_examples, num_epochs, lr, batch_size = (1000, 2, 0.03, 10) if quick else (1000, 3, 0.03, 10)
-    X, y = fastml.data.synthetic_linear(TRUE_W, TRUE_B, num_examples, generator=generator)
+    num_epochs, lr, batch_size = 2 if quick else 3, 0.03, 10
+    X, y = fastml.data.synthetic_linear(TRUE_W, TRUE_B, 1000, generator=generator)
     w = torch.normal(0, 0.01, size=(1, 2), generator=generator, requires_grad=True)
     b = torch.zeros(1, requires_grad=True)
 
