@@ -5,7 +5,8 @@ Importing fastml changes nothing global: swap layers yourself (``fastml.nn.Linea
 ``fastml.patch(model)``.
 """
 
-from fastml import _library, data, functional, linear_model, neighbors, nn, optim  # noqa: F401  (_library: registers fastml::*)
+# _library registers every op as a fastml::* torch.library custom op (for torch.compile / export)
+from fastml import _library, data, functional, linear_model, neighbors, nn, optim, training  # noqa: F401
 from fastml._backend import BackendUnavailableError, use_backend
 from fastml._info import info
 from fastml._patch import PatchReport, patch, unpatch
@@ -13,4 +14,4 @@ from fastml._patch import PatchReport, patch, unpatch
 __version__ = "0.1.0"
 
 __all__ = ["BackendUnavailableError", "PatchReport", "data", "functional", "info", "linear_model", "neighbors", "nn",
-           "optim", "patch", "unpatch", "use_backend"]
+           "optim", "patch", "training", "unpatch", "use_backend"]

@@ -1,4 +1,5 @@
-"""Command line: ``python -m fastml info`` and ``python -m fastml bench`` (also ``fastml ...``)."""
+"""Command line: ``python -m fastml info``, ``python -m fastml bench`` and ``python -m fastml demo``
+(also ``fastml ...``)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from fastml._bench import HOT_PATHS
+    from fastml.examples import EXAMPLES
 
     parser = argparse.ArgumentParser(prog="fastml", description="fastml: compiled kernels for the course's models.")
-    sub = parser.add_subparsers(dest="command", metavar="{info,bench}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{info,bench,demo}", required=True)
     sub.add_parser("info", help="which backends are present here, and why one is not",
                    description="Print which fastml backends are present here, and why one is not.")
     bench = sub.add_parser(
@@ -47,6 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "each shared row's times and B's speed relative to A")
     bench.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # for tests: seconds
     bench.set_defaults(subparser=bench)  # its error() names the subcommand in usage messages
+    demo = sub.add_parser(
+        "demo", help="train the course's models end to end and save their plots",
+        description="Run the course's models on fastml (fastml/examples/): print each one's results and write "
+                    "its PNG plots to --out. All of them take about 10 seconds on 2 idle CPU cores.",
+        epilog="examples: " + "; ".join(f"{name}: {example.about}" for name, example in EXAMPLES.items()))
+    demo.add_argument("names", nargs="*", metavar="NAME", help=f"examples to run (default: all): {', '.join(EXAMPLES)}")
+    demo.add_argument("--out", type=Path, default=Path("fastml-demo"), metavar="DIR",
+                      help="folder for the PNG plots (default: ./fastml-demo)")
+    demo.add_argument("--quick", action="store_true", help="reduced sizes: seconds in all (what the tests run)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    demo.set_defaults(subparser=demo)
     return parser
 
 
@@ -88,6 +101,30 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from fastml import examples
+
+    unknown = [name for name in args.names if name not in examples.EXAMPLES]
+    if unknown:
+        parser.error(f"unknown example {unknown[0]!r}; choose from {', '.join(examples.EXAMPLES)}")
+    names = list(dict.fromkeys(args.names)) or list(examples.EXAMPLES)
+    missing = examples.missing_dependencies(names)
+    if missing:  # before anything runs, not after minutes of training
+        print(f"fastml demo: the examples asked for need {' and '.join(missing)}, not installed here: "
+              f"pip install {' '.join(missing)} (or pip install 'fastml[examples]')", file=sys.stderr)
+        return 1
+    started = time.perf_counter()
+    for name in names:
+        print(f"{name}: {examples.EXAMPLES[name].about}", flush=True)
+        began = time.perf_counter()
+        results = examples.run(name, args.out, quick=args.quick, progress=not args.no_progress)
+        print(f"  {results['headline']}  ({time.perf_counter() - began:.1f}s)")
+        for path in results["files"]:
+            print(f"  wrote {path}", flush=True)
+    print(f"took {time.perf_counter() - started:.1f}s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fastml`` and the ``fastml`` script; returns the exit code
     (2 for bad arguments, with argparse's message on stderr)."""
@@ -99,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
             fastml.info()
             return 0
+        if args.command == "demo":
+            return _demo(args.subparser, args)
         return _bench(args.subparser, args)
     except SystemExit as exc:  # argparse's error() and --help
         return exc.code if isinstance(exc.code, int) else 1
