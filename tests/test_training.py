@@ -79,8 +79,9 @@ def test_trainer_records_every_step_and_every_epoch():
     assert history.epoch_end_step == [steps_per_epoch * (e + 1) for e in range(4)]
     assert list(history.val) == ["loss"] and len(history.val["loss"]) == 4 and len(history.epoch_seconds) == 4
     assert history.val["loss"][-1] < history.val["loss"][0] / 10
+    device = next(model.parameters()).device  # "auto" put the model on the GPU where there is one
     with torch.no_grad():  # the recorded validation loss is the whole validation set's mean
-        expected = fastml.functional.mse_loss(model(data.val[0]), data.val[1]).item()
+        expected = fastml.functional.mse_loss(model(data.val[0].to(device)), data.val[1].to(device)).item()
     assert history.val["loss"][-1] == pytest.approx(expected, rel=1e-5)
 
 
