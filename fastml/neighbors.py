@@ -179,6 +179,19 @@ class _KNeighborsBase:
                    if not (value is defaults.get(name) or value == defaults.get(name))]
         return f"{type(self).__name__}({', '.join(changed)})"
 
+    def __sklearn_tags__(self):
+        """scikit-learn (>= 1.6) reads what an estimator is and takes from these tags:
+        ``is_classifier``, ``cross_val_score``, ``GridSearchCV`` and ``Pipeline`` ask for them.
+        Built here, on demand, because scikit-learn is optional (and slow to import)."""
+        from sklearn.utils import ClassifierTags, RegressorTags, Tags, TargetTags
+
+        classifier = self._estimator_type == "classifier"
+        # The regressor takes y of shape (n_samples, n_outputs); the classifier one label per sample.
+        return Tags(estimator_type=self._estimator_type,
+                    target_tags=TargetTags(required=True, multi_output=not classifier),
+                    classifier_tags=ClassifierTags() if classifier else None,
+                    regressor_tags=None if classifier else RegressorTags())
+
     def __sklearn_clone__(self):
         """scikit-learn's ``clone``: an unfitted estimator with deep copies of the parameters,
         except process_group, which the copy shares (a handle on the ranks' communicator cannot

@@ -182,3 +182,29 @@ def test_params_api_and_clone():
 def test_bad_input(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+def test_scikit_learn_model_selection_and_pipelines_take_them():
+    """The estimators carry scikit-learn's tags, so its tools know a classifier from a regressor
+    and use them as scikit-learn's own (the same folds give the same scores)."""
+    from sklearn.base import is_classifier, is_regressor
+    from sklearn.model_selection import GridSearchCV, KFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = datasets.load_iris(return_X_y=True)
+    # iris is measured to 0.1 cm: jittered, no two neighbours tie (where scikit-learn's pick differs)
+    X = X + np.random.default_rng(0).normal(scale=1e-3, size=X.shape)
+    assert is_classifier(KNeighborsClassifier()) and is_regressor(KNeighborsRegressor())
+    folds = KFold(4, shuffle=True, random_state=0)
+    for ours, theirs, target in ((KNeighborsClassifier(7), sk_neighbors.KNeighborsClassifier(7), y),
+                                 (KNeighborsRegressor(4), sk_neighbors.KNeighborsRegressor(4), X[:, 3])):
+        np.testing.assert_allclose(cross_val_score(ours, X[:, :3], target, cv=folds),
+                                   cross_val_score(theirs, X[:, :3], target, cv=folds), rtol=1e-12)
+    search = GridSearchCV(KNeighborsClassifier(), {"n_neighbors": [1, 5, 9], "weights": ["uniform", "distance"]},
+                          cv=folds).fit(X, y)
+    expected = GridSearchCV(sk_neighbors.KNeighborsClassifier(), search.param_grid, cv=folds).fit(X, y)
+    assert search.best_params_ == expected.best_params_ and search.best_score_ == expected.best_score_
+    ours = make_pipeline(StandardScaler(), KNeighborsClassifier(3)).fit(X, y)
+    theirs = make_pipeline(StandardScaler(), sk_neighbors.KNeighborsClassifier(3)).fit(X, y)
+    np.testing.assert_array_equal(ours.predict(X), theirs.predict(X))
