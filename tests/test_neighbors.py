@@ -309,3 +309,17 @@ def test_import_fastml_imports_neither_sklearn_nor_scipy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.strip() == "[]"
 
+
+def test_sklearn_check_estimator_passes():
+    """scikit-learn's own estimator checks, every one, on both estimators."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    failures = []
+    for estimator in (KNeighborsClassifier(), KNeighborsRegressor()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results = check_estimator(estimator, on_fail=None)
+        assert len(results) > 40, "check_estimator ran its checks"
+        failures += [f"{type(estimator).__name__} {r['check_name']}: {r['exception']!r}"
+                     for r in results if r["status"] == "failed"]
+    assert not failures, "\n".join(failures)
