@@ -9,6 +9,9 @@ Inputs are numpy arrays (or lists) or torch tensors, on the CPU or a GPU; result
 query's kind, on its device. The training data keep their floating dtype (float32 or float64;
 other dtypes become float64), and queries are computed in it. ``algorithm``, ``leaf_size`` and
 ``n_jobs`` are accepted for compatibility: the search is always brute force on the kernels.
+scipy.sparse matrices and arrays (and sparse tensors) are taken too, densified: the kernels read
+dense rows, so a sparse X costs n_samples × n_features values in memory. Bad input is refused
+with scikit-learn's errors and messages (its ``check_estimator`` passes).
 
 With ``process_group`` (a torch.distributed process group, e.g. ``torch.distributed.group.WORLD``
 after ``init_process_group``), the training set is split across the group's ranks: each rank
@@ -29,6 +32,7 @@ import copy
 import inspect
 import math
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -44,7 +48,68 @@ _METRICS = {"euclidean": 2.0, "l2": 2.0, "manhattan": 1.0, "cityblock": 1.0, "l1
 
 
 class NotFittedError(ValueError, AttributeError):
-    """An estimator was used before ``fit`` (as scikit-learn's NotFittedError)."""
+    """An estimator was used before ``fit`` (as scikit-learn's NotFittedError). Where
+    scikit-learn is installed, the error raised is also an instance of scikit-learn's class."""
+
+
+class DataConversionWarning(UserWarning):
+    """Input was converted to the shape the estimator expects (as scikit-learn's
+    DataConversionWarning). Where scikit-learn is installed, the warning issued is also an
+    instance of scikit-learn's class."""
+
+
+_TWINS: dict[type, type] = {}
+
+
+def _twin(cls: type) -> type:
+    """``cls`` (NotFittedError or DataConversionWarning), or where scikit-learn is installed a
+    subclass of it that is also scikit-learn's class of that name: scikit-learn's tools and
+    check_estimator catch its NotFittedError and filter its DataConversionWarning by their own
+    classes. scikit-learn is imported here, on the error or warning path only: it is optional, and
+    takes about a second to import."""
+    if cls not in _TWINS:
+        try:
+            from sklearn import exceptions
+        except ImportError:
+            _TWINS[cls] = cls
+        else:
+            _TWINS[cls] = type(cls.__name__, (cls, getattr(exceptions, cls.__name__)),
+                               {"__module__": __name__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
+                                "__reduce__": _reduce_twin})
+    return _TWINS[cls]
+
+
+def _reduce_twin(self):
+    # pickle cannot find the twin by its name (which is fastml's class's): it is rebuilt from that.
+    return _make_twin, (type(self).__mro__[1].__name__, self.args), self.__dict__ or None
+
+
+def _make_twin(name: str, args: tuple):
+    return _twin(globals()[name])(*args)
+
+
+def _is_sparse(data) -> bool:
+    """Whether data is a scipy.sparse matrix or array, told by its class's module so that
+    scipy (optional here) is not imported to ask."""
+    return type(data).__module__.startswith("scipy.sparse")
+
+
+def _numpy(name: str, data) -> np.ndarray:
+    """Array-like data (a scipy.sparse matrix included) as a numpy array of numbers, as
+    scikit-learn's check_array: Python objects are converted to float64 (a TypeError for those
+    that are not numbers), strings and complex numbers refused."""
+    if _is_sparse(data):
+        # The kernels take dense rows, so a sparse matrix is densified (n_samples × n_features).
+        data = data.toarray()
+    array = np.asarray(data)
+    if array.dtype.kind in "USV":
+        raise ValueError("dtype='numeric' is not compatible with arrays of bytes/strings."
+                         "Convert your data to numeric values explicitly instead.")
+    if array.dtype.kind == "c":
+        raise ValueError(f"Complex data not supported: {name} has dtype {array.dtype}.")
+    if array.dtype == object:
+        array = array.astype(np.float64)
+    return array
 
 
 def _to_tensor(name: str, data, device=None, dtype=None) -> tuple[torch.Tensor, torch.device | None]:
@@ -52,36 +117,47 @@ def _to_tensor(name: str, data, device=None, dtype=None) -> tuple[torch.Tensor, 
     if isinstance(data, torch.Tensor):
         source = data.device
         t = data.detach()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        if t.is_complex():
+            raise ValueError(f"Complex data not supported: {name} has dtype {t.dtype}.")
     else:
         source = None
-        array = np.asarray(data)
-        if array.dtype == object:
-            raise ValueError(f"{name} must be numeric, got an array of Python objects")
         # A copy torch owns: a numpy-backed tensor's storage cannot be resized, which the
         # Triton interpreter does to its arguments.
-        t = torch.from_numpy(np.array(array, copy=True, order="C"))
+        t = torch.from_numpy(np.array(_numpy(name, data), copy=True, order="C"))
     if dtype is not None:
         t = t.to(dtype)
     elif t.dtype not in (torch.float32, torch.float64):
-        if t.is_complex():
-            raise ValueError(f"{name} must be real numbers, got dtype {t.dtype}")
         t = t.to(torch.float64)
     if device is not None:
         t = t.to(device)
     return t.contiguous(), source
 
 
-def _check_finite(name: str, X: torch.Tensor) -> None:
-    if X.numel() and not bool(torch.isfinite(X).all()):
-        what = "NaN" if bool(torch.isnan(X).any()) else "infinity or a value too large"
-        raise ValueError(f"Input {name} contains {what}.")
+def _check_finite(name: str, X: torch.Tensor | np.ndarray) -> None:
+    """As scikit-learn's: "Input X contains NaN." or "... contains infinity or a value too large
+    for dtype('float64')."."""
+    lib = np if isinstance(X, np.ndarray) else torch
+    if (X.size if lib is np else X.numel()) and not bool(lib.isfinite(X).all()):
+        if bool(lib.isnan(X).any()):
+            raise ValueError(f"Input {name} contains NaN.")
+        dtype = X.dtype if lib is np else np.dtype(str(X.dtype).removeprefix("torch."))
+        raise ValueError(f"Input {name} contains infinity or a value too large for {dtype!r}.")
+
+
+def _over_2d(ndim: int, estimator: str) -> ValueError:
+    return ValueError(f"Found array with dim {ndim}, while dim <= 2 is required by {estimator}.")
 
 
 def _check_2d(name: str, X: torch.Tensor, estimator: str, min_samples: int = 1) -> None:
-    if X.dim() != 2:
-        raise ValueError(f"Expected a 2D array for {name}, got {X.dim()}D array of shape {tuple(X.shape)} instead: "
-                         "reshape your data with X.reshape(-1, 1) for a single feature or X.reshape(1, -1) "
-                         "for a single sample.")
+    """X must be 2-D with samples and features, in scikit-learn's words (its checks match them)."""
+    if X.dim() > 2:
+        raise _over_2d(X.dim(), estimator)
+    if X.dim() < 2:
+        raise ValueError(f"Expected 2D array, got {'scalar' if X.dim() == 0 else '1D'} array instead:\n"
+                         f"array={X.cpu().numpy()}.\nReshape your data either using array.reshape(-1, 1) if "
+                         "your data has a single feature or array.reshape(1, -1) if it contains a single sample.")
     if X.shape[0] < min_samples:
         raise ValueError(f"Found array with 0 sample(s) (shape={tuple(X.shape)}) while a minimum of 1 is "
                          f"required by {estimator}.")
@@ -183,11 +259,13 @@ class _KNeighborsBase:
         """scikit-learn (>= 1.6) reads what an estimator is and takes from these tags:
         ``is_classifier``, ``cross_val_score``, ``GridSearchCV`` and ``Pipeline`` ask for them.
         Built here, on demand, because scikit-learn is optional (and slow to import)."""
-        from sklearn.utils import ClassifierTags, RegressorTags, Tags, TargetTags
+        from sklearn.utils import ClassifierTags, InputTags, RegressorTags, Tags, TargetTags
 
         classifier = self._estimator_type == "classifier"
         # The regressor takes y of shape (n_samples, n_outputs); the classifier one label per sample.
+        # Sparse X is taken (densified), as scikit-learn's KNeighbors* take it.
         return Tags(estimator_type=self._estimator_type,
+                    input_tags=InputTags(sparse=True),
                     target_tags=TargetTags(required=True, multi_output=not classifier),
                     classifier_tags=ClassifierTags() if classifier else None,
                     regressor_tags=None if classifier else RegressorTags())
@@ -223,8 +301,8 @@ class _KNeighborsBase:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "_fit_X"):
-            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with "
-                                 "appropriate arguments before using this estimator.")
+            raise _twin(NotFittedError)(f"This {type(self).__name__} instance is not fitted yet. Call 'fit' "
+                                        "with appropriate arguments before using this estimator.")
 
     def _queries(self, X) -> tuple[torch.Tensor, torch.device | None]:
         Xq, device = _to_tensor("X", X, device=self._fit_X.device, dtype=self._fit_X.dtype)
@@ -265,8 +343,11 @@ class _KNeighborsBase:
         """(X as a tensor, y as the estimator keeps it), both checked; X of at least min_samples rows."""
         raise NotImplementedError
 
-    def _checked_X(self, X, min_samples: int) -> torch.Tensor:
+    def _checked_X(self, X, y, min_samples: int) -> torch.Tensor:
+        """X as a tensor, checked (after the parameters, and that there is a y, as scikit-learn)."""
         self._check_params()
+        if y is None:
+            raise ValueError(f"This {type(self).__name__} estimator requires y to be passed, but the target y is None.")
         X, _ = _to_tensor("X", X)
         _check_2d("X", X, type(self).__name__, min_samples)
         _check_finite("X", X)
@@ -449,6 +530,17 @@ class _KNeighborsBase:
         return weights
 
 
+def _label_kind(labels: np.ndarray) -> str | None:
+    """None for 1-D labels a classifier takes; else their kind in scikit-learn's type_of_target,
+    which its classifiers refuse: "continuous" (floats that are not all integers), "unknown"
+    (Python objects other than strings)."""
+    if labels.dtype.kind == "f" and bool((labels != np.trunc(labels)).any()):
+        return "continuous"
+    if labels.dtype == object and labels.size and not isinstance(labels.flat[0], str):
+        return "unknown"
+    return None
+
+
 class KNeighborsClassifier(_KNeighborsBase):
     """Classifier voting among the k nearest training points (scikit-learn's interface).
 
@@ -469,15 +561,32 @@ class KNeighborsClassifier(_KNeighborsBase):
 
     def _checked_shard(self, X, y, min_samples):
         """(X, (the shard's classes, sorted, and each label's position among them))."""
-        X = self._checked_X(X, min_samples)
-        labels = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-        if labels.ndim == 2 and labels.shape[1] == 1:
-            labels = labels.ravel()
-        if labels.ndim != 1:
+        X = self._checked_X(X, y, min_samples)
+        if isinstance(y, torch.Tensor):
+            labels = y.detach().cpu().numpy()
+        else:
+            labels = np.asarray(y.toarray() if _is_sparse(y) else y)
+        if labels.dtype.kind == "c":
+            raise ValueError(f"Complex data not supported: y has dtype {labels.dtype}.")
+        column = labels.ndim == 2 and labels.shape[1] == 1
+        if labels.ndim > 2:
+            raise _over_2d(labels.ndim, type(self).__name__)
+        if labels.ndim != 1 and not column:
             raise ValueError(f"y must be 1-D (one label per sample), got shape {labels.shape}")
         if labels.shape[0] != X.shape[0]:
             raise ValueError(f"Found input variables with inconsistent numbers of samples: "
                              f"[{X.shape[0]}, {labels.shape[0]}]")
+        if labels.dtype.kind == "f":
+            _check_finite("y", labels)
+        if column:
+            # fit's caller is 4 frames up: here, _KNeighborsBase.fit, KNeighborsClassifier.fit.
+            warnings.warn("A column-vector y was passed when a 1d array was expected. Please change the shape of y "
+                          "to (n_samples,), for example using ravel().", _twin(DataConversionWarning), stacklevel=4)
+            labels = labels.ravel()
+        kind = _label_kind(labels)
+        if kind is not None:
+            raise ValueError(f"Unknown label type: {kind}. Maybe you are trying to fit a classifier, which expects "
+                             "discrete classes on a regression target with continuous values.")
         return X, np.unique(labels, return_inverse=True)
 
     def _describe(self, X, labels) -> dict:
@@ -541,11 +650,17 @@ class KNeighborsRegressor(_KNeighborsBase):
         return super().fit(X, y)
 
     def _checked_shard(self, X, y, min_samples):
-        X = self._checked_X(X, min_samples)
+        X = self._checked_X(X, y, min_samples)
         targets, _ = _to_tensor("y", y, device=X.device)
-        if targets.dim() not in (1, 2) or targets.shape[0] != X.shape[0]:
+        if targets.dim() > 2:
+            raise _over_2d(targets.dim(), type(self).__name__)
+        if targets.dim() < 1:
             raise ValueError(f"y must be (n_samples,) or (n_samples, n_outputs) with n_samples = "
                              f"{X.shape[0]}, got shape {tuple(targets.shape)}")
+        if targets.shape[0] != X.shape[0]:
+            raise ValueError(f"Found input variables with inconsistent numbers of samples: "
+                             f"[{X.shape[0]}, {targets.shape[0]}]")
+        _check_finite("y", targets)
         return X, targets
 
     def _describe(self, X, targets) -> dict:

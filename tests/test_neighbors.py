@@ -9,6 +9,11 @@ for every query without such a boundary tie; distances identical for all.
 from __future__ import annotations
 
 import itertools
+import os
+import pickle
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -177,7 +182,19 @@ def test_params_api_and_clone():
     (lambda: KNeighborsClassifier(1, weights="gaussian").fit([[0.0]], [1]), ValueError, "weights must be"),
     (lambda: KNeighborsClassifier(1, metric="cosine").fit([[0.0]], [1]), ValueError, "metric must be one of"),
     (lambda: KNeighborsClassifier(1).fit([[0.0], [1.0]], [1]), ValueError, "inconsistent numbers of samples"),
-    (lambda: KNeighborsClassifier(1).fit([0.0, 1.0], [1, 0]), ValueError, "Expected a 2D array"),
+    (lambda: KNeighborsClassifier(1).fit([0.0, 1.0], [1, 0]), ValueError, "Expected 2D array, got 1D array"),
+    (lambda: KNeighborsClassifier(1).fit([[0.0], [1.0]], None), ValueError,
+     "KNeighborsClassifier estimator requires y to be passed, but the target y is None"),
+    (lambda: KNeighborsClassifier(1).fit([[0.0], [1.0]], [0.5, 1.0]), ValueError, "Unknown label type: continuous"),
+    (lambda: KNeighborsClassifier(1).fit([[0.0], [1.0]], [0, np.nan]), ValueError, "Input y contains NaN"),
+    (lambda: KNeighborsRegressor(1).fit([[0.0], [1.0]], [0, np.inf]), ValueError,
+     r"Input y contains infinity or a value too large for dtype\('float64'\)"),
+    (lambda: KNeighborsRegressor(1).fit([[0.0], [1.0]], [[[0.0]], [[1.0]]]), ValueError, "Found array with dim 3"),
+    (lambda: KNeighborsRegressor(1).fit([[1j], [1.0]], [0.0, 1.0]), ValueError, "Complex data not supported"),
+    (lambda: KNeighborsClassifier(1).fit([[0.0], [1.0]], [1j, 1.0]), ValueError, "Complex data not supported"),
+    (lambda: KNeighborsRegressor(1).fit([["a"], ["b"]], [0.0, 1.0]), ValueError, "not compatible with arrays of bytes"),
+    (lambda: KNeighborsRegressor(1).fit(np.array([[{}], [1.0]], dtype=object), [0.0, 1.0]), TypeError,
+     "argument must be a string or a real number"),
 ])
 def test_bad_input(make, error, message):
     with pytest.raises(error, match=message):
@@ -208,3 +225,101 @@ def test_scikit_learn_model_selection_and_pipelines_take_them():
     ours = make_pipeline(StandardScaler(), KNeighborsClassifier(3)).fit(X, y)
     theirs = make_pipeline(StandardScaler(), sk_neighbors.KNeighborsClassifier(3)).fit(X, y)
     np.testing.assert_array_equal(ours.predict(X), theirs.predict(X))
+
+
+def test_bad_input_raises_what_sklearn_raises():
+    """Same error class and message as scikit-learn's twin on the same bad input (complex
+    input excepted: scikit-learn prints the whole array after its words, fastml the dtype)."""
+    X, y = np.random.default_rng(4).uniform(size=(20, 3)), np.arange(20) % 3
+    bad = {"unfitted": lambda cls: cls().predict(X),
+           "predict 1d": lambda cls: cls(3).fit(X, y).predict(X[0]),
+           "y None": lambda cls: cls().fit(X, None),
+           "y NaN": lambda cls: cls().fit(X, np.full(20, np.nan)),
+           "y inf": lambda cls: cls().fit(X, np.full(20, np.inf)),
+           "continuous y": lambda cls: cls().fit(X, X[:, 0]),
+           "object y": lambda cls: cls().fit(X, y.astype(object)),
+           "X 3d": lambda cls: cls().fit(X[:, :, None], y),
+           "X strings": lambda cls: cls().fit(X.astype(str), y),
+           "X inf": lambda cls: cls().fit(X * np.inf, y),
+           "y too short": lambda cls: cls().fit(X, y[:5]),
+           "y 3d": lambda cls: cls().fit(X, y[:, None, None])}
+    for ours, theirs in ((KNeighborsClassifier, sk_neighbors.KNeighborsClassifier),
+                         (KNeighborsRegressor, sk_neighbors.KNeighborsRegressor)):
+        for name, call in bad.items():
+            outcomes = []
+            for cls in (ours, theirs):
+                try:
+                    call(cls)
+                    outcomes.append(None)
+                except Exception as exc:
+                    outcomes.append(exc)
+            if outcomes[1] is None:  # the regressor takes continuous and object targets
+                assert outcomes[0] is None, (ours.__name__, name, outcomes[0])
+                continue
+            assert isinstance(outcomes[0], type(outcomes[1])), (ours.__name__, name, outcomes)
+            # scikit-learn adds advice on NaN in X; the rest is word for word
+            assert str(outcomes[1]).startswith(str(outcomes[0])), (ours.__name__, name, outcomes)
+
+
+def test_not_fitted_error_is_sklearn_s_and_pickles():
+    with pytest.raises(sklearn.exceptions.NotFittedError) as raised:
+        KNeighborsClassifier().predict_proba([[0.0]])
+    assert isinstance(raised.value, NotFittedError)
+    copy = pickle.loads(pickle.dumps(raised.value))
+    assert type(copy) is type(raised.value) and copy.args == raised.value.args
+
+
+def test_column_vector_y_warns_as_sklearn():
+    X = np.random.default_rng(5).uniform(size=(30, 3))
+    y = np.arange(30) % 3
+    with pytest.warns(sklearn.exceptions.DataConversionWarning, match="A column-vector y was passed") as caught:
+        clf = KNeighborsClassifier(3).fit(X, y[:, None])
+    assert caught[0].filename == __file__  # it points at the caller's fit
+    np.testing.assert_array_equal(clf.predict(X), KNeighborsClassifier(3).fit(X, y).predict(X))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KNeighborsRegressor(3).fit(X, y[:, None])  # (n_samples, 1) is one output, as scikit-learn
+
+
+def test_sparse_input_is_densified():
+    sparse = pytest.importorskip("scipy.sparse")
+    rng = np.random.default_rng(6)
+    X, y = rng.uniform(size=(60, 4)), rng.integers(0, 3, 60)
+    X[X < 0.6] = 0
+    dense = KNeighborsClassifier(3).fit(X, y)
+    # Rows of zeros tie, which scikit-learn breaks its own way: its distances, fastml's neighbours.
+    distances = sk_neighbors.KNeighborsClassifier(3).fit(X, y).kneighbors(X)[0]
+    for fmt in ("csr", "csc", "coo", "lil", "dok", "bsr", "dia"):
+        for container in (sparse.csr_matrix, sparse.csr_array):
+            Xs = container(X).asformat(fmt)
+            fm = KNeighborsClassifier(3).fit(Xs, y)
+            np.testing.assert_array_equal(fm.predict_proba(Xs), dense.predict_proba(X))
+            np.testing.assert_array_equal(fm.kneighbors(Xs)[1], dense.kneighbors(X)[1])
+            np.testing.assert_allclose(fm.kneighbors(Xs)[0], distances, rtol=1e-12)
+    reg = KNeighborsRegressor(2).fit(torch.from_numpy(X).to_sparse(), torch.from_numpy(y * 1.0))
+    np.testing.assert_array_equal(reg.predict(X), KNeighborsRegressor(2).fit(X, y * 1.0).predict(X))
+
+
+def test_import_fastml_imports_neither_sklearn_nor_scipy():
+    """Both are optional, and scikit-learn takes about a second to import: fastml.neighbors asks
+    for them only where it needs them (tags, a NotFittedError, a warning)."""
+    code = "import sys, fastml.neighbors; print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy'}))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastml.__file__)))  # this fastml, however it was found
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "[]"
+
+
+def test_sklearn_check_estimator_passes():
+    """scikit-learn's own estimator checks, every one, on both estimators."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    failures = []
+    for estimator in (KNeighborsClassifier(), KNeighborsRegressor()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results = check_estimator(estimator, on_fail=None)
+        assert len(results) > 40, "check_estimator ran its checks"
+        failures += [f"{type(estimator).__name__} {r['check_name']}: {r['exception']!r}"
+                     for r in results if r["status"] == "failed"]
+    assert not failures, "\n".join(failures)
