@@ -641,6 +641,10 @@ class KNeighborsClassifier(_KNeighborsBase):
         """(a list of each output's class probabilities (n_queries, n_classes_k), device)."""
         distances, indices, labels, device = self._neighbours(X, None, with_targets=True)
         weights = self._weights(distances, device)
+        if weights is not None and bool((weights == 0).all(dim=1).any()):
+            # scikit-learn refuses rather than returning a row of zero probabilities
+            raise ValueError("All neighbors of some sample is getting zero weights. Please modify 'weights' to avoid "
+                             "this case if you are using a user-defined function.")
         votes = torch.ones_like(distances) if weights is None else weights
         labels = labels if self.outputs_2d_ else labels[..., None]  # (n_queries, k, n_outputs)
         probas = []

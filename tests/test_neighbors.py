@@ -406,3 +406,13 @@ def test_multi_output_tags_as_sklearn():
                    (KNeighborsRegressor(), sk_neighbors.KNeighborsRegressor())):
         assert get_tags(fm).target_tags.multi_output == get_tags(sk).target_tags.multi_output is True
     assert get_tags(KNeighborsClassifier()).classifier_tags.multi_label is True
+
+
+def test_neighbours_all_of_zero_weight_are_refused_as_sklearn():
+    X, y = np.random.default_rng(0).random((12, 2)), np.arange(12) % 3
+    zero = lambda d: np.zeros_like(d) if isinstance(d, np.ndarray) else torch.zeros_like(d)  # noqa: E731
+    for method in ("predict", "predict_proba"):
+        with pytest.raises(ValueError, match="All neighbors of some sample is getting zero weights"):
+            getattr(sk_neighbors.KNeighborsClassifier(3, weights=zero).fit(X, y), method)(X[:2])
+        with pytest.raises(ValueError, match="All neighbors of some sample is getting zero weights"):
+            getattr(KNeighborsClassifier(3, weights=zero).fit(X, y), method)(X[:2])
