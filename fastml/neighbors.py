@@ -262,12 +262,13 @@ class _KNeighborsBase:
         from sklearn.utils import ClassifierTags, InputTags, RegressorTags, Tags, TargetTags
 
         classifier = self._estimator_type == "classifier"
-        # The regressor takes y of shape (n_samples, n_outputs); the classifier one label per sample.
+        # Both take y of shape (n_samples, n_outputs) (the classifier one label per output, so a
+        # multilabel indicator y too, as scikit-learn's, whose tags say multi_label).
         # Sparse X is taken (densified), as scikit-learn's KNeighbors* take it.
         return Tags(estimator_type=self._estimator_type,
                     input_tags=InputTags(sparse=True),
-                    target_tags=TargetTags(required=True, multi_output=not classifier),
-                    classifier_tags=ClassifierTags() if classifier else None,
+                    target_tags=TargetTags(required=True, multi_output=True),
+                    classifier_tags=ClassifierTags(multi_label=True) if classifier else None,
                     regressor_tags=None if classifier else RegressorTags())
 
     def __sklearn_clone__(self):
@@ -547,20 +548,25 @@ class KNeighborsClassifier(_KNeighborsBase):
     >>> clf = fastml.neighbors.KNeighborsClassifier(n_neighbors=3).fit(X, y)
     >>> clf.predict(X_new), clf.predict_proba(X_new), clf.kneighbors(X_new)
 
+    y may have several columns (multi-output, as scikit-learn's): each output is voted on apart,
+    ``classes_`` is then a list of each output's classes, ``predict`` gives (n_queries, n_outputs)
+    and ``predict_proba`` a list of each output's (n_queries, n_classes_k) probabilities.
+
     With a process_group, each rank fits its shard (X_rank, y_rank); ``classes_`` is the union
-    of every shard's labels, sorted, on every rank.
+    of every shard's labels (per output), sorted, on every rank.
     """
 
     _estimator_type = "classifier"
 
     def fit(self, X, y):
         """Remembers the training points X (n_samples, n_features) and their labels y
-        (n_samples,), of any values; returns self. With a process_group: this rank's shard of
+        (n_samples,) or (n_samples, n_outputs), of any values; returns self. With a process_group: this rank's shard of
         them, every rank calling fit."""
         return super().fit(X, y)
 
     def _checked_shard(self, X, y, min_samples):
-        """(X, (the shard's classes, sorted, and each label's position among them))."""
+        """(X, (the shard's classes, sorted, and each label's position among them)); with several
+        outputs, (a list of each output's classes, codes of shape (n_samples, n_outputs))."""
         X = self._checked_X(X, y, min_samples)
         if isinstance(y, torch.Tensor):
             labels = y.detach().cpu().numpy()
@@ -571,8 +577,8 @@ class KNeighborsClassifier(_KNeighborsBase):
         column = labels.ndim == 2 and labels.shape[1] == 1
         if labels.ndim > 2:
             raise _over_2d(labels.ndim, type(self).__name__)
-        if labels.ndim != 1 and not column:
-            raise ValueError(f"y must be 1-D (one label per sample), got shape {labels.shape}")
+        if labels.ndim == 0:
+            raise ValueError(f"y must be (n_samples,) or (n_samples, n_outputs), got shape {labels.shape}")
         if labels.shape[0] != X.shape[0]:
             raise ValueError(f"Found input variables with inconsistent numbers of samples: "
                              f"[{X.shape[0]}, {labels.shape[0]}]")
@@ -585,55 +591,124 @@ class KNeighborsClassifier(_KNeighborsBase):
             labels = labels.ravel()
         kind = _label_kind(labels)
         if kind is not None:
+            if kind == "continuous" and labels.ndim == 2:
+                kind = "continuous-multioutput"  # scikit-learn's type_of_target's name for it
             raise ValueError(f"Unknown label type: {kind}. Maybe you are trying to fit a classifier, which expects "
                              "discrete classes on a regression target with continuous values.")
-        return X, np.unique(labels, return_inverse=True)
+        if labels.ndim == 1:
+            return X, np.unique(labels, return_inverse=True)
+        classes, codes = [], np.empty(labels.shape, dtype=np.int64)
+        for output in range(labels.shape[1]):
+            output_classes, codes[:, output] = np.unique(labels[:, output], return_inverse=True)
+            classes.append(output_classes)
+        return X, (classes, codes)
 
     def _describe(self, X, labels) -> dict:
-        return {**super()._describe(X, labels), "classes": labels[0]}
+        classes = labels[0]
+        outputs = len(classes) if isinstance(classes, list) else None  # None: one output, y 1-D
+        return {**super()._describe(X, labels), "classes": classes, "outputs": outputs}
+
+    def _check_targets(self, shards) -> None:
+        outputs = [shard["outputs"] for shard in shards]
+        if len(set(outputs)) > 1:
+            raise ValueError(f"y must have the same number of outputs on every rank of the process group, got "
+                             f"{['1-D' if o is None else o for o in outputs]} (rank order)")
 
     def _set_targets(self, labels, shards) -> None:
         classes, codes = labels
-        if len(shards) == 1:
-            self.classes_ = classes
-        else:
+        multi = isinstance(classes, list)
+        if len(shards) > 1:
+            # Each output's classes are the union of the shards' (sorted), the codes remapped into it.
             # An empty shard's labels (numpy's default dtype for []) take no part in the union's dtype.
-            self.classes_ = np.unique(np.concatenate([shard["classes"] for shard in shards if shard["n_samples"]]))
+            filled = [shard["classes"] if multi else [shard["classes"]] for shard in shards if shard["n_samples"]]
+            mine = classes if multi else [classes]
+            union = [np.unique(np.concatenate([shard[output] for shard in filled])) for output in range(len(mine))]
             if len(codes):
-                codes = np.searchsorted(self.classes_, classes)[codes]
-        self.outputs_2d_ = False
+                codes = codes.reshape(len(codes), -1).copy()
+                for output, output_classes in enumerate(mine):
+                    codes[:, output] = np.searchsorted(union[output], output_classes)[codes[:, output]]
+                codes = codes if multi else codes.ravel()
+            classes = union if multi else union[0]
+        self.classes_ = classes
+        self.outputs_2d_ = multi
         self._y = torch.from_numpy(np.asarray(codes, dtype=np.int64)).to(self._fit_X.device)
 
+    def _outputs(self) -> list[np.ndarray]:
+        """Each output's classes (one output: [classes_])."""
+        return self.classes_ if self.outputs_2d_ else [self.classes_]
+
     def _proba(self, X):
+        """(a list of each output's class probabilities (n_queries, n_classes_k), device)."""
         distances, indices, labels, device = self._neighbours(X, None, with_targets=True)
         weights = self._weights(distances, device)
+        if weights is not None and bool((weights == 0).all(dim=1).any()):
+            # scikit-learn refuses rather than returning a row of zero probabilities
+            raise ValueError("All neighbors of some sample is getting zero weights. Please modify 'weights' to avoid "
+                             "this case if you are using a user-defined function.")
         votes = torch.ones_like(distances) if weights is None else weights
-        proba = torch.zeros((indices.shape[0], len(self.classes_)), dtype=distances.dtype, device=distances.device)
-        proba.scatter_add_(1, labels, votes)
-        total = proba.sum(dim=1, keepdim=True)
-        total[total == 0] = 1.0
-        return proba / total, device
+        labels = labels if self.outputs_2d_ else labels[..., None]  # (n_queries, k, n_outputs)
+        probas = []
+        for output, classes in enumerate(self._outputs()):
+            proba = torch.zeros((indices.shape[0], len(classes)), dtype=distances.dtype, device=distances.device)
+            proba.scatter_add_(1, labels[..., output].contiguous(), votes)
+            total = proba.sum(dim=1, keepdim=True)
+            total[total == 0] = 1.0
+            probas.append(proba / total)
+        return probas, device
 
     def predict_proba(self, X):
-        """Class probabilities (n_queries, n_classes), classes in the order of ``classes_``."""
-        proba, device = self._proba(X)
-        return _back(proba, device)
+        """Class probabilities (n_queries, n_classes), classes in the order of ``classes_``; with
+        several outputs, a list of each output's."""
+        probas, device = self._proba(X)
+        probas = [_back(proba, device) for proba in probas]
+        return probas if self.outputs_2d_ else probas[0]
 
     def predict(self, X):
-        """The most probable class of each query (ties: the first in ``classes_``)."""
-        proba, device = self._proba(X)
-        winners = proba.argmax(dim=1).cpu().numpy()
-        labels = self.classes_[winners]
+        """The most probable class of each query (ties: the first in ``classes_``): (n_queries,),
+        or (n_queries, n_outputs) with several outputs."""
+        probas, device = self._proba(X)
+        columns = [classes[proba.argmax(dim=1).cpu().numpy()] for classes, proba in zip(self._outputs(), probas)]
+        if not self.outputs_2d_:
+            labels = columns[0]
+        elif self.weights == "uniform":
+            # scikit-learn stacks the outputs' labels here (numpy promotes their dtypes) ...
+            labels = np.stack(columns, axis=1)
+        else:
+            # ... and here fills an array of the first output's dtype: its results, whatever they are.
+            labels = np.empty((len(columns[0]), len(columns)), dtype=columns[0].dtype)
+            for output, column in enumerate(columns):
+                labels[:, output] = column
         if device is not None and labels.dtype != object and labels.dtype.kind in "biuf":
             return torch.from_numpy(labels).to(device)
         return labels
 
     def score(self, X, y, sample_weight=None) -> float:
-        """Mean accuracy of ``predict(X)`` against y (weighted by sample_weight)."""
+        """Mean accuracy of ``predict(X)`` against y (weighted by sample_weight); with several
+        outputs, subset accuracy (every output right), which scikit-learn's accuracy_score takes
+        for multilabel indicators (0/1 outputs) only: other multi-output y raise as there."""
         predicted = self.predict(X)
         predicted = predicted.cpu().numpy() if isinstance(predicted, torch.Tensor) else predicted
         truth = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-        return float(np.average(predicted == truth.ravel(), weights=sample_weight))
+        if truth.ndim == 2 and truth.shape[1] == 1:
+            truth = truth.ravel()
+        if truth.ndim == 1 and predicted.ndim == 1:
+            return float(np.average(predicted == truth, weights=sample_weight))
+        kinds = [_score_kind(truth), _score_kind(predicted)]
+        if len(set(kinds)) > 1:
+            raise ValueError(f"Classification metrics can't handle a mix of {kinds[0]} and {kinds[1]} targets")
+        if kinds[0] != "multilabel-indicator":
+            raise ValueError(f"{kinds[0]} is not supported")
+        return float(np.average((predicted == truth).all(axis=1), weights=sample_weight))
+
+
+def _score_kind(labels: np.ndarray) -> str:
+    """scikit-learn's type_of_target as its accuracy_score tells multi-output labels apart: 2-D
+    labels with at most two distinct integer values are a multilabel indicator."""
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        values = np.unique(labels)
+        integral = labels.dtype.kind in "biu" or (labels.dtype.kind == "f" and bool((values == np.trunc(values)).all()))
+        return "multilabel-indicator" if len(values) < 3 and integral else "multiclass-multioutput"
+    return "binary" if len(np.unique(labels)) <= 2 else "multiclass"
 
 
 class KNeighborsRegressor(_KNeighborsBase):

@@ -230,12 +230,19 @@ def _knn_data(seed: int) -> dict:
     gaussian = rng.normal(size=(15, 3)).astype(np.float32)
     gaussian[9] = gaussian[2]  # a duplicate, for the leave-self-out rule
     names = np.array(["wolf", "dog", "fox", "owl"])[rng.integers(0, 4, 15)]
+    gaussian_queries = rng.normal(size=(6, 3)).astype(np.float32)
+    # Multi-output: the ties' labels and words (one output of strings, so all are strings), and
+    # integer outputs of which rank 0 is passed an empty shard.
+    ties_y = np.concatenate([y0, y1])
+    multi = np.stack([ties_y.astype(str), np.array(["wolf", "dog", "fox"])[rng.integers(0, 3, 19)]], axis=1)
     return {
         "ties": (np.concatenate([X0, X1]), np.concatenate([y0, y1]), 7, None),
         "regression": (gaussian, rng.normal(size=(15, 2)), 0, 0),
         "strings": (gaussian, names, 15, 1),
         "ties_queries": ties_queries,
-        "gaussian_queries": rng.normal(size=(6, 3)).astype(np.float32),
+        "gaussian_queries": gaussian_queries,
+        "multi-output": (np.concatenate([X0, X1]), multi, 7, None),
+        "multi-output, an empty shard": (gaussian, rng.integers(0, 4, (15, 3)), 0, 0),
     }
 
 
@@ -245,8 +252,8 @@ def _outcome(call: Callable):
         result = call()
     except Exception as exc:
         return "raised", type(exc).__name__, str(exc)
-    if isinstance(result, tuple):
-        return tuple(_plain(r) for r in result)
+    if isinstance(result, (tuple, list)):
+        return type(result)(_plain(r) for r in result)
     return _plain(result)
 
 
@@ -303,6 +310,16 @@ def _knn_answers(seed: int, group=None, rank=None) -> dict:
     answers["strings", "classes"] = clf.classes_
     answers["strings", "predict"] = _outcome(lambda: clf.predict(gaussian_queries))
     answers["strings", "predict_proba"] = _outcome(lambda: clf.predict_proba(gaussian_queries))
+
+    for name, queries in (("multi-output", data["ties_queries"]), ("multi-output, an empty shard", gaussian_queries)):
+        X, y = training(name)
+        for weights in ("uniform", "distance"):
+            clf = KNeighborsClassifier(3, weights=weights, process_group=group).fit(X, y)
+            key = (name, weights)
+            answers[key, "fitted"] = (clf.classes_, clf.outputs_2d_, clf.n_samples_fit_)
+            answers[key, "predict"] = _outcome(lambda: clf.predict(queries))
+            answers[key, "predict_proba"] = _outcome(lambda: clf.predict_proba(queries))
+            answers[key, "predict(None)"] = _outcome(lambda: clf.predict(None))
     return answers
 
 
@@ -325,6 +342,8 @@ def _knn_worker(rank: int, seed: int) -> dict:
         "dtypes": _outcome(lambda: KNeighborsClassifier(3, process_group=group).fit(
             X if rank == 0 else X.astype(np.float32), y)),
         "targets": _outcome(lambda: KNeighborsRegressor(3, process_group=group).fit(
+            X, y if rank == 0 else np.stack([y, y], axis=1))),
+        "outputs": _outcome(lambda: KNeighborsClassifier(3, process_group=group).fit(
             X, y if rank == 0 else np.stack([y, y], axis=1))),
         "not a group": _outcome(lambda: KNeighborsClassifier(3, process_group="world").fit(X, y)),
     }
@@ -351,8 +370,8 @@ def knn_runs(tmp_path_factory):
 
 
 def _assert_same(got, expected, where):
-    if isinstance(expected, tuple):
-        assert isinstance(got, tuple) and len(got) == len(expected), where
+    if isinstance(expected, (tuple, list)):
+        assert type(got) is type(expected) and len(got) == len(expected), where
         for a, b in zip(got, expected):
             _assert_same(a, b, where)
     elif isinstance(expected, np.ndarray):
@@ -378,6 +397,10 @@ def test_neighbours_identical_to_one_process_on_the_concatenation(knn_runs):
     assert "n_neighbors = 20, n_samples_fit = 19" in expected["too many", "kneighbors()"][2]
     assert expected[("regression", "uniform"), "kneighbors"][0][0] == "tensor"
     assert expected[("regression", "uniform"), "fitted"][1] == torch.float32
+    classes, outputs_2d, _ = expected[("multi-output", "uniform"), "fitted"]
+    assert outputs_2d and [list(c) for c in classes] == [["-1", "0", "1", "2", "7"], ["dog", "fox", "wolf"]]
+    assert expected[("multi-output, an empty shard", "distance"), "predict"][0] == "tensor"
+    assert len(expected[("multi-output, an empty shard", "distance"), "predict_proba"]) == 3
 
 
 def test_distributed_errors_raise_on_every_rank(knn_runs):
@@ -391,6 +414,7 @@ def test_distributed_errors_raise_on_every_rank(knn_runs):
         for name, message in [("features", "X has 3 features on rank 1 of the process group but 2 on rank 0"),
                               ("dtypes", "X must have one dtype on every rank"),
                               ("targets", "y must have the same shape past its first dimension"),
+                              ("outputs", "y must have the same number of outputs on every rank"),
                               ("not a group", "process_group must be a torch.distributed ProcessGroup"),
                               ("query counts", "every rank of the process group must ask for the neighbours of "
                                                "the same queries")]:

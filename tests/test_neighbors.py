@@ -323,3 +323,96 @@ def test_sklearn_check_estimator_passes():
         failures += [f"{type(estimator).__name__} {r['check_name']}: {r['exception']!r}"
                      for r in results if r["status"] == "failed"]
     assert not failures, "\n".join(failures)
+
+
+def _multi_output_data(seed):
+    """Jittered uniform points (no distance ties) and three outputs, one of them words (so y is
+    strings, as numpy makes it)."""
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(size=(60, 4)) + rng.normal(scale=1e-6, size=(60, 4))
+    y = rng.integers(0, 3, (60, 3)).astype(str)
+    y[:, 1] = np.array(["wolf", "dog", "fox", "owl"])[rng.integers(0, 4, 60)]
+    return X[:45], y[:45], X[45:], y[45:]
+
+
+@pytest.mark.parametrize("weights", ["uniform", "distance", None, lambda d: 1 / (1 + d)])
+def test_multi_output_classifier_identical_to_sklearn(weights):
+    X, y, X_test, y_test = _multi_output_data(7)
+    for labels in (y, y[:, ::-1], (y == "1").astype(int)):  # words first, last; a multilabel indicator
+        fm = KNeighborsClassifier(4, weights=weights).fit(X, labels)
+        sk = sk_neighbors.KNeighborsClassifier(4, weights=weights).fit(X, labels)
+        assert fm.outputs_2d_ and isinstance(fm.classes_, list) and len(fm.classes_) == 3
+        for a, b in zip(fm.classes_, sk.classes_):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+        predicted = fm.predict(X_test)
+        assert predicted.shape == (15, 3) and predicted.dtype == sk.predict(X_test).dtype
+        np.testing.assert_array_equal(predicted, sk.predict(X_test))
+        np.testing.assert_array_equal(fm.predict(None), sk.predict(None))
+        probas, sk_probas = fm.predict_proba(X_test), sk.predict_proba(X_test)
+        assert isinstance(probas, list) and len(probas) == 3
+        for a, b in zip(probas, sk_probas):
+            np.testing.assert_allclose(a, b, rtol=1e-12)
+    truth = (y_test == "1").astype(int)
+    assert fm.score(X_test, truth) == sk.score(X_test, truth)  # subset accuracy
+    assert fm.score(X_test, truth, sample_weight=np.arange(15)) == sk.score(X_test, truth, sample_weight=np.arange(15))
+    # accuracy_score takes no multiclass multi-output y; neither does fastml.
+    fm, sk = KNeighborsClassifier(4).fit(X, y), sk_neighbors.KNeighborsClassifier(4).fit(X, y)
+    with pytest.raises(ValueError, match="multiclass-multioutput is not supported"):
+        sk.score(X_test, y_test)
+    with pytest.raises(ValueError, match="multiclass-multioutput is not supported"):
+        fm.score(X_test, y_test)
+
+
+def test_multi_output_classifier_takes_and_gives_tensors():
+    X, _, X_test, _ = _multi_output_data(8)
+    y = np.random.default_rng(8).integers(0, 4, (45, 2))
+    fm = KNeighborsClassifier(3, weights="distance").fit(torch.from_numpy(X), torch.from_numpy(y))
+    sk = sk_neighbors.KNeighborsClassifier(3, weights="distance").fit(X, y)
+    predicted = fm.predict(torch.from_numpy(X_test))
+    assert isinstance(predicted, torch.Tensor) and predicted.shape == (15, 2)
+    np.testing.assert_array_equal(predicted.numpy(), sk.predict(X_test))
+    probas = fm.predict_proba(torch.from_numpy(X_test))
+    assert all(isinstance(p, torch.Tensor) for p in probas)
+    for a, b in zip(probas, sk.predict_proba(X_test)):
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-12)
+    with pytest.raises(ValueError, match="Unknown label type: continuous-multioutput"):
+        KNeighborsClassifier().fit(X, np.random.default_rng(8).uniform(size=(45, 2)))
+
+
+@pytest.mark.parametrize("weights", [None, "uniform", "distance", lambda d: d**-2])
+def test_kneighbors_classifier_multioutput_as_sklearn_s_test(weights):
+    """The logic of scikit-learn's test_KNeighborsClassifier_multioutput: each output fitted on
+    its own gives the multi-output fit's predictions and probabilities."""
+    rng = np.random.RandomState(0)
+    X, y = rng.rand(50, 5), rng.randint(0, 3, (50, 3))
+    X_train, X_test, y_train = X[:37], X[37:], y[:37]
+    single = [KNeighborsClassifier(weights=weights).fit(X_train, y_train[:, o]) for o in range(3)]
+    y_pred_so = np.vstack([knn.predict(X_test) for knn in single]).T
+    knn_mo = KNeighborsClassifier(weights=weights).fit(X_train, y_train)
+    y_pred_mo = knn_mo.predict(X_test)
+    assert y_pred_mo.shape == y_pred_so.shape == (13, 3)
+    np.testing.assert_array_equal(y_pred_mo, y_pred_so)
+    probas = knn_mo.predict_proba(X_test)
+    assert len(probas) == 3
+    for proba_mo, knn in zip(probas, single):
+        np.testing.assert_array_equal(proba_mo, knn.predict_proba(X_test))
+
+
+def test_multi_output_tags_as_sklearn():
+    from sklearn.utils import get_tags
+
+    for fm, sk in ((KNeighborsClassifier(), sk_neighbors.KNeighborsClassifier()),
+                   (KNeighborsRegressor(), sk_neighbors.KNeighborsRegressor())):
+        assert get_tags(fm).target_tags.multi_output == get_tags(sk).target_tags.multi_output is True
+    assert get_tags(KNeighborsClassifier()).classifier_tags.multi_label is True
+
+
+def test_neighbours_all_of_zero_weight_are_refused_as_sklearn():
+    X, y = np.random.default_rng(0).random((12, 2)), np.arange(12) % 3
+    zero = lambda d: np.zeros_like(d) if isinstance(d, np.ndarray) else torch.zeros_like(d)  # noqa: E731
+    for method in ("predict", "predict_proba"):
+        with pytest.raises(ValueError, match="All neighbors of some sample is getting zero weights"):
+            getattr(sk_neighbors.KNeighborsClassifier(3, weights=zero).fit(X, y), method)(X[:2])
+        with pytest.raises(ValueError, match="All neighbors of some sample is getting zero weights"):
+            getattr(KNeighborsClassifier(3, weights=zero).fit(X, y), method)(X[:2])
