@@ -53,7 +53,8 @@ def test_classifier_identical_to_sklearn(backend, name):
     if backend.interpreted and name == "digits":
         pytest.skip("digits through the Triton interpreter takes minutes: iris covers the kernel")
     X_train, y_train, X_test = DATASETS[name]
-    ks = (1, 15) if backend.interpreted else range(1, 16)  # the interpreter: seconds per fit
+    # the interpreter takes seconds per fit: one k there (test_knn checks its kernel at every k)
+    ks = (15,) if backend.interpreted else range(1, 16)
     for k, weights, p in itertools.product(ks, ("uniform", "distance"), (1, 2)):
         sk = sk_neighbors.KNeighborsClassifier(k, weights=weights, p=p).fit(X_train, y_train)
         fm = KNeighborsClassifier(k, weights=weights, p=p).fit(X_train, y_train)
@@ -78,7 +79,8 @@ def test_regressor_identical_to_sklearn(backend):
     X, X_test = rng.normal(size=(120, 5)), rng.normal(size=(33, 5))
     y = np.c_[X @ rng.normal(size=5), np.sin(X[:, 0])]
     ks = (4,) if backend.interpreted else (1, 4, 15)  # the interpreter: seconds per fit
-    for k, weights, p, target in itertools.product(ks, ("uniform", "distance"), (1, 2), (y[:, 0], y)):
+    targets = (y,) if backend.interpreted else (y[:, 0], y)  # the interpreter: both outputs in one fit
+    for k, weights, p, target in itertools.product(ks, ("uniform", "distance"), (1, 2), targets):
         sk = sk_neighbors.KNeighborsRegressor(k, weights=weights, p=p).fit(X, target)
         fm = KNeighborsRegressor(k, weights=weights, p=p).fit(X, target)
         np.testing.assert_allclose(fm.predict(X_test), sk.predict(X_test), rtol=1e-12, atol=1e-12)
