@@ -82,13 +82,12 @@ class _KernelStep:
 
     def _runs_in_torch(self, group, *hyperparameters) -> bool:
         """Whether a group's step must run torch's own implementation (see the module docstring)."""
-        if is_compiling():
-            # Traced into a graph, the step is fastml's custom op where torch has them. Dynamo
-            # shows every group with capturable=True while it traces an optimizer, so that flag
-            # says nothing here; the op counts steps on any device.
-            return bool(not LIBRARY or group.get("differentiable") or getattr(self, "grad_scale", None) is not None
-                        or getattr(self, "found_inf", None) is not None or _requires_grad(*hyperparameters))
-        return bool(group.get("differentiable") or group.get("capturable")
+        tracing = is_compiling()
+        # Traced into a graph, the step is fastml's custom op where torch has them. Dynamo shows
+        # every group with capturable=True while it traces an optimizer, so that flag says nothing
+        # then; the op counts steps on any device.
+        return bool((tracing and not LIBRARY) or (group.get("capturable") and not tracing)
+                    or group.get("differentiable")
                     or getattr(self, "grad_scale", None) is not None
                     or getattr(self, "found_inf", None) is not None
                     or _requires_grad(*hyperparameters))
