@@ -1,11 +1,11 @@
-"""What several examples share: the course's synthetic regression problem and its picture, and
-scikit-learn's digits as tensors."""
+"""What several examples share: the course's synthetic regression problem and its picture,
+scikit-learn's digits as tensors, and the training and report of a digits classifier."""
 
 from __future__ import annotations
 
 import torch
 
-from fastml.training import MissingDependencyError, figure, save_figure
+from fastml.training import MissingDependencyError, Trainer, figure, save_figure
 
 TRUE_W, TRUE_B = [2.0, -3.4], 4.2
 
@@ -46,3 +46,14 @@ def load_digits(seed: int = 0, test_size: float = 0.2):
     images = torch.tensor(digits.images / 16.0, dtype=torch.float32)
     labels = torch.tensor(digits.target, dtype=torch.int64)
     return images[train], labels[train], images[test], labels[test]
+
+
+def train_classifier(model, data, epochs: int, png, title: str, progress: bool) -> dict:
+    """Trains a digits classifier for ``epochs``, plots its curves to ``png`` and reports the
+    accuracy on the validation split, which is the held-out test fifth of the digits."""
+    trainer = Trainer(max_epochs=epochs, progress=progress)
+    history = trainer.fit(model, data)
+    path = trainer.plot(png, title=title)
+    test_accuracy = history.val["accuracy"][-1]
+    return {"test_accuracy": test_accuracy, "history": history, "files": [path],
+            "headline": f"test accuracy {test_accuracy:.1%} after {epochs} epochs"}

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 import fastml
-from fastml.examples._common import load_digits
-from fastml.training import Classifier, DataModule, Trainer
+from fastml.examples._common import load_digits, train_classifier
+from fastml.training import Classifier, DataModule
 
 
 class LeNet(Classifier):
@@ -52,9 +52,5 @@ def main(out_dir, quick: bool = False, progress: bool = True) -> dict:
     data = DataModule(shifted_copies(to_28x28(X_train), y_train), (to_28x28(X_test), y_test), batch_size=128,
                       seed=0)
     model = LeNet(lr=2e-3)
-    trainer = Trainer(max_epochs=2 if quick else 8, progress=progress)
-    history = trainer.fit(model, data)
-    png = trainer.plot(Path(out_dir) / "lenet.png", title="LeNet on the digits (upsampled to 28×28)")
-    test_accuracy = history.val["accuracy"][-1]
-    return {"test_accuracy": test_accuracy, "history": history, "files": [png],
-            "headline": f"test accuracy {test_accuracy:.1%} after {trainer.max_epochs} epochs"}
+    return train_classifier(model, data, 2 if quick else 8, Path(out_dir) / "lenet.png",
+                            "LeNet on the digits (upsampled to 28×28)", progress)

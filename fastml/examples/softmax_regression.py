@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 import fastml
-from fastml.examples._common import load_digits
-from fastml.training import Classifier, DataModule, Trainer
+from fastml.examples._common import load_digits, train_classifier
+from fastml.training import Classifier, DataModule
 
 
 class SoftmaxRegression(Classifier):
@@ -34,9 +34,5 @@ def main(out_dir, quick: bool = False, progress: bool = True) -> dict:
     X_train, y_train, X_test, y_test = load_digits()
     data = DataModule((X_train, y_train), (X_test, y_test), batch_size=64, seed=0)
     model = SoftmaxRegression(64, 10, lr=0.5)
-    trainer = Trainer(max_epochs=5 if quick else 30, progress=progress)
-    history = trainer.fit(model, data)
-    png = trainer.plot(Path(out_dir) / "softmax_regression.png", title="softmax regression on the digits")
-    test_accuracy = history.val["accuracy"][-1]
-    return {"test_accuracy": test_accuracy, "history": history, "files": [png],
-            "headline": f"test accuracy {test_accuracy:.1%} after {trainer.max_epochs} epochs"}
+    return train_classifier(model, data, 5 if quick else 30, Path(out_dir) / "softmax_regression.png",
+                            "softmax regression on the digits", progress)
