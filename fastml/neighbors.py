@@ -218,6 +218,7 @@ def _agree(group, error: Exception | None, what: str, call: tuple[int, ...]) -> 
 
 class _KNeighborsBase:
     _estimator_type = None
+    _SAME_TARGETS = ""  # what every rank's y must have alike, as _describe's "outputs" says it
 
     def __init__(self, n_neighbors=5, *, weights="uniform", algorithm="auto", leaf_size=30, p=2,
                  metric="minkowski", metric_params=None, n_jobs=None, process_group=None):
@@ -386,7 +387,11 @@ class _KNeighborsBase:
         self._set_targets(y, shards)
 
     def _check_targets(self, shards: list[dict]) -> None:
-        """Whether the ranks' targets can make one training set (raises if not)."""
+        """Whether the ranks' targets can make one training set: the same "outputs" (raises if not)."""
+        outputs = [shard["outputs"] for shard in shards]
+        if len(set(outputs)) > 1:
+            raise ValueError(f"y must have {self._SAME_TARGETS} on every rank of the process group, got {outputs} "
+                             "(rank order)")
 
     def _set_targets(self, y, shards: list[dict]) -> None:
         raise NotImplementedError
@@ -557,6 +562,7 @@ class KNeighborsClassifier(_KNeighborsBase):
     """
 
     _estimator_type = "classifier"
+    _SAME_TARGETS = "the same number of outputs"
 
     def fit(self, X, y):
         """Remembers the training points X (n_samples, n_features) and their labels y
@@ -605,14 +611,8 @@ class KNeighborsClassifier(_KNeighborsBase):
 
     def _describe(self, X, labels) -> dict:
         classes = labels[0]
-        outputs = len(classes) if isinstance(classes, list) else None  # None: one output, y 1-D
+        outputs = len(classes) if isinstance(classes, list) else "1-D"  # one output, y 1-D
         return {**super()._describe(X, labels), "classes": classes, "outputs": outputs}
-
-    def _check_targets(self, shards) -> None:
-        outputs = [shard["outputs"] for shard in shards]
-        if len(set(outputs)) > 1:
-            raise ValueError(f"y must have the same number of outputs on every rank of the process group, got "
-                             f"{['1-D' if o is None else o for o in outputs]} (rank order)")
 
     def _set_targets(self, labels, shards) -> None:
         classes, codes = labels
@@ -716,6 +716,7 @@ class KNeighborsRegressor(_KNeighborsBase):
     interface); y may have several columns."""
 
     _estimator_type = "regressor"
+    _SAME_TARGETS = "the same shape past its first dimension"
 
     def fit(self, X, y):
         """Remembers the training points X (n_samples, n_features) and targets y (n_samples,) or
@@ -740,12 +741,6 @@ class KNeighborsRegressor(_KNeighborsBase):
 
     def _describe(self, X, targets) -> dict:
         return {**super()._describe(X, targets), "outputs": tuple(targets.shape[1:])}
-
-    def _check_targets(self, shards) -> None:
-        outputs = [shard["outputs"] for shard in shards]
-        if len(set(outputs)) > 1:
-            raise ValueError(f"y must have the same shape past its first dimension on every rank of the "
-                             f"process group, got {outputs} (rank order)")
 
     def _set_targets(self, targets, shards) -> None:
         self._y = targets.to(self._fit_X.dtype)
