@@ -76,5 +76,24 @@ def or_placeholder(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return placeholder(like) if t is None else t
 
 
+def gradient_outputs(grads, needs, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A backend's gradients as a custom op returns them: the placeholder for each one not
+    asked for (``needs``, one flag per gradient)."""
+    return tuple(or_placeholder(g if need else None, like) for g, need in zip(grads, needs))
+
+
+def gradient_fakes(like: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, needs) -> tuple[torch.Tensor, ...]:
+    """A layer's uninitialised (grad_x, grad_weight, grad_bias), the bias being weight's first
+    dimension, of ``like``'s dtype and device: the placeholder for each one not asked for."""
+    shapes = (x.shape, weight.shape, weight.shape[:1])
+    return tuple(like.new_empty(shape) if need else placeholder(like) for shape, need in zip(shapes, needs))
+
+
+def asked(grads, needs) -> tuple[torch.Tensor | None, ...]:
+    """Gradients as autograd takes them: None for each one not asked for (whatever a custom op
+    returned there)."""
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
 def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()

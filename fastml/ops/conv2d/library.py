@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from fastml import _backend
-from fastml.ops import contiguous, or_placeholder, placeholder
+from fastml.ops import asked, contiguous, gradient_fakes, gradient_outputs
 from fastml.ops.conv2d import IMPLEMENTED, impl, output_size
 
 
@@ -35,29 +35,12 @@ def conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[in
     grads = impl(_backend.select(grad, IMPLEMENTED)).backward(
         grad.contiguous(), x.contiguous(), weight.contiguous(), tuple(stride), tuple(padding), tuple(dilation),
         groups, tuple(needs))
-    return as_outputs(grads, needs, grad)
+    return gradient_outputs(grads, needs, grad)
 
 
 @conv2d_backward.register_fake
 def _(grad, x, weight, stride, padding, dilation, groups, needs):
-    return parameter_gradients(grad, x, weight, needs)
-
-
-def parameter_gradients(grad, x, weight, needs):
-    """Uninitialised (grad_x, grad_weight, grad_bias), the (0,) placeholder where not needed."""
-    shapes = (x.shape, weight.shape, weight.shape[:1])
-    return tuple(grad.new_empty(shape) if need else placeholder(grad) for shape, need in zip(shapes, needs))
-
-
-def as_outputs(grads, needs, like):
-    """A backend's (grad_x, grad_weight, grad_bias) as a backward op returns them: the (0,)
-    placeholder for each one not asked for."""
-    return tuple(or_placeholder(g if need else None, like) for g, need in zip(grads, needs))
-
-
-def gradients(op, grad, *args, needs):
-    """A backward op's (grad_x, grad_weight, grad_bias), None where not asked for."""
-    return tuple(g if need else None for g, need in zip(op(grad, *args, needs), needs))
+    return gradient_fakes(grad, x, weight, needs)
 
 
 def _setup_context(ctx, inputs, output):
@@ -70,7 +53,7 @@ def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     needs = [need_x, need_w, need_b and ctx.has_bias]
-    grads = gradients(torch.ops.fastml.conv2d_backward, grad, x, weight, *ctx.args, needs=needs)
+    grads = asked(torch.ops.fastml.conv2d_backward(grad, x, weight, *ctx.args, needs), needs)
     return (*grads, None, None, None, None)
 
 

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from fastml import _backend
-from fastml.ops import contiguous
-from fastml.ops.conv2d.library import as_outputs, gradients, parameter_gradients
+from fastml.ops import asked, contiguous, gradient_fakes, gradient_outputs
 from fastml.ops.conv2d_relu_max_pool2d import IMPLEMENTED, impl
 from fastml.ops.conv2d_relu_max_pool2d.reference import empty_outputs
 
@@ -40,12 +39,12 @@ def conv2d_relu_max_pool2d_backward(grad: Tensor, out: Tensor, argmax: Tensor, x
     grads = impl(_backend.select(grad, IMPLEMENTED)).backward(
         grad.contiguous(), out.contiguous(), argmax.contiguous(), x.contiguous(), weight.contiguous(), tuple(stride),
         tuple(padding), tuple(dilation), groups, tuple(pool_kernel), tuple(pool_stride), tuple(needs))
-    return as_outputs(grads, needs, grad)
+    return gradient_outputs(grads, needs, grad)
 
 
 @conv2d_relu_max_pool2d_backward.register_fake
 def _(grad, out, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
-    return parameter_gradients(grad, x, weight, needs)
+    return gradient_fakes(grad, x, weight, needs)
 
 
 def _setup_context(ctx, inputs, output):
@@ -59,8 +58,8 @@ def _backward(ctx, grad, _):
     out, argmax, x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     needs = [need_x, need_w, need_b and ctx.has_bias]
-    grads = gradients(torch.ops.fastml.conv2d_relu_max_pool2d_backward, grad, out, argmax, x, weight, *ctx.args,
-                      needs=needs)
+    grads = asked(torch.ops.fastml.conv2d_relu_max_pool2d_backward(grad, out, argmax, x, weight, *ctx.args, needs),
+                  needs)
     return (*grads, *([None] * 6))
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fastml import _backend
-from fastml.ops import contiguous, or_placeholder, placeholder
+from fastml.ops import asked, contiguous, gradient_fakes, gradient_outputs
 from fastml.ops.linear import IMPLEMENTED, impl
 
 
@@ -35,21 +35,18 @@ def linear_backward(grad: Tensor, x: Tensor, weight: Tensor, need_input: bool, n
     grad_w = grad_b = None
     if need_weight or need_bias:
         grad_w, grad_b = kernels.backward_weight(grad, x, need_bias)
-    return (or_placeholder(grad_x, grad), or_placeholder(grad_w if need_weight else None, grad),
-            or_placeholder(grad_b, grad))
+    return gradient_outputs((grad_x, grad_w, grad_b), (need_input, need_weight, need_bias), grad)
 
 
 @linear_backward.register_fake
 def _(grad, x, weight, need_input, need_weight, need_bias):
-    return (grad.new_empty(x.shape) if need_input else placeholder(grad),
-            grad.new_empty(weight.shape) if need_weight else placeholder(grad),
-            grad.new_empty(weight.shape[0]) if need_bias else placeholder(grad))
+    return gradient_fakes(grad, x, weight, (need_input, need_weight, need_bias))
 
 
 def gradients(grad, x, weight, need_input, need_weight, need_bias):
     """(grad_x, grad_weight, grad_bias) of x W^T + b for an incoming grad, None where not asked."""
     grads = torch.ops.fastml.linear_backward(grad, x, weight, need_input, need_weight, need_bias)
-    return tuple(g if need else None for g, need in zip(grads, (need_input, need_weight, need_bias)))
+    return asked(grads, (need_input, need_weight, need_bias))
 
 
 def _setup_context(ctx, inputs, output):

@@ -10,17 +10,12 @@ import torch
 from torch import Tensor
 
 from fastml import _backend
-from fastml.ops import contiguous, or_placeholder, placeholder
+from fastml.ops import asked, contiguous, gradient_fakes, or_placeholder
 from fastml.ops.linear_cross_entropy import IMPLEMENTED, impl
 
 
 def _gradient_outputs(grads, x):
     return tuple(or_placeholder(g, x) for g in grads)
-
-
-def _fake_gradients(x, weight, needs):
-    shapes = (x.shape, weight.shape, weight.shape[:1])
-    return tuple(x.new_empty(shape) if need else placeholder(x) for shape, need in zip(shapes, needs))
 
 
 @torch.library.custom_op("fastml::linear_cross_entropy", mutates_args=())
@@ -42,7 +37,7 @@ def _(x, weight, bias, target, class_weight, ignore_index, label_smoothing, redu
       need_weight_grad, need_bias_grad):
     fused = reduction != "none"
     needs = (fused and need_input_grad, fused and need_weight_grad, fused and need_bias_grad and bias is not None)
-    return x.new_empty(x.shape[:1] if reduction == "none" else ()), *_fake_gradients(x, weight, needs)
+    return x.new_empty(x.shape[:1] if reduction == "none" else ()), *gradient_fakes(x, x, weight, needs)
 
 
 @torch.library.custom_op("fastml::linear_cross_entropy_backward", mutates_args=())
@@ -61,7 +56,7 @@ def linear_cross_entropy_backward(x: Tensor, weight: Tensor, bias: Optional[Tens
 @linear_cross_entropy_backward.register_fake
 def _(x, weight, bias, target, class_weight, ignore_index, label_smoothing, grad_output, need_input_grad,
       need_weight_grad, need_bias_grad):
-    return _fake_gradients(x, weight, (need_input_grad, need_weight_grad, need_bias_grad))
+    return gradient_fakes(x, x, weight, (need_input_grad, need_weight_grad, need_bias_grad))
 
 
 def _setup_context(ctx, inputs, output):
@@ -84,7 +79,7 @@ def _backward(ctx, grad_output, *_):
             raise RuntimeError("fastml::linear_cross_entropy: backward needs the forward call's need_*_grad=True "
                                "for each input that requires a gradient")
         grads = [g * grad_output if need else None for g, need in zip(grads, needs)]
-    return (*(g if need else None for g, need in zip(grads, needs)), *([None] * 8))
+    return (*asked(grads, needs), *([None] * 8))
 
 
 linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
