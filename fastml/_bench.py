@@ -917,18 +917,17 @@ def write_json(report: dict, out_dir: Path) -> Path:
 
 def draw_chart(report: dict, out_dir: Path) -> tuple[Path | None, str | None]:
     """Speed-up over torch per case and backend, one panel per device: (path, None) or (None, why not)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        return None, f"matplotlib is not importable ({exc}); install it (pip install matplotlib) for the chart"
+    from fastml.training import MissingDependencyError, figure, save_figure
+
     devices = [d for d in report["settings"]["devices"] if any(r["device"] == d for r in report["rows"])]
     if not devices:
         return None, "no rows to draw"
     # Horizontal bars, a row per case: the labels (op and size) stay readable however many cases.
     most = max(len({(r["op"], r["case"]) for r in report["rows"] if r["device"] == d}) for d in devices)
-    fig = Figure(figsize=(7.5 * len(devices), 1.5 + 0.42 * most), layout="constrained")
-    FigureCanvasAgg(fig)
+    try:
+        fig = figure(figsize=(7.5 * len(devices), 1.5 + 0.42 * most))
+    except MissingDependencyError as exc:
+        return None, str(exc)
     axes = fig.subplots(1, len(devices), squeeze=False)[0]
     speedups = [r["speedup"] for r in report["rows"]]
     colors = {"cpp": "tab:blue", "numba": "tab:orange", "triton": "tab:green",
@@ -958,10 +957,7 @@ def draw_chart(report: dict, out_dir: Path) -> tuple[Path | None, str | None]:
         ax.set_xlabel("speed-up over PyTorch (median, higher is better)")
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"fastml {report['machine']['fastml']} vs torch {report['machine']['torch']}", fontsize=10)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "fastml-bench.png"
-    fig.savefig(path, dpi=110)
-    return path, None
+    return save_figure(fig, out_dir / "fastml-bench.png"), None
 
 
 # --------------------------------------------------------------------------------------------
