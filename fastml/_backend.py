@@ -5,13 +5,16 @@ Four backends implement every op, with one forward and one backward each and the
 - ``triton``    Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
 - ``cpp``       the compiled extension ``fastml._C`` (pybind11 + OpenMP), CPU tensors
 - ``numba``     numba-compiled loops, CPU tensors (fallback when the extension is absent)
-- ``reference`` pure PyTorch: any device and dtype, the oracle the others are tested against
+- ``reference`` pure PyTorch: any device and dtype, torch's own implementation and the oracle
+                the others are tested against
 
-Automatic choice: CUDA tensors → triton; CPU tensors → cpp, else numba; then reference. A
-configuration a kernel does not cover (an exotic dtype, a device it cannot reach) runs the
-reference path, so fastml never fails where torch works. ``use_backend(name)`` (a context
-manager) or ``FASTML_BACKEND=name`` overrides the choice; asking for a backend that is absent
-raises ``BackendUnavailableError`` saying why.
+Automatic choice (``select``): among the fastml kernel covering the input's device and dtype
+(triton on CUDA; cpp on the CPU, else numba) and the reference, the one measured fastest on this
+machine for the call's shape class, a kernel only where it beats torch's by a margin
+(fastml/_tune.py). A configuration no kernel covers (an exotic dtype, a device it cannot reach)
+runs the reference path, so fastml never fails where torch works. ``use_backend(name)`` (a
+context manager) or ``FASTML_BACKEND=name`` forces a backend, and nothing is timed; asking for a
+backend that is absent raises ``BackendUnavailableError`` saying why.
 
 Probing is lazy and cached: importing fastml imports neither triton nor numba.
 """
@@ -29,6 +32,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from fastml import _tune
 
 BACKENDS = ("triton", "cpp", "numba", "reference")
 ENV_VAR = "FASTML_BACKEND"
@@ -161,21 +166,38 @@ def covers(name: str, tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.dtype in _FLOAT_KERNEL_DTYPES and status(name).present
 
 
-def select(tensor: torch.Tensor, implemented: tuple[str, ...] = BACKENDS) -> str:
-    """The backend that runs an op on ``tensor`` (the op's main input).
-
-    ``implemented`` lists the backends that have this op; the reference is always among them.
-    """
-    want = requested()
-    if want is not None:
-        return want if want in implemented and covers(want, tensor) else "reference"
+def kernel_candidates(tensor: torch.Tensor, implemented: tuple[str, ...] = BACKENDS) -> tuple[str, ...]:
+    """The fastml kernel that competes with torch's implementation for ``tensor`` (the op's main
+    input): triton for CUDA tensors; cpp for CPU tensors, else numba. Empty when none covers it."""
     order = ("triton",) if tensor.is_cuda else ("cpp", "numba")
     for name in order:
         if name in implemented and covers(name, tensor):
-            return name
+            return (name,)
         if name in implemented and not status(name).present:
             _warn_missing_once(name)
-    return "reference"
+    return ()
+
+
+def select(tensor: torch.Tensor, implemented: tuple[str, ...] = BACKENDS, key: tuple | None = None,
+           run=None) -> str:
+    """The backend that runs an op on ``tensor`` (the op's main input).
+
+    ``implemented`` lists the backends that have this op; the reference is always among them.
+    ``key`` is the call's shape class, its first item the op's name (fastml.ops.shape_class), and
+    ``run(name)`` calls the op on backend ``name`` with this call's inputs, free of side effects:
+    the measured choice times it the first time the class is seen (fastml/_tune.py). Without a
+    key, the static rule decides.
+    """
+    want = requested()
+    if want is not None:
+        chosen = want if want in implemented and covers(want, tensor) else "reference"
+        return _tune.note(key, chosen, "forced")
+    kernels = kernel_candidates(tensor, implemented)
+    if not kernels:
+        return _tune.note(key, "reference", "no kernel covers it")
+    if key is None:
+        return _tune.static_choice("", kernels)
+    return _tune.choose(key, kernels, tensor, run)
 
 
 @functools.cache

@@ -99,19 +99,50 @@ def uniform(params: Sequence[torch.Tensor], *others: Sequence[torch.Tensor]) -> 
     return True
 
 
-def launches(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], implemented: tuple[str, ...]):
+def launches(lists: Sequence[Sequence[torch.Tensor]], implemented: tuple[str, ...], options: tuple, launch):
     """Yields (backend, row indices) per launch of an optimizer step: one per (device, dtype)
     bucket of the rows a kernel can take (a dense gradient of its parameter's dtype and
     device), then the remaining rows on the reference (which does what torch's ops do)."""
+    params, grads = lists[0], lists[1]
     kernel_rows, reference_rows = [], []
     for i, (p, g) in enumerate(zip(params, grads)):
         same = g.dtype == p.dtype and g.device == p.device and g.layout == p.layout == torch.strided
         (kernel_rows if same else reference_rows).append(i)
     for bucket in bucket_by_device_and_dtype([params[i] for i in kernel_rows]).values():
         rows = [kernel_rows[j] for j in bucket]
-        yield _backend.select(real_view(params[rows[0]]), implemented), rows
+        yield choose_backend([[real_view(tensors[i]) for i in rows] for tensors in lists], implemented, options,
+                             launch, rows), rows
     if reference_rows:
         yield "reference", reference_rows
+
+
+def scratch_copies(columns: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """Contiguous copies of an optimizer's lists to time its candidates on, never touching the
+    originals: parameters and gradients copied, state lists zeros (a fresh buffer's contents
+    are undefined, and denormal garbage would slow one candidate down)."""
+    copies = [[t.clone(memory_format=torch.contiguous_format) for t in columns[0]],
+              [t.clone(memory_format=torch.contiguous_format) for t in columns[1]]]
+    return copies + [[torch.zeros_like(t, memory_format=torch.contiguous_format) for t in col] for col in columns[2:]]
+
+
+def choose_backend(columns: Sequence[Sequence[torch.Tensor]], implemented: tuple[str, ...], options: tuple, launch,
+                   rows: list[int] | None) -> str:
+    """The backend of one launch over ``columns`` (walkable tensors of one device and dtype): the
+    measured choice for the shape class (op and ``options``, tensor count, elements, dtype,
+    device, threads). ``launch(backend, rows, columns, timing)`` runs the step; for timing it
+    runs on scratch copies, made once, in its steady state (``timing=True``: no first-step
+    buffer initialisation and no gradient reset, which would leave later calls nothing to do)."""
+    first = columns[0][0]
+    key = (options[0], "step", torch.get_num_threads(), first.dtype, first.device, len(columns[0]),
+           sum(t.numel() for t in columns[0]), *options[1:])
+    scratch = []
+
+    def run(name):
+        if not scratch:
+            scratch.append(scratch_copies(columns))
+        launch(name, rows, scratch[0], True)
+
+    return _backend.select(first, implemented, key, run)
 
 
 def mark_rows_written(lists: Sequence[Sequence[torch.Tensor]], written: Sequence[bool], rows=None) -> None:
@@ -137,21 +168,24 @@ def columns_for(backend: str, lists: Sequence[Sequence[torch.Tensor]], rows: lis
     mark_rows_written(lists, written, rows)
 
 
-def each_launch(lists: Sequence[Sequence[torch.Tensor]], written: Sequence[bool], implemented: tuple[str, ...]):
+def run_launches(lists: Sequence[Sequence[torch.Tensor]], written: Sequence[bool], implemented: tuple[str, ...],
+                 options: tuple, launch) -> None:
     """The launches of one optimizer step over ``lists`` (params, grads, then state lists, one
-    entry per tensor): yields (backend, rows, columns), ``columns`` being the rows' tensors of
-    each list as the backend takes them, and ``rows`` their indices (None: all of them, the
-    uniform case, passed through without any per-row work). The tensors of the lists flagged
-    ``written`` have their version counters bumped after a kernel's launch."""
+    entry per tensor): ``launch(backend, rows, columns, timing=False)`` runs each, ``columns``
+    being the rows' tensors of each list as the backend takes them, and ``rows`` their indices
+    (None: all of them, the uniform case, passed through without any per-row work). Each
+    launch's backend is the measured choice for ``options`` (the op's name, then what changes its
+    cost; see choose_backend). The tensors of the lists flagged ``written`` have their version
+    counters bumped after a kernel's launch."""
     if uniform(*lists):
-        backend = _backend.select(lists[0][0], implemented)
-        yield backend, None, lists
+        backend = choose_backend(lists, implemented, options, launch, None)
+        launch(backend, None, lists, False)
         if backend != "reference":
             mark_rows_written(lists, written)
         return
-    for backend, rows in launches(lists[0], lists[1], implemented):
+    for backend, rows in launches(lists, implemented, options, launch):
         with columns_for(backend, lists, rows, written) as columns:
-            yield backend, rows, columns
+            launch(backend, rows, columns, False)
 
 
 def pick(values: Sequence, rows: list[int] | None) -> list:

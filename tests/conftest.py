@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The measured choice's decisions (fastml/_tune.py) go to a folder of this test run's own, so a
+# run neither reads the decisions of earlier runs nor writes into the user's cache.
+os.environ["FASTML_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastml-test-decisions-")
 
 import fastml  # noqa: E402  (after TRITON_INTERPRET is settled)
 from fastml import _backend  # noqa: E402

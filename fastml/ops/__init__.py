@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch.autograd import forward_ad
 
+from fastml import _backend
+
 
 def tracks_gradients(*tensors: torch.Tensor | None) -> bool:
     """Whether a call must go through its autograd.Function: reverse mode (grad enabled and an
@@ -33,9 +35,46 @@ def backward_in_torch_ops(grad: torch.Tensor) -> bool:
             or not _has_storage(grad))
 
 
-def backward_backend(forward_backend: str, grad: torch.Tensor) -> str:
-    """The backend a Function's backward runs on: the forward's, unless backward_in_torch_ops."""
-    return "reference" if backward_in_torch_ops(grad) else forward_backend
+def shape_class(op: str, phase: str, tensors, *arguments) -> tuple:
+    """The shape class of a call, the key of its measured choice (fastml/_tune.py): the op and
+    phase, the thread count, each tensor's shape (None for an absent one), the first tensor's
+    dtype and device, whether each is contiguous, and the arguments that change a kernel's cost.
+    Built on every call, so kept to a tuple of cheap, hashable items."""
+    first = tensors[0]
+    # list comprehensions: tuple(<generator>) costs ~0.4 µs more per call, which counts at batch 10
+    shapes = tuple([None if t is None else t.shape for t in tensors])
+    layout = tuple([t is None or t.is_contiguous() for t in tensors])
+    return (op, phase, _threads(), first.dtype, first.device, shapes, layout, *arguments)
+
+
+_threads = torch.get_num_threads
+
+
+def graph_backend(op: str, phase: str, implemented: tuple[str, ...], arguments: tuple, run) -> str:
+    """The measured choice inside a fastml:: custom op's implementation (a compiled graph's call):
+    the shape class from the op's ``arguments`` (tensors by shape, lists as tuples, the rest as
+    they are), ``run(name)`` timing the op's body on backend ``name``. Graph calls are classes of
+    their own ("graph " + phase): their arguments are laid out as the custom op's schema has them."""
+    tensors = tuple(a for a in arguments if isinstance(a, torch.Tensor))
+    others = tuple(tuple(a) if isinstance(a, list) else a for a in arguments if not isinstance(a, torch.Tensor))
+    return _backend.select(tensors[0], implemented, shape_class(op, "graph " + phase, tensors, *others), run)
+
+
+def forced_backend() -> bool:
+    """Whether fastml.use_backend / FASTML_BACKEND forces the backend now: a Function records it
+    going forward, so that its backward runs on the same backend even outside the ``with``."""
+    return _backend.requested() is not None
+
+
+def backward_backend(ctx, grad: torch.Tensor, implemented: tuple[str, ...], key: tuple, run) -> str:
+    """The backend a Function's backward runs on: torch ops where backward_in_torch_ops; the
+    forward's where that was forced; otherwise the measured choice for the backward's own shape
+    class ``key`` (forward and backward are decided separately), ``run(name)`` timing it."""
+    if backward_in_torch_ops(grad):
+        return "reference"
+    if ctx.forced:
+        return ctx.backend
+    return _backend.select(grad, implemented, key, run)
 
 
 _has_storage = getattr(torch._C, "_has_storage", lambda t: True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml._multi_tensor import each_launch, pick
+from fastml._multi_tensor import pick, run_launches
 from fastml.ops import in_custom_op_graph
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -44,10 +44,23 @@ def bias_corrections(counts, lr, beta1, beta2) -> tuple[list[float], list[float]
     for step in counts:
         pair = seen.get(step)
         if pair is None:
-            pair = seen[step] = (lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5)
+            # float(): a tensor lr divides in its own dtype, as torch's (lr / bias_correction1)
+            pair = seen[step] = (float(lr / (1 - beta1 ** step)), (1 - beta2 ** step) ** 0.5)
         step_sizes.append(pair[0])
         bias2_sqrts.append(pair[1])
     return step_sizes, bias2_sqrts
+
+
+def decay_arguments(lr, weight_decay: float, decoupled: bool) -> tuple[float, float]:
+    """(lr, weight_decay) as the kernels take them, Python floats. A tensor lr (0-dim) rounds the
+    products it takes part in to its own dtype, as torch's implementation does: AdamW's factor
+    1 - lr·wd is formed in that dtype, then passed as lr' = 1 - factor with wd' = 1, for which
+    every kernel's 1 - lr'·wd' gives the factor back exactly (|1 - factor| is tiny and exact)."""
+    if not isinstance(lr, torch.Tensor):
+        return lr, weight_decay
+    if decoupled and weight_decay != 0:
+        return 1.0 - float(1 - lr * weight_decay), 1.0
+    return float(lr), weight_decay
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
@@ -55,6 +68,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps
     """One torch.optim.Adam step over lists of any devices and dtypes, in place: state_steps are
     the per-tensor step-count tensors (incremented here); the rest as reference.adam_step."""
     if in_custom_op_graph():
+        lr = float(lr)
         torch.ops.fastml.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
                                    eps, weight_decay, decoupled, amsgrad, maximize, zero_grad)
     else:
@@ -68,9 +82,14 @@ def launch_adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, stat
     """adam_step's step counting and kernel launches (also fastml::adam_step's implementation:
     the counts are read back from the step tensors, which a traced graph cannot do)."""
     step_sizes, bias2_sqrts = bias_corrections(count_steps(state_steps), lr, beta1, beta2)
+    lr, weight_decay = decay_arguments(lr, weight_decay, decoupled)
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    for backend, rows, cols in each_launch(lists, (True, zero_grad, True, True, True), IMPLEMENTED):
+
+    def launch(backend, rows, cols, timing):
         impl(backend).adam_step(*cols[:4], cols[4] if amsgrad else [], pick(step_sizes, rows),
                                 pick(bias2_sqrts, rows), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                 weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad, maximize=maximize,
-                                zero_grad=zero_grad)
+                                zero_grad=zero_grad and not timing)
+
+    options = ("adam_step", weight_decay != 0, decoupled, amsgrad, maximize)
+    run_launches(lists, (True, zero_grad, True, True, True), IMPLEMENTED, options, launch)

@@ -13,7 +13,7 @@ import math
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_in_torch_ops, in_custom_op_graph, tracks_gradients
+from fastml.ops import backward_in_torch_ops, in_custom_op_graph, shape_class, tracks_gradients
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 KERNEL_NORMS = (2.0, 1.0, math.inf)
@@ -70,7 +70,8 @@ def cdist(x1, x2, p):
     KERNEL_NORMS, on the selected backend."""
     if in_custom_op_graph():
         return torch.ops.fastml.cdist(x1, x2, p)
-    backend = _backend.select(x1, IMPLEMENTED)
+    backend = _backend.select(x1, IMPLEMENTED, shape_class("cdist", "forward", (x1, x2), p),
+                              lambda name: impl(name).forward(x1, x2, p))
     if tracks_gradients(x1, x2):
         return CdistFunction.apply(x1, x2, p, backend)
     return impl(backend).forward(x1, x2, p)

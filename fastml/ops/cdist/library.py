@@ -5,14 +5,17 @@ the exact distances, as CdistFunction's."""
 import torch
 from torch import Tensor
 
-from fastml import _backend
+from fastml.ops import graph_backend
 from fastml.ops.cdist import IMPLEMENTED, distance_gradients, impl
 
 
 @torch.library.custom_op("fastml::cdist", mutates_args=())
 def cdist(x1: Tensor, x2: Tensor, p: float) -> Tensor:
     """x1 (B, P, M), x2 (B, R, M), p in KERNEL_NORMS → (B, P, R)."""
-    return impl(_backend.select(x1, IMPLEMENTED)).forward(x1.contiguous(), x2.contiguous(), p)
+    def run(name):
+        return impl(name).forward(x1.contiguous(), x2.contiguous(), p)
+
+    return run(graph_backend("cdist", "forward", IMPLEMENTED, (x1, x2, p), run))
 
 
 @cdist.register_fake

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_backend, in_custom_op_graph, tracks_gradients
+from fastml.ops import backward_backend, forced_backend, in_custom_op_graph, shape_class, tracks_gradients
 from fastml.ops.conv2d.reference import output_size  # noqa: F401  (part of the op's interface)
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -24,14 +24,17 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, backend):
         ctx.save_for_backward(x, weight)
-        ctx.args, ctx.backend = (stride, padding, dilation, groups), backend
+        ctx.args, ctx.backend, ctx.forced = (stride, padding, dilation, groups), backend, forced_backend()
         return impl(backend).forward(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        backend = backward_backend(ctx.backend, grad)
-        grads = impl(backend).backward(grad.contiguous(), x, weight, *ctx.args, tuple(ctx.needs_input_grad[:3]))
+        grad, needs = grad.contiguous(), tuple(ctx.needs_input_grad[:3])
+        key = shape_class("conv2d", "backward", (grad, x, weight), *ctx.args, needs)
+        backend = backward_backend(ctx, grad, IMPLEMENTED, key,
+                                   lambda name: impl(name).backward(grad, x, weight, *ctx.args, needs))
+        grads = impl(backend).backward(grad, x, weight, *ctx.args, needs)
         return (*grads, None, None, None, None, None)
 
 
@@ -40,7 +43,9 @@ def conv2d(x, weight, bias, stride, padding, dilation, groups):
     selected backend; arguments as in reference.forward."""
     if in_custom_op_graph():
         return torch.ops.fastml.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    backend = _backend.select(x, IMPLEMENTED)
+    key = shape_class("conv2d", "forward", (x, weight, bias), stride, padding, dilation, groups)
+    backend = _backend.select(x, IMPLEMENTED, key,
+                              lambda name: impl(name).forward(x, weight, bias, stride, padding, dilation, groups))
     if tracks_gradients(x, weight, bias):
         return Conv2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, backend)
     return impl(backend).forward(x, weight, bias, stride, padding, dilation, groups)

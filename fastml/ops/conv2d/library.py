@@ -6,8 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastml import _backend
-from fastml.ops import asked, contiguous, gradient_fakes, gradient_outputs
+from fastml.ops import asked, contiguous, gradient_fakes, gradient_outputs, graph_backend
 from fastml.ops.conv2d import IMPLEMENTED, impl, output_size
 
 
@@ -17,8 +16,12 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[i
     """x (N, C, H, W), weight (K, C / groups, R, S), bias (K,) or None, (rows, columns) pairs as
     reference.forward's → (N, K, OH, OW)."""
     # The dispatcher hands int[] arguments over as lists; the backends take tuples.
-    return impl(_backend.select(x, IMPLEMENTED)).forward(x.contiguous(), weight.contiguous(), contiguous(bias),
-                                                         tuple(stride), tuple(padding), tuple(dilation), groups)
+    def run(name):
+        return impl(name).forward(x.contiguous(), weight.contiguous(), contiguous(bias), tuple(stride), tuple(padding),
+                                  tuple(dilation), groups)
+
+    return run(graph_backend("conv2d", "forward", IMPLEMENTED, (x, weight, bias, stride, padding, dilation, groups),
+                             run))
 
 
 @conv2d.register_fake
@@ -32,9 +35,12 @@ def conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[in
                     dilation: Sequence[int], groups: int, needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """grad (N, K, OH, OW) → (grad_x, grad_weight, grad_bias) for needs = which of them to form;
     an empty (0,) tensor for each one not asked for."""
-    grads = impl(_backend.select(grad, IMPLEMENTED)).backward(
-        grad.contiguous(), x.contiguous(), weight.contiguous(), tuple(stride), tuple(padding), tuple(dilation),
-        groups, tuple(needs))
+    def run(name):
+        return impl(name).backward(grad.contiguous(), x.contiguous(), weight.contiguous(), tuple(stride),
+                                   tuple(padding), tuple(dilation), groups, tuple(needs))
+
+    grads = run(graph_backend("conv2d", "backward", IMPLEMENTED,
+                              (grad, x, weight, stride, padding, dilation, groups, needs), run))
     return gradient_outputs(grads, needs, grad)
 
 

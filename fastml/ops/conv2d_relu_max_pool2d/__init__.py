@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_backend, in_custom_op_graph, tracks_gradients
+from fastml.ops import backward_backend, forced_backend, in_custom_op_graph, shape_class, tracks_gradients
 from fastml.ops.conv2d_relu_max_pool2d.reference import pooled_size  # noqa: F401  (part of the interface)
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -27,16 +27,22 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
         out, argmax = impl(backend).forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel,
                                             pool_stride)
         ctx.save_for_backward(out, argmax, x, weight)
-        ctx.args, ctx.backend = (stride, padding, dilation, groups, pool_kernel, pool_stride), backend
+        ctx.args = (stride, padding, dilation, groups, pool_kernel, pool_stride)
+        ctx.backend, ctx.forced = backend, forced_backend()
         return out
 
     @staticmethod
     def backward(ctx, grad):
         out, argmax, x, weight = ctx.saved_tensors
-        backend = backward_backend(ctx.backend, grad)
-        grads = impl(backend).backward(grad.contiguous(), out, argmax, x, weight, *ctx.args,
-                                       tuple(ctx.needs_input_grad[:3]))
-        return (*grads, *([None] * 7))
+        grad, needs = grad.contiguous(), tuple(ctx.needs_input_grad[:3])
+
+        def run(name):
+            return impl(name).backward(grad, out, argmax, x, weight, *ctx.args, needs)
+
+        backend = backward_backend(ctx, grad, IMPLEMENTED,
+                                   shape_class("conv2d_relu_max_pool2d", "backward", (grad, x, weight), *ctx.args,
+                                               needs), run)
+        return (*run(backend), *([None] * 7))
 
 
 def conv2d_relu_max_pool2d(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
@@ -45,7 +51,9 @@ def conv2d_relu_max_pool2d(x, weight, bias, stride, padding, dilation, groups, p
     if in_custom_op_graph():
         return torch.ops.fastml.conv2d_relu_max_pool2d(x, weight, bias, stride, padding, dilation, groups, pool_kernel,
                                                        pool_stride)[0]
-    backend = _backend.select(x, IMPLEMENTED)
+    args = (stride, padding, dilation, groups, pool_kernel, pool_stride)
+    backend = _backend.select(x, IMPLEMENTED, shape_class("conv2d_relu_max_pool2d", "forward", (x, weight, bias), *args),
+                              lambda name: impl(name).forward(x, weight, bias, *args))
     if tracks_gradients(x, weight, bias):
         return Conv2dReLUMaxPool2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, pool_kernel,
                                                  pool_stride, backend)

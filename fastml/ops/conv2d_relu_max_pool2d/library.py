@@ -7,8 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastml import _backend
-from fastml.ops import asked, contiguous, gradient_fakes, gradient_outputs
+from fastml.ops import asked, contiguous, gradient_fakes, gradient_outputs, graph_backend
 from fastml.ops.conv2d_relu_max_pool2d import IMPLEMENTED, impl
 from fastml.ops.conv2d_relu_max_pool2d.reference import empty_outputs
 
@@ -19,9 +18,12 @@ def conv2d_relu_max_pool2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], st
                            pool_stride: Sequence[int]) -> tuple[Tensor, Tensor]:
     """Arguments as reference.forward's → (out (N, K, PH, PW), argmax int8 window offsets)."""
     # The dispatcher hands int[] arguments over as lists; the backends take tuples.
-    return impl(_backend.select(x, IMPLEMENTED)).forward(
-        x.contiguous(), weight.contiguous(), contiguous(bias), tuple(stride), tuple(padding), tuple(dilation), groups,
-        tuple(pool_kernel), tuple(pool_stride))
+    def run(name):
+        return impl(name).forward(x.contiguous(), weight.contiguous(), contiguous(bias), tuple(stride),
+                                  tuple(padding), tuple(dilation), groups, tuple(pool_kernel), tuple(pool_stride))
+
+    arguments = (x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride)
+    return run(graph_backend("conv2d_relu_max_pool2d", "forward", IMPLEMENTED, arguments, run))
 
 
 @conv2d_relu_max_pool2d.register_fake
@@ -36,9 +38,13 @@ def conv2d_relu_max_pool2d_backward(grad: Tensor, out: Tensor, argmax: Tensor, x
                                     needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """grad (N, K, PH, PW) → (grad_x, grad_weight, grad_bias) for needs = which of them to form;
     an empty (0,) tensor for each one not asked for."""
-    grads = impl(_backend.select(grad, IMPLEMENTED)).backward(
-        grad.contiguous(), out.contiguous(), argmax.contiguous(), x.contiguous(), weight.contiguous(), tuple(stride),
-        tuple(padding), tuple(dilation), groups, tuple(pool_kernel), tuple(pool_stride), tuple(needs))
+    def run(name):
+        return impl(name).backward(grad.contiguous(), out.contiguous(), argmax.contiguous(), x.contiguous(),
+                                   weight.contiguous(), tuple(stride), tuple(padding), tuple(dilation), groups,
+                                   tuple(pool_kernel), tuple(pool_stride), tuple(needs))
+
+    arguments = (grad, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs)
+    grads = run(graph_backend("conv2d_relu_max_pool2d", "backward", IMPLEMENTED, arguments, run))
     return gradient_outputs(grads, needs, grad)
 
 

@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_in_torch_ops, in_custom_op_graph, needs_grad, tracks_gradients
+from fastml.ops import (
+    backward_backend,
+    backward_in_torch_ops,
+    forced_backend,
+    in_custom_op_graph,
+    needs_grad,
+    shape_class,
+    tracks_gradients,
+)
 from fastml.ops.cross_entropy.reference import coefficients, scaled_gradient
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -75,21 +83,26 @@ class CrossEntropyFunction(torch.autograd.Function):
         loss, scale, grad = loss_and_gradient(impl(backend), logits, target, class_weight, ignore_index,
                                               label_smoothing, reduction, ctx.needs_input_grad[0])
         ctx.save_for_backward(logits, target, class_weight, grad)
-        ctx.options = (ignore_index, label_smoothing, reduction, scale, backend)
+        ctx.options = (ignore_index, label_smoothing, reduction, scale)
+        ctx.backend, ctx.forced = backend, forced_backend()
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         logits, target, class_weight, grad = ctx.saved_tensors
-        ignore_index, label_smoothing, reduction, scale, backend = ctx.options
+        ignore_index, label_smoothing, reduction, scale = ctx.options
         need_logits, need_target = ctx.needs_input_grad[:2]
         per_row = grad_output.unsqueeze(1) if reduction == "none" else grad_output * scale
         grad_logits = grad_target = None
         if need_logits and backward_in_torch_ops(grad_output):
             grad_logits = gradient_in_torch_ops(logits, target, class_weight, ignore_index, label_smoothing, per_row)
         elif need_logits and reduction == "none":
-            grad_logits = row_gradients(impl(backend), logits, target, class_weight, ignore_index, label_smoothing,
-                                        grad_output)
+            def run(name):
+                return row_gradients(impl(name), logits, target, class_weight, ignore_index, label_smoothing,
+                                     grad_output)
+
+            key = shape_class("cross_entropy", "backward", (logits, target, class_weight), label_smoothing != 0)
+            grad_logits = run(backward_backend(ctx, grad_output, IMPLEMENTED, key, run))
         elif need_logits:
             grad_logits = grad * grad_output
         if need_target:
@@ -119,8 +132,12 @@ def cross_entropy(logits, target, class_weight, ignore_index, label_smoothing, r
         want_grad = needs_grad(logits)[0] and reduction != "none"
         return torch.ops.fastml.cross_entropy(logits, target, class_weight, ignore_index, label_smoothing, reduction,
                                               want_grad)[0]
-    backend = _backend.select(logits, IMPLEMENTED)
-    if tracks_gradients(logits, target):
+    with_grad = tracks_gradients(logits, target)
+    key = shape_class("cross_entropy", "forward", (logits, target, class_weight), label_smoothing != 0, reduction,
+                      with_grad)
+    backend = _backend.select(logits, IMPLEMENTED, key, lambda name: loss_and_gradient(
+        impl(name), logits, target, class_weight, ignore_index, label_smoothing, reduction, with_grad))
+    if with_grad:
         return CrossEntropyFunction.apply(logits, target, class_weight, ignore_index, label_smoothing,
                                           reduction, backend)
     return loss_and_gradient(impl(backend), logits, target, class_weight, ignore_index, label_smoothing, reduction,

@@ -9,8 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastml import _backend
-from fastml.ops import contiguous, or_placeholder, placeholder
+from fastml.ops import contiguous, graph_backend, or_placeholder, placeholder
 from fastml.ops.cross_entropy import IMPLEMENTED, impl, loss_and_gradient, row_gradients, target_gradient
 
 
@@ -20,9 +19,12 @@ def cross_entropy(logits: Tensor, target: Tensor, class_weight: Optional[Tensor]
     """logits (M, C), target (M,) int64 or (M, C) probabilities, class_weight (C,) or None →
     (loss: 0-dim, or (M,) for "none"; d loss / d logits (M, C) for "mean" / "sum" when
     want_grad, else an empty (0,) tensor). Raises IndexError for a class index out of range."""
-    loss, _, grad = loss_and_gradient(impl(_backend.select(logits, IMPLEMENTED)), logits.contiguous(),
-                                      target.contiguous(), contiguous(class_weight), ignore_index, label_smoothing,
-                                      reduction, want_grad)
+    def run(name):
+        return loss_and_gradient(impl(name), logits.contiguous(), target.contiguous(), contiguous(class_weight),
+                                 ignore_index, label_smoothing, reduction, want_grad)
+
+    arguments = (logits, target, class_weight, label_smoothing != 0, reduction, want_grad)
+    loss, _, grad = run(graph_backend("cross_entropy", "forward", IMPLEMENTED, arguments, run))
     return loss, or_placeholder(grad, logits)
 
 
@@ -36,8 +38,12 @@ def _(logits, target, class_weight, ignore_index, label_smoothing, reduction, wa
 def cross_entropy_backward(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], ignore_index: int,
                            label_smoothing: float, grad_output: Tensor) -> Tensor:
     """The logits' gradient (M, C) of Σ_i grad_output[i] · ℓ_i, grad_output (M,)."""
-    return row_gradients(impl(_backend.select(logits, IMPLEMENTED)), logits.contiguous(), target.contiguous(),
-                         contiguous(class_weight), ignore_index, label_smoothing, grad_output)
+    def run(name):
+        return row_gradients(impl(name), logits.contiguous(), target.contiguous(), contiguous(class_weight),
+                             ignore_index, label_smoothing, grad_output)
+
+    arguments = (logits, target, class_weight, label_smoothing != 0, grad_output)
+    return run(graph_backend("cross_entropy", "backward", IMPLEMENTED, arguments, run))
 
 
 @cross_entropy_backward.register_fake

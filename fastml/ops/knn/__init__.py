@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import in_custom_op_graph, tracks_gradients
+from fastml.ops import in_custom_op_graph, shape_class, tracks_gradients
 from fastml.ops.cdist import KERNEL_NORMS
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -43,9 +43,12 @@ def order_neighbours(query, reference, indices, p):
     return distances, torch.gather(indices, -1, order)
 
 
-def select(query, p, kernels: bool) -> str:
+def select(query, reference, k, p, kernels: bool) -> str:
     """The backend for a call: the selected one where ``kernels`` and p has kernels, else the reference."""
-    return _backend.select(query, IMPLEMENTED) if kernels and p in KERNEL_NORMS else "reference"
+    if not (kernels and p in KERNEL_NORMS):
+        return "reference"
+    return _backend.select(query, IMPLEMENTED, shape_class("knn", "forward", (query, reference), k, p),
+                           lambda name: impl(name).forward(query, reference, k, p))
 
 
 def knn(query, reference, k, p, backend=None):
@@ -56,7 +59,7 @@ def knn(query, reference, k, p, backend=None):
         if in_custom_op_graph():
             distances, indices = torch.ops.fastml.knn(query.detach(), reference.detach(), k, p, backend is None)
         else:
-            distances, indices = impl(select(query, p, backend is None)).forward(query.detach(), reference.detach(),
+            distances, indices = impl(select(query.detach(), reference.detach(), k, p, backend is None)).forward(query.detach(), reference.detach(),
                                                                                  k, p)
     if tracks_gradients(query, reference):
         distances = neighbour_distances(query, reference, indices, p)

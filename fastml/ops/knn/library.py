@@ -12,7 +12,7 @@ from fastml.ops.knn import impl, select
 def knn(query: Tensor, reference: Tensor, k: int, p: float, kernels: bool) -> tuple[Tensor, Tensor]:
     """query (B, Q, M), reference (B, R, M), 1 <= k <= R → (distances (B, Q, k), indices (B, Q, k)
     int64); on the kernels where ``kernels`` and p has them, else on the reference."""
-    return impl(select(query, p, kernels)).forward(query.contiguous(), reference.contiguous(), k, p)
+    return impl(select(query, reference, k, p, kernels)).forward(query.contiguous(), reference.contiguous(), k, p)
 
 
 @knn.register_fake

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_backend, in_custom_op_graph, tracks_gradients
+from fastml.ops import backward_backend, forced_backend, in_custom_op_graph, shape_class, tracks_gradients
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -24,7 +24,7 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, backend):
-        ctx.backend = backend
+        ctx.backend, ctx.forced = backend, forced_backend()
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         ctx.primals = (x, weight)  # for jvp (forward-mode AD)
@@ -38,14 +38,20 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        kernels = impl(backward_backend(ctx.backend, grad))
         grad = grad.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = kernels.backward_input(grad, weight) if need_x else None
-        grad_w = grad_b = None
-        if need_w or (need_b and ctx.has_bias):
-            grad_w, grad_b = kernels.backward_weight(grad, x, need_b and ctx.has_bias)
-        return grad_x, (grad_w if need_w else None), grad_b, None
+        need_b = need_b and ctx.has_bias
+
+        def run(name):
+            kernels = impl(name)
+            grad_x = kernels.backward_input(grad, weight) if need_x else None
+            grad_w = grad_b = None
+            if need_w or need_b:
+                grad_w, grad_b = kernels.backward_weight(grad, x, need_b)
+            return grad_x, (grad_w if need_w else None), grad_b
+
+        key = shape_class("linear", "backward", (grad, weight), need_x, need_w, need_b)
+        return (*run(backward_backend(ctx, grad, IMPLEMENTED, key, run)), None)
 
 
 def linear_tangent(x, weight, x_t, weight_t, bias_t) -> torch.Tensor:
@@ -64,9 +70,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """Dispatches a validated, 2-D linear layer to the selected backend."""
     if in_custom_op_graph():
         return torch.ops.fastml.linear(x, weight, bias)
-    backend = _backend.select(x, IMPLEMENTED)
+    key = shape_class("linear", "forward", (x, weight, bias))
     x, weight = x.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
+    backend = _backend.select(x, IMPLEMENTED, key, lambda name: impl(name).forward(x, weight, bias))
     if tracks_gradients(x, weight, bias):
         return LinearFunction.apply(x, weight, bias, backend)
     return impl(backend).forward(x, weight, bias)

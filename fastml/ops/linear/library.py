@@ -8,15 +8,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastml import _backend
-from fastml.ops import asked, contiguous, gradient_fakes, gradient_outputs
+from fastml.ops import asked, contiguous, gradient_fakes, gradient_outputs, graph_backend
 from fastml.ops.linear import IMPLEMENTED, impl
 
 
 @torch.library.custom_op("fastml::linear", mutates_args=())
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """x (N, D), weight (O, D), bias (O,) or None → (N, O)."""
-    return impl(_backend.select(x, IMPLEMENTED)).forward(x.contiguous(), weight.contiguous(), contiguous(bias))
+    def run(name):
+        return impl(name).forward(x.contiguous(), weight.contiguous(), contiguous(bias))
+
+    return run(graph_backend("linear", "forward", IMPLEMENTED, (x, weight, bias), run))
 
 
 @linear.register_fake
@@ -29,13 +31,19 @@ def linear_backward(grad: Tensor, x: Tensor, weight: Tensor, need_input: bool, n
                     need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """grad (N, O) → (grad_x (N, D), grad_weight (O, D), grad_bias (O,)); an empty (0,) tensor
     for each one not asked for."""
-    kernels = impl(_backend.select(grad, IMPLEMENTED))
     grad, x, weight = grad.contiguous(), x.contiguous(), weight.contiguous()
-    grad_x = kernels.backward_input(grad, weight) if need_input else None
-    grad_w = grad_b = None
-    if need_weight or need_bias:
-        grad_w, grad_b = kernels.backward_weight(grad, x, need_bias)
-    return gradient_outputs((grad_x, grad_w, grad_b), (need_input, need_weight, need_bias), grad)
+
+    def run(name):
+        kernels = impl(name)
+        grad_x = kernels.backward_input(grad, weight) if need_input else None
+        grad_w = grad_b = None
+        if need_weight or need_bias:
+            grad_w, grad_b = kernels.backward_weight(grad, x, need_bias)
+        return grad_x, grad_w, grad_b
+
+    arguments = (grad, x, weight, need_input, need_weight, need_bias)
+    grads = run(graph_backend("linear", "backward", IMPLEMENTED, arguments, run))
+    return gradient_outputs(grads, (need_input, need_weight, need_bias), grad)
 
 
 @linear_backward.register_fake

@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_in_torch_ops, in_custom_op_graph, needs_grad, tracks_gradients
+from fastml.ops import (
+    backward_backend,
+    backward_in_torch_ops,
+    forced_backend,
+    in_custom_op_graph,
+    needs_grad,
+    shape_class,
+    tracks_gradients,
+)
 from fastml.ops.cross_entropy import gradient_in_torch_ops, loss_scale
 from fastml.ops.cross_entropy import reference as rows_reference
 
@@ -32,20 +40,28 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss, grad_x, grad_w, grad_b = impl(backend).forward(
             x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction, need_x, need_w, need_b)
         ctx.save_for_backward(x, weight, bias, target, class_weight, grad_x, grad_w, grad_b)
-        ctx.options = (ignore_index, label_smoothing, reduction, backend)
+        ctx.options = (ignore_index, label_smoothing, reduction)
+        ctx.backend, ctx.forced = backend, forced_backend()
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, bias, target, class_weight, grad_x, grad_w, grad_b = ctx.saved_tensors
-        ignore_index, label_smoothing, reduction, backend = ctx.options
+        ignore_index, label_smoothing, reduction = ctx.options
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None)
         if backward_in_torch_ops(grad_output):
             grads = _gradients_in_torch_ops(x, weight, bias, target, class_weight, ignore_index, label_smoothing,
                                             reduction, grad_output, needs)
         elif reduction == "none":
-            grads = impl(backend).backward(x, weight, bias, target, class_weight, ignore_index, label_smoothing,
-                                           grad_output.contiguous(), *needs)
+            grad_output = grad_output.contiguous()
+
+            def run(name):
+                return impl(name).backward(x, weight, bias, target, class_weight, ignore_index, label_smoothing,
+                                           grad_output, *needs)
+
+            key = shape_class("linear_cross_entropy", "backward", (x, weight, bias, target, class_weight),
+                              label_smoothing != 0, *needs)
+            grads = run(backward_backend(ctx, grad_output, IMPLEMENTED, key, run))
         else:
             grads = tuple(None if g is None else g * grad_output for g in (grad_x, grad_w, grad_b))
         return (*grads, None, None, None, None, None, None)
@@ -71,8 +87,14 @@ def linear_cross_entropy(x, weight, bias, target, class_weight, ignore_index, la
         need_x, need_w, need_b = needs_grad(x, weight, bias)
         return torch.ops.fastml.linear_cross_entropy(x, weight, bias, target, class_weight, ignore_index,
                                                      label_smoothing, reduction, need_x, need_w, need_b)[0]
-    backend = _backend.select(x, IMPLEMENTED)
-    if tracks_gradients(x, weight, bias):
+    with_grad = tracks_gradients(x, weight, bias)
+    need_x, need_w, need_b = needs_grad(x, weight, bias) if with_grad else (False, False, False)
+    need_b = need_b and bias is not None
+    key = shape_class("linear_cross_entropy", "forward", (x, weight, bias, target, class_weight),
+                      label_smoothing != 0, reduction, need_x, need_w, need_b)
+    backend = _backend.select(x, IMPLEMENTED, key, lambda name: impl(name).forward(
+        x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction, need_x, need_w, need_b))
+    if with_grad:
         return LinearCrossEntropyFunction.apply(x, weight, bias, target, class_weight, ignore_index,
                                                 label_smoothing, reduction, backend)
     return impl(backend).forward(x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction,

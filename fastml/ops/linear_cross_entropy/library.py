@@ -9,8 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastml import _backend
-from fastml.ops import asked, contiguous, gradient_fakes, or_placeholder
+from fastml.ops import asked, contiguous, gradient_fakes, graph_backend, or_placeholder
 from fastml.ops.linear_cross_entropy import IMPLEMENTED, impl
 
 
@@ -26,9 +25,14 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, bias: Optional[Tensor], targ
     """x (N, D), weight (C, D), bias (C,) or None, target (N,) int64 or (N, C) → (loss, grad_x,
     grad_weight, grad_bias) as the backends' forward (see reference.py), an empty (0,) tensor for
     each gradient not computed (all of them for "none")."""
-    outputs = impl(_backend.select(x, IMPLEMENTED)).forward(
-        x.contiguous(), weight.contiguous(), contiguous(bias), target.contiguous(), contiguous(class_weight),
-        ignore_index, label_smoothing, reduction, need_input_grad, need_weight_grad, need_bias_grad)
+    def run(name):
+        return impl(name).forward(x.contiguous(), weight.contiguous(), contiguous(bias), target.contiguous(),
+                                  contiguous(class_weight), ignore_index, label_smoothing, reduction, need_input_grad,
+                                  need_weight_grad, need_bias_grad)
+
+    arguments = (x, weight, bias, target, class_weight, label_smoothing != 0, reduction, need_input_grad,
+                 need_weight_grad, need_bias_grad)
+    outputs = run(graph_backend("linear_cross_entropy", "forward", IMPLEMENTED, arguments, run))
     return outputs[0], *_gradient_outputs(outputs[1:], x)
 
 
@@ -47,9 +51,14 @@ def linear_cross_entropy_backward(x: Tensor, weight: Tensor, bias: Optional[Tens
                                   need_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The gradients (grad_x, grad_weight, grad_bias) of Σ_i grad_output[i] · ℓ_i, grad_output
     (N,); an empty (0,) tensor for each one not asked for."""
-    grads = impl(_backend.select(x, IMPLEMENTED)).backward(
-        x.contiguous(), weight.contiguous(), contiguous(bias), target.contiguous(), contiguous(class_weight),
-        ignore_index, label_smoothing, grad_output.contiguous(), need_input_grad, need_weight_grad, need_bias_grad)
+    def run(name):
+        return impl(name).backward(x.contiguous(), weight.contiguous(), contiguous(bias), target.contiguous(),
+                                   contiguous(class_weight), ignore_index, label_smoothing, grad_output.contiguous(),
+                                   need_input_grad, need_weight_grad, need_bias_grad)
+
+    arguments = (x, weight, bias, target, class_weight, label_smoothing != 0, grad_output, need_input_grad,
+                 need_weight_grad, need_bias_grad)
+    grads = run(graph_backend("linear_cross_entropy", "backward", IMPLEMENTED, arguments, run))
     return _gradient_outputs(grads, x)
 
 

@@ -13,7 +13,15 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_in_torch_ops, in_custom_op_graph, needs_grad, tracks_gradients
+from fastml.ops import (
+    backward_backend,
+    backward_in_torch_ops,
+    forced_backend,
+    in_custom_op_graph,
+    needs_grad,
+    shape_class,
+    tracks_gradients,
+)
 from fastml.ops import linear as linear_op
 from fastml.ops.mse_loss import error_scale, squared_error_tangent
 
@@ -32,7 +40,7 @@ class LinearMSEFunction(torch.autograd.Function):
         need_w, need_b, keep_residual = forward_flags(ctx.needs_input_grad[:4], bias is not None, reduction)
         loss, residual, grad_w, grad_b = impl(backend).forward(
             x, weight, bias, target, reduction, need_w, need_b, keep_residual)
-        ctx.reduction, ctx.backend = reduction, backend
+        ctx.reduction, ctx.backend, ctx.forced = reduction, backend, forced_backend()
         ctx.scale = error_scale(reduction, x.shape[0] * weight.shape[0])  # d(loss)/d(residual) / residual
         # The bias is not saved (as torch's addmm does not): its value is never needed again, so
         # changing it in place after the forward pass is allowed, as with torch's layers.
@@ -52,7 +60,7 @@ class LinearMSEFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, target, residual, grad_w, grad_b = ctx.saved_tensors
         need_x, need_w, need_b, need_t = ctx.needs_input_grad[:4]
-        backend = ctx.backend
+        backend = None  # the measured choice, below, unless torch ops must run
         if backward_in_torch_ops(grad):
             # Rebuild the residual's graph from the inputs with torch ops, so that every gradient
             # below is itself differentiable (double backward) or batched (vmap); keep the values
@@ -71,10 +79,20 @@ class LinearMSEFunction(torch.autograd.Function):
         else:
             coef = (2.0 * grad) * residual
             grad_w = grad_b = None
-            if need_w or need_b:
-                grad_w, grad_b = linear_op.impl(backend).backward_weight(coef, x, need_b)
-                grad_w = grad_w if need_w else None
-        grad_x = linear_op.impl(backend).backward_input(coef, weight) if need_x else None
+        weight_from_residual = ctx.reduction == "none" and (need_w or need_b)
+
+        def run(name):  # the gradients the residual gives, by the linear op's kernels
+            kernels = linear_op.impl(name)
+            grads = kernels.backward_weight(coef, x, need_b) if weight_from_residual else (grad_w, grad_b)
+            return (kernels.backward_input(coef, weight) if need_x else None), *grads
+
+        grad_x = None
+        if need_x or weight_from_residual:
+            if backend is None:
+                key = shape_class("linear_mse", "backward", (coef, weight, x), ctx.reduction, need_x, need_w, need_b)
+                backend = backward_backend(ctx, grad, IMPLEMENTED, key, run)
+            grad_x, grad_w, grad_b = run(backend)
+            grad_w = grad_w if need_w else None
         grad_t = -coef if need_t else None
         return grad_x, grad_w, grad_b, grad_t, None, None
 
@@ -92,14 +110,24 @@ def linear_mse(x, weight, bias, target, reduction):
     if in_custom_op_graph():
         flags = forward_flags(needs_grad(x, weight, bias, target), bias is not None, reduction)
         return torch.ops.fastml.linear_mse(x, weight, bias, target, reduction, *flags)[0]
-    backend = _backend.select(x, IMPLEMENTED)
+    with_grad = tracks_gradients(x, weight, bias, target)
+    # Timed as the Function's forward runs: with the gradients its backward will want.
+    flags = forward_flags(needs_grad(x, weight, bias, target), bias is not None, reduction) if with_grad else \
+        (False, False, False)
+    key = shape_class("linear_mse", "forward", (x, weight, bias, target), reduction, *flags)
     x, weight, target = x.contiguous(), weight.contiguous(), target.contiguous()
     bias = None if bias is None else bias.contiguous()
-    if tracks_gradients(x, weight, bias, target):
+    backend = _backend.select(x, IMPLEMENTED, key,
+                              lambda name: impl(name).forward(x, weight, bias, target, reduction, *flags))
+    if with_grad:
         return LinearMSEFunction.apply(x, weight, bias, target, reduction, backend)
     return impl(backend).forward(x, weight, bias, target, reduction, False, False, False)[0]
 
 
 def sgd_epoch(x, target, order, weight, bias, lr, batch_size):
     """One in-place epoch of minibatch SGD on contiguous tensors (see reference.sgd_epoch)."""
-    impl(_backend.select(x, IMPLEMENTED)).sgd_epoch(x, target, order, weight, bias, lr, batch_size)
+    def run(name):  # for timing: on copies of the parameters, which the epoch updates in place
+        impl(name).sgd_epoch(x, target, order, weight.clone(), None if bias is None else bias.clone(), lr, batch_size)
+
+    key = shape_class("sgd_epoch", "forward", (x, target, weight, bias), batch_size)
+    impl(_backend.select(x, IMPLEMENTED, key, run)).sgd_epoch(x, target, order, weight, bias, lr, batch_size)

@@ -12,8 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastml import _backend
-from fastml.ops import contiguous, or_placeholder, placeholder
+from fastml.ops import contiguous, graph_backend, or_placeholder, placeholder
 from fastml.ops.linear.library import gradients as linear_gradients
 from fastml.ops.linear_mse import IMPLEMENTED, impl
 from fastml.ops.mse_loss import error_scale
@@ -26,9 +25,12 @@ def linear_mse(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor
     """x (N, D), weight (O, D), bias (O,) or None, target (N, O) → (loss, residual, grad_weight,
     grad_bias) as the backends' forward (see reference.py), an empty (0,) tensor for each one
     not computed."""
-    kernels = impl(_backend.select(x, IMPLEMENTED))
-    outputs = kernels.forward(x.contiguous(), weight.contiguous(), contiguous(bias), target.contiguous(), reduction,
-                              need_weight_grad, need_bias_grad, keep_residual)
+    def run(name):
+        return impl(name).forward(x.contiguous(), weight.contiguous(), contiguous(bias), target.contiguous(),
+                                  reduction, need_weight_grad, need_bias_grad, keep_residual)
+
+    arguments = (x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual)
+    outputs = run(graph_backend("linear_mse", "forward", IMPLEMENTED, arguments, run))
     return outputs[0], *(or_placeholder(t, x) for t in outputs[1:])
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_backend, in_custom_op_graph, tracks_gradients
+from fastml.ops import backward_backend, forced_backend, in_custom_op_graph, shape_class, tracks_gradients
 from fastml.ops.max_pool2d.reference import output_size  # noqa: F401  (part of the op's interface)
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -26,15 +26,21 @@ class MaxPool2dFunction(torch.autograd.Function):
         out, indices = impl(backend).forward(x, kernel, stride, padding, dilation, ceil_mode)
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(indices)
-        ctx.backend, ctx.size = backend, x.shape[2:]
+        ctx.backend, ctx.forced, ctx.size = backend, forced_backend(), x.shape[2:]
+        ctx.args = (kernel, stride, padding, dilation, ceil_mode)
         return out, indices
 
     @staticmethod
     def backward(ctx, grad, _grad_indices):
         (indices,) = ctx.saved_tensors
-        backend = backward_backend(ctx.backend, grad)
-        grad_input = impl(backend).backward(grad.contiguous(), indices, *ctx.size)
-        return grad_input, None, None, None, None, None, None
+        grad = grad.contiguous()
+
+        def run(name):
+            return impl(name).backward(grad, indices, *ctx.size)
+
+        backend = backward_backend(ctx, grad, IMPLEMENTED, shape_class("max_pool2d", "backward", (grad,), ctx.size, *ctx.args),
+                                   run)
+        return run(backend), None, None, None, None, None, None
 
 
 def max_pool2d(x, kernel, stride, padding, dilation, ceil_mode):
@@ -42,7 +48,9 @@ def max_pool2d(x, kernel, stride, padding, dilation, ceil_mode):
     reference.forward."""
     if in_custom_op_graph():
         return torch.ops.fastml.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
-    backend = _backend.select(x, IMPLEMENTED)
+    args = (kernel, stride, padding, dilation, ceil_mode)
+    backend = _backend.select(x, IMPLEMENTED, shape_class("max_pool2d", "forward", (x,), *args),
+                              lambda name: impl(name).forward(x, *args))
     if tracks_gradients(x):
         return MaxPool2dFunction.apply(x, kernel, stride, padding, dilation, ceil_mode, backend)
     return impl(backend).forward(x, kernel, stride, padding, dilation, ceil_mode)

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from fastml import _backend
+from fastml.ops import graph_backend
 from fastml.ops.max_pool2d import IMPLEMENTED, impl
 from fastml.ops.max_pool2d.reference import empty_outputs
 
@@ -17,8 +17,12 @@ def max_pool2d(x: Tensor, kernel: Sequence[int], stride: Sequence[int], padding:
     """x (N, C, H, W), (rows, columns) pairs as reference.forward's → (out, indices int64), both
     (N, C, OH, OW)."""
     # The dispatcher hands int[] arguments over as lists; the backends take tuples.
-    return impl(_backend.select(x, IMPLEMENTED)).forward(x.contiguous(), tuple(kernel), tuple(stride),
-                                                         tuple(padding), tuple(dilation), ceil_mode)
+    def run(name):
+        return impl(name).forward(x.contiguous(), tuple(kernel), tuple(stride), tuple(padding), tuple(dilation),
+                                  ceil_mode)
+
+    return run(graph_backend("max_pool2d", "forward", IMPLEMENTED, (x, kernel, stride, padding, dilation, ceil_mode),
+                             run))
 
 
 @max_pool2d.register_fake
@@ -29,7 +33,10 @@ def _(x, kernel, stride, padding, dilation, ceil_mode):
 @torch.library.custom_op("fastml::max_pool2d_backward", mutates_args=())
 def max_pool2d_backward(grad: Tensor, indices: Tensor, height: int, width: int) -> Tensor:
     """grad and indices (N, C, OH, OW) → the input's gradient (N, C, height, width)."""
-    return impl(_backend.select(grad, IMPLEMENTED)).backward(grad.contiguous(), indices.contiguous(), height, width)
+    def run(name):
+        return impl(name).backward(grad.contiguous(), indices.contiguous(), height, width)
+
+    return run(graph_backend("max_pool2d", "backward", IMPLEMENTED, (grad, indices, height, width), run))
 
 
 @max_pool2d_backward.register_fake

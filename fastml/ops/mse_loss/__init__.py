@@ -9,7 +9,15 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml.ops import backward_in_torch_ops, in_custom_op_graph, needs_grad, tracks_gradients
+from fastml.ops import (
+    backward_backend,
+    backward_in_torch_ops,
+    forced_backend,
+    in_custom_op_graph,
+    needs_grad,
+    shape_class,
+    tracks_gradients,
+)
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -23,7 +31,7 @@ class MSELossFunction(torch.autograd.Function):
     def forward(ctx, input, target, reduction, backend):
         loss, diff = impl(backend).forward(input, target, reduction, keep_diff=True)
         ctx.scale = error_scale(reduction, input.numel())
-        ctx.backend = backend
+        ctx.backend, ctx.forced = backend, forced_backend()
         ctx.save_for_backward(input, target, diff)
         ctx.reduction, ctx.diff = reduction, diff  # for jvp (forward-mode AD)
         return loss
@@ -36,10 +44,13 @@ class MSELossFunction(torch.autograd.Function):
     def backward(ctx, grad):
         input, target, diff = ctx.saved_tensors
         need_input, need_target = ctx.needs_input_grad[:2]
-        backend = ctx.backend
         if backward_in_torch_ops(grad):  # recompute the difference so that autograd / vmap see it
-            backend, diff = "reference", input - target
-        grad_input = impl(backend).backward(diff, grad, ctx.scale)
+            diff = input - target
+
+        def run(name):
+            return impl(name).backward(diff, grad, ctx.scale)
+
+        grad_input = run(backward_backend(ctx, grad, IMPLEMENTED, shape_class("mse_loss", "backward", (diff, grad)), run))
         return (grad_input if need_input else None), (-grad_input if need_target else None), None, None
 
 
@@ -63,10 +74,13 @@ def mse_loss(input, target, reduction):
     """Dispatches equally shaped, same-dtype tensors to the selected backend."""
     if in_custom_op_graph():
         return torch.ops.fastml.mse_loss(input, target, reduction, any(needs_grad(input, target)))[0]
-    backend = _backend.select(input, IMPLEMENTED)
+    with_grad = tracks_gradients(input, target)  # the Function keeps the difference for backward
+    key = shape_class("mse_loss", "forward", (input, target), reduction, with_grad)
     shape = input.shape
     input, target = input.contiguous().reshape(-1), target.contiguous().reshape(-1)
-    if tracks_gradients(input, target):
+    backend = _backend.select(input, IMPLEMENTED, key,
+                              lambda name: impl(name).forward(input, target, reduction, keep_diff=with_grad))
+    if with_grad:
         loss = MSELossFunction.apply(input, target, reduction, backend)
     else:
         loss = impl(backend).forward(input, target, reduction, keep_diff=False)[0]

@@ -5,8 +5,7 @@ any shape and strides; the kernels see them flattened, as MSELossFunction's do."
 import torch
 from torch import Tensor
 
-from fastml import _backend
-from fastml.ops import placeholder
+from fastml.ops import graph_backend, placeholder
 from fastml.ops.mse_loss import IMPLEMENTED, error_scale, impl
 
 
@@ -18,8 +17,10 @@ def _flat(t: Tensor) -> Tensor:
 def mse_loss(input: Tensor, target: Tensor, reduction: str, keep_diff: bool) -> tuple[Tensor, Tensor]:
     """input, target of one shape → (loss: 0-dim, or input's shape for "none"; diff = input -
     target when keep_diff, else an empty (0,) tensor)."""
-    kernels = impl(_backend.select(input, IMPLEMENTED))
-    loss, diff = kernels.forward(_flat(input), _flat(target), reduction, keep_diff)
+    def run(name):
+        return impl(name).forward(_flat(input), _flat(target), reduction, keep_diff)
+
+    loss, diff = run(graph_backend("mse_loss", "forward", IMPLEMENTED, (input, target, reduction, keep_diff), run))
     return (loss.reshape(input.shape) if reduction == "none" else loss,
             diff.reshape(input.shape) if keep_diff else placeholder(input))
 
@@ -34,9 +35,12 @@ def _(input, target, reduction, keep_diff):
 def mse_loss_backward(diff: Tensor, grad: Tensor, reduction: str) -> Tensor:
     """d loss / d input for diff = input - target and the incoming grad (0-dim, or diff's shape
     for "none")."""
-    kernels = impl(_backend.select(diff, IMPLEMENTED))
     grad = grad.contiguous() if grad.dim() == 0 else _flat(grad)
-    return kernels.backward(_flat(diff), grad, error_scale(reduction, diff.numel())).reshape(diff.shape)
+
+    def run(name):
+        return impl(name).backward(_flat(diff), grad, error_scale(reduction, diff.numel()))
+
+    return run(graph_backend("mse_loss", "backward", IMPLEMENTED, (diff, grad, reduction), run)).reshape(diff.shape)
 
 
 @mse_loss_backward.register_fake

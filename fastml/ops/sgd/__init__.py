@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml._multi_tensor import each_launch, pick
+from fastml._multi_tensor import pick, run_launches
 from fastml.ops import in_custom_op_graph
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -41,11 +41,16 @@ def launch_sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, w
     """sgd_step's kernel launches, one per bucket (also fastml::sgd_step's implementation)."""
     with_momentum = momentum != 0
     lists = (params, grads, buffers) if with_momentum else (params, grads)
-    for backend, rows, cols in each_launch(lists, (True, zero_grad, True), IMPLEMENTED):
+
+    def launch(backend, rows, cols, timing):
+        first_step = [False] * len(cols[0]) if timing else pick(fresh, rows)
         impl(backend).sgd_step(cols[0], cols[1], cols[2] if with_momentum else [],
-                               pick(fresh, rows) if with_momentum else [], lr=lr, momentum=momentum,
+                               first_step if with_momentum else [], lr=lr, momentum=momentum,
                                dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                               zero_grad=zero_grad)
+                               zero_grad=zero_grad and not timing)
+
+    options = ("sgd_step", with_momentum, nesterov, weight_decay != 0, dampening != 0, maximize)
+    run_launches(lists, (True, zero_grad, True), IMPLEMENTED, options, launch)
 
 
 def sgd_course_step(params, grads, *, lr, batch_size):
@@ -58,5 +63,7 @@ def sgd_course_step(params, grads, *, lr, batch_size):
 
 def launch_sgd_course_step(params, grads, *, lr, batch_size):
     """sgd_course_step's kernel launches (also fastml::sgd_course_step's implementation)."""
-    for backend, _, cols in each_launch((params, grads), (True, True), IMPLEMENTED):
+    def launch(backend, rows, cols, timing):
         impl(backend).sgd_course_step(cols[0], cols[1], lr=lr, batch_size=batch_size)
+
+    run_launches((params, grads), (True, True), IMPLEMENTED, ("sgd_course_step",), launch)

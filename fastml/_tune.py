@@ -1,0 +1,426 @@
+"""The measured choice: which implementation runs each op, decided by timing it on this machine.
+
+fastml's promise is that a drop-in is never slower than what it replaces. A kernel that wins on
+the course's shapes on one CPU can lose on a ResNet's shapes, on another CPU family, or on a GPU,
+so no fixed rule can keep that promise. Instead, for every op and *shape class* (the op, the
+phase: forward or backward, the sizes, layout, dtype, device, thread count and the arguments
+that change a kernel's cost), the candidates are timed the first time the class is seen, as
+``torch.backends.cudnn.benchmark`` and Triton's autotuner do:
+
+- the fastml kernel for the input's device: ``triton`` on CUDA; ``cpp`` on the CPU, or ``numba``
+  where the C++ extension is absent (numba mirrors the C++ kernels loop for loop and compiling it
+  costs seconds per kernel, so it is not timed beside them);
+- torch's own implementation, the ``reference`` backend.
+
+A fastml kernel is chosen only when its best time beats torch's by more than ``MARGIN``;
+otherwise torch's path runs. Ties, noise and losses all go to torch.
+
+How a class is timed (``measure``): one untimed warm-up call per candidate (compilation,
+allocation, first touch), then ``ROUNDS`` interleaved rounds, each a loop of calls lasting about
+``SAMPLE_SECONDS`` (one call for a slow op), keeping each candidate's fastest per-call time.
+Tuning a new class costs ``1 + ROUNDS`` calls per candidate for a large op, a few milliseconds of
+repeated calls for a small one, and nothing per call afterwards: the decision is a dictionary
+lookup. A call that takes longer than ``SLOW_CALL_SECONDS`` gets one timed round instead of
+``ROUNDS``. CUDA work is synchronised around every sample.
+
+Inputs too small to time: a class whose input has no elements is not timed; it follows the
+static rule (below), which runs torch's implementation for every op but the few whose win is
+structural. Every non-empty input is timed, however small: per-call overhead is exactly what
+fastml's small-model wins are made of, and a loop of calls measures it reliably.
+
+The static rule (``FASTML_TUNE=off``, ``set_tuning("off")``): deterministic, no timing, and
+conservative. It runs torch's implementation everywhere except where fastml's kernel does
+asymptotically less work or traffic than torch's sequence of ops whatever the machine:
+``STATIC_KERNEL_OPS`` (a whole SGD epoch of linear regression in one call; k-nearest neighbours
+without the query × reference matrix; the optimizer steps, one pass over each tensor).
+
+Decisions persist in a JSON file under the user's cache directory (``FASTML_CACHE_DIR``, else
+``$XDG_CACHE_HOME/fastml``, else ``~/.cache/fastml``), one file per machine and versions: its
+name and header carry a fingerprint of the CPU model and ISA flags, the GPU names, and the
+fastml and torch versions, and every entry's key carries the thread count. The file is written
+atomically (a temporary file, then a rename) under an advisory lock, merged with what another
+process wrote meanwhile. A corrupt, unreadable, mismatched or read-only cache never fails a call:
+fastml warns once, measures again, and keeps its decisions in memory.
+
+``use_backend(name)`` / ``FASTML_BACKEND`` still force one backend: then nothing is timed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+MARGIN = 0.05
+"""A fastml kernel runs only where its time × (1 + MARGIN) is below torch's: the noise between
+interleaved rounds of the same call on a quiet machine is a few percent, so a kernel that merely
+ties is never chosen, and one chosen by noise cannot cost more than a few percent."""
+
+ROUNDS = 3
+SAMPLE_SECONDS = 2e-3
+MAX_CALLS_PER_SAMPLE = 2000
+SLOW_CALL_SECONDS = 0.25
+
+TUNE_VAR = "FASTML_TUNE"
+CACHE_VAR = "FASTML_CACHE_DIR"
+MODES = ("on", "off")
+FORMAT = 1
+
+STATIC_KERNEL_OPS = {
+    "cpp": frozenset({"sgd_epoch", "knn", "sgd_step", "sgd_course_step", "adam_step"}),
+    "numba": frozenset({"sgd_epoch", "sgd_step", "sgd_course_step", "adam_step"}),
+    "triton": frozenset(),  # measured on the H100: torch's cuBLAS / cuDNN paths win (issue 17)
+}
+"""Per backend, the ops the static rule runs on fastml's kernel (see the module docstring)."""
+
+clock: Callable[[], float] = time.perf_counter
+"""The timer (tests replace it with a fake clock)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """Which implementation runs one shape class, and the figures behind the choice.
+
+    choice: the backend that runs ("reference" is torch's own implementation).
+    seconds: each candidate's best time per call (empty when nothing was timed).
+    rule: "measured", "static" (tuning off) or "empty input" (nothing to time).
+    """
+    choice: str
+    seconds: dict = dataclasses.field(default_factory=dict)
+    rule: str = "measured"
+
+    def to_json(self) -> dict:
+        return {"choice": self.choice, "seconds": self.seconds, "rule": self.rule, "margin": MARGIN}
+
+
+# ------------------------------------------------------------------------------------ settings
+
+_mode_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastml_tune", default=None)
+
+
+def _check_mode(value, name: str) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in MODES:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, MODES))}, got {value!r}")
+    return value.strip().lower()
+
+
+@functools.lru_cache(maxsize=8)
+def _env_mode(text: str) -> str:
+    return _check_mode(text, TUNE_VAR) if text.strip() else "on"
+
+
+def mode() -> str:
+    """"on" (measured choice, the default) or "off" (the static rule): set_tuning, tuning or
+    FASTML_TUNE, in that order."""
+    value = _mode_override.get()
+    return value if value is not None else _env_mode(os.environ.get(TUNE_VAR, ""))
+
+
+def set_tuning(value: str | None) -> str | None:
+    """Turn the measured choice "on" or "off" (the static rule) from now on, in this thread and
+    the code it calls; None follows ``FASTML_TUNE`` again (its default). Returns the previous
+    setting (None where there was none), to restore it with. ``fastml.tuning(value)`` does the
+    same for a ``with`` block."""
+    previous = _mode_override.get()
+    _mode_override.set(None if value is None else _check_mode(value, "tuning"))
+    return previous
+
+
+@contextlib.contextmanager
+def tuning(value: str):
+    """Measured choice "on" or "off" (the static rule) inside a ``with`` block."""
+    token = _mode_override.set(_check_mode(value, "tuning"))
+    try:
+        yield value
+    finally:
+        _mode_override.reset(token)
+
+
+# ------------------------------------------------------------------------- the machine's key
+
+def _cpu_description() -> tuple[str, str]:
+    """(CPU model, ISA flags) as the OS reports them."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                field, _, value = line.partition(":")
+                field = field.strip().lower()
+                if field in ("model name", "hardware", "cpu model") and model in ("", platform.processor()):
+                    model = value.strip()
+                elif field in ("flags", "features") and not flags:
+                    flags = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return model, flags
+
+
+@functools.cache
+def fingerprint() -> dict:
+    """What a decision depends on beyond its shape class: the machine and the versions."""
+    import fastml
+
+    cpu, flags = _cpu_description()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+    return {"cpu": cpu, "isa_flags": flags, "gpus": gpus, "fastml": fastml.__version__, "torch": torch.__version__}
+
+
+def cache_dir() -> Path:
+    """Where the decisions are kept: FASTML_CACHE_DIR, else the user's cache directory."""
+    configured = os.environ.get(CACHE_VAR, "").strip()
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(base).expanduser() if base else Path.home() / ".cache") / "fastml"
+
+
+def cache_path() -> Path:
+    digest = hashlib.sha256(json.dumps(fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / f"decisions-{digest}.json"
+
+
+# ------------------------------------------------------------------------------ the store
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+
+def _key_text(key: tuple) -> str:
+    return repr(key)
+
+
+def _read(path: Path) -> dict[str, dict]:
+    """The decisions in the file at ``path`` ({} when there is none). Raises ValueError / OSError
+    for a file that cannot be used."""
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("decisions"), dict):
+        raise ValueError("not a fastml decisions file of format 1")
+    if data.get("machine") != fingerprint():
+        raise ValueError("written for another machine or other versions of fastml / torch")
+    return data["decisions"]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An advisory lock beside ``path`` across processes, where the platform has one."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: the atomic rename alone
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class _Store:
+    """The decisions of this process (memory) and of the cache file (loaded once per path)."""
+
+    def __init__(self):
+        self.decisions: dict[tuple, Decision] = {}
+        self.measured: dict[str, dict] = {}  # what this process measured, by key text, to persist
+        self.loaded: dict[Path, dict[str, dict]] = {}
+        self.lock = threading.RLock()
+
+    def from_disk(self, key: tuple, kernels: tuple[str, ...]) -> Decision | None:
+        path = cache_path()
+        if path not in self.loaded:
+            try:
+                self.loaded[path] = _read(path)
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                _warn_once(f"fastml: the tuning cache {path} cannot be used ({exc}); its decisions are "
+                           "measured again")
+                self.loaded[path] = {}
+        entry = self.loaded[path].get(_key_text(key))
+        try:
+            decision = Decision(entry["choice"], dict(entry["seconds"]), entry.get("rule", "measured"))
+        except (TypeError, KeyError, ValueError):
+            return None
+        return decision if decision.choice in (*kernels, "reference") else None
+
+    def persist(self, key: tuple, decision: Decision) -> None:
+        text = _key_text(key)
+        self.measured[text] = decision.to_json()
+        path = cache_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with _locked(path):
+                try:
+                    on_disk = _read(path)
+                except (OSError, ValueError, UnicodeDecodeError):
+                    on_disk = {}  # corrupt or foreign: replaced (load() has warned)
+                on_disk.update(self.measured)
+                self.loaded[path] = on_disk
+                body = json.dumps({"format": FORMAT, "machine": fingerprint(), "decisions": on_disk}, indent=1)
+                handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+                try:
+                    with os.fdopen(handle, "w") as f:
+                        f.write(body)
+                    os.replace(temporary, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(temporary)
+                    raise
+        except OSError as exc:
+            _warn_once(f"fastml: cannot write the tuning cache {path} ({exc}); decisions are kept for this "
+                       "process only")
+
+    def clear(self, persisted: bool) -> None:
+        with self.lock:
+            self.decisions.clear()
+            self.measured.clear()
+            self.loaded.clear()
+            if persisted:
+                with contextlib.suppress(OSError):
+                    cache_path().unlink()
+
+
+_store = _Store()
+
+
+def clear_tuning(persisted: bool = False) -> None:
+    """Forget this process's decisions (and with ``persisted=True`` the cache file's), so every
+    shape class is measured again on its next call."""
+    if not isinstance(persisted, bool):
+        raise TypeError(f"clear_tuning: persisted must be a bool, got {type(persisted).__name__}")
+    _store.clear(persisted)
+
+
+def stored_count() -> int:
+    """How many decisions the cache file holds (0 when it is absent or cannot be read)."""
+    try:
+        return len(_read(cache_path()))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return 0
+
+
+def decisions() -> dict[tuple, Decision]:
+    """This process's decisions so far, by shape class."""
+    return dict(_store.decisions)
+
+
+# -------------------------------------------------------------------------------- timing
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds(run: Callable[[str], object], name: str, calls: int, device: torch.device) -> float:
+    _synchronize(device)
+    start = clock()
+    for _ in range(calls):
+        run(name)
+    _synchronize(device)
+    return clock() - start
+
+
+def measure(names: tuple[str, ...], run: Callable[[str], object], device: torch.device) -> dict[str, float]:
+    """Each candidate's best time per call (see the module docstring), under no_grad, as the
+    kernels run inside an autograd.Function."""
+    with torch.no_grad():
+        warm = {name: _seconds(run, name, 1, device) for name in names}
+        calls = {name: max(1, min(MAX_CALLS_PER_SAMPLE, int(SAMPLE_SECONDS / max(t, 1e-9)))) for name, t in warm.items()}
+        rounds = 1 if max(warm.values()) > SLOW_CALL_SECONDS else ROUNDS
+        best = dict.fromkeys(names, math.inf)
+        for _ in range(rounds):
+            for name in names:  # interleaved: a slow drift of the machine touches every candidate alike
+                best[name] = min(best[name], _seconds(run, name, calls[name], device) / calls[name])
+    return best
+
+
+def verdict(seconds: dict[str, float], kernels: tuple[str, ...]) -> str:
+    """The fastest kernel where it beats torch's time (``seconds["reference"]``) by more than
+    MARGIN; otherwise "reference"."""
+    fastest = min(kernels, key=lambda name: seconds[name])
+    return fastest if seconds[fastest] * (1.0 + MARGIN) < seconds["reference"] else "reference"
+
+
+def static_choice(op: str, kernels: tuple[str, ...]) -> str:
+    """The static rule: the kernel for the ops of STATIC_KERNEL_OPS, torch's implementation
+    (the reference) for every other."""
+    for name in kernels:
+        if op in STATIC_KERNEL_OPS.get(name, ()):
+            return name
+    return "reference"
+
+
+# ------------------------------------------------------------------------------- choosing
+
+_recorder: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastml_tune_recorder", default=None)
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects (shape class, Decision) for every choice made inside the block (fastml.tune)."""
+    seen: list = []
+    token = _recorder.set(seen)
+    try:
+        yield seen
+    finally:
+        _recorder.reset(token)
+
+
+def note(key: tuple | None, choice: str, rule: str) -> str:
+    """Records a choice made without the measured rule (a forced backend, an input no kernel
+    covers) for fastml.tune's table; returns ``choice``."""
+    seen = _recorder.get()
+    if seen is not None and key is not None:
+        seen.append((key, Decision(choice, rule=rule)))
+    return choice
+
+
+def choose(key: tuple, kernels: tuple[str, ...], tensor: torch.Tensor, run: Callable[[str], object] | None) -> str:
+    """The backend for shape class ``key`` (its first item the op's name) among ``kernels`` (the
+    fastml backends covering ``tensor``) and the reference. ``run(name)`` calls the op on that
+    backend with this call's inputs, without side effects on them; None when it cannot be timed."""
+    if mode() == "off":
+        decision = Decision(static_choice(key[0], kernels), rule="static")
+    else:
+        decision = _store.decisions.get(key)
+        if decision is None:
+            decision = _decide(key, kernels, tensor, run)
+    seen = _recorder.get()
+    if seen is not None:
+        seen.append((key, decision))
+    return decision.choice
+
+
+def _decide(key, kernels, tensor, run) -> Decision:
+    with _store.lock:  # one measurement at a time: two would time each other
+        decision = _store.decisions.get(key)
+        if decision is not None:
+            return decision
+        decision = _store.from_disk(key, kernels)
+        if decision is None:
+            if run is None or tensor.numel() == 0:
+                decision = Decision(static_choice(key[0], kernels), rule="empty input" if run else "static")
+            else:
+                seconds = measure((*kernels, "reference"), run, tensor.device)
+                decision = Decision(verdict(seconds, kernels), seconds)
+                _store.persist(key, decision)
+        _store.decisions[key] = decision
+        return decision
