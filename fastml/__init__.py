@@ -10,8 +10,11 @@ from fastml import _library, data, functional, linear_model, neighbors, nn, opti
 from fastml._backend import BackendUnavailableError, use_backend
 from fastml._info import info
 from fastml._patch import PatchReport, patch, unpatch
+from fastml._tune import clear_tuning, set_tuning, tuning
+from fastml._tune_model import TuneTable, tune
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "PatchReport", "data", "functional", "info", "linear_model", "neighbors", "nn",
-           "optim", "patch", "training", "unpatch", "use_backend"]
+__all__ = ["BackendUnavailableError", "PatchReport", "TuneTable", "clear_tuning", "data", "functional", "info",
+           "linear_model", "neighbors", "nn", "optim", "patch", "set_tuning", "training", "tune", "tuning", "unpatch",
+           "use_backend"]

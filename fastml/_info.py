@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastml import _backend
+from fastml import _backend, _tune
 
 
 def info(print_report: bool = True) -> dict:
@@ -20,6 +20,8 @@ def info(print_report: bool = True) -> dict:
         "default_cpu_backend": _first_present(("cpp", "numba")),
         "default_cuda_backend": "triton" if _backend.status("triton").present and torch.cuda.is_available() else
         "reference",
+        "tuning": {"mode": _tune.mode(), "cache": str(_tune.cache_path()), "stored_decisions": _tune.stored_count(),
+                   "decisions_this_process": len(_tune.decisions()), "margin": _tune.MARGIN},
     }
     if print_report:
         print(format_report(report))
@@ -36,6 +38,13 @@ def format_report(report: dict) -> str:
     for name, st in report["backends"].items():
         mark = "yes" if st["present"] else "NO "
         lines.append(f"  {name:<10} {mark}  {st['detail']}")
-    lines.append(f"CPU tensors run on: {report['default_cpu_backend']}; "
-                 f"CUDA tensors run on: {report['default_cuda_backend']}")
+    lines.append(f"CPU kernels: {report['default_cpu_backend']}; CUDA kernels: {report['default_cuda_backend']}")
+    tuning = report["tuning"]
+    if tuning["mode"] == "on":
+        lines.append(f"choice: measured per op and shape class; a kernel runs only where it beats torch by "
+                     f"{tuning['margin']:.0%} (FASTML_TUNE=off for the static rule)")
+    else:
+        lines.append("choice: the static rule, nothing timed (FASTML_TUNE=off or fastml.set_tuning('off'))")
+    lines.append(f"decisions: {tuning['stored_decisions']} kept in {tuning['cache']} (FASTML_CACHE_DIR moves it), "
+                 f"{tuning['decisions_this_process']} made or used in this process")
     return "\n".join(lines)

@@ -93,6 +93,12 @@ class PatchReport:
     replaced: list[Replaced] = dataclasses.field(default_factory=list)
     fused: list[Fused] = dataclasses.field(default_factory=list)
     left: list[Left] = dataclasses.field(default_factory=list)
+    tuning: object = None  # fastml.tune's TuneTable when patch was given example_inputs
+
+    def runs(self, name: str) -> str:
+        """Which implementation layer ``name`` runs, per phase, once tuned ("" if not known)."""
+        phases = self.tuning.by_layer().get(name, {}) if self.tuning is not None else {}
+        return ", ".join(f"{phase}: {how}" for phase, how in phases.items())
 
     @property
     def changed(self) -> bool:
@@ -101,8 +107,9 @@ class PatchReport:
 
     def __str__(self) -> str:
         swapped, joined = ("replaced", "fused") if self.action == "patch" else ("restored", "unfused")
-        rows = [(swapped, _display(r.name), f"{r.old} → {r.new}") for r in self.replaced]
-        rows += [(joined, ", ".join(map(_display, f.names)), f"{f.old} → {f.new}") for f in self.fused]
+        rows = [(swapped, _display(r.name), f"{r.old} → {r.new}{self._runs_note(r.name)}") for r in self.replaced]
+        rows += [(joined, ", ".join(map(_display, f.names)), f"{f.old} → {f.new}{self._runs_note(f.names[0])}")
+                 for f in self.fused]
         rows += [("left", _display(x.name), f"{x.type}: {x.reason}") for x in self.left]
         head = (f"fastml.{self.action}: {len(self.replaced)} {swapped}, {len(self.fused)} {joined}, "
                 f"{len(self.left)} left")
@@ -110,6 +117,11 @@ class PatchReport:
             return head
         name_width = max(len(name) for _, name, _ in rows)
         return "\n".join([head] + [f"  {kind:<8}  {name:<{name_width}}  {what}" for kind, name, what in rows])
+
+
+    def _runs_note(self, name: str) -> str:
+        runs = self.runs(name)
+        return f"  [{runs}]" if runs else ""
 
 
 def _display(name: str) -> str:
@@ -255,7 +267,7 @@ def _fuse(parent, keys, conv, relu, pool) -> torch.nn.Module:
     return fused
 
 
-def patch(model: torch.nn.Module, ops=None) -> PatchReport:
+def patch(model: torch.nn.Module, ops=None, *, example_inputs=None) -> PatchReport:
     """Replaces, in place, the torch modules of ``model`` that fastml covers by fastml's, and
     returns a :class:`PatchReport` of what it replaced, fused and left (and why).
 
@@ -267,11 +279,22 @@ def patch(model: torch.nn.Module, ops=None) -> PatchReport:
     Parameters, buffers and hooks stay the same objects (an optimizer built before keeps
     working), state_dict keys do not change, and only modules whose type is exactly the torch
     class are replaced. Patching again replaces nothing new. ``fastml.unpatch`` undoes it.
+
+    ``example_inputs``: a tuple of inputs for ``model(*example_inputs)``; when given, the patched
+    model is tuned (``fastml.tune``) and the report says which implementation each layer runs,
+    forward and backward (fastml's kernel, or torch's where that measured faster).
     """
     _check_model(model, "patch")
     selected = _parse_ops(ops)
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        raise TypeError(f"patch() argument 'example_inputs' must be a tuple of the model's inputs, "
+                        f"got {type(example_inputs).__name__}")
     report = PatchReport("patch")
     _patch_tree(model, "", selected, report, set())
+    if example_inputs is not None:
+        from fastml._tune_model import tune
+
+        report.tuning = tune(model, *example_inputs)
     return report
 
 

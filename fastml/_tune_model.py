@@ -1,0 +1,171 @@
+"""``fastml.tune(model, *example_inputs)``: make the measured choice for every covered layer of a
+model ahead of time, forward and backward, and report it as a table.
+
+The first call of each shape class times fastml's kernel against torch's implementation
+(fastml/_tune.py); ``tune`` makes those first calls on purpose, with the example inputs, so that
+training and inference afterwards start with every decision made. It leaves the model as it
+found it: gradients are taken with ``torch.autograd.grad`` (nothing accumulates in ``.grad``),
+and the buffers (BatchNorm's running statistics) and the random number generators are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+
+from fastml import _tune
+from fastml import nn as fastml_nn
+
+_COVERED = tuple(getattr(fastml_nn, name) for name in fastml_nn.__all__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerChoice:
+    """One decision for one layer: which implementation runs its ``op`` in ``phase`` ("forward"
+    or "backward"; "step" for an optimizer), and each candidate's time per call in seconds
+    ("reference" is torch's own implementation)."""
+    layer: str
+    type: str
+    op: str
+    phase: str
+    choice: str
+    seconds: dict
+    rule: str
+
+    @property
+    def runs(self) -> str:
+        """The implementation in words: "torch" for the reference, else the fastml backend."""
+        return "torch" if self.choice == "reference" else f"fastml {self.choice}"
+
+
+@dataclasses.dataclass
+class TuneTable:
+    """What ``fastml.tune`` decided, one row per (layer, op, phase)."""
+    rows: list[LayerChoice] = dataclasses.field(default_factory=list)
+
+    def by_layer(self) -> dict[str, dict[str, str]]:
+        """{layer: {phase: implementation ("torch" or "fastml <backend>")}}."""
+        table: dict[str, dict[str, str]] = {}
+        for row in self.rows:
+            table.setdefault(row.layer, {})[row.phase] = row.runs
+        return table
+
+    def __str__(self) -> str:
+        if not self.rows:
+            return "fastml.tune: no layer fastml covers ran"
+        candidates = sorted({name for row in self.rows for name in row.seconds}, key=lambda n: (n == "reference", n))
+        head = ["layer", "type", "op", "phase", "runs", *[f"{'torch' if n == 'reference' else n} µs" for n in candidates]]
+        lines = [head]
+        for row in self.rows:
+            times = [f"{row.seconds[n] * 1e6:.1f}" if n in row.seconds else "-" for n in candidates]
+            lines.append([row.layer or "(model)", row.type, row.op, row.phase,
+                          row.runs + ("" if row.rule == "measured" else f" ({row.rule})"), *times])
+        widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def _check_inputs(model, example_inputs) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"tune() argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
+    if not example_inputs:
+        raise TypeError("tune() needs example inputs: tune(model, *example_inputs), as model(*example_inputs) "
+                        "is called")
+
+
+@contextlib.contextmanager
+def _untouched(model: torch.nn.Module):
+    """Restores the model's buffers and the random number generators on leaving."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def _detached(value):
+    """A copy of a layer's input that autograd treats as a leaf (requiring grad as the original)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().requires_grad_(value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    return value
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _forward_and_backward(call, inputs, parameters, backward: bool) -> None:
+    """call(*inputs), then the gradients of its floating outputs with respect to ``inputs`` and
+    ``parameters`` that require grad, for a random upstream gradient (into no ``.grad``)."""
+    out = call(*inputs)
+    if not backward:
+        return
+    outputs = [t for t in _tensors(out) if t.requires_grad and t.is_floating_point()]
+    wrt = [t for t in (*_tensors(inputs), *parameters) if t.requires_grad]
+    if outputs and wrt:
+        torch.autograd.grad(outputs, wrt, [torch.randn_like(t) for t in outputs], allow_unused=True)
+
+
+def tune(model: torch.nn.Module, *example_inputs, backward: bool | None = None) -> TuneTable:
+    """Decides, ahead of time, which implementation runs every layer of ``model`` that fastml
+    covers (fastml.nn modules, and the layers fastml.patch swapped in), for the shape classes
+    ``model(*example_inputs)`` gives, and returns the per-layer :class:`TuneTable`: the
+    implementation chosen and each candidate's time.
+
+    backward: also decide the backward pass (default: when gradients are enabled and the
+    output requires grad, as in training). Decisions persist in the cache (fastml.info()).
+    With a backend forced (use_backend, FASTML_BACKEND) or tuning off, nothing is timed and the
+    table shows the forced backend or the static rule.
+    """
+    _check_inputs(model, example_inputs)
+    grad_on = torch.is_grad_enabled()
+    captured: list[tuple[str, torch.nn.Module, tuple]] = []
+    seen: set[int] = set()
+
+    def capture(name):
+        def hook(module, args):
+            if id(module) not in seen:
+                seen.add(id(module))
+                captured.append((name, module, _detached(args)))
+        return hook
+
+    handles = [m.register_forward_pre_hook(capture(name)) for name, m in model.named_modules()
+               if isinstance(m, _COVERED)]
+    table = TuneTable()
+    with _untouched(model):
+        try:
+            parameters = [p for p in model.parameters() if p.requires_grad]
+            want_backward = grad_on if backward is None else bool(backward)
+            # The whole model once: every decision it needs is made here (layers called from
+            # forward, functional calls), and each layer's inputs are caught on the way.
+            _forward_and_backward(model, _detached(example_inputs), parameters, want_backward and grad_on)
+        finally:
+            for handle in handles:
+                handle.remove()
+        # Then layer by layer, to attribute the decisions (made above, so looked up now).
+        for name, module, args in captured:
+            with _tune.recording() as decisions:
+                _forward_and_backward(module, args, [p for p in module.parameters() if p.requires_grad],
+                                      want_backward and grad_on)
+            rows = {}
+            for key, decision in decisions:
+                rows[(key[0], key[1])] = LayerChoice(name, type(module).__name__, key[0], key[1], decision.choice,
+                                                     dict(decision.seconds), decision.rule)
+            table.rows.extend(rows.values())
+    return table
