@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 
 import fastml
-from fastml import _backend
+from fastml import _backend, _tune
 
 CPU_BACKENDS = ("cpp", "numba")
 CUDA_BACKENDS = ("triton",)
@@ -748,8 +748,23 @@ def measure_ceilings(device: torch.device, sizes: str) -> dict:
 # Runner
 # --------------------------------------------------------------------------------------------
 
+AUTO = "auto"  # fastml as a user gets it: the measured choice between its kernels and torch's
+
+
 def _context(impl: str):
-    return contextlib.nullcontext() if impl.startswith("torch") else fastml.use_backend(impl)
+    return contextlib.nullcontext() if impl.startswith("torch") or impl == AUTO else fastml.use_backend(impl)
+
+
+def _auto_runs(decisions) -> str:
+    """What the auto row ran, from the decisions its first call made: "torch", a backend, or
+    "op phase: choice" for each (op, phase) where they differ."""
+    runs = {}
+    for key, decision in decisions:
+        runs[(key[0], key[1])] = "torch" if decision.choice == "reference" else decision.choice
+    kinds = set(runs.values())
+    if len(kinds) <= 1:
+        return next(iter(kinds), "torch")
+    return ", ".join(f"{op} {phase}: {how}" for (op, phase), how in runs.items())
 
 
 def _time_case(fns: dict, device: torch.device, repeat: int, min_sample_s: float) -> dict:
@@ -820,12 +835,14 @@ def run(ops=None, devices=("cpu",), repeat: int = 15, sizes: str = "quick", prog
             f"torch{''.join(' ' + b for b in backends)}  ({time.perf_counter() - started:.0f}s)")
         gc.collect()
         make = case.prepare(device)
-        fns = {}
-        for impl in ["torch", *hp.torch_impls, *backends]:
+        fns, auto_runs = {}, None
+        for impl in ["torch", *hp.torch_impls, AUTO, *backends]:
             try:
-                with _context(impl):
+                with _context(impl), _tune.recording() as decisions:
                     fns[impl] = make(impl)
                     fns[impl]()  # a first call: an implementation that fails is reported, not timed
+                if impl == AUTO:  # the first call made the measured choices: say what they were
+                    auto_runs = _auto_runs(decisions)
             except Exception as exc:
                 if impl.startswith("torch"):
                     raise
@@ -852,6 +869,7 @@ def run(ops=None, devices=("cpu",), repeat: int = 15, sizes: str = "quick", prog
                 "speedup": torch_median / median, "unit": unit, "throughput": throughput,
                 "ceiling_share": share, "bound": case.bound, "bytes": case.bytes, "flops": case.flops,
                 "steps": case.steps, "GBps": gbps, "GFLOPps": gflops,
+                **({"runs": auto_runs} if impl == AUTO else {}),
             })
         del make, fns
     report["elapsed_s"] = time.perf_counter() - started
@@ -890,7 +908,8 @@ def format_report(report: dict) -> str:
     table = [header]
     for r in report["rows"]:
         share = "-" if r["ceiling_share"] is None else f"{100 * r['ceiling_share']:.0f}%"
-        table.append((r["device"], r["op"], r["case"], r["impl"], _fmt_time(r["time_ms"]),
+        impl = f"{r['impl']} ({r['runs']})" if r.get("runs") else r["impl"]
+        table.append((r["device"], r["op"], r["case"], impl, _fmt_time(r["time_ms"]),
                       f"{r['speedup']:.2f}x", _fmt_throughput(r["throughput"], r["unit"]), share))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     right = {4, 5, 6, 7}
