@@ -52,6 +52,12 @@ def _value(x) -> float:
     return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
+def _tensor_or_value(x):
+    """A hyperparameter that takes part in products torch rounds to its dtype: a tensor stays a
+    (0-dim, detached) tensor, anything else becomes a Python float."""
+    return x.detach().reshape(()) if isinstance(x, torch.Tensor) else float(x)
+
+
 def _requires_grad(*values) -> bool:
     for v in values:  # a plain loop: a step's fixed cost counts for the course's tiny models
         if isinstance(v, torch.Tensor) and v.requires_grad:
@@ -170,7 +176,7 @@ class _AdamStep(_KernelStep):
                 _zero(grads)
             return
         adam_op.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                          lr=_value(group["lr"]), beta1=_value(beta1), beta2=_value(beta2), eps=_value(group["eps"]),
+                          lr=_tensor_or_value(group["lr"]), beta1=_value(beta1), beta2=_value(beta2), eps=_value(group["eps"]),
                           weight_decay=_value(group["weight_decay"]),
                           decoupled=group.get("decoupled_weight_decay", self._decoupled),
                           amsgrad=group["amsgrad"], maximize=group["maximize"], zero_grad=zero_grad)
