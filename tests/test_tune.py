@@ -1,0 +1,552 @@
+"""The measured choice (fastml/_tune.py): the decision rule on a fake clock, the cache file, the
+static rule, fastml.tune's table, bad settings, and every op giving the same results whichever
+implementation wins."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import fastml
+from fastml import _backend, _tune
+from conftest import assert_close, rand
+
+CPP = _backend.status("cpp").present
+KERNEL = next((name for name in ("cpp", "numba") if _backend.status(name).present), None)
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no CPU kernel backend (cpp or numba) is present")
+
+
+@pytest.fixture(autouse=True)
+def fresh_decisions(tmp_path, monkeypatch):
+    """Each test starts with no decision, in memory or on disk, in a cache folder of its own."""
+    monkeypatch.setenv(_tune.CACHE_VAR, str(tmp_path / "cache"))
+    monkeypatch.delenv(_tune.TUNE_VAR, raising=False)
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    _tune.clear_tuning()
+    _tune._warn_once.cache_clear()
+    fastml.set_tuning(None)
+    yield
+    fastml.set_tuning(None)
+    _tune.clear_tuning()
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(_tune, "clock", fake)
+    return fake
+
+
+def costed_run(clock: FakeClock, costs: dict[str, float]):
+    """A run(name) that takes costs[name] seconds of the fake clock, and counts its calls."""
+    calls = collections.Counter()
+
+    def run(name):
+        calls[name] += 1
+        clock.now += costs[name]
+
+    return run, calls
+
+
+def key(op="toy", *rest) -> tuple:
+    return (op, "forward", torch.get_num_threads(), torch.float32, torch.device("cpu"), *rest)
+
+
+X = torch.ones(4)
+
+
+# ------------------------------------------------------------------------- the decision rule
+
+def test_faster_kernel_is_chosen_and_the_class_is_decided_once(clock):
+    run, calls = costed_run(clock, {"cpp": 1e-4, "reference": 3e-4})
+    assert _tune.choose(key(), ("cpp",), X, run) == "cpp"
+    assert calls["cpp"] > 1 and calls["reference"] > 1
+    decision = _tune.decisions()[key()]
+    assert decision.seconds == pytest.approx({"cpp": 1e-4, "reference": 3e-4})
+    calls.clear()
+    for _ in range(3):
+        assert _tune.choose(key(), ("cpp",), X, run) == "cpp"
+    assert not calls, "a decided class must not be timed again"
+
+
+def test_torch_is_kept_when_it_is_faster(clock):
+    run, _ = costed_run(clock, {"cpp": 3e-4, "reference": 1e-4})
+    assert _tune.choose(key(), ("cpp",), X, run) == "reference"
+
+
+@pytest.mark.parametrize("ratio, expected", [(1.0, "reference"), (1.0 + _tune.MARGIN / 2, "reference"),
+                                             (1.0 + 2 * _tune.MARGIN, "cpp")])
+def test_a_kernel_must_win_beyond_the_margin(clock, ratio, expected):
+    run, _ = costed_run(clock, {"cpp": 1e-3, "reference": 1e-3 * ratio})
+    assert _tune.choose(key(), ("cpp",), X, run) == expected
+
+
+def test_tuning_costs_a_few_calls_for_a_large_op(clock):
+    run, calls = costed_run(clock, {"cpp": 0.05, "reference": 0.1})
+    _tune.choose(key(), ("cpp",), X, run)
+    assert calls == {"cpp": 1 + _tune.ROUNDS, "reference": 1 + _tune.ROUNDS}
+    run, calls = costed_run(clock, {"cpp": 1.0, "reference": 2.0})  # slower than SLOW_CALL_SECONDS
+    _tune.choose(key("slow"), ("cpp",), X, run)
+    assert calls == {"cpp": 2, "reference": 2}
+
+
+def test_small_calls_are_timed_in_loops(clock):
+    run, calls = costed_run(clock, {"cpp": 5e-7, "reference": 4e-6})
+    assert _tune.choose(key(), ("cpp",), X, run) == "cpp"
+    assert calls["cpp"] == 1 + _tune.ROUNDS * _tune.MAX_CALLS_PER_SAMPLE  # the cap on a loop
+    assert calls["reference"] == 1 + _tune.ROUNDS * int(_tune.SAMPLE_SECONDS / 4e-6)
+
+
+def test_empty_input_follows_the_static_rule_untimed(clock):
+    run, calls = costed_run(clock, {"cpp": 1e-4, "reference": 3e-4})
+    assert _tune.choose(key("conv2d"), ("cpp",), torch.ones(0, 3), run) == "reference"
+    assert _tune.choose(key("sgd_epoch"), ("cpp",), torch.ones(0, 3), run) == "cpp"
+    assert not calls
+    assert _tune.decisions()[key("conv2d")].rule == "empty input"
+
+
+def test_a_failing_candidate_raises_as_the_call_would(clock):
+    def run(name):
+        raise IndexError("target 7 is out of bounds")
+
+    with pytest.raises(IndexError, match="out of bounds"):
+        _tune.choose(key(), ("cpp",), X, run)
+    assert key() not in _tune.decisions()
+
+
+# ------------------------------------------------------------------------------ the cache
+
+def decide(clock, op="toy", costs=None):
+    run, calls = costed_run(clock, costs or {"cpp": 1e-4, "reference": 3e-4})
+    return _tune.choose(key(op), ("cpp",), X, run), calls
+
+
+def untimed(name):
+    raise AssertionError(f"{name} was timed, but the decision should have come from the cache")
+
+
+def test_cache_round_trip(clock):
+    assert decide(clock)[0] == "cpp"
+    path = _tune.cache_path()
+    data = json.loads(path.read_text())
+    assert data["format"] == _tune.FORMAT and data["machine"] == _tune.fingerprint()
+    (entry,) = data["decisions"].values()
+    assert entry["choice"] == "cpp" and set(entry["seconds"]) == {"cpp", "reference"}
+    assert entry["margin"] == _tune.MARGIN
+    assert str(torch.get_num_threads()) in next(iter(data["decisions"]))  # the key carries the threads
+    _tune._store.clear(persisted=False)  # a new process: memory empty, file kept
+    assert _tune.choose(key(), ("cpp",), X, untimed) == "cpp"
+    assert _tune.stored_count() == 1
+
+
+def test_cache_lives_where_the_environment_says(tmp_path, monkeypatch):
+    monkeypatch.setenv(_tune.CACHE_VAR, str(tmp_path / "elsewhere"))
+    assert _tune.cache_path().parent == tmp_path / "elsewhere"
+    monkeypatch.delenv(_tune.CACHE_VAR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _tune.cache_path().parent == tmp_path / "xdg" / "fastml"
+
+
+@pytest.mark.parametrize("garbage", ["{not json", "[]", '{"format": 99, "decisions": {}}', "\udcff"])
+def test_corrupt_cache_warns_and_is_measured_again(clock, garbage):
+    path = _tune.cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(garbage.encode("utf-8", "surrogateescape"))
+    with pytest.warns(RuntimeWarning, match="cannot be used"):
+        choice, calls = decide(clock)
+    assert choice == "cpp" and calls["cpp"] > 0
+    assert json.loads(path.read_text())["format"] == _tune.FORMAT  # replaced by a valid file
+
+
+def test_unwritable_cache_warns_and_keeps_decisions_in_memory(clock, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(_tune.CACHE_VAR, str(blocker / "cache"))  # under a file: no folder can be made
+    with pytest.warns(RuntimeWarning, match="cannot write"):
+        assert decide(clock)[0] == "cpp"
+    assert _tune.choose(key(), ("cpp",), X, untimed) == "cpp"
+
+
+def test_read_only_cache_folder(clock, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(_tune.tempfile, "mkstemp", refuse)  # as a read-only folder answers, even to root
+    with pytest.warns(RuntimeWarning, match="cannot write"):
+        assert decide(clock)[0] == "cpp"
+
+
+@pytest.mark.parametrize("field, value", [("torch", "0.0.1"), ("fastml", "9.9"), ("cpu", "Another CPU"),
+                                          ("isa_flags", "sse2"), ("gpus", ["Another GPU"])])
+def test_a_version_or_machine_mismatch_is_measured_again(clock, monkeypatch, field, value):
+    decide(clock)
+    original = _tune.fingerprint()
+    monkeypatch.setattr(_tune, "fingerprint", lambda: {**original, field: value})
+    _tune._store.clear(persisted=False)
+    assert decide(clock)[1]["cpp"] > 0, "a decision from another machine or version must not be reused"
+
+
+def test_a_file_from_another_machine_under_this_name_is_measured_again(clock, monkeypatch):
+    decide(clock)
+    path = _tune.cache_path()
+    data = json.loads(path.read_text())
+    data["machine"] = {**data["machine"], "cpu": "Another CPU"}
+    path.write_text(json.dumps(data))
+    _tune._store.clear(persisted=False)
+    with pytest.warns(RuntimeWarning, match="another machine"):
+        assert decide(clock)[1]["cpp"] > 0
+
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from fastml import _tune
+    name = sys.argv[1]
+    for i in range(40):
+        key = ("toy-" + name + str(i), "forward", 1, torch.float32, torch.device("cpu"))
+        _tune.choose(key, ("cpp",), torch.ones(3), lambda backend: None)
+""")
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path):
+    env = {**os.environ, _tune.CACHE_VAR: str(tmp_path / "shared")}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, name], env=env, stderr=subprocess.PIPE, text=True)
+             for name in ("a", "b")]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+        assert "cannot" not in proc.stderr.read()
+    files = list((tmp_path / "shared").glob("decisions-*.json"))
+    assert len(files) == 1 and not list((tmp_path / "shared").glob("*.tmp"))
+    decisions = json.loads(files[0].read_text())["decisions"]
+    assert len(decisions) == 80  # every decision of both, merged under the lock
+
+
+# --------------------------------------------------------------------- settings and control
+
+def fail_if_timed(monkeypatch):
+    def measure(*args):
+        raise AssertionError("nothing may be timed here")
+
+    monkeypatch.setattr(_tune, "measure", measure)
+
+
+def linear_forward_backward():
+    x = torch.randn(7, 5, requires_grad=True)
+    layer = fastml.nn.Linear(5, 3)
+    layer(x).sum().backward()
+    return x.grad
+
+
+@needs_kernel
+def test_nothing_is_timed_when_a_backend_is_forced(monkeypatch):
+    fail_if_timed(monkeypatch)
+    for name in (KERNEL, "reference"):
+        with fastml.use_backend(name):
+            linear_forward_backward()
+    monkeypatch.setenv(_backend.ENV_VAR, KERNEL)
+    linear_forward_backward()
+    assert not _tune.decisions()
+
+
+@needs_kernel
+def test_forced_backend_reaches_backward_outside_the_with(monkeypatch):
+    fail_if_timed(monkeypatch)
+    x = torch.randn(7, 5, requires_grad=True)
+    with fastml.use_backend(KERNEL):
+        out = fastml.nn.Linear(5, 3)(x)
+    with _tune.recording() as seen:
+        out.sum().backward()
+    assert not seen  # decided by the forward's forcing, not measured or recorded
+
+
+@needs_kernel
+def test_static_rule_times_nothing_and_is_conservative(monkeypatch):
+    fail_if_timed(monkeypatch)
+    monkeypatch.setenv(_tune.TUNE_VAR, "off")
+    with _tune.recording() as seen:
+        linear_forward_backward()
+        fastml.functional.conv2d(torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3))
+        fastml.functional.knn(torch.randn(5, 3), torch.randn(11, 3), 2)
+    choices = {(k[0], k[1]): d.choice for k, d in seen}
+    assert choices[("linear", "forward")] == choices[("linear", "backward")] == "reference"
+    assert choices[("conv2d", "forward")] == "reference"
+    assert choices[("knn", "forward")] == ("cpp" if CPP else "reference")
+    assert all(d.rule == "static" for _, d in seen)
+    assert not _tune.decisions()
+
+
+def test_static_rule_table():
+    assert _tune.static_choice("conv2d", ("cpp",)) == "reference"
+    assert _tune.static_choice("linear", ("triton",)) == "reference"
+    assert _tune.static_choice("sgd_epoch", ("cpp",)) == "cpp"
+    assert _tune.static_choice("sgd_epoch", ("numba",)) == "numba"
+    assert _tune.static_choice("knn", ("numba",)) == "reference"  # numba's knn loses to torch's
+    assert _tune.static_choice("adam_step", ("triton",)) == "reference"
+
+
+def test_tuning_api_and_context_manager(monkeypatch):
+    assert _tune.mode() == "on"
+    with fastml.tuning("off"):
+        assert _tune.mode() == "off"
+        with fastml.tuning("ON"):
+            assert _tune.mode() == "on"
+    assert _tune.mode() == "on"
+    previous = fastml.set_tuning("off")
+    try:
+        assert previous is None and _tune.mode() == "off"
+        assert fastml.set_tuning("on") == "off" and _tune.mode() == "on"
+    finally:
+        fastml.set_tuning(previous)
+    monkeypatch.setenv(_tune.TUNE_VAR, "off")
+    assert _tune.mode() == "off"  # the environment's, once no setting overrides it
+    fastml.set_tuning("on")
+    assert _tune.mode() == "on"  # a setting overrides the environment
+
+
+@pytest.mark.parametrize("value", ["maybe", "0", "true"])
+def test_bad_tune_settings_are_clear_errors(monkeypatch, value):
+    with pytest.raises(ValueError, match="tuning must be one of 'on', 'off'"):
+        fastml.set_tuning(value)
+    with pytest.raises(ValueError, match="tuning"):
+        with fastml.tuning(value):
+            pass
+    monkeypatch.setenv(_tune.TUNE_VAR, value)
+    with pytest.raises(ValueError, match="FASTML_TUNE must be one of"):
+        fastml.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
+
+
+def test_other_bad_settings_are_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="tuning must be one of 'on', 'off', got 1"):
+        fastml.set_tuning(1)
+    with pytest.raises(TypeError, match="persisted must be a bool"):
+        fastml.clear_tuning(persisted="yes")
+    with pytest.raises(ValueError, match="unknown fastml backend 'fast'"):
+        fastml.use_backend("fast").__enter__()
+    monkeypatch.setenv(_backend.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="unknown fastml backend 'fast'"):
+        fastml.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
+    with pytest.raises(TypeError, match="'model' must be a torch.nn.Module"):
+        fastml.tune("resnet", torch.randn(1))
+    with pytest.raises(TypeError, match="needs example inputs"):
+        fastml.tune(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="'example_inputs' must be a tuple"):
+        fastml.patch(torch.nn.Linear(2, 2), example_inputs=torch.randn(1, 2))
+
+
+def test_clear_tuning_forgets(clock):
+    decide(clock)
+    fastml.clear_tuning()
+    assert not _tune.decisions() and _tune.stored_count() == 1
+    fastml.clear_tuning(persisted=True)
+    assert _tune.stored_count() == 0
+
+
+def test_info_reports_the_cache(clock):
+    decide(clock)
+    report = fastml.info(print_report=False)["tuning"]
+    assert report["mode"] == "on" and report["stored_decisions"] == 1
+    assert report["cache"] == str(_tune.cache_path())
+
+
+# ------------------------------------------------------------------------------- fastml.tune
+
+def small_cnn() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(6, 8, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32, 5))
+
+
+@needs_kernel
+def test_tune_table_per_layer_forward_and_backward():
+    model = small_cnn()
+    report = fastml.patch(model)
+    x = torch.randn(4, 3, 14, 14)
+    running_mean = model[1].running_mean.clone()
+    rng = torch.get_rng_state()
+    table = fastml.tune(model, x)
+    layers = table.by_layer()
+    assert set(layers) == {"0", "3", "4", "8"}  # conv, pool, fused conv block, linear
+    for name in layers:
+        assert set(layers[name]) == {"forward", "backward"}, name
+    assert {row.op for row in table.rows} == {"conv2d", "max_pool2d", "conv2d_relu_max_pool2d", "linear"}
+    for row in table.rows:
+        assert row.rule == "measured" and set(row.seconds) == {KERNEL, "reference"}
+        faster = min(row.seconds, key=row.seconds.get)
+        if row.choice != "reference":
+            assert row.choice == faster and row.seconds[row.choice] * (1 + _tune.MARGIN) < row.seconds["reference"]
+    assert all(p.grad is None for p in model.parameters())  # tuning left no gradient
+    assert torch.equal(model[1].running_mean, running_mean) and torch.equal(torch.get_rng_state(), rng)
+    text = str(table)
+    assert "conv2d_relu_max_pool2d" in text and "torch µs" in text
+    assert report.tuning is None
+    # Every decision tune made is the one training then uses: nothing is timed again.
+    decided = dict(_tune.decisions())
+    out = model(x)
+    out.sum().backward()
+    assert _tune.decisions() == decided
+
+
+@needs_kernel
+def test_tune_in_inference_decides_forward_only():
+    model = small_cnn().eval()
+    fastml.patch(model)
+    with torch.no_grad():
+        table = fastml.tune(model, torch.randn(2, 3, 14, 14))
+    assert {row.phase for row in table.rows} == {"forward"}
+
+
+@needs_kernel
+def test_patch_report_names_each_layers_implementation():
+    model = small_cnn()
+    report = fastml.patch(model, example_inputs=(torch.randn(2, 3, 14, 14),))
+    assert report.tuning is not None
+    text = str(report)
+    for line in text.splitlines()[1:]:
+        if line.strip().startswith(("replaced", "fused")):
+            assert "forward:" in line and "backward:" in line, line
+    assert report.runs("8").startswith("forward: ")
+
+
+def test_tune_with_a_forced_backend_times_nothing(monkeypatch):
+    fail_if_timed(monkeypatch)
+    model = small_cnn()
+    fastml.patch(model)
+    with fastml.use_backend("reference"):
+        table = fastml.tune(model, torch.randn(2, 3, 14, 14))
+    assert table.rows and all(row.rule == "forced" and row.choice == "reference" for row in table.rows)
+
+
+# ------------------------------------------------------ the same results whichever path wins
+
+def winner(monkeypatch, name):
+    """Makes ``name`` win every measurement from now on (a fresh decision per class)."""
+    def measure(names, run, device):
+        with torch.no_grad():
+            for candidate in names:
+                run(candidate)  # the candidates still run, as in a real measurement
+        return {candidate: (1.0 if candidate == name else 2.0) for candidate in names}
+
+    _tune.clear_tuning(persisted=True)
+    monkeypatch.setattr(_tune, "measure", measure)
+
+
+def op_cases():
+    """(name, function of a generator → list of output tensors, the gradients included)."""
+    def with_grads(outputs, *inputs):
+        loss = sum((o.float() * torch.linspace(0.5, 1.5, o.numel()).reshape(o.shape)).sum()
+                   for o in outputs if o.is_floating_point())
+        grads = torch.autograd.grad(loss, [t for t in inputs if t.requires_grad])
+        return [o.detach() for o in outputs] + list(grads)
+
+    def linear(g):
+        x, w, b = (rand(*s, generator=g, requires_grad=True) for s in ((9, 7), (5, 7), (5,)))
+        return with_grads([fastml.functional.linear(x, w, b)], x, w, b)
+
+    def conv(g):
+        x, w, b = (rand(*s, generator=g, requires_grad=True) for s in ((2, 3, 11, 9), (4, 3, 3, 3), (4,)))
+        return with_grads([fastml.functional.conv2d(x, w, b, stride=2, padding=1)], x, w, b)
+
+    def block(g):
+        x, w, b = (rand(*s, generator=g, requires_grad=True) for s in ((2, 3, 12, 10), (4, 3, 3, 3), (4,)))
+        return with_grads([fastml.functional.conv2d_relu_max_pool2d(x, w, b, padding=1, pool_kernel_size=2)], x, w, b)
+
+    def pool(g):
+        x = rand(2, 3, 11, 9, generator=g, requires_grad=True)
+        return with_grads([fastml.functional.max_pool2d(x, 3, 2, padding=1)], x)
+
+    def mse(g):
+        x, t = rand(13, 3, generator=g, requires_grad=True), rand(13, 3, generator=g)
+        return with_grads([fastml.functional.mse_loss(x, t), fastml.functional.mse_loss(x, t, reduction="none")], x)
+
+    def cross_entropy(g):
+        x, t = rand(11, 7, generator=g, requires_grad=True), torch.randint(0, 7, (11,), generator=g)
+        return with_grads([fastml.functional.cross_entropy(x, t),
+                           fastml.functional.cross_entropy(x, t, reduction="none", label_smoothing=0.1)], x)
+
+    def linear_mse(g):
+        x, w, b, t = (rand(*s, generator=g, requires_grad=r) for s, r in
+                      (((17, 5), True), ((2, 5), True), ((2,), True), ((17, 2), False)))
+        return with_grads([fastml.functional.linear_mse(x, w, b, t),
+                           fastml.functional.linear_mse(x, w, b, t, reduction="none")], x, w, b)
+
+    def linear_cross_entropy(g):
+        x, w, b = (rand(*s, generator=g, requires_grad=True) for s in ((13, 6), (5, 6), (5,)))
+        t = torch.randint(0, 5, (13,), generator=g)
+        return with_grads([fastml.functional.linear_cross_entropy(x, w, t, linear_bias=b),
+                           fastml.functional.linear_cross_entropy(x, w, t, linear_bias=b, reduction="none")], x, w, b)
+
+    def cdist(g):
+        a, b = rand(7, 4, generator=g, requires_grad=True), rand(9, 4, generator=g, requires_grad=True)
+        return with_grads([fastml.functional.cdist(a, b)], a, b)
+
+    def knn(g):
+        q, r = rand(7, 4, generator=g), rand(19, 4, generator=g)
+        return list(fastml.functional.knn(q, r, 3))
+
+    def optimizers(g):
+        outputs = []
+        for make in (lambda ps: fastml.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+                     lambda ps: fastml.optim.AdamW(ps, lr=1e-2, amsgrad=True)):
+            params = [rand(5, 3, generator=g, requires_grad=True), rand(4, generator=g, requires_grad=True)]
+            opt = make(params)
+            for _ in range(3):
+                for p in params:
+                    p.grad = rand(*p.shape, generator=g)
+                opt.step()
+            outputs += [p.detach() for p in params]
+        params = [rand(6, generator=g, requires_grad=True)]
+        params[0].grad = rand(6, generator=g)
+        fastml.optim.sgd_(params, 0.1, 4)
+        return outputs + [params[0].detach()]
+
+    def linear_regression(g):
+        x, y = rand(40, 3, generator=g), rand(40, 1, generator=g)
+        reg = fastml.linear_model.LinearRegression(lr=0.03, batch_size=10, epochs=2, random_state=0).fit(x, y)
+        return [torch.as_tensor(reg.coef_), torch.as_tensor(reg.intercept_)]
+
+    return [linear, conv, block, pool, mse, cross_entropy, linear_mse, linear_cross_entropy, cdist, knn, optimizers,
+            linear_regression]
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", op_cases(), ids=lambda f: f.__name__)
+def test_results_are_the_same_whichever_path_wins(monkeypatch, case):
+    results = {}
+    for name in (KERNEL, "reference"):
+        winner(monkeypatch, name)
+        with _tune.recording() as seen:
+            results[name] = case(torch.Generator().manual_seed(5))
+        measured = [d for _, d in seen if d.rule == "measured"]
+        assert measured and all(d.choice == name for d in measured), "the forced verdict did not apply"
+    for a, b in zip(results[KERNEL], results["reference"]):
+        if a.is_floating_point():
+            assert_close(a, b.double(), scale=max(1.0, b.abs().max().item()) if b.numel() else 1.0)
+        else:
+            assert torch.equal(a, b)
+
+
+def test_a_corrupt_cache_warns_once(clock):
+    """The warning is a RuntimeWarning (a user can filter it), given once, not at every new class."""
+    path = _tune.cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_text("{")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decide(clock, "a")
+        decide(clock, "b")
+    assert [w.category for w in caught] == [RuntimeWarning]
