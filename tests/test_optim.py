@@ -222,6 +222,25 @@ def test_param_groups_tensor_lr_and_scheduler(backend, rng, ours_cls, torch_cls,
     assert_same_state(opt_ours, opt_theirs, ours, theirs)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("pair", [(optim.Adam, torch.optim.Adam), (optim.AdamW, torch.optim.AdamW)],
+                         ids=["Adam", "AdamW"])
+def test_adam_float32_tensor_lr_on_float64_parameters(backend, rng, pair, weight_decay):
+    """torch rounds lr / bias_correction1 (and AdamW's 1 - lr·wd) to the tensor lr's dtype: a
+    float32 lr on float64 parameters must give torch's values to float64's step tolerance, not
+    differ by float32's rounding (4e-10 for Adam, 4e-8 for AdamW, before it was matched)."""
+    values = make_params(torch.float64, backend.device, rng, [(5, 3), (17,)])
+    ours, theirs = twin_params(values)
+    lr = torch.tensor(0.013)  # not exact in float32
+    opt_ours = pair[0](ours, lr=lr, weight_decay=weight_decay)
+    opt_theirs = pair[1](theirs, lr=lr, weight_decay=weight_decay)
+    for _ in range(STEPS):
+        set_grads(ours, theirs, rng)
+        opt_ours.step()
+        opt_theirs.step()
+    assert_same_state(opt_ours, opt_theirs, ours, theirs)
+
+
 @pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)
 @pytest.mark.parametrize("direction", ["torch_to_fastml", "fastml_to_torch"])
 def test_state_dict_moves_between_fastml_and_torch(backend, rng, ours_cls, torch_cls, kwargs, direction):
