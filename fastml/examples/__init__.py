@@ -27,7 +27,7 @@ EXAMPLES = {
     "linreg_scratch": Example("linear_regression_scratch", "linear regression from scratch (w = [2, -3.4], b = 4.2)",
                               PLOT),
     "linreg": Example("linear_regression", "linear regression, concise: fastml modules and the Trainer", PLOT),
-    "knn_wolves": Example("knn_wolves", "wolf-pack KNN, k = 1, 3, 5, with decision regions", PLOT),
+    "knn_wolves": Example("knn_wolves", "the course's wolf-pack KNN (its nine points, paw print at (2, 2)), k = 1, 3, 5", PLOT),
     "knn_digits": Example("knn_digits", "KNN on scikit-learn's digits, accuracy for each k", DIGITS),
     "softmax": Example("softmax_regression", "softmax regression on the digits", DIGITS),
     "mlp": Example("mlp", "a multilayer perceptron on the digits", DIGITS),

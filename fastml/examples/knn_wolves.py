@@ -1,10 +1,18 @@
-"""k-nearest neighbours on a wolf-pack map: which pack does a newly sighted wolf belong to?
+"""k-nearest neighbours on the course's wolf-pack map: which group does the paw print belong to?
 
-The points are ILLUSTRATIVE, made up for this example; they are not the course's data (its
-original nine wolves could not be found). Nine sightings of two packs on a map, one river-pack
-wolf straying among the forest pack. With k = 1 every sighting claims the land nearest to it,
-the stray wolf included; with k = 3 and k = 5 the majority of the neighbourhood decides, and the
-stray's island disappears. The picture shows each k's decision regions.
+This reproduces the course's example (shared/seeds/004_*.txt, section 4.1.3, "KNN 的 PyTorch
+实现") with its own data: nine points of two classes on the map, class 0 (the green circles, six
+points) and class 1 (three points), and the paw print at (2, 2) to classify with k = 1, 3 and 5.
+The course prints class 0 for every k:
+
+    k=1: 预测类别 → 0
+    k=3: 预测类别 → 0
+    k=5: 预测类别 → 0
+
+At k = 1 the answer rests on a tie: (2.0, 1.5) of class 0 and (2.5, 2.0) of class 1 are both
+exactly 0.5 from the paw print. The course's torch.topk returned the lower index, and fastml
+breaks ties the same way, by the lower index, so it prints the course's 0. The picture shows each
+k's decision regions and the paw print.
 """
 
 from __future__ import annotations
@@ -16,40 +24,40 @@ import torch
 import fastml
 from fastml.training import figure, save_figure
 
-PACKS = ("forest pack", "river pack")
-# (km east, km north) of each sighting and its pack; the last wolf is the stray.
-SIGHTINGS = torch.tensor([[1.0, 4.0], [1.5, 5.0], [2.5, 4.5], [2.0, 3.2],
-                          [4.0, 1.0], [5.0, 2.0], [4.5, 3.0], [3.5, 1.8], [2.0, 4.3]])
-PACK_OF = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
-NEW_WOLVES = torch.tensor([[1.8, 4.0], [3.0, 3.0], [4.0, 4.5]])
+# The course's data, as it gives them: (x, y) of each point and its class.
+POINTS = torch.tensor([[1.0, 2.0], [1.5, 1.8], [2.0, 1.5],
+                       [2.5, 2.0], [3.0, 1.8], [3.5, 1.5],
+                       [2.0, 2.8], [1.8, 3.0], [2.2, 3.2]])
+CLASSES = torch.tensor([0, 0, 0, 1, 1, 1, 0, 0, 0])
+PAW_PRINT = torch.tensor([[2.0, 2.0]])  # the course's test point (中心爪印)
 KS = (1, 3, 5)
+COURSE_ANSWERS = {1: 0, 3: 0, 5: 0}  # what the course prints for each k
 
 
 def main(out_dir, quick: bool = False, progress: bool = True) -> dict:
     steps = 60 if quick else 240
-    axis = torch.linspace(0, 6, steps)
-    east, north = torch.meshgrid(axis, axis, indexing="xy")
+    xs, ys = torch.linspace(0.5, 4.0, steps), torch.linspace(1.0, 3.7, steps)
+    east, north = torch.meshgrid(xs, ys, indexing="xy")
     grid = torch.stack([east.flatten(), north.flatten()], dim=1)
 
     fig = figure(figsize=(11, 4))
-    predictions, training_accuracy = {}, {}
+    predictions = {}
     for ax, k in zip(fig.subplots(1, len(KS)), KS):
-        knn = fastml.neighbors.KNeighborsClassifier(n_neighbors=k).fit(SIGHTINGS, PACK_OF)
-        predictions[k] = [PACKS[i] for i in knn.predict(NEW_WOLVES).tolist()]
-        training_accuracy[k] = knn.score(SIGHTINGS, PACK_OF)
+        knn = fastml.neighbors.KNeighborsClassifier(n_neighbors=k).fit(POINTS, CLASSES)
+        predictions[k] = int(knn.predict(PAW_PRINT)[0])
         region = knn.predict(grid).reshape(steps, steps)
-        ax.contourf(east, north, region, levels=[-0.5, 0.5, 1.5], colors=["#d5efd5", "#d3e4f5"])
-        for pack, (marker, color) in enumerate((("^", "tab:green"), ("o", "tab:blue"))):
-            ax.scatter(*SIGHTINGS[PACK_OF == pack].T, marker=marker, color=color, edgecolor="black",
-                       label=PACKS[pack], zorder=3)
-        ax.scatter(*NEW_WOLVES.T, marker="*", s=160, color="gold", edgecolor="black", label="new sighting", zorder=3)
-        for (x, y), pack in zip(NEW_WOLVES.tolist(), predictions[k]):
-            ax.annotate(pack.split()[0], (x, y), xytext=(8, -12), textcoords="offset points", fontsize=8)
-        ax.set(title=f"k = {k}", xlabel="km east", ylabel="km north", aspect="equal")
+        ax.contourf(east, north, region, levels=[-0.5, 0.5, 1.5], colors=["#d5efd5", "#fbe3c7"])
+        for label, (marker, color) in enumerate((("o", "tab:green"), ("s", "tab:orange"))):
+            ax.scatter(*POINTS[CLASSES == label].T, marker=marker, color=color, edgecolor="black",
+                       label=f"class {label}", zorder=3)
+        ax.scatter(*PAW_PRINT.T, marker="*", s=200, color="red", edgecolor="black", label="paw print", zorder=3)
+        ax.set(title=f"k = {k}: class {predictions[k]}", xlabel="x", ylabel="y", aspect="equal")
     ax.legend(fontsize=7, loc="upper right")
-    fig.suptitle("Wolf-pack KNN: decision regions (illustrative points, not the course's data)")
+    fig.suptitle("The course's wolf-pack KNN: decision regions and the paw print at (2, 2)")
     png = save_figure(fig, Path(out_dir) / "knn_wolves.png")
-    where = ", ".join(f"({x:.1f}, {y:.1f})" for x, y in NEW_WOLVES.tolist())
-    packs = "; ".join(f"k={k}: {', '.join(p.split()[0] for p in predictions[k])}" for k in KS)
-    return {"predictions": predictions, "training_accuracy": training_accuracy, "files": [png],
-            "headline": f"new wolves at {where} join the packs {packs}"}
+    agrees = predictions == COURSE_ANSWERS
+    answers = ", ".join(f"k={k}: {predictions[k]}" for k in KS)
+    return {"predictions": predictions, "course_answers": dict(COURSE_ANSWERS), "matches_course": agrees,
+            "files": [png],
+            "headline": f"paw print at (2, 2): class {answers} "
+                        f"({'the course prints the same' if agrees else 'the course prints 0 for every k'})"}
