@@ -1,8 +1,9 @@
 """Shared machinery of the pytest-benchmark suite.
 
-Every benchmark takes ``device`` and ``impl`` (generated here: on the CPU "torch", "cpp" and
-"numba"; on CUDA "torch" and "triton"), so each group of the table shows torch beside every
-fastml backend on the same inputs. The ``backend`` fixture skips, with the reason, an
+Every benchmark takes ``device`` and ``impl`` (generated here: on the CPU "torch", "auto", "cpp"
+and "numba"; on CUDA "torch", "auto" and "triton"), so each group of the table shows torch beside
+what a fastml user gets by default ("auto": the measured choice between fastml's kernel and
+torch's, fastml/_tune.py) and beside every fastml backend forced, on the same inputs. The ``backend`` fixture skips, with the reason, an
 implementation absent here (a backend not installed, an op without that backend's kernels, no
 GPU); the Triton interpreter is never timed. Around a fastml implementation it enters
 ``fastml.use_backend(impl)``.
@@ -21,7 +22,7 @@ import torch
 import fastml
 from fastml import _bench
 
-IMPLEMENTATIONS = {"cpu": ("torch", "cpp", "numba"), "cuda": ("torch", "triton")}
+IMPLEMENTATIONS = {"cpu": ("torch", "auto", "cpp", "numba"), "cuda": ("torch", "auto", "triton")}
 FASTML_BACKENDS = {"cpp", "numba", "triton"}
 CUDA = torch.cuda.is_available()
 
