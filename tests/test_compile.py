@@ -552,13 +552,17 @@ def test_backend_is_chosen_when_the_graph_runs(rng, monkeypatch):
     """One compiled graph runs on whichever backend fastml.use_backend asks for at run time."""
     from fastml.ops.linear import reference
 
+    kernel = next((name for name in ("cpp", "numba") if fastml._backend.status(name).present), None)
+    if kernel is None:
+        pytest.skip("no CPU kernel backend (cpp or numba) is present")
     calls = []
     forward = reference.forward
     monkeypatch.setattr(reference, "forward", lambda *args: calls.append(1) or forward(*args))
     layer = nn.Linear(13, 5)
     fast = compiled(layer)
     x = rand(7, 13, generator=rng)
-    expected = fast(x)
+    with fastml.use_backend(kernel):
+        expected = fast(x)
     assert not calls
     with fastml.use_backend("reference"):
         assert_close(fast(x), expected)
