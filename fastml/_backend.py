@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from fastml import _tune
+from fastml import _env, _tune
 
 BACKENDS = ("triton", "cpp", "numba", "reference")
 ENV_VAR = "FASTML_BACKEND"
@@ -130,6 +130,7 @@ def _require(name: str) -> str:
     return name
 
 
+_backend_env = _env.reader(ENV_VAR)
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastml_backend", default=None)
 
 
@@ -152,7 +153,7 @@ def requested() -> str | None:
     name = _override.get()
     if name is not None:
         return name
-    env = os.environ.get(ENV_VAR, "").strip()
+    env = _backend_env().strip()
     return _require(env) if env else None
 
 
@@ -198,6 +199,13 @@ def select(tensor: torch.Tensor, implemented: tuple[str, ...] = BACKENDS, key: t
     if key is None:
         return _tune.static_choice("", kernels)
     return _tune.choose(key, kernels, tensor, run)
+
+
+def decided(tensor: torch.Tensor, implemented: tuple[str, ...], key: tuple) -> str | None:
+    """What ``select`` would choose for shape class ``key`` without timing anything: None while
+    the measured choice has not decided it (fastml/_route.py asks, to know a layer's route)."""
+    kernels = kernel_candidates(tensor, implemented)
+    return _tune.decided(key, kernels) if kernels else "reference"
 
 
 @functools.cache

@@ -65,6 +65,8 @@ from typing import Callable
 
 import torch
 
+from fastml import _env
+
 MARGIN = 0.05
 """A fastml kernel runs only where its time × (1 + MARGIN) is below torch's: the noise between
 interleaved rounds of the same call on a quiet machine is a few percent, so a kernel that merely
@@ -110,6 +112,7 @@ class Decision:
 # ------------------------------------------------------------------------------------ settings
 
 _mode_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastml_tune", default=None)
+_tune_env = _env.reader(TUNE_VAR)
 
 
 def _check_mode(value, name: str) -> str:
@@ -127,7 +130,7 @@ def mode() -> str:
     """"on" (measured choice, the default) or "off" (the static rule): set_tuning, tuning or
     FASTML_TUNE, in that order."""
     value = _mode_override.get()
-    return value if value is not None else _env_mode(os.environ.get(TUNE_VAR, ""))
+    return value if value is not None else _env_mode(_tune_env())
 
 
 def set_tuning(value: str | None) -> str | None:
@@ -289,7 +292,9 @@ class _Store:
                        "process only")
 
     def clear(self, persisted: bool) -> None:
+        global _generation
         with self.lock:
+            _generation += 1  # layers forget the routes they learned from these decisions
             self.decisions.clear()
             self.measured.clear()
             self.loaded.clear()
@@ -299,6 +304,12 @@ class _Store:
 
 
 _store = _Store()
+_generation = 0
+
+
+def generation() -> int:
+    """A count that changes whenever decisions are forgotten (fastml/_route.py keys on it)."""
+    return _generation
 
 
 def clear_tuning(persisted: bool = False) -> None:
@@ -382,6 +393,14 @@ def recording():
         yield seen
     finally:
         _recorder.reset(token)
+
+
+def decided(key: tuple, kernels: tuple[str, ...]) -> str | None:
+    """The choice for ``key`` if it is made (or needs no timing: tuning off), else None."""
+    if mode() == "off":
+        return static_choice(key[0], kernels)
+    decision = _store.decisions.get(key)
+    return None if decision is None else decision.choice
 
 
 def note(key: tuple | None, choice: str, rule: str) -> str:

@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from fastml import _tune
+from fastml import _route, _tune
 from fastml import nn as fastml_nn
 
 _COVERED = tuple(getattr(fastml_nn, name) for name in fastml_nn.__all__)
@@ -46,10 +46,13 @@ class TuneTable:
     rows: list[LayerChoice] = dataclasses.field(default_factory=list)
 
     def by_layer(self) -> dict[str, dict[str, str]]:
-        """{layer: {phase: implementation ("torch" or "fastml <backend>")}}."""
+        """{layer: {phase: implementation ("torch" or "fastml <backend>")}}. Where the whole layer
+        measured faster as torch's module (its "layer" row), every phase runs torch."""
         table: dict[str, dict[str, str]] = {}
+        whole_layer_on_torch = {row.layer for row in self.rows if row.op.startswith("layer ") and row.choice == "reference"}
         for row in self.rows:
-            table.setdefault(row.layer, {})[row.phase] = row.runs
+            if not row.op.startswith("layer "):
+                table.setdefault(row.layer, {})[row.phase] = "torch" if row.layer in whole_layer_on_torch else row.runs
         return table
 
     def __str__(self) -> str:
@@ -160,6 +163,7 @@ def tune(model: torch.nn.Module, *example_inputs, backward: bool | None = None) 
                 handle.remove()
         # Then layer by layer, to attribute the decisions (made above, so looked up now).
         for name, module, args in captured:
+            module.__dict__.pop(_route.ATTR, None)  # so that the call reaches the ops, which record
             with _tune.recording() as decisions:
                 _forward_and_backward(module, args, [p for p in module.parameters() if p.requires_grad],
                                       want_backward and grad_on)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from fastml import functional
+from fastml import _route, functional
 
 __all__ = ["Conv2d", "ConvReLUPool2d", "CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss", "LinearMSELoss",
            "MaxPool2d", "MSELoss"]
@@ -17,6 +18,9 @@ class Linear(torch.nn.Linear):
     """``torch.nn.Linear`` on fastml's linear kernels. Input (*, in_features)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _route.call(self, input, self.weight, super().forward, self._fastml_forward)
+
+    def _fastml_forward(self, input: torch.Tensor) -> torch.Tensor:
         return functional.linear(input, self.weight, self.bias)
 
 
@@ -26,8 +30,11 @@ class Conv2d(torch.nn.Conv2d):
     (N, C, H, W) or (C, H, W)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _route.call(self, input, self.weight, super().forward, self._fastml_forward)
+
+    def _fastml_forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":
-            padded = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padded = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return functional.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return functional.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
                                  self.groups)
@@ -51,8 +58,16 @@ class ConvReLUPool2d(torch.nn.Conv2d):
         return f"{super().extra_repr()}, pool_kernel_size={self.pool_kernel_size}, pool_stride={self.pool_stride}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _route.call(self, input, self.weight, self._torch_forward, self._fastml_forward)
+
+    def _fastml_forward(self, input: torch.Tensor) -> torch.Tensor:
         return functional.conv2d_relu_max_pool2d(input, self.weight, self.bias, self.stride, self.padding,
                                                  self.dilation, self.groups, self.pool_kernel_size, self.pool_stride)
+
+    def _torch_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """The three ops as torch runs them unfused."""
+        conv = F.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.max_pool2d(F.relu(conv), self.pool_kernel_size, self.pool_stride)
 
 
 class MaxPool2d(torch.nn.MaxPool2d):
@@ -60,6 +75,9 @@ class MaxPool2d(torch.nn.MaxPool2d):
     ``MaxUnpool2d`` takes them). Input (N, C, H, W) or (C, H, W)."""
 
     def forward(self, input: torch.Tensor):
+        return _route.call(self, input, None, super().forward, self._fastml_forward)
+
+    def _fastml_forward(self, input: torch.Tensor):
         return functional.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                                      ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 

@@ -383,12 +383,22 @@ def test_tune_table_per_layer_forward_and_backward():
     assert set(layers) == {"0", "3", "4", "8"}  # conv, pool, fused conv block, linear
     for name in layers:
         assert set(layers[name]) == {"forward", "backward"}, name
-    assert {row.op for row in table.rows} == {"conv2d", "max_pool2d", "conv2d_relu_max_pool2d", "linear"}
+    ops = {row.op for row in table.rows if not row.op.startswith("layer ")}
+    assert ops == {"conv2d", "max_pool2d", "conv2d_relu_max_pool2d", "linear"}
     for row in table.rows:
-        assert row.rule == "measured" and set(row.seconds) == {KERNEL, "reference"}
+        whole_layer = row.op.startswith("layer ")
+        assert row.rule == "measured" and set(row.seconds) == {"fastml" if whole_layer else KERNEL, "reference"}
         faster = min(row.seconds, key=row.seconds.get)
         if row.choice != "reference":
             assert row.choice == faster and row.seconds[row.choice] * (1 + _tune.MARGIN) < row.seconds["reference"]
+    for name in layers:
+        rows = [row for row in table.rows if row.layer == name]
+        kernel_somewhere = any(row.choice != "reference" for row in rows if not row.op.startswith("layer "))
+        layer_rows = [row for row in rows if row.op.startswith("layer ")]
+        # the whole layer is timed against torch's module exactly where one of its ops chose a kernel
+        assert bool(layer_rows) == kernel_somewhere, name
+        if not kernel_somewhere or layer_rows[0].choice == "reference":
+            assert set(layers[name].values()) == {"torch"}, name
     assert all(p.grad is None for p in model.parameters())  # tuning left no gradient
     assert torch.equal(model[1].running_mean, running_mean) and torch.equal(torch.get_rng_state(), rng)
     text = str(table)
@@ -550,3 +560,83 @@ def test_a_corrupt_cache_warns_once(clock):
         decide(clock, "a")
         decide(clock, "b")
     assert [w.category for w in caught] == [RuntimeWarning]
+
+
+# ---------------------------------------------------- the layers' shortcut to torch's module
+
+def count_fastml_calls(monkeypatch):
+    """Counts the calls that reach fastml's linear dispatch (fastml.functional.linear)."""
+    calls = collections.Counter()
+    original = fastml.functional.linear
+
+    def counted(*args, **kwargs):
+        calls["linear"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fastml.functional, "linear", counted)
+    return calls
+
+
+def train_step(layer, x):
+    layer.zero_grad(set_to_none=True)
+    layer(x).square().sum().backward()
+    return [p.grad.clone() for p in layer.parameters()]
+
+
+@needs_kernel
+def test_a_layer_decided_for_torch_calls_torch_directly(monkeypatch):
+    winner(monkeypatch, "reference")
+    calls = count_fastml_calls(monkeypatch)
+    layer, x = fastml.nn.Linear(5, 3), torch.randn(4, 5)
+    train_step(layer, x)  # decides the forward, then the backward
+    train_step(layer, x)  # the route settles: both ways torch's
+    calls.clear()
+    reference = torch.nn.Linear(5, 3)
+    reference.load_state_dict(layer.state_dict())
+    for got, expected in zip(train_step(layer, x), train_step(reference, x)):
+        torch.testing.assert_close(got, expected)
+    assert calls["linear"] == 0, "a layer settled on torch must not go through fastml's dispatch"
+    train_step(layer, torch.randn(6, 5))  # a new signature (batch 6) goes through fastml again
+    assert calls["linear"] == 1
+
+
+@needs_kernel
+def test_a_kernel_that_wins_inside_fastml_still_loses_to_a_faster_torch_module(monkeypatch):
+    """The ops chose the kernel, but the whole layer (dispatch included) timed slower than
+    torch's module: the layer runs torch's module."""
+    def measure(names, run, device):
+        with torch.no_grad():
+            for candidate in names:
+                run(candidate)
+        fastest = "reference" if "fastml" in names else KERNEL  # torch's module beats the fastml layer
+        return {candidate: (1.0 if candidate == fastest else 2.0) for candidate in names}
+
+    _tune.clear_tuning(persisted=True)
+    monkeypatch.setattr(_tune, "measure", measure)
+    calls = count_fastml_calls(monkeypatch)
+    layer, x = fastml.nn.Linear(5, 3), torch.randn(4, 5, requires_grad=True)
+    with _tune.recording() as seen:
+        train_step(layer, x)
+    layer_decisions = [d for k, d in seen if k[0] == "layer Linear"]
+    assert layer_decisions and layer_decisions[0].choice == "reference"
+    calls.clear()
+    train_step(layer, x)
+    assert calls["linear"] == 0
+
+
+@needs_kernel
+def test_a_forced_backend_and_cleared_decisions_bypass_the_shortcut(monkeypatch):
+    winner(monkeypatch, "reference")
+    calls = count_fastml_calls(monkeypatch)
+    layer, x = fastml.nn.Linear(5, 3), torch.randn(4, 5)
+    with torch.no_grad():
+        layer(x)
+        calls.clear()
+        layer(x)
+        assert calls["linear"] == 0
+        with fastml.use_backend(KERNEL):
+            layer(x)
+        assert calls["linear"] == 1
+        fastml.clear_tuning()
+        layer(x)
+        assert calls["linear"] == 2

@@ -47,6 +47,14 @@ def shape_class(op: str, phase: str, tensors, *arguments) -> tuple:
     return (op, phase, _threads(), first.dtype, first.device, shapes, layout, *arguments)
 
 
+def backward_class(op: str, like: torch.Tensor, shapes: tuple, *arguments) -> tuple:
+    """A Function's backward shape class, known going forward (its contiguous gradient's shape
+    among ``shapes``): what shape_class gives for the backward's tensors, every one contiguous
+    (a Function's backward makes the gradient contiguous; its saved inputs are)."""
+    return (op, "backward", _threads(), like.dtype, like.device, tuple(torch.Size(s) for s in shapes),
+            (True,) * len(shapes), *arguments)
+
+
 _threads = torch.get_num_threads
 
 
@@ -66,15 +74,16 @@ def forced_backend() -> bool:
     return _backend.requested() is not None
 
 
-def backward_backend(ctx, grad: torch.Tensor, implemented: tuple[str, ...], key: tuple, run) -> str:
+def backward_backend(ctx, grad: torch.Tensor, implemented: tuple[str, ...], run, key: tuple | None = None) -> str:
     """The backend a Function's backward runs on: torch ops where backward_in_torch_ops; the
     forward's where that was forced; otherwise the measured choice for the backward's own shape
-    class ``key`` (forward and backward are decided separately), ``run(name)`` timing it."""
+    class (forward and backward are decided separately): ``key``, by default the one the forward
+    worked out (``ctx.backward_key``), ``run(name)`` timing it."""
     if backward_in_torch_ops(grad):
         return "reference"
     if ctx.forced:
         return ctx.backend
-    return _backend.select(grad, implemented, key, run)
+    return _backend.select(grad, implemented, ctx.backward_key if key is None else key, run)
 
 
 _has_storage = getattr(torch._C, "_has_storage", lambda t: True)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from fastml import _backend
-from fastml.ops import backward_backend, forced_backend, in_custom_op_graph, shape_class, tracks_gradients
+from fastml import _backend, _route
+from fastml.ops import (backward_backend, backward_class, forced_backend, in_custom_op_graph, needs_grad, shape_class,
+                        tracks_gradients)
 from fastml.ops.conv2d_relu_max_pool2d.reference import pooled_size  # noqa: F401  (part of the interface)
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -29,6 +30,7 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
         ctx.save_for_backward(out, argmax, x, weight)
         ctx.args = (stride, padding, dilation, groups, pool_kernel, pool_stride)
         ctx.backend, ctx.forced = backend, forced_backend()
+        ctx.backward_key = backward_key(out, x, weight, ctx.args, tuple(ctx.needs_input_grad[:3]))
         return out
 
     @staticmethod
@@ -39,10 +41,13 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
         def run(name):
             return impl(name).backward(grad, out, argmax, x, weight, *ctx.args, needs)
 
-        backend = backward_backend(ctx, grad, IMPLEMENTED,
-                                   shape_class("conv2d_relu_max_pool2d", "backward", (grad, x, weight), *ctx.args,
-                                               needs), run)
-        return (*run(backend), *([None] * 7))
+        return (*run(backward_backend(ctx, grad, IMPLEMENTED, run)), *([None] * 7))
+
+
+def backward_key(out, x, weight, args, needs) -> tuple:
+    """The backward's shape class: grad (out's shape), x, weight, the arguments and which
+    gradients are wanted."""
+    return backward_class("conv2d_relu_max_pool2d", x, (out.shape, x.shape, weight.shape), *args, needs)
 
 
 def conv2d_relu_max_pool2d(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
@@ -55,6 +60,11 @@ def conv2d_relu_max_pool2d(x, weight, bias, stride, padding, dilation, groups, p
     backend = _backend.select(x, IMPLEMENTED, shape_class("conv2d_relu_max_pool2d", "forward", (x, weight, bias), *args),
                               lambda name: impl(name).forward(x, weight, bias, *args))
     if tracks_gradients(x, weight, bias):
-        return Conv2dReLUMaxPool2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, pool_kernel,
-                                                 pool_stride, backend)
+        out = Conv2dReLUMaxPool2dFunction.apply(x, weight, bias, stride, padding, dilation, groups, pool_kernel,
+                                                pool_stride, backend)
+        if _route.watched():
+            _route.report(backend, x, IMPLEMENTED, backward_key(out, x, weight, args, needs_grad(x, weight, bias)))
+        return out
+    if _route.watched():
+        _route.report(backend, x, IMPLEMENTED, None)
     return impl(backend).forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride)[0]

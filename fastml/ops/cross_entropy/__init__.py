@@ -102,7 +102,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                                      grad_output)
 
             key = shape_class("cross_entropy", "backward", (logits, target, class_weight), label_smoothing != 0)
-            grad_logits = run(backward_backend(ctx, grad_output, IMPLEMENTED, key, run))
+            grad_logits = run(backward_backend(ctx, grad_output, IMPLEMENTED, run, key))
         elif need_logits:
             grad_logits = grad * grad_output
         if need_target:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from fastml import _backend
-from fastml.ops import backward_backend, forced_backend, in_custom_op_graph, shape_class, tracks_gradients
+from fastml import _backend, _route
+from fastml.ops import (backward_backend, backward_class, forced_backend, in_custom_op_graph, needs_grad, shape_class,
+                        tracks_gradients)
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -27,6 +28,8 @@ class LinearFunction(torch.autograd.Function):
         ctx.backend, ctx.forced = backend, forced_backend()
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        ctx.backward_key = backward_key(x, weight, (need_x, need_w, need_b and ctx.has_bias))
         ctx.primals = (x, weight)  # for jvp (forward-mode AD)
         return impl(backend).forward(x, weight, bias)
 
@@ -50,8 +53,12 @@ class LinearFunction(torch.autograd.Function):
                 grad_w, grad_b = kernels.backward_weight(grad, x, need_b)
             return grad_x, (grad_w if need_w else None), grad_b
 
-        key = shape_class("linear", "backward", (grad, weight), need_x, need_w, need_b)
-        return (*run(backward_backend(ctx, grad, IMPLEMENTED, key, run)), None)
+        return (*run(backward_backend(ctx, grad, IMPLEMENTED, run)), None)
+
+
+def backward_key(x, weight, needs) -> tuple:
+    """The backward's shape class: grad (N, O) and weight, which gradients are wanted."""
+    return backward_class("linear", x, ((x.shape[0], weight.shape[0]), weight.shape), *needs)
 
 
 def linear_tangent(x, weight, x_t, weight_t, bias_t) -> torch.Tensor:
@@ -75,5 +82,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     bias = None if bias is None else bias.contiguous()
     backend = _backend.select(x, IMPLEMENTED, key, lambda name: impl(name).forward(x, weight, bias))
     if tracks_gradients(x, weight, bias):
+        if _route.watched():
+            _route.report(backend, x, IMPLEMENTED, backward_key(x, weight, needs_grad(x, weight, bias)))
         return LinearFunction.apply(x, weight, bias, backend)
+    if _route.watched():
+        _route.report(backend, x, IMPLEMENTED, None)
     return impl(backend).forward(x, weight, bias)

@@ -61,7 +61,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
             key = shape_class("linear_cross_entropy", "backward", (x, weight, bias, target, class_weight),
                               label_smoothing != 0, *needs)
-            grads = run(backward_backend(ctx, grad_output, IMPLEMENTED, key, run))
+            grads = run(backward_backend(ctx, grad_output, IMPLEMENTED, run, key))
         else:
             grads = tuple(None if g is None else g * grad_output for g in (grad_x, grad_w, grad_b))
         return (*grads, None, None, None, None, None, None)

@@ -90,7 +90,7 @@ class LinearMSEFunction(torch.autograd.Function):
         if need_x or weight_from_residual:
             if backend is None:
                 key = shape_class("linear_mse", "backward", (coef, weight, x), ctx.reduction, need_x, need_w, need_b)
-                backend = backward_backend(ctx, grad, IMPLEMENTED, key, run)
+                backend = backward_backend(ctx, grad, IMPLEMENTED, run, key)
             grad_x, grad_w, grad_b = run(backend)
             grad_w = grad_w if need_w else None
         grad_t = -coef if need_t else None

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from fastml import _backend
-from fastml.ops import backward_backend, forced_backend, in_custom_op_graph, shape_class, tracks_gradients
+from fastml import _backend, _route
+from fastml.ops import backward_backend, backward_class, forced_backend, in_custom_op_graph, shape_class, tracks_gradients
 from fastml.ops.max_pool2d.reference import output_size  # noqa: F401  (part of the op's interface)
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -27,7 +27,7 @@ class MaxPool2dFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(indices)
         ctx.backend, ctx.forced, ctx.size = backend, forced_backend(), x.shape[2:]
-        ctx.args = (kernel, stride, padding, dilation, ceil_mode)
+        ctx.backward_key = backward_key(out, ctx.size, (kernel, stride, padding, dilation, ceil_mode))
         return out, indices
 
     @staticmethod
@@ -38,9 +38,12 @@ class MaxPool2dFunction(torch.autograd.Function):
         def run(name):
             return impl(name).backward(grad, indices, *ctx.size)
 
-        backend = backward_backend(ctx, grad, IMPLEMENTED, shape_class("max_pool2d", "backward", (grad,), ctx.size, *ctx.args),
-                                   run)
-        return run(backend), None, None, None, None, None, None
+        return run(backward_backend(ctx, grad, IMPLEMENTED, run)), None, None, None, None, None, None
+
+
+def backward_key(out, size, args) -> tuple:
+    """The backward's shape class: grad (out's shape), the input's (H, W) and the arguments."""
+    return backward_class("max_pool2d", out, (out.shape,), tuple(size), *args)
 
 
 def max_pool2d(x, kernel, stride, padding, dilation, ceil_mode):
@@ -52,5 +55,10 @@ def max_pool2d(x, kernel, stride, padding, dilation, ceil_mode):
     backend = _backend.select(x, IMPLEMENTED, shape_class("max_pool2d", "forward", (x,), *args),
                               lambda name: impl(name).forward(x, *args))
     if tracks_gradients(x):
-        return MaxPool2dFunction.apply(x, kernel, stride, padding, dilation, ceil_mode, backend)
+        out, indices = MaxPool2dFunction.apply(x, kernel, stride, padding, dilation, ceil_mode, backend)
+        if _route.watched():
+            _route.report(backend, x, IMPLEMENTED, backward_key(out, x.shape[2:], args))
+        return out, indices
+    if _route.watched():
+        _route.report(backend, x, IMPLEMENTED, None)
     return impl(backend).forward(x, kernel, stride, padding, dilation, ceil_mode)

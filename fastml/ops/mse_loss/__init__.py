@@ -50,7 +50,7 @@ class MSELossFunction(torch.autograd.Function):
         def run(name):
             return impl(name).backward(diff, grad, ctx.scale)
 
-        grad_input = run(backward_backend(ctx, grad, IMPLEMENTED, shape_class("mse_loss", "backward", (diff, grad)), run))
+        grad_input = run(backward_backend(ctx, grad, IMPLEMENTED, run, shape_class("mse_loss", "backward", (diff, grad))))
         return (grad_input if need_input else None), (-grad_input if need_target else None), None, None
 
 
