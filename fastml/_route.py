@@ -73,34 +73,37 @@ def settle(reports) -> bool | None:
     return True if known else None
 
 
-def signature(input: torch.Tensor, weight: torch.Tensor | None) -> tuple | None:
+def signature(input: torch.Tensor, weight: torch.Tensor | None, target: torch.Tensor | None = None) -> tuple | None:
     """What a remembered route depends on, or None when a backend is forced."""
     if _backend.requested() is not None:
         return None
-    return (input.shape, input.dtype, input.device, input.is_contiguous(), torch.is_grad_enabled(),
-            input.requires_grad, weight is not None and weight.requires_grad, _threads(), _tune.mode(),
-            _tune.generation())
+    sig = (input.shape, input.dtype, input.device, input.is_contiguous(), torch.is_grad_enabled(),
+           input.requires_grad, weight is not None and weight.requires_grad, _threads(), _tune.mode(),
+           _tune.generation())
+    return sig if target is None else (*sig, target.shape, target.dtype, target.requires_grad)
 
 
-def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | None, torch_forward, fastml_forward):
+def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | None, torch_forward, fastml_forward,
+         target: torch.Tensor | None = None):
     """``torch_forward(input)`` where the layer's route for this call's signature is torch's,
-    else ``fastml_forward(input)``. A signature seen for the first time runs fastml's path, then
+    else ``fastml_forward(input)`` (both with ``target`` too, for a loss). A signature seen for the first time runs fastml's path, then
     settles the route: torch's where every op went to torch's implementation; where some op
     chose a fastml kernel, the whole layer is timed both ways (``layer_choice``), because a
     kernel that wins inside fastml's dispatch can still lose to torch's module once the
     dispatch's own cost (checks, an autograd.Function in Python) is counted."""
+    args = (input,) if target is None else (input, target)
     if is_compiling():  # traced into a graph: fastml's path, whose ops are custom ops there
-        return fastml_forward(input)
-    sig = signature(input, weight)
+        return fastml_forward(*args)
+    sig = signature(input, weight, target)
     memo = layer.__dict__.get(ATTR)
     if sig is not None and memo is not None and memo[0] == sig:
-        return torch_forward(input) if memo[1] else fastml_forward(input)
+        return torch_forward(*args) if memo[1] else fastml_forward(*args)
     with watching() as reports:
-        out = fastml_forward(input)
+        out = fastml_forward(*args)
     if sig is not None:
         to_torch = settle(reports)
         if to_torch is False:
-            to_torch = layer_choice(layer, input, torch_forward, fastml_forward) == "reference"
+            to_torch = layer_choice(layer, args, torch_forward, fastml_forward) == "reference"
         if to_torch is not None:
             object.__setattr__(layer, ATTR, (sig, to_torch))  # a plain attribute: not state, not a submodule
     return out
@@ -112,27 +115,29 @@ def _tensors(value) -> list[torch.Tensor]:
     return [t for v in value for t in _tensors(v)] if isinstance(value, (tuple, list)) else []
 
 
-def layer_choice(layer: torch.nn.Module, input: torch.Tensor, torch_forward, fastml_forward) -> str:
+def layer_choice(layer: torch.nn.Module, args: tuple, torch_forward, fastml_forward) -> str:
     """The measured choice between the whole layer on fastml's path ("fastml") and torch's module
     ("reference"): forward, and backward where gradients are tracked, on a copy of the input,
     gradients taken with autograd.grad (no .grad accumulates). Its shape class is the layer's
     type and configuration (extra_repr) and the call's signature; it persists as the ops' do."""
     grad_on = torch.is_grad_enabled()
     parameters = [p for p in layer.parameters() if p.requires_grad] if grad_on else []
-    copy = input.detach().requires_grad_(input.requires_grad and grad_on)
+    copies = [a.detach().requires_grad_(a.requires_grad and grad_on) for a in args]
+    input = args[0]
     upstream = {}
 
     def run(name):
         with torch.set_grad_enabled(grad_on):
-            out = (torch_forward if name == "reference" else fastml_forward)(copy)
+            out = (torch_forward if name == "reference" else fastml_forward)(*copies)
             outputs = [t for t in _tensors(out) if t.requires_grad and t.is_floating_point()]
-            wrt = ([copy] if copy.requires_grad else []) + parameters
+            wrt = [c for c in copies if c.requires_grad] + parameters
             if outputs and wrt:
                 if not upstream:
                     upstream["grads"] = [torch.randn_like(t) for t in outputs]
                 torch.autograd.grad(outputs, wrt, upstream["grads"], allow_unused=True)
 
     key = ("layer " + type(layer).__name__, "forward+backward" if grad_on else "forward", _threads(), input.dtype,
-           input.device, (input.shape,), (input.is_contiguous(),), layer.extra_repr(), input.requires_grad,
+           input.device, tuple(a.shape for a in args), (input.is_contiguous(),), layer.extra_repr(),
+           tuple(a.requires_grad for a in args), tuple(a.dtype for a in args[1:]),
            tuple(p.shape for p in parameters))
     return _tune.choose(key, ("fastml",), input, run)

@@ -86,6 +86,9 @@ class MSELoss(torch.nn.MSELoss):
     """``torch.nn.MSELoss`` on fastml's fused squared-error kernel (same broadcasting warning)."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return _route.call(self, input, None, super().forward, self._fastml_forward, target)
+
+    def _fastml_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return functional.mse_loss(input, target, reduction=self.reduction)
 
 
@@ -132,6 +135,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     (N, C) or (N, C, d1, ...))."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return _route.call(self, input, None, super().forward, self._fastml_forward, target)
+
+    def _fastml_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return functional.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                         reduction=self.reduction, label_smoothing=self.label_smoothing)
 

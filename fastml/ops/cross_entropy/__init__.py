@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastml import _backend
+from fastml import _backend, _route
 from fastml.ops import (
     backward_backend,
     backward_in_torch_ops,
@@ -101,8 +101,8 @@ class CrossEntropyFunction(torch.autograd.Function):
                 return row_gradients(impl(name), logits, target, class_weight, ignore_index, label_smoothing,
                                      grad_output)
 
-            key = shape_class("cross_entropy", "backward", (logits, target, class_weight), label_smoothing != 0)
-            grad_logits = run(backward_backend(ctx, grad_output, IMPLEMENTED, run, key))
+            grad_logits = run(backward_backend(ctx, grad_output, IMPLEMENTED, run,
+                                               backward_key(logits, target, class_weight, label_smoothing)))
         elif need_logits:
             grad_logits = grad * grad_output
         if need_target:
@@ -117,6 +117,11 @@ def row_gradients(kernels, logits, target, class_weight, ignore_index, label_smo
     kernels.rows(logits, target, class_weight, ignore_index, label_smoothing,
                  grad_output.contiguous().to(accumulation_dtype(logits.dtype)), None, grad_logits)
     return grad_logits
+
+
+def backward_key(logits, target, class_weight, label_smoothing) -> tuple:
+    """The shape class of the "none" reduction's backward (the only one that runs a kernel)."""
+    return shape_class("cross_entropy", "backward", (logits, target, class_weight), label_smoothing != 0)
 
 
 def target_gradient(logits, class_weight, label_smoothing, per_row):
@@ -137,6 +142,10 @@ def cross_entropy(logits, target, class_weight, ignore_index, label_smoothing, r
                       with_grad)
     backend = _backend.select(logits, IMPLEMENTED, key, lambda name: loss_and_gradient(
         impl(name), logits, target, class_weight, ignore_index, label_smoothing, reduction, with_grad))
+    if _route.watched():  # "mean" / "sum" backward only scales the gradient formed going forward
+        backward = with_grad and reduction == "none" and needs_grad(logits)[0]
+        _route.report(backend, logits, IMPLEMENTED,
+                      backward_key(logits, target, class_weight, label_smoothing) if backward else None)
     if with_grad:
         return CrossEntropyFunction.apply(logits, target, class_weight, ignore_index, label_smoothing,
                                           reduction, backend)

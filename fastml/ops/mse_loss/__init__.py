@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from fastml import _backend
+from fastml import _backend, _route
 from fastml.ops import (
     backward_backend,
+    backward_class,
     backward_in_torch_ops,
     forced_backend,
     in_custom_op_graph,
@@ -32,6 +33,7 @@ class MSELossFunction(torch.autograd.Function):
         loss, diff = impl(backend).forward(input, target, reduction, keep_diff=True)
         ctx.scale = error_scale(reduction, input.numel())
         ctx.backend, ctx.forced = backend, forced_backend()
+        ctx.backward_key = backward_key(input, loss)
         ctx.save_for_backward(input, target, diff)
         ctx.reduction, ctx.diff = reduction, diff  # for jvp (forward-mode AD)
         return loss
@@ -50,8 +52,13 @@ class MSELossFunction(torch.autograd.Function):
         def run(name):
             return impl(name).backward(diff, grad, ctx.scale)
 
-        grad_input = run(backward_backend(ctx, grad, IMPLEMENTED, run, shape_class("mse_loss", "backward", (diff, grad))))
+        grad_input = run(backward_backend(ctx, grad, IMPLEMENTED, run))
         return (grad_input if need_input else None), (-grad_input if need_target else None), None, None
+
+
+def backward_key(input, loss) -> tuple:
+    """The backward's shape class: the flat difference and the incoming gradient (the loss's shape)."""
+    return backward_class("mse_loss", input, (input.shape, loss.shape))
 
 
 def error_scale(reduction: str, count) -> float:
@@ -84,4 +91,6 @@ def mse_loss(input, target, reduction):
         loss = MSELossFunction.apply(input, target, reduction, backend)
     else:
         loss = impl(backend).forward(input, target, reduction, keep_diff=False)[0]
+    if _route.watched():
+        _route.report(backend, input, IMPLEMENTED, backward_key(input, loss) if with_grad else None)
     return loss.reshape(shape) if reduction == "none" else loss
