@@ -42,6 +42,13 @@ atomically (a temporary file, then a rename) under an advisory lock, merged with
 process wrote meanwhile. A corrupt, unreadable, mismatched or read-only cache never fails a call:
 fastml warns once, measures again, and keeps its decisions in memory.
 
+Layers (fastml/_route.py) add one decision of their own. A kernel that wins inside fastml's
+dispatch can still lose to torch's module once that dispatch is counted (argument checks, an
+autograd.Function in Python: ~15 µs a call, which decides a layer of a few µs). So where one of a
+layer's ops chose a kernel, the whole layer, forward and backward, is timed once more against
+torch's module (a class "layer <type>" in the same store); where all chose torch's, the layer
+calls torch's module directly from then on.
+
 ``use_backend(name)`` / ``FASTML_BACKEND`` still force one backend: then nothing is timed.
 """
 
