@@ -133,7 +133,7 @@ def layer_choice(layer: torch.nn.Module, args: tuple, torch_forward, fastml_forw
             wrt = [c for c in copies if c.requires_grad] + parameters
             if outputs and wrt:
                 if not upstream:
-                    upstream["grads"] = [torch.randn_like(t) for t in outputs]
+                    upstream["grads"] = [torch.ones_like(t) for t in outputs]  # no draw from the user's generator
                 torch.autograd.grad(outputs, wrt, upstream["grads"], allow_unused=True)
 
     key = ("layer " + type(layer).__name__, "forward+backward" if grad_on else "forward", _threads(), input.dtype,

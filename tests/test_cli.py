@@ -58,7 +58,9 @@ def test_bench_json_has_every_op_backend_and_unit(tiny_bench):
         for case in {r["case"] for r in rows}:
             impls = {r["impl"] for r in rows if r["case"] == case}
             failed = {s["backend"] for s in report["skipped"] if s["op"] == name and s.get("case") == case}
-            assert impls | failed == {"torch", *hot_path.torch_impls, *expected}, (name, case, impls)
+            assert impls | failed == {"torch", *hot_path.torch_impls, "auto", *expected}, (name, case, impls)
+            (auto,) = [r for r in rows if r["case"] == case and r["impl"] == "auto"]
+            assert auto["runs"], "the auto row names what the measured choice ran"
     for r in report["rows"]:
         assert r["unit"] == UNITS[r["bound"]]
         assert r["time_ms"] > 0 and r["throughput"] > 0 and r["speedup"] > 0
