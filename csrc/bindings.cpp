@@ -1,6 +1,12 @@
 // fastml._C: one line per exported kernel and dtype. Every call releases the GIL.
+//
+// A dispatch build (setup.py, FASTML_CPU_ARCH=dispatch) compiles these sources once per x86-64
+// level into fastml._C_x86_64_v2, _v3 and _v4; Python imports a module by the name its init
+// function carries, so setup.py passes that name as FASTML_MODULE_NAME.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>  // lists of pointers and sizes for the multi-tensor optimizer steps
+
+#include <string>
 
 #include "kernels.h"
 
@@ -9,9 +15,36 @@ using namespace fastml;
 
 #define FASTML_DEF(name, fn) m.def(name, &fn, py::call_guard<py::gil_scoped_release>())
 
-PYBIND11_MODULE(_C, m) {
+#ifndef FASTML_MODULE_NAME
+#define FASTML_MODULE_NAME _C
+#endif
+
+PYBIND11_MODULE(FASTML_MODULE_NAME, m) {
     m.doc() = "fastml C++ CPU kernels (pybind11, OpenMP); pointers in, nothing allocated";
     m.attr("openmp_max_threads") = omp_get_max_threads();
+    // The vector extensions the compiler was allowed to use, so Python (and the tests) can tell
+    // which build of the kernels was loaded.
+    const std::string isa = std::string(""
+#if defined(__SSE4_2__)
+                                " sse4_2"
+#endif
+#if defined(__AVX2__)
+                                " avx2"
+#endif
+#if defined(__FMA__)
+                                " fma"
+#endif
+#if defined(__AVX512F__)
+                                " avx512f"
+#endif
+#if defined(__AVX512VNNI__)
+                                " avx512vnni"
+#endif
+#if defined(__ARM_NEON)
+                                " neon"
+#endif
+    );
+    m.attr("isa") = isa.empty() ? isa : isa.substr(1);  // without the leading space
 
     FASTML_DEF("linear_mse_forward_f32", linear_mse_forward<float>);
     FASTML_DEF("linear_mse_forward_f64", linear_mse_forward<double>);

@@ -188,9 +188,14 @@ inline void weight_tile(const T* gz, index_t grad_row, index_t pitch, const T* x
             for (int o = 0; o < kKB; ++o) {
                 if (!kFullBlock && o >= count) break;  // past this block's last channel
                 V gv = S::load(g + o * pitch);
+#if defined(__AVX512F__)
                 // Keep gv in a register: GCC would fold the load into each of the P FMAs, and
-                // the loads, not the FMAs, then bound the loop (27 loads per 24 FMAs).
+                // the loads, not the FMAs, then bound the loop (27 loads per 24 FMAs). The "v"
+                // constraint names one zmm register, so it only exists where V is one vector:
+                // with narrower vectors V spans several registers and the asm cannot be
+                // expressed (GCC: "impossible constraint"); there GCC's own choice stands.
                 __asm__("" : "+v"(gv));
+#endif
 #pragma GCC unroll 3
                 for (int p = 0; p < P; ++p) acc[o][p] += gv * xs[p];
             }

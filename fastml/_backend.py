@@ -3,7 +3,8 @@
 Four backends implement every op, with one forward and one backward each and the same results:
 
 - ``triton``    Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
-- ``cpp``       the compiled extension ``fastml._C`` (pybind11 + OpenMP), CPU tensors
+- ``cpp``       the compiled extension (pybind11 + OpenMP), CPU tensors: ``fastml._C``, or the
+                module of this CPU's level in a dispatch build (fastml/_cpp.py)
 - ``numba``     numba-compiled loops, CPU tensors (fallback when the extension is absent)
 - ``reference`` pure PyTorch: any device and dtype, torch's own implementation and the oracle
                 the others are tested against
@@ -82,11 +83,21 @@ def _build_info() -> str:
 
 
 def _probe_cpp() -> BackendStatus:
+    from fastml import _cpp
+
+    # A bad FASTML_CPU_LEVEL raises ValueError here, naming the variable (as a bad FASTML_BACKEND
+    # does): falling back to numba instead would be the silent slowdown the variable exists to avoid.
+    chosen = _cpp.cpu_level()
+    build = _build_info()
     try:
-        from fastml import _C
+        module = _cpp.module()
     except ImportError as exc:
-        return BackendStatus("cpp", False, f"fastml._C is not importable ({exc}); build: {_build_info()}")
-    return BackendStatus("cpp", True, f"fastml._C, OpenMP, up to {_C.openmp_max_threads} threads")
+        name = chosen["module"] or "fastml._C"
+        return BackendStatus("cpp", False, f"{name} is not importable ({exc}); build: {build}")
+    level = f"CPU level {chosen['level']}: {chosen['reason']}"
+    failed = "" if build in ("built", "unknown") or build.startswith("no build record") else f"; build: {build}"
+    return BackendStatus("cpp", True, f"{module.__name__} ({getattr(module, 'isa', '') or 'generic'}), OpenMP, up to "
+                                      f"{module.openmp_max_threads} threads; {level}{failed}")
 
 
 def _probe_numba() -> BackendStatus:

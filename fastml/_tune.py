@@ -187,7 +187,19 @@ def fingerprint() -> dict:
     cpu, flags = _cpu_description()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
         else []
-    return {"cpu": cpu, "isa_flags": flags, "gpus": gpus, "fastml": fastml.__version__, "torch": torch.__version__}
+    return {"cpu": cpu, "isa_flags": flags, "gpus": gpus, "fastml": fastml.__version__, "torch": torch.__version__,
+            "cpp_module": _cpp_module()}
+
+
+def _cpp_module() -> str | None:
+    """The C++ module this process runs (a dispatch build's level can be forced lower with
+    FASTML_CPU_LEVEL: its kernels are slower, so the decisions measured for another don't hold)."""
+    from fastml import _cpp
+
+    try:
+        return _cpp.cpu_level()["module"]
+    except ValueError:  # a bad FASTML_CPU_LEVEL: raised where the cpp backend is probed
+        return None
 
 
 def cache_dir() -> Path:
