@@ -16,6 +16,6 @@ from fastml._tune_model import TuneTable, tune
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "PatchReport", "TuneTable", "clear_tuning", "cpu_level", "data", "functional", "info",
-           "linear_model", "neighbors", "nn", "optim", "patch", "set_tuning", "training", "tune", "tuning", "unpatch",
-           "use_backend"]
+__all__ = ["BackendUnavailableError", "PatchReport", "TuneTable", "clear_tuning", "cpu_level", "data", "functional",
+           "info", "linear_model", "neighbors", "nn", "optim", "patch", "set_tuning", "training", "tune", "tuning",
+           "unpatch", "use_backend"]

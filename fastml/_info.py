@@ -20,12 +20,23 @@ def info(print_report: bool = True) -> dict:
         "default_cpu_backend": _first_present(("cpp", "numba")),
         "default_cuda_backend": "triton" if _backend.status("triton").present and torch.cuda.is_available() else
         "reference",
+        "cpu_level": _cpu_level(),
         "tuning": {"mode": _tune.mode(), "cache": str(_tune.cache_path()), "stored_decisions": _tune.stored_count(),
                    "decisions_this_process": len(_tune.decisions()), "margin": _tune.MARGIN},
     }
     if print_report:
         print(format_report(report))
     return report
+
+
+def _cpu_level() -> dict:
+    """The C++ module's CPU level and why (fastml/_cpp.py), or the error of a bad FASTML_CPU_LEVEL."""
+    from fastml import _cpp
+
+    try:
+        return _cpp.cpu_level()
+    except ValueError as exc:
+        return {"level": None, "module": None, "reason": str(exc), "built_levels": []}
 
 
 def _first_present(names) -> str:
@@ -39,6 +50,10 @@ def format_report(report: dict) -> str:
         mark = "yes" if st["present"] else "NO "
         lines.append(f"  {name:<10} {mark}  {st['detail']}")
     lines.append(f"CPU kernels: {report['default_cpu_backend']}; CUDA kernels: {report['default_cuda_backend']}")
+    level = report["cpu_level"]
+    built = f"; levels built: {', '.join(level['built_levels'])}" if level["built_levels"] else ""
+    lines.append(f"C++ level: {level['level'] or 'none'} ({level['module'] or 'no module'}): {level['reason']}{built} "
+                 "(FASTML_CPU_LEVEL forces a lower one)")
     tuning = report["tuning"]
     if tuning["mode"] == "on":
         lines.append(f"choice: measured per op and shape class; a kernel runs only where it beats torch by "

@@ -7,8 +7,10 @@ on CPU tensors through the interpreter (TRITON_INTERPRET=1, set below before tri
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -20,6 +22,7 @@ if not torch.cuda.is_available():
 # The measured choice's decisions (fastml/_tune.py) go to a folder of this test run's own, so a
 # run neither reads the decisions of earlier runs nor writes into the user's cache.
 os.environ["FASTML_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastml-test-decisions-")
+atexit.register(shutil.rmtree, os.environ["FASTML_CACHE_DIR"], ignore_errors=True)
 
 import fastml  # noqa: E402  (after TRITON_INTERPRET is settled)
 from fastml import _backend  # noqa: E402
