@@ -119,7 +119,14 @@ class LinearMSELoss(torch.nn.Module):
         torch.nn.Linear.reset_parameters(self)  # the same initialisation as nn.Linear
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return _route.call(self, input, self.weight, self._torch_forward, self._fastml_forward, target)
+
+    def _fastml_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return functional.linear_mse(input, self.weight, self.bias, target, self.reduction)
+
+    def _torch_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """What it replaces: nn.Linear, then nn.MSELoss."""
+        return F.mse_loss(F.linear(input, self.weight, self.bias), target, reduction=self.reduction)
 
     def predict(self, input: torch.Tensor) -> torch.Tensor:
         return functional.linear(input, self.weight, self.bias)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from fastml import _backend
+from fastml import _backend, _route
 from fastml.ops import (
     backward_backend,
+    backward_class,
     backward_in_torch_ops,
     forced_backend,
     in_custom_op_graph,
@@ -89,12 +90,25 @@ class LinearMSEFunction(torch.autograd.Function):
         grad_x = None
         if need_x or weight_from_residual:
             if backend is None:
-                key = shape_class("linear_mse", "backward", (coef, weight, x), ctx.reduction, need_x, need_w, need_b)
-                backend = backward_backend(ctx, grad, IMPLEMENTED, run, key)
+                backend = backward_backend(ctx, grad, IMPLEMENTED, run,
+                                           backward_key(x, weight, ctx.reduction, (need_x, need_w, need_b)))
             grad_x, grad_w, grad_b = run(backend)
             grad_w = grad_w if need_w else None
         grad_t = -coef if need_t else None
         return grad_x, grad_w, grad_b, grad_t, None, None
+
+
+def backward_key(x, weight, reduction, needs) -> tuple:
+    """The shape class of the backward's kernel work (the residual's gradients): the residual
+    (N, O), weight, x, the reduction and which of x, weight, bias want a gradient."""
+    return backward_class("linear_mse", x, ((x.shape[0], weight.shape[0]), weight.shape, x.shape), reduction, *needs)
+
+
+def runs_backward_kernels(needs, reduction: str) -> bool:
+    """Whether backward calls kernels: for the input's gradient, or the weight's under "none"
+    (for "mean" / "sum" the weight and bias gradients come from the forward pass)."""
+    need_x, need_w, need_b = needs
+    return need_x or (reduction == "none" and (need_w or need_b))
 
 
 def forward_flags(needs, has_bias: bool, reduction: str) -> tuple[bool, bool, bool]:
@@ -119,6 +133,10 @@ def linear_mse(x, weight, bias, target, reduction):
     bias = None if bias is None else bias.contiguous()
     backend = _backend.select(x, IMPLEMENTED, key,
                               lambda name: impl(name).forward(x, weight, bias, target, reduction, *flags))
+    if _route.watched():
+        needs = needs_grad(x, weight, bias)
+        backward = with_grad and runs_backward_kernels(needs, reduction)
+        _route.report(backend, x, IMPLEMENTED, backward_key(x, weight, reduction, needs) if backward else None)
     if with_grad:
         return LinearMSEFunction.apply(x, weight, bias, target, reduction, backend)
     return impl(backend).forward(x, weight, bias, target, reduction, False, False, False)[0]
