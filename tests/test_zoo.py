@@ -40,8 +40,10 @@ def test_unknown_model_is_a_clear_error():
         zoo.build("resnet19")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "squeezenet1_1", "shufflenet_v2_x1_0",
-                                  "regnet_y_400mf", "googlenet"])
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "squeezenet1_1",
+                                  *(pytest.param(name, marks=pytest.mark.slow)
+                                    for name in ("shufflenet_v2_x1_0", "regnet_y_400mf", "googlenet", "densenet121",
+                                                 "efficientnet_b0", "alexnet"))])
 def test_patched_model_matches_unpatched_in_float64(name):
     """Outputs (eval) and every gradient (train) of the patched model equal the original's."""
     torch.manual_seed(0)
