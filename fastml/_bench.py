@@ -908,7 +908,8 @@ def format_report(report: dict) -> str:
     table = [header]
     for r in report["rows"]:
         share = "-" if r["ceiling_share"] is None else f"{100 * r['ceiling_share']:.0f}%"
-        impl = f"{r['impl']} ({r['runs']})" if r.get("runs") else r["impl"]
+        runs = r.get("runs")
+        impl = f"{r['impl']} ({'mixed' if runs and ':' in runs else runs})" if runs else r["impl"]
         table.append((r["device"], r["op"], r["case"], impl, _fmt_time(r["time_ms"]),
                       f"{r['speedup']:.2f}x", _fmt_throughput(r["throughput"], r["unit"]), share))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -921,6 +922,9 @@ def format_report(report: dict) -> str:
         prev = key if row is not header else None
         lines.append("  ".join(cell.rjust(w) if i in right else cell.ljust(w)
                                for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+    for r in report["rows"]:
+        if r.get("runs") and ":" in r["runs"]:
+            lines.append(f"auto (mixed), {r['device']} {r['op']} {r['case']}: {r['runs']}")
     for s in report["skipped"]:
         where = f"{s['device']} {s['op']}" + (f" [{s['backend']}]" if s.get("backend") else "")
         lines.append(f"skipped {where}: {s['reason']}")
@@ -949,7 +953,7 @@ def draw_chart(report: dict, out_dir: Path) -> tuple[Path | None, str | None]:
         return None, str(exc)
     axes = fig.subplots(1, len(devices), squeeze=False)[0]
     speedups = [r["speedup"] for r in report["rows"]]
-    colors = {"cpp": "tab:blue", "numba": "tab:orange", "triton": "tab:green",
+    colors = {AUTO: "tab:red", "cpp": "tab:blue", "numba": "tab:orange", "triton": "tab:green",
               "torch-foreach": "0.75", "torch-fused": "0.5"}
     for ax, dev in zip(axes, devices):
         rows = [r for r in report["rows"] if r["device"] == dev]
