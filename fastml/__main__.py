@@ -22,7 +22,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastml._bench import HOT_PATHS
+    from fastml._bench import DEFAULT_HOT_PATHS, HOT_PATHS
     from fastml.examples import EXAMPLES
 
     parser = argparse.ArgumentParser(prog="fastml", description="fastml: compiled kernels for the course's models.")
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "PyTorch and each fastml backend present, in one run; print a table and write JSON and a PNG "
                     "chart to --out.")
     bench.add_argument("--ops", nargs="+", metavar="OP",
-                       help=f"hot paths to time (default: all): {', '.join(HOT_PATHS)}; "
+                       help=f"hot paths to time (default: all but the zoo's): {', '.join(HOT_PATHS)}; "
                             "space- or comma-separated")
     bench.add_argument("--device", choices=DEVICES, default="all",
                        help="cpu, cuda, or all (default: all: cpu, and cuda when a GPU is visible)")

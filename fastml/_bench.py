@@ -144,6 +144,8 @@ class HotPath:
     byte_model: str
     requires: Callable[[], str | None] = lambda: None  # why it cannot run here, or None
     torch_impls: tuple[str, ...] = ()  # variants of torch's implementation timed beside its default
+    default: bool = True  # in a run that names no ops (the zoo is asked for by name: minutes)
+    backends: tuple[str, ...] | None = None  # the forced fastml backends worth timing (None: every one)
 
 
 def _params_to_device(module: torch.nn.Module, state: dict, device) -> torch.nn.Module:
@@ -558,6 +560,58 @@ def _lenet_step_prepare(device, batch):
     return make
 
 
+# zoo: standard image classifiers, unpatched against patched -------------------------------
+
+ZOO_BATCH, ZOO_SIZE = 16, 112
+
+
+def _zoo_cases(mode: str):
+    def cases(device: torch.device, sizes: str) -> list[Case]:
+        from fastml import zoo
+
+        names = ["resnet18", "mobilenet_v2"] if sizes == "tiny" else list(zoo.MODELS)
+        batch, size = (2, 32) if sizes == "tiny" else (ZOO_BATCH, ZOO_SIZE)
+        return [Case(f"{name} batch {batch} {size}x{size}", {"model": name, "batch": batch, "size": size}, "latency",
+                     0, 0, 1, lambda dev, name=name, batch=batch, size=size: _zoo_prepare(dev, name, mode, batch, size))
+                for name in names]
+    return cases
+
+
+def _zoo_prepare(device, name, mode, batch, size):
+    """make(impl): one step of the model as torch.nn built it ("torch"), or patched by
+    fastml.patch ("auto": then tuned, every decision made before timing; a forced backend: the
+    runner's use_backend applies). train: forward, cross-entropy, backward, torch.optim.SGD;
+    infer: eval mode, no_grad forward."""
+    from fastml import zoo
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    labels = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+
+    def make(impl):
+        torch.manual_seed(0)
+        model = zoo.build(name).to(device).train(mode == "train")
+        if impl != "torch":
+            fastml.patch(model)
+        if impl == AUTO:
+            with torch.set_grad_enabled(mode == "train"):
+                fastml.tune(model, images)
+        if mode == "infer":
+            def infer():
+                with torch.no_grad():
+                    return model(images)
+            return infer
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        loss_fn = torch.nn.CrossEntropyLoss()
+
+        def train():
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(images), labels).backward()
+            optimizer.step()
+        return train
+    return make
+
+
 HOT_PATHS: dict[str, HotPath] = {hp.name: hp for hp in (
     HotPath("linear_mse", ("linear_mse",), _linear_mse_cases,
             "fused linear + squared loss, forward + backward (torch: nn.Linear + nn.MSELoss + backward; "
@@ -610,7 +664,14 @@ HOT_PATHS: dict[str, HotPath] = {hp.name: hp for hp in (
             "one LeNet training step: forward, cross-entropy, backward, SGD (torch's layers and optimizer "
             "against fastml's: fused conv blocks, nn.Linear, nn.CrossEntropyLoss, optim.SGD)",
             "compute-bound: FLOPs of the two convolutions and three linear layers, forward and backward"),
+    *(HotPath(f"zoo_{mode}", ("conv2d", "linear", "max_pool2d", "conv2d_relu_max_pool2d"), _zoo_cases(mode),
+              f"one {'training step' if mode == 'train' else 'inference pass'} of each standard classifier of "
+              "fastml.zoo (torchvision's architectures, random weights), batch 16, 112x112: as torch.nn built "
+              "it, against the model after fastml.patch (auto: tuned; cpp: its kernels forced everywhere)",
+              "latency: steps per second", default=False, backends=("cpp", "triton"))
+      for mode in ("train", "infer")),
 )}
+DEFAULT_HOT_PATHS = [name for name, hp in HOT_PATHS.items() if hp.default]
 
 
 # --------------------------------------------------------------------------------------------
@@ -790,7 +851,7 @@ def run(ops=None, devices=("cpu",), repeat: int = 15, sizes: str = "quick", prog
 
     Returns the report (what the JSON file holds).
     """
-    ops = list(ops or HOT_PATHS)
+    ops = list(ops or DEFAULT_HOT_PATHS)
     min_sample_s = 0.0005 if sizes == "tiny" else 0.005
     report = {
         "format": "fastml-bench/1",
@@ -820,6 +881,9 @@ def run(ops=None, devices=("cpu",), repeat: int = 15, sizes: str = "quick", prog
                 report["skipped"].append({"device": dev_name, "op": name, "backend": None, "reason": why})
                 continue
             backends, missing = fastml_backends(hp.ops, dev_name)
+            if hp.backends is not None:
+                missing += [(b, f"not timed for {name}: minutes per case") for b in backends if b not in hp.backends]
+                backends = [b for b in backends if b in hp.backends]
             for backend, reason in missing:
                 report["skipped"].append({"device": dev_name, "op": name, "backend": backend, "reason": reason})
             plan += [(device, hp, case, backends) for case in hp.cases(device, sizes)]

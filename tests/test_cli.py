@@ -45,7 +45,8 @@ def test_bench_json_has_every_op_backend_and_unit(tiny_bench):
     assert report["machine"]["torch"] == torch.__version__
     ceiling = report["ceilings"]["cpu"]
     assert ceiling["copy_GBps"] > 0 and ceiling["matmul_GFLOPps"] > 0
-    for name, hot_path in _bench.HOT_PATHS.items():
+    for name in _bench.DEFAULT_HOT_PATHS:
+        hot_path = _bench.HOT_PATHS[name]
         rows = [r for r in report["rows"] if r["op"] == name]
         skipped = [s for s in report["skipped"] if s["op"] == name and s["backend"] is None]
         if hot_path.requires():
