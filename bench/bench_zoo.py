@@ -16,6 +16,12 @@ Modes: ``train`` is one step (forward, cross-entropy, backward, torch.optim.SGD 
 
     python -m pytest bench/bench_zoo.py --benchmark-only -p no:cacheprovider --benchmark-json zoo.json
     python bench/bench_zoo.py zoo.json      # the ratio table (torch's median / each median)
+
+pytest-benchmark runs a group's implementations one after the other, so a drift of the machine
+between them shows as a ratio: on the shared 2-core VM this suite's torch medians moved by up to
+50% between runs, which swamps the few percent the measured choice is judged on. The recorded
+figures (bench/results/cpu-*-zoo.txt) come from the same cases in ``python -m fastml bench --ops
+zoo_train zoo_infer``, which interleaves torch, auto and cpp sample by sample.
 """
 
 from __future__ import annotations
