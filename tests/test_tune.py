@@ -17,7 +17,7 @@ import torch
 
 import fastml
 from fastml import _backend, _tune
-from conftest import assert_close, rand
+from conftest import SHIPPED_TIMING, assert_close, rand
 
 CPP = _backend.status("cpp").present
 KERNEL = next((name for name in ("cpp", "numba") if _backend.status(name).present), None)
@@ -26,7 +26,10 @@ needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no CPU kernel backend 
 
 @pytest.fixture(autouse=True)
 def fresh_decisions(tmp_path, monkeypatch):
-    """Each test starts with no decision, in memory or on disk, in a cache folder of its own."""
+    """Each test starts with no decision, in memory or on disk, in a cache folder of its own, and
+    with the timing constants fastml ships (conftest.py shortens them for the rest of the suite)."""
+    monkeypatch.setattr(_tune, "ROUNDS", SHIPPED_TIMING[0])
+    monkeypatch.setattr(_tune, "SAMPLE_SECONDS", SHIPPED_TIMING[1])
     monkeypatch.setenv(_tune.CACHE_VAR, str(tmp_path / "cache"))
     monkeypatch.delenv(_tune.TUNE_VAR, raising=False)
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
