@@ -35,40 +35,10 @@ import pytest
 import torch
 
 import fastml
-from fastml import zoo
+from fastml import _bench, zoo
 
-BATCH, SIZE, CLASSES = 16, 112, 1000
+BATCH, SIZE = _bench.ZOO_BATCH, _bench.ZOO_SIZE
 IMPLS = ("torch", "auto", "cpp")
-
-
-def _model(name: str, impl: str, mode: str, x: torch.Tensor) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = zoo.build(name)
-    model.train(mode == "train")
-    if impl != "torch":
-        fastml.patch(model)
-    if impl == "auto":
-        with contextlib.nullcontext() if mode == "train" else torch.no_grad():
-            fastml.tune(model, x)  # every decision made here, outside the measurement
-    return model
-
-
-def _step(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor):
-    if mode == "infer":
-        def infer():
-            with torch.no_grad():
-                return model(x)
-        return infer
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
-
-    def train():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-    return train
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -77,15 +47,11 @@ def _step(model: torch.nn.Module, mode: str, x: torch.Tensor, y: torch.Tensor):
 def test_zoo(benchmark, name, mode, impl):
     if impl == "cpp" and not fastml.info(print_report=False)["backends"]["cpp"]["present"]:
         pytest.skip("the cpp backend is absent")
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=gen)
-    y = torch.randint(0, CLASSES, (BATCH,), generator=gen)
-    model = _model(name, impl, mode, x)
     forced = fastml.use_backend("cpp") if impl == "cpp" else contextlib.nullcontext()
     benchmark.group = f"zoo {mode} {name}"
     benchmark.extra_info.update(model=name, mode=mode, impl=impl, batch=BATCH, size=SIZE)
-    with forced:
-        step = _step(model, mode, x, y)
+    with forced:  # the same step as the profile's zoo cases
+        step = _bench._zoo_prepare(torch.device("cpu"), name, mode, BATCH, SIZE)(impl)
         benchmark.pedantic(step, rounds=3, warmup_rounds=1)
 
 
