@@ -19,7 +19,7 @@ NORMS = [2.0, 1.0, math.inf]
 def expected(query, reference, k, p):
     q, r = upcast(query, reference)
     q, r = q.reshape(-1, *q.shape[-2:]), r.reshape(-1, *r.shape[-2:])
-    d, i = knn_reference.forward(q, r, k, p)
+    d, i = knn_reference.exhaustive(q, r, k, p)
     return d.reshape(*query.shape[:-1], k), i.reshape(*query.shape[:-1], k)
 
 
@@ -189,6 +189,68 @@ def test_selection_filter_nan_inf_and_duplicates(backend, rng):
     assert indices[2].tolist() == [0, 1, 2, 3, 4, 5] and distances[2].isinf().all()  # NaN only to 11 and 12
     assert 11 not in indices[3].tolist() and 12 not in indices[3].tolist()
     _selection_case(query[3:], reference, 6)
+
+
+# The reference backend screens euclidean float32 / float64 neighbours with a matrix product and
+# certifies each query's answer against a bound on the product's rounding; a query it cannot
+# certify runs the exhaustive scan. Its answer must be the exhaustive scan's, bit for bit.
+def _screen_against_exhaustive(monkeypatch, query, reference, k):
+    """The screened answer for (B, Q, M) / (B, R, M) inputs, checked equal to the exhaustive
+    scan's; returns how many query rows fell back to the scan."""
+    scan = knn_reference.exhaustive
+    fallback_rows = []
+    monkeypatch.setattr(knn_reference, "exhaustive",
+                        lambda q, r, kk, p: (fallback_rows.append(q.shape[0] * q.shape[1]), scan(q, r, kk, p))[1])
+    distances, indices = knn_reference.forward(query, reference, k, 2.0)
+    expected_distances, expected_indices = scan(query, reference, k, 2.0)
+    assert torch.equal(indices, expected_indices)
+    torch.testing.assert_close(distances, expected_distances, rtol=4 * torch.finfo(query.dtype).eps, atol=0,
+                               equal_nan=True)
+    return sum(fallback_rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("b, q, r, m, k", [(1, 333, 1001, 17, 5), (2, 41, 517, 64, 10), (1, 7, 40, 1, 1),
+                                           (1, 1200, 3500, 3, 9)])
+def test_reference_screen_is_exact_and_certifies_random_data(monkeypatch, rng, dtype, b, q, r, m, k):
+    query = rand(b, q, m, dtype=dtype, generator=rng) + 3.0  # off-centre: the screen centres
+    reference = rand(b, r, m, dtype=dtype, generator=rng) + 3.0
+    fallback = _screen_against_exhaustive(monkeypatch, query, reference, k)
+    assert fallback <= q * b // 100, "the screen should certify well-separated random data"
+
+
+def test_reference_screen_falls_back_where_it_cannot_prove(monkeypatch, rng):
+    """Near-ties at the cut (references on a sphere whose radii differ by float32 steps), a tight
+    cluster far from the origin, integer grids full of exact ties, NaN and inf, values whose
+    squares underflow: each query's answer is the exhaustive scan's, by certificate or by fallback."""
+    direction = rand(900, 24, dtype=torch.float64, generator=rng)
+    direction /= direction.norm(dim=1, keepdim=True)
+    radius = 1 + torch.randint(0, 6, (900, 1), generator=rng, dtype=torch.float64) * 2.0**-22
+    sphere = (direction * radius).float()[None]
+    assert _screen_against_exhaustive(monkeypatch, torch.zeros(1, 3, 24), sphere, 12) == 3
+    centre = torch.full((1, 1, 8), 512695.0)
+    assert _screen_against_exhaustive(monkeypatch, centre + rand(1, 20, 8, generator=rng) * 1e-2,
+                                      centre + rand(1, 300, 8, generator=rng) * 1e-2, 4) > 0
+    grid = torch.randint(0, 3, (1, 500, 4), generator=rng).float()
+    assert _screen_against_exhaustive(monkeypatch, grid[:, :60], grid, 7) > 0
+    reference = rand(1, 200, 6, generator=rng)
+    reference[0, 11, 3], reference[0, 12, 0] = float("nan"), float("inf")
+    assert _screen_against_exhaustive(monkeypatch, rand(1, 9, 6, generator=rng), reference, 3) == 9
+    tiny = rand(1, 300, 2, generator=rng) * 1e-25
+    assert _screen_against_exhaustive(monkeypatch, tiny[:, :20], tiny, 3) == 20
+
+
+def test_reference_screen_widens_its_bound_for_reduced_precision_products(monkeypatch, rng):
+    """With float32 products allowed in TF32 / bfloat16, the bound is bfloat16's: still exact."""
+    query, reference = rand(1, 64, 32, generator=rng), rand(1, 2000, 32, generator=rng)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert knn_reference._matmul_roundoff(torch.float32) == torch.finfo(torch.bfloat16).eps
+        _screen_against_exhaustive(monkeypatch, query, reference, 5)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert knn_reference._matmul_roundoff(torch.float32) == torch.finfo(torch.float32).eps
 
 
 @pytest.mark.parametrize("args, error, message", [
