@@ -124,22 +124,83 @@ def layer_choice(layer: torch.nn.Module, args: tuple, torch_forward, fastml_forw
     type and configuration (extra_repr) and the call's signature; it persists as the ops' do."""
     grad_on = torch.is_grad_enabled()
     parameters = [p for p in layer.parameters() if p.requires_grad] if grad_on else []
-    copies = [a.detach().requires_grad_(a.requires_grad and grad_on) for a in args]
     input = args[0]
+    key = ("layer " + type(layer).__name__, "forward+backward" if grad_on else "forward", _threads(), input.dtype,
+           input.device, tuple(a.shape for a in args), (input.is_contiguous(),), layer.extra_repr(),
+           tuple(a.requires_grad for a in args), tuple(a.dtype for a in args[1:]),
+           tuple(p.shape for p in parameters))
+    return _timed_choice(key, args, parameters, torch_forward, fastml_forward)
+
+
+def _timed_choice(key: tuple, args: tuple, parameters: list, torch_forward, fastml_forward) -> str:
+    """``_tune.choose`` between ``fastml_forward(*args)`` ("fastml") and ``torch_forward(*args)``
+    ("reference"), each timed forward and, where gradients are tracked, backward to ``args``
+    (None entries allowed) and ``parameters``, on detached copies of ``args``."""
+    grad_on = torch.is_grad_enabled()
+    copies = [a if a is None else a.detach().requires_grad_(a.requires_grad and grad_on) for a in args]
+    input = next(a for a in args if a is not None)
     upstream = {}
 
     def run(name):
         with torch.set_grad_enabled(grad_on):
             out = (torch_forward if name == "reference" else fastml_forward)(*copies)
             outputs = [t for t in _tensors(out) if t.requires_grad and t.is_floating_point()]
-            wrt = [c for c in copies if c.requires_grad] + parameters
+            wrt = [c for c in copies if c is not None and c.requires_grad] + parameters
             if outputs and wrt:
                 if not upstream:
                     upstream["grads"] = [torch.ones_like(t) for t in outputs]  # no draw from the user's generator
                 torch.autograd.grad(outputs, wrt, upstream["grads"], allow_unused=True)
 
-    key = ("layer " + type(layer).__name__, "forward+backward" if grad_on else "forward", _threads(), input.dtype,
-           input.device, tuple(a.shape for a in args), (input.is_contiguous(),), layer.extra_repr(),
-           tuple(a.requires_grad for a in args), tuple(a.dtype for a in args[1:]),
-           tuple(p.shape for p in parameters))
-    return _tune.choose(key, ("fastml",), input, run)
+    token = _watchers.set(None)  # the timed calls' ops report to no one: a layer around us hears our verdict
+    try:
+        return _tune.choose(key, ("fastml",), input, run)
+    finally:
+        _watchers.reset(token)
+
+
+# Routes of the fused functionals (fastml.functional.linear_mse, ...), whose torch twin is a
+# sequence of torch calls: per call signature, as a layer's, in one bounded table.
+_function_routes: dict[tuple, bool] = {}
+MAX_FUNCTION_ROUTES = 4096
+
+
+def _describe(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.dtype, t.device, t.is_contiguous(), t.requires_grad)
+
+
+def call_function(op: str, args: tuple, config: tuple, torch_forward, fastml_forward):
+    """``layer``-less ``call``: ``torch_forward(*args)`` where the route of op ``op`` for this
+    call's signature (every tensor of ``args``, None allowed, and the hashable ``config``) is
+    torch's, else ``fastml_forward(*args)``; settled as a layer's route is."""
+    if is_compiling():
+        return fastml_forward(*args)
+    input = next(a for a in args if a is not None)
+    outer = _watchers.get()  # a layer calling this function listens for where it went
+    sig = None
+    if _backend.requested() is None:
+        sig = (op, tuple(_describe(a) for a in args), config, torch.is_grad_enabled(), _threads(), _tune.mode(),
+               _tune.generation())
+        to_torch = _function_routes.get(sig)
+        if to_torch is not None:
+            if outer is not None:
+                report("reference" if to_torch else "fastml", input, (), None)
+            return torch_forward(*args) if to_torch else fastml_forward(*args)
+    with watching() as reports:
+        out = fastml_forward(*args)
+    to_torch = None
+    if sig is not None:
+        to_torch = settle(reports)
+        if to_torch is False:
+            key = ("function " + op, "forward+backward" if torch.is_grad_enabled() else "forward", _threads(),
+                   input.dtype, input.device, sig[1], config)
+            to_torch = _timed_choice(key, args, [], torch_forward, fastml_forward) == "reference"
+        if to_torch is not None:
+            if len(_function_routes) >= MAX_FUNCTION_ROUTES:
+                _function_routes.clear()
+            _function_routes[sig] = to_torch
+    if outer is not None:
+        if to_torch is None:
+            outer.extend(reports)  # still undecided (or forced): the layer sees the ops themselves
+        else:
+            report("reference" if to_torch else "fastml", input, (), None)
+    return out

@@ -82,7 +82,8 @@ interleaved rounds of the same call on a quiet machine is a few percent, so a ke
 ties is never chosen, and one chosen by noise cannot cost more than a few percent."""
 
 LAYER_MARGIN = 2 * MARGIN
-"""The margin a whole layer's fastml path must win by over torch's module (fastml/_route.py): a
+"""The margin a whole layer's (or fused functional's) fastml path must win by over torch's module
+or sequence of calls (fastml/_route.py): a
 layer timed alone finds its input hot in cache, which inside a model it is not, so a memory-bound
 layer (a max-pool) looks a few percent faster alone than it runs in place (seen on DenseNet's stem
 pool: 8% faster alone, no faster in the model)."""
@@ -468,7 +469,7 @@ def _decide(key, kernels, tensor, run) -> Decision:
                 decision = Decision(static_choice(key[0], kernels), rule="empty input" if run else "static")
             else:
                 seconds = measure((*kernels, "reference"), run, tensor.device)
-                margin = LAYER_MARGIN if key[0].startswith("layer ") else MARGIN
+                margin = LAYER_MARGIN if key[0].startswith(("layer ", "function ")) else MARGIN
                 decision = Decision(verdict(seconds, kernels, margin), seconds, margin=margin)
                 _store.persist(key, decision)
         _store.decisions[key] = decision

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn import _reduction
 from torch.overrides import has_torch_function
 
+from fastml import _route
 from fastml.ops import LIBRARY, forward_ad_active, in_custom_op_graph, is_compiling
 from fastml.ops import cdist as _cdist_op
 from fastml.ops import conv2d as _conv2d_op
@@ -201,8 +202,15 @@ def linear_mse(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         _diagnose_linear_mse(input, weight, bias, target)
     if not _kernels_can_run(input, weight, bias, target):  # sparse and other layouts: torch's own ops
         return F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)
-    loss = _linear_mse_op.linear_mse(_rows(input), weight, bias, _rows(target), reduction)
-    return loss.reshape(target.shape) if reduction == "none" else loss
+    def fastml_forward(input, weight, bias, target):
+        loss = _linear_mse_op.linear_mse(_rows(input), weight, bias, _rows(target), reduction)
+        return loss.reshape(target.shape) if reduction == "none" else loss
+
+    def torch_forward(input, weight, bias, target):
+        return F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)
+
+    return _route.call_function("linear_mse", (input, weight, bias, target), (reduction,), torch_forward,
+                                fastml_forward)
 
 
 def _diagnose_linear_mse(input, weight, bias, target) -> None:
@@ -496,10 +504,19 @@ def conv2d_relu_max_pool2d(input: torch.Tensor, weight: torch.Tensor, bias: torc
         # int8 window offsets hold windows of up to 127 elements
         if (min(*pool_kernel, *pool_step) > 0 and pool_kernel[0] * pool_kernel[1] <= 127
                 and all(size >= k for size, k in zip(conv_size, pool_kernel))):
-            x, padding, restore = _conv_input(input, args[1])
-            out = _fused_op.conv2d_relu_max_pool2d(x, weight.contiguous(), None if bias is None else bias.contiguous(),
-                                                   conv_stride, padding, conv_dilation, groups, pool_kernel, pool_step)
-            return restore(out)
+            def fastml_forward(input, weight, bias):
+                x, fused_padding, restore = _conv_input(input, args[1])
+                return restore(_fused_op.conv2d_relu_max_pool2d(
+                    x, weight.contiguous(), None if bias is None else bias.contiguous(), conv_stride, fused_padding,
+                    conv_dilation, groups, pool_kernel, pool_step))
+
+            def torch_forward(input, weight, bias):
+                return F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups)),
+                                    pool_kernel, pool_step)
+
+            config = (conv_stride, args[1], conv_dilation, groups, pool_kernel, pool_step)
+            return _route.call_function("conv2d_relu_max_pool2d", (input, weight, bias), config, torch_forward,
+                                        fastml_forward)
     # torch's ops, with the caller's own arguments (and so torch's errors for bad ones)
     z = torch.relu(conv2d(input, weight, bias, stride, padding, dilation, groups))
     return max_pool2d(z, pool_kernel_size, pool_stride)
@@ -594,15 +611,24 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     linear_cross_entropy (or linear + cross_entropy before torch 2.13), with its errors.
     """
     if not _defer_to_torch(input, linear_weight, target, linear_bias, weight):
-        args = _linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                                          label_smoothing)
-        if args is not None:
-            x, target_rows, index = args
-            loss = _linear_cross_entropy_op.linear_cross_entropy(
-                x, linear_weight.contiguous(), None if linear_bias is None else linear_bias.contiguous(),
-                target_rows, None if weight is None else weight.contiguous(),
-                -100 if ignore_index is None else ignore_index, float(label_smoothing), reduction)
-            return loss.squeeze(0) if reduction == "none" and input.dim() == 1 else loss
+        if _linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                      label_smoothing) is not None:
+            ignore = -100 if ignore_index is None else ignore_index
+
+            def fastml_forward(input, linear_weight, linear_bias, target, weight):
+                x, target_rows = _as_rows(input, target)
+                loss = _linear_cross_entropy_op.linear_cross_entropy(
+                    x, linear_weight.contiguous(), None if linear_bias is None else linear_bias.contiguous(),
+                    target_rows, None if weight is None else weight.contiguous(), ignore, float(label_smoothing),
+                    reduction)
+                return loss.squeeze(0) if reduction == "none" and input.dim() == 1 else loss
+
+            def torch_forward(input, linear_weight, linear_bias, target, weight):
+                return _unfused_or_torch_linear_cross_entropy(input, linear_weight, target, linear_bias, weight,
+                                                              reduction, ignore, label_smoothing, options)
+
+            return _route.call_function("linear_cross_entropy", (input, linear_weight, linear_bias, target, weight),
+                                        (reduction, ignore, float(label_smoothing)), torch_forward, fastml_forward)
     return _torch_linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
                                        reduction=reduction, ignore_index=ignore_index,
                                        label_smoothing=label_smoothing, options=options)
@@ -630,9 +656,32 @@ def _linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight
                 and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)))
             or (kind == "probs" and (ignore_index is not None or (target.requires_grad and torch.is_grad_enabled())))):
         return None
+    return (*_as_rows(input, target), kind == "index")
+
+
+def _as_rows(input, target):
+    """A (D,) input and its target as a batch of one row, both contiguous."""
     x = input if input.dim() == 2 else input.unsqueeze(0)
     rows = target if input.dim() == 2 else target.unsqueeze(0)
-    return x.contiguous(), rows.contiguous(), kind == "index"
+    return x.contiguous(), rows.contiguous()
+
+
+LOGITS_HELD_MAX = 1 << 24
+"""The most logits (64 MB of float32) fastml's measured choice may hold whole when it runs torch's
+linear + cross_entropy in place of a fused linear_cross_entropy; above it, torch's chunked one."""
+
+
+def _unfused_or_torch_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                           label_smoothing, options):
+    """The torch twin the measured choice times against fastml's kernel: linear + cross_entropy,
+    what the course writes and on a CPU faster than torch's chunked linear_cross_entropy (which
+    runs where the logits would not fit LOGITS_HELD_MAX)."""
+    if input.numel() // max(1, input.shape[-1]) * linear_weight.shape[0] > LOGITS_HELD_MAX:
+        return _torch_linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                                           reduction=reduction, ignore_index=ignore_index,
+                                           label_smoothing=label_smoothing, options=options)
+    return F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, weight=weight, reduction=reduction,
+                           ignore_index=ignore_index, label_smoothing=label_smoothing)
 
 
 def _torch_linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, reduction, ignore_index,

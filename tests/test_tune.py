@@ -447,13 +447,18 @@ def test_tune_with_a_forced_backend_times_nothing(monkeypatch):
 
 # ------------------------------------------------------ the same results whichever path wins
 
+def as_winner(candidate: str, name: str) -> str:
+    """A layer's or fused function's route ("fastml" against "reference") follows its kernels."""
+    return name if candidate == "fastml" and name != "reference" else candidate
+
+
 def winner(monkeypatch, name):
     """Makes ``name`` win every measurement from now on (a fresh decision per class)."""
     def measure(names, run, device):
         with torch.no_grad():
             for candidate in names:
                 run(candidate)  # the candidates still run, as in a real measurement
-        return {candidate: (1.0 if candidate == name else 2.0) for candidate in names}
+        return {candidate: (1.0 if as_winner(candidate, name) == name else 2.0) for candidate in names}
 
     _tune.clear_tuning(persisted=True)
     monkeypatch.setattr(_tune, "measure", measure)
@@ -546,7 +551,7 @@ def test_results_are_the_same_whichever_path_wins(monkeypatch, case):
         with _tune.recording() as seen:
             results[name] = case(torch.Generator().manual_seed(5))
         measured = [d for _, d in seen if d.rule == "measured"]
-        assert measured and all(d.choice == name for d in measured), "the forced verdict did not apply"
+        assert measured and all(as_winner(d.choice, name) == name for d in measured), "the forced verdict did not apply"
     for a, b in zip(results[KERNEL], results["reference"]):
         if a.is_floating_point():
             assert_close(a, b.double(), scale=max(1.0, b.abs().max().item()) if b.numel() else 1.0)
@@ -644,3 +649,93 @@ def test_a_forced_backend_and_cleared_decisions_bypass_the_shortcut(monkeypatch)
         fastml.clear_tuning()
         layer(x)
         assert calls["linear"] == 2
+
+
+# ------------------------------------------- the fused functionals' route to torch's sequence
+
+def count_op_calls(monkeypatch, module, name):
+    """Counts the calls that reach an op's fastml dispatch (module.name)."""
+    calls = collections.Counter()
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def fused_calls():
+    """(op module, dispatch name, a call of the fused functional with its gradients)."""
+    def linear_mse(x):
+        w, b = torch.ones(2, 5, requires_grad=True), torch.zeros(2, requires_grad=True)
+        return fastml.functional.linear_mse(x, w, b, torch.ones(x.shape[0], 2)), (w, b)
+
+    def linear_cross_entropy(x):
+        w = torch.ones(3, 5, requires_grad=True)
+        return fastml.functional.linear_cross_entropy(x, w, torch.zeros(x.shape[0], dtype=torch.int64)), (w,)
+
+    def block(x):
+        w = torch.ones(2, 5, 3, 3, requires_grad=True)
+        return fastml.functional.conv2d_relu_max_pool2d(x[:, :, None, None].expand(-1, -1, 6, 6), w,
+                                                        padding=1).sum(), (w,)
+
+    from fastml.ops import conv2d_relu_max_pool2d
+    from fastml.ops import linear_cross_entropy as lce
+    from fastml.ops import linear_mse as lmse
+    return [(lmse, "linear_mse", linear_mse), (lce, "linear_cross_entropy", linear_cross_entropy),
+            (conv2d_relu_max_pool2d, "conv2d_relu_max_pool2d", block)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("module, name, call", fused_calls(), ids=lambda v: v if isinstance(v, str) else "")
+def test_a_fused_function_decided_for_torch_runs_torch_sequence(monkeypatch, module, name, call):
+    """Once its ops went to torch both ways, the functional calls torch's ops directly (same
+    values and gradients); a new signature goes through fastml's dispatch again."""
+    winner(monkeypatch, "reference")
+    calls = count_op_calls(monkeypatch, module, name)
+    x = torch.randn(4, 5, requires_grad=True)
+    for _ in range(2):  # the first decides the forward (and the backward, if it has a decision of its own)
+        loss, params = call(x)
+        loss.backward()
+    settled = calls[name]
+    assert 1 <= settled <= 2
+    loss, params = call(x)
+    loss.backward()
+    assert calls[name] == settled, "a function settled on torch must not go through fastml's dispatch"
+    with fastml.use_backend("reference"):
+        expected, expected_params = call(x.detach().requires_grad_())
+        expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for got, want in zip(params, expected_params):
+        torch.testing.assert_close(got.grad, want.grad)
+    calls.clear()
+    call(torch.randn(7, 5))  # batch 7: a new signature
+    assert calls[name] == 1
+
+
+@needs_kernel
+def test_a_fused_function_whose_kernel_loses_as_a_whole_runs_torch(monkeypatch):
+    """The op chose its kernel, but the whole call (dispatch included) timed slower than torch's
+    sequence: the functional runs torch's sequence, and a layer built on it follows."""
+    def measure(names, run, device):
+        with torch.no_grad():
+            for candidate in names:
+                run(candidate)
+        fastest = "reference" if "fastml" in names else KERNEL
+        return {candidate: (1.0 if candidate == fastest else 2.0) for candidate in names}
+
+    _tune.clear_tuning(persisted=True)
+    monkeypatch.setattr(_tune, "measure", measure)
+    from fastml.ops import linear_mse as lmse
+    calls = count_op_calls(monkeypatch, lmse, "linear_mse")
+    layer, x, y = fastml.nn.LinearMSELoss(5, 2), torch.randn(4, 5), torch.randn(4, 2)
+    with _tune.recording() as seen:
+        layer(x, y).backward()
+    routes = {k[0]: d.choice for k, d in seen if k[0].startswith(("function ", "layer "))}
+    assert routes == {"function linear_mse": "reference"}  # the layer needs no timing of its own
+    calls.clear()
+    layer(x, y).backward()
+    fastml.functional.linear_mse(x, layer.weight, layer.bias, y)
+    assert calls["linear_mse"] == 0

@@ -46,14 +46,19 @@ class LinearFunction(torch.autograd.Function):
         need_b = need_b and ctx.has_bias
 
         def run(name):
-            kernels = impl(name)
-            grad_x = kernels.backward_input(grad, weight) if need_x else None
-            grad_w = grad_b = None
-            if need_w or need_b:
-                grad_w, grad_b = kernels.backward_weight(grad, x, need_b)
-            return grad_x, (grad_w if need_w else None), grad_b
+            return backward_on(name, grad, x, weight, need_x, need_w, need_b)
 
         return (*run(backward_backend(ctx, grad, IMPLEMENTED, run)), None)
+
+
+def backward_on(name: str, grad, x, weight, need_x: bool, need_w: bool, need_b: bool) -> tuple:
+    """(grad_x, grad_weight, grad_bias) of x W^T + b on backend ``name``, None where not asked."""
+    kernels = impl(name)
+    grad_x = kernels.backward_input(grad, weight) if need_x else None
+    grad_w = grad_b = None
+    if need_w or need_b:
+        grad_w, grad_b = kernels.backward_weight(grad, x, need_b)
+    return grad_x, (grad_w if need_w else None), grad_b
 
 
 def backward_key(x, weight, needs) -> tuple:

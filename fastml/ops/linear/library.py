@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fastml.ops import asked, contiguous, gradient_fakes, gradient_outputs, graph_backend
-from fastml.ops.linear import IMPLEMENTED, impl
+from fastml.ops.linear import IMPLEMENTED, backward_on, impl
 
 
 @torch.library.custom_op("fastml::linear", mutates_args=())
@@ -34,12 +34,7 @@ def linear_backward(grad: Tensor, x: Tensor, weight: Tensor, need_input: bool, n
     grad, x, weight = grad.contiguous(), x.contiguous(), weight.contiguous()
 
     def run(name):
-        kernels = impl(name)
-        grad_x = kernels.backward_input(grad, weight) if need_input else None
-        grad_w = grad_b = None
-        if need_weight or need_bias:
-            grad_w, grad_b = kernels.backward_weight(grad, x, need_bias)
-        return grad_x, grad_w, grad_b
+        return backward_on(name, grad, x, weight, need_input, need_weight, need_bias)
 
     arguments = (grad, x, weight, need_input, need_weight, need_bias)
     grads = run(graph_backend("linear", "backward", IMPLEMENTED, arguments, run))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastml import _backend
+from fastml import _backend, _route
 from fastml.ops import (
     backward_backend,
     backward_in_torch_ops,
@@ -59,12 +59,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 return impl(name).backward(x, weight, bias, target, class_weight, ignore_index, label_smoothing,
                                            grad_output, *needs)
 
-            key = shape_class("linear_cross_entropy", "backward", (x, weight, bias, target, class_weight),
-                              label_smoothing != 0, *needs)
+            key = backward_key(x, weight, bias, target, class_weight, label_smoothing, needs)
             grads = run(backward_backend(ctx, grad_output, IMPLEMENTED, run, key))
         else:
             grads = tuple(None if g is None else g * grad_output for g in (grad_x, grad_w, grad_b))
         return (*grads, None, None, None, None, None, None)
+
+
+def backward_key(x, weight, bias, target, class_weight, label_smoothing, needs) -> tuple:
+    """The shape class of the "none" reduction's backward."""
+    return shape_class("linear_cross_entropy", "backward", (x, weight, bias, target, class_weight),
+                       label_smoothing != 0, *needs)
 
 
 def _gradients_in_torch_ops(x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction,
@@ -94,6 +99,10 @@ def linear_cross_entropy(x, weight, bias, target, class_weight, ignore_index, la
                       label_smoothing != 0, reduction, need_x, need_w, need_b)
     backend = _backend.select(x, IMPLEMENTED, key, lambda name: impl(name).forward(
         x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction, need_x, need_w, need_b))
+    if _route.watched():  # "mean" / "sum" backward only scales the gradients formed going forward
+        _route.report(backend, x, IMPLEMENTED, backward_key(x, weight, bias, target, class_weight, label_smoothing,
+                                                            (need_x, need_w, need_b))
+                      if with_grad and reduction == "none" else None)
     if with_grad:
         return LinearCrossEntropyFunction.apply(x, weight, bias, target, class_weight, ignore_index,
                                                 label_smoothing, reduction, backend)
