@@ -592,7 +592,7 @@ def _zoo_prepare(device, name, mode, batch, size):
         torch.manual_seed(0)
         model = zoo.build(name).to(device).train(mode == "train")
         if impl != "torch":
-            fastml.patch(model)
+            fastml.patch(model, fx=True)  # fold the batch norms forward() calls too (ResNet)
         if impl == AUTO:
             with torch.set_grad_enabled(mode == "train"):
                 fastml.tune(model, images)

@@ -27,6 +27,7 @@ import dataclasses
 
 import torch
 
+from fastml import _fold
 from fastml import nn as fastml_nn
 
 __all__ = ["Fused", "Left", "PatchReport", "Replaced", "patch", "unpatch"]
@@ -40,7 +41,8 @@ _ONE_FOR_ONE = {
     "cross_entropy": (torch.nn.CrossEntropyLoss, fastml_nn.CrossEntropyLoss),
 }
 _FUSION = "conv_relu_pool"
-OPS = (*_ONE_FOR_ONE, _FUSION)
+_FOLD = "conv_bn"
+OPS = (*_ONE_FOR_ONE, _FUSION, _FOLD)
 
 _OP_OF_TORCH = {torch_cls: op for op, (torch_cls, _) in _ONE_FOR_ONE.items()}
 _TORCH_OF_FASTML = {fastml_cls: torch_cls for torch_cls, fastml_cls in _ONE_FOR_ONE.values()}
@@ -267,14 +269,23 @@ def _fuse(parent, keys, conv, relu, pool) -> torch.nn.Module:
     return fused
 
 
-def patch(model: torch.nn.Module, ops=None, *, example_inputs=None) -> PatchReport:
+def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = False) -> PatchReport:
     """Replaces, in place, the torch modules of ``model`` that fastml covers by fastml's, and
     returns a :class:`PatchReport` of what it replaced, fused and left (and why).
 
     ``ops``: None for all, else an op name or an iterable of them: "linear" (nn.Linear),
     "conv2d" (nn.Conv2d), "max_pool2d" (nn.MaxPool2d), "mse_loss" (nn.MSELoss), "cross_entropy"
-    (nn.CrossEntropyLoss) and "conv_relu_pool" (Conv2d → ReLU → MaxPool2d in an nn.Sequential
-    becomes one fastml.nn.ConvReLUPool2d; the ReLU's and pool's slots hold nn.Identity).
+    (nn.CrossEntropyLoss), "conv_relu_pool" (Conv2d → ReLU → MaxPool2d in an nn.Sequential
+    becomes one fastml.nn.ConvReLUPool2d; the ReLU's and pool's slots hold nn.Identity) and
+    "conv_bn" (Conv2d → BatchNorm2d, and a ReLU after it, in an nn.Sequential: in eval mode one
+    convolution with the batch norm folded into its weight and bias, the ReLU in place; in
+    training mode the three as before. Classes change, objects and keys do not: fastml/_fold.py).
+
+    ``fx``: also fold the Conv2d → BatchNorm2d (→ ReLU) runs a model's ``forward`` calls outside
+    any nn.Sequential (ResNet's blocks), found by tracing it with torch.fx: only where the trace
+    shows each module called once and the conv's output read by the batch norm alone (and the
+    batch norm's by the ReLU alone, for the ReLU to fold). A model torch.fx cannot trace is left
+    as it is, and the report says why.
 
     Parameters, buffers and hooks stay the same objects (an optimizer built before keeps
     working), state_dict keys do not change, and only modules whose type is exactly the torch
@@ -289,8 +300,13 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None) -> PatchRepo
     if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
         raise TypeError(f"patch() argument 'example_inputs' must be a tuple of the model's inputs, "
                         f"got {type(example_inputs).__name__}")
+    if not isinstance(fx, bool):
+        raise TypeError(f"patch() argument 'fx' must be a bool, got {type(fx).__name__}")
     report = PatchReport("patch")
-    _patch_tree(model, "", selected, report, set())
+    seen: set = set()
+    if fx and _FOLD in selected:
+        seen.update(_fold_traced(model, report))
+    _patch_tree(model, "", selected, report, seen)
     if example_inputs is not None:
         from fastml._tune_model import tune
 
@@ -303,6 +319,8 @@ def _patch_tree(module, name, selected, report, seen) -> None:
         return
     seen.add(module)
     _patch_module(module, name, selected, report)
+    if _FOLD in selected and _chains_children(module):
+        seen.update(_fold_runs(module, name, report))
     if _FUSION in selected and _chains_children(module):
         seen.update(_fuse_runs(module, name, report))
     for key, child in list(module._modules.items()):
@@ -312,7 +330,11 @@ def _patch_tree(module, name, selected, report, seen) -> None:
 
 def _patch_module(module, name, selected, report) -> None:
     cls = type(module)
-    if cls in _OP_OF_TORCH:
+    run = _fold.fold_of(module)
+    if run is not None:  # folded by an earlier patch: reported once, at its conv
+        if module is run.conv:
+            report.left.append(Left(name, _type_name(cls), "already fastml (folded by an earlier patch)"))
+    elif cls in _OP_OF_TORCH:
         op = _OP_OF_TORCH[cls]
         if op not in selected:
             report.left.append(Left(name, _type_name(cls), f"op {op!r} not in ops"))
@@ -365,6 +387,101 @@ def _fuse_runs(parent, name, report) -> list[torch.nn.Module]:
     return created
 
 
+def _fold_obstacles(conv, bn, relu) -> list[str]:
+    reasons = _fold.obstacles(conv, bn, relu)
+    hooked = [role for role, m in (("conv", conv), ("batch norm", bn), ("ReLU", relu)) if m is not None and _has_hooks(m)]
+    if hooked:
+        reasons.append(f"hooks on the {', '.join(hooked)} (a folded run would not call them as before)")
+    return reasons
+
+
+def _is_plain_bn(module) -> bool:
+    return type(module) is torch.nn.BatchNorm2d
+
+
+def _fold_one(conv, bn, relu, names, report) -> list[torch.nn.Module]:
+    """Folds one run, or reports why not; returns the modules folded."""
+    modules = [m for m in (conv, bn, relu) if m is not None]
+    run_type = _run_type(*modules)
+    obstacles = _fold_obstacles(conv, bn, relu)
+    if obstacles:
+        report.left.append(Left(", ".join(names), run_type, "not folded: " + "; ".join(obstacles)))
+        return []
+    run = _fold.fold(conv, bn, relu)
+    run.names = names
+    report.fused.append(Fused(names, run_type, _FOLDED_DESCRIPTION))
+    return modules
+
+
+_FOLDED_DESCRIPTION = "fastml folded conv (eval: one convolution, batch norm folded in, ReLU in place)"
+
+
+def _fold_runs(parent, name, report) -> list[torch.nn.Module]:
+    """Folds every Conv2d → BatchNorm2d (→ ReLU) run among parent's children."""
+    items = list(parent._modules.items())
+    folded = []
+    i = 0
+    while i + 1 < len(items):
+        (conv_key, conv), (bn_key, bn) = items[i:i + 2]
+        if not (_is_conv(conv) and _is_plain_bn(bn)):
+            i += 1
+            continue
+        relu_item = items[i + 2] if i + 2 < len(items) and type(items[i + 2][1]) is torch.nn.ReLU else None
+        keys = (conv_key, bn_key) + ((relu_item[0],) if relu_item else ())
+        done = _fold_one(conv, bn, relu_item[1] if relu_item else None, tuple(_join(name, k) for k in keys), report)
+        folded += done
+        i += len(keys) if done else 1
+    return folded
+
+
+def _fold_traced(model, report) -> list[torch.nn.Module]:
+    """Folds the Conv2d → BatchNorm2d (→ ReLU) runs a torch.fx trace of ``model`` shows (see
+    patch's ``fx``); returns the modules folded."""
+    import collections
+
+    import torch.fx
+
+    leaves = (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU, *_FASTML_MODULES)
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, qualified_name):
+            return isinstance(module, leaves) or super().is_leaf_module(module, qualified_name)
+
+    try:
+        graph = Tracer().trace(model)
+    except Exception as exc:  # data-dependent control flow, unsupported ops: the trace is not the model
+        report.left.append(Left("", _type_name(type(model)), f"not traced by torch.fx ({type(exc).__name__}: "
+                                                              f"{exc}); only runs inside nn.Sequential fold"))
+        return []
+    modules = dict(model.named_modules(remove_duplicate=False))
+    calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
+
+    def single_reader(node):
+        """The call_module node that alone reads ``node``'s output as its only argument, or None."""
+        if len(node.users) != 1:
+            return None
+        (user,) = node.users
+        if user.op != "call_module" or user.args != (node,) or user.kwargs or calls[user.target] != 1:
+            return None
+        return user
+
+    folded = []
+    for node in graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1 or not _is_conv(modules[node.target]):
+            continue
+        bn_node = single_reader(node)
+        if bn_node is None or not _is_plain_bn(modules[bn_node.target]):
+            continue
+        relu_node = single_reader(bn_node)
+        if relu_node is not None and type(modules[relu_node.target]) is not torch.nn.ReLU:
+            relu_node = None
+        nodes = [n for n in (node, bn_node, relu_node) if n is not None]
+        conv, bn = modules[node.target], modules[bn_node.target]
+        relu = None if relu_node is None else modules[relu_node.target]
+        folded += _fold_one(conv, bn, relu, tuple(n.target for n in nodes), report)
+    return folded
+
+
 def unpatch(model: torch.nn.Module) -> PatchReport:
     """Undoes ``fastml.patch`` in place: every module it replaced is its torch class again (the
     same object, same Parameters), and every fused run is the original Conv2d, ReLU and
@@ -412,6 +529,12 @@ def _unfuse_runs(parent, name, report) -> None:
 
 
 def _unpatch_module(module, name, report) -> None:
+    run = _fold.fold_of(module)
+    if run is not None:
+        folded_types = _run_type(*(m for m in (run.conv, run.bn, run.relu) if m is not None))
+        _fold.unfold(run)
+        restored = _run_type(*(m for m in (run.conv, run.bn, run.relu) if m is not None))
+        report.fused.append(Fused(getattr(run, "names", (name,)), folded_types, restored))
     cls = type(module)
     if cls in _TORCH_OF_FASTML and getattr(module, _SWAPPED, False):
         old = _TORCH_OF_FASTML[cls]

@@ -27,6 +27,7 @@ from fastml import _backend, _tune
 from fastml.ops import is_compiling
 
 ATTR = "_fastml_route"
+VETO_ATTR = "_fastml_torch_signatures"
 _watchers: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastml_route_watch", default=None)
 _threads = torch.get_num_threads
 
@@ -100,6 +101,9 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
     memo = layer.__dict__.get(ATTR)
     if sig is not None and memo is not None and memo[0] == sig:
         return torch_forward(*args) if memo[1] else fastml_forward(*args)
+    if sig is not None and sig in layer.__dict__.get(VETO_ATTR, ()):
+        object.__setattr__(layer, ATTR, (sig, True))
+        return torch_forward(*args)
     with watching() as reports:
         out = fastml_forward(*args)
     if sig is not None:
@@ -109,6 +113,16 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
         if to_torch is not None:
             object.__setattr__(layer, ATTR, (sig, to_torch))  # a plain attribute: not state, not a submodule
     return out
+
+
+def veto(layer: torch.nn.Module, sig: tuple) -> None:
+    """Keeps ``layer`` on torch's module for call signature ``sig`` whatever its own timing says:
+    fastml.tune found the model as a whole faster that way (fastml/_tune_model.py)."""
+    vetoed = layer.__dict__.get(VETO_ATTR)
+    if vetoed is None:
+        vetoed = set()
+        object.__setattr__(layer, VETO_ATTR, vetoed)
+    vetoed.add(sig)
 
 
 def _tensors(value) -> list[torch.Tensor]:

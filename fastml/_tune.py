@@ -379,13 +379,15 @@ def _seconds(run: Callable[[str], object], name: str, calls: int, device: torch.
     return clock() - start
 
 
-def measure(names: tuple[str, ...], run: Callable[[str], object], device: torch.device) -> dict[str, float]:
+def measure(names: tuple[str, ...], run: Callable[[str], object], device: torch.device,
+            rounds: int | None = None) -> dict[str, float]:
     """Each candidate's best time per call (see the module docstring), under no_grad, as the
-    kernels run inside an autograd.Function."""
+    kernels run inside an autograd.Function. ``rounds``: that many rounds however slow a call."""
     with torch.no_grad():
         warm = {name: _seconds(run, name, 1, device) for name in names}
         calls = {name: max(1, min(MAX_CALLS_PER_SAMPLE, int(SAMPLE_SECONDS / max(t, 1e-9)))) for name, t in warm.items()}
-        rounds = 1 if max(warm.values()) > SLOW_CALL_SECONDS else ROUNDS
+        if rounds is None:
+            rounds = 1 if max(warm.values()) > SLOW_CALL_SECONDS else ROUNDS
         best = dict.fromkeys(names, math.inf)
         for _ in range(rounds):
             for name in names:  # interleaved: a slow drift of the machine touches every candidate alike
@@ -442,23 +444,25 @@ def note(key: tuple | None, choice: str, rule: str) -> str:
     return choice
 
 
-def choose(key: tuple, kernels: tuple[str, ...], tensor: torch.Tensor, run: Callable[[str], object] | None) -> str:
+def choose(key: tuple, kernels: tuple[str, ...], tensor: torch.Tensor, run: Callable[[str], object] | None,
+           rounds: int | None = None) -> str:
     """The backend for shape class ``key`` (its first item the op's name) among ``kernels`` (the
     fastml backends covering ``tensor``) and the reference. ``run(name)`` calls the op on that
-    backend with this call's inputs, without side effects on them; None when it cannot be timed."""
+    backend with this call's inputs, without side effects on them; None when it cannot be timed.
+    ``rounds``: see ``measure``."""
     if mode() == "off":
         decision = Decision(static_choice(key[0], kernels), rule="static")
     else:
         decision = _store.decisions.get(key)
         if decision is None:
-            decision = _decide(key, kernels, tensor, run)
+            decision = _decide(key, kernels, tensor, run, rounds)
     seen = _recorder.get()
     if seen is not None:
         seen.append((key, decision))
     return decision.choice
 
 
-def _decide(key, kernels, tensor, run) -> Decision:
+def _decide(key, kernels, tensor, run, rounds=None) -> Decision:
     with _store.lock:  # one measurement at a time: two would time each other
         decision = _store.decisions.get(key)
         if decision is not None:
@@ -468,8 +472,8 @@ def _decide(key, kernels, tensor, run) -> Decision:
             if run is None or tensor.numel() == 0:
                 decision = Decision(static_choice(key[0], kernels), rule="empty input" if run else "static")
             else:
-                seconds = measure((*kernels, "reference"), run, tensor.device)
-                margin = LAYER_MARGIN if key[0].startswith(("layer ", "function ")) else MARGIN
+                seconds = measure((*kernels, "reference"), run, tensor.device, rounds)
+                margin = LAYER_MARGIN if key[0].startswith(("layer ", "function ", "model ")) else MARGIN
                 decision = Decision(verdict(seconds, kernels, margin), seconds, margin=margin)
                 _store.persist(key, decision)
         _store.decisions[key] = decision

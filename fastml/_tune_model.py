@@ -47,12 +47,15 @@ class TuneTable:
 
     def by_layer(self) -> dict[str, dict[str, str]]:
         """{layer: {phase: implementation ("torch" or "fastml <backend>")}}. Where the whole layer
-        measured faster as torch's module (its "layer" row), every phase runs torch."""
+        measured faster as torch's module (its "layer" row), every phase runs torch; where the
+        whole model did (the "model" row), every layer does."""
         table: dict[str, dict[str, str]] = {}
+        model_on_torch = any(row.op == "model" and row.choice == "reference" for row in self.rows)
         whole_layer_on_torch = {row.layer for row in self.rows if row.op.startswith("layer ") and row.choice == "reference"}
         for row in self.rows:
-            if not row.op.startswith("layer "):
-                table.setdefault(row.layer, {})[row.phase] = "torch" if row.layer in whole_layer_on_torch else row.runs
+            if not row.op.startswith("layer ") and row.op != "model":
+                on_torch = model_on_torch or row.layer in whole_layer_on_torch
+                table.setdefault(row.layer, {})[row.phase] = "torch" if on_torch else row.runs
         return table
 
     def __str__(self) -> str:
@@ -172,4 +175,48 @@ def tune(model: torch.nn.Module, *example_inputs, backward: bool | None = None) 
                 rows[(key[0], key[1])] = LayerChoice(name, type(module).__name__, key[0], key[1], decision.choice,
                                                      dict(decision.seconds), decision.rule)
             table.rows.extend(rows.values())
+        row = _model_choice(model, example_inputs, parameters, want_backward and grad_on, captured)
+        if row is not None:
+            table.rows.append(row)
     return table
+
+
+def _model_choice(model, example_inputs, parameters, backward: bool, captured) -> LayerChoice | None:
+    """The whole model with its layers' routes as decided ("fastml") against the same model with
+    every fastml layer on torch's module ("reference"), timed as one call (forward, and backward
+    when training), by the layer margin. A layer can measure faster alone than in the model (its
+    input hot in cache, its neighbours' memory traffic absent): this is the check that the model,
+    as the user runs it, is not slower for them. Where torch's wins, every layer that chose
+    fastml keeps torch's module for this signature (``_route.veto``). None where no layer runs
+    fastml's path (nothing to check)."""
+    on_fastml = [(name, module) for name, module, _ in captured
+                 if (memo := module.__dict__.get(_route.ATTR)) is not None and memo[1] is False]
+    if not on_fastml:
+        return None
+    routes = {name: module.__dict__[_route.ATTR] for name, module in on_fastml}
+    inputs = _detached(example_inputs)
+
+    grad_on = torch.is_grad_enabled()
+
+    def run(name):
+        for layer_name, module in on_fastml:
+            sig, _ = routes[layer_name]
+            object.__setattr__(module, _route.ATTR, (sig, name == "reference"))
+        with torch.set_grad_enabled(grad_on):
+            _forward_and_backward(model, inputs, parameters, backward)
+
+    first = _tensors(example_inputs)[0]
+    key = ("model " + type(model).__name__, "forward+backward" if backward else "forward", torch.get_num_threads(),
+           first.dtype, first.device, tuple(tuple(t.shape) for t in _tensors(example_inputs)),
+           tuple(f"{name}:{type(module).__name__}" for name, module in on_fastml))
+    with _untouched(model), _tune.recording() as decisions:
+        # every call interleaved three times, however long: one sample each is too few for a verdict
+        choice = _tune.choose(key, ("fastml",), first, run, rounds=_tune.ROUNDS)
+    for layer_name, module in on_fastml:
+        sig, _ = routes[layer_name]
+        if choice == "reference":
+            _route.veto(module, sig)
+        object.__setattr__(module, _route.ATTR, (sig, choice == "reference"))
+    decision = decisions[-1][1]
+    return LayerChoice("", type(model).__name__, "model", key[1], decision.choice, dict(decision.seconds),
+                       decision.rule)

@@ -33,11 +33,15 @@ class Conv2d(torch.nn.Conv2d):
         return _route.call(self, input, self.weight, super().forward, self._fastml_forward)
 
     def _fastml_forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._fastml_conv(input, self.weight, self.bias)
+
+    def _fastml_conv(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """This layer's convolution with the given weight and bias (torch's ``_conv_forward``, on
+        fastml's kernels)."""
         if self.padding_mode != "zeros":
             padded = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return functional.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return functional.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                 self.groups)
+            return functional.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return functional.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class ConvReLUPool2d(torch.nn.Conv2d):

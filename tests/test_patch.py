@@ -409,7 +409,7 @@ def test_unpatch_leaves_fastml_modules_the_user_built():
     assert type(model[0]) is fastml.nn.Linear and type(model[1]) is nn.Linear
 
 
-VALID = "'linear', 'conv2d', 'max_pool2d', 'mse_loss', 'cross_entropy', 'conv_relu_pool'"
+VALID = "'linear', 'conv2d', 'max_pool2d', 'mse_loss', 'cross_entropy', 'conv_relu_pool', 'conv_bn'"
 
 
 @pytest.mark.parametrize("call,error,match", [

@@ -386,22 +386,24 @@ def test_tune_table_per_layer_forward_and_backward():
     assert set(layers) == {"0", "3", "4", "8"}  # conv, pool, fused conv block, linear
     for name in layers:
         assert set(layers[name]) == {"forward", "backward"}, name
-    ops = {row.op for row in table.rows if not row.op.startswith("layer ")}
+    ops = {row.op for row in table.rows if not row.op.startswith("layer ") and row.op != "model"}
     assert ops == {"conv2d", "max_pool2d", "conv2d_relu_max_pool2d", "linear"}
     for row in table.rows:
-        whole_layer = row.op.startswith("layer ")
+        whole_layer = row.op.startswith("layer ") or row.op == "model"
         assert row.rule == "measured" and set(row.seconds) == {"fastml" if whole_layer else KERNEL, "reference"}
         faster = min(row.seconds, key=row.seconds.get)
         margin = _tune.LAYER_MARGIN if whole_layer else _tune.MARGIN
         if row.choice != "reference":
             assert row.choice == faster and row.seconds[row.choice] * (1 + margin) < row.seconds["reference"]
+    model_rows = [row for row in table.rows if row.op == "model"]
+    assert len(model_rows) == bool(any(row.choice == "fastml" for row in table.rows if row.op.startswith("layer ")))
     for name in layers:
         rows = [row for row in table.rows if row.layer == name]
         kernel_somewhere = any(row.choice != "reference" for row in rows if not row.op.startswith("layer "))
         layer_rows = [row for row in rows if row.op.startswith("layer ")]
         # the whole layer is timed against torch's module exactly where one of its ops chose a kernel
         assert bool(layer_rows) == kernel_somewhere, name
-        if not kernel_somewhere or layer_rows[0].choice == "reference":
+        if not kernel_somewhere or layer_rows[0].choice == "reference" or model_rows[0].choice == "reference":
             assert set(layers[name].values()) == {"torch"}, name
     assert all(p.grad is None for p in model.parameters())  # tuning left no gradient
     assert torch.equal(model[1].running_mean, running_mean) and torch.equal(torch.get_rng_state(), rng)
@@ -454,7 +456,7 @@ def as_winner(candidate: str, name: str) -> str:
 
 def winner(monkeypatch, name):
     """Makes ``name`` win every measurement from now on (a fresh decision per class)."""
-    def measure(names, run, device):
+    def measure(names, run, device, rounds=None):
         with torch.no_grad():
             for candidate in names:
                 run(candidate)  # the candidates still run, as in a real measurement
@@ -613,7 +615,7 @@ def test_a_layer_decided_for_torch_calls_torch_directly(monkeypatch):
 def test_a_kernel_that_wins_inside_fastml_still_loses_to_a_faster_torch_module(monkeypatch):
     """The ops chose the kernel, but the whole layer (dispatch included) timed slower than
     torch's module: the layer runs torch's module."""
-    def measure(names, run, device):
+    def measure(names, run, device, rounds=None):
         with torch.no_grad():
             for candidate in names:
                 run(candidate)
@@ -719,7 +721,7 @@ def test_a_fused_function_decided_for_torch_runs_torch_sequence(monkeypatch, mod
 def test_a_fused_function_whose_kernel_loses_as_a_whole_runs_torch(monkeypatch):
     """The op chose its kernel, but the whole call (dispatch included) timed slower than torch's
     sequence: the functional runs torch's sequence, and a layer built on it follows."""
-    def measure(names, run, device):
+    def measure(names, run, device, rounds=None):
         with torch.no_grad():
             for candidate in names:
                 run(candidate)
@@ -739,3 +741,58 @@ def test_a_fused_function_whose_kernel_loses_as_a_whole_runs_torch(monkeypatch):
     layer(x, y).backward()
     fastml.functional.linear_mse(x, layer.weight, layer.bias, y)
     assert calls["linear_mse"] == 0
+
+
+# ------------------------------------------------- the whole model against its unpatched twin
+
+def scripted_routes(monkeypatch, verdicts):
+    """Kernels win every op; the whole-layer and whole-model timings ("fastml" against
+    "reference") go as ``verdicts`` says, in order."""
+    queue = list(verdicts)
+
+    def measure(names, run, device, rounds=None):
+        with torch.no_grad():
+            for candidate in names:
+                run(candidate)
+        fastest = (queue.pop(0) if queue else "fastml") if "fastml" in names else KERNEL
+        return {candidate: (1.0 if candidate == fastest else 2.0) for candidate in names}
+
+    _tune.clear_tuning(persisted=True)
+    monkeypatch.setattr(_tune, "measure", measure)
+    return queue
+
+
+@needs_kernel
+def test_tune_keeps_torch_where_the_whole_model_is_faster_so(monkeypatch):
+    """The layer chose fastml's path alone, but the model ran faster with it on torch's module:
+    the layer runs torch's module for this signature from then on, even after another signature
+    displaced its route, and the table says so."""
+    queue = scripted_routes(monkeypatch, ["fastml", "reference"])
+    model = torch.nn.Sequential(fastml.nn.Linear(5, 4), torch.nn.ReLU())
+    x = torch.randn(3, 5)
+    table = fastml.tune(model, x)
+    assert not queue
+    (model_row,) = [row for row in table.rows if row.op == "model"]
+    assert model_row.choice == "reference" and model_row.type == "Sequential" and model_row.layer == ""
+    assert table.by_layer()["0"] == {"forward": "torch", "backward": "torch"}
+    assert "(model)" in str(table)
+    calls = count_fastml_calls(monkeypatch)
+    model(x).sum().backward()
+    model(torch.randn(6, 5)).sum().backward()  # another signature: decided on its own
+    calls.clear()
+    model(x).sum().backward()
+    assert calls["linear"] == 0, "the model's verdict must hold for its signature"
+
+
+@needs_kernel
+def test_tune_keeps_fastml_where_the_whole_model_confirms_it(monkeypatch):
+    queue = scripted_routes(monkeypatch, ["fastml", "fastml"])
+    model = torch.nn.Sequential(fastml.nn.Linear(5, 4), torch.nn.ReLU())
+    x = torch.randn(3, 5)
+    table = fastml.tune(model, x)
+    assert not queue
+    assert [row.choice for row in table.rows if row.op == "model"] == ["fastml"]
+    assert table.by_layer()["0"] == {"forward": f"fastml {KERNEL}", "backward": f"fastml {KERNEL}"}
+    calls = count_fastml_calls(monkeypatch)
+    model(x).sum().backward()
+    assert calls["linear"] == 1

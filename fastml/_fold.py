@@ -1,0 +1,160 @@
+"""Conv2d → BatchNorm2d (→ ReLU) folded into one convolution while the batch norm is in eval mode.
+
+In eval mode a batch norm is an affine map per channel with fixed coefficients, so after a
+convolution it can be folded into the convolution's weight and bias:
+
+    scale = gamma / sqrt(running_var + eps),  W' = W · scale,  b' = (b − running_mean) · scale + beta
+
+One convolution with (W', b') then replaces the convolution and the batch norm's pass over the
+activation, and a following ReLU runs in place on the convolution's fresh output instead of as a
+third pass that allocates. The result equals the unfused modules' to rounding.
+
+``fastml.patch`` folds by changing classes, never the model's tree: the conv becomes a
+``FoldedConv2d``, the batch norm a ``FoldedBatchNorm2d``, the ReLU a ``FoldedReLU``, each the
+same object in the same place, with the same Parameters, buffers and state_dict. The three share
+one ``BatchNormFold`` (a plain attribute, not a submodule). At every call they ask it whether the
+fold applies: only while the conv and the batch norm are both in eval mode and the batch norm
+normalises with running statistics. Then the conv runs the folded convolution (and the ReLU) and
+the batch norm and ReLU pass their input through; otherwise each runs its own torch forward, so
+``model.train()`` undoes the fold at once and ``model.eval()`` redoes it. ``fastml.unpatch``
+restores the classes.
+
+The folded weight and bias are cached while no gradient is wanted, keyed by the tensors' versions
+(an optimizer step, ``load_state_dict`` or ``model.to`` changes them); when a gradient is wanted
+they are formed with autograd each call, so every Parameter gets its exact gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastml import _route
+from fastml import nn as fastml_nn
+
+FOLD_ATTR = "_fastml_fold"
+
+
+class BatchNormFold:
+    """The modules of one folded run and the cached folded parameters. A plain object, so that the
+    modules it refers to stay where the model has them (and out of each other's state_dict)."""
+
+    def __init__(self, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: torch.nn.ReLU | None,
+                 classes: tuple[type, type, type | None]) -> None:
+        self.conv, self.bn, self.relu = conv, bn, relu
+        self.classes = classes  # the classes before folding, which unpatch restores
+        self._cache: tuple | None = None
+
+    def active(self) -> bool:
+        """Whether the run computes as one folded convolution now: the conv and the batch norm in
+        eval mode, the batch norm normalising with running statistics (torch's own condition)."""
+        bn = self.bn
+        return not (self.conv.training or bn.training or bn.running_mean is None or bn.running_var is None)
+
+    def parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W', b') for the current Parameters and running statistics."""
+        conv, bn = self.conv, self.bn
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return self._fold()
+        key = (tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors), bn.eps,
+               torch.is_inference_mode_enabled())
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self._fold())
+        return self._cache[1]
+
+    def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        conv, bn = self.conv, self.bn
+        dtype = conv.weight.dtype
+        scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(dtype)
+        shift = -bn.running_mean.to(dtype) if conv.bias is None else conv.bias - bn.running_mean.to(dtype)
+        bias = shift * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias.to(dtype)
+        return conv.weight * scale.reshape(-1, 1, 1, 1), bias
+
+    def __getstate__(self):  # the cache is derived state: not pickled
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        return state
+
+
+def fold_of(module: torch.nn.Module) -> BatchNormFold | None:
+    return module.__dict__.get(FOLD_ATTR)
+
+
+class FoldedConv2d(fastml_nn.Conv2d):
+    """A Conv2d whose output only a batch norm (then, optionally, a ReLU) reads: while the fold
+    applies, one convolution with the folded weight and bias, then the ReLU in place; otherwise
+    fastml's Conv2d."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        fold = fold_of(self)
+        if fold is None or not fold.active():
+            return super().forward(input)
+        weight, bias = fold.parameters()
+        relu = fold.relu is not None
+
+        def torch_forward(x):
+            out = self._conv_forward(x, weight, bias)
+            return out.relu_() if relu else out
+
+        def fastml_forward(x):
+            out = self._fastml_conv(x, weight, bias)
+            return out.relu_() if relu else out
+
+        return _route.call(self, input, self.weight, torch_forward, fastml_forward)
+
+
+class FoldedBatchNorm2d(torch.nn.BatchNorm2d):
+    """A BatchNorm2d folded into the convolution before it: passes its input through while the
+    fold applies, else normalises as torch's."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        fold = fold_of(self)
+        if fold is not None and fold.active():
+            return input
+        return super().forward(input)
+
+
+class FoldedReLU(torch.nn.ReLU):
+    """A ReLU applied by the folded convolution before it: passes its input through while the
+    fold applies, else as torch's."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        fold = fold_of(self)
+        if fold is not None and fold.active():
+            return input
+        return super().forward(input)
+
+
+def fold(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: torch.nn.ReLU | None) -> BatchNormFold:
+    """Folds the run in place (classes changed, objects and Parameters kept)."""
+    run = BatchNormFold(conv, bn, relu, (type(conv), type(bn), None if relu is None else type(relu)))
+    conv.__class__, bn.__class__ = FoldedConv2d, FoldedBatchNorm2d
+    if relu is not None:
+        relu.__class__ = FoldedReLU
+    for module in (conv, bn, relu):
+        if module is not None:
+            object.__setattr__(module, FOLD_ATTR, run)
+    return run
+
+
+def unfold(run: BatchNormFold) -> None:
+    """Restores the classes ``fold`` changed."""
+    for module, cls in zip((run.conv, run.bn, run.relu), run.classes):
+        if module is not None:
+            module.__class__ = cls
+            module.__dict__.pop(FOLD_ATTR, None)
+
+
+def obstacles(conv, bn, relu) -> list[str]:
+    """Why the run cannot fold (empty if it can)."""
+    reasons = []
+    if bn.num_features != conv.out_channels:
+        reasons.append(f"the batch norm's {bn.num_features} features are not the conv's {conv.out_channels} channels")
+    if conv.weight.dtype != (bn.running_mean.dtype if bn.running_mean is not None else conv.weight.dtype):
+        reasons.append("the batch norm's dtype differs from the conv's")
+    return reasons

@@ -1,0 +1,245 @@
+"""fastml.patch's Conv2d → BatchNorm2d (→ ReLU) fold (fastml/_fold.py): in eval mode one
+convolution with the batch norm folded in, in training mode the modules as torch runs them.
+Patched against unpatched in float64, outputs and every gradient, on every backend."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from conftest import assert_close
+from torch import nn
+
+import fastml
+from fastml import _fold
+from fastml._patch import _FOLDED_DESCRIPTION
+
+
+def randomise_batch_norms(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Running statistics and affine parameters far from their initial 0 / 1, so a fold that
+    ignored any of them would show."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.copy_(torch.rand(module.num_features, generator=generator) * 2 - 1)
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                if module.affine:
+                    module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                    module.bias.copy_(torch.rand(module.num_features, generator=generator) * 2 - 1)
+    return model
+
+
+def conv_bn_relu(bias: bool = False, groups: int = 1, affine: bool = True, padding_mode: str = "zeros") -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=bias, groups=groups, padding_mode=padding_mode),
+                         nn.BatchNorm2d(6, affine=affine), nn.ReLU(inplace=True),
+                         nn.Conv2d(6, 5, 1, stride=2), nn.BatchNorm2d(5), nn.Flatten())
+
+
+def patched_pair(build, generator, fx=False):
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    reference = randomise_batch_norms(build().double(), generator)
+    model = copy.deepcopy(reference)
+    report = fastml.patch(model, fx=fx)
+    return reference, model, report
+
+
+def outputs_and_gradients(model, x):
+    x = x.detach().requires_grad_()
+    out = model(x)
+    weights = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((out * weights).sum(), [x, *params])
+    return [out.detach(), *grads]
+
+
+def assert_same_model(reference, model, x):
+    for got, expected in zip(outputs_and_gradients(model, x), outputs_and_gradients(reference, x)):
+        assert_close(got, expected, scale=max(1.0, float(expected.abs().max())))
+
+
+@pytest.mark.parametrize("options", [{}, {"bias": True}, {"groups": 2}, {"affine": False},
+                                     {"padding_mode": "reflect"}], ids=["plain", "bias", "groups", "no-affine",
+                                                                       "reflect"])
+def test_folded_equals_unfolded_in_eval_and_training(backend, rng, options):
+    reference, model, report = patched_pair(lambda: conv_bn_relu(**options), rng)
+    assert [f.names for f in report.fused] == [("0", "1", "2"), ("3", "4")]
+    assert all(f.new == _FOLDED_DESCRIPTION for f in report.fused)
+    x = torch.randn(3, 4, 9, 7, dtype=torch.float64, generator=rng)
+    for mode in ("eval", "train", "eval", "train"):  # back and forth
+        getattr(reference, mode)()
+        getattr(model, mode)()
+        assert_same_model(reference, model, x)
+        for got, expected in zip(model.buffers(), reference.buffers()):  # training updates the statistics alike
+            assert_close(got, expected) if got.is_floating_point() else torch.testing.assert_close(got, expected)
+    assert _fold.fold_of(model[0]).active() is False  # left in training mode
+
+
+def test_eval_runs_one_convolution_per_run(rng, monkeypatch):
+    """While the fold applies, the batch norm does no work: it passes the convolution's output on."""
+    _, model, _ = patched_pair(conv_bn_relu, rng)
+    model.eval()
+    called = []
+    monkeypatch.setattr(torch.nn.BatchNorm2d, "forward", lambda self, x: called.append(self) or x)
+    with torch.no_grad():
+        model(torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    assert called == []
+    model.train()
+    model(torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    assert len(called) == 2
+
+
+def test_the_fold_follows_parameter_and_statistic_changes(rng):
+    """Cached folded parameters are refreshed after an in-place update (an optimizer step, a
+    training step's running statistics, load_state_dict)."""
+    reference, model, _ = patched_pair(conv_bn_relu, rng)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=rng)
+    for m in (reference, model):
+        m.eval()
+    with torch.no_grad():
+        model(x)  # caches the folded parameters
+        for m in (reference, model):
+            m[0].weight.mul_(1.5)
+            m[1].running_var.add_(0.25)
+            m[4].bias.sub_(0.5)
+        assert_close(model(x), reference(x))
+        state = randomise_batch_norms(copy.deepcopy(reference), rng).state_dict()
+        reference.load_state_dict(state)
+        model.load_state_dict(state)
+        assert_close(model(x), reference(x))
+
+
+def test_state_dict_parameters_and_classes_stay_the_users(rng):
+    reference, model, _ = patched_pair(conv_bn_relu, rng)
+    assert list(model.state_dict()) == list(reference.state_dict())
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in reference.named_modules()]
+    assert isinstance(model[0], nn.Conv2d) and isinstance(model[1], nn.BatchNorm2d) and isinstance(model[2], nn.ReLU)
+    reference.load_state_dict(model.state_dict())
+
+
+def test_unpatch_restores_the_classes_and_patching_twice_folds_once(rng):
+    reference, model, _ = patched_pair(conv_bn_relu, rng)
+    conv, bn, relu = model[0], model[1], model[2]
+    second = fastml.patch(model)
+    assert second.fused == []
+    assert [(left.name, left.reason) for left in second.left if "folded" in left.reason] == [
+        ("0", "already fastml (folded by an earlier patch)"), ("3", "already fastml (folded by an earlier patch)")]
+    undone = fastml.unpatch(model)
+    assert sorted(f.names for f in undone.fused) == [("0", "1", "2"), ("3", "4")]
+    assert (type(model[0]), type(model[1]), type(model[2])) == (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)
+    assert model[0] is conv and model[1] is bn and model[2] is relu  # the same objects throughout
+    assert all(_fold.fold_of(m) is None for m in model.modules())
+    model.eval()
+    reference.eval()
+    assert_same_model(reference, model, torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng))
+
+
+def test_copies_and_pickles_stay_folded_and_exact(rng):
+    reference, model, _ = patched_pair(conv_bn_relu, rng)
+    reference.eval()
+    model.eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng)
+    with torch.no_grad():
+        model(x)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert type(clone[0]) is _fold.FoldedConv2d and _fold.fold_of(clone[1]).bn is clone[1]
+            assert_close(clone(x), reference(x))
+
+
+def test_what_does_not_fold_and_why(rng):
+    hooked = conv_bn_relu()
+    hooked[1].register_forward_hook(lambda *args: None)
+    report = fastml.patch(hooked)
+    assert [f.names for f in report.fused] == [("3", "4")]
+    (reason,) = [left.reason for left in report.left if left.name == "0, 1, 2"]
+    assert reason == "not folded: hooks on the batch norm (a folded run would not call them as before)"
+    # A batch norm without running statistics normalises with the batch's even in eval mode.
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).double()
+    model = copy.deepcopy(reference)
+    fastml.patch(model)
+    reference.eval()
+    model.eval()
+    assert not _fold.fold_of(model[0]).active()
+    assert_same_model(reference, model, torch.randn(2, 3, 7, 7, dtype=torch.float64, generator=rng))
+    only_linear = fastml.patch(conv_bn_relu(), ops="linear")
+    assert only_linear.fused == []
+
+
+class Block(nn.Module):
+    """ResNet's basic block: layers called from forward, one ReLU module used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+def test_fx_folds_runs_called_from_forward(backend, rng):
+    reference, model, report = patched_pair(Block, rng, fx=True)
+    # the shared ReLU is called twice: the batch norms fold, the ReLU stays a module of its own
+    assert sorted(f.names for f in report.fused) == [("conv1", "bn1"), ("conv2", "bn2")]
+    assert type(model.relu) is nn.ReLU
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng)
+    for mode in ("eval", "train", "eval"):
+        getattr(reference, mode)()
+        getattr(model, mode)()
+        assert_same_model(reference, model, x)
+    without_fx = fastml.patch(randomise_batch_norms(Block(), rng))
+    assert without_fx.fused == []  # not a Sequential: nothing folds unless asked
+
+
+class Branching(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: torch.fx cannot trace it
+            return self.bn(self.conv(x))
+        return x
+
+
+def test_fx_leaves_a_model_it_cannot_trace_and_says_why():
+    report = fastml.patch(Branching(), fx=True)
+    assert report.fused == []
+    (left,) = [left for left in report.left if left.name == ""]
+    assert left.reason.startswith("not traced by torch.fx (TraceError") and "only runs inside nn.Sequential" in left.reason
+
+
+def test_fx_conv_output_read_twice_does_not_fold(rng):
+    class TwoReaders(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    assert fastml.patch(TwoReaders(), fx=True).fused == []
+
+
+def test_bad_fx_argument():
+    with pytest.raises(TypeError, match="patch\\(\\) argument 'fx' must be a bool"):
+        fastml.patch(conv_bn_relu(), fx="yes")
+
+
+def test_zoo_models_fold_exactly(rng):
+    """Every model of the zoo, patched with fx: eval outputs equal the unpatched model's (float64)."""
+    from fastml import zoo
+
+    for name in ("resnet18", "mobilenet_v2", "googlenet", "regnet_y_400mf"):
+        reference, model, report = patched_pair(lambda name=name: zoo.build(name, num_classes=7), rng, fx=True)
+        assert any(f.new == _FOLDED_DESCRIPTION for f in report.fused), name
+        reference.eval()
+        model.eval()
+        x = torch.randn(1, 3, 48, 48, dtype=torch.float64, generator=rng)
+        with torch.no_grad():
+            assert_close(model(x), reference(x), scale=float(reference(x).abs().max()))
