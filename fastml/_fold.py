@@ -105,7 +105,10 @@ class FoldedConv2d(fastml_nn.Conv2d):
             out = self._fastml_conv(x, weight, bias)
             return out.relu_() if relu else out
 
-        return _route.call(self, input, self.weight, torch_forward, fastml_forward)
+        def variants(x):
+            return fastml_nn.channels_last_variant(self, x, torch_forward)
+
+        return _route.call(self, input, self.weight, torch_forward, fastml_forward, variants=variants)
 
 
 class FoldedBatchNorm2d(torch.nn.BatchNorm2d):

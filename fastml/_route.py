@@ -87,31 +87,47 @@ def signature(input: torch.Tensor, weight: torch.Tensor | None, target: torch.Te
 
 
 def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | None, torch_forward, fastml_forward,
-         target: torch.Tensor | None = None):
+         target: torch.Tensor | None = None, variants=None):
     """``torch_forward(input)`` where the layer's route for this call's signature is torch's,
-    else ``fastml_forward(input)`` (both with ``target`` too, for a loss). A signature seen for the first time runs fastml's path, then
-    settles the route: torch's where every op went to torch's implementation; where some op
-    chose a fastml kernel, the whole layer is timed both ways (``layer_choice``), because a
-    kernel that wins inside fastml's dispatch can still lose to torch's module once the
-    dispatch's own cost (checks, an autograd.Function in Python) is counted."""
+    else ``fastml_forward(input)`` (both with ``target`` too, for a loss), or one of the layer's
+    ``variants``. A signature seen for the first time runs fastml's path, then settles the route:
+    torch's where every op went to torch's implementation; where some op chose a fastml kernel,
+    the whole layer is timed both ways (``layer_choice``), because a kernel that wins inside
+    fastml's dispatch can still lose to torch's module once the dispatch's own cost (checks, an
+    autograd.Function in Python) is counted.
+
+    ``variants``: None, or a function of the input returning {name: forward}, other ways of
+    computing the same layer with torch's ops (a convolution on the channels-last layout) where
+    they apply to that input: they are timed against torch's module too, whatever the ops chose,
+    and the fastest runs."""
     args = (input,) if target is None else (input, target)
     if is_compiling():  # traced into a graph: fastml's path, whose ops are custom ops there
         return fastml_forward(*args)
     sig = signature(input, weight, target)
     memo = layer.__dict__.get(ATTR)
     if sig is not None and memo is not None and memo[0] == sig:
-        return torch_forward(*args) if memo[1] else fastml_forward(*args)
+        route = memo[1]
+        if route == "reference":
+            return torch_forward(*args)
+        if route == "fastml":
+            return fastml_forward(*args)
+        return variants(input)[route](*args)
     if sig is not None and sig in layer.__dict__.get(VETO_ATTR, ()):
-        object.__setattr__(layer, ATTR, (sig, True))
+        object.__setattr__(layer, ATTR, (sig, "reference"))
         return torch_forward(*args)
     with watching() as reports:
         out = fastml_forward(*args)
     if sig is not None:
         to_torch = settle(reports)
-        if to_torch is False:
-            to_torch = layer_choice(layer, args, torch_forward, fastml_forward) == "reference"
-        if to_torch is not None:
-            object.__setattr__(layer, ATTR, (sig, to_torch))  # a plain attribute: not state, not a submodule
+        others = variants(input) if variants is not None else {}
+        route = None
+        if to_torch is False or (to_torch is True and others):
+            forwards = {"fastml": fastml_forward} if to_torch is False else {}
+            route = layer_choice(layer, args, torch_forward, {**forwards, **others})
+        elif to_torch is True:
+            route = "reference"
+        if route is not None:
+            object.__setattr__(layer, ATTR, (sig, route))  # a plain attribute: not state, not a submodule
     return out
 
 
@@ -131,25 +147,26 @@ def _tensors(value) -> list[torch.Tensor]:
     return [t for v in value for t in _tensors(v)] if isinstance(value, (tuple, list)) else []
 
 
-def layer_choice(layer: torch.nn.Module, args: tuple, torch_forward, fastml_forward) -> str:
-    """The measured choice between the whole layer on fastml's path ("fastml") and torch's module
-    ("reference"): forward, and backward where gradients are tracked, on a copy of the input,
-    gradients taken with autograd.grad (no .grad accumulates). Its shape class is the layer's
-    type and configuration (extra_repr) and the call's signature; it persists as the ops' do."""
+def layer_choice(layer: torch.nn.Module, args: tuple, torch_forward, candidates: dict) -> str:
+    """The measured choice between torch's module ("reference") and the layer's other ways,
+    ``candidates`` {name: forward} (fastml's path is "fastml"): forward, and backward where
+    gradients are tracked, on a copy of the input, gradients taken with autograd.grad (no .grad
+    accumulates). Its shape class is the layer's type and configuration (extra_repr), the call's
+    signature and the candidates' names; it persists as the ops' do."""
     grad_on = torch.is_grad_enabled()
     parameters = [p for p in layer.parameters() if p.requires_grad] if grad_on else []
     input = args[0]
     key = ("layer " + type(layer).__name__, "forward+backward" if grad_on else "forward", _threads(), input.dtype,
            input.device, tuple(a.shape for a in args), (input.is_contiguous(),), layer.extra_repr(),
            tuple(a.requires_grad for a in args), tuple(a.dtype for a in args[1:]),
-           tuple(p.shape for p in parameters))
-    return _timed_choice(key, args, parameters, torch_forward, fastml_forward)
+           tuple(p.shape for p in parameters), tuple(candidates))
+    return _timed_choice(key, args, parameters, {"reference": torch_forward, **candidates})
 
 
-def _timed_choice(key: tuple, args: tuple, parameters: list, torch_forward, fastml_forward) -> str:
-    """``_tune.choose`` between ``fastml_forward(*args)`` ("fastml") and ``torch_forward(*args)``
-    ("reference"), each timed forward and, where gradients are tracked, backward to ``args``
-    (None entries allowed) and ``parameters``, on detached copies of ``args``."""
+def _timed_choice(key: tuple, args: tuple, parameters: list, forwards: dict) -> str:
+    """``_tune.choose`` among ``forwards`` {name: forward}, "reference" (torch's) among them, each
+    ``forward(*args)`` timed forward and, where gradients are tracked, backward to ``args`` (None
+    entries allowed) and ``parameters``, on detached copies of ``args``."""
     grad_on = torch.is_grad_enabled()
     copies = [a if a is None else a.detach().requires_grad_(a.requires_grad and grad_on) for a in args]
     input = next(a for a in args if a is not None)
@@ -157,7 +174,7 @@ def _timed_choice(key: tuple, args: tuple, parameters: list, torch_forward, fast
 
     def run(name):
         with torch.set_grad_enabled(grad_on):
-            out = (torch_forward if name == "reference" else fastml_forward)(*copies)
+            out = forwards[name](*copies)
             outputs = [t for t in _tensors(out) if t.requires_grad and t.is_floating_point()]
             wrt = [c for c in copies if c is not None and c.requires_grad] + parameters
             if outputs and wrt:
@@ -167,7 +184,7 @@ def _timed_choice(key: tuple, args: tuple, parameters: list, torch_forward, fast
 
     token = _watchers.set(None)  # the timed calls' ops report to no one: a layer around us hears our verdict
     try:
-        return _tune.choose(key, ("fastml",), input, run)
+        return _tune.choose(key, tuple(name for name in forwards if name != "reference"), input, run)
     finally:
         _watchers.reset(token)
 
@@ -207,7 +224,7 @@ def call_function(op: str, args: tuple, config: tuple, torch_forward, fastml_for
         if to_torch is False:
             key = ("function " + op, "forward+backward" if torch.is_grad_enabled() else "forward", _threads(),
                    input.dtype, input.device, sig[1], config)
-            to_torch = _timed_choice(key, args, [], torch_forward, fastml_forward) == "reference"
+            to_torch = _timed_choice(key, args, [], {"reference": torch_forward, "fastml": fastml_forward}) == "reference"
         if to_torch is not None:
             if len(_function_routes) >= MAX_FUNCTION_ROUTES:
                 _function_routes.clear()

@@ -36,8 +36,13 @@ class LayerChoice:
 
     @property
     def runs(self) -> str:
-        """The implementation in words: "torch" for the reference, else the fastml backend."""
-        return "torch" if self.choice == "reference" else f"fastml {self.choice}"
+        """The implementation in words: "torch" for the reference, "torch (<variant>)" for a
+        variant of torch's (a layer row's "channels_last"), else the fastml backend."""
+        if self.choice == "reference":
+            return "torch"
+        if self.op.startswith("layer ") and self.choice != "fastml":
+            return f"torch ({self.choice.replace('_', '-')})"
+        return f"fastml {self.choice}"
 
 
 @dataclasses.dataclass
@@ -51,11 +56,11 @@ class TuneTable:
         whole model did (the "model" row), every layer does."""
         table: dict[str, dict[str, str]] = {}
         model_on_torch = any(row.op == "model" and row.choice == "reference" for row in self.rows)
-        whole_layer_on_torch = {row.layer for row in self.rows if row.op.startswith("layer ") and row.choice == "reference"}
+        whole_layer = {row.layer: row.runs for row in self.rows if row.op.startswith("layer ") and row.choice != "fastml"}
         for row in self.rows:
             if not row.op.startswith("layer ") and row.op != "model":
-                on_torch = model_on_torch or row.layer in whole_layer_on_torch
-                table.setdefault(row.layer, {})[row.phase] = "torch" if on_torch else row.runs
+                runs = "torch" if model_on_torch else whole_layer.get(row.layer, row.runs)
+                table.setdefault(row.layer, {})[row.phase] = runs
         return table
 
     def __str__(self) -> str:
@@ -190,7 +195,7 @@ def _model_choice(model, example_inputs, parameters, backward: bool, captured) -
     fastml keeps torch's module for this signature (``_route.veto``). None where no layer runs
     fastml's path (nothing to check)."""
     on_fastml = [(name, module) for name, module, _ in captured
-                 if (memo := module.__dict__.get(_route.ATTR)) is not None and memo[1] is False]
+                 if (memo := module.__dict__.get(_route.ATTR)) is not None and memo[1] != "reference"]
     if not on_fastml:
         return None
     routes = {name: module.__dict__[_route.ATTR] for name, module in on_fastml}
@@ -200,8 +205,8 @@ def _model_choice(model, example_inputs, parameters, backward: bool, captured) -
 
     def run(name):
         for layer_name, module in on_fastml:
-            sig, _ = routes[layer_name]
-            object.__setattr__(module, _route.ATTR, (sig, name == "reference"))
+            sig, route = routes[layer_name]
+            object.__setattr__(module, _route.ATTR, (sig, "reference" if name == "reference" else route))
         with torch.set_grad_enabled(grad_on):
             _forward_and_backward(model, inputs, parameters, backward)
 
@@ -213,10 +218,10 @@ def _model_choice(model, example_inputs, parameters, backward: bool, captured) -
         # every call interleaved three times, however long: one sample each is too few for a verdict
         choice = _tune.choose(key, ("fastml",), first, run, rounds=_tune.ROUNDS)
     for layer_name, module in on_fastml:
-        sig, _ = routes[layer_name]
+        sig, route = routes[layer_name]
         if choice == "reference":
             _route.veto(module, sig)
-        object.__setattr__(module, _route.ATTR, (sig, choice == "reference"))
+        object.__setattr__(module, _route.ATTR, (sig, "reference" if choice == "reference" else route))
     decision = decisions[-1][1]
     return LayerChoice("", type(model).__name__, "model", key[1], decision.choice, dict(decision.seconds),
                        decision.rule)

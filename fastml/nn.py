@@ -30,10 +30,14 @@ class Conv2d(torch.nn.Conv2d):
     (N, C, H, W) or (C, H, W)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _route.call(self, input, self.weight, super().forward, self._fastml_forward)
+        return _route.call(self, input, self.weight, super().forward, self._fastml_forward,
+                           variants=self._torch_variants)
 
     def _fastml_forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._fastml_conv(input, self.weight, self.bias)
+
+    def _torch_variants(self, input: torch.Tensor) -> dict:
+        return channels_last_variant(self, input, lambda x: self._conv_forward(x, self.weight, self.bias))
 
     def _fastml_conv(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """This layer's convolution with the given weight and bias (torch's ``_conv_forward``, on
@@ -42,6 +46,20 @@ class Conv2d(torch.nn.Conv2d):
             padded = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return functional.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
         return functional.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def channels_last_variant(conv: torch.nn.Conv2d, input: torch.Tensor, run) -> dict:
+    """{"channels_last": forward} where a convolution on the channels-last layout may be faster
+    than on the input's own: ``run(x)`` (torch's convolution of this layer) on the input made
+    channels-last, its result made contiguous again, so the caller sees torch's layout. oneDNN's
+    CPU convolutions are up to 2x faster on that layout for some shapes (a 7x7 stem, 64 channels
+    at 28x28) and slower for others (depthwise, 1x1): the measured choice decides per shape.
+    Empty (no variant) off the CPU, for unbatched or already channels-last input, or padding
+    other than zeros."""
+    if (input.dim() != 4 or input.device.type != "cpu" or not input.is_contiguous()
+            or input.is_contiguous(memory_format=torch.channels_last) or conv.padding_mode != "zeros"):
+        return {}
+    return {"channels_last": lambda x: run(x.contiguous(memory_format=torch.channels_last)).contiguous()}
 
 
 class ConvReLUPool2d(torch.nn.Conv2d):
