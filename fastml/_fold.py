@@ -30,6 +30,7 @@ import torch
 
 from fastml import _route
 from fastml import nn as fastml_nn
+from fastml.ops import is_compiling
 
 FOLD_ATTR = "_fastml_fold"
 
@@ -54,8 +55,8 @@ class BatchNormFold:
         """(W', b') for the current Parameters and running statistics."""
         conv, bn = self.conv, self.bn
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return self._fold()
+        if is_compiling() or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return self._fold()  # a traced graph computes the fold itself (and its compiler may hoist it)
         key = (tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors), bn.eps,
                torch.is_inference_mode_enabled())
         if self._cache is None or self._cache[0] != key:

@@ -198,6 +198,9 @@ def linear_mse(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     _check_reduction(reduction)
     if _defer_to_torch(input, weight, bias, target):
         return F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)
+    sig = _route.function_signature("linear_mse", (input, weight, bias, target), (reduction,))
+    if _route.settled_on_torch(sig, input):
+        return F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)
     if not _linear_mse_args_ok(input, weight, bias, target):
         _diagnose_linear_mse(input, weight, bias, target)
     if not _kernels_can_run(input, weight, bias, target):  # sparse and other layouts: torch's own ops
@@ -210,7 +213,7 @@ def linear_mse(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)
 
     return _route.call_function("linear_mse", (input, weight, bias, target), (reduction,), torch_forward,
-                                fastml_forward)
+                                fastml_forward, sig)
 
 
 def _diagnose_linear_mse(input, weight, bias, target) -> None:
@@ -611,6 +614,12 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     linear_cross_entropy (or linear + cross_entropy before torch 2.13), with its errors.
     """
     if not _defer_to_torch(input, linear_weight, target, linear_bias, weight):
+        config = (reduction, ignore_index, label_smoothing)
+        sig = _route.function_signature("linear_cross_entropy", (input, linear_weight, linear_bias, target, weight),
+                                        config)
+        if _route.settled_on_torch(sig, input):
+            return _unfused_or_torch_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                                          ignore_index, label_smoothing, options)
         if _linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                                       label_smoothing) is not None:
             ignore = -100 if ignore_index is None else ignore_index
@@ -625,10 +634,10 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
 
             def torch_forward(input, linear_weight, linear_bias, target, weight):
                 return _unfused_or_torch_linear_cross_entropy(input, linear_weight, target, linear_bias, weight,
-                                                              reduction, ignore, label_smoothing, options)
+                                                              reduction, ignore_index, label_smoothing, options)
 
             return _route.call_function("linear_cross_entropy", (input, linear_weight, linear_bias, target, weight),
-                                        (reduction, ignore, float(label_smoothing)), torch_forward, fastml_forward)
+                                        config, torch_forward, fastml_forward, sig)
     return _torch_linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
                                        reduction=reduction, ignore_index=ignore_index,
                                        label_smoothing=label_smoothing, options=options)
@@ -675,13 +684,13 @@ def _unfused_or_torch_linear_cross_entropy(input, linear_weight, target, linear_
                                            label_smoothing, options):
     """The torch twin the measured choice times against fastml's kernel: linear + cross_entropy,
     what the course writes and on a CPU faster than torch's chunked linear_cross_entropy (which
-    runs where the logits would not fit LOGITS_HELD_MAX)."""
+    runs where the logits would not fit LOGITS_HELD_MAX). ``ignore_index`` None: torch's default."""
     if input.numel() // max(1, input.shape[-1]) * linear_weight.shape[0] > LOGITS_HELD_MAX:
         return _torch_linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
                                            reduction=reduction, ignore_index=ignore_index,
                                            label_smoothing=label_smoothing, options=options)
     return F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, weight=weight, reduction=reduction,
-                           ignore_index=ignore_index, label_smoothing=label_smoothing)
+                           ignore_index=-100 if ignore_index is None else ignore_index, label_smoothing=label_smoothing)
 
 
 def _torch_linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, reduction, ignore_index,

@@ -243,3 +243,14 @@ def test_zoo_models_fold_exactly(rng):
         x = torch.randn(1, 3, 48, 48, dtype=torch.float64, generator=rng)
         with torch.no_grad():
             assert_close(model(x), reference(x), scale=float(reference(x).abs().max()))
+
+
+def test_a_folded_model_compiles(rng):
+    """torch.compile traces the fold (no cached tensors, whose versions a trace cannot read)."""
+    reference, model, _ = patched_pair(conv_bn_relu, rng)
+    reference.eval()
+    model.eval()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=rng)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert_close(compiled(x), reference(x))
