@@ -241,6 +241,23 @@ def test_reference_screen_falls_back_where_it_cannot_prove(monkeypatch, rng):
     assert _screen_against_exhaustive(monkeypatch, tiny[:, :20], tiny, 3) == 20
 
 
+@pytest.mark.parametrize("width", [64 * 40, 64 * 40 + 17, 64 * 9])
+def test_reference_screen_selection_leaves_out_nothing_smaller(rng, width):
+    """The two-stage selection (block minima, then a top-k over the chosen blocks and the tail):
+    every score left out is at least the largest kept, with ties and a tail shorter than a block."""
+    scores = torch.randint(0, 50, (33, width), generator=rng).float()  # many ties
+    scores[:, -5:] = -1.0  # the tail (when width is not a multiple of the block) holds the smallest
+    keep = 18
+    values, columns = knn_reference._smallest(scores, keep)
+    assert values.shape == columns.shape == (33, keep)
+    assert torch.equal(scores.gather(1, columns), values)
+    for row in range(33):
+        assert len(set(columns[row].tolist())) == keep
+        left_out = torch.ones(width, dtype=torch.bool)
+        left_out[columns[row]] = False
+        assert bool((scores[row, left_out] >= values[row].max()).all())
+
+
 def test_reference_screen_widens_its_bound_for_reduced_precision_products(monkeypatch, rng):
     """With float32 products allowed in TF32 / bfloat16, the bound is bfloat16's: still exact."""
     query, reference = rand(1, 64, 32, generator=rng), rand(1, 2000, 32, generator=rng)

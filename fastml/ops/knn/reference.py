@@ -31,6 +31,7 @@ from fastml.ops.knn import order_neighbours
 
 BLOCK_ELEMENTS = 1 << 22  # screen scores held at once: 16 MB of float32, the size of an L2/L3 slice
 SCREEN_EXTRA = 8  # candidates kept beyond k: room for near-ties at the cut before a query falls back
+SELECT_BLOCK = 64  # scores per block in the two-stage selection (_smallest)
 _SCREENED_DTYPES = (torch.float32, torch.float64)
 
 
@@ -87,15 +88,21 @@ def _screened(query, reference, k, distances_out, indices_out):
     ref_c = reference - centre
     # One product gives |r_c|² - 2 q_c·r_c: [q_c, 1] · [-2 r_c, |r_c|²]ᵀ (an extra pass to add the
     # norms, as addmm's broadcast bias does, costs more than the product's 65th column).
-    screen_ref = torch.cat([ref_c * -2, (ref_c * ref_c).sum(1, keepdim=True)], dim=1)
+    screen_ref = query.new_empty((n_ref, n_features + 1))
+    torch.mul(ref_c, -2, out=screen_ref[:, :n_features])
+    torch.sum(ref_c * ref_c, dim=1, out=screen_ref[:, n_features])
     ref_c_max = ref_c.double().norm(dim=1).max()  # NaN or inf here fails every certificate below
     step = max(1, BLOCK_ELEMENTS // n_ref)
+    screen_query = query.new_ones((min(step, n_query), n_features + 1))
+    # One buffer for every block's scores: a fresh 16 MB each block would fault in its pages anew.
+    scores_buffer = query.new_empty((min(step, n_query), n_ref))
     for start in range(0, n_query, step):
         q = query[start:start + step]
         q_c = q - centre
-        screen_query = torch.cat([q_c, q_c.new_ones((q_c.shape[0], 1))], dim=1)
-        scores = screen_query @ screen_ref.T  # |q_c - r_c|² - |q_c|², rounded
-        kept_scores, candidates = torch.topk(scores, keep, dim=1, largest=False, sorted=False)
+        rows = q.shape[0]
+        screen_query[:rows, :n_features] = q_c
+        scores = torch.mm(screen_query[:rows], screen_ref.T, out=scores_buffer[:rows])  # |q_c - r_c|² - |q_c|²
+        kept_scores, candidates = _smallest(scores, keep)
         cut = kept_scores.double().amax(1)  # every reference dropped scored at least this
         q_c64 = q_c.double()
         q_c_norm = q_c64.norm(dim=1)
@@ -115,3 +122,30 @@ def _screened(query, reference, k, distances_out, indices_out):
             rows = (~certified).nonzero()[:, 0]
             d, i = exhaustive(q[rows][None], reference[None], k, 2.0)
             distances_out[start + rows], indices_out[start + rows] = d[0], i[0]
+
+
+def _smallest(scores, keep):
+    """(values, columns) of ``keep`` scores per row such that every score left out is at least
+    the largest kept (ties may go either way), unordered: what the certificate needs, not an
+    exact top-k. torch.topk over a 16384-wide row costs about as much as the product that made
+    it, so the rows are cut into blocks of SELECT_BLOCK: the ``keep`` blocks with the smallest
+    minima are gathered (with any tail shorter than a block), and the top-k runs over those
+    alone. Why it is enough: let T be the largest of the chosen blocks' minima; the gathered
+    scores hold ``keep`` scores <= T (the minima), so the largest kept is <= T, and every score
+    of a block not chosen is >= its minimum >= T."""
+    rows, width = scores.shape
+    blocks = width // SELECT_BLOCK
+    if blocks <= 2 * keep:  # too few blocks to leave many out: one top-k
+        return torch.topk(scores, keep, dim=1, largest=False, sorted=False)
+    body = scores[:, :blocks * SELECT_BLOCK].view(rows, blocks, SELECT_BLOCK)
+    _, chosen = torch.topk(body.amin(2), keep, dim=1, largest=False, sorted=False)
+    gathered = body.gather(1, chosen[:, :, None].expand(rows, keep, SELECT_BLOCK)).reshape(rows, keep * SELECT_BLOCK)
+    tail = scores[:, blocks * SELECT_BLOCK:]
+    if tail.shape[1]:
+        gathered = torch.cat([gathered, tail], dim=1)
+    values, positions = torch.topk(gathered, keep, dim=1, largest=False, sorted=False)
+    in_body = positions < keep * SELECT_BLOCK
+    block = chosen.gather(1, torch.where(in_body, positions // SELECT_BLOCK, 0))
+    columns = torch.where(in_body, block * SELECT_BLOCK + positions % SELECT_BLOCK,
+                          positions - keep * SELECT_BLOCK + blocks * SELECT_BLOCK)
+    return values, columns
