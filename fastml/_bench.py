@@ -581,16 +581,26 @@ def _zoo_prepare(device, name, mode, batch, size):
     """make(impl): one step of the model as torch.nn built it ("torch"), or patched by
     fastml.patch ("auto": then tuned, every decision made before timing; a forced backend: the
     runner's use_backend applies). train: forward, cross-entropy, backward, torch.optim.SGD;
-    infer: eval mode, no_grad forward."""
+    infer: eval mode, no_grad forward. All of them share one set of Parameters, buffers and
+    optimizer: what differs between the rows is the code that runs, not where the model lives."""
     from fastml import zoo
 
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=gen).to(device)
     labels = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+    shared = {}  # the first model built, whose tensors every other one uses, and the one optimizer
 
     def make(impl):
         torch.manual_seed(0)
         model = zoo.build(name).to(device).train(mode == "train")
+        # Every implementation runs on the very same Parameters, buffers and optimizer state: two
+        # copies of a 60M-parameter model sit in different memory, and on a small VM that alone
+        # moved one model's step by 30% between copies (an all-torch "auto" row at 0.73x).
+        owner = shared.setdefault("model", model)
+        if owner is not model:
+            for source, target in zip(owner.modules(), model.modules()):
+                target._parameters.update(source._parameters)
+                target._buffers.update(source._buffers)
         if impl != "torch":
             fastml.patch(model, fx=True)  # fold the batch norms forward() calls too (ResNet)
         if impl == AUTO:
@@ -601,7 +611,7 @@ def _zoo_prepare(device, name, mode, batch, size):
                 with torch.no_grad():
                     return model(images)
             return infer
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        optimizer = shared.setdefault("optimizer", torch.optim.SGD(owner.parameters(), lr=1e-3, momentum=0.9))
         loss_fn = torch.nn.CrossEntropyLoss()
 
         def train():
