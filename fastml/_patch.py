@@ -357,6 +357,8 @@ def _patch_module(module, name, selected, report) -> None:
         base = next(c for c in _COVERED_TORCH if isinstance(module, c))
         report.left.append(Left(name, _type_name(cls), f"a subclass of {_type_name(base)}: only exact torch "
                                                         "classes are replaced (a subclass may change forward)"))
+    elif cls is torch.nn.BatchNorm2d:
+        report.left.append(Left(name, _type_name(cls), _BN_NOT_FOLDED))
     elif not module._modules:  # containers are walked, not reported
         report.left.append(Left(name, _type_name(cls), "no fastml module for this type"))
 
@@ -413,6 +415,8 @@ def _fold_one(conv, bn, relu, names, report) -> list[torch.nn.Module]:
     return modules
 
 
+_BN_NOT_FOLDED = ("not folded: no Conv2d right before it in an nn.Sequential (fastml.patch(model, fx=True) also "
+                  "folds the runs forward() calls)")
 _FOLDED_DESCRIPTION = "fastml folded conv (eval: one convolution, batch norm folded in, ReLU in place)"
 
 

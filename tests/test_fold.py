@@ -192,7 +192,8 @@ def test_fx_folds_runs_called_from_forward(backend, rng):
         getattr(model, mode)()
         assert_same_model(reference, model, x)
     without_fx = fastml.patch(randomise_batch_norms(Block(), rng))
-    assert without_fx.fused == []  # not a Sequential: nothing folds unless asked
+    assert without_fx.fused == []  # not a Sequential: nothing folds unless asked, and the report says how
+    assert {x.name for x in without_fx.left if "fx=True" in x.reason} == {"bn1", "bn2"}
 
 
 class Branching(nn.Module):
