@@ -40,9 +40,10 @@ class BatchNormFold:
     modules it refers to stay where the model has them (and out of each other's state_dict)."""
 
     def __init__(self, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: torch.nn.ReLU | None,
-                 classes: tuple[type, type, type | None]) -> None:
+                 classes: tuple[type, type, type | None], names: tuple[str, ...]) -> None:
         self.conv, self.bn, self.relu = conv, bn, relu
         self.classes = classes  # the classes before folding, which unpatch restores
+        self.names = names  # the modules' qualified names, for patch's and unpatch's reports
         self._cache: tuple | None = None
 
     def active(self) -> bool:
@@ -134,9 +135,10 @@ class FoldedReLU(torch.nn.ReLU):
         return super().forward(input)
 
 
-def fold(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: torch.nn.ReLU | None) -> BatchNormFold:
+def fold(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: torch.nn.ReLU | None,
+         names: tuple[str, ...]) -> BatchNormFold:
     """Folds the run in place (classes changed, objects and Parameters kept)."""
-    run = BatchNormFold(conv, bn, relu, (type(conv), type(bn), None if relu is None else type(relu)))
+    run = BatchNormFold(conv, bn, relu, (type(conv), type(bn), None if relu is None else type(relu)), names)
     conv.__class__, bn.__class__ = FoldedConv2d, FoldedBatchNorm2d
     if relu is not None:
         relu.__class__ = FoldedReLU
@@ -159,6 +161,6 @@ def obstacles(conv, bn, relu) -> list[str]:
     reasons = []
     if bn.num_features != conv.out_channels:
         reasons.append(f"the batch norm's {bn.num_features} features are not the conv's {conv.out_channels} channels")
-    if conv.weight.dtype != (bn.running_mean.dtype if bn.running_mean is not None else conv.weight.dtype):
+    if bn.running_mean is not None and bn.running_mean.dtype != conv.weight.dtype:
         reasons.append("the batch norm's dtype differs from the conv's")
     return reasons

@@ -409,8 +409,7 @@ def _fold_one(conv, bn, relu, names, report) -> list[torch.nn.Module]:
     if obstacles:
         report.left.append(Left(", ".join(names), run_type, "not folded: " + "; ".join(obstacles)))
         return []
-    run = _fold.fold(conv, bn, relu)
-    run.names = names
+    _fold.fold(conv, bn, relu, names)
     report.fused.append(Fused(names, run_type, _FOLDED_DESCRIPTION))
     return modules
 
@@ -538,7 +537,7 @@ def _unpatch_module(module, name, report) -> None:
         folded_types = _run_type(*(m for m in (run.conv, run.bn, run.relu) if m is not None))
         _fold.unfold(run)
         restored = _run_type(*(m for m in (run.conv, run.bn, run.relu) if m is not None))
-        report.fused.append(Fused(getattr(run, "names", (name,)), folded_types, restored))
+        report.fused.append(Fused(run.names, folded_types, restored))
     cls = type(module)
     if cls in _TORCH_OF_FASTML and getattr(module, _SWAPPED, False):
         old = _TORCH_OF_FASTML[cls]

@@ -230,12 +230,12 @@ def settled_on_torch(sig: tuple | None, input: torch.Tensor) -> bool:
 
 def call_function(op: str, args: tuple, config: tuple, torch_forward, fastml_forward, sig=False):
     """``layer``-less ``call``: ``torch_forward(*args)`` where the route of op ``op`` for this
-    call's signature (every tensor of ``args``, None allowed, and the hashable ``config``) is
+    call's signature (every tensor of ``args``, the main input first, None allowed, and the hashable ``config``) is
     torch's, else ``fastml_forward(*args)``; settled as a layer's route is. ``sig``: the
     signature when the caller has it already (``function_signature``)."""
     if is_compiling():
         return fastml_forward(*args)
-    input = next(a for a in args if a is not None)
+    input = args[0]
     outer = _watchers.get()  # a layer calling this function listens for where it went
     if sig is False:
         sig = function_signature(op, args, config)

@@ -196,24 +196,26 @@ def linear_mse(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     (→ (*, O)), as in ``torch.nn.MSELoss``.
     """
     _check_reduction(reduction)
-    if _defer_to_torch(input, weight, bias, target):
+
+    def torch_forward(input, weight, bias, target):  # what it replaces: nn.Linear, then nn.MSELoss
         return F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)
-    sig = _route.function_signature("linear_mse", (input, weight, bias, target), (reduction,))
+
+    args = (input, weight, bias, target)
+    if _defer_to_torch(*args):
+        return torch_forward(*args)
+    sig = _route.function_signature("linear_mse", args, (reduction,))
     if _route.settled_on_torch(sig, input):
-        return F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)
-    if not _linear_mse_args_ok(input, weight, bias, target):
-        _diagnose_linear_mse(input, weight, bias, target)
-    if not _kernels_can_run(input, weight, bias, target):  # sparse and other layouts: torch's own ops
-        return F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)
+        return torch_forward(*args)
+    if not _linear_mse_args_ok(*args):
+        _diagnose_linear_mse(*args)
+    if not _kernels_can_run(*args):  # sparse and other layouts: torch's own ops
+        return torch_forward(*args)
+
     def fastml_forward(input, weight, bias, target):
         loss = _linear_mse_op.linear_mse(_rows(input), weight, bias, _rows(target), reduction)
         return loss.reshape(target.shape) if reduction == "none" else loss
 
-    def torch_forward(input, weight, bias, target):
-        return F.mse_loss(F.linear(input, weight, bias), target, reduction=reduction)
-
-    return _route.call_function("linear_mse", (input, weight, bias, target), (reduction,), torch_forward,
-                                fastml_forward, sig)
+    return _route.call_function("linear_mse", args, (reduction,), torch_forward, fastml_forward, sig)
 
 
 def _diagnose_linear_mse(input, weight, bias, target) -> None:

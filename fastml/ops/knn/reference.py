@@ -30,6 +30,7 @@ from fastml.ops.cdist import reference as cdist_reference
 from fastml.ops.knn import order_neighbours
 
 BLOCK_ELEMENTS = 1 << 22  # screen scores held at once: 16 MB of float32, the size of an L2/L3 slice
+EXHAUSTIVE_BLOCK_ELEMENTS = 1 << 24  # exact distances held at once by the exhaustive scan: 64 MB of float32
 SCREEN_EXTRA = 8  # candidates kept beyond k: room for near-ties at the cut before a query falls back
 SELECT_BLOCK = 64  # scores per block in the two-stage selection (_smallest)
 _SCREENED_DTYPES = (torch.float32, torch.float64)
@@ -40,7 +41,7 @@ def exhaustive(query, reference, k, p):
     r = reference.shape[1]
     distances = query.new_empty((b, q, k))
     indices = torch.empty((b, q, k), dtype=torch.int64, device=query.device)
-    step = max(1, (1 << 24) // max(1, r))
+    step = max(1, EXHAUSTIVE_BLOCK_ELEMENTS // max(1, r))
     for start in range(0, q, step):
         block = cdist_reference.forward(query[:, start:start + step], reference, p)
         # A stable sort keeps equal distances in index order; torch.sort puts NaN last.
