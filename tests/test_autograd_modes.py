@@ -34,7 +34,7 @@ def test_mse_loss_forward_ad(backend, reduction, rng):
 def test_linear_mse_forward_ad(backend, reduction, rng):
     args = float64((5, 4), (3, 4), (3,), (5, 3), device=backend.device, generator=rng)
     assert torch.autograd.gradcheck(lambda *a: fastml.functional.linear_mse(*a, reduction=reduction), args,
-                                    check_forward_ad=True)
+                                    check_forward_ad=True, fast_mode=backend.interpreted)
 
 
 def test_jvp_matches_torch(backend, rng):
@@ -74,10 +74,11 @@ def test_vmap_and_func_grad(backend, rng):
 def test_batched_gradients(backend, reduction, rng):
     """gradcheck's batched-grad check runs backward under vmap (is_grads_batched)."""
     lin_args = float64((5, 4), (3, 4), (3,), device=backend.device, generator=rng)
-    assert torch.autograd.gradcheck(fastml.functional.linear, lin_args, check_batched_grad=True)
+    assert torch.autograd.gradcheck(fastml.functional.linear, lin_args, check_batched_grad=True,
+                                    fast_mode=backend.interpreted)
     mse_args = float64((4, 3), (4, 3), device=backend.device, generator=rng)
     assert torch.autograd.gradcheck(lambda a, b: fastml.functional.mse_loss(a, b, reduction=reduction), mse_args,
-                                    check_batched_grad=True)
+                                    check_batched_grad=True, fast_mode=backend.interpreted)
     fused_args = float64((5, 4), (3, 4), (3,), (5, 3), device=backend.device, generator=rng)
     assert torch.autograd.gradcheck(lambda *a: fastml.functional.linear_mse(*a, reduction=reduction), fused_args,
-                                    check_batched_grad=True)
+                                    check_batched_grad=True, fast_mode=backend.interpreted)
