@@ -602,7 +602,9 @@ def _zoo_prepare(device, name, mode, batch, size):
                 target._parameters.update(source._parameters)
                 target._buffers.update(source._buffers)
         if impl != "torch":
-            fastml.patch(model, fx=True)  # fold the batch norms forward() calls too (ResNet)
+            # fx: fold the batch norms forward() calls too (ResNet); channels_last: activations on
+            # the layout oneDNN is fastest on, where tune measures the model faster so
+            fastml.patch(model, fx=True, channels_last=True)
         if impl == AUTO:
             with torch.set_grad_enabled(mode == "train"):
                 fastml.tune(model, images)

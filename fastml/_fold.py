@@ -108,7 +108,7 @@ class FoldedConv2d(fastml_nn.Conv2d):
             return out.relu_() if relu else out
 
         def variants(x):
-            return fastml_nn.channels_last_variant(self, x, torch_forward)
+            return fastml_nn.torch_conv_variants(self, x, weight, bias, relu)
 
         return _route.call(self, input, self.weight, torch_forward, fastml_forward, variants=variants)
 

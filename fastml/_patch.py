@@ -27,7 +27,7 @@ import dataclasses
 
 import torch
 
-from fastml import _fold
+from fastml import _fold, _layout
 from fastml import nn as fastml_nn
 
 __all__ = ["Fused", "Left", "PatchReport", "Replaced", "patch", "unpatch"]
@@ -96,6 +96,7 @@ class PatchReport:
     fused: list[Fused] = dataclasses.field(default_factory=list)
     left: list[Left] = dataclasses.field(default_factory=list)
     tuning: object = None  # fastml.tune's TuneTable when patch was given example_inputs
+    layout: str = ""  # the model-wide layout change patch(channels_last=True) made, or unpatch undid
 
     def runs(self, name: str) -> str:
         """Which implementation layer ``name`` runs, per phase, once tuned ("" if not known)."""
@@ -105,7 +106,7 @@ class PatchReport:
     @property
     def changed(self) -> bool:
         """Whether the call changed the model at all."""
-        return bool(self.replaced or self.fused)
+        return bool(self.replaced or self.fused or self.layout)
 
     def __str__(self) -> str:
         swapped, joined = ("replaced", "fused") if self.action == "patch" else ("restored", "unfused")
@@ -113,6 +114,8 @@ class PatchReport:
         rows += [(joined, ", ".join(map(_display, f.names)), f"{f.old} → {f.new}{self._runs_note(f.names[0])}")
                  for f in self.fused]
         rows += [("left", _display(x.name), f"{x.type}: {x.reason}") for x in self.left]
+        if self.layout:
+            rows.insert(0, ("layout", "(model)", self.layout))
         head = (f"fastml.{self.action}: {len(self.replaced)} {swapped}, {len(self.fused)} {joined}, "
                 f"{len(self.left)} left")
         if not rows:
@@ -269,7 +272,8 @@ def _fuse(parent, keys, conv, relu, pool) -> torch.nn.Module:
     return fused
 
 
-def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = False) -> PatchReport:
+def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = False,
+          channels_last: bool = False) -> PatchReport:
     """Replaces, in place, the torch modules of ``model`` that fastml covers by fastml's, and
     returns a :class:`PatchReport` of what it replaced, fused and left (and why).
 
@@ -291,6 +295,12 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
     working), state_dict keys do not change, and only modules whose type is exactly the torch
     class are replaced. Patching again replaces nothing new. ``fastml.unpatch`` undoes it.
 
+    ``channels_last``: run the model's activations in the channels-last layout, converting its 4-D
+    inputs once and 4-D outputs back (fastml/_layout.py): oneDNN's convolutions are faster on it,
+    and there they run on a weight packed once with the ReLU in their epilogue. Explicit, because
+    code inside ``forward`` then sees channels-last strides (``.view`` on a 4-D activation would
+    fail). ``fastml.tune`` keeps the layout only where the whole model measured faster with it.
+
     ``example_inputs``: a tuple of inputs for ``model(*example_inputs)``; when given, the patched
     model is tuned (``fastml.tune``) and the report says which implementation each layer runs,
     forward and backward (fastml's kernel, or torch's where that measured faster).
@@ -302,7 +312,11 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
                         f"got {type(example_inputs).__name__}")
     if not isinstance(fx, bool):
         raise TypeError(f"patch() argument 'fx' must be a bool, got {type(fx).__name__}")
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"patch() argument 'channels_last' must be a bool, got {type(channels_last).__name__}")
     report = PatchReport("patch")
+    if channels_last and _layout.apply(model):
+        report.layout = _CHANNELS_LAST_DESCRIPTION
     seen: set = set()
     if fx and _FOLD in selected:
         seen.update(_fold_traced(model, report))
@@ -416,6 +430,8 @@ def _fold_one(conv, bn, relu, names, report) -> list[torch.nn.Module]:
 
 _BN_NOT_FOLDED = ("not folded: no Conv2d right before it in an nn.Sequential (fastml.patch(model, fx=True) also "
                   "folds the runs forward() calls)")
+_CHANNELS_LAST_DESCRIPTION = ("activations channels-last between the input and the output (4-D inputs converted "
+                              "once, 4-D outputs converted back)")
 _FOLDED_DESCRIPTION = "fastml folded conv (eval: one convolution, batch norm folded in, ReLU in place)"
 
 
@@ -493,6 +509,8 @@ def unpatch(model: torch.nn.Module) -> PatchReport:
     Hooks added to a fused module or its Identity slots after patching are dropped with them."""
     _check_model(model, "unpatch")
     report = PatchReport("unpatch")
+    if _layout.remove(model):
+        report.layout = "activations back in the input's layout (channels-last conversion removed)"
     _unpatch_tree(model, "", report, set())
     return report
 

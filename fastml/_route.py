@@ -80,10 +80,18 @@ def signature(input: torch.Tensor, weight: torch.Tensor | None, target: torch.Te
     """What a remembered route depends on, or None when a backend is forced."""
     if _backend.requested() is not None:
         return None
-    sig = (input.shape, input.dtype, input.device, input.is_contiguous(), torch.is_grad_enabled(),
+    sig = (input.shape, input.dtype, input.device, _layout(input), torch.is_grad_enabled(),
            input.requires_grad, weight is not None and weight.requires_grad, _threads(), _tune.mode(),
            _tune.generation())
     return sig if target is None else (*sig, target.shape, target.dtype, target.requires_grad)
+
+
+def _layout(input: torch.Tensor) -> tuple:
+    """Which of torch's layouts ``input`` is in: a channels-last input takes other paths than a
+    contiguous one (oneDNN's variants), and a merely strided one neither."""
+    if input.dim() == 4:
+        return input.is_contiguous(), input.is_contiguous(memory_format=torch.channels_last)
+    return (input.is_contiguous(),)
 
 
 def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | None, torch_forward, fastml_forward,
@@ -105,15 +113,18 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
         return fastml_forward(*args)
     sig = signature(input, weight, target)
     memo = layer.__dict__.get(ATTR)
-    if sig is not None and memo is not None and memo[0] == sig:
-        route = memo[1]
+    route = None if sig is None or memo is None else memo.get(sig)
+    if route is not None:
         if route == "reference":
             return torch_forward(*args)
         if route == "fastml":
             return fastml_forward(*args)
-        return variants(input)[route](*args)
+        variant = variants(input).get(route)
+        if variant is not None:
+            return variant(*args)
+        return torch_forward(*args)  # (not reached: the signature holds all a variant depends on)
     if sig is not None and sig in layer.__dict__.get(VETO_ATTR, ()):
-        object.__setattr__(layer, ATTR, (sig, "reference"))
+        remember(layer, sig, "reference")
         return torch_forward(*args)
     with watching() as reports:
         out = fastml_forward(*args)
@@ -127,8 +138,27 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
         elif to_torch is True:
             route = "reference"
         if route is not None:
-            object.__setattr__(layer, ATTR, (sig, route))  # a plain attribute: not state, not a submodule
+            remember(layer, sig, route)
     return out
+
+
+MAX_LAYER_ROUTES = 16  # signatures remembered per layer: a model alternating a few shapes or layouts
+
+
+def routes(layer: torch.nn.Module) -> dict:
+    """{call signature: route} the layer remembers (empty if none)."""
+    return layer.__dict__.get(ATTR) or {}
+
+
+def remember(layer: torch.nn.Module, sig: tuple, route: str) -> None:
+    """The layer runs ``route`` for calls of signature ``sig`` from now on."""
+    memo = layer.__dict__.get(ATTR)
+    if memo is None:
+        memo = {}
+        object.__setattr__(layer, ATTR, memo)  # a plain attribute: not state, not a submodule
+    elif sig not in memo and len(memo) >= MAX_LAYER_ROUTES:
+        memo.clear()
+    memo[sig] = route
 
 
 def veto(layer: torch.nn.Module, sig: tuple) -> None:
@@ -157,7 +187,7 @@ def layer_choice(layer: torch.nn.Module, args: tuple, torch_forward, candidates:
     parameters = [p for p in layer.parameters() if p.requires_grad] if grad_on else []
     input = args[0]
     key = ("layer " + type(layer).__name__, "forward+backward" if grad_on else "forward", _threads(), input.dtype,
-           input.device, tuple(a.shape for a in args), (input.is_contiguous(),), layer.extra_repr(),
+           input.device, tuple(a.shape for a in args), _layout(input), layer.extra_repr(),
            tuple(a.requires_grad for a in args), tuple(a.dtype for a in args[1:]),
            tuple(p.shape for p in parameters), tuple(candidates))
     return _timed_choice(key, args, parameters, {"reference": torch_forward, **candidates})

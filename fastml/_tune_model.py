@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from fastml import _route, _tune
+from fastml import _layout, _route, _tune
 from fastml import nn as fastml_nn
 
 _COVERED = tuple(getattr(fastml_nn, name) for name in fastml_nn.__all__)
@@ -38,6 +38,8 @@ class LayerChoice:
     def runs(self) -> str:
         """The implementation in words: "torch" for the reference, "torch (<variant>)" for a
         variant of torch's (a layer row's "channels_last"), else the fastml backend."""
+        if self.op == "layout":
+            return "channels-last activations" if self.choice == "channels_last" else "the input's layout"
         if self.choice == "reference":
             return "torch"
         if self.op.startswith("layer ") and self.choice != "fastml":
@@ -58,7 +60,7 @@ class TuneTable:
         model_on_torch = any(row.op == "model" and row.choice == "reference" for row in self.rows)
         whole_layer = {row.layer: row.runs for row in self.rows if row.op.startswith("layer ") and row.choice != "fastml"}
         for row in self.rows:
-            if not row.op.startswith("layer ") and row.op != "model":
+            if not row.op.startswith("layer ") and row.op not in ("model", "layout"):
                 runs = "torch" if model_on_torch else whole_layer.get(row.layer, row.runs)
                 table.setdefault(row.layer, {})[row.phase] = runs
         return table
@@ -145,7 +147,34 @@ def tune(model: torch.nn.Module, *example_inputs, backward: bool | None = None) 
     table shows the forced backend or the static rule.
     """
     _check_inputs(model, example_inputs)
-    grad_on = torch.is_grad_enabled()
+    want_backward = torch.is_grad_enabled() if backward is None else bool(backward) and torch.is_grad_enabled()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    layout = _layout.of(model)
+    table = TuneTable()
+    with _untouched(model):
+        if layout is None:
+            rows, captured = _tune_layers(model, example_inputs, parameters, want_backward)
+        else:
+            # Every layer decided for both layouts, then the whole model timed both ways.
+            layout.enabled = False
+            own = _tune_layers(model, example_inputs, parameters, want_backward)
+            layout.enabled = True
+            converted = _tune_layers(model, example_inputs, parameters, want_backward)
+            layout_row = _layout_choice(model, layout, example_inputs, parameters, want_backward)
+            layout.enabled = layout_row.choice == "channels_last"
+            rows, captured = converted if layout.enabled else own
+            table.rows.append(layout_row)
+        table.rows.extend(rows)
+        row = _model_choice(model, example_inputs, parameters, want_backward, captured)
+        if row is not None:
+            table.rows.append(row)
+    return table
+
+
+def _tune_layers(model, example_inputs, parameters, backward: bool) -> tuple[list[LayerChoice], list]:
+    """Runs the model once, so that every decision it needs is made, then each covered layer
+    alone on the inputs it got, to attribute the decisions: (the table's rows, the layers with
+    their inputs as [(name, module, args)])."""
     captured: list[tuple[str, torch.nn.Module, tuple]] = []
     seen: set[int] = set()
 
@@ -158,32 +187,51 @@ def tune(model: torch.nn.Module, *example_inputs, backward: bool | None = None) 
 
     handles = [m.register_forward_pre_hook(capture(name)) for name, m in model.named_modules()
                if isinstance(m, _COVERED)]
-    table = TuneTable()
-    with _untouched(model):
-        try:
-            parameters = [p for p in model.parameters() if p.requires_grad]
-            want_backward = grad_on if backward is None else bool(backward)
-            # The whole model once: every decision it needs is made here (layers called from
-            # forward, functional calls), and each layer's inputs are caught on the way.
-            _forward_and_backward(model, _detached(example_inputs), parameters, want_backward and grad_on)
-        finally:
-            for handle in handles:
-                handle.remove()
-        # Then layer by layer, to attribute the decisions (made above, so looked up now).
-        for name, module, args in captured:
-            module.__dict__.pop(_route.ATTR, None)  # so that the call reaches the ops, which record
-            with _tune.recording() as decisions:
-                _forward_and_backward(module, args, [p for p in module.parameters() if p.requires_grad],
-                                      want_backward and grad_on)
-            rows = {}
-            for key, decision in decisions:
-                rows[(key[0], key[1])] = LayerChoice(name, type(module).__name__, key[0], key[1], decision.choice,
-                                                     dict(decision.seconds), decision.rule)
-            table.rows.extend(rows.values())
-        row = _model_choice(model, example_inputs, parameters, want_backward and grad_on, captured)
-        if row is not None:
-            table.rows.append(row)
-    return table
+    try:
+        # The whole model once: every decision it needs is made here (layers called from
+        # forward, functional calls), and each layer's inputs are caught on the way.
+        _forward_and_backward(model, _detached(example_inputs), parameters, backward)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = []
+    # Then layer by layer, to attribute the decisions (made above, so looked up now).
+    for name, module, args in captured:
+        # Without its routes, so that the call reaches the ops, which record; those of other
+        # signatures (the other layout) are kept.
+        others = module.__dict__.pop(_route.ATTR, None) or {}
+        with _tune.recording() as decisions:
+            _forward_and_backward(module, args, [p for p in module.parameters() if p.requires_grad], backward)
+        for sig, route in others.items():
+            _route.routes(module).get(sig) or _route.remember(module, sig, route)
+        by_op = {}
+        for key, decision in decisions:
+            by_op[(key[0], key[1])] = LayerChoice(name, type(module).__name__, key[0], key[1], decision.choice,
+                                                  dict(decision.seconds), decision.rule)
+        rows.extend(by_op.values())
+    return rows, captured
+
+
+def _layout_choice(model, layout, example_inputs, parameters, backward: bool) -> LayerChoice:
+    """The whole model with channels-last activations (``patch(channels_last=True)``) against the
+    model on its input's own layout ("reference"), each with its layers' routes as decided for
+    it, timed as one call (forward, and backward when training), by the layer margin."""
+    inputs = _detached(example_inputs)
+    grad_on = torch.is_grad_enabled()
+
+    def run(name):
+        layout.enabled = name == "channels_last"
+        with torch.set_grad_enabled(grad_on):
+            _forward_and_backward(model, inputs, parameters, backward)
+
+    first = _tensors(example_inputs)[0]
+    key = ("model layout " + type(model).__name__, "forward+backward" if backward else "forward",
+           torch.get_num_threads(), first.dtype, first.device, tuple(tuple(t.shape) for t in _tensors(example_inputs)))
+    with _untouched(model), _tune.recording() as decisions:
+        _tune.choose(key, ("channels_last",), first, run, rounds=_tune.ROUNDS)
+    decision = decisions[-1][1]
+    return LayerChoice("", type(model).__name__, "layout", key[1], decision.choice, dict(decision.seconds),
+                       decision.rule)
 
 
 def _model_choice(model, example_inputs, parameters, backward: bool, captured) -> LayerChoice | None:
@@ -194,34 +242,31 @@ def _model_choice(model, example_inputs, parameters, backward: bool, captured) -
     as the user runs it, is not slower for them. Where torch's wins, every layer that chose
     fastml keeps torch's module for this signature (``_route.veto``). None where no layer runs
     fastml's path (nothing to check)."""
-    on_fastml = [(name, module) for name, module, _ in captured
-                 if (memo := module.__dict__.get(_route.ATTR)) is not None and memo[1] != "reference"]
+    on_fastml = [(name, module, sig, route) for name, module, _ in captured
+                 for sig, route in _route.routes(module).items() if route != "reference"]
     if not on_fastml:
         return None
-    routes = {name: module.__dict__[_route.ATTR] for name, module in on_fastml}
     inputs = _detached(example_inputs)
 
     grad_on = torch.is_grad_enabled()
 
     def run(name):
-        for layer_name, module in on_fastml:
-            sig, route = routes[layer_name]
-            object.__setattr__(module, _route.ATTR, (sig, "reference" if name == "reference" else route))
+        for _, module, sig, route in on_fastml:
+            _route.remember(module, sig, "reference" if name == "reference" else route)
         with torch.set_grad_enabled(grad_on):
             _forward_and_backward(model, inputs, parameters, backward)
 
     first = _tensors(example_inputs)[0]
     key = ("model " + type(model).__name__, "forward+backward" if backward else "forward", torch.get_num_threads(),
            first.dtype, first.device, tuple(tuple(t.shape) for t in _tensors(example_inputs)),
-           tuple(f"{name}:{type(module).__name__}" for name, module in on_fastml))
+           tuple(f"{name}:{type(module).__name__}" for name, module, _, _ in on_fastml))
     with _untouched(model), _tune.recording() as decisions:
         # every call interleaved three times, however long: one sample each is too few for a verdict
         choice = _tune.choose(key, ("fastml",), first, run, rounds=_tune.ROUNDS)
-    for layer_name, module in on_fastml:
-        sig, route = routes[layer_name]
+    for _, module, sig, route in on_fastml:
         if choice == "reference":
             _route.veto(module, sig)
-        object.__setattr__(module, _route.ATTR, (sig, "reference" if choice == "reference" else route))
+        _route.remember(module, sig, "reference" if choice == "reference" else route)
     decision = decisions[-1][1]
     return LayerChoice("", type(model).__name__, "model", key[1], decision.choice, dict(decision.seconds),
                        decision.rule)

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastml import _route, functional
+from fastml import _onednn, _route, functional
 
 __all__ = ["Conv2d", "ConvReLUPool2d", "CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss", "LinearMSELoss",
            "MaxPool2d", "MSELoss"]
@@ -37,7 +37,7 @@ class Conv2d(torch.nn.Conv2d):
         return self._fastml_conv(input, self.weight, self.bias)
 
     def _torch_variants(self, input: torch.Tensor) -> dict:
-        return channels_last_variant(self, input, lambda x: self._conv_forward(x, self.weight, self.bias))
+        return torch_conv_variants(self, input, self.weight, self.bias)
 
     def _fastml_conv(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """This layer's convolution with the given weight and bias (torch's ``_conv_forward``, on
@@ -48,17 +48,29 @@ class Conv2d(torch.nn.Conv2d):
         return functional.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def channels_last_variant(conv: torch.nn.Conv2d, input: torch.Tensor, run) -> dict:
-    """{"channels_last": forward} where a convolution on the channels-last layout may be faster
-    than on the input's own: ``run(x)`` (torch's convolution of this layer) on the input made
-    channels-last, its result made contiguous again, so the caller sees torch's layout. oneDNN's
-    CPU convolutions are up to 2x faster on that layout for some shapes (a 7x7 stem, 64 channels
-    at 28x28) and slower for others (depthwise, 1x1): the measured choice decides per shape.
-    Empty (no variant) off the CPU, for unbatched or already channels-last input, or padding
-    other than zeros."""
+def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None, relu: bool = False) -> dict:
+    """Other ways of computing ``conv``'s convolution of ``input`` with ``weight`` and ``bias``
+    (then an in-place ReLU if ``relu``) with torch's ops, where they apply, for the measured
+    choice to time against torch's own: {name: forward}.
+
+    "onednn_packed" (channels-last input, inference): torch's oneDNN convolution on a weight
+    packed once, the ReLU in its epilogue (fastml/_onednn.py).
+
+    "channels_last" ((N, C, H, W)-contiguous input): torch's convolution on a channels-last copy
+    of the input, the result copied back, so the caller sees torch's layout. oneDNN's CPU
+    convolutions are up to 2x faster on that layout for some shapes (a 7x7 stem, 64 channels at
+    28x28) and slower for others (depthwise, 1x1). Not for unbatched input, off the CPU, or
+    padding other than zeros."""
+    if _onednn.applies(conv, input, weight, bias):
+        return {"onednn_packed": lambda x: _onednn.packed_convolution(conv, x, weight, bias, relu)}
     if (input.dim() != 4 or input.device.type != "cpu" or not input.is_contiguous()
             or input.is_contiguous(memory_format=torch.channels_last) or conv.padding_mode != "zeros"):
         return {}
+
+    def run(x):
+        out = conv._conv_forward(x, weight, bias)
+        return out.relu_() if relu else out
     return {"channels_last": lambda x: relayout(run(relayout(x, torch.channels_last)), torch.contiguous_format)}
 
 

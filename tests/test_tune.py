@@ -841,5 +841,7 @@ def test_a_convolution_may_run_torchs_on_the_channels_last_layout(monkeypatch):
     torch.testing.assert_close(out, reference(x))
     for got, expected in zip(train_step(layer, x), train_step(reference, x)):
         torch.testing.assert_close(got, expected)
-    assert fastml.nn.channels_last_variant(layer, x.contiguous(memory_format=torch.channels_last), None) == {}
-    assert fastml.nn.channels_last_variant(layer, x[0], None) == {}  # unbatched
+    # channels-last input with gradients wanted: neither variant (oneDNN's packed one has no backward)
+    assert fastml.nn.torch_conv_variants(layer, x.contiguous(memory_format=torch.channels_last), layer.weight,
+                                         layer.bias) == {}
+    assert fastml.nn.torch_conv_variants(layer, x[0], layer.weight, layer.bias) == {}  # unbatched

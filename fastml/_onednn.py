@@ -1,0 +1,109 @@
+"""torch's oneDNN convolution with its weight packed once and a ReLU in its epilogue: a variant of
+torch's own convolution that a layer's measured choice may run, for channels-last input in
+inference.
+
+Eager ``F.conv2d`` on the CPU hands oneDNN the weight in torch's plain (K, C, R, S) layout on
+every call, and oneDNN reorders it into its blocked layout each time; a following ReLU is a second
+pass over the output. torch also has the ops its own compiler (inductor) uses for frozen CPU
+models: ``mkldnn._reorder_convolution_weight`` packs the weight once, and
+``mkldnn._convolution_pointwise`` runs the convolution on the packed weight with a post-op such
+as ReLU applied as each output block is written. On a 2-core Zen 4, with channels-last input at
+batch 16, that measured 1.04x to 1.64x torch's convolution + ReLU on ResNet's and MobileNet's
+layers (bench/results/).
+
+It is offered only where it computes what torch's module would, layout included:
+- channels-last input (the pointwise op writes a channels-last output, as torch's convolution does
+  for such input; for (N, C, H, W)-contiguous input torch writes that layout, and converting back
+  costs more than the packing saves);
+- no gradient wanted (the op has no backward);
+- float32 on the CPU, zero padding given as numbers, and a torch built with oneDNN that has the ops.
+
+The packed weight is cached on the layer, keyed by the source weight's identity, storage and
+version (an optimizer step, ``load_state_dict`` or a newly folded weight changes one of them)
+and by the input's shape, for which oneDNN chose the packing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastml.ops import is_compiling
+
+PACKED_ATTR = "_fastml_packed_weight"
+
+
+def _ops():
+    ops = getattr(torch.ops, "mkldnn", None)
+    if ops is None or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return ops._reorder_convolution_weight.default, ops._convolution_pointwise.default
+    except (AttributeError, RuntimeError):  # a torch without inductor's CPU ops
+        return None
+
+
+_OPS = _ops()
+
+
+def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``packed_convolution`` computes ``conv``'s convolution of ``input`` with ``weight``
+    and ``bias`` as torch's module would (see the module's docstring)."""
+    if _OPS is None or is_compiling():
+        return False
+    if input.dim() != 4 or input.device.type != "cpu" or input.dtype != torch.float32:
+        return False
+    if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+        return False
+    # strictly channels-last (a tensor that is both, such as 1x1 images, gets torch's own layout choice)
+    if input.is_contiguous() or not input.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return False
+    if input.numel() == 0:
+        return False
+    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return True
+
+
+def packed_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """``conv``'s convolution of ``input`` (then ReLU if ``relu``) on oneDNN with ``weight``
+    packed once per weight version and input shape. Only where ``applies``."""
+    reorder, convolution = _OPS
+    padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
+    key = (weight.data_ptr(), weight._version, tuple(input.shape), torch.is_inference_mode_enabled())
+    cache = conv.__dict__.get(PACKED_ATTR)
+    if cache is None:
+        cache = _PackedWeight()
+        object.__setattr__(conv, PACKED_ATTR, cache)  # a plain attribute: not state, not a buffer
+    # The source weight itself is held with its packing: while it lives, no other tensor can take
+    # its storage, so (identity, storage, version) cannot be matched by a different weight.
+    if cache.source is not weight or cache.key != key:
+        with torch.no_grad():
+            cache.packed = reorder(weight.detach(), padding, stride, dilation, conv.groups, list(input.shape))
+        cache.source, cache.key = weight, key
+    bias = None if bias is None else bias.detach()
+    return convolution(input, cache.packed, bias, padding, stride, dilation, conv.groups,
+                       "relu" if relu else "none", [], "")
+
+
+class _PackedWeight:
+    """A layer's packed weight and what it was packed from. Derived state: a copy or a pickle of
+    the layer starts without it (oneDNN's packed tensors can be neither)."""
+    __slots__ = ("source", "key", "packed")
+
+    def __init__(self) -> None:
+        self.source = self.key = self.packed = None
+
+    def __reduce__(self):
+        return _PackedWeight, ()
+
+    def __deepcopy__(self, memo):
+        return _PackedWeight()
+
+
+def forget(conv: torch.nn.Module) -> None:
+    """Drops ``conv``'s packed weight (unpatch, or a module leaving fastml)."""
+    conv.__dict__.pop(PACKED_ATTR, None)

@@ -1,0 +1,161 @@
+"""torch's oneDNN convolution on a weight packed once, the ReLU in its epilogue (fastml/_onednn.py):
+the "onednn_packed" variant a convolution layer's measured choice may run for channels-last input
+in inference. Against the float64 reference, layout included, and where it must not apply."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, magnitude
+
+import fastml
+from fastml import _fold, _onednn, _route, _tune
+
+pytestmark = pytest.mark.skipif(_onednn._OPS is None, reason="this torch has no oneDNN pointwise convolution ops")
+
+CL = torch.channels_last
+
+# (batch, in, out, height, width, kernel, stride, padding, dilation, groups, bias)
+SHAPES = [
+    (3, 5, 7, 11, 9, 3, 1, 1, 1, 1, True),     # odd sizes, same padding
+    (2, 6, 6, 10, 13, 3, 2, 1, 1, 6, False),   # depthwise, stride 2
+    (2, 8, 12, 7, 7, 1, 1, 0, 1, 2, True),     # grouped 1x1
+    (1, 3, 8, 15, 15, 7, 2, 3, 1, 1, True),    # the 7x7 stride-2 stem
+    (2, 4, 5, 9, 8, 3, 1, 2, 2, 1, True),      # dilated
+    (5, 16, 16, 3, 4, (3, 1), (1, 2), (1, 0), 1, 4, False),  # rectangular kernel, stride
+]
+
+
+def conv_of(shape, generator):
+    n, c, k, h, w, kernel, stride, padding, dilation, groups, bias = shape
+    conv = torch.nn.Conv2d(c, k, kernel, stride, padding, dilation, groups, bias)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    x = torch.randn(n, c, h, w, generator=generator).contiguous(memory_format=CL)
+    return conv, x
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x{}x{}x{}x{}-k{}".format(*s[:3], s[3], s[5]))
+def test_matches_float64_and_torchs_layout(shape, relu, rng):
+    conv, x = conv_of(shape, rng)
+    with torch.no_grad():
+        assert _onednn.applies(conv, x, conv.weight, conv.bias)
+        out = _onednn.packed_convolution(conv, x, conv.weight, conv.bias, relu)
+        expected = F.conv2d(x.double(), conv.weight.double(), None if conv.bias is None else conv.bias.double(),
+                            conv.stride, conv.padding, conv.dilation, conv.groups)
+        torchs = conv(x)
+    if relu:
+        expected = expected.relu()
+    assert_close(out, expected, scale=magnitude(expected))
+    assert out.shape == torchs.shape and out.stride() == torchs.stride()  # the layout torch's module gives
+
+
+def test_where_it_does_not_apply(rng):
+    conv, x = conv_of(SHAPES[0], rng)
+    w, b = conv.weight, conv.bias
+    with torch.no_grad():
+        assert not _onednn.applies(conv, x.contiguous(), w, b)  # (N, C, H, W): torch would answer in that layout
+        assert not _onednn.applies(conv, x[0], w, b)  # unbatched
+        assert not _onednn.applies(conv, x.double(), w.double(), b.double())  # oneDNN packs float32 only
+        assert not _onednn.applies(conv, x[:0], w, b)  # empty
+        assert not _onednn.applies(conv, x.transpose(2, 3), w, b)  # strided, neither layout
+        ones = torch.randn(2, 5, 1, 1).contiguous(memory_format=CL)  # both layouts at once: torch's choice
+        assert not _onednn.applies(conv, ones, w, b)
+    assert not _onednn.applies(conv, x, w, b)  # gradients wanted: the op has no backward
+    reflect = torch.nn.Conv2d(5, 7, 3, padding=1, padding_mode="reflect")
+    same = torch.nn.Conv2d(5, 7, 3, padding="same")
+    with torch.no_grad():
+        assert not _onednn.applies(reflect, x, reflect.weight, reflect.bias)
+        assert not _onednn.applies(same, x, same.weight, same.bias)
+        assert _onednn.applies(conv, x, w, b)
+
+
+def test_the_packing_follows_the_weight_and_the_input_shape(rng):
+    conv, x = conv_of(SHAPES[0], rng)
+
+    def check(inp):
+        with torch.no_grad():
+            torch.testing.assert_close(_onednn.packed_convolution(conv, inp, conv.weight, conv.bias, False), conv(inp),
+                                       rtol=1e-4, atol=1e-4)
+
+    check(x)
+    packed = conv.__dict__[_onednn.PACKED_ATTR].packed
+    check(x)
+    assert conv.__dict__[_onednn.PACKED_ATTR].packed is packed  # reused
+    with torch.no_grad():
+        conv.weight.mul_(-2)  # an optimizer step, load_state_dict: the version moves
+    check(x)
+    conv.weight = torch.nn.Parameter(torch.randn(conv.weight.shape, generator=rng))  # a new tensor
+    check(x)
+    check(torch.randn(1, 5, 6, 20, generator=rng).contiguous(memory_format=CL))  # another shape
+    for copied in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):  # derived state: not copied
+        assert copied.__dict__[_onednn.PACKED_ATTR].packed is None
+        with torch.no_grad():
+            torch.testing.assert_close(_onednn.packed_convolution(copied, x, copied.weight, copied.bias, False),
+                                       conv(x), rtol=1e-4, atol=1e-4)
+
+
+def prefer(monkeypatch, name):
+    """A measured choice whose clock says candidate ``name`` is fastest (each still runs once)."""
+    def measure(names, run, device, rounds=None):
+        for candidate in names:
+            run(candidate)
+        fastest = name if name in names else "reference"
+        return {candidate: (1.0 if candidate == fastest else 2.0) for candidate in names}
+
+    _tune.clear_tuning(persisted=True)
+    monkeypatch.setattr(_tune, "measure", measure)
+
+
+def test_a_layer_runs_the_packed_variant_where_it_measured_fastest(monkeypatch, rng):
+    prefer(monkeypatch, "onednn_packed")
+    calls = []
+    real = _onednn.packed_convolution
+    monkeypatch.setattr(_onednn, "packed_convolution", lambda *a: calls.append(a[-1]) or real(*a))
+    reference, x = conv_of(SHAPES[0], rng)
+    layer = fastml.nn.Conv2d(5, 7, 3, padding=1)
+    layer.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        layer(x)  # decides the op, then the layer
+        calls.clear()
+        out = layer(x)
+        assert calls == [False]
+        assert out.stride() == reference(x).stride()
+        assert_close(out, F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), 1, 1),
+                     scale=magnitude(out))
+    assert set(_route.routes(layer).values()) == {"onednn_packed"}
+    # with gradients the variant is not offered, and the layer decides afresh for that signature
+    for _ in range(2):  # decides the backward, then settles the route
+        layer(x).sum().backward()
+    assert calls == [False] and layer.weight.grad is not None
+    assert len(_route.routes(layer)) == 2  # both signatures remembered
+
+
+def test_a_folded_run_packs_the_folded_weight_with_the_relu_in_its_epilogue(monkeypatch, rng):
+    prefer(monkeypatch, "onednn_packed")
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    reference = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.BatchNorm2d(6),
+                                    torch.nn.ReLU()).eval()
+    with torch.no_grad():
+        reference[1].running_mean.uniform_(-1, 1)
+        reference[1].running_var.uniform_(0.5, 1.5)
+    model = copy.deepcopy(reference)
+    fastml.patch(model)
+    calls = []
+    real = _onednn.packed_convolution
+    monkeypatch.setattr(_onednn, "packed_convolution", lambda *a: calls.append(a[-1]) or real(*a))
+    x = torch.randn(3, 4, 9, 7, generator=rng).contiguous(memory_format=CL)
+    with torch.no_grad():
+        model(x)
+        out = model(x)
+        expected = reference.double()(x.double())
+    assert calls and all(calls)  # the ReLU went to the epilogue
+    assert _fold.fold_of(model[0]).active()
+    assert_close(out, expected, scale=magnitude(expected))
+    assert out.is_contiguous(memory_format=CL)
