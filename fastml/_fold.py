@@ -1,4 +1,5 @@
-"""Conv2d → BatchNorm2d (→ ReLU) folded into one convolution while the batch norm is in eval mode.
+"""Conv2d → BatchNorm2d (→ ReLU) folded into one convolution while the batch norm is in eval mode,
+and Conv2d → ReLU with the ReLU applied on the convolution's own output.
 
 In eval mode a batch norm is an affine map per channel with fixed coefficients, so after a
 convolution it can be folded into the convolution's weight and bias:
@@ -18,6 +19,11 @@ normalises with running statistics. Then the conv runs the folded convolution (a
 the batch norm and ReLU pass their input through; otherwise each runs its own torch forward, so
 ``model.train()`` undoes the fold at once and ``model.eval()`` redoes it. ``fastml.unpatch``
 restores the classes.
+
+A Conv2d → ReLU run (no batch norm) is the same structure without the batch norm, and applies in
+both modes: the ReLU runs in place on the convolution's fresh output (which nothing else reads;
+the convolution's backward does not need it), or in the epilogue of oneDNN's packed convolution
+where the measured choice runs that (fastml/_onednn.py).
 
 The folded weight and bias are cached while no gradient is wanted, keyed by the tensors' versions
 (an optimizer step, ``load_state_dict`` or ``model.to`` changes them); when a gradient is wanted
@@ -39,8 +45,8 @@ class BatchNormFold:
     """The modules of one folded run and the cached folded parameters. A plain object, so that the
     modules it refers to stay where the model has them (and out of each other's state_dict)."""
 
-    def __init__(self, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: torch.nn.ReLU | None,
-                 classes: tuple[type, type, type | None], names: tuple[str, ...]) -> None:
+    def __init__(self, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, relu: torch.nn.ReLU | None,
+                 classes: tuple[type, type | None, type | None], names: tuple[str, ...]) -> None:
         self.conv, self.bn, self.relu = conv, bn, relu
         self.classes = classes  # the classes before folding, which unpatch restores
         self.names = names  # the modules' qualified names, for patch's and unpatch's reports
@@ -48,13 +54,19 @@ class BatchNormFold:
 
     def active(self) -> bool:
         """Whether the run computes as one folded convolution now: the conv and the batch norm in
-        eval mode, the batch norm normalising with running statistics (torch's own condition)."""
+        eval mode, the batch norm normalising with running statistics (torch's own condition).
+        A run without a batch norm always applies."""
         bn = self.bn
+        if bn is None:
+            return True
         return not (self.conv.training or bn.training or bn.running_mean is None or bn.running_var is None)
 
     def parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W', b') for the current Parameters and running statistics."""
+        """(W', b') for the current Parameters and running statistics (the conv's own without a
+        batch norm)."""
         conv, bn = self.conv, self.bn
+        if bn is None:
+            return conv.weight, conv.bias
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         if is_compiling() or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return self._fold()  # a traced graph computes the fold itself (and its compiler may hoist it)
@@ -96,19 +108,20 @@ class FoldedConv2d(fastml_nn.Conv2d):
         fold = fold_of(self)
         if fold is None or not fold.active():
             return super().forward(input)
-        weight, bias = fold.parameters()
         relu = fold.relu is not None
+        # Each forward forms the folded parameters itself (cached without gradients): with
+        # gradients, every timed call of the measured choice runs its own backward through them.
 
         def torch_forward(x):
-            out = self._conv_forward(x, weight, bias)
+            out = self._conv_forward(x, *fold.parameters())
             return out.relu_() if relu else out
 
         def fastml_forward(x):
-            out = self._fastml_conv(x, weight, bias)
+            out = self._fastml_conv(x, *fold.parameters())
             return out.relu_() if relu else out
 
         def variants(x):
-            return fastml_nn.torch_conv_variants(self, x, weight, bias, relu)
+            return fastml_nn.torch_conv_variants(self, x, fold.parameters, relu)
 
         return _route.call(self, input, self.weight, torch_forward, fastml_forward, variants=variants)
 
@@ -138,8 +151,10 @@ class FoldedReLU(torch.nn.ReLU):
 def fold(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: torch.nn.ReLU | None,
          names: tuple[str, ...]) -> BatchNormFold:
     """Folds the run in place (classes changed, objects and Parameters kept)."""
-    run = BatchNormFold(conv, bn, relu, (type(conv), type(bn), None if relu is None else type(relu)), names)
-    conv.__class__, bn.__class__ = FoldedConv2d, FoldedBatchNorm2d
+    run = BatchNormFold(conv, bn, relu, tuple(None if m is None else type(m) for m in (conv, bn, relu)), names)
+    conv.__class__ = FoldedConv2d
+    if bn is not None:
+        bn.__class__ = FoldedBatchNorm2d
     if relu is not None:
         relu.__class__ = FoldedReLU
     for module in (conv, bn, relu):
@@ -159,6 +174,8 @@ def unfold(run: BatchNormFold) -> None:
 def obstacles(conv, bn, relu) -> list[str]:
     """Why the run cannot fold (empty if it can)."""
     reasons = []
+    if bn is None:
+        return reasons
     if bn.num_features != conv.out_channels:
         reasons.append(f"the batch norm's {bn.num_features} features are not the conv's {conv.out_channels} channels")
     if bn.running_mean is not None and bn.running_mean.dtype != conv.weight.dtype:

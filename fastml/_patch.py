@@ -23,6 +23,7 @@ that unpatch puts the same objects back.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import torch
@@ -42,7 +43,8 @@ _ONE_FOR_ONE = {
 }
 _FUSION = "conv_relu_pool"
 _FOLD = "conv_bn"
-OPS = (*_ONE_FOR_ONE, _FUSION, _FOLD)
+_RELU_EPILOGUE = "conv_relu"
+OPS = (*_ONE_FOR_ONE, _FUSION, _FOLD, _RELU_EPILOGUE)
 
 _OP_OF_TORCH = {torch_cls: op for op, (torch_cls, _) in _ONE_FOR_ONE.items()}
 _TORCH_OF_FASTML = {fastml_cls: torch_cls for torch_cls, fastml_cls in _ONE_FOR_ONE.values()}
@@ -283,12 +285,16 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
     becomes one fastml.nn.ConvReLUPool2d; the ReLU's and pool's slots hold nn.Identity) and
     "conv_bn" (Conv2d → BatchNorm2d, and a ReLU after it, in an nn.Sequential: in eval mode one
     convolution with the batch norm folded into its weight and bias, the ReLU in place; in
-    training mode the three as before. Classes change, objects and keys do not: fastml/_fold.py).
+    training mode the three as before. Classes change, objects and keys do not: fastml/_fold.py)
+    and "conv_relu" (Conv2d → ReLU in an nn.Sequential, not followed by a pool that
+    "conv_relu_pool" fuses: the ReLU on the convolution's own output, in place or in oneDNN's
+    epilogue).
 
-    ``fx``: also fold the Conv2d → BatchNorm2d (→ ReLU) runs a model's ``forward`` calls outside
-    any nn.Sequential (ResNet's blocks), found by tracing it with torch.fx: only where the trace
-    shows each module called once and the conv's output read by the batch norm alone (and the
-    batch norm's by the ReLU alone, for the ReLU to fold). A model torch.fx cannot trace is left
+    ``fx``: also fold the Conv2d → BatchNorm2d (→ ReLU) runs, and the Conv2d → ReLU pairs, that a
+    model's ``forward`` calls outside any nn.Sequential (ResNet's blocks), found by tracing it with
+    torch.fx: only where the trace shows each module called once and the conv's output read by
+    the batch norm (or the ReLU) alone (and the batch norm's by the ReLU alone, for the ReLU to
+    fold). A model torch.fx cannot trace is left
     as it is, and the report says why.
 
     Parameters, buffers and hooks stay the same objects (an optimizer built before keeps
@@ -318,9 +324,10 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
     if channels_last and _layout.apply(model):
         report.layout = _CHANNELS_LAST_DESCRIPTION
     seen: set = set()
-    if fx and _FOLD in selected:
-        seen.update(_fold_traced(model, report))
-    _patch_tree(model, "", selected, report, seen)
+    shared = _shared_modules(model)
+    if fx and (_FOLD in selected or _RELU_EPILOGUE in selected):
+        seen.update(_fold_traced(model, report, selected, shared))
+    _patch_tree(model, "", selected, report, seen, shared)
     if example_inputs is not None:
         from fastml._tune_model import tune
 
@@ -328,18 +335,27 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
     return report
 
 
-def _patch_tree(module, name, selected, report, seen) -> None:
+def _shared_modules(model: torch.nn.Module) -> set[int]:
+    """The ids of the modules registered in more than one place in ``model``: a fold makes a batch
+    norm or ReLU pass its input through, which would be wrong wherever else it is called."""
+    counts = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    return {key for key, count in counts.items() if count > 1}
+
+
+def _patch_tree(module, name, selected, report, seen, shared) -> None:
     if module in seen:  # a module registered in several places is patched (and reported) once
         return
     seen.add(module)
     _patch_module(module, name, selected, report)
     if _FOLD in selected and _chains_children(module):
-        seen.update(_fold_runs(module, name, report))
+        seen.update(_fold_runs(module, name, report, shared))
     if _FUSION in selected and _chains_children(module):
         seen.update(_fuse_runs(module, name, report))
+    if _RELU_EPILOGUE in selected and _chains_children(module):  # after the fusion: its runs have a pool
+        seen.update(_relu_runs(module, name, report, shared))
     for key, child in list(module._modules.items()):
         if child is not None:
-            _patch_tree(child, _join(name, key), selected, report, seen)
+            _patch_tree(child, _join(name, key), selected, report, seen, shared)
 
 
 def _patch_module(module, name, selected, report) -> None:
@@ -403,8 +419,13 @@ def _fuse_runs(parent, name, report) -> list[torch.nn.Module]:
     return created
 
 
-def _fold_obstacles(conv, bn, relu) -> list[str]:
+def _fold_obstacles(conv, bn, relu, shared) -> list[str]:
     reasons = _fold.obstacles(conv, bn, relu)
+    in_places = [role for role, m in (("conv", conv), ("batch norm", bn), ("ReLU", relu))
+                 if m is not None and id(m) in shared]
+    if in_places:
+        reasons.append(f"the {', '.join(in_places)} also sits elsewhere in the model (folded, it would pass its "
+                       "input through there too)")
     hooked = [role for role, m in (("conv", conv), ("batch norm", bn), ("ReLU", relu)) if m is not None and _has_hooks(m)]
     if hooked:
         reasons.append(f"hooks on the {', '.join(hooked)} (a folded run would not call them as before)")
@@ -415,16 +436,16 @@ def _is_plain_bn(module) -> bool:
     return type(module) is torch.nn.BatchNorm2d
 
 
-def _fold_one(conv, bn, relu, names, report) -> list[torch.nn.Module]:
+def _fold_one(conv, bn, relu, names, report, shared) -> list[torch.nn.Module]:
     """Folds one run, or reports why not; returns the modules folded."""
     modules = [m for m in (conv, bn, relu) if m is not None]
     run_type = _run_type(*modules)
-    obstacles = _fold_obstacles(conv, bn, relu)
+    obstacles = _fold_obstacles(conv, bn, relu, shared)
     if obstacles:
         report.left.append(Left(", ".join(names), run_type, "not folded: " + "; ".join(obstacles)))
         return []
     _fold.fold(conv, bn, relu, names)
-    report.fused.append(Fused(names, run_type, _FOLDED_DESCRIPTION))
+    report.fused.append(Fused(names, run_type, _FOLDED_DESCRIPTION if bn is not None else _RELU_DESCRIPTION))
     return modules
 
 
@@ -432,10 +453,11 @@ _BN_NOT_FOLDED = ("not folded: no Conv2d right before it in an nn.Sequential (fa
                   "folds the runs forward() calls)")
 _CHANNELS_LAST_DESCRIPTION = ("activations channels-last between the input and the output (4-D inputs converted "
                               "once, 4-D outputs converted back)")
+_RELU_DESCRIPTION = "fastml conv with the ReLU on its output (in place, or in oneDNN's epilogue)"
 _FOLDED_DESCRIPTION = "fastml folded conv (eval: one convolution, batch norm folded in, ReLU in place)"
 
 
-def _fold_runs(parent, name, report) -> list[torch.nn.Module]:
+def _fold_runs(parent, name, report, shared) -> list[torch.nn.Module]:
     """Folds every Conv2d → BatchNorm2d (→ ReLU) run among parent's children."""
     items = list(parent._modules.items())
     folded = []
@@ -447,17 +469,28 @@ def _fold_runs(parent, name, report) -> list[torch.nn.Module]:
             continue
         relu_item = items[i + 2] if i + 2 < len(items) and type(items[i + 2][1]) is torch.nn.ReLU else None
         keys = (conv_key, bn_key) + ((relu_item[0],) if relu_item else ())
-        done = _fold_one(conv, bn, relu_item[1] if relu_item else None, tuple(_join(name, k) for k in keys), report)
+        done = _fold_one(conv, bn, relu_item[1] if relu_item else None, tuple(_join(name, k) for k in keys), report,
+                         shared)
         folded += done
         i += len(keys) if done else 1
     return folded
 
 
-def _fold_traced(model, report) -> list[torch.nn.Module]:
-    """Folds the Conv2d → BatchNorm2d (→ ReLU) runs a torch.fx trace of ``model`` shows (see
-    patch's ``fx``); returns the modules folded."""
-    import collections
+def _relu_runs(parent, name, report, shared) -> list[torch.nn.Module]:
+    """Gives every Conv2d → ReLU pair among parent's children (not folded or fused already) the
+    ReLU as the convolution's epilogue."""
+    items = list(parent._modules.items())
+    done = []
+    for (conv_key, conv), (relu_key, relu) in zip(items, items[1:]):
+        if _is_conv(conv) and type(relu) is torch.nn.ReLU and _fold.fold_of(conv) is None:
+            done += _fold_one(conv, None, relu, (_join(name, conv_key), _join(name, relu_key)), report, shared)
+    return done
 
+
+def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
+    """Folds the Conv2d → BatchNorm2d (→ ReLU) runs (op "conv_bn"), and gives the Conv2d → ReLU
+    pairs their epilogue (op "conv_relu"), that a torch.fx trace of ``model`` shows (see patch's
+    ``fx``); returns the modules folded."""
     import torch.fx
 
     leaves = (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU, *_FASTML_MODULES)
@@ -489,15 +522,23 @@ def _fold_traced(model, report) -> list[torch.nn.Module]:
         if node.op != "call_module" or calls[node.target] != 1 or not _is_conv(modules[node.target]):
             continue
         bn_node = single_reader(node)
-        if bn_node is None or not _is_plain_bn(modules[bn_node.target]):
+        if bn_node is None:
             continue
-        relu_node = single_reader(bn_node)
-        if relu_node is not None and type(modules[relu_node.target]) is not torch.nn.ReLU:
-            relu_node = None
+        if type(modules[bn_node.target]) is torch.nn.ReLU and _RELU_EPILOGUE in selected:
+            pool_node = single_reader(bn_node)
+            if _FUSION in selected and pool_node is not None and _is_pool(modules[pool_node.target]):
+                continue  # Conv2d → ReLU → MaxPool2d: for the three-op fusion, where it applies
+            bn_node, relu_node = None, bn_node
+        elif not _is_plain_bn(modules[bn_node.target]) or _FOLD not in selected:
+            continue
+        else:
+            relu_node = single_reader(bn_node)
+            if relu_node is not None and type(modules[relu_node.target]) is not torch.nn.ReLU:
+                relu_node = None
         nodes = [n for n in (node, bn_node, relu_node) if n is not None]
-        conv, bn = modules[node.target], modules[bn_node.target]
+        conv, bn = modules[node.target], None if bn_node is None else modules[bn_node.target]
         relu = None if relu_node is None else modules[relu_node.target]
-        folded += _fold_one(conv, bn, relu, tuple(n.target for n in nodes), report)
+        folded += _fold_one(conv, bn, relu, tuple(n.target for n in nodes), report, shared)
     return folded
 
 

@@ -37,7 +37,7 @@ class Conv2d(torch.nn.Conv2d):
         return self._fastml_conv(input, self.weight, self.bias)
 
     def _torch_variants(self, input: torch.Tensor) -> dict:
-        return torch_conv_variants(self, input, self.weight, self.bias)
+        return torch_conv_variants(self, input, lambda: (self.weight, self.bias))
 
     def _fastml_conv(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """This layer's convolution with the given weight and bias (torch's ``_conv_forward``, on
@@ -48,11 +48,12 @@ class Conv2d(torch.nn.Conv2d):
         return functional.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
-                        bias: torch.Tensor | None, relu: bool = False) -> dict:
-    """Other ways of computing ``conv``'s convolution of ``input`` with ``weight`` and ``bias``
-    (then an in-place ReLU if ``relu``) with torch's ops, where they apply, for the measured
-    choice to time against torch's own: {name: forward}.
+def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, relu: bool = False) -> dict:
+    """Other ways of computing ``conv``'s convolution of ``input`` with the weight and bias that
+    ``parameters()`` returns (then an in-place ReLU if ``relu``) with torch's ops, where they
+    apply, for the measured choice to time against torch's own: {name: forward}. (A function, not
+    the tensors: a folded weight formed with autograd is formed anew by each call, as each timed
+    call runs its own backward.)
 
     "onednn_packed" (channels-last input, inference): torch's oneDNN convolution on a weight
     packed once, the ReLU in its epilogue (fastml/_onednn.py).
@@ -62,14 +63,14 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torc
     convolutions are up to 2x faster on that layout for some shapes (a 7x7 stem, 64 channels at
     28x28) and slower for others (depthwise, 1x1). Not for unbatched input, off the CPU, or
     padding other than zeros."""
-    if _onednn.applies(conv, input, weight, bias):
-        return {"onednn_packed": lambda x: _onednn.packed_convolution(conv, x, weight, bias, relu)}
+    if _onednn.applies(conv, input, *parameters()):
+        return {"onednn_packed": lambda x: _onednn.packed_convolution(conv, x, *parameters(), relu)}
     if (input.dim() != 4 or input.device.type != "cpu" or not input.is_contiguous()
             or input.is_contiguous(memory_format=torch.channels_last) or conv.padding_mode != "zeros"):
         return {}
 
     def run(x):
-        out = conv._conv_forward(x, weight, bias)
+        out = conv._conv_forward(x, *parameters())
         return out.relu_() if relu else out
     return {"channels_last": lambda x: relayout(run(relayout(x, torch.channels_last)), torch.contiguous_format)}
 
@@ -99,7 +100,16 @@ class ConvReLUPool2d(torch.nn.Conv2d):
         return f"{super().extra_repr()}, pool_kernel_size={self.pool_kernel_size}, pool_stride={self.pool_stride}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _route.call(self, input, self.weight, self._torch_forward, self._fastml_forward)
+        return _route.call(self, input, self.weight, self._torch_forward, self._fastml_forward,
+                           variants=self._torch_variants)
+
+    def _torch_variants(self, input: torch.Tensor) -> dict:
+        """oneDNN's packed convolution with the ReLU in its epilogue, then torch's pool, where it
+        applies (channels-last input, inference: fastml/_onednn.py)."""
+        if not _onednn.applies(self, input, self.weight, self.bias):
+            return {}
+        return {"onednn_packed": lambda x: F.max_pool2d(
+            _onednn.packed_convolution(self, x, self.weight, self.bias, True), self.pool_kernel_size, self.pool_stride)}
 
     def _fastml_forward(self, input: torch.Tensor) -> torch.Tensor:
         return functional.conv2d_relu_max_pool2d(input, self.weight, self.bias, self.stride, self.padding,

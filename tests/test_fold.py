@@ -14,7 +14,7 @@ from torch import nn
 
 import fastml
 from fastml import _fold
-from fastml._patch import _FOLDED_DESCRIPTION
+from fastml._patch import _FOLDED_DESCRIPTION, _RELU_DESCRIPTION
 
 
 def randomise_batch_norms(model: nn.Module, generator: torch.Generator) -> nn.Module:
@@ -255,3 +255,52 @@ def test_a_folded_model_compiles(rng):
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         assert_close(compiled(x), reference(x))
+
+
+# ------------------------------------------------------------------ Conv2d → ReLU (op "conv_relu")
+
+def conv_relu_model(shared_relu: bool = False) -> nn.Sequential:
+    relu = nn.ReLU()
+    return nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), relu, nn.Conv2d(6, 5, 1, stride=2),
+                         relu if shared_relu else nn.ReLU(), nn.Flatten())
+
+
+def test_conv_relu_gets_the_relu_on_its_output_in_both_modes(backend, rng):
+    reference, model, report = patched_pair(conv_relu_model, rng)
+    assert [f.names for f in report.fused] == [("0", "1"), ("2", "3")]
+    assert all(f.new == _RELU_DESCRIPTION for f in report.fused)
+    assert type(model[1]) is _fold.FoldedReLU and _fold.fold_of(model[0]).bn is None
+    x = torch.randn(3, 4, 9, 7, dtype=torch.float64, generator=rng)
+    for mode in ("train", "eval", "train"):
+        getattr(reference, mode)()
+        getattr(model, mode)()
+        assert _fold.fold_of(model[0]).active()
+        assert_same_model(reference, model, x)
+    undone = fastml.unpatch(model)
+    assert len(undone.fused) == 2 and type(model[0]) is nn.Conv2d and type(model[1]) is nn.ReLU
+    assert_same_model(reference, model, x)
+
+
+def test_a_relu_sitting_in_two_places_is_not_folded(rng):
+    reference, model, report = patched_pair(lambda: conv_relu_model(shared_relu=True), rng)
+    assert report.fused == []
+    assert any("also sits elsewhere" in x.reason for x in report.left)
+    assert type(model[1]) is nn.ReLU
+    assert_same_model(reference, model, torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng))
+
+
+class ConvReLUFromForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(3, 4, 3), nn.ReLU()
+        self.pool_conv, self.pool_relu, self.pool = nn.Conv2d(4, 4, 1), nn.ReLU(), nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.pool(self.pool_relu(self.pool_conv(self.relu(self.conv(x)))))
+
+
+def test_fx_gives_a_conv_its_relu_but_leaves_conv_relu_pool_to_the_fusion(rng):
+    reference, model, report = patched_pair(ConvReLUFromForward, rng, fx=True)
+    assert [f.names for f in report.fused] == [("conv", "relu")]
+    assert type(model.pool_conv) is fastml.nn.Conv2d
+    assert_same_model(reference, model, torch.randn(2, 3, 8, 9, dtype=torch.float64, generator=rng))

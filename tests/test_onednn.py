@@ -159,3 +159,16 @@ def test_a_folded_run_packs_the_folded_weight_with_the_relu_in_its_epilogue(monk
     assert _fold.fold_of(model[0]).active()
     assert_close(out, expected, scale=magnitude(expected))
     assert out.is_contiguous(memory_format=CL)
+
+
+def test_the_fused_conv_relu_pool_module_offers_it_too(monkeypatch, rng):
+    prefer(monkeypatch, "onednn_packed")
+    layer = fastml.nn.ConvReLUPool2d(5, 7, 3, padding=1, pool_kernel_size=2)
+    x = torch.randn(3, 5, 11, 9, generator=rng).contiguous(memory_format=CL)
+    with torch.no_grad():
+        layer(x)
+        out = layer(x)
+        expected = F.max_pool2d(F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), 1, 1).relu(), 2)
+    assert set(_route.routes(layer).values()) == {"onednn_packed"}
+    assert_close(out, expected, scale=magnitude(expected))
+    assert out.stride() == layer._torch_forward(x).stride()

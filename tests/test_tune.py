@@ -842,6 +842,6 @@ def test_a_convolution_may_run_torchs_on_the_channels_last_layout(monkeypatch):
     for got, expected in zip(train_step(layer, x), train_step(reference, x)):
         torch.testing.assert_close(got, expected)
     # channels-last input with gradients wanted: neither variant (oneDNN's packed one has no backward)
-    assert fastml.nn.torch_conv_variants(layer, x.contiguous(memory_format=torch.channels_last), layer.weight,
-                                         layer.bias) == {}
-    assert fastml.nn.torch_conv_variants(layer, x[0], layer.weight, layer.bias) == {}  # unbatched
+    parameters = lambda: (layer.weight, layer.bias)  # noqa: E731
+    assert fastml.nn.torch_conv_variants(layer, x.contiguous(memory_format=torch.channels_last), parameters) == {}
+    assert fastml.nn.torch_conv_variants(layer, x[0], parameters) == {}  # unbatched
