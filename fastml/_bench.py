@@ -624,6 +624,79 @@ def _zoo_prepare(device, name, mode, batch, size):
     return make
 
 
+# zoo_conv2d: every distinct convolution of the zoo, alone ----------------------------------------
+
+def zoo_conv_shapes(batch: int = ZOO_BATCH, size: int = ZOO_SIZE) -> list[tuple[str, dict]]:
+    """The zoo's distinct convolutions at ``batch`` images of ``size``: [(where it first appears,
+    "model:layer", {the Conv2d's arguments and its input's shape})], found by running each model
+    once on the meta device (no memory, no arithmetic)."""
+    from fastml import zoo
+
+    found: dict[tuple, str] = {}
+    for name in zoo.MODELS:
+        with torch.device("meta"):
+            model = zoo.build(name).eval()
+        seen = []
+        hooks = [m.register_forward_pre_hook(lambda m, args, layer=layer: seen.append((layer, m, args[0].shape)))
+                 for layer, m in model.named_modules() if type(m) is torch.nn.Conv2d]
+        with torch.no_grad():
+            model(torch.empty(batch, 3, size, size, device="meta"))
+        for hook in hooks:
+            hook.remove()
+        for layer, m, shape in seen:
+            key = (tuple(shape), m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                   m.bias is not None)
+            found.setdefault(key, f"{name}:{layer}")
+    return [(where, {"input": key[0], "out_channels": key[1], "kernel_size": key[2], "stride": key[3],
+                     "padding": key[4], "dilation": key[5], "groups": key[6], "bias": key[7]})
+            for key, where in found.items()]
+
+
+def _zoo_conv_cases(device: torch.device, sizes: str) -> list[Case]:
+    shapes = zoo_conv_shapes(*((2, 64) if sizes == "tiny" else (ZOO_BATCH, ZOO_SIZE)))
+    if sizes == "tiny":
+        shapes = shapes[:3]
+    cases = []
+    for where, conv in shapes:
+        (n, c, h, w), k, (r, s) = conv["input"], conv["out_channels"], conv["kernel_size"]
+        label = (f"{n}x{c}x{h}x{w} -> {k} {r}x{s} s{conv['stride'][0]} p{conv['padding'][0]} g{conv['groups']} "
+                 f"({where})")
+        out_h = (h + 2 * conv["padding"][0] - r) // conv["stride"][0] + 1
+        out_w = (w + 2 * conv["padding"][1] - s) // conv["stride"][1] + 1
+        flops = 2 * n * k * out_h * out_w * (c // conv["groups"]) * r * s
+        moved = FLOAT_BYTES * (n * c * h * w + k * (c // conv["groups"]) * r * s + n * k * out_h * out_w)
+        cases.append(Case(label, {**conv, "first_seen": where}, "compute", moved, flops, 1,
+                          lambda dev, conv=conv: _zoo_conv_prepare(dev, conv)))
+    return cases
+
+
+def _zoo_conv_prepare(device, conv):
+    """make(impl): one inference call of the convolution on a channels-last input (the layout
+    patch(channels_last=True) gives the zoo's activations), torch.nn.Conv2d against
+    fastml.nn.Conv2d tuned (auto)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(conv["input"], generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    arguments = {k: conv[k] for k in ("kernel_size", "stride", "padding", "dilation", "groups", "bias")}
+    torch.manual_seed(0)
+    reference = torch.nn.Conv2d(x.shape[1], conv["out_channels"], **arguments).to(device).eval()
+
+    def make(impl):
+        if impl == "torch":
+            layer = reference
+        else:
+            layer = fastml.nn.Conv2d(x.shape[1], conv["out_channels"], **arguments).to(device).eval()
+            layer.load_state_dict(reference.state_dict())
+            if impl == AUTO:
+                with torch.no_grad():
+                    fastml.tune(layer, x)
+
+        def infer():
+            with torch.no_grad():
+                return layer(x)
+        return infer
+    return make
+
+
 HOT_PATHS: dict[str, HotPath] = {hp.name: hp for hp in (
     HotPath("linear_mse", ("linear_mse",), _linear_mse_cases,
             "fused linear + squared loss, forward + backward (torch: nn.Linear + nn.MSELoss + backward; "
@@ -676,6 +749,11 @@ HOT_PATHS: dict[str, HotPath] = {hp.name: hp for hp in (
             "one LeNet training step: forward, cross-entropy, backward, SGD (torch's layers and optimizer "
             "against fastml's: fused conv blocks, nn.Linear, nn.CrossEntropyLoss, optim.SGD)",
             "compute-bound: FLOPs of the two convolutions and three linear layers, forward and backward"),
+    HotPath("zoo_conv2d", ("conv2d",), _zoo_conv_cases,
+            "every distinct convolution of fastml.zoo's twelve models (batch 16, 112x112, each listed with the "
+            "first model and layer it appears in), alone, inference on a channels-last input: torch.nn.Conv2d "
+            "against fastml.nn.Conv2d tuned",
+            "read x, weight; write the output; FLOPs 2·N·K·OH·OW·(C/groups)·R·S", default=False, backends=()),
     *(HotPath(f"zoo_{mode}", ("conv2d", "linear", "max_pool2d", "conv2d_relu_max_pool2d"), _zoo_cases(mode),
               f"one {'training step' if mode == 'train' else 'inference pass'} of each standard classifier of "
               "fastml.zoo (torchvision's architectures, random weights), batch 16, 112x112: as torch.nn built "

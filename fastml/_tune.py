@@ -418,13 +418,18 @@ _recorder: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastml_
 
 @contextlib.contextmanager
 def recording():
-    """Collects (shape class, Decision) for every choice made inside the block (fastml.tune)."""
+    """Collects (shape class, Decision) for every choice made inside the block (fastml.tune). A
+    block inside another hands its choices on to the outer one too (fastml.tune's model rows
+    reach the bench that called tune)."""
+    outer = _recorder.get()
     seen: list = []
     token = _recorder.set(seen)
     try:
         yield seen
     finally:
         _recorder.reset(token)
+        if outer is not None:
+            outer.extend(seen)
 
 
 def decided(key: tuple, kernels: tuple[str, ...]) -> str | None:

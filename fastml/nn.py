@@ -116,9 +116,10 @@ class ConvReLUPool2d(torch.nn.Conv2d):
                                                  self.dilation, self.groups, self.pool_kernel_size, self.pool_stride)
 
     def _torch_forward(self, input: torch.Tensor) -> torch.Tensor:
-        """The three ops as torch runs them unfused."""
+        """The three ops as torch runs them unfused, the ReLU in place on the convolution's fresh
+        output (nothing else reads it, and the convolution's backward does not need it)."""
         conv = F.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return F.max_pool2d(F.relu(conv), self.pool_kernel_size, self.pool_stride)
+        return F.max_pool2d(conv.relu_(), self.pool_kernel_size, self.pool_stride)
 
 
 class MaxPool2d(torch.nn.MaxPool2d):

@@ -61,3 +61,18 @@ def test_patched_model_matches_unpatched_in_float64(name):
         model(x).square().sum().backward()
     for (key, a), (_, b) in zip(original.named_parameters(), patched.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-8, atol=1e-9, msg=key)
+
+
+def test_the_benchs_list_of_the_zoos_convolutions():
+    """bench's zoo_conv2d cases: every distinct convolution of the zoo, once, named by where it first
+    appears (found on the meta device)."""
+    from fastml._bench import zoo_conv_shapes
+
+    shapes = zoo_conv_shapes(2, 64)
+    keys = [(c["input"], c["out_channels"], c["kernel_size"], c["stride"], c["padding"], c["groups"], c["bias"])
+            for _, c in shapes]
+    assert len(keys) == len(set(keys))
+    where = dict(shapes)
+    assert where["resnet18:conv1"]["input"] == (2, 3, 64, 64) and where["resnet18:conv1"]["kernel_size"] == (7, 7)
+    assert any(c["groups"] == c["input"][1] > 1 for _, c in shapes)  # depthwise (MobileNet)
+    assert {w.split(":")[0] for w, _ in shapes} == set(zoo.MODELS) - {"vgg11_bn"}  # VGG-11-BN's are VGG-11's
