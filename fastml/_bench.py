@@ -495,14 +495,26 @@ def _conv_prepare(device, n, c, k, size, r, pad, fused):
 
 
 def _max_pool_cases(device: torch.device, sizes: str) -> list[Case]:
+    """LeNet's pool (kernel 2 on 6 channels of 28x28) and ResNet's stem pool (3x3, stride 2,
+    padding 1, on 64 channels of 112x112 at batch 16 on the CPU)."""
     n, c, size = (16, 4, 12) if sizes == "tiny" else (256, 6, 28) if device.type == "cpu" else (256, 64, 56)
-    elements = n * c * size * size
-    return [Case(f"{n}x{c}x{size}x{size} kernel 2", {"N": n, "C": c, "size": size}, "memory",
-                 FLOAT_BYTES * (elements + elements // 4 + elements // 4 + elements), 0, 1,
-                 lambda dev: _max_pool_prepare(dev, n, c, size))]
+    stem = (2, 8, 16) if sizes == "tiny" else (16, 64, 112) if device.type == "cpu" else (64, 64, 112)
+    cases = []
+    for (n, c, size), (kernel, stride, padding), name in (((n, c, size), (2, 2, 0), "kernel 2"),
+                                                         (stem, (3, 2, 1), "3x3 stride 2 padding 1 (ResNet stem)")):
+        elements = n * c * size * size
+        out = ((size + 2 * padding - kernel) // stride + 1) ** 2 * n * c
+        # read x, write out and its int64 indices; backward: read grad_output and indices, write grad_input
+        moved = FLOAT_BYTES * (elements + out) + 8 * out + FLOAT_BYTES * (out + elements) + 8 * out
+        cases.append(Case(f"{n}x{c}x{size}x{size} {name}", {"N": n, "C": c, "size": size, "kernel": kernel,
+                                                              "stride": stride, "padding": padding},
+                          "memory", moved, 0, 1,
+                          lambda dev, shape=(n, c, size), window=(kernel, stride, padding):
+                          _max_pool_prepare(dev, *shape, *window)))
+    return cases
 
 
-def _max_pool_prepare(device, n, c, size):
+def _max_pool_prepare(device, n, c, size, kernel, stride, padding):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, c, size, size, generator=gen).to(device).requires_grad_()
 
@@ -511,7 +523,7 @@ def _max_pool_prepare(device, n, c, size):
 
         def step():
             x.grad = None
-            pool(x, 2).sum().backward()
+            pool(x, kernel, stride, padding).sum().backward()
         return step
     return make
 
@@ -739,8 +751,9 @@ HOT_PATHS: dict[str, HotPath] = {hp.name: hp for hp in (
             "conv2d forward, stride 1 (torch: F.conv2d, oneDNN / cuDNN; fastml: functional.conv2d)",
             "read x, weight, bias; write the output; FLOPs 2·N·K·OH·OW·C·R·S"),
     HotPath("max_pool2d", ("max_pool2d",), _max_pool_cases,
-            "max_pool2d(kernel 2) forward + backward (torch: F.max_pool2d; fastml: functional.max_pool2d)",
-            "read x and grad_output, write the output, its indices and grad_input"),
+            "max_pool2d forward + backward, kernel 2 and ResNet's 3x3 stride 2 padding 1 (torch: F.max_pool2d; "
+            "fastml: functional.max_pool2d)",
+            "read x, write the output and its int64 indices; read grad_output and the indices, write grad_input"),
     HotPath("conv_block", ("conv2d_relu_max_pool2d",), _conv_block_cases,
             "conv + bias + ReLU + max-pool 2, forward + backward (torch: the three ops eager; "
             "fastml: functional.conv2d_relu_max_pool2d, one kernel each way)",

@@ -86,6 +86,24 @@ def test_ties_nan_and_infinite_windows(backend):
     assert out[0, 0, 0, 1].isnan() and out[0, 0, 1, 0].item() == -float("inf")
 
 
+def test_ties_and_nans_everywhere_match_torchs_indices(backend, rng):
+    """Windows full of ties, NaNs and -inf, over kernels, strides, paddings and dilations: the
+    values and indices torch gives (its walk keeps the row-major first maximum, or the last NaN:
+    a kernel that splits the window into rows and columns must keep that order)."""
+    values = torch.tensor([-float("inf"), 0.0, 1.0, 2.0, float("nan")], dtype=torch.float64)
+    weights = torch.tensor([1.0, 3.0, 3.0, 3.0, 0.5])
+    configs = list(itertools.product([2, 3], [1, 2], [0, 1], [1, 2]))
+    picks = torch.randperm(len(configs), generator=rng)[:(4 if backend.interpreted else len(configs))].tolist()
+    for k, s, p, d in (configs[i] for i in picks):
+        if p > k // 2:
+            continue
+        x = values[torch.multinomial(weights, 2 * 3 * 8 * 9, replacement=True, generator=rng)].reshape(2, 3, 8, 9)
+        x = x.to(backend.device)
+        for dtype in (torch.float32, torch.float64):
+            config = (None, k, s, p, d, False)
+            _assert_same_pooling(_pool(x.to(dtype), config), _torch_pool(x.to(dtype).cpu(), config))
+
+
 def test_float64_reference_on_random_configurations(backend, rng):
     """Random odd-sized configurations against the float64 oracle (fastml's reference.py)."""
     options = list(itertools.product([1, 2, 3], [1, 2, 3], [0, 1], [1, 2], [False, True]))
