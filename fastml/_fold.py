@@ -1,5 +1,5 @@
 """Conv2d → BatchNorm2d (→ ReLU) folded into one convolution while the batch norm is in eval mode,
-and Conv2d → ReLU with the ReLU applied on the convolution's own output.
+and Conv2d → ReLU and Linear → ReLU with the ReLU applied on the layer's own output.
 
 In eval mode a batch norm is an affine map per channel with fixed coefficients, so after a
 convolution it can be folded into the convolution's weight and bias:
@@ -33,6 +33,7 @@ they are formed with autograd each call, so every Parameter gets its exact gradi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fastml import _route
 from fastml import nn as fastml_nn
@@ -45,9 +46,10 @@ class BatchNormFold:
     """The modules of one folded run and the cached folded parameters. A plain object, so that the
     modules it refers to stay where the model has them (and out of each other's state_dict)."""
 
-    def __init__(self, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, relu: torch.nn.ReLU | None,
-                 classes: tuple[type, type | None, type | None], names: tuple[str, ...]) -> None:
-        self.conv, self.bn, self.relu = conv, bn, relu
+    def __init__(self, layer: torch.nn.Conv2d | torch.nn.Linear, bn: torch.nn.BatchNorm2d | None,
+                 relu: torch.nn.ReLU | None, classes: tuple[type, type | None, type | None],
+                 names: tuple[str, ...]) -> None:
+        self.layer, self.bn, self.relu = layer, bn, relu  # layer: the Conv2d (or, with no batch norm, a Linear)
         self.classes = classes  # the classes before folding, which unpatch restores
         self.names = names  # the modules' qualified names, for patch's and unpatch's reports
         self._cache: tuple | None = None
@@ -59,12 +61,12 @@ class BatchNormFold:
         bn = self.bn
         if bn is None:
             return True
-        return not (self.conv.training or bn.training or bn.running_mean is None or bn.running_var is None)
+        return not (self.layer.training or bn.training or bn.running_mean is None or bn.running_var is None)
 
     def parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W', b') for the current Parameters and running statistics (the conv's own without a
         batch norm)."""
-        conv, bn = self.conv, self.bn
+        conv, bn = self.layer, self.bn
         if bn is None:
             return conv.weight, conv.bias
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
@@ -78,7 +80,7 @@ class BatchNormFold:
         return self._cache[1]
 
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
-        conv, bn = self.conv, self.bn
+        conv, bn = self.layer, self.bn
         dtype = conv.weight.dtype
         scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
         if bn.weight is not None:
@@ -148,16 +150,33 @@ class FoldedReLU(torch.nn.ReLU):
         return super().forward(input)
 
 
-def fold(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: torch.nn.ReLU | None,
+class FoldedLinear(fastml_nn.Linear):
+    """A Linear whose output only a ReLU reads: the ReLU runs in place on the layer's fresh output
+    (nothing else reads it, and the linear's backward does not need it), in training and eval,
+    instead of a second pass that allocates."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if fold_of(self) is None:
+            return super().forward(input)
+        return _route.call(self, input, self.weight, self._torch_relu, self._fastml_relu)
+
+    def _torch_relu(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.weight, self.bias).relu_()
+
+    def _fastml_relu(self, input: torch.Tensor) -> torch.Tensor:
+        return self._fastml_forward(input).relu_()
+
+
+def fold(layer: torch.nn.Conv2d | torch.nn.Linear, bn: torch.nn.BatchNorm2d | None, relu: torch.nn.ReLU | None,
          names: tuple[str, ...]) -> BatchNormFold:
     """Folds the run in place (classes changed, objects and Parameters kept)."""
-    run = BatchNormFold(conv, bn, relu, tuple(None if m is None else type(m) for m in (conv, bn, relu)), names)
-    conv.__class__ = FoldedConv2d
+    run = BatchNormFold(layer, bn, relu, tuple(None if m is None else type(m) for m in (layer, bn, relu)), names)
+    layer.__class__ = FoldedLinear if isinstance(layer, torch.nn.Linear) else FoldedConv2d
     if bn is not None:
         bn.__class__ = FoldedBatchNorm2d
     if relu is not None:
         relu.__class__ = FoldedReLU
-    for module in (conv, bn, relu):
+    for module in (layer, bn, relu):
         if module is not None:
             object.__setattr__(module, FOLD_ATTR, run)
     return run
@@ -165,7 +184,7 @@ def fold(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, relu: torch.nn.ReLU | 
 
 def unfold(run: BatchNormFold) -> None:
     """Restores the classes ``fold`` changed."""
-    for module, cls in zip((run.conv, run.bn, run.relu), run.classes):
+    for module, cls in zip((run.layer, run.bn, run.relu), run.classes):
         if module is not None:
             module.__class__ = cls
             module.__dict__.pop(FOLD_ATTR, None)

@@ -44,7 +44,8 @@ _ONE_FOR_ONE = {
 _FUSION = "conv_relu_pool"
 _FOLD = "conv_bn"
 _RELU_EPILOGUE = "conv_relu"
-OPS = (*_ONE_FOR_ONE, _FUSION, _FOLD, _RELU_EPILOGUE)
+_LINEAR_RELU = "linear_relu"
+OPS = (*_ONE_FOR_ONE, _FUSION, _FOLD, _RELU_EPILOGUE, _LINEAR_RELU)
 
 _OP_OF_TORCH = {torch_cls: op for op, (torch_cls, _) in _ONE_FOR_ONE.items()}
 _TORCH_OF_FASTML = {fastml_cls: torch_cls for torch_cls, fastml_cls in _ONE_FOR_ONE.values()}
@@ -209,6 +210,10 @@ def _is_conv(module) -> bool:
     return type(module) in (torch.nn.Conv2d, fastml_nn.Conv2d)
 
 
+def _is_linear(module) -> bool:
+    return type(module) in (torch.nn.Linear, fastml_nn.Linear)
+
+
 def _is_pool(module) -> bool:
     return type(module) in (torch.nn.MaxPool2d, fastml_nn.MaxPool2d)
 
@@ -288,12 +293,13 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
     training mode the three as before. Classes change, objects and keys do not: fastml/_fold.py)
     and "conv_relu" (Conv2d → ReLU in an nn.Sequential, not followed by a pool that
     "conv_relu_pool" fuses: the ReLU on the convolution's own output, in place or in oneDNN's
-    epilogue).
+    epilogue) and "linear_relu" (Linear → ReLU in an nn.Sequential: the ReLU in place on the
+    linear's own output).
 
-    ``fx``: also fold the Conv2d → BatchNorm2d (→ ReLU) runs, and the Conv2d → ReLU pairs, that a
-    model's ``forward`` calls outside any nn.Sequential (ResNet's blocks), found by tracing it with
-    torch.fx: only where the trace shows each module called once and the conv's output read by
-    the batch norm (or the ReLU) alone (and the batch norm's by the ReLU alone, for the ReLU to
+    ``fx``: also fold the Conv2d → BatchNorm2d (→ ReLU) runs, and the Conv2d → ReLU and Linear →
+    ReLU pairs, that a model's ``forward`` calls outside any nn.Sequential (ResNet's blocks), found
+    by tracing it with torch.fx: only where the trace shows each module called once and the conv's
+    (or linear's) output read by the batch norm (or the ReLU) alone (and the batch norm's by the ReLU alone, for the ReLU to
     fold). A model torch.fx cannot trace is left
     as it is, and the report says why.
 
@@ -325,7 +331,7 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
         report.layout = _CHANNELS_LAST_DESCRIPTION
     seen: set = set()
     shared = _shared_modules(model)
-    if fx and (_FOLD in selected or _RELU_EPILOGUE in selected):
+    if fx and selected & {_FOLD, _RELU_EPILOGUE, _LINEAR_RELU}:
         seen.update(_fold_traced(model, report, selected, shared))
     _patch_tree(model, "", selected, report, seen, shared)
     if example_inputs is not None:
@@ -351,8 +357,8 @@ def _patch_tree(module, name, selected, report, seen, shared) -> None:
         seen.update(_fold_runs(module, name, report, shared))
     if _FUSION in selected and _chains_children(module):
         seen.update(_fuse_runs(module, name, report))
-    if _RELU_EPILOGUE in selected and _chains_children(module):  # after the fusion: its runs have a pool
-        seen.update(_relu_runs(module, name, report, shared))
+    if selected & {_RELU_EPILOGUE, _LINEAR_RELU} and _chains_children(module):  # after the fusion: its runs have a pool
+        seen.update(_relu_runs(module, name, report, shared, selected))
     for key, child in list(module._modules.items()):
         if child is not None:
             _patch_tree(child, _join(name, key), selected, report, seen, shared)
@@ -362,7 +368,7 @@ def _patch_module(module, name, selected, report) -> None:
     cls = type(module)
     run = _fold.fold_of(module)
     if run is not None:  # folded by an earlier patch: reported once, at its conv
-        if module is run.conv:
+        if module is run.layer:
             report.left.append(Left(name, _type_name(cls), "already fastml (folded by an earlier patch)"))
     elif cls in _OP_OF_TORCH:
         op = _OP_OF_TORCH[cls]
@@ -437,6 +443,7 @@ def _is_plain_bn(module) -> bool:
 
 
 def _fold_one(conv, bn, relu, names, report, shared) -> list[torch.nn.Module]:
+    # conv: the run's Conv2d, or (no batch norm) its Linear
     """Folds one run, or reports why not; returns the modules folded."""
     modules = [m for m in (conv, bn, relu) if m is not None]
     run_type = _run_type(*modules)
@@ -445,7 +452,9 @@ def _fold_one(conv, bn, relu, names, report, shared) -> list[torch.nn.Module]:
         report.left.append(Left(", ".join(names), run_type, "not folded: " + "; ".join(obstacles)))
         return []
     _fold.fold(conv, bn, relu, names)
-    report.fused.append(Fused(names, run_type, _FOLDED_DESCRIPTION if bn is not None else _RELU_DESCRIPTION))
+    description = (_FOLDED_DESCRIPTION if bn is not None else _LINEAR_RELU_DESCRIPTION
+                   if isinstance(conv, torch.nn.Linear) else _RELU_DESCRIPTION)
+    report.fused.append(Fused(names, run_type, description))
     return modules
 
 
@@ -453,6 +462,7 @@ _BN_NOT_FOLDED = ("not folded: no Conv2d right before it in an nn.Sequential (fa
                   "folds the runs forward() calls)")
 _CHANNELS_LAST_DESCRIPTION = ("activations channels-last between the input and the output (4-D inputs converted "
                               "once, 4-D outputs converted back)")
+_LINEAR_RELU_DESCRIPTION = "fastml linear with the ReLU on its output (in place)"
 _RELU_DESCRIPTION = "fastml conv with the ReLU on its output (in place, or in oneDNN's epilogue)"
 _FOLDED_DESCRIPTION = "fastml folded conv (eval: one convolution, batch norm folded in, ReLU in place)"
 
@@ -476,14 +486,16 @@ def _fold_runs(parent, name, report, shared) -> list[torch.nn.Module]:
     return folded
 
 
-def _relu_runs(parent, name, report, shared) -> list[torch.nn.Module]:
-    """Gives every Conv2d → ReLU pair among parent's children (not folded or fused already) the
-    ReLU as the convolution's epilogue."""
+def _relu_runs(parent, name, report, shared, selected) -> list[torch.nn.Module]:
+    """Gives every Conv2d → ReLU (op "conv_relu") and Linear → ReLU (op "linear_relu") pair among
+    parent's children, not folded or fused already, the ReLU on the layer's own output."""
     items = list(parent._modules.items())
     done = []
-    for (conv_key, conv), (relu_key, relu) in zip(items, items[1:]):
-        if _is_conv(conv) and type(relu) is torch.nn.ReLU and _fold.fold_of(conv) is None:
-            done += _fold_one(conv, None, relu, (_join(name, conv_key), _join(name, relu_key)), report, shared)
+    for (key, layer), (relu_key, relu) in zip(items, items[1:]):
+        if type(relu) is not torch.nn.ReLU or _fold.fold_of(layer) is not None:
+            continue
+        if (_is_conv(layer) and _RELU_EPILOGUE in selected) or (_is_linear(layer) and _LINEAR_RELU in selected):
+            done += _fold_one(layer, None, relu, (_join(name, key), _join(name, relu_key)), report, shared)
     return done
 
 
@@ -519,7 +531,15 @@ def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
 
     folded = []
     for node in graph.nodes:
-        if node.op != "call_module" or calls[node.target] != 1 or not _is_conv(modules[node.target]):
+        if node.op != "call_module" or calls[node.target] != 1:
+            continue
+        if _is_linear(modules[node.target]) and _LINEAR_RELU in selected:
+            relu_node = single_reader(node)
+            if relu_node is not None and type(modules[relu_node.target]) is torch.nn.ReLU:
+                folded += _fold_one(modules[node.target], None, modules[relu_node.target],
+                                    (node.target, relu_node.target), report, shared)
+            continue
+        if not _is_conv(modules[node.target]):
             continue
         bn_node = single_reader(node)
         if bn_node is None:
@@ -593,9 +613,9 @@ def _unfuse_runs(parent, name, report) -> None:
 def _unpatch_module(module, name, report) -> None:
     run = _fold.fold_of(module)
     if run is not None:
-        folded_types = _run_type(*(m for m in (run.conv, run.bn, run.relu) if m is not None))
+        folded_types = _run_type(*(m for m in (run.layer, run.bn, run.relu) if m is not None))
         _fold.unfold(run)
-        restored = _run_type(*(m for m in (run.conv, run.bn, run.relu) if m is not None))
+        restored = _run_type(*(m for m in (run.layer, run.bn, run.relu) if m is not None))
         report.fused.append(Fused(run.names, folded_types, restored))
     cls = type(module)
     if cls in _TORCH_OF_FASTML and getattr(module, _SWAPPED, False):

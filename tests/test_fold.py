@@ -304,3 +304,44 @@ def test_fx_gives_a_conv_its_relu_but_leaves_conv_relu_pool_to_the_fusion(rng):
     assert [f.names for f in report.fused] == [("conv", "relu")]
     assert type(model.pool_conv) is fastml.nn.Conv2d
     assert_same_model(reference, model, torch.randn(2, 3, 8, 9, dtype=torch.float64, generator=rng))
+
+
+# ---------------------------------------------------------------- Linear → ReLU (op "linear_relu")
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 9), nn.ReLU(), nn.Dropout(0.0), nn.Linear(9, 7), nn.ReLU(),
+                         nn.Linear(7, 3))
+
+
+def test_linear_relu_gets_the_relu_on_its_output(backend, rng):
+    reference, model, report = patched_pair(mlp, rng)
+    assert [f.names for f in report.fused] == [("1", "2"), ("4", "5")]
+    assert type(model[1]) is _fold.FoldedLinear and type(model[2]) is _fold.FoldedReLU
+    assert type(model[6]) is fastml.nn.Linear
+    x = torch.randn(5, 3, 4, dtype=torch.float64, generator=rng)
+    for mode in ("train", "eval"):
+        getattr(reference, mode)()
+        getattr(model, mode)()
+        assert_same_model(reference, model, x)
+        with torch.no_grad():
+            assert_close(model(x), reference(x))
+    fastml.unpatch(model)
+    assert [type(m) for m in model] == [type(m) for m in reference]
+    assert_same_model(reference, model, x)
+
+
+class MLPFromForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.act, self.out = nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(self.act(self.hidden(x)))
+
+
+def test_fx_gives_a_linear_its_relu(rng):
+    reference, model, report = patched_pair(MLPFromForward, rng, fx=True)
+    assert [f.names for f in report.fused] == [("hidden", "act")]
+    assert_same_model(reference, model, torch.randn(4, 6, dtype=torch.float64, generator=rng))
+    only_conv = copy.deepcopy(reference)
+    assert fastml.patch(only_conv, ops=["conv_relu", "linear"], fx=True).fused == []  # op not selected

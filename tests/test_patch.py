@@ -12,7 +12,8 @@ from conftest import assert_close, magnitude, rand, upcast
 from torch import nn
 
 import fastml
-from fastml._patch import Fused, Left, Replaced
+from fastml._fold import FoldedLinear
+from fastml._patch import _LINEAR_RELU_DESCRIPTION, Fused, Left, Replaced
 
 
 class Temperature(nn.Module):
@@ -41,8 +42,10 @@ class LeNet(nn.Module):
         return self.temperature(self.classifier(self.flatten(self.features(x))))
 
 
-LENET_REPLACED = ["classifier.0", "classifier.3"]
-LENET_FUSED = [("features.0", "features.1", "features.2"), ("features.4", "features.5", "features.6")]
+LENET_LINEARS = ["classifier.0", "classifier.3"]
+LENET_REPLACED = ["classifier.3"]  # classifier.0 gets its ReLU (op "linear_relu")
+LENET_FUSED = [("features.0", "features.1", "features.2"), ("features.4", "features.5", "features.6"),
+               ("classifier.0", "classifier.1")]
 
 
 def randomize(model: nn.Module, rng: torch.Generator) -> nn.Module:
@@ -101,9 +104,9 @@ def test_patched_lenet_matches_torch(rng, dtype):
     assert [r.name for r in report.replaced] == LENET_REPLACED
     assert {r.new for r in report.replaced} == {"fastml.nn.Linear"}
     assert [f.names for f in report.fused] == LENET_FUSED
-    assert {f.new for f in report.fused} == {"fastml.nn.ConvReLUPool2d"}
+    assert {f.new for f in report.fused} == {"fastml.nn.ConvReLUPool2d", _LINEAR_RELU_DESCRIPTION}
     assert {x.name: x.type for x in report.left} == {
-        "features.3": "torch.nn.BatchNorm2d", "flatten": "torch.nn.Flatten", "classifier.1": "torch.nn.ReLU",
+        "features.3": "torch.nn.BatchNorm2d", "flatten": "torch.nn.Flatten",
         "classifier.2": "torch.nn.Dropout", "temperature": f"{__name__}.Temperature"}
     assert all(x.reason == "no fastml module for this type" for x in report.left if x.name != "features.3")
     (batch_norm,) = [x for x in report.left if x.name == "features.3"]  # after a pool: nothing to fold into
@@ -111,7 +114,7 @@ def test_patched_lenet_matches_torch(rng, dtype):
     after = types(model)
     assert after["features.0"] is after["features.4"] is fastml.nn.ConvReLUPool2d
     assert after["features.1"] is after["features.2"] is nn.Identity  # indices kept
-    assert after["classifier.0"] is after["classifier.3"] is fastml.nn.Linear
+    assert after["classifier.0"] is FoldedLinear and after["classifier.3"] is fastml.nn.Linear
 
     loss_fn = nn.CrossEntropyLoss()
     assert fastml.patch(loss_fn).replaced == [Replaced("", "torch.nn.CrossEntropyLoss",
@@ -122,8 +125,8 @@ def test_patched_lenet_matches_torch(rng, dtype):
 def test_report_reads(rng):
     text = str(fastml.patch(lenet(rng)))
     lines = text.splitlines()
-    assert lines[0] == "fastml.patch: 2 replaced, 2 fused, 5 left"
-    assert any(line.split() == ["replaced", "classifier.0", "torch.nn.Linear", "→", "fastml.nn.Linear"]
+    assert lines[0] == "fastml.patch: 1 replaced, 3 fused, 4 left"
+    assert any(line.split() == ["replaced", "classifier.3", "torch.nn.Linear", "→", "fastml.nn.Linear"]
                for line in lines)
     assert any("features.4, features.5, features.6" in line and line.endswith("→ fastml.nn.ConvReLUPool2d")
                for line in lines)
@@ -184,7 +187,7 @@ def test_patching_twice_changes_nothing_more(rng):
     already = {x.name: x.reason for x in second.left if x.reason.startswith("already fastml")}
     assert already == {"features.0": "already fastml (fused by an earlier patch)",
                        "features.4": "already fastml (fused by an earlier patch)",
-                       "classifier.0": "already fastml (replaced by an earlier patch)",
+                       "classifier.0": "already fastml (folded by an earlier patch)",
                        "classifier.3": "already fastml (replaced by an earlier patch)"}
     assert not any(x.name in ("features.1", "features.2") for x in second.left)  # the Identity slots
     compare_forward_backward(model, reference, rand(3, 1, 28, 28, dtype=torch.float64, generator=rng), rng)
@@ -259,7 +262,7 @@ def test_ops_subset_then_the_rest(rng):
     assert types(model) == types(reference)
 
     only_linear = fastml.patch(model, ops="linear")  # one name as a string
-    assert [r.name for r in only_linear.replaced] == LENET_REPLACED and only_linear.fused == []
+    assert [r.name for r in only_linear.replaced] == LENET_LINEARS and only_linear.fused == []
     assert Left("features.0", "torch.nn.Conv2d", "op 'conv2d' not in ops") in only_linear.left
     assert Left("features.2", "torch.nn.MaxPool2d", "op 'max_pool2d' not in ops") in only_linear.left
     fastml.unpatch(model)
@@ -276,7 +279,7 @@ def test_ops_subset_then_the_rest(rng):
     compare_forward_backward(model, reference, rand(2, 1, 28, 28, dtype=torch.float64, generator=rng), rng)
 
     undone = fastml.unpatch(model)  # splits the runs, then gives the conv and pool back torch's class
-    assert len(undone.fused) == 2 and len(undone.replaced) == 6
+    assert len(undone.fused) == 3 and len(undone.replaced) == 5
     assert types(model) == types(reference)
 
 
@@ -414,7 +417,7 @@ def test_unpatch_leaves_fastml_modules_the_user_built():
     assert type(model[0]) is fastml.nn.Linear and type(model[1]) is nn.Linear
 
 
-VALID = "'linear', 'conv2d', 'max_pool2d', 'mse_loss', 'cross_entropy', 'conv_relu_pool', 'conv_bn', 'conv_relu'"
+VALID = "'linear', 'conv2d', 'max_pool2d', 'mse_loss', 'cross_entropy', 'conv_relu_pool', 'conv_bn', 'conv_relu', 'linear_relu'"
 
 
 @pytest.mark.parametrize("call,error,match", [
