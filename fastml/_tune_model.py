@@ -215,7 +215,7 @@ def _tune_layers(model, example_inputs, parameters, backward: bool) -> tuple[lis
 def _layout_choice(model, layout, example_inputs, parameters, backward: bool) -> LayerChoice:
     """The whole model with channels-last activations (``patch(channels_last=True)``) against the
     model on its input's own layout ("reference"), each with its layers' routes as decided for
-    it, timed as one call (forward, and backward when training), by the layer margin."""
+    it, timed as one call (forward, and backward when training), by ``_tune.MARGIN`` (the model is timed in its own context)."""
     inputs = _detached(example_inputs)
     grad_on = torch.is_grad_enabled()
 
@@ -237,7 +237,7 @@ def _layout_choice(model, layout, example_inputs, parameters, backward: bool) ->
 def _model_choice(model, example_inputs, parameters, backward: bool, captured) -> LayerChoice | None:
     """The whole model with its layers' routes as decided ("fastml") against the same model with
     every fastml layer on torch's module ("reference"), timed as one call (forward, and backward
-    when training), by the layer margin. A layer can measure faster alone than in the model (its
+    when training), by ``_tune.MARGIN``. A layer can measure faster alone than in the model (its
     input hot in cache, its neighbours' memory traffic absent): this is the check that the model,
     as the user runs it, is not slower for them. Where torch's wins, every layer that chose
     fastml keeps torch's module for this signature (``_route.veto``). None where no layer runs
