@@ -215,7 +215,8 @@ def _tune_layers(model, example_inputs, parameters, backward: bool) -> tuple[lis
 def _layout_choice(model, layout, example_inputs, parameters, backward: bool) -> LayerChoice:
     """The whole model with channels-last activations (``patch(channels_last=True)``) against the
     model on its input's own layout ("reference"), each with its layers' routes as decided for
-    it, timed as one call (forward, and backward when training), by ``_tune.MARGIN`` (the model is timed in its own context)."""
+    it, timed as one call (forward, and backward when training), by ``_tune.MARGIN`` (the model
+    is timed in its own context)."""
     inputs = _detached(example_inputs)
     grad_on = torch.is_grad_enabled()
 
