@@ -299,9 +299,9 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
     ``fx``: also fold the Conv2d → BatchNorm2d (→ ReLU) runs, and the Conv2d → ReLU and Linear →
     ReLU pairs, that a model's ``forward`` calls outside any nn.Sequential (ResNet's blocks), found
     by tracing it with torch.fx: only where the trace shows each module called once and the conv's
-    (or linear's) output read by the batch norm (or the ReLU) alone (and the batch norm's by the ReLU alone, for the ReLU to
-    fold). A model torch.fx cannot trace is left
-    as it is, and the report says why.
+    (or linear's) output read by the batch norm (or the ReLU) alone, and the batch norm's by the
+    ReLU alone for the ReLU to fold. A model torch.fx cannot trace is left as it is, and the
+    report says why.
 
     Parameters, buffers and hooks stay the same objects (an optimizer built before keeps
     working), state_dict keys do not change, and only modules whose type is exactly the torch
