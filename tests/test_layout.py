@@ -9,11 +9,11 @@ import pickle
 
 import pytest
 import torch
-from conftest import assert_close, magnitude
+from conftest import assert_close, magnitude, prefer
 from torch import nn
 
 import fastml
-from fastml import _layout, _tune
+from fastml import _layout
 
 CL = torch.channels_last
 
@@ -119,14 +119,7 @@ def test_bad_argument():
 
 @pytest.mark.parametrize("winner", ["channels_last", "reference"])
 def test_tune_keeps_the_layout_only_where_the_model_measured_faster(monkeypatch, rng, winner):
-    def measure(names, run, device, rounds=None):
-        for candidate in names:
-            run(candidate)
-        fastest = winner if winner in names else "reference"
-        return {candidate: (1.0 if candidate == fastest else 2.0) for candidate in names}
-
-    _tune.clear_tuning(persisted=True)
-    monkeypatch.setattr(_tune, "measure", measure)
+    prefer(monkeypatch, winner)
     reference, model, _ = pair(rng, dtype=torch.float32)
     model.eval()
     reference.eval()

@@ -10,10 +10,10 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, magnitude
+from conftest import assert_close, magnitude, prefer
 
 import fastml
-from fastml import _fold, _onednn, _route, _tune
+from fastml import _fold, _onednn, _route
 
 pytestmark = pytest.mark.skipif(_onednn._OPS is None, reason="this torch has no oneDNN pointwise convolution ops")
 
@@ -99,18 +99,6 @@ def test_the_packing_follows_the_weight_and_the_input_shape(rng):
         with torch.no_grad():
             torch.testing.assert_close(_onednn.packed_convolution(copied, x, copied.weight, copied.bias, False),
                                        conv(x), rtol=1e-4, atol=1e-4)
-
-
-def prefer(monkeypatch, name):
-    """A measured choice whose clock says candidate ``name`` is fastest (each still runs once)."""
-    def measure(names, run, device, rounds=None):
-        for candidate in names:
-            run(candidate)
-        fastest = name if name in names else "reference"
-        return {candidate: (1.0 if candidate == fastest else 2.0) for candidate in names}
-
-    _tune.clear_tuning(persisted=True)
-    monkeypatch.setattr(_tune, "measure", measure)
 
 
 def test_a_layer_runs_the_packed_variant_where_it_measured_fastest(monkeypatch, rng):
