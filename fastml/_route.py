@@ -78,8 +78,8 @@ def settle(reports) -> bool | None:
 
 def signature(input: torch.Tensor, weight: torch.Tensor | None, target: torch.Tensor | None = None) -> tuple | None:
     """What a remembered route depends on, or None when a backend is forced."""
-    if _backend.requested() is not None:
-        return None
+    if not isinstance(input, torch.Tensor) or _backend.requested() is not None:
+        return None  # (not a tensor: a torch.fx proxy, or the caller's checks say what is wrong)
     sig = (input.shape, input.dtype, input.device, _layout(input), torch.is_grad_enabled(),
            input.requires_grad, weight is not None and weight.requires_grad, _threads(), _tune.mode(),
            _tune.generation())
@@ -89,6 +89,8 @@ def signature(input: torch.Tensor, weight: torch.Tensor | None, target: torch.Te
 def _layout(input: torch.Tensor) -> tuple:
     """Which of torch's layouts ``input`` is in: a channels-last input takes other paths than a
     contiguous one (oneDNN's variants), and a merely strided one neither."""
+    if input.layout != torch.strided:
+        return ()  # (is_contiguous raises for sparse layouts)
     if input.dim() == 4:
         return input.is_contiguous(), input.is_contiguous(memory_format=torch.channels_last)
     return (input.is_contiguous(),)

@@ -18,9 +18,15 @@ def test_jit_trace_records_the_computation(requires_grad):
     torch.testing.assert_close(traced(x), F.linear(x, layer.weight, layer.bias))
 
 
-def test_fx_symbolic_trace_and_export():
-    layer = fastml.nn.Linear(4, 3)
-    x = torch.randn(5, 4)
+@pytest.mark.parametrize("make_layer, shape", [
+    (lambda: fastml.nn.Linear(4, 3), (5, 4)),
+    (lambda: fastml.nn.Conv2d(3, 4, 3, padding=1), (2, 3, 9, 7)),  # 4-D: the route reads its layout
+    (lambda: fastml.nn.MaxPool2d(3, 2, 1), (2, 3, 9, 7)),
+], ids=["Linear", "Conv2d", "MaxPool2d"])
+def test_fx_symbolic_trace_and_export(make_layer, shape):
+    """A traced layer's input is a proxy: the route must not ask it questions (its layout)."""
+    layer = make_layer()
+    x = torch.randn(*shape)
     graph_module = torch.fx.symbolic_trace(layer)
     torch.testing.assert_close(graph_module(x), layer(x))
     exported = torch.export.export(layer, (x,))
