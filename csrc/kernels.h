@@ -118,4 +118,16 @@ void linear_cross_entropy_forward(address_t x, address_t w, address_t b, address
                                   double smoothing, double scale, address_t row_loss, address_t loss_total,
                                   address_t grad_x, address_t grad_w, address_t grad_b, int nthreads);
 
+// winograd.cpp: F(2x2, 3x3) transforms around a grouped 1x1 convolution, channels-last tensors:
+// x (n, h, w, c) → v (tiles, 16, c) for tiles [first_tile, first_tile + tiles) of the
+// (n, tiles_h, tiles_w) grid, padding ph, pw; m (tiles, 16, k) → y (n, oh, ow, k), + bias (0:
+// none), then ReLU if relu; returns whether every output was finite before the ReLU.
+template <typename T>
+void winograd_f2_input(address_t x, index_t n, index_t h, index_t w, index_t c, index_t ph, index_t pw,
+                       index_t tiles_h, index_t tiles_w, index_t first_tile, index_t tiles, address_t v,
+                       int nthreads);
+template <typename T>
+bool winograd_f2_output(address_t m, address_t bias, bool relu, index_t oh, index_t ow, index_t k, index_t tiles_h,
+                        index_t tiles_w, index_t first_tile, index_t tiles, address_t y, int nthreads);
+
 }  // namespace fastml

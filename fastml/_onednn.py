@@ -45,6 +45,12 @@ def _ops():
 _OPS = _ops()
 
 
+def ops():
+    """(reorder the weight, convolve on the packed weight) as torch's mkldnn ops, or None where
+    this torch lacks them; for other variants built on the same packing (fastml/_winograd.py)."""
+    return _OPS
+
+
 def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether ``packed_convolution`` computes ``conv``'s convolution of ``input`` with ``weight``
     and ``bias`` as torch's module would (see the module's docstring)."""
@@ -83,19 +89,32 @@ def packed_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch
     if cache.source is not weight or cache.key != key:
         with torch.no_grad():
             cache.packed = reorder(weight.detach(), padding, stride, dilation, conv.groups, list(input.shape))
+            cache.finite = bool(weight.sum().isfinite())
         cache.source, cache.key = weight, key
     bias = None if bias is None else bias.detach()
-    return convolution(input, cache.packed, bias, padding, stride, dilation, conv.groups,
-                       "relu" if relu else "none", [], "")
+    # oneDNN's ReLU post-op is max(x, 0), which turns NaN into 0 where torch's relu keeps it. A NaN
+    # out of the convolution needs an inf or NaN in its input, weight or bias (or an overflow to
+    # inf - inf, left alone): where a sum says there may be one, the ReLU runs after, as torch's.
+    epilogue = relu and cache.finite and _finite(input) and (bias is None or _finite(bias))
+    out = convolution(input, cache.packed, bias, padding, stride, dilation, conv.groups,
+                      "relu" if epilogue else "none", [], "")
+    return out.relu_() if relu and not epilogue else out
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds no inf or NaN, or its sum overflowed (one read, no allocation the
+    size of the tensor: a few percent of the convolution that reads it)."""
+    return bool(tensor.sum().isfinite())
 
 
 class _PackedWeight:
     """A layer's packed weight and what it was packed from. Derived state: a copy or a pickle of
     the layer starts without it (oneDNN's packed tensors can be neither)."""
-    __slots__ = ("source", "key", "packed")
+    __slots__ = ("source", "key", "packed", "finite")
 
     def __init__(self) -> None:
         self.source = self.key = self.packed = None
+        self.finite = False
 
     def __reduce__(self):
         return _PackedWeight, ()

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastml import _onednn, _route, functional
+from fastml import _onednn, _route, _winograd, functional
 
 __all__ = ["Conv2d", "ConvReLUPool2d", "CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss", "LinearMSELoss",
            "MaxPool2d", "MSELoss"]
@@ -58,13 +58,19 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
     "onednn_packed" (channels-last input, inference): torch's oneDNN convolution on a weight
     packed once, the ReLU in its epilogue (fastml/_onednn.py).
 
+    "winograd" (where "onednn_packed" applies, for 3x3 stride-1 convolutions): Winograd F(2x2,
+    3x3), fastml's transforms around oneDNN's product (fastml/_winograd.py).
+
     "channels_last" ((N, C, H, W)-contiguous input): torch's convolution on a channels-last copy
     of the input, the result copied back, so the caller sees torch's layout. oneDNN's CPU
     convolutions are up to 2x faster on that layout for some shapes (a 7x7 stem, 64 channels at
     28x28) and slower for others (depthwise, 1x1). Not for unbatched input, off the CPU, or
     padding other than zeros."""
     if _onednn.applies(conv, input, *parameters()):
-        return {"onednn_packed": lambda x: _onednn.packed_convolution(conv, x, *parameters(), relu)}
+        variants = {"onednn_packed": lambda x: _onednn.packed_convolution(conv, x, *parameters(), relu)}
+        if _winograd.applies(conv, input, *parameters()):
+            variants["winograd"] = lambda x: _winograd.convolution(conv, x, *parameters(), relu)
+        return variants
     if (input.dim() != 4 or input.device.type != "cpu" or not input.is_contiguous()
             or input.is_contiguous(memory_format=torch.channels_last) or conv.padding_mode != "zeros"):
         return {}
@@ -104,12 +110,14 @@ class ConvReLUPool2d(torch.nn.Conv2d):
                            variants=self._torch_variants)
 
     def _torch_variants(self, input: torch.Tensor) -> dict:
-        """oneDNN's packed convolution with the ReLU in its epilogue, then torch's pool, where it
-        applies (channels-last input, inference: fastml/_onednn.py)."""
-        if not _onednn.applies(self, input, self.weight, self.bias):
+        """The convolution variants of ``torch_conv_variants`` with the ReLU in their epilogue,
+        then torch's pool, where they apply (channels-last input, inference)."""
+        def then_pool(convolve):
+            return lambda x: F.max_pool2d(convolve(x), self.pool_kernel_size, self.pool_stride)
+        if input.dim() != 4 or input.is_contiguous():  # only the channels-last variants: see _onednn.py
             return {}
-        return {"onednn_packed": lambda x: F.max_pool2d(
-            _onednn.packed_convolution(self, x, self.weight, self.bias, True), self.pool_kernel_size, self.pool_stride)}
+        variants = torch_conv_variants(self, input, lambda: (self.weight, self.bias), relu=True)
+        return {name: then_pool(convolve) for name, convolve in variants.items()}
 
     def _fastml_forward(self, input: torch.Tensor) -> torch.Tensor:
         return functional.conv2d_relu_max_pool2d(input, self.weight, self.bias, self.stride, self.padding,

@@ -160,3 +160,16 @@ def test_the_fused_conv_relu_pool_module_offers_it_too(monkeypatch, rng):
     assert set(_route.routes(layer).values()) == {"onednn_packed"}
     assert_close(out, expected, scale=magnitude(expected))
     assert out.stride() == layer._torch_forward(x).stride()
+
+
+@pytest.mark.parametrize("where", ["input", "weight", "bias"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_the_relu_keeps_nan_as_torchs(value, where, rng):
+    # oneDNN's ReLU post-op is max(x, 0): NaN would come out 0 where torch's relu keeps it
+    conv, x = conv_of(SHAPES[0], rng)
+    with torch.no_grad():
+        {"input": x[1, 2, 3, 4:5], "weight": conv.weight[2, 1, 0, 2:], "bias": conv.bias[3:]}[where].fill_(value)
+        out = _onednn.packed_convolution(conv, x, conv.weight, conv.bias, True)
+        torchs = conv(x).relu()
+    assert torchs.isnan().any() or value == float("inf")  # an inf alone may not make one
+    assert torch.equal(out.isnan(), torchs.isnan()) and torch.equal(out.isinf(), torchs.isinf())
