@@ -46,6 +46,12 @@ class LayerChoice:
             return f"torch ({self.choice.replace('_', '-')})"
         return f"fastml {self.choice}"
 
+    @property
+    def whole_call(self) -> bool:
+        """A choice for a whole layer ("layer ...") or a whole fused functional ("function
+        ...", its torch twin a sequence of torch calls), timed forward and backward together."""
+        return self.op.startswith(("layer ", "function "))
+
 
 @dataclasses.dataclass
 class TuneTable:
@@ -54,13 +60,14 @@ class TuneTable:
 
     def by_layer(self) -> dict[str, dict[str, str]]:
         """{layer: {phase: implementation ("torch" or "fastml <backend>")}}. Where the whole layer
-        measured faster as torch's module (its "layer" row), every phase runs torch; where the
+        measured faster as torch's module (its "layer" row), or a fused functional it calls as
+        torch's sequence (its "function" row), every phase runs torch; where the
         whole model did (the "model" row), every layer does."""
         table: dict[str, dict[str, str]] = {}
         model_on_torch = any(row.op == "model" and row.choice == "reference" for row in self.rows)
-        whole_layer = {row.layer: row.runs for row in self.rows if row.op.startswith("layer ") and row.choice != "fastml"}
+        whole_layer = {row.layer: row.runs for row in self.rows if row.whole_call and row.choice != "fastml"}
         for row in self.rows:
-            if not row.op.startswith("layer ") and row.op not in ("model", "layout"):
+            if not row.whole_call and row.op not in ("model", "layout"):
                 runs = "torch" if model_on_torch else whole_layer.get(row.layer, row.runs)
                 table.setdefault(row.layer, {})[row.phase] = runs
         return table
@@ -200,8 +207,15 @@ def _tune_layers(model, example_inputs, parameters, backward: bool) -> tuple[lis
         # Without its routes, so that the call reaches the ops, which record; those of other
         # signatures (the other layout) are kept.
         others = module.__dict__.pop(_route.ATTR, None) or {}
-        with _tune.recording() as decisions:
-            _forward_and_backward(module, args, [p for p in module.parameters() if p.requires_grad], backward)
+        # Nor the fused functionals' routes the model's run settled: a call settled on torch's
+        # sequence would not reach its ops, and the layer would get no rows.
+        functions = dict(_route._function_routes)
+        _route._function_routes.clear()
+        try:
+            with _tune.recording() as decisions:
+                _forward_and_backward(module, args, [p for p in module.parameters() if p.requires_grad], backward)
+        finally:
+            _route._function_routes.update(functions)
         for sig, route in others.items():
             _route.routes(module).get(sig) or _route.remember(module, sig, route)
         by_op = {}
