@@ -50,15 +50,24 @@ def _untied(fm, X_test, k):
 
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_classifier_identical_to_sklearn(backend, name):
+    # a spread of k; the interpreter: one k and one p (test_knn checks its kernel at every k and p)
+    ks = (15,) if backend.interpreted else (1, 2, 3, 5, 8, 11, 15) if backend.name == "cpp" else (1, 4, 15)
+    classifier_identical_to_sklearn(backend, name, ks, (2,) if backend.interpreted else (1, 2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_classifier_identical_to_sklearn_at_every_k(backend, name):
+    classifier_identical_to_sklearn(backend, name, (15,) if backend.interpreted else range(1, 16), (1, 2))
+
+
+def classifier_identical_to_sklearn(backend, name, ks, ps):
     if backend.interpreted and name == "digits":
         pytest.skip("digits through the Triton interpreter takes minutes: iris covers the kernel")
     X_train, y_train, X_test = DATASETS[name]
-    # the interpreter: one k (test_knn checks its kernel at every k); numba and the reference,
-    # slower than cpp by 2x on digits: a spread of k
-    ks = (15,) if backend.interpreted else range(1, 16) if backend.name == "cpp" else (1, 2, 3, 5, 8, 11, 15)
     # the weighting is Python over the kernel's neighbours: one of them under the interpreter
     weightings = ("distance",) if backend.interpreted else ("uniform", "distance")
-    for k, weights, p in itertools.product(ks, weightings, (1, 2)):
+    for k, weights, p in itertools.product(ks, weightings, ps):
         sk = sk_neighbors.KNeighborsClassifier(k, weights=weights, p=p).fit(X_train, y_train)
         fm = KNeighborsClassifier(k, weights=weights, p=p).fit(X_train, y_train)
         untied = _untied(fm, X_test, k)
@@ -77,14 +86,15 @@ def test_classifier_identical_to_sklearn(backend, name):
         assert fm.score(X_test, sk.predict(X_test)) >= untied.mean()
 
 
-def test_regressor_identical_to_sklearn(backend):
+@pytest.mark.parametrize("p", [2, pytest.param(1, marks=pytest.mark.slow)])
+def test_regressor_identical_to_sklearn(backend, p):
     rng = np.random.default_rng(1)
     X, X_test = rng.normal(size=(120, 5)), rng.normal(size=(33, 5))
     y = np.c_[X @ rng.normal(size=5), np.sin(X[:, 0])]
     ks = (4,) if backend.interpreted else (1, 4, 15)  # the interpreter: seconds per fit
     targets = (y,) if backend.interpreted else (y[:, 0], y)  # the interpreter: both outputs in one fit
     weightings = ("distance",) if backend.interpreted else ("uniform", "distance")  # as in the classifier's test
-    for k, weights, p, target in itertools.product(ks, weightings, (1, 2), targets):
+    for k, weights, target in itertools.product(ks, weightings, targets):
         sk = sk_neighbors.KNeighborsRegressor(k, weights=weights, p=p).fit(X, target)
         fm = KNeighborsRegressor(k, weights=weights, p=p).fit(X, target)
         np.testing.assert_allclose(fm.predict(X_test), sk.predict(X_test), rtol=1e-12, atol=1e-12)
