@@ -54,7 +54,20 @@ def ops():
 def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether ``packed_convolution`` computes ``conv``'s convolution of ``input`` with ``weight``
     and ``bias`` as torch's module would (see the module's docstring)."""
-    if _OPS is None or is_compiling():
+    if not packable(conv, input, weight, bias):
+        return False
+    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return True
+
+
+def packable(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """``applies`` but for the gradient: whether oneDNN's packed convolution can compute this
+    forward as torch's module would, layout included (for a variant with a backward of its own,
+    fastml/_winograd.py). Never while a graph is traced (torch.compile, torch.jit.trace): the
+    packing is cached state a graph would not see."""
+    if _OPS is None or is_compiling() or torch.jit.is_tracing():
         return False
     if input.dim() != 4 or input.device.type != "cpu" or input.dtype != torch.float32:
         return False
@@ -65,12 +78,7 @@ def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bi
         return False
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
-    if input.numel() == 0:
-        return False
-    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return False
-    return True
+    return input.numel() != 0
 
 
 def packed_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,

@@ -53,13 +53,14 @@ def _has_kernels() -> bool:
 
 
 def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether ``convolution`` computes ``conv``'s convolution of ``input`` as torch's module
-    would: where the packed oneDNN convolution applies (channels-last float32 input on the CPU,
-    no gradient wanted, zero padding given as numbers), for a 3x3 kernel, stride 1, dilation 1,
-    one group, and an output of at least one pixel."""
+    """Whether ``convolution`` (no gradient wanted) or ``differentiable_convolution`` computes
+    ``conv``'s convolution of ``input`` as torch's module would: where oneDNN's packed
+    convolution can (channels-last float32 input on the CPU, zero padding given as numbers, no
+    graph being traced), for a 3x3 kernel, stride 1, dilation 1, one group, and an output of at
+    least one pixel."""
     if tuple(conv.kernel_size) != (3, 3) or tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1):
         return False
-    if conv.groups != 1 or not _onednn.applies(conv, input, weight, bias) or not _kernels_built():
+    if conv.groups != 1 or not _onednn.packable(conv, input, weight, bias) or not _kernels_built():
         return False
     ph, pw = conv.padding
     return input.shape[2] + 2 * ph >= 3 and input.shape[3] + 2 * pw >= 3
@@ -152,7 +153,8 @@ def _packed(conv: torch.nn.Conv2d, weight: torch.Tensor, chunk_shape: tuple) -> 
 def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 relu: bool) -> torch.Tensor:
     """``conv``'s convolution of ``input`` (then ReLU if ``relu``) by Winograd F(2x2, 3x3), in
-    torch's output layout for such input (channels-last). Only where ``applies``."""
+    torch's output layout for such input (channels-last), without autograd. Only where
+    ``applies``."""
     n, c, h, w = input.shape
     k = weight.shape[0]
     ph, pw = conv.padding
@@ -165,7 +167,8 @@ def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor
     transform_input = _cpp.kernel("winograd_f2_input", input.dtype)
     transform_output = _cpp.kernel("winograd_f2_output", input.dtype)
     convolve = _onednn.ops()[1]
-    bias_address = 0 if bias is None else bias.detach().contiguous().data_ptr()
+    bias = None if bias is None else bias.detach().contiguous()  # held: the kernel reads its address
+    bias_address = 0 if bias is None else bias.data_ptr()
     threads = _cpp.threads()
     for first in range(0, tiles, chunk):
         count = min(chunk, tiles - first)
@@ -180,6 +183,34 @@ def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor
         if not finite:  # where an inf or NaN went, the transforms spread it otherwise than torch: see below
             return _onednn.packed_convolution(conv, input, weight, bias, relu)
     return out
+
+
+def differentiable_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
+                               bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """``convolution`` with gradients: the forward by Winograd, the backward torch's own
+    convolution backward (the one its module's autograd runs), so the gradients are torch's for
+    the same upstream gradient. In training the weight changes every step, and its transform
+    (16 K C values, float64 arithmetic) is redone each step: small beside the convolution's
+    N H W K C multiply-adds. The ReLU runs in place after, as torch's sequence does."""
+    out = _WinogradConvolution.apply(input, weight, bias, conv)
+    return out.relu_() if relu else out
+
+
+class _WinogradConvolution(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, conv):
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias, ctx.padding = bias is not None, list(conv.padding)
+        return convolution(conv, input, weight, bias, False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        wanted = list(ctx.needs_input_grad[:2]) + [ctx.has_bias and ctx.needs_input_grad[2]]
+        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, input, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], ctx.padding, [1, 1], False,
+            [0, 0], 1, wanted)
+        return grad_input, grad_weight, grad_bias, None
 
 
 def forget(conv: torch.nn.Module) -> None:

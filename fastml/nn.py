@@ -58,8 +58,9 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
     "onednn_packed" (channels-last input, inference): torch's oneDNN convolution on a weight
     packed once, the ReLU in its epilogue (fastml/_onednn.py).
 
-    "winograd" (where "onednn_packed" applies, for 3x3 stride-1 convolutions): Winograd F(2x2,
-    3x3), fastml's transforms around oneDNN's product (fastml/_winograd.py).
+    "winograd" (channels-last input, 3x3 stride-1 convolutions): Winograd F(2x2, 3x3), fastml's
+    transforms around oneDNN's product (fastml/_winograd.py); with gradients wanted, torch's own
+    convolution backward.
 
     "channels_last" ((N, C, H, W)-contiguous input): torch's convolution on a channels-last copy
     of the input, the result copied back, so the caller sees torch's layout. oneDNN's CPU
@@ -71,6 +72,8 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
         if _winograd.applies(conv, input, *parameters()):
             variants["winograd"] = lambda x: _winograd.convolution(conv, x, *parameters(), relu)
         return variants
+    if _winograd.applies(conv, input, *parameters()):  # channels-last, gradients wanted
+        return {"winograd": lambda x: _winograd.differentiable_convolution(conv, x, *parameters(), relu)}
     if (input.dim() != 4 or input.device.type != "cpu" or not input.is_contiguous()
             or input.is_contiguous(memory_format=torch.channels_last) or conv.padding_mode != "zeros"):
         return {}

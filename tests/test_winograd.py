@@ -110,6 +110,9 @@ def test_where_it_does_not_apply(rng):
     w, b = conv.weight, conv.bias
     with torch.no_grad():
         assert not _winograd.applies(conv, x.contiguous(), w, b)  # (N, C, H, W): torch answers in that layout
+        traced = []
+        torch.jit.trace(lambda t: traced.append(_winograd.applies(conv, t, w, b)) or t, x, check_trace=False)
+        assert traced == [False]  # a traced graph would not see the kernels' writes
         assert not _winograd.applies(conv, x.double(), w.double(), b.double())  # float32 only
         assert not _winograd.applies(conv, x[:0], w, b)  # empty
         small = torch.randn(2, 5, 2, 4).contiguous(memory_format=CL)
@@ -119,7 +122,7 @@ def test_where_it_does_not_apply(rng):
                       torch.nn.Conv2d(5, 7, 3, padding=1, padding_mode="reflect")):
             assert not _winograd.applies(other, x, other.weight, other.bias)
         assert _winograd.applies(conv, x, w, b)
-    assert not _winograd.applies(conv, x, w, b)  # gradients wanted: no backward here
+    assert _winograd.applies(conv, x, w, b)  # gradients wanted: differentiable_convolution
 
 
 def test_the_transformed_weight_follows_the_weight(rng):
@@ -199,3 +202,54 @@ def test_a_folded_run_and_the_fused_module_offer_it(monkeypatch, rng):
     expected = F.max_pool2d(reference(fused, x, True), 2)
     assert_close(out, expected, scale=magnitude(expected))
     assert out.stride() == fused._torch_forward(x).stride()
+
+
+def test_a_strided_weight_and_bias(rng):
+    conv, x = conv_of(SHAPES[0], rng)
+    with torch.no_grad():
+        conv.weight = torch.nn.Parameter(torch.randn(7, 5, 3, 6, generator=rng)[..., ::2])
+        conv.bias = torch.nn.Parameter(torch.randn(14, generator=rng)[::2])
+        assert not conv.weight.is_contiguous() and not conv.bias.is_contiguous()
+        out = _winograd.convolution(conv, x, conv.weight, conv.bias, False)
+    expected = reference(conv, x, False)
+    assert_close(out, expected, scale=magnitude(expected))
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("shape", SHAPES[:5], ids=shape_id)
+def test_with_gradients_the_backward_is_torchs(shape, relu, rng):
+    conv, x = conv_of(shape, rng)
+    x.requires_grad_()
+    out = _winograd.differentiable_convolution(conv, x, conv.weight, conv.bias, relu)
+    expected = reference(conv, x, relu)
+    assert_close(out, expected, scale=magnitude(expected))
+    torchs = conv(x).relu() if relu else conv(x)
+    # torch's layout (its strides of size-1 dimensions differ between grad modes: not compared)
+    for layout in (torch.contiguous_format, CL):
+        assert out.is_contiguous(memory_format=layout) == torchs.is_contiguous(memory_format=layout)
+    upstream = torch.randn(out.shape, generator=rng).contiguous(memory_format=CL)
+    wrt = [t for t in (x, conv.weight, conv.bias) if t is not None]
+    # the same upstream gradient through torch's own convolution backward: torch's gradients
+    for mine, theirs in zip(torch.autograd.grad(out, wrt, upstream), torch.autograd.grad(torchs, wrt, upstream)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5 * magnitude(theirs))
+    # and only those asked for
+    x.grad = None
+    _winograd.differentiable_convolution(conv, x.detach(), conv.weight, conv.bias, relu).sum().backward()
+    assert x.grad is None and conv.weight.grad is not None
+
+
+def test_a_training_layer_runs_winograd_where_it_measured_fastest(monkeypatch, rng):
+    prefer(monkeypatch, "winograd")
+    unpatched, x = conv_of(SHAPES[0], rng)
+    layer = fastml.nn.Conv2d(5, 7, 3, padding=1)
+    layer.load_state_dict(unpatched.state_dict())
+    for _ in range(3):  # decides, then runs the route; each step changes the weight
+        out = layer(x)
+        out.sum().backward()
+        with torch.no_grad():
+            layer.weight -= 0.1 * layer.weight.grad
+        layer.weight.grad = None
+    assert set(_route.routes(layer).values()) == {"winograd"}
+    expected = reference(layer, x, False)
+    with torch.no_grad():
+        assert_close(layer(x.requires_grad_()), expected, scale=magnitude(expected))
