@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeat", type=_positive_int, default=15,
                        help="timed samples per implementation; the median is reported (default: 15)")
     bench.add_argument("--full", action="store_true", help="add the large cases (minutes on a small CPU)")
+    bench.add_argument("--auto-only", action="store_true",
+                       help="time torch and fastml's measured choice only, no backend forced")
     bench.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
                        help="instead of timing, compare two saved profiles (another machine, another version): "
                             "each shared row's times and B's speed relative to A")
@@ -91,7 +93,7 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     sizes = "tiny" if args.tiny else "full" if args.full else "quick"
 
     started = time.perf_counter()
-    report = _bench.run(ops or None, devices, repeat=args.repeat, sizes=sizes)
+    report = _bench.run(ops or None, devices, repeat=args.repeat, sizes=sizes, forced=not args.auto_only)
     print(_bench.format_report(report))
     json_path = _bench.write_json(report, args.out)
     chart, why_not = _bench.draw_chart(report, args.out)

@@ -949,8 +949,11 @@ def _time_case(fns: dict, device: torch.device, repeat: int, min_sample_s: float
     return samples
 
 
-def run(ops=None, devices=("cpu",), repeat: int = 15, sizes: str = "quick", progress=sys.stderr) -> dict:
-    """Measure ceilings and every hot path in ``ops`` (default: all) on ``devices``.
+def run(ops=None, devices=("cpu",), repeat: int = 15, sizes: str = "quick", progress=sys.stderr,
+        forced: bool = True) -> dict:
+    """Measure ceilings and every hot path in ``ops`` (default: all) on ``devices``. ``forced``:
+    also time each fastml backend forced (else torch and the measured choice only: on a CPU whose
+    kernels are slow for the zoo's shapes, the forced rows take most of the run).
 
     Returns the report (what the JSON file holds).
     """
@@ -987,6 +990,9 @@ def run(ops=None, devices=("cpu",), repeat: int = 15, sizes: str = "quick", prog
             if hp.backends is not None:
                 missing += [(b, f"not timed for {name}: minutes per case") for b in backends if b not in hp.backends]
                 backends = [b for b in backends if b in hp.backends]
+            if not forced:
+                missing += [(b, "not timed: --auto-only") for b in backends]
+                backends = []
             for backend, reason in missing:
                 report["skipped"].append({"device": dev_name, "op": name, "backend": backend, "reason": reason})
             plan += [(device, hp, case, backends) for case in hp.cases(device, sizes)]

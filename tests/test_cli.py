@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from fastml import _bench
+from fastml import _backend, _bench
 from fastml.__main__ import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -135,3 +135,11 @@ def test_cuda_without_gpu_exits_2():
 def test_main_runs_info(capsys):
     assert main(["info"]) == 0
     assert "reference" in capsys.readouterr().out
+
+
+def test_auto_only_times_torch_and_the_measured_choice():
+    report = _bench.run(["linear_mse"], repeat=1, sizes="tiny", progress=None, forced=False)
+    assert {row["impl"] for row in report["rows"]} == {"torch", _bench.AUTO}
+    present = [name for name in _bench.CPU_BACKENDS if _backend.status(name).present]
+    said = {entry["backend"] for entry in report["skipped"] if entry["reason"] == "not timed: --auto-only"}
+    assert said == set(present)
