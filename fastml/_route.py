@@ -227,6 +227,18 @@ _function_routes: dict[tuple, bool] = {}
 MAX_FUNCTION_ROUTES = 4096
 
 
+@contextlib.contextmanager
+def function_routes_set_aside():
+    """Inside the block the fused functionals have no settled route, so their calls reach their
+    ops (fastml.tune, timing a layer alone); afterwards the routes settled before are back."""
+    saved = dict(_function_routes)
+    _function_routes.clear()
+    try:
+        yield
+    finally:
+        _function_routes.update(saved)
+
+
 def _describe(t) -> tuple | None:
     """A tensor argument other than the main input: its shape and gradient state. (A dtype or
     device differing from the input's fails fastml's checks, or torch's own, whichever runs.)"""

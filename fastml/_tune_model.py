@@ -209,13 +209,8 @@ def _tune_layers(model, example_inputs, parameters, backward: bool) -> tuple[lis
         others = module.__dict__.pop(_route.ATTR, None) or {}
         # Nor the fused functionals' routes the model's run settled: a call settled on torch's
         # sequence would not reach its ops, and the layer would get no rows.
-        functions = dict(_route._function_routes)
-        _route._function_routes.clear()
-        try:
-            with _tune.recording() as decisions:
-                _forward_and_backward(module, args, [p for p in module.parameters() if p.requires_grad], backward)
-        finally:
-            _route._function_routes.update(functions)
+        with _route.function_routes_set_aside(), _tune.recording() as decisions:
+            _forward_and_backward(module, args, [p for p in module.parameters() if p.requires_grad], backward)
         for sig, route in others.items():
             _route.routes(module).get(sig) or _route.remember(module, sig, route)
         by_op = {}

@@ -1,5 +1,6 @@
 """Winograd F(2x2, 3x3) convolution: a variant a layer's measured choice may run for a 3x3,
-stride-1 convolution on channels-last input in inference.
+stride-1 convolution on channels-last input, in inference (``convolution``) and in training
+(``differentiable_convolution``: torch's own backward).
 
 A direct 3x3 convolution takes 36 multiply-adds per 2x2 block of outputs per channel pair;
 Winograd's minimal filtering (Lavin & Gray 2015) takes 16: each 4x4 input window and each 3x3
@@ -44,14 +45,6 @@ MIN_CHUNK_TILES = 256  # below this, each chunk's product re-reads the transform
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
-def _has_kernels() -> bool:
-    try:
-        _cpp.kernel("winograd_f2_input", torch.float32)
-        return True
-    except (ImportError, AttributeError):
-        return False
-
-
 def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether ``convolution`` (no gradient wanted) or ``differentiable_convolution`` computes
     ``conv``'s convolution of ``input`` as torch's module would: where oneDNN's packed
@@ -68,7 +61,12 @@ def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bi
 
 @functools.cache
 def _kernels_built() -> bool:
-    return _has_kernels()
+    """Whether fastml._C has the transforms (a build without the extension, or an older one, not)."""
+    try:
+        _cpp.kernel("winograd_f2_input", torch.float32)
+        return True
+    except (ImportError, AttributeError):
+        return False
 
 
 @functools.cache
@@ -180,7 +178,7 @@ def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor
             m = m.contiguous(memory_format=torch.channels_last)
         finite = transform_output(m.data_ptr(), bias_address, relu, oh, ow, k, tiles_h, tiles_w, first, count,
                                   out.data_ptr(), threads)
-        if not finite:  # where an inf or NaN went, the transforms spread it otherwise than torch: see below
+        if not finite:  # an inf or NaN spreads otherwise than in torch's: see the module docstring
             return _onednn.packed_convolution(conv, input, weight, bias, relu)
     return out
 

@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, magnitude, prefer
+from conftest import assert_close, eval_conv_bn_relu, magnitude, prefer
 
 import fastml
 from fastml import _fold, _onednn, _route
@@ -127,12 +127,7 @@ def test_a_layer_runs_the_packed_variant_where_it_measured_fastest(monkeypatch, 
 
 def test_a_folded_run_packs_the_folded_weight_with_the_relu_in_its_epilogue(monkeypatch, rng):
     prefer(monkeypatch, "onednn_packed")
-    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
-    reference = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.BatchNorm2d(6),
-                                    torch.nn.ReLU()).eval()
-    with torch.no_grad():
-        reference[1].running_mean.uniform_(-1, 1)
-        reference[1].running_var.uniform_(0.5, 1.5)
+    reference = eval_conv_bn_relu(rng)
     model = copy.deepcopy(reference)
     fastml.patch(model)
     calls = []

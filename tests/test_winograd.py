@@ -11,7 +11,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, magnitude, prefer
+from conftest import assert_close, eval_conv_bn_relu, magnitude, prefer
 
 import fastml
 from fastml import _fold, _onednn, _route, _winograd
@@ -173,12 +173,7 @@ def test_a_layer_runs_winograd_where_it_measured_fastest(monkeypatch, rng):
 
 def test_a_folded_run_and_the_fused_module_offer_it(monkeypatch, rng):
     prefer(monkeypatch, "winograd")
-    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
-    unpatched = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.BatchNorm2d(6),
-                                    torch.nn.ReLU()).eval()
-    with torch.no_grad():
-        unpatched[1].running_mean.uniform_(-1, 1)
-        unpatched[1].running_var.uniform_(0.5, 1.5)
+    unpatched = eval_conv_bn_relu(rng)
     model = copy.deepcopy(unpatched)
     fastml.patch(model)
     x = torch.randn(3, 4, 9, 7, generator=rng).contiguous(memory_format=CL)
