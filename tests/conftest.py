@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import itertools
 import os
 import shutil
 import tempfile
+from collections import defaultdict
 
 import pytest
 import torch
@@ -53,6 +55,63 @@ STEP_TOLERANCES = {
     torch.float16: (1e-2, 1e-2),
     torch.bfloat16: (5e-2, 5e-2),
 }
+
+
+def pairwise_cover(grid: list[tuple]) -> list[int]:
+    """Indices of a subset of ``grid`` (rows of parameter values, one column per parameter) in
+    which every value of every column, and every pair of values of two columns that occurs in
+    some row, occurs in a chosen row: greedy, each next row the one covering the most pairs not
+    yet covered (the first among equals), so the subset is the same in every run."""
+    def pairs(row):
+        singles = {(i, value) for i, value in enumerate(row)}
+        return singles | {(i, a, j, b) for (i, a), (j, b) in itertools.combinations(enumerate(row), 2)}
+    wanted = [pairs(row) for row in grid]
+    uncovered = set().union(*wanted) if wanted else set()
+    chosen = []
+    while uncovered:
+        best = max(range(len(grid)), key=lambda k: (len(wanted[k] & uncovered), -k))
+        chosen.append(best)
+        uncovered -= wanted[best]
+    return sorted(chosen)
+
+
+def _grid_columns(params: dict) -> dict:
+    """A test's parameters but the backend, as {column: repr of value}: a dict of options (the
+    optimizers' grids) gives one column per option, as each option is a branch of the kernel."""
+    columns = {}
+    for name, value in params.items():
+        if name == "backend":
+            continue
+        if isinstance(value, dict):
+            columns.update({f"{name}.{key}": repr(option) for key, option in value.items()})
+        else:
+            columns[name] = repr(value)
+    return columns
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """The Triton interpreter runs a kernel a thousand times slower than the GPU it is written
+    for, and it made most of the default run (about 420 of 700 s). Its kernels branch on the
+    options a test's grid spans, not on the combination of all of them, so by default each test
+    runs on the interpreter only a pairwise cover of its grid (every value of each parameter and
+    every pair of two parameters' values, see pairwise_cover); the rest are marked slow and run
+    with ``-m slow``. On a GPU every case runs."""
+    if torch.cuda.is_available():
+        return
+    grids = defaultdict(list)
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "triton":
+            grids[item.nodeid.split("[", 1)[0]].append(item)
+    for group in grids.values():
+        columns = [_grid_columns(item.callspec.params) for item in group]
+        names = sorted(set().union(*columns))
+        rows = [tuple(row.get(name) for name in names) for row in columns]
+        kept = set(pairwise_cover(rows))
+        for index, item in enumerate(group):
+            if index not in kept:
+                item.add_marker(pytest.mark.slow)
 
 
 @dataclasses.dataclass(frozen=True)
