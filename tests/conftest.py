@@ -63,7 +63,7 @@ def pairwise_cover(grid: list[tuple]) -> list[int]:
     some row, occurs in a chosen row: greedy, each next row the one covering the most pairs not
     yet covered (the first among equals), so the subset is the same in every run."""
     def pairs(row):
-        singles = {(i, value) for i, value in enumerate(row)}
+        singles = {()} | {(i, value) for i, value in enumerate(row)}  # (): a grid of one row is kept
         return singles | {(i, a, j, b) for (i, a), (j, b) in itertools.combinations(enumerate(row), 2)}
     wanted = [pairs(row) for row in grid]
     uncovered = set().union(*wanted) if wanted else set()
