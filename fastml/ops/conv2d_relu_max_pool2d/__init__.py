@@ -35,7 +35,10 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        out, argmax, x, weight = ctx.saved_tensors
+        # The backward may run on another backend than the forward did (each is chosen on its
+        # own), and the kernels take raw pointers to contiguous tensors: torch's forward (the
+        # reference) returns a channels-last out and argmax where the weight is channels-last.
+        out, argmax, x, weight = (t.contiguous() for t in ctx.saved_tensors)
         grad, needs = grad.contiguous(), tuple(ctx.needs_input_grad[:3])
 
         def run(name):
