@@ -122,8 +122,8 @@ class FoldedConv2d(fastml_nn.Conv2d):
             out = self._fastml_conv(x, *fold.parameters())
             return out.relu_() if relu else out
 
-        def variants(x):
-            return fastml_nn.torch_conv_variants(self, x, fold.parameters, relu)
+        def variants(x, only=None):
+            return fastml_nn.torch_conv_variants(self, x, fold.parameters, relu, only)
 
         return _route.call(self, input, self.weight, torch_forward, fastml_forward, variants=variants)
 

@@ -106,10 +106,10 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
     fastml's dispatch can still lose to torch's module once the dispatch's own cost (checks, an
     autograd.Function in Python) is counted.
 
-    ``variants``: None, or a function of the input returning {name: forward}, other ways of
-    computing the same layer with torch's ops (a convolution on the channels-last layout) where
-    they apply to that input: they are timed against torch's module too, whatever the ops chose,
-    and the fastest runs."""
+    ``variants``: None, or a function of the input (and of ``only``, a name: that variant alone)
+    returning {name: forward}, other ways of computing the same layer with torch's ops (a
+    convolution on the channels-last layout) where they apply to that input: they are timed
+    against torch's module too, whatever the ops chose, and the fastest runs."""
     args = (input,) if target is None else (input, target)
     if is_compiling():  # traced into a graph: fastml's path, whose ops are custom ops there
         return fastml_forward(*args)
@@ -121,7 +121,7 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
             return torch_forward(*args)
         if route == "fastml":
             return fastml_forward(*args)
-        variant = variants(input).get(route)
+        variant = variants(input, route).get(route)
         if variant is not None:
             return variant(*args)
         return torch_forward(*args)  # (not reached: the signature holds all a variant depends on)

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastml import _onednn, _route, _winograd, functional
+from fastml import _onednn, _pointwise, _route, _winograd, functional
 
 __all__ = ["Conv2d", "ConvReLUPool2d", "CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss", "LinearMSELoss",
            "MaxPool2d", "MSELoss"]
@@ -36,8 +36,8 @@ class Conv2d(torch.nn.Conv2d):
     def _fastml_forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._fastml_conv(input, self.weight, self.bias)
 
-    def _torch_variants(self, input: torch.Tensor) -> dict:
-        return torch_conv_variants(self, input, lambda: (self.weight, self.bias))
+    def _torch_variants(self, input: torch.Tensor, only: str | None = None) -> dict:
+        return torch_conv_variants(self, input, lambda: (self.weight, self.bias), only=only)
 
     def _fastml_conv(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """This layer's convolution with the given weight and bias (torch's ``_conv_forward``, on
@@ -48,12 +48,17 @@ class Conv2d(torch.nn.Conv2d):
         return functional.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, relu: bool = False) -> dict:
+def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, relu: bool = False,
+                        only: str | None = None) -> dict:
     """Other ways of computing ``conv``'s convolution of ``input`` with the weight and bias that
     ``parameters()`` returns (then an in-place ReLU if ``relu``) with torch's ops, where they
     apply, for the measured choice to time against torch's own: {name: forward}. (A function, not
     the tensors: a folded weight formed with autograd is formed anew by each call, as each timed
-    call runs its own backward.)
+    call runs its own backward.) ``only``: the one variant a layer's route names, the others not
+    even checked (a routed call pays for one check, not all).
+
+    "matmul" (1x1 convolutions, either layout, forward and backward): one matrix product
+    (fastml/_pointwise.py), without oneDNN's per-call set-up.
 
     "onednn_packed" (channels-last input, inference): torch's oneDNN convolution on a weight
     packed once, the ReLU in its epilogue (fastml/_onednn.py).
@@ -67,21 +72,29 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
     convolutions are up to 2x faster on that layout for some shapes (a 7x7 stem, 64 channels at
     28x28) and slower for others (depthwise, 1x1). Not for unbatched input, off the CPU, or
     padding other than zeros."""
-    if _onednn.applies(conv, input, *parameters()):
-        variants = {"onednn_packed": lambda x: _onednn.packed_convolution(conv, x, *parameters(), relu)}
-        if _winograd.applies(conv, input, *parameters()):
-            variants["winograd"] = lambda x: _winograd.convolution(conv, x, *parameters(), relu)
-        return variants
-    if _winograd.applies(conv, input, *parameters()):  # channels-last, gradients wanted
-        return {"winograd": lambda x: _winograd.differentiable_convolution(conv, x, *parameters(), relu)}
-    if (input.dim() != 4 or input.device.type != "cpu" or not input.is_contiguous()
-            or input.is_contiguous(memory_format=torch.channels_last) or conv.padding_mode != "zeros"):
-        return {}
+    def offered(name: str) -> bool:
+        return only is None or only == name
 
-    def run(x):
-        out = conv._conv_forward(x, *parameters())
-        return out.relu_() if relu else out
-    return {"channels_last": lambda x: relayout(run(relayout(x, torch.channels_last)), torch.contiguous_format)}
+    weight, bias = parameters()  # for the checks, which read only what the tensors are
+    variants = {}
+    if offered("matmul") and _pointwise.applies(conv, input, weight):
+        variants["matmul"] = lambda x: _pointwise.convolution(conv, x, *parameters(), relu)
+    inference = (offered("onednn_packed") or offered("winograd")) and _onednn.applies(conv, input, weight, bias)
+    if inference and offered("onednn_packed"):
+        variants["onednn_packed"] = lambda x: _onednn.packed_convolution(conv, x, *parameters(), relu)
+    if offered("winograd") and _winograd.applies(conv, input, weight, bias):
+        if inference:
+            variants["winograd"] = lambda x: _winograd.convolution(conv, x, *parameters(), relu)
+        else:  # channels-last, gradients wanted: torch's backward
+            variants["winograd"] = lambda x: _winograd.differentiable_convolution(conv, x, *parameters(), relu)
+    if (offered("channels_last") and input.dim() == 4 and input.device.type == "cpu" and input.is_contiguous()
+            and not input.is_contiguous(memory_format=torch.channels_last) and conv.padding_mode == "zeros"):
+        def run(x):
+            out = conv._conv_forward(x, *parameters())
+            return out.relu_() if relu else out
+        variants["channels_last"] = lambda x: relayout(run(relayout(x, torch.channels_last)),
+                                                       torch.contiguous_format)
+    return variants
 
 
 def relayout(tensor: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
@@ -112,14 +125,14 @@ class ConvReLUPool2d(torch.nn.Conv2d):
         return _route.call(self, input, self.weight, self._torch_forward, self._fastml_forward,
                            variants=self._torch_variants)
 
-    def _torch_variants(self, input: torch.Tensor) -> dict:
+    def _torch_variants(self, input: torch.Tensor, only: str | None = None) -> dict:
         """The convolution variants of ``torch_conv_variants`` with the ReLU in their epilogue,
         then torch's pool, where they apply (channels-last input, inference)."""
         def then_pool(convolve):
             return lambda x: F.max_pool2d(convolve(x), self.pool_kernel_size, self.pool_stride)
         if input.dim() != 4 or input.is_contiguous():  # only the channels-last variants: see _onednn.py
             return {}
-        variants = torch_conv_variants(self, input, lambda: (self.weight, self.bias), relu=True)
+        variants = torch_conv_variants(self, input, lambda: (self.weight, self.bias), relu=True, only=only)
         return {name: then_pool(convolve) for name, convolve in variants.items()}
 
     def _fastml_forward(self, input: torch.Tensor) -> torch.Tensor:

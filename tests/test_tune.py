@@ -158,6 +158,18 @@ def test_cache_round_trip(clock):
     assert _tune.stored_count() == 1
 
 
+def test_a_cached_decision_timed_among_other_candidates_is_timed_again(clock):
+    """A newer fastml offers a layer more candidates (a variant it did not have): a decision
+    cached by the older one, which never timed the new candidate, must not stand."""
+    assert decide(clock)[0] == "cpp"  # timed among cpp and torch's
+    _tune._store.clear(persisted=False)
+    run, calls = costed_run(clock, {"cpp": 1e-4, "matmul": 5e-5, "reference": 3e-4})
+    assert _tune.choose(key(), ("cpp", "matmul"), X, run) == "matmul"
+    assert set(calls) == {"cpp", "matmul", "reference"}
+    _tune._store.clear(persisted=False)
+    assert _tune.choose(key(), ("cpp", "matmul"), X, untimed) == "matmul"  # now cached as it was timed
+
+
 def test_cache_lives_where_the_environment_says(tmp_path, monkeypatch):
     monkeypatch.setenv(_tune.CACHE_VAR, str(tmp_path / "elsewhere"))
     assert _tune.cache_path().parent == tmp_path / "elsewhere"
