@@ -93,6 +93,11 @@ ROUNDS = 3
 SAMPLE_SECONDS = 2e-3
 MAX_CALLS_PER_SAMPLE = 2000
 SLOW_CALL_SECONDS = 0.25
+DROP_RATIO = 3.0
+"""A candidate whose first timed call took more than DROP_RATIO x torch's is not timed again: no
+noise makes up a factor of 3, and on a CPU where a kernel is far slower (fastml's convolution
+tiles, written for AVX-512's 32 registers, on an AVX2-only CPU: 10x to 25x oneDNN on real
+models' shapes) the rounds it would get cost most of a model's tuning."""
 
 TUNE_VAR = "FASTML_TUNE"
 CACHE_VAR = "FASTML_CACHE_DIR"
@@ -391,11 +396,13 @@ def measure(names: tuple[str, ...], run: Callable[[str], object], device: torch.
     with torch.no_grad():
         warm = {name: _seconds(run, name, 1, device) for name in names}
         calls = {name: max(1, min(MAX_CALLS_PER_SAMPLE, int(SAMPLE_SECONDS / max(t, 1e-9)))) for name, t in warm.items()}
+        limit = DROP_RATIO * warm["reference"] if "reference" in warm else math.inf
+        timed = [name for name in names if warm[name] <= limit]
         if rounds is None:
-            rounds = 1 if max(warm.values()) > SLOW_CALL_SECONDS else ROUNDS
-        best = dict.fromkeys(names, math.inf)
+            rounds = 1 if max(warm[name] for name in timed) > SLOW_CALL_SECONDS else ROUNDS
+        best = {name: math.inf if name in timed else warm[name] for name in names}
         for _ in range(rounds):
-            for name in names:  # interleaved: a slow drift of the machine touches every candidate alike
+            for name in timed:  # interleaved: a slow drift of the machine touches every candidate alike
                 best[name] = min(best[name], _seconds(run, name, calls[name], device) / calls[name])
     return best
 

@@ -109,6 +109,17 @@ def test_tuning_costs_a_few_calls_for_a_large_op(clock):
     assert calls == {"cpp": 2, "reference": 2}
 
 
+def test_a_candidate_far_slower_than_torch_is_not_timed_again(clock):
+    slow = (_tune.DROP_RATIO + 1) * 1e-3
+    run, calls = costed_run(clock, {"cpp": slow, "numba": 0.99e-3, "reference": 1e-3})
+    assert _tune.choose(key(), ("cpp", "numba"), X, run) == "reference"
+    assert calls["cpp"] == 1 and calls["numba"] == calls["reference"] > 1
+    assert _tune.decisions()[key()].seconds["cpp"] == pytest.approx(slow)  # its one call, for the table
+    run, calls = costed_run(clock, {"cpp": 0.99 * _tune.DROP_RATIO * 1e-3, "reference": 1e-3})  # within: timed
+    _tune.choose(key("edge"), ("cpp",), X, run)
+    assert calls["cpp"] == calls["reference"] > 1
+
+
 def test_small_calls_are_timed_in_loops(clock):
     run, calls = costed_run(clock, {"cpp": 5e-7, "reference": 4e-6})
     assert _tune.choose(key(), ("cpp",), X, run) == "cpp"
