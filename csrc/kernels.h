@@ -121,7 +121,10 @@ void linear_cross_entropy_forward(address_t x, address_t w, address_t b, address
 // winograd.cpp: F(2x2, 3x3) transforms around a grouped 1x1 convolution, channels-last tensors:
 // x (n, h, w, c) → v (tiles, 16, c) for tiles [first_tile, first_tile + tiles) of the
 // (n, tiles_h, tiles_w) grid, padding ph, pw; m (tiles, 16, k) → y (n, oh, ow, k), + bias (0:
-// none), then ReLU if relu; returns whether every output was finite before the ReLU.
+// none), then ReLU if relu; returns whether every output was finite before the ReLU; the weight
+// g (k, c, 3, 3) → u (16, k, c), G g G^T of each filter.
+template <typename T>
+void winograd_f2_weight(address_t g, index_t k, index_t c, address_t u, int nthreads);
 template <typename T>
 void winograd_f2_input(address_t x, index_t n, index_t h, index_t w, index_t c, index_t ph, index_t pw,
                        index_t tiles_h, index_t tiles_w, index_t first_tile, index_t tiles, address_t v,

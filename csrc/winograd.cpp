@@ -120,6 +120,37 @@ bool winograd_f2_output(address_t m_address, address_t bias_address, bool relu, 
     return finite_check == T(0);
 }
 
+template <typename T>
+void winograd_f2_weight(address_t g_address, index_t k, index_t c, address_t u_address, int nthreads) {
+    // U = G g G^T per (K, C) filter, G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], in double and
+    // rounded once, into u (16, K, C): position p = 4 a + b of every filter together, the weight of
+    // the 16-group 1x1 product. Done once per weight version: in training, every step.
+    const T* g = as_ptr<const T>(g_address);
+    T* u = as_ptr<T>(u_address);
+    const index_t filters = k * c;
+#pragma omp parallel for num_threads(threads_for(filters * 25, nthreads)) schedule(static)
+    for (index_t f = 0; f < filters; ++f) {
+        const T* w = g + f * 9;
+        double t[3][4];  // t = g G^T: row r of the filter through G
+        for (int r = 0; r < 3; ++r) {
+            const double w0 = w[3 * r], w1 = w[3 * r + 1], w2 = w[3 * r + 2];
+            t[r][0] = w0;
+            t[r][1] = 0.5 * (w0 + w1 + w2);
+            t[r][2] = 0.5 * (w0 - w1 + w2);
+            t[r][3] = w2;
+        }
+        for (int b = 0; b < 4; ++b) {
+            const double t0 = t[0][b], t1 = t[1][b], t2 = t[2][b];
+            u[(0 * 4 + b) * filters + f] = static_cast<T>(t0);
+            u[(1 * 4 + b) * filters + f] = static_cast<T>(0.5 * (t0 + t1 + t2));
+            u[(2 * 4 + b) * filters + f] = static_cast<T>(0.5 * (t0 - t1 + t2));
+            u[(3 * 4 + b) * filters + f] = static_cast<T>(t2);
+        }
+    }
+}
+
+template void winograd_f2_weight<float>(address_t, index_t, index_t, address_t, int);
+template void winograd_f2_weight<double>(address_t, index_t, index_t, address_t, int);
 template void winograd_f2_input<float>(address_t, index_t, index_t, index_t, index_t, index_t, index_t, index_t,
                                        index_t, index_t, index_t, address_t, int);
 template void winograd_f2_input<double>(address_t, index_t, index_t, index_t, index_t, index_t, index_t, index_t,

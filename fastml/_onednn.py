@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import torch
 
+from fastml import _route
 from fastml.ops import is_compiling
 
 PACKED_ATTR = "_fastml_packed_weight"
+_route.DERIVED_WEIGHT_ATTRS.add(PACKED_ATTR)
 
 
 def _ops():
@@ -130,7 +132,3 @@ class _PackedWeight:
     def __deepcopy__(self, memo):
         return _PackedWeight()
 
-
-def forget(conv: torch.nn.Module) -> None:
-    """Drops ``conv``'s packed weight (unpatch, or a module leaving fastml)."""
-    conv.__dict__.pop(PACKED_ATTR, None)

@@ -28,7 +28,7 @@ import dataclasses
 
 import torch
 
-from fastml import _fold, _layout, _onednn, _winograd
+from fastml import _fold, _layout, _route
 from fastml import nn as fastml_nn
 
 __all__ = ["Fused", "Left", "PatchReport", "Replaced", "patch", "unpatch"]
@@ -611,8 +611,7 @@ def _unfuse_runs(parent, name, report) -> None:
 
 
 def _unpatch_module(module, name, report) -> None:
-    _onednn.forget(module)  # derived weights the measured choice's variants cached on the layer
-    _winograd.forget(module)
+    _route.forget_derived_weights(module)  # what the measured choice's variants cached on the layer
     run = _fold.fold_of(module)
     if run is not None:
         folded_types = _run_type(*(m for m in (run.layer, run.bn, run.relu) if m is not None))

@@ -31,6 +31,26 @@ VETO_ATTR = "_fastml_torch_signatures"
 _watchers: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastml_route_watch", default=None)
 _threads = torch.get_num_threads
 
+DERIVED_WEIGHT_ATTRS: set[str] = set()
+"""Attributes in which a variant keeps, on its layer, what it derives from the weight once per
+weight version (oneDNN's packing, Winograd's transform): modules that cache so add theirs here."""
+
+
+def forget_derived_weights(module: torch.nn.Module) -> None:
+    """Drops what the variants derived from ``module``'s weight: unpatch does, and so does every
+    timed training call (``retimes_derived_weights``)."""
+    for attr in DERIVED_WEIGHT_ATTRS:
+        module.__dict__.pop(attr, None)
+
+
+def retimes_derived_weights(parameters: list) -> bool:
+    """Whether a timed call must derive its weights anew, as the call it decides for will: in
+    training (gradients wanted for parameters), an optimizer changes the weights every step, so
+    a variant that caches a transformed weight pays for the transform on every step, which timed
+    calls on one unchanging weight would never see (Winograd in ResNet-18's training measured
+    faster per layer and ran the step at 0.68x)."""
+    return torch.is_grad_enabled() and bool(parameters)
+
 
 def watched() -> bool:
     """Whether a layer listens for the decisions of the op it calls (ops then ``report``)."""
@@ -192,19 +212,24 @@ def layer_choice(layer: torch.nn.Module, args: tuple, torch_forward, candidates:
            input.device, tuple(a.shape for a in args), _layout(input), layer.extra_repr(),
            tuple(a.requires_grad for a in args), tuple(a.dtype for a in args[1:]),
            tuple(p.shape for p in parameters), tuple(candidates))
-    return _timed_choice(key, args, parameters, {"reference": torch_forward, **candidates})
+    return _timed_choice(key, args, parameters, {"reference": torch_forward, **candidates}, layer)
 
 
-def _timed_choice(key: tuple, args: tuple, parameters: list, forwards: dict) -> str:
+def _timed_choice(key: tuple, args: tuple, parameters: list, forwards: dict,
+                  layer: torch.nn.Module | None = None) -> str:
     """``_tune.choose`` among ``forwards`` {name: forward}, "reference" (torch's) among them, each
     ``forward(*args)`` timed forward and, where gradients are tracked, backward to ``args`` (None
-    entries allowed) and ``parameters``, on detached copies of ``args``."""
+    entries allowed) and ``parameters``, on detached copies of ``args``; in training each call
+    derives ``layer``'s weights anew (``retimes_derived_weights``)."""
     grad_on = torch.is_grad_enabled()
     copies = [a if a is None else a.detach().requires_grad_(a.requires_grad and grad_on) for a in args]
     input = next(a for a in args if a is not None)
     upstream = {}
+    fresh_weights = layer is not None and retimes_derived_weights(parameters)
 
     def run(name):
+        if fresh_weights:
+            forget_derived_weights(layer)
         with torch.set_grad_enabled(grad_on):
             out = forwards[name](*copies)
             outputs = [t for t in _tensors(out) if t.requires_grad and t.is_floating_point()]

@@ -221,6 +221,11 @@ def _tune_layers(model, example_inputs, parameters, backward: bool) -> tuple[lis
     return rows, captured
 
 
+def _forget_derived_weights(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        _route.forget_derived_weights(module)
+
+
 def _layout_choice(model, layout, example_inputs, parameters, backward: bool) -> LayerChoice:
     """The whole model with channels-last activations (``patch(channels_last=True)``) against the
     model on its input's own layout ("reference"), each with its layers' routes as decided for
@@ -228,8 +233,11 @@ def _layout_choice(model, layout, example_inputs, parameters, backward: bool) ->
     is timed in its own context)."""
     inputs = _detached(example_inputs)
     grad_on = torch.is_grad_enabled()
+    fresh_weights = _route.retimes_derived_weights(parameters)
 
     def run(name):
+        if fresh_weights:  # each call a training step's: the weights derived anew
+            _forget_derived_weights(model)
         layout.enabled = name == "channels_last"
         with torch.set_grad_enabled(grad_on):
             _forward_and_backward(model, inputs, parameters, backward)
@@ -259,8 +267,11 @@ def _model_choice(model, example_inputs, parameters, backward: bool, captured) -
     inputs = _detached(example_inputs)
 
     grad_on = torch.is_grad_enabled()
+    fresh_weights = _route.retimes_derived_weights(parameters)
 
     def run(name):
+        if fresh_weights:  # each call a training step's: the weights derived anew
+            _forget_derived_weights(model)
         for _, module, sig, route in on_fastml:
             _route.remember(module, sig, "reference" if name == "reference" else route)
         with torch.set_grad_enabled(grad_on):

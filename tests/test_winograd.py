@@ -153,7 +153,7 @@ def test_the_transformed_weight_follows_the_weight(rng):
         with torch.no_grad():
             torch.testing.assert_close(_winograd.convolution(copied, x, copied.weight, copied.bias, False),
                                        conv(x), rtol=1e-4, atol=1e-4)
-    _winograd.forget(conv)
+    _route.forget_derived_weights(conv)  # as unpatch does
     assert _winograd.WEIGHT_ATTR not in conv.__dict__
 
 
