@@ -11,7 +11,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, eval_conv_bn_relu, magnitude, prefer
+from conftest import assert_close, eval_conv_bn_relu, magnitude, prefer, rand
 
 import fastml
 from fastml import _fold, _onednn, _route, _winograd
@@ -248,3 +248,19 @@ def test_a_training_layer_runs_winograd_where_it_measured_fastest(monkeypatch, r
     expected = reference(layer, x, False)
     with torch.no_grad():
         assert_close(layer(x.requires_grad_()), expected, scale=magnitude(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weight_transform_is_g_w_gt_in_float64_rounded_once(rng, dtype):
+    """The C++ weight transform (every training step runs it) against the float64 einsum."""
+    g = torch.tensor(_winograd._G, dtype=torch.float64)
+    for k, c in ((1, 1), (5, 3), (17, 33)):
+        weight = rand(k, c, 3, 3, dtype=dtype, generator=rng)
+        weight[0, 0, 1, 1] = 0.0  # (non-finite weights: the convolution's own tests, which recompute directly)
+        expected = torch.einsum("ar,kcrs,bs->abkc", g, weight.double(), g).reshape(16 * k, c, 1, 1).to(dtype)
+        got = _winograd.transform_weight(weight.transpose(2, 3).contiguous().transpose(2, 3))  # strided: read right
+        assert got.shape == expected.shape and got.dtype == dtype and got.is_contiguous()
+        # float32: bit for bit (float64 sums rounded once); float64: the sums' order, units in the last place
+        exact = dtype == torch.float32
+        ulp = 0 if exact else 4 * torch.finfo(torch.float64).eps * float(weight.abs().max())
+        torch.testing.assert_close(got, expected, rtol=0, atol=ulp)
