@@ -96,7 +96,9 @@ def pytest_collection_modifyitems(config, items):
     options a test's grid spans, not on the combination of all of them, so by default each test
     runs on the interpreter only a pairwise cover of its grid (every value of each parameter and
     every pair of two parameters' values, see pairwise_cover); the rest are marked slow and run
-    with ``-m slow``. On a GPU every case runs."""
+    with ``-m slow``. A test marked ``interpreter_slow`` (its point is another backend's
+    path, its Triton cases a repeat of others') runs on the interpreter only with ``-m slow``.
+    On a GPU every case runs."""
     if torch.cuda.is_available():
         return
     grids = defaultdict(list)
@@ -105,6 +107,10 @@ def pytest_collection_modifyitems(config, items):
         if callspec is not None and callspec.params.get("backend") == "triton":
             grids[item.nodeid.split("[", 1)[0]].append(item)
     for group in grids.values():
+        if group[0].get_closest_marker("interpreter_slow") is not None:
+            for item in group:
+                item.add_marker(pytest.mark.slow)
+            continue
         columns = [_grid_columns(item.callspec.params) for item in group]
         names = sorted(set().union(*columns))
         rows = [tuple(row.get(name) for name in names) for row in columns]
