@@ -42,7 +42,7 @@ WEIGHT_ATTR = "_fastml_winograd_weight"
 _route.DERIVED_WEIGHT_ATTRS.add(WEIGHT_ATTR)
 MIN_CHUNK_TILES = 256  # below this, each chunk's product re-reads the transformed weight for too few rows
 
-# G of F(2x2, 3x3): the filter transform U = G g G^T
+# G of F(2x2, 3x3): the filter transform U = G g G^T (csrc/winograd.cpp applies it; the tests check it against this)
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
@@ -125,18 +125,14 @@ class _TransformedWeight:
 
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
     """(K, C, 3, 3) → (16 K, C, 1, 1): G g G^T of each filter, in float64 rounded once, laid out
-    as the weight of a 16-group 1x1 convolution (group p holds position p of every filter). On
-    fastml's C++ kernel where present (a training step pays it: 2-3 ms for 512x512 filters
-    where torch's float64 einsum took 90 ms on a 2-core Zen 3), else torch's products."""
+    as the weight of a 16-group 1x1 convolution (group p holds position p of every filter), by
+    fastml's C++ kernel (``applies`` needs it built). A training step pays it: 2-3 ms for 512x512
+    filters where torch's float64 einsum took 90 ms on a 2-core Zen 3."""
     k, c = weight.shape[:2]
     source = weight.detach().contiguous()
-    if _kernels_built() and source.dtype in (torch.float32, torch.float64):
-        u = torch.empty((16 * k, c, 1, 1), dtype=source.dtype)
-        _cpp.kernel("winograd_f2_weight", source.dtype)(source.data_ptr(), k, c, u.data_ptr(), _cpp.threads())
-        return u
-    g = torch.tensor(_G, dtype=torch.float64)
-    u = torch.einsum("ar,kcrs,bs->abkc", g, source.double(), g)  # (4, 4, K, C)
-    return u.reshape(16 * k, c, 1, 1).to(weight.dtype).contiguous()
+    u = torch.empty((16 * k, c, 1, 1), dtype=source.dtype)
+    _cpp.kernel("winograd_f2_weight", source.dtype)(source.data_ptr(), k, c, u.data_ptr(), _cpp.threads())
+    return u
 
 
 def _packed(conv: torch.nn.Conv2d, weight: torch.Tensor, chunk_shape: tuple) -> torch.Tensor:
