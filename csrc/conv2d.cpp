@@ -50,10 +50,10 @@ void correlate(const T* x, index_t hp, index_t wp, const T* packed, const T* bia
 template <typename T>
 void correlate_any(const T* x, index_t hp, index_t wp, const T* packed, const T* bias, const ConvShape& cs, T* out,
                    int threads) {
-    if (cs.ow <= Simd<T>::kWidth) {
+    if (cs.ow <= Simd<T>::kWidth || kRowVectors == 1) {
         correlate<T, 1>(x, hp, wp, packed, bias, cs, out, threads);
     } else {
-        correlate<T, 2>(x, hp, wp, packed, bias, cs, out, threads);
+        correlate<T, kRowVectors>(x, hp, wp, packed, bias, cs, out, threads);
     }
 }
 

@@ -100,6 +100,11 @@ inline void batch_conv_tile(const T* x, index_t plane, index_t row_step, index_t
     }
 }
 
+// Positions (forward) or taps (weight gradient) a batch-layout tile takes at once: kKB
+// accumulators and one input vector each, and the broadcast weight or gradient vector: 3 with
+// AVX-512's 32 registers (27 of them), 1 with AVX2's 16.
+constexpr int kBatchTaps = tile_columns(kKB, 1, 3);
+
 // One output row of one block of kKB output channels in the batch layout: body(col, count, acc)
 // receives each tile's accumulators (count = P positions from column col, or 1 for the last
 // ones). x: batch planes of the group's input channels for one block of images.
@@ -107,7 +112,7 @@ template <typename T, typename Body>
 inline void batch_conv_row(const T* x, const ConvShape& cs, index_t hp, index_t wp, const T* w_block, index_t row,
                            Body&& body) {
     constexpr index_t L = Simd<T>::kWidth;
-    constexpr int P = 3;  // 8 × 3 accumulators + 3 inputs: 27 of AVX-512's 32 registers
+    constexpr int P = kBatchTaps;
     const index_t plane = hp * wp * L, row_step = cs.dh * wp * L, tap_step = cs.dw * L, col_step = cs.sw * L;
     const T* base = x + row * cs.sh * wp * L;
     index_t col = 0;
@@ -168,8 +173,8 @@ void batch_correlate(const T* x, index_t hp, index_t wp, const T* packed, const 
 // first `count` of kKB output channels and P taps of one kernel row. gz: the block's first
 // channel's gradient at the band's first position (rows grad_row positions apart, channels
 // `pitch` elements apart); xi: the
-// input under the first tap at the band's first row. 8 × 3 accumulators, 3 inputs and one
-// gradient vector at a time: 28 of AVX-512's 32 registers.
+// input under the first tap at the band's first row. kKB × P accumulators, P inputs and one
+// gradient vector at a time: 28 of AVX-512's 32 registers with P = 3 (kBatchTaps).
 template <typename T, int P, bool kFullBlock>
 inline void weight_tile(const T* gz, index_t grad_row, index_t pitch, const T* xi, const ConvShape& cs, index_t wp,
                         index_t rows, index_t count, typename Simd<T>::vec (&acc)[kKB][P]) {
@@ -188,12 +193,11 @@ inline void weight_tile(const T* gz, index_t grad_row, index_t pitch, const T* x
             for (int o = 0; o < kKB; ++o) {
                 if (!kFullBlock && o >= count) break;  // past this block's last channel
                 V gv = S::load(g + o * pitch);
-#if defined(__AVX512F__)
+#if defined(__AVX__)
                 // Keep gv in a register: GCC would fold the load into each of the P FMAs, and
                 // the loads, not the FMAs, then bound the loop (27 loads per 24 FMAs). The "v"
-                // constraint names one zmm register, so it only exists where V is one vector:
-                // with narrower vectors V spans several registers and the asm cannot be
-                // expressed (GCC: "impossible constraint"); there GCC's own choice stands.
+                // constraint names one vector register: V is one (simd.h) with AVX and
+                // AVX-512; an SSE2 build leaves GCC its own choice.
                 __asm__("" : "+v"(gv));
 #endif
 #pragma GCC unroll 3
@@ -213,8 +217,9 @@ inline index_t gradient_plane_rows(index_t oh, index_t ow) { return oh + (oh * o
 // grad + ib·k·pitch + k·pitch + (row·grad_row + col)·kWidth: planes of conv2d_backward_weight's
 // gradient_plane_rows × ow, or the fused backward's padded ones) and x (blocks, c, hp, wp, lane). The positions are cut
 // into chunks (one block of images, a band of output rows: about kBandPositions positions) so a
-// block of kKB channels of the gradient (kBandPositions · kKB vectors, 128 KiB in float) stays in
-// L2 while every (input channel, kernel row) multiplies it, by tiles of kKB channels × 3 taps.
+// block of kKB channels of the gradient (kBandPositions · kKB vectors, 128 KiB in float with
+// AVX-512) stays in
+// L2 while every (input channel, kernel row) multiplies it, by tiles of kKB channels × kBatchTaps taps.
 // Threads take chunks and keep partial sums, added in a fixed order.
 template <typename T>
 void batch_weight_gradient(const T* grad, index_t grad_row, index_t pitch, const T* x, index_t hp, index_t wp,
@@ -222,7 +227,7 @@ void batch_weight_gradient(const T* grad, index_t grad_row, index_t pitch, const
     using S = Simd<T>;
     using V = typename S::vec;
     constexpr index_t L = S::kWidth, kBandPositions = 256;
-    constexpr int P = 3;
+    constexpr int P = kBatchTaps;
     const index_t kg = cs.kg(), cg = cs.cg(), blocks = cs.kblocks(), image_blocks = (cs.n + L - 1) / L;
     const index_t weights = cs.k * cg * cs.r * cs.s;
     const index_t band = std::max<index_t>(1, kBandPositions / std::max<index_t>(cs.ow, 1));
@@ -260,7 +265,7 @@ void batch_weight_gradient(const T* grad, index_t grad_row, index_t pitch, const
                                     weight_tile<T, P, false>(gz, grad_row, pitch, xb, cs, wp, rows, count, acc);
                                 add(acc, b0, P);
                             }
-                            for (; b0 < cs.s; ++b0) {  // the row's last s % 3 taps, one at a time
+                            for (; b0 < cs.s; ++b0) {  // the row's last s % P taps, one at a time
                                 V acc[kKB][1];
                                 const T* xb = xa + b0 * cs.dw * L;
                                 weight_tile<T, 1, false>(gz, grad_row, pitch, xb, cs, wp, rows, count, acc);

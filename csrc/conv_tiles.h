@@ -5,7 +5,8 @@
 // side for each (input channel, r, s) (pack_weights). A tile is kKB output channels × NV SIMD
 // vectors of consecutive output columns of one output row: for each (input channel, r, s) it
 // loads NV vectors of input and multiplies them by kKB broadcast weights — kKB · NV FMAs per NV
-// loads, the accumulators held in registers (8 × 2 vectors = 16 of AVX-512's 32).
+// loads, the accumulators held in registers (8 × 2 vectors = 16 of AVX-512's 32; AVX2's 16
+// registers hold 8 × 1: kRowVectors).
 #pragma once
 
 #include <algorithm>
@@ -17,6 +18,9 @@
 namespace fastml {
 
 constexpr index_t kKB = 8;  // output channels per tile
+// The most vectors of output columns a tile takes (NV): kKB accumulators and one input vector
+// each, and the broadcast weight.
+constexpr int kRowVectors = tile_columns(kKB, 1, 2);
 
 // Sizes of one convolution: input (n, c, h, w), weight (k, c / groups, r, s), output (n, k, oh, ow).
 struct ConvShape {

@@ -50,7 +50,8 @@ template <typename T>
 inline typename Simd<T>::vec exp_nonpositive(typename Simd<T>::vec x) {
     using C = ExpConstants<T>;
     using V = typename Simd<T>::vec;
-    typedef typename C::Int IV __attribute__((vector_size(64)));
+    typedef typename C::Int IV __attribute__((vector_size(kVectorBytes)));  // V's lanes as integers
+    static_assert(sizeof(IV) == sizeof(V), "the integer view of a vector has its lanes");
     const V lowest = Simd<T>::broadcast(C::kLowest), zero = Simd<T>::broadcast(T(0));
     V xc = x < lowest ? lowest : x;
     xc = xc > zero ? zero : xc;

@@ -50,26 +50,30 @@ inline void prefetch_rows(const T* begin, index_t count) {
     for (index_t i = 0; i < count; i += kLine) __builtin_prefetch(begin + i, 0, 3);
 }
 
+// Weight rows a dot_tile of kRows x-rows takes at once: 4 with AVX-512 (16 accumulators, 4
+// weight vectors and the x vector: 21 of its 32 registers), 2 with AVX2's 16 registers.
+constexpr int kDotCols = tile_columns(kRows, 2, 4);
+
 // out[r * out_stride + j] = bias[j] + dot(x[r], w[j]) for r < R, j < o.
 //
-// Four rows take four outputs at a time (dot_tile<4, 4>: 16 accumulators, enough independent
-// FMAs to cover their latency). A 4 x 1 `omp simd` tile holds only 4 and ran at ~0.9x torch's
-// oneDNN at 256 x 784 x 256; a 4 x 2 `omp simd` tile spilled its 8 accumulators to the stack.
-// The remaining outputs (o % 4) take the 4 x 1 tile, as does linear regression's o = 1, which
-// is memory-bound anyway.
+// Four rows take kDotCols outputs at a time (dot_tile<4, kDotCols>: enough independent FMAs to
+// cover their latency). A 4 x 1 `omp simd` tile holds only 4 and ran at ~0.9x torch's oneDNN at
+// 256 x 784 x 256 on AVX-512; a 4 x 2 `omp simd` tile spilled its 8 accumulators to the stack.
+// The remaining outputs (o % kDotCols) take the 4 x 1 tile, as does linear regression's o = 1,
+// which is memory-bound anyway.
 template <typename T, int R>
 inline void dot_rows(const T* x, index_t d, const T* w, const T* bias, index_t o, T* out,
                      index_t out_stride) {
     const T* xr[R];
     for (int r = 0; r < R; ++r) xr[r] = x + r * d;
     index_t j = 0;
-    if constexpr (R == 4) {
-        for (; j + 4 <= o; j += 4) {
-            T dots[4][4];
-            dot_tile<T, 4, 4>(xr, w + j * d, d, dots);
-            for (int c = 0; c < 4; ++c) {
+    if constexpr (R == kRows) {
+        for (; j + kDotCols <= o; j += kDotCols) {
+            T dots[kRows][kDotCols];
+            dot_tile<T, kRows, kDotCols>(xr, w + j * d, d, dots);
+            for (int c = 0; c < kDotCols; ++c) {
                 const T b = bias ? bias[j + c] : T(0);
-                for (int r = 0; r < 4; ++r) out[r * out_stride + j + c] = dots[r][c] + b;
+                for (int r = 0; r < kRows; ++r) out[r * out_stride + j + c] = dots[r][c] + b;
             }
         }
     }
@@ -144,14 +148,18 @@ inline void outer_tile(const T* coef, index_t o, const T* x, index_t d, index_t 
 // weight gradient of a row block, coef being the block's (rows × o) gradient of the prediction.
 // The block's sum is formed in registers and added to acc once per block, so acc holds a sum of
 // per-block partials (closer to pairwise summation than adding row by row).
+// Vectors of x an outer_tile of 4 outputs takes at once: 8 accumulators, 2 x vectors and the
+// broadcast coefficient fit AVX2's 16 registers as well as AVX-512's 32.
+constexpr int kOuterVectors = tile_columns(4, 1, 2);
+
 template <typename T>
 inline void accumulate_outer(const T* coef, const T* x, index_t rows, index_t d, index_t o, T* acc) {
     constexpr index_t W = Simd<T>::kWidth;
     index_t k = 0;
-    for (; k + 2 * W <= d; k += 2 * W) {
+    for (; k + kOuterVectors * W <= d; k += kOuterVectors * W) {
         index_t j = 0;
-        for (; j + 4 <= o; j += 4) outer_tile<T, 4, 2>(coef, o, x, d, rows, j, k, acc);
-        for (; j < o; ++j) outer_tile<T, 1, 2>(coef, o, x, d, rows, j, k, acc);
+        for (; j + 4 <= o; j += 4) outer_tile<T, 4, kOuterVectors>(coef, o, x, d, rows, j, k, acc);
+        for (; j < o; ++j) outer_tile<T, 1, kOuterVectors>(coef, o, x, d, rows, j, k, acc);
     }
     for (; k + W <= d; k += W) {
         index_t j = 0;

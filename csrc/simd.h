@@ -1,5 +1,12 @@
-// One 64-byte SIMD vector through GCC / Clang vector extensions, shared by the register-tiled
-// kernels (linear_tiles.h, distance_tiles.h).
+// The build target's SIMD vector (GCC / Clang vector extensions), and the size of its register
+// file, shared by the register-tiled kernels (linear_tiles.h, distance_tiles.h, conv_*tiles.h).
+//
+// Both come from the target the file is compiled for (-march), never from one machine's tuning:
+// AVX-512 has 32 registers of 64 bytes, AVX / AVX2 16 of 32 bytes, SSE2 16 of 16 bytes. A tile
+// sizes its accumulators from kVectorRegisters (tile_columns below). Tiles laid out for AVX-512,
+// built for AVX2 with 64-byte vectors, each vector a pair of registers, needed twice the register
+// file and spilled: the fused linear + squared loss at 65536 x 256 -> 8 ran 9x slower than numba's
+// loop on a Zen 3.
 #pragma once
 
 #include <cstring>
@@ -12,13 +19,34 @@
 
 namespace fastml {
 
-// 16 floats or 8 doubles; the compiler splits it into halves or quarters where the machine's
-// vectors are narrower. Used where `omp simd reduction` would spill its accumulators to the
-// stack instead of registers.
+#if defined(__AVX512F__)
+constexpr index_t kVectorBytes = 64;
+constexpr int kVectorRegisters = 32;
+#elif defined(__AVX__)
+constexpr index_t kVectorBytes = 32;
+constexpr int kVectorRegisters = 16;
+#elif defined(__aarch64__)
+constexpr index_t kVectorBytes = 16;  // NEON
+constexpr int kVectorRegisters = 32;
+#else
+constexpr index_t kVectorBytes = 16;  // SSE2, the x86-64 baseline, and anything else
+constexpr int kVectorRegisters = 16;
+#endif
+
+// The most columns (at most `most`, at least 1) a register tile can have on this target, where
+// each column holds `rows` accumulators and one loaded operand, and `fixed` more registers hold
+// the rest (a broadcast value): rows·cols + cols + fixed <= kVectorRegisters.
+constexpr int tile_columns(int rows, int fixed, int most) {
+    const int cols = (kVectorRegisters - fixed) / (rows + 1);
+    return cols < 1 ? 1 : (cols > most ? most : cols);
+}
+
+// One register's worth: 16 floats or 8 doubles with AVX-512, 8 or 4 with AVX2. Used where
+// `omp simd reduction` would spill its accumulators to the stack instead of registers.
 template <typename T>
 struct Simd {
-    typedef T vec __attribute__((vector_size(64)));
-    static constexpr index_t kWidth = 64 / index_t(sizeof(T));
+    typedef T vec __attribute__((vector_size(kVectorBytes)));
+    static constexpr index_t kWidth = kVectorBytes / index_t(sizeof(T));
     static vec load(const T* p) {
         vec v;
         std::memcpy(&v, p, sizeof(vec));  // an unaligned vector load
