@@ -9,6 +9,7 @@
 #include <string>
 
 #include "kernels.h"
+#include "simd.h"
 
 namespace py = pybind11;
 using namespace fastml;
@@ -45,6 +46,13 @@ PYBIND11_MODULE(FASTML_MODULE_NAME, m) {
 #endif
     );
     m.attr("isa") = isa.empty() ? isa : isa.substr(1);  // without the leading space
+    // What the register tiles and block sizes were derived from (simd.h, common.h).
+    m.attr("vector_bytes") = kVectorBytes;
+    m.attr("vector_registers") = kVectorRegisters;
+    m.def("cache_sizes", [] {
+        const CacheSizes& c = cache_sizes();
+        return py::dict(py::arg("l1d") = c.l1d, py::arg("l2") = c.l2);
+    });
 
     FASTML_DEF("linear_mse_forward_f32", linear_mse_forward<float>);
     FASTML_DEF("linear_mse_forward_f64", linear_mse_forward<double>);

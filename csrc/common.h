@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <omp.h>
+#include <unistd.h>
 
 namespace fastml {
 
@@ -18,6 +19,27 @@ using address_t = std::uintptr_t;  // a tensor's data_ptr(), 0 meaning "absent"
 template <typename T>
 inline T* as_ptr(address_t address) {
     return reinterpret_cast<T*>(address);
+}
+
+// The per-core data caches this CPU reports, in bytes: block sizes derive from them, not from
+// constants tuned on one machine (L1d is 32 KiB on Zen 3 and Zen 4, 48 KiB on Sapphire Rapids;
+// L2 512 KiB, 1 MiB and 2 MiB). glibc reads them from cpuid; where it cannot (another libc, a
+// hypervisor hiding the leaf), the common sizes stand in. Out-of-range reports are clamped.
+struct CacheSizes {
+    index_t l1d, l2;
+};
+
+inline const CacheSizes& cache_sizes() {
+    static const CacheSizes sizes = [] {
+        CacheSizes found{32 * 1024, 512 * 1024};
+#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+        const long l1d = sysconf(_SC_LEVEL1_DCACHE_SIZE), l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+        if (l1d > 0) found.l1d = std::clamp<index_t>(l1d, 16 * 1024, 256 * 1024);
+        if (l2 > 0) found.l2 = std::clamp<index_t>(l2, 128 * 1024, 64 * 1024 * 1024);
+#endif
+        return found;
+    }();
+    return sizes;
 }
 
 // Splits [0, n) into `parts` contiguous ranges that differ in length by at most one;

@@ -65,7 +65,16 @@ inline void tile_queries(const T* x, index_t m, index_t q0, index_t n, const T* 
     for (int i = 0; i < kTileQueries; ++i) qs[i] = x + std::min<index_t>(q0 + i, n - 1) * m;
 }
 
-constexpr index_t kReferenceChunk = 1024;  // references per packed chunk: 1024 × m values in L2
+// References per packed chunk of the float tiles: as many as fill half the L2 with their m
+// values (1024 at m = 64 in float on a 512 KiB L2), a multiple of the SIMD width. Every query
+// tile streams the whole chunk, so a chunk past L2 would come from L3 for each 8 queries: with a
+// fixed 1024, MNIST's m = 784 made it 3 MiB.
+template <typename T>
+inline index_t reference_chunk(index_t m) {
+    constexpr index_t W = Simd<T>::kWidth;
+    const index_t fit = cache_sizes().l2 / 2 / (std::max<index_t>(m, 1) * index_t(sizeof(T)));
+    return std::clamp<index_t>(fit / W * W, 4 * W, 16384);
+}
 
 // Packs references [c0, c1) of x2 (rows of m) transposed into buf (m × ldc), zero-padding the
 // columns past c1 up to ldc (the next multiple of the SIMD width). Returns ldc.
@@ -90,7 +99,7 @@ inline index_t pack_chunk(const T* x2, index_t m, index_t c0, index_t c1, T* buf
 // Elements of the scratch a thread packs reference chunks into (pack_chunk, for_each_tile).
 template <typename T>
 inline index_t packed_chunk_size(index_t m) {
-    return std::max<index_t>(m, 1) * (kReferenceChunk + Simd<T>::kWidth);
+    return std::max<index_t>(m, 1) * (reference_chunk<T>(m) + Simd<T>::kWidth);
 }
 
 // The query range [begin, end) of part `part` of `parts`, split on query-tile boundaries.
@@ -110,7 +119,7 @@ inline void reference_part(index_t n2, int parts, int part, index_t& begin, inde
 }
 
 // Every tile of queries [q0, q1) of x (n1 rows of m) against references [r_begin, r_end) of x2:
-// each chunk of references is packed once (into `packed`, room for m × (kReferenceChunk + W)),
+// each chunk of references is packed once (into `packed`, room for m × (reference_chunk + W)),
 // then every query tile of the range runs against it. body(t0, rows, j0, cols, acc) receives
 // the tile's first query and first reference, how many of each are real, and the accumulated
 // values (acc[i][l]: query t0 + i, reference j0 + l).
@@ -118,8 +127,9 @@ template <typename T, Norm N, typename Body>
 inline void for_each_tile(const T* x, const T* x2, index_t n1, index_t m, index_t q0, index_t q1, index_t r_begin,
                           index_t r_end, T* packed, Body&& body) {
     using S = Simd<T>;
-    for (index_t c0 = r_begin; c0 < r_end; c0 += kReferenceChunk) {
-        const index_t c1 = std::min(r_end, c0 + kReferenceChunk);
+    const index_t chunk = reference_chunk<T>(m);
+    for (index_t c0 = r_begin; c0 < r_end; c0 += chunk) {
+        const index_t c1 = std::min(r_end, c0 + chunk);
         const index_t ldc = pack_chunk(x2, m, c0, c1, packed);
         for (index_t t0 = q0; t0 < q1; t0 += kTileQueries) {
             const T* qs[kTileQueries];

@@ -106,6 +106,11 @@ inline T exact_squared_distance(const T* a, const T* b, index_t m) {
 }
 
 #if defined(FASTML_QUANTIZED_TILES)
+// int8 references per packed chunk: 1024 × m bytes, a quarter of the float tiles' chunk at the
+// same m. Kept fixed: this path needs AVX-512 VNNI, whose CPUs have 1 MiB of L2 or more, and no
+// such CPU was at hand to measure a cache-sized chunk on.
+constexpr index_t kQuantizedChunk = 1024;
+
 // Euclidean selection among float rows through int8 tiles (quantized_tiles.h): each pair's lower
 // bound on its squared distance is tested against its query's heap, and only the pairs that
 // pass (the first k, then about k·ln(R/k) per query on random data, a few more for the bound's
@@ -114,7 +119,7 @@ inline T exact_squared_distance(const T* a, const T* b, index_t m) {
 void scan_quantized(const float* x, const float* x2, index_t n2, index_t m, index_t q0, index_t q1, index_t r_begin,
                     index_t r_end, BoundedHeap<float>* heaps) {
     // The center: the mean of the first (up to) 1024 references, in double.
-    const index_t sample = std::min<index_t>(n2, kReferenceChunk);
+    const index_t sample = std::min<index_t>(n2, 1024);
     std::vector<double> mean(m, 0.0);
     for (index_t j = 0; j < sample; ++j)
         for (index_t k = 0; k < m; ++k) mean[k] += x2[j * m + k];
@@ -124,8 +129,8 @@ void scan_quantized(const float* x, const float* x2, index_t n2, index_t m, inde
     std::vector<std::int8_t> query_bytes(count * width);
     std::vector<QuantizedRow> queries(count);
     quantize_queries(x, center.data(), m, q0, q1, query_bytes.data(), queries.data());
-    std::vector<std::uint8_t> packed((kReferenceChunk + kQuantizedBlock) * width);
-    const index_t stride = kReferenceChunk + kQuantizedBlock;
+    std::vector<std::uint8_t> packed((kQuantizedChunk + kQuantizedBlock) * width);
+    const index_t stride = kQuantizedChunk + kQuantizedBlock;
     std::vector<float> reference_rows(3 * stride);
     const QuantizedReferences references{reference_rows.data(), reference_rows.data() + stride,
                                          reference_rows.data() + 2 * stride};
@@ -137,8 +142,8 @@ void scan_quantized(const float* x, const float* x2, index_t n2, index_t m, inde
     const float widen = 2 * kHalfStep * (1 + float(2 * m + 32) * eps);
     const float underflow = float(m + 32) * std::numeric_limits<float>::min();
     const float unbounded = std::numeric_limits<float>::infinity();
-    for (index_t c0 = r_begin; c0 < r_end; c0 += kReferenceChunk) {
-        const index_t c1 = std::min(r_end, c0 + kReferenceChunk);
+    for (index_t c0 = r_begin; c0 < r_end; c0 += kQuantizedChunk) {
+        const index_t c1 = std::min(r_end, c0 + kQuantizedChunk);
         quantize_references(x2, center.data(), m, c0, c1, packed.data(), references);
         for (index_t t0 = q0; t0 < q1; t0 += kTileQueries) {
             const index_t rows = std::min<index_t>(kTileQueries, q1 - t0);

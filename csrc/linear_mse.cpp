@@ -13,8 +13,6 @@ namespace fastml {
 namespace {
 
 constexpr index_t kBlockRows = 64;
-// A row block is read twice (prediction, then gradient): size it to stay in L1 between the two.
-constexpr index_t kBlockBytes = 16 * 1024;
 // Per-thread gradient copies up to this many bytes in all; beyond, threads split the outputs.
 constexpr index_t kMaxPartialBytes = index_t(32) << 20;
 
@@ -30,8 +28,11 @@ double process_rows(const Problem& p, const T* x, const T* w, const T* bias, con
                     index_t row_begin, index_t row_end, index_t col_begin, index_t col_end,
                     T* residual, T* loss_elems, T* grad_acc, T* grad_b_acc) {
     const index_t d = p.d, o = p.o, cols = col_end - col_begin;
+    // A row block is read twice (prediction, then gradient): half the L1 keeps it there between
+    // the two, beside the weights' tiles.
+    const index_t block_bytes = cache_sizes().l1d / 2;
     const index_t block_rows =
-        std::clamp<index_t>(kBlockBytes / std::max<index_t>(1, d * index_t(sizeof(T))) / kRows * kRows, kRows,
+        std::clamp<index_t>(block_bytes / std::max<index_t>(1, d * index_t(sizeof(T))) / kRows * kRows, kRows,
                             kBlockRows);
     std::vector<T> pred(block_rows * cols);
     double loss = 0.0;

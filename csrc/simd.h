@@ -11,7 +11,7 @@
 
 #include <cstring>
 
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -54,14 +54,20 @@ struct Simd {
     }
     static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
     static vec broadcast(T x) { return vec{} + x; }
-    // Whether every lane is greater than x (a NaN lane is not). One compare into a mask
-    // register and one test with AVX-512; GCC's generic lane loop costs a dozen more.
+    // Whether every lane is greater than x (a NaN lane is not). One compare into a mask and one
+    // test with AVX-512 or AVX; GCC's generic lane loop costs a dozen more.
     static bool all_greater(vec v, T x) {
 #if defined(__AVX512F__)
         if constexpr (sizeof(T) == 4) {
             return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), _mm512_set1_ps(x), _CMP_GT_OQ) == 0xFFFF;
         } else {
             return _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(v), _mm512_set1_pd(x), _CMP_GT_OQ) == 0xFF;
+        }
+#elif defined(__AVX__)
+        if constexpr (sizeof(T) == 4) {
+            return _mm256_movemask_ps(_mm256_cmp_ps(reinterpret_cast<__m256>(v), _mm256_set1_ps(x), _CMP_GT_OQ)) == 0xFF;
+        } else {
+            return _mm256_movemask_pd(_mm256_cmp_pd(reinterpret_cast<__m256d>(v), _mm256_set1_pd(x), _CMP_GT_OQ)) == 0xF;
         }
 #else
         bool all = true;

@@ -96,8 +96,13 @@ def _probe_cpp() -> BackendStatus:
         return BackendStatus("cpp", False, f"{name} is not importable ({exc}); build: {build}")
     level = f"CPU level {chosen['level']}: {chosen['reason']}"
     failed = "" if build in ("built", "unknown") or build.startswith("no build record") else f"; build: {build}"
-    return BackendStatus("cpp", True, f"{module.__name__} ({getattr(module, 'isa', '') or 'generic'}), OpenMP, up to "
-                                      f"{module.openmp_max_threads} threads; {level}{failed}")
+    tiles = ""
+    if hasattr(module, "cache_sizes"):  # tiles and blocks sized for: the build's vectors, this CPU's caches
+        caches = module.cache_sizes()
+        tiles = (f", {module.vector_registers} x {module.vector_bytes}-byte vector registers, "
+                 f"L1d {caches['l1d'] // 1024} KiB, L2 {caches['l2'] // 1024} KiB")
+    return BackendStatus("cpp", True, f"{module.__name__} ({getattr(module, 'isa', '') or 'generic'}{tiles}), OpenMP, "
+                                      f"up to {module.openmp_max_threads} threads; {level}{failed}")
 
 
 def _probe_numba() -> BackendStatus:

@@ -108,6 +108,9 @@ def main(expected_isa):
     # "avx2": the module must have been compiled for it; "-avx512f": must not have been.
     wrong = [f for f in expected_isa if (f[1:] in isa if f.startswith("-") else f not in isa)]
     assert not wrong, f"{loaded.__name__} was compiled for [{loaded.isa}], against {wrong}"
+    # Its register tiles are sized for that target's vectors (AVX2: 32 bytes, not AVX-512's 64).
+    bytes_ = 64 if "avx512f" in isa else 32 if "avx2" in isa else 16
+    assert loaded.vector_bytes == bytes_, f"{loaded.__name__} [{loaded.isa}] has {loaded.vector_bytes}-byte vectors"
     for dtype in DTYPES:
         check_ops(dtype)
         check_optimizers(dtype)
