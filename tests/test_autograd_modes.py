@@ -82,3 +82,43 @@ def test_batched_gradients(backend, reduction, rng):
     fused_args = float64((5, 4), (3, 4), (3,), (5, 3), device=backend.device, generator=rng)
     assert torch.autograd.gradcheck(lambda *a: fastml.functional.linear_mse(*a, reduction=reduction), fused_args,
                                     check_batched_grad=True, fast_mode=backend.interpreted)
+
+
+# The fused losses form their gradients going forward, and backward hands them over as they are
+# when the incoming gradient is exactly 1 (fastml.ops.scaled). What is handed over must behave
+# as a fresh gradient: under a retained graph, after in-place edits of .grad, and summed with
+# the gradient of a second use.
+FORMED_FORWARD = {
+    "linear_cross_entropy": (lambda x, w, b, t: fastml.functional.linear_cross_entropy(x, w, t[0], linear_bias=b),
+                             lambda x, w, b, t: F.cross_entropy(F.linear(x, w, b), t[0])),
+    "linear_mse": (lambda x, w, b, t: fastml.functional.linear_mse(x, w, b, t[1]),
+                   lambda x, w, b, t: F.mse_loss(F.linear(x, w, b), t[1])),
+    "cross_entropy": (lambda x, w, b, t: fastml.functional.cross_entropy(F.linear(x, w, b), t[0]),
+                      lambda x, w, b, t: F.cross_entropy(F.linear(x, w, b), t[0])),
+}
+
+
+@pytest.mark.parametrize("op", list(FORMED_FORWARD))
+def test_gradients_formed_forward_behave_as_fresh_ones(backend, op, rng):
+    ours, theirs = FORMED_FORWARD[op]
+    n, d, c = 7, 5, 3
+    params = float64((n, d), (c, d), (c,), device=backend.device, generator=rng)
+    targets = (torch.randint(0, c, (n,), generator=rng).to(backend.device),
+               rand(n, c, dtype=torch.float64, device=backend.device, generator=rng))
+    expected = torch.autograd.grad(theirs(*params, targets), params)
+
+    loss = ours(*params, targets)
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad.mul_(3)  # in place, on what the first backward handed over
+    loss.backward()  # the saved gradients handed over again, onto 3x the first
+    for p, g, e in zip(params, first, expected):
+        torch.testing.assert_close(g, e)
+        torch.testing.assert_close(p.grad, 4 * e)
+
+    for p in params:
+        p.grad = None
+    (ours(*params, targets) + 2 * ours(*params, targets)).backward()  # incoming 1 and 2, summed
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, 3 * e)

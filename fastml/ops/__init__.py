@@ -35,6 +35,24 @@ def backward_in_torch_ops(grad: torch.Tensor) -> bool:
             or not _has_storage(grad))
 
 
+def scaled(grad: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor | None:
+    """``grad · grad_output``: a gradient the forward pass formed, scaled by the incoming gradient
+    of a scalar loss. Where that is a CPU scalar exactly 1 (``loss.backward()``), ``grad`` itself:
+    x · 1 is x for every float (NaN and -0 included), and the product would be one more pass over
+    memory and a fresh allocation (softmax regression's input gradient: 800 KB, a sixth of its
+    fused step on a 2-core CPU). autograd releases the saved copy before it accumulates, so
+    ``.grad`` takes the tensor without copying it; under retain_graph it copies, as for any
+    gradient still referenced. Never where backward runs torch ops (double backward must see the
+    product with grad_output; vmap's batched grad_output has no one value)."""
+    if grad is None:
+        return None
+    if (grad_output.device.type == "cpu" and grad.device.type == "cpu" and grad_output.dim() == 0
+            and grad_output.dtype == grad.dtype and not backward_in_torch_ops(grad_output)
+            and grad_output.item() == 1):
+        return grad
+    return grad * grad_output
+
+
 def shape_class(op: str, phase: str, tensors, *arguments) -> tuple:
     """The shape class of a call, the key of its measured choice (fastml/_tune.py): the op and
     phase, the thread count, each tensor's shape (None for an absent one), the first tensor's

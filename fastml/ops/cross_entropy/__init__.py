@@ -17,6 +17,7 @@ from fastml.ops import (
     forced_backend,
     in_custom_op_graph,
     needs_grad,
+    scaled,
     shape_class,
     tracks_gradients,
 )
@@ -104,7 +105,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad_logits = run(backward_backend(ctx, grad_output, IMPLEMENTED, run,
                                                backward_key(logits, target, class_weight, label_smoothing)))
         elif need_logits:
-            grad_logits = grad * grad_output
+            grad_logits = scaled(grad, grad_output)
         if need_target:
             grad_target = target_gradient(logits, class_weight, label_smoothing, per_row)
         return grad_logits, grad_target, None, None, None, None, None

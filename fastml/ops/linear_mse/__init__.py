@@ -20,6 +20,7 @@ from fastml.ops import (
     forced_backend,
     in_custom_op_graph,
     needs_grad,
+    scaled,
     shape_class,
     tracks_gradients,
 )
@@ -74,8 +75,8 @@ class LinearMSEFunction(torch.autograd.Function):
                 grad_w = coef.T @ x if need_w else None
                 grad_b = coef.sum(0) if need_b else None
         if ctx.reduction != "none":
-            grad_w = grad_w * grad if need_w else None
-            grad_b = grad_b * grad if need_b and grad_b is not None else None
+            grad_w = scaled(grad_w, grad) if need_w else None
+            grad_b = scaled(grad_b, grad) if need_b else None
             coef = residual * (ctx.scale * grad) if residual is not None else None
         else:
             coef = (2.0 * grad) * residual
