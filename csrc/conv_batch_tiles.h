@@ -90,7 +90,10 @@ inline void batch_conv_tile(const T* x, index_t plane, index_t row_step, index_t
                 const T* at = row + b * tap_step;
                 V in[P];
 #pragma GCC unroll 4
-                for (int p = 0; p < P; ++p) in[p] = S::load(at + p * col_step);
+                for (int p = 0; p < P; ++p) {
+                    in[p] = S::load(at + p * col_step);
+                    keep_in_register(in[p]);  // one load, not one per output channel
+                }
 #pragma GCC unroll 8
                 for (int o = 0; o < kKB; ++o)
 #pragma GCC unroll 4
@@ -193,13 +196,7 @@ inline void weight_tile(const T* gz, index_t grad_row, index_t pitch, const T* x
             for (int o = 0; o < kKB; ++o) {
                 if (!kFullBlock && o >= count) break;  // past this block's last channel
                 V gv = S::load(g + o * pitch);
-#if defined(__AVX__)
-                // Keep gv in a register: GCC would fold the load into each of the P FMAs, and
-                // the loads, not the FMAs, then bound the loop (27 loads per 24 FMAs). The "v"
-                // constraint names one vector register: V is one (simd.h) with AVX and
-                // AVX-512; an SSE2 build leaves GCC its own choice.
-                __asm__("" : "+v"(gv));
-#endif
+                keep_in_register(gv);  // (simd.h) else loaded again by each of the P FMAs
 #pragma GCC unroll 3
                 for (int p = 0; p < P; ++p) acc[o][p] += gv * xs[p];
             }

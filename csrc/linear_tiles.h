@@ -24,7 +24,10 @@ inline void dot_tile(const T* const* x, const T* w, index_t d, T (&dots)[R][C]) 
     for (; k + S::kWidth <= d; k += S::kWidth) {
         V wv[C];
 #pragma GCC unroll 16
-        for (int c = 0; c < C; ++c) wv[c] = S::load(w + c * d + k);
+        for (int c = 0; c < C; ++c) {
+            wv[c] = S::load(w + c * d + k);
+            keep_in_register(wv[c]);  // one load per weight vector, not one per row it serves
+        }
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
             const V xv = S::load(x[r] + k);
@@ -127,7 +130,10 @@ inline void outer_tile(const T* coef, index_t o, const T* x, index_t d, index_t 
         const T* xr = x + r * d + k;
         V xv[K];
 #pragma GCC unroll 16
-        for (int kk = 0; kk < K; ++kk) xv[kk] = S::load(xr + kk * S::kWidth);
+        for (int kk = 0; kk < K; ++kk) {
+            xv[kk] = S::load(xr + kk * S::kWidth);
+            keep_in_register(xv[kk]);  // one load per x vector, not one per output it serves
+        }
 #pragma GCC unroll 16
         for (int c = 0; c < C; ++c) {
             const V cv = V{} + coef[r * o + j + c];  // broadcast
@@ -159,6 +165,8 @@ inline void accumulate_outer(const T* coef, const T* x, index_t rows, index_t d,
     for (; k + kOuterVectors * W <= d; k += kOuterVectors * W) {
         index_t j = 0;
         for (; j + 4 <= o; j += 4) outer_tile<T, 4, kOuterVectors>(coef, o, x, d, rows, j, k, acc);
+        // the last o % 4 outputs two at a time: each pass over the rows reloads their x vectors
+        for (; j + 2 <= o; j += 2) outer_tile<T, 2, kOuterVectors>(coef, o, x, d, rows, j, k, acc);
         for (; j < o; ++j) outer_tile<T, 1, kOuterVectors>(coef, o, x, d, rows, j, k, acc);
     }
     for (; k + W <= d; k += W) {

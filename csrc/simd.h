@@ -82,6 +82,19 @@ struct Simd {
     }
 };
 
+// Makes the compiler hold v in a register from here on. GCC otherwise folds a loaded operand
+// into each FMA that uses it as a memory operand, one load per use: a tile's loads, not its
+// FMAs, then bound it. The "v" constraint names one vector register, which V is with AVX and
+// AVX-512 (simd.h's width); an SSE2 build leaves GCC its own choice.
+template <typename V>
+inline void keep_in_register(V& v) {
+#if defined(__AVX__)
+    __asm__("" : "+v"(v));
+#else
+    (void)v;
+#endif
+}
+
 // Zeroes a tile of vector accumulators (unrolled: constant indices keep it in registers).
 template <typename V, int R, int C>
 inline void zero_tile(V (&tile)[R][C]) {
