@@ -90,10 +90,7 @@ inline void batch_conv_tile(const T* x, index_t plane, index_t row_step, index_t
                 const T* at = row + b * tap_step;
                 V in[P];
 #pragma GCC unroll 4
-                for (int p = 0; p < P; ++p) {
-                    in[p] = S::load(at + p * col_step);
-                    keep_in_register(in[p]);  // one load, not one per output channel
-                }
+                for (int p = 0; p < P; ++p) in[p] = S::load(at + p * col_step);
 #pragma GCC unroll 8
                 for (int o = 0; o < kKB; ++o)
 #pragma GCC unroll 4

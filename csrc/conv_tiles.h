@@ -96,7 +96,6 @@ inline void conv_tile(const T* x, index_t plane_size, index_t wp, index_t sw, co
                 for (int v = 0; v < NV; ++v) {
                     if constexpr (kUnitStride) {
                         in[v] = S::load(at + v * S::kWidth);
-                        keep_in_register(in[v]);  // one load, not one per output channel
                     } else {
                         for (index_t l = 0; l < S::kWidth; ++l) in[v][l] = at[(v * S::kWidth + l) * sw];
                     }

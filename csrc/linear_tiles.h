@@ -24,10 +24,7 @@ inline void dot_tile(const T* const* x, const T* w, index_t d, T (&dots)[R][C]) 
     for (; k + S::kWidth <= d; k += S::kWidth) {
         V wv[C];
 #pragma GCC unroll 16
-        for (int c = 0; c < C; ++c) {
-            wv[c] = S::load(w + c * d + k);
-            keep_in_register(wv[c]);  // one load per weight vector, not one per row it serves
-        }
+        for (int c = 0; c < C; ++c) wv[c] = S::load(w + c * d + k);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
             const V xv = S::load(x[r] + k);
@@ -130,10 +127,7 @@ inline void outer_tile(const T* coef, index_t o, const T* x, index_t d, index_t 
         const T* xr = x + r * d + k;
         V xv[K];
 #pragma GCC unroll 16
-        for (int kk = 0; kk < K; ++kk) {
-            xv[kk] = S::load(xr + kk * S::kWidth);
-            keep_in_register(xv[kk]);  // one load per x vector, not one per output it serves
-        }
+        for (int kk = 0; kk < K; ++kk) xv[kk] = S::load(xr + kk * S::kWidth);
 #pragma GCC unroll 16
         for (int c = 0; c < C; ++c) {
             const V cv = V{} + coef[r * o + j + c];  // broadcast
