@@ -570,6 +570,7 @@ def unpatch(model: torch.nn.Module) -> PatchReport:
     Hooks added to a fused module or its Identity slots after patching are dropped with them."""
     _check_model(model, "unpatch")
     report = PatchReport("unpatch")
+    _route.run_as_torch(model, False)  # fastml.tune's verdict "faster unpatched" goes with the patch
     if _layout.remove(model):
         report.layout = "activations back in the input's layout (channels-last conversion removed)"
     _unpatch_tree(model, "", report, set())

@@ -28,6 +28,10 @@ from fastml.ops import is_compiling
 
 ATTR = "_fastml_route"
 VETO_ATTR = "_fastml_torch_signatures"
+# On every module of a model that fastml.tune measured faster unpatched: the module runs as
+# torch's own, before any signature is computed (the dispatch cost it saves is what made the
+# patched model slower), folds undone, until the next tune or unpatch.
+AS_TORCH_ATTR = "_fastml_as_torch"
 _watchers: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastml_route_watch", default=None)
 _threads = torch.get_num_threads
 
@@ -131,6 +135,8 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
     convolution on the channels-last layout) where they apply to that input: they are timed
     against torch's module too, whatever the ops chose, and the fastest runs."""
     args = (input,) if target is None else (input, target)
+    if layer.__dict__.get(AS_TORCH_ATTR):
+        return torch_forward(*args)
     if is_compiling():  # traced into a graph: fastml's path, whose ops are custom ops there
         return fastml_forward(*args)
     sig = signature(input, weight, target)
@@ -181,6 +187,19 @@ def remember(layer: torch.nn.Module, sig: tuple, route: str) -> None:
     elif sig not in memo and len(memo) >= MAX_LAYER_ROUTES:
         memo.clear()
     memo[sig] = route
+
+
+def run_as_torch(model: torch.nn.Module, on: bool) -> None:
+    """Every module of ``model`` runs as torch's own (``on``), or as fastml's again."""
+    for module in model.modules():
+        if on:
+            object.__setattr__(module, AS_TORCH_ATTR, True)  # a plain attribute: not state
+        else:
+            module.__dict__.pop(AS_TORCH_ATTR, None)
+
+
+def runs_as_torch(module: torch.nn.Module) -> bool:
+    return bool(module.__dict__.get(AS_TORCH_ATTR))
 
 
 def veto(layer: torch.nn.Module, sig: tuple) -> None:

@@ -16,6 +16,7 @@ import dataclasses
 import torch
 
 from fastml import _layout, _route, _tune
+from fastml.ops import forced_backend
 from fastml import nn as fastml_nn
 
 _COVERED = tuple(getattr(fastml_nn, name) for name in fastml_nn.__all__)
@@ -40,6 +41,8 @@ class LayerChoice:
         variant of torch's (a layer row's "channels_last"), else the fastml backend."""
         if self.op == "layout":
             return "channels-last activations" if self.choice == "channels_last" else "the input's layout"
+        if self.op == "unpatched":
+            return "torch's modules, as unpatched" if self.choice == "reference" else "the patched model"
         if self.choice == "reference":
             return "torch"
         if self.op.startswith("layer ") and self.choice != "fastml":
@@ -64,10 +67,10 @@ class TuneTable:
         torch's sequence (its "function" row), every phase runs torch; where the
         whole model did (the "model" row), every layer does."""
         table: dict[str, dict[str, str]] = {}
-        model_on_torch = any(row.op == "model" and row.choice == "reference" for row in self.rows)
+        model_on_torch = any(row.op in ("model", "unpatched") and row.choice == "reference" for row in self.rows)
         whole_layer = {row.layer: row.runs for row in self.rows if row.whole_call and row.choice != "fastml"}
         for row in self.rows:
-            if not row.whole_call and row.op not in ("model", "layout"):
+            if not row.whole_call and row.op not in ("model", "layout", "unpatched"):
                 runs = "torch" if model_on_torch else whole_layer.get(row.layer, row.runs)
                 table.setdefault(row.layer, {})[row.phase] = runs
         return table
@@ -157,6 +160,9 @@ def tune(model: torch.nn.Module, *example_inputs, backward: bool | None = None) 
     want_backward = torch.is_grad_enabled() if backward is None else bool(backward) and torch.is_grad_enabled()
     parameters = [p for p in model.parameters() if p.requires_grad]
     layout = _layout.of(model)
+    if layout is not None:
+        layout.enabled = True  # as patch left it: the checks below decide again
+    _route.run_as_torch(model, False)  # a verdict of an earlier tune is made again too
     table = TuneTable()
     with _untouched(model):
         if layout is None:
@@ -175,6 +181,8 @@ def tune(model: torch.nn.Module, *example_inputs, backward: bool | None = None) 
         row = _model_choice(model, example_inputs, parameters, want_backward, captured)
         if row is not None:
             table.rows.append(row)
+        if (captured or layout is not None) and _tune.mode() == "on" and not forced_backend():
+            table.rows.append(_unpatched_choice(model, layout, example_inputs, parameters, want_backward))
     return table
 
 
@@ -290,4 +298,44 @@ def _model_choice(model, example_inputs, parameters, backward: bool, captured) -
         _route.remember(module, sig, "reference" if choice == "reference" else route)
     decision = decisions[-1][1]
     return LayerChoice("", type(model).__name__, "model", key[1], decision.choice, dict(decision.seconds),
+                       decision.rule)
+
+
+def _unpatched_choice(model, layout, example_inputs, parameters, backward: bool) -> LayerChoice:
+    """The model as tune leaves it ("fastml": its routes, folds and layout) against the same
+    model run as if unpatched ("reference": every module as torch's own, folds undone, the
+    input's layout), timed as one call (forward, and backward when training), by
+    ``_tune.MARGIN``. Patching costs every layer a dispatch (finding its route: a few
+    microseconds in Python) that no layer's or route's timing sees, as both sides of those pay
+    it: on a model of many small layers it can exceed all the routes gain (EfficientNet-B0 at
+    batch 1 on a 2-core Zen 3: 0.92x unpatched). Where the patched model is not faster, every
+    module runs as torch's own (``_route.run_as_torch``) until the next tune or unpatch. Not
+    with the static rule (tuning off, or a forced backend): that rule decides nothing by time."""
+    inputs = _detached(example_inputs)
+    grad_on = torch.is_grad_enabled()
+    fresh_weights = _route.retimes_derived_weights(parameters)
+    layout_on = layout is not None and layout.enabled
+
+    def as_unpatched(on: bool) -> None:
+        _route.run_as_torch(model, on)
+        if layout is not None:
+            layout.enabled = layout_on and not on
+
+    def run(name):
+        if fresh_weights:  # each call a training step's: the weights derived anew
+            _forget_derived_weights(model)
+        as_unpatched(name == "reference")
+        with torch.set_grad_enabled(grad_on):
+            _forward_and_backward(model, inputs, parameters, backward)
+
+    first = _tensors(example_inputs)[0]
+    patched = tuple(f"{name}:{type(m).__name__}" for name, m in model.named_modules() if isinstance(m, _COVERED))
+    key = ("model unpatched " + type(model).__name__, "forward+backward" if backward else "forward",
+           torch.get_num_threads(), first.dtype, first.device, tuple(tuple(t.shape) for t in _tensors(example_inputs)),
+           layout_on, patched)
+    with _untouched(model), _tune.recording() as decisions:
+        _tune.choose(key, ("fastml",), first, run, rounds=_tune.ROUNDS)
+    decision = decisions[-1][1]
+    as_unpatched(decision.choice == "reference" and decision.rule == "measured")
+    return LayerChoice("", type(model).__name__, "unpatched", key[1], decision.choice, dict(decision.seconds),
                        decision.rule)

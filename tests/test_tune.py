@@ -5,6 +5,7 @@ implementation wins."""
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import os
 import subprocess
@@ -417,10 +418,12 @@ def test_tune_table_per_layer_forward_and_backward():
     assert set(layers) == {"0", "3", "4", "8"}  # conv, pool, fused conv block, linear
     for name in layers:
         assert set(layers[name]) == {"forward", "backward"}, name
-    ops = {row.op for row in table.rows if not row.whole_call and row.op != "model"}
+    ops = {row.op for row in table.rows if not row.whole_call and row.op not in ("model", "unpatched")}
     assert ops == {"conv2d", "max_pool2d", "conv2d_relu_max_pool2d", "linear"}
+    (unpatched_row,) = [row for row in table.rows if row.op == "unpatched"]  # the model against itself unpatched
+    assert table.rows[-1] is unpatched_row and unpatched_row.layer == ""
     for row in table.rows:
-        whole_layer = row.whole_call or row.op == "model"
+        whole_layer = row.whole_call or row.op in ("model", "unpatched")
         # a layer's other ways: fastml's path, torch's convolution on the channels-last layout
         others = {"fastml", "channels_last"} if row.op.startswith("layer ") else {"fastml"} if whole_layer else {KERNEL}
         assert row.rule == "measured" and "reference" in row.seconds and set(row.seconds) - {"reference"} <= others
@@ -839,6 +842,79 @@ def test_tune_keeps_fastml_where_the_whole_model_confirms_it(monkeypatch):
     calls = count_fastml_calls(monkeypatch)
     model(x).sum().backward()
     assert calls["linear"] == 1
+
+
+def unpatched_is_faster(monkeypatch, model, unpatched_wins: bool):
+    """Kernels win every op, fastml's routes every layer and model check, channels-last
+    activations the layout check; the check of the model against itself unpatched (told by its "reference" run: every module as torch's own)
+    goes to the unpatched model where ``unpatched_wins``."""
+    def measure(names, run, device, rounds=None):
+        unpatched_check = False
+        with torch.no_grad():
+            for candidate in names:
+                run(candidate)
+                unpatched_check |= candidate == "reference" and _route.runs_as_torch(model)
+        fastest = ("reference" if unpatched_check and unpatched_wins else "fastml" if "fastml" in names
+                   else "channels_last" if "channels_last" in names else KERNEL)
+        return {candidate: (1.0 if candidate == fastest else 2.0) for candidate in names}
+
+    _tune.clear_tuning(persisted=True)
+    monkeypatch.setattr(_tune, "measure", measure)
+
+
+@needs_kernel
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tune_runs_the_model_as_unpatched_where_that_measured_faster(monkeypatch, channels_last):
+    """Patching costs every layer a dispatch that no layer's timing sees: where the patched model
+    is not faster than the same model unpatched, every module runs as torch's own (folds undone,
+    the input's layout) until the next tune or unpatch, with exactly the unpatched results."""
+    torch.manual_seed(0)
+    twin = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 5)).eval()
+    twin[1].running_mean.uniform_(-1, 1)
+    model = copy.deepcopy(twin)
+    fastml.patch(model, channels_last=channels_last)
+    assert model[0].__class__ is not torch.nn.Conv2d  # folded with its batch norm
+    x = torch.randn(2, 3, 6, 6)
+    unpatched_is_faster(monkeypatch, model, True)
+    with torch.no_grad():
+        table = fastml.tune(model, x)
+        (row,) = [row for row in table.rows if row.op == "unpatched"]
+        assert row.choice == "reference" and "torch's modules, as unpatched" in str(table)
+        assert all(phases == {"forward": "torch"} for phases in table.by_layer().values())
+        assert all(_route.runs_as_torch(m) for m in model.modules())
+        if channels_last:
+            assert not fastml._layout.of(model).enabled
+        calls = count_fastml_calls(monkeypatch)
+        assert torch.equal(model(x), twin(x))  # the very ops of the unpatched model: bitwise
+        assert calls["linear"] == 0
+
+        unpatched_is_faster(monkeypatch, model, False)  # tuned again: the patched model wins now
+        table = fastml.tune(model, x)
+        assert [row.choice for row in table.rows if row.op == "unpatched"] == ["fastml"]
+        assert not any(_route.runs_as_torch(m) for m in model.modules())
+        calls.clear()
+        model(x)
+        assert calls["linear"] == 1
+        if channels_last:
+            assert fastml._layout.of(model).enabled
+
+        unpatched_is_faster(monkeypatch, model, True)
+        fastml.tune(model, x)
+    fastml.unpatch(model)
+    assert not any(_route.runs_as_torch(m) for m in model.modules())
+
+
+@needs_kernel
+def test_tune_checks_the_unpatched_model_only_by_time(monkeypatch):
+    """With the static rule (tuning off) nothing is timed, and the model runs as patched."""
+    fail_if_timed(monkeypatch)
+    model = small_cnn()
+    fastml.patch(model)
+    with fastml.tuning("off"):
+        table = fastml.tune(model, torch.randn(2, 3, 14, 14))
+    assert not [row for row in table.rows if row.op == "unpatched"]
+    assert not any(_route.runs_as_torch(m) for m in model.modules())
 
 
 # ------------------------------------------------------------- a layer's variants of torch's
