@@ -171,6 +171,11 @@ class FoldedLinear(fastml_nn.Linear):
         return self._fastml_forward(input).relu_()
 
 
+# A fold undone is its three torch modules (_route.run_as_torch).
+_route.TORCH_TWINS.update({FoldedConv2d: torch.nn.Conv2d, FoldedLinear: torch.nn.Linear,
+                           FoldedBatchNorm2d: torch.nn.BatchNorm2d, FoldedReLU: torch.nn.ReLU})
+
+
 def fold(layer: torch.nn.Conv2d | torch.nn.Linear, bn: torch.nn.BatchNorm2d | None, relu: torch.nn.ReLU | None,
          names: tuple[str, ...]) -> BatchNormFold:
     """Folds the run in place (classes changed, objects and Parameters kept)."""

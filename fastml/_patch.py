@@ -327,6 +327,7 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
     if not isinstance(channels_last, bool):
         raise TypeError(f"patch() argument 'channels_last' must be a bool, got {type(channels_last).__name__}")
     report = PatchReport("patch")
+    _route.run_as_torch(model, False)  # a model tune left running as unpatched: fastml's classes first
     if channels_last and _layout.apply(model):
         report.layout = _CHANNELS_LAST_DESCRIPTION
     seen: set = set()

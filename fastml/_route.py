@@ -30,8 +30,14 @@ ATTR = "_fastml_route"
 VETO_ATTR = "_fastml_torch_signatures"
 # On every module of a model that fastml.tune measured faster unpatched: the module runs as
 # torch's own, before any signature is computed (the dispatch cost it saves is what made the
-# patched model slower), folds undone, until the next tune or unpatch.
+# patched model slower), folds undone, until the next tune, patch or unpatch. A module whose
+# class has a torch twin (TORCH_TWINS) is that class meanwhile, its own kept in FASTML_CLASS_ATTR:
+# not even fastml's forward runs (a flag checked there still cost ~2 us a layer).
 AS_TORCH_ATTR = "_fastml_as_torch"
+FASTML_CLASS_ATTR = "_fastml_class"
+TORCH_TWINS: dict[type, type] = {}
+"""{fastml module class: the torch class whose forward computes what it does unfused and unfolded}:
+fastml/nn.py's drop-ins and fastml/_fold.py's folded classes register theirs."""
 _watchers: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastml_route_watch", default=None)
 _threads = torch.get_num_threads
 
@@ -190,12 +196,20 @@ def remember(layer: torch.nn.Module, sig: tuple, route: str) -> None:
 
 
 def run_as_torch(model: torch.nn.Module, on: bool) -> None:
-    """Every module of ``model`` runs as torch's own (``on``), or as fastml's again."""
+    """Every module of ``model`` runs as torch's own (``on``), or as fastml's again. The same
+    objects throughout (Parameters, buffers, hooks, routes): only classes and a flag change."""
     for module in model.modules():
         if on:
             object.__setattr__(module, AS_TORCH_ATTR, True)  # a plain attribute: not state
+            twin = TORCH_TWINS.get(type(module))
+            if twin is not None:
+                object.__setattr__(module, FASTML_CLASS_ATTR, type(module))
+                module.__class__ = twin
         else:
             module.__dict__.pop(AS_TORCH_ATTR, None)
+            own = module.__dict__.pop(FASTML_CLASS_ATTR, None)
+            if own is not None:
+                module.__class__ = own
 
 
 def runs_as_torch(module: torch.nn.Module) -> bool:

@@ -883,6 +883,8 @@ def test_tune_runs_the_model_as_unpatched_where_that_measured_faster(monkeypatch
         assert row.choice == "reference" and "torch's modules, as unpatched" in str(table)
         assert all(phases == {"forward": "torch"} for phases in table.by_layer().values())
         assert all(_route.runs_as_torch(m) for m in model.modules())
+        # the drop-ins and the fold's modules are torch's classes meanwhile: not even fastml's forward runs
+        assert [type(m) for m in model] == [type(m) for m in twin]
         if channels_last:
             assert not fastml._layout.of(model).enabled
         calls = count_fastml_calls(monkeypatch)
@@ -899,10 +901,25 @@ def test_tune_runs_the_model_as_unpatched_where_that_measured_faster(monkeypatch
         if channels_last:
             assert fastml._layout.of(model).enabled
 
+        assert model[0].__class__ is not torch.nn.Conv2d  # fastml's classes again
+
         unpatched_is_faster(monkeypatch, model, True)
         fastml.tune(model, x)
+        state = model.state_dict()
+        assert state.keys() == twin.state_dict().keys()
     fastml.unpatch(model)
     assert not any(_route.runs_as_torch(m) for m in model.modules())
+    assert [type(m) for m in model] == [type(m) for m in twin]
+    fastml.patch(model)  # patched again after the verdict: fastml's modules, as a first patch
+    assert model[0].__class__ is not torch.nn.Conv2d and not any(_route.runs_as_torch(m) for m in model.modules())
+    unpatched_is_faster(monkeypatch, model, True)
+    with torch.no_grad():
+        fastml.tune(model, x)
+    fastml.patch(model)  # on a model running as unpatched: its classes back first
+    assert model[0].__class__ is not torch.nn.Conv2d and not any(_route.runs_as_torch(m) for m in model.modules())
+    fastml.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), twin(x))
 
 
 @needs_kernel
