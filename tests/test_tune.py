@@ -484,13 +484,19 @@ def test_patch_report_names_each_layers_implementation():
     assert report.runs("8").startswith("forward: ")
 
 
-def test_tune_with_a_forced_backend_times_nothing(monkeypatch):
+@pytest.mark.parametrize("untimed", ["forced backend", "tuning off"])
+def test_tune_times_nothing_without_the_measured_choice(monkeypatch, untimed):
+    """With a backend forced or tuning off nothing is timed, the check against the unpatched
+    model included, and the model runs as patched."""
     fail_if_timed(monkeypatch)
     model = small_cnn()
     fastml.patch(model)
-    with fastml.use_backend("reference"):
+    with fastml.use_backend("reference") if untimed == "forced backend" else fastml.tuning("off"):
         table = fastml.tune(model, torch.randn(2, 3, 14, 14))
-    assert table.rows and all(row.rule == "forced" and row.choice == "reference" for row in table.rows)
+    assert not [row for row in table.rows if row.op == "unpatched"]
+    assert not any(_route.runs_as_torch(m) for m in model.modules())
+    if untimed == "forced backend":
+        assert table.rows and all(row.rule == "forced" and row.choice == "reference" for row in table.rows)
 
 
 # ------------------------------------------------------ the same results whichever path wins
@@ -920,18 +926,6 @@ def test_tune_runs_the_model_as_unpatched_where_that_measured_faster(monkeypatch
     fastml.unpatch(model)
     with torch.no_grad():
         assert torch.equal(model(x), twin(x))
-
-
-@needs_kernel
-def test_tune_checks_the_unpatched_model_only_by_time(monkeypatch):
-    """With the static rule (tuning off) nothing is timed, and the model runs as patched."""
-    fail_if_timed(monkeypatch)
-    model = small_cnn()
-    fastml.patch(model)
-    with fastml.tuning("off"):
-        table = fastml.tune(model, torch.randn(2, 3, 14, 14))
-    assert not [row for row in table.rows if row.op == "unpatched"]
-    assert not any(_route.runs_as_torch(m) for m in model.modules())
 
 
 # ------------------------------------------------------------- a layer's variants of torch's
