@@ -309,7 +309,7 @@ def _unpatched_choice(model, layout, example_inputs, parameters, backward: bool)
     microseconds in Python) that no layer's or route's timing sees, as both sides of those pay
     it: on a model of many small layers it can exceed all the routes gain (EfficientNet-B0 at
     batch 1 on a 2-core Zen 3: 0.92x unpatched). Where the patched model is not faster, every
-    module runs as torch's own (``_route.run_as_torch``) until the next tune or unpatch. Not
+    module runs as torch's own (``_route.run_as_torch``) until the next tune, patch or unpatch. Not
     with the static rule (tuning off, or a forced backend): that rule decides nothing by time."""
     inputs = _detached(example_inputs)
     grad_on = torch.is_grad_enabled()
