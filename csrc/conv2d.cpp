@@ -50,7 +50,7 @@ void correlate(const T* x, index_t hp, index_t wp, const T* packed, const T* bia
 template <typename T>
 void correlate_any(const T* x, index_t hp, index_t wp, const T* packed, const T* bias, const ConvShape& cs, T* out,
                    int threads) {
-    if (cs.ow <= Simd<T>::kWidth || kRowVectors == 1) {
+    if (cs.ow <= Simd<T>::kWidth) {  // one vector covers the row
         correlate<T, 1>(x, hp, wp, packed, bias, cs, out, threads);
     } else {
         correlate<T, kRowVectors>(x, hp, wp, packed, bias, cs, out, threads);

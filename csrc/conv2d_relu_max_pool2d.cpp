@@ -177,12 +177,12 @@ void conv2d_relu_max_pool2d_forward(address_t x_, address_t w_, address_t b_, co
         return;
     }
     const auto padded = padded_input(as_ptr<const T>(x_), cs, hp, wp, threads);
-    if (cs.ow <= Simd<T>::kWidth || kRowVectors == 1) {
+    if (cs.ow <= Simd<T>::kWidth) {  // one vector covers the row
         fused_forward<T, 1>(padded.data(), hp, wp, packed.data(), bias, cs, pkh, pkw, psh, psw, ph_out, pw_out, out,
                             argmax, threads);
     } else {
-        fused_forward<T, kRowVectors>(padded.data(), hp, wp, packed.data(), bias, cs, pkh, pkw, psh, psw, ph_out, pw_out, out,
-                            argmax, threads);
+        fused_forward<T, kRowVectors>(padded.data(), hp, wp, packed.data(), bias, cs, pkh, pkw, psh, psw, ph_out,
+                                      pw_out, out, argmax, threads);
     }
 }
 

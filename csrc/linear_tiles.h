@@ -144,14 +144,14 @@ inline void outer_tile(const T* coef, index_t o, const T* x, index_t d, index_t 
         }
 }
 
-// acc[j] += sum_r coef[r * o + j] * x[r] for every output j (acc is o × d, x is rows × d): the
-// weight gradient of a row block, coef being the block's (rows × o) gradient of the prediction.
-// The block's sum is formed in registers and added to acc once per block, so acc holds a sum of
-// per-block partials (closer to pairwise summation than adding row by row).
 // Vectors of x an outer_tile of 4 outputs takes at once: 8 accumulators, 2 x vectors and the
 // broadcast coefficient fit AVX2's 16 registers as well as AVX-512's 32.
 constexpr int kOuterVectors = tile_columns(4, 1, 2);
 
+// acc[j] += sum_r coef[r * o + j] * x[r] for every output j (acc is o × d, x is rows × d): the
+// weight gradient of a row block, coef being the block's (rows × o) gradient of the prediction.
+// The block's sum is formed in registers and added to acc once per block, so acc holds a sum of
+// per-block partials (closer to pairwise summation than adding row by row).
 template <typename T>
 inline void accumulate_outer(const T* coef, const T* x, index_t rows, index_t d, index_t o, T* acc) {
     constexpr index_t W = Simd<T>::kWidth;

@@ -160,8 +160,6 @@ def tune(model: torch.nn.Module, *example_inputs, backward: bool | None = None) 
     want_backward = torch.is_grad_enabled() if backward is None else bool(backward) and torch.is_grad_enabled()
     parameters = [p for p in model.parameters() if p.requires_grad]
     layout = _layout.of(model)
-    if layout is not None:
-        layout.enabled = True  # as patch left it: the checks below decide again
     _route.run_as_torch(model, False)  # a verdict of an earlier tune is made again too
     table = TuneTable()
     with _untouched(model):
@@ -234,11 +232,14 @@ def _forget_derived_weights(model: torch.nn.Module) -> None:
         _route.forget_derived_weights(module)
 
 
-def _layout_choice(model, layout, example_inputs, parameters, backward: bool) -> LayerChoice:
-    """The whole model with channels-last activations (``patch(channels_last=True)``) against the
-    model on its input's own layout ("reference"), each with its layers' routes as decided for
-    it, timed as one call (forward, and backward when training), by ``_tune.MARGIN`` (the model
-    is timed in its own context)."""
+def _time_whole_model(model, kind: str, candidates: tuple[str, ...], example_inputs, parameters, backward: bool,
+                      arrange, *key_extra):
+    """The Decision among ``candidates`` and "reference" for ``model`` as a whole: each timed as
+    one call (forward, and backward when training) after ``arrange(name)`` sets the model up as
+    that candidate, every call interleaved ``_tune.ROUNDS`` times however long (one sample each is
+    too few for a verdict), by ``_tune.MARGIN`` (the model is timed in its own context). The
+    shape class: "<kind> <model type>", the phase, threads, the first input's dtype and device,
+    the inputs' shapes, then ``key_extra``."""
     inputs = _detached(example_inputs)
     grad_on = torch.is_grad_enabled()
     fresh_weights = _route.retimes_derived_weights(parameters)
@@ -246,74 +247,74 @@ def _layout_choice(model, layout, example_inputs, parameters, backward: bool) ->
     def run(name):
         if fresh_weights:  # each call a training step's: the weights derived anew
             _forget_derived_weights(model)
-        layout.enabled = name == "channels_last"
+        arrange(name)
         with torch.set_grad_enabled(grad_on):
             _forward_and_backward(model, inputs, parameters, backward)
 
     first = _tensors(example_inputs)[0]
-    key = ("model layout " + type(model).__name__, "forward+backward" if backward else "forward",
-           torch.get_num_threads(), first.dtype, first.device, tuple(tuple(t.shape) for t in _tensors(example_inputs)))
+    key = (f"{kind} {type(model).__name__}", _phase(backward), torch.get_num_threads(), first.dtype, first.device,
+           tuple(tuple(t.shape) for t in _tensors(example_inputs)), *key_extra)
     with _untouched(model), _tune.recording() as decisions:
-        _tune.choose(key, ("channels_last",), first, run, rounds=_tune.ROUNDS)
-    decision = decisions[-1][1]
-    return LayerChoice("", type(model).__name__, "layout", key[1], decision.choice, dict(decision.seconds),
+        _tune.choose(key, candidates, first, run, rounds=_tune.ROUNDS)
+    return decisions[-1][1]
+
+
+def _phase(backward: bool) -> str:
+    return "forward+backward" if backward else "forward"
+
+
+def _model_row(model, op: str, backward: bool, decision) -> LayerChoice:
+    return LayerChoice("", type(model).__name__, op, _phase(backward), decision.choice, dict(decision.seconds),
                        decision.rule)
+
+
+def _layout_choice(model, layout, example_inputs, parameters, backward: bool) -> LayerChoice:
+    """The whole model with channels-last activations (``patch(channels_last=True)``) against the
+    model on its input's own layout ("reference"), each with its layers' routes as decided for
+    it (``_time_whole_model``)."""
+    def arrange(name):
+        layout.enabled = name == "channels_last"
+
+    decision = _time_whole_model(model, "model layout", ("channels_last",), example_inputs, parameters, backward,
+                                 arrange)
+    return _model_row(model, "layout", backward, decision)
 
 
 def _model_choice(model, example_inputs, parameters, backward: bool, captured) -> LayerChoice | None:
     """The whole model with its layers' routes as decided ("fastml") against the same model with
-    every fastml layer on torch's module ("reference"), timed as one call (forward, and backward
-    when training), by ``_tune.MARGIN``. A layer can measure faster alone than in the model (its
-    input hot in cache, its neighbours' memory traffic absent): this is the check that the model,
-    as the user runs it, is not slower for them. Where torch's wins, every layer that chose
-    fastml keeps torch's module for this signature (``_route.veto``). None where no layer runs
-    fastml's path (nothing to check)."""
+    every fastml layer on torch's module ("reference") (``_time_whole_model``). A layer can
+    measure faster alone than in the model (its input hot in cache, its neighbours' memory
+    traffic absent): this is the check that the model, as the user runs it, is not slower for
+    them. Where torch's wins, every layer that chose fastml keeps torch's module for this
+    signature (``_route.veto``). None where no layer runs fastml's path (nothing to check)."""
     on_fastml = [(name, module, sig, route) for name, module, _ in captured
                  for sig, route in _route.routes(module).items() if route != "reference"]
     if not on_fastml:
         return None
-    inputs = _detached(example_inputs)
 
-    grad_on = torch.is_grad_enabled()
-    fresh_weights = _route.retimes_derived_weights(parameters)
-
-    def run(name):
-        if fresh_weights:  # each call a training step's: the weights derived anew
-            _forget_derived_weights(model)
+    def arrange(name):
         for _, module, sig, route in on_fastml:
             _route.remember(module, sig, "reference" if name == "reference" else route)
-        with torch.set_grad_enabled(grad_on):
-            _forward_and_backward(model, inputs, parameters, backward)
 
-    first = _tensors(example_inputs)[0]
-    key = ("model " + type(model).__name__, "forward+backward" if backward else "forward", torch.get_num_threads(),
-           first.dtype, first.device, tuple(tuple(t.shape) for t in _tensors(example_inputs)),
-           tuple(f"{name}:{type(module).__name__}" for name, module, _, _ in on_fastml))
-    with _untouched(model), _tune.recording() as decisions:
-        # every call interleaved three times, however long: one sample each is too few for a verdict
-        choice = _tune.choose(key, ("fastml",), first, run, rounds=_tune.ROUNDS)
+    decision = _time_whole_model(model, "model", ("fastml",), example_inputs, parameters, backward, arrange,
+                                 tuple(f"{name}:{type(module).__name__}" for name, module, _, _ in on_fastml))
     for _, module, sig, route in on_fastml:
-        if choice == "reference":
+        if decision.choice == "reference":
             _route.veto(module, sig)
-        _route.remember(module, sig, "reference" if choice == "reference" else route)
-    decision = decisions[-1][1]
-    return LayerChoice("", type(model).__name__, "model", key[1], decision.choice, dict(decision.seconds),
-                       decision.rule)
+        _route.remember(module, sig, "reference" if decision.choice == "reference" else route)
+    return _model_row(model, "model", backward, decision)
 
 
 def _unpatched_choice(model, layout, example_inputs, parameters, backward: bool) -> LayerChoice:
     """The model as tune leaves it ("fastml": its routes, folds and layout) against the same
     model run as if unpatched ("reference": every module as torch's own, folds undone, the
-    input's layout), timed as one call (forward, and backward when training), by
-    ``_tune.MARGIN``. Patching costs every layer a dispatch (finding its route: a few
-    microseconds in Python) that no layer's or route's timing sees, as both sides of those pay
-    it: on a model of many small layers it can exceed all the routes gain (EfficientNet-B0 at
-    batch 1 on a 2-core Zen 3: 0.92x unpatched). Where the patched model is not faster, every
-    module runs as torch's own (``_route.run_as_torch``) until the next tune, patch or unpatch. Not
-    with the static rule (tuning off, or a forced backend): that rule decides nothing by time."""
-    inputs = _detached(example_inputs)
-    grad_on = torch.is_grad_enabled()
-    fresh_weights = _route.retimes_derived_weights(parameters)
+    input's layout) (``_time_whole_model``). Patching costs every layer a dispatch (finding its
+    route: a few microseconds in Python) that no layer's or route's timing sees, as both sides of
+    those pay it: on a model of many small layers it can exceed all the routes gain
+    (EfficientNet-B0 at batch 1 on a 2-core Zen 3: 0.92x unpatched). Where the patched model is
+    not faster, every module runs as torch's own (``_route.run_as_torch``) until the next tune,
+    patch or unpatch. Not with the static rule (tuning off, or a forced backend): that rule
+    decides nothing by time."""
     layout_on = layout is not None and layout.enabled
 
     def as_unpatched(on: bool) -> None:
@@ -321,21 +322,8 @@ def _unpatched_choice(model, layout, example_inputs, parameters, backward: bool)
         if layout is not None:
             layout.enabled = layout_on and not on
 
-    def run(name):
-        if fresh_weights:  # each call a training step's: the weights derived anew
-            _forget_derived_weights(model)
-        as_unpatched(name == "reference")
-        with torch.set_grad_enabled(grad_on):
-            _forward_and_backward(model, inputs, parameters, backward)
-
-    first = _tensors(example_inputs)[0]
     patched = tuple(f"{name}:{type(m).__name__}" for name, m in model.named_modules() if isinstance(m, _COVERED))
-    key = ("model unpatched " + type(model).__name__, "forward+backward" if backward else "forward",
-           torch.get_num_threads(), first.dtype, first.device, tuple(tuple(t.shape) for t in _tensors(example_inputs)),
-           layout_on, patched)
-    with _untouched(model), _tune.recording() as decisions:
-        _tune.choose(key, ("fastml",), first, run, rounds=_tune.ROUNDS)
-    decision = decisions[-1][1]
+    decision = _time_whole_model(model, "model unpatched", ("fastml",), example_inputs, parameters, backward,
+                                 lambda name: as_unpatched(name == "reference"), layout_on, patched)
     as_unpatched(decision.choice == "reference" and decision.rule == "measured")
-    return LayerChoice("", type(model).__name__, "unpatched", key[1], decision.choice, dict(decision.seconds),
-                       decision.rule)
+    return _model_row(model, "unpatched", backward, decision)

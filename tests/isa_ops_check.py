@@ -100,6 +100,11 @@ def check_optimizers(dtype):
             torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=atol)
 
 
+def expected_vector_bytes(isa: list[str]) -> int:
+    """The SIMD vector of a build whose predefined macros are ``isa`` (fastml._C.isa.split())."""
+    return 64 if "avx512f" in isa else 32 if "avx2" in isa else 16
+
+
 def main(expected_isa):
     status = _backend.status("cpp")
     assert status.present, status.reason
@@ -109,8 +114,8 @@ def main(expected_isa):
     wrong = [f for f in expected_isa if (f[1:] in isa if f.startswith("-") else f not in isa)]
     assert not wrong, f"{loaded.__name__} was compiled for [{loaded.isa}], against {wrong}"
     # Its register tiles are sized for that target's vectors (AVX2: 32 bytes, not AVX-512's 64).
-    bytes_ = 64 if "avx512f" in isa else 32 if "avx2" in isa else 16
-    assert loaded.vector_bytes == bytes_, f"{loaded.__name__} [{loaded.isa}] has {loaded.vector_bytes}-byte vectors"
+    assert loaded.vector_bytes == expected_vector_bytes(isa), \
+        f"{loaded.__name__} [{loaded.isa}] has {loaded.vector_bytes}-byte vectors"
     for dtype in DTYPES:
         check_ops(dtype)
         check_optimizers(dtype)

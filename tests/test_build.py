@@ -146,11 +146,6 @@ def test_this_process_reports_its_level():
         assert f"CPU level {chosen['level']}" in cpp["detail"]
 
 
-def _expected_vector_bytes(isa: list[str]) -> int:
-    """The SIMD vector of a build whose predefined macros are ``isa`` (fastml._C.isa)."""
-    return 64 if "avx512f" in isa else 32 if "avx2" in isa else 16
-
-
 def _getconf(name: str) -> int:
     """A cache size glibc reports for this CPU (getconf), or 0 where it reports none."""
     if shutil.which("getconf") is None:
@@ -162,6 +157,8 @@ def _getconf(name: str) -> int:
 def test_tiles_are_sized_for_the_build_and_this_cpu():
     """Register tiles follow the build's vectors (a tile laid out for AVX-512's 32 registers
     spilled on AVX2's 16), block sizes the caches this CPU reports, and info() names both."""
+    from isa_ops_check import expected_vector_bytes
+
     from fastml import _cpp
 
     try:
@@ -169,7 +166,7 @@ def test_tiles_are_sized_for_the_build_and_this_cpu():
     except ImportError:
         pytest.skip("the cpp backend is absent")
     isa = module.isa.split()
-    assert module.vector_bytes == _expected_vector_bytes(isa), module.isa
+    assert module.vector_bytes == expected_vector_bytes(isa), module.isa
     assert module.vector_registers == (32 if "avx512f" in isa or "neon" in isa else 16), module.isa
     caches = module.cache_sizes()
     for key, name, low, high in (("l1d", "LEVEL1_DCACHE_SIZE", 16 << 10, 256 << 10),
