@@ -145,13 +145,13 @@ void scan_quantized(const float* x, const float* x2, index_t n2, index_t m, inde
     for (index_t c0 = r_begin; c0 < r_end; c0 += kQuantizedChunk) {
         const index_t c1 = std::min(r_end, c0 + kQuantizedChunk);
         quantize_references(x2, center.data(), m, c0, c1, packed.data(), references);
-        for (index_t t0 = q0; t0 < q1; t0 += kTileQueries) {
-            const index_t rows = std::min<index_t>(kTileQueries, q1 - t0);
-            const std::int8_t* qs[kTileQueries];
-            for (int i = 0; i < kTileQueries; ++i)
+        for (index_t t0 = q0; t0 < q1; t0 += kQuantizedTileQueries) {
+            const index_t rows = std::min<index_t>(kQuantizedTileQueries, q1 - t0);
+            const std::int8_t* qs[kQuantizedTileQueries];
+            for (int i = 0; i < kQuantizedTileQueries; ++i)
                 qs[i] = query_bytes.data() + std::min<index_t>(t0 - q0 + i, count - 1) * width;
             for (index_t j0 = c0; j0 < c1; j0 += kQuantizedBlock) {
-                __m512i dots[kTileQueries];
+                __m512i dots[kQuantizedTileQueries];
                 quantized_tile(qs, packed.data() + (j0 - c0) * width, m, dots);
                 const __m512 r_scale = _mm512_loadu_ps(references.scale + (j0 - c0));
                 const __m512 r_norm2 = _mm512_loadu_ps(references.norm2 + (j0 - c0));

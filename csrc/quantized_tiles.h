@@ -44,6 +44,7 @@ constexpr float kHalfStep = 0.5f * (1.0f + 1.0f / 1024);  // b: bounds |x/s − 
 constexpr float kQuantizableMax = 1e17f;      // larger rows would overflow the norms and bounds
 constexpr float kQuantizableMin = 1e-30f;     // smaller (nonzero) rows would underflow the scale
 constexpr index_t kQuantizedBlock = 16;       // references per packed block (one int32 lane each)
+constexpr int kQuantizedTileQueries = 8;      // queries per tile: 8 accumulators of the 32 registers
 
 // Coordinates rounded up to a multiple of four (one int32 lane holds four bytes).
 inline index_t quantized_width(index_t m) { return (m + 3) / 4 * 4; }
@@ -134,15 +135,15 @@ inline void quantize_references(const float* x2, const float* center, index_t m,
 
 // acc[i] lane l = Σ_k (r̃_lk + 128)·q̃_ik for query row qs[i] (signed bytes) and reference l of a
 // packed block (quantized_width(m) / 4 groups of 64 bytes).
-inline void quantized_tile(const std::int8_t* const (&qs)[kTileQueries], const std::uint8_t* block, index_t m,
-                           __m512i (&acc)[kTileQueries]) {
+inline void quantized_tile(const std::int8_t* const (&qs)[kQuantizedTileQueries], const std::uint8_t* block, index_t m,
+                           __m512i (&acc)[kQuantizedTileQueries]) {
 #pragma GCC unroll 8
-    for (int i = 0; i < kTileQueries; ++i) acc[i] = _mm512_setzero_si512();
+    for (int i = 0; i < kQuantizedTileQueries; ++i) acc[i] = _mm512_setzero_si512();
     const index_t groups = quantized_width(m) / 4;
     for (index_t g = 0; g < groups; ++g) {
         const __m512i r = _mm512_loadu_si512(block + g * 64);
 #pragma GCC unroll 8
-        for (int i = 0; i < kTileQueries; ++i) {
+        for (int i = 0; i < kQuantizedTileQueries; ++i) {
             // The query's four bytes broadcast straight from memory. Written out because GCC
             // copies each accumulator to a scratch register and back around the intrinsic
             // (_mm512_dpbusd_epi32), which doubled the tile's instructions.
