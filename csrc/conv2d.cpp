@@ -72,7 +72,8 @@ void conv2d_forward(address_t x_, address_t w_, address_t b_, const std::vector<
     const auto packed = packed_weights(as_ptr<const T>(w_), cs, false);
     if (batch_layout_pays<T>(cs.n)) {
         const auto planes = batch_input(as_ptr<const T>(x_), cs, hp, wp, threads);
-        batch_correlate(planes.data(), hp, wp, packed.data(), as_ptr<const T>(b_), cs, as_ptr<T>(out_), threads);
+        const PlaneWindow window = placed_window(cs.ph, cs.pw, cs.h, cs.w, 1, 1, hp, wp);
+        batch_correlate(planes.data(), hp, wp, window, packed.data(), as_ptr<const T>(b_), cs, as_ptr<T>(out_), threads);
         return;
     }
     const auto padded = padded_input(as_ptr<const T>(x_), cs, hp, wp, threads);
@@ -94,7 +95,9 @@ void conv2d_backward_input(address_t grad_, address_t w_, const std::vector<inde
     if (batch_layout_pays<T>(cs.n)) {
         std::vector<T> planes(batch_planes_size<T>(cs.n, cs.k, hp, wp));
         to_batch_planes(grad, cs.n, cs.k, cs.oh, cs.ow, top, left, cs.sh, cs.sw, hp, wp, planes.data(), threads);
-        batch_correlate<T>(planes.data(), hp, wp, packed.data(), nullptr, transposed, as_ptr<T>(grad_x_), threads);
+        const PlaneWindow window = placed_window(top, left, cs.oh, cs.ow, cs.sh, cs.sw, hp, wp);
+        batch_correlate<T>(planes.data(), hp, wp, window, packed.data(), nullptr, transposed, as_ptr<T>(grad_x_),
+                           threads);
         return;
     }
     std::vector<T> spread(padded_size<T>(cs.n * cs.k, hp, wp, 1));

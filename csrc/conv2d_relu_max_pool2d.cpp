@@ -85,6 +85,7 @@ void batch_fused_forward(const T* planes, index_t hp, index_t wp, const T* packe
     constexpr index_t L = S::kWidth;
     const index_t kg = cs.kg(), blocks = cs.kblocks(), weights_per_block = cs.cg() * cs.r * cs.s * kKB;
     const index_t image_blocks = (cs.n + L - 1) / L, pooled = ph_out * pw_out;
+    const PlaneWindow window = placed_window(cs.ph, cs.pw, cs.h, cs.w, 1, 1, hp, wp);  // the input, padded
     const index_t tasks = image_blocks * cs.groups * blocks * ph_out;
 #pragma omp parallel num_threads(threads)
     {
@@ -97,7 +98,8 @@ void batch_fused_forward(const T* planes, index_t hp, index_t wp, const T* packe
             const T* wb = packed + (g * blocks + block) * weights_per_block;
             const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);
             for (index_t i = 0; i < pkh; ++i) {
-                batch_conv_row<T>(xg, cs, hp, wp, wb, prow * psh + i, [&](index_t col, index_t cols, const auto& acc) {
+                batch_conv_row<T>(xg, cs, hp, wp, window, wb, prow * psh + i, [&](index_t col, index_t cols,
+                                                                                  const auto& acc) {
                     for (index_t o = 0; o < count; ++o) {
                         const V shift = S::broadcast(bias ? bias[first + o] : T(0));
                         for (index_t p = 0; p < cols; ++p) {
@@ -246,7 +248,9 @@ void conv2d_relu_max_pool2d_backward(address_t grad_, address_t out_, address_t 
         const auto packed = packed_weights(as_ptr<const T>(w_), cs, true);
         const ConvShape transposed{cs.n, cs.k, hp, wp, cs.c, cs.r, cs.s, 1, 1, 0, 0, cs.dh, cs.dw, cs.groups, cs.h,
                                    cs.w};
-        batch_correlate<T>(planes.data(), hp, wp, packed.data(), nullptr, transposed, as_ptr<T>(grad_x_), threads);
+        const PlaneWindow window = placed_window(top, left, cs.oh, cs.ow, 1, 1, hp, wp);
+        batch_correlate<T>(planes.data(), hp, wp, window, packed.data(), nullptr, transposed, as_ptr<T>(grad_x_),
+                           threads);
     }
     if (grad_w_) {
         const index_t xh = cs.hp(), xw = cs.wp();

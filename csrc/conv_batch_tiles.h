@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "conv_tiles.h"
@@ -73,28 +74,50 @@ std::vector<T> batch_input(const T* x, const ConvShape& cs, index_t hp, index_t 
     return planes;
 }
 
+// The part of batch planes that can hold nonzero values: rows [top, bottom), columns [left,
+// right). A tap whose every read falls outside it adds only zeros, and is skipped: a padded
+// input's border, or the border of an output gradient spread for its input gradient (LeNet's
+// second layer: 10 x 10 gradients in 14 x 14 planes, so half of a 5 x 5 kernel's taps read
+// zeros on average).
+struct PlaneWindow {
+    index_t top, bottom, left, right;
+};
+
+// The taps [lo, hi) of a kernel row or column of `taps` (dilation `dil`) under which at least one
+// of a tile's positions reads inside [begin, end), its positions' first taps landing at plane
+// indices first .. last. lo >= hi: none.
+inline void taps_inside(index_t first, index_t last, index_t begin, index_t end, index_t dil, index_t taps,
+                        index_t& lo, index_t& hi) {
+    lo = begin > last ? (begin - last + dil - 1) / dil : 0;
+    hi = end - 1 >= first ? std::min(taps, (end - 1 - first) / dil + 1) : 0;
+}
+
 // acc[o][p] = Σ_{i, a, b} w[o, i, a, b] · x[i, a·dh, p·sw + b·dw] (vectors of images) for one
-// tile: x points at the tile's first tap in batch planes; steps are in elements (plane: one
-// channel's plane; row_step: dh rows; tap_step: dw columns; col_step: sw columns); w at the
-// tile's packed weights ([ins][r][s][kKB]).
+// tile, over taps a in [a0, a1) and b in [b0, b1) of the r × s kernel: x points at the tile's
+// first tap in batch planes; steps are in elements (plane: one channel's plane; row_step: dh
+// rows; tap_step: dw columns; col_step: sw columns); w at the tile's packed weights
+// ([ins][r][s][kKB]).
 template <typename T, int P>
 inline void batch_conv_tile(const T* x, index_t plane, index_t row_step, index_t tap_step, index_t col_step,
-                            const T* w, index_t ins, index_t r, index_t s, typename Simd<T>::vec (&acc)[kKB][P]) {
+                            const T* w, index_t ins, index_t r, index_t s, index_t a0, index_t a1, index_t b0,
+                            index_t b1, typename Simd<T>::vec (&acc)[kKB][P]) {
     using S = Simd<T>;
     using V = typename S::vec;
     zero_tile(acc);
     for (index_t i = 0; i < ins; ++i) {
-        for (index_t a = 0; a < r; ++a) {
+        for (index_t a = a0; a < a1; ++a) {
             const T* row = x + i * plane + a * row_step;
-            for (index_t b = 0; b < s; ++b, w += kKB) {
+            const T* wa = w + ((i * r + a) * s) * kKB;
+            for (index_t b = b0; b < b1; ++b) {
                 const T* at = row + b * tap_step;
+                const T* wb = wa + b * kKB;
                 V in[P];
 #pragma GCC unroll 4
                 for (int p = 0; p < P; ++p) in[p] = S::load(at + p * col_step);
 #pragma GCC unroll 8
                 for (int o = 0; o < kKB; ++o)
 #pragma GCC unroll 4
-                    for (int p = 0; p < P; ++p) acc[o][p] += in[p] * w[o];
+                    for (int p = 0; p < P; ++p) acc[o][p] += in[p] * wb[o];
             }
         }
     }
@@ -107,37 +130,53 @@ constexpr int kBatchTaps = tile_columns(kKB, 1, 3);
 
 // One output row of one block of kKB output channels in the batch layout: body(col, count, acc)
 // receives each tile's accumulators (count = P positions from column col, or 1 for the last
-// ones). x: batch planes of the group's input channels for one block of images.
+// ones). x: batch planes of the group's input channels for one block of images, nonzero only
+// inside `window` (taps reading only outside it are skipped).
 template <typename T, typename Body>
-inline void batch_conv_row(const T* x, const ConvShape& cs, index_t hp, index_t wp, const T* w_block, index_t row,
-                           Body&& body) {
+inline void batch_conv_row(const T* x, const ConvShape& cs, index_t hp, index_t wp, const PlaneWindow& window,
+                           const T* w_block, index_t row, Body&& body) {
     constexpr index_t L = Simd<T>::kWidth;
     constexpr int P = kBatchTaps;
     const index_t plane = hp * wp * L, row_step = cs.dh * wp * L, tap_step = cs.dw * L, col_step = cs.sw * L;
     const T* base = x + row * cs.sh * wp * L;
+    index_t a0, a1;
+    taps_inside(row * cs.sh, row * cs.sh, window.top, window.bottom, cs.dh, cs.r, a0, a1);
+    auto tile = [&](auto positions, index_t col, auto& acc) {
+        constexpr int count = decltype(positions)::value;
+        index_t b0, b1;
+        taps_inside(col * cs.sw, (col + count - 1) * cs.sw, window.left, window.right, cs.dw, cs.s, b0, b1);
+        batch_conv_tile<T, count>(base + col * col_step, plane, row_step, tap_step, col_step, w_block, cs.cg(), cs.r,
+                                  cs.s, a0, a1, b0, b1, acc);
+    };
     index_t col = 0;
     for (; col + P <= cs.ow; col += P) {
         typename Simd<T>::vec acc[kKB][P];
-        batch_conv_tile<T, P>(base + col * col_step, plane, row_step, tap_step, col_step, w_block, cs.cg(), cs.r,
-                              cs.s, acc);
+        tile(std::integral_constant<int, P>{}, col, acc);
         body(col, P, acc);
     }
     for (; col < cs.ow; ++col) {
         typename Simd<T>::vec acc[kKB][1];
-        batch_conv_tile<T, 1>(base + col * col_step, plane, row_step, tap_step, col_step, w_block, cs.cg(), cs.r,
-                              cs.s, acc);
+        tile(std::integral_constant<int, 1>{}, col, acc);
         body(col, 1, acc);
     }
 }
 
-// out (n, outs, oh, ow) = correlation of batch planes x (blocks, ins, hp, wp, lane) with the
-// packed weights of every group, plus bias (or none). A task's row of result vectors is kept in
+// The window of batch planes made by to_batch_planes from h × w planes placed at (top, left)
+// with steps (up_h, up_w), cropped to hp × wp.
+inline PlaneWindow placed_window(index_t top, index_t left, index_t h, index_t w, index_t up_h, index_t up_w,
+                                 index_t hp, index_t wp) {
+    return {std::max<index_t>(top, 0), std::min(hp, top + (h - 1) * up_h + 1), std::max<index_t>(left, 0),
+            std::min(wp, left + (w - 1) * up_w + 1)};
+}
+
+// out (n, outs, oh, ow) = correlation of batch planes x (blocks, ins, hp, wp, lane; nonzero only
+// inside `window`) with the packed weights of every group, plus bias (or none). A task's row of result vectors is kept in
 // a scratch [channel][column] of vectors, then written image by image as whole rows: a lane at
 // a time straight from the tiles wrote 3 elements per image and per cache line (conv2d alone
 // at VGG's size: 188 ms against the fused block's 148).
 template <typename T>
-void batch_correlate(const T* x, index_t hp, index_t wp, const T* packed, const T* bias, const ConvShape& cs, T* out,
-                     int threads) {
+void batch_correlate(const T* x, index_t hp, index_t wp, const PlaneWindow& window, const T* packed, const T* bias,
+                     const ConvShape& cs, T* out, int threads) {
     using V = typename Simd<T>::vec;
     constexpr index_t L = Simd<T>::kWidth;
     const index_t kg = cs.kg(), blocks = cs.kblocks(), weights_per_block = cs.cg() * cs.r * cs.s * kKB;
@@ -154,7 +193,7 @@ void batch_correlate(const T* x, index_t hp, index_t wp, const T* packed, const 
             const T* wb = packed + (g * blocks + block) * weights_per_block;
             const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);
             const index_t images = std::min(L, cs.n - ib * L);
-            batch_conv_row<T>(xg, cs, hp, wp, wb, row, [&](index_t col, index_t cols, const auto& acc) {
+            batch_conv_row<T>(xg, cs, hp, wp, window, wb, row, [&](index_t col, index_t cols, const auto& acc) {
                 for (index_t o = 0; o < count; ++o)
                     for (index_t p = 0; p < cols; ++p) scratch[o * cs.ow + col + p] = acc[o][p];
             });
