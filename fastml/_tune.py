@@ -61,6 +61,7 @@ import contextvars
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -204,8 +205,9 @@ def fingerprint() -> dict:
     cpu, flags = _cpu_description()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
         else []
+    module = _cpp_module()
     return {"cpu": cpu, "isa_flags": flags, "gpus": gpus, "fastml": fastml.__version__, "torch": torch.__version__,
-            "cpp_module": _cpp_module()}
+            "cpp_module": module, "cpp_build": _module_digest(module)}
 
 
 def _cpp_module() -> str | None:
@@ -216,6 +218,20 @@ def _cpp_module() -> str | None:
     try:
         return _cpp.cpu_level()["module"]
     except ValueError:  # a bad FASTML_CPU_LEVEL: raised where the cpp backend is probed
+        return None
+
+
+def _module_digest(module: str | None) -> str | None:
+    """A digest of the compiled module's file: decisions measured for one build of the kernels do
+    not hold for another (a rebuild from changed sources, or with other flags, keeps the version
+    string and the module's name; its decisions stayed in force, measured on the old kernels)."""
+    if module is None:
+        return None
+    try:
+        spec = importlib.util.find_spec(module if "." in module else f"fastml.{module}")
+        with open(spec.origin, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except (ImportError, AttributeError, TypeError, ValueError, OSError):
         return None
 
 

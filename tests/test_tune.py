@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import collections
 import copy
+import hashlib
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,13 +231,14 @@ def test_read_only_cache_folder(clock, monkeypatch):
 
 
 @pytest.mark.parametrize("field, value", [("torch", "0.0.1"), ("fastml", "9.9"), ("cpu", "Another CPU"),
-                                          ("isa_flags", "sse2"), ("gpus", ["Another GPU"])])
+                                          ("isa_flags", "sse2"), ("gpus", ["Another GPU"]),
+                                          ("cpp_build", "another build")])
 def test_a_version_or_machine_mismatch_is_measured_again(clock, monkeypatch, field, value):
     decide(clock)
     original = _tune.fingerprint()
     monkeypatch.setattr(_tune, "fingerprint", lambda: {**original, field: value})
     _tune._store.clear(persisted=False)
-    assert decide(clock)[1]["cpp"] > 0, "a decision from another machine or version must not be reused"
+    assert decide(clock)[1]["cpp"] > 0, "a decision from another machine, version or build must not be reused"
 
 
 def test_a_file_from_another_machine_under_this_name_is_measured_again(clock, monkeypatch):
@@ -998,3 +1002,13 @@ def test_timed_training_calls_derive_a_variants_cached_weight_anew(monkeypatch, 
     assert calls["derived"] == (calls["run"] if train else 1)
     _route.forget_derived_weights(layer)
     assert attr not in layer.__dict__
+
+
+def test_the_decisions_file_names_the_build_of_the_kernels():
+    """A rebuilt C++ module (changed sources or flags, same version) gets a file of its own: its
+    fingerprint carries a digest of the module's bytes."""
+    module = _tune._cpp_module()
+    if module is None:
+        pytest.skip("no C++ module in this install")
+    origin = importlib.util.find_spec(module).origin
+    assert _tune.fingerprint()["cpp_build"] == hashlib.sha256(Path(origin).read_bytes()).hexdigest()[:16]
