@@ -8,8 +8,10 @@
 // or NaN (torch's max_pool2d rule); ReLU keeps NaN, as torch.relu.
 // Small images in a large batch run the same in the batch-innermost layout (conv_batch_tiles.h),
 // a vector holding one position of 16 images, its windows pooled lane-wise.
-// Backward, one call: the activation gradient (grad at each window's maximum where the output is
-// positive), then the convolution's three gradients (see conv2d_relu_max_pool2d_backward).
+// Backward, one call: the weight and bias gradients from the activation gradient's nonzero
+// entries alone where that applies (sparse_weight_gradient), then the activation gradient (grad
+// at each window's maximum where the output is positive) and the convolution's remaining
+// gradients (see conv2d_relu_max_pool2d_backward).
 #include <type_traits>
 #include <vector>
 
@@ -158,6 +160,135 @@ void relu_max_pool2d_backward(address_t grad_, address_t out_, address_t argmax_
     }
 }
 
+// ------------------------------------------------- the weight gradient, from the nonzero entries
+//
+// After ReLU and a max-pool, the activation gradient is nonzero only at each window's maximum
+// where the output is positive: one conv position per pooled output at most, a quarter of them or
+// fewer for 2 x 2 pools. A dense weight gradient (fastml's tiles or oneDNN's) multiplies every
+// zero too. Here each image's nonzero entries of channel k are listed (g, and the position of
+// the input patch it saw), then every kernel row (k, c, a) of the weight gradient is summed over
+// them in registers: Σ g · x[c, oy·sh + a·dh, ox·sw .. + s], one SIMD vector per kernel row
+// (two for rows wider than a vector), on zero-padded input planes with room past every row for a
+// whole vector: the lanes past the kernel row add into padding that is dropped. LeNet's second
+// layer (256 x 6 x 14 x 14 -> 16 5x5, 2 x 2 pool): a quarter of the multiply-adds, none of
+// them on zeros.
+//
+// Exact to rounding where the dense sum is: with every x finite, the skipped products are
+// 0 · finite = 0 (an infinite or NaN input makes 0 · x NaN in the dense sums: the dense path).
+
+constexpr index_t kSparseRows = 4;  // kernel rows summed at once: 4 x (1 or 2) accumulators
+
+// Whether the sparse weight gradient applies: one group, contiguous taps along a row (dw = 1),
+// kernel rows of at most two vectors, and at least 4 conv positions per pooled output.
+template <typename T>
+bool sparse_weight_gradient_applies(const ConvShape& cs, index_t ph_out, index_t pw_out) {
+    return cs.groups == 1 && cs.dw == 1 && cs.s <= 2 * Simd<T>::kWidth && cs.n > 0 && cs.k > 0 &&
+           cs.oh * cs.ow >= 4 * ph_out * pw_out;
+}
+
+template <typename T>
+bool all_finite(const T* p, index_t n, int threads) {
+    index_t bad = 0;
+#pragma omp parallel for simd reduction(+ : bad) num_threads(threads) schedule(static)
+    for (index_t i = 0; i < n; ++i) bad += (p[i] - p[i] != p[i] - p[i]);  // x - x is NaN for inf and NaN
+    return bad == 0;
+}
+
+// acc[a][v] = Σ_e g[e] · x[at[e] + a·row_step + v·W] for kSparseRows kernel rows and V vectors,
+// added into out (rows `row` values apart).
+template <typename T, int V>
+inline void sparse_rows(const T* x, index_t row_step, const index_t* at, const T* g, index_t entries, T* out,
+                        index_t row) {
+    using S = Simd<T>;
+    typename S::vec acc[kSparseRows][V];
+    zero_tile(acc);
+    for (index_t e = 0; e < entries; ++e) {
+        const typename S::vec gv = S::broadcast(g[e]);
+        const T* p = x + at[e];
+#pragma GCC unroll 4
+        for (int a = 0; a < kSparseRows; ++a)
+#pragma GCC unroll 2
+            for (int v = 0; v < V; ++v) acc[a][v] += gv * S::load(p + a * row_step + v * S::kWidth);
+    }
+#pragma GCC unroll 4
+    for (int a = 0; a < kSparseRows; ++a)
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) {
+            T* o = out + a * row + v * S::kWidth;
+            S::store(o, S::load(o) + acc[a][v]);
+        }
+}
+
+// grad_w (and grad_b where not null) from the nonzero entries of the activation gradient (where
+// sparse_weight_gradient_applies and x is finite). Threads take images and keep partial sums,
+// added in a fixed order.
+template <typename T>
+void sparse_weight_gradient(const T* grad, const T* out, const std::int8_t* argmax, const T* x, const ConvShape& cs,
+                            const std::vector<index_t>& pool, T* grad_w, T* grad_b, int threads) {
+    constexpr index_t W = Simd<T>::kWidth;
+    const index_t pkw = pool[1], psh = pool[2], psw = pool[3], ph_out = pool[4], pw_out = pool[5];
+    const index_t pooled = ph_out * pw_out, vectors = (cs.s + W - 1) / W, row = vectors * W;
+    // planes: the padding, a vector's room past the last column, and rows for a last block of
+    // kSparseRows kernel rows reading past the kernel
+    const index_t wp = cs.w + 2 * cs.pw + W, hp = cs.h + 2 * cs.ph + (kSparseRows - 1) * cs.dh, plane = hp * wp;
+    const index_t row_blocks = (cs.r + kSparseRows - 1) / kSparseRows, rows = row_blocks * kSparseRows;
+    const index_t kernel_rows = cs.k * cs.c * rows;  // per output channel, c · rows padded rows
+    const int parts = static_cast<int>(std::max<index_t>(1, std::min<index_t>(threads, cs.n)));
+    std::vector<T> w_parts(index_t(parts) * kernel_rows * row, T(0)), b_parts(grad_b ? parts * cs.k : 0, T(0));
+#pragma omp parallel num_threads(parts)
+    {
+        const int t = omp_get_thread_num();
+        index_t first, last;
+        split_range(cs.n, parts, t, first, last);
+        std::vector<T> planes(cs.c * plane, T(0));
+        std::vector<index_t> at(pooled);
+        std::vector<T> g(pooled);
+        T* gw = w_parts.data() + index_t(t) * kernel_rows * row;
+        for (index_t n = first; n < last; ++n) {
+            pad_planes(x + n * cs.c * cs.h * cs.w, cs.c, cs.h, cs.w, cs.ph, cs.pw, 1, 1, hp, wp, planes.data());
+            for (index_t k = 0; k < cs.k; ++k) {
+                const index_t base = (n * cs.k + k) * pooled;
+                index_t entries = 0;
+                T total = 0;
+                for (index_t q = 0; q < pooled; ++q) {
+                    if (!(out[base + q] > 0)) continue;  // ReLU passes nothing at 0 or NaN
+                    const index_t offset = argmax[base + q];
+                    const index_t oy = q / pw_out * psh + offset / pkw, ox = q % pw_out * psw + offset % pkw;
+                    at[entries] = oy * cs.sh * wp + ox * cs.sw;  // the patch's first tap, in the planes
+                    g[entries++] = grad[base + q];
+                    total += grad[base + q];
+                }
+                if (grad_b) b_parts[t * cs.k + k] += total;
+                for (index_t c = 0; c < cs.c; ++c)
+                    for (index_t block = 0; block < row_blocks; ++block) {
+                        const T* xc = planes.data() + c * plane + block * kSparseRows * cs.dh * wp;
+                        T* o = gw + ((k * cs.c + c) * rows + block * kSparseRows) * row;
+                        if (vectors == 1)
+                            sparse_rows<T, 1>(xc, cs.dh * wp, at.data(), g.data(), entries, o, row);
+                        else
+                            sparse_rows<T, 2>(xc, cs.dh * wp, at.data(), g.data(), entries, o, row);
+                    }
+            }
+        }
+    }
+    // the threads' sums in a fixed order; the padding rows and lanes dropped
+    for (index_t k = 0; k < cs.k; ++k)
+        for (index_t c = 0; c < cs.c; ++c)
+            for (index_t a = 0; a < cs.r; ++a)
+                for (index_t b = 0; b < cs.s; ++b) {
+                    T total = 0;
+                    for (int p = 0; p < parts; ++p)
+                        total += w_parts[(index_t(p) * kernel_rows + (k * cs.c + c) * rows + a) * row + b];
+                    grad_w[((k * cs.c + c) * cs.r + a) * cs.s + b] = total;
+                }
+    if (grad_b)
+        for (index_t k = 0; k < cs.k; ++k) {
+            T total = 0;
+            for (int p = 0; p < parts; ++p) total += b_parts[p * cs.k + k];
+            grad_b[k] = total;
+        }
+}
+
 }  // namespace
 
 template <typename T>
@@ -189,7 +320,10 @@ void conv2d_relu_max_pool2d_forward(address_t x_, address_t w_, address_t b_, co
 }
 
 // The whole backward pass: grad (n, k, pooled h, pooled w) → grad_x, grad_w, grad_b (each 0 when
-// not wanted). In the batch layout (stride 1, padding within the kernel's reach) the activation
+// not wanted). The weight and bias gradients first, from the nonzero entries alone, where
+// sparse_weight_gradient applies and x is finite (LeNet's blocks, interleaved in one process on a
+// Zen 3: weight + bias gradients 3.1 -> 1.2 ms at 256 x 6 x 14 x 14 -> 16 5x5, 3.3 -> 1.3 ms
+// at 256 x 1 x 28 x 28 -> 6). Then, for what is left, in the batch layout (stride 1, padding within the kernel's reach) the activation
 // gradient goes straight from the pooled gradient into batch planes laid out as grad_input's
 // spread planes, and grad_weight reads the same planes at their offset: no (n, k, oh, ow)
 // activation gradient, and one transposition instead of three. Otherwise relu_max_pool2d_backward
@@ -199,6 +333,16 @@ void conv2d_relu_max_pool2d_backward(address_t grad_, address_t out_, address_t 
                                      const std::vector<index_t>& dims, const std::vector<index_t>& pool,
                                      address_t grad_x_, address_t grad_w_, address_t grad_b_, int nthreads) {
     const ConvShape cs = conv_shape(dims);
+    if (grad_w_ && sparse_weight_gradient_applies<T>(cs, pool[4], pool[5])) {
+        const int threads = threads_for(cs.n * cs.k * pool[4] * pool[5] * cs.c * cs.r * cs.s, nthreads);
+        const T* x = as_ptr<const T>(x_);
+        if (all_finite(x, cs.n * cs.c * cs.h * cs.w, threads)) {
+            sparse_weight_gradient(as_ptr<const T>(grad_), as_ptr<const T>(out_), as_ptr<const std::int8_t>(argmax_), x,
+                                   cs, pool, as_ptr<T>(grad_w_), as_ptr<T>(grad_b_), threads);
+            grad_w_ = grad_b_ = 0;  // done: what is left is the input gradient, if wanted
+            if (!grad_x_) return;
+        }
+    }
     const index_t top = (cs.r - 1) * cs.dh - cs.ph, left = (cs.s - 1) * cs.dw - cs.pw;
     if (!batch_layout_pays<T>(cs.n) || cs.sh != 1 || cs.sw != 1 || top < 0 || left < 0) {
         std::vector<T> grad_z(cs.n * cs.k * cs.oh * cs.ow);

@@ -79,6 +79,36 @@ def test_ties_nan_and_relu_zero_route_as_torch(backend, rng, batch):
         torch.testing.assert_close(a.cpu(), e, rtol=0, atol=1e-12, equal_nan=True)
 
 
+@pytest.mark.parametrize("poison", ["none", "input inf", "grad inf"])
+def test_gradients_from_sparse_activation_gradients_as_torch(backend, rng, poison):
+    """After ReLU and a 2 x 2 pool, at most a quarter of the activation gradient is nonzero; the C++
+    backward sums the weight gradient over those entries only. That equals the dense sum while every
+    input is finite (0 · finite = 0); an infinite or NaN input (0 · inf = NaN in torch's dense
+    sums) must give torch's NaNs, and an infinite gradient entry torch's infinities. (A NaN input or an
+    infinite weight reaches the input gradient through every zero of the activation gradient, in a
+    pattern that depends on the algorithm, oneDNN's as well as fastml's: not compared here.)"""
+    config = ((9, 6, 14, 14), (16, 6, 5, 5), True, 1, 1, 1, 1, 2, None)
+    x = rand(*config[0], dtype=torch.float64, generator=rng)
+    w = rand(*config[1], dtype=torch.float64, generator=rng)
+    b = rand(16, dtype=torch.float64, generator=rng)
+    if poison == "input inf":
+        x[3, 2, 5, 7] = float("inf")
+    leaves = [t.to(backend.device).requires_grad_() for t in (x, w, b)]
+    out = _fused(*leaves, config)
+    cpu = [t.clone().requires_grad_() for t in (x, w, b)]
+    expected = _composite(*cpu, config)
+    grad = rand(*out.shape, dtype=torch.float64, generator=rng)
+    if poison == "grad inf":
+        positive = (expected > 0).nonzero()[0].tolist()
+        grad[tuple(positive)] = float("inf")
+    ours = torch.autograd.grad(out, leaves, grad.to(backend.device))
+    theirs = torch.autograd.grad(expected, cpu, grad)
+    for a, e in zip(ours, theirs):
+        assert torch.equal(a.cpu().isnan(), e.isnan()) and torch.equal(a.cpu().isinf(), e.isinf())
+        finite = e.isfinite()
+        assert_close(a.cpu()[finite], e[finite], scale=max(1.0, float(e[finite].abs().max())))
+
+
 def test_gradcheck(backend, rng):
     x = rand(1, 2, 7, 8, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
     w = rand(3, 2, 3, 3, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)

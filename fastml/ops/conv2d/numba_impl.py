@@ -26,6 +26,7 @@ import numpy as np
 
 from fastml import _numba as nb
 from fastml._numba import jit, pjit
+from fastml.ops.conv2d import reference
 from fastml.ops.conv2d.reference import output_size
 
 
@@ -228,4 +229,9 @@ def backward(grad, x, weight, stride, padding, dilation, groups, needs):
                                     bool(need_b), int(groups), *stride, *padding, *dilation)
         grad_w = grad_w if need_w else None
         grad_b = grad_b if need_b else None
+    if need_w and not empty and any(padding) and not bool(grad.isfinite().all()):
+        # The kernel sums valid taps only; torch's weight gradient multiplies the zero padding
+        # too, and an infinite or NaN gradient times a padded 0 is NaN there: torch's, for torch's
+        # result (one pass over grad to find out, rather than padded taps in every call).
+        grad_w = reference.backward(grad, x, weight, stride, padding, dilation, groups, (False, True, False))[1]
     return grad_x, grad_w, grad_b
