@@ -100,7 +100,7 @@ void batch_fused_forward(const T* planes, index_t hp, index_t wp, const T* packe
             const T* wb = packed + (g * blocks + block) * weights_per_block;
             const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);
             for (index_t i = 0; i < pkh; ++i) {
-                batch_conv_row<T>(xg, cs, hp, wp, window, wb, prow * psh + i, [&](index_t col, index_t cols,
+                batch_conv_row<T>(xg, cs, hp, wp, window, wb, count, prow * psh + i, [&](index_t col, index_t cols,
                                                                                   const auto& acc) {
                     for (index_t o = 0; o < count; ++o) {
                         const V shift = S::broadcast(bias ? bias[first + o] : T(0));

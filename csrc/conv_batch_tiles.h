@@ -92,15 +92,15 @@ inline void taps_inside(index_t first, index_t last, index_t begin, index_t end,
     hi = end - 1 >= first ? std::min(taps, (end - 1 - first) / dil + 1) : 0;
 }
 
-// acc[o][p] = Σ_{i, a, b} w[o, i, a, b] · x[i, a·dh, p·sw + b·dw] (vectors of images) for one
-// tile, over taps a in [a0, a1) and b in [b0, b1) of the r × s kernel: x points at the tile's
-// first tap in batch planes; steps are in elements (plane: one channel's plane; row_step: dh
-// rows; tap_step: dw columns; col_step: sw columns); w at the tile's packed weights
-// ([ins][r][s][kKB]).
-template <typename T, int P>
+// acc[o][p] = Σ_{i, a, b} w[o, i, a, b] · x[i, a·dh, p·sw + b·dw] (vectors of images) for the
+// first C output channels of a block and P positions, over taps a in [a0, a1) and b in [b0, b1)
+// of the r × s kernel: x points at the tile's first tap in batch planes; steps are in elements
+// (plane: one channel's plane; row_step: dh rows; tap_step: dw columns; col_step: sw columns); w
+// at the block's packed weights ([ins][r][s][kKB]).
+template <typename T, int C, int P>
 inline void batch_conv_tile(const T* x, index_t plane, index_t row_step, index_t tap_step, index_t col_step,
                             const T* w, index_t ins, index_t r, index_t s, index_t a0, index_t a1, index_t b0,
-                            index_t b1, typename Simd<T>::vec (&acc)[kKB][P]) {
+                            index_t b1, typename Simd<T>::vec (&acc)[C][P]) {
     using S = Simd<T>;
     using V = typename S::vec;
     zero_tile(acc);
@@ -115,11 +115,29 @@ inline void batch_conv_tile(const T* x, index_t plane, index_t row_step, index_t
 #pragma GCC unroll 4
                 for (int p = 0; p < P; ++p) in[p] = S::load(at + p * col_step);
 #pragma GCC unroll 8
-                for (int o = 0; o < kKB; ++o)
+                for (int o = 0; o < C; ++o)
 #pragma GCC unroll 4
                     for (int p = 0; p < P; ++p) acc[o][p] += in[p] * wb[o];
             }
         }
+    }
+}
+
+// f(std::integral_constant<int, C>) for the C = channels (1 .. kKB) a block has: a block with
+// fewer channels than kKB (the input gradient of LeNet's second layer: 6 in a block of 8) runs a
+// tile of exactly those, not kKB FMAs per tap of which some multiply zero weights.
+template <typename F>
+inline void with_channels(index_t channels, F&& f) {
+    static_assert(kKB == 8, "one case per channel count of a block");
+    switch (channels) {
+        case 1: f(std::integral_constant<int, 1>{}); break;
+        case 2: f(std::integral_constant<int, 2>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        case 4: f(std::integral_constant<int, 4>{}); break;
+        case 5: f(std::integral_constant<int, 5>{}); break;
+        case 6: f(std::integral_constant<int, 6>{}); break;
+        case 7: f(std::integral_constant<int, 7>{}); break;
+        default: f(std::integral_constant<int, 8>{}); break;
     }
 }
 
@@ -130,11 +148,12 @@ constexpr int kBatchTaps = tile_columns(kKB, 1, 3);
 
 // One output row of one block of kKB output channels in the batch layout: body(col, count, acc)
 // receives each tile's accumulators (count = P positions from column col, or 1 for the last
-// ones). x: batch planes of the group's input channels for one block of images, nonzero only
-// inside `window` (taps reading only outside it are skipped).
+// ones; acc[o] for the block's first `channels` channels). x: batch planes of the group's input
+// channels for one block of images, nonzero only inside `window` (taps reading only outside it
+// are skipped).
 template <typename T, typename Body>
 inline void batch_conv_row(const T* x, const ConvShape& cs, index_t hp, index_t wp, const PlaneWindow& window,
-                           const T* w_block, index_t row, Body&& body) {
+                           const T* w_block, index_t channels, index_t row, Body&& body) {
     constexpr index_t L = Simd<T>::kWidth;
     constexpr int P = kBatchTaps;
     const index_t plane = hp * wp * L, row_step = cs.dh * wp * L, tap_step = cs.dw * L, col_step = cs.sw * L;
@@ -145,8 +164,19 @@ inline void batch_conv_row(const T* x, const ConvShape& cs, index_t hp, index_t 
         constexpr int count = decltype(positions)::value;
         index_t b0, b1;
         taps_inside(col * cs.sw, (col + count - 1) * cs.sw, window.left, window.right, cs.dw, cs.s, b0, b1);
-        batch_conv_tile<T, count>(base + col * col_step, plane, row_step, tap_step, col_step, w_block, cs.cg(), cs.r,
-                                  cs.s, a0, a1, b0, b1, acc);
+        with_channels(channels, [&](auto block_channels) {
+            constexpr int C = decltype(block_channels)::value;
+            if constexpr (C == kKB) {
+                batch_conv_tile<T, C, count>(base + col * col_step, plane, row_step, tap_step, col_step, w_block,
+                                             cs.cg(), cs.r, cs.s, a0, a1, b0, b1, acc);
+            } else {  // a tile of its own (a view into acc would keep GCC from holding it in registers)
+                typename Simd<T>::vec part[C][count];
+                batch_conv_tile<T, C, count>(base + col * col_step, plane, row_step, tap_step, col_step, w_block,
+                                             cs.cg(), cs.r, cs.s, a0, a1, b0, b1, part);
+                for (int o = 0; o < C; ++o)
+                    for (int p = 0; p < count; ++p) acc[o][p] = part[o][p];
+            }
+        });
     };
     index_t col = 0;
     for (; col + P <= cs.ow; col += P) {
@@ -193,7 +223,7 @@ void batch_correlate(const T* x, index_t hp, index_t wp, const PlaneWindow& wind
             const T* wb = packed + (g * blocks + block) * weights_per_block;
             const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);
             const index_t images = std::min(L, cs.n - ib * L);
-            batch_conv_row<T>(xg, cs, hp, wp, window, wb, row, [&](index_t col, index_t cols, const auto& acc) {
+            batch_conv_row<T>(xg, cs, hp, wp, window, wb, count, row, [&](index_t col, index_t cols, const auto& acc) {
                 for (index_t o = 0; o < count; ++o)
                     for (index_t p = 0; p < cols; ++p) scratch[o * cs.ow + col + p] = acc[o][p];
             });
