@@ -93,17 +93,21 @@ inline void taps_inside(index_t first, index_t last, index_t begin, index_t end,
 }
 
 // acc[o][p] = Σ_{i, a, b} w[o, i, a, b] · x[i, a·dh, p·sw + b·dw] (vectors of images) for the
-// first C output channels of a block and P positions, over taps a in [a0, a1) and b in [b0, b1)
+// first C output channels of a block (acc's rows past C are left alone) and P positions, over taps a in [a0, a1) and b in [b0, b1)
 // of the r × s kernel: x points at the tile's first tap in batch planes; steps are in elements
 // (plane: one channel's plane; row_step: dh rows; tap_step: dw columns; col_step: sw columns); w
 // at the block's packed weights ([ins][r][s][kKB]).
+// (The sums are a local tile, copied to acc at the end: accumulating in acc itself, which the
+// compiler must assume the input pointers may alias, kept them in memory wherever the tile was
+// not inlined, 2.5x slower.)
 template <typename T, int C, int P>
 inline void batch_conv_tile(const T* x, index_t plane, index_t row_step, index_t tap_step, index_t col_step,
                             const T* w, index_t ins, index_t r, index_t s, index_t a0, index_t a1, index_t b0,
-                            index_t b1, typename Simd<T>::vec (&acc)[C][P]) {
+                            index_t b1, typename Simd<T>::vec (&acc)[kKB][P]) {
     using S = Simd<T>;
     using V = typename S::vec;
-    zero_tile(acc);
+    V sum[C][P];
+    zero_tile(sum);
     for (index_t i = 0; i < ins; ++i) {
         for (index_t a = a0; a < a1; ++a) {
             const T* row = x + i * plane + a * row_step;
@@ -117,10 +121,14 @@ inline void batch_conv_tile(const T* x, index_t plane, index_t row_step, index_t
 #pragma GCC unroll 8
                 for (int o = 0; o < C; ++o)
 #pragma GCC unroll 4
-                    for (int p = 0; p < P; ++p) acc[o][p] += in[p] * wb[o];
+                    for (int p = 0; p < P; ++p) sum[o][p] += in[p] * wb[o];
             }
         }
     }
+#pragma GCC unroll 8
+    for (int o = 0; o < C; ++o)
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) acc[o][p] = sum[o][p];
 }
 
 // f(std::integral_constant<int, C>) for the C = channels (1 .. kKB) a block has: a block with
@@ -165,17 +173,9 @@ inline void batch_conv_row(const T* x, const ConvShape& cs, index_t hp, index_t 
         index_t b0, b1;
         taps_inside(col * cs.sw, (col + count - 1) * cs.sw, window.left, window.right, cs.dw, cs.s, b0, b1);
         with_channels(channels, [&](auto block_channels) {
-            constexpr int C = decltype(block_channels)::value;
-            if constexpr (C == kKB) {
-                batch_conv_tile<T, C, count>(base + col * col_step, plane, row_step, tap_step, col_step, w_block,
-                                             cs.cg(), cs.r, cs.s, a0, a1, b0, b1, acc);
-            } else {  // a tile of its own (a view into acc would keep GCC from holding it in registers)
-                typename Simd<T>::vec part[C][count];
-                batch_conv_tile<T, C, count>(base + col * col_step, plane, row_step, tap_step, col_step, w_block,
-                                             cs.cg(), cs.r, cs.s, a0, a1, b0, b1, part);
-                for (int o = 0; o < C; ++o)
-                    for (int p = 0; p < count; ++p) acc[o][p] = part[o][p];
-            }
+            batch_conv_tile<T, decltype(block_channels)::value, count>(base + col * col_step, plane, row_step,
+                                                                       tap_step, col_step, w_block, cs.cg(), cs.r,
+                                                                       cs.s, a0, a1, b0, b1, acc);
         });
     };
     index_t col = 0;
