@@ -168,15 +168,16 @@ void relu_max_pool2d_backward(address_t grad_, address_t out_, address_t argmax_
 // zero too. Here each image's nonzero entries of channel k are listed (g, and the position of
 // the input patch it saw), then every kernel row (k, c, a) of the weight gradient is summed over
 // them in registers: Σ g · x[c, oy·sh + a·dh, ox·sw .. + s], one SIMD vector per kernel row
-// (two for rows wider than a vector), on zero-padded input planes with room past every row for a
-// whole vector: the lanes past the kernel row add into padding that is dropped. LeNet's second
+// (two for rows wider than a vector), up to kSparseRows rows at once, on zero-padded input planes
+// with room past every row for a whole vector: the lanes past the kernel row add into padding
+// that is dropped. LeNet's second
 // layer (256 x 6 x 14 x 14 -> 16 5x5, 2 x 2 pool): a quarter of the multiply-adds, none of
 // them on zeros.
 //
 // Exact to rounding where the dense sum is: with every x finite, the skipped products are
 // 0 · finite = 0 (an infinite or NaN input makes 0 · x NaN in the dense sums: the dense path).
 
-constexpr index_t kSparseRows = 4;  // kernel rows summed at once: 4 x (1 or 2) accumulators
+constexpr index_t kSparseRows = 4;  // kernel rows summed at once: 4 x (1 or 2) accumulators at most
 
 // Whether the sparse weight gradient applies: one group, contiguous taps along a row (dw = 1),
 // kernel rows of at most two vectors, and at least 4 conv positions per pooled output.
@@ -194,29 +195,42 @@ bool all_finite(const T* p, index_t n, int threads) {
     return bad == 0;
 }
 
-// acc[a][v] = Σ_e g[e] · x[at[e] + a·row_step + v·W] for kSparseRows kernel rows and V vectors,
-// added into out (rows `row` values apart).
-template <typename T, int V>
+// acc[a][v] = Σ_e g[e] · x[at[e] + a·row_step + v·W] for ROWS kernel rows and V vectors, added
+// into out (rows `row` values apart).
+template <typename T, int ROWS, int V>
 inline void sparse_rows(const T* x, index_t row_step, const index_t* at, const T* g, index_t entries, T* out,
                         index_t row) {
     using S = Simd<T>;
-    typename S::vec acc[kSparseRows][V];
+    typename S::vec acc[ROWS][V];
     zero_tile(acc);
     for (index_t e = 0; e < entries; ++e) {
         const typename S::vec gv = S::broadcast(g[e]);
         const T* p = x + at[e];
 #pragma GCC unroll 4
-        for (int a = 0; a < kSparseRows; ++a)
+        for (int a = 0; a < ROWS; ++a)
 #pragma GCC unroll 2
             for (int v = 0; v < V; ++v) acc[a][v] += gv * S::load(p + a * row_step + v * S::kWidth);
     }
 #pragma GCC unroll 4
-    for (int a = 0; a < kSparseRows; ++a)
+    for (int a = 0; a < ROWS; ++a)
 #pragma GCC unroll 2
         for (int v = 0; v < V; ++v) {
             T* o = out + a * row + v * S::kWidth;
             S::store(o, S::load(o) + acc[a][v]);
         }
+}
+
+// sparse_rows over `rows` kernel rows (1 .. kSparseRows) of V vectors each.
+template <typename T, int V>
+inline void sparse_row_block(index_t rows, const T* x, index_t row_step, const index_t* at, const T* g,
+                             index_t entries, T* out, index_t row) {
+    static_assert(kSparseRows == 4, "one case per row count");
+    switch (rows) {
+        case 1: sparse_rows<T, 1, V>(x, row_step, at, g, entries, out, row); break;
+        case 2: sparse_rows<T, 2, V>(x, row_step, at, g, entries, out, row); break;
+        case 3: sparse_rows<T, 3, V>(x, row_step, at, g, entries, out, row); break;
+        default: sparse_rows<T, 4, V>(x, row_step, at, g, entries, out, row); break;
+    }
 }
 
 // grad_w (and grad_b where not null) from the nonzero entries of the activation gradient (where
@@ -228,11 +242,9 @@ void sparse_weight_gradient(const T* grad, const T* out, const std::int8_t* argm
     constexpr index_t W = Simd<T>::kWidth;
     const index_t pkw = pool[1], psh = pool[2], psw = pool[3], ph_out = pool[4], pw_out = pool[5];
     const index_t pooled = ph_out * pw_out, vectors = (cs.s + W - 1) / W, row = vectors * W;
-    // planes: the padding, a vector's room past the last column, and rows for a last block of
-    // kSparseRows kernel rows reading past the kernel
-    const index_t wp = cs.w + 2 * cs.pw + W, hp = cs.h + 2 * cs.ph + (kSparseRows - 1) * cs.dh, plane = hp * wp;
-    const index_t row_blocks = (cs.r + kSparseRows - 1) / kSparseRows, rows = row_blocks * kSparseRows;
-    const index_t kernel_rows = cs.k * cs.c * rows;  // per output channel, c · rows padded rows
+    // planes: the padding, and a vector's room past the last column
+    const index_t wp = cs.w + 2 * cs.pw + W, hp = cs.h + 2 * cs.ph, plane = hp * wp;
+    const index_t rows = cs.r, kernel_rows = cs.k * cs.c * rows;
     const int parts = static_cast<int>(std::max<index_t>(1, std::min<index_t>(threads, cs.n)));
     std::vector<T> w_parts(index_t(parts) * kernel_rows * row, T(0)), b_parts(grad_b ? parts * cs.k : 0, T(0));
 #pragma omp parallel num_threads(parts)
@@ -260,13 +272,14 @@ void sparse_weight_gradient(const T* grad, const T* out, const std::int8_t* argm
                 }
                 if (grad_b) b_parts[t * cs.k + k] += total;
                 for (index_t c = 0; c < cs.c; ++c)
-                    for (index_t block = 0; block < row_blocks; ++block) {
-                        const T* xc = planes.data() + c * plane + block * kSparseRows * cs.dh * wp;
-                        T* o = gw + ((k * cs.c + c) * rows + block * kSparseRows) * row;
+                    for (index_t a = 0; a < cs.r; a += kSparseRows) {  // the last block: the rows left
+                        const index_t count = std::min(kSparseRows, cs.r - a);
+                        const T* xc = planes.data() + c * plane + a * cs.dh * wp;
+                        T* o = gw + ((k * cs.c + c) * rows + a) * row;
                         if (vectors == 1)
-                            sparse_rows<T, 1>(xc, cs.dh * wp, at.data(), g.data(), entries, o, row);
+                            sparse_row_block<T, 1>(count, xc, cs.dh * wp, at.data(), g.data(), entries, o, row);
                         else
-                            sparse_rows<T, 2>(xc, cs.dh * wp, at.data(), g.data(), entries, o, row);
+                            sparse_row_block<T, 2>(count, xc, cs.dh * wp, at.data(), g.data(), entries, o, row);
                     }
             }
         }
