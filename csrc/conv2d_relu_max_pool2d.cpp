@@ -336,11 +336,11 @@ void conv2d_relu_max_pool2d_forward(address_t x_, address_t w_, address_t b_, co
 // not wanted). The weight and bias gradients first, from the nonzero entries alone, where
 // sparse_weight_gradient applies and x is finite (LeNet's blocks, interleaved in one process on a
 // Zen 3: weight + bias gradients 3.1 -> 1.2 ms at 256 x 6 x 14 x 14 -> 16 5x5, 3.3 -> 1.3 ms
-// at 256 x 1 x 28 x 28 -> 6). Then, for what is left, in the batch layout (stride 1, padding within the kernel's reach) the activation
-// gradient goes straight from the pooled gradient into batch planes laid out as grad_input's
-// spread planes, and grad_weight reads the same planes at their offset: no (n, k, oh, ow)
-// activation gradient, and one transposition instead of three. Otherwise relu_max_pool2d_backward
-// and conv2d.cpp's gradients, as before.
+// at 256 x 1 x 28 x 28 -> 6). Then, for what is left: in the batch layout (stride 1, padding
+// within the kernel's reach) the activation gradient goes straight from the pooled gradient into
+// batch planes laid out as grad_input's spread planes, and grad_weight reads the same planes at
+// their offset: no (n, k, oh, ow) activation gradient, and one transposition instead of three.
+// Otherwise relu_max_pool2d_backward and conv2d.cpp's gradients, as before.
 template <typename T>
 void conv2d_relu_max_pool2d_backward(address_t grad_, address_t out_, address_t argmax_, address_t x_, address_t w_,
                                      const std::vector<index_t>& dims, const std::vector<index_t>& pool,

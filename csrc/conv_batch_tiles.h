@@ -93,10 +93,10 @@ inline void taps_inside(index_t first, index_t last, index_t begin, index_t end,
 }
 
 // acc[o][p] = Σ_{i, a, b} w[o, i, a, b] · x[i, a·dh, p·sw + b·dw] (vectors of images) for the
-// first C output channels of a block (acc's rows past C are left alone) and P positions, over taps a in [a0, a1) and b in [b0, b1)
-// of the r × s kernel: x points at the tile's first tap in batch planes; steps are in elements
-// (plane: one channel's plane; row_step: dh rows; tap_step: dw columns; col_step: sw columns); w
-// at the block's packed weights ([ins][r][s][kKB]).
+// first C output channels of a block (acc's rows past C are left alone) and P positions, over
+// taps a in [a0, a1) and b in [b0, b1) of the r × s kernel: x points at the tile's first tap in
+// batch planes; steps are in elements (plane: one channel's plane; row_step: dh rows; tap_step:
+// dw columns; col_step: sw columns); w at the block's packed weights ([ins][r][s][kKB]).
 // (The sums are a local tile, copied to acc at the end: accumulating in acc itself, which the
 // compiler must assume the input pointers may alias, kept them in memory wherever the tile was
 // not inlined, 2.5x slower.)
@@ -200,10 +200,10 @@ inline PlaneWindow placed_window(index_t top, index_t left, index_t h, index_t w
 }
 
 // out (n, outs, oh, ow) = correlation of batch planes x (blocks, ins, hp, wp, lane; nonzero only
-// inside `window`) with the packed weights of every group, plus bias (or none). A task's row of result vectors is kept in
-// a scratch [channel][column] of vectors, then written image by image as whole rows: a lane at
-// a time straight from the tiles wrote 3 elements per image and per cache line (conv2d alone
-// at VGG's size: 188 ms against the fused block's 148).
+// inside `window`) with the packed weights of every group, plus bias (or none). A task's row of
+// result vectors is kept in a scratch [channel][column] of vectors, then written image by image
+// as whole rows: a lane at a time straight from the tiles wrote 3 elements per image and per
+// cache line (conv2d alone at VGG's size: 188 ms against the fused block's 148).
 template <typename T>
 void batch_correlate(const T* x, index_t hp, index_t wp, const PlaneWindow& window, const T* packed, const T* bias,
                      const ConvShape& cs, T* out, int threads) {
