@@ -180,11 +180,19 @@ void relu_max_pool2d_backward(address_t grad_, address_t out_, address_t argmax_
 constexpr index_t kSparseRows = 4;  // kernel rows summed at once: 4 x (1 or 2) accumulators at most
 
 // Whether the sparse weight gradient applies: one group, contiguous taps along a row (dw = 1),
-// kernel rows of at most two vectors, and at least 4 conv positions per pooled output.
+// kernel rows of at most two vectors, and at most two thirds of the dense sum's work. Each
+// nonzero entry (one per pooled output at most) costs a kernel row's whole vectors, of which only
+// s lanes are taps; the dense sum costs every conv position's s taps, lanes full: pooled ·
+// vectors · W against positions · s. Under 2 x 2 pools, 5-wide kernels (LeNet) come to 2/5 of the
+// dense work with AVX2's 8 lanes (measured 0.32 of the dense time on a Zen 3) and 3-wide ones to
+// 2/3 (measured 0.53); with AVX-512's 16 lanes to 4/5 and 4/3, so there the dense tiles, as
+// measured before (no AVX-512 CPU was at hand to time the sparse sum on).
 template <typename T>
 bool sparse_weight_gradient_applies(const ConvShape& cs, index_t ph_out, index_t pw_out) {
-    return cs.groups == 1 && cs.dw == 1 && cs.s <= 2 * Simd<T>::kWidth && cs.n > 0 && cs.k > 0 &&
-           cs.oh * cs.ow >= 4 * ph_out * pw_out;
+    constexpr index_t W = Simd<T>::kWidth;
+    const index_t vectors = (cs.s + W - 1) / W;
+    return cs.groups == 1 && cs.dw == 1 && vectors <= 2 && cs.n > 0 && cs.k > 0 &&
+           3 * ph_out * pw_out * vectors * W <= 2 * cs.oh * cs.ow * cs.s;
 }
 
 template <typename T>
