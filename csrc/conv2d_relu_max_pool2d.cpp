@@ -252,7 +252,7 @@ void sparse_weight_gradient(const T* grad, const T* out, const std::int8_t* argm
     const index_t pooled = ph_out * pw_out, vectors = (cs.s + W - 1) / W, row = vectors * W;
     // planes: the padding, and a vector's room past the last column
     const index_t wp = cs.w + 2 * cs.pw + W, hp = cs.h + 2 * cs.ph, plane = hp * wp;
-    const index_t rows = cs.r, kernel_rows = cs.k * cs.c * rows;
+    const index_t kernel_rows = cs.k * cs.c * cs.r;
     const int parts = static_cast<int>(std::max<index_t>(1, std::min<index_t>(threads, cs.n)));
     std::vector<T> w_parts(index_t(parts) * kernel_rows * row, T(0)), b_parts(grad_b ? parts * cs.k : 0, T(0));
 #pragma omp parallel num_threads(parts)
@@ -283,7 +283,7 @@ void sparse_weight_gradient(const T* grad, const T* out, const std::int8_t* argm
                     for (index_t a = 0; a < cs.r; a += kSparseRows) {  // the last block: the rows left
                         const index_t count = std::min(kSparseRows, cs.r - a);
                         const T* xc = planes.data() + c * plane + a * cs.dh * wp;
-                        T* o = gw + ((k * cs.c + c) * rows + a) * row;
+                        T* o = gw + ((k * cs.c + c) * cs.r + a) * row;
                         if (vectors == 1)
                             sparse_row_block<T, 1>(count, xc, cs.dh * wp, at.data(), g.data(), entries, o, row);
                         else
@@ -292,22 +292,14 @@ void sparse_weight_gradient(const T* grad, const T* out, const std::int8_t* argm
             }
         }
     }
-    // the threads' sums in a fixed order; the padding rows and lanes dropped
-    for (index_t k = 0; k < cs.k; ++k)
-        for (index_t c = 0; c < cs.c; ++c)
-            for (index_t a = 0; a < cs.r; ++a)
-                for (index_t b = 0; b < cs.s; ++b) {
-                    T total = 0;
-                    for (int p = 0; p < parts; ++p)
-                        total += w_parts[(index_t(p) * kernel_rows + (k * cs.c + c) * rows + a) * row + b];
-                    grad_w[((k * cs.c + c) * cs.r + a) * cs.s + b] = total;
-                }
-    if (grad_b)
-        for (index_t k = 0; k < cs.k; ++k) {
+    // the threads' sums in a fixed order; each kernel row's padding lanes dropped
+    for (index_t t = 0; t < kernel_rows; ++t)
+        for (index_t b = 0; b < cs.s; ++b) {
             T total = 0;
-            for (int p = 0; p < parts; ++p) total += b_parts[p * cs.k + k];
-            grad_b[k] = total;
+            for (int p = 0; p < parts; ++p) total += w_parts[(index_t(p) * kernel_rows + t) * row + b];
+            grad_w[t * cs.s + b] = total;
         }
+    if (grad_b) reduce_partials(b_parts.data(), parts, cs.k, T(1), grad_b, 1);
 }
 
 }  // namespace
