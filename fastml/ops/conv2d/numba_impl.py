@@ -220,18 +220,21 @@ def backward(grad, x, weight, stride, padding, dilation, groups, needs):
             nb.threads_for(work)
             _backward_input_kernel(nb.view(grad), nb.view(weight), grad_x.numpy(), int(groups),
                                    *stride, *padding, *dilation)
-    if need_w or need_b:
+    # The kernel sums valid taps only; torch's weight gradient multiplies the zero padding too,
+    # and an infinite or NaN gradient times a padded 0 is NaN there: torch's own weight gradient
+    # then, for torch's result (one pass over grad to find out, rather than padded taps in every
+    # call), and the kernel computes the bias gradient alone.
+    torch_weight = need_w and not empty and any(padding) and not bool(grad.isfinite().all())
+    kernel_w = need_w and not torch_weight
+    if kernel_w or need_b:
         grad_w = weight.new_zeros(weight.shape) if empty else weight.new_empty(weight.shape)
         grad_b = grad.new_zeros((k,)) if empty or not need_b else grad.new_empty((k,))
         if not empty:
             nb.threads_for(work)
-            _backward_weight_kernel(nb.view(grad), nb.view(x), grad_w.numpy(), bool(need_w), grad_b.numpy(),
+            _backward_weight_kernel(nb.view(grad), nb.view(x), grad_w.numpy(), bool(kernel_w), grad_b.numpy(),
                                     bool(need_b), int(groups), *stride, *padding, *dilation)
-        grad_w = grad_w if need_w else None
+        grad_w = grad_w if kernel_w else None
         grad_b = grad_b if need_b else None
-    if need_w and not empty and any(padding) and not bool(grad.isfinite().all()):
-        # The kernel sums valid taps only; torch's weight gradient multiplies the zero padding
-        # too, and an infinite or NaN gradient times a padded 0 is NaN there: torch's, for torch's
-        # result (one pass over grad to find out, rather than padded taps in every call).
+    if torch_weight:
         grad_w = reference.backward(grad, x, weight, stride, padding, dilation, groups, (False, True, False))[1]
     return grad_x, grad_w, grad_b
