@@ -856,8 +856,9 @@ def test_tune_keeps_fastml_where_the_whole_model_confirms_it(monkeypatch):
 
 def unpatched_is_faster(monkeypatch, model, unpatched_wins: bool):
     """Kernels win every op, fastml's routes every layer and model check, channels-last
-    activations the layout check; the check of the model against itself unpatched (told by its "reference" run: every module as torch's own)
-    goes to the unpatched model where ``unpatched_wins``."""
+    activations the layout check; the check of the model against itself unpatched (told by its
+    "reference" run: every module as torch's own) goes to the unpatched model where
+    ``unpatched_wins``."""
     def measure(names, run, device, rounds=None):
         unpatched_check = False
         with torch.no_grad():
