@@ -24,10 +24,15 @@ inline void dot_tile(const T* const* x, const T* w, index_t d, T (&dots)[R][C]) 
     for (; k + S::kWidth <= d; k += S::kWidth) {
         V wv[C];
 #pragma GCC unroll 16
-        for (int c = 0; c < C; ++c) wv[c] = S::load(w + c * d + k);
+        for (int c = 0; c < C; ++c) {
+            V wc = S::load(w + c * d + k);
+            keep_in_register(wc);
+            wv[c] = wc;
+        }
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
-            const V xv = S::load(x[r] + k);
+            V xv = S::load(x[r] + k);
+            keep_in_register(xv);
 #pragma GCC unroll 16
             for (int c = 0; c < C; ++c) acc[r][c] += xv * wv[c];
         }
@@ -127,10 +132,14 @@ inline void outer_tile(const T* coef, index_t o, const T* x, index_t d, index_t 
         const T* xr = x + r * d + k;
         V xv[K];
 #pragma GCC unroll 16
-        for (int kk = 0; kk < K; ++kk) xv[kk] = S::load(xr + kk * S::kWidth);
+        for (int kk = 0; kk < K; ++kk) {
+            V xk = S::load(xr + kk * S::kWidth);
+            keep_in_register(xk);
+            xv[kk] = xk;
+        }
 #pragma GCC unroll 16
         for (int c = 0; c < C; ++c) {
-            const V cv = V{} + coef[r * o + j + c];  // broadcast
+            const V cv = S::broadcast(coef[r * o + j + c]);
 #pragma GCC unroll 16
             for (int kk = 0; kk < K; ++kk) a[c][kk] += cv * xv[kk];
         }
@@ -180,48 +189,63 @@ inline void accumulate_outer(const T* coef, const T* x, index_t rows, index_t d,
     }
 }
 
+// out[r, k .. k + K·W) = sum_j coef[r * o + j] * w[j, k .. k + K·W) for R rows: an R × K tile of
+// vector accumulators over every output j, stored once. Each loaded weight vector serves R rows,
+// each broadcast coefficient K vectors, and out is written once, never zeroed first or re-read.
+template <typename T, int R, int K>
+inline void combine_tile(const T* coef, index_t o, const T* w, index_t d, index_t k, T* out) {
+    using S = Simd<T>;
+    using V = typename S::vec;
+    V a[R][K];
+    zero_tile(a);
+    for (index_t j = 0; j < o; ++j) {
+        V wv[K];
+#pragma GCC unroll 16
+        for (int kk = 0; kk < K; ++kk) {
+            V wk = S::load(w + j * d + k + kk * S::kWidth);
+            keep_in_register(wk);  // loaded once for R rows, not folded into each FMA
+            wv[kk] = wk;
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+            const V cv = S::broadcast(coef[r * o + j]);
+#pragma GCC unroll 16
+            for (int kk = 0; kk < K; ++kk) a[r][kk] += cv * wv[kk];
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+        for (int kk = 0; kk < K; ++kk) S::store(out + r * d + k + kk * S::kWidth, a[r][kk]);
+}
+
+// Vectors of a row a combine_tile of 4 rows takes at once: 8 accumulators, 2 weight vectors and
+// the broadcast coefficient, within AVX2's 16 registers as within AVX-512's 32.
+constexpr int kCombineVectors = tile_columns(4, 1, 2);
+
+// R rows of combine_rows: register tiles across d, then the last d % W columns one by one.
+template <typename T, int R>
+inline void combine_row_group(const T* coef, index_t o, const T* w, index_t d, T* out) {
+    constexpr index_t W = Simd<T>::kWidth;
+    index_t k = 0;
+    for (; k + kCombineVectors * W <= d; k += kCombineVectors * W)
+        combine_tile<T, R, kCombineVectors>(coef, o, w, d, k, out);
+    for (; k + W <= d; k += W) combine_tile<T, R, 1>(coef, o, w, d, k, out);
+    for (; k < d; ++k)
+        for (int r = 0; r < R; ++r) {
+            T sum = 0;
+            for (index_t j = 0; j < o; ++j) sum += coef[r * o + j] * w[j * d + k];
+            out[r * d + k] = sum;
+        }
+}
+
 // out[r] = sum_j coef[r * o + j] * w[j] for r < rows (out is rows × d, w is o × d): the input
-// gradient of a row block. Four rows share each loaded weight row, and four weight rows are
-// taken at a time, so each output vector is loaded and stored once per four weight rows instead
-// of once per row (the loop is otherwise load / store bound).
+// gradient of a row block, four rows at a time (combine_tile), the last rows % 4 one at a time.
 template <typename T>
 inline void combine_rows(const T* coef, index_t rows, index_t o, const T* w, index_t d, T* out) {
-    std::fill(out, out + rows * d, T(0));
     index_t r = 0;
-    for (; r + 4 <= rows; r += 4, coef += 4 * o) {
-        T *o0 = out + r * d, *o1 = o0 + d, *o2 = o1 + d, *o3 = o2 + d;
-        index_t j = 0;
-        for (; j + 4 <= o; j += 4) {
-            const T* c = coef + j;
-            const T *w0 = w + j * d, *w1 = w0 + d, *w2 = w1 + d, *w3 = w2 + d;
-#pragma omp simd
-            for (index_t k = 0; k < d; ++k) {
-                const T u0 = w0[k], u1 = w1[k], u2 = w2[k], u3 = w3[k];
-                o0[k] += c[0] * u0 + c[1] * u1 + c[2] * u2 + c[3] * u3;
-                o1[k] += c[o] * u0 + c[o + 1] * u1 + c[o + 2] * u2 + c[o + 3] * u3;
-                o2[k] += c[2 * o] * u0 + c[2 * o + 1] * u1 + c[2 * o + 2] * u2 + c[2 * o + 3] * u3;
-                o3[k] += c[3 * o] * u0 + c[3 * o + 1] * u1 + c[3 * o + 2] * u2 + c[3 * o + 3] * u3;
-            }
-        }
-        for (; j < o; ++j) {
-            const T c0 = coef[j], c1 = coef[o + j], c2 = coef[2 * o + j], c3 = coef[3 * o + j];
-            const T* wj = w + j * d;
-#pragma omp simd
-            for (index_t k = 0; k < d; ++k) {
-                const T wk = wj[k];
-                o0[k] += c0 * wk, o1[k] += c1 * wk, o2[k] += c2 * wk, o3[k] += c3 * wk;
-            }
-        }
-    }
-    for (; r < rows; ++r, coef += o) {
-        T* orow = out + r * d;
-        for (index_t j = 0; j < o; ++j) {
-            const T c = coef[j];
-            const T* wj = w + j * d;
-#pragma omp simd
-            for (index_t k = 0; k < d; ++k) orow[k] += c * wj[k];
-        }
-    }
+    for (; r + 4 <= rows; r += 4) combine_row_group<T, 4>(coef + r * o, o, w, d, out + r * d);
+    for (; r < rows; ++r) combine_row_group<T, 1>(coef + r * o, o, w, d, out + r * d);
 }
 
 // Adds the per-thread partial sums parts[t] (each `count` long) into out, scaled; the threads

@@ -53,7 +53,22 @@ struct Simd {
         return v;
     }
     static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
-    static vec broadcast(T x) { return vec{} + x; }
+    // x in every lane: one vbroadcast from memory with AVX. Not `vec{} + x`, which is 0 + x: the
+    // compiler must compute that sum (it turns -0 into +0) and then splat it, an add and a
+    // shuffle on every broadcast of a tile's inner loop (GCC's lane loop splats via 128 bits).
+    static vec broadcast(T x) {
+#if defined(__AVX512F__)
+        if constexpr (sizeof(T) == 4) return reinterpret_cast<vec>(_mm512_set1_ps(x));
+        else return reinterpret_cast<vec>(_mm512_set1_pd(x));
+#elif defined(__AVX__)
+        if constexpr (sizeof(T) == 4) return reinterpret_cast<vec>(_mm256_set1_ps(x));
+        else return reinterpret_cast<vec>(_mm256_set1_pd(x));
+#else
+        vec v;
+        for (index_t i = 0; i < kWidth; ++i) v[i] = x;
+        return v;
+#endif
+    }
     // Whether every lane is greater than x (a NaN lane is not). One compare into a mask and one
     // test with AVX-512 or AVX; GCC's generic lane loop costs a dozen more.
     static bool all_greater(vec v, T x) {
@@ -84,10 +99,13 @@ struct Simd {
 
 // Makes the compiler hold v in a register from here on. GCC otherwise may fold a loaded operand
 // into each FMA that uses it as a memory operand, one load per use, and a tile's loads, not its
-// FMAs, then bound it (the batch weight gradient's, measured on Zen 4). Not a rule to apply
-// everywhere: pinning the dot tile's weight vectors made linear + squared loss 30% slower on a
-// Zen 3. The "v" constraint names one vector register, which V is with AVX and AVX-512
-// (simd.h's width); an SSE2 build leaves GCC its own choice.
+// FMAs, then bound it: on a Zen 3 (two 256-bit loads a cycle) the dot, outer-product and combine
+// tiles of linear_tiles.h ran 1.3x to 1.7x faster with their operands pinned. Pin a plain local,
+// then copy it into the tile's array: pinning an array element itself kept GCC from holding the
+// tile's arrays in registers where the tile was inlined into a larger loop (linear + squared
+// loss), and its accumulators went to the stack, 25% slower. The "v" constraint names one vector
+// register, which V is with AVX and AVX-512 (simd.h's width); an SSE2 build leaves GCC its own
+// choice.
 template <typename V>
 inline void keep_in_register(V& v) {
 #if defined(__AVX__)
