@@ -93,7 +93,7 @@ void conv2d_backward_input(address_t grad_, address_t w_, const std::vector<inde
     const auto packed = packed_weights(as_ptr<const T>(w_), cs, true);
     const ConvShape transposed{cs.n, cs.k, hp, wp, cs.c, cs.r, cs.s, 1, 1, 0, 0, cs.dh, cs.dw, cs.groups, cs.h, cs.w};
     if (batch_layout_pays<T>(cs.n)) {
-        std::vector<T> planes(batch_planes_size<T>(cs.n, cs.k, hp, wp));
+        Uninitialized<T> planes(batch_planes_size<T>(cs.n, cs.k, hp, wp));  // written whole below
         to_batch_planes(grad, cs.n, cs.k, cs.oh, cs.ow, top, left, cs.sh, cs.sw, hp, wp, planes.data(), threads);
         const PlaneWindow window = placed_window(top, left, cs.oh, cs.ow, cs.sh, cs.sw, hp, wp);
         batch_correlate<T>(planes.data(), hp, wp, window, packed.data(), nullptr, transposed, as_ptr<T>(grad_x_),
@@ -136,7 +136,7 @@ void conv2d_backward_weight(address_t grad_, address_t x_, const std::vector<ind
         const index_t hp = cs.hp(), wp = cs.wp();
         const auto planes = batch_input(as_ptr<const T>(x_), cs, hp, wp, threads);
         const index_t rows = gradient_plane_rows(cs.oh, cs.ow);
-        std::vector<T> grads(batch_planes_size<T>(cs.n, cs.k, rows, cs.ow));
+        Uninitialized<T> grads(batch_planes_size<T>(cs.n, cs.k, rows, cs.ow));  // written whole below
         to_batch_planes(grad, cs.n, cs.k, cs.oh, cs.ow, 0, 0, 1, 1, rows, cs.ow, grads.data(), threads);
         batch_weight_gradient(grads.data(), cs.ow, rows * cs.ow * Simd<T>::kWidth, planes.data(), hp, wp, cs,
                               as_ptr<T>(grad_w_), threads);

@@ -374,7 +374,8 @@ void conv2d_relu_max_pool2d_backward(address_t grad_, address_t out_, address_t 
     const index_t image_blocks = (cs.n + L - 1) / L;
     const T *grad = as_ptr<const T>(grad_), *out = as_ptr<const T>(out_);
     const auto* argmax = as_ptr<const std::int8_t>(argmax_);
-    std::vector<T> planes(image_blocks * cs.k * pitch), bias_parts(image_blocks * cs.k, T(0));
+    Uninitialized<T> planes(image_blocks * cs.k * pitch);  // each task zeroes its own plane
+    std::vector<T> bias_parts(image_blocks * cs.k, T(0));
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (index_t task = 0; task < image_blocks * cs.k; ++task) {
         const index_t ib = task / cs.k, ko = task % cs.k, images = std::min(L, cs.n - ib * L);

@@ -68,8 +68,8 @@ inline index_t batch_planes_size(index_t n, index_t channels, index_t hp, index_
 
 // The input x (n, c, h, w) as padded batch planes (forward and weight gradient).
 template <typename T>
-std::vector<T> batch_input(const T* x, const ConvShape& cs, index_t hp, index_t wp, int threads) {
-    std::vector<T> planes(batch_planes_size<T>(cs.n, cs.c, hp, wp));
+Uninitialized<T> batch_input(const T* x, const ConvShape& cs, index_t hp, index_t wp, int threads) {
+    Uninitialized<T> planes(batch_planes_size<T>(cs.n, cs.c, hp, wp));  // to_batch_planes writes every element
     to_batch_planes(x, cs.n, cs.c, cs.h, cs.w, cs.ph, cs.pw, 1, 1, hp, wp, planes.data(), threads);
     return planes;
 }
