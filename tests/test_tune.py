@@ -933,6 +933,44 @@ def test_tune_runs_the_model_as_unpatched_where_that_measured_faster(monkeypatch
         assert torch.equal(model(x), twin(x))
 
 
+@needs_kernel
+def test_training_with_nothing_of_fastml_left_runs_as_unpatched_without_timing_it(monkeypatch):
+    """In training, where every layer keeps torch's module and the input's layout, the patched
+    model computes what the unpatched one does plus each layer's dispatch: tune runs it as
+    unpatched by rule, without the timing that could only favour the patched model by noise."""
+    torch.manual_seed(0)
+    twin = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 4 * 4, 5))
+    model = copy.deepcopy(twin)
+    fastml.patch(model, channels_last=True)
+    unpatched_timed = []
+
+    def measure(names, run, device, rounds=None):  # torch's implementation wins every check
+        for candidate in names:
+            run(candidate)
+            unpatched_timed.append(candidate == "reference" and _route.runs_as_torch(model))
+        return {candidate: (1.0 if candidate == "reference" else 2.0) for candidate in names}
+
+    _tune.clear_tuning(persisted=True)
+    monkeypatch.setattr(_tune, "measure", measure)
+    x = torch.randn(2, 3, 6, 6)
+    table = fastml.tune(model, x)  # parameters requiring grad, grad mode on: a training step
+    assert unpatched_timed and not any(unpatched_timed)
+    (row,) = [row for row in table.rows if row.op == "unpatched"]
+    assert (row.choice, row.rule, row.seconds) == ("reference", "nothing of fastml's left", {})
+    assert "torch's modules, as unpatched (nothing of fastml's left)" in str(table)
+    assert all(_route.runs_as_torch(m) for m in model.modules()) and not fastml._layout.of(model).enabled
+    assert [type(m) for m in model] == [type(m) for m in twin]
+    out, expected = model(x), twin(x)
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    for mine, theirs in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(mine.grad, theirs.grad)
+    fastml.unpatch(model)
+    assert not any(_route.runs_as_torch(m) for m in model.modules())
+
+
 # ------------------------------------------------------------- a layer's variants of torch's
 
 def test_a_convolution_may_run_torchs_on_the_channels_last_layout(monkeypatch):
