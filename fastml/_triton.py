@@ -67,8 +67,18 @@ def use_dot(dtype: torch.dtype) -> bool:
     return dtype != torch.float64 or FP64_DOT or interpreted()
 
 
+# Host-side integer helpers in plain Python: triton.cdiv and triton.next_power_of_2 are
+# ConstexprFunction objects in recent Triton, about 3 µs a call through their dispatch, paid
+# several times per launch (a sixth of a small cross-entropy call's host time on a 2-core CPU).
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers, b > 0."""
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
-    return 1 if n <= 1 else triton.next_power_of_2(int(n))
+    """The smallest power of two >= n (1 for n <= 1)."""
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def block(n: int, lo: int, hi: int) -> int:
@@ -209,7 +219,7 @@ def reduce_partials(part: torch.Tensor, grad_columns: int, split: int, count: in
     block_c = 64
     block_p = block(P, 1, 64)
     # Gradient programs cover columns [first, G); index them from 0 by offsetting the buffer.
-    n_grad_programs = triton.cdiv(grad_columns - first, block_c) if need_grads else 0
+    n_grad_programs = cdiv(grad_columns - first, block_c) if need_grads else 0
     sub = part[:, first:] if first else part
     reduce_partials_kernel[(n_grad_programs + 1,)](
         sub, grad_a, grad_b, loss, P, C, C - first, grad_columns - first, split - first, count,
@@ -277,7 +287,7 @@ def block_map(sizes: tuple[int, ...], block_size: int, device: torch.device) -> 
     sizes stay the same from step to step."""
     tensor_of, start_of = [], []
     for t, n in enumerate(sizes):
-        blocks = triton.cdiv(n, block_size)
+        blocks = cdiv(n, block_size)
         tensor_of.extend([t] * blocks)
         start_of.extend(range(0, blocks * block_size, block_size))
     return (torch.tensor(tensor_of, dtype=torch.int32, device=device),

@@ -63,6 +63,6 @@ def forward(x1, x2, p):
     out = x1.new_empty((b, n1, n2))
     bq = br = 32 if not tt.interpreted() else 64
     bd = 8
-    grid = (triton.cdiv(n1, bq), triton.cdiv(n2, br), b)
+    grid = (tt.cdiv(n1, bq), tt.cdiv(n2, br), b)
     _cdist_kernel[grid](x1, x2, out, n1, n2, m, NORM=norm_code(p), ACC=tt.acc_dtype(x1.dtype), BQ=bq, BR=br, BD=bd)
     return out

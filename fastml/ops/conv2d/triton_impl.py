@@ -328,7 +328,7 @@ def sum_partials(part: torch.Tensor, out: torch.Tensor) -> None:
     """out (L,) = part (SPLIT, L) summed over its first axis, in a fixed order."""
     splits, length = part.shape
     block = 256 if tt.interpreted() else SUM_BLOCK
-    _sum_partials_kernel[(triton.cdiv(length, block),)](part, out, splits, length, ACC=tt.acc_dtype(part.dtype),
+    _sum_partials_kernel[(tt.cdiv(length, block),)](part, out, splits, length, ACC=tt.acc_dtype(part.dtype),
                                                         BLOCK=block, num_warps=NUM_WARPS)
 
 
@@ -357,7 +357,7 @@ def forward(x, weight, bias, stride, padding, dilation, groups):
     rows, kg = n * oh * ow, k // groups
 
     def tiles(bm, bn):
-        return groups * triton.cdiv(rows, bm) * triton.cdiv(kg, bn)
+        return groups * tt.cdiv(rows, bm) * tt.cdiv(kg, bn)
 
     args = (x, weight, bias, out, rows, *_conv_args(c, h, w, k, oh, ow, kh, kw, stride, padding, dilation, groups))
     launch(_conv2d_forward_kernel, tiles, rows, kg, cg * kh * kw, args,
@@ -382,7 +382,7 @@ def backward(grad, x, weight, stride, padding, dilation, groups, needs):
             rows = n * h * w
 
             def tiles_x(bm, bn):
-                return groups * triton.cdiv(rows, bm) * triton.cdiv(cg, bn)
+                return groups * tt.cdiv(rows, bm) * tt.cdiv(cg, bn)
 
             launch(_conv2d_backward_input_kernel, tiles_x, rows, cg, kg * kh * kw,
                    (grad, weight, grad_x, rows, *geometry), meta, x.dtype)
@@ -406,12 +406,12 @@ def _weight_and_bias(grad, x, grad_w, grad_b, geometry, meta) -> None:
     # Split the reduction over output positions when the output has too few tiles for the GPU
     # (under the interpreter, in two when it is long enough, so the partials path is exercised).
     if tt.interpreted():
-        splits = max(1, min(2, triton.cdiv(rows, 64)))
+        splits = max(1, min(2, tt.cdiv(rows, 64)))
     else:
-        tiles = groups * triton.cdiv(kg, 64) * triton.cdiv(cols, 64)
-        splits = max(1, min(triton.cdiv(rows, 512), triton.cdiv(2 * tt.num_sms(grad.device), tiles)))
-    m_per_split = triton.cdiv(triton.cdiv(rows, splits), 64) * 64
-    splits = triton.cdiv(rows, m_per_split)
+        tiles = groups * tt.cdiv(kg, 64) * tt.cdiv(cols, 64)
+        splits = max(1, min(tt.cdiv(rows, 512), tt.cdiv(2 * tt.num_sms(grad.device), tiles)))
+    m_per_split = tt.cdiv(tt.cdiv(rows, splits), 64) * 64
+    splits = tt.cdiv(rows, m_per_split)
     acc = tt.torch_acc_dtype(grad.dtype)
     part_w, part_b = grad_w, grad_b
     if splits > 1:
@@ -420,7 +420,7 @@ def _weight_and_bias(grad, x, grad_w, grad_b, geometry, meta) -> None:
     with_weight = grad_w is not None
 
     def tiles(bm, bn):
-        return groups * triton.cdiv(kg, bm) * (triton.cdiv(cols, bn) if with_weight else 1)
+        return groups * tt.cdiv(kg, bm) * (tt.cdiv(cols, bn) if with_weight else 1)
 
     launch(_conv2d_backward_weight_kernel, tiles, kg, cols, rows,
            (grad, x, part_w, part_b, rows, *geometry, m_per_split),

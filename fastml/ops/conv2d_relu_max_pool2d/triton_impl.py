@@ -124,7 +124,7 @@ def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, poo
     rows, kg = n * poh * pow_, k // groups
 
     def tiles(bm, bn):
-        return groups * triton.cdiv(rows, bm) * triton.cdiv(kg, bn)
+        return groups * tt.cdiv(rows, bm) * tt.cdiv(kg, bn)
 
     args = (x, weight, bias, out, argmax, rows, c, h, w, k, poh, pow_, kh, kw, *stride, *padding, *dilation,
             *pool_kernel, *pool_stride, groups)
@@ -143,7 +143,7 @@ def backward(grad, out, argmax, x, weight, stride, padding, dilation, groups, po
     if grad.numel():
         grad, out, argmax = grad.contiguous(), out.contiguous(), argmax.contiguous()
         block = INTERPRETER_SCATTER_BLOCK if tt.interpreted() else SCATTER_BLOCK
-        _pool_grad_scatter_kernel[(triton.cdiv(grad.numel(), block),)](
+        _pool_grad_scatter_kernel[(tt.cdiv(grad.numel(), block),)](
             grad, out, argmax, grad_z, grad.numel(), poh, pow_, oh, ow, pool_kernel[1], *pool_stride,
             ATOMIC=overlap, BLOCK=block, num_warps=NUM_WARPS)
     return conv_triton.backward(grad_z.to(grad.dtype), x, weight, stride, padding, dilation, groups, needs)

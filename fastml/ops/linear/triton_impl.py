@@ -101,13 +101,13 @@ def _matmul(a, a_strides, b, b_strides, M, N, K, bias=None, row_sum=False):
     use_dot = tt.use_dot(dtype)
     # Split K when the output has few tiles but K is long, so every SM has work.
     base = 64 if use_dot else 16
-    tiles = triton.cdiv(M, base) * max(1, triton.cdiv(N, base))
+    tiles = tt.cdiv(M, base) * max(1, tt.cdiv(N, base))
     if interp:
-        split = max(1, min(2, triton.cdiv(K, 64)))
+        split = max(1, min(2, tt.cdiv(K, 64)))
     else:
-        split = max(1, min(triton.cdiv(K, 512), triton.cdiv(2 * tt.num_sms(device), tiles)))
-    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), split), 64) * 64
-    split = max(1, triton.cdiv(K, k_per_split))
+        split = max(1, min(tt.cdiv(K, 512), tt.cdiv(2 * tt.num_sms(device), tiles)))
+    k_per_split = tt.cdiv(tt.cdiv(max(K, 1), split), 64) * 64
+    split = max(1, tt.cdiv(K, k_per_split))
     acc_torch = tt.torch_acc_dtype(dtype)
     c = out if split == 1 else torch.empty((split, M, N), dtype=acc_torch, device=device)
     rs = rowsum if split == 1 else (torch.empty((split, M), dtype=acc_torch, device=device) if row_sum else None)
@@ -118,19 +118,19 @@ def _matmul(a, a_strides, b, b_strides, M, N, K, bias=None, row_sum=False):
                 UPCAST=interp and dtype == torch.bfloat16)
     if interp:
         bm, bn, bk = tt.block(M, 16, 64), tt.block(N, 16, 64), tt.block(k_per_split, 16, 64)
-        grid = (triton.cdiv(M, bm) * max(1, triton.cdiv(N, bn)), split)
+        grid = (tt.cdiv(M, bm) * max(1, tt.cdiv(N, bn)), split)
         _matmul_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     elif not use_dot:
-        grid = (triton.cdiv(M, 16) * max(1, triton.cdiv(N, 16)), split)
+        grid = (tt.cdiv(M, 16) * max(1, tt.cdiv(N, 16)), split)
         _matmul_kernel[grid](*args, **meta, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2)
     elif 2 * M * N * K < _AUTOTUNE_MIN_FLOPS:
-        grid = (triton.cdiv(M, 64) * max(1, triton.cdiv(N, 64)), split)
+        grid = (tt.cdiv(M, 64) * max(1, tt.cdiv(N, 64)), split)
         _matmul_kernel[grid](*args, **meta, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     else:
         tuned = _tuned_fp64 if dtype == torch.float64 else _tuned
 
         def grid(meta_):
-            return (triton.cdiv(M, meta_["BLOCK_M"]) * max(1, triton.cdiv(N, meta_["BLOCK_N"])), split)
+            return (tt.cdiv(M, meta_["BLOCK_M"]) * max(1, tt.cdiv(N, meta_["BLOCK_N"])), split)
 
         key = (tt.size_bucket(M), tt.size_bucket(N), tt.size_bucket(K), dtype, bias is not None, row_sum)
         tt.launch_tuned(tuned, _matmul_kernel, grid, key, *args, **meta)

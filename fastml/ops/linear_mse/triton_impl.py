@@ -325,12 +325,12 @@ def forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad
     if _uses_rows_kernel(d, o):
         block_d = tt.block(d, 1 if interp else 16, _ROWS_MAX_D)
         C = o * d + o + 1
-        n_programs = tt.persistent_programs(triton.cdiv(n, _MIN_BLOCK_N), x.device)
+        n_programs = tt.persistent_programs(tt.cdiv(n, _MIN_BLOCK_N), x.device)
         part = x.new_empty((n_programs, C), dtype=part_dtype) if reduce else None
         args = (x, weight, bias, target, loss_out, residual, part, n, d, C, tt.size_bucket(n))
         meta = dict(NUM_OUT=o, BLOCK_O=tt.next_pow2(o), BLOCK_D=block_d, **flags)
         if interp:
-            block_n = tt.block(triton.cdiv(n, n_programs), 1, max(16, 8192 // block_d))
+            block_n = tt.block(tt.cdiv(n, n_programs), 1, max(16, 8192 // block_d))
             _rows_kernel[(n_programs,)](*args, **meta, BLOCK_N=block_n, num_warps=4)
         elif n * max(d, o) < _AUTOTUNE_MIN_ELEMENTS:
             block_n = max(_MIN_BLOCK_N, min(64, tt.prev_pow2(4096 // (block_d * (o + 1 if o <= 4 else 1)))))
@@ -347,9 +347,9 @@ def forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad
             block_d = tt.block(d, 16, 64 if block_o == 64 else 128)
         else:
             block_n, block_o, block_d = 16, 16, 16
-        n_oblocks = triton.cdiv(o, block_o)
+        n_oblocks = tt.cdiv(o, block_o)
         C = o * d + o + n_oblocks
-        row_programs = tt.persistent_programs(triton.cdiv(n, block_n), x.device)
+        row_programs = tt.persistent_programs(tt.cdiv(n, block_n), x.device)
         row_programs = max(1, min(row_programs // n_oblocks if not interp else row_programs,
                                   (1 << 25) // C))
         part = torch.zeros((row_programs, C), dtype=part_dtype, device=x.device) if reduce else None

@@ -66,7 +66,7 @@ def _backward_kernel(
 def _launch(n: int, device):
     """(block, programs) for a persistent elementwise pass over n elements."""
     block = 4096 if tt.interpreted() else 2048
-    return block, tt.persistent_programs(triton.cdiv(n, block), device)
+    return block, tt.persistent_programs(tt.cdiv(n, block), device)
 
 
 def forward(input, target, reduction, keep_diff):
