@@ -24,10 +24,15 @@ RUNTIME_TYPES = {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "block_start_p
                  "x_ptr": "*DT", "idx_ptr": "*i64", "grad_ptr": "*DT", "grad_input_ptr": "*DT",
                  "w_ptr": "*DT", "bias_ptr": "*DT", "grad_weight_ptr": "*DT", "grad_bias_ptr": "*DT",
                  "part_ptr": "*DT", "argmax_ptr": "*i8",
+                 # the knn screen's operands are float32 whatever the inputs were (its launcher upcasts)
+                 "q_ptr": "*fp32", "r_ptr": "*fp32", "rn_ptr": "*fp32", "cand_ptr": "*i64", "cut_ptr": "*fp32",
+                 "Q_BUCKET": "i32", "R_BUCKET": "i32", "M_BUCKET": "i32",
                  **dict.fromkeys(["planes", "H", "W", "OH", "OW", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW",
                                   "n_outputs", "n_inputs", "C", "groups", "m_per_split", "splits", "length",
                                   "POH", "POW", "PKH", "PKW", "PSH", "PSW"], "i32")}
 POINTER_ROWS = {"_sgd_kernel": 3, "_adam_kernel": 5, "_course_kernel": 2}
+# input_precision of each kernel's tl.dot where it is not "ieee" (the knn screen's tensor-core product)
+PRECISION = {"_screen_kernel": "tf32x3"}
 SHORT = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -37,7 +42,8 @@ def constants_for(kernel, dtype_name: str, tl) -> dict:
     dtype = getattr(tl, dtype_name)
     values = {"DTYPE": dtype, "ACC": tl.float64 if dtype_name == "float64" else tl.float32, "BLOCK": 2048,
               "POINTER_ROWS": POINTER_ROWS.get(kernel.fn.__name__), "NORM": 2, "BQ": 32, "BR": 32, "BD": 8,
-              "KP": 16, "BLOCK_P": 2, "PREC": "ieee", "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "UPCAST": False}
+              "KP": 16, "BK": 32, "BLOCK_P": 2,
+              "PREC": PRECISION.get(kernel.fn.__name__, "ieee"), "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "UPCAST": False}
     return {name: values.get(name, True) for name in names}
 
 

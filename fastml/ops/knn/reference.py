@@ -75,16 +75,49 @@ def _matmul_roundoff(dtype: torch.dtype) -> float:
     return eps
 
 
+def screen_bound(dtype: torch.dtype, n_features: int, roundoff: float) -> tuple[float, float]:
+    """(gamma, floor) of a screen over ``n_features`` coordinates whose product rounds each step by
+    at most ``roundoff`` (relative): its scores err by at most gamma·(|r_c|² + 2|q_c||r_c|) + floor.
+    gamma covers the (M + 2)-term sums of the product and the norms, doubled; floor, underflow
+    (flushed to zero included)."""
+    return 2.0 * (n_features + 4) * roundoff, 4.0 * (n_features + 4) * torch.finfo(dtype).tiny
+
+
+def certify(q, q_c, reference, k, candidates, cut, ref_c_max, bound, distances_out, indices_out):
+    """Answers queries q (Q, M) from a screen's ``candidates`` (Q, keep) of reference (R, M):
+    their exact distances, ordered, into distances_out / indices_out (Q, k); rows whose answer the
+    screen's error ``bound`` (screen_bound) cannot certify are answered by ``exhaustive``.
+
+    q_c: the queries centred as the screen saw them; cut (Q,): a score every dropped reference
+    reached; ref_c_max: the largest |r_c| (NaN or inf here fails every certificate)."""
+    gamma, floor = bound
+    eps_in = torch.finfo(q.dtype).eps
+    q_c64 = q_c.double()
+    q_c_norm = q_c64.norm(dim=1)
+    error = gamma * (ref_c_max * ref_c_max + 2 * q_c_norm * ref_c_max) + floor
+    # A dropped r has |q_c - r_c|² >= cut - error + |q_c|²; centring rounded each coordinate
+    # by at most eps_in/2 of its size, so |q - r| >= |q_c - r_c| - eps_in (|q_c| + |r_c|).
+    dropped = (cut.double() - error + q_c64.square().sum(1)).clamp_min(0).sqrt()
+    dropped = (dropped - eps_in * (q_c_norm + ref_c_max)).clamp_min(0).square()
+    near, order = order_neighbours(q[None], reference[None], candidates[None], 2.0)
+    near, order = near[0, :, :k], order[0, :, :k]
+    # The k-th neighbour's squared distance in float64 (float32 differences are exact there).
+    kth = (q.double() - reference[order[:, -1]].double()).square().sum(1)
+    certified = dropped > kth * (1 + gamma) + floor  # NaN anywhere: False
+    distances_out.copy_(near)
+    indices_out.copy_(order)
+    if not bool(certified.all()):
+        rows = (~certified).nonzero()[:, 0]
+        d, i = exhaustive(q[rows][None], reference[None], k, 2.0)
+        distances_out[rows], indices_out[rows] = d[0], i[0]
+
+
 def _screened(query, reference, k, distances_out, indices_out):
     """One batch entry: query (Q, M), reference (R, M) → rows of distances_out / indices_out (Q, k)."""
     n_query, n_features = query.shape
     n_ref = reference.shape[0]
     keep = k + SCREEN_EXTRA
-    eps_in = torch.finfo(query.dtype).eps
-    # The screen's error bound, relative to |r_c|² + 2|q_c||r_c|: the (M + 2)-term sums of the
-    # product and the norms, doubled; an absolute term covers underflow (flushed to zero included).
-    gamma = 2.0 * (n_features + 4) * _matmul_roundoff(query.dtype)
-    floor = 4.0 * (n_features + 4) * torch.finfo(query.dtype).tiny
+    bound = screen_bound(query.dtype, n_features, _matmul_roundoff(query.dtype))
     centre = reference.mean(dim=0, keepdim=True)
     ref_c = reference - centre
     # One product gives |r_c|² - 2 q_c·r_c: [q_c, 1] · [-2 r_c, |r_c|²]ᵀ (an extra pass to add the
@@ -92,7 +125,7 @@ def _screened(query, reference, k, distances_out, indices_out):
     screen_ref = query.new_empty((n_ref, n_features + 1))
     torch.mul(ref_c, -2, out=screen_ref[:, :n_features])
     torch.sum(ref_c * ref_c, dim=1, out=screen_ref[:, n_features])
-    ref_c_max = ref_c.double().norm(dim=1).max()  # NaN or inf here fails every certificate below
+    ref_c_max = ref_c.double().norm(dim=1).max()
     step = max(1, BLOCK_ELEMENTS // n_ref)
     screen_query = query.new_ones((min(step, n_query), n_features + 1))
     # One buffer for every block's scores: a fresh 16 MB each block would fault in its pages anew.
@@ -104,25 +137,8 @@ def _screened(query, reference, k, distances_out, indices_out):
         screen_query[:rows, :n_features] = q_c
         scores = torch.mm(screen_query[:rows], screen_ref.T, out=scores_buffer[:rows])  # |q_c - r_c|² - |q_c|²
         kept_scores, candidates = _smallest(scores, keep)
-        cut = kept_scores.double().amax(1)  # every reference dropped scored at least this
-        q_c64 = q_c.double()
-        q_c_norm = q_c64.norm(dim=1)
-        error = gamma * (ref_c_max * ref_c_max + 2 * q_c_norm * ref_c_max) + floor
-        # A dropped r has |q_c - r_c|² >= cut - error + |q_c|²; centring rounded each coordinate
-        # by at most eps_in/2 of its size, so |q - r| >= |q_c - r_c| - eps_in (|q_c| + |r_c|).
-        dropped = (cut - error + q_c64.square().sum(1)).clamp_min(0).sqrt()
-        dropped = (dropped - eps_in * (q_c_norm + ref_c_max)).clamp_min(0).square()
-        near, order = order_neighbours(q[None], reference[None], candidates[None], 2.0)
-        near, order = near[0, :, :k], order[0, :, :k]
-        # The k-th neighbour's squared distance in float64 (float32 differences are exact there).
-        kth = (q.double() - reference[order[:, -1]].double()).square().sum(1)
-        certified = dropped > kth * (1 + gamma) + floor  # NaN anywhere: False
-        distances_out[start:start + step] = near
-        indices_out[start:start + step] = order
-        if not bool(certified.all()):
-            rows = (~certified).nonzero()[:, 0]
-            d, i = exhaustive(q[rows][None], reference[None], k, 2.0)
-            distances_out[start + rows], indices_out[start + rows] = d[0], i[0]
+        certify(q, q_c, reference, k, candidates, kept_scores.amax(1), ref_c_max, bound,
+                distances_out[start:start + step], indices_out[start:start + step])
 
 
 def _smallest(scores, keep):
