@@ -7,6 +7,8 @@ index and class probability targets, weights, ignore_index, label smoothing and 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -155,14 +157,63 @@ def test_no_grad_and_inference_mode(backend, rng):
         assert_close(fastml.functional.cross_entropy(logits, target), expected.double(), torch.float32)
 
 
+_DEVICE_ASSERT_SCRIPT = """
+import sys, torch, fastml
+with fastml.use_backend("triton"):
+    logits = torch.randn(4, 5, device="cuda", requires_grad=True)
+    fastml.functional.cross_entropy(logits, torch.tensor([0, int(sys.argv[1]), 2, 7], device="cuda"))
+    torch.cuda.synchronize()
+"""
+
+
 @pytest.mark.parametrize("bad", [5, -1, -101])
 def test_out_of_range_target_is_torchs_index_error(backend, bad, rng):
+    if backend.name == "triton" and backend.device.type == "cuda":
+        # On the GPU, torch's CUDA loss fails a device-side assertion, and so does fastml's (the
+        # host never waits to check): in a child process, since it poisons the CUDA context.
+        done = subprocess.run([sys.executable, "-c", _DEVICE_ASSERT_SCRIPT, str(bad)], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode != 0 and "device-side assert" in done.stderr, done.stderr[-2000:]
+        return
     logits = rand(4, 5, device=backend.device, generator=rng, requires_grad=True)
     target = torch.tensor([0, bad, 2, 7], device=backend.device)  # the first bad one is reported
     with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
         fastml.functional.cross_entropy(logits, target)
     with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
         fastml.functional.cross_entropy(logits.detach(), target, reduction="none")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_device_target_total_is_the_reference_divisor(weighted, rng):
+    """The triton backend's divisor on the GPU (kept there, checked by a device-side assertion)
+    equals the reference's float: ignored rows left out, weights summed, 0 when all are ignored."""
+    pytest.importorskip("triton")
+    from fastml.ops.cross_entropy import reference, triton_impl
+
+    weight = rand(7, dtype=torch.float32, generator=rng).abs() if weighted else None
+    for target in (torch.tensor([0, 3, -100, 6, 3, 1]), torch.tensor([2, 2, 2]), torch.tensor([-100, -100]),
+                   torch.tensor([4, 9, 4], dtype=torch.int64)):
+        total = triton_impl.device_target_total(target, weight, 9 if 9 in target else -100, 7)
+        assert total.dim() == 0 and total.dtype == torch.float64
+        expected = reference.target_total(target, weight, 9 if 9 in target else -100, 7)
+        assert float(total) == pytest.approx(expected, rel=1e-15, abs=0)
+
+
+def test_a_divisor_kept_on_the_device_scales_like_a_float(rng):
+    """rows() with a 0-dim tensor scale (the GPU's "mean") gives the float scale's results."""
+    pytest.importorskip("triton")
+    from fastml.ops.cross_entropy import triton_impl
+
+    logits = rand(9, 37, generator=rng)
+    target = torch.randint(0, 37, (9,), generator=rng)
+    target[4] = -100
+    results = []
+    for scale in (0.125, torch.tensor(0.125, dtype=torch.float64)):
+        row_loss, grad = torch.empty(9), torch.empty_like(logits)
+        with fastml.use_backend("triton"):
+            triton_impl.rows(logits, target, None, -100, 0.1, scale, row_loss, grad)
+        results.append((row_loss, grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("call", [

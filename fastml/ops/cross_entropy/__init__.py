@@ -39,6 +39,8 @@ def loss_scale(kernels, reduction, target, class_weight, ignore_index, num_class
         total = float(num_rows)
     if reduction != "mean":
         return 1.0
+    if isinstance(total, torch.Tensor):  # kept on the device: 1 / 0 = inf makes the loss 0 · inf = NaN
+        return total.reciprocal()
     return 1.0 / total if total else float("nan")
 
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from fastml import _triton as tt
-from fastml.ops.cross_entropy.reference import target_total
+from fastml.ops.cross_entropy import reference
 
 __all__ = ["rows", "target_total"]
 
@@ -71,13 +71,13 @@ def _cross_entropy_rows_kernel(
     z_ptr,       # (M, C) logits, contiguous
     target_ptr,  # (M,) int64 class indices, or (M, C) class probabilities in z's dtype (PROBS)
     w_ptr,       # (C,) class weights in z's dtype (WEIGHTED)
-    scale_ptr,   # (M,) per-row gradient scales (ROW_SCALE)
+    scale_ptr,   # (M,) per-row gradient scales (ROW_SCALE), or () one scale for every row (SCALE_TENSOR)
     loss_ptr,    # (M,) row losses ℓ (DO_LOSS): z's dtype, float32 for float16 / bfloat16
     grad_ptr,    # (M, C) s · dℓ/dz (DO_GRAD), z's dtype; may be z_ptr itself
     M, C, ignore_index,
     eps_hi, eps_lo,      # label smoothing ε as a float32 pair (fastml._triton.split_float)
     scale_hi, scale_lo,  # the gradient scale of every row when not ROW_SCALE, likewise
-    PROBS: tl.constexpr, WEIGHTED: tl.constexpr, ROW_SCALE: tl.constexpr,
+    PROBS: tl.constexpr, WEIGHTED: tl.constexpr, ROW_SCALE: tl.constexpr, SCALE_TENSOR: tl.constexpr,
     SMOOTH_LOSS: tl.constexpr,  # ε > 0 and DO_LOSS: an index target's loss has the smoothing sum
     DO_LOSS: tl.constexpr, DO_GRAD: tl.constexpr,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -126,6 +126,8 @@ def _cross_entropy_rows_kernel(
     log_sum = tl.log(tl.where(kept, row_sum, 1.0))
     if ROW_SCALE:
         s = tl.load(scale_ptr + rows, mask=row_ok, other=0).to(ACC)
+    elif SCALE_TENSOR:
+        s = tl.zeros([BLOCK_M], ACC) + tl.load(scale_ptr).to(ACC)
     else:
         s = tl.zeros([BLOCK_M], ACC) + ((tl.zeros([], ACC) + scale_hi) + scale_lo)
 
@@ -174,22 +176,44 @@ def _tiling(m: int, c: int) -> tuple[int, int, int]:
     return block_m, block_c, max(1, min(8, block_m * block_c // (32 * ELEMENTS_PER_THREAD)))
 
 
+def target_total(target, class_weight, ignore_index, num_classes):
+    """reference.target_total for CPU tensors (the interpreter); for CUDA ones ``device_target_total``."""
+    if target.device.type == "cuda":
+        return device_target_total(target, class_weight, ignore_index, num_classes)
+    return reference.target_total(target, class_weight, ignore_index, num_classes)
+
+
+def device_target_total(target, class_weight, ignore_index, num_classes):
+    """reference.target_total kept on the device: a 0-dim float64 tensor, and a target out of
+    range fails a device-side assertion, as torch's own CUDA loss kernels do. The host never
+    waits for the device: the reference's float and its IndexError each cost a synchronisation,
+    which stalls the host's queue of launches and left the GPU idle between them."""
+    kept = target != ignore_index
+    torch._assert_async((((target >= 0) & (target < num_classes)) | ~kept).all())
+    if class_weight is None:
+        return kept.sum(dtype=torch.float64)
+    weights = class_weight.to(torch.float64)[target.clamp(0, max(num_classes - 1, 0))]
+    return torch.where(kept, weights, 0.0).sum()
+
+
 def rows(logits, target, class_weight, ignore_index, label_smoothing, grad_scale, row_loss, grad):
     m, c = logits.shape
     if m == 0 or (row_loss is None and grad is None):
         return
     probs = target.dtype != torch.int64
-    row_scale = isinstance(grad_scale, torch.Tensor)
+    # A tensor scale: (M,) per row, or () one for every row (a "mean" divisor kept on the device).
+    row_scale = isinstance(grad_scale, torch.Tensor) and grad_scale.dim() == 1
+    scale_tensor = isinstance(grad_scale, torch.Tensor) and grad_scale.dim() == 0
     eps = float(label_smoothing)
     block_m, block_c, num_warps = _tiling(m, c)
     eps_hi, eps_lo = tt.split_float(eps)
-    scale = 0.0 if row_scale else float(grad_scale)
+    scale = 0.0 if row_scale or scale_tensor else float(grad_scale)
     scale_hi, scale_lo = tt.split_float(scale)
-    _cross_entropy_rows_kernel[(triton.cdiv(m, block_m),)](
+    _cross_entropy_rows_kernel[(tt.cdiv(m, block_m),)](
         logits, target.contiguous(), None if class_weight is None else class_weight.to(logits.dtype).contiguous(),
-        grad_scale.contiguous() if row_scale else None, row_loss, grad,
+        grad_scale.contiguous() if row_scale or scale_tensor else None, row_loss, grad,
         m, c, int(ignore_index), eps_hi, eps_lo, scale_hi, scale_lo,
-        PROBS=probs, WEIGHTED=class_weight is not None, ROW_SCALE=row_scale,
+        PROBS=probs, WEIGHTED=class_weight is not None, ROW_SCALE=row_scale, SCALE_TENSOR=scale_tensor,
         SMOOTH_LOSS=eps > 0 and row_loss is not None and not probs,
         DO_LOSS=row_loss is not None, DO_GRAD=grad is not None,
         ACC=tt.acc_dtype(logits.dtype), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
