@@ -121,6 +121,73 @@ def test_float64_reference_on_random_configurations(backend, rng):
         _assert_same_pooling(F.max_pool2d(x, k, s, p, d, ceil_mode=ceil, return_indices=True), expected)
 
 
+# (input shape, kernel_size, stride, padding, dilation, ceil_mode): windows that overlap, so that
+# one input can be the maximum of several windows and collect several gradients.
+OVERLAPPING = [
+    ((2, 3, 11, 12), 3, 2, 1, 1, False),                 # ResNet's stem pool
+    ((2, 3, 11, 12), 3, 2, 1, 1, True),                  # ... with ceil_mode's partial last window
+    ((2, 2, 13, 10), 3, 1, 1, 2, False),                 # dilation 2, stride 1: nine windows an input
+    ((1, 3, 10, 9), (3, 2), (2, 1), (1, 1), (2, 3), True),  # rectangular, dilated, ceil_mode
+]
+
+
+@pytest.mark.parametrize("values", ["constant", "peaks", "ties"])
+@pytest.mark.parametrize("config", OVERLAPPING, ids=[_ids(c) for c in OVERLAPPING])
+def test_overlapping_windows_with_ties_match_the_float64_reference(backend, rng, config, values):
+    """Overlapping windows over tied maxima: a constant input (every window takes its first element
+    inside the input, the windows at the borders the same one), peaks at odd rows and columns
+    (each the maximum of every window over it, several windows apart from the constant rest), small
+    integers. Gradients that are multiples of 1/8 sum exactly in any order, so they equal the
+    float64 reference's to the bit; random gradients are within rounding of it; a second backward
+    gives the same bits."""
+    shape, k, s, p, d, ceil = config
+    x64 = torch.zeros(shape, dtype=torch.float64)
+    if values == "constant":
+        x64 += 0.5
+    elif values == "peaks":
+        x64[:, :, 1::4, 1::4] = 1.0
+    else:
+        x64 = rand(*shape, dtype=torch.float64, generator=rng, scale=1.5).round()
+    expected_out, expected_indices = pool_reference.forward(x64, _pair(k), _pair(s), _pair(p), _pair(d), ceil)
+    height, width = shape[2:]
+    if values == "peaks":  # the case this test is about: inputs that several windows chose
+        shared = pool_reference.backward(torch.ones_like(expected_out), expected_indices, height, width)
+        assert (shared > 1).any()
+    terms = math.prod(_pair(k))  # each window tap lands on at most one input
+    for dtype in (torch.float32, torch.float64):
+        x = x64.to(dtype=dtype, device=backend.device).requires_grad_()
+        out, indices = _pool(x, config)
+        _assert_same_pooling((out, indices), (expected_out.to(dtype), expected_indices))
+        dyadic = torch.randint(-16, 17, out.shape, generator=rng, dtype=torch.float64) / 8
+        (grad_x,) = torch.autograd.grad(out, x, dyadic.to(dtype=dtype, device=backend.device), retain_graph=True)
+        assert grad_x.dtype == dtype and grad_x.shape == x.shape
+        expected = pool_reference.backward(dyadic, expected_indices, height, width)
+        torch.testing.assert_close(grad_x.cpu().double(), expected, rtol=0, atol=0)
+        n, c, oh, ow = out.shape
+        grad = rand(n, c, ow, oh, dtype=dtype, device=backend.device, generator=rng).transpose(2, 3)  # strided
+        (grad_x,) = torch.autograd.grad(out, x, grad, retain_graph=True)
+        (again,) = torch.autograd.grad(out, x, grad)
+        assert torch.equal(grad_x, again)
+        exact = pool_reference.backward(grad.cpu().double(), expected_indices, height, width)
+        magnitude = pool_reference.backward(grad.cpu().double().abs(), expected_indices, height, width)
+        bound = terms * torch.finfo(dtype).eps * magnitude
+        assert ((grad_x.cpu().double() - exact).abs() <= bound).all(), (grad_x.cpu().double() - exact).abs().max()
+
+
+def test_backward_without_the_window_takes_any_indices(backend, rng):
+    """A backend's backward called with indices alone (the custom op's schema lets the window go):
+    any indices inside the input planes, -1 passed over."""
+    from fastml.ops.max_pool2d import impl
+
+    height, width = 5, 7
+    # -1 (a window with nothing inside the input) but on the reference, whose scatter_add takes none
+    indices = torch.randint(0 if backend.name == "reference" else -1, height * width, (2, 3, 4, 3), generator=rng)
+    grad = rand(2, 3, 4, 3, dtype=torch.float64, generator=rng)
+    ours = impl(backend.name).backward(grad.to(backend.device), indices.to(backend.device), height, width)
+    expected = pool_reference.backward(grad * (indices >= 0), indices.clamp(min=0), height, width)  # -1: no part
+    torch.testing.assert_close(ours.cpu(), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_gradcheck(backend, rng):
     x = rand(2, 2, 6, 7, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: F.max_pool2d(t, 3, 2, 1, ceil_mode=True), (x,),

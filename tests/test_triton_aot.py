@@ -15,6 +15,7 @@ KERNELS = ["fastml.ops.sgd.triton_impl:_sgd_kernel", "fastml.ops.sgd.triton_impl
            "fastml.ops.knn.triton_impl:_knn_kernel",
            "fastml.ops.knn.triton_impl:_screen_kernel", "fastml.ops.max_pool2d.triton_impl:_max_pool2d_forward_kernel",
            "fastml.ops.max_pool2d.triton_impl:_max_pool2d_backward_kernel",
+           "fastml.ops.max_pool2d.triton_impl:_max_pool2d_scatter_kernel",
            *(f"fastml.ops.conv2d.triton_impl:{name}" for name in (
                "_conv2d_forward_kernel", "_conv2d_backward_input_kernel", "_conv2d_backward_weight_kernel",
                "_sum_partials_kernel")),

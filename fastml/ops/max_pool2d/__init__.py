@@ -1,8 +1,9 @@
 """2-D max pooling: autograd.Function and per-backend dispatch.
 
 Backend modules provide ``forward(x, kernel, stride, padding, dilation, ceil_mode)`` → (out,
-indices) and ``backward(grad, indices, height, width)`` → grad_input, as documented in
-reference.py. The forward keeps only the int64 indices for backward (torch keeps the same).
+indices) and ``backward(grad, indices, height, width, window=None)`` → grad_input, as documented in
+reference.py. The forward keeps only the int64 indices for backward (torch keeps the same), and
+hands backward its window (kernel, stride, padding, dilation), which the Triton gather walks.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class MaxPool2dFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(indices)
         ctx.backend, ctx.forced, ctx.size = backend, forced_backend(), x.shape[2:]
+        ctx.window = (kernel, stride, padding, dilation)
         ctx.backward_key = backward_key(out, ctx.size, (kernel, stride, padding, dilation, ceil_mode))
         return out, indices
 
@@ -36,7 +38,7 @@ class MaxPool2dFunction(torch.autograd.Function):
         grad = grad.contiguous()
 
         def run(name):
-            return impl(name).backward(grad, indices, *ctx.size)
+            return impl(name).backward(grad, indices, *ctx.size, ctx.window)
 
         return run(backward_backend(ctx, grad, IMPLEMENTED, run)), None, None, None, None, None, None
 

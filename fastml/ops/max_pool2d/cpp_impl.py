@@ -15,7 +15,7 @@ def forward(x, kernel_size, stride, padding, dilation, ceil_mode):
     return out, indices
 
 
-def backward(grad, indices, height, width):
+def backward(grad, indices, height, width, window=None):  # window: unused by a scatter (reference.py)
     n, c, oh, ow = grad.shape
     grad_input = grad.new_empty((n, c, height, width))
     kernel("max_pool2d_backward", grad.dtype)(grad.data_ptr(), indices.data_ptr(), n * c, oh * ow, height * width,

@@ -68,7 +68,7 @@ def forward(x, kernel, stride, padding, dilation, ceil_mode):
     return out, indices
 
 
-def backward(grad, indices, height, width):
+def backward(grad, indices, height, width, window=None):  # window: unused by a scatter (reference.py)
     n, c = grad.shape[:2]
     grad_input = grad.new_zeros((n, c, height, width))
     if grad.numel() == 0 or grad_input.numel() == 0:

@@ -10,9 +10,12 @@ Every backend module provides the two functions below with these signatures and 
     the window is scanned row by row; a value replaces the current maximum when it is greater or
     NaN (so ties keep the first, and a NaN window reports its last NaN); padding takes no part,
     and a window of -inf reports its first element inside the input.
-``backward(grad, indices, height, width) -> grad_input``
+``backward(grad, indices, height, width, window=None) -> grad_input``
     grad, indices (N, C, OH, OW) contiguous → grad_input (N, C, height, width) in grad's dtype,
-    zero but for grad added at each output's index (overlapping windows add up).
+    zero but for grad added at each output's index (overlapping windows add up). window: the
+    forward's (kernel, stride, padding, dilation) pairs, or None where unknown (the custom op
+    called with indices alone); the scatters ignore it, the Triton gather walks it (without it,
+    a window that makes every output a candidate for every input).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def forward(x, kernel, stride, padding, dilation, ceil_mode):
     return best, index
 
 
-def backward(grad, indices, height, width):
+def backward(grad, indices, height, width, window=None):  # window: unused here (see the docstring)
     n, c = grad.shape[:2]
     outputs = grad.shape[2] * grad.shape[3]
     grad_input = grad.new_zeros((n, c, height * width))
