@@ -4,7 +4,9 @@
 #   tests     the whole test suite, Triton kernels compiled for the GPU (pytest-xdist when present)
 #   bench     every bench/bench_*.py, CUDA cases only, torch beside fastml
 #   profile   python -m fastml bench --device cuda --full
-#   (BENCH_FILES narrows the bench phase; TESTS_K=EXPR narrows the tests to pytest -k EXPR; TESTS_TIMEOUT bounds them, default 540 s)
+#   (BENCH_FILES narrows the bench phase and BENCH_K=EXPR its cases to -k "cuda and (EXPR)";
+#    TESTS_K=EXPR narrows the tests to pytest -k EXPR; TESTS_TIMEOUT bounds them, default 540 s;
+#    FASTML_NO_CPP=1 skips building the C++ extension, which no CUDA case uses)
 # Everything is written to a work folder and packed after each step into $OUT/gpu-results.tar.gz
 # (the device returns at most 8 files; a step killed at the time limit keeps what came before).
 # Unpack it into bench/results/ and commit.
@@ -36,7 +38,7 @@ for phase in "${@:-tests bench profile}"; do
       bench)
         for file in ${BENCH_FILES:-bench/bench_*.py}; do
           name=$(basename "$file" .py)
-          python -m pytest "$file" --benchmark-only -p no:cacheprovider -k cuda \
+          python -m pytest "$file" --benchmark-only -p no:cacheprovider -k "cuda${BENCH_K:+ and ($BENCH_K)}" \
               --benchmark-columns=median,min,max,rounds --benchmark-json "$work/$name-cuda.json" \
               2>&1 | tee "$work/$name-cuda.txt" | tail -30
           pack

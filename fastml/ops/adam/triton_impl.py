@@ -9,6 +9,9 @@ import triton.language as tl
 from fastml import _triton as tt
 from fastml._triton import load_float, load_pointer, multi_tensor_block
 
+# Warps per program of a multi-tensor launch (one block of tt.MULTI_TENSOR_BLOCK elements each).
+NUM_WARPS = 4
+
 
 @triton.jit
 def _adam_kernel(
@@ -79,4 +82,4 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,
         table, block_tensor, block_start, len(params), block_tensor.numel(),
         DTYPE=tt.TL_DTYPES[dtype], ACC=tt.acc_dtype(dtype), L2_DECAY=decays and not decoupled,
         AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), ZERO_GRAD=bool(zero_grad),
-        POINTER_ROWS=len(columns), BLOCK=block)
+        POINTER_ROWS=len(columns), BLOCK=block, num_warps=NUM_WARPS)

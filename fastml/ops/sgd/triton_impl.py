@@ -15,6 +15,9 @@ import triton.language as tl
 from fastml import _triton as tt
 from fastml._triton import load_float, load_pointer, multi_tensor_block
 
+# Warps per program of a multi-tensor launch (one block of tt.MULTI_TENSOR_BLOCK elements each).
+NUM_WARPS = 4
+
 
 @triton.jit
 def _sgd_kernel(
@@ -92,7 +95,7 @@ def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_d
         table, block_tensor, block_start, len(params), block_tensor.numel(),
         DTYPE=tt.TL_DTYPES[dtype], ACC=tt.acc_dtype(dtype), MOMENTUM=with_momentum, NESTEROV=bool(nesterov),
         DECAY=weight_decay != 0, MAXIMIZE=bool(maximize), ZERO_GRAD=bool(zero_grad),
-        POINTER_ROWS=len(columns), BLOCK=block)
+        POINTER_ROWS=len(columns), BLOCK=block, num_warps=NUM_WARPS)
 
 
 def sgd_course_step(params, grads, *, lr, batch_size):
@@ -101,4 +104,5 @@ def sgd_course_step(params, grads, *, lr, batch_size):
     block_tensor, block_start, programs, block = tt.multi_tensor_launch(params)
     dtype = params[0].dtype
     _course_kernel[(programs,)](table, block_tensor, block_start, len(params), block_tensor.numel(),
-                                DTYPE=tt.TL_DTYPES[dtype], ACC=tt.acc_dtype(dtype), BLOCK=block)
+                                DTYPE=tt.TL_DTYPES[dtype], ACC=tt.acc_dtype(dtype), BLOCK=block,
+                                num_warps=NUM_WARPS)
