@@ -24,8 +24,8 @@ from fastml.ops.adam import triton_impl as adam_impl
 from fastml.ops.sgd import triton_impl as sgd_impl
 
 SIZES = {"100M params in 100 tensors": [1_000_000] * 100, "1000 tensors of 1024": [1024] * 1000}
-BLOCKS = (1024, 2048, 4096, 8192)
-WARPS = (4, 8, 16)
+BLOCKS = (2048, 4096, 8192)
+WARPS = (4, 8)
 
 
 def _time(step) -> float:
