@@ -12,6 +12,8 @@ import dataclasses
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections import defaultdict
 
@@ -150,6 +152,14 @@ def backend(request) -> Backend:
     device = torch.device("cuda" if name == "triton" and torch.cuda.is_available() else "cpu")
     with fastml.use_backend(name):
         yield Backend(name, device)
+
+
+def assert_device_side_assert(code: str, *args: str) -> None:
+    """Runs ``code`` (a Python script; argv[1:] = args) in a child process and checks that it
+    failed a CUDA device-side assertion, as torch's own CUDA kernels do on a bad class index:
+    a child, since the failed assertion poisons its process's CUDA context for every later test."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "device-side assert" in done.stderr, done.stderr[-2000:]
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ from fastml import _triton as tt
 from fastml._triton import load_float, load_pointer, multi_tensor_block
 
 # Warps per program of a multi-tensor launch (one block of tt.MULTI_TENSOR_BLOCK elements each).
+# On an H200 (bench/gpu_optimizer_sweep.py, 100M parameters in 100 tensors, momentum) 2048
+# elements on 4 warps moved 3700 GB/s, 1.05x torch's fused SGD: the best of 3 blocks × 2 warps.
 NUM_WARPS = 4
 
 
