@@ -177,6 +177,36 @@ def test_out_of_range_target_is_torchs_index_error(backend, path, bad, rng):
         fastml.functional.linear_cross_entropy(x, w, torch.tensor([0, bad, 1], device=backend.device))
 
 
+def test_argument_checks_are_skipped_only_for_a_signature_that_passed_them(monkeypatch, rng):
+    """A call whose signature (shapes, dtypes, devices, layouts, gradient states, the config's
+    values and types) passed the checks before skips them; anything else is checked again."""
+    from fastml import _route
+    from fastml import functional as fm
+
+    checked = []
+    real = fm._linear_cross_entropy_args
+    monkeypatch.setattr(fm, "_linear_cross_entropy_args", lambda *a: (checked.append(a[5:]), real(*a))[1])
+    # the route settled on fastml's kernel, so that every call reaches the checks or their skip
+    monkeypatch.setattr(_route, "settled_on_torch", lambda sig, input: False)
+    monkeypatch.setattr(_route, "call_function", lambda op, args, config, torch_forward, fastml_forward, sig:
+                        fastml_forward(*args))
+    x, w = rand(6, 5, generator=rng), rand(3, 5, generator=rng)
+    target = torch.tensor([0, 1, 2, 0, 1, 2])
+    expected = F.cross_entropy(F.linear(x, w), target, ignore_index=1)
+    for _ in range(3):
+        assert_close(fastml.functional.linear_cross_entropy(x, w, target, ignore_index=1), expected, torch.float32)
+    assert len(checked) == 1
+    with pytest.raises(TypeError, match="ignore_index"):  # the same value, of a type torch refuses
+        fastml.functional.linear_cross_entropy(x, w, target, ignore_index=True)
+    assert len(checked) == 2
+    fastml.functional.linear_cross_entropy(x, w, target, weight=torch.ones(3))
+    fastml.functional.linear_cross_entropy(x, w, target, weight=torch.ones(3))
+    assert len(checked) == 3
+    with pytest.raises(RuntimeError):  # a class weight of another dtype: checked, refused, torch's error
+        fastml.functional.linear_cross_entropy(x, w, target, weight=torch.ones(3, dtype=torch.float64))
+    assert len(checked) == 4
+
+
 @pytest.mark.skipif(not HAS_TWIN, reason="torch < 2.13 has no linear_cross_entropy to compare errors with")
 @pytest.mark.parametrize("call", [
     lambda x, w: (x.reshape(2, 2, 5), w, torch.zeros(2, 2, dtype=torch.int64), {}),

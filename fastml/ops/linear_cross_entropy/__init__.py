@@ -17,7 +17,7 @@ from fastml.ops import (
     forced_backend,
     in_custom_op_graph,
     needs_grad,
-    scaled,
+    scaled_all,
     shape_class,
     tracks_gradients,
 )
@@ -63,7 +63,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             key = backward_key(x, weight, bias, target, class_weight, label_smoothing, needs)
             grads = run(backward_backend(ctx, grad_output, IMPLEMENTED, run, key))
         else:
-            grads = tuple(scaled(g, grad_output) for g in (grad_x, grad_w, grad_b))
+            grads = scaled_all((grad_x, grad_w, grad_b), grad_output)
         return (*grads, None, None, None, None, None, None)
 
 

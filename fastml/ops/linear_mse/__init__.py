@@ -20,7 +20,7 @@ from fastml.ops import (
     forced_backend,
     in_custom_op_graph,
     needs_grad,
-    scaled,
+    scaled_all,
     shape_class,
     tracks_gradients,
 )
@@ -75,8 +75,7 @@ class LinearMSEFunction(torch.autograd.Function):
                 grad_w = coef.T @ x if need_w else None
                 grad_b = coef.sum(0) if need_b else None
         if ctx.reduction != "none":
-            grad_w = scaled(grad_w, grad) if need_w else None
-            grad_b = scaled(grad_b, grad) if need_b else None
+            grad_w, grad_b = scaled_all((grad_w if need_w else None, grad_b if need_b else None), grad)
             coef = residual * (ctx.scale * grad) if residual is not None else None
         else:
             coef = (2.0 * grad) * residual
