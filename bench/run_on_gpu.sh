@@ -7,6 +7,13 @@
 #   (BENCH_FILES narrows the bench phase and BENCH_K=EXPR its cases to -k "cuda and (EXPR)";
 #    TESTS_K=EXPR narrows the tests to pytest -k EXPR; TESTS_TIMEOUT bounds them, default 540 s;
 #    FASTML_NO_CPP=1 skips building the C++ extension, which no CUDA case uses)
+# A lease of 15 device minutes (a machine's start included) fits, as one call (about 8 minutes):
+#   FASTML_NO_CPP=1 TESTS_K='triton' TESTS_TIMEOUT=200 BENCH_K='torch or triton' \
+#     BENCH_FILES='bench/bench_knn.py bench/bench_cross_entropy.py bench/bench_max_pool2d.py bench/bench_optim.py' \
+#     timeout 480 bash bench/run_on_gpu.sh tests bench
+# A test that fails a CUDA device-side assertion poisons its process's context: every later test
+# on that xdist worker fails with "device-side assert triggered" (check such tests in a child
+# process: tests/conftest.py's assert_device_side_assert).
 # Everything is written to a work folder and packed after each step into $OUT/gpu-results.tar.gz
 # (the device returns at most 8 files; a step killed at the time limit keeps what came before).
 # Unpack it into bench/results/ and commit.

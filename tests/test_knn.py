@@ -297,3 +297,22 @@ def test_each_backend_runs_its_kernel(backend, monkeypatch):
     monkeypatch.setattr(module, "forward", lambda *a: (calls.append(1), real(*a))[1])
     F.knn(torch.randn(3, 2, device=backend.device), torch.randn(8, 2, device=backend.device), 2)
     assert calls == [1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the screen's tuned tiles run above "
+                    "TUNE_MIN_SCORES scores, too many for the Triton interpreter")
+def test_triton_screen_at_scale_is_the_exhaustive_answer(rng):
+    """The fused screen with its tuned tiles (tf32x3 products, the certificate, the fallback):
+    the exhaustive scan's neighbours, off-centre data with duplicated references (ties)."""
+    from fastml.ops.knn import triton_impl
+
+    query = (rand(3000, 128, generator=rng) + 3).cuda()
+    reference = (rand(12000, 128, generator=rng) + 3).cuda()
+    reference[5000:5040] = reference[100:140]  # duplicates: equal distances, the lower index first
+    query[:40] = reference[100:140] + 1e-3
+    assert query.shape[0] * reference.shape[0] >= triton_impl.TUNE_MIN_SCORES
+    with fastml.use_backend("triton"):
+        distances, indices = F.knn(query, reference, 16)
+    expected_distances, expected_indices = knn_reference.exhaustive(query[None], reference[None], 16, 2.0)
+    assert torch.equal(indices, expected_indices[0])
+    torch.testing.assert_close(distances, expected_distances[0], rtol=4e-7, atol=0)
