@@ -63,6 +63,17 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _tile(planes, positions, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
+    """(plane, pos, plane_ok, pos_ok) of this program's tile: BLOCK_P planes by BLOCK positions of
+    ``positions`` per plane, positions fastest along the 1-D grid."""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(positions, BLOCK)
+    plane = (pid // tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pos = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
+    return plane, pos, plane < planes, pos < positions
+
+
+@triton.jit
 def _max_pool2d_forward_kernel(
     x_ptr,    # (N·C, H, W) input planes, contiguous
     out_ptr,  # (N·C, OH, OW) maxima, x's dtype
@@ -72,13 +83,8 @@ def _max_pool2d_forward_kernel(
     ACC: tl.constexpr,  # comparison dtype: float32 for float16 / bfloat16, else x's dtype
     BLOCK_P: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     n_outputs = OH * OW
-    tiles = tl.cdiv(n_outputs, BLOCK)
-    plane = (pid // tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pos = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
-    plane_ok = plane < planes
-    pos_ok = pos < n_outputs
+    plane, pos, plane_ok, pos_ok = _tile(planes, n_outputs, BLOCK_P, BLOCK)
     oh = pos // OW
     ow = pos % OW
     x_plane = plane.to(tl.int64) * H * W  # planes·H·W may pass 2**31
@@ -113,13 +119,8 @@ def _max_pool2d_backward_kernel(
     ACC: tl.constexpr,  # accumulation dtype: float32 for float16 / bfloat16, else grad's dtype
     BLOCK_P: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     n_inputs = H * W
-    tiles = tl.cdiv(n_inputs, BLOCK)
-    plane = (pid // tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pos = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
-    plane_ok = plane < planes
-    pos_ok = pos < n_inputs
+    plane, pos, plane_ok, pos_ok = _tile(planes, n_inputs, BLOCK_P, BLOCK)
     ih = pos // W
     iw = pos % W
     spatial = ih.to(tl.int64) * W + iw  # what an output's index holds when its maximum is here
@@ -180,11 +181,8 @@ def _max_pool2d_scatter_kernel(
 ):
     """Windows that do not overlap: each output's gradient is the only one its maximum receives,
     so it is stored there, one plain store per output (no atomics, no sum, any order)."""
-    pid = tl.program_id(0)
-    tiles = tl.cdiv(n_outputs, BLOCK)
-    plane = (pid // tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pos = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
-    mask = (plane < planes)[:, None] & (pos < n_outputs)[None, :]
+    plane, pos, plane_ok, pos_ok = _tile(planes, n_outputs, BLOCK_P, BLOCK)
+    mask = plane_ok[:, None] & pos_ok[None, :]
     at = plane.to(tl.int64)[:, None] * n_outputs + pos[None, :]
     grad = tl.load(grad_ptr + at, mask=mask, other=0)
     index = tl.load(idx_ptr + at, mask=mask, other=-1)
