@@ -12,7 +12,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, assert_device_side_assert, backward_and_compare, loss_options, magnitude, rand, sgd_loss_curve, upcast
+from conftest import (assert_close, assert_device_side_assert, backward_and_compare, loss_options, magnitude, rand,
+                      sgd_loss_curve, upcast)
 
 import fastml
 from fastml.ops.linear_cross_entropy import chunked, cpp_impl

@@ -43,7 +43,8 @@ def constants_for(kernel, dtype_name: str, tl) -> dict:
     values = {"DTYPE": dtype, "ACC": tl.float64 if dtype_name == "float64" else tl.float32, "BLOCK": 2048,
               "POINTER_ROWS": POINTER_ROWS.get(kernel.fn.__name__), "NORM": 2, "BQ": 32, "BR": 32, "BD": 8,
               "KP": 16, "BK": 32, "BLOCK_P": 2,
-              "PREC": PRECISION.get(kernel.fn.__name__, "ieee"), "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "UPCAST": False}
+              "PREC": PRECISION.get(kernel.fn.__name__, "ieee"), "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32,
+              "UPCAST": False}
     return {name: values.get(name, True) for name in names}
 
 

@@ -329,7 +329,7 @@ def sum_partials(part: torch.Tensor, out: torch.Tensor) -> None:
     splits, length = part.shape
     block = 256 if tt.interpreted() else SUM_BLOCK
     _sum_partials_kernel[(tt.cdiv(length, block),)](part, out, splits, length, ACC=tt.acc_dtype(part.dtype),
-                                                        BLOCK=block, num_warps=NUM_WARPS)
+                                                    BLOCK=block, num_warps=NUM_WARPS)
 
 
 def _geometry(x, weight, stride, padding, dilation):

@@ -138,7 +138,7 @@ def _screen(query_c, reference_c, ref_norms, slots, precision):
         _screen_kernel[(tt.cdiv(q, 32), b)](*args, PREC=precision, BQ=32, BR=32, BK=16, KP=slots)
     elif q * r < TUNE_MIN_SCORES:
         _screen_kernel[(tt.cdiv(q, 64), b)](*args, PREC=precision, BQ=64, BR=64, BK=32, KP=slots,
-                                                num_warps=8, num_stages=2)
+                                            num_warps=8, num_stages=2)
     else:
         def grid(meta):
             return (tt.cdiv(q, meta["BQ"]), b)
@@ -148,10 +148,15 @@ def _screen(query_c, reference_c, ref_norms, slots, precision):
     return candidates, cut
 
 
+def _screen_slots(k: int) -> int:
+    """Candidates the screen keeps per query: k and the reference's margin, to a power of two."""
+    return tt.next_pow2(k + knn_reference.SCREEN_EXTRA)
+
+
 def _screened_forward(query, reference, k):
     """reference.forward's screened answer for float32 euclidean neighbours, the screen fused."""
     b, n_query, n_features = query.shape
-    slots = tt.next_pow2(k + knn_reference.SCREEN_EXTRA)
+    slots = _screen_slots(k)
     precision, roundoff = _screen_roundoff()
     bound = knn_reference.screen_bound(query.dtype, n_features, roundoff)
     centre = reference.mean(dim=1, keepdim=True)
@@ -168,7 +173,6 @@ def _screened_forward(query, reference, k):
                                   candidates[batch, rows], cut[batch, rows], ref_c_max, bound,
                                   distances[batch, rows], indices[batch, rows])
     return distances, indices
-
 
 
 @triton.jit
@@ -213,7 +217,7 @@ def _knn_kernel(
 def _screens(query, reference, k, p) -> bool:
     """Whether the fused screen answers this call: euclidean float32, k small enough for its
     registers, and references to drop (at least twice as many as its slots)."""
-    slots = tt.next_pow2(k + knn_reference.SCREEN_EXTRA)
+    slots = _screen_slots(k)
     return (p == 2.0 and query.dtype == torch.float32 and query.shape[2] > 0 and slots <= MAX_SCREEN_SLOTS
             and reference.shape[1] >= 2 * slots)
 
@@ -228,6 +232,5 @@ def forward(query, reference, k, p):
     indices = torch.empty((b, q, k), dtype=torch.int64, device=query.device)
     bq, br, bd = (16, 32, 8) if tt.interpreted() else (32, 32, 8)
     _knn_kernel[(tt.cdiv(q, bq), b)](query, reference, indices, q, r, m, k, NORM=norm_code(p),
-                                         ACC=tt.acc_dtype(query.dtype), BQ=bq, BR=br, BD=bd,
-                                         KP=tt.next_pow2(k))
+                                     ACC=tt.acc_dtype(query.dtype), BQ=bq, BR=br, BD=bd, KP=tt.next_pow2(k))
     return order_neighbours(query, reference, indices, p)

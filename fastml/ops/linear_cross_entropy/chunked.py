@@ -80,6 +80,7 @@ def run(kernels, x, weight, bias, target, class_weight, ignore_index, label_smoo
     step = chunk_rows(n, d, c, accumulates=need_weight_grad and acc != x.dtype)
     buffer = torch.empty((min(step, n), c), dtype=x.dtype, device=x.device)
     weight_t = weight.T
+    per_row = isinstance(grad_scale, torch.Tensor) and grad_scale.dim() == 1
     for start in range(0, n, step):
         stop = min(n, start + step)
         xs, logits = x[start:stop], buffer[:stop - start]
@@ -87,7 +88,6 @@ def run(kernels, x, weight, bias, target, class_weight, ignore_index, label_smoo
             torch.mm(xs, weight_t, out=logits)
         else:
             torch.addmm(bias, xs, weight_t, out=logits)
-        per_row = isinstance(grad_scale, torch.Tensor) and grad_scale.dim() == 1
         scale = grad_scale[start:stop] if per_row else grad_scale
         kernels.rows(logits, target[start:stop], class_weight, ignore_index, label_smoothing, scale,
                      None if row_loss is None else row_loss[start:stop], logits if want_grads else None)
