@@ -133,4 +133,13 @@ template <typename T>
 bool winograd_f2_output(address_t m, address_t bias, bool relu, index_t oh, index_t ow, index_t k, index_t tiles_h,
                         index_t tiles_w, index_t first_tile, index_t tiles, address_t y, int nthreads);
 
+// grouped_conv.cpp: a direct convolution with small groups on channels-last tensors: x (n, h, w, c)
+// → y (n, oh, ow, k), + bias (0: none), then ReLU if relu. The weight packed as (r, s, c) where
+// c == k == groups (depthwise), else (groups, r, s, c / groups, k / groups).
+template <typename T>
+void grouped_conv_forward(address_t x, index_t n, index_t h, index_t w, index_t c, address_t weight, address_t bias,
+                          index_t k, index_t groups, index_t r, index_t s, index_t sh, index_t sw, index_t ph,
+                          index_t pw, index_t dh, index_t dw, index_t oh, index_t ow, bool relu, address_t y,
+                          int nthreads);
+
 }  // namespace fastml

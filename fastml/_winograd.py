@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from fastml import _cpp, _onednn, _route
+from fastml import _conv_backward, _cpp, _onednn, _route
 
 WEIGHT_ATTR = "_fastml_winograd_weight"
 _route.DERIVED_WEIGHT_ATTRS.add(WEIGHT_ATTR)
@@ -196,23 +196,6 @@ def differentiable_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weigh
     and packing are redone each step (about 2 ms and 5 ms for 512x512 filters on a 2-core Zen 3):
     the measured choice times training calls with that cost in (_route.retimes_derived_weights).
     The ReLU runs in place after, as torch's sequence does."""
-    out = _WinogradConvolution.apply(input, weight, bias, conv)
+    out = _conv_backward.with_torch_backward(conv, lambda x, w, b: convolution(conv, x, w, b, False),
+                                             input, weight, bias)
     return out.relu_() if relu else out
-
-
-class _WinogradConvolution(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, weight, bias, conv):
-        ctx.save_for_backward(input, weight)
-        ctx.has_bias, ctx.padding = bias is not None, list(conv.padding)
-        return convolution(conv, input, weight, bias, False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        input, weight = ctx.saved_tensors
-        wanted = list(ctx.needs_input_grad[:2]) + [ctx.has_bias and ctx.needs_input_grad[2]]
-        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, input, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], ctx.padding, [1, 1], False,
-            [0, 0], 1, wanted)
-        return grad_input, grad_weight, grad_bias, None
-

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastml import _onednn, _pointwise, _route, _winograd, functional
+from fastml import _grouped, _onednn, _pointwise, _route, _winograd, functional
 
 __all__ = ["Conv2d", "ConvReLUPool2d", "CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss", "LinearMSELoss",
            "MaxPool2d", "MSELoss"]
@@ -67,6 +67,9 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
     transforms around oneDNN's product (fastml/_winograd.py); with gradients wanted, torch's own
     convolution backward.
 
+    "grouped_direct" (channels-last input, depthwise or small groups): fastml's direct kernel
+    (fastml/_grouped.py); with gradients wanted, torch's own convolution backward.
+
     "channels_last" ((N, C, H, W)-contiguous input): torch's convolution on a channels-last copy
     of the input, the result copied back, so the caller sees torch's layout. oneDNN's CPU
     convolutions are up to 2x faster on that layout for some shapes (a 7x7 stem, 64 channels at
@@ -87,6 +90,12 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
             variants["winograd"] = lambda x: _winograd.convolution(conv, x, *parameters(), relu)
         else:  # channels-last, gradients wanted: torch's backward
             variants["winograd"] = lambda x: _winograd.differentiable_convolution(conv, x, *parameters(), relu)
+    if offered("grouped_direct") and _grouped.applies(conv, input, weight, bias):
+        if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            variants["grouped_direct"] = lambda x: _grouped.differentiable_convolution(conv, x, *parameters(), relu)
+        else:
+            variants["grouped_direct"] = lambda x: _grouped.convolution(conv, x, *parameters(), relu)
     if (offered("channels_last") and input.dim() == 4 and input.device.type == "cpu" and input.is_contiguous()
             and not input.is_contiguous(memory_format=torch.channels_last) and conv.padding_mode == "zeros"):
         def run(x):

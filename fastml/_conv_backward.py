@@ -1,0 +1,37 @@
+"""A convolution whose forward is one of fastml's variants and whose backward is torch's own.
+
+The variants of a layer's measured choice (Winograd, the grouped direct kernel) compute the
+forward differently; their gradients are torch's convolution backward (``aten.
+convolution_backward``, the op torch's module's autograd runs) for the same upstream gradient,
+input and weight, so training with a variant changes only the forward's rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def with_torch_backward(conv: torch.nn.Conv2d, forward, input: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """``forward(input, weight, bias)`` (no autograd of its own), differentiable through torch's
+    convolution backward with ``conv``'s stride, padding, dilation and groups."""
+    return _TorchBackward.apply(input, weight, bias, conv, forward)
+
+
+class _TorchBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, conv, forward):
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        ctx.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        return forward(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        wanted = list(ctx.needs_input_grad[:2]) + [ctx.has_bias and ctx.needs_input_grad[2]]
+        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, input, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False,
+            [0, 0], groups, wanted)
+        return grad_input, grad_weight, grad_bias, None, None

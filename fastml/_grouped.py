@@ -1,0 +1,170 @@
+"""A direct convolution for small groups, depthwise and grouped: a variant a layer's measured
+choice may run for channels-last input on the CPU, in inference (``convolution``) and in training
+(``differentiable_convolution``: torch's own backward).
+
+A depthwise convolution (MobileNet's, EfficientNet's, ShuffleNet's) does R·S multiply-adds per
+output, a grouped one with 8-channel groups (RegNet's) 72 for a 3x3 kernel: they move about as
+many bytes as they compute flops, and at the small images of a network's last stages the per-call
+set-up and matrix blocking of torch's oneDNN path are most of their time (5 to 30 GFLOP/s at
+4x4 to 7x7 on a 2-core Zen 3). fastml's kernel (csrc/grouped_conv.cpp) reads each input row from
+L1 for every tap, vectorises over channels (depthwise) or over a group's output channels
+(grouped), and writes each output once, bias and ReLU in its epilogue. It is only a candidate:
+at large images oneDNN's blocking wins (16x32x56x56 depthwise ran at 0.7x), and the measured
+choice keeps torch's module there.
+
+Offered where it computes what torch's module would, layout included: channels-last float32 or
+float64 input on the CPU (the output channels-last, as torch writes for such input), zero
+padding given as numbers, more than one group, and either one input and one output channel per
+group (depthwise) or at least 4 output channels per group (fewer would leave the vectors mostly
+empty). Not while a graph is traced: the packed weight is cached state a graph would not see.
+
+In inference the weight is packed once per weight version ((R, S, C) depthwise, (G, R, S, C/G,
+K/G) grouped) and cached on the layer like oneDNN's packing (fastml/_onednn.py); in training it
+is packed on every call. A weight with an inf or NaN goes to torch's convolution (see
+``convolution``). Results differ from torch's only by the order of the sums.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fastml import _conv_backward, _cpp, _route
+from fastml.ops import is_compiling
+
+WEIGHT_ATTR = "_fastml_grouped_weight"
+_route.DERIVED_WEIGHT_ATTRS.add(WEIGHT_ATTR)
+MIN_OUTPUTS_PER_GROUP = 4
+
+
+@functools.cache
+def _kernels_built() -> bool:
+    """Whether fastml._C has the kernel (a build without the extension, or an older one, not)."""
+    try:
+        _cpp.kernel("grouped_conv_forward", torch.float32)
+        return True
+    except (ImportError, AttributeError):
+        return False
+
+
+def depthwise(conv: torch.nn.Conv2d) -> bool:
+    return conv.in_channels == conv.out_channels == conv.groups
+
+
+def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``convolution`` (or, with gradients wanted, ``differentiable_convolution``)
+    computes ``conv``'s convolution of ``input`` with ``weight`` and ``bias`` as torch's module
+    would (see the module's docstring)."""
+    if conv.groups == 1 or not (depthwise(conv) or conv.out_channels // conv.groups >= MIN_OUTPUTS_PER_GROUP):
+        return False
+    if is_compiling() or torch.jit.is_tracing() or not _kernels_built():
+        return False
+    if input.dim() != 4 or input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
+        return False
+    if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
+        return False
+    # strictly channels-last (a tensor that is both, such as 1x1 images, gets torch's own layout choice)
+    if input.is_contiguous() or not input.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or input.numel() == 0:
+        return False
+    return all(size > 0 for size in _output_size(conv, input))
+
+
+def _output_size(conv: torch.nn.Conv2d, input: torch.Tensor) -> tuple[int, int]:
+    return tuple((input.shape[2 + d] + 2 * conv.padding[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1)
+                 // conv.stride[d] + 1 for d in (0, 1))
+
+
+class _PackedWeight:
+    """A layer's packed weight, whether it is finite, and what it came from; derived state, which
+    a copy or a pickle of the layer starts without."""
+    __slots__ = ("source", "key", "packed", "finite")
+
+    def __init__(self) -> None:
+        self.source = self.key = self.packed = None
+        self.finite = False
+
+    def __reduce__(self):
+        return _PackedWeight, ()
+
+    def __deepcopy__(self, memo):
+        return _PackedWeight()
+
+
+def pack_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """(K, C/G, R, S) → the kernel's layout: (R, S, C) depthwise, else (G, R, S, C/G, K/G)."""
+    k, cpg, r, s = weight.shape
+    weight = weight.detach()
+    if cpg == 1 and k == groups:
+        return weight.reshape(k, r * s).t().contiguous()
+    return weight.reshape(groups, k // groups, cpg, r, s).permute(0, 3, 4, 2, 1).contiguous()
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return bool(tensor.sum().isfinite())
+
+
+def _cached_packing(conv: torch.nn.Conv2d, weight: torch.Tensor) -> _PackedWeight:
+    cache = conv.__dict__.get(WEIGHT_ATTR)
+    if cache is None:
+        cache = _PackedWeight()
+        object.__setattr__(conv, WEIGHT_ATTR, cache)  # a plain attribute: not state, not a buffer
+    # a weight packed in inference mode is an inference tensor: kept apart from one outside
+    key = (weight.data_ptr(), weight._version, torch.is_inference_mode_enabled())
+    # The source is held with its packing, so (identity, storage, version) names one weight.
+    if cache.source is not weight or cache.key != key:
+        cache.packed = pack_weight(weight, conv.groups)
+        cache.finite = _finite(cache.packed)
+        cache.source, cache.key = weight, key
+    return cache
+
+
+def _run(conv: torch.nn.Conv2d, input: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+         relu: bool) -> torch.Tensor:
+    """The kernel on ``input`` with a packed weight: a channels-last output."""
+    n, c, h, w = input.shape
+    k = conv.out_channels
+    r, s = conv.kernel_size
+    oh, ow = _output_size(conv, input)
+    out = torch.empty((n, k, oh, ow), dtype=input.dtype, memory_format=torch.channels_last)
+    bias = None if bias is None else bias.detach().contiguous()  # held: the kernel reads its address
+    _cpp.kernel("grouped_conv_forward", input.dtype)(
+        input.data_ptr(), n, h, w, c, packed.data_ptr(), 0 if bias is None else bias.data_ptr(), k, conv.groups,
+        r, s, *conv.stride, *conv.padding, *conv.dilation, oh, ow, relu, out.data_ptr(), _cpp.threads())
+    return out
+
+
+def _torchs(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            relu: bool) -> torch.Tensor:
+    out = conv._conv_forward(input, weight, bias)
+    return out.relu_() if relu else out
+
+
+def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                relu: bool) -> torch.Tensor:
+    """``conv``'s convolution of ``input`` (then ReLU if ``relu``), channels-last out, without
+    autograd, on a weight packed once per weight version. Only where ``applies``.
+
+    A non-finite weight goes to torch's convolution: the kernel multiplies the zero padding by
+    every weight (0 · inf is NaN), where torch's skips the taps that fall in the padding."""
+    cache = _cached_packing(conv, weight)
+    if not cache.finite:
+        return _torchs(conv, input, weight, bias, relu)
+    return _run(conv, input, cache.packed, bias, relu)
+
+
+def differentiable_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
+                               bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """``convolution`` with gradients: the backward is torch's own convolution backward. The
+    weight is packed on every call, not cached: it changes every training step, and a change
+    through ``.data`` (as gradcheck's, or a hand-written update) leaves no version behind (a
+    copy of a small weight: 127 KB for RegNet's largest grouped layer). The ReLU runs in place
+    after, as torch's sequence does."""
+    packed = pack_weight(weight, conv.groups)
+    if not _finite(packed):
+        return _torchs(conv, input, weight, bias, relu)
+    out = _conv_backward.with_torch_backward(conv, lambda x, w, b: _run(conv, x, packed, b, False),
+                                             input, weight, bias)
+    return out.relu_() if relu else out
