@@ -107,6 +107,10 @@ PYBIND11_MODULE(FASTML_MODULE_NAME, m) {
     FASTML_DEF("winograd_f2_output_f64", winograd_f2_output<double>);
     FASTML_DEF("grouped_conv_forward_f32", grouped_conv_forward<float>);
     FASTML_DEF("grouped_conv_forward_f64", grouped_conv_forward<double>);
+    FASTML_DEF("depthwise_conv_backward_input_f32", depthwise_conv_backward_input<float>);
+    FASTML_DEF("depthwise_conv_backward_input_f64", depthwise_conv_backward_input<double>);
+    FASTML_DEF("depthwise_conv_backward_weight_f32", depthwise_conv_backward_weight<float>);
+    FASTML_DEF("depthwise_conv_backward_weight_f64", depthwise_conv_backward_weight<double>);
 
     FASTML_DEF("cross_entropy_rows_f32", cross_entropy_rows<float>);
     FASTML_DEF("cross_entropy_rows_f64", cross_entropy_rows<double>);

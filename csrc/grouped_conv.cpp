@@ -114,27 +114,27 @@ inline void overlapping_vectors(index_t n, F each) {
     if (at < n) each(n - N);
 }
 
-// One output row. Column blocks are outermost, so the input a block reads (R rows of about
-// kColumns·stride pixels, every channel) stays in L1 for all its channel vectors, and the next
-// block shares most of it: channels outermost re-read R whole input rows per vector of
-// channels (48 KB per pass at 28 pixels of 144 channels, from L2: 20x slower). A block's
-// pixel addresses are computed once for all its channel vectors and groups (computed per
-// vector, their integer arithmetic and spills took most of the time).
-template <typename T, int N, int R, int S, bool Depthwise>
-inline void sweep_row(const Geometry& g, const T* const* rows, const T* zeros, const T* weight, const T* bias,
-                      bool relu, const T** pixels, T* out) {
+// One row of `columns` outputs. Column blocks are outermost, so the input a block reads (R rows
+// of about kColumns·stride pixels, every channel) stays in L1 for all its channel vectors, and
+// the next block shares most of it: channels outermost re-read R whole input rows per vector of
+// channels (48 KB per pass at 28 pixels of 144 channels, from L2: 20x slower). A block's pixel
+// addresses, `locate(i, t, x)` for tap (i, t) of output column x (null: a zero pixel), are
+// computed once for all its channel vectors and groups (computed per vector, their integer
+// arithmetic and spills took most of the time).
+template <typename T, int N, int R, int S, bool Depthwise, typename Locate>
+inline void sweep_row(const Geometry& g, index_t columns, Locate locate, const T* zeros, const T* weight,
+                      const T* bias, bool relu, const T** pixels, T* out) {
     const index_t r = R ? R : g.r, s = S ? S : g.s;
-    for (index_t x0 = 0; x0 < g.ow; x0 += kColumns) {
-        const index_t count = std::min<index_t>(kColumns, g.ow - x0);
+    for (index_t x0 = 0; x0 < columns; x0 += kColumns) {
+        const index_t count = std::min<index_t>(kColumns, columns - x0);
         auto run = [&](auto width) {
             constexpr int Columns = decltype(width)::value;
             for (index_t i = 0; i < r; ++i) {
                 for (index_t t = 0; t < s; ++t) {
                     const T** pixel = pixels + (i * s + t) * Columns;
                     for (int j = 0; j < Columns; ++j) {
-                        const index_t ix = (x0 + j) * g.sw - g.pw + t * g.dw;
-                        const bool inside = rows[i] && j < count && ix >= 0 && ix < g.w;
-                        pixel[j] = inside ? rows[i] + ix * g.c : zeros;
+                        const T* at = j < count ? locate(i, t, x0 + j) : nullptr;
+                        pixel[j] = at ? at : zeros;
                     }
                 }
             }
@@ -153,6 +153,19 @@ inline void sweep_row(const Geometry& g, const T* const* rows, const T* zeros, c
     }
 }
 
+// sweep_row with the kernel's size as template arguments where it is a common one.
+template <typename T, int N, bool Depthwise, typename Locate>
+inline void sweep_row_sized(const Geometry& g, index_t columns, Locate locate, const T* zeros, const T* weight,
+                            const T* bias, bool relu, const T** pixels, T* out) {
+    if (g.r == 3 && g.s == 3) {
+        sweep_row<T, N, 3, 3, Depthwise>(g, columns, locate, zeros, weight, bias, relu, pixels, out);
+    } else if (Depthwise && g.r == 5 && g.s == 5) {
+        sweep_row<T, N, 5, 5, Depthwise>(g, columns, locate, zeros, weight, bias, relu, pixels, out);
+    } else {
+        sweep_row<T, N, 0, 0, Depthwise>(g, columns, locate, zeros, weight, bias, relu, pixels, out);
+    }
+}
+
 // The widest lane count this build has that fits `n` channels: one full vector, a half, a
 // quarter, else scalars; then `run` with it as a template argument.
 template <typename T, typename F>
@@ -165,6 +178,17 @@ inline void with_lanes(index_t n, F run) {
         else run(std::integral_constant<int, 1>{});
     } else {
         run(std::integral_constant<int, 1>{});
+    }
+}
+
+// Lane `lane` of a vector (or the scalar itself).
+template <typename T, int N>
+inline T lane_of(typename Lanes<T, N>::vec v, int lane) {
+    if constexpr (N == 1) {
+        (void)lane;
+        return v;
+    } else {
+        return v[lane];
     }
 }
 
@@ -197,21 +221,175 @@ void grouped_conv_forward(address_t x_address, index_t n, index_t h, index_t w, 
                 window[i] = iy >= 0 && iy < h ? x + (image * h + iy) * w * c : nullptr;
             }
             T* out = y + task * ow * k;
+            // tap (i, t) of output column x reads input column x·sw - pw + t·dw of row i
+            auto locate = [&](index_t i, index_t t, index_t x) -> const T* {
+                const index_t ix = x * sw - pw + t * dw;
+                return window[i] && ix >= 0 && ix < w ? window[i] + ix * c : nullptr;
+            };
             with_lanes<T>(depthwise ? c : kpg, [&](auto lanes) {
                 constexpr int N = decltype(lanes)::value;
-                const T* const* rows = window.data();
-                const T* z = zeros.data();
                 const T** p = pixels.data();
-                if (depthwise) {
-                    if (r == 3 && s == 3) sweep_row<T, N, 3, 3, true>(g, rows, z, weight, bias, relu, p, out);
-                    else if (r == 5 && s == 5) sweep_row<T, N, 5, 5, true>(g, rows, z, weight, bias, relu, p, out);
-                    else sweep_row<T, N, 0, 0, true>(g, rows, z, weight, bias, relu, p, out);
-                } else {
-                    if (r == 3 && s == 3) sweep_row<T, N, 3, 3, false>(g, rows, z, weight, bias, relu, p, out);
-                    else sweep_row<T, N, 0, 0, false>(g, rows, z, weight, bias, relu, p, out);
-                }
+                if (depthwise) sweep_row_sized<T, N, true>(g, ow, locate, zeros.data(), weight, bias, relu, p, out);
+                else sweep_row_sized<T, N, false>(g, ow, locate, zeros.data(), weight, bias, relu, p, out);
             });
         }
+    }
+}
+
+// Depthwise, the gradient with respect to the input: each input pixel gathers, for every tap
+// (i, t), the output gradient at the output pixel whose tap (i, t) read it (where the strides
+// and the image leave one), times that tap's weight: the forward's blocks on the gradient, only
+// the pixel addresses computed otherwise. Rows of the input gradient split over threads, so no
+// two threads write one value. grad (n, oh, ow, c) → grad_x (n, h, w, c); weight packed (r, s, c).
+template <typename T>
+void depthwise_conv_backward_input(address_t grad_address, index_t n, index_t h, index_t w, index_t c,
+                                   address_t weight_address, index_t r, index_t s, index_t sh, index_t sw, index_t ph,
+                                   index_t pw, index_t dh, index_t dw, index_t oh, index_t ow,
+                                   address_t grad_x_address, int nthreads) {
+    const T* grad = as_ptr<const T>(grad_address);
+    const T* weight = as_ptr<const T>(weight_address);
+    T* grad_x = as_ptr<T>(grad_x_address);
+    const std::vector<T> zeros(static_cast<size_t>(c), T(0));
+    const Geometry g{oh, ow, c, c, c, r, s, sh, sw, ph, pw, dh, dw, h, w};
+    const index_t rows_in = n * h;
+    // the output column whose tap t reads input column x, or -1: the same for every row, so the
+    // divisions by the stride are done once here, not for every block's pixel (where they took
+    // twice the block's arithmetic)
+    std::vector<index_t> column(static_cast<size_t>(s * w));
+    for (index_t t = 0; t < s; ++t) {
+        for (index_t x = 0; x < w; ++x) {
+            const index_t from = x + pw - t * dw;
+            column[t * w + x] = from >= 0 && from % sw == 0 && from / sw < ow ? from / sw : -1;
+        }
+    }
+#pragma omp parallel num_threads(threads_for(rows_in * w * c * r * s, nthreads))
+    {
+        std::vector<const T*> window(static_cast<size_t>(r));
+        std::vector<const T*> pixels(static_cast<size_t>(r * s * kColumns));
+#pragma omp for schedule(static)
+        for (index_t task = 0; task < rows_in; ++task) {
+            const index_t image = task / h, iy = task % h;
+            for (index_t i = 0; i < r; ++i) {  // the output row whose tap row i reads input row iy
+                const index_t from = iy + ph - i * dh;
+                const bool hit = from >= 0 && from % sh == 0 && from / sh < oh;
+                window[i] = hit ? grad + (image * oh + from / sh) * ow * c : nullptr;
+            }
+            auto locate = [&](index_t i, index_t t, index_t x) -> const T* {
+                const index_t ox = column[t * w + x];
+                return window[i] && ox >= 0 ? window[i] + ox * c : nullptr;
+            };
+            with_lanes<T>(c, [&](auto lanes) {
+                constexpr int N = decltype(lanes)::value;
+                sweep_row_sized<T, N, true>(g, w, locate, zeros.data(), weight, nullptr, false, pixels.data(),
+                                            grad_x + task * w * c);
+            });
+        }
+    }
+}
+
+// Depthwise, the gradient with respect to the weight: for each channel and tap, the sum over
+// every output pixel of its gradient times the input pixel that tap read. Rows of the output
+// split over threads, each summing into its own (r, s, c) buffer, which are added at the end.
+// Per row and vector of channels, the sums of the taps whose input row is inside the image stay
+// in registers over the row's interior columns (every tap's input inside), each gradient vector
+// loaded once for them; the few border columns add their inside taps one by one. A tap in the
+// padding is skipped, never read as a zero: 0 · inf in the gradient would be NaN where torch's
+// sum has no such term.
+template <typename T, int N, int K>
+inline void weight_taps(const T* grad_row, const T* const* tap_inputs, index_t from, index_t to, index_t step,
+                        index_t c, index_t ch, T* const* tap_sums) {
+    using L = Lanes<T, N>;
+    typename L::vec acc[K] = {};
+    for (index_t x = from; x < to; ++x) {
+        const typename L::vec gv = L::load(grad_row + x * c + ch);
+        for (int q = 0; q < K; ++q) acc[q] += gv * L::load(tap_inputs[q] + x * step + ch);
+    }
+    // an overlapping last vector (ch not a multiple of N) adds only the lanes the one before did not
+    const int fresh = N == 1 || ch % N == 0 ? 0 : int(N - c % N);
+    for (int q = 0; q < K; ++q) {
+        T* sum = tap_sums[q] + ch;
+        if (fresh == 0) {
+            L::store(sum, L::load(sum) + acc[q]);
+        } else {
+            for (int lane = fresh; lane < N; ++lane) sum[lane] += lane_of<T, N>(acc[q], lane);
+        }
+    }
+}
+
+template <typename T>
+void depthwise_conv_backward_weight(address_t x_address, address_t grad_address, index_t n, index_t h, index_t w,
+                                    index_t c, index_t r, index_t s, index_t sh, index_t sw, index_t ph, index_t pw,
+                                    index_t dh, index_t dw, index_t oh, index_t ow, address_t grad_w_address,
+                                    int nthreads) {
+    const T* x = as_ptr<const T>(x_address);
+    const T* grad = as_ptr<const T>(grad_address);
+    T* grad_w = as_ptr<T>(grad_w_address);
+    const index_t taps = r * s, rows_out = n * oh, step = sw * c;
+    const int threads = threads_for(rows_out * ow * c * taps, nthreads);
+    std::vector<T> partial(static_cast<size_t>(threads * taps * c), T(0));
+    // the output columns [inside_from, inside_to) whose every tap's input column is inside the image
+    const index_t inside_from = std::min(ow, (pw + sw - 1) / sw);
+    const index_t last = w - 1 + pw - (s - 1) * dw;
+    const index_t inside_to = last < 0 ? inside_from : std::max(inside_from, std::min(ow, last / sw + 1));
+#pragma omp parallel num_threads(threads)
+    {
+        T* sums = partial.data() + omp_get_thread_num() * taps * c;
+        std::vector<const T*> tap_inputs(static_cast<size_t>(taps));  // tap's input for column 0 (x·step on)
+        std::vector<T*> tap_sums(static_cast<size_t>(taps));
+#pragma omp for schedule(static)
+        for (index_t task = 0; task < rows_out; ++task) {
+            const index_t image = task / oh, oy = task % oh;
+            index_t inside = 0;  // the taps whose input row is inside the image, in tap order
+            for (index_t i = 0; i < r; ++i) {
+                const index_t iy = oy * sh - ph + i * dh;
+                if (iy < 0 || iy >= h) continue;
+                for (index_t t = 0; t < s; ++t) {
+                    tap_inputs[inside] = x + ((image * h + iy) * w + t * dw - pw) * c;  // (column 0's: may be outside)
+                    tap_sums[inside++] = sums + (i * s + t) * c;
+                }
+            }
+            const T* grad_row = grad + task * ow * c;
+            with_lanes<T>(c, [&](auto lanes) {
+                constexpr int N = decltype(lanes)::value;
+                overlapping_vectors<N>(c, [&](index_t ch) {
+                    for (index_t first = 0; first < inside; first += 9) {
+                        const T* const* in = tap_inputs.data() + first;
+                        T* const* out = tap_sums.data() + first;
+                        const index_t a = inside_from, b = inside_to;
+                        switch (std::min<index_t>(9, inside - first)) {
+                            case 9: weight_taps<T, N, 9>(grad_row, in, a, b, step, c, ch, out); break;
+                            case 8: weight_taps<T, N, 8>(grad_row, in, a, b, step, c, ch, out); break;
+                            case 7: weight_taps<T, N, 7>(grad_row, in, a, b, step, c, ch, out); break;
+                            case 6: weight_taps<T, N, 6>(grad_row, in, a, b, step, c, ch, out); break;
+                            case 5: weight_taps<T, N, 5>(grad_row, in, a, b, step, c, ch, out); break;
+                            case 4: weight_taps<T, N, 4>(grad_row, in, a, b, step, c, ch, out); break;
+                            case 3: weight_taps<T, N, 3>(grad_row, in, a, b, step, c, ch, out); break;
+                            case 2: weight_taps<T, N, 2>(grad_row, in, a, b, step, c, ch, out); break;
+                            default: weight_taps<T, N, 1>(grad_row, in, a, b, step, c, ch, out); break;
+                        }
+                    }
+                });
+            });
+            // the border columns, each tap whose input column is inside
+            for (index_t xo = 0; xo < ow; xo = xo + 1 == inside_from ? std::max(inside_to, xo + 1) : xo + 1) {
+                if (xo >= inside_from && xo < inside_to) continue;
+                const T* g = grad_row + xo * c;
+                for (index_t q = 0; q < inside; ++q) {
+                    const index_t t = (tap_sums[q] - sums) / c % s;
+                    const index_t ix = xo * sw - pw + t * dw;
+                    if (ix < 0 || ix >= w) continue;
+                    const T* in = tap_inputs[q] + xo * step;
+                    T* sum = tap_sums[q];
+#pragma omp simd
+                    for (index_t ch = 0; ch < c; ++ch) sum[ch] += g[ch] * in[ch];
+                }
+            }
+        }
+    }
+    for (index_t e = 0; e < taps * c; ++e) {
+        T total = 0;
+        for (int th = 0; th < threads; ++th) total += partial[th * taps * c + e];
+        grad_w[e] = total;
     }
 }
 
@@ -221,5 +399,18 @@ template void grouped_conv_forward<float>(address_t, index_t, index_t, index_t, 
 template void grouped_conv_forward<double>(address_t, index_t, index_t, index_t, index_t, address_t, address_t,
                                            index_t, index_t, index_t, index_t, index_t, index_t, index_t, index_t,
                                            index_t, index_t, index_t, index_t, bool, address_t, int);
+
+template void depthwise_conv_backward_input<float>(address_t, index_t, index_t, index_t, index_t, address_t, index_t,
+                                                   index_t, index_t, index_t, index_t, index_t, index_t, index_t,
+                                                   index_t, index_t, address_t, int);
+template void depthwise_conv_backward_input<double>(address_t, index_t, index_t, index_t, index_t, address_t, index_t,
+                                                    index_t, index_t, index_t, index_t, index_t, index_t, index_t,
+                                                    index_t, index_t, address_t, int);
+template void depthwise_conv_backward_weight<float>(address_t, address_t, index_t, index_t, index_t, index_t, index_t,
+                                                    index_t, index_t, index_t, index_t, index_t, index_t, index_t,
+                                                    index_t, index_t, address_t, int);
+template void depthwise_conv_backward_weight<double>(address_t, address_t, index_t, index_t, index_t, index_t, index_t,
+                                                     index_t, index_t, index_t, index_t, index_t, index_t, index_t,
+                                                     index_t, index_t, address_t, int);
 
 }  // namespace fastml

@@ -141,5 +141,15 @@ void grouped_conv_forward(address_t x, index_t n, index_t h, index_t w, index_t 
                           index_t k, index_t groups, index_t r, index_t s, index_t sh, index_t sw, index_t ph,
                           index_t pw, index_t dh, index_t dw, index_t oh, index_t ow, bool relu, address_t y,
                           int nthreads);
+// Depthwise (c == k == groups) gradients, the weight packed (r, s, c): grad (n, oh, ow, c) →
+// grad_x (n, h, w, c); x (n, h, w, c) and grad → grad_w (r, s, c).
+template <typename T>
+void depthwise_conv_backward_input(address_t grad, index_t n, index_t h, index_t w, index_t c, address_t weight,
+                                   index_t r, index_t s, index_t sh, index_t sw, index_t ph, index_t pw, index_t dh,
+                                   index_t dw, index_t oh, index_t ow, address_t grad_x, int nthreads);
+template <typename T>
+void depthwise_conv_backward_weight(address_t x, address_t grad, index_t n, index_t h, index_t w, index_t c,
+                                    index_t r, index_t s, index_t sh, index_t sw, index_t ph, index_t pw, index_t dh,
+                                    index_t dw, index_t oh, index_t ow, address_t grad_w, int nthreads);
 
 }  // namespace fastml

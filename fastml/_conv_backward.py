@@ -22,16 +22,22 @@ class _TorchBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, conv, forward):
         ctx.save_for_backward(input, weight)
-        ctx.has_bias = bias is not None
-        ctx.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        ctx.has_bias, ctx.conv = bias is not None, conv
         return forward(input, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         input, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.geometry
-        wanted = list(ctx.needs_input_grad[:2]) + [ctx.has_bias and ctx.needs_input_grad[2]]
-        grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, input, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False,
-            [0, 0], groups, wanted)
-        return grad_input, grad_weight, grad_bias, None, None
+        return torch_backward(ctx, grad, input, weight, ctx.conv) + (None,)
+
+
+def torch_backward(ctx, grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                   conv: torch.nn.Conv2d) -> tuple:
+    """(grad_input, grad_weight, grad_bias, None) by torch's convolution backward, for a Function
+    whose forward took (input, weight, bias, conv, ...) and set ``ctx.has_bias``: the gradients
+    its ``needs_input_grad`` asks for, None for the others."""
+    wanted = list(ctx.needs_input_grad[:2]) + [ctx.has_bias and ctx.needs_input_grad[2]]
+    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad, input, weight, [weight.shape[0]] if ctx.has_bias else None, list(conv.stride), list(conv.padding),
+        list(conv.dilation), False, [0, 0], conv.groups, wanted)
+    return grad_input, grad_weight, grad_bias, None

@@ -2,8 +2,9 @@
 "grouped_direct" variant a depthwise or grouped convolution layer's measured choice may run for
 channels-last input. Against the float64 reference on odd sizes (every lane width, overlapping
 channel vectors, border columns, strides, dilations, padding wider than the kernel), layout
-included; NaN and inf as torch's; torch's gradients; the packed weight following the weight;
-and where it must not apply."""
+included, forward and gradients (the depthwise backward kernels'; torch's backward for the
+grouped), gradcheck and gradgradcheck; NaN and inf as torch's; the packed weight following the
+weight; and where it must not apply."""
 
 from __future__ import annotations
 
@@ -158,9 +159,12 @@ def test_a_strided_weight_and_bias(rng):
     assert_close(out, expected, scale=magnitude(expected))
 
 
+@pytest.mark.parametrize("upstream_layout", [CL, torch.contiguous_format], ids=["cl", "nchw"])
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[5], SHAPES[8]], ids=shape_id)
-def test_with_gradients_the_backward_is_torchs(shape, relu, rng):
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_gradients_match_torchs(shape, relu, upstream_layout, rng):
+    """Depthwise: fastml's backward kernels; grouped: torch's own backward. Either way the
+    float64 reference's gradients for the same upstream gradient, in whatever layout it comes."""
     conv, x = conv_of(shape, rng)
     x.requires_grad_()
     out = _grouped.differentiable_convolution(conv, x, conv.weight, conv.bias, relu)
@@ -169,20 +173,31 @@ def test_with_gradients_the_backward_is_torchs(shape, relu, rng):
     torchs = conv(x).relu() if relu else conv(x)
     for layout in (torch.contiguous_format, CL):
         assert out.is_contiguous(memory_format=layout) == torchs.is_contiguous(memory_format=layout)
-    upstream = torch.randn(out.shape, generator=rng).contiguous(memory_format=CL)
+    upstream = torch.randn(out.shape, generator=rng).contiguous(memory_format=upstream_layout)
     wrt = [t for t in (x, conv.weight, conv.bias) if t is not None]
-    # the same upstream gradient through torch's own convolution backward: torch's gradients
-    for mine, theirs in zip(torch.autograd.grad(out, wrt, upstream), torch.autograd.grad(torchs, wrt, upstream)):
-        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5 * magnitude(theirs))
+    mine = torch.autograd.grad(out, wrt, upstream)
+    x64, w64 = x.detach().double().requires_grad_(), conv.weight.detach().double().requires_grad_()
+    b64 = None if conv.bias is None else conv.bias.detach().double().requires_grad_()
+    ref = F.conv2d(x64, w64, b64, conv.stride, conv.padding, conv.dilation, conv.groups)
+    ref = ref.relu() if relu else ref
+    theirs = torch.autograd.grad(ref, [t for t in (x64, w64, b64) if t is not None], upstream.double())
+    for a, b in zip(mine, theirs):  # against the float64 reference
+        assert a.shape == b.shape
+        assert_close(a, b, scale=magnitude(b))
     x.grad = None
     _grouped.differentiable_convolution(conv, x.detach(), conv.weight, conv.bias, relu).sum().backward()
     assert x.grad is None and conv.weight.grad is not None  # only the gradients asked for
 
 
-def test_gradcheck_in_float64(rng):
-    conv, x = conv_of((1, 6, 6, 3, 5, 4, 3, 2, 1, 1, True), rng, torch.float64)
+@pytest.mark.parametrize("shape", [(1, 6, 6, 3, 5, 4, 3, 2, 1, 1, True), (2, 5, 5, 5, 5, 6, 3, (2, 1), (1, 2), (1, 2), True)],
+                         ids=["grouped", "depthwise"])
+def test_gradcheck_in_float64(shape, rng):
+    conv, x = conv_of(shape, rng, torch.float64)
     x.requires_grad_()
     assert torch.autograd.gradcheck(
+        lambda inp, w, b: _grouped.differentiable_convolution(conv, inp, w, b, False), (x, conv.weight, conv.bias))
+    # a backward that builds a graph (create_graph=True) is torch's: gradients of gradients
+    assert torch.autograd.gradgradcheck(
         lambda inp, w, b: _grouped.differentiable_convolution(conv, inp, w, b, False), (x, conv.weight, conv.bias))
 
 
