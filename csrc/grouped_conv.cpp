@@ -71,15 +71,30 @@ struct Geometry {
     index_t h, w, c, k, groups, r, s, sh, sw, ph, pw, dh, dw, oh, ow;
 };
 
+// Where column j of a block reads its input pixel for a tap: from a table computed once per block
+// (any block), or, for a block whose every tap is inside the image, each tap's first pixel plus j
+// strides (no table to fill: at 32 channels filling it cost as much as the arithmetic).
+template <typename T, int Columns>
+struct TablePixels {
+    const T* const* table;  // [tap][j]
+    const T* at(index_t tap, int j) const { return table[tap * Columns + j]; }
+};
+
+template <typename T>
+struct StridedPixels {
+    const T* const* first;  // [tap]
+    index_t step;
+    const T* at(index_t tap, int j) const { return first[tap] + j * step; }
+};
+
 // One block of `count` <= Columns output columns of one output row: channels [ch, ch + N)
-// (depthwise) or output channels [ch, ch + N) of group `grp` (grouped). `pixels[tap · Columns
-// + j]` is where column j's input pixel for tap (i, t) starts (the zero pixel in the padding
-// and past `count`), computed once per block for all its channel vectors: the loops here only
-// load, multiply and add. R, S: the kernel's size where known at compile time (its taps
-// unrolled), else 0 (read from g).
-template <typename T, int N, int Columns, int R, int S, bool Depthwise>
-inline void block(const Geometry& g, const T* const* pixels, const T* weight, const T* bias, bool relu,
-                  index_t count, index_t grp, index_t ch, T* out) {
+// (depthwise) or output channels [ch, ch + N) of group `grp` (grouped). `pixels.at(tap, j)` is
+// where column j's input pixel for the tap starts (a zero pixel in the padding and past
+// `count`), so the loops here only load, multiply and add. R, S: the kernel's size where known
+// at compile time (its taps unrolled), else 0 (read from g).
+template <typename T, int N, int Columns, int R, int S, bool Depthwise, typename Pixels>
+inline void block(const Geometry& g, Pixels pixels, const T* weight, const T* bias, bool relu, index_t count,
+                  index_t grp, index_t ch, T* out) {
     using L = Lanes<T, N>;
     const index_t taps = (R ? R : g.r) * (S ? S : g.s);
     const index_t cpg = Depthwise ? 1 : g.c / g.groups, kpg = Depthwise ? 1 : g.k / g.groups;
@@ -88,15 +103,14 @@ inline void block(const Geometry& g, const T* const* pixels, const T* weight, co
     const typename L::vec start = bias ? L::load(bias + first_out) : typename L::vec{};
     for (int j = 0; j < Columns; ++j) acc[j] = start;
     for (index_t tap = 0; tap < taps; ++tap) {
-        const T* const* pixel = pixels + tap * Columns;
         if constexpr (Depthwise) {
             const typename L::vec wv = L::load(weight + tap * g.c + ch);
-            for (int j = 0; j < Columns; ++j) acc[j] += L::load(pixel[j] + first_in) * wv;
+            for (int j = 0; j < Columns; ++j) acc[j] += L::load(pixels.at(tap, j) + first_in) * wv;
         } else {
             const T* tap_weight = weight + (grp * taps + tap) * cpg * kpg + ch;
             for (index_t cc = 0; cc < cpg; ++cc) {
                 const typename L::vec wv = L::load(tap_weight + cc * kpg);
-                for (int j = 0; j < Columns; ++j) acc[j] += L::broadcast(pixel[j][first_in + cc]) * wv;
+                for (int j = 0; j < Columns; ++j) acc[j] += L::broadcast(pixels.at(tap, j)[first_in + cc]) * wv;
             }
         }
     }
@@ -114,55 +128,84 @@ inline void overlapping_vectors(index_t n, F each) {
     if (at < n) each(n - N);
 }
 
+// Every channel vector (and group) of one block of output columns from x0.
+template <typename T, int N, int Columns, int R, int S, bool Depthwise, typename Pixels>
+inline void block_channels(const Geometry& g, Pixels pixels, const T* weight, const T* bias, bool relu,
+                           index_t count, T* out) {
+    const index_t groups = Depthwise ? 1 : g.groups;
+    for (index_t grp = 0; grp < groups; ++grp) {
+        overlapping_vectors<N>(Depthwise ? g.c : g.k / g.groups, [&](index_t ch) {
+            block<T, N, Columns, R, S, Depthwise>(g, pixels, weight, bias, relu, count, grp, ch, out);
+        });
+    }
+}
+
 // One row of `columns` outputs. Column blocks are outermost, so the input a block reads (R rows
 // of about kColumns·stride pixels, every channel) stays in L1 for all its channel vectors, and
 // the next block shares most of it: channels outermost re-read R whole input rows per vector of
-// channels (48 KB per pass at 28 pixels of 144 channels, from L2: 20x slower). A block's pixel
-// addresses, `locate(i, t, x)` for tap (i, t) of output column x (null: a zero pixel), are
-// computed once for all its channel vectors and groups (computed per vector, their integer
-// arithmetic and spills took most of the time).
-template <typename T, int N, int R, int S, bool Depthwise, typename Locate>
-inline void sweep_row(const Geometry& g, index_t columns, Locate locate, const T* zeros, const T* weight,
-                      const T* bias, bool relu, const T** pixels, T* out) {
+// channels (48 KB per pass at 28 pixels of 144 channels, from L2: 20x slower). Blocks inside
+// [inside_from, inside_to), every tap's input in the image, read `first(i, t, x0)` (tap (i, t)'s
+// pixel for column x0) plus j·step; the others a table of `locate(i, t, x)` (null: a zero pixel),
+// computed once for all the block's channel vectors and groups.
+template <typename T, int N, int R, int S, bool Depthwise, typename Locate, typename First>
+inline void sweep_row(const Geometry& g, index_t columns, Locate locate, index_t inside_from, index_t inside_to,
+                      First first, index_t step, const T* zeros, const T* weight, const T* bias, bool relu,
+                      const T** pixels, T* out) {
     const index_t r = R ? R : g.r, s = S ? S : g.s;
-    for (index_t x0 = 0; x0 < columns; x0 += kColumns) {
-        const index_t count = std::min<index_t>(kColumns, columns - x0);
-        auto run = [&](auto width) {
-            constexpr int Columns = decltype(width)::value;
-            for (index_t i = 0; i < r; ++i) {
-                for (index_t t = 0; t < s; ++t) {
-                    const T** pixel = pixels + (i * s + t) * Columns;
-                    for (int j = 0; j < Columns; ++j) {
-                        const T* at = j < count ? locate(i, t, x0 + j) : nullptr;
-                        pixel[j] = at ? at : zeros;
+    auto table_blocks = [&](index_t from, index_t to) {
+        for (index_t x0 = from; x0 < to; x0 += kColumns) {
+            const index_t count = std::min<index_t>(kColumns, to - x0);
+            auto run = [&](auto width) {
+                constexpr int Columns = decltype(width)::value;
+                for (index_t i = 0; i < r; ++i) {
+                    for (index_t t = 0; t < s; ++t) {
+                        const T** pixel = pixels + (i * s + t) * Columns;
+                        for (int j = 0; j < Columns; ++j) {
+                            const T* at = j < count ? locate(i, t, x0 + j) : nullptr;
+                            pixel[j] = at ? at : zeros;
+                        }
                     }
                 }
+                block_channels<T, N, Columns, R, S, Depthwise>(g, TablePixels<T, Columns>{pixels}, weight, bias,
+                                                               relu, count, out + x0 * g.k);
+            };
+            if (count > 4) run(std::integral_constant<int, kColumns>{});
+            else if (count > 2) run(std::integral_constant<int, 4>{});
+            else if (count > 1) run(std::integral_constant<int, 2>{});
+            else run(std::integral_constant<int, 1>{});
+        }
+    };
+    // Blocks start at column 0 (aligned to the inside range instead, the first border column
+    // would be a block of one column: one chain of dependent multiply-adds, as slow as 8 columns)
+    index_t x0 = 0;
+    while (x0 < columns) {
+        if (x0 >= inside_from && x0 + kColumns <= inside_to) {
+            for (index_t i = 0; i < r; ++i) {
+                for (index_t t = 0; t < s; ++t) pixels[i * s + t] = first(i, t, x0);
             }
-            const index_t groups = Depthwise ? 1 : g.groups;
-            for (index_t grp = 0; grp < groups; ++grp) {
-                overlapping_vectors<N>(Depthwise ? g.c : g.k / g.groups, [&](index_t ch) {
-                    block<T, N, Columns, R, S, Depthwise>(g, pixels, weight, bias, relu, count, grp, ch,
-                                                          out + x0 * g.k);
-                });
-            }
-        };
-        if (count > 4) run(std::integral_constant<int, kColumns>{});
-        else if (count > 2) run(std::integral_constant<int, 4>{});
-        else if (count > 1) run(std::integral_constant<int, 2>{});
-        else run(std::integral_constant<int, 1>{});
+            block_channels<T, N, kColumns, R, S, Depthwise>(g, StridedPixels<T>{pixels, step}, weight, bias, relu,
+                                                            kColumns, out + x0 * g.k);
+        } else {
+            table_blocks(x0, std::min(x0 + kColumns, columns));
+        }
+        x0 += kColumns;
     }
 }
 
 // sweep_row with the kernel's size as template arguments where it is a common one.
-template <typename T, int N, bool Depthwise, typename Locate>
-inline void sweep_row_sized(const Geometry& g, index_t columns, Locate locate, const T* zeros, const T* weight,
+template <typename T, int N, bool Depthwise, typename Locate, typename First>
+inline void sweep_row_sized(const Geometry& g, index_t columns, Locate locate, index_t inside_from,
+                            index_t inside_to, First first, index_t step, const T* zeros, const T* weight,
                             const T* bias, bool relu, const T** pixels, T* out) {
     if (g.r == 3 && g.s == 3) {
-        sweep_row<T, N, 3, 3, Depthwise>(g, columns, locate, zeros, weight, bias, relu, pixels, out);
+        sweep_row<T, N, 3, 3, Depthwise>(g, columns, locate, inside_from, inside_to, first, step, zeros, weight, bias,
+                                         relu, pixels, out);
     } else if (Depthwise && g.r == 5 && g.s == 5) {
-        sweep_row<T, N, 5, 5, Depthwise>(g, columns, locate, zeros, weight, bias, relu, pixels, out);
+        sweep_row<T, N, 5, 5, Depthwise>(g, columns, locate, inside_from, inside_to, first, step, zeros, weight, bias,
+                                         relu, pixels, out);
     } else {
-        sweep_row<T, N, 0, 0, Depthwise>(g, columns, locate, zeros, weight, bias, relu, pixels, out);
+        sweep_row<T, N, 0, 0, Depthwise>(g, columns, locate, inside_from, inside_to, first, step, zeros, weight, bias,
+                                         relu, pixels, out);
     }
 }
 
@@ -203,8 +246,12 @@ void grouped_conv_forward(address_t x_address, index_t n, index_t h, index_t w, 
     const T* weight = as_ptr<const T>(weight_address);
     const T* bias = bias_address ? as_ptr<const T>(bias_address) : nullptr;
     T* y = as_ptr<T>(y_address);
-    const std::vector<T> zeros(static_cast<size_t>(c), T(0));
+    const std::vector<T> zeros(static_cast<size_t>(w * c), T(0));  // a row of zero pixels: the padding's rows
     const Geometry g{h, w, c, k, groups, r, s, sh, sw, ph, pw, dh, dw, oh, ow};
+    // the output columns [inside_from, inside_to) whose every tap's input column is inside the image
+    const index_t inside_from = std::min(ow, (pw + sw - 1) / sw);
+    const index_t last = w - 1 + pw - (s - 1) * dw;
+    const index_t inside_to = last < 0 ? inside_from : std::max(inside_from, std::min(ow, last / sw + 1));
     const bool depthwise = c == groups && k == groups;
     const index_t kpg = k / groups;
     const index_t rows_out = n * oh;
@@ -226,11 +273,21 @@ void grouped_conv_forward(address_t x_address, index_t n, index_t h, index_t w, 
                 const index_t ix = x * sw - pw + t * dw;
                 return window[i] && ix >= 0 && ix < w ? window[i] + ix * c : nullptr;
             };
+            auto first = [&](index_t i, index_t t, index_t x0) -> const T* {
+                return (window[i] ? window[i] : zeros.data()) + (x0 * sw - pw + t * dw) * c;
+            };
+            const index_t step = sw * c;
             with_lanes<T>(depthwise ? c : kpg, [&](auto lanes) {
                 constexpr int N = decltype(lanes)::value;
                 const T** p = pixels.data();
-                if (depthwise) sweep_row_sized<T, N, true>(g, ow, locate, zeros.data(), weight, bias, relu, p, out);
-                else sweep_row_sized<T, N, false>(g, ow, locate, zeros.data(), weight, bias, relu, p, out);
+                const T* z = zeros.data();
+                if (depthwise) {
+                    sweep_row_sized<T, N, true>(g, ow, locate, inside_from, inside_to, first, step, z, weight, bias,
+                                                relu, p, out);
+                } else {
+                    sweep_row_sized<T, N, false>(g, ow, locate, inside_from, inside_to, first, step, z, weight, bias,
+                                                 relu, p, out);
+                }
             });
         }
     }
@@ -278,10 +335,12 @@ void depthwise_conv_backward_input(address_t grad_address, index_t n, index_t h,
                 const index_t ox = column[t * w + x];
                 return window[i] && ox >= 0 ? window[i] + ox * c : nullptr;
             };
+            auto unused = [](index_t, index_t, index_t) -> const T* { return nullptr; };
             with_lanes<T>(c, [&](auto lanes) {
                 constexpr int N = decltype(lanes)::value;
-                sweep_row_sized<T, N, true>(g, w, locate, zeros.data(), weight, nullptr, false, pixels.data(),
-                                            grad_x + task * w * c);
+                // (no strided blocks: which taps reach an input pixel depends on its column's phase)
+                sweep_row_sized<T, N, true>(g, w, locate, 0, 0, unused, 0, zeros.data(), weight, nullptr, false,
+                                            pixels.data(), grad_x + task * w * c);
             });
         }
     }
