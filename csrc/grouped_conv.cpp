@@ -15,10 +15,16 @@
 //   grouped:   weight (G, R, S, C/G, K/G), a tap's and input channel's K/G outputs contiguous:
 //              vectors over a group's output channels, each input value broadcast.
 // A thread takes whole output rows (image, oh). A row is swept in blocks of kColumns output
-// columns held in registers; blocks whose taps all fall inside the image take the loop without
-// bounds tests. Channel counts that are not a multiple of the vector take one last vector that
-// overlaps the one before (the overlapping outputs are computed and stored twice, the same
-// values), so no lane is masked; narrower than one vector, a narrower vector or plain scalars.
+// columns held in registers: a block whose taps all fall inside the image addresses each tap's
+// pixels by column strides; a border block reads them from a table filled once per block, taps in
+// the padding pointing at zeros (so a weight with an inf or NaN is left to torch: 0 · inf). Channel
+// counts that are not a multiple of the vector take one last vector that overlaps the one before
+// (the overlapping outputs are computed and stored twice, the same values), so no lane is masked;
+// narrower than one vector, a narrower vector or plain scalars.
+//
+// Depthwise backward: the input's gradient runs the same blocks on the output gradient, the
+// pixel table holding for each input column the output pixel each tap reached it from; the
+// weight's gradient sums each tap's products over the rows a thread takes, in registers.
 #include <cstring>
 #include <type_traits>
 #include <vector>

@@ -221,3 +221,27 @@ def test_a_layer_runs_it_where_it_measured_fastest(training, monkeypatch, rng):
     expected = reference(layer, x, False)
     assert_close(out, expected, scale=magnitude(expected))
     assert out.stride() == unpatched(x).stride()
+
+
+def test_a_folded_depthwise_block_runs_it(monkeypatch, rng):
+    """Conv2d(depthwise) → BatchNorm2d → ReLU in eval mode: patch folds the batch norm into the
+    convolution, whose measured choice may then take this kernel, ReLU in its epilogue."""
+    prefer(monkeypatch, "grouped_direct")
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    unpatched = torch.nn.Sequential(torch.nn.Conv2d(12, 12, 3, padding=1, groups=12), torch.nn.BatchNorm2d(12),
+                                    torch.nn.ReLU()).eval()
+    with torch.no_grad():
+        unpatched[1].running_mean.uniform_(-1, 1)
+        unpatched[1].running_var.uniform_(0.5, 1.5)
+    model = copy.deepcopy(unpatched)
+    fastml.patch(model)
+    x = torch.randn(3, 12, 9, 7, generator=rng).contiguous(memory_format=CL)
+    with torch.no_grad():
+        model(x)
+        out = model(x)
+        expected = unpatched.double()(x.double())
+    assert set(_route.routes(model[0]).values()) == {"grouped_direct"}
+    assert_close(out, expected, scale=magnitude(expected))
+    assert out.is_contiguous(memory_format=CL)
+    fastml.unpatch(model)
+    assert _grouped.WEIGHT_ATTR not in model[0].__dict__  # the packed weight leaves with fastml
