@@ -31,7 +31,7 @@ import functools
 
 import torch
 
-from fastml import _conv_backward, _cpp, _route
+from fastml import _conv_backward, _cpp, _onednn, _route
 from fastml.ops import is_compiling
 
 WEIGHT_ATTR = "_fastml_grouped_weight"
@@ -79,22 +79,6 @@ def _output_size(conv: torch.nn.Conv2d, input: torch.Tensor) -> tuple[int, int]:
                  // conv.stride[d] + 1 for d in (0, 1))
 
 
-class _PackedWeight:
-    """A layer's packed weight, whether it is finite, and what it came from; derived state, which
-    a copy or a pickle of the layer starts without."""
-    __slots__ = ("source", "key", "packed", "finite")
-
-    def __init__(self) -> None:
-        self.source = self.key = self.packed = None
-        self.finite = False
-
-    def __reduce__(self):
-        return _PackedWeight, ()
-
-    def __deepcopy__(self, memo):
-        return _PackedWeight()
-
-
 def pack_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """(K, C/G, R, S) → the kernel's layout: (R, S, C) depthwise, else (G, R, S, C/G, K/G)."""
     k, cpg, r, s = weight.shape
@@ -108,10 +92,10 @@ def _finite(tensor: torch.Tensor) -> bool:
     return bool(tensor.sum().isfinite())
 
 
-def _cached_packing(conv: torch.nn.Conv2d, weight: torch.Tensor) -> _PackedWeight:
+def _cached_packing(conv: torch.nn.Conv2d, weight: torch.Tensor) -> _onednn.PackedWeight:
     cache = conv.__dict__.get(WEIGHT_ATTR)
     if cache is None:
-        cache = _PackedWeight()
+        cache = _onednn.PackedWeight()  # (source, key, packed, finite), derived state as oneDNN's
         object.__setattr__(conv, WEIGHT_ATTR, cache)  # a plain attribute: not state, not a buffer
     # a weight packed in inference mode is an inference tensor: kept apart from one outside
     key = (weight.data_ptr(), weight._version, torch.is_inference_mode_enabled())

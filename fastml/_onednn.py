@@ -92,7 +92,7 @@ def packed_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch
     key = (weight.data_ptr(), weight._version, tuple(input.shape), torch.is_inference_mode_enabled())
     cache = conv.__dict__.get(PACKED_ATTR)
     if cache is None:
-        cache = _PackedWeight()
+        cache = PackedWeight()
         object.__setattr__(conv, PACKED_ATTR, cache)  # a plain attribute: not state, not a buffer
     # The source weight itself is held with its packing: while it lives, no other tensor can take
     # its storage, so (identity, storage, version) cannot be matched by a different weight.
@@ -117,7 +117,7 @@ def _finite(tensor: torch.Tensor) -> bool:
     return bool(tensor.sum().isfinite())
 
 
-class _PackedWeight:
+class PackedWeight:
     """A layer's packed weight and what it was packed from. Derived state: a copy or a pickle of
     the layer starts without it (oneDNN's packed tensors can be neither)."""
     __slots__ = ("source", "key", "packed", "finite")
@@ -127,8 +127,8 @@ class _PackedWeight:
         self.finite = False
 
     def __reduce__(self):
-        return _PackedWeight, ()
+        return PackedWeight, ()
 
     def __deepcopy__(self, memo):
-        return _PackedWeight()
+        return PackedWeight()
 
