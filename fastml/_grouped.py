@@ -33,6 +33,7 @@ import torch
 
 from fastml import _conv_backward, _cpp, _onednn, _route
 from fastml.ops import is_compiling
+from fastml.ops.conv2d.reference import output_size
 
 WEIGHT_ATTR = "_fastml_grouped_weight"
 _route.DERIVED_WEIGHT_ATTRS.add(WEIGHT_ATTR)
@@ -75,8 +76,8 @@ def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bi
 
 
 def _output_size(conv: torch.nn.Conv2d, input: torch.Tensor) -> tuple[int, int]:
-    return tuple((input.shape[2 + d] + 2 * conv.padding[d] - conv.dilation[d] * (conv.kernel_size[d] - 1) - 1)
-                 // conv.stride[d] + 1 for d in (0, 1))
+    return tuple(output_size(input.shape[2 + d], conv.kernel_size[d], conv.stride[d], conv.padding[d],
+                             conv.dilation[d]) for d in (0, 1))
 
 
 def pack_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -86,10 +87,6 @@ def pack_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     if cpg == 1 and k == groups:
         return weight.reshape(k, r * s).t().contiguous()
     return weight.reshape(groups, k // groups, cpg, r, s).permute(0, 3, 4, 2, 1).contiguous()
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    return bool(tensor.sum().isfinite())
 
 
 def _cached_packing(conv: torch.nn.Conv2d, weight: torch.Tensor) -> _onednn.PackedWeight:
@@ -102,7 +99,7 @@ def _cached_packing(conv: torch.nn.Conv2d, weight: torch.Tensor) -> _onednn.Pack
     # The source is held with its packing, so (identity, storage, version) names one weight.
     if cache.source is not weight or cache.key != key:
         cache.packed = pack_weight(weight, conv.groups)
-        cache.finite = _finite(cache.packed)
+        cache.finite = _onednn.finite(cache.packed)
         cache.source, cache.key = weight, key
     return cache
 
@@ -149,7 +146,7 @@ def differentiable_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weigh
     or a hand-written update) leaves no version behind (a copy of a small weight: 127 KB for
     RegNet's largest grouped layer). The ReLU runs in place after, as torch's sequence does."""
     packed = pack_weight(weight, conv.groups)
-    if not _finite(packed):
+    if not _onednn.finite(packed):
         return _torchs(conv, input, weight, bias, relu)
     if depthwise(conv):
         out = _Depthwise.apply(input, weight, bias, conv, packed)

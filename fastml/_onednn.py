@@ -58,10 +58,13 @@ def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bi
     and ``bias`` as torch's module would (see the module's docstring)."""
     if not packable(conv, input, weight, bias):
         return False
-    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return False
-    return True
+    return not gradients_wanted(input, weight, bias)
+
+
+def gradients_wanted(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a convolution of these would be recorded for a backward."""
+    return torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
 
 
 def packable(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -99,19 +102,19 @@ def packed_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch
     if cache.source is not weight or cache.key != key:
         with torch.no_grad():
             cache.packed = reorder(weight.detach(), padding, stride, dilation, conv.groups, list(input.shape))
-            cache.finite = bool(weight.sum().isfinite())
+            cache.finite = finite(weight)
         cache.source, cache.key = weight, key
     bias = None if bias is None else bias.detach()
     # oneDNN's ReLU post-op is max(x, 0), which turns NaN into 0 where torch's relu keeps it. A NaN
     # out of the convolution needs an inf or NaN in its input, weight or bias (or an overflow to
     # inf - inf, left alone): where a sum says there may be one, the ReLU runs after, as torch's.
-    epilogue = relu and cache.finite and _finite(input) and (bias is None or _finite(bias))
+    epilogue = relu and cache.finite and finite(input) and (bias is None or finite(bias))
     out = convolution(input, cache.packed, bias, padding, stride, dilation, conv.groups,
                       "relu" if epilogue else "none", [], "")
     return out.relu_() if relu and not epilogue else out
 
 
-def _finite(tensor: torch.Tensor) -> bool:
+def finite(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` holds no inf or NaN, or its sum overflowed (one read, no allocation the
     size of the tensor: a few percent of the convolution that reads it)."""
     return bool(tensor.sum().isfinite())

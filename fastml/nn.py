@@ -68,7 +68,8 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
     convolution backward.
 
     "grouped_direct" (channels-last input, depthwise or small groups): fastml's direct kernel
-    (fastml/_grouped.py); with gradients wanted, torch's own convolution backward.
+    (fastml/_grouped.py); with gradients wanted, a depthwise layer's backward by fastml's kernels,
+    a grouped one's by torch's own convolution backward.
 
     "channels_last" ((N, C, H, W)-contiguous input): torch's convolution on a channels-last copy
     of the input, the result copied back, so the caller sees torch's layout. oneDNN's CPU
@@ -91,8 +92,7 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
         else:  # channels-last, gradients wanted: torch's backward
             variants["winograd"] = lambda x: _winograd.differentiable_convolution(conv, x, *parameters(), relu)
     if offered("grouped_direct") and _grouped.applies(conv, input, weight, bias):
-        if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
+        if _onednn.gradients_wanted(input, weight, bias):
             variants["grouped_direct"] = lambda x: _grouped.differentiable_convolution(conv, x, *parameters(), relu)
         else:
             variants["grouped_direct"] = lambda x: _grouped.convolution(conv, x, *parameters(), relu)
