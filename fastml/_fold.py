@@ -162,7 +162,8 @@ class FoldedLinear(fastml_nn.Linear):
         fold = fold_of(self)
         if fold is None or not fold.active():
             return super().forward(input)
-        return _route.call(self, input, self.weight, self._torch_relu, self._fastml_relu)
+        return _route.call(self, input, self.weight, self._torch_relu, self._fastml_relu,
+                           variants=lambda x, only=None: self._torch_variants(x, only, relu=True))
 
     def _torch_relu(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, self.weight, self.bias).relu_()

@@ -28,7 +28,7 @@ import dataclasses
 
 import torch
 
-from fastml import _fold, _layout, _route
+from fastml import _fold, _layout, _recycle, _route
 from fastml import nn as fastml_nn
 
 __all__ = ["Fused", "Left", "PatchReport", "Replaced", "patch", "unpatch"]
@@ -575,6 +575,7 @@ def unpatch(model: torch.nn.Module) -> PatchReport:
     if _layout.remove(model):
         report.layout = "activations back in the input's layout (channels-last conversion removed)"
     _unpatch_tree(model, "", report, set())
+    _recycle.release()  # the gradients' blocks kept for the patched layers' next step
     return report
 
 

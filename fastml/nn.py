@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastml import _grouped, _onednn, _pointwise, _route, _winograd, functional
+from fastml import _grouped, _onednn, _pointwise, _recycled_linear, _route, _winograd, functional
 
 __all__ = ["Conv2d", "ConvReLUPool2d", "CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss", "LinearMSELoss",
            "MaxPool2d", "MSELoss"]
@@ -18,10 +18,27 @@ class Linear(torch.nn.Linear):
     """``torch.nn.Linear`` on fastml's linear kernels. Input (*, in_features)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return _route.call(self, input, self.weight, super().forward, self._fastml_forward)
+        return _route.call(self, input, self.weight, super().forward, self._fastml_forward,
+                           variants=self._torch_variants)
 
     def _fastml_forward(self, input: torch.Tensor) -> torch.Tensor:
         return functional.linear(input, self.weight, self.bias)
+
+    def _torch_variants(self, input: torch.Tensor, only: str | None = None, relu: bool = False) -> dict:
+        """Other ways of computing this layer with torch's ops, for the measured choice to time
+        against torch's module: {name: forward}, where they apply to ``input`` (then an in-place
+        ReLU if ``relu``).
+
+        "recycled_grad" (CPU, a weight gradient of 32 MiB or more wanted): torch's BLAS forward
+        and backward, the weight gradient written contiguous into memory kept from the previous
+        step rather than a fresh block and a layout copy (fastml/_recycled_linear.py)."""
+        if only not in (None, "recycled_grad") or not _recycled_linear.applies(input, self.weight, self.bias):
+            return {}
+
+        def run(x):
+            out = _recycled_linear.linear(x, self.weight, self.bias)
+            return out.relu_() if relu else out
+        return {"recycled_grad": run}
 
 
 class Conv2d(torch.nn.Conv2d):
