@@ -10,7 +10,8 @@ a 2-core Zen 3, 204 ms for the product into fresh memory against 57 ms into kept
 Here the forward is ``F.linear`` itself (the same addmm, bit for bit), and the backward makes
 the same products with ``torch.mm``: ``g W`` for the input and ``g^T x`` written straight into a
 contiguous block from ``_recycle.empty``, which AccumulateGrad keeps as ``.grad`` without a copy.
-A backward that builds a graph (double backward) uses plain differentiable ops instead.
+A backward that builds a graph (double backward) or runs batched (gradcheck's batched check) uses
+plain ops instead.
 """
 
 from __future__ import annotations
@@ -19,11 +20,17 @@ import torch
 import torch.nn.functional as F
 
 from fastml import _recycle
+from fastml.functional import _autocast_on
+from fastml.ops import backward_in_torch_ops, is_compiling
 
 
 def applies(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the variant can run this call and has something to save: a floating CPU input of
-    the weight's dtype, a weight gradient wanted and large enough to be recycled."""
+    the weight's dtype, a weight gradient wanted and large enough to be recycled. Never under a
+    torch.func transform, autocast (which would cast the forward's F.linear but not its
+    backward's products) or a graph being traced: torch's own linear runs there."""
+    if torch._C._are_functorch_transforms_active() or _autocast_on() or is_compiling() or torch.jit.is_tracing():
+        return False
     if input.layout != torch.strided or weight.layout != torch.strided or input.device.type != "cpu":
         return False
     if not input.is_floating_point() or input.dtype != weight.dtype or input.dim() == 0:
@@ -68,7 +75,7 @@ class _RecycledLinear(torch.autograd.Function):
             grad_input = (rows @ weight).reshape(input.shape)
         if need_weight:
             flat = input.reshape(-1, weight.shape[1])
-            if torch.is_grad_enabled():  # double backward: out= takes no part in autograd
+            if backward_in_torch_ops(grad):  # double backward, or a batched gradient: out= takes no part
                 grad_weight = rows.t() @ flat
             else:
                 grad_weight = torch.mm(rows.t(), flat, out=_recycle.empty(weight.shape, weight.dtype, weight.device))

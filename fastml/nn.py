@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastml import _grouped, _onednn, _pointwise, _recycled_linear, _route, _winograd, functional
+from fastml import _gemm_weight_grad, _grouped, _onednn, _pointwise, _recycled_linear, _route, _winograd, functional
 
 __all__ = ["Conv2d", "ConvReLUPool2d", "CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss", "LinearMSELoss",
            "MaxPool2d", "MSELoss"]
@@ -88,6 +88,10 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
     (fastml/_grouped.py); with gradients wanted, a depthwise layer's backward by fastml's kernels,
     a grouped one's by torch's own convolution backward.
 
+    "gemm_weight_grad" (channels-last input, one group, the weight's gradient wanted): torch's
+    forward and input gradient, the weight gradient as one matrix product over the unfolded input
+    (fastml/_gemm_weight_grad.py), where oneDNN's weight-gradient pass is slow (small images).
+
     "channels_last" ((N, C, H, W)-contiguous input): torch's convolution on a channels-last copy
     of the input, the result copied back, so the caller sees torch's layout. oneDNN's CPU
     convolutions are up to 2x faster on that layout for some shapes (a 7x7 stem, 64 channels at
@@ -113,6 +117,8 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
             variants["grouped_direct"] = lambda x: _grouped.differentiable_convolution(conv, x, *parameters(), relu)
         else:
             variants["grouped_direct"] = lambda x: _grouped.convolution(conv, x, *parameters(), relu)
+    if offered("gemm_weight_grad") and _gemm_weight_grad.applies(conv, input, weight, bias):
+        variants["gemm_weight_grad"] = lambda x: _gemm_weight_grad.convolution(conv, x, *parameters(), relu)
     if (offered("channels_last") and input.dim() == 4 and input.device.type == "cpu" and input.is_contiguous()
             and not input.is_contiguous(memory_format=torch.channels_last) and conv.padding_mode == "zeros"):
         def run(x):

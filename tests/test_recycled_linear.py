@@ -122,7 +122,8 @@ def test_gradcheck_gradgradcheck_and_forward_mode(recycle_everything, rng):
     x = torch.randn(5, 3, 4, generator=rng, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(6, 4, generator=rng, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, generator=rng, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_recycled_linear.linear, (x, weight, b), check_forward_ad=True)
+    assert torch.autograd.gradcheck(_recycled_linear.linear, (x, weight, b), check_forward_ad=True,
+                                    check_batched_grad=True)
     assert torch.autograd.gradgradcheck(_recycled_linear.linear, (x, weight, b))
 
 
@@ -132,11 +133,18 @@ def test_where_it_applies():
     assert _recycled_linear.applies(x, big.weight, big.bias)
     with torch.no_grad():
         assert not _recycled_linear.applies(x, big.weight, big.bias)  # no gradient: nothing to recycle
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _recycled_linear.applies(x, big.weight, big.bias)
+    torch.func.grad(lambda inp: (assert_not_applies(inp, big) or inp).sum())(x)
     assert not _recycled_linear.applies(x.double(), big.weight, big.bias)
     small = torch.nn.Linear(64, 32)
     assert not _recycled_linear.applies(torch.randn(2, 64), small.weight, small.bias)
     big.weight.requires_grad_(False)
     assert not _recycled_linear.applies(x, big.weight, big.bias)
+
+
+def assert_not_applies(input, layer):
+    assert not _recycled_linear.applies(input, layer.weight, layer.bias)  # a torch.func transform
 
 
 @pytest.mark.parametrize("with_relu", [False, True], ids=["linear", "linear-relu"])
@@ -159,5 +167,12 @@ def test_a_layer_runs_it_where_it_measured_fastest(with_relu, monkeypatch, recyc
     assert_close(out, expected, scale=magnitude(expected))
     for mine, theirs in zip(model.parameters(), unpatched.parameters()):
         assert_close(mine.grad, theirs.grad, scale=magnitude(theirs.grad))
+    # under a torch.func transform the settled route gives way to torch's own linear
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    theirs = {name: p.detach() for name, p in unpatched.named_parameters()}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).square().sum())(params)
+    expected = torch.func.grad(lambda p: torch.func.functional_call(unpatched, p, (x,)).square().sum())(theirs)
+    for name in grads:
+        assert_close(grads[name], expected[name], scale=magnitude(expected[name]))
     fastml.unpatch(model)
     assert _recycle.kept_bytes() == 0  # unpatch lets the blocks go
