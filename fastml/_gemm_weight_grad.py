@@ -75,7 +75,7 @@ class _GemmWeightGrad(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         conv = ctx.conv
         if backward_in_torch_ops(grad):
-            return _conv_backward.torch_backward(ctx, grad, input, weight, conv) + (None,)
+            return _conv_backward.torch_backward(ctx, grad, input, weight, conv)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and ctx.has_bias
         grad_input = grad_bias = grad_weight = None

@@ -1011,10 +1011,12 @@ def test_a_convolution_may_run_torchs_on_the_channels_last_layout(monkeypatch):
     for got, expected in zip(train_step(layer, x), train_step(reference, x)):
         torch.testing.assert_close(got, expected)
     # channels-last input with gradients wanted: not oneDNN's packed one (no backward); Winograd's,
-    # whose backward is torch's, where the C++ kernels are built (fastml/_winograd.py)
+    # whose backward is torch's, where the C++ kernels are built (fastml/_winograd.py); and the
+    # weight gradient as a matrix product (fastml/_gemm_weight_grad.py), torch's ops only
     parameters = lambda: (layer.weight, layer.bias)  # noqa: E731
     variants = fastml.nn.torch_conv_variants(layer, x.contiguous(memory_format=torch.channels_last), parameters)
-    assert set(variants) == ({"winograd"} if _winograd._kernels_built() and _onednn.ops() else set())
+    winograd = {"winograd"} if _winograd._kernels_built() and _onednn.ops() else set()
+    assert set(variants) == {"gemm_weight_grad"} | winograd
     assert fastml.nn.torch_conv_variants(layer, x[0], parameters) == {}  # unbatched
 
 
