@@ -15,8 +15,9 @@ costs a pass over memory as large as the product saves, and oneDNN keeps its lea
 measured choice decides, per layer.
 
 The unfolded input goes through in chunks of whole images (or, for one large image, of output
-rows) that fit in half the last-level cache the CPU reports, each chunk's product accumulated
-into the gradient, so the extra memory is bounded whatever the batch and image size.
+rows) that fit in half the last-level cache the CPU reports, each chunk padded and unfolded on its
+own and its product accumulated into the gradient, so the extra memory is bounded whatever the
+batch and image size.
 A backward that builds a graph (double backward) or runs batched is torch's own throughout.
 Results differ from torch's by the order of the sums (float rounding).
 """
@@ -29,19 +30,20 @@ import torch.nn.functional as F
 from fastml import _conv_backward
 from fastml._winograd import last_level_cache_bytes
 from fastml.functional import _autocast_on
-from fastml.ops import backward_in_torch_ops, is_compiling
+from fastml.ops import backward_in_torch_ops, forward_ad_active, is_compiling
 
 
 def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the variant computes ``conv``'s convolution of ``input`` as torch's module would
     and has a weight gradient to compute: a channels-last floating CPU input of the weight's
     dtype, one group, zero padding given as numbers, the weight's gradient wanted. Not under a
-    torch.func transform, autocast or a graph being traced. (On (N, C, H, W) input the copies to
-    rows of channels cost more than the product saves: 0.88x to 0.96x oneDNN's on a 2-core Zen 3
-    where channels-last gave 1.1x to 2.4x.)"""
+    torch.func transform, forward-mode AD (no jvp here), autocast or a traced graph. (On (N, C,
+    H, W) input the copies to rows of channels cost more than the product saves: 0.88x to 0.96x
+    oneDNN's on a 2-core Zen 3 where channels-last gave 1.1x to 2.4x.)"""
     if not (torch.is_grad_enabled() and weight.requires_grad) or conv.groups != 1:
         return False
-    if torch._C._are_functorch_transforms_active() or _autocast_on() or is_compiling() or torch.jit.is_tracing():
+    if (torch._C._are_functorch_transforms_active() or forward_ad_active() or _autocast_on() or is_compiling()
+            or torch.jit.is_tracing()):
         return False
     if input.dim() != 4 or input.device.type != "cpu" or input.layout != torch.strided or input.numel() == 0:
         return False
@@ -74,7 +76,7 @@ class _GemmWeightGrad(torch.autograd.Function):
     def backward(ctx, grad):
         input, weight = ctx.saved_tensors
         conv = ctx.conv
-        if backward_in_torch_ops(grad):
+        if backward_in_torch_ops(grad) or is_compiling():
             return _conv_backward.torch_backward(ctx, grad, input, weight, conv)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         need_bias = need_bias and ctx.has_bias
@@ -85,7 +87,7 @@ class _GemmWeightGrad(torch.autograd.Function):
                 list(conv.padding), list(conv.dilation), False, [0, 0], 1, [need_input, False, need_bias])
         if need_weight:
             grad_weight = weight_gradient(grad, input, weight.shape, conv.stride, conv.padding, conv.dilation)
-            if weight.is_contiguous():  # the parameter's layout: AccumulateGrad would copy otherwise
+            if weight.is_contiguous():  # in the parameter's layout, as AccumulateGrad would copy it to
                 grad_weight = grad_weight.contiguous()
         return grad_input, grad_weight, grad_bias, None
 
@@ -98,14 +100,23 @@ def weight_gradient(grad: torch.Tensor, input: torch.Tensor, weight_shape, strid
     k, c, r, s = weight_shape
     n, _, p, q = grad.shape
     rows = input.permute(0, 2, 3, 1)  # (N, H, W, C): a view of channels-last input
+    height = rows.shape[1]
     ph, pw = padding
-    if ph or pw:
-        rows = F.pad(rows, (0, 0, pw, pw, ph, ph))
     g = grad.permute(0, 2, 3, 1)  # (N, P, Q, K)
     span_h, span_w = dilation[0] * (r - 1) + 1, dilation[1] * (s - 1) + 1
     out = grad.new_zeros((k, r * s * c))
     for n0, n1, p0, p1 in _chunks(n, p, q * r * s * c * input.element_size()):
-        slab = rows[n0:n1, p0 * stride[0]:(p1 - 1) * stride[0] + span_h]
+        # the input rows these output rows read, in unpadded coordinates, padded here: a chunk's copy
+        first, end = p0 * stride[0] - ph, (p1 - 1) * stride[0] + span_h - ph
+        inside_first, inside_end = max(first, 0), min(end, height)
+        if inside_first >= inside_end:  # every row in the padding
+            inside_first = inside_end = 0
+            top, bottom = end - first, 0
+        else:
+            top, bottom = inside_first - first, end - inside_end
+        slab = rows[n0:n1, inside_first:inside_end]
+        if top or bottom or pw:
+            slab = F.pad(slab, (0, 0, pw, pw, top, bottom))
         windows = slab.unfold(1, span_h, stride[0]).unfold(2, span_w, stride[1])  # (n, p, Q, C, span_h, span_w)
         if span_h != r or span_w != s:
             windows = windows[..., ::dilation[0], ::dilation[1]]

@@ -8,8 +8,11 @@ training step that makes a 411 MB weight gradient (VGG's 25088 -> 4096 layer) an
 ``zero_grad(set_to_none=True)`` pays that every step.
 
 ``empty`` keeps, per shape and dtype, the storage it handed out last. When that storage is free
-again (no tensor, view or saved tensor holds it: its use count is ours alone), the next request
-gets it back; otherwise a fresh one is made and kept instead. So a gradient held in ``.grad`` is
+again, the next request gets it back; otherwise a fresh one is made and kept instead. Free means:
+no tensor, view or saved tensor holds it (its use count is ours alone), nobody holds its Python
+storage object (``t.untyped_storage()`` returns the very object kept here, which adds nothing to
+the use count), and it was never moved to shared memory (``share_memory_``, torch.multiprocessing:
+another process's tensor counts nowhere here). So a gradient held in ``.grad`` is
 never written, and memory held here is at most one tensor per shape: what the caller's loop
 held a moment ago. ``release`` drops it all (public as ``fastml.empty_cache``; ``unpatch`` calls
 it).
@@ -20,6 +23,7 @@ which checks the tensor's use count, not the storage's, keeps it as ``.grad`` wi
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import torch
@@ -44,12 +48,18 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     key = (tuple(shape), dtype)
     with _lock:
         storage = _kept.pop(key, None)
-        if storage is None or _use_count(storage._cdata) != 1:
+        if storage is None or not _free(storage):
             storage = torch.empty(shape, dtype=dtype).untyped_storage()
         _kept[key] = storage  # (re)inserted last: the most recently used
         while len(_kept) > MAX_KEPT:
             del _kept[next(iter(_kept))]
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def _free(storage: torch.UntypedStorage) -> bool:
+    """Whether nothing but the caller's one reference (popped from ``_kept``) reaches ``storage``."""
+    # getrefcount: the caller's variable and its own argument
+    return _use_count(storage._cdata) == 1 and sys.getrefcount(storage) == 3 and not storage.is_shared()
 
 
 def release() -> int:

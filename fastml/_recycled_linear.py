@@ -1,11 +1,11 @@
 """A Linear layer on torch's BLAS whose weight gradient lands contiguous in recycled memory: a
 variant of torch's own linear that a layer's measured choice may run in training.
 
-torch's linear backward computes the weight gradient as ``(x^T g)^T``, a transposed view of a
-fresh (in, out) product; AccumulateGrad then copies it into a fresh contiguous (out, in) tensor
-to follow the parameter's layout. At VGG's 25088 -> 4096 layer (batch 16, float32) those are two
-fresh 411 MB blocks per step, each of whose pages faults on first touch (fastml/_recycle.py): on
-a 2-core Zen 3, 204 ms for the product into fresh memory against 57 ms into kept memory.
+torch's linear backward computes the weight gradient ``g^T x`` into a fresh (out, in) block each
+step (which AccumulateGrad then keeps as ``.grad``). At VGG's 25088 -> 4096 layer (batch 16,
+float32) that is a fresh 411 MB block, every page of which faults on first touch
+(fastml/_recycle.py): on a 2-core Zen 3, the product took 204 ms into fresh memory against 57 ms
+into kept memory.
 
 Here the forward is ``F.linear`` itself (the same addmm, bit for bit), and the backward makes
 the same products with ``torch.mm``: ``g W`` for the input and ``g^T x`` written straight into a
@@ -57,13 +57,14 @@ class _RecycledLinear(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, input_t, weight_t, bias_t):
         input, weight = ctx.saved_tensors
-        out = None
-        for term in (None if input_t is None else F.linear(input_t, weight),
-                     None if weight_t is None else F.linear(input, weight_t),
-                     bias_t):
-            if term is not None:
-                out = term if out is None else out + term
-        return out if out is not None else torch.zeros_like(F.linear(input, weight))
+        out = input.new_zeros((*input.shape[:-1], weight.shape[0]))
+        if input_t is not None:
+            out = out + F.linear(input_t, weight)
+        if weight_t is not None:
+            out = out + F.linear(input, weight_t)
+        if bias_t is not None:
+            out = out + bias_t
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -75,7 +76,7 @@ class _RecycledLinear(torch.autograd.Function):
             grad_input = (rows @ weight).reshape(input.shape)
         if need_weight:
             flat = input.reshape(-1, weight.shape[1])
-            if backward_in_torch_ops(grad):  # double backward, or a batched gradient: out= takes no part
+            if backward_in_torch_ops(grad) or is_compiling():  # double backward, batched, traced: plain ops
                 grad_weight = rows.t() @ flat
             else:
                 grad_weight = torch.mm(rows.t(), flat, out=_recycle.empty(weight.shape, weight.dtype, weight.device))

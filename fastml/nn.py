@@ -31,7 +31,7 @@ class Linear(torch.nn.Linear):
 
         "recycled_grad" (CPU, a weight gradient of 32 MiB or more wanted): torch's BLAS forward
         and backward, the weight gradient written contiguous into memory kept from the previous
-        step rather than a fresh block and a layout copy (fastml/_recycled_linear.py)."""
+        step rather than a fresh block whose every page faults (fastml/_recycled_linear.py)."""
         if only not in (None, "recycled_grad") or not _recycled_linear.applies(input, self.weight, self.bias):
             return {}
 

@@ -56,16 +56,36 @@ def test_weight_gradient_matches_the_float64_reference(shape, dtype, rng):
     assert_close(actual, expected, scale=magnitude(expected))
 
 
-@pytest.mark.parametrize("budget", [1, 600, 5000], ids=["row-by-row", "rows", "images"])
-def test_chunks_of_rows_and_of_images_give_the_same_gradient(budget, monkeypatch, rng):
-    monkeypatch.setattr(_gemm_weight_grad, "last_level_cache_bytes", lambda: 2 * budget)
-    conv, x = conv_of((3, 4, 5, 10, 9, 3, 1, 1, 1), rng, torch.float64)
-    grad = torch.randn(3, 5, 10, 9, generator=rng, dtype=torch.float64)
-    chunks = list(_gemm_weight_grad._chunks(3, 10, 9 * 36 * 8))
-    covered = [(n, p) for n0, n1, p0, p1 in chunks for n in range(n0, n1) for p in range(p0, p1)]
-    assert sorted(covered) == [(n, p) for n in range(3) for p in range(10)]  # every output row once
+CHUNKED = [(3, 4, 5, 10, 9, 3, 1, 1, 1), SHAPES[1], SHAPES[4]]
+
+
+@pytest.mark.parametrize("rows", [1, 3, "two images"], ids=["row-by-row", "three-rows", "two-images"])
+@pytest.mark.parametrize("shape", CHUNKED, ids=["plain", "strided-dilated", "wide-padding"])
+def test_chunks_of_rows_and_of_images_give_the_same_gradient(shape, rows, monkeypatch, rng):
+    conv, x = conv_of(shape, rng, torch.float64)
+    grad = torch.randn_like(F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation))
+    n, _, p, q = grad.shape
+    r, s = conv.kernel_size
+    bytes_per_row = q * r * s * conv.in_channels * 8
+    budget = 2 * p if rows == "two images" else rows  # output rows per chunk
+    monkeypatch.setattr(_gemm_weight_grad, "last_level_cache_bytes", lambda: 2 * budget * bytes_per_row)
+    chunks = list(_gemm_weight_grad._chunks(n, p, bytes_per_row))
+    assert len(chunks) == (-(-n // 2) if rows == "two images" else n * -(-p // rows))
+    covered = [(i, j) for n0, n1, p0, p1 in chunks for i in range(n0, n1) for j in range(p0, p1)]
+    assert sorted(covered) == [(i, j) for i in range(n) for j in range(p)]  # every output row once
     actual = _gemm_weight_grad.weight_gradient(grad, x, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
-    assert_close(actual, reference_weight_gradient(conv, x, grad), scale=1.0)
+    expected = reference_weight_gradient(conv, x, grad)
+    assert_close(actual, expected, scale=magnitude(expected))
+
+
+def test_an_upstream_gradient_in_either_layout(rng):
+    conv, x = conv_of(SHAPES[0], rng, torch.float64)
+    grad = torch.randn_like(F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation))
+    expected = reference_weight_gradient(conv, x, grad)
+    for upstream in (grad.contiguous(), grad.contiguous(memory_format=CL)):
+        actual = _gemm_weight_grad.weight_gradient(upstream, x, conv.weight.shape, conv.stride, conv.padding,
+                                                   conv.dilation)
+        assert_close(actual, expected, scale=magnitude(expected))
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["conv", "conv-relu"])
@@ -115,6 +135,8 @@ def test_where_it_applies(rng):
     grouped = torch.nn.Conv2d(6, 6, 3, padding=1, groups=2)
     assert not _gemm_weight_grad.applies(grouped, torch.randn(2, 6, 5, 5).contiguous(memory_format=CL),
                                          grouped.weight, grouped.bias)
+    with torch.autograd.forward_ad.dual_level():  # no jvp: torch's own under forward-mode AD
+        assert not _gemm_weight_grad.applies(conv, x, conv.weight, conv.bias)
     reflect = torch.nn.Conv2d(5, 7, 3, padding=1, padding_mode="reflect")
     assert not _gemm_weight_grad.applies(reflect, x, reflect.weight, reflect.bias)
     same = torch.nn.Conv2d(5, 7, 3, padding="same")

@@ -61,6 +61,19 @@ def test_a_kept_block_counts_as_held_while_a_saved_tensor_or_grad_has_it(recycle
     del y
 
 
+def test_a_block_whose_storage_object_is_held_or_shared_is_never_reused(recycle_everything):
+    block = _recycle.empty((4, 3), torch.float32, "cpu")
+    address = block.data_ptr()
+    storage = block.untyped_storage()  # the very object kept: it adds nothing to the use count
+    del block
+    assert _recycle.empty((4, 3), torch.float32, "cpu").data_ptr() != address
+    del storage
+    shared = _recycle.empty((2, 5), torch.float32, "cpu").share_memory_()  # another process may hold it
+    address = shared.data_ptr()
+    del shared
+    assert _recycle.empty((2, 5), torch.float32, "cpu").data_ptr() != address
+
+
 def test_small_blocks_and_other_devices_are_plain_tensors():
     _recycle.release()
     assert _recycle.empty((3, 3), torch.float32, "cpu").shape == (3, 3)
@@ -127,6 +140,23 @@ def test_gradcheck_gradgradcheck_and_forward_mode(recycle_everything, rng):
     assert torch.autograd.gradgradcheck(_recycled_linear.linear, (x, weight, b))
 
 
+def test_forward_mode_with_a_tangent_on_one_input_only(recycle_everything, rng):
+    x = torch.randn(4, 3, 5, generator=rng, dtype=torch.float64)
+    weight = torch.randn(6, 5, generator=rng, dtype=torch.float64)
+    b = torch.randn(6, generator=rng, dtype=torch.float64)
+    tangents = [torch.randn_like(t) for t in (x, weight, b)]
+    for which in range(3):
+        primals = [x, weight, b]
+        with torch.autograd.forward_ad.dual_level():
+            primals[which] = torch.autograd.forward_ad.make_dual(primals[which], tangents[which])
+            actual = torch.autograd.forward_ad.unpack_dual(_recycled_linear.linear(*primals)).tangent
+        originals = (x, weight, b)
+        expected = torch.func.jvp(lambda t: F.linear(*[t if i == which else o for i, o in enumerate(originals)]),
+                                  (originals[which],), (tangents[which],))[1]
+        assert actual.shape == expected.shape
+        assert_close(actual, expected, scale=magnitude(expected))
+
+
 def test_where_it_applies():
     big = torch.nn.Linear(4096, 2048)  # 32 MiB of float32 weight
     x = torch.randn(2, 4096)
@@ -150,7 +180,6 @@ def assert_not_applies(input, layer):
 @pytest.mark.parametrize("with_relu", [False, True], ids=["linear", "linear-relu"])
 def test_a_layer_runs_it_where_it_measured_fastest(with_relu, monkeypatch, recycle_everything, rng):
     prefer(monkeypatch, "recycled_grad")
-    monkeypatch.setattr(_recycled_linear._recycle, "MIN_BYTES", 1)
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
     unpatched = torch.nn.Sequential(torch.nn.Linear(13, 7), *([torch.nn.ReLU()] if with_relu else []))
     model = copy.deepcopy(unpatched)
