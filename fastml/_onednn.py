@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _route
-from fastml.ops import is_compiling
+from fastml.ops import forward_ad_active, is_compiling
 
 PACKED_ATTR = "_fastml_packed_weight"
 _route.DERIVED_WEIGHT_ATTRS.add(PACKED_ATTR)
@@ -71,8 +71,9 @@ def packable(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, b
     """``applies`` but for the gradient: whether oneDNN's packed convolution can compute this
     forward as torch's module would, layout included (for a variant with a backward of its own,
     fastml/_winograd.py). Never while a graph is traced (torch.compile, torch.jit.trace): the
-    packing is cached state a graph would not see."""
-    if _OPS is None or is_compiling() or torch.jit.is_tracing():
+    packing is cached state a graph would not see; nor under forward-mode AD, whose tangents
+    these ops would drop."""
+    if _OPS is None or is_compiling() or torch.jit.is_tracing() or forward_ad_active():
         return False
     if input.dim() != 4 or input.device.type != "cpu" or input.dtype != torch.float32:
         return False

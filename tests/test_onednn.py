@@ -168,3 +168,30 @@ def test_the_relu_keeps_nan_as_torchs(value, where, rng):
         torchs = conv(x).relu()
     assert torchs.isnan().any() or value == float("inf")  # an inf alone may not make one
     assert torch.equal(out.isnan(), torchs.isnan()) and torch.equal(out.isinf(), torchs.isinf())
+
+
+@pytest.mark.parametrize("variant", ["onednn_packed", "winograd", "grouped_direct"])
+def test_a_settled_variant_gives_way_to_torch_under_forward_mode_ad(variant, monkeypatch, rng):
+    """Forward-mode AD (torch.autograd.forward_ad) carries tangents through torch's ops only:
+    a layer whose route settled on a variant that calls oneDNN's or fastml's kernels directly
+    must run torch's module for a dual input, or the tangent would be silently dropped."""
+    from fastml import _grouped, _winograd
+    if variant != "onednn_packed" and not (_winograd._kernels_built() and _grouped._kernels_built()):
+        pytest.skip("needs fastml's C++ kernels")
+    prefer(monkeypatch, variant)
+    groups = 8 if variant == "grouped_direct" else 1
+    unpatched = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    layer = fastml.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    layer.load_state_dict(unpatched.state_dict())
+    x = torch.randn(2, 8, 6, 7, generator=rng).contiguous(memory_format=CL)
+    tangent = torch.randn(x.shape, generator=rng).contiguous(memory_format=CL)
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+        assert set(_route.routes(layer).values()) == {variant}
+        with torch.autograd.forward_ad.dual_level():
+            actual = torch.autograd.forward_ad.unpack_dual(layer(torch.autograd.forward_ad.make_dual(x, tangent)))
+            expected = torch.autograd.forward_ad.unpack_dual(unpatched(torch.autograd.forward_ad.make_dual(x, tangent)))
+    assert actual.tangent is not None
+    assert_close(actual.primal, expected.primal, scale=magnitude(expected.primal))
+    assert_close(actual.tangent, expected.tangent, scale=magnitude(expected.tangent))
