@@ -47,8 +47,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
         return torch.empty(shape, dtype=dtype, device=device)
     key = (tuple(shape), dtype)
     with _lock:
-        storage = _kept.pop(key, None)
-        if storage is None or not _free(storage):
+        storage, control = _kept.pop(key, None), object()  # both locals: see _free
+        if storage is None or not _free(storage, control):
             storage = torch.empty(shape, dtype=dtype).untyped_storage()
         _kept[key] = storage  # (re)inserted last: the most recently used
         while len(_kept) > MAX_KEPT:
@@ -56,10 +56,13 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
-def _free(storage: torch.UntypedStorage) -> bool:
-    """Whether nothing but the caller's one reference (popped from ``_kept``) reaches ``storage``."""
-    # getrefcount: the caller's variable and its own argument
-    return _use_count(storage._cdata) == 1 and sys.getrefcount(storage) == 3 and not storage.is_shared()
+def _free(storage: torch.UntypedStorage, control: object) -> bool:
+    """Whether nothing but the caller's one reference (popped from ``_kept``) reaches ``storage``:
+    ``control``, a fresh object the caller passes the same way, has exactly the references a free
+    storage has (the caller's, this frame's, getrefcount's, and any a frame-evaluation hook such as
+    torch.compile's keeps of the frames' locals)."""
+    return (_use_count(storage._cdata) == 1 and sys.getrefcount(storage) == sys.getrefcount(control)
+            and not storage.is_shared())
 
 
 def release() -> int:
