@@ -32,11 +32,13 @@ class _TorchBackward(torch.autograd.Function):
 
 
 def torch_backward(ctx, grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
-                   conv: torch.nn.Conv2d) -> tuple:
+                   conv: torch.nn.Conv2d, weight_grad: bool = True) -> tuple:
     """(grad_input, grad_weight, grad_bias, None) by torch's convolution backward, for a Function
     whose forward took (input, weight, bias, conv, ...) and set ``ctx.has_bias``: the gradients
-    its ``needs_input_grad`` asks for, None for the others."""
-    wanted = list(ctx.needs_input_grad[:2]) + [ctx.has_bias and ctx.needs_input_grad[2]]
+    its ``needs_input_grad`` asks for, None for the others (the weight's always None where not
+    ``weight_grad``: a variant that computes it itself)."""
+    wanted = [ctx.needs_input_grad[0], weight_grad and ctx.needs_input_grad[1],
+              ctx.has_bias and ctx.needs_input_grad[2]]
     grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
         grad, input, weight, [weight.shape[0]] if ctx.has_bias else None, list(conv.stride), list(conv.padding),
         list(conv.dilation), False, [0, 0], conv.groups, wanted)

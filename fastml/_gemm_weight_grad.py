@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastml import _conv_backward
+from fastml import _conv_backward, _onednn
 from fastml._winograd import last_level_cache_bytes
-from fastml.functional import _autocast_on
+from fastml.functional import _variant_can_run
 from fastml.ops import backward_in_torch_ops, forward_ad_active, is_compiling
 
 
@@ -42,13 +42,11 @@ def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bi
     oneDNN's on a 2-core Zen 3 where channels-last gave 1.1x to 2.4x.)"""
     if not (torch.is_grad_enabled() and weight.requires_grad) or conv.groups != 1:
         return False
-    if (torch._C._are_functorch_transforms_active() or forward_ad_active() or _autocast_on() or is_compiling()
-            or torch.jit.is_tracing()):
+    if not _variant_can_run(input, weight, bias) or forward_ad_active():
         return False
-    if input.dim() != 4 or input.device.type != "cpu" or input.layout != torch.strided or input.numel() == 0:
+    if input.dim() != 4 or input.device.type != "cpu" or input.numel() == 0:
         return False
-    # strictly channels-last (a tensor that is both, such as 1x1 images, gets torch's own layout choice)
-    if input.is_contiguous() or not input.is_contiguous(memory_format=torch.channels_last):
+    if not _onednn.strictly_channels_last(input):
         return False
     if input.dtype not in (torch.float32, torch.float64) or weight.dtype != input.dtype:
         return False
@@ -82,9 +80,8 @@ class _GemmWeightGrad(torch.autograd.Function):
         need_bias = need_bias and ctx.has_bias
         grad_input = grad_bias = grad_weight = None
         if need_input or need_bias:
-            grad_input, _, grad_bias = torch.ops.aten.convolution_backward(
-                grad, input, weight, [weight.shape[0]] if ctx.has_bias else None, list(conv.stride),
-                list(conv.padding), list(conv.dilation), False, [0, 0], 1, [need_input, False, need_bias])
+            grad_input, _, grad_bias, _ = _conv_backward.torch_backward(ctx, grad, input, weight, conv,
+                                                                        weight_grad=False)
         if need_weight:
             grad_weight = weight_gradient(grad, input, weight.shape, conv.stride, conv.padding, conv.dilation)
             if weight.is_contiguous():  # in the parameter's layout, as AccumulateGrad would copy it to

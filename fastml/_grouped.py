@@ -67,8 +67,7 @@ def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bi
         return False
     if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
         return False
-    # strictly channels-last (a tensor that is both, such as 1x1 images, gets torch's own layout choice)
-    if input.is_contiguous() or not input.is_contiguous(memory_format=torch.channels_last):
+    if not _onednn.strictly_channels_last(input):
         return False
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or input.numel() == 0:
         return False

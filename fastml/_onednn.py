@@ -79,12 +79,17 @@ def packable(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, b
         return False
     if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
         return False
-    # strictly channels-last (a tensor that is both, such as 1x1 images, gets torch's own layout choice)
-    if input.is_contiguous() or not input.is_contiguous(memory_format=torch.channels_last):
+    if not strictly_channels_last(input):
         return False
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
     return input.numel() != 0
+
+
+def strictly_channels_last(input: torch.Tensor) -> bool:
+    """Whether the 4-D ``input`` is channels-last and not also (N, C, H, W)-contiguous: a tensor
+    that is both (1x1 images, one channel) gets torch's own layout choice, not a variant's."""
+    return not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
 
 
 def packed_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,

@@ -23,6 +23,7 @@ which checks the tensor's use count, not the storage's, keeps it as ``.grad`` wi
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 
@@ -39,10 +40,7 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)  # private in torch: 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised contiguous tensor, on recycled memory where it is large and on the CPU."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    nbytes = numel * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < MIN_BYTES or _use_count is None:
         return torch.empty(shape, dtype=dtype, device=device)
     key = (tuple(shape), dtype)

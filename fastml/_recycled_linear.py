@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastml import _recycle
-from fastml.functional import _autocast_on
+from fastml.functional import _variant_can_run
 from fastml.ops import backward_in_torch_ops, is_compiling
 
 
@@ -29,13 +29,11 @@ def applies(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     the weight's dtype, a weight gradient wanted and large enough to be recycled. Never under a
     torch.func transform, autocast (which would cast the forward's F.linear but not its
     backward's products) or a graph being traced: torch's own linear runs there."""
-    if torch._C._are_functorch_transforms_active() or _autocast_on() or is_compiling() or torch.jit.is_tracing():
-        return False
-    if input.layout != torch.strided or weight.layout != torch.strided or input.device.type != "cpu":
+    if not _variant_can_run(input, weight, bias) or input.device.type != "cpu":
         return False
     if not input.is_floating_point() or input.dtype != weight.dtype or input.dim() == 0:
         return False
-    if bias is not None and (bias.dtype != weight.dtype or bias.layout != torch.strided):
+    if bias is not None and bias.dtype != weight.dtype:
         return False
     return (torch.is_grad_enabled() and weight.requires_grad and weight.dim() == 2
             and weight.numel() * weight.element_size() >= _recycle.MIN_BYTES)

@@ -137,6 +137,13 @@ def _overrides_torch_function(args) -> bool:
     return False
 
 
+def _variant_can_run(*tensors: torch.Tensor | None) -> bool:
+    """``_kernels_can_run``, and no graph being traced: for a layer's variant that is an
+    autograd.Function around torch's ops (fastml/_recycled_linear.py, fastml/_gemm_weight_grad.py),
+    whose backward a traced graph would not see as torch's."""
+    return _kernels_can_run(*tensors) and not is_compiling() and not torch.jit.is_tracing()
+
+
 def _kernels_can_run(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels can take these tensors: dense (not sparse or another layout), outside
     torch.func transforms (vmap, grad, jvp: their wrapped tensors have no data pointer) and

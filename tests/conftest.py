@@ -271,11 +271,14 @@ def prefer(monkeypatch, name):
     monkeypatch.setattr(_tune, "measure", measure)
 
 
-def eval_conv_bn_relu(generator: torch.Generator) -> torch.nn.Sequential:
-    """Conv2d(4, 6, 3, padding=1) → BatchNorm2d → ReLU in eval mode, with random running
-    statistics (so the fold changes the weight): the run fastml.patch folds into one convolution."""
+def eval_conv_bn_relu(generator: torch.Generator, channels: tuple[int, int] = (4, 6),
+                      groups: int = 1) -> torch.nn.Sequential:
+    """Conv2d(*channels, 3, padding=1, groups=groups) → BatchNorm2d → ReLU in eval mode, with
+    random running statistics (so the fold changes the weight): the run fastml.patch folds into
+    one convolution."""
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
-    run = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU()).eval()
+    run = torch.nn.Sequential(torch.nn.Conv2d(*channels, 3, padding=1, groups=groups),
+                              torch.nn.BatchNorm2d(channels[1]), torch.nn.ReLU()).eval()
     with torch.no_grad():
         run[1].running_mean.uniform_(-1, 1)
         run[1].running_var.uniform_(0.5, 1.5)

@@ -14,7 +14,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, magnitude, prefer
+from conftest import assert_close, eval_conv_bn_relu, magnitude, prefer
 
 import fastml
 from fastml import _grouped, _route
@@ -227,12 +227,7 @@ def test_a_folded_depthwise_block_runs_it(monkeypatch, rng):
     """Conv2d(depthwise) → BatchNorm2d → ReLU in eval mode: patch folds the batch norm into the
     convolution, whose measured choice may then take this kernel, ReLU in its epilogue."""
     prefer(monkeypatch, "grouped_direct")
-    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
-    unpatched = torch.nn.Sequential(torch.nn.Conv2d(12, 12, 3, padding=1, groups=12), torch.nn.BatchNorm2d(12),
-                                    torch.nn.ReLU()).eval()
-    with torch.no_grad():
-        unpatched[1].running_mean.uniform_(-1, 1)
-        unpatched[1].running_var.uniform_(0.5, 1.5)
+    unpatched = eval_conv_bn_relu(rng, channels=(12, 12), groups=12)
     model = copy.deepcopy(unpatched)
     fastml.patch(model)
     x = torch.randn(3, 12, 9, 7, generator=rng).contiguous(memory_format=CL)
