@@ -8,6 +8,7 @@ on CPU tensors through the interpreter (TRITON_INTERPRET=1, set below before tri
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
 import itertools
 import os
@@ -269,6 +270,18 @@ def prefer(monkeypatch, name):
 
     _tune.clear_tuning(persisted=True)
     monkeypatch.setattr(_tune, "measure", measure)
+
+
+def patched_eval_run(unpatched: torch.nn.Module, x: torch.Tensor):
+    """(a patched copy of ``unpatched``, its output for ``x`` on its second call, the unpatched
+    model's in float64), without gradients: the first call makes the measured choice."""
+    model = copy.deepcopy(unpatched)
+    fastml.patch(model)
+    with torch.no_grad():
+        model(x)
+        out = model(x)
+        expected = unpatched.double()(x.double())
+    return model, out, expected
 
 
 def eval_conv_bn_relu(generator: torch.Generator, channels: tuple[int, int] = (4, 6),

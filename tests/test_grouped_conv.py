@@ -14,7 +14,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, eval_conv_bn_relu, magnitude, prefer
+from conftest import assert_close, eval_conv_bn_relu, magnitude, patched_eval_run, prefer
 
 import fastml
 from fastml import _grouped, _route
@@ -227,14 +227,8 @@ def test_a_folded_depthwise_block_runs_it(monkeypatch, rng):
     """Conv2d(depthwise) → BatchNorm2d → ReLU in eval mode: patch folds the batch norm into the
     convolution, whose measured choice may then take this kernel, ReLU in its epilogue."""
     prefer(monkeypatch, "grouped_direct")
-    unpatched = eval_conv_bn_relu(rng, channels=(12, 12), groups=12)
-    model = copy.deepcopy(unpatched)
-    fastml.patch(model)
     x = torch.randn(3, 12, 9, 7, generator=rng).contiguous(memory_format=CL)
-    with torch.no_grad():
-        model(x)
-        out = model(x)
-        expected = unpatched.double()(x.double())
+    model, out, expected = patched_eval_run(eval_conv_bn_relu(rng, channels=(12, 12), groups=12), x)
     assert set(_route.routes(model[0]).values()) == {"grouped_direct"}
     assert_close(out, expected, scale=magnitude(expected))
     assert out.is_contiguous(memory_format=CL)

@@ -11,7 +11,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, eval_conv_bn_relu, magnitude, prefer, rand
+from conftest import assert_close, eval_conv_bn_relu, magnitude, patched_eval_run, prefer, rand
 
 import fastml
 from fastml import _fold, _onednn, _route, _winograd
@@ -173,14 +173,8 @@ def test_a_layer_runs_winograd_where_it_measured_fastest(monkeypatch, rng):
 
 def test_a_folded_run_and_the_fused_module_offer_it(monkeypatch, rng):
     prefer(monkeypatch, "winograd")
-    unpatched = eval_conv_bn_relu(rng)
-    model = copy.deepcopy(unpatched)
-    fastml.patch(model)
     x = torch.randn(3, 4, 9, 7, generator=rng).contiguous(memory_format=CL)
-    with torch.no_grad():
-        model(x)
-        out = model(x)
-        expected = unpatched.double()(x.double())
+    model, out, expected = patched_eval_run(eval_conv_bn_relu(rng), x)
     assert _fold.fold_of(model[0]).active()
     assert set(_route.routes(model[0]).values()) == {"winograd"}
     assert_close(out, expected, scale=magnitude(expected))
