@@ -11,12 +11,12 @@ from fastml._backend import BackendUnavailableError, use_backend
 from fastml._cpp import cpu_level
 from fastml._info import info
 from fastml._patch import PatchReport, patch, unpatch
-from fastml._recycle import release as empty_cache
+from fastml._memory import empty_cache, keep_freed_memory
 from fastml._tune import clear_tuning, set_tuning, tuning
 from fastml._tune_model import TuneTable, tune
 
 __version__ = "0.1.0"
 
 __all__ = ["BackendUnavailableError", "PatchReport", "TuneTable", "clear_tuning", "cpu_level", "data", "empty_cache",
-           "functional", "info", "linear_model", "neighbors", "nn", "optim", "patch", "set_tuning", "training", "tune",
+           "functional", "info", "keep_freed_memory", "linear_model", "neighbors", "nn", "optim", "patch", "set_tuning", "training", "tune",
            "tuning", "unpatch", "use_backend"]

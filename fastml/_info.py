@@ -23,6 +23,7 @@ def info(print_report: bool = True) -> dict:
         "cpu_level": _cpu_level(),
         "tuning": {"mode": _tune.mode(), "cache": str(_tune.cache_path()), "stored_decisions": _tune.stored_count(),
                    "decisions_this_process": len(_tune.decisions()), "margin": _tune.MARGIN},
+        "freed_memory": _freed_memory(),
     }
     if print_report:
         print(format_report(report))
@@ -37,6 +38,17 @@ def _cpu_level() -> dict:
         return _cpp.cpu_level()
     except ValueError as exc:
         return {"level": None, "module": None, "reason": str(exc), "built_levels": []}
+
+
+def _freed_memory() -> str:
+    """What becomes of the memory the process frees (fastml/_memory.py)."""
+    from fastml import _memory
+
+    if _memory._glibc() is None:
+        return "the C library's own (not glibc: fastml.keep_freed_memory cannot change it)"
+    if _memory.keeping_freed_memory():
+        return "kept for the next tensors (fastml.keep_freed_memory; fastml.empty_cache() gives it back)"
+    return "given back to the kernel by glibc's defaults (fastml.keep_freed_memory() keeps it: faster training steps)"
 
 
 def _first_present(names) -> str:
@@ -62,4 +74,5 @@ def format_report(report: dict) -> str:
         lines.append("choice: the static rule, nothing timed (FASTML_TUNE=off or fastml.set_tuning('off'))")
     lines.append(f"decisions: {tuning['stored_decisions']} kept in {tuning['cache']} (FASTML_CACHE_DIR moves it), "
                  f"{tuning['decisions_this_process']} made or used in this process")
+    lines.append(f"freed memory: {report['freed_memory']}")
     return "\n".join(lines)

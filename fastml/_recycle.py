@@ -3,7 +3,9 @@
 glibc's malloc hands out every block over its largest mmap threshold (32 MiB on 64-bit:
 DEFAULT_MMAP_THRESHOLD_MAX) as fresh pages from the kernel and returns them on free. Each page
 then faults and is zeroed on first touch: on a 2-core Zen 3 VM, filling a fresh 64 MiB tensor
-took 29 ms where refilling a kept one took 4.5 ms (6.6x); below 32 MiB the two cost the same. A
+took 29 ms where refilling a kept one took 4.5 ms (6.6x); below 32 MiB, in a loop that frees and
+makes one block, the two cost the same (where a step frees more at once, glibc trims the heap's
+top back to the kernel too: fastml/_memory.py's ``keep_freed_memory`` stops that). A
 training step that makes a 411 MB weight gradient (VGG's 25088 -> 4096 layer) and drops it at
 ``zero_grad(set_to_none=True)`` pays that every step.
 
