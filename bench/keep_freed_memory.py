@@ -41,7 +41,8 @@ def worker(name: str, config: str, steps: int) -> None:
     from fastml import zoo
 
     if config.endswith("+keep"):
-        assert fastml.keep_freed_memory(), "glibc's mallopt is not available here"
+        if not fastml.keep_freed_memory():
+            raise RuntimeError("keep_freed_memory() did not apply: glibc's malloc is not the allocator here")
     torch.manual_seed(0)
     model = zoo.build(name).train()
     images = torch.randn(16, 3, 112, 112, generator=torch.Generator().manual_seed(0))

@@ -45,10 +45,10 @@ def _freed_memory() -> str:
     from fastml import _memory
 
     if _memory._glibc() is None:
-        return "the C library's own (not glibc: fastml.keep_freed_memory cannot change it)"
+        return "the allocator's own business (not glibc's malloc: fastml.keep_freed_memory cannot change it)"
     if _memory.keeping_freed_memory():
         return "kept for the next tensors (fastml.keep_freed_memory; fastml.empty_cache() gives it back)"
-    return "given back to the kernel by glibc's defaults (fastml.keep_freed_memory() keeps it: faster training steps)"
+    return "not kept by fastml: glibc's thresholds decide (fastml.keep_freed_memory() keeps it: faster training steps)"
 
 
 def _first_present(names) -> str:
