@@ -33,12 +33,27 @@ def neighbour_distances(query, reference, indices, p):
     return torch.linalg.vector_norm(diff, ord=p, dim=-1)
 
 
+def oracle_distances(query, reference, indices, p):
+    """Distances from each query (B, Q, M) to its neighbours reference[b, indices[b, q]] (indices
+    (B, Q, k)) by the oracle's own kernel (torch.cdist without its matrix-product shortcut, as
+    reference.exhaustive computes them): each pair's sum rounds as the oracle's does, whatever the
+    CPU. (A sum in other torch ops rounds by its own vector width: on an AVX-512 CPU ``square().
+    sum(-1)`` and cdist differed in the last bit, and two neighbours tied in one and not in the
+    other came out in the other order.) Not differentiable: see ``neighbour_distances``."""
+    b, q, k = indices.shape
+    m = query.shape[-1]
+    batch = torch.arange(b, device=query.device)[:, None, None]
+    near = reference[batch, indices].reshape(b * q, k, m)
+    distances = torch.cdist(query.reshape(b * q, 1, m), near, p, compute_mode="donot_use_mm_for_euclid_dist")
+    return distances.reshape(b, q, k)
+
+
 def order_neighbours(query, reference, indices, p):
     """(distances, indices) for a selected set of neighbours (B, Q, k) in no particular order:
-    exact distances recomputed in torch ops, then the neighbour order, (distance, index)
-    ascending with NaN last, by two stable sorts."""
+    their distances as the oracle computes them (``oracle_distances``), then the neighbour order,
+    (distance, index) ascending with NaN last, by two stable sorts."""
     indices, _ = torch.sort(indices, dim=-1)
-    distances = neighbour_distances(query, reference, indices, p)
+    distances = oracle_distances(query, reference, indices, p)
     distances, order = torch.sort(distances, dim=-1, stable=True)
     return distances, torch.gather(indices, -1, order)
 
