@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from fastml import _layout, _route, _tune
+from fastml import _layout, _memory, _route, _tune
 from fastml.ops import forced_backend
 from fastml import nn as fastml_nn
 
@@ -243,7 +243,10 @@ def _time_whole_model(model, kind: str, candidates: tuple[str, ...], example_inp
     that candidate, every call interleaved ``_tune.ROUNDS`` times however long (one sample each is
     too few for a verdict), by ``_tune.MARGIN`` (the model is timed in its own context). The
     shape class: "<kind> <model type>", the phase, threads, the first input's dtype and device,
-    the inputs' shapes, then ``key_extra``."""
+    the inputs' shapes, whether freed memory is kept (``fastml.keep_freed_memory``: a training
+    step's page faults, which it removes, change which layout wins: ResNet-18 on a 2-core Zen 5
+    trained 1.09x to 1.18x faster channels-last than on (N, C, H, W) with it, 1.02x to 1.04x
+    without, in three runs each), then ``key_extra``."""
     inputs = _detached(example_inputs)
     grad_on = torch.is_grad_enabled()
     fresh_weights = _route.retimes_derived_weights(parameters)
@@ -257,7 +260,8 @@ def _time_whole_model(model, kind: str, candidates: tuple[str, ...], example_inp
 
     first = _tensors(example_inputs)[0]
     key = (f"{kind} {type(model).__name__}", _phase(backward), torch.get_num_threads(), first.dtype, first.device,
-           tuple(tuple(t.shape) for t in _tensors(example_inputs)), *key_extra)
+           tuple(tuple(t.shape) for t in _tensors(example_inputs)),
+           "freed memory kept" if _memory.keeping_freed_memory() else "freed memory returned", *key_extra)
     with _untouched(model), _tune.recording() as decisions:
         _tune.choose(key, candidates, first, run, rounds=_tune.ROUNDS)
     return decisions[-1][1]

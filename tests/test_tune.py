@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fastml
-from fastml import _backend, _onednn, _route, _tune, _winograd
+from fastml import _backend, _memory, _onednn, _route, _tune, _winograd
 from conftest import SHIPPED_TIMING, assert_close, rand
 
 CPP = _backend.status("cpp").present
@@ -856,6 +856,24 @@ def test_tune_keeps_fastml_where_the_whole_model_confirms_it(monkeypatch):
     calls = count_fastml_calls(monkeypatch)
     model(x).sum().backward()
     assert calls["linear"] == 1
+
+
+@needs_kernel
+def test_the_whole_model_is_decided_anew_when_freed_memory_is_kept(monkeypatch):
+    """A training step's page faults, which fastml.keep_freed_memory removes, change which layout
+    and routes win: the whole-model checks are decided per setting, the layers' once."""
+    queue = scripted_routes(monkeypatch, ["fastml"] * 5)
+    model = torch.nn.Sequential(fastml.nn.Linear(5, 4), torch.nn.ReLU())
+    x = torch.randn(3, 5)
+    monkeypatch.setattr(_memory, "_keeping", False)
+    fastml.tune(model, x)
+    assert len(queue) == 2  # the layer's check, the model's against its routes on torch's and against unpatched
+    monkeypatch.setattr(_memory, "_keeping", True)
+    table = fastml.tune(model, x)
+    assert not queue  # the model's two checks again, the layer's from its decision
+    assert [row.choice for row in table.rows if row.op == "model"] == ["fastml"]
+    model_keys = [key for key in _tune.decisions() if key[0] == "model Sequential"]
+    assert {key[6] for key in model_keys} == {"freed memory returned", "freed memory kept"}
 
 
 def unpatched_is_faster(monkeypatch, model, unpatched_wins: bool):
