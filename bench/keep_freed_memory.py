@@ -9,10 +9,10 @@ process instead, and the processes take turns, round after round:
 - ``auto``: ``fastml.patch(model, fx=True, channels_last=True)`` then ``fastml.tune``, defaults;
 - ``auto+keep``: the same after ``keep_freed_memory()``.
 
-Each process builds the model (seed 0, batch 16, 112x112, torchvision's definitions from
-fastml.zoo), runs the warm-up steps (and, for auto, the tune), then times ``--steps`` training steps
-(forward, cross-entropy, backward, SGD with momentum) and prints their median. The auto
-configurations tune in a decisions cache of their own each (``FASTML_CACHE_DIR``), so neither
+Each process builds the zoo benchmark's training step (fastml._bench._zoo_prepare: batch 16,
+112x112, torchvision's definitions from fastml.zoo, cross-entropy, SGD with momentum; for auto,
+patched and tuned), runs 3 warm-up steps, then times ``--steps`` steps and prints their median.
+The auto configurations tune in a decisions cache of their own each (``FASTML_CACHE_DIR``), so neither
 reuses a verdict the other measured under different malloc settings. A row's ratio is torch's
 median over that configuration's, each the median over the rounds.
 
@@ -38,25 +38,12 @@ def worker(name: str, config: str, steps: int) -> None:
     import torch
 
     import fastml
-    from fastml import zoo
+    from fastml import _bench
 
-    if config.endswith("+keep"):
-        if not fastml.keep_freed_memory():
-            raise RuntimeError("keep_freed_memory() did not apply: glibc's malloc is not the allocator here")
-    torch.manual_seed(0)
-    model = zoo.build(name).train()
-    images = torch.randn(16, 3, 112, 112, generator=torch.Generator().manual_seed(0))
-    labels = torch.randint(0, 1000, (16,), generator=torch.Generator().manual_seed(1))
-    if config.startswith("auto"):
-        fastml.patch(model, fx=True, channels_last=True)
-        fastml.tune(model, images)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
-        optimizer.step()
-
+    if config.endswith("+keep") and not fastml.keep_freed_memory():
+        raise RuntimeError("keep_freed_memory() did not apply: glibc's malloc is not the allocator here")
+    make = _bench._zoo_prepare(torch.device("cpu"), name, "train", _bench.ZOO_BATCH, _bench.ZOO_SIZE)
+    step = make(_bench.AUTO if config.startswith("auto") else "torch")  # the zoo benchmark's own step
     for _ in range(3):
         step()
     times = []
