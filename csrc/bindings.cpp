@@ -84,6 +84,11 @@ PYBIND11_MODULE(FASTML_MODULE_NAME, m) {
     FASTML_DEF("knn_forward_f32", knn_forward<float>);
     FASTML_DEF("knn_forward_f64", knn_forward<double>);
 
+    FASTML_DEF("batch_norm_forward_f32", batch_norm_forward<float>);
+    FASTML_DEF("batch_norm_forward_f64", batch_norm_forward<double>);
+    FASTML_DEF("batch_norm_backward_f32", batch_norm_backward<float>);
+    FASTML_DEF("batch_norm_backward_f64", batch_norm_backward<double>);
+
     FASTML_DEF("max_pool2d_forward_f32", max_pool2d_forward<float>);
     FASTML_DEF("max_pool2d_forward_f64", max_pool2d_forward<double>);
     FASTML_DEF("max_pool2d_backward_f32", max_pool2d_backward<float>);

@@ -65,6 +65,17 @@ template <typename T>
 void knn_forward(address_t x1, address_t x2, index_t batch, index_t n1, index_t n2, index_t m, index_t k, int norm,
                  address_t out_d, address_t out_j, int nthreads);
 
+// batch_norm.cpp: x (n, c, l) contiguous (planes) or channels-last (rows of c), n·l ≥ 1;
+// weight, bias (c,) or 0; stats (3, c): mean, biased variance, invstd (forward writes, backward
+// reads). Backward writes the gradients asked for (0 = not asked).
+template <typename T>
+void batch_norm_forward(address_t x, index_t n, index_t c, index_t l, bool channels_last, address_t weight,
+                        address_t bias, double eps, bool relu, address_t out, address_t stats, int nthreads);
+template <typename T>
+void batch_norm_backward(address_t grad, address_t x, index_t n, index_t c, index_t l, bool channels_last,
+                         address_t weight, address_t bias, address_t stats, bool relu, address_t grad_input,
+                         address_t grad_weight, address_t grad_bias, int nthreads);
+
 // max_pool2d.cpp: x (planes, h, w) → out, indices (planes, oh, ow); kernel kh × kw, stride sh,
 // sw, padding ph, pw, dilation dh, dw. Backward: grad, indices (planes, outputs) → grad_input
 // (planes, inputs).

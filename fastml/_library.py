@@ -13,8 +13,8 @@ import importlib
 
 from fastml.ops import LIBRARY
 
-OPS = ("linear", "linear_mse", "mse_loss", "cdist", "knn", "max_pool2d", "conv2d", "conv2d_relu_max_pool2d",
-       "cross_entropy", "linear_cross_entropy", "sgd", "adam")
+OPS = ("linear", "linear_mse", "mse_loss", "cdist", "knn", "max_pool2d", "batch_norm", "conv2d",
+       "conv2d_relu_max_pool2d", "cross_entropy", "linear_cross_entropy", "sgd", "adam")
 
 
 def _register() -> None:

@@ -40,11 +40,16 @@ _lock = threading.Lock()
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # private in torch: without it, nothing is kept
 
 
-def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised contiguous tensor, on recycled memory where it is large and on the CPU."""
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+          strides: tuple[int, ...] | None = None) -> torch.Tensor:
+    """An uninitialised tensor, contiguous or of the given dense ``strides`` (a permutation of a
+    contiguous layout: channels-last), on recycled memory where it is large and on the CPU. Never
+    a view: autograd lets a custom Function's output be changed in place only if it is not one."""
     nbytes = math.prod(shape) * dtype.itemsize
     if torch.device(device).type != "cpu" or nbytes < MIN_BYTES or _use_count is None:
-        return torch.empty(shape, dtype=dtype, device=device)
+        if strides is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return torch.empty_strided(shape, strides, dtype=dtype, device=device)
     key = (tuple(shape), dtype)
     with _lock:
         storage, control = _kept.pop(key, None), object()  # both locals: see _free
@@ -53,7 +58,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
         _kept[key] = storage  # (re)inserted last: the most recently used
         while len(_kept) > MAX_KEPT:
             del _kept[next(iter(_kept))]
-        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides if strides is not None else ())
 
 
 def _free(storage: torch.UntypedStorage, control: object) -> bool:

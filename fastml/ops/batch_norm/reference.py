@@ -1,0 +1,94 @@
+"""Pure-PyTorch batch normalisation over the batch's own statistics (training mode), with an
+optional ReLU on the result: the oracle, and the "reference" backend.
+
+Every backend module provides the two functions below with these signatures and results:
+
+``forward(x, weight, bias, eps, relu) -> (out, stats)``
+    x (N, C, H, W) floating, either contiguous or channels-last (``x.is_contiguous(
+    memory_format=torch.channels_last)``), with N·H·W ≥ 1; weight, bias (C,) contiguous, each
+    or both None (no scale: 1; no shift: 0); eps: float; relu: bool. ``stats`` (3, C) in x's
+    dtype: the batch mean, the biased batch variance (over N, H, W) and
+    invstd = 1 / sqrt(var + eps). ``out`` has x's shape, dtype and memory layout:
+
+        scale = invstd · weight,  shift = bias − mean · scale,  out = x · scale + shift
+
+    (torch's own formula for its channels-last kernels), then max(out, 0) where ``relu``, NaN kept
+    as NaN. A kernel computes ``x · scale + shift`` the same way in forward and in backward (the
+    C++ one as a fused multiply-add where the build has FMA), so that backward, which recomputes
+    it for the ReLU's mask, finds forward's signs bit for bit.
+``backward(grad, x, weight, bias, stats, relu) -> (grad_input, grad_weight, grad_bias)``
+    grad: the gradient of ``out``, x's shape in x's memory layout; x, weight, bias, relu: as
+    given to forward; stats: forward's. With g = grad where ``relu`` is off, else 0 where
+    forward's pre-ReLU value ``x · scale + shift`` ≤ 0 and grad elsewhere (NaN passes the
+    gradient, as torch's ReLU backward lets it):
+
+        grad_bias   = Σ g                           (None without bias)
+        grad_weight = Σ g · (x − mean) · invstd      (None without weight)
+        grad_input  = (g − mean(g) − (x − mean) · invstd² · mean(g · (x − mean))) · invstd · weight
+
+    sums and means over N, H, W per channel; grad_input in x's memory layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DIMS = (0, 2, 3)  # the reduced dimensions: every one but the channels'
+
+
+def like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of x's shape, dtype and memory layout."""
+    return torch.empty_like(x, memory_format=layout_of(x))
+
+
+def layout_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels-last x (one that is not also contiguous: C = 1 or H = W = 1
+    are both), else contiguous."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def affine(weight, bias, stats):
+    """(scale, shift) per channel, forward's formula (module docstring)."""
+    mean, invstd = stats[0], stats[2]
+    scale = invstd if weight is None else invstd * weight
+    shift = -(mean * scale) if bias is None else bias - mean * scale
+    return scale, shift
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(1, -1, 1, 1)
+
+
+def forward(x, weight, bias, eps, relu):
+    # A sum, then the spread about it, as torch's batch norm: its mean of integers is exact (a
+    # ReLU boundary at the mean falls where torch's does), and of a channel holding ±inf is ±inf
+    # (var_mean's running update gives NaN there).
+    mean = x.mean(DIMS)
+    var = (x - _per_channel(mean)).square().mean(DIMS)
+    invstd = torch.rsqrt(var + eps)
+    stats = torch.stack((mean, var, invstd))
+    scale, shift = affine(weight, bias, stats)
+    out = torch.addcmul(_per_channel(shift), x, _per_channel(scale))
+    if relu:
+        out = torch.relu(out)
+    return out.contiguous(memory_format=layout_of(x)), stats
+
+
+def backward(grad, x, weight, bias, stats, relu):
+    mean, invstd = stats[0], stats[2]
+    g = grad
+    if relu:
+        scale, shift = affine(weight, bias, stats)
+        g = torch.where(torch.addcmul(_per_channel(shift), x, _per_channel(scale)) <= 0, 0, grad)
+    centred = x - _per_channel(mean)
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    sum_g = g.sum(DIMS)
+    sum_gc = (g * centred).sum(DIMS)
+    grad_bias = None if bias is None else sum_g
+    grad_weight = None if weight is None else sum_gc * invstd
+    scale = invstd if weight is None else invstd * weight
+    k = invstd * invstd * sum_gc / count
+    grad_input = (g - _per_channel(sum_g / count) - centred * _per_channel(k)) * _per_channel(scale)
+    return grad_input.contiguous(memory_format=layout_of(x)), grad_weight, grad_bias
