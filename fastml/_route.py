@@ -272,11 +272,19 @@ def _timed_choice(key: tuple, args: tuple, parameters: list, forwards: dict,
                     upstream["grads"] = [torch.ones_like(t) for t in outputs]  # no draw from the user's generator
                 torch.autograd.grad(outputs, wrt, upstream["grads"], allow_unused=True)
 
+    # A layer's buffers (a batch norm's running statistics, num_batches_tracked) move at every
+    # call: the timed calls must leave them as the one real call left them.
+    buffers = [] if layer is None else [(b, b.detach().clone()) for b in layer.buffers()]
     token = _watchers.set(None)  # the timed calls' ops report to no one: a layer around us hears our verdict
     try:
         return _tune.choose(key, tuple(name for name in forwards if name != "reference"), input, run)
     finally:
         _watchers.reset(token)
+        for buffer, saved in buffers:
+            if not torch.equal(buffer, saved):
+                # through .data, whose version counter is its own: a backward that saved the
+                # buffer (torch's batch norm saves its running statistics) sees it unchanged.
+                buffer.data.copy_(saved)
 
 
 # Routes of the fused functionals (fastml.functional.linear_mse, ...), whose torch twin is a

@@ -1,7 +1,7 @@
 """fastml's public functions: argument checks with clear errors, then the op's dispatch.
 
 ``linear``, ``mse_loss``, ``cross_entropy``, ``linear_cross_entropy``, ``cdist``, ``conv2d``,
-``max_pool2d`` and ``conv2d_relu_max_pool2d`` accept what their torch twins accept: where no
+``max_pool2d``, ``batch_norm`` and ``conv2d_relu_max_pool2d`` accept what their torch twins accept: where no
 fastml kernel covers a configuration (mixed dtypes, integer tensors, extra options, tracers,
 transforms), they run torch's own implementation, so they never fail where torch works and are
 never silently different.
@@ -21,6 +21,7 @@ from torch.overrides import has_torch_function
 
 from fastml import _route
 from fastml.ops import LIBRARY, forward_ad_active, in_custom_op_graph, is_compiling
+from fastml.ops import batch_norm as _batch_norm_op
 from fastml.ops import cdist as _cdist_op
 from fastml.ops import conv2d as _conv2d_op
 from fastml.ops import conv2d_relu_max_pool2d as _fused_op
@@ -32,8 +33,8 @@ from fastml.ops import linear_mse as _linear_mse_op
 from fastml.ops import max_pool2d as _max_pool2d_op
 from fastml.ops import mse_loss as _mse_loss_op
 
-__all__ = ["cdist", "conv2d", "conv2d_relu_max_pool2d", "cross_entropy", "knn", "linear", "linear_cross_entropy",
-           "linear_mse", "max_pool2d", "mse_loss"]
+__all__ = ["batch_norm", "cdist", "conv2d", "conv2d_relu_max_pool2d", "cross_entropy", "knn", "linear",
+           "linear_cross_entropy", "linear_mse", "max_pool2d", "mse_loss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -414,6 +415,58 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     if input.dim() == 3:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
+
+
+_BATCH_NORM_DTYPES = (torch.float32, torch.float64)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _batch_norm_runs_kernels(input, running_mean, running_var, weight, bias, training, momentum, eps) -> bool:
+    """Whether fastml's kernels take this batch_norm call: training statistics of a 4-D float32 or
+    float64 input of more than one value per channel, the other tensors (C,) of its dtype and
+    device. Anything else runs torch's batch_norm, with its results and its errors."""
+    # torch checks training's type (a bool) and eps (> 0 in training) itself: anything else is its error
+    if not (training is True and isinstance(input, torch.Tensor) and input.dim() == 4
+            and input.dtype in _BATCH_NORM_DTYPES and _is_real(momentum) and _is_real(eps) and eps > 0):
+        return False
+    n, c, h, w = input.shape
+    if n * h * w <= 1 or c == 0:  # torch's error for one value; torch's results for an empty batch
+        return False
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.shape == (c,) and t.dtype == input.dtype
+                                  and t.device == input.device):
+            return False
+    if (running_mean is None) != (running_var is None):
+        return False  # torch's own rules for half a pair of running statistics
+    return not _defer_to_torch(input, running_mean, running_var, weight, bias) and not forward_ad_active() \
+        and _kernels_can_run(input, running_mean, running_var, weight, bias)
+
+
+def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, relu: bool = False) -> torch.Tensor:
+    """``torch.nn.functional.batch_norm``, then a ReLU where ``relu``: in training, one kernel
+    gathers the batch's statistics and another normalises (and applies the ReLU) in one pass;
+    backward recomputes the ReLU's mask from the input and reads it twice in all. The running
+    statistics are updated in place as torch updates them (momentum, unbiased variance). What the
+    kernels do not cover (eval mode, other dtypes or ranks, transforms) runs torch's batch_norm,
+    then torch's ReLU."""
+    if not _batch_norm_runs_kernels(input, running_mean, running_var, weight, bias, training, momentum, eps):
+        out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return out.relu_() if relu else out  # (batch norm's backward does not read its output)
+    x = input.contiguous(memory_format=_batch_norm_op.reference.layout_of(input))
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    out, stats = _batch_norm_op.batch_norm(x, weight, bias, float(eps), bool(relu))
+    if running_mean is not None:
+        count = x.numel() // x.shape[1]
+        with torch.no_grad():  # torch's update: (1 − momentum) · running + momentum · batch
+            running_mean.lerp_(stats[0], momentum)
+            running_var.lerp_(stats[1] * (count / (count - 1)), momentum)
+    return out
 
 
 def _conv_padding(padding, weight, stride, dilation):

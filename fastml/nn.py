@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from fastml import _gemm_weight_grad, _grouped, _onednn, _pointwise, _recycled_linear, _route, _winograd, functional
 
-__all__ = ["Conv2d", "ConvReLUPool2d", "CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss", "LinearMSELoss",
-           "MaxPool2d", "MSELoss"]
+__all__ = ["BatchNorm2d", "Conv2d", "ConvReLUPool2d", "CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss",
+           "LinearMSELoss", "MaxPool2d", "MSELoss"]
 
 
 class Linear(torch.nn.Linear):
@@ -190,6 +190,28 @@ class MaxPool2d(torch.nn.MaxPool2d):
                                      ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 
 
+class BatchNorm2d(torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` on fastml's batch-norm kernels in training (fastml.functional.
+    batch_norm: statistics in one pass, normalisation in another); in eval mode, torch's. The
+    running statistics and ``num_batches_tracked`` move as torch's do."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _route.call(self, input, self.weight, super().forward, self._fastml_forward)
+
+    def _fastml_forward(self, input: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """torch's forward (its bookkeeping word for word), on fastml's functional; then a ReLU
+        where ``relu``."""
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        return functional.batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
+                                     self.weight, self.bias, batch_statistics, factor, self.eps, relu=relu)
+
+
 class MSELoss(torch.nn.MSELoss):
     """``torch.nn.MSELoss`` on fastml's fused squared-error kernel (same broadcasting warning)."""
 
@@ -259,7 +281,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
 # What each drop-in runs as where fastml.tune found the model faster unpatched (_route.run_as_torch).
 _route.TORCH_TWINS.update({Linear: torch.nn.Linear, Conv2d: torch.nn.Conv2d, MaxPool2d: torch.nn.MaxPool2d,
-                           MSELoss: torch.nn.MSELoss, CrossEntropyLoss: torch.nn.CrossEntropyLoss})
+                           BatchNorm2d: torch.nn.BatchNorm2d, MSELoss: torch.nn.MSELoss,
+                           CrossEntropyLoss: torch.nn.CrossEntropyLoss})
 
 _TorchLinearCrossEntropyLoss = getattr(torch.nn, "LinearCrossEntropyLoss", None)
 

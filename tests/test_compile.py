@@ -151,6 +151,15 @@ def _opcheck_cases():
             [1, 2], [0, 1], [2, 1], False)),
         "max_pool2d_backward": (ops.max_pool2d_backward, lambda d, g: (r(2, 3, 5, 4, dtype=d, g=g),
                                                                        _ints(2, 3, 5, 4, high=99, g=g), 11, 9)),
+        "batch_norm-relu": (ops.batch_norm, lambda d, g: (
+            r(3, 5, 7, 6, dtype=d, g=g, grad=True), r(5, dtype=d, g=g, grad=True), r(5, dtype=d, g=g, grad=True),
+            1e-5, True)),
+        "batch_norm-channels_last-no-affine": (ops.batch_norm, lambda d, g: (
+            r(2, 7, 5, 3, dtype=d, g=g).contiguous(memory_format=torch.channels_last).requires_grad_(), None, None,
+            1e-3, False)),
+        "batch_norm_backward": (ops.batch_norm_backward, lambda d, g: (
+            r(3, 5, 4, 6, dtype=d, g=g), r(3, 5, 4, 6, dtype=d, g=g), r(5, dtype=d, g=g), None,
+            torch.stack((r(5, dtype=d, g=g), r(5, dtype=d, g=g).abs(), r(5, dtype=d, g=g).abs() + 0.5)), True)),
         "conv2d": (ops.conv2d, lambda d, g: (r(2, 3, 11, 9, dtype=d, g=g, grad=True),
                                              r(4, 3, 3, 3, dtype=d, g=g, grad=True), r(4, dtype=d, g=g, grad=True),
                                              [2, 1], [1, 1], [1, 1], 1)),
@@ -301,6 +310,12 @@ def _module_cases():
         **{f"MSELoss-{red}": (lambda red=red: nn.MSELoss(reduction=red),
                               lambda n, d, g: [r(n, 3, 5, dtype=d, g=g), r(n, 3, 5, dtype=d, g=g)],
                               {"mse_loss", "mse_loss_backward"}) for red in ("mean", "none")},
+        "BatchNorm2d": (lambda: nn.BatchNorm2d(5), lambda n, d, g: [r(n, 5, 6, 7, dtype=d, g=g)],
+                        {"batch_norm", "batch_norm_backward"}),
+        "BatchNorm2d-channels_last-cumulative": (lambda: nn.BatchNorm2d(4, momentum=None, affine=False),
+                                                 lambda n, d, g: [r(n, 4, 5, 3, dtype=d, g=g, grad=False).contiguous(
+                                                     memory_format=torch.channels_last).requires_grad_()],
+                                                 {"batch_norm", "batch_norm_backward"}),
         "Conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=(2, 1), padding=1),
                    lambda n, d, g: [r(n, 3, 11, 9, dtype=d, g=g)], {"conv2d", "conv2d_backward"}),
         "Conv2d-groups-same-dilated": (lambda: nn.Conv2d(4, 6, (2, 3), padding="same", dilation=(1, 2), groups=2,
