@@ -16,9 +16,16 @@ same object in the same place, with the same Parameters, buffers and state_dict.
 one ``BatchNormFold`` (a plain attribute, not a submodule). At every call they ask it whether the
 fold applies: only while the conv and the batch norm are both in eval mode and the batch norm
 normalises with running statistics. Then the conv runs the folded convolution (and the ReLU) and
-the batch norm and ReLU pass their input through; otherwise each runs its own torch forward, so
-``model.train()`` undoes the fold at once and ``model.eval()`` redoes it. ``fastml.unpatch``
-restores the classes.
+the batch norm and ReLU pass their input through; otherwise the conv and the batch norm run
+unfolded, so ``model.train()`` undoes the fold at once and ``model.eval()`` redoes it.
+``fastml.unpatch`` restores the classes. Unfolded (in training), the batch norm is fastml's
+BatchNorm2d, and where the run has a ReLU it applies it in its normalising pass
+(fastml.functional.batch_norm's ``relu``), the ReLU module passing its input through: one pass
+over the activation instead of two, and one tensor allocated instead of two.
+
+A BatchNorm2d → ReLU pair with no convolution before it (DenseNet's pre-activations) is the same
+structure without the layer: never folded, the batch norm applies the ReLU in both modes (in
+training, in its kernel's normalising pass).
 
 A Conv2d → ReLU run (no batch norm) is the same structure without the batch norm, and applies in
 both modes: the ReLU runs in place on the convolution's fresh output (which nothing else reads;
@@ -48,19 +55,29 @@ class BatchNormFold:
 
     def __init__(self, layer: torch.nn.Conv2d | torch.nn.Linear, bn: torch.nn.BatchNorm2d | None,
                  relu: torch.nn.ReLU | None, classes: tuple[type, type | None, type | None],
-                 names: tuple[str, ...]) -> None:
-        self.layer, self.bn, self.relu = layer, bn, relu  # layer: the Conv2d (or, with no batch norm, a Linear)
+                 names: tuple[str, ...], relu_exclusive: bool = True) -> None:
+        # layer: the Conv2d (or, with no batch norm, a Linear; with no layer, a BatchNorm2d → ReLU pair)
+        self.layer, self.bn, self.relu = layer, bn, relu
         self.classes = classes  # the classes before folding, which unpatch restores
         self.names = names  # the modules' qualified names, for patch's and unpatch's reports
+        # Whether this run alone calls its ReLU module, once: then the ReLU passes every input
+        # through. A ReLU also called elsewhere (ResNet's blocks call one ReLU module two or three
+        # times) passes through only what a run marked as its output (``mark_relu_applied``).
+        self.relu_exclusive = relu_exclusive
         self._cache: tuple | None = None
+
+    def relu_done(self, out: torch.Tensor) -> torch.Tensor:
+        """``out``, the run's output with its ReLU applied, marked so where the ReLU module is not
+        the run's alone."""
+        return out if self.relu_exclusive else mark_relu_applied(out)
 
     def active(self) -> bool:
         """Whether the run computes as one folded convolution now: the conv and the batch norm in
         eval mode, the batch norm normalising with running statistics (torch's own condition).
         A run without a batch norm always applies. None applies in a model fastml.tune found
         faster unpatched."""
-        if _route.runs_as_torch(self.layer):
-            return False
+        if self.layer is None or _route.runs_as_torch(self.layer):
+            return False  # (a batch norm → ReLU pair has no convolution to fold into)
         bn = self.bn
         if bn is None:
             return True
@@ -104,6 +121,28 @@ def fold_of(module: torch.nn.Module) -> BatchNormFold | None:
     return module.__dict__.get(FOLD_ATTR)
 
 
+RELU_MARK = "_fastml_relu_applied"
+"""On a tensor a folded run returned with its ReLU applied: the tensor's version then. A ReLU of
+such a tensor, unchanged since (same version), is the tensor itself: ReLU is idempotent, bit for
+bit (NaN stays NaN, every other value is already ≥ 0 or -0.0, which ReLU keeps)."""
+
+
+def mark_relu_applied(out: torch.Tensor) -> torch.Tensor:
+    # Not while tracing a graph (a mark is Python state dynamo would guard on), nor on an
+    # inference tensor, which has no version counter to tell a later in-place change.
+    if not is_compiling() and not out.is_inference():
+        out.__dict__[RELU_MARK] = out._version
+    return out
+
+
+def relu_applied(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a folded run's output with the ReLU applied, unchanged since."""
+    if is_compiling() or not isinstance(t, torch.Tensor):
+        return False
+    version = t.__dict__.get(RELU_MARK)
+    return version is not None and not t.is_inference() and version == t._version
+
+
 class FoldedConv2d(fastml_nn.Conv2d):
     """A Conv2d whose output only a batch norm (then, optionally, a ReLU) reads: while the fold
     applies, one convolution with the folded weight and bias, then the ReLU in place; otherwise
@@ -128,28 +167,48 @@ class FoldedConv2d(fastml_nn.Conv2d):
         def variants(x, only=None):
             return fastml_nn.torch_conv_variants(self, x, fold.parameters, relu, only)
 
-        return _route.call(self, input, self.weight, torch_forward, fastml_forward, variants=variants)
+        out = _route.call(self, input, self.weight, torch_forward, fastml_forward, variants=variants)
+        return fold.relu_done(out) if relu else out
 
 
-class FoldedBatchNorm2d(torch.nn.BatchNorm2d):
+class FoldedBatchNorm2d(fastml_nn.BatchNorm2d):
     """A BatchNorm2d folded into the convolution before it: passes its input through while the
-    fold applies, else normalises as torch's."""
+    fold applies; otherwise normalises as fastml's BatchNorm2d, and where the run has a ReLU,
+    applies it too (fused into the training kernel's normalising pass), so the ReLU module passes
+    its input through in both modes."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         fold = fold_of(self)
-        if fold is not None and fold.active():
+        if fold is None:
+            return super().forward(input)
+        if fold.active():
             return input
-        return super().forward(input)
+        if fold.relu is None:
+            return super().forward(input)
+        return fold.relu_done(_route.call(self, input, self.weight, self._torch_relu, self._fastml_relu))
+
+    def _torch_relu(self, input: torch.Tensor) -> torch.Tensor:
+        """What it replaces: torch's batch norm, then torch's ReLU (in place: the batch norm's
+        backward does not read its output)."""
+        return torch.nn.BatchNorm2d.forward(self, input).relu_()
+
+    def _fastml_relu(self, input: torch.Tensor) -> torch.Tensor:
+        return self._fastml_forward(input, relu=True)
 
 
 class FoldedReLU(torch.nn.ReLU):
-    """A ReLU applied by the folded convolution before it: passes its input through while the
-    fold applies, else as torch's."""
+    """A ReLU that the folded run before it applies: the folded convolution while the fold
+    applies, the batch norm (or, in a Conv2d → ReLU run, the convolution) otherwise. Passes its
+    input through."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         fold = fold_of(self)
-        if fold is not None and fold.active():
-            return input
+        if fold is not None:
+            if fold.relu_exclusive and (fold.active() or fold.bn is not None
+                                        and not _route.runs_as_torch(fold.layer or fold.bn)):
+                return input
+            if relu_applied(input):
+                return input
         return super().forward(input)
 
 
@@ -162,8 +221,8 @@ class FoldedLinear(fastml_nn.Linear):
         fold = fold_of(self)
         if fold is None or not fold.active():
             return super().forward(input)
-        return _route.call(self, input, self.weight, self._torch_relu, self._fastml_relu,
-                           variants=lambda x, only=None: self._torch_variants(x, only, relu=True))
+        return fold.relu_done(_route.call(self, input, self.weight, self._torch_relu, self._fastml_relu,
+                                          variants=lambda x, only=None: self._torch_variants(x, only, relu=True)))
 
     def _torch_relu(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, self.weight, self.bias).relu_()
@@ -177,25 +236,32 @@ _route.TORCH_TWINS.update({FoldedConv2d: torch.nn.Conv2d, FoldedLinear: torch.nn
                            FoldedBatchNorm2d: torch.nn.BatchNorm2d, FoldedReLU: torch.nn.ReLU})
 
 
-def fold(layer: torch.nn.Conv2d | torch.nn.Linear, bn: torch.nn.BatchNorm2d | None, relu: torch.nn.ReLU | None,
-         names: tuple[str, ...]) -> BatchNormFold:
-    """Folds the run in place (classes changed, objects and Parameters kept)."""
-    run = BatchNormFold(layer, bn, relu, tuple(None if m is None else type(m) for m in (layer, bn, relu)), names)
-    layer.__class__ = FoldedLinear if isinstance(layer, torch.nn.Linear) else FoldedConv2d
+def fold(layer: torch.nn.Conv2d | torch.nn.Linear | None, bn: torch.nn.BatchNorm2d | None, relu: torch.nn.ReLU | None,
+         names: tuple[str, ...], relu_exclusive: bool = True) -> BatchNormFold:
+    """Folds the run in place (classes changed, objects and Parameters kept). A ReLU not the
+    run's alone (``relu_exclusive`` False) may be another run's already: that run keeps it (its
+    class and the original class it restores)."""
+    owner = None if relu is None else fold_of(relu)
+    classes = tuple(None if m is None else type(m) for m in (layer, bn, relu))
+    if owner is not None:
+        classes = (*classes[:2], owner.classes[2])
+    run = BatchNormFold(layer, bn, relu, classes, names, relu_exclusive)
+    if layer is not None:
+        layer.__class__ = FoldedLinear if isinstance(layer, torch.nn.Linear) else FoldedConv2d
     if bn is not None:
         bn.__class__ = FoldedBatchNorm2d
-    if relu is not None:
+    if relu is not None and owner is None:
         relu.__class__ = FoldedReLU
-    for module in (layer, bn, relu):
+    for module in (layer, bn, relu if owner is None else None):
         if module is not None:
             object.__setattr__(module, FOLD_ATTR, run)
     return run
 
 
 def unfold(run: BatchNormFold) -> None:
-    """Restores the classes ``fold`` changed."""
+    """Restores the classes ``fold`` changed (a shared ReLU: by the run that owns it)."""
     for module, cls in zip((run.layer, run.bn, run.relu), run.classes):
-        if module is not None:
+        if module is not None and fold_of(module) is run:
             module.__class__ = cls
             module.__dict__.pop(FOLD_ATTR, None)
 
@@ -203,7 +269,7 @@ def unfold(run: BatchNormFold) -> None:
 def obstacles(conv, bn, relu) -> list[str]:
     """Why the run cannot fold (empty if it can)."""
     reasons = []
-    if bn is None:
+    if bn is None or conv is None:
         return reasons
     if bn.num_features != conv.out_channels:
         reasons.append(f"the batch norm's {bn.num_features} features are not the conv's {conv.out_channels} channels")

@@ -1,7 +1,7 @@
 """``fastml.patch(model)``: put fastml's drop-in modules into an existing torch model, in place,
 and ``fastml.unpatch(model)`` to take them out again.
 
-One-for-one replacements (Linear, Conv2d, MaxPool2d, MSELoss, CrossEntropyLoss) swap the
+One-for-one replacements (Linear, Conv2d, MaxPool2d, BatchNorm2d, MSELoss, CrossEntropyLoss) swap the
 module's ``__class__`` to its fastml twin. The twins subclass the torch classes and change only
 ``forward``, so the swap keeps the very same object: its Parameters (an optimizer built before
 still steps the model), buffers, hooks, training flag and any attribute the user set. Building
@@ -38,6 +38,7 @@ _ONE_FOR_ONE = {
     "linear": (torch.nn.Linear, fastml_nn.Linear),
     "conv2d": (torch.nn.Conv2d, fastml_nn.Conv2d),
     "max_pool2d": (torch.nn.MaxPool2d, fastml_nn.MaxPool2d),
+    "batch_norm": (torch.nn.BatchNorm2d, fastml_nn.BatchNorm2d),
     "mse_loss": (torch.nn.MSELoss, fastml_nn.MSELoss),
     "cross_entropy": (torch.nn.CrossEntropyLoss, fastml_nn.CrossEntropyLoss),
 }
@@ -45,7 +46,8 @@ _FUSION = "conv_relu_pool"
 _FOLD = "conv_bn"
 _RELU_EPILOGUE = "conv_relu"
 _LINEAR_RELU = "linear_relu"
-OPS = (*_ONE_FOR_ONE, _FUSION, _FOLD, _RELU_EPILOGUE, _LINEAR_RELU)
+_BN_RELU = "bn_relu"
+OPS = (*_ONE_FOR_ONE, _FUSION, _FOLD, _RELU_EPILOGUE, _LINEAR_RELU, _BN_RELU)
 
 _OP_OF_TORCH = {torch_cls: op for op, (torch_cls, _) in _ONE_FOR_ONE.items()}
 _TORCH_OF_FASTML = {fastml_cls: torch_cls for torch_cls, fastml_cls in _ONE_FOR_ONE.values()}
@@ -69,10 +71,12 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 
 @dataclasses.dataclass(frozen=True)
 class Replaced:
-    """One module whose class changed: ``name`` is its qualified name ("" for the model itself)."""
+    """One module whose class changed: ``name`` is its qualified name ("" for the model itself);
+    ``note``: what else the report says of it (a batch norm's reason for not folding)."""
     name: str
     old: str
     new: str
+    note: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +117,8 @@ class PatchReport:
 
     def __str__(self) -> str:
         swapped, joined = ("replaced", "fused") if self.action == "patch" else ("restored", "unfused")
-        rows = [(swapped, _display(r.name), f"{r.old} → {r.new}{self._runs_note(r.name)}") for r in self.replaced]
+        rows = [(swapped, _display(r.name), f"{r.old} → {r.new}{self._runs_note(r.name)}{_note(r.note)}")
+                for r in self.replaced]
         rows += [(joined, ", ".join(map(_display, f.names)), f"{f.old} → {f.new}{self._runs_note(f.names[0])}")
                  for f in self.fused]
         rows += [("left", _display(x.name), f"{x.type}: {x.reason}") for x in self.left]
@@ -130,6 +135,10 @@ class PatchReport:
     def _runs_note(self, name: str) -> str:
         runs = self.runs(name)
         return f"  [{runs}]" if runs else ""
+
+
+def _note(note: str) -> str:
+    return f" ({note})" if note else ""
 
 
 def _display(name: str) -> str:
@@ -214,6 +223,11 @@ def _is_linear(module) -> bool:
     return type(module) in (torch.nn.Linear, fastml_nn.Linear)
 
 
+def _is_relu(module) -> bool:
+    # a FoldedReLU: another run's already, which a ReLU called in several places is
+    return type(module) in (torch.nn.ReLU, _fold.FoldedReLU)
+
+
 def _is_pool(module) -> bool:
     return type(module) in (torch.nn.MaxPool2d, fastml_nn.MaxPool2d)
 
@@ -285,23 +299,29 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
     returns a :class:`PatchReport` of what it replaced, fused and left (and why).
 
     ``ops``: None for all, else an op name or an iterable of them: "linear" (nn.Linear),
-    "conv2d" (nn.Conv2d), "max_pool2d" (nn.MaxPool2d), "mse_loss" (nn.MSELoss), "cross_entropy"
+    "conv2d" (nn.Conv2d), "max_pool2d" (nn.MaxPool2d), "batch_norm" (nn.BatchNorm2d not folded
+    into a conv: fastml's kernels in training), "mse_loss" (nn.MSELoss), "cross_entropy"
     (nn.CrossEntropyLoss), "conv_relu_pool" (Conv2d → ReLU → MaxPool2d in an nn.Sequential
     becomes one fastml.nn.ConvReLUPool2d; the ReLU's and pool's slots hold nn.Identity) and
     "conv_bn" (Conv2d → BatchNorm2d, and a ReLU after it, in an nn.Sequential: in eval mode one
     convolution with the batch norm folded into its weight and bias, the ReLU in place; in
-    training mode the three as before. Classes change, objects and keys do not: fastml/_fold.py)
+    training mode the conv, then fastml's batch norm with the ReLU in its normalising pass.
+    Classes change, objects and keys do not: fastml/_fold.py)
     and "conv_relu" (Conv2d → ReLU in an nn.Sequential, not followed by a pool that
     "conv_relu_pool" fuses: the ReLU on the convolution's own output, in place or in oneDNN's
     epilogue) and "linear_relu" (Linear → ReLU in an nn.Sequential: the ReLU in place on the
-    linear's own output).
+    linear's own output) and "bn_relu" (BatchNorm2d → ReLU in an nn.Sequential, no conv before
+    the batch norm: the ReLU in the batch norm's training kernel, or in place after it in eval).
+    A ReLU module called in several places (ResNet's blocks) takes part in each run it follows:
+    it then passes through only what a run marked as its output, and applies itself elsewhere.
 
-    ``fx``: also fold the Conv2d → BatchNorm2d (→ ReLU) runs, and the Conv2d → ReLU and Linear →
-    ReLU pairs, that a model's ``forward`` calls outside any nn.Sequential (ResNet's blocks), found
-    by tracing it with torch.fx: only where the trace shows each module called once and the conv's
-    (or linear's) output read by the batch norm (or the ReLU) alone, and the batch norm's by the
-    ReLU alone for the ReLU to fold. A model torch.fx cannot trace is left as it is, and the
-    report says why.
+    ``fx``: also fold the Conv2d → BatchNorm2d (→ ReLU) runs, and the Conv2d → ReLU, Linear →
+    ReLU and BatchNorm2d → ReLU pairs, that a model's ``forward`` calls outside any nn.Sequential
+    (ResNet's blocks, DenseNet's layers), found by tracing it with torch.fx: only where the trace
+    shows each module called once (a ReLU may be called more often: see above) and the conv's (or
+    linear's) output read by the batch norm (or the ReLU) alone, and the batch norm's by the ReLU
+    alone for the ReLU to fold. A model torch.fx cannot trace is left as it is, and the report
+    says why.
 
     Parameters, buffers and hooks stay the same objects (an optimizer built before keeps
     working), state_dict keys do not change, and only modules whose type is exactly the torch
@@ -332,7 +352,7 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
         report.layout = _CHANNELS_LAST_DESCRIPTION
     seen: set = set()
     shared = _shared_modules(model)
-    if fx and selected & {_FOLD, _RELU_EPILOGUE, _LINEAR_RELU}:
+    if fx and selected & {_FOLD, _RELU_EPILOGUE, _LINEAR_RELU, _BN_RELU}:
         seen.update(_fold_traced(model, report, selected, shared))
     _patch_tree(model, "", selected, report, seen, shared)
     if example_inputs is not None:
@@ -360,6 +380,8 @@ def _patch_tree(module, name, selected, report, seen, shared) -> None:
         seen.update(_fuse_runs(module, name, report))
     if selected & {_RELU_EPILOGUE, _LINEAR_RELU} and _chains_children(module):  # after the fusion: its runs have a pool
         seen.update(_relu_runs(module, name, report, shared, selected))
+    if _BN_RELU in selected and _chains_children(module):  # after conv_bn: a batch norm after a conv folds there
+        seen.update(_bn_relu_runs(module, name, report, shared))
     for key, child in list(module._modules.items()):
         if child is not None:
             _patch_tree(child, _join(name, key), selected, report, seen, shared)
@@ -369,7 +391,7 @@ def _patch_module(module, name, selected, report) -> None:
     cls = type(module)
     run = _fold.fold_of(module)
     if run is not None:  # folded by an earlier patch: reported once, at its conv
-        if module is run.layer:
+        if module is (run.layer or run.bn):
             report.left.append(Left(name, _type_name(cls), "already fastml (folded by an earlier patch)"))
     elif cls in _OP_OF_TORCH:
         op = _OP_OF_TORCH[cls]
@@ -379,7 +401,8 @@ def _patch_module(module, name, selected, report) -> None:
         new = _ONE_FOR_ONE[op][1]
         module.__class__ = new
         setattr(module, _SWAPPED, True)
-        report.replaced.append(Replaced(name, _type_name(cls), _type_name(new)))
+        note = _BN_NOT_FOLDED if new is fastml_nn.BatchNorm2d else ""
+        report.replaced.append(Replaced(name, _type_name(cls), _type_name(new), note))
     elif isinstance(module, _FASTML_MODULES):
         if getattr(module, _SWAPPED, False):
             reason = "already fastml (replaced by an earlier patch)"
@@ -394,8 +417,6 @@ def _patch_module(module, name, selected, report) -> None:
         base = next(c for c in _COVERED_TORCH if isinstance(module, c))
         report.left.append(Left(name, _type_name(cls), f"a subclass of {_type_name(base)}: only exact torch "
                                                         "classes are replaced (a subclass may change forward)"))
-    elif cls is torch.nn.BatchNorm2d:
-        report.left.append(Left(name, _type_name(cls), _BN_NOT_FOLDED))
     elif not module._modules:  # containers are walked, not reported
         report.left.append(Left(name, _type_name(cls), "no fastml module for this type"))
 
@@ -428,8 +449,8 @@ def _fuse_runs(parent, name, report) -> list[torch.nn.Module]:
 
 def _fold_obstacles(conv, bn, relu, shared) -> list[str]:
     reasons = _fold.obstacles(conv, bn, relu)
-    in_places = [role for role, m in (("conv", conv), ("batch norm", bn), ("ReLU", relu))
-                 if m is not None and id(m) in shared]
+    # (a ReLU sitting elsewhere too folds: it passes through only the run's marked output)
+    in_places = [role for role, m in (("conv", conv), ("batch norm", bn)) if m is not None and id(m) in shared]
     if in_places:
         reasons.append(f"the {', '.join(in_places)} also sits elsewhere in the model (folded, it would pass its "
                        "input through there too)")
@@ -443,29 +464,34 @@ def _is_plain_bn(module) -> bool:
     return type(module) is torch.nn.BatchNorm2d
 
 
-def _fold_one(conv, bn, relu, names, report, shared) -> list[torch.nn.Module]:
+def _fold_one(conv, bn, relu, names, report, shared, relu_called_once=True) -> list[torch.nn.Module]:
     # conv: the run's Conv2d, or (no batch norm) its Linear
-    """Folds one run, or reports why not; returns the modules folded."""
+    """Folds one run, or reports why not; returns the modules folded. ``relu_called_once``:
+    whether the model calls the ReLU module only here (a trace tells; in an nn.Sequential, a
+    module sitting in one place is called once)."""
     modules = [m for m in (conv, bn, relu) if m is not None]
-    run_type = _run_type(*modules)
+    owner = None if relu is None else _fold.fold_of(relu)  # a ReLU another run folded already
+    run_type = _run_type(*modules[:-1]) + f" + {_type_name(owner.classes[2])}" if owner else _run_type(*modules)
     obstacles = _fold_obstacles(conv, bn, relu, shared)
     if obstacles:
         report.left.append(Left(", ".join(names), run_type, "not folded: " + "; ".join(obstacles)))
         return []
-    _fold.fold(conv, bn, relu, names)
-    description = (_FOLDED_DESCRIPTION if bn is not None else _LINEAR_RELU_DESCRIPTION
-                   if isinstance(conv, torch.nn.Linear) else _RELU_DESCRIPTION)
+    _fold.fold(conv, bn, relu, names, relu_exclusive=relu_called_once and id(relu) not in shared)
+    description = (_BN_RELU_DESCRIPTION if conv is None else _FOLDED_DESCRIPTION if bn is not None
+                   else _LINEAR_RELU_DESCRIPTION if isinstance(conv, torch.nn.Linear) else _RELU_DESCRIPTION)
     report.fused.append(Fused(names, run_type, description))
     return modules
 
 
-_BN_NOT_FOLDED = ("not folded: no Conv2d right before it in an nn.Sequential (fastml.patch(model, fx=True) also "
-                  "folds the runs forward() calls)")
+_BN_NOT_FOLDED = ("not folded: no Conv2d right before it in an nn.Sequential; fastml.patch(model, fx=True) also "
+                  "folds the runs forward() calls")
 _CHANNELS_LAST_DESCRIPTION = ("activations channels-last between the input and the output (4-D inputs converted "
                               "once, 4-D outputs converted back)")
 _LINEAR_RELU_DESCRIPTION = "fastml linear with the ReLU on its output (in place)"
+_BN_RELU_DESCRIPTION = "fastml batch norm with the ReLU in its pass (training), or in place on its output (eval)"
 _RELU_DESCRIPTION = "fastml conv with the ReLU on its output (in place, or in oneDNN's epilogue)"
-_FOLDED_DESCRIPTION = "fastml folded conv (eval: one convolution, batch norm folded in, ReLU in place)"
+_FOLDED_DESCRIPTION = ("fastml folded conv (eval: one convolution with the batch norm folded in, then any ReLU in "
+                       "place; training: fastml's batch norm, any ReLU in its pass)")
 
 
 def _fold_runs(parent, name, report, shared) -> list[torch.nn.Module]:
@@ -478,7 +504,7 @@ def _fold_runs(parent, name, report, shared) -> list[torch.nn.Module]:
         if not (_is_conv(conv) and _is_plain_bn(bn)):
             i += 1
             continue
-        relu_item = items[i + 2] if i + 2 < len(items) and type(items[i + 2][1]) is torch.nn.ReLU else None
+        relu_item = items[i + 2] if i + 2 < len(items) and _is_relu(items[i + 2][1]) else None
         keys = (conv_key, bn_key) + ((relu_item[0],) if relu_item else ())
         done = _fold_one(conv, bn, relu_item[1] if relu_item else None, tuple(_join(name, k) for k in keys), report,
                          shared)
@@ -493,10 +519,21 @@ def _relu_runs(parent, name, report, shared, selected) -> list[torch.nn.Module]:
     items = list(parent._modules.items())
     done = []
     for (key, layer), (relu_key, relu) in zip(items, items[1:]):
-        if type(relu) is not torch.nn.ReLU or _fold.fold_of(layer) is not None:
+        if not _is_relu(relu) or _fold.fold_of(layer) is not None:
             continue
         if (_is_conv(layer) and _RELU_EPILOGUE in selected) or (_is_linear(layer) and _LINEAR_RELU in selected):
             done += _fold_one(layer, None, relu, (_join(name, key), _join(name, relu_key)), report, shared)
+    return done
+
+
+def _bn_relu_runs(parent, name, report, shared) -> list[torch.nn.Module]:
+    """Gives every BatchNorm2d → ReLU pair among parent's children, the batch norm not folded into
+    a conv already, the ReLU in the batch norm's pass (op "bn_relu")."""
+    items = list(parent._modules.items())
+    done = []
+    for (key, bn), (relu_key, relu) in zip(items, items[1:]):
+        if _is_plain_bn(bn) and _fold.fold_of(bn) is None and _is_relu(relu):
+            done += _fold_one(None, bn, relu, (_join(name, key), _join(name, relu_key)), report, shared)
     return done
 
 
@@ -521,12 +558,16 @@ def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
     modules = dict(model.named_modules(remove_duplicate=False))
     calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
 
-    def single_reader(node):
-        """The call_module node that alone reads ``node``'s output as its only argument, or None."""
+    def single_reader(node, relu_ok=False):
+        """The call_module node that alone reads ``node``'s output as its only argument, or None;
+        a module called elsewhere too only where ``relu_ok`` and it is a ReLU (which passes
+        through only a folded run's marked output: fastml/_fold.py)."""
         if len(node.users) != 1:
             return None
         (user,) = node.users
-        if user.op != "call_module" or user.args != (node,) or user.kwargs or calls[user.target] != 1:
+        if user.op != "call_module" or user.args != (node,) or user.kwargs:
+            return None
+        if calls[user.target] != 1 and not (relu_ok and _is_relu(modules[user.target])):
             return None
         return user
 
@@ -534,18 +575,26 @@ def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
     for node in graph.nodes:
         if node.op != "call_module" or calls[node.target] != 1:
             continue
+        if _is_plain_bn(modules[node.target]) and _BN_RELU in selected:
+            # nodes come in call order: a conv before this batch norm has folded it already
+            relu_node = single_reader(node, relu_ok=True)
+            if _fold.fold_of(modules[node.target]) is None and relu_node is not None \
+                    and _is_relu(modules[relu_node.target]):
+                folded += _fold_one(None, modules[node.target], modules[relu_node.target],
+                                    (node.target, relu_node.target), report, shared, calls[relu_node.target] == 1)
+            continue
         if _is_linear(modules[node.target]) and _LINEAR_RELU in selected:
-            relu_node = single_reader(node)
-            if relu_node is not None and type(modules[relu_node.target]) is torch.nn.ReLU:
+            relu_node = single_reader(node, relu_ok=True)
+            if relu_node is not None and _is_relu(modules[relu_node.target]):
                 folded += _fold_one(modules[node.target], None, modules[relu_node.target],
-                                    (node.target, relu_node.target), report, shared)
+                                    (node.target, relu_node.target), report, shared, calls[relu_node.target] == 1)
             continue
         if not _is_conv(modules[node.target]):
             continue
-        bn_node = single_reader(node)
+        bn_node = single_reader(node, relu_ok=True)
         if bn_node is None:
             continue
-        if type(modules[bn_node.target]) is torch.nn.ReLU and _RELU_EPILOGUE in selected:
+        if _is_relu(modules[bn_node.target]) and _RELU_EPILOGUE in selected:
             pool_node = single_reader(bn_node)
             if _FUSION in selected and pool_node is not None and _is_pool(modules[pool_node.target]):
                 continue  # Conv2d → ReLU → MaxPool2d: for the three-op fusion, where it applies
@@ -553,13 +602,14 @@ def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
         elif not _is_plain_bn(modules[bn_node.target]) or _FOLD not in selected:
             continue
         else:
-            relu_node = single_reader(bn_node)
-            if relu_node is not None and type(modules[relu_node.target]) is not torch.nn.ReLU:
+            relu_node = single_reader(bn_node, relu_ok=True)
+            if relu_node is not None and not _is_relu(modules[relu_node.target]):
                 relu_node = None
         nodes = [n for n in (node, bn_node, relu_node) if n is not None]
         conv, bn = modules[node.target], None if bn_node is None else modules[bn_node.target]
         relu = None if relu_node is None else modules[relu_node.target]
-        folded += _fold_one(conv, bn, relu, tuple(n.target for n in nodes), report, shared)
+        folded += _fold_one(conv, bn, relu, tuple(n.target for n in nodes), report, shared,
+                            relu_node is None or calls[relu_node.target] == 1)
     return folded
 
 

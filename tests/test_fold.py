@@ -77,17 +77,20 @@ def test_folded_equals_unfolded_in_eval_and_training(backend, rng, options):
 
 
 def test_eval_runs_one_convolution_per_run(rng, monkeypatch):
-    """While the fold applies, the batch norm does no work: it passes the convolution's output on."""
+    """While the fold applies, the batch norm does no work: it passes the convolution's output on.
+    (Every batch-norm forward, torch's or fastml's, checks its input's rank first.)"""
     _, model, _ = patched_pair(conv_bn_relu, rng)
     model.eval()
     called = []
-    monkeypatch.setattr(torch.nn.BatchNorm2d, "forward", lambda self, x: called.append(self) or x)
+    check = torch.nn.BatchNorm2d._check_input_dim
+    monkeypatch.setattr(torch.nn.BatchNorm2d, "_check_input_dim", lambda self, x: called.append(self) or check(self, x))
     with torch.no_grad():
         model(torch.randn(2, 4, 8, 8, dtype=torch.float64))
     assert called == []
     model.train()
     model(torch.randn(2, 4, 8, 8, dtype=torch.float64))
-    assert len(called) == 2
+    assert {id(m) for m in called} == {id(m) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert len({id(m) for m in called}) == 2
 
 
 def test_the_fold_follows_parameter_and_statistic_changes(rng):
@@ -183,17 +186,22 @@ class Block(nn.Module):
 
 def test_fx_folds_runs_called_from_forward(backend, rng):
     reference, model, report = patched_pair(Block, rng, fx=True)
-    # the shared ReLU is called twice: the batch norms fold, the ReLU stays a module of its own
-    assert sorted(f.names for f in report.fused) == [("conv1", "bn1"), ("conv2", "bn2")]
-    assert type(model.relu) is nn.ReLU
+    # The ReLU is called twice: it folds into the first run, which marks its output, and still
+    # applies itself to the sum, which no run marked.
+    assert sorted(f.names for f in report.fused) == [("conv1", "bn1", "relu"), ("conv2", "bn2")]
+    assert type(model.relu) is _fold.FoldedReLU and not _fold.fold_of(model.relu).relu_exclusive
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng)
     for mode in ("eval", "train", "eval"):
         getattr(reference, mode)()
         getattr(model, mode)()
         assert_same_model(reference, model, x)
+        with torch.inference_mode():  # no version counters to mark with: the ReLU runs
+            assert_close(model(x), reference(x))
+    assert len(fastml.unpatch(model).fused) == 2 and type(model.relu) is nn.ReLU
     without_fx = fastml.patch(randomise_batch_norms(Block(), rng))
     assert without_fx.fused == []  # not a Sequential: nothing folds unless asked, and the report says how
-    assert {x.name for x in without_fx.left if "fx=True" in x.reason} == {"bn1", "bn2"}
+    # the batch norms are fastml's, unfolded, and the report says how they would fold
+    assert {r.name for r in without_fx.replaced if "fx=True" in r.note} == {"bn1", "bn2"}
 
 
 class Branching(nn.Module):
@@ -281,12 +289,23 @@ def test_conv_relu_gets_the_relu_on_its_output_in_both_modes(backend, rng):
     assert_same_model(reference, model, x)
 
 
-def test_a_relu_sitting_in_two_places_is_not_folded(rng):
+def test_a_relu_sitting_in_two_places_folds_into_each_run(rng):
+    """Each run marks its output; the shared ReLU passes a marked tensor through, and applies
+    itself to anything else (here: a tensor the first run marked, then changed in place)."""
     reference, model, report = patched_pair(lambda: conv_relu_model(shared_relu=True), rng)
-    assert report.fused == []
-    assert any("also sits elsewhere" in x.reason for x in report.left)
-    assert type(model[1]) is nn.ReLU
-    assert_same_model(reference, model, torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng))
+    assert [f.names for f in report.fused] == [("0", "1"), ("2", "3")]
+    assert type(model[1]) is _fold.FoldedReLU and not _fold.fold_of(model[2]).relu_exclusive
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng)
+    assert_same_model(reference, model, x)
+    with torch.no_grad():
+        out = model[0](x)
+        assert model[1](out) is out  # marked: already the ReLU's output
+        out.sub_(1.0)  # a new version: the mark no longer holds
+        assert_close(model[1](out), out.relu())
+        assert model[1](out.clone()) is not out
+    undone = fastml.unpatch(model)
+    assert len(undone.fused) == 2 and type(model[1]) is nn.ReLU and type(model[2]) is nn.Conv2d
+    assert_same_model(reference, model, x)
 
 
 class ConvReLUFromForward(nn.Module):

@@ -43,7 +43,7 @@ class LeNet(nn.Module):
 
 
 LENET_LINEARS = ["classifier.0", "classifier.3"]
-LENET_REPLACED = ["classifier.3"]  # classifier.0 gets its ReLU (op "linear_relu")
+LENET_REPLACED = ["features.3", "classifier.3"]  # classifier.0 gets its ReLU (op "linear_relu")
 LENET_FUSED = [("features.0", "features.1", "features.2"), ("features.4", "features.5", "features.6"),
                ("classifier.0", "classifier.1")]
 
@@ -102,15 +102,14 @@ def test_patched_lenet_matches_torch(rng, dtype):
     report = fastml.patch(model)
 
     assert [r.name for r in report.replaced] == LENET_REPLACED
-    assert {r.new for r in report.replaced} == {"fastml.nn.Linear"}
+    # the batch norm after a pool has no conv to fold into: fastml's own BatchNorm2d
+    assert {r.name: r.new for r in report.replaced} == {"features.3": "fastml.nn.BatchNorm2d",
+                                                        "classifier.3": "fastml.nn.Linear"}
     assert [f.names for f in report.fused] == LENET_FUSED
     assert {f.new for f in report.fused} == {"fastml.nn.ConvReLUPool2d", _LINEAR_RELU_DESCRIPTION}
     assert {x.name: x.type for x in report.left} == {
-        "features.3": "torch.nn.BatchNorm2d", "flatten": "torch.nn.Flatten",
-        "classifier.2": "torch.nn.Dropout", "temperature": f"{__name__}.Temperature"}
-    assert all(x.reason == "no fastml module for this type" for x in report.left if x.name != "features.3")
-    (batch_norm,) = [x for x in report.left if x.name == "features.3"]  # after a pool: nothing to fold into
-    assert batch_norm.reason.startswith("not folded: no Conv2d right before it") and "fx=True" in batch_norm.reason
+        "flatten": "torch.nn.Flatten", "classifier.2": "torch.nn.Dropout", "temperature": f"{__name__}.Temperature"}
+    assert all(x.reason == "no fastml module for this type" for x in report.left)
     after = types(model)
     assert after["features.0"] is after["features.4"] is fastml.nn.ConvReLUPool2d
     assert after["features.1"] is after["features.2"] is nn.Identity  # indices kept
@@ -125,12 +124,14 @@ def test_patched_lenet_matches_torch(rng, dtype):
 def test_report_reads(rng):
     text = str(fastml.patch(lenet(rng)))
     lines = text.splitlines()
-    assert lines[0] == "fastml.patch: 1 replaced, 3 fused, 4 left"
+    assert lines[0] == "fastml.patch: 2 replaced, 3 fused, 3 left"
     assert any(line.split() == ["replaced", "classifier.3", "torch.nn.Linear", "→", "fastml.nn.Linear"]
                for line in lines)
     assert any("features.4, features.5, features.6" in line and line.endswith("→ fastml.nn.ConvReLUPool2d")
                for line in lines)
-    assert any(line.split()[:3] == ["left", "features.3", "torch.nn.BatchNorm2d:"] for line in lines)
+    (batch_norm,) = [line for line in lines if "features.3" in line]  # after a pool: nothing to fold into
+    assert batch_norm.split()[:5] == ["replaced", "features.3", "torch.nn.BatchNorm2d", "→", "fastml.nn.BatchNorm2d"]
+    assert "not folded: no Conv2d right before it" in batch_norm and "fx=True" in batch_norm
     assert str(fastml.patch(nn.Linear(2, 2))).splitlines()[1].split()[1] == "(model)"
     assert str(fastml.unpatch(nn.ReLU())) == "fastml.unpatch: 0 restored, 0 unfused, 0 left"
 
@@ -188,6 +189,7 @@ def test_patching_twice_changes_nothing_more(rng):
     assert already == {"features.0": "already fastml (fused by an earlier patch)",
                        "features.4": "already fastml (fused by an earlier patch)",
                        "classifier.0": "already fastml (folded by an earlier patch)",
+                       "features.3": "already fastml (replaced by an earlier patch)",
                        "classifier.3": "already fastml (replaced by an earlier patch)"}
     assert not any(x.name in ("features.1", "features.2") for x in second.left)  # the Identity slots
     compare_forward_backward(model, reference, rand(3, 1, 28, 28, dtype=torch.float64, generator=rng), rng)
@@ -227,7 +229,7 @@ def test_unpatch_restores_every_object_and_type(rng):
 
     assert report.action == "unpatch"
     assert [r.name for r in report.replaced] == [r.name for r in patched.replaced]
-    assert {r.new for r in report.replaced} == {"torch.nn.Linear"}
+    assert {r.new for r in report.replaced} == {"torch.nn.Linear", "torch.nn.BatchNorm2d"}
     assert [f.names for f in report.fused] == [f.names for f in patched.fused]
     assert report.fused[0] == Fused(LENET_FUSED[0], "fastml.nn.ConvReLUPool2d",
                                     "torch.nn.Conv2d + torch.nn.ReLU + torch.nn.MaxPool2d")
@@ -279,7 +281,7 @@ def test_ops_subset_then_the_rest(rng):
     compare_forward_backward(model, reference, rand(2, 1, 28, 28, dtype=torch.float64, generator=rng), rng)
 
     undone = fastml.unpatch(model)  # splits the runs, then gives the conv and pool back torch's class
-    assert len(undone.fused) == 3 and len(undone.replaced) == 5
+    assert len(undone.fused) == 3 and len(undone.replaced) == 6
     assert types(model) == types(reference)
 
 
@@ -417,7 +419,8 @@ def test_unpatch_leaves_fastml_modules_the_user_built():
     assert type(model[0]) is fastml.nn.Linear and type(model[1]) is nn.Linear
 
 
-VALID = "'linear', 'conv2d', 'max_pool2d', 'mse_loss', 'cross_entropy', 'conv_relu_pool', 'conv_bn', 'conv_relu', 'linear_relu'"
+VALID = ("'linear', 'conv2d', 'max_pool2d', 'batch_norm', 'mse_loss', 'cross_entropy', 'conv_relu_pool', 'conv_bn', "
+         "'conv_relu', 'linear_relu', 'bn_relu'")
 
 
 @pytest.mark.parametrize("call,error,match", [

@@ -419,11 +419,11 @@ def test_tune_table_per_layer_forward_and_backward():
     rng = torch.get_rng_state()
     table = fastml.tune(model, x)
     layers = table.by_layer()
-    assert set(layers) == {"0", "3", "4", "8"}  # conv, pool, fused conv block, linear
+    assert set(layers) == {"0", "1", "3", "4", "8"}  # conv, batch norm (with the ReLU), pool, fused conv block, linear
     for name in layers:
         assert set(layers[name]) == {"forward", "backward"}, name
     ops = {row.op for row in table.rows if not row.whole_call and row.op not in ("model", "unpatched")}
-    assert ops == {"conv2d", "max_pool2d", "conv2d_relu_max_pool2d", "linear"}
+    assert ops == {"conv2d", "batch_norm", "max_pool2d", "conv2d_relu_max_pool2d", "linear"}
     (unpatched_row,) = [row for row in table.rows if row.op == "unpatched"]  # the model against itself unpatched
     assert table.rows[-1] is unpatched_row and unpatched_row.layer == ""
     model_rows = [row for row in table.rows if row.op == "model"]
