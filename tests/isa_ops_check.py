@@ -73,6 +73,12 @@ def check_ops(dtype):
     # pooling, convolution (row layout for a small batch, batch-innermost for 31 images) and
     # the fused conv + bias + ReLU + max-pool block
     compare(lambda x: F.max_pool2d(x, 3, 2, 1), lambda x: TF.max_pool2d(x, 3, 2, 1), (rand(3, 2, 11, 9, **g),), dtype)
+    # training batch norm with its fused ReLU, both layouts (17 channels: a vector and a tail)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = rand(3, 17, 5, 7, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
+        compare(lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True, relu=True),
+                lambda x, w, b: torch.relu(TF.batch_norm(x, None, None, w, b, training=True)),
+                (x, rand(17, **g), rand(17, **g)), dtype)
     for n in (3, 31):
         x, w, b = rand(n, 4, 11, 10, **g), rand(6, 4, 3, 3, **g), rand(6, **g)
         compare(lambda x, w, b: F.conv2d(x, w, b, 1, 1), lambda x, w, b: TF.conv2d(x, w, b, 1, 1), (x, w, b), dtype)
