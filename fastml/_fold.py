@@ -185,6 +185,8 @@ class FoldedBatchNorm2d(fastml_nn.BatchNorm2d):
             return input
         if fold.relu is None:
             return super().forward(input)
+        if not self.uses_batch_statistics():  # eval, unfolded (a bn_relu pair, or the conv in training)
+            return fold.relu_done(self._torch_relu(input))
         return fold.relu_done(_route.call(self, input, self.weight, self._torch_relu, self._fastml_relu))
 
     def _torch_relu(self, input: torch.Tensor) -> torch.Tensor:

@@ -196,7 +196,14 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
     running statistics and ``num_batches_tracked`` move as torch's do."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.uses_batch_statistics():  # eval mode: nothing of fastml's to run, not even a dispatch
+            return super().forward(input)
         return _route.call(self, input, self.weight, super().forward, self._fastml_forward)
+
+    def uses_batch_statistics(self) -> bool:
+        """Whether forward normalises with the batch's statistics (training mode, or no running
+        statistics), torch's rule: only then do fastml's kernels apply."""
+        return self.training or (self.running_mean is None and self.running_var is None)
 
     def _fastml_forward(self, input: torch.Tensor, relu: bool = False) -> torch.Tensor:
         """torch's forward (its bookkeeping word for word), on fastml's functional; then a ReLU
@@ -206,10 +213,9 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
         keep = not self.training or self.track_running_stats
         return functional.batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
-                                     self.weight, self.bias, batch_statistics, factor, self.eps, relu=relu)
+                                     self.weight, self.bias, self.uses_batch_statistics(), factor, self.eps, relu=relu)
 
 
 class MSELoss(torch.nn.MSELoss):
