@@ -6,8 +6,9 @@ values, channels-last). Each chunk (one per thread) takes a contiguous share of 
 rows and sums per channel into its own row of partial sums, in double, about a per-channel shift
 (the channel's first value where finite: a large mean then does not cancel the variance away);
 the chunks' sums are combined in a fixed order. The pre-ReLU value is ``x · scale + shift`` with
-scale and shift formed once per channel (reference.affine), in forward and in backward alike, so
-the ReLU's mask there matches forward's output bit for bit.
+scale and shift formed once per channel (reference.affine), as one fused multiply-add
+(``_pre_relu``) in forward and in backward alike, so the ReLU's mask there matches forward's output
+bit for bit.
 """
 
 from __future__ import annotations
@@ -15,10 +16,35 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from fastml import _numba as nb
 from fastml._numba import jit, pjit
 from fastml.ops.batch_norm import reference
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a · b + c rounded once (LLVM's llvm.fma), for three floats of one type."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):
+        t = args[0].type
+        fma = builder.module.declare_intrinsic("llvm.fma", [t], ir.FunctionType(t, [t, t, t]))
+        return builder.call(fma, args)
+
+    return a(a, b, c), codegen
+
+
+@jit
+def _pre_relu(x, scale, shift):
+    """x · scale + shift, forward's output before the ReLU, rounded once, as torch's addcmul
+    (reference.py) and the C++ kernel's fused multiply-add form it on a CPU with FMA: for equal
+    statistics, the same outputs and ReLU mask as theirs to the bit."""
+    return _fma(x, scale, shift)
 
 
 @jit
@@ -73,7 +99,7 @@ def _normalise_planes(x, scale, shift, relu, chunks, out):
         for q in range(begin, end):
             a, b = scale[q % c], shift[q % c]
             for p in range(x.shape[1]):
-                y = x[q, p] * a + b
+                y = _pre_relu(x[q, p], a, b)
                 out[q, p] = zero if relu and y < zero else y
 
 
@@ -85,7 +111,7 @@ def _normalise_rows(x, scale, shift, relu, chunks, out):
         begin, end = nb.split_range(rows, chunks, k)
         for r in range(begin, end):
             for ch in range(c):
-                y = x[r, ch] * scale[ch] + shift[ch]
+                y = _pre_relu(x[r, ch], scale[ch], shift[ch])
                 out[r, ch] = zero if relu and y < zero else y
 
 
@@ -104,7 +130,7 @@ def _gradient_plane_sums(grad, x, mean, scale, shift, relu, chunks, sums):
             m, a, b = np.float64(mean[ch]), scale[ch], shift[ch]
             first, second = 0.0, 0.0
             for p in range(x.shape[1]):
-                g = np.float64(_masked(grad[q, p], x[q, p] * a + b, relu, zero))
+                g = np.float64(_masked(grad[q, p], _pre_relu(x[q, p], a, b), relu, zero))
                 first += g
                 second += g * (np.float64(x[q, p]) - m)
             sums[k, 0, ch] += first
@@ -122,7 +148,7 @@ def _gradient_row_sums(grad, x, mean, scale, shift, relu, chunks, sums):
             sums[k, 1, ch] = 0.0
         for r in range(begin, end):
             for ch in range(c):
-                g = np.float64(_masked(grad[r, ch], x[r, ch] * scale[ch] + shift[ch], relu, zero))
+                g = np.float64(_masked(grad[r, ch], _pre_relu(x[r, ch], scale[ch], shift[ch]), relu, zero))
                 sums[k, 0, ch] += g
                 sums[k, 1, ch] += g * (np.float64(x[r, ch]) - np.float64(mean[ch]))
 
@@ -138,7 +164,7 @@ def _input_gradient_planes(grad, x, mean, scale, shift, relu, k_coef, mean_g, ch
             ch = q % c
             m, a, b, kc, mg = mean[ch], scale[ch], shift[ch], k_coef[ch], mean_g[ch]
             for p in range(x.shape[1]):
-                g = _masked(grad[q, p], x[q, p] * a + b, relu, zero)
+                g = _masked(grad[q, p], _pre_relu(x[q, p], a, b), relu, zero)
                 out[q, p] = (g - mg - (x[q, p] - m) * kc) * a
 
 
@@ -150,7 +176,7 @@ def _input_gradient_rows(grad, x, mean, scale, shift, relu, k_coef, mean_g, chun
         begin, end = nb.split_range(rows, chunks, k)
         for r in range(begin, end):
             for ch in range(c):
-                g = _masked(grad[r, ch], x[r, ch] * scale[ch] + shift[ch], relu, zero)
+                g = _masked(grad[r, ch], _pre_relu(x[r, ch], scale[ch], shift[ch]), relu, zero)
                 out[r, ch] = (g - mean_g[ch] - (x[r, ch] - mean[ch]) * k_coef[ch]) * scale[ch]
 
 

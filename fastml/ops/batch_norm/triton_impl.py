@@ -9,7 +9,8 @@ statistics: a grid of (channel blocks) × (row slices); each program sums, for i
     tile at a time, the tile's sums added to float64 accumulators), and writes one partial per
     channel; the partials are summed in a fixed order with torch. The shift is each channel's
     first value where finite, so a large mean does not cancel the variance away.
-normalise: persistent programs stream the flat memory of x; out = x · scale + shift (+ ReLU).
+normalise: persistent programs stream the flat memory of x; out = x · scale + shift (+ ReLU), one
+    fused multiply-add, scale and shift per channel in the accumulation dtype (``_affine``).
 backward: the same two shapes: Σg and Σg·(x − mean) per channel (g the gradient masked where
     forward's pre-ReLU value ≤ 0, recomputed from x), then grad_input elementwise.
 """
@@ -28,8 +29,8 @@ from fastml.ops.batch_norm import reference
 def _channel_sums_kernel(
     x_ptr,        # (N, C, H, W) input, strides (sn, sc, sl) in the (n, c, l) view
     g_ptr,        # same shape and strides: the gradient (GRADIENT), else unused
-    a_ptr,        # (C,) forward's scale (GRADIENT and RELU)
-    b_ptr,        # (C,) forward's shift (GRADIENT and RELU)
+    a_ptr,        # (C,) forward's scale, ACC's dtype (GRADIENT and RELU)
+    b_ptr,        # (C,) forward's shift, ACC's dtype (GRADIENT and RELU)
     center_ptr,   # (C,) what x is taken from: the shift (statistics) or the mean (GRADIENT)
     part_ptr,     # (P, 2, C) float64 partial sums of program row-slice p
     c, l, rows, sn, sc, sl, rows_per_program,
@@ -59,7 +60,7 @@ def _channel_sums_kernel(
         if GRADIENT:
             g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
             if RELU:
-                g = tl.where(x * a[None, :] + b[None, :] <= 0, 0, g)
+                g = tl.where(tl.fma(x, a[None, :], b[None, :]) <= 0, 0, g)  # as _elementwise_kernel's pre
             first += tl.sum(g, axis=0).to(tl.float64)
             second += tl.sum(g * d, axis=0).to(tl.float64)
         else:
@@ -74,8 +75,8 @@ def _channel_sums_kernel(
 def _elementwise_kernel(
     x_ptr,        # (numel,) x's memory, in its layout
     g_ptr,        # (numel,) the gradient, same layout (GRADIENT)
-    a_ptr,        # (C,) forward's scale
-    b_ptr,        # (C,) forward's shift
+    a_ptr,        # (C,) forward's scale, ACC's dtype
+    b_ptr,        # (C,) forward's shift, ACC's dtype
     mean_ptr,     # (C,) batch mean (GRADIENT)
     k_ptr,        # (C,) invstd² · mean(g · (x − mean)) (GRADIENT)
     mg_ptr,       # (C,) mean(g) (GRADIENT)
@@ -92,7 +93,9 @@ def _elementwise_kernel(
         x = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC)
         a = tl.load(a_ptr + ch, mask=mask, other=0).to(ACC)
         b = tl.load(b_ptr + ch, mask=mask, other=0).to(ACC)
-        pre = x * a + b  # forward's output and backward's mask: one expression, in ACC
+        # Forward's output and backward's mask: one expression, fused as torch's addcmul (one
+        # rounding, whatever the compiler would contract), so the two find the same signs.
+        pre = tl.fma(x, a, b)
         if GRADIENT:
             g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
             if RELU:
@@ -106,6 +109,16 @@ def _elementwise_kernel(
             if RELU:
                 y = tl.where(y < 0, 0, y)  # (NaN < 0 is false: NaN kept)
         tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _affine(weight, bias, stats):
+    """(scale, shift) per channel, contiguous: reference.affine in the accumulation dtype. For
+    float16 / bfloat16 statistics this keeps shift = bias − mean · scale from a half rounding of
+    mean · scale, which where the mean is many standard deviations from 0 is large beside the
+    output. Forward and backward both take it from the (3, C) stats, so they agree on it."""
+    acc = tt.torch_acc_dtype(stats.dtype)
+    weight, bias = (None if t is None else t.to(acc) for t in (weight, bias))
+    return tuple(t.contiguous() for t in reference.affine(weight, bias, stats.to(acc)))
 
 
 def _view(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
@@ -158,7 +171,7 @@ def forward(x, weight, bias, eps, relu):
     var = torch.where(spread < 0, 0.0, spread)  # (NaN stays NaN)
     # the shift as the kernel subtracted it: rounded to x's dtype
     stats = torch.stack((shift.to(x.dtype).double() + mean_shift, var, 1.0 / torch.sqrt(var + eps))).to(x.dtype)
-    scale, offset = (t.contiguous() for t in reference.affine(weight, bias, stats))
+    scale, offset = _affine(weight, bias, stats)
     return _elementwise(x, x, scale, offset, x, x, x, relu, False), stats
 
 
@@ -167,11 +180,11 @@ def backward(grad, x, weight, bias, stats, relu):
         return reference.backward(grad, x, weight, bias, stats, relu)
     n, c, h, w = x.shape
     count = n * h * w
-    scale, offset = (t.contiguous() for t in reference.affine(weight, bias, stats))
+    scale, offset = _affine(weight, bias, stats)
     mean, invstd = stats[0].contiguous(), stats[2].double()
     total = _channel_sums(x, grad, scale, offset, mean, relu, True)
     grad_bias = None if bias is None else total[0].to(x.dtype)
     grad_weight = None if weight is None else (total[1] * invstd).to(x.dtype)
-    k = (invstd * invstd * total[1] / count).to(torch.float32 if x.dtype != torch.float64 else x.dtype)
+    k = (invstd * invstd * total[1] / count).to(tt.torch_acc_dtype(x.dtype))
     mean_g = (total[0] / count).to(k.dtype)
     return _elementwise(x, grad, scale, offset, mean, k, mean_g, relu, True), grad_weight, grad_bias
