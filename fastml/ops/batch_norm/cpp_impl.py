@@ -7,12 +7,8 @@ from __future__ import annotations
 import torch
 
 from fastml import _recycle
-from fastml._cpp import kernel, threads
+from fastml._cpp import kernel, ptr, threads
 from fastml.ops.batch_norm import reference
-
-
-def _address(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 def _dims(x: torch.Tensor) -> tuple[int, int, int, bool]:
@@ -33,7 +29,7 @@ def forward(x, weight, bias, eps, relu):
     n, c, l, channels_last = _dims(x)
     out = _like(x)
     stats = x.new_empty((3, c))
-    kernel("batch_norm_forward", x.dtype)(x.data_ptr(), n, c, l, channels_last, _address(weight), _address(bias),
+    kernel("batch_norm_forward", x.dtype)(x.data_ptr(), n, c, l, channels_last, ptr(weight), ptr(bias),
                                           float(eps), bool(relu), out.data_ptr(), stats.data_ptr(), threads())
     return out, stats
 
@@ -45,7 +41,7 @@ def backward(grad, x, weight, bias, stats, relu):
     grad_input = _like(x)
     grad_weight = None if weight is None else x.new_empty(c)
     grad_bias = None if bias is None else x.new_empty(c)
-    kernel("batch_norm_backward", x.dtype)(grad.data_ptr(), x.data_ptr(), n, c, l, channels_last, _address(weight),
-                                           _address(bias), stats.data_ptr(), bool(relu), grad_input.data_ptr(),
-                                           _address(grad_weight), _address(grad_bias), threads())
+    kernel("batch_norm_backward", x.dtype)(grad.data_ptr(), x.data_ptr(), n, c, l, channels_last, ptr(weight),
+                                           ptr(bias), stats.data_ptr(), bool(relu), grad_input.data_ptr(),
+                                           ptr(grad_weight), ptr(grad_bias), threads())
     return grad_input, grad_weight, grad_bias

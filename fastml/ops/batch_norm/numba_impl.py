@@ -200,18 +200,13 @@ def forward(x, weight, bias, eps, relu):
         return reference.forward(x, weight, bias, eps, relu)
     channels_last = reference.layout_of(x) == torch.channels_last
     n, c, h, w = x.shape
-    count = n * h * w
-    first = (x[0, :, 0, 0] if channels_last else x.reshape(n, c, -1)[0, :, 0]).detach().double()
-    shift = torch.where(first.isfinite(), first, 0.0)
+    shift = reference.channel_shift(x)
     units, chunks = _split(x, channels_last)
     chunks = min(chunks, units)
     sums = np.empty((chunks, 2, c), dtype=np.float64)
     (_row_sums if channels_last else _plane_sums)(_as_2d(x, channels_last), shift.numpy(), chunks, sums)
     total = torch.from_numpy(sums.sum(axis=0))  # chunk by chunk, in order
-    mean_shift = total[0] / count
-    spread = total[1] / count - mean_shift * mean_shift
-    var = torch.where(spread < 0, 0.0, spread)  # (NaN stays NaN)
-    stats = torch.stack((shift + mean_shift, var, 1.0 / torch.sqrt(var + eps))).to(x.dtype)
+    stats = reference.stats_from_sums(shift, total, n * h * w, eps, x.dtype)
     scale, offset = reference.affine(weight, bias, stats)
     out = reference.like(x)
     (_normalise_rows if channels_last else _normalise_planes)(
@@ -227,7 +222,7 @@ def backward(grad, x, weight, bias, stats, relu):
     n, c, h, w = x.shape
     count = n * h * w
     scale, offset = (t.contiguous() for t in reference.affine(weight, bias, stats))
-    mean, invstd = stats[0].contiguous(), stats[2].double()
+    mean = stats[0].contiguous()
     units, chunks = _split(x, channels_last)
     chunks = min(chunks, units)
     x2, g2 = _as_2d(x, channels_last), _as_2d(grad, channels_last)
@@ -235,10 +230,8 @@ def backward(grad, x, weight, bias, stats, relu):
     (_gradient_row_sums if channels_last else _gradient_plane_sums)(
         g2, x2, nb.view(mean), nb.view(scale), nb.view(offset), bool(relu), chunks, sums)
     total = torch.from_numpy(sums.sum(axis=0))
-    grad_bias = None if bias is None else total[0].to(x.dtype)
-    grad_weight = None if weight is None else (total[1] * invstd).to(x.dtype)
-    k_coef = (invstd * invstd * total[1] / count).to(x.dtype)
-    mean_g = (total[0] / count).to(x.dtype)
+    grad_weight, grad_bias, k_coef, mean_g = reference.gradient_terms(total, stats, count, weight, bias, x.dtype,
+                                                                      x.dtype)
     grad_input = reference.like(x)
     (_input_gradient_rows if channels_last else _input_gradient_planes)(
         g2, x2, nb.view(mean), nb.view(scale), nb.view(offset), bool(relu), nb.view(k_coef), nb.view(mean_g),

@@ -57,6 +57,37 @@ def affine(weight, bias, stats):
     return scale, shift
 
 
+def channel_shift(x: torch.Tensor) -> torch.Tensor:
+    """(C,) float64: each channel's first value, x[0, c, 0, 0], where finite, else 0. The kernels
+    sum x − shift and its square: about a value of the channel, a large mean does not cancel the
+    variance away; an infinite shift would make every difference infinite or NaN."""
+    first = x[0, :, 0, 0].detach().double()
+    return torch.where(first.isfinite(), first, 0.0)
+
+
+def stats_from_sums(shift: torch.Tensor, sums: torch.Tensor, count: int, eps: float,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """forward's (3, C) statistics in ``dtype`` from the kernels' float64 sums (2, C) of x − shift
+    and (x − shift)² over ``count`` values per channel, ``shift`` as they subtracted it."""
+    mean_shift = sums[0] / count
+    spread = sums[1] / count - mean_shift * mean_shift
+    var = torch.where(spread < 0, 0.0, spread)  # (rounding can take it below 0; NaN stays NaN)
+    return torch.stack((shift + mean_shift, var, 1.0 / torch.sqrt(var + eps))).to(dtype)
+
+
+def gradient_terms(sums: torch.Tensor, stats: torch.Tensor, count: int, weight, bias, dtype: torch.dtype,
+                   coefficient_dtype: torch.dtype):
+    """(grad_weight, grad_bias, k, mean_g) from the kernels' float64 sums (2, C) of g and
+    g · (x − mean): backward's formula (module docstring) with k = invstd² · mean(g · (x − mean));
+    the gradients in ``dtype`` (None for an absent parameter), k and mean_g in
+    ``coefficient_dtype``, what the elementwise pass computes in."""
+    invstd = stats[2].double()
+    grad_bias = None if bias is None else sums[0].to(dtype)
+    grad_weight = None if weight is None else (sums[1] * invstd).to(dtype)
+    k = (invstd * invstd * sums[1] / count).to(coefficient_dtype)
+    return grad_weight, grad_bias, k, (sums[0] / count).to(coefficient_dtype)
+
+
 def _per_channel(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(1, -1, 1, 1)
 

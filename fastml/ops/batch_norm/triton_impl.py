@@ -162,15 +162,9 @@ def forward(x, weight, bias, eps, relu):
     if x.numel() == 0:
         return reference.forward(x, weight, bias, eps, relu)
     n, c, h, w = x.shape
-    count = n * h * w
-    first = x[0, :, 0, 0].double()
-    shift = torch.where(first.isfinite(), first, 0.0)
-    total = _channel_sums(x, x, x, x, shift.to(x.dtype).contiguous(), False, False)
-    mean_shift = total[0] / count
-    spread = total[1] / count - mean_shift * mean_shift
-    var = torch.where(spread < 0, 0.0, spread)  # (NaN stays NaN)
-    # the shift as the kernel subtracted it: rounded to x's dtype
-    stats = torch.stack((shift.to(x.dtype).double() + mean_shift, var, 1.0 / torch.sqrt(var + eps))).to(x.dtype)
+    shift = reference.channel_shift(x).to(x.dtype)  # the kernel subtracts it in x's dtype
+    total = _channel_sums(x, x, x, x, shift.contiguous(), False, False)
+    stats = reference.stats_from_sums(shift.double(), total, n * h * w, eps, x.dtype)
     scale, offset = _affine(weight, bias, stats)
     return _elementwise(x, x, scale, offset, x, x, x, relu, False), stats
 
@@ -181,10 +175,8 @@ def backward(grad, x, weight, bias, stats, relu):
     n, c, h, w = x.shape
     count = n * h * w
     scale, offset = _affine(weight, bias, stats)
-    mean, invstd = stats[0].contiguous(), stats[2].double()
+    mean = stats[0].contiguous()
     total = _channel_sums(x, grad, scale, offset, mean, relu, True)
-    grad_bias = None if bias is None else total[0].to(x.dtype)
-    grad_weight = None if weight is None else (total[1] * invstd).to(x.dtype)
-    k = (invstd * invstd * total[1] / count).to(tt.torch_acc_dtype(x.dtype))
-    mean_g = (total[0] / count).to(k.dtype)
+    grad_weight, grad_bias, k, mean_g = reference.gradient_terms(total, stats, count, weight, bias, x.dtype,
+                                                                 tt.torch_acc_dtype(x.dtype))
     return _elementwise(x, grad, scale, offset, mean, k, mean_g, relu, True), grad_weight, grad_bias
