@@ -83,9 +83,9 @@ class _GemmWeightGrad(torch.autograd.Function):
             grad_input, _, grad_bias, _ = _conv_backward.torch_backward(ctx, grad, input, weight, conv,
                                                                         weight_grad=False)
         if need_weight:
+            # channels-last, as torch's weight gradient for a channels-last input (AccumulateGrad
+            # copies it into the parameter's layout, for torch's as for this one)
             grad_weight = weight_gradient(grad, input, weight.shape, conv.stride, conv.padding, conv.dilation)
-            if weight.is_contiguous():  # in the parameter's layout, as AccumulateGrad would copy it to
-                grad_weight = grad_weight.contiguous()
         return grad_input, grad_weight, grad_bias, None
 
 

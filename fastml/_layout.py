@@ -41,6 +41,45 @@ def _relayout(value, memory_format: torch.memory_format):
     return torch.empty_like(value, memory_format=memory_format).copy_(value)
 
 
+def suggests_channels_last(t: torch.Tensor) -> bool:
+    """``t.suggest_memory_format() == torch.channels_last``, the test torch's CPU convolution
+    applies to its input and weight to pick its layout: the strides, read from the channels outward
+    (C, W, H, N), never decrease, each dimension of more than one element spanning those inside
+    it. A tensor that is contiguous both ways (one channel, 1x1 images, a 1x1 or depthwise weight)
+    counts as channels-last when its strides were made so, which decides the layout of a
+    convolution's output, which is not ambiguous."""
+    if t.dim() != 4 or t.layout != torch.strided:
+        return False
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    spanned = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < spanned:
+            return False
+        if d == 0 and spanned == strides[1]:  # N and C could be either order: torch says no
+            return False
+        spanned = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True
+
+
+class Relayout(torch.autograd.Function):
+    """``x`` copied into ``memory_format``, its gradient handed back in ``grad_memory_format``: a
+    kernel that runs on one layout, behind a layer whose twin hands gradients back in another,
+    gives torch's layouts to the gradients too."""
+
+    @staticmethod
+    def forward(ctx, x, memory_format, grad_memory_format):
+        ctx.grad_memory_format = grad_memory_format
+        if x.is_contiguous(memory_format=memory_format):
+            return x.view_as(x)  # no copy: only the gradient's layout changes
+        return _relayout(x, memory_format)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _relayout(grad, ctx.grad_memory_format), None, None
+
+
 def _back(value):
     if isinstance(value, torch.Tensor):
         if value.dim() == 4 and not value.is_contiguous() and value.is_contiguous(memory_format=torch.channels_last):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn import _reduction
 from torch.overrides import has_torch_function
 
-from fastml import _route
+from fastml import _layout, _route
 from fastml.ops import LIBRARY, forward_ad_active, in_custom_op_graph, is_compiling
 from fastml.ops import batch_norm as _batch_norm_op
 from fastml.ops import cdist as _cdist_op
@@ -400,8 +400,8 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     """``torch.nn.functional.max_pool2d``: input (N, C, H, W) or (C, H, W) → the maxima of each
     window, with torch's indices (flat positions in the input plane, ties to the first maximum,
     NaN propagating) when ``return_indices``; backward routes each gradient to its maximum.
-    A channels_last input gives channels_last outputs, as torch. What the kernels do not cover
-    (other dtypes, transforms, invalid arguments) runs torch's max_pool2d.
+    A channels_last input gives channels_last outputs and input gradient, as torch. What the
+    kernels do not cover (other dtypes, transforms, invalid arguments) runs torch's max_pool2d.
     """
     args = None if _defer_to_torch(input) else _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode)
     if args is None:
@@ -409,7 +409,7 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
                             return_indices=return_indices)
     x = input if input.dim() == 4 else input.unsqueeze(0)
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    out, indices = _max_pool2d_op.max_pool2d(x.contiguous(), *args, ceil_mode)
+    out, indices = _max_pool2d_op.max_pool2d(_nchw(x, channels_last), *args, ceil_mode)
     if channels_last:
         out, indices = (t.contiguous(memory_format=torch.channels_last) for t in (out, indices))
     if input.dim() == 3:
@@ -516,27 +516,36 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
            dilation=1, groups: int = 1) -> torch.Tensor:
     """``torch.nn.functional.conv2d``: input (N, C, H, W) or (C, H, W), weight (K, C / groups, R, S),
     bias (K,) or None; stride, padding (ints, a pair, "valid" or "same") and dilation as torch's;
-    with backward for input, weight and bias. A channels_last input gives a channels_last output,
-    as torch. What the kernels do not cover (other dtypes, transforms, invalid arguments) runs
-    torch's conv2d.
+    with backward for input, weight and bias. The output and the gradients of input and weight are
+    channels_last where torch's are: when the input or the weight is. What the kernels do not cover
+    (other dtypes, transforms, invalid arguments) runs torch's conv2d.
     """
     args = None if _defer_to_torch(input, weight, bias) else _conv_args(input, weight, bias, stride, padding,
                                                                         dilation, groups)
     if args is None:
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    x, padding, restore = _conv_input(input, args[1])
-    out = _conv2d_op.conv2d(x, weight.contiguous(), None if bias is None else bias.contiguous(), args[0], padding,
-                            args[2], groups)
+    x, weight, padding, restore = _conv_operands(input, weight, args[1])
+    out = _conv2d_op.conv2d(x, weight, None if bias is None else bias.contiguous(), args[0], padding, args[2], groups)
     return restore(out)
 
 
-def _conv_input(input, pads):
-    """The kernels' view of a convolution's input: (x (N, C, H, W) contiguous, symmetric padding,
-    restore) where restore gives an output the input's layout (unbatched, channels_last).
-    Asymmetric padding (an even kernel under "same") adds the odd row and column by F.pad."""
+def _nchw(x: torch.Tensor, grad_channels_last: bool) -> torch.Tensor:
+    """x contiguous for the kernels; its gradient channels_last if ``grad_channels_last``, as
+    torch's CPU convolution and pooling hand back a channels-last layer's gradients."""
+    if grad_channels_last and x.requires_grad and torch.is_grad_enabled():
+        return _layout.Relayout.apply(x, torch.contiguous_format, torch.channels_last)
+    return x.contiguous()
+
+
+def _conv_operands(input, weight, pads):
+    """The kernels' view of a convolution's operands: (x (N, C, H, W) contiguous, weight
+    contiguous, symmetric padding, restore) where restore gives the output torch's layout
+    (unbatched; channels_last when the input or the weight is, torch's CPU rule, which then holds
+    for their gradients too). Asymmetric padding (an even kernel under "same") adds the odd row and
+    column by F.pad."""
     top, bottom, left, right = pads
     x = input if input.dim() == 4 else input.unsqueeze(0)
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = _layout.suggests_channels_last(x) or _layout.suggests_channels_last(weight)
     if top != bottom or left != right:
         x = F.pad(x, (left, right, top, bottom))
         top = left = 0
@@ -546,7 +555,7 @@ def _conv_input(input, pads):
             out = out.contiguous(memory_format=torch.channels_last)
         return out if input.dim() == 4 else out.squeeze(0)
 
-    return x.contiguous(), (top, left), restore
+    return _nchw(x, channels_last), _nchw(weight, channels_last), (top, left), restore
 
 
 def conv2d_relu_max_pool2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
@@ -570,9 +579,9 @@ def conv2d_relu_max_pool2d(input: torch.Tensor, weight: torch.Tensor, bias: torc
         if (min(*pool_kernel, *pool_step) > 0 and pool_kernel[0] * pool_kernel[1] <= 127
                 and all(size >= k for size, k in zip(conv_size, pool_kernel))):
             def fastml_forward(input, weight, bias):
-                x, fused_padding, restore = _conv_input(input, args[1])
+                x, weight, fused_padding, restore = _conv_operands(input, weight, args[1])
                 return restore(_fused_op.conv2d_relu_max_pool2d(
-                    x, weight.contiguous(), None if bias is None else bias.contiguous(), conv_stride, fused_padding,
+                    x, weight, None if bias is None else bias.contiguous(), conv_stride, fused_padding,
                     conv_dilation, groups, pool_kernel, pool_step))
 
             def torch_forward(input, weight, bias):
