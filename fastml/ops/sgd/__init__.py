@@ -43,9 +43,12 @@ def launch_sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, w
     lists = (params, grads, buffers) if with_momentum else (params, grads)
 
     def launch(backend, rows, cols, timing):
-        first_step = [False] * len(cols[0]) if timing else pick(fresh, rows)
+        if not with_momentum:  # no buffers: ``fresh`` may be empty, whatever the rows
+            first_step = []
+        else:
+            first_step = [False] * len(cols[0]) if timing else pick(fresh, rows)
         impl(backend).sgd_step(cols[0], cols[1], cols[2] if with_momentum else [],
-                               first_step if with_momentum else [], lr=lr, momentum=momentum,
+                               first_step, lr=lr, momentum=momentum,
                                dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                                zero_grad=zero_grad and not timing)
 
