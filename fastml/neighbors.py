@@ -8,7 +8,15 @@ kernels: exact distances, ties broken by the lower training index, no query × t
 Inputs are numpy arrays (or lists) or torch tensors, on the CPU or a GPU; results come back as the
 query's kind, on its device. The training data keep their floating dtype (float32 or float64;
 other dtypes become float64), and queries are computed in it. ``algorithm``, ``leaf_size`` and
-``n_jobs`` are accepted for compatibility: the search is always brute force on the kernels.
+``n_jobs`` are accepted for compatibility: the kernels' search is always brute force (a tree
+algorithm still refuses sparse queries, as scikit-learn's trees do).
+
+The kernels compute the Minkowski family (euclidean, manhattan, chebyshev, minkowski with p >= 1).
+What they do not compute (another metric, a callable or "precomputed" one, metric_params, a
+semimetric p < 1, training data given as a fitted scikit-learn neighbours object) ``fit`` hands
+over to scikit-learn's estimator of the same name, where scikit-learn is installed: it then
+answers, warns and raises as scikit-learn's own, fitted attributes included. Without
+scikit-learn, or with a process_group, those settings raise.
 scipy.sparse matrices and arrays (and sparse tensors) are taken too, densified: the kernels read
 dense rows, so a sparse X costs n_samples × n_features values in memory. Bad input is refused
 with scikit-learn's errors and messages (its ``check_estimator`` passes).
@@ -86,6 +94,20 @@ def _reduce_twin(self):
 
 def _make_twin(name: str, args: tuple):
     return _twin(globals()[name])(*args)
+
+
+# private attributes a fit by the kernels sets (besides the public ones, which end in "_")
+_FITTED_PRIVATE = ("_fit_X", "_y", "_group", "_fit_method")
+
+
+def _sklearn_neighbors():
+    """scikit-learn's neighbors module, or None where scikit-learn is not installed (it is
+    optional): imported on the path that needs it only, as it takes about a second."""
+    try:
+        from sklearn import neighbors
+    except ImportError:
+        return None
+    return neighbors
 
 
 def _is_sparse(data) -> bool:
@@ -265,9 +287,11 @@ class _KNeighborsBase:
         classifier = self._estimator_type == "classifier"
         # Both take y of shape (n_samples, n_outputs) (the classifier one label per output, so a
         # multilabel indicator y too, as scikit-learn's, whose tags say multi_label).
-        # Sparse X is taken (densified), as scikit-learn's KNeighbors* take it.
+        # Sparse X is taken (densified), as scikit-learn's KNeighbors* take it. A precomputed
+        # metric takes X as distances between samples: pairwise, which tells cross-validation
+        # to split both of its axes.
         return Tags(estimator_type=self._estimator_type,
-                    input_tags=InputTags(sparse=True),
+                    input_tags=InputTags(sparse=True, pairwise=self.metric == "precomputed"),
                     target_tags=TargetTags(required=True, multi_output=True),
                     classifier_tags=ClassifierTags(multi_label=True) if classifier else None,
                     regressor_tags=None if classifier else RegressorTags())
@@ -307,6 +331,9 @@ class _KNeighborsBase:
                                         "with appropriate arguments before using this estimator.")
 
     def _queries(self, X) -> tuple[torch.Tensor, torch.device | None]:
+        if _is_sparse(X) and self.algorithm in ("kd_tree", "ball_tree"):  # scikit-learn's trees refuse them
+            raise ValueError(f"{self.algorithm} does not work with sparse matrices. Densify the data, or set "
+                             "algorithm='brute'")
         Xq, device = _to_tensor("X", X, device=self._fit_X.device, dtype=self._fit_X.dtype)
         _check_2d("X", Xq, type(self).__name__)
         if Xq.shape[1] != self.n_features_in_:
@@ -315,12 +342,66 @@ class _KNeighborsBase:
         _check_finite("X", Xq)
         return Xq, device
 
+    # ------------------------------------------- what scikit-learn's estimator computes instead
+
+    def _beyond_the_kernels(self, X) -> str | None:
+        """Why this fit is one fastml's kernels do not compute but scikit-learn's estimator does
+        (None: the kernels compute it): a metric outside the Minkowski family (a name, a callable,
+        a DistanceMetric, "precomputed"), metric_params, a Minkowski semimetric (0 < p < 1),
+        training data given as a fitted scikit-learn neighbours object or tree, or sparse data
+        for a tree algorithm (which scikit-learn refuses). Then fit hands the estimator over to
+        scikit-learn's twin (where it is installed), which raises, warns and answers as it does."""
+        metric = self.metric
+        if not isinstance(metric, str) or metric not in _METRICS:
+            return f"metric {metric!r}"
+        if self.metric_params:
+            return "metric_params"
+        p = self.p
+        if (metric == "minkowski" and isinstance(p, numbers.Real) and not isinstance(p, bool)
+                and 0 < p < 1):
+            return f"a Minkowski semimetric (p = {p!r})"
+        if type(X).__module__.startswith("sklearn."):
+            return f"training data given as {type(X).__name__}"
+        if _is_sparse(X) and self.algorithm in ("kd_tree", "ball_tree"):
+            return f"sparse data for algorithm {self.algorithm!r}"
+        return None
+
+    def _fit_by_sklearn(self, X, y):
+        twin = getattr(_sklearn_neighbors(), type(self).__name__)(**self._sklearn_params())
+        twin.fit(X, y)
+        for name in [name for name in vars(self) if name.endswith("_") or name in _FITTED_PRIVATE]:
+            delattr(self, name)  # what an earlier fit by the kernels left
+        for name, value in vars(twin).items():
+            if (name.endswith("_") and not name.startswith("__")) or name == "_fit_method":
+                setattr(self, name, value)
+        self._sklearn_fitted = twin
+        return self
+
+    def _sklearn_params(self) -> dict:
+        return {name: value for name, value in self.get_params().items() if name != "process_group"}
+
+    def _sklearn_twin(self):
+        """The scikit-learn estimator that fit handed this one over to, with this one's current
+        parameters (set_params after fit acts on it as on scikit-learn's own), or None."""
+        twin = self.__dict__.get("_sklearn_fitted")
+        if twin is not None:
+            twin.set_params(**self._sklearn_params())
+        return twin
+
     # ------------------------------------------------------------------------------ fit
 
     def fit(self, X, y):
         """Remembers the training points X (n_samples, n_features) and their targets y
         (n_samples, ...); returns self. With a process_group: this rank's shard of them, of any
         size (0 included, as an (0, n_features) array), every rank calling fit."""
+        reason = self._beyond_the_kernels(X)
+        if reason is not None and self.process_group is None and _sklearn_neighbors() is not None:
+            return self._fit_by_sklearn(X, y)
+        self.__dict__.pop("_sklearn_fitted", None)
+        if reason is not None and self.process_group is not None:
+            raise ValueError(f"{reason}: scikit-learn's estimator would compute it, but not across the ranks of a "
+                             "process_group")
+        self._fit_method = "brute"
         group = _checked_group(self.process_group)
         if group is None:
             X, y = self._checked_shard(X, y, min_samples=1)
@@ -511,10 +592,33 @@ class _KNeighborsBase:
         With a process_group, every rank passes the same X and gets the same answer, indices
         into the concatenation of the shards; without X, the queries are all the ranks' training
         points (gathered on every rank), in that order."""
+        twin = self._sklearn_twin()
+        if twin is not None:
+            return twin.kneighbors(X, n_neighbors, return_distance)
         distances, indices, _, device = self._neighbours(X, n_neighbors)
         if return_distance:
             return _back(distances, device), _back(indices, device)
         return _back(indices, device)
+
+    def kneighbors_graph(self, X=None, n_neighbors=None, mode="connectivity"):
+        """The k-neighbours graph as scikit-learn's: a scipy.sparse CSR matrix (n_queries,
+        n_samples_fit_) with, in each query's row, 1 ("connectivity") or the distance
+        ("distance") at each of its neighbours' columns. Without X, each training point's
+        neighbours other than itself."""
+        twin = self._sklearn_twin()
+        if twin is not None:
+            return twin.kneighbors_graph(X, n_neighbors, mode)
+        if mode not in ("connectivity", "distance"):
+            raise ValueError(f'Unsupported mode, must be one of "connectivity", or "distance" but got "{mode}" '
+                             "instead")
+        from scipy import sparse
+
+        distances, indices, _, _ = self._neighbours(X, n_neighbors)
+        n_queries, k = indices.shape
+        values = (np.ones(n_queries * k) if mode == "connectivity"
+                  else distances.detach().cpu().numpy().astype(np.float64, copy=False).ravel())
+        return sparse.csr_matrix((values, indices.cpu().numpy().ravel(), np.arange(0, n_queries * k + 1, k)),
+                                 shape=(n_queries, self.n_samples_fit_))
 
     def _weights(self, distances: torch.Tensor, device) -> torch.Tensor | None:
         """Per-neighbour weights (None: uniform). Under "distance", 1 / distance, except that a
@@ -659,6 +763,9 @@ class KNeighborsClassifier(_KNeighborsBase):
     def predict_proba(self, X):
         """Class probabilities (n_queries, n_classes), classes in the order of ``classes_``; with
         several outputs, a list of each output's."""
+        twin = self._sklearn_twin()
+        if twin is not None:
+            return twin.predict_proba(X)
         probas, device = self._proba(X)
         probas = [_back(proba, device) for proba in probas]
         return probas if self.outputs_2d_ else probas[0]
@@ -666,6 +773,9 @@ class KNeighborsClassifier(_KNeighborsBase):
     def predict(self, X):
         """The most probable class of each query (ties: the first in ``classes_``): (n_queries,),
         or (n_queries, n_outputs) with several outputs."""
+        twin = self._sklearn_twin()
+        if twin is not None:
+            return twin.predict(X)
         probas, device = self._proba(X)
         columns = [classes[proba.argmax(dim=1).cpu().numpy()] for classes, proba in zip(self._outputs(), probas)]
         if not self.outputs_2d_:
@@ -686,6 +796,9 @@ class KNeighborsClassifier(_KNeighborsBase):
         """Mean accuracy of ``predict(X)`` against y (weighted by sample_weight); with several
         outputs, subset accuracy (every output right), which scikit-learn's accuracy_score takes
         for multilabel indicators (0/1 outputs) only: other multi-output y raise as there."""
+        twin = self._sklearn_twin()
+        if twin is not None:
+            return twin.score(X, y, sample_weight)
         predicted = self.predict(X)
         predicted = predicted.cpu().numpy() if isinstance(predicted, torch.Tensor) else predicted
         truth = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
@@ -748,6 +861,9 @@ class KNeighborsRegressor(_KNeighborsBase):
     def predict(self, X):
         """The (weighted) mean target of each query's neighbours: (n_queries,) or
         (n_queries, n_outputs), as y."""
+        twin = self._sklearn_twin()
+        if twin is not None:
+            return twin.predict(X)
         distances, _, targets, device = self._neighbours(X, None, with_targets=True)
         weights = self._weights(distances, device)  # targets: (n_queries, k) or (n_queries, k, n_outputs)
         if weights is None:
@@ -759,6 +875,9 @@ class KNeighborsRegressor(_KNeighborsBase):
 
     def score(self, X, y, sample_weight=None) -> float:
         """R² of ``predict(X)`` against y, averaged uniformly over outputs."""
+        twin = self._sklearn_twin()
+        if twin is not None:
+            return twin.score(X, y, sample_weight)
         predicted = self.predict(X)
         predicted = predicted.cpu().numpy() if isinstance(predicted, torch.Tensor) else np.asarray(predicted)
         truth = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, dtype=float)

@@ -196,7 +196,7 @@ def test_params_api_and_clone():
     (lambda: KNeighborsRegressor(1).kneighbors([[0.0]]), NotFittedError, "not fitted yet"),
     (lambda: KNeighborsClassifier(0).fit([[0.0]], [1]), ValueError, "n_neighbors must be a positive integer"),
     (lambda: KNeighborsClassifier(1, weights="gaussian").fit([[0.0]], [1]), ValueError, "weights must be"),
-    (lambda: KNeighborsClassifier(1, metric="cosine").fit([[0.0]], [1]), ValueError, "metric must be one of"),
+    (lambda: KNeighborsClassifier(1, metric="no_such_metric").fit([[0.0]], [1]), ValueError, "metric"),
     (lambda: KNeighborsClassifier(1).fit([[0.0], [1.0]], [1]), ValueError, "inconsistent numbers of samples"),
     (lambda: KNeighborsClassifier(1).fit([0.0, 1.0], [1, 0]), ValueError, "Expected 2D array, got 1D array"),
     (lambda: KNeighborsClassifier(1).fit([[0.0], [1.0]], None), ValueError,
@@ -432,3 +432,81 @@ def test_neighbours_all_of_zero_weight_are_refused_as_sklearn():
             getattr(sk_neighbors.KNeighborsClassifier(3, weights=zero).fit(X, y), method)(X[:2])
         with pytest.raises(ValueError, match="All neighbors of some sample is getting zero weights"):
             getattr(KNeighborsClassifier(3, weights=zero).fit(X, y), method)(X[:2])
+
+
+# --- what the kernels do not compute: scikit-learn's estimator answers, as its own would -------
+
+@pytest.mark.parametrize("Estimator", [KNeighborsClassifier, KNeighborsRegressor])
+@pytest.mark.parametrize("params", [dict(metric="cosine"), dict(metric="haversine", algorithm="ball_tree"),
+                                    dict(metric="minkowski", p=3, metric_params={"w": np.arange(1.0, 3.0)}),
+                                    dict(metric=lambda a, b: float(np.abs(a - b).sum()), weights="distance")],
+                         ids=["cosine", "haversine", "metric_params", "callable"])
+def test_metrics_beyond_the_kernels_answer_as_sklearn(Estimator, params):
+    rng = np.random.default_rng(0)
+    X, query = rng.random((40, 2)), rng.random((7, 2))
+    y = rng.integers(0, 3, 40) if Estimator is KNeighborsClassifier else rng.random(40)
+    ours = Estimator(4, **params).fit(X, y)
+    twin = getattr(sk_neighbors, Estimator.__name__)(4, **params).fit(X, y)
+    np.testing.assert_array_equal(ours.predict(query), twin.predict(query))
+    for a, b in zip(ours.kneighbors(query), twin.kneighbors(query)):
+        np.testing.assert_array_equal(a, b)
+    assert ours.effective_metric_ == twin.effective_metric_ and ours._fit_method == twin._fit_method
+    ours.set_params(n_neighbors=2)  # after fit, as scikit-learn's: the next query uses it
+    assert ours.kneighbors(query)[0].shape == (7, 2)
+    assert repr(ours) == repr(Estimator(2, **params))
+
+
+def test_a_refit_within_the_kernels_leaves_sklearns_fit_behind():
+    X, y = np.random.default_rng(1).random((20, 3)), np.arange(20) % 2
+    model = KNeighborsClassifier(3, metric="cosine").fit(X, y)
+    model.set_params(metric="euclidean").fit(X, y)
+    assert "_sklearn_fitted" not in vars(model) and model._fit_method == "brute"
+    twin = sk_neighbors.KNeighborsClassifier(3).fit(X, y)
+    np.testing.assert_array_equal(model.kneighbors(X[:5])[1], twin.kneighbors(X[:5])[1])
+
+
+def test_precomputed_distances_and_cross_validation():
+    from sklearn.metrics import pairwise_distances
+    from sklearn.model_selection import cross_val_score
+
+    rng = np.random.default_rng(2)
+    X, y = rng.random((30, 2)), rng.integers(0, 3, 30)
+    D = pairwise_distances(X)
+    for Estimator in (KNeighborsClassifier, KNeighborsRegressor):
+        # cross-validation splits a precomputed matrix on both axes (the estimator's pairwise tag)
+        np.testing.assert_array_equal(cross_val_score(Estimator(), X, y),
+                                      cross_val_score(Estimator(metric="precomputed"), D, y))
+
+
+@pytest.mark.parametrize("Estimator", [KNeighborsClassifier, KNeighborsRegressor])
+def test_a_semimetric_warns_as_sklearn(Estimator):
+    X, y = np.random.default_rng(3).random((10, 2)), np.ones(10)
+    with pytest.warns(UserWarning, match="for 0 < p < 1, Minkowski metrics are not distance metrics"):
+        model = Estimator(p=0.5).fit(X, y)
+    assert model._fit_method == "brute"
+    with pytest.raises(ValueError, match="does not support 0 < p < 1 for the Minkowski metric"):
+        Estimator(p=0.5, algorithm="kd_tree").fit(X, y)
+
+
+@pytest.mark.parametrize("algorithm", ["kd_tree", "ball_tree"])
+def test_a_tree_algorithm_refuses_sparse_queries_as_sklearn(algorithm):
+    from scipy import sparse
+
+    X, y = np.random.default_rng(4).random((5, 5)), np.array([0, 1, 0, 1, 0])
+    model = KNeighborsClassifier(1, algorithm=algorithm).fit(X, y)
+    with pytest.raises(ValueError, match=f"{algorithm} does not work with sparse matrices"):
+        model.predict(sparse.csr_matrix(X))
+    KNeighborsClassifier(1).fit(X, y).predict(sparse.csr_matrix(X))  # brute force takes them (densified)
+
+
+@pytest.mark.parametrize("mode", ["connectivity", "distance"])
+@pytest.mark.parametrize("X_given", [True, False], ids=["queries", "training_points"])
+def test_kneighbors_graph_is_sklearns(mode, X_given):
+    rng = np.random.default_rng(5)
+    X, y, query = rng.random((25, 3)), rng.integers(0, 2, 25), rng.random((6, 3))
+    ours = KNeighborsClassifier(3).fit(X, y).kneighbors_graph(query if X_given else None, mode=mode)
+    twin = sk_neighbors.KNeighborsClassifier(3).fit(X, y).kneighbors_graph(query if X_given else None, mode=mode)
+    assert ours.format == "csr" and ours.shape == twin.shape and ours.dtype == twin.dtype
+    np.testing.assert_allclose(ours.toarray(), twin.toarray(), rtol=1e-12)
+    with pytest.raises(ValueError, match="Unsupported mode"):
+        KNeighborsClassifier(3).fit(X, y).kneighbors_graph(query, mode="weights")
