@@ -11,6 +11,12 @@ course's update ``w -= lr * summed_gradient / batch_size``. ``solver="lstsq"`` i
 
 numpy arrays (or lists) in → numpy out; torch tensors in → tensors out, on the input's device,
 where the work also runs.
+
+Parameters are checked at ``fit``, as scikit-learn's estimators check them (its ``clone``,
+``set_params`` and grid searches set them unchecked): a bad one raises ``InvalidArgumentError``
+there. Bad data is refused with scikit-learn's messages (its ``check_estimator`` passes), also as
+``InvalidArgumentError`` (a ValueError and a TypeError); predicting before ``fit`` raises
+``NotFittedError``, where scikit-learn is installed also an instance of scikit-learn's.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ import numpy as np
 import torch
 
 from fastml import functional
+from fastml._sklearn_twin import twin as _twin
 from fastml.data import InvalidArgumentError, _randperm
+from fastml.neighbors import _is_sparse
 from fastml.ops import linear_mse as _linear_mse_op
 
 __all__ = ["InvalidArgumentError", "LinearRegression", "NotFittedError"]
@@ -31,43 +39,78 @@ __all__ = ["InvalidArgumentError", "LinearRegression", "NotFittedError"]
 SOLVERS = ("sgd", "lstsq")
 _DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64, "float32": torch.float32,
            "float64": torch.float64}
+_NAME = "LinearRegression"
 
 
 class NotFittedError(ValueError, AttributeError):
-    """The estimator is used before ``fit`` (a ValueError and an AttributeError, as scikit-learn's)."""
+    """The estimator is used before ``fit`` (a ValueError and an AttributeError, as scikit-learn's).
+    Where scikit-learn is installed, the error raised is also an instance of scikit-learn's class."""
+
+
+def _sparse_error(name: str, tensor: bool) -> InvalidArgumentError:
+    convert = "'.to_dense()' to convert to a dense tensor" if tensor else \
+        "'.toarray()' to convert to a dense numpy array"
+    return InvalidArgumentError(f"Sparse data was passed for {name}, but dense data is required. Use {convert}.")
 
 
 def _as_tensor(name: str, value) -> tuple[torch.Tensor, bool]:
     """→ (tensor, was_a_tensor). numpy arrays and lists become CPU tensors, sharing memory where
-    they can; anything that is not real numbers is refused naming the argument."""
+    they can. As scikit-learn's check_array: Python objects are converted to float64 (those that
+    are not numbers refused), strings, complex numbers and sparse matrices refused."""
     if isinstance(value, torch.Tensor):
         t, is_tensor = value.detach(), True
+        if t.layout != torch.strided:
+            raise _sparse_error(name, tensor=True)
     else:
+        if _is_sparse(value):
+            raise _sparse_error(name, tensor=False)
         try:
             array = np.asarray(value)
         except Exception as exc:  # ragged lists and the like
             raise InvalidArgumentError(f"{name} must be a numpy array or a torch tensor of numbers ({exc})") from None
-        if array.dtype.kind not in "biuf":
+        if array.dtype.kind in "USV":
+            raise InvalidArgumentError("dtype='numeric' is not compatible with arrays of bytes/strings."
+                                       "Convert your data to numeric values explicitly instead.")
+        if array.dtype == object:
+            try:
+                array = array.astype(np.float64)
+            except (TypeError, ValueError) as exc:  # e.g. "float() argument must be a string or a real number"
+                raise InvalidArgumentError(f"{name} holds objects that are not numbers: {exc}") from None
+        if array.dtype.kind not in "biufc":
             raise InvalidArgumentError(f"{name} must hold real numbers, got a numpy array of dtype {array.dtype}")
         t, is_tensor = torch.from_numpy(np.ascontiguousarray(array)), False
     if t.is_complex():
-        raise InvalidArgumentError(f"{name} must hold real numbers, got dtype {t.dtype}")
+        raise InvalidArgumentError(f"Complex data not supported: {name} has dtype {t.dtype}.")
     return t, is_tensor
 
 
 def _check_X(X: torch.Tensor) -> None:
-    if X.dim() != 2:
-        hint = " (reshape a single feature with X.reshape(-1, 1))" if X.dim() == 1 else ""
-        raise InvalidArgumentError(f"X must be 2-D (n_samples, n_features), got shape {tuple(X.shape)}{hint}")
-    if X.shape[0] == 0:
-        raise InvalidArgumentError(f"X is empty: shape {tuple(X.shape)} has 0 samples, at least 1 is required")
-    if X.shape[1] == 0:
-        raise InvalidArgumentError(f"X has 0 features (shape {tuple(X.shape)}), at least 1 is required")
+    """X must be 2-D with samples and features, in scikit-learn's words (its checks match them)."""
+    if X.dim() > 2:
+        raise InvalidArgumentError(f"Found array with dim {X.dim()}, while dim <= 2 is required by {_NAME}.")
+    if X.dim() < 2:
+        raise InvalidArgumentError(
+            f"Expected 2D array, got {'scalar' if X.dim() == 0 else '1D'} array instead:\narray={X.cpu().numpy()}.\n"
+            "Reshape your data either using array.reshape(-1, 1) if your data has a single feature or "
+            "array.reshape(1, -1) if it contains a single sample.")
+    for count, what in ((X.shape[0], "sample(s)"), (X.shape[1], "feature(s)")):
+        if count == 0:
+            raise InvalidArgumentError(f"Found array with 0 {what} (shape={tuple(X.shape)}) while a minimum of 1 is "
+                                       f"required by {_NAME}.")
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
+    """As scikit-learn's: "Input X contains NaN." or "... contains infinity or a value too large
+    for dtype('float64')." (the dtype the estimator computes in)."""
     if not bool(torch.isfinite(t).all()):
-        raise InvalidArgumentError(f"{name} contains NaN or infinity")
+        if bool(torch.isnan(t).any()):
+            raise InvalidArgumentError(f"Input {name} contains NaN.")
+        dtype = np.dtype(str(t.dtype).removeprefix("torch."))
+        raise InvalidArgumentError(f"Input {name} contains infinity or a value too large for {dtype!r}.")
+
+
+def _inconsistent(n_X: int, n_y: int) -> InvalidArgumentError:
+    return InvalidArgumentError(f"Found input variables with inconsistent numbers of samples: [{n_X}, {n_y}]")
 
 
 def _to_user(t: torch.Tensor, as_tensor: bool):
@@ -93,6 +136,8 @@ class LinearRegression:
         ``random_state`` and ``generator``. With neither, torch's global generator is used, so
         ``torch.manual_seed`` makes a fit reproducible, as in the course.
 
+    The parameters are stored as given and checked at ``fit`` (scikit-learn's convention).
+
     Attributes (after ``fit``; numpy for numpy input, tensors on the input's device for tensors)
     ----------
     coef_ : (n_features,) for 1-D y, (n_targets, n_features) for 2-D y.
@@ -109,9 +154,19 @@ class LinearRegression:
         self.solver, self.lr, self.batch_size, self.epochs = solver, lr, batch_size, epochs
         self.fit_intercept, self.shuffle, self.dtype = fit_intercept, shuffle, dtype
         self.random_state, self.generator = random_state, generator
-        self._validate_params()
 
     # -- scikit-learn's parameter protocol (so sklearn.base.clone and grid searches work) --------
+
+    _estimator_type = "regressor"
+
+    def __sklearn_tags__(self):
+        """What scikit-learn's tools (cross_val_score, Pipeline, GridSearchCV, check_estimator)
+        ask of an estimator since scikit-learn 1.6: a regressor of dense X, y of one or several
+        targets. Built on demand: scikit-learn is optional here."""
+        from sklearn.utils import InputTags, RegressorTags, Tags, TargetTags
+
+        return Tags(estimator_type="regressor", input_tags=InputTags(),
+                    target_tags=TargetTags(required=True, multi_output=True), regressor_tags=RegressorTags())
 
     _PARAMS = ("solver", "lr", "batch_size", "epochs", "fit_intercept", "shuffle", "dtype", "random_state",
                "generator")
@@ -120,12 +175,14 @@ class LinearRegression:
         return {name: getattr(self, name) for name in self._PARAMS}
 
     def set_params(self, **params) -> LinearRegression:
-        for name, value in params.items():
+        """Sets parameters by name (unchecked until ``fit``, as scikit-learn's); an unknown name
+        raises, as scikit-learn's BaseEstimator, before any is set."""
+        for name in params:
             if name not in self._PARAMS:
-                raise InvalidArgumentError(f"invalid parameter {name!r} for LinearRegression; "
-                                           f"valid parameters: {', '.join(self._PARAMS)}")
+                raise InvalidArgumentError(f"Invalid parameter {name!r} for estimator {_NAME}. "
+                                           f"Valid parameters are: {list(self._PARAMS)!r}.")
+        for name, value in params.items():
             setattr(self, name, value)
-        self._validate_params()
         return self
 
     def __repr__(self) -> str:
@@ -164,6 +221,8 @@ class LinearRegression:
     def fit(self, X, y) -> LinearRegression:
         """Fit on X (n_samples, n_features) and y (n_samples,) or (n_samples, n_targets). Returns self."""
         self._validate_params()
+        if y is None:
+            raise InvalidArgumentError(f"This {_NAME} estimator requires y to be passed, but the target y is None.")
         X, x_is_tensor = _as_tensor("X", X)
         _check_X(X)
         y, _ = _as_tensor("y", y)
@@ -172,7 +231,7 @@ class LinearRegression:
                                        f"got shape {tuple(y.shape)}")
         n, d = X.shape
         if y.shape[0] != n:
-            raise InvalidArgumentError(f"y has {y.shape[0]} samples but X has {n}: they must have the same length")
+            raise _inconsistent(n, y.shape[0])
         if y.dim() == 2 and y.shape[1] == 0:
             raise InvalidArgumentError(f"y has 0 targets (shape {tuple(y.shape)})")
         dtype = _DTYPES[self.dtype] if self.dtype is not None else (
@@ -249,7 +308,8 @@ class LinearRegression:
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
-            raise NotFittedError("This LinearRegression instance is not fitted yet: call fit(X, y) first")
+            raise _twin(NotFittedError)(f"This {_NAME} instance is not fitted yet. Call 'fit' with appropriate "
+                                        "arguments before using this estimator.")
 
     def predict(self, X):
         """X (n_samples, n_features) → (n_samples,) or (n_samples, n_targets), as y in ``fit``:
@@ -258,15 +318,17 @@ class LinearRegression:
         X, x_is_tensor = _as_tensor("X", X)
         _check_X(X)
         if X.shape[1] != self.n_features_in_:
-            raise InvalidArgumentError(f"X has {X.shape[1]} features, but LinearRegression was fitted with "
-                                       f"{self.n_features_in_} features")
+            raise InvalidArgumentError(f"X has {X.shape[1]} features, but {_NAME} is expecting "
+                                       f"{self.n_features_in_} features as input.")
         coef = torch.as_tensor(self.coef_)
         dtype = coef.dtype if coef.dtype in (torch.float32, torch.float64) else torch.float32
+        X = X.to(dtype)
+        _check_finite("X", X)
         weight = coef.to(device=X.device, dtype=dtype)
         bias = torch.as_tensor(self.intercept_, dtype=dtype).to(device=X.device)
         single = weight.dim() == 1
         with torch.no_grad():
-            out = functional.linear(X.to(dtype), weight.reshape(-1, X.shape[1]), bias.reshape(-1))
+            out = functional.linear(X, weight.reshape(-1, X.shape[1]), bias.reshape(-1))
         return _to_user(out.reshape(-1) if single else out, x_is_tensor)
 
     def score(self, X, y) -> float:
@@ -275,7 +337,7 @@ class LinearRegression:
         pred, _ = _as_tensor("predict(X)", self.predict(X))
         y, _ = _as_tensor("y", y)
         if y.shape[0] != pred.shape[0]:
-            raise InvalidArgumentError(f"y has {y.shape[0]} samples but X has {pred.shape[0]}")
+            raise _inconsistent(pred.shape[0], y.shape[0])
         y = y.to(device=pred.device, dtype=torch.float64).reshape(y.shape[0], -1)
         pred = pred.to(torch.float64).reshape(pred.shape[0], -1)
         if y.shape != pred.shape:

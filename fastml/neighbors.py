@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from fastml import functional
+from fastml._sklearn_twin import twin as _twin
 
 __all__ = ["KNeighborsClassifier", "KNeighborsRegressor"]
 
@@ -64,36 +65,6 @@ class DataConversionWarning(UserWarning):
     """Input was converted to the shape the estimator expects (as scikit-learn's
     DataConversionWarning). Where scikit-learn is installed, the warning issued is also an
     instance of scikit-learn's class."""
-
-
-_TWINS: dict[type, type] = {}
-
-
-def _twin(cls: type) -> type:
-    """``cls`` (NotFittedError or DataConversionWarning), or where scikit-learn is installed a
-    subclass of it that is also scikit-learn's class of that name: scikit-learn's tools and
-    check_estimator catch its NotFittedError and filter its DataConversionWarning by their own
-    classes. scikit-learn is imported here, on the error or warning path only: it is optional, and
-    takes about a second to import."""
-    if cls not in _TWINS:
-        try:
-            from sklearn import exceptions
-        except ImportError:
-            _TWINS[cls] = cls
-        else:
-            _TWINS[cls] = type(cls.__name__, (cls, getattr(exceptions, cls.__name__)),
-                               {"__module__": __name__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
-                                "__reduce__": _reduce_twin})
-    return _TWINS[cls]
-
-
-def _reduce_twin(self):
-    # pickle cannot find the twin by its name (which is fastml's class's): it is rebuilt from that.
-    return _make_twin, (type(self).__mro__[1].__name__, self.args), self.__dict__ or None
-
-
-def _make_twin(name: str, args: tuple):
-    return _twin(globals()[name])(*args)
 
 
 # private attributes a fit by the kernels sets (besides the public ones, which end in "_")
@@ -367,26 +338,26 @@ class _KNeighborsBase:
         return None
 
     def _fit_by_sklearn(self, X, y):
-        twin = getattr(_sklearn_neighbors(), type(self).__name__)(**self._sklearn_params())
-        twin.fit(X, y)
+        estimator = getattr(_sklearn_neighbors(), type(self).__name__)(**self._sklearn_params())
+        estimator.fit(X, y)
         for name in [name for name in vars(self) if name.endswith("_") or name in _FITTED_PRIVATE]:
             delattr(self, name)  # what an earlier fit by the kernels left
-        for name, value in vars(twin).items():
+        for name, value in vars(estimator).items():
             if (name.endswith("_") and not name.startswith("__")) or name == "_fit_method":
                 setattr(self, name, value)
-        self._sklearn_fitted = twin
+        self._sklearn_fitted = estimator
         return self
 
     def _sklearn_params(self) -> dict:
         return {name: value for name, value in self.get_params().items() if name != "process_group"}
 
-    def _sklearn_twin(self):
+    def _sklearn_estimator(self):
         """The scikit-learn estimator that fit handed this one over to, with this one's current
         parameters (set_params after fit acts on it as on scikit-learn's own), or None."""
-        twin = self.__dict__.get("_sklearn_fitted")
-        if twin is not None:
-            twin.set_params(**self._sklearn_params())
-        return twin
+        estimator = self.__dict__.get("_sklearn_fitted")
+        if estimator is not None:
+            estimator.set_params(**self._sklearn_params())
+        return estimator
 
     # ------------------------------------------------------------------------------ fit
 
@@ -592,9 +563,9 @@ class _KNeighborsBase:
         With a process_group, every rank passes the same X and gets the same answer, indices
         into the concatenation of the shards; without X, the queries are all the ranks' training
         points (gathered on every rank), in that order."""
-        twin = self._sklearn_twin()
-        if twin is not None:
-            return twin.kneighbors(X, n_neighbors, return_distance)
+        estimator = self._sklearn_estimator()
+        if estimator is not None:
+            return estimator.kneighbors(X, n_neighbors, return_distance)
         distances, indices, _, device = self._neighbours(X, n_neighbors)
         if return_distance:
             return _back(distances, device), _back(indices, device)
@@ -605,9 +576,9 @@ class _KNeighborsBase:
         n_samples_fit_) with, in each query's row, 1 ("connectivity") or the distance
         ("distance") at each of its neighbours' columns. Without X, each training point's
         neighbours other than itself."""
-        twin = self._sklearn_twin()
-        if twin is not None:
-            return twin.kneighbors_graph(X, n_neighbors, mode)
+        estimator = self._sklearn_estimator()
+        if estimator is not None:
+            return estimator.kneighbors_graph(X, n_neighbors, mode)
         if mode not in ("connectivity", "distance"):
             raise ValueError(f'Unsupported mode, must be one of "connectivity", or "distance" but got "{mode}" '
                              "instead")
@@ -763,9 +734,9 @@ class KNeighborsClassifier(_KNeighborsBase):
     def predict_proba(self, X):
         """Class probabilities (n_queries, n_classes), classes in the order of ``classes_``; with
         several outputs, a list of each output's."""
-        twin = self._sklearn_twin()
-        if twin is not None:
-            return twin.predict_proba(X)
+        estimator = self._sklearn_estimator()
+        if estimator is not None:
+            return estimator.predict_proba(X)
         probas, device = self._proba(X)
         probas = [_back(proba, device) for proba in probas]
         return probas if self.outputs_2d_ else probas[0]
@@ -773,9 +744,9 @@ class KNeighborsClassifier(_KNeighborsBase):
     def predict(self, X):
         """The most probable class of each query (ties: the first in ``classes_``): (n_queries,),
         or (n_queries, n_outputs) with several outputs."""
-        twin = self._sklearn_twin()
-        if twin is not None:
-            return twin.predict(X)
+        estimator = self._sklearn_estimator()
+        if estimator is not None:
+            return estimator.predict(X)
         probas, device = self._proba(X)
         columns = [classes[proba.argmax(dim=1).cpu().numpy()] for classes, proba in zip(self._outputs(), probas)]
         if not self.outputs_2d_:
@@ -796,9 +767,9 @@ class KNeighborsClassifier(_KNeighborsBase):
         """Mean accuracy of ``predict(X)`` against y (weighted by sample_weight); with several
         outputs, subset accuracy (every output right), which scikit-learn's accuracy_score takes
         for multilabel indicators (0/1 outputs) only: other multi-output y raise as there."""
-        twin = self._sklearn_twin()
-        if twin is not None:
-            return twin.score(X, y, sample_weight)
+        estimator = self._sklearn_estimator()
+        if estimator is not None:
+            return estimator.score(X, y, sample_weight)
         predicted = self.predict(X)
         predicted = predicted.cpu().numpy() if isinstance(predicted, torch.Tensor) else predicted
         truth = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
@@ -861,9 +832,9 @@ class KNeighborsRegressor(_KNeighborsBase):
     def predict(self, X):
         """The (weighted) mean target of each query's neighbours: (n_queries,) or
         (n_queries, n_outputs), as y."""
-        twin = self._sklearn_twin()
-        if twin is not None:
-            return twin.predict(X)
+        estimator = self._sklearn_estimator()
+        if estimator is not None:
+            return estimator.predict(X)
         distances, _, targets, device = self._neighbours(X, None, with_targets=True)
         weights = self._weights(distances, device)  # targets: (n_queries, k) or (n_queries, k, n_outputs)
         if weights is None:
@@ -875,9 +846,9 @@ class KNeighborsRegressor(_KNeighborsBase):
 
     def score(self, X, y, sample_weight=None) -> float:
         """R² of ``predict(X)`` against y, averaged uniformly over outputs."""
-        twin = self._sklearn_twin()
-        if twin is not None:
-            return twin.score(X, y, sample_weight)
+        estimator = self._sklearn_estimator()
+        if estimator is not None:
+            return estimator.score(X, y, sample_weight)
         predicted = self.predict(X)
         predicted = predicted.cpu().numpy() if isinstance(predicted, torch.Tensor) else np.asarray(predicted)
         truth = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, dtype=float)

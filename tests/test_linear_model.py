@@ -4,6 +4,8 @@ form against numpy, scikit-learn's interface (shapes, kinds, R², errors)."""
 from __future__ import annotations
 
 import math
+import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -304,8 +306,54 @@ def test_params_protocol_and_clone():
     copy = base.clone(model)
     assert copy is not model and copy.get_params() == model.get_params()
     assert repr(model) == "LinearRegression(solver='lstsq', lr=0.1, epochs=5)"
-    with pytest.raises(ValueError, match="alpha"):
-        model.set_params(alpha=1.0)
+    with pytest.raises(InvalidArgumentError, match="Invalid parameter 'alpha' for estimator LinearRegression"):
+        model.set_params(epochs=7, alpha=1.0)
+    assert model.epochs == 5  # an unknown name sets nothing
+
+
+def test_sklearn_check_estimator_passes():
+    """scikit-learn's own estimator checks, every one (those it skips skip for want of pandas or
+    SCIPY_ARRAY_API in this environment, not for the estimator's tags)."""
+    pytest.importorskip("sklearn")
+    from sklearn.utils.estimator_checks import check_estimator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = check_estimator(LinearRegression(), on_fail=None)
+    assert len(results) > 40, "check_estimator ran its checks"
+    assert {r["status"] for r in results} <= {"passed", "skipped"}
+    failures = [f"{r['check_name']}: {r['exception']!r}" for r in results if r["status"] == "failed"]
+    assert not failures, "\n".join(failures)
+
+
+def test_cross_val_score(rng):
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    X, y = problem(rng, n=300, d=3, noise=0.01)
+    model = LinearRegression(epochs=20, random_state=0)
+    scores = model_selection.cross_val_score(model, X, y, cv=5)
+    assert scores.shape == (5,) and (scores > 0.99).all(), scores
+    # the same as fitting a fresh model on each fold by hand (a regressor's default cv: KFold)
+    by_hand = [LinearRegression(epochs=20, random_state=0).fit(X[train], y[train]).score(X[test], y[test])
+               for train, test in model_selection.KFold(5).split(X)]
+    np.testing.assert_array_equal(scores, by_hand)
+    assert not hasattr(model, "coef_")  # cross_val_score fits clones
+    lstsq = model_selection.cross_val_score(LinearRegression(solver="lstsq"), X, y, cv=3)
+    assert (lstsq > 0.99).all(), lstsq
+
+
+def test_pipeline_with_standard_scaler(rng):
+    pipeline = pytest.importorskip("sklearn.pipeline")
+    preprocessing = pytest.importorskip("sklearn.preprocessing")
+    X, y = problem(rng, n=200, d=3, noise=0.01)
+    X = X * [1.0, 100.0, 0.01] + 50.0  # badly scaled: the scaler makes SGD's lr fit every feature
+    pipe = pipeline.Pipeline([("scale", preprocessing.StandardScaler()),
+                              ("lr", LinearRegression(epochs=20, random_state=0))])
+    assert pipe.fit(X, y) is pipe
+    pred = pipe.predict(X)
+    assert isinstance(pred, np.ndarray) and pred.shape == (200,)
+    assert pipe.score(X, y) > 0.99
+    scaled = preprocessing.StandardScaler().fit_transform(X)
+    np.testing.assert_allclose(pred, scaled @ pipe["lr"].coef_ + pipe["lr"].intercept_, rtol=1e-10)
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -320,34 +368,83 @@ def test_params_protocol_and_clone():
     ({"random_state": 1, "generator": torch.Generator()}, "random_state and generator"),
 ])
 def test_rejects_bad_parameters(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        LinearRegression(**kwargs)
+    # scikit-learn's convention: __init__ and set_params store parameters unchecked (clone and grid
+    # searches set them so); fit checks them and raises.
+    model = LinearRegression(**kwargs)
+    with pytest.raises(InvalidArgumentError, match=name):
+        model.fit(np.ones((3, 1)), np.ones(3))
+    model = LinearRegression().set_params(**kwargs)
+    with pytest.raises(InvalidArgumentError, match=name):
+        model.fit(np.ones((3, 1)), np.ones(3))
     model = LinearRegression()
-    with pytest.raises(ValueError, match=name):  # also when set later, at fit
+    with pytest.raises(InvalidArgumentError, match=name):  # also when set as attributes
         for key, value in kwargs.items():
             setattr(model, key, value)
         model.fit(np.ones((3, 1)), np.ones(3))
+    assert not hasattr(model, "coef_")
 
 
+# scikit-learn's messages (its check_estimator matches several of them)
 @pytest.mark.parametrize("X, y, match", [
-    (np.ones(5), np.ones(5), "X must be 2-D.*reshape"),
-    (np.ones((2, 3, 4)), np.ones(2), "X must be 2-D"),
-    (np.ones((0, 3)), np.ones(0), "X is empty"),
-    (np.ones((4, 0)), np.ones(4), "0 features"),
-    (np.ones((5, 2)), np.ones(4), "y has 4 samples but X has 5"),
+    (np.ones(5), np.ones(5), "(?s)Expected 2D array, got 1D array.*Reshape your data"),
+    (np.ones((2, 3, 4)), np.ones(2), r"Found array with dim 3, while dim <= 2 is required by LinearRegression"),
+    (np.ones((0, 3)), np.ones(0), r"0 sample\(s\) \(shape=\(0, 3\)\) while a minimum of 1 is required"),
+    (np.ones((4, 0)), np.ones(4), r"0 feature\(s\) \(shape=\(4, 0\)\) while a minimum of 1 is required"),
+    (np.ones((5, 2)), np.ones(4), r"inconsistent numbers of samples: \[5, 4\]"),
     (np.ones((5, 2)), np.ones((5, 1, 1)), "y must be 1-D.*or 2-D"),
-    (np.array([[1.0, np.nan], [2.0, 3.0]]), np.ones(2), "X contains NaN"),
-    (np.ones((2, 2)), np.array([1.0, np.inf]), "y contains NaN"),
-    (np.array([["a", "b"]]), np.ones(1), "X must hold real numbers"),
+    (np.array([[1.0, np.nan], [2.0, 3.0]]), np.ones(2), "Input X contains NaN"),
+    (np.ones((2, 2)), np.array([1.0, np.inf]),
+     r"Input y contains infinity or a value too large for dtype\('float64'\)"),
+    (np.array([["a", "b"]]), np.ones(1), "not compatible with arrays of bytes/strings"),
+    (np.ones((2, 2)) * 1j, np.ones(2), "Complex data not supported: X"),
+    (np.ones((2, 2)), np.ones(2) * 1j, "Complex data not supported: y"),
+    (np.array([[1.0, {}], [2.0, 3.0]], dtype=object), np.ones(2), "argument must be a string.* number"),
+    (np.ones((3, 2)), None, "requires y to be passed, but the target y is None"),
+    (torch.ones(3, 2).to_sparse(), torch.ones(3), "Sparse data was passed for X, but dense data is required"),
 ])
 def test_rejects_bad_data(X, y, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(InvalidArgumentError, match=match):
         LinearRegression().fit(X, y)
+
+
+def test_rejects_values_too_large_for_the_dtype_it_computes_in():
+    X = np.array([[1e300, 1.0], [2.0, 3.0]])
+    LinearRegression(solver="lstsq").fit(X, np.ones(2))  # float64 in: computed in float64
+    with pytest.raises(InvalidArgumentError, match=r"Input X contains infinity or a value too large for "
+                                                   r"dtype\('float32'\)"):
+        LinearRegression(dtype="float32").fit(X, np.ones(2))
+
+
+def test_rejects_scipy_sparse_X():
+    sparse = pytest.importorskip("scipy.sparse")
+    for X in (sparse.csr_matrix(np.eye(3)), sparse.csr_array(np.eye(3))):
+        with pytest.raises(InvalidArgumentError, match="Sparse data was passed for X.*toarray"):
+            LinearRegression().fit(X, np.ones(3))
+
+
+def test_object_arrays_of_numbers_are_floats(rng):
+    X, y = problem(rng, n=20, d=2)
+    ours = LinearRegression(solver="lstsq").fit(X.astype(object), y.astype(object))
+    assert ours.coef_.dtype == np.float64
+    np.testing.assert_allclose(ours.coef_, LinearRegression(solver="lstsq").fit(X, y).coef_, rtol=0, atol=0)
+    np.testing.assert_allclose(ours.predict(X.astype(object)), ours.predict(X), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad, match", [(np.nan, "Input X contains NaN"), (np.inf, "Input X contains infinity"),
+                                        (-np.inf, "Input X contains infinity")])
+def test_predict_rejects_nan_and_inf(bad, match, rng):
+    X, y = problem(rng, n=10, d=3)
+    model = LinearRegression(solver="lstsq").fit(X, y)
+    X[4, 1] = bad
+    with pytest.raises(InvalidArgumentError, match=match):
+        model.predict(X)
+    with pytest.raises(InvalidArgumentError, match=match):
+        model.predict(torch.from_numpy(X))
 
 
 def test_predict_before_fit():
     model = LinearRegression()
-    with pytest.raises(NotFittedError, match="fit"):
+    with pytest.raises(NotFittedError, match="not fitted yet. Call 'fit'"):
         model.predict(np.ones((3, 2)))
     with pytest.raises(AttributeError):  # NotFittedError is one, and coef_ does not exist yet
         model.score(np.ones((3, 2)), np.ones(3))
@@ -357,9 +454,11 @@ def test_predict_before_fit():
 def test_predict_with_the_wrong_number_of_features(rng):
     X, y = problem(rng, n=10, d=3)
     model = LinearRegression(solver="lstsq").fit(X, y)
-    with pytest.raises(ValueError, match="X has 2 features, but LinearRegression was fitted with 3"):
+    with pytest.raises(ValueError, match="X has 2 features, but LinearRegression is expecting 3 features as input."):
         model.predict(X[:, :2])
-    with pytest.raises(ValueError, match="X must be 2-D"):
+    with pytest.raises(ValueError, match="X has 2 features, but LinearRegression is expecting 3 features as input."):
+        model.score(X[:, :2], y)
+    with pytest.raises(ValueError, match="(?s)Expected 2D array, got 1D array.*Reshape your data"):
         model.predict(X[0])
 
 
@@ -373,6 +472,16 @@ def test_divergence_warns(rng):
 def test_error_classes():
     assert issubclass(NotFittedError, ValueError) and issubclass(NotFittedError, AttributeError)
     assert issubclass(InvalidArgumentError, ValueError)
+
+
+def test_not_fitted_error_is_also_sklearns():
+    exceptions = pytest.importorskip("sklearn.exceptions")
+    with pytest.raises(exceptions.NotFittedError) as info:
+        LinearRegression().predict(np.ones((3, 2)))
+    error = info.value
+    assert isinstance(error, NotFittedError) and isinstance(error, AttributeError)
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and copy.args == error.args
 
 
 def test_public_surface():
