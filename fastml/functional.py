@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn import _reduction
 from torch.overrides import has_torch_function
 
-from fastml import _layout, _route
+from fastml import _backend, _layout, _route
 from fastml.ops import LIBRARY, forward_ad_active, in_custom_op_graph, is_compiling
 from fastml.ops import batch_norm as _batch_norm_op
 from fastml.ops import cdist as _cdist_op
@@ -38,6 +38,7 @@ __all__ = ["batch_norm", "cdist", "conv2d", "conv2d_relu_max_pool2d", "cross_ent
 
 _REDUCTIONS = ("mean", "sum", "none")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FULL_DTYPES = (torch.float32, torch.float64)  # every backend's kernels take these
 
 
 class ShapeError(ValueError, RuntimeError):
@@ -50,6 +51,28 @@ class DTypeError(TypeError, RuntimeError):
 
 class DeviceError(ValueError, RuntimeError):
     """Tensor arguments live on different devices."""
+
+
+def _not_kernel_dtype(t: torch.Tensor) -> bool:
+    """Whether no fastml kernel takes ``t``'s dtype on its device, so that torch's own op runs:
+    any dtype but the floating ones, and float16 / bfloat16 where no Triton kernel covers them
+    (the CPU kernels take float32 and float64 only). The op's dispatch would otherwise run its
+    pure-torch oracle (fastml/ops/<op>/reference.py), which rounds half types as it is made to,
+    not as torch's op does (cross_entropy's in float64, max_pool2d's backward scatter-adds in
+    the half type). ``use_backend("reference")`` still runs the oracle it asks for. In a graph
+    being traced, half types on the CPU run torch's op, on CUDA fastml's (Triton's when the graph
+    runs). float32 and float64 cost one tuple test, as before."""
+    dtype = t.dtype
+    if dtype in _FULL_DTYPES:
+        return False
+    if dtype is not torch.float16 and dtype is not torch.bfloat16:
+        return True
+    if is_compiling():  # the backend is chosen when the graph runs: only the device is known here
+        return t.device.type != "cuda"
+    want = _backend.requested()
+    if want is None:
+        return not _backend.kernel_candidates(t)
+    return want != "reference" and not _backend.covers(want, t)
 
 
 def _check_tensor(name: str, value, optional: bool = False) -> None:
@@ -172,13 +195,43 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         return F.linear(input, weight, bias)
     _check_linear_args(input, weight, bias, weight_rank_1_ok=True, strict_bias=False)
     if (weight.dim() != 2 or not _kernels_can_run(input, weight, bias)
-            or input.dtype not in _KERNEL_DTYPES or weight.dtype != input.dtype
+            or _not_kernel_dtype(input) or weight.dtype != input.dtype
             or (bias is not None and (bias.dtype != input.dtype or bias.shape != (weight.shape[0],)))
             or weight.device != input.device or (bias is not None and bias.device != input.device)):
         return F.linear(input, weight, bias)  # a configuration the kernels do not cover: torch's own
     lead = input.shape[:-1]
-    out = _linear_op.linear(_rows(input), weight, bias)
+    rows = _rows(input)
+    if (((rows.requires_grad and rows.stride(0) == 1) or (weight.requires_grad and not weight.is_contiguous()))
+            and torch.is_grad_enabled()):  # (the common case: two attribute reads and is_contiguous)
+        rows, weight = _matrix_product_gradient_layouts(rows, weight)
+    out = _linear_op.linear(rows, weight, bias)
     return out.reshape(*lead, weight.shape[0])
+
+
+class _ColumnMajorGradient(torch.autograd.Function):
+    """``x`` itself (a view); its gradient, a matrix, handed back column-major."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.t().contiguous().t()
+
+
+def _matrix_product_gradient_layouts(rows: torch.Tensor, weight: torch.Tensor):
+    """(rows, weight) of rows @ weight.T, wrapped so that their gradients come back in the layouts
+    torch's matrix-product backward gives them (it follows its operands' strides): column-major
+    for column-major rows (a transposed input), and for a weight that is not row-major contiguous.
+    The kernels work on contiguous copies and give contiguous gradients; the rare operand that
+    is neither pays one copy of its gradient."""
+    if (rows.requires_grad and rows.stride(0) == 1 and rows.stride(1) == rows.shape[0]
+            and rows.shape[0] > 1 and rows.shape[1] > 1):
+        rows = _ColumnMajorGradient.apply(rows)
+    if weight.requires_grad and not weight.is_contiguous():
+        weight = _ColumnMajorGradient.apply(weight)
+    return rows, weight
 
 
 def _linear_mse_args_ok(input, weight, bias, target) -> bool:
@@ -251,7 +304,7 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduc
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
     if (weight is not None or not _kernels_can_run(input, target) or input.dtype != target.dtype
-            or input.dtype not in _KERNEL_DTYPES
+            or _not_kernel_dtype(input)
             or input.device != target.device or reduction not in _REDUCTIONS):
         # Not covered by a kernel (weights, type promotion, a bad reduction): torch's own, which
         # also gives torch's warnings and errors.
@@ -367,7 +420,7 @@ def _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode):
     """(kernel, stride, padding, dilation) pairs where fastml's kernels take this max_pool2d call as
     it is, else None: then torch's own max_pool2d runs, with its results and its errors."""
     if (not isinstance(input, torch.Tensor) or input.dim() not in (3, 4) or 0 in input.shape[-3:]
-            or input.dtype not in _KERNEL_DTYPES or not isinstance(ceil_mode, bool) or not _kernels_can_run(input)
+            or _not_kernel_dtype(input) or not isinstance(ceil_mode, bool) or not _kernels_can_run(input)
             or forward_ad_active()):
         return None
     kernel = _pair(kernel_size)
@@ -489,7 +542,7 @@ def _conv_args(input, weight, bias, stride, padding, dilation, groups):
     """(stride, (top, bottom, left, right), dilation) where fastml's kernels take this conv2d
     call as it is, else None: then torch's conv2d runs, with its results and its errors."""
     if (not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor) or input.dim() not in (3, 4)
-            or weight.dim() != 4 or input.dtype not in _KERNEL_DTYPES or weight.dtype != input.dtype
+            or weight.dim() != 4 or _not_kernel_dtype(input) or weight.dtype != input.dtype
             or weight.device != input.device or 0 in input.shape or 0 in weight.shape
             or not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0
             or (bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)
@@ -646,7 +699,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 def _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_smoothing):
     """(logits (M, C), target (M,) or (M, C), the "none" loss's shape), contiguous, where the
     kernels take this call, else None."""
-    if (not isinstance(input, torch.Tensor) or input.dtype not in _KERNEL_DTYPES or input.dim() < 1
+    if (not isinstance(input, torch.Tensor) or _not_kernel_dtype(input) or input.dim() < 1
             or reduction not in _REDUCTIONS or not isinstance(ignore_index, int) or isinstance(ignore_index, bool)
             or not _smoothing_ok(label_smoothing) or not _kernels_can_run(input, target, weight)
             or forward_ad_active()):
@@ -662,12 +715,33 @@ def _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_sm
     elif input.dim() == 2:
         logits = input
     else:
-        logits = input.movedim(1, -1).reshape(-1, num_classes)
+        logits = _channels_to_rows(input, num_classes)
     if kind == "index":
         flat = target.reshape(-1)
     else:
-        flat = target.unsqueeze(0) if input.dim() == 1 else target.movedim(1, -1).reshape(-1, num_classes)
+        flat = target.unsqueeze(0) if input.dim() == 1 else _channels_to_rows(target, num_classes)
     return logits.contiguous(), flat.contiguous(), index_shape
+
+
+class _ContiguousGradient(torch.autograd.Function):
+    """``x`` itself (a view); its gradient handed back contiguous."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _channels_to_rows(t: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, C, d1, ...) → (N·d1·..., C), a view where it can be. The gradient that comes back
+    through the view is (N, C, d1, ...) with the classes innermost; torch's cross_entropy hands
+    back a contiguous one (whatever the layout of the input), so it is made contiguous."""
+    if t.requires_grad and torch.is_grad_enabled():
+        t = _ContiguousGradient.apply(t)
+    return t.movedim(1, -1).reshape(-1, num_classes)
 
 
 def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
@@ -684,7 +758,9 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     that require a gradient, other dtypes, transforms, invalid arguments) runs torch's
     linear_cross_entropy (or linear + cross_entropy before torch 2.13), with its errors.
     """
-    if not _defer_to_torch(input, linear_weight, target, linear_bias, weight):
+    if (not _defer_to_torch(input, linear_weight, target, linear_bias, weight)
+            and _contiguous_where_grad(input, linear_weight)
+            and not _options_ignored(options, target, label_smoothing)):
         config = (reduction, ignore_index, label_smoothing)
         sig = _route.function_signature("linear_cross_entropy", (input, linear_weight, linear_bias, target, weight),
                                         config)
@@ -716,12 +792,34 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                                        label_smoothing=label_smoothing, options=options)
 
 
+def _options_ignored(options, target, label_smoothing) -> bool:
+    """Whether torch's linear_cross_entropy would warn that it ignores ``options`` (its chunked
+    path takes class-index targets without label smoothing; the other cases it warns about, a
+    K-dimensional weight, a bad reduction, tracing, never reach the kernels): torch's function
+    runs, and warns as it does."""
+    return options is not None and (label_smoothing != 0.0 or not isinstance(target, torch.Tensor)
+                                    or target.dtype != torch.int64)
+
+
+def _contiguous_where_grad(*tensors) -> bool:
+    """Whether each of these (tensors, or not) that requires a gradient is contiguous. The layouts
+    of torch's gradients for other operands depend on its path: its linear + cross_entropy follows
+    the operands' strides (see _matrix_product_gradient_layouts), its chunked
+    linear_cross_entropy does not; fastml's kernels work on contiguous copies and give contiguous
+    gradients. Such calls (rare: parameters and activations are contiguous) run torch's own
+    function."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.requires_grad and not t.is_contiguous():
+            return False
+    return True
+
+
 def _linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                                label_smoothing):
     """(x (N, D), target (N,) or (N, C), whether indices), contiguous, where the kernels take
     this call, else None."""
     if (not isinstance(input, torch.Tensor) or not isinstance(linear_weight, torch.Tensor)
-            or input.dim() not in (1, 2) or linear_weight.dim() != 2 or input.dtype not in _KERNEL_DTYPES
+            or input.dim() not in (1, 2) or linear_weight.dim() != 2 or _not_kernel_dtype(input)
             or linear_weight.dtype != input.dtype or linear_weight.device != input.device
             or input.shape[-1] != linear_weight.shape[1] or reduction not in _REDUCTIONS
             or not _smoothing_ok(label_smoothing) or not _kernels_can_run(input, linear_weight, target, linear_bias,

@@ -226,6 +226,22 @@ def test_bad_arguments_raise_torchs_errors(call, rng):
     assert str(ours.value) == str(theirs.value)
 
 
+@pytest.mark.skipif(not HAS_TWIN, reason="torch < 2.13 has no linear_cross_entropy options")
+@pytest.mark.parametrize("kind, smoothing", [("index", 0.1), ("probs", 0.0)], ids=["smoothing", "probs"])
+def test_options_torch_ignores_warn_as_torch(backend, kind, smoothing, rng):
+    """Chunking options torch's function ignores (label smoothing, probability targets): its
+    warning, and its results (fastml's kernels would take these calls silently)."""
+    x, w = rand(6, 5, generator=rng, requires_grad=True), rand(3, 5, generator=rng, requires_grad=True)
+    target = make_target(kind, (6,), 3, rng, "cpu", torch.float32)
+    kwargs = dict(label_smoothing=smoothing, options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=2))
+    with pytest.warns(UserWarning, match="``options`` ignored") as theirs:
+        expected = F.linear_cross_entropy(x, w, target, **kwargs)
+    with pytest.warns(UserWarning, match="``options`` ignored") as ours:
+        got = fastml.functional.linear_cross_entropy(x, w, target, **kwargs)
+    assert [str(m.message) for m in ours] == [str(m.message) for m in theirs]
+    torch.testing.assert_close(got, expected)
+
+
 def test_k_dimensional_loss_and_probability_target_gradient(rng):
     """What the kernels leave to torch: a (C, d1, D) weight, and a probability target that
     requires a gradient (both as the twin computes them)."""

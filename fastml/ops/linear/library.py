@@ -38,7 +38,7 @@ def linear_backward(grad: Tensor, x: Tensor, weight: Tensor, need_input: bool, n
 
     arguments = (grad, x, weight, need_input, need_weight, need_bias)
     grads = run(graph_backend("linear", "backward", IMPLEMENTED, arguments, run))
-    # contiguous, as the fake promises (the reference's weight gradient is a transposed view)
+    # contiguous, as the fake promises (whatever layout a backend forms them in)
     grads = tuple(None if g is None else g.contiguous() for g in grads)
     return gradient_outputs(grads, (need_input, need_weight, need_bias), grad)
 

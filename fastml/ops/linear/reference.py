@@ -17,7 +17,9 @@ def backward_input(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def backward_weight(grad: torch.Tensor, x: torch.Tensor, need_bias: bool):
-    # (x^T grad)^T, a transposed view, as torch's own addmm backward forms it: BLAS runs this
-    # layout ~1.5x faster than grad^T x on the CPU (256 x 784 → 256: 0.66 against 1.03 ms), and
-    # the reference is what the measured choice compares fastml's kernels against.
-    return (x.T @ grad).T, (grad.sum(0) if need_bias else None)
+    # grad^T x, contiguous (O, D), as torch's linear backward hands it back (its mm backward
+    # forms (grad^T x) for the transposed weight it multiplied by). The transposed view
+    # (x^T grad)^T that stood here gave torch.autograd.grad other strides than torch's
+    # (tests/test_torch_op_db.py), and gained nothing end to end: AccumulateGrad copied it into
+    # the weight's layout for .grad.
+    return grad.T @ x, (grad.sum(0) if need_bias else None)
