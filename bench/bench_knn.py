@@ -1,8 +1,11 @@
-"""k nearest neighbours: torch.cdist + topk and scikit-learn's brute-force KNeighborsClassifier
-beside every fastml backend, one group per size.
+"""k nearest neighbours: torch.cdist + topk, scikit-learn's brute-force KNeighborsClassifier and
+FAISS's exact index beside every fastml backend, one group per size.
 
 - torch: ``torch.cdist(q, r).topk(k, largest=False)`` (forms the Q×R matrix);
 - sklearn: ``KNeighborsClassifier(k, algorithm="brute").kneighbors(q)``, fitted beforehand;
+- faiss: ``faiss.IndexFlatL2`` (exact search: BLAS products and a heap per query, on the CPU;
+  squared distances), the reference added beforehand. A peer, not a dependency: its rows skip
+  where ``faiss-cpu`` is not installed;
 - fastml: ``fastml.functional.knn(q, r, k)`` on each backend.
 
 Extra info: the peak extra memory of one call, measured in a child process (the growth of its
@@ -24,7 +27,7 @@ import fastml
 CPU_SIZES = [(4096, 65536, 64, 10), (256, 1_000_000, 32, 10)]
 CUDA_SIZES = [(100_000, 100_000, 128, 16)]
 
-pytestmark = [pytest.mark.ops("knn"), pytest.mark.baselines("sklearn")]
+pytestmark = [pytest.mark.ops("knn"), pytest.mark.baselines("sklearn", "faiss")]
 
 
 def _data(q, r, d, device):
@@ -44,6 +47,16 @@ def _knn(benchmark, backend, device, q, r, d, k, sync):
 
         def step():
             return model.kneighbors(query_np)
+    elif backend == "faiss":
+        if device != "cpu":
+            pytest.skip("faiss-cpu runs on the CPU")
+        faiss = pytest.importorskip("faiss")
+        index = faiss.IndexFlatL2(d)
+        index.add(reference.numpy())
+        query_np = query.numpy()
+
+        def step():
+            return index.search(query_np, k)
     elif backend == "torch":
         def step():
             out = torch.cdist(query, reference).topk(k, largest=False)
@@ -71,6 +84,12 @@ if impl == "sklearn":
     model = KNeighborsClassifier(k, algorithm="brute").fit(reference.numpy(), torch.zeros(r).numpy())
     query_np = query.numpy()
     run = lambda: model.kneighbors(query_np)
+elif impl == "faiss":
+    import faiss
+    index = faiss.IndexFlatL2(d)
+    index.add(reference.numpy())
+    query_np = query.numpy()
+    run = lambda: index.search(query_np, k)
 elif impl == "torch":
     run = lambda: torch.cdist(query, reference).topk(k, largest=False)
 else:
