@@ -1011,19 +1011,30 @@ def test_a_convolution_may_run_torchs_on_the_channels_last_layout(monkeypatch):
     reference.load_state_dict(layer.state_dict())
     x = torch.randn(2, 3, 9, 8)
     converted = []
-    real = fastml.nn.relayout
+    real, real_function = fastml.nn.relayout, fastml._layout.Relayout
 
     def relayout(tensor, memory_format):
-        converted.append(memory_format)
+        converted.append(("output", memory_format))
         return real(tensor, memory_format)
+
+    class Relayout:  # the operands' conversions, which also set their gradients' layouts
+        @staticmethod
+        def apply(tensor, memory_format, grad_memory_format):
+            converted.append(("weight" if tensor is layer.weight else "input", memory_format, grad_memory_format))
+            return real_function.apply(tensor, memory_format, grad_memory_format)
 
     with _tune.recording() as seen:
         train_step(layer, x)  # decides the ops, forward then backward
         train_step(layer, x)  # settles the route
     assert [d.choice for k, d in seen if k[0] == "layer Conv2d"] == ["channels_last"]
     monkeypatch.setattr(fastml.nn, "relayout", relayout)
+    monkeypatch.setattr(fastml._layout, "Relayout", Relayout)
     out = layer(x)
-    assert converted == [torch.channels_last, torch.contiguous_format]
+    contiguous, channels_last = torch.contiguous_format, torch.channels_last
+    # the input to channels-last (its gradient back contiguous), the weight as it is (its gradient
+    # contiguous, as torch's for a contiguous input), the output back to the input's layout
+    assert converted == [("input", channels_last, contiguous), ("weight", contiguous, contiguous),
+                         ("output", contiguous)]
     assert out.is_contiguous() and not out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, reference(x))
     for got, expected in zip(train_step(layer, x), train_step(reference, x)):
