@@ -208,16 +208,19 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return out.reshape(*lead, weight.shape[0])
 
 
-class _ColumnMajorGradient(torch.autograd.Function):
-    """``x`` itself (a view); its gradient, a matrix, handed back column-major."""
+class _GradientLayout(torch.autograd.Function):
+    """``x`` itself (a view); its gradient handed back contiguous, or for a matrix column-major
+    (``column_major``): the layouts torch's ops give gradients where fastml's kernels form them
+    in another."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, column_major: bool):
+        ctx.column_major = column_major
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.t().contiguous().t()
+        return (grad.t().contiguous().t() if ctx.column_major else grad.contiguous()), None
 
 
 def _matrix_product_gradient_layouts(rows: torch.Tensor, weight: torch.Tensor):
@@ -228,9 +231,9 @@ def _matrix_product_gradient_layouts(rows: torch.Tensor, weight: torch.Tensor):
     is neither pays one copy of its gradient."""
     if (rows.requires_grad and rows.stride(0) == 1 and rows.stride(1) == rows.shape[0]
             and rows.shape[0] > 1 and rows.shape[1] > 1):
-        rows = _ColumnMajorGradient.apply(rows)
+        rows = _GradientLayout.apply(rows, True)
     if weight.requires_grad and not weight.is_contiguous():
-        weight = _ColumnMajorGradient.apply(weight)
+        weight = _GradientLayout.apply(weight, True)
     return rows, weight
 
 
@@ -723,24 +726,12 @@ def _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_sm
     return logits.contiguous(), flat.contiguous(), index_shape
 
 
-class _ContiguousGradient(torch.autograd.Function):
-    """``x`` itself (a view); its gradient handed back contiguous."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
-
-
 def _channels_to_rows(t: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(N, C, d1, ...) → (N·d1·..., C), a view where it can be. The gradient that comes back
     through the view is (N, C, d1, ...) with the classes innermost; torch's cross_entropy hands
     back a contiguous one (whatever the layout of the input), so it is made contiguous."""
     if t.requires_grad and torch.is_grad_enabled():
-        t = _ContiguousGradient.apply(t)
+        t = _GradientLayout.apply(t, False)
     return t.movedim(1, -1).reshape(-1, num_classes)
 
 

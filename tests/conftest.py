@@ -212,6 +212,16 @@ def assert_steps_close(actual: torch.Tensor, expected: torch.Tensor, atol: float
     torch.testing.assert_close(actual.detach().cpu(), expected.detach().cpu(), rtol=rtol, atol=atol, equal_nan=True)
 
 
+def raised(call) -> Exception | None:
+    """The exception ``call()`` raises, or None: a drop-in must raise what its twin raises (the
+    same type and message), whatever that is, so the twin's is taken as the expectation."""
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001  (any error: the twin's is the expectation)
+        return error
+    return None
+
+
 def grads(*tensors):
     return [None if t is None else t.grad for t in tensors]
 

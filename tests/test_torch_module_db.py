@@ -25,6 +25,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import raised
 from torch.testing._internal.common_modules import ModuleErrorEnum, module_db
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -319,13 +320,6 @@ def test_runs_without_training_attribute(info):
         run(module, sample)
 
 
-def _raised(call):
-    try:
-        call()
-    except Exception as error:  # noqa: BLE001  (any error: the twin's is the expectation)
-        return error
-    return None
-
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("info", [i for i in ENTRIES if i.module_error_inputs_func is not None], ids=lambda i: i.name)
@@ -336,7 +330,7 @@ def test_rejects_what_twin_rejects(info, training):
     cases = list(info.module_error_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=False,
                                                training=training))
     assert cases
-    raised = 0
+    rejected = 0
     for case in cases:
         sample = case.module_error_input
         args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
@@ -347,9 +341,9 @@ def test_rejects_what_twin_rejects(info, training):
                 module.train(training)
                 module(*sample.forward_input.args, **sample.forward_input.kwargs)
 
-        expected = _raised(lambda: attempt(info.module_cls))
-        raised += isinstance(expected, case.error_type)
-        actual = _raised(lambda: attempt(TWINS[info.module_cls]))
+        expected = raised(lambda: attempt(info.module_cls))
+        rejected += isinstance(expected, case.error_type)
+        actual = raised(lambda: attempt(TWINS[info.module_cls]))
         assert type(actual) is type(expected) and str(actual) == str(expected), \
             f"{sample.desc}: fastml raised {actual!r}, torch {expected!r}"
-    assert raised, "torch's module rejected none of the table's bad inputs"
+    assert rejected, "torch's module rejected none of the table's bad inputs"

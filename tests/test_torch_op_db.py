@@ -47,6 +47,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import raised
 from torch.testing._internal.common_methods_invocations import op_db
 from torch.testing._internal.opinfo.core import DecorateInfo
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -428,29 +429,22 @@ def test_gradcheck(route, op, dtype):
         check_gradients(op, TWINS[op.name])
 
 
-def _raised(call):
-    try:
-        call()
-    except Exception as error:  # noqa: BLE001  (any error: torch's is the expectation)
-        return error
-    return None
-
 
 def check_errors(op, ours):
     torch.manual_seed(0)
     cases = list(op.error_inputs("cpu"))
     assert cases, f"op_db gives {entry_id(op)} no error inputs"
-    raised = 0
+    rejected = 0
     for index, case in enumerate(cases):
         sample = case.sample_input
         t_input, t_args, t_kwargs = fresh(sample)
-        expected = _raised(lambda: op.op(t_input, *t_args, **t_kwargs))
-        raised += isinstance(expected, case.error_type)
+        expected = raised(lambda: op.op(t_input, *t_args, **t_kwargs))
+        rejected += isinstance(expected, case.error_type)
         f_input, f_args, f_kwargs = fresh(sample)
-        actual = _raised(lambda: ours(f_input, *f_args, **f_kwargs))
+        actual = raised(lambda: ours(f_input, *f_args, **f_kwargs))
         assert type(actual) is type(expected) and str(actual) == str(expected), \
             f"{describe(index, sample)}: raised {actual!r}, torch {expected!r}"
-    assert raised, f"torch's {entry_id(op)} rejected none of the table's bad inputs as the table says"
+    assert rejected, f"torch's {entry_id(op)} rejected none of the table's bad inputs as the table says"
 
 
 @pytest.mark.parametrize("op", [op for op in ENTRIES if op.error_inputs_func is not None], ids=entry_id)

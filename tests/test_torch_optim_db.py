@@ -16,6 +16,7 @@ import copy
 
 import pytest
 import torch
+from conftest import raised
 from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
 import fastml.optim
@@ -87,20 +88,13 @@ def test_steps_match_twin(info, dtype, two_groups):
         build(info.optim_cls, leaves(values), config.kwargs, two_groups).load_state_dict(actual)
 
 
-def _raised(call):
-    try:
-        call()
-    except Exception as error:  # noqa: BLE001  (any error: the twin's is the expectation)
-        return error
-    return None
-
 
 @pytest.mark.parametrize("info", [i for i in ENTRIES if i.optim_error_inputs_func is not None],
                          ids=lambda i: i.optim_cls.__name__)
 def test_rejects_what_twin_rejects(info):
     cases = info.optim_error_inputs_func(device="cpu", dtype=torch.float32)
     assert cases
-    raised = 0
+    rejected = 0
     for case in cases:
         given = case.optimizer_error_input
 
@@ -109,9 +103,9 @@ def test_rejects_what_twin_rejects(info):
             if case.error_on == OptimizerErrorEnum.STEP_ERROR:
                 optimizer.step()
 
-        expected = _raised(lambda: attempt(info.optim_cls))
-        raised += isinstance(expected, case.error_type)
-        actual = _raised(lambda: attempt(TWINS[info.optim_cls]))
+        expected = raised(lambda: attempt(info.optim_cls))
+        rejected += isinstance(expected, case.error_type)
+        actual = raised(lambda: attempt(TWINS[info.optim_cls]))
         assert type(actual) is type(expected) and str(actual) == str(expected), \
             f"{given.desc}: fastml raised {actual!r}, torch {expected!r}"
-    assert raised, "torch's optimizer rejected none of the table's bad arguments"
+    assert rejected, "torch's optimizer rejected none of the table's bad arguments"
