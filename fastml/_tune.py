@@ -36,6 +36,10 @@ one pass over each tensor). k-nearest neighbours is not among them: its referenc
 torch's matrix product (fastml/ops/knn/reference.py), which beats the cpp kernel where the CPU
 lacks AVX-512.
 
+The optimizer steps of a process in a torch.distributed group of several also follow the static
+rule (``REPLICATED_OPS``): every rank must update its replica with the same arithmetic, and
+timings taken apart can disagree.
+
 Decisions persist in a JSON file under the user's cache directory (``FASTML_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/fastml``, else ``~/.cache/fastml``), one file per machine and versions: its
 name and header carry a fingerprint of the CPU model and ISA flags, the GPU names, and the
@@ -113,6 +117,15 @@ STATIC_KERNEL_OPS = {
 }
 """Per backend, the ops the static rule runs on fastml's kernel (see the module docstring)."""
 
+REPLICATED_OPS = frozenset({"sgd_step", "sgd_course_step", "adam_step"})
+"""Ops whose results must be the same bits in every process of a torch.distributed group: the
+optimizer steps, which update each rank's replica of the parameters from the same all-reduced
+gradients. Two backends round differently (AdamW's update differs in its last bit between the
+C++ kernel and torch's), so ranks that timed their candidates apart and chose differently would
+let the replicas drift, which torch's own optimizers never do. In a group of more than one
+process these ops follow the static rule, which is deterministic and the same on every rank;
+every other op's result is either all-reduced afterwards (gradients) or exact (neighbours)."""
+
 clock: Callable[[], float] = time.perf_counter
 """The timer (tests replace it with a fake clock)."""
 
@@ -123,7 +136,8 @@ class Decision:
 
     choice: the backend that runs ("reference" is torch's own implementation).
     seconds: each candidate's best time per call (empty when nothing was timed).
-    rule: "measured", "static" (tuning off) or "empty input" (nothing to time).
+    rule: "measured", "static" (tuning off), "static (torch.distributed: ...)" (an optimizer step
+    in a process group: REPLICATED_OPS) or "empty input" (nothing to time).
     """
     choice: str
     seconds: dict = dataclasses.field(default_factory=dict)
@@ -463,9 +477,24 @@ def recording():
             outer.extend(seen)
 
 
-def decided(key: tuple, kernels: tuple[str, ...]) -> str | None:
-    """The choice for ``key`` if it is made (or needs no timing: tuning off), else None."""
+def _static_rule(op: str) -> str | None:
+    """Why ``op`` follows the static rule instead of being timed, or None where it is timed."""
     if mode() == "off":
+        return "static"
+    if op in REPLICATED_OPS and _in_process_group():
+        return "static (torch.distributed: every rank's replica must update alike)"
+    return None
+
+
+def _in_process_group() -> bool:
+    """Whether this process is one of several in an initialised torch.distributed group."""
+    distributed = torch.distributed
+    return distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1
+
+
+def decided(key: tuple, kernels: tuple[str, ...]) -> str | None:
+    """The choice for ``key`` if it is made (or needs no timing: the static rule), else None."""
+    if _static_rule(key[0]) is not None:
         return static_choice(key[0], kernels)
     decision = _store.decisions.get(key)
     return None if decision is None else decision.choice
@@ -486,8 +515,9 @@ def choose(key: tuple, kernels: tuple[str, ...], tensor: torch.Tensor, run: Call
     fastml backends covering ``tensor``) and the reference. ``run(name)`` calls the op on that
     backend with this call's inputs, without side effects on them; None when it cannot be timed.
     ``rounds``: see ``measure``."""
-    if mode() == "off":
-        decision = Decision(static_choice(key[0], kernels), rule="static")
+    static = _static_rule(key[0])
+    if static is not None:
+        decision = Decision(static_choice(key[0], kernels), rule=static)
     else:
         decision = _store.decisions.get(key)
         if decision is None:
