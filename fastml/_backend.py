@@ -180,7 +180,7 @@ def covers(name: str, tensor: torch.Tensor) -> bool:
     if name == "triton":
         on_device = tensor.is_cuda or (tensor.device.type == "cpu" and triton_interpreted())
         return on_device and tensor.dtype in _TRITON_DTYPES and status("triton").present
-    return tensor.device.type == "cpu" and tensor.dtype in _FLOAT_KERNEL_DTYPES and status(name).present
+    return tensor.is_cpu and tensor.dtype in _FLOAT_KERNEL_DTYPES and status(name).present
 
 
 def kernel_candidates(tensor: torch.Tensor, implemented: tuple[str, ...] = BACKENDS) -> tuple[str, ...]:
@@ -215,6 +215,16 @@ def select(tensor: torch.Tensor, implemented: tuple[str, ...] = BACKENDS, key: t
     if key is None:
         return _tune.static_choice("", kernels)
     return _tune.choose(key, kernels, tensor, run)
+
+
+def settings() -> tuple | None:
+    """What ``select``'s choice depends on besides its shape class (key) and the probes' verdicts:
+    use_backend's and FASTML_BACKEND's request and _tune.settings() (None while fastml.tune
+    records choices: then nothing may be reused). A caller on a hot path (an optimizer's step)
+    may remember select's answer for a key beside this value and reuse it while they are equal:
+    a cheaper check than select's own, which counts for a small model's step."""
+    tuning = _tune.settings()
+    return None if tuning is None else (_override.get(), _backend_env(), tuning)
 
 
 def decided(tensor: torch.Tensor, implemented: tuple[str, ...], key: tuple) -> str | None:

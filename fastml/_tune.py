@@ -383,6 +383,17 @@ def generation() -> int:
     return _generation
 
 
+def settings() -> tuple | None:
+    """What this module's choices depend on besides their shape classes, as a value that changes
+    whenever they may: the tuning mode (set_tuning's and FASTML_TUNE's), the decisions' generation
+    and whether the process is in a torch.distributed group (REPLICATED_OPS). None while
+    ``recording``, whose every choice must be seen. A caller that remembers a choice with this
+    value beside it may reuse it while the value is equal (fastml/_backend.py's ``settings``)."""
+    if _recorder.get() is not None:
+        return None
+    return _mode_override.get(), _tune_env(), _generation, _in_process_group()
+
+
 def clear_tuning(persisted: bool = False) -> None:
     """Forget this process's decisions (and with ``persisted=True`` the cache file's), so every
     shape class is measured again on its next call."""
@@ -486,10 +497,15 @@ def _static_rule(op: str) -> str | None:
     return None
 
 
-def _in_process_group() -> bool:
-    """Whether this process is one of several in an initialised torch.distributed group."""
-    distributed = torch.distributed
-    return distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1
+if torch.distributed.is_available():
+    def _in_process_group() -> bool:
+        """Whether this process is one of several in an initialised torch.distributed group."""
+        return _distributed_initialized() and torch.distributed.get_world_size() > 1
+
+    _distributed_initialized = torch.distributed.is_initialized  # looked up once: called every step
+else:  # pragma: no cover - a torch built without torch.distributed
+    def _in_process_group() -> bool:
+        return False
 
 
 def decided(key: tuple, kernels: tuple[str, ...]) -> str | None:

@@ -1086,3 +1086,48 @@ def test_the_decisions_file_names_the_build_of_the_kernels():
         pytest.skip("no C++ module in this install")
     origin = importlib.util.find_spec(module).origin
     assert _tune.fingerprint()["cpp_build"] == hashlib.sha256(Path(origin).read_bytes()).hexdigest()[:16]
+
+
+@needs_kernel
+def test_an_optimizer_step_follows_every_setting_it_runs_under(monkeypatch):
+    """An optimizer step remembers its choice per shape class (fastml/_multi_tensor.py's
+    _settled, to keep a small model's step cheap); the memory must never outlive what the choice
+    depended on: a forced backend (use_backend, FASTML_BACKEND), the tuning mode, forgotten
+    decisions, or fastml.tune's recording, which must see every choice."""
+    from fastml.ops import sgd as sgd_op
+    ran = []
+    real_impl = sgd_op.impl
+    monkeypatch.setattr(sgd_op, "impl", lambda backend: ran.append(backend) or real_impl(backend))
+    favoured = {"name": "reference"}
+    monkeypatch.setattr(_tune, "measure", lambda names, run, device, rounds=None: {
+        name: 1.0 if name == favoured["name"] else 2.0 for name in names})
+    param = torch.ones(5, 3, requires_grad=True)
+    opt = fastml.optim.SGD([param], lr=0.1)
+
+    def step() -> str:
+        param.grad = torch.ones(5, 3)
+        ran.clear()
+        opt.step()
+        return ran[-1]
+
+    assert step() == "reference"  # measured: torch's wins
+    favoured["name"] = KERNEL  # remembered: not measured again...
+    assert step() == "reference"
+    with fastml.use_backend(KERNEL):  # ...but a forced backend runs
+        assert step() == KERNEL
+    assert step() == "reference"
+    monkeypatch.setenv(_backend.ENV_VAR, KERNEL)
+    assert step() == KERNEL
+    monkeypatch.delenv(_backend.ENV_VAR)
+    with fastml.tuning("off"):  # the static rule runs the optimizer steps' kernels
+        assert step() == KERNEL
+    monkeypatch.setenv(_tune.TUNE_VAR, "off")
+    assert step() == KERNEL
+    monkeypatch.delenv(_tune.TUNE_VAR)
+    assert step() == "reference"
+    _tune.clear_tuning(persisted=True)  # forgotten: measured again, and now the kernel wins
+    assert step() == KERNEL
+    with _tune.recording() as seen:
+        step()
+        step()
+    assert [decision.choice for key, decision in seen if key[0] == "sgd_step"] == [KERNEL, KERNEL]
