@@ -119,8 +119,8 @@ class SGD(_KernelStep, torch.optim.SGD):
             if zero_grad:
                 _zero(grads)
             return
-        fresh = [b is None for b in buffers]
-        if momentum != 0 and any(fresh):
+        fresh = [b is None for b in buffers] if momentum != 0 else ()  # (without momentum, unused)
+        if any(fresh):
             # A parameter's first step: its buffer will hold the gradient (torch clones it, so
             # the buffer takes the gradient's layout).
             for i, p in enumerate(params):
