@@ -46,10 +46,10 @@ def _evaluate(closure):
         return closure()
 
 
-def _value(x) -> float:
-    """A hyperparameter as a Python float (a 1-element tensor included), as torch's for-loop
-    implementations use it."""
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+_value = float
+"""A hyperparameter as a Python float, as torch's for-loop implementations use it: float() takes
+a 1-element tensor's item() (and raises for others as item() does), and costs a step no Python
+call of its own (a small model's step is mostly such fixed costs)."""
 
 
 def _tensor_or_value(x):

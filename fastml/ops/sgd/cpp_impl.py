@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastml._cpp import addresses, kernel, threads
+from fastml._cpp import addresses, kernel, sizes, threads
 
 
 def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_decay, nesterov,
@@ -10,12 +10,12 @@ def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_d
     with_momentum = momentum != 0
     kernel("sgd_step", params[0].dtype)(
         addresses(params), addresses(grads), addresses(buffers) if with_momentum else [],
-        [p.numel() for p in params], [int(f) for f in fresh] if with_momentum else [],
+        sizes(params), [int(f) for f in fresh] if with_momentum else [],
         float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
         bool(maximize), bool(zero_grad), threads())
 
 
 def sgd_course_step(params, grads, *, lr, batch_size):
     kernel("sgd_course_step", params[0].dtype)(
-        addresses(params), addresses(grads), [p.numel() for p in params],
+        addresses(params), addresses(grads), sizes(params),
         float(lr), float(batch_size), threads())
