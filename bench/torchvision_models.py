@@ -1,0 +1,178 @@
+"""fastml.patch on torchvision's models, which nobody here wrote: exactness, then speed.
+
+For each model (random weights, 100 classes), a deep copy is patched (``fastml.patch``, or with
+``--fx`` ``fastml.patch(model, fx=True)``) and compared with the unpatched original:
+
+- exactness, float64, batch 2: the output, the input's gradient and every parameter's gradient
+  after a backward, in train, eval and train mode again, and the state_dict (running statistics
+  included) after it all. The gap is measured normwise, ||patched - torch|| / ||torch||, beside
+  the gap torch itself shows between two ways of computing the same model (the original on a
+  channels-last copy): a deep, unnormalised network amplifies every rounding (inception_v3 at
+  init: outputs of 1.8e7 in eval; its float64 channels-last copy differs from it by 1.4e-7),
+  so no fixed tolerance says what rounding allows. A model
+  passes where fastml's gap is at most ``SLACK`` times torch's own, or below 1e-12;
+- speed, float32, batch 8 (``--batch``), 112x112 (224 for the vision transformers): a training
+  step (forward, sum, backward) and an inference forward (eval, no_grad), unpatched and patched
+  timed in interleaved rounds after six untimed calls of each (the measured choice settles
+  there). Ratios are the unpatched median over the patched one: above 1, fastml is faster.
+
+torchvision must match the installed torch (torchvision 0.28 for torch 2.13). Its wheel from
+the package index is built for the CUDA torch: its C++ ops (nms, roi_align) fail to register
+beside a CPU-only torch, and its import then fails. The models are pure Python and use none of
+those ops, so this script lets the registrations fail and loads them anyway.
+
+    python bench/torchvision_models.py [--fx] [--batch 8] [--rounds 7] [--skip-exactness] [model ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+import fastml
+
+DEFAULT = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x1_0",
+           "squeezenet1_1", "densenet121", "googlenet", "mnasnet1_0", "resnext50_32x4d", "convnext_tiny",
+           "vgg11_bn", "alexnet", "inception_v3", "vit_b_32", "swin_t")
+SLACK = 10.0
+TRANSFORMERS = ("vit", "maxvit")
+
+
+def import_models():
+    """torchvision.models, importable even where torchvision's C++ ops cannot register."""
+    register_fake = torch.library.register_fake
+
+    def tolerant(*args, **kwargs):
+        decorate = register_fake(*args, **kwargs)
+
+        def apply(function):
+            try:
+                return decorate(function)
+            except RuntimeError:  # "operator torchvision::nms does not exist": ops not loaded
+                return function
+        return apply
+
+    torch.library.register_fake = tolerant
+    try:
+        import torchvision.models as models
+    finally:
+        torch.library.register_fake = register_fake
+    return models
+
+
+def build(models, name: str) -> torch.nn.Module:
+    extra = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
+    return getattr(models, name)(num_classes=100, **extra)
+
+
+def side(name: str) -> int:
+    return 224 if name.startswith(TRANSFORMERS) else 112
+
+
+def _trace(model: torch.nn.Module, x: torch.Tensor, train: bool, seed: int) -> list[torch.Tensor]:
+    """The output, the input's gradient and the parameters' gradients of one forward + backward."""
+    model.train(train)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # dropout draws the same masks in both models
+    out = model(x)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype))
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return [out.detach(), x.grad, *grads]
+
+
+def _gap(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """The largest normwise relative difference between corresponding tensors."""
+    assert len(got) == len(want), "not as many gradients"
+    return max(((g - w).norm() / w.norm().clamp_min(1e-300)).item() for g, w in zip(got, want))
+
+
+def exactness(models, name: str, fx: bool) -> str:
+    torch.manual_seed(0)
+    original = build(models, name).double()
+    patched, torch_variant = copy.deepcopy(original), copy.deepcopy(original)
+    report = fastml.patch(patched, fx=fx)
+    torch_variant = torch_variant.to(memory_format=torch.channels_last)
+    # The smallest images each model takes: 224 for the transformers, 75 for inception_v3.
+    pixels = 224 if name.startswith(TRANSFORMERS) else 80 if name == "inception_v3" else 64
+    x = torch.randn(2, 3, pixels, pixels, dtype=torch.float64)
+    # Dropout draws its mask in memory order, so the channels-last copy drops other elements:
+    # where a model has dropout, torch's own gap comes from eval mode alone.
+    dropout = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in original.modules())
+    fastml_gap = torch_gap = 0.0
+    for seed, train in enumerate((True, False, True)):
+        want = _trace(original, x, train, seed)
+        fastml_gap = max(fastml_gap, _gap(_trace(patched, x, train, seed), want))
+        if not (train and dropout):
+            torch_gap = max(torch_gap, _gap(_trace(torch_variant, x, train, seed), want))
+    state, patched_state = original.state_dict(), patched.state_dict()
+    if state.keys() != patched_state.keys():
+        return f"FAIL state_dict keys differ ({len(report.replaced)} replaced)"
+    for key, value in state.items():
+        if not value.is_floating_point():
+            if not torch.equal(value, patched_state[key]):
+                return f"FAIL {key}: {patched_state[key]} against {value}"
+            continue
+        fastml_gap = max(fastml_gap, _gap([patched_state[key]], [value]))
+    verdict = "ok" if fastml_gap <= max(SLACK * torch_gap, 1e-12) else "FAIL"
+    return f"{verdict} gap {fastml_gap:.1e} (torch's own {torch_gap:.1e})"
+
+
+def speed(models, name: str, fx: bool, batch: int, rounds: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    original = build(models, name)
+    patched = copy.deepcopy(original)
+    fastml.patch(patched, fx=fx)
+    x = torch.randn(batch, 3, side(name), side(name))
+    ratios = {}
+    for mode in ("train", "infer"):
+        def step(model):
+            if mode == "train":
+                model.train()
+                model(x).sum().backward()
+            else:
+                model.eval()
+                with torch.no_grad():
+                    model(x)
+        for model in (original, patched):
+            for _ in range(6):
+                step(model)
+        times: dict[int, list[float]] = {0: [], 1: []}
+        for _ in range(rounds):
+            for i, model in enumerate((original, patched)):
+                start = time.perf_counter()
+                step(model)
+                times[i].append(time.perf_counter() - start)
+        ratios[mode] = statistics.median(times[0]) / statistics.median(times[1])
+        ratios[mode + " ms"] = statistics.median(times[0]) * 1e3
+    return ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", default=DEFAULT)
+    parser.add_argument("--fx", action="store_true", help="fastml.patch(model, fx=True)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--skip-exactness", action="store_true")
+    args = parser.parse_args()
+    models = import_models()
+    print(f"# torch {torch.__version__}, fastml.patch(fx={args.fx}), batch {args.batch}, {args.rounds} rounds; "
+          "ratios: unpatched median / patched median (above 1: fastml faster)")
+    train, infer = [], []
+    for name in args.models:
+        check = "" if args.skip_exactness else exactness(models, name, args.fx)
+        r = speed(models, name, args.fx, args.batch, args.rounds)
+        train.append(r["train"])
+        infer.append(r["infer"])
+        print(f"{name:20s} train {r['train']:.3f}x (torch {r['train ms']:7.1f} ms)  infer {r['infer']:.3f}x "
+              f"(torch {r['infer ms']:6.1f} ms)  {check}", flush=True)
+    print(f"geometric mean: train {statistics.geometric_mean(train):.3f}x, infer {statistics.geometric_mean(infer):.3f}x")
+
+
+if __name__ == "__main__":
+    main()
