@@ -13,8 +13,9 @@ For each model (random weights, 100 classes), a deep copy is patched (``fastml.p
   passes where fastml's gap is at most ``SLACK`` times torch's own, or below 1e-12;
 - speed, float32, batch 8 (``--batch``), 112x112 (224 for the vision transformers): a training
   step (forward, sum, backward) and an inference forward (eval, no_grad), unpatched and patched
-  timed in interleaved rounds after six untimed calls of each (the measured choice settles
-  there). Ratios are the unpatched median over the patched one: above 1, fastml is faster.
+  timed in interleaved rounds after ``fastml.tune(model, x)`` (as the zoo benchmark: every layer
+  decided, then the whole patched model timed against its unpatched self; ``--no-tune``: the
+  per-layer measured choice alone) and six untimed calls of each. Ratios are the unpatched median over the patched one: above 1, fastml is faster.
 
 torchvision must match the installed torch (torchvision 0.28 for torch 2.13). Its wheel from
 the package index is built for the CUDA torch: its C++ ops (nms, roi_align) fail to register
@@ -132,7 +133,7 @@ def exactness(models, name: str, fx: bool) -> str:
     return f"{verdict} gap {fastml_gap:.1e} (torch's own {torch_gap:.1e})"
 
 
-def speed(models, name: str, fx: bool, batch: int, rounds: int) -> dict[str, float]:
+def speed(models, name: str, fx: bool, batch: int, rounds: int, tune: bool) -> dict[str, float]:
     torch.manual_seed(0)
     original = build(models, name)
     patched = copy.deepcopy(original)
@@ -148,6 +149,10 @@ def speed(models, name: str, fx: bool, batch: int, rounds: int) -> dict[str, flo
                 model.eval()
                 with torch.no_grad():
                     model(x)
+        if tune:  # as the zoo benchmark: layers decided, then the whole model against unpatched
+            patched.train(mode == "train")
+            with torch.set_grad_enabled(mode == "train"):
+                fastml.tune(patched, x)
         for model in (original, patched):
             for _ in range(6):
                 step(model)
@@ -169,14 +174,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--skip-exactness", action="store_true")
+    parser.add_argument("--no-tune", action="store_true",
+                        help="time without fastml.tune(model, x) first (the measured choice per layer only)")
     args = parser.parse_args()
     models = import_models()
-    print(f"# torch {torch.__version__}, fastml.patch(fx={args.fx}), batch {args.batch}, {args.rounds} rounds; "
+    print(f"# torch {torch.__version__}, fastml.patch(fx={args.fx}), fastml.tune: {not args.no_tune}, "
+          f"batch {args.batch}, {args.rounds} rounds; "
           "ratios: unpatched median / patched median (above 1: fastml faster)")
     train, infer = [], []
     for name in args.models:
         check = "" if args.skip_exactness else exactness(models, name, args.fx)
-        r = speed(models, name, args.fx, args.batch, args.rounds)
+        r = speed(models, name, args.fx, args.batch, args.rounds, not args.no_tune)
         train.append(r["train"])
         infer.append(r["infer"])
         print(f"{name:20s} train {r['train']:.3f}x (torch {r['train ms']:7.1f} ms)  infer {r['infer']:.3f}x "
