@@ -22,7 +22,8 @@ the package index is built for the CUDA torch: its C++ ops (nms, roi_align) fail
 beside a CPU-only torch, and its import then fails. The models are pure Python and use none of
 those ops, so this script lets the registrations fail and loads them anyway.
 
-    python bench/torchvision_models.py [--fx] [--batch 8] [--rounds 7] [--skip-exactness] [model ...]
+    python bench/torchvision_models.py [--fx] [--batch 8] [--rounds 7] [--skip-exactness | --skip-speed]
+                                       [--no-tune] [model ...]
 """
 
 from __future__ import annotations
@@ -174,6 +175,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--skip-exactness", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--no-tune", action="store_true",
                         help="time without fastml.tune(model, x) first (the measured choice per layer only)")
     args = parser.parse_args()
@@ -184,12 +186,16 @@ def main() -> None:
     train, infer = [], []
     for name in args.models:
         check = "" if args.skip_exactness else exactness(models, name, args.fx)
+        if args.skip_speed:
+            print(f"{name:20s} {check}", flush=True)
+            continue
         r = speed(models, name, args.fx, args.batch, args.rounds, not args.no_tune)
         train.append(r["train"])
         infer.append(r["infer"])
         print(f"{name:20s} train {r['train']:.3f}x (torch {r['train ms']:7.1f} ms)  infer {r['infer']:.3f}x "
               f"(torch {r['infer ms']:6.1f} ms)  {check}", flush=True)
-    print(f"geometric mean: train {statistics.geometric_mean(train):.3f}x, infer {statistics.geometric_mean(infer):.3f}x")
+    if train:
+        print(f"geometric mean: train {statistics.geometric_mean(train):.3f}x, infer {statistics.geometric_mean(infer):.3f}x")
 
 
 if __name__ == "__main__":
