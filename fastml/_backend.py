@@ -164,6 +164,16 @@ def use_backend(name: str):
         _override.reset(token)
 
 
+def forced() -> bool:
+    """Whether use_backend or FASTML_BACKEND asks for a backend: ``requested() is not None``
+    without checking the name (whatever then runs calls ``requested``, which does), for the
+    check every drop-in layer's call makes (fastml/_route.py)."""
+    if _override.get() is not None:
+        return True
+    env = _backend_env()
+    return bool(env) and not env.isspace()
+
+
 def requested() -> str | None:
     """The backend asked for by use_backend or FASTML_BACKEND, if any."""
     name = _override.get()

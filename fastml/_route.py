@@ -107,13 +107,23 @@ def settle(reports) -> bool | None:
 
 
 def signature(input: torch.Tensor, weight: torch.Tensor | None, target: torch.Tensor | None = None) -> tuple | None:
-    """What a remembered route depends on, or None when a backend is forced."""
-    if not isinstance(input, torch.Tensor) or _backend.requested() is not None:
+    """What a remembered route depends on, or None when a backend is forced. Every call of every
+    drop-in layer builds it, so it is built from raw values (the tuning state as set, the layout
+    inline): at a 10-row regression step, each 0.1 µs here cost 0.4 µs in the training loop."""
+    if not isinstance(input, torch.Tensor) or _backend.forced():
         return None  # (not a tensor: a torch.fx proxy, or the caller's checks say what is wrong)
-    sig = (input.shape, input.dtype, input.device, _layout(input), torch.is_grad_enabled(),
-           input.requires_grad, weight is not None and weight.requires_grad, _threads(), _tune.mode(),
-           _tune.generation())
+    if input.layout is not _STRIDED:
+        layout = ()  # (is_contiguous raises for sparse layouts)
+    elif input.dim() == 4:
+        layout = (input.is_contiguous(), input.is_contiguous(memory_format=_CHANNELS_LAST))
+    else:
+        layout = input.is_contiguous()
+    sig = (input.shape, input.dtype, input.device, layout, _grad_enabled(), input.requires_grad,
+           weight is not None and weight.requires_grad, _threads(), _tune.state())
     return sig if target is None else (*sig, target.shape, target.dtype, target.requires_grad)
+
+
+_STRIDED, _CHANNELS_LAST, _grad_enabled = torch.strided, torch.channels_last, torch.is_grad_enabled
 
 
 def _layout(input: torch.Tensor) -> tuple:

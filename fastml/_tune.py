@@ -383,6 +383,14 @@ def generation() -> int:
     return _generation
 
 
+def state() -> tuple:
+    """The tuning mode as set (set_tuning's, FASTML_TUNE's text) and the decisions' generation:
+    equal whenever ``mode()`` and ``generation()`` are, without validating the mode (a decision
+    made under it calls ``mode``, which does), for the check every drop-in layer's call makes
+    (fastml/_route.py)."""
+    return _mode_override.get(), _tune_env(), _generation
+
+
 def settings() -> tuple | None:
     """What this module's choices depend on besides their shape classes, as a value that changes
     whenever they may: the tuning mode (set_tuning's and FASTML_TUNE's), the decisions' generation

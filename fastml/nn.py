@@ -229,10 +229,14 @@ class MSELoss(torch.nn.MSELoss):
     """``torch.nn.MSELoss`` on fastml's fused squared-error kernel (same broadcasting warning)."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return _route.call(self, input, None, super().forward, self._fastml_forward, target)
+        return _route.call(self, input, None, self._torch_forward, self._fastml_forward, target)
 
     def _fastml_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return functional.mse_loss(input, target, reduction=self.reduction)
+
+    def _torch_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """What it replaces: torch.nn.MSELoss's forward (functional.torch_mse_loss)."""
+        return functional.torch_mse_loss(input, target, self.reduction)
 
 
 class LinearMSELoss(torch.nn.Module):
@@ -269,7 +273,7 @@ class LinearMSELoss(torch.nn.Module):
 
     def _torch_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """What it replaces: nn.Linear, then nn.MSELoss."""
-        return F.mse_loss(F.linear(input, self.weight, self.bias), target, reduction=self.reduction)
+        return functional.torch_mse_loss(F.linear(input, self.weight, self.bias), target, self.reduction)
 
     def predict(self, input: torch.Tensor) -> torch.Tensor:
         return functional.linear(input, self.weight, self.bias)

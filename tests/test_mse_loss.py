@@ -99,3 +99,58 @@ def test_double_backward(backend, rng):
             rand(4, 3, dtype=torch.float64, device=backend.device, generator=rng, requires_grad=True))
     for reduction in REDUCTIONS:
         assert torch.autograd.gradgradcheck(lambda a, b: fastml.functional.mse_loss(a, b, reduction=reduction), args)
+
+
+class _Recorder(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shapes", [((5, 3), (5, 3)), ((4,), (4,)), ((), ()), ((0, 2), (0, 2)), ((3, 1), (3, 4))],
+                         ids=str)
+def test_torch_twin_is_torchs_mse_loss_bit_for_bit(shapes, reduction, rng):
+    """functional.torch_mse_loss, the torch side of the drop-ins' routes (nn.MSELoss,
+    LinearMSELoss): the same values, gradients (first and second order) and warning as
+    F.mse_loss, whether it takes its shortcut (equal shapes) or not (broadcasting)."""
+    inputs = [rand(*shape, dtype=torch.float64, generator=rng, requires_grad=True) for shape in shapes]
+    twins = [t.detach().clone().requires_grad_() for t in inputs]
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        out = fastml.functional.torch_mse_loss(*inputs, reduction)
+    with warnings.catch_warnings(record=True) as torchs:
+        warnings.simplefilter("always")
+        ref = F.mse_loss(*twins, reduction=reduction)
+    assert [str(w.message) for w in ours] == [str(w.message) for w in torchs]
+    assert torch.equal(out, ref) or (out.isnan().all() and ref.isnan().all())
+    up = torch.ones_like(out)
+    grads = torch.autograd.grad(out, inputs, up, create_graph=True)
+    ref_grads = torch.autograd.grad(ref, twins, up, create_graph=True)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+    if out.numel():
+        second = torch.autograd.grad(grads[0].sum(), inputs[0], allow_unused=True)[0]
+        ref_second = torch.autograd.grad(ref_grads[0].sum(), twins[0], allow_unused=True)[0]
+        assert torch.equal(second, ref_second)
+
+
+def test_torch_twin_lets_function_modes_see_torchs_function(rng):
+    """Under a TorchFunctionMode, the twin calls F.mse_loss itself, so the mode sees the call
+    torch's module would make."""
+    a, b = rand(3, 2, generator=rng), rand(3, 2, generator=rng)
+    with _Recorder() as mode:
+        fastml.functional.torch_mse_loss(a, b, "mean")
+    assert F.mse_loss in mode.seen
+
+
+def test_torch_twin_rejects_a_bad_reduction_as_torch_does(rng):
+    a = rand(3, generator=rng)
+    with pytest.raises(ValueError, match="is not a valid value for reduction"):
+        F.mse_loss(a, a, reduction="avg")
+    with pytest.raises(ValueError, match="is not a valid value for reduction"):
+        fastml.functional.torch_mse_loss(a, a, "avg")
