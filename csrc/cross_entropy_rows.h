@@ -77,13 +77,11 @@ inline typename Simd<T>::vec exp_nonpositive(typename Simd<T>::vec x) {
 // Loads count < kWidth elements, the other lanes set to `fill`; stores count elements.
 template <typename T>
 inline typename Simd<T>::vec load_partial(const T* p, index_t count, T fill) {
-    typename Simd<T>::vec v = Simd<T>::broadcast(fill);
-    std::memcpy(&v, p, size_t(count) * sizeof(T));
-    return v;
+    return Simd<T>::load_first(p, count, fill);
 }
 template <typename T>
 inline void store_partial(T* p, index_t count, typename Simd<T>::vec v) {
-    std::memcpy(p, &v, size_t(count) * sizeof(T));
+    Simd<T>::store_first(p, count, v);
 }
 
 // What the rows' targets are: exactly one of index (m,) and probs (m, c) is set.
@@ -128,8 +126,7 @@ inline double cross_entropy_row(const T* z, index_t c, const RowTargets<T>& tg, 
         const V v = load_partial(z + full, tail, kNegInf);
         vmax = v > vmax ? v : vmax;
     }
-    T m = kNegInf;
-    for (index_t l = 0; l < W; ++l) m = vmax[l] > m ? vmax[l] : m;
+    const T m = S::max_lanes(vmax);  // (no NaN lane: a NaN logit never wins the compares above)
     const T z_target = t >= 0 ? z[t] : T(0);  // read before grad may overwrite z
 
     // Pass 2: e = exp(z - m) (kept in grad for pass 3), S = Σ e, and Σ a_c (z_c - m) without
@@ -165,8 +162,8 @@ inline double cross_entropy_row(const T* z, index_t c, const RowTargets<T>& tg, 
         }
         if (grad) store_partial(grad + full, tail, e);
     }
-    double sum = 0.0, dot = 0.0, coef = 0.0;
-    for (index_t l = 0; l < W; ++l) sum += double(vsum[l]), dot += double(vdot[l]), coef += double(vcoef[l]);
+    const double sum = S::sum_lanes_in_double(vsum);
+    const double dot = dense ? S::sum_lanes_in_double(vdot) : 0.0, coef = dense ? S::sum_lanes_in_double(vcoef) : 0.0;
     const double log_sum = std::log(sum);
     double loss = 0.0, total_coef = coef;
     if (tg.index) {
