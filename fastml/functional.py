@@ -191,7 +191,10 @@ def _kernels_can_run(*tensors: torch.Tensor | None) -> bool:
     which the transforms batch and differentiate, and autocast casts, exactly as for torch."""
     if torch._C._are_functorch_transforms_active() or _autocast_on():
         return False
-    return all(t is None or t.layout == torch.strided for t in tensors)
+    for t in tensors:  # a plain loop: all() over a generator costs ~0.4 us more, on every call
+        if t is not None and t.layout is not torch.strided:
+            return False
+    return True
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -723,22 +726,25 @@ def _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_sm
             or not _smoothing_ok(label_smoothing) or not _kernels_can_run(input, target, weight)
             or forward_ad_active()):
         return None
-    num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
-    index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size()
-    kind = _target_kind(target, input, index_shape, input.shape)
+    rank = input.dim()
+    shape = input.shape
+    num_classes = shape[1] if rank > 1 else shape[0]
+    # (N, C) with (N,) targets, the common case, without slicing torch.Size or reshaping: ~1 us
+    index_shape = shape[:1] if rank == 2 else shape[:1] + shape[2:] if rank > 1 else torch.Size()
+    kind = _target_kind(target, input, index_shape, shape)
     if (kind is None or num_classes == 0 or not _class_weight_ok(weight, input, num_classes)
             or (kind == "probs" and ignore_index != -100)):  # torch's error
         return None
-    if input.dim() == 1:
+    if rank == 1:
         logits = input.unsqueeze(0)
-    elif input.dim() == 2:
+    elif rank == 2:
         logits = input
     else:
         logits = _channels_to_rows(input, num_classes)
     if kind == "index":
-        flat = target.reshape(-1)
+        flat = target if target.dim() == 1 else target.reshape(-1)
     else:
-        flat = target.unsqueeze(0) if input.dim() == 1 else _channels_to_rows(target, num_classes)
+        flat = target.unsqueeze(0) if rank == 1 else _channels_to_rows(target, num_classes)
     return logits.contiguous(), flat.contiguous(), index_shape
 
 

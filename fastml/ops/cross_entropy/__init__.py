@@ -56,8 +56,13 @@ def row_loss_buffer(logits):
 
 def reduce_rows(row_loss, scale, reduction, dtype):
     """The loss of a reduction from the per-row losses, in the logits' dtype."""
-    loss = row_loss if reduction == "none" else row_loss.sum() * scale
-    return loss.to(dtype)
+    if reduction == "none":
+        loss = row_loss
+    elif isinstance(scale, float):
+        loss = row_loss.sum().mul_(scale)  # in place on the fresh sum: one allocation, not two
+    else:
+        loss = row_loss.sum() * scale
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 def gradient_in_torch_ops(logits, target, class_weight, ignore_index, label_smoothing, scale):
@@ -95,10 +100,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         logits, target, class_weight, grad = ctx.saved_tensors
         ignore_index, label_smoothing, reduction, scale = ctx.options
         need_logits, need_target = ctx.needs_input_grad[:2]
-        per_row = grad_output.unsqueeze(1) if reduction == "none" else grad_output * scale
         grad_logits = grad_target = None
         if need_logits and backward_in_torch_ops(grad_output):
-            grad_logits = gradient_in_torch_ops(logits, target, class_weight, ignore_index, label_smoothing, per_row)
+            grad_logits = gradient_in_torch_ops(logits, target, class_weight, ignore_index, label_smoothing,
+                                                row_scale(grad_output, reduction, scale))
         elif need_logits and reduction == "none":
             def run(name):
                 return row_gradients(impl(name), logits, target, class_weight, ignore_index, label_smoothing,
@@ -109,8 +114,17 @@ class CrossEntropyFunction(torch.autograd.Function):
         elif need_logits:
             grad_logits = scaled(grad, grad_output)
         if need_target:
-            grad_target = target_gradient(logits, class_weight, label_smoothing, per_row)
+            grad_target = target_gradient(logits, class_weight, label_smoothing,
+                                          row_scale(grad_output, reduction, scale))
         return grad_logits, grad_target, None, None, None, None, None
+
+
+def row_scale(grad_output, reduction, scale):
+    """What each row's gradient is scaled by: grad_output (M,) as a column for "none", else the
+    scalar grad_output times the loss's scale. Formed only where a gradient needs it (a torch
+    op: ~1.5 us of a 10-class batch's backward, which the usual mean loss's logit gradient,
+    formed going forward, does not)."""
+    return grad_output.unsqueeze(1) if reduction == "none" else grad_output * scale
 
 
 def row_gradients(kernels, logits, target, class_weight, ignore_index, label_smoothing, grad_output):
