@@ -17,7 +17,9 @@ otherwise torch's path runs. Ties, noise and losses all go to torch.
 
 How a class is timed (``measure``): one untimed warm-up call per candidate (compilation,
 allocation, first touch), then ``ROUNDS`` interleaved rounds, each a loop of calls lasting about
-``SAMPLE_SECONDS`` (one call for a slow op), keeping each candidate's fastest per-call time.
+``SAMPLE_SECONDS`` (one call for a slow op), keeping each candidate's fastest per-call time. The
+loop's length comes from the warm-up call, then from the fastest timed call (a warm-up that
+carried one-time costs would leave a fast candidate one call per sample).
 Tuning a new class costs ``1 + ROUNDS`` calls per candidate for a large op, a few milliseconds of
 repeated calls for a small one, and nothing per call afterwards: the decision is a dictionary
 lookup. A call that takes longer than ``SLOW_CALL_SECONDS`` gets one timed round instead of
@@ -439,13 +441,18 @@ def _seconds(run: Callable[[str], object], name: str, calls: int, device: torch.
     return clock() - start
 
 
+def _calls_per_sample(seconds_per_call: float) -> int:
+    """Calls in a sample of about SAMPLE_SECONDS (at least one, at most MAX_CALLS_PER_SAMPLE)."""
+    return max(1, min(MAX_CALLS_PER_SAMPLE, int(SAMPLE_SECONDS / max(seconds_per_call, 1e-9))))
+
+
 def measure(names: tuple[str, ...], run: Callable[[str], object], device: torch.device,
             rounds: int | None = None) -> dict[str, float]:
     """Each candidate's best time per call (see the module docstring), under no_grad, as the
     kernels run inside an autograd.Function. ``rounds``: that many rounds however slow a call."""
     with torch.no_grad():
         warm = {name: _seconds(run, name, 1, device) for name in names}
-        calls = {name: max(1, min(MAX_CALLS_PER_SAMPLE, int(SAMPLE_SECONDS / max(t, 1e-9)))) for name, t in warm.items()}
+        calls = {name: _calls_per_sample(t) for name, t in warm.items()}
         if rounds is None:  # (a candidate far slower than torch's does not make the others' rounds few)
             near = [t for name, t in warm.items() if "reference" not in warm or t <= DROP_RATIO * warm["reference"]]
             rounds = 1 if max(near) > SLOW_CALL_SECONDS else ROUNDS
@@ -454,6 +461,12 @@ def measure(names: tuple[str, ...], run: Callable[[str], object], device: torch.
         for _ in range(rounds):
             for name in timed:  # interleaved: a slow drift of the machine touches every candidate alike
                 best[name] = min(best[name], _seconds(run, name, calls[name], device) / calls[name])
+                # A warm-up call that carried one-time costs (a lazy import, a weight's packing, the
+                # decisions of the ops inside a layer: up to 50x a steady call) set too few calls
+                # per sample, where the timer and cold caches weigh most: a Linear layer whose
+                # steady call took 90 us, torch's 138, was timed at 135 against 138 so and routed
+                # to torch. The next rounds' samples take their length from the timed calls.
+                calls[name] = max(calls[name], _calls_per_sample(best[name]))
             if "reference" in best:  # judged on a timed round: a first call carries one-time costs
                 timed = [name for name in timed if best[name] <= DROP_RATIO * best["reference"]]
     return best

@@ -113,6 +113,24 @@ def test_tuning_costs_a_few_calls_for_a_large_op(clock):
     assert calls == {"cpp": 2, "reference": 2}
 
 
+def test_a_warm_up_that_carried_one_time_costs_does_not_set_the_samples(clock):
+    """A layer's first call can carry its ops' own decisions (50x a steady call). The samples
+    after the first round take their length from the timed calls, not from that warm-up."""
+    first = {"cpp": True}
+    calls = collections.Counter()
+
+    def run(name):
+        calls[name] += 1
+        clock.now += 20 * _tune.SAMPLE_SECONDS if first.pop(name, False) else {"cpp": 1e-4, "reference": 2e-4}[name]
+
+    assert _tune.choose(key("one-time"), ("cpp",), X, run) == "cpp"
+    per_sample = _tune._calls_per_sample
+    assert per_sample(1e-4) > 10
+    # the warm-up, one call, then full samples (within one call each: the fake clock's float sums)
+    assert calls["cpp"] >= 1 + 1 + (per_sample(1e-4) - 1) * (_tune.ROUNDS - 1)
+    assert calls["reference"] >= 1 + (per_sample(2e-4) - 1) * _tune.ROUNDS
+
+
 def test_a_candidate_far_slower_than_torch_is_not_timed_again(clock):
     slow = (_tune.DROP_RATIO + 1) * 1e-3
     run, calls = costed_run(clock, {"cpp": slow, "numba": 0.99e-3, "reference": 1e-3})
