@@ -117,6 +117,18 @@ def torch_mse_loss(input: torch.Tensor, target: torch.Tensor, reduction: str) ->
     return F.mse_loss(input, target, reduction=reduction)
 
 
+def torch_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
+                        reduction: str, label_smoothing: float) -> torch.Tensor:
+    """``torch.nn.functional.cross_entropy`` with these arguments: the same values, gradients and
+    errors, calling the op it ends in directly where no tensor type or mode overrides torch's
+    functions (torch_mse_loss says why: the torch side of a drop-in's route runs on every call)."""
+    enum = _REDUCTION_ENUMS.get(reduction)
+    if enum is not None and not has_torch_function_variadic(input, target, weight):
+        return torch._C._nn.cross_entropy_loss(input, target, weight, enum, ignore_index, label_smoothing)
+    return F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+
+
 def _check_linear_args(input, weight, bias, weight_rank_1_ok: bool, strict_bias: bool) -> None:
     _check_tensor("input", input)
     _check_tensor("weight", weight)

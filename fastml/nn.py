@@ -289,11 +289,16 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     (N, C) or (N, C, d1, ...))."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return _route.call(self, input, None, super().forward, self._fastml_forward, target)
+        return _route.call(self, input, None, self._torch_forward, self._fastml_forward, target)
 
     def _fastml_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return functional.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                         reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+    def _torch_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """What it replaces: torch.nn.CrossEntropyLoss's forward (functional.torch_cross_entropy)."""
+        return functional.torch_cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
+                                              self.label_smoothing)
 
 
 # What each drop-in runs as where fastml.tune found the model faster unpatched (_route.run_as_torch).

@@ -272,3 +272,49 @@ def test_softmax_regression_and_mlp_train_like_torch(backend, rng):
                                  steps)
                   for net, loss_fn in ((model, fastml.nn.CrossEntropyLoss()), (twin, torch.nn.CrossEntropyLoss()))]
         torch.testing.assert_close(curves[0], curves[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", ["index", "probs", "weighted", "smoothed", "ignored", "spatial"])
+def test_torch_twin_is_torchs_cross_entropy_bit_for_bit(case, reduction):
+    """functional.torch_cross_entropy, the torch side of nn.CrossEntropyLoss's route: the same
+    values and gradients (first and second order) as F.cross_entropy, bit for bit."""
+    gen = torch.Generator().manual_seed(7)
+    shape = (3, 5, 2, 3) if case == "spatial" else (6, 5)
+    logits = torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    index_shape = (shape[0], *shape[2:])
+    if case == "probs":
+        target = torch.softmax(torch.randn(*shape, dtype=torch.float64, generator=gen), 1)
+    else:
+        target = torch.randint(0, 5, index_shape, generator=gen)
+        if case == "ignored":
+            target[0] = 2
+    weight = torch.rand(5, dtype=torch.float64, generator=gen) if case == "weighted" else None
+    options = dict(ignore_index=2 if case == "ignored" else -100, reduction=reduction,
+                   label_smoothing=0.1 if case == "smoothed" else 0.0)
+    twin = logits.detach().clone().requires_grad_()
+    out = fastml.functional.torch_cross_entropy(logits, target, weight, **options)
+    ref = F.cross_entropy(twin, target, weight, **options)
+    assert torch.equal(out, ref)
+    (grad,) = torch.autograd.grad(out.sum(), logits, create_graph=True)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), twin, create_graph=True)
+    assert torch.equal(grad, ref_grad)
+    assert torch.equal(torch.autograd.grad((grad ** 2).sum(), logits)[0],
+                       torch.autograd.grad((ref_grad ** 2).sum(), twin)[0])
+
+
+def test_torch_twin_lets_function_modes_see_torchs_function():
+    class Recorder(torch.overrides.TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as mode:
+        fastml.functional.torch_cross_entropy(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), None, -100, "mean", 0.0)
+    assert F.cross_entropy in mode.seen
+    with pytest.raises(ValueError, match="is not a valid value for reduction"):
+        fastml.functional.torch_cross_entropy(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), None, -100, "avg", 0.0)
