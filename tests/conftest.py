@@ -306,3 +306,16 @@ def eval_conv_bn_relu(generator: torch.Generator, channels: tuple[int, int] = (4
         run[1].running_mean.uniform_(-1, 1)
         run[1].running_var.uniform_(0.5, 1.5)
     return run
+
+
+class FunctionRecorder(torch.overrides.TorchFunctionMode):
+    """A torch-function mode that records every function called under it (``seen``): what a
+    tensor subclass or a tracer would be shown."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))

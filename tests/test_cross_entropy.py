@@ -11,8 +11,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (assert_close, assert_device_side_assert, backward_and_compare, loss_options, magnitude, rand,
-                      sgd_loss_curve, upcast)
+from conftest import (FunctionRecorder, assert_close, assert_device_side_assert, backward_and_compare, loss_options,
+                      magnitude, rand, sgd_loss_curve, upcast)
 
 import fastml
 
@@ -304,16 +304,7 @@ def test_torch_twin_is_torchs_cross_entropy_bit_for_bit(case, reduction):
 
 
 def test_torch_twin_lets_function_modes_see_torchs_function():
-    class Recorder(torch.overrides.TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.seen.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Recorder() as mode:
+    with FunctionRecorder() as mode:
         fastml.functional.torch_cross_entropy(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), None, -100, "mean", 0.0)
     assert F.cross_entropy in mode.seen
     with pytest.raises(ValueError, match="is not a valid value for reduction"):

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, magnitude, rand, upcast
+from conftest import FunctionRecorder, assert_close, magnitude, rand, upcast
 
 import fastml
 
@@ -101,16 +101,6 @@ def test_double_backward(backend, rng):
         assert torch.autograd.gradgradcheck(lambda a, b: fastml.functional.mse_loss(a, b, reduction=reduction), args)
 
 
-class _Recorder(torch.overrides.TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.seen.append(func)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shapes", [((5, 3), (5, 3)), ((4,), (4,)), ((), ()), ((0, 2), (0, 2)), ((3, 1), (3, 4))],
                          ids=str)
@@ -143,7 +133,7 @@ def test_torch_twin_lets_function_modes_see_torchs_function(rng):
     """Under a TorchFunctionMode, the twin calls F.mse_loss itself, so the mode sees the call
     torch's module would make."""
     a, b = rand(3, 2, generator=rng), rand(3, 2, generator=rng)
-    with _Recorder() as mode:
+    with FunctionRecorder() as mode:
         fastml.functional.torch_mse_loss(a, b, "mean")
     assert F.mse_loss in mode.seen
 
