@@ -731,6 +731,33 @@ def test_a_forced_backend_and_cleared_decisions_bypass_the_shortcut(monkeypatch)
         assert calls["linear"] == 2
 
 
+@needs_kernel
+def test_the_shortcut_follows_the_environment_as_it_changes(monkeypatch):
+    """The route's signature reads FASTML_BACKEND and FASTML_TUNE raw on every call: a backend
+    set there bypasses the shortcut, a blank one does not, and another tuning setting settles
+    the route anew."""
+    winner(monkeypatch, "reference")
+    calls = count_fastml_calls(monkeypatch)
+    layer, x = fastml.nn.Linear(5, 3), torch.randn(4, 5)
+    with torch.no_grad():
+        layer(x)
+        calls.clear()
+        monkeypatch.setenv("FASTML_BACKEND", "  ")
+        layer(x)
+        assert calls["linear"] == 0, "a blank FASTML_BACKEND forces nothing"
+        monkeypatch.setenv("FASTML_BACKEND", KERNEL)
+        layer(x)
+        assert calls["linear"] == 1
+        monkeypatch.delenv("FASTML_BACKEND")
+        layer(x)
+        assert calls["linear"] == 1
+        monkeypatch.setenv(_tune.TUNE_VAR, "off")
+        layer(x)  # the static rule's route, settled anew
+        assert calls["linear"] == 2
+        layer(x)
+        assert calls["linear"] == 2
+
+
 # ------------------------------------------- the fused functionals' route to torch's sequence
 
 def count_op_calls(monkeypatch, module, name):
