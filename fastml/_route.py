@@ -347,14 +347,13 @@ def function_signature(op: str, args: tuple, config: tuple) -> tuple | None:
     """What a fused functional's route depends on (see ``call_function``): the main input's
     (first) shape, dtype, device, layout and gradient state, the others' shapes and gradient
     states, ``config``, grad mode, threads and tuning state; None when a backend is forced or a
-    graph is being traced. Kept short: it is built on every call (~4 µs)."""
+    graph is being traced. Built on every call, so from raw values, as ``signature``."""
     input = args[0]
-    if not isinstance(input, torch.Tensor) or is_compiling() or _backend.requested() is not None:
+    if not isinstance(input, torch.Tensor) or is_compiling() or _backend.forced():
         return None  # (not a tensor: the caller's checks say what is wrong)
-    strided = input.layout == torch.strided  # (is_contiguous raises for sparse layouts)
+    strided = input.layout is _STRIDED  # (is_contiguous raises for sparse layouts)
     return (op, input.shape, input.dtype, input.device, strided and input.is_contiguous(), input.requires_grad,
-            tuple(_describe(a) for a in args[1:]), config, torch.is_grad_enabled(), _threads(), _tune.mode(),
-            _tune.generation())
+            tuple([_describe(a) for a in args[1:]]), config, _grad_enabled(), _threads(), _tune.state())
 
 
 def settled_on_torch(sig: tuple | None, input: torch.Tensor) -> bool:
