@@ -792,10 +792,12 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         if _route.settled_on_torch(sig, input):
             return _unfused_or_torch_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                                           ignore_index, label_smoothing, options)
-        if ((_route.checks_passed(sig, config) and _kernels_can_run() and not forward_ad_active())
+        passed = _route.checks_passed(sig, config)
+        if ((passed and _kernels_can_run() and not forward_ad_active())
                 or _linear_cross_entropy_args(input, linear_weight, target, linear_bias, weight, reduction,
                                               ignore_index, label_smoothing) is not None):
-            _route.pass_checks(sig, config)
+            if not passed:
+                _route.pass_checks(sig, config)
             ignore = -100 if ignore_index is None else ignore_index
 
             def fastml_forward(input, linear_weight, linear_bias, target, weight):
