@@ -330,8 +330,14 @@ def _diagnose_linear_mse(input, weight, bias, target) -> None:
 
 def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduce=None, reduction: str = "mean",
              weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error, as ``torch.nn.functional.mse_loss`` (same broadcasting and warning)."""
+    """Mean squared error, as ``torch.nn.functional.mse_loss`` (same broadcasting and warning).
+    Routed as the fused functionals are (``_route.call_function``): where torch's function
+    measured faster for a call's signature, later calls of it run torch's."""
     if _defer_to_torch(input, target, weight):
+        return F.mse_loss(input, target, size_average, reduce, reduction, weight=weight)
+    config = (size_average, reduce, reduction)
+    sig = _route.function_signature("mse_loss", (input, target, weight), config)
+    if _route.settled_on_torch(sig, input):  # torch's own function, its checks and warning
         return F.mse_loss(input, target, size_average, reduce, reduction, weight=weight)
     _check_tensor("input", input)
     _check_tensor("target", target)
@@ -352,7 +358,14 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduc
             stacklevel=2,
         )
         input, target = torch.broadcast_tensors(input, target)  # differentiable: grads sum back
-    return _mse_loss_op.mse_loss(input, target, reduction)
+
+    def fastml_forward(input, target):
+        return _mse_loss_op.mse_loss(input, target, reduction)
+
+    def torch_forward(input, target):  # (shapes made equal above: no second warning)
+        return torch_mse_loss(input, target, reduction)
+
+    return _route.call_function("mse_loss", (input, target), config, torch_forward, fastml_forward, sig)
 
 
 _CDIST_MODES = ("use_mm_for_euclid_dist_if_necessary", "use_mm_for_euclid_dist", "donot_use_mm_for_euclid_dist")
@@ -717,17 +730,33 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     class probabilities (the input's shape and dtype); ``weight``, ``ignore_index``,
     ``label_smoothing`` and every reduction with torch's meaning. What the kernels do not cover
     (legacy size_average / reduce, other dtypes, transforms, invalid arguments) runs torch's
-    cross_entropy, with its results and errors.
+    cross_entropy, with its results and errors. Routed as the fused functionals are
+    (``_route.call_function``): where torch's function measured faster for a call's signature
+    (a small batch, whose cost is the dispatch), later calls of it run torch's.
     """
-    rows = None
+    rows = sig = None
     if not _defer_to_torch(input, target, weight) and size_average is None and reduce is None:
+        config = (ignore_index, reduction, label_smoothing)
+        sig = _route.function_signature("cross_entropy", (input, target, weight), config)
+        if _route.settled_on_torch(sig, input):
+            return torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
         rows = _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_smoothing)
     if rows is None:
         return F.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
-    logits, flat_target, shape = rows
-    loss = _cross_entropy_op.cross_entropy(logits, flat_target, None if weight is None else weight.contiguous(),
-                                           ignore_index, float(label_smoothing), reduction)
-    return loss.reshape(shape) if reduction == "none" else loss
+    checked = input
+
+    def fastml_forward(input, target, weight):
+        # The rows checked above, or (for the timed copies of the arguments) their own.
+        logits, flat_target, shape = rows if input is checked else _cross_entropy_rows(
+            input, target, weight, ignore_index, reduction, label_smoothing)
+        loss = _cross_entropy_op.cross_entropy(logits, flat_target, None if weight is None else weight.contiguous(),
+                                               ignore_index, float(label_smoothing), reduction)
+        return loss.reshape(shape) if reduction == "none" else loss
+
+    def torch_forward(input, target, weight):
+        return torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+
+    return _route.call_function("cross_entropy", (input, target, weight), config, torch_forward, fastml_forward, sig)
 
 
 def _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_smoothing):

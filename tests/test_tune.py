@@ -774,7 +774,8 @@ def count_op_calls(monkeypatch, module, name):
 
 
 def fused_calls():
-    """(op module, dispatch name, a call of the fused functional with its gradients)."""
+    """(op module, dispatch name, a call of the routed functional with its gradients): the fused
+    functionals, and the losses a training loop calls as functions."""
     def linear_mse(x):
         w, b = torch.ones(2, 5, requires_grad=True), torch.zeros(2, requires_grad=True)
         return fastml.functional.linear_mse(x, w, b, torch.ones(x.shape[0], 2)), (w, b)
@@ -788,11 +789,22 @@ def fused_calls():
         return fastml.functional.conv2d_relu_max_pool2d(x[:, :, None, None].expand(-1, -1, 6, 6), w,
                                                         padding=1).sum(), (w,)
 
+    def mse_loss(x):  # routed as the fused functionals are
+        w = torch.ones(5, requires_grad=True)
+        return fastml.functional.mse_loss(x * w, torch.ones(x.shape[0], 5)), (w,)
+
+    def cross_entropy(x):
+        w = torch.ones(5, requires_grad=True)
+        return fastml.functional.cross_entropy(x * w, torch.zeros(x.shape[0], dtype=torch.int64)), (w,)
+
     from fastml.ops import conv2d_relu_max_pool2d
+    from fastml.ops import cross_entropy as ce
     from fastml.ops import linear_cross_entropy as lce
     from fastml.ops import linear_mse as lmse
+    from fastml.ops import mse_loss as mse
     return [(lmse, "linear_mse", linear_mse), (lce, "linear_cross_entropy", linear_cross_entropy),
-            (conv2d_relu_max_pool2d, "conv2d_relu_max_pool2d", block)]
+            (conv2d_relu_max_pool2d, "conv2d_relu_max_pool2d", block), (mse, "mse_loss", mse_loss),
+            (ce, "cross_entropy", cross_entropy)]
 
 
 @needs_kernel
