@@ -715,47 +715,36 @@ def test_a_kernel_that_wins_inside_fastml_still_loses_to_a_faster_torch_module(m
 
 @needs_kernel
 def test_a_forced_backend_and_cleared_decisions_bypass_the_shortcut(monkeypatch):
+    """use_backend, FASTML_BACKEND (read raw on every call: a blank one forces nothing), another
+    FASTML_TUNE setting and clear_tuning each take the call through fastml's dispatch again."""
     winner(monkeypatch, "reference")
     calls = count_fastml_calls(monkeypatch)
     layer, x = fastml.nn.Linear(5, 3), torch.randn(4, 5)
+    expected = 0
+
+    def step(through_fastml: bool):
+        nonlocal expected
+        layer(x)
+        expected += through_fastml
+        assert calls["linear"] == expected
+
     with torch.no_grad():
         layer(x)
         calls.clear()
-        layer(x)
-        assert calls["linear"] == 0
+        step(False)
         with fastml.use_backend(KERNEL):
-            layer(x)
-        assert calls["linear"] == 1
-        fastml.clear_tuning()
-        layer(x)
-        assert calls["linear"] == 2
-
-
-@needs_kernel
-def test_the_shortcut_follows_the_environment_as_it_changes(monkeypatch):
-    """The route's signature reads FASTML_BACKEND and FASTML_TUNE raw on every call: a backend
-    set there bypasses the shortcut, a blank one does not, and another tuning setting settles
-    the route anew."""
-    winner(monkeypatch, "reference")
-    calls = count_fastml_calls(monkeypatch)
-    layer, x = fastml.nn.Linear(5, 3), torch.randn(4, 5)
-    with torch.no_grad():
-        layer(x)
-        calls.clear()
+            step(True)
         monkeypatch.setenv("FASTML_BACKEND", "  ")
-        layer(x)
-        assert calls["linear"] == 0, "a blank FASTML_BACKEND forces nothing"
+        step(False)
         monkeypatch.setenv("FASTML_BACKEND", KERNEL)
-        layer(x)
-        assert calls["linear"] == 1
+        step(True)
         monkeypatch.delenv("FASTML_BACKEND")
-        layer(x)
-        assert calls["linear"] == 1
+        step(False)
         monkeypatch.setenv(_tune.TUNE_VAR, "off")
-        layer(x)  # the static rule's route, settled anew
-        assert calls["linear"] == 2
-        layer(x)
-        assert calls["linear"] == 2
+        step(True)  # the static rule's route, settled anew
+        step(False)
+        fastml.clear_tuning()
+        step(True)
 
 
 # ------------------------------------------- the fused functionals' route to torch's sequence
