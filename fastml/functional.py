@@ -220,9 +220,20 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """y = input @ weight.T + bias, as ``torch.nn.functional.linear``.
 
     input (*, in_features); weight (out_features, in_features) or (in_features,); bias
-    (out_features,) or None → (*, out_features) (or (*) for a 1-D weight).
+    (out_features,) or None → (*, out_features) (or (*) for a 1-D weight). Routed as the fused
+    functionals are: where torch's F.linear measured faster for a call's signature, later calls
+    of it run F.linear, without fastml's checks (torch's own function).
     """
+    return _linear(input, weight, bias, routed=True)
+
+
+def _linear(input, weight, bias, routed: bool):
+    """``linear``; ``routed``: a route of its own (a direct call), or none (a layer's call: the
+    layer routes itself, and a second route inside it would time the same work twice)."""
     if _defer_to_torch(input, weight, bias):
+        return F.linear(input, weight, bias)
+    sig = _route.function_signature("linear", (input, weight, bias), ()) if routed else None
+    if _route.settled_on_torch(sig, input):
         return F.linear(input, weight, bias)
     _check_linear_args(input, weight, bias, weight_rank_1_ok=True, strict_bias=False)
     if (weight.dim() != 2 or not _kernels_can_run(input, weight, bias)
@@ -230,6 +241,13 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
             or (bias is not None and (bias.dtype != input.dtype or bias.shape != (weight.shape[0],)))
             or weight.device != input.device or (bias is not None and bias.device != input.device)):
         return F.linear(input, weight, bias)  # a configuration the kernels do not cover: torch's own
+    if not routed:
+        return _fastml_linear(input, weight, bias)
+    return _route.call_function("linear", (input, weight, bias), (), F.linear, _fastml_linear, sig)
+
+
+def _fastml_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``linear`` on fastml's kernels, for arguments its checks passed."""
     lead = input.shape[:-1]
     rows = _rows(input)
     if (((rows.requires_grad and rows.stride(0) == 1) or (weight.requires_grad and not weight.is_contiguous()))
@@ -333,12 +351,18 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduc
     """Mean squared error, as ``torch.nn.functional.mse_loss`` (same broadcasting and warning).
     Routed as the fused functionals are (``_route.call_function``): where torch's function
     measured faster for a call's signature, later calls of it run torch's."""
+    return _mse_loss(input, target, size_average, reduce, reduction, weight, routed=True)
+
+
+def _mse_loss(input, target, size_average, reduce, reduction, weight, routed: bool):
+    """``mse_loss``; ``routed`` as in ``_linear``."""
     if _defer_to_torch(input, target, weight):
         return F.mse_loss(input, target, size_average, reduce, reduction, weight=weight)
     config = (size_average, reduce, reduction)
-    sig = _route.function_signature("mse_loss", (input, target, weight), config)
-    if _route.settled_on_torch(sig, input):  # torch's own function, its checks and warning
-        return F.mse_loss(input, target, size_average, reduce, reduction, weight=weight)
+    sig = _route.function_signature("mse_loss", (input, target, weight), config) if routed else None
+    if (size_average is None and reduce is None and weight is None and isinstance(target, torch.Tensor)
+            and target.shape == input.shape and _route.settled_on_torch(sig, input)):
+        return torch_mse_loss(input, target, reduction)  # (a broadcasting call warns below, as the caller's)
     _check_tensor("input", input)
     _check_tensor("target", target)
     if size_average is not None or reduce is not None:
@@ -355,9 +379,12 @@ def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduc
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
             "This will likely lead to incorrect results due to broadcasting. Please ensure they have the same size.",
-            stacklevel=2,
+            stacklevel=3 if routed else 2,  # the caller of mse_loss (as torch's), or the layer
         )
         input, target = torch.broadcast_tensors(input, target)  # differentiable: grads sum back
+
+    if not routed:
+        return _mse_loss_op.mse_loss(input, target, reduction)
 
     def fastml_forward(input, target):
         return _mse_loss_op.mse_loss(input, target, reduction)
@@ -502,19 +529,37 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     NaN propagating) when ``return_indices``; backward routes each gradient to its maximum.
     A channels_last input gives channels_last outputs and input gradient, as torch. What the
     kernels do not cover (other dtypes, transforms, invalid arguments) runs torch's max_pool2d.
+    Routed as the fused functionals are: a small pooling's cost is its dispatch (2x16x28x28:
+    0.58x torch's unrouted).
     """
+    return _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, routed=True)
+
+
+def _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, routed: bool):
+    """``max_pool2d``; ``routed`` as in ``_linear``."""
     args = None if _defer_to_torch(input) else _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode)
     if args is None:
         return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
                             return_indices=return_indices)
-    x = input if input.dim() == 4 else input.unsqueeze(0)
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    out, indices = _max_pool2d_op.max_pool2d(_nchw(x, channels_last), *args, ceil_mode)
-    if channels_last:
-        out, indices = (t.contiguous(memory_format=torch.channels_last) for t in (out, indices))
-    if input.dim() == 3:
-        out, indices = out.squeeze(0), indices.squeeze(0)
-    return (out, indices) if return_indices else out
+
+    def fastml_forward(input):
+        x = input if input.dim() == 4 else input.unsqueeze(0)
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        out, indices = _max_pool2d_op.max_pool2d(_nchw(x, channels_last), *args, ceil_mode)
+        if channels_last:
+            out, indices = (t.contiguous(memory_format=torch.channels_last) for t in (out, indices))
+        if input.dim() == 3:
+            out, indices = out.squeeze(0), indices.squeeze(0)
+        return (out, indices) if return_indices else out
+
+    def torch_forward(input):
+        return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
+                            return_indices=return_indices)
+
+    if not routed:
+        return fastml_forward(input)
+    return _route.call_function("max_pool2d", (input,), (*args, ceil_mode, return_indices), torch_forward,
+                                fastml_forward)
 
 
 _BATCH_NORM_DTYPES = (torch.float32, torch.float64)
@@ -734,10 +779,17 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     (``_route.call_function``): where torch's function measured faster for a call's signature
     (a small batch, whose cost is the dispatch), later calls of it run torch's.
     """
+    return _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+                          routed=True)
+
+
+def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+                   routed: bool):
+    """``cross_entropy``; ``routed`` as in ``_linear``."""
     rows = sig = None
     if not _defer_to_torch(input, target, weight) and size_average is None and reduce is None:
         config = (ignore_index, reduction, label_smoothing)
-        sig = _route.function_signature("cross_entropy", (input, target, weight), config)
+        sig = _route.function_signature("cross_entropy", (input, target, weight), config) if routed else None
         if _route.settled_on_torch(sig, input):
             return torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
         rows = _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_smoothing)
@@ -752,6 +804,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
         loss = _cross_entropy_op.cross_entropy(logits, flat_target, None if weight is None else weight.contiguous(),
                                                ignore_index, float(label_smoothing), reduction)
         return loss.reshape(shape) if reduction == "none" else loss
+
+    if not routed:
+        return fastml_forward(input, target, weight)
 
     def torch_forward(input, target, weight):
         return torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)

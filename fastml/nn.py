@@ -22,7 +22,7 @@ class Linear(torch.nn.Linear):
                            variants=self._torch_variants)
 
     def _fastml_forward(self, input: torch.Tensor) -> torch.Tensor:
-        return functional.linear(input, self.weight, self.bias)
+        return functional._linear(input, self.weight, self.bias, routed=False)  # (the layer routes itself)
 
     def _torch_variants(self, input: torch.Tensor, only: str | None = None, relu: bool = False) -> dict:
         """Other ways of computing this layer with torch's ops, for the measured choice to time
@@ -193,8 +193,8 @@ class MaxPool2d(torch.nn.MaxPool2d):
         return _route.call(self, input, None, super().forward, self._fastml_forward)
 
     def _fastml_forward(self, input: torch.Tensor):
-        return functional.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
-                                     ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+        return functional._max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                                      self.ceil_mode, self.return_indices, routed=False)
 
 
 class BatchNorm2d(torch.nn.BatchNorm2d):
@@ -232,7 +232,7 @@ class MSELoss(torch.nn.MSELoss):
         return _route.call(self, input, None, self._torch_forward, self._fastml_forward, target)
 
     def _fastml_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return functional.mse_loss(input, target, reduction=self.reduction)
+        return functional._mse_loss(input, target, None, None, self.reduction, None, routed=False)
 
     def _torch_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """What it replaces: torch.nn.MSELoss's forward (functional.torch_mse_loss)."""
@@ -292,8 +292,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         return _route.call(self, input, None, self._torch_forward, self._fastml_forward, target)
 
     def _fastml_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return functional.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                                        reduction=self.reduction, label_smoothing=self.label_smoothing)
+        return functional._cross_entropy(input, target, self.weight, None, self.ignore_index, None, self.reduction,
+                                         self.label_smoothing, routed=False)
 
     def _torch_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """What it replaces: torch.nn.CrossEntropyLoss's forward (functional.torch_cross_entropy)."""

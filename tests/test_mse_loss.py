@@ -144,3 +144,14 @@ def test_torch_twin_rejects_a_bad_reduction_as_torch_does(rng):
         F.mse_loss(a, a, reduction="avg")
     with pytest.raises(ValueError, match="is not a valid value for reduction"):
         fastml.functional.torch_mse_loss(a, a, "avg")
+
+
+def test_a_routed_call_warns_as_the_callers_every_time(rng):
+    """Routed (the measured choice settles the call's signature on one path or the other), the
+    broadcasting warning still comes once per call, attributed to the caller, as torch's."""
+    inp = rand(6, 1, generator=rng, requires_grad=True)
+    tgt = rand(6, generator=rng)
+    for _ in range(3):  # the first call settles the route; the others follow it
+        with pytest.warns(UserWarning, match="different to the input size") as ours:
+            fastml.functional.mse_loss(inp, tgt).backward()
+        assert len(ours) == 1 and ours[0].filename == __file__
