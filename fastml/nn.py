@@ -61,8 +61,10 @@ class Conv2d(torch.nn.Conv2d):
         fastml's kernels)."""
         if self.padding_mode != "zeros":
             padded = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return functional.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
-        return functional.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return functional._conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups, routed=False)
+        # (unrouted: the layer routes itself)
+        return functional._conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+                                  routed=False)
 
 
 def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, relu: bool = False,

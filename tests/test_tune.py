@@ -787,14 +787,30 @@ def fused_calls():
         w = torch.ones(5, requires_grad=True)
         return fastml.functional.cross_entropy(x * w, torch.zeros(x.shape[0], dtype=torch.int64)), (w,)
 
+    def linear(x):
+        w = torch.ones(3, 5, requires_grad=True)
+        return fastml.functional.linear(x, w).sum(), (w,)
+
+    def max_pool2d(x):
+        w = torch.ones(5, 1, 1, requires_grad=True)
+        return fastml.functional.max_pool2d(x[:, :, None, None].expand(-1, -1, 4, 4) * w, 2).sum(), (w,)
+
+    def conv2d(x):
+        w = torch.ones(2, 5, 3, 3, requires_grad=True)
+        return fastml.functional.conv2d(x[:, :, None, None].expand(-1, -1, 4, 4), w, padding=1).sum(), (w,)
+
+    from fastml.ops import conv2d as conv
     from fastml.ops import conv2d_relu_max_pool2d
     from fastml.ops import cross_entropy as ce
+    from fastml.ops import linear as lin
     from fastml.ops import linear_cross_entropy as lce
     from fastml.ops import linear_mse as lmse
+    from fastml.ops import max_pool2d as pool
     from fastml.ops import mse_loss as mse
     return [(lmse, "linear_mse", linear_mse), (lce, "linear_cross_entropy", linear_cross_entropy),
             (conv2d_relu_max_pool2d, "conv2d_relu_max_pool2d", block), (mse, "mse_loss", mse_loss),
-            (ce, "cross_entropy", cross_entropy)]
+            (ce, "cross_entropy", cross_entropy), (lin, "linear", linear), (pool, "max_pool2d", max_pool2d),
+            (conv, "conv2d", conv2d)]
 
 
 @needs_kernel
