@@ -74,16 +74,6 @@ inline typename Simd<T>::vec exp_nonpositive(typename Simd<T>::vec x) {
     return x != x ? x : result;
 }
 
-// Loads count < kWidth elements, the other lanes set to `fill`; stores count elements.
-template <typename T>
-inline typename Simd<T>::vec load_partial(const T* p, index_t count, T fill) {
-    return Simd<T>::load_first(p, count, fill);
-}
-template <typename T>
-inline void store_partial(T* p, index_t count, typename Simd<T>::vec v) {
-    Simd<T>::store_first(p, count, v);
-}
-
 // What the rows' targets are: exactly one of index (m,) and probs (m, c) is set.
 template <typename T>
 struct RowTargets {
@@ -123,7 +113,7 @@ inline double cross_entropy_row(const T* z, index_t c, const RowTargets<T>& tg, 
         vmax = v > vmax ? v : vmax;
     }
     if (tail) {
-        const V v = load_partial(z + full, tail, kNegInf);
+        const V v = S::load_first(z + full, tail, kNegInf);
         vmax = v > vmax ? v : vmax;
     }
     const T m = S::max_lanes(vmax);  // (no NaN lane: a NaN logit never wins the compares above)
@@ -151,16 +141,16 @@ inline double cross_entropy_row(const T* z, index_t c, const RowTargets<T>& tg, 
         V lane{};
         for (index_t l = 0; l < W; ++l) lane[l] = T(l);
         const auto valid = lane < S::broadcast(T(tail));
-        const V shifted = load_partial(z + full, tail, kNegInf) - vm;
+        const V shifted = S::load_first(z + full, tail, kNegInf) - vm;
         const V e = exp_nonpositive<T>(shifted);
         vsum += e;
         if (dense) {
-            const V a = coefficients(w ? load_partial(w + full, tail, T(0)) : (valid ? ones : zero),
-                                     p ? load_partial(p + full, tail, T(0)) : zero);
+            const V a = coefficients(w ? S::load_first(w + full, tail, T(0)) : (valid ? ones : zero),
+                                     p ? S::load_first(p + full, tail, T(0)) : zero);
             vdot += a * (valid ? shifted : zero);
             vcoef += a;
         }
-        if (grad) store_partial(grad + full, tail, e);
+        if (grad) S::store_first(grad + full, tail, e);
     }
     const double sum = S::sum_lanes_in_double(vsum);
     const double dot = dense ? S::sum_lanes_in_double(vdot) : 0.0, coef = dense ? S::sum_lanes_in_double(vcoef) : 0.0;
@@ -185,11 +175,11 @@ inline double cross_entropy_row(const T* z, index_t c, const RowTargets<T>& tg, 
         S::store(grad + k, g);
     }
     if (tail) {
-        V g = ratio * load_partial(grad + full, tail, T(0));
+        V g = ratio * S::load_first(grad + full, tail, T(0));
         if (dense)
-            g -= vs * coefficients(w ? load_partial(w + full, tail, T(0)) : ones,
-                                   p ? load_partial(p + full, tail, T(0)) : zero);
-        store_partial(grad + full, tail, g);
+            g -= vs * coefficients(w ? S::load_first(w + full, tail, T(0)) : ones,
+                                   p ? S::load_first(p + full, tail, T(0)) : zero);
+        S::store_first(grad + full, tail, g);
     }
     if (tg.index) grad[t] -= scale * keep * (w ? w[t] : T(1));
     return loss;
