@@ -232,9 +232,10 @@ def _linear(input, weight, bias, routed: bool):
     layer routes itself, and a second route inside it would time the same work twice)."""
     if _defer_to_torch(input, weight, bias):
         return F.linear(input, weight, bias)
-    sig = _route.function_signature("linear", (input, weight, bias), ()) if routed else None
-    if _route.settled_on_torch(sig, input):
-        return F.linear(input, weight, bias)
+    if routed:
+        sig = _route.function_signature("linear", (input, weight, bias), ())
+        if _route.settled_on_torch(sig, input):
+            return F.linear(input, weight, bias)
     _check_linear_args(input, weight, bias, weight_rank_1_ok=True, strict_bias=False)
     if (weight.dim() != 2 or not _kernels_can_run(input, weight, bias)
             or _not_kernel_dtype(input) or weight.dtype != input.dtype
@@ -358,11 +359,12 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight, routed: bo
     """``mse_loss``; ``routed`` as in ``_linear``."""
     if _defer_to_torch(input, target, weight):
         return F.mse_loss(input, target, size_average, reduce, reduction, weight=weight)
-    config = (size_average, reduce, reduction)
-    sig = _route.function_signature("mse_loss", (input, target, weight), config) if routed else None
-    if (size_average is None and reduce is None and weight is None and isinstance(target, torch.Tensor)
-            and target.shape == input.shape and _route.settled_on_torch(sig, input)):
-        return torch_mse_loss(input, target, reduction)  # (a broadcasting call warns below, as the caller's)
+    if routed:
+        config = (size_average, reduce, reduction)
+        sig = _route.function_signature("mse_loss", (input, target, weight), config)
+        if (size_average is None and reduce is None and weight is None and isinstance(target, torch.Tensor)
+                and target.shape == input.shape and _route.settled_on_torch(sig, input)):
+            return torch_mse_loss(input, target, reduction)  # (a broadcasting call warns below, as the caller's)
     _check_tensor("input", input)
     _check_tensor("target", target)
     if size_average is not None or reduce is not None:
@@ -383,11 +385,11 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight, routed: bo
         )
         input, target = torch.broadcast_tensors(input, target)  # differentiable: grads sum back
 
-    if not routed:
-        return _mse_loss_op.mse_loss(input, target, reduction)
-
     def fastml_forward(input, target):
         return _mse_loss_op.mse_loss(input, target, reduction)
+
+    if not routed:
+        return fastml_forward(input, target)
 
     def torch_forward(input, target):  # (shapes made equal above: no second warning)
         return torch_mse_loss(input, target, reduction)
@@ -552,12 +554,13 @@ def _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return
             out, indices = out.squeeze(0), indices.squeeze(0)
         return (out, indices) if return_indices else out
 
+    if not routed:
+        return fastml_forward(input)
+
     def torch_forward(input):
         return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
                             return_indices=return_indices)
 
-    if not routed:
-        return fastml_forward(input)
     return _route.call_function("max_pool2d", (input,), (*args, ceil_mode, return_indices), torch_forward,
                                 fastml_forward)
 
@@ -806,9 +809,10 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     rows = sig = None
     if not _defer_to_torch(input, target, weight) and size_average is None and reduce is None:
         config = (ignore_index, reduction, label_smoothing)
-        sig = _route.function_signature("cross_entropy", (input, target, weight), config) if routed else None
-        if _route.settled_on_torch(sig, input):
-            return torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+        if routed:
+            sig = _route.function_signature("cross_entropy", (input, target, weight), config)
+            if _route.settled_on_torch(sig, input):
+                return torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
         rows = _cross_entropy_rows(input, target, weight, ignore_index, reduction, label_smoothing)
     if rows is None:
         return F.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing)
