@@ -168,7 +168,8 @@ void relu_max_pool2d_backward(address_t grad_, address_t out_, address_t argmax_
 // zero too. Here each image's nonzero entries of channel k are listed (g, and the position of
 // the input patch it saw), then every kernel row (k, c, a) of the weight gradient is summed over
 // them in registers: Σ g · x[c, oy·sh + a·dh, ox·sw .. + s], one SIMD vector per kernel row
-// (two for rows wider than a vector), up to kSparseRows rows at once, on zero-padded input planes
+// (two for rows wider than a vector), up to kSparseRows rows of a few channels at once (see
+// sparse_channels), on zero-padded input planes
 // with room past every row for a whole vector: the lanes past the kernel row add into padding
 // that is dropped. LeNet's second
 // layer (256 x 6 x 14 x 14 -> 16 5x5, 2 x 2 pool): a quarter of the multiply-adds, none of
@@ -177,19 +178,31 @@ void relu_max_pool2d_backward(address_t grad_, address_t out_, address_t argmax_
 // Exact to rounding where the dense sum is: with every x finite, the skipped products are
 // 0 · finite = 0 (an infinite or NaN input makes 0 · x NaN in the dense sums: the dense path).
 
-constexpr index_t kSparseRows = 4;  // kernel rows summed at once: 4 x (1 or 2) accumulators at most
+constexpr index_t kSparseRows = 8;  // kernel rows of one channel summed at once (a 5 x 5 kernel: all 5)
+
+// Channels whose kernel rows one pass over the entries sums, where each channel's rows take
+// `vectors` accumulators: enough for kFmaChains independent sums, within the registers (two
+// spare for the broadcast gradient and a loaded operand). Each entry adds one product to each
+// accumulator, so a chain is as long as the entries (about 12 for LeNet's second layer): with
+// one channel's 4 rows at once, as before, the 4 chains' latency bounded the sum (a third of
+// the FMA units' rate); LeNet's 5 rows of 2 channels make 10.
+constexpr int sparse_channels(int vectors) {
+    const int want = (kFmaChains + vectors - 1) / vectors, most = (kVectorRegisters - 3) / vectors;
+    return std::max(1, std::min(want, most));
+}
 
 // Whether the sparse weight gradient applies: one group, contiguous taps along a row (dw = 1),
 // kernel rows of at most two vectors, and at most two thirds of the dense sum's work. Each
 // nonzero entry (one per pooled output at most) costs a kernel row's whole vectors, of which only
 // s lanes are taps; the dense sum costs every conv position's s taps, lanes full: pooled ·
-// vectors · W against positions · s. Under 2 x 2 pools, 5-wide kernels (LeNet) come to 2/5 of the
-// dense work with AVX2's 8 lanes (measured 0.32 of the dense time on a Zen 3) and 3-wide ones to
-// 2/3 (measured 0.53); with AVX-512's 16 lanes to 4/5 and 4/3, so there the dense tiles, as
-// measured before (no AVX-512 CPU was at hand to time the sparse sum on).
+// vectors · W against positions · s. The vectors are NarrowSimd's 8 float lanes, AVX-512 builds
+// included (16 lanes would come to 4/5 and 4/3 of the dense work below). Under 2 x 2 pools,
+// 5-wide kernels (LeNet) come to 2/5 of the dense work (measured 0.32 of the dense time on a
+// Zen 3, AVX2; 0.55 on a Zen 5 against its AVX-512 dense tiles) and 3-wide ones to 2/3 (measured
+// 0.53 on the Zen 3).
 template <typename T>
 bool sparse_weight_gradient_applies(const ConvShape& cs, index_t ph_out, index_t pw_out) {
-    constexpr index_t W = Simd<T>::kWidth;
+    constexpr index_t W = NarrowSimd<T>::kWidth;
     const index_t vectors = (cs.s + W - 1) / W;
     return cs.groups == 1 && cs.dw == 1 && vectors <= 2 && cs.n > 0 && cs.k > 0 &&
            3 * ph_out * pw_out * vectors * W <= 2 * cs.oh * cs.ow * cs.s;
@@ -203,41 +216,69 @@ bool all_finite(const T* p, index_t n, int threads) {
     return bad == 0;
 }
 
-// acc[a][v] = Σ_e g[e] · x[at[e] + a·row_step + v·W] for ROWS kernel rows and V vectors, added
-// into out (rows `row` values apart).
-template <typename T, int ROWS, int V>
-inline void sparse_rows(const T* x, index_t row_step, const index_t* at, const T* g, index_t entries, T* out,
-                        index_t row) {
-    using S = Simd<T>;
-    typename S::vec acc[ROWS][V];
-    zero_tile(acc);
+// acc[c][a][v] = Σ_e g[e] · x[at[e] + c·plane + a·row_step + v·W] for CH channels of ROWS
+// kernel rows and V vectors each, added into out (channels `channel` values apart, rows `row`).
+template <typename T, int CH, int ROWS, int V>
+inline void sparse_rows(const T* x, index_t plane, index_t row_step, const index_t* at, const T* g, index_t entries,
+                        T* out, index_t channel, index_t row) {
+    using S = NarrowSimd<T>;
+    typename S::vec acc[CH][ROWS][V];
+#pragma GCC unroll 8
+    for (int c = 0; c < CH; ++c) zero_tile(acc[c]);
     for (index_t e = 0; e < entries; ++e) {
         const typename S::vec gv = S::broadcast(g[e]);
         const T* p = x + at[e];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
+        for (int c = 0; c < CH; ++c)
+#pragma GCC unroll 8
+            for (int a = 0; a < ROWS; ++a)
+#pragma GCC unroll 2
+                for (int v = 0; v < V; ++v) acc[c][a][v] += gv * S::load(p + c * plane + a * row_step + v * S::kWidth);
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < CH; ++c)
+#pragma GCC unroll 8
         for (int a = 0; a < ROWS; ++a)
 #pragma GCC unroll 2
-            for (int v = 0; v < V; ++v) acc[a][v] += gv * S::load(p + a * row_step + v * S::kWidth);
-    }
-#pragma GCC unroll 4
-    for (int a = 0; a < ROWS; ++a)
-#pragma GCC unroll 2
-        for (int v = 0; v < V; ++v) {
-            T* o = out + a * row + v * S::kWidth;
-            S::store(o, S::load(o) + acc[a][v]);
-        }
+            for (int v = 0; v < V; ++v) {
+                T* o = out + c * channel + a * row + v * S::kWidth;
+                S::store(o, S::load(o) + acc[c][a][v]);
+            }
 }
 
-// sparse_rows over `rows` kernel rows (1 .. kSparseRows) of V vectors each.
+// sparse_rows over every one of `channels` channels for ROWS kernel rows of V vectors each:
+// sparse_channels(ROWS · V) channels at a time, the rest one by one.
+template <typename T, int ROWS, int V>
+inline void sparse_channel_rows(index_t channels, const T* x, index_t plane, index_t row_step, const index_t* at,
+                                const T* g, index_t entries, T* out, index_t channel, index_t row) {
+    constexpr int CH = sparse_channels(ROWS * V);
+    index_t c = 0;
+    for (; c + CH <= channels; c += CH)
+        sparse_rows<T, CH, ROWS, V>(x + c * plane, plane, row_step, at, g, entries, out + c * channel, channel, row);
+    if constexpr (CH > 1)
+        for (; c < channels; ++c)
+            sparse_rows<T, 1, ROWS, V>(x + c * plane, plane, row_step, at, g, entries, out + c * channel, channel,
+                                       row);
+}
+
+// sparse_channel_rows for `rows` kernel rows (1 .. kSparseRows) of V vectors each.
 template <typename T, int V>
-inline void sparse_row_block(index_t rows, const T* x, index_t row_step, const index_t* at, const T* g,
-                             index_t entries, T* out, index_t row) {
-    static_assert(kSparseRows == 4, "one case per row count");
+inline void sparse_row_block(index_t rows, index_t channels, const T* x, index_t plane, index_t row_step,
+                             const index_t* at, const T* g, index_t entries, T* out, index_t channel, index_t row) {
+    static_assert(kSparseRows == 8, "one case per row count");
+    const auto run = [&](auto block_rows) {
+        sparse_channel_rows<T, decltype(block_rows)::value, V>(channels, x, plane, row_step, at, g, entries, out,
+                                                               channel, row);
+    };
     switch (rows) {
-        case 1: sparse_rows<T, 1, V>(x, row_step, at, g, entries, out, row); break;
-        case 2: sparse_rows<T, 2, V>(x, row_step, at, g, entries, out, row); break;
-        case 3: sparse_rows<T, 3, V>(x, row_step, at, g, entries, out, row); break;
-        default: sparse_rows<T, 4, V>(x, row_step, at, g, entries, out, row); break;
+        case 1: run(std::integral_constant<int, 1>{}); break;
+        case 2: run(std::integral_constant<int, 2>{}); break;
+        case 3: run(std::integral_constant<int, 3>{}); break;
+        case 4: run(std::integral_constant<int, 4>{}); break;
+        case 5: run(std::integral_constant<int, 5>{}); break;
+        case 6: run(std::integral_constant<int, 6>{}); break;
+        case 7: run(std::integral_constant<int, 7>{}); break;
+        default: run(std::integral_constant<int, 8>{}); break;
     }
 }
 
@@ -247,7 +288,7 @@ inline void sparse_row_block(index_t rows, const T* x, index_t row_step, const i
 template <typename T>
 void sparse_weight_gradient(const T* grad, const T* out, const std::int8_t* argmax, const T* x, const ConvShape& cs,
                             const std::vector<index_t>& pool, T* grad_w, T* grad_b, int threads) {
-    constexpr index_t W = Simd<T>::kWidth;
+    constexpr index_t W = NarrowSimd<T>::kWidth;
     const index_t pkw = pool[1], psh = pool[2], psw = pool[3], ph_out = pool[4], pw_out = pool[5];
     const index_t pooled = ph_out * pw_out, vectors = (cs.s + W - 1) / W, row = vectors * W;
     // planes: the padding, and a vector's room past the last column
@@ -263,6 +304,11 @@ void sparse_weight_gradient(const T* grad, const T* out, const std::int8_t* argm
         std::vector<T> planes(cs.c * plane, T(0));
         std::vector<index_t> at(pooled);
         std::vector<T> g(pooled);
+        // In the planes, each pooled output's window's first tap, and each window offset's shift
+        // from it: tables, not two integer divisions per entry (a third of this loop's time).
+        std::vector<index_t> window_at(pooled), offset_at(pool[0] * pkw);
+        for (index_t q = 0; q < pooled; ++q) window_at[q] = q / pw_out * psh * cs.sh * wp + q % pw_out * psw * cs.sw;
+        for (index_t o = 0; o < index_t(offset_at.size()); ++o) offset_at[o] = o / pkw * cs.sh * wp + o % pkw * cs.sw;
         T* gw = w_parts.data() + index_t(t) * kernel_rows * row;
         for (index_t n = first; n < last; ++n) {
             pad_planes(x + n * cs.c * cs.h * cs.w, cs.c, cs.h, cs.w, cs.ph, cs.pw, 1, 1, hp, wp, planes.data());
@@ -272,23 +318,22 @@ void sparse_weight_gradient(const T* grad, const T* out, const std::int8_t* argm
                 T total = 0;
                 for (index_t q = 0; q < pooled; ++q) {
                     if (!(out[base + q] > 0)) continue;  // ReLU passes nothing at 0 or NaN
-                    const index_t offset = argmax[base + q];
-                    const index_t oy = q / pw_out * psh + offset / pkw, ox = q % pw_out * psw + offset % pkw;
-                    at[entries] = oy * cs.sh * wp + ox * cs.sw;  // the patch's first tap, in the planes
+                    at[entries] = window_at[q] + offset_at[argmax[base + q]];  // the patch's first tap
                     g[entries++] = grad[base + q];
                     total += grad[base + q];
                 }
                 if (grad_b) b_parts[t * cs.k + k] += total;
-                for (index_t c = 0; c < cs.c; ++c)
-                    for (index_t a = 0; a < cs.r; a += kSparseRows) {  // the last block: the rows left
-                        const index_t count = std::min(kSparseRows, cs.r - a);
-                        const T* xc = planes.data() + c * plane + a * cs.dh * wp;
-                        T* o = gw + ((k * cs.c + c) * cs.r + a) * row;
-                        if (vectors == 1)
-                            sparse_row_block<T, 1>(count, xc, cs.dh * wp, at.data(), g.data(), entries, o, row);
-                        else
-                            sparse_row_block<T, 2>(count, xc, cs.dh * wp, at.data(), g.data(), entries, o, row);
-                    }
+                for (index_t a = 0; a < cs.r; a += kSparseRows) {  // the last block: the rows left
+                    const index_t count = std::min(kSparseRows, cs.r - a);
+                    const T* xa = planes.data() + a * cs.dh * wp;
+                    T* o = gw + (k * cs.c * cs.r + a) * row;
+                    if (vectors == 1)
+                        sparse_row_block<T, 1>(count, cs.c, xa, plane, cs.dh * wp, at.data(), g.data(), entries, o,
+                                               cs.r * row, row);
+                    else
+                        sparse_row_block<T, 2>(count, cs.c, xa, plane, cs.dh * wp, at.data(), g.data(), entries, o,
+                                               cs.r * row, row);
+                }
             }
         }
     }

@@ -92,8 +92,9 @@ inline void taps_inside(index_t first, index_t last, index_t begin, index_t end,
     hi = end - 1 >= first ? std::min(taps, (end - 1 - first) / dil + 1) : 0;
 }
 
-// acc[o][p] = Σ_{i, a, b} w[o, i, a, b] · x[i, a·dh, p·sw + b·dw] (vectors of images) for the
-// first C output channels of a block (acc's rows past C are left alone) and P positions, over
+// acc[o][p] = Σ_{i, a, b} w[o, i, a, b] · x[i, a·dh, p·sw + b·dw] (vectors of images) for C
+// output channels of a block (w and acc at the first of them; acc's other rows left alone) and P
+// positions, over
 // taps a in [a0, a1) and b in [b0, b1) of the r × s kernel: x points at the tile's first tap in
 // batch planes; steps are in elements (plane: one channel's plane; row_step: dh rows; tap_step:
 // dw columns; col_step: sw columns); w at the block's packed weights ([ins][r][s][kKB]).
@@ -103,7 +104,7 @@ inline void taps_inside(index_t first, index_t last, index_t begin, index_t end,
 template <typename T, int C, int P>
 inline void batch_conv_tile(const T* x, index_t plane, index_t row_step, index_t tap_step, index_t col_step,
                             const T* w, index_t ins, index_t r, index_t s, index_t a0, index_t a1, index_t b0,
-                            index_t b1, typename Simd<T>::vec (&acc)[kKB][P]) {
+                            index_t b1, typename Simd<T>::vec (*acc)[P]) {
     using S = Simd<T>;
     using V = typename S::vec;
     V sum[C][P];
@@ -149,46 +150,62 @@ inline void with_channels(index_t channels, F&& f) {
     }
 }
 
-// Positions (forward) or taps (weight gradient) a batch-layout tile takes at once: kKB
-// accumulators and one input vector each, and the broadcast weight or gradient vector: 3 with
-// AVX-512's 32 registers (27 of them), 1 with AVX2's 16.
-constexpr int kBatchTaps = tile_columns(kKB, 1, 3);
+// Positions (forward) or taps (weight gradient) a batch-layout tile of `channels` output channels
+// takes at once: channels × P accumulators, P input vectors and the broadcast weight or gradient
+// vector, with two registers to spare (a 4 x 6 AVX2 tile of 15 registers had one accumulator
+// spilled where it was inlined: 1.4x slower). For a full block of kKB channels: 3 with AVX-512's
+// 32 registers, 1 with AVX2's 16.
+constexpr int batch_taps(int channels) { return tile_columns(channels, 3, 3); }
+constexpr int kBatchTaps = batch_taps(kKB);
+
+// Independent FMA chains a tile needs to keep the FMA units busy: 2 pipes x 4 cycles' latency on
+// the x86-64 cores since Haswell and Zen 2 (AVX2 and AVX-512 alike).
+constexpr int kFmaChains = 8;
+
+// The channels of a block's first sub-tile: all of them, or, where channels × batch_taps(channels)
+// accumulators are too few chains and half the channels at their positions make more, the first
+// half (the rest are the second sub-tile, at the first's positions). With AVX2, a block of 6 (the
+// input gradient of LeNet's second layer) runs 3 + 3 channels x 3 positions (9 chains each), not
+// 6 x 1 (6 chains, latency-bound).
+constexpr int first_sub_channels(int channels) {
+    const int half = (channels + 1) / 2;
+    return channels * batch_taps(channels) < kFmaChains && half * batch_taps(half) > channels * batch_taps(channels)
+               ? half
+               : channels;
+}
 
 // One output row of one block of kKB output channels in the batch layout: body(col, count, acc)
-// receives each tile's accumulators (count = P positions from column col, or 1 for the last
-// ones; acc[o] for the block's first `channels` channels). x: batch planes of the group's input
+// receives each tile's accumulators (count positions from column col, or 1 for the last ones;
+// acc[o] for the block's first `channels` channels). x: batch planes of the group's input
 // channels for one block of images, nonzero only inside `window` (taps reading only outside it
 // are skipped).
 template <typename T, typename Body>
 inline void batch_conv_row(const T* x, const ConvShape& cs, index_t hp, index_t wp, const PlaneWindow& window,
                            const T* w_block, index_t channels, index_t row, Body&& body) {
     constexpr index_t L = Simd<T>::kWidth;
-    constexpr int P = kBatchTaps;
     const index_t plane = hp * wp * L, row_step = cs.dh * wp * L, tap_step = cs.dw * L, col_step = cs.sw * L;
     const T* base = x + row * cs.sh * wp * L;
     index_t a0, a1;
     taps_inside(row * cs.sh, row * cs.sh, window.top, window.bottom, cs.dh, cs.r, a0, a1);
-    auto tile = [&](auto positions, index_t col, auto& acc) {
-        constexpr int count = decltype(positions)::value;
-        index_t b0, b1;
-        taps_inside(col * cs.sw, (col + count - 1) * cs.sw, window.left, window.right, cs.dw, cs.s, b0, b1);
-        with_channels(channels, [&](auto block_channels) {
-            batch_conv_tile<T, decltype(block_channels)::value, count>(base + col * col_step, plane, row_step,
-                                                                       tap_step, col_step, w_block, cs.cg(), cs.r,
-                                                                       cs.s, a0, a1, b0, b1, acc);
-        });
-    };
-    index_t col = 0;
-    for (; col + P <= cs.ow; col += P) {
-        typename Simd<T>::vec acc[kKB][P];
-        tile(std::integral_constant<int, P>{}, col, acc);
-        body(col, P, acc);
-    }
-    for (; col < cs.ow; ++col) {
-        typename Simd<T>::vec acc[kKB][1];
-        tile(std::integral_constant<int, 1>{}, col, acc);
-        body(col, 1, acc);
-    }
+    with_channels(channels, [&](auto block_channels) {
+        constexpr int C = decltype(block_channels)::value, C1 = first_sub_channels(C), P = batch_taps(C1);
+        auto tile = [&](auto positions, index_t col) {
+            constexpr int count = decltype(positions)::value;
+            index_t b0, b1;
+            taps_inside(col * cs.sw, (col + count - 1) * cs.sw, window.left, window.right, cs.dw, cs.s, b0, b1);
+            typename Simd<T>::vec acc[kKB][count];
+            const T* at = base + col * col_step;
+            batch_conv_tile<T, C1, count>(at, plane, row_step, tap_step, col_step, w_block, cs.cg(), cs.r, cs.s, a0,
+                                          a1, b0, b1, acc);
+            if constexpr (C1 < C)
+                batch_conv_tile<T, C - C1, count>(at, plane, row_step, tap_step, col_step, w_block + C1, cs.cg(),
+                                                  cs.r, cs.s, a0, a1, b0, b1, acc + C1);
+            body(col, count, acc);
+        };
+        index_t col = 0;
+        for (; col + P <= cs.ow; col += P) tile(std::integral_constant<int, P>{}, col);
+        for (; col < cs.ow; ++col) tile(std::integral_constant<int, 1>{}, col);
+    });
 }
 
 // The window of batch planes made by to_batch_planes from h × w planes placed at (top, left)

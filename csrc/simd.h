@@ -207,6 +207,31 @@ struct Simd {
 #endif
 };
 
+// A vector of at most 32 bytes (8 floats, 4 doubles): half an AVX-512 register, else Simd's own.
+// For rows of a few elements, which 16 float lanes would mostly pad: LeNet's 5-tap kernel rows
+// in the sparse weight gradient (conv2d_relu_max_pool2d.cpp) fill 5 of 8 lanes, not 5 of 16.
+#if defined(__AVX512F__)
+template <typename T>
+struct NarrowSimd {
+    static constexpr index_t kBytes = 32;
+    typedef T vec __attribute__((vector_size(kBytes)));
+    static constexpr index_t kWidth = kBytes / index_t(sizeof(T));
+    static vec load(const T* p) {
+        vec v;
+        std::memcpy(&v, p, sizeof(vec));
+        return v;
+    }
+    static void store(T* p, vec v) { std::memcpy(p, &v, sizeof(vec)); }
+    static vec broadcast(T x) {  // (one vbroadcast, as Simd's)
+        if constexpr (sizeof(T) == 4) return reinterpret_cast<vec>(_mm256_set1_ps(x));
+        else return reinterpret_cast<vec>(_mm256_set1_pd(x));
+    }
+};
+#else
+template <typename T>
+using NarrowSimd = Simd<T>;
+#endif
+
 // Makes the compiler hold v in a register from here on. GCC otherwise may fold a loaded operand
 // into each FMA that uses it as a memory operand, one load per use, and a tile's loads, not its
 // FMAs, then bound it: on a Zen 3 (two 256-bit loads a cycle) the dot, outer-product and combine
