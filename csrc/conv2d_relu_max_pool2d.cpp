@@ -183,9 +183,9 @@ constexpr index_t kSparseRows = 8;  // kernel rows of one channel summed at once
 // Channels whose kernel rows one pass over the entries sums, where each channel's rows take
 // `vectors` accumulators: enough for kFmaChains independent sums, within the registers (two
 // spare for the broadcast gradient and a loaded operand). Each entry adds one product to each
-// accumulator, so a chain is as long as the entries (about 12 for LeNet's second layer): with
-// one channel's 4 rows at once, as before, the 4 chains' latency bounded the sum (a third of
-// the FMA units' rate); LeNet's 5 rows of 2 channels make 10.
+// accumulator, so a chain is as long as the entries (up to 25 for LeNet's second layer, its
+// 5 x 5 pooled outputs): with one channel's 4 rows at once, as before, the 4 chains' latency bound
+// the sum; LeNet's 5 rows of 2 channels make 10 (with the entry tables below, 440 -> 307 us).
 constexpr int sparse_channels(int vectors) {
     const int want = (kFmaChains + vectors - 1) / vectors, most = (kVectorRegisters - 3) / vectors;
     return std::max(1, std::min(want, most));
@@ -198,8 +198,8 @@ constexpr int sparse_channels(int vectors) {
 // vectors · W against positions · s. The vectors are NarrowSimd's 8 float lanes, AVX-512 builds
 // included (16 lanes would come to 4/5 and 4/3 of the dense work below). Under 2 x 2 pools,
 // 5-wide kernels (LeNet) come to 2/5 of the dense work (measured 0.32 of the dense time on a
-// Zen 3, AVX2; 0.55 on a Zen 5 against its AVX-512 dense tiles) and 3-wide ones to 2/3 (measured
-// 0.53 on the Zen 3).
+// Zen 3, AVX2; 0.38 on a Zen 5, 307 against 806 us at 256 x 6 x 14 x 14 -> 16, against its AVX-512
+// dense tiles) and 3-wide ones to 2/3 (measured 0.53 on the Zen 3).
 template <typename T>
 bool sparse_weight_gradient_applies(const ConvShape& cs, index_t ph_out, index_t pw_out) {
     constexpr index_t W = NarrowSimd<T>::kWidth;
