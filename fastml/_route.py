@@ -350,6 +350,16 @@ def function_signature(op: str, args: tuple, config: tuple) -> tuple | None:
             tuple([_describe(a) for a in args[1:]]), config, _grad_enabled(), _threads(), _tune.state())
 
 
+def hashable(config: tuple) -> tuple | None:
+    """``config`` where it can key a route (a functional's arguments as given), else None (a list
+    among them)."""
+    try:
+        hash(config)
+    except TypeError:
+        return None
+    return config
+
+
 def settled_on_torch(sig: tuple | None, input: torch.Tensor) -> bool:
     """Whether the route for ``sig`` (a call with main input ``input``) is settled on torch's
     sequence. A call whose signature is settled so skips fastml's argument checks, which passed

@@ -840,6 +840,36 @@ def test_a_fused_function_decided_for_torch_runs_torch_sequence(monkeypatch, mod
     assert calls[name] == 1
 
 
+def spatial_calls():
+    """(the functional's argument parser, op, fastml's call, torch's): conv2d and max_pool2d with
+    stride and padding (or kernel and stride) ``spatial``."""
+    weight = torch.ones(2, 3, 3, 3)
+    return [("_conv_args", "conv2d", lambda x, spatial: fastml.functional.conv2d(x, weight, None, spatial, spatial),
+             lambda x, spatial: torch.nn.functional.conv2d(x, weight, None, spatial, spatial)),
+            ("_pool_args", "max_pool2d", lambda x, spatial: fastml.functional.max_pool2d(x, spatial, spatial),
+             lambda x, spatial: torch.nn.functional.max_pool2d(x, spatial, spatial))]
+
+
+@needs_kernel
+@pytest.mark.parametrize("parser, op, call, torch_call", spatial_calls(), ids=["conv2d", "max_pool2d"])
+@pytest.mark.parametrize("as_list", [False, True], ids=["as-given", "lists"])
+def test_a_convolution_or_pooling_settled_on_torch_parses_no_arguments(monkeypatch, parser, op, call, torch_call,
+                                                                       as_list):
+    """conv2d and max_pool2d key their route by the arguments as given: once settled on torch, a
+    call goes straight to torch's function, its arguments unparsed. Lists (unhashable) are keyed
+    by their parsed values instead: they settle all the same, parsed on every call."""
+    import importlib
+    winner(monkeypatch, "reference")
+    x, spatial = torch.randn(2, 3, 8, 8), [2, 2] if as_list else 2
+    for _ in range(2):  # the first decides
+        call(x, spatial)
+    parsed = count_op_calls(monkeypatch, fastml.functional, parser)
+    ops = count_op_calls(monkeypatch, importlib.import_module(f"fastml.ops.{op}"), op)
+    torch.testing.assert_close(call(x, spatial), torch_call(x, spatial), rtol=0, atol=0)
+    assert ops[op] == 0, "a call settled on torch must not reach fastml's op"
+    assert parsed[parser] == (1 if as_list else 0)
+
+
 @needs_kernel
 def test_a_fused_function_whose_kernel_loses_as_a_whole_runs_torch(monkeypatch):
     """The op chose its kernel, but the whole call (dispatch included) timed slower than torch's
