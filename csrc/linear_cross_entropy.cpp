@@ -58,8 +58,12 @@ void linear_cross_entropy_forward(address_t x_, address_t w_, address_t b_, addr
                     for (index_t j = 0; j < c; ++j) acc_b[j] += logits[r * c + j];
         }
         loss_parts[t] = loss;
+        if (grad_w) {  // the threads' weight gradients added by the same team: no second fork and join
+#pragma omp barrier
+            split_range(c * d, threads, t, begin, end);
+            reduce_partials_range(grad_w_parts.data(), threads, c * d, T(1), grad_w, begin, end);
+        }
     }
-    if (grad_w) reduce_partials(grad_w_parts.data(), threads, c * d, T(1), grad_w, nthreads);
     if (grad_b) reduce_partials(grad_b_parts.data(), threads, c, T(1), grad_b, 1);
     if (loss_total) {
         double total = 0.0;

@@ -248,15 +248,27 @@ inline void combine_rows(const T* coef, index_t rows, index_t o, const T* w, ind
     for (; r < rows; ++r) combine_row_group<T, 1>(coef + r * o, o, w, d, out + r * d);
 }
 
-// Adds the per-thread partial sums parts[t] (each `count` long) into out, scaled; the threads
-// are summed in a fixed order so that results do not depend on scheduling.
+// out[i] = scale · Σ_t parts[t · count + i] for i in [begin, end): the per-thread partial sums
+// (each `count` long) added in a fixed order, so that results do not depend on scheduling.
 template <typename T>
-inline void reduce_partials(const T* parts, int nparts, index_t count, T scale, T* out, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (count > 4096)
-    for (index_t i = 0; i < count; ++i) {
+inline void reduce_partials_range(const T* parts, int nparts, index_t count, T scale, T* out, index_t begin,
+                                  index_t end) {
+    for (index_t i = begin; i < end; ++i) {
         T s = 0;
         for (int t = 0; t < nparts; ++t) s += parts[t * count + i];
         out[i] = s * scale;
+    }
+}
+
+// reduce_partials_range over all of out, by its own team of threads where count is large.
+template <typename T>
+inline void reduce_partials(const T* parts, int nparts, index_t count, T scale, T* out, int nthreads) {
+    const int threads = count > 4096 ? nthreads : 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        index_t begin, end;
+        split_range(count, omp_get_num_threads(), omp_get_thread_num(), begin, end);
+        reduce_partials_range(parts, nparts, count, scale, out, begin, end);
     }
 }
 
