@@ -193,20 +193,37 @@ constexpr int sparse_channels(int vectors) {
 }
 
 // Whether the sparse weight gradient applies: one group, contiguous taps along a row (dw = 1),
-// kernel rows of at most two vectors, and at most two thirds of the dense sum's work. Each
-// nonzero entry (one per pooled output at most) costs a kernel row's whole vectors, of which only
-// s lanes are taps; the dense sum costs every conv position's s taps, lanes full: pooled ·
-// vectors · W against positions · s. The vectors are NarrowSimd's 8 float lanes, AVX-512 builds
-// included (16 lanes would come to 4/5 and 4/3 of the dense work below). Under 2 x 2 pools,
-// 5-wide kernels (LeNet) come to 2/5 of the dense work (measured 0.32 of the dense time on a
-// Zen 3, AVX2; 0.38 on a Zen 5, 307 against 806 us at 256 x 6 x 14 x 14 -> 16, against its AVX-512
-// dense tiles) and 3-wide ones to 2/3 (measured 0.53 on the Zen 3).
+// kernel rows of at most two vectors, at most two thirds of the dense sum's work counted in the
+// sparse sum's lanes; and either what it sweeps for each output channel well inside the L2, or
+// no more than the dense sum's work counted in the dense tiles' lanes and enough entries to pay
+// for each sweep.
+//
+// The work: each nonzero entry (one per pooled output at most) costs a kernel row's whole
+// vectors, of which only s lanes are taps; the dense sum costs every conv position's s taps,
+// lanes full: pooled · vectors · W against positions · s. The sparse vectors are NarrowSimd's 8
+// float lanes, AVX-512 builds included. Under 2 x 2 pools, 5-wide kernels (LeNet) come to 2/5 of
+// the dense work (measured 0.32 of the dense time on a Zen 3, AVX2) and 3-wide ones to 2/3
+// (measured 0.53 on the Zen 3; 0.6 for VGG's 3x3 blocks at batch 16 on a Zen 5, AVX2 build).
+//
+// The sweep: for each image, every output channel reads all of the image's padded planes and
+// its slice of the thread's weight-gradient sums. Where the planes and sums take at most half
+// the L2, the sparse sum won on a Zen 5 whatever the lanes: LeNet's blocks (22 KB; 307 against
+// 806 us at 256 x 6 x 14 x 14 -> 16, 5x5, against the AVX-512 dense tiles) and VGG's first
+// (3 -> 64 at 112 x 112, 185 KB: 4.4 against 22 ms). Beyond, each sweep comes from farther away:
+// the dense tiles of an AVX-512 build, with 16 lanes, then won VGG's other 3x3 blocks (64 -> 128
+// at 56 x 56: 21.3 against 27.9 ms), where the sparse sum does 4/3 of their work; and a sweep
+// must find at least a quarter of an entry's products per element it reads (VGG's last block,
+// 512 channels at 7 x 7, a 3 x 3 pooled plane: a twelfth; 2x slower sparse with either build).
 template <typename T>
 bool sparse_weight_gradient_applies(const ConvShape& cs, index_t ph_out, index_t pw_out) {
-    constexpr index_t W = NarrowSimd<T>::kWidth;
-    const index_t vectors = (cs.s + W - 1) / W;
-    return cs.groups == 1 && cs.dw == 1 && vectors <= 2 && cs.n > 0 && cs.k > 0 &&
-           3 * ph_out * pw_out * vectors * W <= 2 * cs.oh * cs.ow * cs.s;
+    constexpr index_t W = NarrowSimd<T>::kWidth, dense_lanes = Simd<T>::kWidth;
+    const index_t vectors = (cs.s + W - 1) / W, pooled = ph_out * pw_out, positions = cs.oh * cs.ow;
+    if (cs.groups != 1 || cs.dw != 1 || vectors > 2 || cs.n == 0 || cs.k == 0 ||
+        3 * pooled * vectors * W > 2 * positions * cs.s)
+        return false;
+    const index_t plane = (cs.h + 2 * cs.ph) * (cs.w + 2 * cs.pw + W), kernel = cs.r * vectors * W;
+    if (2 * cs.c * (plane + cs.k * kernel) * index_t(sizeof(T)) <= cache_sizes().l2) return true;
+    return pooled * vectors * dense_lanes <= positions * cs.s && plane + kernel <= 4 * pooled * cs.r * vectors;
 }
 
 template <typename T>
