@@ -371,11 +371,14 @@ def settled_on_torch(sig: tuple | None, input: torch.Tensor) -> bool:
     return True
 
 
-def call_function(op: str, args: tuple, config: tuple, torch_forward, fastml_forward, sig=False):
+def call_function(op: str, args: tuple, config: tuple, torch_forward, fastml_forward, sig=False,
+                  choice_config: tuple | None = None):
     """``layer``-less ``call``: ``torch_forward(*args)`` where the route of op ``op`` for this
     call's signature (every tensor of ``args``, the main input first, None allowed, and the hashable ``config``) is
     torch's, else ``fastml_forward(*args)``; settled as a layer's route is. ``sig``: the
-    signature when the caller has it already (``function_signature``)."""
+    signature when the caller has it already (``function_signature``). ``choice_config``: the
+    config that keys the timed choice, where it differs from the route's (arguments parsed, so that
+    ``stride=1`` and ``stride=(1, 1)`` share one timing; the route keyed by them as given)."""
     if is_compiling():
         return fastml_forward(*args)
     input = args[0]
@@ -395,7 +398,7 @@ def call_function(op: str, args: tuple, config: tuple, torch_forward, fastml_for
         to_torch = settle(reports)
         if to_torch is False:
             key = ("function " + op, "forward+backward" if torch.is_grad_enabled() else "forward", _threads(),
-                   input.dtype, input.device, sig[1:7], config)
+                   input.dtype, input.device, sig[1:7], config if choice_config is None else choice_config)
             to_torch = _timed_choice(key, args, [], {"reference": torch_forward, "fastml": fastml_forward}) == "reference"
         if to_torch is not None:
             if len(_function_routes) >= MAX_FUNCTION_ROUTES:

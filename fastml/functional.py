@@ -569,9 +569,10 @@ def _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return
         return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
                             return_indices=return_indices)
 
+    parsed = (*args, ceil_mode, return_indices)
     if config is None:  # (a list among the arguments: keyed by their parsed values instead)
-        config, sig = (*args, ceil_mode, return_indices), False
-    return _route.call_function("max_pool2d", (input,), config, torch_forward, fastml_forward, sig)
+        config, sig = parsed, False
+    return _route.call_function("max_pool2d", (input,), config, torch_forward, fastml_forward, sig, parsed)
 
 
 _BATCH_NORM_DTYPES = (torch.float32, torch.float64)
@@ -708,9 +709,10 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, routed: bool
     def torch_forward(input, weight, bias):
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
+    parsed = (*args, groups)
     if config is None:  # (a list among the arguments: keyed by their parsed values instead)
-        config, sig = (*args, groups), False
-    return _route.call_function("conv2d", (input, weight, bias), config, torch_forward, fastml_forward, sig)
+        config, sig = parsed, False
+    return _route.call_function("conv2d", (input, weight, bias), config, torch_forward, fastml_forward, sig, parsed)
 
 
 def _nchw(x: torch.Tensor, grad_channels_last: bool) -> torch.Tensor:

@@ -871,6 +871,30 @@ def test_a_convolution_or_pooling_settled_on_torch_parses_no_arguments(monkeypat
 
 
 @needs_kernel
+@pytest.mark.parametrize("parser, op, call, torch_call", spatial_calls(), ids=["conv2d", "max_pool2d"])
+def test_spellings_of_one_convolution_or_pooling_share_one_timing(monkeypatch, parser, op, call, torch_call):
+    """``2`` and ``(2, 2)`` key two routes (the arguments as given) but one timed choice of the
+    whole call (parsed): the second spelling settles from the first's decision, timing nothing."""
+    whole_calls = []
+
+    def measure(names, run, device, rounds=None):  # the kernel wins its op; torch wins the whole call
+        if "fastml" in names:
+            whole_calls.append(names)
+        with torch.no_grad():
+            for candidate in names:
+                run(candidate)
+        fastest = "reference" if "fastml" in names else KERNEL
+        return {candidate: (1.0 if candidate == fastest else 2.0) for candidate in names}
+
+    _tune.clear_tuning(persisted=True)
+    monkeypatch.setattr(_tune, "measure", measure)
+    x = torch.randn(2, 3, 8, 8)
+    for spatial in (2, (2, 2), 2, (2, 2)):  # (the first call runs the kernel: equal to rounding)
+        torch.testing.assert_close(call(x, spatial), torch_call(x, spatial))
+    assert len(whole_calls) == 1
+
+
+@needs_kernel
 def test_a_fused_function_whose_kernel_loses_as_a_whole_runs_torch(monkeypatch):
     """The op chose its kernel, but the whole call (dispatch included) timed slower than torch's
     sequence: the functional runs torch's sequence, and a layer built on it follows."""
