@@ -24,6 +24,7 @@ CONFIGS = [
     # the C++ weight gradient from the nonzero entries, which sums a few channels' kernel rows at once:
     ((3, 7, 12, 12), (4, 7, 3, 3), True, 1, 1, 1, 1, 2, None),          # 7 channels: groups of 3, one left
     ((2, 3, 24, 22), (4, 3, 11, 9), True, 1, 0, (2, 1), 1, 2, None),    # 11 rows (8 + 3) of 9 taps (2 vectors)
+    ((2, 3, 27, 27), (4, 3, 11, 11), True, 4, 2, 1, 1, 3, 2),           # AlexNet's first block: stride 4, pool 3 / 2
 ]
 
 
