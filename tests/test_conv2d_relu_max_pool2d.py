@@ -21,6 +21,7 @@ CONFIGS = [
     ((1, 3, 10, 36), (9, 3, 3, 3), True, 1, 1, 1, 1, 2, 2),             # rows wider than two SIMD vectors
     ((31, 6, 9, 9), (16, 6, 5, 5), True, 1, 0, 1, 1, 2, None),          # C++ batch layout, a partial block
     ((31, 4, 11, 10), (6, 2, 3, 3), False, 1, 1, 1, 2, 3, 2),           # batch layout, overlapping windows
+    ((16, 7, 8, 8), (5, 7, 3, 3), True, 1, 1, 1, 1, 2, None),           # batch layout: blocks of 5 and (backward) 7
     # the C++ weight gradient from the nonzero entries, which sums a few channels' kernel rows at once:
     ((3, 7, 12, 12), (4, 7, 3, 3), True, 1, 1, 1, 1, 2, None),          # 7 channels: groups of 3, one left
     ((2, 3, 24, 22), (4, 3, 11, 9), True, 1, 0, (2, 1), 1, 2, None),    # 11 rows (8 + 3) of 9 taps (2 vectors)
