@@ -212,8 +212,9 @@ constexpr int sparse_channels(int vectors) {
 // (3 -> 64 at 112 x 112, 185 KB: 4.4 against 22 ms). Beyond, each sweep comes from farther away:
 // the dense tiles of an AVX-512 build, with 16 lanes, then won VGG's other 3x3 blocks (64 -> 128
 // at 56 x 56: 21.3 against 27.9 ms), where the sparse sum does 4/3 of their work; and a sweep
-// must find at least a quarter of an entry's products per element it reads (VGG's last block,
-// 512 channels at 7 x 7, a 3 x 3 pooled plane: a twelfth; 2x slower sparse with either build).
+// must make at least one product (an entry's kernel row vector) for every 4 elements it reads
+// of the channel's plane and sums (VGG's last block, 512 channels at 7 x 7 and a 3 x 3 pooled
+// plane: one for every 6.6; 2x slower sparse with either build).
 template <typename T>
 bool sparse_weight_gradient_applies(const ConvShape& cs, index_t ph_out, index_t pw_out) {
     constexpr index_t W = NarrowSimd<T>::kWidth, dense_lanes = Simd<T>::kWidth;

@@ -152,9 +152,9 @@ inline void with_channels(index_t channels, F&& f) {
 
 // Positions (forward) or taps (weight gradient) a batch-layout tile of `channels` output channels
 // takes at once: channels × P accumulators, P input vectors and the broadcast weight or gradient
-// vector, with two registers to spare (a 4 x 6 AVX2 tile of 15 registers had one accumulator
-// spilled where it was inlined: 1.4x slower). For a full block of kKB channels: 3 with AVX-512's
-// 32 registers, 1 with AVX2's 16.
+// vector, with two registers to spare (an AVX2 tile of 6 channels x 2 positions, 15 registers, had
+// one accumulator spilled where it was inlined: LeNet's input gradient 1.35x slower). For a full
+// block of kKB channels: 3 with AVX-512's 32 registers, 1 with AVX2's 16.
 constexpr int batch_taps(int channels) { return tile_columns(channels, 3, 3); }
 constexpr int kBatchTaps = batch_taps(kKB);
 
