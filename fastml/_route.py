@@ -253,11 +253,12 @@ def layer_choice(layer: torch.nn.Module, args: tuple, torch_forward, candidates:
 
 
 def _timed_choice(key: tuple, args: tuple, parameters: list, forwards: dict,
-                  layer: torch.nn.Module | None = None) -> str:
+                  layer: torch.nn.Module | None = None, kept: tuple = ()) -> str:
     """``_tune.choose`` among ``forwards`` {name: forward}, "reference" (torch's) among them, each
     ``forward(*args)`` timed forward and, where gradients are tracked, backward to ``args`` (None
     entries allowed) and ``parameters``, on detached copies of ``args``; in training each call
-    derives ``layer``'s weights anew (``retimes_derived_weights``)."""
+    derives ``layer``'s weights anew (``retimes_derived_weights``). ``layer``'s buffers and the
+    tensors ``kept`` (None entries allowed) are left as the timed calls found them."""
     grad_on = torch.is_grad_enabled()
     copies = [a if a is None else a.detach().requires_grad_(a.requires_grad and grad_on) for a in args]
     input = next(a for a in args if a is not None)
@@ -278,7 +279,8 @@ def _timed_choice(key: tuple, args: tuple, parameters: list, forwards: dict,
 
     # A layer's buffers (a batch norm's running statistics, num_batches_tracked) move at every
     # call: the timed calls must leave them as the one real call left them.
-    buffers = [] if layer is None else [(b, b.detach().clone()) for b in layer.buffers()]
+    buffers = [(b, b.detach().clone()) for b in ([] if layer is None else list(layer.buffers())) + list(kept)
+               if b is not None]
     token = _watchers.set(None)  # the timed calls' ops report to no one: a layer around us hears our verdict
     try:
         return _tune.choose(key, tuple(name for name in forwards if name != "reference"), input, run)
@@ -372,13 +374,15 @@ def settled_on_torch(sig: tuple | None, input: torch.Tensor) -> bool:
 
 
 def call_function(op: str, args: tuple, config: tuple, torch_forward, fastml_forward, sig=False,
-                  choice_config: tuple | None = None):
+                  choice_config: tuple | None = None, kept: tuple = ()):
     """``layer``-less ``call``: ``torch_forward(*args)`` where the route of op ``op`` for this
     call's signature (every tensor of ``args``, the main input first, None allowed, and the hashable ``config``) is
     torch's, else ``fastml_forward(*args)``; settled as a layer's route is. ``sig``: the
     signature when the caller has it already (``function_signature``). ``choice_config``: the
     config that keys the timed choice, where it differs from the route's (arguments parsed, so that
-    ``stride=1`` and ``stride=(1, 1)`` share one timing; the route keyed by them as given)."""
+    ``stride=1`` and ``stride=(1, 1)`` share one timing; the route keyed by them as given).
+    ``kept``: tensors the call changes in place (a batch norm's running statistics), which the
+    timed calls leave as this call left them."""
     if is_compiling():
         return fastml_forward(*args)
     input = args[0]
@@ -399,7 +403,8 @@ def call_function(op: str, args: tuple, config: tuple, torch_forward, fastml_for
         if to_torch is False:
             key = ("function " + op, "forward+backward" if torch.is_grad_enabled() else "forward", _threads(),
                    input.dtype, input.device, sig[1:7], config if choice_config is None else choice_config)
-            to_torch = _timed_choice(key, args, [], {"reference": torch_forward, "fastml": fastml_forward}) == "reference"
+            to_torch = _timed_choice(key, args, [], {"reference": torch_forward, "fastml": fastml_forward},
+                                     kept=kept) == "reference"
         if to_torch is not None:
             if len(_function_routes) >= MAX_FUNCTION_ROUTES:
                 _function_routes.clear()

@@ -223,8 +223,9 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         keep = not self.training or self.track_running_stats
-        return functional.batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
-                                     self.weight, self.bias, self.uses_batch_statistics(), factor, self.eps, relu=relu)
+        return functional._batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
+                                      self.weight, self.bias, self.uses_batch_statistics(), factor, self.eps, relu,
+                                      routed=False)
 
 
 class MSELoss(torch.nn.MSELoss):

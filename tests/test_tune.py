@@ -799,6 +799,12 @@ def fused_calls():
         w = torch.ones(2, 5, 3, 3, requires_grad=True)
         return fastml.functional.conv2d(x[:, :, None, None].expand(-1, -1, 4, 4), w, padding=1).sum(), (w,)
 
+    def batch_norm(x):
+        w = torch.ones(5, requires_grad=True)
+        planes = x[:, :, None, None] * torch.linspace(0.5, 1.5, 9).reshape(3, 3)
+        return fastml.functional.batch_norm(planes, torch.zeros(5), torch.ones(5), w, None, training=True).sum(), (w,)
+
+    from fastml.ops import batch_norm as bn
     from fastml.ops import conv2d as conv
     from fastml.ops import conv2d_relu_max_pool2d
     from fastml.ops import cross_entropy as ce
@@ -810,7 +816,7 @@ def fused_calls():
     return [(lmse, "linear_mse", linear_mse), (lce, "linear_cross_entropy", linear_cross_entropy),
             (conv2d_relu_max_pool2d, "conv2d_relu_max_pool2d", block), (mse, "mse_loss", mse_loss),
             (ce, "cross_entropy", cross_entropy), (lin, "linear", linear), (pool, "max_pool2d", max_pool2d),
-            (conv, "conv2d", conv2d)]
+            (conv, "conv2d", conv2d), (bn, "batch_norm", batch_norm)]
 
 
 @needs_kernel
@@ -892,6 +898,35 @@ def test_spellings_of_one_convolution_or_pooling_share_one_timing(monkeypatch, p
     for spatial in (2, (2, 2), 2, (2, 2)):  # (the first call runs the kernel: equal to rounding)
         torch.testing.assert_close(call(x, spatial), torch_call(x, spatial))
     assert len(whole_calls) == 1
+
+
+@needs_kernel
+def test_timing_a_batch_norm_call_leaves_its_running_statistics_as_one_call(monkeypatch):
+    """fastml.functional.batch_norm's route is timed with the call's own tensors: the timed calls
+    update the running statistics too, and must leave them as the one real call did."""
+    whole_calls = []
+
+    def measure(names, run, device, rounds=None):  # the kernel wins its op; the whole call is timed
+        if "fastml" in names:
+            whole_calls.append(names)
+        with torch.no_grad():
+            for candidate in names:
+                for _ in range(3):
+                    run(candidate)
+        return {candidate: (1.0 if candidate == ("reference" if "fastml" in names else KERNEL) else 2.0)
+                for candidate in names}
+
+    _tune.clear_tuning(persisted=True)
+    monkeypatch.setattr(_tune, "measure", measure)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    expected_mean, expected_var = mean.clone(), var.clone()
+    out = fastml.functional.batch_norm(x, mean, var, training=True, momentum=0.3)
+    expected = torch.nn.functional.batch_norm(x, expected_mean, expected_var, training=True, momentum=0.3)
+    assert len(whole_calls) == 1, "the whole call was not timed: the test tests nothing"
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(mean, expected_mean)
+    torch.testing.assert_close(var, expected_var)
 
 
 @needs_kernel
