@@ -802,7 +802,8 @@ def fused_calls():
     def batch_norm(x):
         w = torch.ones(5, requires_grad=True)
         planes = x[:, :, None, None] * torch.linspace(0.5, 1.5, 9).reshape(3, 3)
-        return fastml.functional.batch_norm(planes, torch.zeros(5), torch.ones(5), w, None, training=True).sum(), (w,)
+        out = fastml.functional.batch_norm(planes, torch.zeros(5), torch.ones(5), w, None, training=True)
+        return out.square().sum(), (w,)  # (not its sum: that of a normalised output is 0, to rounding)
 
     from fastml.ops import batch_norm as bn
     from fastml.ops import conv2d as conv
@@ -846,6 +847,27 @@ def test_a_fused_function_decided_for_torch_runs_torch_sequence(monkeypatch, mod
     assert calls[name] == 1
 
 
+def kernel_wins_ops_torch_wins_calls(monkeypatch, runs: int = 1) -> list:
+    """Makes every op's measurement pick fastml's kernel and every whole call's ("fastml" against
+    "reference": a layer's or a functional's) pick torch's, each candidate run ``runs`` times, from
+    a fresh decisions cache. Returns the list the whole calls' timings are appended to."""
+    whole_calls = []
+
+    def measure(names, run, device, rounds=None):
+        if "fastml" in names:
+            whole_calls.append(names)
+        with torch.no_grad():
+            for candidate in names:
+                for _ in range(runs):
+                    run(candidate)
+        fastest = "reference" if "fastml" in names else KERNEL
+        return {candidate: (1.0 if candidate == fastest else 2.0) for candidate in names}
+
+    _tune.clear_tuning(persisted=True)
+    monkeypatch.setattr(_tune, "measure", measure)
+    return whole_calls
+
+
 def spatial_calls():
     """(the functional's argument parser, op, fastml's call, torch's): conv2d and max_pool2d with
     stride and padding (or kernel and stride) ``spatial``."""
@@ -881,19 +903,7 @@ def test_a_convolution_or_pooling_settled_on_torch_parses_no_arguments(monkeypat
 def test_spellings_of_one_convolution_or_pooling_share_one_timing(monkeypatch, parser, op, call, torch_call):
     """``2`` and ``(2, 2)`` key two routes (the arguments as given) but one timed choice of the
     whole call (parsed): the second spelling settles from the first's decision, timing nothing."""
-    whole_calls = []
-
-    def measure(names, run, device, rounds=None):  # the kernel wins its op; torch wins the whole call
-        if "fastml" in names:
-            whole_calls.append(names)
-        with torch.no_grad():
-            for candidate in names:
-                run(candidate)
-        fastest = "reference" if "fastml" in names else KERNEL
-        return {candidate: (1.0 if candidate == fastest else 2.0) for candidate in names}
-
-    _tune.clear_tuning(persisted=True)
-    monkeypatch.setattr(_tune, "measure", measure)
+    whole_calls = kernel_wins_ops_torch_wins_calls(monkeypatch)
     x = torch.randn(2, 3, 8, 8)
     for spatial in (2, (2, 2), 2, (2, 2)):  # (the first call runs the kernel: equal to rounding)
         torch.testing.assert_close(call(x, spatial), torch_call(x, spatial))
@@ -904,20 +914,7 @@ def test_spellings_of_one_convolution_or_pooling_share_one_timing(monkeypatch, p
 def test_timing_a_batch_norm_call_leaves_its_running_statistics_as_one_call(monkeypatch):
     """fastml.functional.batch_norm's route is timed with the call's own tensors: the timed calls
     update the running statistics too, and must leave them as the one real call did."""
-    whole_calls = []
-
-    def measure(names, run, device, rounds=None):  # the kernel wins its op; the whole call is timed
-        if "fastml" in names:
-            whole_calls.append(names)
-        with torch.no_grad():
-            for candidate in names:
-                for _ in range(3):
-                    run(candidate)
-        return {candidate: (1.0 if candidate == ("reference" if "fastml" in names else KERNEL) else 2.0)
-                for candidate in names}
-
-    _tune.clear_tuning(persisted=True)
-    monkeypatch.setattr(_tune, "measure", measure)
+    whole_calls = kernel_wins_ops_torch_wins_calls(monkeypatch, runs=3)
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
     expected_mean, expected_var = mean.clone(), var.clone()
@@ -933,15 +930,7 @@ def test_timing_a_batch_norm_call_leaves_its_running_statistics_as_one_call(monk
 def test_a_fused_function_whose_kernel_loses_as_a_whole_runs_torch(monkeypatch):
     """The op chose its kernel, but the whole call (dispatch included) timed slower than torch's
     sequence: the functional runs torch's sequence, and a layer built on it follows."""
-    def measure(names, run, device, rounds=None):
-        with torch.no_grad():
-            for candidate in names:
-                run(candidate)
-        fastest = "reference" if "fastml" in names else KERNEL
-        return {candidate: (1.0 if candidate == fastest else 2.0) for candidate in names}
-
-    _tune.clear_tuning(persisted=True)
-    monkeypatch.setattr(_tune, "measure", measure)
+    kernel_wins_ops_torch_wins_calls(monkeypatch)
     from fastml.ops import linear_mse as lmse
     calls = count_op_calls(monkeypatch, lmse, "linear_mse")
     layer, x, y = fastml.nn.LinearMSELoss(5, 2), torch.randn(4, 5), torch.randn(4, 2)
