@@ -284,21 +284,11 @@ inline void sparse_channel_rows(index_t channels, const T* x, index_t plane, ind
 template <typename T, int V>
 inline void sparse_row_block(index_t rows, index_t channels, const T* x, index_t plane, index_t row_step,
                              const index_t* at, const T* g, index_t entries, T* out, index_t channel, index_t row) {
-    static_assert(kSparseRows == 8, "one case per row count");
-    const auto run = [&](auto block_rows) {
+    static_assert(kSparseRows == 8, "a block's row counts are with_count_up_to_8's");
+    with_count_up_to_8(rows, [&](auto block_rows) {
         sparse_channel_rows<T, decltype(block_rows)::value, V>(channels, x, plane, row_step, at, g, entries, out,
                                                                channel, row);
-    };
-    switch (rows) {
-        case 1: run(std::integral_constant<int, 1>{}); break;
-        case 2: run(std::integral_constant<int, 2>{}); break;
-        case 3: run(std::integral_constant<int, 3>{}); break;
-        case 4: run(std::integral_constant<int, 4>{}); break;
-        case 5: run(std::integral_constant<int, 5>{}); break;
-        case 6: run(std::integral_constant<int, 6>{}); break;
-        case 7: run(std::integral_constant<int, 7>{}); break;
-        default: run(std::integral_constant<int, 8>{}); break;
-    }
+    });
 }
 
 // grad_w (and grad_b where not null) from the nonzero entries of the activation gradient (where

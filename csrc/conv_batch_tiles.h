@@ -132,13 +132,15 @@ inline void batch_conv_tile(const T* x, index_t plane, index_t row_step, index_t
         for (int p = 0; p < P; ++p) acc[o][p] = sum[o][p];
 }
 
-// f(std::integral_constant<int, C>) for the C = channels (1 .. kKB) a block has: a block with
-// fewer channels than kKB (the input gradient of LeNet's second layer: 6 in a block of 8) runs a
-// tile of exactly those, not kKB FMAs per tap of which some multiply zero weights.
+// f(std::integral_constant<int, n>) for a count n of 1 .. 8 (8 for anything larger): a loop
+// bound made a template argument, so the tile it sizes is unrolled and held in registers. The
+// batch layout's blocks of kKB channels take it (a block with fewer channels than kKB, the input
+// gradient of LeNet's second layer: 6 in a block of 8, runs a tile of exactly those, not kKB FMAs
+// per tap of which some multiply zero weights), as do the sparse weight gradient's blocks of
+// kernel rows (conv2d_relu_max_pool2d.cpp).
 template <typename F>
-inline void with_channels(index_t channels, F&& f) {
-    static_assert(kKB == 8, "one case per channel count of a block");
-    switch (channels) {
+inline void with_count_up_to_8(index_t count, F&& f) {
+    switch (count) {
         case 1: f(std::integral_constant<int, 1>{}); break;
         case 2: f(std::integral_constant<int, 2>{}); break;
         case 3: f(std::integral_constant<int, 3>{}); break;
@@ -187,7 +189,8 @@ inline void batch_conv_row(const T* x, const ConvShape& cs, index_t hp, index_t 
     const T* base = x + row * cs.sh * wp * L;
     index_t a0, a1;
     taps_inside(row * cs.sh, row * cs.sh, window.top, window.bottom, cs.dh, cs.r, a0, a1);
-    with_channels(channels, [&](auto block_channels) {
+    static_assert(kKB == 8, "a block's channel counts are with_count_up_to_8's");
+    with_count_up_to_8(channels, [&](auto block_channels) {
         constexpr int C = decltype(block_channels)::value, C1 = first_sub_channels(C), P = batch_taps(C1);
         auto tile = [&](auto positions, index_t col) {
             constexpr int count = decltype(positions)::value;

@@ -279,8 +279,8 @@ def _timed_choice(key: tuple, args: tuple, parameters: list, forwards: dict,
 
     # A layer's buffers (a batch norm's running statistics, num_batches_tracked) move at every
     # call: the timed calls must leave them as the one real call left them.
-    buffers = [(b, b.detach().clone()) for b in ([] if layer is None else list(layer.buffers())) + list(kept)
-               if b is not None]
+    restored = (*(() if layer is None else layer.buffers()), *kept)
+    buffers = [(b, b.detach().clone()) for b in restored if b is not None]
     token = _watchers.set(None)  # the timed calls' ops report to no one: a layer around us hears our verdict
     try:
         return _tune.choose(key, tuple(name for name in forwards if name != "reference"), input, run)
@@ -352,14 +352,16 @@ def function_signature(op: str, args: tuple, config: tuple) -> tuple | None:
             tuple([_describe(a) for a in args[1:]]), config, _grad_enabled(), _threads(), _tune.state())
 
 
-def hashable(config: tuple) -> tuple | None:
-    """``config`` where it can key a route (a functional's arguments as given), else None (a list
-    among them)."""
+def given_signature(op: str, args: tuple, given: tuple) -> tuple:
+    """(config, signature) for a functional whose route is keyed by its arguments as given, so
+    that a call settled on torch skips parsing them (``given``: those arguments). (None, None)
+    where a list among them makes them unhashable: ``call_function`` then keys the route by the
+    parsed arguments, its ``choice_config``."""
     try:
-        hash(config)
+        hash(given)
     except TypeError:
-        return None
-    return config
+        return None, None
+    return given, function_signature(op, args, given)
 
 
 def settled_on_torch(sig: tuple | None, input: torch.Tensor) -> bool:
@@ -380,11 +382,14 @@ def call_function(op: str, args: tuple, config: tuple, torch_forward, fastml_for
     torch's, else ``fastml_forward(*args)``; settled as a layer's route is. ``sig``: the
     signature when the caller has it already (``function_signature``). ``choice_config``: the
     config that keys the timed choice, where it differs from the route's (arguments parsed, so that
-    ``stride=1`` and ``stride=(1, 1)`` share one timing; the route keyed by them as given).
+    ``stride=1`` and ``stride=(1, 1)`` share one timing; the route keyed by them as given, or by
+    ``choice_config`` too where ``config`` is None: ``given_signature``'s unhashable case).
     ``kept``: tensors the call changes in place (a batch norm's running statistics), which the
     timed calls leave as this call left them."""
     if is_compiling():
         return fastml_forward(*args)
+    if config is None:
+        config, sig = choice_config, False
     input = args[0]
     outer = _watchers.get()  # a layer calling this function listens for where it went
     if sig is False:

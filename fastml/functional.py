@@ -542,8 +542,8 @@ def _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return
     ``_conv2d``'s (parsing them costs 2 µs, torch's whole max_pool2d of 2x3x8x8 2.6 µs)."""
     config = sig = None
     if routed:
-        config = _route.hashable((kernel_size, stride, padding, dilation, ceil_mode, return_indices))
-        sig = None if config is None else _route.function_signature("max_pool2d", (input,), config)
+        config, sig = _route.given_signature("max_pool2d", (input,),
+                                             (kernel_size, stride, padding, dilation, ceil_mode, return_indices))
         if _route.settled_on_torch(sig, input):
             return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
                                 return_indices=return_indices)
@@ -569,10 +569,8 @@ def _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return
         return F.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
                             return_indices=return_indices)
 
-    parsed = (*args, ceil_mode, return_indices)
-    if config is None:  # (a list among the arguments: keyed by their parsed values instead)
-        config, sig = parsed, False
-    return _route.call_function("max_pool2d", (input,), config, torch_forward, fastml_forward, sig, parsed)
+    return _route.call_function("max_pool2d", (input,), config, torch_forward, fastml_forward, sig,
+                                (*args, ceil_mode, return_indices))
 
 
 _BATCH_NORM_DTYPES = (torch.float32, torch.float64)
@@ -627,8 +625,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     args = (input, running_mean, running_var, weight, bias)
     config = sig = None
     if routed:
-        config = _route.hashable((training, momentum, eps, relu))
-        sig = None if config is None else _route.function_signature("batch_norm", args, config)
+        config, sig = _route.given_signature("batch_norm", args, (training, momentum, eps, relu))
         if _route.settled_on_torch(sig, input):
             return _torch_batch_norm(*args, training, momentum, eps, relu)
     if not _batch_norm_runs_kernels(input, running_mean, running_var, weight, bias, training, momentum, eps):
@@ -653,8 +650,6 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return _torch_batch_norm(*args, training, momentum, eps, relu)
 
     parsed = (True, float(momentum), float(eps), bool(relu))  # (the kernels run training statistics only)
-    if config is None:
-        config, sig = parsed, False
     return _route.call_function("batch_norm", args, config, torch_forward, fastml_forward, sig, parsed,
                                 kept=(running_mean, running_var))
 
@@ -721,8 +716,7 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, routed: bool
     measured 10 µs, 3%, beside LeNet's 0.3 ms second convolution)."""
     config = sig = None
     if routed:
-        config = _route.hashable((stride, padding, dilation, groups))
-        sig = None if config is None else _route.function_signature("conv2d", (input, weight, bias), config)
+        config, sig = _route.given_signature("conv2d", (input, weight, bias), (stride, padding, dilation, groups))
         if _route.settled_on_torch(sig, input):
             return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
     args = None if _defer_to_torch(input, weight, bias) else _conv_args(input, weight, bias, stride, padding,
@@ -741,10 +735,8 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, routed: bool
     def torch_forward(input, weight, bias):
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
-    parsed = (*args, groups)
-    if config is None:  # (a list among the arguments: keyed by their parsed values instead)
-        config, sig = parsed, False
-    return _route.call_function("conv2d", (input, weight, bias), config, torch_forward, fastml_forward, sig, parsed)
+    return _route.call_function("conv2d", (input, weight, bias), config, torch_forward, fastml_forward, sig,
+                                (*args, groups))
 
 
 def _nchw(x: torch.Tensor, grad_channels_last: bool) -> torch.Tensor:
