@@ -161,6 +161,8 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
         if variant is not None:
             return variant(*args)
         return torch_forward(*args)  # (not reached: the signature holds all a variant depends on)
+    if sig is not None and saving_hooks_active():
+        return torch_forward(*args)
     if sig is not None and sig in layer.__dict__.get(VETO_ATTR, ()):
         remember(layer, sig, "reference")
         return torch_forward(*args)
@@ -168,6 +170,8 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
         out = fastml_forward(*args)
     if sig is not None:
         to_torch = settle(reports)
+        if to_torch is None and reports and not _first_unsettled(layer.__dict__, PENDING_ATTR, sig):
+            to_torch = False  # a backward still undecided at the signature's second call: time both ways now
         others = variants(input) if variants is not None else {}
         route = None
         if to_torch is False or (to_torch is True and others):
@@ -178,6 +182,43 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
         if route is not None:
             remember(layer, sig, route)
     return out
+
+
+PENDING_ATTR = "_fastml_pending"
+
+
+def _first_unsettled(memo: dict, attr: str, sig: tuple) -> bool:
+    """Whether a call of signature ``sig`` is the first to leave its route unsettled because an
+    op's backward is still undecided (each op decides its backward at its first backward pass).
+    In a training loop the backward comes before the next call, which then settles the route; a
+    forward with gradients tracked and no backward (an evaluation loop without torch.no_grad, a
+    layer called twice before one backward) would otherwise run fastml's whole dispatch, an
+    autograd.Function in Python, on every call: an nn.Linear at batch 10 took 26 µs, not torch's
+    4. So the second such call settles it by timing both ways, forward and backward, which makes
+    the ops' backward decisions on the way. The signatures waiting are kept in ``memo[attr]``."""
+    pending = memo.get(attr)
+    if pending is None:
+        pending = memo[attr] = set()
+    if sig in pending:
+        pending.discard(sig)
+        return False
+    if len(pending) >= MAX_FUNCTION_ROUTES:
+        pending.clear()
+    pending.add(sig)
+    return True
+
+
+_top_saving_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def saving_hooks_active() -> bool:
+    """Whether saved-tensor hooks are on (torch.autograd.graph.saved_tensors_hooks): under
+    non-reentrant activation checkpointing (torch.utils.checkpoint) a forward pass runs again in
+    backward and must save the same tensors in the same order. A call whose route is not yet
+    settled then runs torch's path, remembering nothing: fastml's first call would time both
+    ways (timed calls that save tensors of their own) and settle a route that the recomputation
+    would follow instead. Routes settled before are followed, the same in both passes."""
+    return _top_saving_hooks is not None and _top_saving_hooks(False) is not None
 
 
 MAX_LAYER_ROUTES = 16  # signatures remembered per layer: a model alternating a few shapes or layouts
@@ -275,7 +316,10 @@ def _timed_choice(key: tuple, args: tuple, parameters: list, forwards: dict,
             if outputs and wrt:
                 if not upstream:
                     upstream["grads"] = [torch.ones_like(t) for t in outputs]  # no draw from the user's generator
-                torch.autograd.grad(outputs, wrt, upstream["grads"], allow_unused=True)
+                # retain_graph: the call's weight may be a tensor the user's graph computed
+                # (pruning's and weight_norm's forward pre-hooks form it from the Parameters),
+                # whose part of the graph the user's own backward still needs.
+                torch.autograd.grad(outputs, wrt, upstream["grads"], allow_unused=True, retain_graph=True)
 
     # A layer's buffers (a batch norm's running statistics, num_batches_tracked) move at every
     # call: the timed calls must leave them as the one real call left them.
@@ -297,6 +341,7 @@ def _timed_choice(key: tuple, args: tuple, parameters: list, forwards: dict,
 # sequence of torch calls: per call signature, as a layer's, in one bounded table.
 _function_routes: dict[tuple, bool] = {}
 MAX_FUNCTION_ROUTES = 4096
+_pending_functions: dict[str, set] = {}  # {"signatures": those awaiting a backward} (``_first_unsettled``)
 
 
 @contextlib.contextmanager
@@ -400,11 +445,15 @@ def call_function(op: str, args: tuple, config: tuple, torch_forward, fastml_for
             if outer is not None:
                 report("reference" if to_torch else "fastml", input, (), None)
             return torch_forward(*args) if to_torch else fastml_forward(*args)
+        if saving_hooks_active():
+            return torch_forward(*args)
     with watching() as reports:
         out = fastml_forward(*args)
     to_torch = None
     if sig is not None:
         to_torch = settle(reports)
+        if to_torch is None and reports and not _first_unsettled(_pending_functions, "signatures", sig):
+            to_torch = False  # as a layer's (``_first_unsettled``)
         if to_torch is False:
             key = ("function " + op, "forward+backward" if torch.is_grad_enabled() else "forward", _threads(),
                    input.dtype, input.device, sig[1:7], config if choice_config is None else choice_config)

@@ -1,0 +1,129 @@
+"""A patched model run the ways real training code runs a torch model: under activation
+checkpointing, with pruning's and weight norm's forward pre-hooks forming the weight, forward
+passes with gradients tracked and no backward (an evaluation loop without torch.no_grad), and
+compiled by TorchScript. Each against the same model unpatched, in float64: outputs and the
+gradients of the input and of every parameter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.utils.prune as prune
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import fastml
+from fastml import _route
+
+
+def course_cnn() -> nn.Sequential:
+    """A LeNet-like net with every layer patch replaces or fuses: conv → ReLU → pool (fused),
+    conv → batch norm → ReLU (folded in eval), linear → ReLU (epilogue), linear."""
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(6, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 5 * 5, 16), nn.ReLU(), nn.Linear(16, 10)).double()
+
+
+def twins(prepare=lambda model: None) -> tuple[nn.Module, nn.Module]:
+    """(unpatched, patched) models with the same parameters, each prepared by ``prepare`` (which
+    may draw random numbers: the same ones for both)."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = course_cnn()
+        prepare(model)
+        models.append(model)
+    fastml.patch(models[1])
+    return models[0], models[1]
+
+
+def outputs_and_gradients(model: nn.Module, run, x: torch.Tensor) -> list[torch.Tensor]:
+    """``run(model, x)``'s output, then the gradients of its sum (by ``.backward()``, as training
+    code takes them) for x and for every parameter."""
+    x = x.clone().requires_grad_()
+    wrt = [x, *(p for p in model.parameters() if p.requires_grad)]
+    for t in wrt:
+        t.grad = None
+    out = run(model, x)
+    out.sum().backward()
+    return [out.detach(), *(t.grad for t in wrt)]
+
+
+def assert_same(unpatched, patched, run=lambda model, x: model(x), steps: int = 3):
+    """The two models agree, call after call (the first calls settle the routes, the later
+    follow them)."""
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(4, 3, 14, 14, dtype=torch.float64, generator=generator)
+        expected = outputs_and_gradients(unpatched, run, x)
+        actual = outputs_and_gradients(patched, run, x)
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing(use_reentrant):
+    """Non-reentrant checkpointing runs the forward again in backward and checks that it saves
+    the same tensors: a route settled (and timed) during the first pass would change them."""
+    unpatched, patched = twins()
+    assert_same(unpatched, patched, lambda model, x: checkpoint(model, x, use_reentrant=use_reentrant))
+
+
+def test_checkpointing_follows_routes_settled_before():
+    unpatched, patched = twins()
+    assert_same(unpatched, patched, steps=1)  # routes settled outside checkpointing
+    assert any(_route.routes(m) for m in patched.modules())
+    assert_same(unpatched, patched, lambda model, x: checkpoint(model, x, use_reentrant=False))
+
+
+def prune_layers(model):
+    prune.l1_unstructured(model[0], "weight", amount=0.3)
+    prune.random_unstructured(model[7], "weight", amount=0.5)
+
+
+def old_weight_norm(model):
+    nn.utils.weight_norm(model[3])
+    nn.utils.weight_norm(model[9])
+
+
+def old_spectral_norm(model):
+    nn.utils.spectral_norm(model[7])
+
+
+def parametrized_norms(model):
+    nn.utils.parametrizations.weight_norm(model[0])
+    nn.utils.parametrizations.spectral_norm(model[3])
+
+
+@pytest.mark.parametrize("prepare", [prune_layers, old_weight_norm, old_spectral_norm, parametrized_norms])
+def test_weights_formed_by_the_users_graph(prepare):
+    """The weight a pre-hook or parametrization forms from the Parameters is part of the user's
+    graph: the measured choice's timed calls must not free it before the user's backward."""
+    unpatched, patched = twins(prepare)
+    assert_same(unpatched, patched)
+
+
+def test_forward_with_gradients_and_no_backward_settles():
+    """An evaluation loop without torch.no_grad: the ops' backward stays undecided, and the
+    second call of a signature settles the layer's route by timing it both ways."""
+    layer = fastml.nn.Linear(2, 1).double()
+    x = torch.randn(10, 2, dtype=torch.float64)
+    layer(x)
+    assert not _route.routes(layer)  # (the backward is still to come, maybe)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=0)
+    assert list(_route.routes(layer)) and set(_route.routes(layer).values()) <= {"reference", "fastml"}
+    out = layer(x)
+    out.sum().backward()  # a settled route still trains
+    torch.testing.assert_close(layer.weight.grad, x.sum(0, keepdim=True))
+
+
+def test_functional_with_gradients_and_no_backward_settles():
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    sig = _route.function_signature("linear", (x, w, None), ())
+    for _ in range(2):
+        out = fastml.functional.linear(x, w)
+    assert sig is not None and sig in _route._function_routes
+    torch.testing.assert_close(out, x @ w.T)
