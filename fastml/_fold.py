@@ -149,6 +149,13 @@ class FoldedConv2d(fastml_nn.Conv2d):
     fastml's Conv2d."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # unfolded, as torch's (fastml/nn.py's docstring)
+            return self._conv_forward(input, self.weight, self.bias)
+        return self._eager_forward(input)
+
+    def _eager_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """forward outside TorchScript, whose parser refuses the functions defined here even
+        where it would not compile them."""
         fold = fold_of(self)
         if fold is None or not fold.active():
             return super().forward(input)
@@ -178,6 +185,8 @@ class FoldedBatchNorm2d(fastml_nn.BatchNorm2d):
     its input through in both modes."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
         fold = fold_of(self)
         if fold is None:
             return super().forward(input)
@@ -204,6 +213,8 @@ class FoldedReLU(torch.nn.ReLU):
     input through."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.relu(input, inplace=self.inplace)
         fold = fold_of(self)
         if fold is not None:
             if fold.relu_exclusive and (fold.active() or fold.bn is not None
@@ -220,6 +231,12 @@ class FoldedLinear(fastml_nn.Linear):
     instead of a second pass that allocates."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.linear(input, self.weight, self.bias)
+        return self._eager_forward(input)
+
+    def _eager_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """forward outside TorchScript (as FoldedConv2d's: a lambda is refused too)."""
         fold = fold_of(self)
         if fold is None or not fold.active():
             return super().forward(input)

@@ -1,5 +1,10 @@
 """Drop-in modules: subclasses of their torch.nn twins (same constructor, parameters,
-state_dict and repr) whose forward runs fastml's kernels."""
+state_dict and repr) whose forward runs fastml's kernels.
+
+Each forward starts with ``if torch.jit.is_scripting():`` and torch's computation: TorchScript
+compiles only that branch (it drops the other unread), so ``torch.jit.script`` takes a patched
+model, as it takes the torch model, and the scripted model computes what the torch model does.
+fastml's kernels and its measured choice are Python, which TorchScript cannot run."""
 
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ class Linear(torch.nn.Linear):
     """``torch.nn.Linear`` on fastml's linear kernels. Input (*, in_features)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # (see the module docstring)
+            return F.linear(input, self.weight, self.bias)
         return _route.call(self, input, self.weight, super().forward, self._fastml_forward,
                            variants=self._torch_variants)
 
@@ -47,6 +54,8 @@ class Conv2d(torch.nn.Conv2d):
     (N, C, H, W) or (C, H, W)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._conv_forward(input, self.weight, self.bias)
         return _route.call(self, input, self.weight, super().forward, self._fastml_forward,
                            variants=self._torch_variants)
 
@@ -163,6 +172,9 @@ class ConvReLUPool2d(torch.nn.Conv2d):
         return f"{super().extra_repr()}, pool_kernel_size={self.pool_kernel_size}, pool_stride={self.pool_stride}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.max_pool2d(F.relu(self._conv_forward(input, self.weight, self.bias)), self.pool_kernel_size,
+                                self.pool_stride)
         return _route.call(self, input, self.weight, self._torch_forward, self._fastml_forward,
                            variants=self._torch_variants)
 
@@ -192,6 +204,9 @@ class MaxPool2d(torch.nn.MaxPool2d):
     ``MaxUnpool2d`` takes them). Input (N, C, H, W) or (C, H, W)."""
 
     def forward(self, input: torch.Tensor):
+        if torch.jit.is_scripting():
+            return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                                ceil_mode=self.ceil_mode, return_indices=self.return_indices)
         return _route.call(self, input, None, super().forward, self._fastml_forward)
 
     def _fastml_forward(self, input: torch.Tensor):
@@ -205,6 +220,8 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
     running statistics and ``num_batches_tracked`` move as torch's do."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
         if not self.uses_batch_statistics():  # eval mode: nothing of fastml's to run, not even a dispatch
             return super().forward(input)
         return _route.call(self, input, self.weight, super().forward, self._fastml_forward)
@@ -214,14 +231,32 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
         statistics), torch's rule: only then do fastml's kernels apply."""
         return self.training or (self.running_mean is None and self.running_var is None)
 
+    def _update_factor(self) -> float:
+        """torch's forward's bookkeeping, word for word: counts the batch where the running
+        statistics track it, and returns the factor by which they move (TorchScript too)."""
+        factor = 0.0
+        if self.momentum is not None:
+            factor = self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """torch's forward, for TorchScript (which cannot compile torch's own under another class)."""
+        self._check_input_dim(input)
+        factor = self._update_factor()
+        keep = not self.training or self.track_running_stats
+        return F.batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
+                            self.weight, self.bias, self.uses_batch_statistics(), factor, self.eps)
+
     def _fastml_forward(self, input: torch.Tensor, relu: bool = False) -> torch.Tensor:
         """torch's forward (its bookkeeping word for word), on fastml's functional; then a ReLU
         where ``relu``."""
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        factor = self._update_factor()
         keep = not self.training or self.track_running_stats
         return functional._batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
                                       self.weight, self.bias, self.uses_batch_statistics(), factor, self.eps, relu,
@@ -232,6 +267,8 @@ class MSELoss(torch.nn.MSELoss):
     """``torch.nn.MSELoss`` on fastml's fused squared-error kernel (same broadcasting warning)."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.mse_loss(input, target, reduction=self.reduction)
         return _route.call(self, input, None, self._torch_forward, self._fastml_forward, target)
 
     def _fastml_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -269,6 +306,8 @@ class LinearMSELoss(torch.nn.Module):
         torch.nn.Linear.reset_parameters(self)  # the same initialisation as nn.Linear
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.mse_loss(F.linear(input, self.weight, self.bias), target, reduction=self.reduction)
         return _route.call(self, input, self.weight, self._torch_forward, self._fastml_forward, target)
 
     def _fastml_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -292,6 +331,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     (N, C) or (N, C, d1, ...))."""
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                                   reduction=self.reduction, label_smoothing=self.label_smoothing)
         return _route.call(self, input, None, self._torch_forward, self._fastml_forward, target)
 
     def _fastml_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

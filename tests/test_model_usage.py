@@ -6,6 +6,9 @@ gradients of the input and of every parameter."""
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn.utils.prune as prune
@@ -127,3 +130,64 @@ def test_functional_with_gradients_and_no_backward_settles():
         out = fastml.functional.linear(x, w)
     assert sig is not None and sig in _route._function_routes
     torch.testing.assert_close(out, x @ w.T)
+
+
+def scripted(model: nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script(model)``, saved and loaded again (what deployment does with it)."""
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(model), buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torchscript_of_a_patched_model(mode):
+    """TorchScript compiles a patched model, folds and fusions included, to what the torch model
+    computes (running statistics too); the patched model itself stays patched."""
+    unpatched, patched = twins()
+    for model in (unpatched, patched):
+        model.train(mode == "train")
+    patched_types = [type(m) for m in patched]
+    assert_same(scripted(unpatched), scripted(patched))
+    assert [type(m) for m in patched] == patched_types
+    for a, e in zip(patched.buffers(), unpatched.buffers()):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)  # (the scripted copies ran, not the models)
+
+
+DROP_INS = [
+    (lambda: nn.MaxPool2d(3, 2, 1, ceil_mode=True), 1),
+    (lambda: nn.MaxPool2d(2, return_indices=True), 1),
+    (lambda: nn.BatchNorm2d(3, momentum=None), 1),
+    (lambda: nn.BatchNorm2d(3, track_running_stats=False), 1),
+    (lambda: nn.Conv2d(3, 4, 3, padding=2, padding_mode="reflect", groups=1), 1),
+    (lambda: nn.MSELoss(reduction="sum"), 2),
+    (lambda: nn.CrossEntropyLoss(weight=torch.rand(3, dtype=torch.float64), label_smoothing=0.1), 2),
+]
+
+
+@pytest.mark.parametrize("make, inputs", DROP_INS)
+def test_torchscript_of_each_drop_in(make, inputs):
+    torch.manual_seed(0)
+    module = make().double()
+    drop_in = copy.deepcopy(module)
+    fastml.patch(drop_in)
+    assert type(drop_in) is not type(module)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    args = (x,) if inputs == 1 else (x, torch.randn_like(x).softmax(1))
+    expected = module(*args)
+    got = scripted(drop_in)(*args)
+    assert len(_tensors(got)) == len(_tensors(expected))
+    for a, e in zip(_tensors(got), _tensors(expected)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_torchscript_of_linear_mse_loss():
+    torch.manual_seed(0)
+    model = fastml.nn.LinearMSELoss(3, 2).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    expected = nn.functional.mse_loss(nn.functional.linear(x, model.weight, model.bias), y)
+    torch.testing.assert_close(scripted(model)(x, y), expected, rtol=1e-12, atol=0)
+
+
+def _tensors(value):
+    return value if isinstance(value, tuple) else (value,)
