@@ -174,7 +174,7 @@ class FoldedConv2d(fastml_nn.Conv2d):
         def variants(x, only=None):
             return fastml_nn.torch_conv_variants(self, x, fold.parameters, relu, only)
 
-        out = _route.call(self, input, self.weight, torch_forward, fastml_forward, variants=variants)
+        out = _route.call(self, input, _route.weight_of(self), torch_forward, fastml_forward, variants=variants)
         return fold.relu_done(out) if relu else out
 
 
@@ -196,7 +196,7 @@ class FoldedBatchNorm2d(fastml_nn.BatchNorm2d):
             return super().forward(input)
         if not self.uses_batch_statistics():  # eval, unfolded (a bn_relu pair, or the conv in training)
             return fold.relu_done(self._torch_relu(input))
-        return fold.relu_done(_route.call(self, input, self.weight, self._torch_relu, self._fastml_relu))
+        return fold.relu_done(_route.call(self, input, _route.weight_of(self), self._torch_relu, self._fastml_relu))
 
     def _torch_relu(self, input: torch.Tensor) -> torch.Tensor:
         """What it replaces: torch's batch norm, then torch's ReLU (in place: the batch norm's
@@ -240,7 +240,7 @@ class FoldedLinear(fastml_nn.Linear):
         fold = fold_of(self)
         if fold is None or not fold.active():
             return super().forward(input)
-        return fold.relu_done(_route.call(self, input, self.weight, self._torch_relu, self._fastml_relu,
+        return fold.relu_done(_route.call(self, input, _route.weight_of(self), self._torch_relu, self._fastml_relu,
                                           variants=lambda x, only=None: self._torch_variants(x, only, relu=True)))
 
     def _torch_relu(self, input: torch.Tensor) -> torch.Tensor:

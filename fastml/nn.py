@@ -25,7 +25,7 @@ class Linear(torch.nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # (see the module docstring)
             return F.linear(input, self.weight, self.bias)
-        return _route.call(self, input, self.weight, super().forward, self._fastml_forward,
+        return _route.call(self, input, _route.weight_of(self), super().forward, self._fastml_forward,
                            variants=self._torch_variants)
 
     def _fastml_forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ class Conv2d(torch.nn.Conv2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._conv_forward(input, self.weight, self.bias)
-        return _route.call(self, input, self.weight, super().forward, self._fastml_forward,
+        return _route.call(self, input, _route.weight_of(self), super().forward, self._fastml_forward,
                            variants=self._torch_variants)
 
     def _fastml_forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -175,7 +175,7 @@ class ConvReLUPool2d(torch.nn.Conv2d):
         if torch.jit.is_scripting():
             return F.max_pool2d(F.relu(self._conv_forward(input, self.weight, self.bias)), self.pool_kernel_size,
                                 self.pool_stride)
-        return _route.call(self, input, self.weight, self._torch_forward, self._fastml_forward,
+        return _route.call(self, input, _route.weight_of(self), self._torch_forward, self._fastml_forward,
                            variants=self._torch_variants)
 
     def _torch_variants(self, input: torch.Tensor, only: str | None = None) -> dict:
@@ -224,7 +224,7 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
             return self._scripted_forward(input)
         if not self.uses_batch_statistics():  # eval mode: nothing of fastml's to run, not even a dispatch
             return super().forward(input)
-        return _route.call(self, input, self.weight, super().forward, self._fastml_forward)
+        return _route.call(self, input, _route.weight_of(self), super().forward, self._fastml_forward)
 
     def uses_batch_statistics(self) -> bool:
         """Whether forward normalises with the batch's statistics (training mode, or no running
@@ -308,7 +308,7 @@ class LinearMSELoss(torch.nn.Module):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return F.mse_loss(F.linear(input, self.weight, self.bias), target, reduction=self.reduction)
-        return _route.call(self, input, self.weight, self._torch_forward, self._fastml_forward, target)
+        return _route.call(self, input, _route.weight_of(self), self._torch_forward, self._fastml_forward, target)
 
     def _fastml_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return functional.linear_mse(input, self.weight, self.bias, target, self.reduction)
