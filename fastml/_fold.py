@@ -187,6 +187,8 @@ class FoldedBatchNorm2d(fastml_nn.BatchNorm2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._scripted_forward(input)
+        if isinstance(input, _route.PROXY):  # traced: whether the fold applies is decided when the graph runs
+            return _route.traced(self, (input,), super().forward)
         fold = fold_of(self)
         if fold is None:
             return super().forward(input)
@@ -215,6 +217,8 @@ class FoldedReLU(torch.nn.ReLU):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return F.relu(input, inplace=self.inplace)
+        if isinstance(input, _route.PROXY):  # (as FoldedBatchNorm2d's)
+            return _route.traced(self, (input,), super().forward)
         fold = fold_of(self)
         if fold is not None:
             if fold.relu_exclusive and (fold.active() or fold.bn is not None

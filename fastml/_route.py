@@ -159,6 +159,8 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
     if is_compiling():  # traced into a graph: fastml's path, whose ops are custom ops there
         return fastml_forward(*args)
     sig = signature(input, weight, target)
+    if sig is None and isinstance(input, PROXY):
+        return traced(layer, args, torch_forward)
     memo = layer.__dict__.get(ATTR)
     route = None if sig is None or memo is None else memo.get(sig)
     if route is not None:
@@ -228,6 +230,22 @@ def saving_hooks_active() -> bool:
     ways (timed calls that save tensors of their own) and settle a route that the recomputation
     would follow instead. Routes settled before are followed, the same in both passes."""
     return _top_saving_hooks is not None and _top_saving_hooks(False) is not None
+
+
+PROXY = torch.fx.Proxy
+
+
+def traced(layer: torch.nn.Module, args: tuple, torch_forward):
+    """A fastml layer met by torch.fx's tracer (``torch.fx.symbolic_trace``, torchvision's feature
+    extraction), its ``args`` proxies: recorded as one call of the layer, as the tracer records
+    torch.nn's own modules, so that the graph calls the layer and what it runs (its routes, a
+    fold, the training mode) is decided when the graph runs, not baked in by the trace (a folded
+    batch norm would vanish from it for good). A layer traced as the root is traced through
+    ``torch_forward``, as a torch module would be."""
+    tracer = args[0].tracer
+    if getattr(tracer, "root", None) is layer:
+        return torch_forward(*args)
+    return tracer.create_proxy("call_module", tracer.path_of_module(layer), args, {})
 
 
 MAX_LAYER_ROUTES = 16  # signatures remembered per layer: a model alternating a few shapes or layouts

@@ -223,6 +223,8 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
         if torch.jit.is_scripting():
             return self._scripted_forward(input)
         if not self.uses_batch_statistics():  # eval mode: nothing of fastml's to run, not even a dispatch
+            if isinstance(input, _route.PROXY):  # (traced: the mode is decided when the graph runs)
+                return _route.traced(self, (input,), super().forward)
             return super().forward(input)
         return _route.call(self, input, _route.weight_of(self), super().forward, self._fastml_forward)
 

@@ -191,3 +191,27 @@ def test_torchscript_of_linear_mse_loss():
 
 def _tensors(value):
     return value if isinstance(value, tuple) else (value,)
+
+
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_torch_fx_trace_of_a_patched_model(traced_in):
+    """torch.fx records each fastml layer as one call of itself, as it records torch.nn's modules:
+    the graph runs the layers, which decide at run time (a fold applies in eval mode only), so a
+    graph traced in one mode computes the model in the other too."""
+    unpatched, patched = twins()
+    patched.train(traced_in == "train")
+    graph = torch.fx.symbolic_trace(patched)
+    assert [n.op for n in graph.graph.nodes] == ["placeholder"] + ["call_module"] * len(patched) + ["output"]
+    for mode in (traced_in, "eval" if traced_in == "train" else "train"):
+        unpatched.train(mode == "train")
+        graph.train(mode == "train")
+        assert_same(unpatched, graph)
+
+
+def test_torch_fx_trace_of_a_lone_layer():
+    """A fastml layer traced as the root is traced through torch's computation, as a torch
+    layer would be (there is no module above to record a call of)."""
+    layer = fastml.nn.Linear(4, 3).double()
+    graph = torch.fx.symbolic_trace(layer)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(graph(x), nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-12, atol=0)
