@@ -156,6 +156,8 @@ class FoldedConv2d(fastml_nn.Conv2d):
     def _eager_forward(self, input: torch.Tensor) -> torch.Tensor:
         """forward outside TorchScript, whose parser refuses the functions defined here even
         where it would not compile them."""
+        if isinstance(input, _route.PROXY):  # (as FoldedBatchNorm2d's)
+            return _route.traced(self, (input,), super().forward)
         fold = fold_of(self)
         if fold is None or not fold.active():
             return super().forward(input)
@@ -241,6 +243,8 @@ class FoldedLinear(fastml_nn.Linear):
 
     def _eager_forward(self, input: torch.Tensor) -> torch.Tensor:
         """forward outside TorchScript (as FoldedConv2d's: a lambda is refused too)."""
+        if isinstance(input, _route.PROXY):
+            return _route.traced(self, (input,), super().forward)
         fold = fold_of(self)
         if fold is None or not fold.active():
             return super().forward(input)

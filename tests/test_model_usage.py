@@ -215,3 +215,33 @@ def test_torch_fx_trace_of_a_lone_layer():
     graph = torch.fx.symbolic_trace(layer)
     x = torch.randn(5, 4, dtype=torch.float64)
     torch.testing.assert_close(graph(x), nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-12, atol=0)
+
+
+class ResidualBlock(nn.Module):
+    """ResNet's basic block, its one ReLU module called twice: patch(fx=True) folds each conv →
+    batch norm (→ ReLU) run, the ReLU shared (it passes through only what a run marked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.conv2, self.bn2 = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+@pytest.mark.parametrize("traced_in", ["train", "eval"])
+def test_torch_fx_trace_of_a_model_patched_through_fx(traced_in):
+    torch.manual_seed(0)
+    unpatched = ResidualBlock().double()
+    patched = copy.deepcopy(unpatched)
+    report = fastml.patch(patched, fx=True)
+    assert "folded" in str(report)
+    patched.train(traced_in == "train")
+    graph = torch.fx.symbolic_trace(patched)
+    for mode in ("train", "eval"):
+        unpatched.train(mode == "train")
+        graph.train(mode == "train")
+        assert_same(unpatched, graph, lambda model, x: model(x[:, :, :8, :8]))
