@@ -24,7 +24,7 @@ import contextvars
 import torch
 
 from fastml import _backend, _tune
-from fastml.ops import is_compiling
+from fastml.ops import dispatch_mode_active, is_compiling
 
 ATTR = "_fastml_route"
 VETO_ATTR = "_fastml_torch_signatures"
@@ -158,6 +158,11 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
         return torch_forward(*args)
     if is_compiling():  # traced into a graph: fastml's path, whose ops are custom ops there
         return fastml_forward(*args)
+    if dispatch_mode_active() or _function_mode_active():
+        # Python modes (FakeTensorMode, FlopCounterMode, a TorchFunctionMode that logs): they
+        # see what torch's module calls, as they would unpatched, and a fake tensor no kernel
+        # can read. (fastml's functions defer to torch under either mode too.)
+        return torch_forward(*args)
     sig = signature(input, weight, target)
     if sig is None and isinstance(input, PROXY):
         return traced(layer, args, torch_forward)
@@ -219,6 +224,7 @@ def _first_unsettled(memo: dict, attr: str, sig: tuple) -> bool:
     return True
 
 
+_function_mode_active = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
 _top_saving_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
 

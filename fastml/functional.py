@@ -20,7 +20,7 @@ from torch.nn import _reduction
 from torch.overrides import has_torch_function, has_torch_function_variadic
 
 from fastml import _backend, _layout, _route
-from fastml.ops import LIBRARY, forward_ad_active, in_custom_op_graph, is_compiling
+from fastml.ops import LIBRARY, dispatch_mode_active, forward_ad_active, in_custom_op_graph, is_compiling
 from fastml.ops import batch_norm as _batch_norm_op
 from fastml.ops import cdist as _cdist_op
 from fastml.ops import conv2d as _conv2d_op
@@ -200,8 +200,10 @@ def _kernels_can_run(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels can take these tensors: dense (not sparse or another layout), outside
     torch.func transforms (vmap, grad, jvp: their wrapped tensors have no data pointer) and
     outside torch.autocast (which casts torch's own ops only). Otherwise torch's own ops run,
-    which the transforms batch and differentiate, and autocast casts, exactly as for torch."""
-    if torch._C._are_functorch_transforms_active() or _autocast_on():
+    which the transforms batch and differentiate, and autocast casts, exactly as for torch; nor
+    under a Python dispatch mode (``dispatch_mode_active``), which would not see them."""
+    if (torch._C._are_functorch_transforms_active() or _autocast_on()
+            or (not is_compiling() and dispatch_mode_active())):
         return False
     for t in tensors:  # a plain loop: all() over a generator costs ~0.4 us more, on every call
         if t is not None and t.layout is not torch.strided:

@@ -245,3 +245,59 @@ def test_torch_fx_trace_of_a_model_patched_through_fx(traced_in):
         unpatched.train(mode == "train")
         graph.train(mode == "train")
         assert_same(unpatched, graph, lambda model, x: model(x[:, :, :8, :8]))
+
+
+def settled_twins():
+    """``twins()`` after a few training calls, so that the patched model's routes are settled
+    (and some run fastml's kernels) before a mode is entered."""
+    unpatched, patched = twins()
+    assert_same(unpatched, patched)
+    return unpatched, patched
+
+
+def test_fake_tensor_mode():
+    """Fake tensors have no data: a kernel given their pointers would crash. Under
+    FakeTensorMode (torch.compile's and torch.export's shape propagation, memory estimators)
+    torch's ops run, as unpatched."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _, patched = settled_twins()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # (the Parameters stay real)
+        x = mode.from_tensor(torch.randn(4, 3, 14, 14, dtype=torch.float64))
+        out = patched(x)
+        out.sum().backward()
+        loss = fastml.functional.linear_cross_entropy(x.flatten(1), torch.randn(10, 588, dtype=torch.float64),
+                                                      torch.zeros(4, dtype=torch.int64))
+    assert out.shape == (4, 10) and loss.shape == ()
+
+
+def test_flop_counter_mode():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for model in settled_twins():
+        with FlopCounterMode(display=False) as counter:
+            model(torch.randn(4, 3, 14, 14, dtype=torch.float64)).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] > 0 and counts[1] == counts[0]
+
+
+def test_torch_function_mode_sees_what_it_sees_unpatched():
+    from torch.overrides import TorchFunctionMode
+
+    class Calls(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    for model in settled_twins():
+        with Calls() as calls:
+            model(torch.randn(4, 3, 14, 14, dtype=torch.float64))
+        # (a fused run applies its ReLU in place: relu_ where the torch model calls relu)
+        seen.append([name.rstrip("_") for name in calls.names])
+    assert seen[1] == seen[0]

@@ -113,6 +113,17 @@ _has_storage = getattr(torch._C, "_has_storage", lambda t: True)
 is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
 """Whether torch.compile / torch.export's dynamo is tracing (torch >= 2.3; never, before)."""
 
+_dispatch_stack_depth = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+
+
+def dispatch_mode_active() -> bool:
+    """Whether a Python dispatch mode (torch.utils._python_dispatch.TorchDispatchMode) is on:
+    FakeTensorMode (whose tensors have no data: a kernel given their pointers would crash),
+    FlopCounterMode, a debugging or logging mode. Such a mode sees torch's ops and not a kernel
+    call, so torch's ops run (as they would unpatched). ~25 ns; not for dynamo to trace (callers
+    test is_compiling first)."""
+    return _dispatch_stack_depth() > 0
+
 LIBRARY = all(hasattr(torch.library, name) for name in ("custom_op", "register_fake", "register_autograd"))
 """Whether this torch (>= 2.4) has torch.library.custom_op: fastml/_library.py then registers
 every op as fastml::<op> (ops/<op>/library.py), which torch.compile and torch.export trace."""
