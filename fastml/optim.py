@@ -31,7 +31,7 @@ from torch.optim import adam as torch_adam
 from torch.optim import adamw as torch_adamw
 from torch.optim import sgd as torch_sgd
 
-from fastml.ops import LIBRARY, is_compiling
+from fastml.ops import LIBRARY, dispatch_mode_active, is_compiling
 from fastml.ops import adam as adam_op
 from fastml.ops import sgd as sgd_op
 
@@ -93,6 +93,7 @@ class _KernelStep:
         # every group with capturable=True while it traces an optimizer, so that flag says nothing
         # then; the op counts steps on any device.
         return bool((tracing and not LIBRARY) or (group.get("capturable") and not tracing)
+                    or (not tracing and dispatch_mode_active())  # (fake tensors: no data for a kernel)
                     or group.get("differentiable")
                     or getattr(self, "grad_scale", None) is not None
                     or getattr(self, "found_inf", None) is not None

@@ -374,6 +374,23 @@ def test_differentiable_groups_run_torch(rng, ours_cls, torch_cls, kwargs):
 
 
 @pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)
+def test_step_under_fake_tensor_mode(ours_cls, torch_cls, kwargs):
+    """Fake tensors (memory estimators step optimizers under FakeTensorMode) have no data for a
+    kernel: torch's implementation runs, and the state it makes is fake, as torch's."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        params = [torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(3, 4))]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = ours_cls(params, **kwargs)
+        opt.step()
+        opt.step()
+    state = [t for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor) and t.dim() > 0]
+    assert state and all(isinstance(t, FakeTensor) for t in state)
+
+
+@pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)
 def test_step_bumps_version_counters(backend, ours_cls, torch_cls, kwargs):
     """A kernel writes through data pointers; autograd must still see the in-place update."""
     w = torch.randn(4, device=backend.device, requires_grad=True)
