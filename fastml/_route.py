@@ -24,7 +24,7 @@ import contextvars
 import torch
 
 from fastml import _backend, _tune
-from fastml.ops import dispatch_mode_active, is_compiling
+from fastml.ops import dispatch_mode_active, is_compiling, onnx_exporting
 
 ATTR = "_fastml_route"
 VETO_ATTR = "_fastml_torch_signatures"
@@ -157,7 +157,7 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
     if layer.__dict__.get(AS_TORCH_ATTR):
         return torch_forward(*args)
     if is_compiling():  # traced into a graph: fastml's path, whose ops are custom ops there
-        return fastml_forward(*args)
+        return torch_forward(*args) if onnx_exporting() else fastml_forward(*args)
     if dispatch_mode_active() or _function_mode_active():
         # Python modes (FakeTensorMode, FlopCounterMode, a TorchFunctionMode that logs): they
         # see what torch's module calls, as they would unpatched, and a fake tensor no kernel
@@ -465,7 +465,7 @@ def call_function(op: str, args: tuple, config: tuple, torch_forward, fastml_for
     ``kept``: tensors the call changes in place (a batch norm's running statistics), which the
     timed calls leave as this call left them."""
     if is_compiling():
-        return fastml_forward(*args)
+        return torch_forward(*args) if onnx_exporting() else fastml_forward(*args)
     if config is None:
         config, sig = choice_config, False
     input = args[0]

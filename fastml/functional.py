@@ -20,7 +20,8 @@ from torch.nn import _reduction
 from torch.overrides import has_torch_function, has_torch_function_variadic
 
 from fastml import _backend, _layout, _route
-from fastml.ops import LIBRARY, dispatch_mode_active, forward_ad_active, in_custom_op_graph, is_compiling
+from fastml.ops import (LIBRARY, dispatch_mode_active, forward_ad_active, in_custom_op_graph, is_compiling,
+                        onnx_exporting)
 from fastml.ops import batch_norm as _batch_norm_op
 from fastml.ops import cdist as _cdist_op
 from fastml.ops import conv2d as _conv2d_op
@@ -171,7 +172,7 @@ def _defer_to_torch(*args) -> bool:
     if is_compiling():
         # torch.export's non-strict tracing holds a torch-function mode, which makes
         # has_torch_function true for any argument: only the arguments' own types count here.
-        return not LIBRARY or _overrides_torch_function(args)
+        return not LIBRARY or _overrides_torch_function(args) or onnx_exporting()
     return has_torch_function(args) or torch.jit.is_tracing()
 
 

@@ -301,3 +301,31 @@ def test_torch_function_mode_sees_what_it_sees_unpatched():
         # (a fused run applies its ReLU in place: relu_ where the torch model calls relu)
         seen.append([name.rstrip("_") for name in calls.names])
     assert seen[1] == seen[0]
+
+
+def test_export_for_onnx_traces_torchs_ops(monkeypatch):
+    """torch.onnx.export's exporter traces with torch.export, where fastml's ops would be custom
+    ops that no ONNX operator implements: while it exports, a patched model traces torch's ops
+    (the flag it sets is stood in for here, so the check runs without onnx installed)."""
+    unpatched, patched = twins()
+    for model in (unpatched, patched):
+        model.eval()
+    x = torch.randn(2, 3, 14, 14, dtype=torch.float64)
+    with torch.no_grad():
+        patched(x)  # routes settled, as in a model that served before it is exported
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    program = torch.export.export(patched, (x,))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert targets and not any("fastml" in t for t in targets)
+    torch.testing.assert_close(program.module()(x), unpatched(x), rtol=1e-9, atol=1e-10)
+
+
+def test_onnx_export_of_a_patched_model():
+    pytest.importorskip("onnxscript", reason="torch.onnx.export's default exporter needs onnxscript")
+    unpatched, patched = twins()
+    operators = []
+    for model in (unpatched, patched):
+        model.eval()
+        onnx_program = torch.onnx.export(model, (torch.randn(2, 3, 14, 14, dtype=torch.float64),), dynamo=True)
+        operators.append(sorted(node.op_type for node in onnx_program.model_proto.graph.node))
+    assert operators[1] == operators[0]

@@ -113,6 +113,17 @@ _has_storage = getattr(torch._C, "_has_storage", lambda t: True)
 is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
 """Whether torch.compile / torch.export's dynamo is tracing (torch >= 2.3; never, before)."""
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: True)
+
+
+def onnx_exporting() -> bool:
+    """Whether torch.onnx.export is tracing (its dynamo exporter traces with torch.export, where
+    fastml's ops would be custom ops no ONNX operator implements): fastml then traces torch's
+    ops, and the exported model is the torch model's. Asked only where is_compiling is; and
+    torch.compile, which is not exporting, never reaches torch.onnx's check (it imports)."""
+    return _is_exporting() and torch.onnx.is_in_onnx_export()
+
+
 _dispatch_stack_depth = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
 
