@@ -167,7 +167,7 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
     if sig is None and isinstance(input, PROXY):
         return traced(layer, args, torch_forward)
     memo = layer.__dict__.get(ATTR)
-    route = None if sig is None or memo is None else memo.get(sig)
+    route = None if sig is None or memo is None else memo.table.get(sig)
     if route is not None:
         if route == "reference":
             return torch_forward(*args)
@@ -257,20 +257,36 @@ def traced(layer: torch.nn.Module, args: tuple, torch_forward):
 MAX_LAYER_ROUTES = 16  # signatures remembered per layer: a model alternating a few shapes or layouts
 
 
+class RouteTable:
+    """A layer's {call signature: route}, in ``table``: a dict held by an object, not the layer's
+    attribute itself, because torch.jit.script types every dict attribute of a module it
+    compiles and refuses one keyed by tuples (a patched model that had run failed to script)."""
+
+    def __init__(self):
+        self.table: dict[tuple, str] = {}
+
+
 def routes(layer: torch.nn.Module) -> dict:
     """{call signature: route} the layer remembers (empty if none)."""
-    return layer.__dict__.get(ATTR) or {}
+    memo = layer.__dict__.get(ATTR)
+    return {} if memo is None else memo.table
+
+
+def take_routes(layer: torch.nn.Module) -> dict:
+    """``routes(layer)``, which the layer then forgets."""
+    memo = layer.__dict__.pop(ATTR, None)
+    return {} if memo is None else memo.table
 
 
 def remember(layer: torch.nn.Module, sig: tuple, route: str) -> None:
     """The layer runs ``route`` for calls of signature ``sig`` from now on."""
     memo = layer.__dict__.get(ATTR)
     if memo is None:
-        memo = {}
+        memo = RouteTable()
         object.__setattr__(layer, ATTR, memo)  # a plain attribute: not state, not a submodule
-    elif sig not in memo and len(memo) >= MAX_LAYER_ROUTES:
-        memo.clear()
-    memo[sig] = route
+    elif sig not in memo.table and len(memo.table) >= MAX_LAYER_ROUTES:
+        memo.table.clear()
+    memo.table[sig] = route
 
 
 def run_as_torch(model: torch.nn.Module, on: bool) -> None:

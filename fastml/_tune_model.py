@@ -216,7 +216,7 @@ def _tune_layers(model, example_inputs, parameters, backward: bool) -> tuple[lis
     for name, module, args in captured:
         # Without its routes, so that the call reaches the ops, which record; those of other
         # signatures (the other layout) are kept.
-        others = module.__dict__.pop(_route.ATTR, None) or {}
+        others = _route.take_routes(module)
         # Nor the fused functionals' routes the model's run settled: a call settled on torch's
         # sequence would not reach its ops, and the layer would get no rows.
         with _route.function_routes_set_aside(), _tune.recording() as decisions:

@@ -154,6 +154,20 @@ def test_torchscript_of_a_patched_model(mode):
         torch.testing.assert_close(a, e, rtol=0, atol=0)  # (the scripted copies ran, not the models)
 
 
+def test_torchscript_of_a_patched_model_that_has_run():
+    """What fastml keeps on a layer that has run (its routes, fold caches) must not stop
+    TorchScript, which types every attribute of the modules it compiles."""
+    unpatched, patched = twins()
+    assert_same(unpatched, patched)  # routes settled, some per signature
+    for model in (unpatched, patched):
+        model.eval()
+    with torch.no_grad():
+        x = torch.randn(4, 3, 14, 14, dtype=torch.float64)
+        torch.testing.assert_close(patched(x), unpatched(x), rtol=1e-9, atol=1e-10)  # the fold cached
+    assert any(_route.routes(m) for m in patched.modules())
+    assert_same(scripted(unpatched), scripted(patched))
+
+
 DROP_INS = [
     (lambda: nn.MaxPool2d(3, 2, 1, ceil_mode=True), 1),
     (lambda: nn.MaxPool2d(2, return_indices=True), 1),
