@@ -225,7 +225,20 @@ def _first_unsettled(memo: dict, attr: str, sig: tuple) -> bool:
 
 
 _function_mode_active = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
-_top_saving_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+def _saving_hooks_reader():
+    """torch's query for the innermost saved-tensor hooks, whichever its signature here (torch
+    2.x added an ``ignore_is_tracing`` flag to it); None where torch has none."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return None
+    try:
+        top(False)
+        return lambda: top(False)
+    except TypeError:
+        return top
+
+
+_top_saving_hooks = _saving_hooks_reader()
 
 
 def saving_hooks_active() -> bool:
@@ -235,7 +248,7 @@ def saving_hooks_active() -> bool:
     settled then runs torch's path, remembering nothing: fastml's first call would time both
     ways (timed calls that save tensors of their own) and settle a route that the recomputation
     would follow instead. Routes settled before are followed, the same in both passes."""
-    return _top_saving_hooks is not None and _top_saving_hooks(False) is not None
+    return _top_saving_hooks is not None and _top_saving_hooks() is not None
 
 
 PROXY = torch.fx.Proxy
