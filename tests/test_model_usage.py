@@ -343,3 +343,66 @@ def test_onnx_export_of_a_patched_model():
         onnx_program = torch.onnx.export(model, (torch.randn(2, 3, 14, 14, dtype=torch.float64),), dynamo=True)
         operators.append(sorted(node.op_type for node in onnx_program.model_proto.graph.node))
     assert operators[1] == operators[0]
+
+
+def gradient_penalty(model, x):
+    """WGAN-GP's penalty: the input gradient's norm, itself differentiated (double backward)."""
+    grad, = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).square().mean().reshape(1)
+
+
+def saved_on_cpu(model, x):
+    with torch.autograd.graph.save_on_cpu():  # (saved-tensor hooks, as checkpointing's)
+        return model(x)
+
+
+def per_sample_gradients(model, x):
+    """Opacus-style per-sample gradients: torch.func.grad under vmap, through functional_call."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    model.eval()
+
+    def loss(p, sample):
+        return torch.func.functional_call(model, (p, buffers), (sample.unsqueeze(0),)).sum()
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x.detach())
+    model.train()
+    return torch.cat([g.flatten() for g in grads.values()]) + model(x).sum()
+
+
+@pytest.mark.parametrize("run", [gradient_penalty, saved_on_cpu, per_sample_gradients])
+def test_training_code_patterns(run):
+    unpatched, patched = twins()
+    assert_same(unpatched, patched, run)
+
+
+def test_state_dict_assigned_while_folded():
+    """load_state_dict(assign=True) replaces the Parameter objects: the fold forms its weight from
+    the new ones."""
+    unpatched, patched = twins()
+    for model in (unpatched, patched):
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(2, 3, 14, 14, dtype=torch.float64))  # the fold cached
+    torch.manual_seed(7)
+    other = course_cnn()
+    other.train()
+    other(torch.randn(4, 3, 14, 14, dtype=torch.float64))  # running statistics of its own
+    for model in (unpatched, patched):
+        model.load_state_dict(other.state_dict(), assign=True)
+    x = torch.randn(2, 3, 14, 14, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), unpatched(x), rtol=1e-9, atol=1e-10)
+
+
+def test_autocast_bfloat16():
+    unpatched, patched = twins()
+    outputs = []
+    for model in (unpatched, patched):
+        model.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(torch.randn(4, 3, 14, 14, generator=torch.Generator().manual_seed(3)))
+        out.float().sum().backward()
+        outputs.append((out, model[0].weight.grad))
+    assert outputs[1][0].dtype == outputs[0][0].dtype
+    torch.testing.assert_close(outputs[1][0], outputs[0][0])
+    torch.testing.assert_close(outputs[1][1], outputs[0][1], rtol=2e-2, atol=2e-2)
