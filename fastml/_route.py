@@ -186,7 +186,7 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
         out = fastml_forward(*args)
     if sig is not None:
         to_torch = settle(reports)
-        if to_torch is None and reports and not _first_unsettled(layer.__dict__, PENDING_ATTR, sig):
+        if to_torch is None and reports and not _first_unsettled(layer.__dict__.setdefault(PENDING_ATTR, set()), sig):
             to_torch = False  # a backward still undecided at the signature's second call: time both ways now
         others = variants(input) if variants is not None else {}
         route = None
@@ -203,7 +203,7 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
 PENDING_ATTR = "_fastml_pending"
 
 
-def _first_unsettled(memo: dict, attr: str, sig: tuple) -> bool:
+def _first_unsettled(pending: set, sig: tuple) -> bool:
     """Whether a call of signature ``sig`` is the first to leave its route unsettled because an
     op's backward is still undecided (each op decides its backward at its first backward pass).
     In a training loop the backward comes before the next call, which then settles the route; a
@@ -211,10 +211,8 @@ def _first_unsettled(memo: dict, attr: str, sig: tuple) -> bool:
     layer called twice before one backward) would otherwise run fastml's whole dispatch, an
     autograd.Function in Python, on every call: an nn.Linear at batch 10 took 26 µs, not torch's
     4. So the second such call settles it by timing both ways, forward and backward, which makes
-    the ops' backward decisions on the way. The signatures waiting are kept in ``memo[attr]``."""
-    pending = memo.get(attr)
-    if pending is None:
-        pending = memo[attr] = set()
+    the ops' backward decisions on the way. ``pending``: the signatures waiting (a layer's own set,
+    or the functions')."""
     if sig in pending:
         pending.discard(sig)
         return False
@@ -225,6 +223,8 @@ def _first_unsettled(memo: dict, attr: str, sig: tuple) -> bool:
 
 
 _function_mode_active = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
+
+
 def _saving_hooks_reader():
     """torch's query for the innermost saved-tensor hooks, whichever its signature here (torch
     2.x added an ``ignore_is_tracing`` flag to it); None where torch has none."""
@@ -403,7 +403,7 @@ def _timed_choice(key: tuple, args: tuple, parameters: list, forwards: dict,
 # sequence of torch calls: per call signature, as a layer's, in one bounded table.
 _function_routes: dict[tuple, bool] = {}
 MAX_FUNCTION_ROUTES = 4096
-_pending_functions: dict[str, set] = {}  # {"signatures": those awaiting a backward} (``_first_unsettled``)
+_pending_functions: set = set()  # function signatures awaiting a backward (``_first_unsettled``)
 
 
 @contextlib.contextmanager
@@ -493,8 +493,8 @@ def call_function(op: str, args: tuple, config: tuple, torch_forward, fastml_for
     ``choice_config`` too where ``config`` is None: ``given_signature``'s unhashable case).
     ``kept``: tensors the call changes in place (a batch norm's running statistics), which the
     timed calls leave as this call left them."""
-    if is_compiling():
-        return torch_forward(*args) if onnx_exporting() else fastml_forward(*args)
+    if is_compiling():  # (under torch.onnx.export the callers' _defer_to_torch sent the call to torch)
+        return fastml_forward(*args)
     if config is None:
         config, sig = choice_config, False
     input = args[0]
@@ -514,7 +514,7 @@ def call_function(op: str, args: tuple, config: tuple, torch_forward, fastml_for
     to_torch = None
     if sig is not None:
         to_torch = settle(reports)
-        if to_torch is None and reports and not _first_unsettled(_pending_functions, "signatures", sig):
+        if to_torch is None and reports and not _first_unsettled(_pending_functions, sig):
             to_torch = False  # as a layer's (``_first_unsettled``)
         if to_torch is False:
             key = ("function " + op, "forward+backward" if torch.is_grad_enabled() else "forward", _threads(),
