@@ -304,8 +304,9 @@ def _model_choice(model, example_inputs, parameters, backward: bool, captured) -
         for _, module, sig, route in on_fastml:
             _route.remember(module, sig, "reference" if name == "reference" else route)
 
+    # (each layer's route in the key: a layer re-decided onto another variant makes another model)
     decision = _time_whole_model(model, "model", ("fastml",), example_inputs, parameters, backward, arrange,
-                                 tuple(f"{name}:{type(module).__name__}" for name, module, _, _ in on_fastml))
+                                 tuple(f"{name}:{type(module).__name__}:{route}" for name, module, _, route in on_fastml))
     for _, module, sig, route in on_fastml:
         if decision.choice == "reference":
             _route.veto(module, sig)
@@ -342,7 +343,9 @@ def _unpatched_choice(model, layout, example_inputs, parameters, backward: bool)
         if layout is not None:
             layout.enabled = layout_on and not on
 
-    patched = tuple(f"{name}:{type(m).__name__}" for name, m in model.named_modules() if isinstance(m, _COVERED))
+    # (each layer's routes in the key, as the model check's: other routes make another model)
+    patched = tuple(f"{name}:{type(m).__name__}:{','.join(sorted(set(_route.routes(m).values())))}"
+                    for name, m in model.named_modules() if isinstance(m, _COVERED))
     decision = _time_whole_model(model, "model unpatched", ("fastml",), example_inputs, parameters, backward,
                                  lambda name: as_unpatched(name == "reference"), layout_on, patched)
     as_unpatched(decision.choice == "reference" and decision.rule == "measured")
