@@ -1,4 +1,4 @@
-"""fastml.patch on torchvision's models, which nobody here wrote: exactness, then speed.
+"""fastml.patch on torchvision's (or timm's) models, which nobody here wrote: exactness, then speed.
 
 For each model (random weights, 100 classes), a deep copy is patched (``fastml.patch``, or with
 ``--fx`` ``fastml.patch(model, fx=True)``) and compared with the unpatched original:
@@ -15,15 +15,29 @@ For each model (random weights, 100 classes), a deep copy is patched (``fastml.p
   step (forward, sum, backward) and an inference forward (eval, no_grad), unpatched and patched
   timed in interleaved rounds after ``fastml.tune(model, x)`` (as the zoo benchmark: every layer
   decided, then the whole patched model timed against its unpatched self; ``--no-tune``: the
-  per-layer measured choice alone) and six untimed calls of each. Ratios are the unpatched median over the patched one: above 1, fastml is faster.
+  per-layer measured choice alone) and six untimed calls of each. Each round swaps which of the
+  two runs first (with the unpatched model always first, timm's models that tune left running as
+  unpatched measured 0.97x to 0.99x; alternating, 0.99x to 1.02x). Ratios are the unpatched
+  median over the patched one: above 1, fastml is faster.
+
+``--source timm``: timm's models instead (``timm.create_model``, random weights), whose layers
+are often torch's subclasses with forwards of their own (BatchNormAct2d, Conv2dSame,
+ScaledStdConv2d), which fastml.patch leaves alone, and whose heads are sometimes convolutions
+(VGG's ConvMlp). timm imports torchvision, so the same workaround applies; install it beside the
+CPU torch without letting pip resolve torch again::
+
+    pip install --no-deps timm huggingface_hub safetensors
+
+Models with a fixed input size (timm's ``fixed_input_size``: ViT, DeiT, LeViT) run at it; the
+others at 64 pixels for exactness and 128 for speed (HRNet and DLA take multiples of 32).
 
 torchvision must match the installed torch (torchvision 0.28 for torch 2.13). Its wheel from
 the package index is built for the CUDA torch: its C++ ops (nms, roi_align) fail to register
 beside a CPU-only torch, and its import then fails. The models are pure Python and use none of
 those ops, so this script lets the registrations fail and loads them anyway.
 
-    python bench/torchvision_models.py [--fx] [--batch 8] [--rounds 7] [--skip-exactness | --skip-speed]
-                                       [--no-tune] [model ...]
+    python bench/torchvision_models.py [--source torchvision|timm] [--fx] [--batch 8] [--rounds 7]
+                                       [--skip-exactness | --skip-speed] [--no-tune] [model ...]
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 
 import torch
@@ -40,8 +55,44 @@ import fastml
 DEFAULT = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "shufflenet_v2_x1_0",
            "squeezenet1_1", "densenet121", "googlenet", "mnasnet1_0", "resnext50_32x4d", "convnext_tiny",
            "vgg11_bn", "alexnet", "inception_v3", "vit_b_32", "swin_t")
+TIMM_DEFAULT = ("resnet50d", "seresnext26d_32x4d", "regnety_008", "tf_efficientnet_b0", "mobilenetv3_large_100",
+                "mixnet_s", "ghostnet_100", "rexnet_100", "dla34", "dpn68", "cspdarknet53", "hrnet_w18_small",
+                "res2net50_26w_4s", "vovnet39a", "convnext_atto", "nf_resnet26", "repvgg_a0", "xception41",
+                "selecsls42b", "fastvit_t8", "mobileone_s0", "resnetv2_50", "poolformer_s12", "edgenext_xx_small",
+                "lcnet_050", "tinynet_a", "vgg11_bn", "mobilenetv4_conv_small", "efficientvit_b0", "mobilevit_xxs",
+                "vit_tiny_patch16_224", "deit_tiny_patch16_224", "levit_128s")
 SLACK = 10.0
 TRANSFORMERS = ("vit", "maxvit")
+
+
+class Source:
+    """Where the models come from: ``build(name)`` a model with 100 classes, ``pixels(name,
+    purpose)`` the input's side for "exactness" (float64: small) or "speed"."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.models = import_models()
+        if name == "timm":
+            import timm  # (after import_models: timm imports torchvision)
+            self.timm = timm
+
+    def build(self, name: str) -> torch.nn.Module:
+        if self.name == "timm":
+            return self.timm.create_model(name, pretrained=False, num_classes=100)
+        extra = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
+        return getattr(self.models, name)(num_classes=100, **extra)
+
+    def pixels(self, name: str, purpose: str) -> int:
+        if self.name == "timm":
+            config = self.timm.models.get_pretrained_cfg(name)
+            if config is not None and config.fixed_input_size:
+                return config.input_size[-1]
+            return 64 if purpose == "exactness" else 128
+        if name.startswith(TRANSFORMERS):
+            return 224  # (the vision transformers take 224 only)
+        if purpose == "exactness":
+            return 80 if name == "inception_v3" else 64  # (inception_v3 takes 75 or more)
+        return 112
 
 
 def import_models():
@@ -64,15 +115,6 @@ def import_models():
     finally:
         torch.library.register_fake = register_fake
     return models
-
-
-def build(models, name: str) -> torch.nn.Module:
-    extra = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
-    return getattr(models, name)(num_classes=100, **extra)
-
-
-def side(name: str) -> int:
-    return 224 if name.startswith(TRANSFORMERS) else 112
 
 
 def _trace(model: torch.nn.Module, x: torch.Tensor, train: bool, seed: int) -> list[torch.Tensor]:
@@ -101,9 +143,9 @@ def _gap(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return max((g - w).norm().item() / max(n, floor, 1e-300) for g, w, n in zip(got, want, norms))
 
 
-def exactness(models, name: str, fx: bool) -> str:
+def exactness(source: Source, name: str, fx: bool) -> str:
     torch.manual_seed(0)
-    original = build(models, name).double()
+    original = source.build(name).double()
     for module in original.modules():
         # Dropout draws its mask in memory order, so the channels-last copy would drop other
         # elements than the original: no dropout here (fastml leaves dropout to torch).
@@ -112,8 +154,7 @@ def exactness(models, name: str, fx: bool) -> str:
     patched = copy.deepcopy(original)
     report = fastml.patch(patched, fx=fx)
     torch_variant = copy.deepcopy(original).to(memory_format=torch.channels_last)
-    # Small images, to keep float64 quick: the transformers take 224 only, inception_v3 75 or more.
-    pixels = 224 if name.startswith(TRANSFORMERS) else 80 if name == "inception_v3" else 64
+    pixels = source.pixels(name, "exactness")  # small images, to keep float64 quick
     x = torch.randn(2, 3, pixels, pixels, dtype=torch.float64)
     fastml_gap = torch_gap = 0.0
     for seed, train in enumerate((True, False, True)):
@@ -134,12 +175,13 @@ def exactness(models, name: str, fx: bool) -> str:
     return f"{verdict} gap {fastml_gap:.1e} (torch's own {torch_gap:.1e})"
 
 
-def speed(models, name: str, fx: bool, batch: int, rounds: int, tune: bool) -> dict[str, float]:
+def speed(source: Source, name: str, fx: bool, batch: int, rounds: int, tune: bool) -> dict[str, float]:
     torch.manual_seed(0)
-    original = build(models, name)
+    original = source.build(name)
     patched = copy.deepcopy(original)
     fastml.patch(patched, fx=fx)
-    x = torch.randn(batch, 3, side(name), side(name))
+    pixels = source.pixels(name, "speed")
+    x = torch.randn(batch, 3, pixels, pixels)
     ratios = {}
     for mode in ("train", "infer"):
         def step(model):
@@ -158,8 +200,9 @@ def speed(models, name: str, fx: bool, batch: int, rounds: int, tune: bool) -> d
             for _ in range(6):
                 step(model)
         times: dict[int, list[float]] = {0: [], 1: []}
-        for _ in range(rounds):
-            for i, model in enumerate((original, patched)):
+        for round in range(rounds):
+            for i in (0, 1) if round % 2 == 0 else (1, 0):
+                model = (original, patched)[i]
                 start = time.perf_counter()
                 step(model)
                 times[i].append(time.perf_counter() - start)
@@ -170,7 +213,8 @@ def speed(models, name: str, fx: bool, batch: int, rounds: int, tune: bool) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=DEFAULT)
+    parser.add_argument("models", nargs="*", help="model names (default: a list of each source's)")
+    parser.add_argument("--source", choices=("torchvision", "timm"), default="torchvision")
     parser.add_argument("--fx", action="store_true", help="fastml.patch(model, fx=True)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=7)
@@ -179,20 +223,22 @@ def main() -> None:
     parser.add_argument("--no-tune", action="store_true",
                         help="time without fastml.tune(model, x) first (the measured choice per layer only)")
     args = parser.parse_args()
-    models = import_models()
-    print(f"# torch {torch.__version__}, fastml.patch(fx={args.fx}), fastml.tune: {not args.no_tune}, "
+    source = Source(args.source)
+    names = args.models or (TIMM_DEFAULT if args.source == "timm" else DEFAULT)
+    version = (source.timm if args.source == "timm" else sys.modules["torchvision"]).__version__
+    print(f"# {args.source} ({version}), torch {torch.__version__}, fastml.patch(fx={args.fx}), fastml.tune: {not args.no_tune}, "
           f"batch {args.batch}, {args.rounds} rounds; "
           "ratios: unpatched median / patched median (above 1: fastml faster)")
     train, infer = [], []
-    for name in args.models:
-        check = "" if args.skip_exactness else exactness(models, name, args.fx)
+    for name in names:
+        check = "" if args.skip_exactness else exactness(source, name, args.fx)
         if args.skip_speed:
-            print(f"{name:20s} {check}", flush=True)
+            print(f"{name:28s} {check}", flush=True)
             continue
-        r = speed(models, name, args.fx, args.batch, args.rounds, not args.no_tune)
+        r = speed(source, name, args.fx, args.batch, args.rounds, not args.no_tune)
         train.append(r["train"])
         infer.append(r["infer"])
-        print(f"{name:20s} train {r['train']:.3f}x (torch {r['train ms']:7.1f} ms)  infer {r['infer']:.3f}x "
+        print(f"{name:28s} train {r['train']:.3f}x (torch {r['train ms']:7.1f} ms)  infer {r['infer']:.3f}x "
               f"(torch {r['infer ms']:6.1f} ms)  {check}", flush=True)
     if train:
         print(f"geometric mean: train {statistics.geometric_mean(train):.3f}x, infer {statistics.geometric_mean(infer):.3f}x")
