@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastml import (_full_window, _gemm_weight_grad, _grouped, _layout, _onednn, _pointwise, _recycled_linear, _route,
+from fastml import (_few_windows, _gemm_weight_grad, _grouped, _layout, _onednn, _pointwise, _recycled_linear, _route,
                     _winograd, functional)
 
 __all__ = ["BatchNorm2d", "Conv2d", "ConvReLUPool2d", "CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss",
@@ -89,9 +89,10 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
     "matmul" (1x1 convolutions, either layout, forward and backward): one matrix product
     (fastml/_pointwise.py), without oneDNN's per-call set-up.
 
-    "full_window" (a kernel as large as the unpadded input, either layout, forward and backward):
-    a linear layer on the flattened input (fastml/_full_window.py), where torch's convolution
-    (its weight gradient above all) is several times slower.
+    "few_windows" (a large kernel fitting its unpadded input only a few times, either layout,
+    forward and backward): a linear layer on the windows, the flattened input where there is one
+    (fastml/_few_windows.py), where torch's convolution (its weight gradient above all) is
+    several times slower.
 
     "onednn_packed" (channels-last input, inference): torch's oneDNN convolution on a weight
     packed once, the ReLU in its epilogue (fastml/_onednn.py).
@@ -121,8 +122,8 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
     variants = {}
     if offered("matmul") and _pointwise.applies(conv, input, weight):
         variants["matmul"] = lambda x: _pointwise.convolution(conv, x, *parameters(), relu)
-    if offered("full_window") and _full_window.applies(conv, input, weight):
-        variants["full_window"] = lambda x: _full_window.convolution(conv, x, *parameters(), relu)
+    if offered("few_windows") and _few_windows.applies(conv, input, weight):
+        variants["few_windows"] = lambda x: _few_windows.convolution(conv, x, *parameters(), relu)
     inference = (offered("onednn_packed") or offered("winograd")) and _onednn.applies(conv, input, weight, bias)
     if inference and offered("onednn_packed"):
         variants["onednn_packed"] = lambda x: _onednn.packed_convolution(conv, x, *parameters(), relu)
