@@ -1,5 +1,5 @@
 """A convolution with few windows, as one matrix product: a variant of torch's own convolution
-that a layer's measured choice may run, forward and backward, on any device and floating dtype.
+that a layer's measured choice may run, forward and backward, on the CPU in any floating dtype.
 
 Where a large kernel fits its unpadded input only a few times (at most ``MAX_WINDOWS`` output
 pixels), the convolution is a linear layer on those windows: ``out[n, k, p] = sum over c, i, j
@@ -14,13 +14,15 @@ ran 0.73x torch's this way, and a padded one mostly multiplies padding: padding 
 and the measured choice times it against torch's module wherever it applies.
 
 One window (the kernel exactly the input's size): the input flattened in the weight's memory
-order, so the weight, the large operand, is always a view: (C, H, W) order for a contiguous
-weight, (H, W, C) for a channels-last one; only the input, one window per image, may be copied.
-Several: ``F.unfold`` gathers the windows (the input's values at most ``MAX_WINDOWS`` times over),
-each window a row. Gradients flow through torch's own ops (the windows' back through
-``F.fold``), the weight's written into memory kept from the previous step where it is large
-(fastml/_recycled_linear.py). Results differ from torch's convolution only by the order of the
-sums (float rounding).
+order, so the weight, the large operand, is a view: (C, H, W) order for a contiguous weight,
+(H, W, C) for a channels-last one; only the input, one window per image, is copied. Several:
+``Tensor.unfold`` views the windows, copied as rows (the input's values at most ``MAX_WINDOWS``
+times over). Gradients flow through torch's own ops, the weight's written into memory kept from
+the previous step where it is large (fastml/_recycled_linear.py), in torch's layouts: where they
+must come back channels-last (a channels-last input) but the weight is contiguous, the rows are
+ordered (H, W, C) all the same and the weight is copied so, as torch's own convolution's
+gradient is then a channels-last copy too. Results differ from torch's convolution only by the
+order of the sums (float rounding).
 """
 
 from __future__ import annotations
@@ -43,9 +45,13 @@ def _output_size(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tenso
 
 def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``convolution`` computes ``conv``'s convolution of ``input`` as torch's module
-    would: a floating 4-D strided input, a kernel larger than 1x1 (a 1x1 one is
-    fastml/_pointwise.py's) fitting it unpadded 1 to ``MAX_WINDOWS`` times, one group."""
+    would: a floating 4-D strided CPU input with channels, a kernel larger than 1x1 (a 1x1 one is
+    fastml/_pointwise.py's) fitting it unpadded 1 to ``MAX_WINDOWS`` times, one group. On the CPU
+    only: the slow weight gradient it avoids is oneDNN's, and cuDNN writes other layouts (a
+    contiguous float64 output for channels-last operands) that no GPU here could check."""
     if input.dim() != 4 or not input.is_floating_point() or input.layout != torch.strided:
+        return False
+    if input.device.type != "cpu" or input.shape[1] == 0:  # (no channels: torch's module gives no output channels)
         return False
     if conv.groups != 1 or weight.dtype != input.dtype or weight.shape[2] * weight.shape[3] == 1:
         return False
@@ -58,31 +64,45 @@ def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor) ->
 def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 relu: bool = False) -> torch.Tensor:
     """``conv``'s convolution of ``input`` (where ``applies``) with ``weight`` and ``bias``, then
-    an in-place ReLU if ``relu``, as one matrix product, in the layout torch's convolution writes
-    (channels-last where the input or the weight is, but for an empty batch)."""
+    an in-place ReLU if ``relu``, as one matrix product, in the layouts torch's convolution writes:
+    the output, and the input's and weight's gradients, channels-last where the input or the
+    weight is, else (N, C, H, W)."""
     n, k = input.shape[0], weight.shape[0]
+    if n == 0:  # nothing to compute: torch's own, which sets the layouts (the weight's zero gradient as the weight)
+        out = F.conv2d(input, weight, bias, conv.stride, 0, conv.dilation)
+        return out.relu_() if relu else out
     height, width = _output_size(conv, input, weight)
-    weight_last = channels_last_like(weight)  # (K, kH, kW, C) in memory: every row that way
-    matrix = weight.permute(0, 2, 3, 1).reshape(k, -1) if weight_last else weight.reshape(k, -1)
+    weight_last = channels_last_like(weight)
+    out_last = weight_last or channels_last_like(input)
+    gradients = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)
+    # Rows in (kH, kW, C) order where the weight is channels-last (it stays a view) or where the
+    # gradients must come back channels-last: both then arrive as the permutes' back. Otherwise
+    # (C, kH, kW), the gradients (N, C, H, W).
+    last = weight_last or (out_last and gradients)
+    matrix = (weight.permute(0, 2, 3, 1) if last else weight).reshape(k, -1)
     size = matrix.shape[1]
+    image = input.permute(0, 2, 3, 1) if last else input  # (N, H, W, C) or (N, C, H, W)
     if input.shape[2:] == weight.shape[2:]:  # one window, the whole input
-        rows = (input.permute(0, 2, 3, 1) if weight_last else input).reshape(n, size)
-    else:
-        windows = F.unfold(input, weight.shape[2:], conv.dilation, 0, conv.stride)  # (N, C·kH·kW, windows)
-        if weight_last:  # each row (kH, kW, C)
-            windows = windows.view(n, input.shape[1], size // input.shape[1], height * width).permute(0, 3, 2, 1)
-        else:  # each row (C, kH, kW)
-            windows = windows.transpose(1, 2)
+        rows = image.reshape(n, size)
+    else:  # Tensor.unfold: views, and a gradient laid out as the unfolded tensor's sizes
+        first = 1 if last else 2
+        windows = image
+        for d in range(2):
+            span = conv.dilation[d] * (weight.shape[2 + d] - 1) + 1
+            windows = windows.unfold(first + d, span, conv.stride[d])
+        windows = windows[..., ::conv.dilation[0], ::conv.dilation[1]]
+        # (N, H', W', C, kH, kW) or (N, C, H', W', kH, kW), each row then in the matrix's order
+        windows = windows.permute(0, 1, 2, 4, 5, 3) if last else windows.permute(0, 2, 3, 1, 4, 5)
         rows = windows.reshape(n * height * width, size)
     if _recycled_linear.applies(rows, matrix, bias):
         out = _recycled_linear.linear(rows, matrix, bias)
     else:
         out = F.linear(rows, matrix, bias)
     out = out.view(n, height, width, k).permute(0, 3, 1, 2)  # channels-last
-    if n and (channels_last_like(input) or weight_last):
+    if out_last:
         pass
     elif height * width == 1:
         out = out.reshape(n, k).view(n, k, 1, 1)
-    else:  # (N, C, H, W) strides, also for an empty batch (whose .contiguous() would keep any)
-        out = out.new_empty(out.shape).copy_(out)
+    else:
+        out = out.contiguous()
     return out.relu_() if relu else out

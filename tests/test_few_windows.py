@@ -58,6 +58,8 @@ def test_matches_float64_and_its_gradients_torchs(rng, x_layout, w_layout):
                         strict=True):
             assert a.shape == b.shape
             _close(a, b)
+            for layout in (torch.contiguous_format, CL) if a.dim() == 4 else ():  # torch's gradient layouts
+                assert a.is_contiguous(memory_format=layout) == b.is_contiguous(memory_format=layout), (case, layout)
 
 
 def test_gradcheck(rng):
@@ -104,6 +106,9 @@ def test_applies_to_a_one_group_unpadded_kernel_over_1x1_with_few_windows_on_flo
     assert not _few_windows.applies(conv, x[0], conv.weight)  # unbatched: torch's module handles it
     assert not _few_windows.applies(conv, x.double(), conv.weight)  # torch raises on the mismatch
     assert not _few_windows.applies(conv, x.to(torch.int32), conv.weight)
+    no_channels = torch.nn.Conv2d(0, 3, 3)  # torch's module answers with no output channels
+    assert not _few_windows.applies(no_channels, torch.randn(2, 0, 3, 3), no_channels.weight)
+    assert not _few_windows.applies(conv, x.to("meta"), conv.weight.to("meta"))  # the CPU's only
 
 
 def test_a_routed_call_builds_only_its_own_variant():
@@ -147,10 +152,10 @@ def test_patched_models_route_their_few_windows_convolutions_to_it_and_match(mon
 
 def test_the_whole_model_check_is_made_for_the_routes_its_layers_took(monkeypatch):
     """fastml.tune's checks of the whole model (against its layers on torch's modules, and against
-    itself unpatched) are keyed by each layer's routes, not only by which layers left torch's: a layer re-decided onto another
-    variant (a new candidate, as this one was) makes another model, which a verdict kept for the
-    old routes would misjudge (timm's VGG-11 with batch norms kept torch's modules on such a
-    verdict and trained at 1.06x unpatched; judged anew, 4.4x)."""
+    itself unpatched) are keyed by each layer's routes, not only by which layers left torch's: a
+    layer re-decided onto another variant (a new candidate, as this one was) makes another model,
+    which a verdict kept for the old routes would misjudge (timm's VGG-11 with batch norms kept
+    torch's modules on such a verdict and trained at 1.06x unpatched; judged anew, 4.4x)."""
     prefer(monkeypatch, "few_windows")
     model = torch.nn.Sequential(torch.nn.Conv2d(4, 3, 5), torch.nn.Flatten())
     fastml.patch(model)
