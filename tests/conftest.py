@@ -282,6 +282,17 @@ def prefer(monkeypatch, name):
     monkeypatch.setattr(_tune, "measure", measure)
 
 
+def patched_pair(model: torch.nn.Module, train: bool, batch_norm: torch.nn.BatchNorm2d):
+    """(``model``, a patched deep copy), both in mode ``train``, after ``batch_norm`` (one of the
+    model's) got running statistics away from their defaults, so that a fold's arithmetic shows."""
+    with torch.no_grad():
+        batch_norm.running_mean.uniform_(-1, 1)
+        batch_norm.running_var.uniform_(0.5, 2)
+    patched = copy.deepcopy(model)
+    fastml.patch(patched)
+    return model.train(train), patched.train(train)
+
+
 def patched_eval_run(unpatched: torch.nn.Module, x: torch.Tensor):
     """(a patched copy of ``unpatched``, its output for ``x`` on its second call, the unpatched
     model's in float64), without gradients: the first call makes the measured choice."""

@@ -4,13 +4,12 @@ every gradient, torch's layouts, what it applies to, and the layers and models t
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCES, prefer, rand
+from conftest import TOLERANCES, patched_pair, prefer, rand
 
 import fastml
 from fastml import _few_windows, _recycle, _route, _tune
@@ -106,8 +105,8 @@ def test_applies_to_a_one_group_unpadded_kernel_over_1x1_with_few_windows_on_flo
     assert not _few_windows.applies(conv, x[0], conv.weight)  # unbatched: torch's module handles it
     assert not _few_windows.applies(conv, x.double(), conv.weight)  # torch raises on the mismatch
     assert not _few_windows.applies(conv, x.to(torch.int32), conv.weight)
-    no_channels = torch.nn.Conv2d(0, 3, 3)  # torch's module answers with no output channels
-    assert not _few_windows.applies(no_channels, torch.randn(2, 0, 3, 3), no_channels.weight)
+    # no input channels (torch's module answers with no output channels)
+    assert not _few_windows.applies(torch.nn.Conv2d(4, 3, 3), torch.randn(2, 0, 3, 3), torch.empty(3, 0, 3, 3))
     assert not _few_windows.applies(conv, x.to("meta"), conv.weight.to("meta"))  # the CPU's only
 
 
@@ -129,12 +128,7 @@ def test_patched_models_route_their_few_windows_convolutions_to_it_and_match(mon
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 6, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
                                 torch.nn.Conv2d(6, 8, 4), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                                 torch.nn.Conv2d(8, 4, 2), torch.nn.Flatten()).double()
-    with torch.no_grad():
-        model[4].running_mean.uniform_(-1, 1)
-        model[4].running_var.uniform_(0.5, 2)
-    patched = copy.deepcopy(model)
-    fastml.patch(patched)
-    model.train(train), patched.train(train)
+    model, patched = patched_pair(model, train, model[4])
     x = rand(3, 2, 14, 14, dtype=torch.float64, generator=rng).requires_grad_()
     for _ in range(2):  # the first call settles the routes, the second runs them
         outputs = [m(x) for m in (model, patched)]

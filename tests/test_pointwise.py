@@ -4,13 +4,12 @@ that route to it."""
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOLERANCES, rand
+from conftest import TOLERANCES, patched_pair, rand
 
 import fastml
 from fastml import _pointwise, _route, _tune
@@ -118,12 +117,7 @@ def test_patched_models_route_their_1x1_convolutions_to_it_and_match(rng, prefer
     model = torch.nn.Sequential(torch.nn.Conv2d(6, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                                 torch.nn.Conv2d(8, 5, 1, stride=2), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Conv2d(5, 4, 1)).double()
-    with torch.no_grad():
-        model[1].running_mean.uniform_(-1, 1)
-        model[1].running_var.uniform_(0.5, 2)
-    patched = copy.deepcopy(model)
-    fastml.patch(patched)
-    model.train(train), patched.train(train)
+    model, patched = patched_pair(model, train, model[1])
     x = rand(3, 6, 7, 5, dtype=torch.float64, generator=rng).to(memory_format=CL).requires_grad_()
     for _ in range(2):  # the first call settles the routes, the second runs them
         outputs = [m(x) for m in (model, patched)]
