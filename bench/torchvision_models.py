@@ -36,8 +36,8 @@ the package index is built for the CUDA torch: its C++ ops (nms, roi_align) fail
 beside a CPU-only torch, and its import then fails. The models are pure Python and use none of
 those ops, so this script lets the registrations fail and loads them anyway.
 
-    python bench/torchvision_models.py [--source torchvision|timm] [--fx] [--batch 8] [--rounds 7]
-                                       [--skip-exactness | --skip-speed] [--no-tune] [model ...]
+    python bench/torchvision_models.py [--source torchvision|timm] [--fx] [--batch 8] [--pixels N]
+                                       [--rounds 7] [--skip-exactness | --skip-speed] [--no-tune] [model ...]
 """
 
 from __future__ import annotations
@@ -175,12 +175,13 @@ def exactness(source: Source, name: str, fx: bool) -> str:
     return f"{verdict} gap {fastml_gap:.1e} (torch's own {torch_gap:.1e})"
 
 
-def speed(source: Source, name: str, fx: bool, batch: int, rounds: int, tune: bool) -> dict[str, float]:
+def speed(source: Source, name: str, fx: bool, batch: int, rounds: int, tune: bool,
+          pixels: int | None = None) -> dict[str, float]:
     torch.manual_seed(0)
     original = source.build(name)
     patched = copy.deepcopy(original)
     fastml.patch(patched, fx=fx)
-    pixels = source.pixels(name, "speed")
+    pixels = pixels or source.pixels(name, "speed")
     x = torch.randn(batch, 3, pixels, pixels)
     ratios = {}
     for mode in ("train", "infer"):
@@ -217,6 +218,7 @@ def main() -> None:
     parser.add_argument("--source", choices=("torchvision", "timm"), default="torchvision")
     parser.add_argument("--fx", action="store_true", help="fastml.patch(model, fx=True)")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--pixels", type=int, help="the speed run's image side (default: the source's for each model)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--skip-exactness", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
@@ -227,7 +229,7 @@ def main() -> None:
     names = args.models or (TIMM_DEFAULT if args.source == "timm" else DEFAULT)
     version = (source.timm if args.source == "timm" else sys.modules["torchvision"]).__version__
     print(f"# {args.source} ({version}), torch {torch.__version__}, fastml.patch(fx={args.fx}), fastml.tune: {not args.no_tune}, "
-          f"batch {args.batch}, {args.rounds} rounds; "
+          f"batch {args.batch}, {args.pixels or 'default'} pixels, {args.rounds} rounds; "
           "ratios: unpatched median / patched median (above 1: fastml faster)")
     train, infer = [], []
     for name in names:
@@ -235,7 +237,7 @@ def main() -> None:
         if args.skip_speed:
             print(f"{name:28s} {check}", flush=True)
             continue
-        r = speed(source, name, args.fx, args.batch, args.rounds, not args.no_tune)
+        r = speed(source, name, args.fx, args.batch, args.rounds, not args.no_tune, args.pixels)
         train.append(r["train"])
         infer.append(r["infer"])
         print(f"{name:28s} train {r['train']:.3f}x (torch {r['train ms']:7.1f} ms)  infer {r['infer']:.3f}x "
