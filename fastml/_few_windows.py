@@ -8,10 +8,11 @@ layers where a classifier would hold Linear: LeNet-5's C5 (16x5x5 -> 120 on a 5x
 and AlexNet's classifiers as convolutions (timm's ConvMlp: 512x7x7 -> 4096 on the 7x7 map, or on
 an 8x8 one at 256 pixels; FCN heads). torch's CPU convolution runs them as convolutions, its
 weight gradient slowest of all: on a 2-core Zen 5, forward and backward, 8x512x7x7 -> 4096 took
-610 ms as torch's convolution and 94 ms as this product; on an 8x8 map (4 windows), 694 ms
-against 267 ms; LeNet's C5 at batch 8, 0.22 ms against 0.07 ms. A 3x3 convolution on a 2x2 map
-ran 0.73x torch's this way, and a padded one mostly multiplies padding: padding rules it out,
-and the measured choice times it against torch's module wherever it applies.
+634 ms as torch's convolution and 99 ms as this product; on an 8x8 map (4 windows), 692 ms
+against 170 ms; LeNet's C5 at batch 256, 1.08 ms against 0.42 ms
+(bench/results/cpu-amd-epyc-zen5-2c-few-windows.txt). A 3x3 convolution padded by 1 on a 2x2 map
+ran at 0.73x torch's speed this way (its windows are mostly padding): padding rules it out, and
+the measured choice times the variant against torch's module wherever it applies.
 
 One window (the kernel exactly the input's size): the input flattened in the weight's memory
 order, so the weight, the large operand, is a view: (C, H, W) order for a contiguous weight,
