@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from fastml import _recycled_linear
 from fastml._pointwise import channels_last_like
+from fastml.ops.conv2d.reference import output_size
 
 MAX_WINDOWS = 16
 """The most output pixels a candidate has: the windows are gathered as a copy that many times
@@ -40,8 +41,8 @@ the size of the weight's input side (its rows), small beside the weight such lay
 
 
 def _output_size(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
-    return tuple((size - conv.dilation[d] * (weight.shape[2 + d] - 1) - 1) // conv.stride[d] + 1
-                 for d, size in enumerate(input.shape[2:]))
+    return tuple(output_size(input.shape[2 + d], weight.shape[2 + d], conv.stride[d], 0, conv.dilation[d])
+                 for d in (0, 1))
 
 
 def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -100,10 +101,6 @@ def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor
     else:
         out = F.linear(rows, matrix, bias)
     out = out.view(n, height, width, k).permute(0, 3, 1, 2)  # channels-last
-    if out_last:
-        pass
-    elif height * width == 1:
-        out = out.reshape(n, k).view(n, k, 1, 1)
-    else:
-        out = out.contiguous()
+    if not out_last:  # (one pixel: torch's (N, K, 1, 1) strides, which .contiguous() would keep as they are)
+        out = out.reshape(n, k).view(n, k, 1, 1) if height * width == 1 else out.contiguous()
     return out.relu_() if relu else out

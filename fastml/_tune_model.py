@@ -305,8 +305,8 @@ def _model_choice(model, example_inputs, parameters, backward: bool, captured) -
             _route.remember(module, sig, "reference" if name == "reference" else route)
 
     # (each layer's route in the key: a layer re-decided onto another variant makes another model)
-    decision = _time_whole_model(model, "model", ("fastml",), example_inputs, parameters, backward, arrange,
-                                 tuple(f"{name}:{type(module).__name__}:{route}" for name, module, _, route in on_fastml))
+    routed = tuple(f"{name}:{type(module).__name__}:{route}" for name, module, _, route in on_fastml)
+    decision = _time_whole_model(model, "model", ("fastml",), example_inputs, parameters, backward, arrange, routed)
     for _, module, sig, route in on_fastml:
         if decision.choice == "reference":
             _route.veto(module, sig)

@@ -135,6 +135,7 @@ def dispatch_mode_active() -> bool:
     test is_compiling first)."""
     return _dispatch_stack_depth() > 0
 
+
 LIBRARY = all(hasattr(torch.library, name) for name in ("custom_op", "register_fake", "register_autograd"))
 """Whether this torch (>= 2.4) has torch.library.custom_op: fastml/_library.py then registers
 every op as fastml::<op> (ops/<op>/library.py), which torch.compile and torch.export trace."""
