@@ -201,8 +201,8 @@ def speed(source: Source, name: str, fx: bool, batch: int, rounds: int, tune: bo
             for _ in range(6):
                 step(model)
         times: dict[int, list[float]] = {0: [], 1: []}
-        for round in range(rounds):
-            for i in (0, 1) if round % 2 == 0 else (1, 0):
+        for turn in range(rounds):
+            for i in (0, 1) if turn % 2 == 0 else (1, 0):
                 model = (original, patched)[i]
                 start = time.perf_counter()
                 step(model)
