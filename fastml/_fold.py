@@ -205,7 +205,7 @@ class FoldedBatchNorm2d(fastml_nn.BatchNorm2d):
     def _torch_relu(self, input: torch.Tensor) -> torch.Tensor:
         """What it replaces: torch's batch norm, then torch's ReLU (in place: the batch norm's
         backward does not read its output)."""
-        return torch.nn.BatchNorm2d.forward(self, input).relu_()
+        return self._torch_forward(input).relu_()
 
     def _fastml_relu(self, input: torch.Tensor) -> torch.Tensor:
         return self._fastml_forward(input, relu=True)
@@ -252,7 +252,7 @@ class FoldedLinear(fastml_nn.Linear):
                                           variants=lambda x, only=None: self._torch_variants(x, only, relu=True)))
 
     def _torch_relu(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self.weight, self.bias).relu_()
+        return F.linear(input, _route.weight_of(self), _route.registered(self, "bias")).relu_()
 
     def _fastml_relu(self, input: torch.Tensor) -> torch.Tensor:
         return self._fastml_forward(input).relu_()

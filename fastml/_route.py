@@ -106,24 +106,65 @@ def settle(reports) -> bool | None:
     return True if known else None
 
 
+def registered(layer: torch.nn.Module, name: str):
+    """``getattr(layer, name)`` without nn.Module.__getattr__ (~0.35 µs, a tenth of a small
+    layer's call, and torch's own forward pays it for every parameter it reads) where ``name`` is
+    a registered Parameter or buffer (None included: a layer without bias, a batch norm without
+    affine); otherwise (pruning and the old weight_norm set a plain attribute, a parametrization a
+    property) ``getattr`` itself. Python finds a registered name the same way: Module.__setattr__
+    keeps it out of the instance's dict, and a parametrization removes it from the registry."""
+    parameters = layer._parameters
+    if name in parameters:
+        return parameters[name]
+    buffers = layer._buffers
+    return buffers[name] if name in buffers else getattr(layer, name)
+
+
 def weight_of(layer: torch.nn.Module) -> torch.Tensor | None:
-    """``layer.weight``, for ``signature``: from the layer's registered Parameters where it is
-    one, since ``layer.weight`` goes through nn.Module.__getattr__ (~0.35 µs, a tenth of a small
-    layer's call); otherwise (pruning and the old weight_norm set a plain attribute, a
-    parametrization a property, affine=False registers None) ``layer.weight`` itself."""
-    weight = layer._parameters.get("weight")
-    return layer.weight if weight is None else weight
+    """``layer.weight`` (``registered``), for the route's signature and torch's computation."""
+    return registered(layer, "weight")
 
 
-def signature(input: torch.Tensor, weight: torch.Tensor | None, target: torch.Tensor | None = None) -> tuple | None:
-    """What a remembered route depends on, or None when a backend is forced. Every call of every
-    drop-in layer builds it, so it is built from raw values (the tuning state as set, the layout
-    inline): at a 10-row regression step, each 0.1 µs here cost 0.4 µs in the training loop."""
-    if not isinstance(input, torch.Tensor) or _backend.forced():
-        return None  # (not a tensor: a torch.fx proxy, or the caller's checks say what is wrong)
+TORCH = "reference"
+"""The route that runs torch's module (the measured choice's name for torch's way)."""
+COMPILING, TRACED = "compiling", "traced"
+"""``settled``'s answers for a call traced by dynamo (fastml's path, whose ops are custom ops
+there) and one met by torch.fx's tracer (``traced``): names no route takes, and strings, which
+dynamo compares where it would not compare a sentinel object with the routes' strings."""
+
+
+def settled(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | None,
+            target: torch.Tensor | None = None) -> tuple:
+    """(route, signature) of a drop-in layer's call, decided by nothing but what is remembered:
+    route ``TORCH`` where the call runs torch's module (the layer runs as torch's, a Python mode
+    is on, or the route settled so for this signature), another name where it settled elsewhere,
+    ``COMPILING`` or ``TRACED``, or None where it is still to be decided (``call`` decides).
+    The signature is None where none applies: a forced backend, an input that is not a tensor.
+
+    Every call of every drop-in layer comes here, so it is one function on raw values (the
+    tuning state as set): at a 10-row regression step, each 0.1 µs here cost
+    0.4 µs in the training loop. A layer whose route is ``TORCH`` then runs torch's function on
+    ``registered`` parameters itself, which saves what the check costs at the smallest calls."""
+    attributes = layer.__dict__
+    if attributes.get(AS_TORCH_ATTR):
+        return TORCH, None
+    if is_compiling():
+        return COMPILING, None
+    if dispatch_mode_active() or _function_mode_active():
+        # Python modes (FakeTensorMode, FlopCounterMode, a TorchFunctionMode that logs): they
+        # see what torch's module calls, as they would unpatched, and a fake tensor no kernel
+        # can read. (fastml's functions defer to torch under either mode too.)
+        return TORCH, None
+    if not isinstance(input, torch.Tensor):
+        return (TRACED if isinstance(input, PROXY) else None), None  # (else the caller's checks say what is wrong)
+    if _backend.forced():
+        return None, None
     sig = (input.shape, input.dtype, input.device, _layout(input), _grad_enabled(), input.requires_grad,
            weight is not None and weight.requires_grad, _threads(), _tune.state())
-    return sig if target is None else (*sig, target.shape, target.dtype, target.requires_grad)
+    if target is not None:
+        sig = (*sig, target.shape, target.dtype, target.requires_grad)
+    memo = attributes.get(ATTR)
+    return (None if memo is None else memo.table.get(sig)), sig
 
 
 _STRIDED, _CHANNELS_LAST, _grad_enabled = torch.strided, torch.channels_last, torch.is_grad_enabled
@@ -140,7 +181,7 @@ def _layout(input: torch.Tensor) -> tuple | bool:
 
 
 def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | None, torch_forward, fastml_forward,
-         target: torch.Tensor | None = None, variants=None):
+         target: torch.Tensor | None = None, variants=None, found: tuple | None = None):
     """``torch_forward(input)`` where the layer's route for this call's signature is torch's,
     else ``fastml_forward(input)`` (both with ``target`` too, for a loss), or one of the layer's
     ``variants``. A signature seen for the first time runs fastml's path, then settles the route:
@@ -152,27 +193,19 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
     ``variants``: None, or a function of the input (and of ``only``, a name: that variant alone)
     returning {name: forward}, other ways of computing the same layer with torch's ops (a
     convolution on the channels-last layout) where they apply to that input: they are timed
-    against torch's module too, whatever the ops chose, and the fastest runs."""
+    against torch's module too, whatever the ops chose, and the fastest runs. ``found``: what
+    ``settled`` said of this call, where the layer asked it first."""
     args = (input,) if target is None else (input, target)
-    if layer.__dict__.get(AS_TORCH_ATTR):
-        return torch_forward(*args)
-    if is_compiling():  # traced into a graph: fastml's path, whose ops are custom ops there
-        return torch_forward(*args) if onnx_exporting() else fastml_forward(*args)
-    if dispatch_mode_active() or _function_mode_active():
-        # Python modes (FakeTensorMode, FlopCounterMode, a TorchFunctionMode that logs): they
-        # see what torch's module calls, as they would unpatched, and a fake tensor no kernel
-        # can read. (fastml's functions defer to torch under either mode too.)
-        return torch_forward(*args)
-    sig = signature(input, weight, target)
-    if sig is None and isinstance(input, PROXY):
-        return traced(layer, args, torch_forward)
-    memo = layer.__dict__.get(ATTR)
-    route = None if sig is None or memo is None else memo.table.get(sig)
+    route, sig = settled(layer, input, weight, target) if found is None else found
     if route is not None:
-        if route == "reference":
+        if route == TORCH:
             return torch_forward(*args)
         if route == "fastml":
             return fastml_forward(*args)
+        if route == COMPILING:  # traced into a graph: fastml's path, whose ops are custom ops there
+            return torch_forward(*args) if onnx_exporting() else fastml_forward(*args)
+        if route == TRACED:
+            return traced(layer, args, torch_forward)
         variant = variants(input, route).get(route)
         if variant is not None:
             return variant(*args)

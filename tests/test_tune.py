@@ -690,6 +690,94 @@ def test_a_layer_decided_for_torch_calls_torch_directly(monkeypatch):
     assert calls["linear"] == 1
 
 
+def settled_on_torch_cases():
+    """{name: () -> (fastml layer, its torch twin, input, target or None)}: every drop-in whose
+    route can settle on torch, with the parameters and buffers it reads there."""
+    def pair(layer, twin, *data):
+        twin.load_state_dict(layer.state_dict())
+        return (layer, twin, *data) if len(data) == 2 else (layer, twin, *data, None)
+
+    def linear_mse():
+        layer = fastml.nn.LinearMSELoss(5, 3)
+        linear = torch.nn.Linear(5, 3)
+        linear.load_state_dict(layer.state_dict())
+        return layer, lambda x, t: torch.nn.functional.mse_loss(linear(x), t), torch.randn(4, 5), torch.randn(4, 3)
+
+    def conv_relu_pool():
+        layer = fastml.nn.ConvReLUPool2d(3, 4, 3, padding=1)
+        conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        conv.load_state_dict(layer.state_dict())
+        return layer, lambda x: torch.nn.functional.max_pool2d(conv(x).relu(), 2), torch.randn(2, 3, 6, 6), None
+
+    return {
+        "Linear": lambda: pair(fastml.nn.Linear(5, 3), torch.nn.Linear(5, 3), torch.randn(4, 5)),
+        "Linear without bias": lambda: pair(fastml.nn.Linear(5, 3, bias=False), torch.nn.Linear(5, 3, bias=False),
+                                            torch.randn(4, 5)),
+        "Conv2d": lambda: pair(fastml.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 4, 3, padding=1),
+                               torch.randn(2, 3, 6, 6)),
+        "BatchNorm2d": lambda: pair(fastml.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3), torch.randn(4, 3, 5, 5)),
+        "BatchNorm2d cumulative": lambda: pair(fastml.nn.BatchNorm2d(3, momentum=None),
+                                               torch.nn.BatchNorm2d(3, momentum=None), torch.randn(4, 3, 5, 5)),
+        "MaxPool2d": lambda: pair(fastml.nn.MaxPool2d(2), torch.nn.MaxPool2d(2), torch.randn(2, 3, 6, 6)),
+        "MSELoss": lambda: pair(fastml.nn.MSELoss(), torch.nn.MSELoss(), torch.randn(4, 3), torch.randn(4, 3)),
+        "CrossEntropyLoss": lambda: pair(fastml.nn.CrossEntropyLoss(weight=torch.rand(5) + 0.5),
+                                         torch.nn.CrossEntropyLoss(weight=torch.ones(5)), torch.randn(4, 5),
+                                         torch.tensor([0, 3, 4, 1])),
+        "LinearMSELoss": linear_mse,
+        "ConvReLUPool2d": conv_relu_pool,
+    }
+
+
+@needs_kernel
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", list(settled_on_torch_cases()))
+def test_a_layer_settled_on_torch_reads_its_parameters_itself(monkeypatch, case, train):
+    """On torch's route a drop-in runs torch's function on its registered parameters and buffers
+    (_route.registered), never through nn.Module.__getattr__, whose ~0.35 µs a read torch's own
+    forward pays (at the smallest calls that saving is what pays for the route's check); the
+    output, gradients and buffers are still torch's module's."""
+    winner(monkeypatch, "reference")
+    layer, twin, x, target = settled_on_torch_cases()[case]()
+    for module in (layer, twin):
+        if isinstance(module, torch.nn.Module):
+            module.train(train)
+    inputs = {module: x.clone().requires_grad_(train) for module in (layer, twin)}
+
+    def step(module):
+        data = (inputs[module],) if target is None else (inputs[module], target)
+        with torch.set_grad_enabled(train):
+            out = module(*data)
+        if train:
+            out.square().sum().backward()
+        return out.detach()
+
+    for _ in range(3):  # decides forward and backward, then settles the route
+        step(layer)
+        step(twin)
+    assert set(_route.routes(layer).values()) <= {_route.TORCH}
+    read = collections.Counter()
+    original = torch.nn.Module.__getattr__
+
+    def counted(module, name):
+        read[name] += 1
+        return original(module, name)
+
+    monkeypatch.setattr(torch.nn.Module, "__getattr__", counted)
+    got = step(layer)
+    monkeypatch.setattr(torch.nn.Module, "__getattr__", original)
+    assert not read, f"read through Module.__getattr__: {dict(read)}"
+    assert_close(got, step(twin))
+    if train:
+        assert_close(inputs[layer].grad, inputs[twin].grad)
+    if isinstance(twin, torch.nn.Module):
+        for mine, theirs in zip(layer.state_dict().values(), twin.state_dict().values()):
+            torch.testing.assert_close(mine, theirs)  # (num_batches_tracked is an integer)
+        for mine, theirs in zip(layer.parameters(), twin.parameters()):
+            assert (mine.grad is None) == (not train) and (theirs.grad is None) == (not train)
+            if train:
+                assert_close(mine.grad, theirs.grad)
+
+
 @needs_kernel
 def test_a_kernel_that_wins_inside_fastml_still_loses_to_a_faster_torch_module(monkeypatch):
     """The ops chose the kernel, but the whole layer (dispatch included) timed slower than
