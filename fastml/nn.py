@@ -285,25 +285,24 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
         return F.batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
                             self.weight, self.bias, batch_statistics, factor, self.eps)
 
-    def _torch_forward(self, input: torch.Tensor) -> torch.Tensor:
-        """torch's forward, the same calls, with its six to eight reads of parameters and buffers
+    def _batch_norm_arguments(self, input: torch.Tensor) -> tuple:
+        """torch's forward up to its F.batch_norm call: the input's check, the bookkeeping, and
+        the arguments after the input, its six to eight reads of parameters and buffers
         ``_route.registered`` (each ~0.35 µs through Module.__getattr__, as torch's forward pays)."""
         self._check_input_dim(input)
         factor = self._update_factor(_route.registered(self, "num_batches_tracked"))
         keep = not self.training or self.track_running_stats
-        return F.batch_norm(input, _route.registered(self, "running_mean") if keep else None,
-                            _route.registered(self, "running_var") if keep else None, _route.weight_of(self),
-                            _route.registered(self, "bias"), self.uses_batch_statistics(), factor, self.eps)
+        return (_route.registered(self, "running_mean") if keep else None,
+                _route.registered(self, "running_var") if keep else None, _route.weight_of(self),
+                _route.registered(self, "bias"), self.uses_batch_statistics(), factor, self.eps)
+
+    def _torch_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """torch's forward, the same calls (``_batch_norm_arguments``)."""
+        return F.batch_norm(input, *self._batch_norm_arguments(input))
 
     def _fastml_forward(self, input: torch.Tensor, relu: bool = False) -> torch.Tensor:
-        """torch's forward (its bookkeeping word for word), on fastml's functional; then a ReLU
-        where ``relu``."""
-        self._check_input_dim(input)
-        factor = self._update_factor(self.num_batches_tracked)
-        keep = not self.training or self.track_running_stats
-        return functional._batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
-                                      self.weight, self.bias, self.uses_batch_statistics(), factor, self.eps, relu,
-                                      routed=False)
+        """torch's forward on fastml's functional; then a ReLU where ``relu``."""
+        return functional._batch_norm(input, *self._batch_norm_arguments(input), relu, routed=False)
 
 
 class MSELoss(torch.nn.MSELoss):
