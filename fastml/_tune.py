@@ -57,6 +57,15 @@ layer's ops chose a kernel, the whole layer, forward and backward, is timed once
 torch's module (a class "layer <type>" in the same store); where all chose torch's, the layer
 calls torch's module directly from then on.
 
+Inputs whose sizes vary from call to call (sequence lengths, a last short batch, images of
+several sizes) would have every new size timed, some milliseconds each: a patched two-layer MLP
+fed 100 sequence lengths spent 3.8 s of its 4.5 s timing them, against torch's 0.3 s for the
+whole run. So a class's *family* (its key with the main input's sizes left out: the op, phase,
+parameters' shapes and settings) has its first ``TIMED_PER_FAMILY`` sizes timed; a later size
+within ``NEAR_FACTOR`` of a timed one in every dimension takes that one's choice untimed
+(``Decision.rule`` "nearest timed size", kept in memory, not in the file). A model of fixed
+shapes never meets the rule: its layers' families have one size or two.
+
 ``use_backend(name)`` / ``FASTML_BACKEND`` still force one backend: then nothing is timed.
 """
 
@@ -97,6 +106,14 @@ pool: 8% faster alone, no faster in the model). A whole model's timings (fastml.
 "layout" rows) are taken in the very context they decide for, so they use ``MARGIN``."""
 
 ROUNDS = 3
+TIMED_PER_FAMILY = 4
+"""Sizes of one family timed before a nearby size takes a timed one's choice (module docstring):
+the first few sizes of a layer fed varying inputs are timed exactly, as every size of a model
+of fixed shapes is."""
+NEAR_FACTOR = 2.0
+"""How far (a factor, in every dimension of the main input) a size may lie from a timed size of
+its family and take that one's choice: a kernel's lead over torch's changes slowly with size,
+and the margin absorbs what it changes within a factor of 2."""
 SAMPLE_SECONDS = 2e-3
 MAX_CALLS_PER_SAMPLE = 2000
 SLOW_CALL_SECONDS = 0.25
@@ -139,7 +156,8 @@ class Decision:
     choice: the backend that runs ("reference" is torch's own implementation).
     seconds: each candidate's best time per call (empty when nothing was timed).
     rule: "measured", "static" (tuning off), "static (torch.distributed: ...)" (an optimizer step
-    in a process group: REPLICATED_OPS) or "empty input" (nothing to time).
+    in a process group: REPLICATED_OPS), "empty input" (nothing to time) or "nearest timed size"
+    (a timed size of the class's family near enough: TIMED_PER_FAMILY).
     """
     choice: str
     seconds: dict = dataclasses.field(default_factory=dict)
@@ -314,7 +332,31 @@ class _Store:
         self.decisions: dict[tuple, Decision] = {}
         self.measured: dict[str, dict] = {}  # what this process measured, by key text, to persist
         self.loaded: dict[Path, dict[str, dict]] = {}
+        self.timed: dict[tuple, list[tuple[tuple, Decision]]] = {}  # family: [(sizes, timed decision)]
         self.lock = threading.RLock()
+
+    def note_timed(self, key: tuple, decision: Decision) -> None:
+        """A timed decision (this process's, or the file's) joins its family's timed sizes."""
+        family, sizes = _family(key)
+        if sizes is not None:
+            self.timed.setdefault(family, []).append((sizes, decision))
+
+    def nearest(self, key: tuple, kernels: tuple[str, ...]) -> Decision | None:
+        """The choice of a timed size of ``key``'s family within NEAR_FACTOR of its own in every
+        dimension (the nearest), once the family has TIMED_PER_FAMILY timed sizes; else None."""
+        family, sizes = _family(key)
+        timed = self.timed.get(family, ())
+        if sizes is None or len(timed) < TIMED_PER_FAMILY:
+            return None
+        reach = math.log(NEAR_FACTOR) + 1e-9
+        best, best_distance = None, math.inf
+        for other, decision in timed:
+            steps = [abs(math.log(max(a, 1) / max(b, 1))) for a, b in zip(sizes, other)]
+            if max(steps, default=0.0) <= reach and sum(steps) < best_distance:
+                best, best_distance = decision, sum(steps)
+        if best is None or best.choice not in (*kernels, "reference"):
+            return None
+        return Decision(best.choice, rule="nearest timed size", margin=best.margin)
 
     def from_disk(self, key: tuple, kernels: tuple[str, ...]) -> Decision | None:
         path = cache_path()
@@ -371,6 +413,7 @@ class _Store:
             self.decisions.clear()
             self.measured.clear()
             self.loaded.clear()
+            self.timed.clear()
             if persisted:
                 with contextlib.suppress(OSError):
                     cache_path().unlink()
@@ -575,10 +618,34 @@ def _decide(key, kernels, tensor, run, rounds=None) -> Decision:
             if run is None or tensor.numel() == 0:
                 decision = Decision(static_choice(key[0], kernels), rule="empty input" if run else "static")
             else:
+                decision = _store.nearest(key, kernels)
+            if decision is None:
                 seconds = measure((*kernels, "reference"), run, tensor.device, rounds)
                 # A layer timed alone needs the wider margin; a whole model is timed in its own context.
                 margin = LAYER_MARGIN if key[0].startswith(("layer ", "function ")) else MARGIN
                 decision = Decision(verdict(seconds, kernels, margin), seconds, margin=margin)
                 _store.persist(key, decision)
+        if decision.rule == "measured":
+            _store.note_timed(key, decision)
         _store.decisions[key] = decision
         return decision
+
+
+def _family(key: tuple) -> tuple[tuple, tuple | None]:
+    """(family, sizes) of a shape class: the key with its first torch.Size (the main input's
+    shape: shape_class, backward_class, a layer's or a fused functional's key put it first) left
+    as its length, and that Size; (key, None) for a key without one (a whole model's)."""
+    found: list = []
+
+    def strip(item):
+        if isinstance(item, torch.Size):
+            if not found:
+                found.append(tuple(item))
+                return ("sizes of rank", len(item))
+            return item
+        if isinstance(item, tuple):
+            return tuple([strip(i) for i in item])
+        return item
+
+    family = strip(key)
+    return family, (found[0] if found else None)

@@ -113,6 +113,43 @@ def test_tuning_costs_a_few_calls_for_a_large_op(clock):
     assert calls == {"cpp": 2, "reference": 2}
 
 
+def family_key(rows: int, weight=(8, 32)) -> tuple:
+    """A linear-like shape class: the main input (rows, 32) first, then a fixed weight."""
+    return key("family", (torch.Size([rows, 32]), torch.Size(weight)), (True, True))
+
+
+def test_sizes_past_a_familys_first_few_take_a_nearby_timed_choice(clock):
+    """Inputs of varying sizes (sequence lengths): the first TIMED_PER_FAMILY sizes of a family
+    are timed; a later size within NEAR_FACTOR of one of them takes its choice untimed, and is
+    not written to the file; a size far from all of them, or another weight, is timed."""
+    run, calls = costed_run(clock, {"cpp": 1e-4, "reference": 3e-4})
+    timed_rows = [100 * 3 ** i for i in range(_tune.TIMED_PER_FAMILY)]  # far apart: each is timed
+    for rows in timed_rows:
+        calls.clear()
+        assert _tune.choose(family_key(rows), ("cpp",), X, run) == "cpp"
+        assert calls, f"the family's size {rows} must be timed"
+    calls.clear()
+    slower, _ = costed_run(clock, {"cpp": 3e-4, "reference": 1e-4})  # would choose torch if it were timed
+    near = int(timed_rows[1] * 1.5)
+    assert _tune.choose(family_key(near), ("cpp",), X, slower) == "cpp"
+    decision = _tune.decisions()[family_key(near)]
+    assert decision.rule == "nearest timed size" and not decision.seconds
+    assert _tune.stored_count() == _tune.TIMED_PER_FAMILY, "a size not timed is not written to the file"
+    far = timed_rows[-1] * 3
+    assert _tune.choose(family_key(far), ("cpp",), X, slower) == "reference"  # timed
+    assert _tune.choose(family_key(near, weight=(9, 32)), ("cpp",), X, slower) == "reference"  # another family
+    assert _tune.decisions()[family_key(near, weight=(9, 32))].rule == "measured"
+
+
+def test_a_family_whose_first_sizes_are_timed_still_times_a_new_size_below_the_count(clock):
+    run, calls = costed_run(clock, {"cpp": 1e-4, "reference": 3e-4})
+    for rows in range(10, 10 + _tune.TIMED_PER_FAMILY):  # neighbours, each timed: the count is not reached
+        calls.clear()
+        _tune.choose(family_key(rows), ("cpp",), X, run)
+        assert calls
+    assert {d.rule for d in _tune.decisions().values()} == {"measured"}
+
+
 def test_a_warm_up_that_carried_one_time_costs_does_not_set_the_samples(clock):
     """A layer's first call can carry its ops' own decisions (50x a steady call). The samples
     after the first round take their length from the timed calls, not from that warm-up."""
@@ -688,6 +725,47 @@ def test_a_layer_decided_for_torch_calls_torch_directly(monkeypatch):
     assert calls["linear"] == 0, "a layer settled on torch must not go through fastml's dispatch"
     train_step(layer, torch.randn(6, 5))  # a new signature (batch 6) goes through fastml again
     assert calls["linear"] == 1
+
+
+@needs_kernel
+def test_a_layer_fed_varying_sizes_times_a_few_of_them(monkeypatch):
+    """A patched MLP fed 60 sequence lengths (1 to 200), three times over, decides every length
+    but times only a few per family (each op, phase and layer): the rest take a nearby timed
+    length's choice. Every length keeps its route (MAX_LAYER_ROUTES): the third pass times and
+    settles nothing (a route whose backward was undecided at its length's first call settles at
+    the second)."""
+    timed = collections.Counter()
+    original = _tune.measure
+
+    def counted(names, run, device, rounds=None):
+        timed[names] += 1
+        return original(names, run, device, rounds)
+
+    monkeypatch.setattr(_tune, "measure", counted)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))
+    fastml.patch(model)
+    lengths = torch.randint(1, 201, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    for _ in range(2):
+        for length in lengths:
+            model(torch.randn(2, length, 16)).square().mean().backward()
+    families = {_tune._family(k)[0] for k, d in _tune.decisions().items() if d.rule == "measured"}
+    assert sum(timed.values()) <= len(families) * (_tune.TIMED_PER_FAMILY + 5)  # (a few far lengths too)
+    assert sum(timed.values()) < len(set(lengths)), "every length was timed"
+    routes = [dict(_route.routes(layer)) for layer in (model[0], model[2])]
+    assert all(len(r) == len(set(lengths)) for r in routes)
+    timed.clear()
+    for length in lengths:
+        model(torch.randn(2, length, 16)).square().mean().backward()
+    assert not timed
+    assert routes == [dict(_route.routes(layer)) for layer in (model[0], model[2])]
+
+
+def test_a_layer_forgets_its_oldest_route_first(monkeypatch):
+    monkeypatch.setattr(_route, "MAX_LAYER_ROUTES", 3)
+    layer = torch.nn.Linear(2, 2)
+    for sig in "abcd":
+        _route.remember(layer, (sig,), "reference")
+    assert list(_route.routes(layer)) == [("b",), ("c",), ("d",)]
 
 
 def settled_on_torch_cases():
