@@ -63,8 +63,10 @@ fed 100 sequence lengths spent 3.8 s of its 4.5 s timing them, against torch's 0
 whole run. So a class's *family* (its key with the main input's sizes left out: the op, phase,
 parameters' shapes and settings) has its first ``TIMED_PER_FAMILY`` sizes timed; a later size
 within ``NEAR_FACTOR`` of a timed one in every dimension takes that one's choice untimed
-(``Decision.rule`` "nearest timed size", kept in memory, not in the file). A model of fixed
-shapes never meets the rule: its layers' families have one size or two.
+(``Decision.rule`` "nearest timed size", kept in memory, not in the file). Only keys that hold a
+parameter's shape besides the input's form families (``_family``): a model of fixed shapes then
+meets the rule nowhere (each of fastml.zoo's twelve models, trained and evaluated patched with
+fx=True, had every decision timed), since one layer's parameters see one size or two.
 
 ``use_backend(name)`` / ``FASTML_BACKEND`` still force one backend: then nothing is timed.
 """
@@ -634,18 +636,18 @@ def _decide(key, kernels, tensor, run, rounds=None) -> Decision:
 def _family(key: tuple) -> tuple[tuple, tuple | None]:
     """(family, sizes) of a shape class: the key with its first torch.Size (the main input's
     shape: shape_class, backward_class, a layer's or a fused functional's key put it first) left
-    as its length, and that Size; (key, None) for a key without one (a whole model's)."""
+    as its length, and that Size. (key, None) where no other Size stays in the family: a key
+    without a parameter's shape (a pooling's, a batch norm's backward) would make one family of
+    every such layer of a model, which must each be timed; and a whole model's key."""
     found: list = []
 
     def strip(item):
         if isinstance(item, torch.Size):
-            if not found:
-                found.append(tuple(item))
-                return ("sizes of rank", len(item))
-            return item
+            found.append(tuple(item))
+            return ("sizes of rank", len(item)) if len(found) == 1 else item
         if isinstance(item, tuple):
             return tuple([strip(i) for i in item])
         return item
 
     family = strip(key)
-    return family, (found[0] if found else None)
+    return (family, found[0]) if len(found) > 1 else (key, None)
