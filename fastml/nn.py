@@ -191,10 +191,11 @@ class ConvReLUPool2d(torch.nn.Conv2d):
         if torch.jit.is_scripting():
             return F.max_pool2d(F.relu(self._conv_forward(input, self.weight, self.bias)), self.pool_kernel_size,
                                 self.pool_stride)
-        found = _route.settled(self, input, _route.weight_of(self))
+        weight = _route.weight_of(self)
+        found = _route.settled(self, input, weight)
         if found[0] == _route.TORCH:
             return self._torch_forward(input)
-        return _route.call(self, input, _route.weight_of(self), self._torch_forward, self._fastml_forward,
+        return _route.call(self, input, weight, self._torch_forward, self._fastml_forward,
                            variants=self._torch_variants, found=found)
 
     def _torch_variants(self, input: torch.Tensor, only: str | None = None) -> dict:
@@ -313,7 +314,7 @@ class MSELoss(torch.nn.MSELoss):
             return F.mse_loss(input, target, reduction=self.reduction)
         found = _route.settled(self, input, None, target)
         if found[0] == _route.TORCH:
-            return functional.torch_mse_loss(input, target, self.reduction)
+            return self._torch_forward(input, target)
         return _route.call(self, input, None, self._torch_forward, self._fastml_forward, target, found=found)
 
     def _fastml_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -353,11 +354,11 @@ class LinearMSELoss(torch.nn.Module):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return F.mse_loss(F.linear(input, self.weight, self.bias), target, reduction=self.reduction)
-        found = _route.settled(self, input, _route.weight_of(self), target)
+        weight = _route.weight_of(self)
+        found = _route.settled(self, input, weight, target)
         if found[0] == _route.TORCH:
             return self._torch_forward(input, target)
-        return _route.call(self, input, _route.weight_of(self), self._torch_forward, self._fastml_forward, target,
-                           found=found)
+        return _route.call(self, input, weight, self._torch_forward, self._fastml_forward, target, found=found)
 
     def _fastml_forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return functional.linear_mse(input, self.weight, self.bias, target, self.reduction)
