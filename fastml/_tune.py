@@ -337,16 +337,15 @@ class _Store:
         self.timed: dict[tuple, list[tuple[tuple, Decision]]] = {}  # family: [(sizes, timed decision)]
         self.lock = threading.RLock()
 
-    def note_timed(self, key: tuple, decision: Decision) -> None:
-        """A timed decision (this process's, or the file's) joins its family's timed sizes."""
-        family, sizes = _family(key)
+    def note_timed(self, family: tuple, sizes: tuple | None, decision: Decision) -> None:
+        """A timed decision (this process's, or the file's) of a class of ``family`` (``_family``)
+        joins its family's timed sizes."""
         if sizes is not None:
             self.timed.setdefault(family, []).append((sizes, decision))
 
-    def nearest(self, key: tuple, kernels: tuple[str, ...]) -> Decision | None:
-        """The choice of a timed size of ``key``'s family within NEAR_FACTOR of its own in every
+    def nearest(self, family: tuple, sizes: tuple | None, kernels: tuple[str, ...]) -> Decision | None:
+        """The choice of a timed size of ``family`` within NEAR_FACTOR of ``sizes`` in every
         dimension (the nearest), once the family has TIMED_PER_FAMILY timed sizes; else None."""
-        family, sizes = _family(key)
         timed = self.timed.get(family, ())
         if sizes is None or len(timed) < TIMED_PER_FAMILY:
             return None
@@ -616,11 +615,12 @@ def _decide(key, kernels, tensor, run, rounds=None) -> Decision:
         if decision is not None:
             return decision
         decision = _store.from_disk(key, kernels)
+        family, sizes = _family(key)
         if decision is None:
             if run is None or tensor.numel() == 0:
                 decision = Decision(static_choice(key[0], kernels), rule="empty input" if run else "static")
             else:
-                decision = _store.nearest(key, kernels)
+                decision = _store.nearest(family, sizes, kernels)
             if decision is None:
                 seconds = measure((*kernels, "reference"), run, tensor.device, rounds)
                 # A layer timed alone needs the wider margin; a whole model is timed in its own context.
@@ -628,7 +628,7 @@ def _decide(key, kernels, tensor, run, rounds=None) -> Decision:
                 decision = Decision(verdict(seconds, kernels, margin), seconds, margin=margin)
                 _store.persist(key, decision)
         if decision.rule == "measured":
-            _store.note_timed(key, decision)
+            _store.note_timed(family, sizes, decision)
         _store.decisions[key] = decision
         return decision
 
