@@ -20,6 +20,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fastml
+
 CALLS = ("no_grad", "grad, no backward", "forward+backward")
 
 
@@ -44,8 +46,6 @@ def layers() -> dict:
 @pytest.mark.parametrize("call", CALLS)
 @pytest.mark.parametrize("layer_name", list(layers()))
 def test_patched_layer_call(benchmark, layer_name, call, model):
-    import fastml
-
     benchmark.group = f"{layer_name} cpu: {call}"
     torch.manual_seed(0)
     module, inputs = layers()[layer_name]()
