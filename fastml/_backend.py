@@ -206,14 +206,15 @@ def kernel_candidates(tensor: torch.Tensor, implemented: tuple[str, ...] = BACKE
 
 
 def select(tensor: torch.Tensor, implemented: tuple[str, ...] = BACKENDS, key: tuple | None = None,
-           run=None) -> str:
+           run=None, within=None) -> str:
     """The backend that runs an op on ``tensor`` (the op's main input).
 
     ``implemented`` lists the backends that have this op; the reference is always among them.
     ``key`` is the call's shape class, its first item the op's name (fastml.ops.shape_class), and
     ``run(name)`` calls the op on backend ``name`` with this call's inputs, free of side effects:
     the measured choice times it the first time the class is seen (fastml/_tune.py). Without a
-    key, the static rule decides.
+    key, the static rule decides. ``within``: the layer the call belongs to (``_tune.scope``),
+    where the call runs outside it (a backward).
     """
     want = requested()
     if want is not None:
@@ -224,7 +225,7 @@ def select(tensor: torch.Tensor, implemented: tuple[str, ...] = BACKENDS, key: t
         return _tune.note(key, "reference", "no kernel covers it")
     if key is None:
         return _tune.static_choice("", kernels)
-    return _tune.choose(key, kernels, tensor, run)
+    return _tune.choose(key, kernels, tensor, run, within=within)
 
 
 def settings() -> tuple | None:

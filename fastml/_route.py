@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 
 import torch
 
@@ -216,21 +217,23 @@ def call(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | Non
     if sig is not None and sig in layer.__dict__.get(VETO_ATTR, ()):
         remember(layer, sig, "reference")
         return torch_forward(*args)
-    with watching() as reports:
-        out = fastml_forward(*args)
-    if sig is not None:
-        to_torch = settle(reports)
-        if to_torch is None and reports and not _first_unsettled(layer.__dict__.setdefault(PENDING_ATTR, set()), sig):
-            to_torch = False  # a backward still undecided at the signature's second call: time both ways now
-        others = variants(input) if variants is not None else {}
-        route = None
-        if to_torch is False or (to_torch is True and others):
-            forwards = {"fastml": fastml_forward} if to_torch is False else {}
-            route = layer_choice(layer, args, torch_forward, {**forwards, **others})
-        elif to_torch is True:
-            route = "reference"
-        if route is not None:
-            remember(layer, sig, route)
+    with _tune.scope(weakref.ref(layer)):  # the decisions made here are this layer's (fastml/_tune.py)
+        with watching() as reports:
+            out = fastml_forward(*args)
+        if sig is not None:
+            to_torch = settle(reports)
+            if to_torch is None and reports and not _first_unsettled(layer.__dict__.setdefault(PENDING_ATTR, set()),
+                                                                     sig):
+                to_torch = False  # a backward still undecided at the signature's second call: time both ways now
+            others = variants(input) if variants is not None else {}
+            route = None
+            if to_torch is False or (to_torch is True and others):
+                forwards = {"fastml": fastml_forward} if to_torch is False else {}
+                route = layer_choice(layer, args, torch_forward, {**forwards, **others})
+            elif to_torch is True:
+                route = "reference"
+            if route is not None:
+                remember(layer, sig, route)
     return out
 
 

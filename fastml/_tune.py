@@ -63,10 +63,22 @@ fed 100 sequence lengths spent 3.8 s of its 4.5 s timing them, against torch's 0
 whole run. So a class's *family* (its key with the main input's sizes left out: the op, phase,
 parameters' shapes and settings) has its first ``TIMED_PER_FAMILY`` sizes timed; a later size
 within ``NEAR_FACTOR`` of a timed one in every dimension takes that one's choice untimed
-(``Decision.rule`` "nearest timed size", kept in memory, not in the file). Only keys that hold a
-parameter's shape besides the input's form families (``_family``): a model of fixed shapes then
-meets the rule nowhere (each of fastml.zoo's twelve models, trained and evaluated patched with
-fx=True, had every decision timed), since one layer's parameters see one size or two.
+(``Decision.rule`` "nearest timed size", kept in memory, not in the file). A class belongs to
+up to two families (``_families``):
+
+- across layers, where its key holds a parameter's shape besides the input's: the key with the
+  input's sizes left out. Layers of one weight's shape (a transformer's repeated blocks) share
+  their timings. A key without a parameter's shape (a pooling's, a batch norm's backward, a
+  loss's) forms none: it would make one family of every such layer of a model, each of which a
+  model of fixed shapes must have timed;
+- within one layer (the ``scope`` a drop-in layer opens while it decides, which its ops'
+  backward keep for autograd's backward): the key with every size left out, so a pooling's, a
+  batch norm's backward, a loss's, or a convolution's backward (whose second shape, the input's,
+  follows the input's size) have families too. A layer of a model of fixed shapes sees one size
+  or two, never TIMED_PER_FAMILY.
+
+So a model of fixed shapes meets the rule nowhere (each of fastml.zoo's twelve models, trained
+and evaluated patched with fx=True, had every decision timed).
 
 ``use_backend(name)`` / ``FASTML_BACKEND`` still force one backend: then nothing is timed.
 """
@@ -338,7 +350,7 @@ class _Store:
         self.lock = threading.RLock()
 
     def note_timed(self, family: tuple, sizes: tuple | None, decision: Decision) -> None:
-        """A timed decision (this process's, or the file's) of a class of ``family`` (``_family``)
+        """A timed decision (this process's, or the file's) of a class of ``family`` (``_families``)
         joins its family's timed sizes."""
         if sizes is not None:
             self.timed.setdefault(family, []).append((sizes, decision))
@@ -535,6 +547,23 @@ def static_choice(op: str, kernels: tuple[str, ...]) -> str:
 # ------------------------------------------------------------------------------- choosing
 
 _recorder: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastml_tune_recorder", default=None)
+_scope: contextvars.ContextVar[object] = contextvars.ContextVar("fastml_tune_scope", default=None)
+
+
+@contextlib.contextmanager
+def scope(token):
+    """Decisions made inside the block are of one layer, ``token`` (hashable, unique to the layer,
+    a weak reference to it): their classes also join that layer's families (``_families``)."""
+    saved = _scope.set(token)
+    try:
+        yield
+    finally:
+        _scope.reset(saved)
+
+
+def current_scope():
+    """The layer deciding now (``scope``), or None: a Function keeps it for its backward."""
+    return _scope.get()
 
 
 @contextlib.contextmanager
@@ -574,10 +603,15 @@ else:  # pragma: no cover - a torch built without torch.distributed
 
 
 def decided(key: tuple, kernels: tuple[str, ...]) -> str | None:
-    """The choice for ``key`` if it is made (or needs no timing: the static rule), else None."""
+    """The choice for ``key`` if it is made, or needs no timing (the static rule, or a nearby
+    timed size of its families, ``_nearest``, which it will take when it comes), else None. A
+    layer fed a new size then settles its route at the first call, the backward's choice known
+    before autograd runs it."""
     if _static_rule(key[0]) is not None:
         return static_choice(key[0], kernels)
     decision = _store.decisions.get(key)
+    if decision is None:
+        decision = _nearest(key, kernels, _scope.get())
     return None if decision is None else decision.choice
 
 
@@ -591,36 +625,37 @@ def note(key: tuple | None, choice: str, rule: str) -> str:
 
 
 def choose(key: tuple, kernels: tuple[str, ...], tensor: torch.Tensor, run: Callable[[str], object] | None,
-           rounds: int | None = None) -> str:
+           rounds: int | None = None, within=None) -> str:
     """The backend for shape class ``key`` (its first item the op's name) among ``kernels`` (the
     fastml backends covering ``tensor``) and the reference. ``run(name)`` calls the op on that
     backend with this call's inputs, without side effects on them; None when it cannot be timed.
-    ``rounds``: see ``measure``."""
+    ``rounds``: see ``measure``. ``within``: the layer (``scope``) the call belongs to, where it is
+    not the current one (a backward, run by autograd after the layer's call)."""
     static = _static_rule(key[0])
     if static is not None:
         decision = Decision(static_choice(key[0], kernels), rule=static)
     else:
         decision = _store.decisions.get(key)
         if decision is None:
-            decision = _decide(key, kernels, tensor, run, rounds)
+            decision = _decide(key, kernels, tensor, run, rounds, _scope.get() if within is None else within)
     seen = _recorder.get()
     if seen is not None:
         seen.append((key, decision))
     return decision.choice
 
 
-def _decide(key, kernels, tensor, run, rounds=None) -> Decision:
+def _decide(key, kernels, tensor, run, rounds=None, within=None) -> Decision:
     with _store.lock:  # one measurement at a time: two would time each other
         decision = _store.decisions.get(key)
         if decision is not None:
             return decision
         decision = _store.from_disk(key, kernels)
-        family, sizes = _family(key)
+        families = _families(key, within)
         if decision is None:
             if run is None or tensor.numel() == 0:
                 decision = Decision(static_choice(key[0], kernels), rule="empty input" if run else "static")
             else:
-                decision = _store.nearest(family, sizes, kernels)
+                decision = _nearest(key, kernels, within, families)
             if decision is None:
                 seconds = measure((*kernels, "reference"), run, tensor.device, rounds)
                 # A layer timed alone needs the wider margin; a whole model is timed in its own context.
@@ -628,26 +663,45 @@ def _decide(key, kernels, tensor, run, rounds=None) -> Decision:
                 decision = Decision(verdict(seconds, kernels, margin), seconds, margin=margin)
                 _store.persist(key, decision)
         if decision.rule == "measured":
-            _store.note_timed(family, sizes, decision)
+            for family, sizes in families:
+                _store.note_timed(family, sizes, decision)
         _store.decisions[key] = decision
         return decision
 
 
-def _family(key: tuple) -> tuple[tuple, tuple | None]:
-    """(family, sizes) of a shape class: the key with its first torch.Size (the main input's
-    shape: shape_class, backward_class, a layer's or a fused functional's key put it first) left
-    as its length, and that Size. (key, None) where no other Size stays in the family: a key
-    without a parameter's shape (a pooling's, a batch norm's backward) would make one family of
-    every such layer of a model, which must each be timed; and a whole model's key."""
-    found: list = []
+def _nearest(key: tuple, kernels: tuple[str, ...], within, families: list | None = None) -> Decision | None:
+    """The choice of a timed size near ``key``'s in one of its families (``_Store.nearest``)."""
+    for family, sizes in _families(key, within) if families is None else families:
+        decision = _store.nearest(family, sizes, kernels)
+        if decision is not None:
+            return decision
+    return None
 
-    def strip(item):
+
+def _families(key: tuple, within=None) -> list[tuple[tuple, tuple]]:
+    """[(family, sizes)] of a shape class (module docstring): the family across layers where the
+    key holds a parameter's shape besides the main input's (shape_class, backward_class, a
+    layer's or a fused functional's key put the input's first): the key with that first
+    torch.Size left as its length, and that Size; then, where the class is decided within a
+    layer (``within``, a ``scope``'s token), that layer's family: the key with every Size left
+    as its length, and all their sizes in one tuple. Empty for a whole model's key, or a key
+    without a parameter's shape decided outside a layer."""
+    def strip(item, every: bool, found: list):
+        """``item`` with its first Size (every Size) left as its length, each Size into ``found``."""
         if isinstance(item, torch.Size):
             found.append(tuple(item))
-            return ("sizes of rank", len(item)) if len(found) == 1 else item
+            return ("sizes of rank", len(item)) if every or len(found) == 1 else item
         if isinstance(item, tuple):
-            return tuple([strip(i) for i in item])
+            return tuple([strip(i, every, found) for i in item])
         return item
 
-    family = strip(key)
-    return (family, found[0]) if len(found) > 1 else (key, None)
+    families = []
+    sizes: list = []
+    across = strip(key, False, sizes)
+    if len(sizes) > 1:
+        families.append((across, sizes[0]))
+    if within is not None:
+        sizes = []
+        mine = strip(key, True, sizes)
+        families.append(((within, mine), tuple(n for size in sizes for n in size)))
+    return families

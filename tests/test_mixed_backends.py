@@ -55,7 +55,7 @@ def _problems(gen):
 def _run(monkeypatch, forward: str, backward: str, function, inputs):
     """function(*inputs) and the gradients of every input that wants one, with each op's forward
     on ``forward`` and its backward on ``backward``."""
-    def choose(key, kernels, tensor, run, rounds=None):
+    def choose(key, kernels, tensor, run, rounds=None, within=None):
         if key[0].startswith(("function ", "layer ")):
             return "fastml"  # a fused functional's route: fastml's op, not torch's sequence
         return forward if key[1] == "forward" else backward

@@ -98,10 +98,10 @@ def prefer_matmul(monkeypatch):
     """The measured choice picks the "matmul" variant for every layer where it is a candidate."""
     real = _tune.choose
 
-    def choose(key, kernels, tensor, run, rounds=None):
+    def choose(key, kernels, tensor, run, rounds=None, within=None):
         if key[0].startswith("layer ") and "matmul" in kernels:
             return "matmul"
-        return real(key, kernels, tensor, run, rounds)
+        return real(key, kernels, tensor, run, rounds, within)
 
     monkeypatch.setattr(_tune, "choose", choose)
     fastml.clear_tuning()

@@ -150,6 +150,39 @@ def test_a_family_whose_first_sizes_are_timed_still_times_a_new_size_below_the_c
     assert {d.rule for d in _tune.decisions().values()} == {"measured"}
 
 
+def pool_key(height: int) -> tuple:
+    """A pooling-like shape class: the input's shape alone, no parameter's."""
+    return key("scoped", (torch.Size([2, 8, height, height]),), (True,))
+
+
+def test_a_class_without_a_parameters_shape_has_a_family_only_within_a_layer(clock):
+    """A key holding no parameter's shape (a pooling's, a batch norm's backward) forms no family
+    across layers (a model's every such layer must be timed), but within one layer (``scope``):
+    there its sizes past the first few take a nearby timed size's choice; another layer, or no
+    layer, still times its own."""
+    run, calls = costed_run(clock, {"cpp": 1e-4, "reference": 3e-4})
+    slower, _ = costed_run(clock, {"cpp": 3e-4, "reference": 1e-4})
+    layer, other = object(), object()
+    heights = [8 * 3 ** i for i in range(_tune.TIMED_PER_FAMILY)]
+    with _tune.scope(layer):
+        for height in heights:
+            calls.clear()
+            assert _tune.choose(pool_key(height), ("cpp",), X, run) == "cpp"
+            assert calls, f"the layer's size {height} must be timed"
+        # known before it is asked (a layer's route settles at a new size's first call, its
+        # backward's choice known before autograd runs it), and taken when asked, untimed
+        assert _tune.decided(pool_key(heights[1] + 5), ("cpp",)) == "cpp"
+        assert _tune.choose(pool_key(heights[1] + 5), ("cpp",), X, slower) == "cpp"
+    assert _tune.decisions()[pool_key(heights[1] + 5)].rule == "nearest timed size"
+    assert _tune.decided(pool_key(heights[1] + 6), ("cpp",)) is None
+    # the same classes outside the layer, in another layer, or handed a layer (a backward): timed
+    assert _tune.choose(pool_key(heights[1] + 6), ("cpp",), X, slower) == "reference"
+    with _tune.scope(other):
+        assert _tune.choose(pool_key(heights[1] + 7), ("cpp",), X, slower) == "reference"
+        assert _tune.choose(pool_key(heights[1] + 8), ("cpp",), X, slower, within=layer) == "cpp"
+    assert _tune.decisions()[pool_key(heights[1] + 8)].rule == "nearest timed size"
+
+
 def test_a_warm_up_that_carried_one_time_costs_does_not_set_the_samples(clock):
     """A layer's first call can carry its ops' own decisions (50x a steady call). The samples
     after the first round take their length from the timed calls, not from that warm-up."""
@@ -748,7 +781,7 @@ def test_a_layer_fed_varying_sizes_times_a_few_of_them(monkeypatch):
     for _ in range(2):
         for length in lengths:
             model(torch.randn(2, length, 16)).square().mean().backward()
-    families = {_tune._family(k)[0] for k, d in _tune.decisions().items() if d.rule == "measured"}
+    families = {f for k, d in _tune.decisions().items() if d.rule == "measured" for f, _ in _tune._families(k)}
     assert sum(timed.values()) <= len(families) * (_tune.TIMED_PER_FAMILY + 5)  # (a few far lengths too)
     assert sum(timed.values()) < len(set(lengths)), "every length was timed"
     routes = [dict(_route.routes(layer)) for layer in (model[0], model[2])]
@@ -758,6 +791,39 @@ def test_a_layer_fed_varying_sizes_times_a_few_of_them(monkeypatch):
         model(torch.randn(2, length, 16)).square().mean().backward()
     assert not timed
     assert routes == [dict(_route.routes(layer)) for layer in (model[0], model[2])]
+
+
+@needs_kernel
+def test_a_cnn_fed_varying_image_sizes_times_a_few_of_them(monkeypatch):
+    """A patched CNN (convolution, batch norm, ReLU, max-pool) trained on 40 image sizes decides
+    every size but times only a few per layer and op: the keys of a pooling, of a batch norm's
+    backward and of a convolution's backward hold no parameter's shape or a second input-sized
+    one, so only the layer's own family covers them, and the backward's decisions, made by
+    autograd after the layer's call, must still know their layer."""
+    timed = collections.Counter()
+    original = _tune.measure
+
+    def counted(names, run, device, rounds=None):
+        timed[names] += 1
+        return original(names, run, device, rounds)
+
+    monkeypatch.setattr(_tune, "measure", counted)
+    monkeypatch.setattr(_tune, "ROUNDS", 1)  # (the count matters here, not the verdicts)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2))
+    fastml.patch(model)
+    sizes = torch.randint(6, 41, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    for size in sizes:
+        model(torch.randn(2, 2, size, size)).square().mean().backward()
+    by_rule = collections.Counter(d.rule for d in _tune.decisions().values())
+    assert by_rule["nearest timed size"] > by_rule["measured"], by_rule
+    ops = {k[0] + " " + k[1] for k in _tune.decisions()}
+    for name in ("max_pool2d backward", "batch_norm backward", "conv2d backward"):
+        assert name in ops
+        untimed = [k for k, d in _tune.decisions().items()
+                   if k[0] + " " + k[1] == name and d.rule == "nearest timed size"]
+        assert untimed, f"{name}: every size was timed"
+    assert sum(timed.values()) < len(set(sizes)) * 2
 
 
 def test_a_layer_forgets_its_oldest_route_first(monkeypatch):

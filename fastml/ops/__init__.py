@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import forward_ad
 
-from fastml import _backend
+from fastml import _backend, _tune
 
 
 def tracks_gradients(*tensors: torch.Tensor | None) -> bool:
@@ -96,6 +96,13 @@ def forced_backend() -> bool:
     return _backend.requested() is not None
 
 
+def keep_dispatch(ctx, backend: str) -> None:
+    """What a Function's forward keeps for ``backward_backend``: the forward's ``backend``,
+    whether it was forced (``forced_backend``), and the layer deciding (``_tune.scope``), whose
+    families the backward's classes join although autograd runs it after the layer's call."""
+    ctx.backend, ctx.forced, ctx.tune_scope = backend, _backend.requested() is not None, _tune.current_scope()
+
+
 def backward_backend(ctx, grad: torch.Tensor, implemented: tuple[str, ...], run, key: tuple | None = None) -> str:
     """The backend a Function's backward runs on: torch ops where backward_in_torch_ops; the
     forward's where that was forced; otherwise the measured choice for the backward's own shape
@@ -105,7 +112,7 @@ def backward_backend(ctx, grad: torch.Tensor, implemented: tuple[str, ...], run,
         return "reference"
     if ctx.forced:
         return ctx.backend
-    return _backend.select(grad, implemented, ctx.backward_key if key is None else key, run)
+    return _backend.select(grad, implemented, ctx.backward_key if key is None else key, run, ctx.tune_scope)
 
 
 _has_storage = getattr(torch._C, "_has_storage", lambda t: True)

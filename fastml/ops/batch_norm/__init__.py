@@ -17,8 +17,8 @@ from fastml.ops import (
     backward_backend,
     backward_class,
     backward_in_torch_ops,
-    forced_backend,
     in_custom_op_graph,
+    keep_dispatch,
     shape_class,
     tracks_gradients,
 )
@@ -38,7 +38,7 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(stats)
         ctx.save_for_backward(x, weight, bias, stats)
         ctx.eps, ctx.relu = eps, relu
-        ctx.backend, ctx.forced = backend, forced_backend()
+        keep_dispatch(ctx, backend)
         ctx.backward_key = backward_key(x, weight, bias, relu)
         return out, stats
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend, _route
-from fastml.ops import (backward_backend, backward_class, forced_backend, in_custom_op_graph, needs_grad, shape_class,
+from fastml.ops import (backward_backend, backward_class, in_custom_op_graph, keep_dispatch, needs_grad, shape_class,
                         tracks_gradients)
 from fastml.ops.conv2d.reference import output_size  # noqa: F401  (part of the op's interface)
 
@@ -25,7 +25,8 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, backend):
         ctx.save_for_backward(x, weight)
-        ctx.args, ctx.backend, ctx.forced = (stride, padding, dilation, groups), backend, forced_backend()
+        ctx.args = (stride, padding, dilation, groups)
+        keep_dispatch(ctx, backend)
         out = impl(backend).forward(x, weight, bias, stride, padding, dilation, groups)
         ctx.backward_key = backward_key(out, x, weight, ctx.args, tuple(ctx.needs_input_grad[:3]))
         return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend, _route
-from fastml.ops import (backward_backend, backward_class, forced_backend, in_custom_op_graph, needs_grad, shape_class,
+from fastml.ops import (backward_backend, backward_class, in_custom_op_graph, keep_dispatch, needs_grad, shape_class,
                         tracks_gradients)
 from fastml.ops.conv2d_relu_max_pool2d.reference import pooled_size  # noqa: F401  (part of the interface)
 
@@ -29,7 +29,7 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
                                             pool_stride)
         ctx.save_for_backward(out, argmax, x, weight)
         ctx.args = (stride, padding, dilation, groups, pool_kernel, pool_stride)
-        ctx.backend, ctx.forced = backend, forced_backend()
+        keep_dispatch(ctx, backend)
         ctx.backward_key = backward_key(out, x, weight, ctx.args, tuple(ctx.needs_input_grad[:3]))
         return out
 

@@ -14,8 +14,8 @@ from fastml import _backend, _route
 from fastml.ops import (
     backward_backend,
     backward_in_torch_ops,
-    forced_backend,
     in_custom_op_graph,
+    keep_dispatch,
     needs_grad,
     scaled,
     shape_class,
@@ -92,7 +92,7 @@ class CrossEntropyFunction(torch.autograd.Function):
                                               label_smoothing, reduction, ctx.needs_input_grad[0])
         ctx.save_for_backward(logits, target, class_weight, grad)
         ctx.options = (ignore_index, label_smoothing, reduction, scale)
-        ctx.backend, ctx.forced = backend, forced_backend()
+        keep_dispatch(ctx, backend)
         return loss
 
     @staticmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend, _route
-from fastml.ops import (backward_backend, backward_class, forced_backend, in_custom_op_graph, needs_grad, shape_class,
+from fastml.ops import (backward_backend, backward_class, in_custom_op_graph, keep_dispatch, needs_grad, shape_class,
                         tracks_gradients)
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -25,7 +25,7 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, backend):
-        ctx.backend, ctx.forced = backend, forced_backend()
+        keep_dispatch(ctx, backend)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]

@@ -14,8 +14,8 @@ from fastml import _backend, _route
 from fastml.ops import (
     backward_backend,
     backward_in_torch_ops,
-    forced_backend,
     in_custom_op_graph,
+    keep_dispatch,
     needs_grad,
     scaled_all,
     shape_class,
@@ -42,7 +42,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction, need_x, need_w, need_b)
         ctx.save_for_backward(x, weight, bias, target, class_weight, grad_x, grad_w, grad_b)
         ctx.options = (ignore_index, label_smoothing, reduction)
-        ctx.backend, ctx.forced = backend, forced_backend()
+        keep_dispatch(ctx, backend)
         return loss
 
     @staticmethod

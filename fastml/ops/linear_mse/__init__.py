@@ -17,8 +17,8 @@ from fastml.ops import (
     backward_backend,
     backward_class,
     backward_in_torch_ops,
-    forced_backend,
     in_custom_op_graph,
+    keep_dispatch,
     needs_grad,
     scaled_all,
     shape_class,
@@ -42,7 +42,8 @@ class LinearMSEFunction(torch.autograd.Function):
         need_w, need_b, keep_residual = forward_flags(ctx.needs_input_grad[:4], bias is not None, reduction)
         loss, residual, grad_w, grad_b = impl(backend).forward(
             x, weight, bias, target, reduction, need_w, need_b, keep_residual)
-        ctx.reduction, ctx.backend, ctx.forced = reduction, backend, forced_backend()
+        ctx.reduction = reduction
+        keep_dispatch(ctx, backend)
         ctx.scale = error_scale(reduction, x.shape[0] * weight.shape[0])  # d(loss)/d(residual) / residual
         # The bias is not saved (as torch's addmm does not): its value is never needed again, so
         # changing it in place after the forward pass is allowed, as with torch's layers.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend, _route
-from fastml.ops import backward_backend, backward_class, forced_backend, in_custom_op_graph, shape_class, tracks_gradients
+from fastml.ops import backward_backend, backward_class, in_custom_op_graph, keep_dispatch, shape_class, tracks_gradients
 from fastml.ops.max_pool2d.reference import output_size  # noqa: F401  (part of the op's interface)
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
@@ -27,7 +27,8 @@ class MaxPool2dFunction(torch.autograd.Function):
         out, indices = impl(backend).forward(x, kernel, stride, padding, dilation, ceil_mode)
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(indices)
-        ctx.backend, ctx.forced, ctx.size = backend, forced_backend(), x.shape[2:]
+        ctx.size = x.shape[2:]
+        keep_dispatch(ctx, backend)
         ctx.window = (kernel, stride, padding, dilation)
         ctx.backward_key = backward_key(out, ctx.size, (kernel, stride, padding, dilation, ceil_mode))
         return out, indices
@@ -44,8 +45,10 @@ class MaxPool2dFunction(torch.autograd.Function):
 
 
 def backward_key(out, size, args) -> tuple:
-    """The backward's shape class: grad (out's shape), the input's (H, W) and the arguments."""
-    return backward_class("max_pool2d", out, (out.shape,), tuple(size), *args)
+    """The backward's shape class: grad (out's shape), the input's (H, W) and the arguments. The
+    (H, W) is a torch.Size, as every size in a key is, so that a layer's family (fastml/_tune.py)
+    leaves it out with the input's."""
+    return backward_class("max_pool2d", out, (out.shape,), torch.Size(size), *args)
 
 
 def max_pool2d(x, kernel, stride, padding, dilation, ceil_mode):

@@ -13,8 +13,8 @@ from fastml.ops import (
     backward_backend,
     backward_class,
     backward_in_torch_ops,
-    forced_backend,
     in_custom_op_graph,
+    keep_dispatch,
     needs_grad,
     shape_class,
     tracks_gradients,
@@ -32,7 +32,7 @@ class MSELossFunction(torch.autograd.Function):
     def forward(ctx, input, target, reduction, backend):
         loss, diff = impl(backend).forward(input, target, reduction, keep_diff=True)
         ctx.scale = error_scale(reduction, input.numel())
-        ctx.backend, ctx.forced = backend, forced_backend()
+        keep_dispatch(ctx, backend)
         ctx.backward_key = backward_key(input, loss)
         ctx.save_for_backward(input, target, diff)
         ctx.reduction, ctx.diff = reduction, diff  # for jvp (forward-mode AD)
