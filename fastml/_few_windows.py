@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from fastml import _recycled_linear
 from fastml._pointwise import channels_last_like
+from fastml.ops import relu_in_place
 from fastml.ops.conv2d.reference import output_size
 
 MAX_WINDOWS = 16
@@ -72,7 +73,7 @@ def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor
     n, k = input.shape[0], weight.shape[0]
     if n == 0:  # nothing to compute: torch's own, which sets the layouts (the weight's zero gradient as the weight)
         out = F.conv2d(input, weight, bias, conv.stride, 0, conv.dilation)
-        return out.relu_() if relu else out
+        return relu_in_place(out) if relu else out
     height, width = _output_size(conv, input, weight)
     weight_last = channels_last_like(weight)
     out_last = weight_last or channels_last_like(input)
@@ -100,7 +101,9 @@ def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor
         out = _recycled_linear.linear(rows, matrix, bias)
     else:
         out = F.linear(rows, matrix, bias)
+    if relu:  # on the product itself, before the views of it (as fastml/_pointwise.py's)
+        out = out.relu_()
     out = out.view(n, height, width, k).permute(0, 3, 1, 2)  # channels-last
     if not out_last:  # (one pixel: torch's (N, K, 1, 1) strides, which .contiguous() would keep as they are)
         out = out.reshape(n, k).view(n, k, 1, 1) if height * width == 1 else out.contiguous()
-    return out.relu_() if relu else out
+    return out

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from fastml import _route
 from fastml import nn as fastml_nn
-from fastml.ops import is_compiling
+from fastml.ops import is_compiling, relu_in_place
 
 FOLD_ATTR = "_fastml_fold"
 
@@ -167,11 +167,11 @@ class FoldedConv2d(fastml_nn.Conv2d):
 
         def torch_forward(x):
             out = self._conv_forward(x, *fold.parameters())
-            return out.relu_() if relu else out
+            return relu_in_place(out) if relu else out
 
         def fastml_forward(x):
             out = self._fastml_conv(x, *fold.parameters())
-            return out.relu_() if relu else out
+            return relu_in_place(out) if relu else out
 
         def variants(x, only=None):
             return fastml_nn.torch_conv_variants(self, x, fold.parameters, relu, only)
@@ -205,7 +205,7 @@ class FoldedBatchNorm2d(fastml_nn.BatchNorm2d):
     def _torch_relu(self, input: torch.Tensor) -> torch.Tensor:
         """What it replaces: torch's batch norm, then torch's ReLU (in place: the batch norm's
         backward does not read its output)."""
-        return self._torch_forward(input).relu_()
+        return relu_in_place(self._torch_forward(input))
 
     def _fastml_relu(self, input: torch.Tensor) -> torch.Tensor:
         return self._fastml_forward(input, relu=True)
@@ -252,10 +252,10 @@ class FoldedLinear(fastml_nn.Linear):
                                           variants=lambda x, only=None: self._torch_variants(x, only, relu=True)))
 
     def _torch_relu(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, _route.weight_of(self), _route.registered(self, "bias")).relu_()
+        return relu_in_place(F.linear(input, _route.weight_of(self), _route.registered(self, "bias")))
 
     def _fastml_relu(self, input: torch.Tensor) -> torch.Tensor:
-        return self._fastml_forward(input).relu_()
+        return relu_in_place(self._fastml_forward(input))
 
 
 # A fold undone is its three torch modules (_route.run_as_torch).

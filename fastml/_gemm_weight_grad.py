@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from fastml import _conv_backward, _onednn
 from fastml._winograd import last_level_cache_bytes
 from fastml.functional import _variant_can_run
-from fastml.ops import backward_in_torch_ops, forward_ad_active, is_compiling
+from fastml.ops import backward_in_torch_ops, forward_ad_active, is_compiling, relu_in_place
 
 
 def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -60,7 +60,7 @@ def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor
     """``conv``'s convolution of ``input`` (then an in-place ReLU if ``relu``), differentiable,
     the weight gradient by ``weight_gradient``. Only where ``applies``."""
     out = _GemmWeightGrad.apply(input, weight, bias, conv)
-    return out.relu_() if relu else out
+    return relu_in_place(out) if relu else out
 
 
 class _GemmWeightGrad(torch.autograd.Function):

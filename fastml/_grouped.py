@@ -32,7 +32,7 @@ import functools
 import torch
 
 from fastml import _conv_backward, _cpp, _onednn, _route
-from fastml.ops import forward_ad_active, is_compiling
+from fastml.ops import forward_ad_active, is_compiling, relu_in_place
 from fastml.ops.conv2d.reference import output_size
 
 WEIGHT_ATTR = "_fastml_grouped_weight"
@@ -121,7 +121,7 @@ def _run(conv: torch.nn.Conv2d, input: torch.Tensor, packed: torch.Tensor, bias:
 def _torchs(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             relu: bool) -> torch.Tensor:
     out = conv._conv_forward(input, weight, bias)
-    return out.relu_() if relu else out
+    return relu_in_place(out) if relu else out
 
 
 def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -152,7 +152,7 @@ def differentiable_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weigh
     else:
         out = _conv_backward.with_torch_backward(conv, lambda x, w, b: _run(conv, x, packed, b, False),
                                                  input, weight, bias)
-    return out.relu_() if relu else out
+    return relu_in_place(out) if relu else out
 
 
 class _Depthwise(torch.autograd.Function):

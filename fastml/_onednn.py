@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from fastml import _route
-from fastml.ops import forward_ad_active, is_compiling
+from fastml.ops import forward_ad_active, is_compiling, relu_in_place
 
 PACKED_ATTR = "_fastml_packed_weight"
 _route.DERIVED_WEIGHT_ATTRS.add(PACKED_ATTR)
@@ -117,7 +117,7 @@ def packed_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch
     epilogue = relu and cache.finite and finite(input) and (bias is None or finite(bias))
     out = convolution(input, cache.packed, bias, padding, stride, dilation, conv.groups,
                       "relu" if epilogue else "none", [], "")
-    return out.relu_() if relu and not epilogue else out
+    return relu_in_place(out) if relu and not epilogue else out
 
 
 def finite(tensor: torch.Tensor) -> bool:

@@ -65,10 +65,12 @@ def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor
     n, c, h, w = input.shape
     k = weight.shape[0]
     matrix = weight.reshape(k, c)
+    # The ReLU goes on each product itself, in place, before the views of it are taken: in place
+    # on a view that autograd tracks would make its backward copy through the product (relu_in_place).
     if channels_last or h * w == 1:  # (one pixel: the rows are the planes, one product does)
         rows = input.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view of a channels-last input
         out = torch.mm(rows, matrix.t()) if bias is None else torch.addmm(bias, rows, matrix.t())
-        out = out.view(n, h, w, k).permute(0, 3, 1, 2)
+        out = (out.relu_() if relu else out).view(n, h, w, k).permute(0, 3, 1, 2)
         if not channels_last:  # torch's (N, C, H, W) strides for its (N, K, 1, 1) output
             out = out.reshape(n, k).view(n, k, h, w)
     else:
@@ -79,5 +81,5 @@ def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor
             out = torch.baddbmm(bias.view(1, k, 1), matrix.expand(n, k, c), planes)
         # (a product may give its size-one dimensions other strides, which torch's layout
         # heuristics downstream would read as channels-last: through (N, K·H·W) they are torch's)
-        out = out.reshape(n, k * h * w).view(n, k, h, w)
-    return out.relu_() if relu else out
+        out = (out.relu_() if relu else out).reshape(n, k * h * w).view(n, k, h, w)
+    return out

@@ -37,6 +37,7 @@ import os
 import torch
 
 from fastml import _conv_backward, _cpp, _onednn, _route
+from fastml.ops import relu_in_place
 
 WEIGHT_ATTR = "_fastml_winograd_weight"
 _route.DERIVED_WEIGHT_ATTRS.add(WEIGHT_ATTR)
@@ -198,4 +199,4 @@ def differentiable_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weigh
     The ReLU runs in place after, as torch's sequence does."""
     out = _conv_backward.with_torch_backward(conv, lambda x, w, b: convolution(conv, x, w, b, False),
                                              input, weight, bias)
-    return out.relu_() if relu else out
+    return relu_in_place(out) if relu else out

@@ -21,7 +21,7 @@ from torch.overrides import has_torch_function, has_torch_function_variadic
 
 from fastml import _backend, _layout, _route
 from fastml.ops import (LIBRARY, dispatch_mode_active, forward_ad_active, in_custom_op_graph, is_compiling,
-                        onnx_exporting)
+                        onnx_exporting, relu_in_place)
 from fastml.ops import batch_norm as _batch_norm_op
 from fastml.ops import cdist as _cdist_op
 from fastml.ops import conv2d as _conv2d_op
@@ -619,7 +619,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
 
 def _torch_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu):
     out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return out.relu_() if relu else out  # (batch norm's backward does not read its output)
+    return relu_in_place(out) if relu else out  # (batch norm's backward does not read its output)
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu, routed: bool):

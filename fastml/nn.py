@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fastml import (_few_windows, _gemm_weight_grad, _grouped, _layout, _onednn, _pointwise, _recycled_linear, _route,
                     _winograd, functional)
+from fastml.ops import relu_in_place
 
 __all__ = ["BatchNorm2d", "Conv2d", "ConvReLUPool2d", "CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss",
            "LinearMSELoss", "MaxPool2d", "MSELoss"]
@@ -49,7 +50,7 @@ class Linear(torch.nn.Linear):
 
         def run(x):
             out = _recycled_linear.linear(x, self.weight, self.bias)
-            return out.relu_() if relu else out
+            return relu_in_place(out) if relu else out
         return {"recycled_grad": run}
 
 
@@ -156,7 +157,7 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
             # input hands it (a channels-last input makes oneDNN's channels-last)
             weight = _layout.Relayout.apply(weight, torch.contiguous_format, torch.contiguous_format)
             out = conv._conv_forward(x, weight, bias)
-            return out.relu_() if relu else out
+            return relu_in_place(out) if relu else out
         # and the input's gradient
         variants["channels_last"] = lambda x: relayout(run(_layout.Relayout.apply(
             x, torch.channels_last, torch.contiguous_format)), torch.contiguous_format)
@@ -217,7 +218,7 @@ class ConvReLUPool2d(torch.nn.Conv2d):
         output (nothing else reads it, and the convolution's backward does not need it)."""
         conv = F.conv2d(input, _route.weight_of(self), _route.registered(self, "bias"), self.stride, self.padding,
                         self.dilation, self.groups)
-        return F.max_pool2d(conv.relu_(), self.pool_kernel_size, self.pool_stride)
+        return F.max_pool2d(relu_in_place(conv), self.pool_kernel_size, self.pool_stride)
 
 
 class MaxPool2d(torch.nn.MaxPool2d):

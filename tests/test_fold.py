@@ -349,6 +349,34 @@ def test_linear_relu_gets_the_relu_on_its_output(backend, rng):
     assert_same_model(reference, model, x)
 
 
+@pytest.mark.parametrize("path", ["_torch_relu", "_fastml_relu"])
+def test_linear_relu_on_sequences_leaves_the_products_view_alone(rng, path):
+    """On (B, L, D) sequences a Linear's output is a view of its product's. A ReLU in place on it
+    made autograd's backward copy through the product (CopySlices: a zero fill and a copy per
+    layer, a patched MLP's step at 0.89x torch's): both of the run's paths apply it out of place
+    there, as torch's nn.ReLU does, and in place elsewhere."""
+    reference, model, _ = patched_pair(lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU()), rng)
+    x = torch.randn(3, 4, 6, dtype=torch.float64, generator=rng)
+    out = getattr(model[0], path)(x)
+    assert type(out.grad_fn).__name__ == "ReluBackward0"
+    assert_same_model(reference, model, x)
+
+
+def test_relu_in_place_spares_an_allocation_but_never_rewrites_a_tracked_view():
+    from fastml.ops import relu_in_place
+    fresh = torch.randn(4, 3)
+    assert relu_in_place(fresh) is fresh and (fresh >= 0).all()
+    base = torch.randn(2, 6)
+    view = base.view(3, 4)
+    assert relu_in_place(view) is view  # no gradient tracked: in place is free
+    weight = torch.randn(5, 3, requires_grad=True)
+    tracked = torch.nn.functional.linear(torch.randn(2, 4, 3), weight, torch.randn(5))
+    assert tracked._base is not None
+    before = tracked.detach().clone()
+    out = relu_in_place(tracked)
+    assert out is not tracked and torch.equal(tracked.detach(), before) and torch.equal(out, before.relu())
+
+
 class MLPFromForward(nn.Module):
     def __init__(self):
         super().__init__()

@@ -57,6 +57,28 @@ def scaled_all(grads, grad_output: torch.Tensor) -> tuple:
                  else g * grad_output for g in grads)
 
 
+def relu_in_place(out: torch.Tensor) -> torch.Tensor:
+    """The ReLU of ``out``, a layer's fresh output that only the ReLU reads: in place, sparing an
+    allocation and a pass, except where autograd would record it as an in-place op on a *view*
+    (``out`` a view of a product's result: a Linear's on (B, L, D) sequences, a 1x1 convolution's
+    channels-last view of an addmm). There the backward (CopySlices) allocates the base's
+    gradient, fills it with zeros and copies into it, which costs more than it spares: a patched
+    MLP trained on (8, 34, 64) sequences ran at 0.89x torch's speed with five more copies and
+    fills a step. torch.relu there, out of place as torch's nn.ReLU. (A caller that makes the
+    view itself applies the ReLU to the product before it: fastml/_pointwise.py.)
+
+    The test reads two of the tensor's attributes, which a TorchFunctionMode or a tensor
+    subclass would see (as ``__get__`` calls torch's own module never makes): for those, in
+    place as before, so they see the calls they see unpatched."""
+    if out.__class__ is _TENSOR and not _function_mode_active() and out._base is not None and out.requires_grad:
+        return torch.relu(out)
+    return out.relu_()
+
+
+_TENSOR = torch.Tensor
+_function_mode_active = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
+
+
 def shape_class(op: str, phase: str, tensors, *arguments) -> tuple:
     """The shape class of a call, the key of its measured choice (fastml/_tune.py): the op and
     phase, the thread count, each tensor's shape (None for an absent one), the first tensor's
