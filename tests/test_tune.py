@@ -760,21 +760,27 @@ def test_a_layer_decided_for_torch_calls_torch_directly(monkeypatch):
     assert calls["linear"] == 1
 
 
+@pytest.fixture
+def timed(monkeypatch) -> collections.Counter:
+    """{candidates: how many times they were timed together}, counted from now on."""
+    counts = collections.Counter()
+    original = _tune.measure
+
+    def counted(names, run, device, rounds=None):
+        counts[names] += 1
+        return original(names, run, device, rounds)
+
+    monkeypatch.setattr(_tune, "measure", counted)
+    return counts
+
+
 @needs_kernel
-def test_a_layer_fed_varying_sizes_times_a_few_of_them(monkeypatch):
+def test_a_layer_fed_varying_sizes_times_a_few_of_them(timed):
     """A patched MLP fed 60 sequence lengths (1 to 200), three times over, decides every length
     but times only a few per family (each op, phase and layer): the rest take a nearby timed
     length's choice. Every length keeps its route (MAX_LAYER_ROUTES): the third pass times and
     settles nothing (a route whose backward was undecided at its length's first call settles at
     the second)."""
-    timed = collections.Counter()
-    original = _tune.measure
-
-    def counted(names, run, device, rounds=None):
-        timed[names] += 1
-        return original(names, run, device, rounds)
-
-    monkeypatch.setattr(_tune, "measure", counted)
     model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))
     fastml.patch(model)
     lengths = torch.randint(1, 201, (60,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -794,20 +800,12 @@ def test_a_layer_fed_varying_sizes_times_a_few_of_them(monkeypatch):
 
 
 @needs_kernel
-def test_a_cnn_fed_varying_image_sizes_times_a_few_of_them(monkeypatch):
+def test_a_cnn_fed_varying_image_sizes_times_a_few_of_them(monkeypatch, timed):
     """A patched CNN (convolution, batch norm, ReLU, max-pool) trained on 40 image sizes decides
     every size but times only a few per layer and op: the keys of a pooling, of a batch norm's
     backward and of a convolution's backward hold no parameter's shape or a second input-sized
     one, so only the layer's own family covers them, and the backward's decisions, made by
     autograd after the layer's call, must still know their layer."""
-    timed = collections.Counter()
-    original = _tune.measure
-
-    def counted(names, run, device, rounds=None):
-        timed[names] += 1
-        return original(names, run, device, rounds)
-
-    monkeypatch.setattr(_tune, "measure", counted)
     monkeypatch.setattr(_tune, "ROUNDS", 1)  # (the count matters here, not the verdicts)
     nn = torch.nn
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2))
