@@ -122,7 +122,7 @@ def keep_dispatch(ctx, backend: str) -> None:
     """What a Function's forward keeps for ``backward_backend``: the forward's ``backend``,
     whether it was forced (``forced_backend``), and the layer deciding (``_tune.scope``), whose
     families the backward's classes join although autograd runs it after the layer's call."""
-    ctx.backend, ctx.forced, ctx.tune_scope = backend, _backend.requested() is not None, _tune.current_scope()
+    ctx.backend, ctx.forced, ctx.tune_scope = backend, forced_backend(), _tune.current_scope()
 
 
 def backward_backend(ctx, grad: torch.Tensor, implemented: tuple[str, ...], run, key: tuple | None = None) -> str:

@@ -30,7 +30,7 @@ class MaxPool2dFunction(torch.autograd.Function):
         ctx.size = x.shape[2:]
         keep_dispatch(ctx, backend)
         ctx.window = (kernel, stride, padding, dilation)
-        ctx.backward_key = backward_key(out, ctx.size, (kernel, stride, padding, dilation, ceil_mode))
+        ctx.backward_key = backward_key(out, x, (kernel, stride, padding, dilation, ceil_mode))
         return out, indices
 
     @staticmethod
@@ -44,11 +44,12 @@ class MaxPool2dFunction(torch.autograd.Function):
         return run(backward_backend(ctx, grad, IMPLEMENTED, run)), None, None, None, None, None, None
 
 
-def backward_key(out, size, args) -> tuple:
-    """The backward's shape class: grad (out's shape), the input's (H, W) and the arguments. The
-    (H, W) is a torch.Size, as every size in a key is, so that a layer's family (fastml/_tune.py)
-    leaves it out with the input's."""
-    return backward_class("max_pool2d", out, (out.shape,), torch.Size(size), *args)
+def backward_key(out, x, args) -> tuple:
+    """The backward's shape class: grad (out's shape), the input's shape and the arguments. The
+    whole input's shape: a layer's family (fastml/_tune.py) leaves it out with the output's, and
+    the family across layers keeps it, so that one holds a single class (the (H, W) alone would
+    have made one family of the poolings of every channel count)."""
+    return backward_class("max_pool2d", out, (out.shape, x.shape), *args)
 
 
 def max_pool2d(x, kernel, stride, padding, dilation, ceil_mode):
@@ -62,7 +63,7 @@ def max_pool2d(x, kernel, stride, padding, dilation, ceil_mode):
     if tracks_gradients(x):
         out, indices = MaxPool2dFunction.apply(x, kernel, stride, padding, dilation, ceil_mode, backend)
         if _route.watched():
-            _route.report(backend, x, IMPLEMENTED, backward_key(out, x.shape[2:], args))
+            _route.report(backend, x, IMPLEMENTED, backward_key(out, x, args))
         return out, indices
     if _route.watched():
         _route.report(backend, x, IMPLEMENTED, None)
