@@ -363,6 +363,22 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
     assert len(decisions) == 80  # every decision of both, merged under the lock
 
 
+def test_decisions_in_quick_succession_share_one_write(clock, monkeypatch):
+    """Each write rewrites the whole file (O(decisions held)): the first decision of a process is
+    written at once, the next within WRITE_INTERVAL with a later write, or when the count is
+    read (a process that exits writes them too: test_two_processes_writing_at_once_lose_nothing)."""
+    writes = []
+    replace = os.replace
+    monkeypatch.setattr(_tune.os, "replace", lambda *paths: (writes.append(paths), replace(*paths))[1])
+    for i in range(30):
+        decide(clock, f"quick-{i}")
+    assert len(writes) == 1 and len(json.loads(_tune.cache_path().read_text())["decisions"]) == 1
+    assert _tune.stored_count() == 30 and len(writes) == 2
+    monkeypatch.setattr(_tune, "WRITE_INTERVAL", 0.0)
+    decide(clock, "slow")
+    assert len(writes) == 3
+
+
 # --------------------------------------------------------------------- settings and control
 
 def fail_if_timed(monkeypatch):
