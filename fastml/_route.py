@@ -25,7 +25,7 @@ import weakref
 import torch
 
 from fastml import _backend, _tune
-from fastml.ops import dispatch_mode_active, is_compiling, onnx_exporting
+from fastml.ops import dispatch_mode_active, function_mode_active, is_compiling, onnx_exporting
 
 ATTR = "_fastml_route"
 VETO_ATTR = "_fastml_torch_signatures"
@@ -152,7 +152,7 @@ def settled(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | 
         return TORCH, None
     if is_compiling():
         return COMPILING, None
-    if dispatch_mode_active() or _function_mode_active():
+    if dispatch_mode_active() or function_mode_active():
         # Python modes (FakeTensorMode, FlopCounterMode, a TorchFunctionMode that logs): they
         # see what torch's module calls, as they would unpatched, and a fake tensor no kernel
         # can read. (fastml's functions defer to torch under either mode too.)
@@ -257,9 +257,6 @@ def _first_unsettled(pending: set, sig: tuple) -> bool:
         pending.clear()
     pending.add(sig)
     return True
-
-
-_function_mode_active = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
 
 
 def _saving_hooks_reader():

@@ -359,17 +359,16 @@ class _Store:
         self.unwritten: Path | None = None  # the file the decisions measured since the last write go to
         self.last_write = -math.inf  # time.monotonic() of the last write
 
-    def note_timed(self, family: tuple, sizes: tuple | None, decision: Decision) -> None:
+    def note_timed(self, family: tuple, sizes: tuple, decision: Decision) -> None:
         """A timed decision (this process's, or the file's) of a class of ``family`` (``_families``)
         joins its family's timed sizes."""
-        if sizes is not None:
-            self.timed.setdefault(family, []).append((sizes, decision))
+        self.timed.setdefault(family, []).append((sizes, decision))
 
-    def nearest(self, family: tuple, sizes: tuple | None, kernels: tuple[str, ...]) -> Decision | None:
+    def nearest(self, family: tuple, sizes: tuple, kernels: tuple[str, ...]) -> Decision | None:
         """The choice of a timed size of ``family`` within NEAR_FACTOR of ``sizes`` in every
         dimension (the nearest), once the family has TIMED_PER_FAMILY timed sizes; else None."""
         timed = self.timed.get(family, ())
-        if sizes is None or len(timed) < TIMED_PER_FAMILY:
+        if len(timed) < TIMED_PER_FAMILY:
             return None
         reach = math.log(NEAR_FACTOR) + 1e-9
         best, best_distance = None, math.inf
