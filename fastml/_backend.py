@@ -147,6 +147,7 @@ def _require(name: str) -> str:
 
 
 _backend_env = _env.reader(ENV_VAR)
+_backend_env_set = _env.raw_reader(ENV_VAR)
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastml_backend", default=None)
 
 
@@ -170,8 +171,7 @@ def forced() -> bool:
     check every drop-in layer's call makes (fastml/_route.py)."""
     if _override.get() is not None:
         return True
-    env = _backend_env()
-    return bool(env) and not env.isspace()
+    return bool(_backend_env_set()) and not _backend_env().isspace()  # (decoded only where set)
 
 
 def requested() -> str | None:

@@ -9,6 +9,7 @@ encoded name up in the mapping's own store is ~10x cheaper and sees the same cha
 
 from __future__ import annotations
 
+import functools
 import os
 
 _STORE = getattr(os.environ, "_data", None)
@@ -28,3 +29,12 @@ def reader(name: str):
         return "" if raw is None else _DECODE(raw)
 
     return read
+
+
+def raw_reader(name: str):
+    """A function returning the variable ``name``'s value as the environment stores it (None when
+    unset; bytes on POSIX), undecoded: for a check that only compares it with what it was, or
+    asks whether it is set (~20 ns, against ``reader``'s ~50 ns)."""
+    if not _FAST:  # pragma: no cover - as in ``reader``
+        return lambda: os.environ.get(name)
+    return functools.partial(_STORE.get, _ENCODE(name))

@@ -25,7 +25,7 @@ import weakref
 import torch
 
 from fastml import _backend, _tune
-from fastml.ops import dispatch_mode_active, function_mode_active, is_compiling, onnx_exporting
+from fastml.ops import dispatch_mode_depth, function_mode_active, is_compiling, onnx_exporting
 
 ATTR = "_fastml_route"
 VETO_ATTR = "_fastml_torch_signatures"
@@ -152,7 +152,7 @@ def settled(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | 
         return TORCH, None
     if is_compiling():
         return COMPILING, None
-    if dispatch_mode_active() or function_mode_active():
+    if dispatch_mode_depth() or function_mode_active():
         # Python modes (FakeTensorMode, FlopCounterMode, a TorchFunctionMode that logs): they
         # see what torch's module calls, as they would unpatched, and a fake tensor no kernel
         # can read. (fastml's functions defer to torch under either mode too.)
@@ -161,7 +161,12 @@ def settled(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | 
         return (TRACED if isinstance(input, PROXY) else None), None  # (else the caller's checks say what is wrong)
     if _backend.forced():
         return None, None
-    sig = (input.shape, input.dtype, input.device, _layout(input), _grad_enabled(), input.requires_grad,
+    # The strides hold the memory format (a channels-last input takes oneDNN's other paths, a
+    # merely strided one neither) at half the cost of asking is_contiguous for each. A sparse or
+    # mkldnn tensor answers stride() with its own values (COO's (0, 0) is also an expanded dense
+    # tensor's) or raises: its layout stands there instead.
+    strides = input.stride() if input.layout is _STRIDED else input.layout
+    sig = (input.shape, strides, input.dtype, input.device, _grad_enabled(), input.requires_grad,
            weight is not None and weight.requires_grad, _threads(), _tune.state())
     if target is not None:
         sig = (*sig, target.shape, target.dtype, target.requires_grad)

@@ -194,6 +194,7 @@ class Decision:
 
 _mode_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastml_tune", default=None)
 _tune_env = _env.reader(TUNE_VAR)
+_tune_env_stored = _env.raw_reader(TUNE_VAR)
 
 
 def _check_mode(value, name: str) -> str:
@@ -478,7 +479,7 @@ def state() -> tuple:
     equal whenever ``mode()`` and ``generation()`` are, without validating the mode (a decision
     made under it calls ``mode``, which does), for the check every drop-in layer's call makes
     (fastml/_route.py)."""
-    return _mode_override.get(), _tune_env(), _generation
+    return _mode_override.get(), _tune_env_stored(), _generation
 
 
 def settings() -> tuple | None:

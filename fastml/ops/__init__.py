@@ -153,6 +153,9 @@ def onnx_exporting() -> bool:
 
 
 _dispatch_stack_depth = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+dispatch_mode_depth = _dispatch_stack_depth
+"""How many Python dispatch modes are on (torch's own query): ``dispatch_mode_active`` without
+its Python frame, for the check every drop-in layer's call makes (fastml/_route.py)."""
 function_mode_active = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
 """Whether a Python TorchFunctionMode is on (torch's own query, ~25 ns)."""
 
