@@ -848,6 +848,23 @@ def test_a_layer_forgets_its_oldest_route_first(monkeypatch):
     assert list(_route.routes(layer)) == [("b",), ("c",), ("d",)]
 
 
+def test_a_routes_signature_tells_layouts_apart():
+    """The signature holds the input's strides, or its layout where it has none of its own: a
+    sparse COO input answers stride() with (0, 0), as an expanded dense one of its shape does,
+    and a route settled for either must not serve the other; contiguous and channels-last
+    inputs of one shape differ too."""
+    layer = fastml.nn.Linear(3, 2)
+    expanded = torch.tensor(0.5).expand(4, 3)
+    sparse = torch.randn(4, 3).to_sparse()
+    assert expanded.stride() == sparse.stride()  # (what the layout guards against)
+    signatures = {_route.settled(layer, t, layer.weight)[1] for t in (expanded, sparse, expanded.contiguous())}
+    assert len(signatures) == 3
+    conv = fastml.nn.Conv2d(3, 3, 1)
+    image = torch.randn(2, 3, 4, 4)
+    assert (_route.settled(conv, image, conv.weight)[1]
+            != _route.settled(conv, image.to(memory_format=torch.channels_last), conv.weight)[1])
+
+
 def settled_on_torch_cases():
     """{name: () -> (fastml layer, its torch twin, input, target or None)}: every drop-in whose
     route can settle on torch, with the parameters and buffers it reads there."""
