@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from fastml import _layout
+
 
 def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``convolution`` computes ``conv``'s convolution of ``input`` as torch's module
@@ -61,6 +63,9 @@ def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor
     channels_last = channels_last_like(input) or channels_last_like(weight)
     sh, sw = conv.stride
     if (sh, sw) != (1, 1):
+        if channels_last:  # torch hands the input's gradient back channels-last; a slice's backward would not
+            own = torch.channels_last if channels_last_like(input) else torch.contiguous_format
+            input = _layout.Relayout.apply(input, own, torch.channels_last)
         input = input[:, :, ::sh, ::sw]
     n, c, h, w = input.shape
     k = weight.shape[0]

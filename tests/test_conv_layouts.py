@@ -18,8 +18,9 @@ from fastml.nn import torch_conv_variants
 
 CL = torch.channels_last
 
-# (in, out, kernel, stride, groups): a 1x1, 3x3 at both strides, depthwise, grouped; one channel in
-CONVS = [(16, 32, 1, 1, 1), (16, 32, 3, 1, 1), (16, 32, 3, 2, 1), (32, 32, 3, 1, 32), (32, 64, 3, 1, 4),
+# (in, out, kernel, stride, groups): a 1x1 at both strides, 3x3 at both strides, depthwise, grouped;
+# one channel in
+CONVS = [(16, 32, 1, 1, 1), (16, 32, 1, 2, 1), (16, 32, 3, 1, 1), (16, 32, 3, 2, 1), (32, 32, 3, 1, 32), (32, 64, 3, 1, 4),
          (1, 8, 3, 1, 1)]
 
 
