@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from fastml import _layout
+
 
 def with_torch_backward(conv: torch.nn.Conv2d, forward, input: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
@@ -39,7 +41,4 @@ def torch_backward(ctx, grad: torch.Tensor, input: torch.Tensor, weight: torch.T
     ``weight_grad``: a variant that computes it itself)."""
     wanted = [ctx.needs_input_grad[0], weight_grad and ctx.needs_input_grad[1],
               ctx.has_bias and ctx.needs_input_grad[2]]
-    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-        grad, input, weight, [weight.shape[0]] if ctx.has_bias else None, list(conv.stride), list(conv.padding),
-        list(conv.dilation), False, [0, 0], conv.groups, wanted)
-    return grad_input, grad_weight, grad_bias, None
+    return (*_layout.convolution_backward(grad, input, weight, conv, wanted), None)

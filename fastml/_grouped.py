@@ -31,7 +31,7 @@ import functools
 
 import torch
 
-from fastml import _conv_backward, _cpp, _onednn, _route
+from fastml import _conv_backward, _cpp, _layout, _onednn, _route
 from fastml.ops import forward_ad_active, is_compiling, relu_in_place
 from fastml.ops.conv2d.reference import output_size
 
@@ -120,7 +120,7 @@ def _run(conv: torch.nn.Conv2d, input: torch.Tensor, packed: torch.Tensor, bias:
 
 def _torchs(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             relu: bool) -> torch.Tensor:
-    out = conv._conv_forward(input, weight, bias)
+    out = _layout.torch_convolution(conv, input, weight, bias)
     return relu_in_place(out) if relu else out
 
 

@@ -25,6 +25,7 @@ the hooks.
 from __future__ import annotations
 
 import torch
+from torch.nn.modules.utils import _pair
 
 ATTR = "_fastml_channels_last"
 
@@ -63,6 +64,85 @@ def suggests_channels_last(t: torch.Tensor) -> bool:
     return True
 
 
+def faulting_shape(weight: torch.Tensor, stride) -> bool:
+    """Whether a convolution by ``weight`` with ``stride`` is one whose weight and bias gradients
+    oneDNN computes out of bounds on channels-last memory: 1x1, a stride other than 1, fewer than
+    16 input channels a group. Seen with torch 2.13.0 (oneDNN 3.12, ``jit_1x1:avx512_core``
+    backward_weights, float32 and bfloat16) on a Zen 4: a segmentation fault or a corrupted heap
+    from 4x3x64x64 up (one oneDNN pass computes both gradients: asking for either faults).
+    RepVGG-A0's stem has such a convolution, and a layer's measured choice times it on that
+    layout. torch's other paths for it are sound: stride 1, 16 channels or more, padding,
+    (N, C, H, W) memory, or the input's gradient alone. The test is a little wider than the fault
+    (any stride, dtype and group count): where it holds, the convolution runs on copies."""
+    return (weight.dim() == 4 and weight.shape[2] == 1 and weight.shape[3] == 1 and weight.shape[1] < 16
+            and tuple(_pair(stride)) != (1, 1))
+
+
+def faults(input: torch.Tensor, weight: torch.Tensor, stride, weight_or_bias_grad: bool) -> bool:
+    """Whether torch's convolution of ``input`` by ``weight`` would run into the fault of
+    ``faulting_shape``: on channels-last memory on the CPU, the weight's or the bias's gradient
+    wanted (``weight_or_bias_grad``)."""
+    return weight_or_bias_grad and faulting_shape(weight, stride) and runs_channels_last(input, weight)
+
+
+def grads_wanted(weight: torch.Tensor, bias) -> bool:
+    """Whether a convolution's call will want the weight's or the bias's gradient."""
+    return torch.is_grad_enabled() and (weight.requires_grad or isinstance(bias, torch.Tensor) and bias.requires_grad)
+
+
+def runs_channels_last(input: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's CPU convolution of ``input`` by ``weight`` runs on channels-last memory:
+    where either suggests it."""
+    return input.device.type == "cpu" and (suggests_channels_last(input) or suggests_channels_last(weight))
+
+
+def _off_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in memory torch's convolution reads as (N, C, H, W), its gradient handed back
+    channels-last, as torch's convolution on channels-last memory hands back its gradients."""
+    return Relayout.apply(t, torch.contiguous_format, torch.channels_last)
+
+
+def _back_to_channels_last(out: torch.Tensor) -> torch.Tensor:
+    return _relayout(out, torch.channels_last) if out.dim() == 4 else out
+
+
+def torch_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv._conv_forward(input, weight, bias)``, torch's convolution, except where it would run
+    into the fault of ``faults``: there on (N, C, H, W) copies, the output and the gradients
+    handed back in the layouts torch's would have. A model torch itself cannot train (it crashes)
+    then trains patched."""
+    if conv.kernel_size == (1, 1) and faults(input, weight, conv.stride, grads_wanted(weight, bias)):
+        return _back_to_channels_last(conv._conv_forward(_off_channels_last(input), _off_channels_last(weight), bias))
+    return conv._conv_forward(input, weight, bias)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """``torch.nn.functional.conv2d``, except where it would run into the fault of ``faults`` (as
+    ``torch_convolution``)."""
+    if (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor)
+            and faults(input, weight, stride, grads_wanted(weight, bias))):
+        return _back_to_channels_last(torch.nn.functional.conv2d(
+            _off_channels_last(input), _off_channels_last(weight), bias, stride, padding, dilation, groups))
+    return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+
+def convolution_backward(grad: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, conv: torch.nn.Conv2d,
+                         wanted: list[bool]) -> tuple:
+    """``aten.convolution_backward`` of ``conv``'s convolution for the gradients ``wanted`` (input,
+    weight, bias), except where it would run into the fault of ``faults``: there on (N, C, H, W)
+    copies, the input's gradient handed back in the layout torch's would have."""
+    faulting = faults(input, weight, conv.stride, wanted[1] or wanted[2])
+    if faulting:
+        grad, input, weight = (_relayout(t, torch.contiguous_format) for t in (grad, input, weight))
+    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad, input, weight, [weight.shape[0]] if wanted[2] else None, list(conv.stride), list(conv.padding),
+        list(conv.dilation), False, [0, 0], conv.groups, wanted)
+    if faulting and grad_input is not None:
+        grad_input = _back_to_channels_last(grad_input)
+    return grad_input, grad_weight, grad_bias
+
+
 class Relayout(torch.autograd.Function):
     """``x`` copied into ``memory_format``, its gradient handed back in ``grad_memory_format``: a
     kernel that runs on one layout, behind a layer whose twin hands gradients back in another,
@@ -71,8 +151,12 @@ class Relayout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, memory_format, grad_memory_format):
         ctx.grad_memory_format = grad_memory_format
-        if x.is_contiguous(memory_format=memory_format):
-            return x.view_as(x)  # no copy: only the gradient's layout changes
+        if x.is_contiguous(memory_format=memory_format) and not (
+                memory_format == torch.contiguous_format and suggests_channels_last(x)):
+            # No copy: only the gradient's layout changes. (A tensor contiguous both ways whose
+            # strides were made channels-last, a 1x1 weight, is copied: torch would still read
+            # its strides as channels-last.)
+            return x.view_as(x)
         return _relayout(x, memory_format)
 
     @staticmethod

@@ -721,11 +721,11 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, routed: bool
     if routed:
         config, sig = _route.given_signature("conv2d", (input, weight, bias), (stride, padding, dilation, groups))
         if _route.settled_on_torch(sig, input):
-            return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+            return _layout.conv2d(input, weight, bias, stride, padding, dilation, groups)
     args = None if _defer_to_torch(input, weight, bias) else _conv_args(input, weight, bias, stride, padding,
                                                                         dilation, groups)
     if args is None:
-        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return _layout.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
     def fastml_forward(input, weight, bias):
         x, weight, pads, restore = _conv_operands(input, weight, args[1])
@@ -736,7 +736,7 @@ def _conv2d(input, weight, bias, stride, padding, dilation, groups, routed: bool
         return fastml_forward(input, weight, bias)
 
     def torch_forward(input, weight, bias):
-        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return _layout.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
     return _route.call_function("conv2d", (input, weight, bias), config, torch_forward, fastml_forward, sig,
                                 (*args, groups))
@@ -798,7 +798,7 @@ def conv2d_relu_max_pool2d(input: torch.Tensor, weight: torch.Tensor, bias: torc
                     conv_dilation, groups, pool_kernel, pool_step))
 
             def torch_forward(input, weight, bias):
-                return F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups)),
+                return F.max_pool2d(F.relu(_layout.conv2d(input, weight, bias, stride, padding, dilation, groups)),
                                     pool_kernel, pool_step)
 
             config = (conv_stride, args[1], conv_dilation, groups, pool_kernel, pool_step)

@@ -65,9 +65,14 @@ class Conv2d(torch.nn.Conv2d):
         weight = _route.weight_of(self)
         found = _route.settled(self, input, weight)
         if found[0] == _route.TORCH:  # (as Linear's)
-            return self._conv_forward(input, weight, _route.registered(self, "bias"))
-        return _route.call(self, input, weight, super().forward, self._fastml_forward, variants=self._torch_variants,
-                           found=found)
+            return _layout.torch_convolution(self, input, weight, _route.registered(self, "bias"))
+        return _route.call(self, input, weight, self._torch_forward, self._fastml_forward,
+                           variants=self._torch_variants, found=found)
+
+    def _torch_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """torch.nn.Conv2d's forward (``_layout.torch_convolution``: where torch's oneDNN would
+        fault on channels-last memory, on contiguous copies)."""
+        return _layout.torch_convolution(self, input, self.weight, self.bias)
 
     def _fastml_forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._fastml_conv(input, self.weight, self.bias)
@@ -122,8 +127,9 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
     channels-last copy of the input, the result and the input's gradient copied back, so the caller
     sees torch's layouts. oneDNN's CPU
     convolutions are up to 2x faster on that layout for some shapes (a 7x7 stem, 64 channels at
-    28x28) and slower for others (depthwise, 1x1). Not for unbatched input, off the CPU, or
-    padding other than zeros."""
+    28x28) and slower for others (depthwise, 1x1). Not for unbatched input, off the CPU, padding
+    other than zeros, or where oneDNN's weight gradient on that layout faults
+    (``_layout.faulting_shape``)."""
     def offered(name: str) -> bool:
         return only is None or only == name
 
@@ -150,7 +156,8 @@ def torch_conv_variants(conv: torch.nn.Conv2d, input: torch.Tensor, parameters, 
         variants["gemm_weight_grad"] = lambda x: _gemm_weight_grad.convolution(conv, x, *parameters(), relu)
     if (offered("channels_last") and input.dim() == 4 and input.device.type == "cpu" and input.is_contiguous()
             and not _layout.suggests_channels_last(input) and not _layout.suggests_channels_last(weight)
-            and conv.padding_mode == "zeros"):
+            and conv.padding_mode == "zeros"
+            and not (_layout.faulting_shape(weight, conv.stride) and _layout.grads_wanted(weight, bias))):
         def run(x):
             weight, bias = parameters()
             # the weight's gradient handed back contiguous, as torch's convolution of a contiguous
@@ -216,8 +223,7 @@ class ConvReLUPool2d(torch.nn.Conv2d):
     def _torch_forward(self, input: torch.Tensor) -> torch.Tensor:
         """The three ops as torch runs them unfused, the ReLU in place on the convolution's fresh
         output (nothing else reads it, and the convolution's backward does not need it)."""
-        conv = F.conv2d(input, _route.weight_of(self), _route.registered(self, "bias"), self.stride, self.padding,
-                        self.dilation, self.groups)
+        conv = _layout.torch_convolution(self, input, _route.weight_of(self), _route.registered(self, "bias"))
         return F.max_pool2d(relu_in_place(conv), self.pool_kernel_size, self.pool_stride)
 
 

@@ -8,6 +8,9 @@ both layouts by its strides), else contiguous. A drop-in must not change what ``
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -85,3 +88,103 @@ def test_suggests_channels_last_is_torchs_rule(shape, fmt):
     assert _layout.suggests_channels_last(t) == expected
     strided = torch.empty(4, 6, 5, 5)[:, ::2]  # neither layout
     assert not _layout.suggests_channels_last(strided)
+
+
+# torch 2.13's oneDNN faults (a segmentation fault, a corrupted heap) computing the weight or bias
+# gradient of a strided 1x1 convolution of fewer than 16 channels on channels-last memory
+# (fastml/_layout.py's faulting_shape; RepVGG-A0's stem). Every path of fastml's that runs torch's
+# convolution must keep it off that layout; checked in a child process, which the fault would kill.
+FAULTING_CONVOLUTIONS = r"""
+import sys
+import torch
+import fastml
+from fastml import _layout
+from fastml.nn import torch_conv_variants
+
+CL = torch.channels_last
+torch.manual_seed(0)
+x32 = torch.randn(8, 3, 128, 128)  # (the fault shows from 4x3x64x64 up on a Zen 4)
+
+
+def check(name, forward, parameters, x, reference, expected_layouts):
+    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    for _ in range(2):
+        out = forward(x)
+        grads = torch.autograd.grad(out, [x, *parameters], torch.ones_like(out))
+    ref_x = x.detach().double().contiguous().requires_grad_()
+    ref_params = [p.detach().double().contiguous().requires_grad_() for p in parameters]
+    ref_out = reference(ref_x, *ref_params)
+    ref_grads = torch.autograd.grad(ref_out, [ref_x, *ref_params], torch.ones_like(ref_out))
+    for got, want in zip((out, *grads), (ref_out, *ref_grads)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3, msg=lambda m: f"{name}: {m}")
+    layouts = [out.is_contiguous(memory_format=CL), grads[0].is_contiguous(memory_format=CL)]
+    assert layouts == expected_layouts, (name, layouts)
+    print("ok", name, flush=True)
+
+
+def conv_ref(x, w, b):
+    return torch.nn.functional.conv2d(x, w, b, 2)
+
+
+for weight_format in ("contiguous", "channels_last"):
+    conv = fastml.nn.Conv2d(3, 48, 1, stride=2)
+    if weight_format == "channels_last":
+        conv.to(memory_format=CL)
+    for input_format in ("contiguous", "channels_last"):
+        x = x32 if input_format == "contiguous" else x32.contiguous(memory_format=CL)
+        cl = input_format == "channels_last" or weight_format == "channels_last"
+        params = [conv.weight, conv.bias]
+        with torch.enable_grad():
+            paths = torch_conv_variants(conv, x.requires_grad_(), lambda: (conv.weight, conv.bias))
+        x = x.detach()
+        assert "channels_last" not in paths, "the variant would fault"
+        paths.update(fastml=conv._fastml_forward, torch=conv._torch_forward, layer=conv,
+                     functional=lambda t: fastml.functional.conv2d(t, conv.weight, conv.bias, 2),
+                     guarded=lambda t: _layout.conv2d(t, conv.weight, conv.bias, 2))
+        for name, forward in paths.items():
+            check(f"{name} {input_format} input, {weight_format} weight", forward, params, x, conv_ref, [cl, cl])
+        fused = fastml.nn.ConvReLUPool2d(3, 48, 1, stride=2)
+        fused.load_state_dict(conv.state_dict())
+        if weight_format == "channels_last":
+            fused.to(memory_format=CL)
+        def fused_ref(x, w, b):
+            return torch.nn.functional.max_pool2d(torch.relu(conv_ref(x, w, b)), 2)
+        check(f"ConvReLUPool2d {input_format} input", fused, [fused.weight, fused.bias], x, fused_ref, [cl, cl])
+        check(f"conv2d_relu_max_pool2d {input_format} input",
+              lambda t: fastml.functional.conv2d_relu_max_pool2d(t, fused.weight, fused.bias, 2, 0, 1, 1, 2),
+              [fused.weight, fused.bias], x, fused_ref, [cl, cl])
+
+# A model whose activations fastml.patch(channels_last=True) converts, tuned (torch's module on the
+# converted layout among the timed ways) and trained.
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+fastml.patch(model, channels_last=True)
+fastml.tune(model, x32)
+for _ in range(2):
+    model(x32).sum().backward()
+print("ok model")
+"""
+
+
+def test_strided_1x1_convolutions_of_few_channels_train_on_channels_last_memory(tmp_path):
+    env = {**os.environ, "FASTML_CACHE_DIR": str(tmp_path)}  # every way timed anew
+    done = subprocess.run([sys.executable, "-c", FAULTING_CONVOLUTIONS], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.endswith("ok model\n"), done.stdout
+
+
+@pytest.mark.parametrize("c_in,kernel,stride,faulting", [(3, 1, 2, True), (15, 1, (1, 2), True), (16, 1, 2, False),
+                                                         (3, 1, 1, False), (3, 3, 2, False)])
+def test_faulting_shape(c_in, kernel, stride, faulting):
+    weight = torch.empty(8, c_in, kernel, kernel)
+    assert _layout.faulting_shape(weight, stride) == faulting
+
+
+def test_the_channels_last_variant_is_offered_where_it_cannot_fault():
+    conv = fastml.nn.Conv2d(3, 48, 1, stride=2)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():  # no weight gradient: oneDNN's forward is sound
+        assert "channels_last" in torch_conv_variants(conv, x, lambda: (conv.weight, conv.bias))
+    assert "channels_last" not in torch_conv_variants(conv, x, lambda: (conv.weight, conv.bias))
+    conv.requires_grad_(False)  # the input's gradient alone is sound too
+    assert "channels_last" in torch_conv_variants(conv, x.requires_grad_(), lambda: (conv.weight, conv.bias))
