@@ -71,9 +71,13 @@ def faulting_shape(weight: torch.Tensor, stride) -> bool:
     backward_weights, float32 and bfloat16) on a Zen 4: a segmentation fault or a corrupted heap
     from 4x3x64x64 up (one oneDNN pass computes both gradients: asking for either faults).
     RepVGG-A0's stem has such a convolution, and a layer's measured choice times it on that
-    layout. torch's other paths for it are sound: stride 1, 16 channels or more, padding,
-    (N, C, H, W) memory, or the input's gradient alone. The test is a little wider than the fault
-    (any stride, dtype and group count): where it holds, the convolution runs on copies."""
+    layout. The cause is oneDNN's (uxlfoundation/oneDNN issue 6035, open): the strided 1x1
+    kernels copy the input to a unit-stride workspace whose rows they step by the channel block
+    (16 floats for AVX-512, 8 for AVX2's kernel, where wrong weight gradients and hangs are
+    reported too) where nhwc rows hold fewer. torch's other paths for it are sound (checked
+    against float64 here): stride 1, 16 channels or more, padding, (N, C, H, W) memory, or the
+    input's gradient alone. The test is a little wider than the fault (any stride, dtype and
+    group count): where it holds, the convolution runs on copies."""
     return (weight.dim() == 4 and weight.shape[2] == 1 and weight.shape[3] == 1 and weight.shape[1] < 16
             and tuple(_pair(stride)) != (1, 1))
 
