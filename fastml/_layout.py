@@ -90,8 +90,11 @@ def faults(input: torch.Tensor, weight: torch.Tensor, stride, weight_or_bias_gra
 
 
 def grads_wanted(weight: torch.Tensor, bias) -> bool:
-    """Whether a convolution's call will want the weight's or the bias's gradient."""
-    return torch.is_grad_enabled() and (weight.requires_grad or isinstance(bias, torch.Tensor) and bias.requires_grad)
+    """Whether a convolution's call will want the weight's or the bias's gradient. While
+    torch.jit.trace records, whatever the grad mode: the graph it records runs in either (and its
+    check traces again under no_grad, where another graph would fail it)."""
+    return ((torch.is_grad_enabled() or torch.jit.is_tracing())
+            and (weight.requires_grad or isinstance(bias, torch.Tensor) and bias.requires_grad))
 
 
 def runs_channels_last(input: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -100,34 +103,39 @@ def runs_channels_last(input: torch.Tensor, weight: torch.Tensor) -> bool:
     return input.device.type == "cpu" and (suggests_channels_last(input) or suggests_channels_last(weight))
 
 
-def _off_channels_last(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in memory torch's convolution reads as (N, C, H, W), its gradient handed back
-    channels-last, as torch's convolution on channels-last memory hands back its gradients."""
-    return Relayout.apply(t, torch.contiguous_format, torch.channels_last)
-
-
-def _back_to_channels_last(out: torch.Tensor) -> torch.Tensor:
-    return _relayout(out, torch.channels_last) if out.dim() == 4 else out
+def _guarded(convolve, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``convolve(input, weight, bias)`` (torch's convolution) where it would run into the fault of
+    ``faults``, as two convolutions of plain torch ops: one on the layouts given, through which
+    only the input's gradient flows (oneDNN's backward for the input alone is sound), and one on
+    (N, C, H, W) copies, through which only the weight's and the bias's flow. The value and the
+    output's and input's layouts are torch's; the forward runs twice, for a layer torch itself
+    cannot train. Plain ops, so torch.func transforms, forward-mode AD and tracing see through
+    it as through torch's own."""
+    out = convolve(input, weight.detach(), None if bias is None else bias.detach())
+    plain_input = torch.empty_like(input, memory_format=torch.contiguous_format).copy_(input.detach())
+    plain_weight = torch.empty_like(weight, memory_format=torch.contiguous_format).copy_(weight)
+    for_parameters = convolve(plain_input, plain_weight, bias)
+    return out + (for_parameters - for_parameters.detach())
 
 
 def torch_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
     """``conv._conv_forward(input, weight, bias)``, torch's convolution, except where it would run
-    into the fault of ``faults``: there on (N, C, H, W) copies, the output and the gradients
-    handed back in the layouts torch's would have. A model torch itself cannot train (it crashes)
+    into the fault of ``faults`` (``_guarded``). A model torch itself cannot train (it crashes)
     then trains patched."""
-    if conv.kernel_size == (1, 1) and faults(input, weight, conv.stride, grads_wanted(weight, bias)):
-        return _back_to_channels_last(conv._conv_forward(_off_channels_last(input), _off_channels_last(weight), bias))
+    if (conv.kernel_size == (1, 1) and isinstance(input, torch.Tensor)
+            and faults(input, weight, conv.stride, grads_wanted(weight, bias))):
+        return _guarded(conv._conv_forward, input, weight, bias)
     return conv._conv_forward(input, weight, bias)
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
-    """``torch.nn.functional.conv2d``, except where it would run into the fault of ``faults`` (as
-    ``torch_convolution``)."""
+    """``torch.nn.functional.conv2d``, except where it would run into the fault of ``faults``
+    (``_guarded``)."""
     if (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor)
             and faults(input, weight, stride, grads_wanted(weight, bias))):
-        return _back_to_channels_last(torch.nn.functional.conv2d(
-            _off_channels_last(input), _off_channels_last(weight), bias, stride, padding, dilation, groups))
+        return _guarded(lambda x, w, b: torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups),
+                        input, weight, bias)
     return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
 
 
@@ -142,8 +150,9 @@ def convolution_backward(grad: torch.Tensor, input: torch.Tensor, weight: torch.
     grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
         grad, input, weight, [weight.shape[0]] if wanted[2] else None, list(conv.stride), list(conv.padding),
         list(conv.dilation), False, [0, 0], conv.groups, wanted)
-    if faulting and grad_input is not None:
-        grad_input = _back_to_channels_last(grad_input)
+    if faulting:  # (torch's channels-last pass hands both back channels-last)
+        grad_input, grad_weight = (None if g is None else _relayout(g, torch.channels_last)
+                                   for g in (grad_input, grad_weight))
     return grad_input, grad_weight, grad_bias
 
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import torch
 
-from fastml import _layout
-
 
 def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``convolution`` computes ``conv``'s convolution of ``input`` as torch's module
@@ -62,18 +60,21 @@ def convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor
     writes (see the module's docstring)."""
     channels_last = channels_last_like(input) or channels_last_like(weight)
     sh, sw = conv.stride
-    if (sh, sw) != (1, 1):
-        if channels_last:  # torch hands the input's gradient back channels-last; a slice's backward would not
-            own = torch.channels_last if channels_last_like(input) else torch.contiguous_format
-            input = _layout.Relayout.apply(input, own, torch.channels_last)
-        input = input[:, :, ::sh, ::sw]
     n, c, h, w = input.shape
+    h, w = (h - 1) // sh + 1, (w - 1) // sw + 1  # the output's size
     k = weight.shape[0]
     matrix = weight.reshape(k, c)
     # The ReLU goes on each product itself, in place, before the views of it are taken: in place
     # on a view that autograd tracks would make its backward copy through the product (relu_in_place).
+    if (sh, sw) != (1, 1) and not channels_last:
+        input = input[:, :, ::sh, ::sw]  # (a copy of 1/stride² of it, below)
     if channels_last or h * w == 1:  # (one pixel: the rows are the planes, one product does)
-        rows = input.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view of a channels-last input
+        pixels = input.permute(0, 2, 3, 1)  # a view of a channels-last input
+        if (sh, sw) != (1, 1) and channels_last:
+            # subsampled as (N, H, W, C): the slice's backward writes the input's gradient
+            # channels-last, as torch's convolution hands it back here
+            pixels = pixels[:, ::sh, ::sw]
+        rows = pixels.reshape(n * h * w, c)
         out = torch.mm(rows, matrix.t()) if bias is None else torch.addmm(bias, rows, matrix.t())
         out = (out.relu_() if relu else out).view(n, h, w, k).permute(0, 3, 1, 2)
         if not channels_last:  # torch's (N, C, H, W) strides for its (N, K, 1, 1) output

@@ -747,6 +747,10 @@ def _nchw(x: torch.Tensor, grad_channels_last: bool) -> torch.Tensor:
     torch's CPU convolution and pooling hand back a channels-last layer's gradients."""
     if grad_channels_last and x.requires_grad and torch.is_grad_enabled():
         return _layout.Relayout.apply(x, torch.contiguous_format, torch.channels_last)
+    if grad_channels_last and _layout.suggests_channels_last(x):
+        # a copy even where x is contiguous both ways (one channel, a 1x1 weight): the reference
+        # backend hands x to torch, which would read its strides as channels-last
+        return _layout.Relayout.apply(x, torch.contiguous_format, torch.contiguous_format)
     return x.contiguous()
 
 
