@@ -115,7 +115,10 @@ def _guarded(convolve, input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     plain_input = torch.empty_like(input, memory_format=torch.contiguous_format).copy_(input.detach())
     plain_weight = torch.empty_like(weight, memory_format=torch.contiguous_format).copy_(weight)
     for_parameters = convolve(plain_input, plain_weight, bias)
-    return out + (for_parameters - for_parameters.detach())
+    # zero in value, the parameters' gradient in backward; nan_to_num keeps an infinite output
+    # (inf - inf) from turning the sum into NaN where torch's convolution gives inf
+    bridge = (for_parameters - for_parameters.detach()).nan_to_num(0.0, 0.0, 0.0)
+    return out + bridge
 
 
 def torch_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor,

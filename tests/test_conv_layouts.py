@@ -234,3 +234,18 @@ def test_the_channels_last_variant_is_offered_where_it_cannot_fault():
     assert "channels_last" not in torch_conv_variants(conv, x, lambda: (conv.weight, conv.bias))
     conv.requires_grad_(False)  # the input's gradient alone is sound too
     assert "channels_last" in torch_conv_variants(conv, x.requires_grad_(), lambda: (conv.weight, conv.bias))
+
+
+def test_the_guard_keeps_torchs_values_where_they_are_infinite():
+    """The guarded convolution adds a bridge of zero value for the parameters' gradient: an
+    infinite output must stay infinite, not become inf - inf = NaN. (8x8 images: below the
+    fault's sizes, so torch's own convolution on the same layout is safe to compare with.)"""
+    conv = fastml.nn.Conv2d(3, 8, 1, stride=2)
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 0, 0, 0] = float("inf")
+    x = x.contiguous(memory_format=CL).requires_grad_()
+    got = _layout.torch_convolution(conv, x, conv.weight, conv.bias)
+    want = torch.nn.functional.conv2d(x.detach(), conv.weight.detach(), conv.bias.detach(), 2)
+    assert want.isinf().any()
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert got.is_contiguous(memory_format=CL)
