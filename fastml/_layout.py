@@ -36,10 +36,11 @@ def _convertible(value) -> bool:
             and not value.is_contiguous(memory_format=torch.channels_last))
 
 
-def _relayout(value, memory_format: torch.memory_format):
-    # empty_like + copy_: on a 2-core Zen 4 2.4x faster than .contiguous(memory_format=...), which
-    # torch runs on one thread (fastml/nn.py's relayout, inlined here to keep this module light).
-    return torch.empty_like(value, memory_format=memory_format).copy_(value)
+def relayout(tensor: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``tensor`` in ``memory_format``, differentiably. A copy into an empty tensor of that
+    layout: on a 2-core Zen 4, 2.7 ms for 16x64x56x56 float32 where ``tensor.contiguous
+    (memory_format=...)`` takes 6.5 ms (torch runs that permute copy on one thread)."""
+    return torch.empty_like(tensor, memory_format=memory_format).copy_(tensor)
 
 
 def suggests_channels_last(t: torch.Tensor) -> bool:
@@ -112,9 +113,8 @@ def _guarded(convolve, input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     cannot train. Plain ops, so torch.func transforms, forward-mode AD and tracing see through
     it as through torch's own."""
     out = convolve(input, weight.detach(), None if bias is None else bias.detach())
-    plain_input = torch.empty_like(input, memory_format=torch.contiguous_format).copy_(input.detach())
-    plain_weight = torch.empty_like(weight, memory_format=torch.contiguous_format).copy_(weight)
-    for_parameters = convolve(plain_input, plain_weight, bias)
+    plain = torch.contiguous_format
+    for_parameters = convolve(relayout(input.detach(), plain), relayout(weight, plain), bias)
     # zero in value, the parameters' gradient in backward; nan_to_num keeps an infinite output
     # (inf - inf) from turning the sum into NaN where torch's convolution gives inf
     bridge = (for_parameters - for_parameters.detach()).nan_to_num(0.0, 0.0, 0.0)
@@ -135,8 +135,8 @@ def torch_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     """``torch.nn.functional.conv2d``, except where it would run into the fault of ``faults``
     (``_guarded``)."""
-    if (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor)
-            and faults(input, weight, stride, grads_wanted(weight, bias))):
+    if (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor) and faulting_shape(weight, stride)
+            and grads_wanted(weight, bias) and runs_channels_last(input, weight)):  # (the shape first: cheapest)
         return _guarded(lambda x, w, b: torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups),
                         input, weight, bias)
     return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
@@ -149,12 +149,12 @@ def convolution_backward(grad: torch.Tensor, input: torch.Tensor, weight: torch.
     copies, the input's gradient handed back in the layout torch's would have."""
     faulting = faults(input, weight, conv.stride, wanted[1] or wanted[2])
     if faulting:
-        grad, input, weight = (_relayout(t, torch.contiguous_format) for t in (grad, input, weight))
+        grad, input, weight = (relayout(t, torch.contiguous_format) for t in (grad, input, weight))
     grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
         grad, input, weight, [weight.shape[0]] if wanted[2] else None, list(conv.stride), list(conv.padding),
         list(conv.dilation), False, [0, 0], conv.groups, wanted)
     if faulting:  # (torch's channels-last pass hands both back channels-last)
-        grad_input, grad_weight = (None if g is None else _relayout(g, torch.channels_last)
+        grad_input, grad_weight = (None if g is None else relayout(g, torch.channels_last)
                                    for g in (grad_input, grad_weight))
     return grad_input, grad_weight, grad_bias
 
@@ -173,17 +173,17 @@ class Relayout(torch.autograd.Function):
             # strides were made channels-last, a 1x1 weight, is copied: torch would still read
             # its strides as channels-last.)
             return x.view_as(x)
-        return _relayout(x, memory_format)
+        return relayout(x, memory_format)
 
     @staticmethod
     def backward(ctx, grad):
-        return _relayout(grad, ctx.grad_memory_format), None, None
+        return relayout(grad, ctx.grad_memory_format), None, None
 
 
 def _back(value):
     if isinstance(value, torch.Tensor):
         if value.dim() == 4 and not value.is_contiguous() and value.is_contiguous(memory_format=torch.channels_last):
-            return _relayout(value, torch.contiguous_format)
+            return relayout(value, torch.contiguous_format)
         return value
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
         return tuple(_back(v) for v in value)
@@ -207,10 +207,10 @@ class ChannelsLast:
         converted = False
         if self.enabled:
             if any(_convertible(a) for a in args):
-                args = tuple(_relayout(a, torch.channels_last) if _convertible(a) else a for a in args)
+                args = tuple(relayout(a, torch.channels_last) if _convertible(a) else a for a in args)
                 converted = True
             if any(_convertible(v) for v in kwargs.values()):
-                kwargs = {k: _relayout(v, torch.channels_last) if _convertible(v) else v for k, v in kwargs.items()}
+                kwargs = {k: relayout(v, torch.channels_last) if _convertible(v) else v for k, v in kwargs.items()}
                 converted = True
         self._converted.append(converted)
         return args, kwargs

@@ -750,7 +750,7 @@ def _nchw(x: torch.Tensor, grad_channels_last: bool) -> torch.Tensor:
     if grad_channels_last and _layout.suggests_channels_last(x):
         # a copy even where x is contiguous both ways (one channel, a 1x1 weight): the reference
         # backend hands x to torch, which would read its strides as channels-last
-        return _layout.Relayout.apply(x, torch.contiguous_format, torch.contiguous_format)
+        return _layout.relayout(x, torch.contiguous_format)  # (no gradient flows to x here)
     return x.contiguous()
 
 
