@@ -1280,6 +1280,31 @@ def test_the_whole_model_is_decided_anew_when_freed_memory_is_kept(monkeypatch):
     assert {key[6] for key in model_keys} == {"freed memory returned", "freed memory kept"}
 
 
+def test_models_of_one_class_and_input_shape_get_their_own_whole_model_verdicts(monkeypatch):
+    """The whole-model checks (layout, routes, unpatched) are keyed by the model's architecture,
+    not only its class and inputs: torchvision's ResNet-18 and ResNet-50 are both ``ResNet``, and
+    ResNet-50 took ResNet-18's layout verdict in the zoo benchmark. A fresh instance of a model
+    already tuned (its twin in another process) finds its verdicts again."""
+    scripted_routes(monkeypatch, [])
+
+    def net(width):
+        return torch.nn.Sequential(torch.nn.Conv2d(3, width, 3), torch.nn.ReLU(), torch.nn.Conv2d(width, 4, 1))
+
+    x = torch.randn(2, 3, 8, 8)
+    whole_model_keys = []
+    for width in (5, 7, 5):
+        model = net(width)
+        fastml.patch(model, channels_last=True)
+        before = set(_tune.decisions())
+        table = fastml.tune(model, x)
+        assert [row.op for row in table.rows if row.layer == ""][:1] == ["layout"]
+        whole_model_keys.append({key for key in set(_tune.decisions()) - before if key[0].startswith("model ")})
+    first, other_width, same_again = whole_model_keys
+    assert {key[0] for key in first} >= {"model layout Sequential"}
+    assert {key[0] for key in other_width} == {key[0] for key in first}  # decided anew, each check
+    assert same_again == set()  # the same architecture: decided already
+
+
 def unpatched_is_faster(monkeypatch, model, unpatched_wins: bool):
     """Kernels win every op, fastml's routes every layer and model check, channels-last
     activations the layout check; the check of the model against itself unpatched (told by its
