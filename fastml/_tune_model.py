@@ -273,7 +273,8 @@ def _time_whole_model(model, kind: str, candidates: tuple[str, ...], example_inp
 
 def _architecture(model: torch.nn.Module) -> str:
     """A digest of what a whole model's timing depends on besides its inputs: every module's name,
-    class and mode, every parameter's and buffer's name, shape, dtype and whether it requires grad.
+    class, mode and settings (its ``extra_repr``: a convolution's stride, which no parameter's shape
+    tells), every parameter's and buffer's name, shape, dtype and whether it requires grad.
     Models of one class fed inputs of one shape are not one model: torchvision's ResNet-18 and
     ResNet-50 are both ``ResNet``, and with the class's name alone ResNet-50 took ResNet-18's layout
     verdict (the input's layout) in the zoo benchmark and trained at 0.94x and 1.06x unpatched,
@@ -281,7 +282,7 @@ def _architecture(model: torch.nn.Module) -> str:
     another process) finds its decisions again."""
     digest = hashlib.sha256()
     for name, module in model.named_modules():
-        digest.update(f"{name}:{type(module).__qualname__}:{module.training};".encode())
+        digest.update(f"{name}:{type(module).__qualname__}:{module.training}:{module.extra_repr()};".encode())
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{tensor.requires_grad};".encode())
     return digest.hexdigest()[:16]
