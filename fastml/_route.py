@@ -25,6 +25,7 @@ import weakref
 import torch
 
 from fastml import _backend, _tune
+from fastml._layout import faulting_shape
 from fastml.ops import dispatch_mode_depth, function_mode_active, is_compiling, onnx_exporting
 
 ATTR = "_fastml_route"
@@ -33,7 +34,9 @@ VETO_ATTR = "_fastml_torch_signatures"
 # torch's own, before any signature is computed (the dispatch cost it saves is what made the
 # patched model slower), folds undone, until the next tune, patch or unpatch. A module whose
 # class has a torch twin (TORCH_TWINS) is that class meanwhile, its own kept in FASTML_CLASS_ATTR:
-# not even fastml's forward runs (a flag checked there still cost ~2 us a layer).
+# not even fastml's forward runs (a flag checked there still cost ~2 us a layer). A convolution
+# torch's oneDNN can fault on (``faulting_shape``) keeps fastml's class: its forward then
+# runs torch's computation through the guard, as the patched model's does.
 AS_TORCH_ATTR = "_fastml_as_torch"
 FASTML_CLASS_ATTR = "_fastml_class"
 TORCH_TWINS: dict[type, type] = {}
@@ -352,7 +355,7 @@ def run_as_torch(model: torch.nn.Module, on: bool) -> None:
         if on:
             object.__setattr__(module, AS_TORCH_ATTR, True)  # a plain attribute: not state
             twin = TORCH_TWINS.get(type(module))
-            if twin is not None:
+            if twin is not None and not _keeps_guard(module):
                 object.__setattr__(module, FASTML_CLASS_ATTR, type(module))
                 module.__class__ = twin
         else:
@@ -360,6 +363,14 @@ def run_as_torch(model: torch.nn.Module, on: bool) -> None:
             own = module.__dict__.pop(FASTML_CLASS_ATTR, None)
             if own is not None:
                 module.__class__ = own
+
+
+def _keeps_guard(module: torch.nn.Module) -> bool:
+    """Whether ``module`` keeps fastml's class while it runs as torch's: a convolution whose
+    weight and bias gradients torch's own class would compute out of bounds on channels-last
+    memory (``faulting_shape``). A model trained on channels-last input that fastml.tune
+    found faster unpatched crashed at its timing and at every step after (RepVGG-A0's stem)."""
+    return isinstance(module, torch.nn.Conv2d) and faulting_shape(module.weight, module.stride)
 
 
 def runs_as_torch(module: torch.nn.Module) -> bool:
