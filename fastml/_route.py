@@ -152,7 +152,9 @@ def settled(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | 
     ``registered`` parameters, which pays back part of what the check costs (~1 µs)."""
     attributes = layer.__dict__
     if attributes.get(AS_TORCH_ATTR):
-        return TORCH, None
+        # (met by torch.fx's tracer: recorded as a call of the layer, as when it runs fastml's,
+        # not as the torch computation it runs now, which a trace would keep for good)
+        return (TRACED if isinstance(input, PROXY) else TORCH), None
     if is_compiling():
         return COMPILING, None
     if dispatch_mode_depth() or function_mode_active():
@@ -350,7 +352,9 @@ def remember(layer: torch.nn.Module, sig: tuple, route: str) -> None:
 
 def run_as_torch(model: torch.nn.Module, on: bool) -> None:
     """Every module of ``model`` runs as torch's own (``on``), or as fastml's again. The same
-    objects throughout (Parameters, buffers, hooks, routes): only classes and a flag change."""
+    objects throughout (Parameters, buffers, hooks, routes): only classes and a flag change. A
+    module with a torch twin becomes that class, but for a convolution torch's class can fault on
+    (``_keeps_guard``), which keeps fastml's and runs torch's computation through the guard."""
     for module in model.modules():
         if on:
             object.__setattr__(module, AS_TORCH_ATTR, True)  # a plain attribute: not state

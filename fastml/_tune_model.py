@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import itertools
+import re
 
 import torch
 
@@ -245,11 +246,11 @@ def _time_whole_model(model, kind: str, candidates: tuple[str, ...], example_inp
     that candidate, every call interleaved ``_tune.ROUNDS`` times however long (one sample each is
     too few for a verdict), by ``_tune.MARGIN`` (the model is timed in its own context). The
     shape class: "<kind> <model type>", the phase, threads, the first input's dtype and device,
-    the inputs' shapes, whether freed memory is kept (``fastml.keep_freed_memory``: a training
-    step's page faults, which it removes, change which layout wins: ResNet-18 on a 2-core Zen 5
-    trained 1.09x to 1.18x faster channels-last than on (N, C, H, W) with it, 1.02x to 1.04x
-    without, in three runs each), the model's architecture (``_architecture``), then
-    ``key_extra``."""
+    the inputs' shapes and strides (their layouts), whether freed memory is kept
+    (``fastml.keep_freed_memory``: a training step's page faults, which it removes, change which
+    layout wins: ResNet-18 on a 2-core Zen 5 trained 1.09x to 1.18x faster channels-last than on
+    (N, C, H, W) with it, 1.02x to 1.04x without, in three runs each), the model's architecture
+    (``_architecture``), then ``key_extra``."""
     inputs = _detached(example_inputs)
     grad_on = torch.is_grad_enabled()
     fresh_weights = _route.retimes_derived_weights(parameters)
@@ -263,7 +264,7 @@ def _time_whole_model(model, kind: str, candidates: tuple[str, ...], example_inp
 
     first = _tensors(example_inputs)[0]
     key = (f"{kind} {type(model).__name__}", _phase(backward), torch.get_num_threads(), first.dtype, first.device,
-           tuple(tuple(t.shape) for t in _tensors(example_inputs)),
+           tuple((tuple(t.shape), _strides(t)) for t in _tensors(example_inputs)),
            "freed memory kept" if _memory.keeping_freed_memory() else "freed memory returned", _architecture(model),
            *key_extra)
     with _untouched(model), _tune.recording() as decisions:
@@ -272,20 +273,47 @@ def _time_whole_model(model, kind: str, candidates: tuple[str, ...], example_inp
 
 
 def _architecture(model: torch.nn.Module) -> str:
-    """A digest of what a whole model's timing depends on besides its inputs: every module's name,
-    class, mode and settings (its ``extra_repr``: a convolution's stride, which no parameter's shape
-    tells), every parameter's and buffer's name, shape, dtype and whether it requires grad.
+    """A digest of the model's module tree and tensors: every module's name, class (with its
+    module's name: timm has many a ``Block``), mode and settings (``_settings``: a convolution's
+    stride, which no parameter's shape tells), every parameter's and buffer's name, shape, strides
+    (a channels-last weight takes oneDNN's other paths), dtype and whether it requires grad.
     Models of one class fed inputs of one shape are not one model: torchvision's ResNet-18 and
     ResNet-50 are both ``ResNet``, and with the class's name alone ResNet-50 took ResNet-18's layout
     verdict (the input's layout) in the zoo benchmark and trained at 0.94x and 1.06x unpatched,
     where channels-last, its own verdict, trains it at 1.11x. A fresh instance of the same model (in
-    another process) finds its decisions again."""
+    another process) finds its decisions again. What the digest cannot see (attributes a custom
+    forward reads, autocast) makes no other key; torch's modules' settings are in it."""
     digest = hashlib.sha256()
     for name, module in model.named_modules():
-        digest.update(f"{name}:{type(module).__qualname__}:{module.training}:{module.extra_repr()};".encode())
+        cls = type(module)
+        digest.update(f"{name}:{cls.__module__}.{cls.__qualname__}:{module.training}:{_settings(module)};".encode())
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{tensor.requires_grad};".encode())
+        if torch.nn.parameter.is_lazy(tensor):  # (a lazy layer the forward never reached has no shape)
+            described = "uninitialized"
+        else:
+            described = f"{tuple(tensor.shape)}:{_strides(tensor)}:{tensor.dtype}:{tensor.requires_grad}"
+        digest.update(f"{name}:{described};".encode())
     return digest.hexdigest()[:16]
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_MAX_SETTINGS = 1000
+
+
+def _settings(module: torch.nn.Module) -> str:
+    """The module's ``extra_repr``, without object addresses (which differ between processes, so
+    the decisions file would never match) and at most ``_MAX_SETTINGS`` characters (a repr that
+    prints a tensor's values). A user's repr that raises leaves the rest of the digest to tell
+    models apart."""
+    try:
+        text = module.extra_repr()
+    except Exception:  # noqa: BLE001 (any user code: a digest must not fail tune)
+        return "?"
+    return _ADDRESS.sub("", text)[:_MAX_SETTINGS]
+
+
+def _strides(tensor: torch.Tensor):
+    return tensor.stride() if tensor.layout is torch.strided else str(tensor.layout)
 
 
 def _phase(backward: bool) -> str:

@@ -212,19 +212,26 @@ print("ok model", flush=True)
 # A model trained on channels-last input, tuned, then run as unpatched (fastml.tune's verdict where
 # the patched model is no faster; set here whatever tune measured): the faulting convolution keeps
 # fastml's class and its guard meanwhile, where torch's class would fault.
-model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
-fastml.patch(model)
+# Folded with its ReLU (a FoldedConv2d, unfolded meanwhile) and alone (a Conv2d), each also traced
+# by torch.fx while it runs so: the trace calls the layer, not the unguarded computation.
 x = x32.contiguous(memory_format=CL)
-fastml.tune(model, x)
-_route.run_as_torch(model, True)
-assert type(model[2]) is torch.nn.Conv2d  # (another convolution is torch's class meanwhile)
+for activation, first_class in ((torch.nn.ReLU, fastml._fold.FoldedConv2d), (torch.nn.GELU, fastml.nn.Conv2d)):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1, stride=2), activation(), torch.nn.Conv2d(16, 4, 3))
+    fastml.patch(model)
+    fastml.tune(model, x)
+    _route.run_as_torch(model, True)
+    assert type(model[0]) is first_class and _route.runs_as_torch(model[0])  # fastml's class, as torch
+    assert type(model[2]) is torch.nn.Conv2d  # (another convolution is torch's class meanwhile)
+    act = torch.relu if activation is torch.nn.ReLU else torch.nn.functional.gelu
 
+    def model_ref(t, w1, b1, w2, b2):
+        return torch.nn.functional.conv2d(act(conv_ref(t, w1, b1)), w2, b2)
 
-def model_ref(t, w1, b1, w2, b2):
-    return torch.nn.functional.conv2d(torch.relu(conv_ref(t, w1, b1)), w2, b2)
-
-
-check("run as unpatched", model, list(model.parameters()), x, model_ref, [True, True])
+    name = f"run as unpatched, {first_class.__name__}"
+    check(name, model, list(model.parameters()), x, model_ref, [True, True])
+    traced = torch.fx.symbolic_trace(model)
+    assert [node.target for node in traced.graph.nodes if node.op == "call_module"][0] == "0", traced.graph
+    check(name + ", fx-traced", traced, list(model.parameters()), x, model_ref, [True, True])
 print("ok unpatched")
 """
 

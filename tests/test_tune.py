@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fastml
-from fastml import _backend, _memory, _onednn, _route, _tune, _winograd
+from fastml import _backend, _memory, _onednn, _route, _tune, _tune_model, _winograd
 from conftest import SHIPPED_TIMING, assert_close, rand
 
 CPP = _backend.status("cpp").present
@@ -1303,6 +1303,64 @@ def test_models_of_one_class_and_input_shape_get_their_own_whole_model_verdicts(
     assert {key[0] for key in first} >= {"model layout Sequential"}
     assert {key[0] for key in other_width} == {key[0] for key in first}  # decided anew, each check
     assert same_again == set()  # the same architecture: decided already
+
+
+def new_whole_model_keys(model, x) -> set:
+    """The whole-model decisions fastml.tune(model, x) made anew (not found already)."""
+    before = set(_tune.decisions())
+    fastml.tune(model, x)
+    return {key for key in set(_tune.decisions()) - before if key[0].startswith("model ")}
+
+
+def test_whole_model_verdicts_tell_settings_and_layouts_apart(monkeypatch):
+    """Two models whose parameters' shapes agree but whose settings differ (a stride), and one
+    model fed inputs of one shape in two layouts, are decided apart."""
+    scripted_routes(monkeypatch, [])
+
+    def net(stride):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, stride=stride), torch.nn.Conv2d(5, 4, 1))
+        fastml.patch(model, channels_last=True)
+        return model
+
+    x = torch.randn(2, 3, 9, 9)
+    assert new_whole_model_keys(net(1), x)
+    assert new_whole_model_keys(net(2), x)
+    assert new_whole_model_keys(net(2), x.contiguous(memory_format=torch.channels_last))
+    assert not new_whole_model_keys(net(2), x.contiguous(memory_format=torch.channels_last))
+
+
+def test_the_architecture_digest_is_one_across_processes_and_safe_on_any_module():
+    """A model built in another process has the same digest (the decisions file is found again);
+    a lazy layer the forward never reached, a repr that names an object's address, or one that
+    raises, digest without error."""
+    code = textwrap.dedent("""
+        import torch
+        from fastml import _tune_model
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5), torch.nn.Flatten(),
+                                    torch.nn.LazyLinear(4))
+        print(_tune_model._architecture(model))
+    """)
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(4))
+    assert _tune_model._architecture(model) == other
+
+    class Addressed(torch.nn.Module):
+        def __init__(self, broken=False):
+            super().__init__()
+            self.function, self.broken = object(), broken
+
+        def extra_repr(self):
+            if self.broken:
+                raise ValueError("a user's repr")
+            return f"function={self.function}"
+
+    assert " at 0x" in Addressed().extra_repr()
+    assert _tune_model._architecture(Addressed()) == _tune_model._architecture(Addressed())
+    assert _tune_model._architecture(Addressed(broken=True))
+    conv = torch.nn.Conv2d(8, 8, 3)
+    contiguous = _tune_model._architecture(conv)
+    assert _tune_model._architecture(conv.to(memory_format=torch.channels_last)) != contiguous  # (the weight's layout)
 
 
 def unpatched_is_faster(monkeypatch, model, unpatched_wins: bool):
