@@ -207,6 +207,22 @@ def test_op_large_mean_against_the_spread(backend, rng, layout):
         assert_close(got, want, scale=magnitude(want))
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_op_mean_is_the_float64_mean_rounded_once(backend, rng, layout):
+    """The batch mean of values about 50 (spread 0.5) in float32 is the float64 mean rounded to
+    float32, within one unit in the last place: the weight's gradient multiplies its error by
+    the sum of the upstream gradient. The reference backend once summed in float32 and lost a
+    few units, which put its weight gradient 2.6e-4 off (about 1.1x the tolerance) for one seed of
+    test_op_large_mean_against_the_spread, and up to 0.8x of it for others."""
+    x = _x((4, 3, 11, 13), torch.float32, backend, rng, LAYOUTS[layout], requires_grad=False, scale=0.5,
+           offset=50.0)
+    with torch.no_grad():
+        _, stats = bn_op.batch_norm(x, None, None, 1e-5, False)
+    want = x.double().mean(dim=(0, 2, 3))
+    ulp = torch.finfo(torch.float32).eps * 32  # (one unit in the last place in [32, 64))
+    assert (stats[0].double().cpu() - want.cpu()).abs().max().item() <= ulp
+
+
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
 def test_gradcheck(backend, rng, layout, relu):
