@@ -135,8 +135,9 @@ def torch_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     """``torch.nn.functional.conv2d``, except where it would run into the fault of ``faults``
     (``_guarded``)."""
-    if (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor) and faulting_shape(weight, stride)
-            and grads_wanted(weight, bias) and runs_channels_last(input, weight)):  # (the shape first: cheapest)
+    if (isinstance(input, torch.Tensor) and isinstance(weight, torch.Tensor)
+            and faulting_shape(weight, stride)  # (first: cheaper than the grad state faults is given)
+            and faults(input, weight, stride, grads_wanted(weight, bias))):
         return _guarded(lambda x, w, b: torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups),
                         input, weight, bias)
     return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation, groups)
