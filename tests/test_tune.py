@@ -1280,6 +1280,13 @@ def test_the_whole_model_is_decided_anew_when_freed_memory_is_kept(monkeypatch):
     assert {key[6] for key in model_keys} == {"freed memory returned", "freed memory kept"}
 
 
+def tuned_anew(model, x) -> tuple:
+    """(fastml.tune(model, x)'s table, the whole-model decisions it made anew, not found already)."""
+    before = set(_tune.decisions())
+    table = fastml.tune(model, x)
+    return table, {key for key in set(_tune.decisions()) - before if key[0].startswith("model ")}
+
+
 def test_models_of_one_class_and_input_shape_get_their_own_whole_model_verdicts(monkeypatch):
     """The whole-model checks (layout, routes, unpatched) are keyed by the model's architecture,
     not only its class and inputs: torchvision's ResNet-18 and ResNet-50 are both ``ResNet``, and
@@ -1295,21 +1302,13 @@ def test_models_of_one_class_and_input_shape_get_their_own_whole_model_verdicts(
     for width in (5, 7, 5):
         model = net(width)
         fastml.patch(model, channels_last=True)
-        before = set(_tune.decisions())
-        table = fastml.tune(model, x)
+        table, keys = tuned_anew(model, x)
         assert [row.op for row in table.rows if row.layer == ""][:1] == ["layout"]
-        whole_model_keys.append({key for key in set(_tune.decisions()) - before if key[0].startswith("model ")})
+        whole_model_keys.append(keys)
     first, other_width, same_again = whole_model_keys
     assert {key[0] for key in first} >= {"model layout Sequential"}
     assert {key[0] for key in other_width} == {key[0] for key in first}  # decided anew, each check
     assert same_again == set()  # the same architecture: decided already
-
-
-def new_whole_model_keys(model, x) -> set:
-    """The whole-model decisions fastml.tune(model, x) made anew (not found already)."""
-    before = set(_tune.decisions())
-    fastml.tune(model, x)
-    return {key for key in set(_tune.decisions()) - before if key[0].startswith("model ")}
 
 
 def test_whole_model_verdicts_tell_settings_and_layouts_apart(monkeypatch):
@@ -1323,10 +1322,10 @@ def test_whole_model_verdicts_tell_settings_and_layouts_apart(monkeypatch):
         return model
 
     x = torch.randn(2, 3, 9, 9)
-    assert new_whole_model_keys(net(1), x)
-    assert new_whole_model_keys(net(2), x)
-    assert new_whole_model_keys(net(2), x.contiguous(memory_format=torch.channels_last))
-    assert not new_whole_model_keys(net(2), x.contiguous(memory_format=torch.channels_last))
+    assert tuned_anew(net(1), x)[1]
+    assert tuned_anew(net(2), x)[1]
+    assert tuned_anew(net(2), x.contiguous(memory_format=torch.channels_last))[1]
+    assert not tuned_anew(net(2), x.contiguous(memory_format=torch.channels_last))[1]
 
 
 def test_the_architecture_digest_is_one_across_processes_and_safe_on_any_module():
