@@ -1,4 +1,5 @@
-"""fastml.patch on torchvision's (or timm's) models, which nobody here wrote: exactness, then speed.
+"""fastml.patch on torchvision's (or timm's, or Hugging Face's) models, which nobody here wrote:
+exactness, then speed.
 
 For each model (random weights, 100 classes), a deep copy is patched (``fastml.patch``, or with
 ``--fx`` ``fastml.patch(model, fx=True)``) and compared with the unpatched original:
@@ -32,12 +33,19 @@ CPU torch without letting pip resolve torch again::
 Models with a fixed input size (timm's ``fixed_input_size``: ViT, DeiT, LeViT) run at it; the
 others at 64 pixels for exactness and 128 for speed (HRNet and DLA take multiples of 32).
 
+``--source transformers``: Hugging Face's image classifiers (``transformers``, each built from
+its default configuration, random weights), called as ``model(pixel_values=x).logits``. Their
+``forward`` branches on flags (``return_dict``, ``output_hidden_states``), so torch.fx cannot
+trace them whole: with ``--fx``, fastml.patch traces their submodules one by one. Install it
+beside the CPU torch as timm (``pip install --no-deps transformers tokenizers``, then its small
+dependencies: regex, pyyaml, packaging, safetensors, tqdm, huggingface_hub and its httpx).
+
 torchvision must match the installed torch (torchvision 0.28 for torch 2.13). Its wheel from
 the package index is built for the CUDA torch: its C++ ops (nms, roi_align) fail to register
 beside a CPU-only torch, and its import then fails. The models are pure Python and use none of
 those ops, so this script lets the registrations fail and loads them anyway.
 
-    python bench/torchvision_models.py [--source torchvision|timm] [--fx] [--batch 8] [--pixels N]
+    python bench/torchvision_models.py [--source torchvision|timm|transformers] [--fx] [--batch 8] [--pixels N]
                                        [--rounds 7] [--skip-exactness | --skip-speed] [--no-tune] [model ...]
 """
 
@@ -62,8 +70,20 @@ TIMM_DEFAULT = ("resnet50d", "seresnext26d_32x4d", "regnety_008", "tf_efficientn
                 "selecsls42b", "fastvit_t8", "mobileone_s0", "resnetv2_50", "poolformer_s12", "edgenext_xx_small",
                 "lcnet_050", "tinynet_a", "vgg11_bn", "mobilenetv4_conv_small", "efficientvit_b0", "mobilevit_xxs",
                 "vit_tiny_patch16_224", "deit_tiny_patch16_224", "levit_128s")
+HF_DEFAULT = ("ResNet", "ResNet-18", "RegNet", "ConvNext", "MobileNetV2", "MobileViT", "Swin", "ViT")
 SLACK = 10.0
 TRANSFORMERS = ("vit", "maxvit")
+
+
+class Logits(torch.nn.Module):
+    """A Hugging Face classifier as a function of its pixels to its logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
 
 
 class Source:
@@ -76,14 +96,26 @@ class Source:
         if name == "timm":
             import timm  # (after import_models: timm imports torchvision)
             self.timm = timm
+        if name == "transformers":
+            import transformers  # (after import_models, as timm)
+            self.transformers = transformers
 
     def build(self, name: str) -> torch.nn.Module:
         if self.name == "timm":
             return self.timm.create_model(name, pretrained=False, num_classes=100)
+        if self.name == "transformers":
+            family, _, depth = name.partition("-")
+            config = getattr(self.transformers, f"{family}Config")(num_labels=100)
+            if depth:  # ResNet-18: the basic block at torchvision's widths
+                config = self.transformers.ResNetConfig(num_labels=100, layer_type="basic", depths=[2, 2, 2, 2],
+                                                        hidden_sizes=[64, 128, 256, 512])
+            return Logits(getattr(self.transformers, f"{family}ForImageClassification")(config))
         extra = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
         return getattr(self.models, name)(num_classes=100, **extra)
 
     def pixels(self, name: str, purpose: str) -> int:
+        if self.name == "transformers":
+            return 224 if name in ("ViT", "Swin") else 64 if purpose == "exactness" else 112
         if self.name == "timm":
             config = self.timm.models.get_pretrained_cfg(name)
             if config is not None and config.fixed_input_size:
@@ -239,7 +271,7 @@ def float32_check(original: torch.nn.Module, patched: torch.nn.Module, x: torch.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="model names (default: a list of each source's)")
-    parser.add_argument("--source", choices=("torchvision", "timm"), default="torchvision")
+    parser.add_argument("--source", choices=("torchvision", "timm", "transformers"), default="torchvision")
     parser.add_argument("--fx", action="store_true", help="fastml.patch(model, fx=True)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--pixels", type=int, help="the speed run's image side (default: the source's for each model)")
@@ -250,8 +282,8 @@ def main() -> None:
                         help="time without fastml.tune(model, x) first (the measured choice per layer only)")
     args = parser.parse_args()
     source = Source(args.source)
-    names = args.models or (TIMM_DEFAULT if args.source == "timm" else DEFAULT)
-    version = (source.timm if args.source == "timm" else sys.modules["torchvision"]).__version__
+    names = args.models or {"timm": TIMM_DEFAULT, "transformers": HF_DEFAULT}.get(args.source, DEFAULT)
+    version = sys.modules[args.source].__version__
     print(f"# {args.source} ({version}), torch {torch.__version__}, fastml.patch(fx={args.fx}), fastml.tune: {not args.no_tune}, "
           f"batch {args.batch}, {args.pixels or 'default'} pixels, {args.rounds} rounds; "
           "ratios: unpatched median / patched median (above 1: fastml faster)")
