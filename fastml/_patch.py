@@ -320,10 +320,8 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
     (ResNet's blocks, DenseNet's layers), found by tracing it with torch.fx: only where the trace
     shows each module called once (a ReLU may be called more often: see above) and the conv's (or
     linear's) output read by the batch norm (or the ReLU) alone, and the batch norm's by the ReLU
-    alone for the ReLU to fold. A model torch.fx cannot trace whole (Hugging Face's, whose forward
-    branches on flags) has its submodules traced one by one instead, down to those it can trace,
-    each then taken as the only caller of the modules registered under it; the report says why
-    and how many were traced. Runs across untraced code fold only inside an nn.Sequential.
+    alone for the ReLU to fold. A model torch.fx cannot trace is left as it is, and the report
+    says why.
 
     Parameters, buffers and hooks stay the same objects (an optimizer built before keeps
     working), state_dict keys do not change, and only modules whose type is exactly the torch
@@ -542,70 +540,22 @@ def _bn_relu_runs(parent, name, report, shared) -> list[torch.nn.Module]:
 def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
     """Folds the Conv2d → BatchNorm2d (→ ReLU) runs (op "conv_bn"), and gives the Conv2d → ReLU
     pairs their epilogue (op "conv_relu"), that a torch.fx trace of ``model`` shows (see patch's
-    ``fx``); returns the modules folded.
-
-    A model that torch.fx cannot trace whole (data-dependent control flow, a forward taking flags
-    or returning a dataclass: Hugging Face's models) has its submodules traced one by one instead,
-    each whose trace fails in turn its children, down to the layers: a ResNet whose top forward
-    cannot be traced still folds the conv → batch norm → ReLU runs its blocks' forward calls. Each
-    submodule's trace is then taken as the only caller of what is registered under it, as the
-    whole model's trace would be; what a parent calls inside a child that is traced on its own
-    (``self.block.conv(x)`` in the parent's forward) is not seen, so the explicit ``fx`` asks for
-    this, as for the whole model's trace."""
+    ``fx``); returns the modules folded."""
     import torch.fx
 
-    try:
-        graph = _fx_graph(model)
-    except Exception as exc:  # data-dependent control flow, unsupported ops: the trace is not the model
-        traced, untraced, folded = [0], [0], []
-
-        def visit(module, prefix):
-            for key, child in module._modules.items():
-                if child is None or isinstance(child, _FX_LEAVES) or not _holds_foldable(child):
-                    continue
-                try:
-                    child_graph = _fx_graph(child)
-                except Exception:  # (as the model's: its children are traced instead)
-                    untraced[0] += 1
-                    visit(child, _join(prefix, key))
-                    continue
-                traced[0] += 1
-                folded.extend(_fold_graph(child_graph, child, _join(prefix, key), report, selected, shared))
-
-        visit(model, "")
-        report.left.append(Left("", _type_name(type(model)), f"not traced by torch.fx ({type(exc).__name__}: "
-                                                              f"{exc}); its submodules were traced one by one instead "
-                                                              f"({traced[0]} traced, {untraced[0]} not): runs across "
-                                                              "them, and in those not traced, fold only inside "
-                                                              "nn.Sequential"))
-        return folded
-    return _fold_graph(graph, model, "", report, selected, shared)
-
-
-_FX_LEAVES = (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU, *_FASTML_MODULES)
-
-
-def _fx_graph(module: torch.nn.Module):
-    """torch.fx's graph of ``module``'s forward, the layers a fold reads (and fastml's) as leaves.
-    Raises what the tracer raises."""
-    import torch.fx
+    leaves = (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU, *_FASTML_MODULES)
 
     class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m, qualified_name):
-            return isinstance(m, _FX_LEAVES) or super().is_leaf_module(m, qualified_name)
+        def is_leaf_module(self, module, qualified_name):
+            return isinstance(module, leaves) or super().is_leaf_module(module, qualified_name)
 
-    return Tracer().trace(module)
-
-
-def _holds_foldable(module: torch.nn.Module) -> bool:
-    """Whether ``module`` holds a layer a traced run could fold (a conv, linear or batch norm)."""
-    return any(_is_conv(m) or _is_linear(m) or _is_plain_bn(m) for m in module.modules())
-
-
-def _fold_graph(graph, root, prefix, report, selected, shared) -> list[torch.nn.Module]:
-    """Folds the runs ``graph`` (a trace of ``root``, registered at ``prefix`` in the model)
-    shows, as ``_fold_traced`` says; returns the modules folded."""
-    modules = dict(root.named_modules(remove_duplicate=False))
+    try:
+        graph = Tracer().trace(model)
+    except Exception as exc:  # data-dependent control flow, unsupported ops: the trace is not the model
+        report.left.append(Left("", _type_name(type(model)), f"not traced by torch.fx ({type(exc).__name__}: "
+                                                              f"{exc}); only runs inside nn.Sequential fold"))
+        return []
+    modules = dict(model.named_modules(remove_duplicate=False))
     calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
 
     def single_reader(node, relu_ok=False):
@@ -631,13 +581,13 @@ def _fold_graph(graph, root, prefix, report, selected, shared) -> list[torch.nn.
             if _fold.fold_of(modules[node.target]) is None and relu_node is not None \
                     and _is_relu(modules[relu_node.target]):
                 folded += _fold_one(None, modules[node.target], modules[relu_node.target],
-                                    (_join(prefix, node.target), _join(prefix, relu_node.target)), report, shared, calls[relu_node.target] == 1)
+                                    (node.target, relu_node.target), report, shared, calls[relu_node.target] == 1)
             continue
         if _is_linear(modules[node.target]) and _LINEAR_RELU in selected:
             relu_node = single_reader(node, relu_ok=True)
             if relu_node is not None and _is_relu(modules[relu_node.target]):
                 folded += _fold_one(modules[node.target], None, modules[relu_node.target],
-                                    (_join(prefix, node.target), _join(prefix, relu_node.target)), report, shared, calls[relu_node.target] == 1)
+                                    (node.target, relu_node.target), report, shared, calls[relu_node.target] == 1)
             continue
         if not _is_conv(modules[node.target]):
             continue
@@ -658,7 +608,7 @@ def _fold_graph(graph, root, prefix, report, selected, shared) -> list[torch.nn.
         nodes = [n for n in (node, bn_node, relu_node) if n is not None]
         conv, bn = modules[node.target], None if bn_node is None else modules[bn_node.target]
         relu = None if relu_node is None else modules[relu_node.target]
-        folded += _fold_one(conv, bn, relu, tuple(_join(prefix, n.target) for n in nodes), report, shared,
+        folded += _fold_one(conv, bn, relu, tuple(n.target for n in nodes), report, shared,
                             relu_node is None or calls[relu_node.target] == 1)
     return folded
 

@@ -219,60 +219,7 @@ def test_fx_leaves_a_model_it_cannot_trace_and_says_why():
     report = fastml.patch(Branching(), fx=True)
     assert report.fused == []
     (left,) = [left for left in report.left if left.name == ""]
-    assert left.reason.startswith("not traced by torch.fx (TraceError")
-    assert left.reason.endswith("its submodules were traced one by one instead (0 traced, 0 not): runs across them, "
-                                "and in those not traced, fold only inside nn.Sequential")
-
-
-class Untraceable(nn.Module):
-    """A forward torch.fx cannot trace (a flag argument it branches on, a branch on the data, as
-    Hugging Face's models have), around a block that is traceable, and a part that is not but
-    holds one that is."""
-
-    def __init__(self):
-        super().__init__()
-        self.block = Block()
-        self.stage = Branching()
-        self.stage.conv, self.stage.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
-        self.stage.inner = Block()
-        self.head = nn.Sequential(nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3))
-
-    def forward(self, x, return_dict=True):
-        out = self.block(x)
-        if return_dict:  # a Python branch on an argument: the proxy's bool raises
-            out = self.stage.inner(out)
-        out = self.stage(out)
-        return {"logits": self.head(out)} if return_dict else self.head(out)
-
-
-class Logits(nn.Module):
-    """A model returning {"logits": ...}, as a function of its input to its logits."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x)["logits"]
-
-
-def test_fx_traces_the_submodules_of_a_model_it_cannot_trace_whole(backend, rng):
-    reference, model, report = patched_pair(Untraceable, rng, fx=True)
-    assert sorted(f.names for f in report.fused) == [
-        ("block.conv1", "block.bn1", "block.relu"), ("block.conv2", "block.bn2"),  # a traced child
-        ("head.0", "head.1"),  # its nn.Sequential, folded as the whole model's trace would
-        ("stage.inner.conv1", "stage.inner.bn1", "stage.inner.relu"), ("stage.inner.conv2", "stage.inner.bn2")]
-    (left,) = [left for left in report.left if left.name == ""]
-    assert "its submodules were traced one by one instead (3 traced, 1 not)" in left.reason
-    # stage itself cannot be traced: its own conv and batch norm stay apart, on fastml's classes
-    assert _fold.fold_of(model.stage.conv) is None and type(model.stage.bn) is fastml.nn.BatchNorm2d
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng).abs()  # stage's branch taken
-    for mode in ("eval", "train", "eval"):
-        getattr(reference, mode)()
-        getattr(model, mode)()
-        assert_same_model(Logits(reference), Logits(model), x)
-    undone = fastml.unpatch(model)
-    assert len(undone.fused) == 5 and type(model.block.relu) is nn.ReLU and type(model.head[1]) is nn.BatchNorm2d
+    assert left.reason.startswith("not traced by torch.fx (TraceError") and "only runs inside nn.Sequential" in left.reason
 
 
 def test_fx_conv_output_read_twice_does_not_fold(rng):
