@@ -36,7 +36,7 @@ others at 64 pixels for exactness and 128 for speed (HRNet and DLA take multiple
 ``--source transformers``: Hugging Face's image classifiers (``transformers``, each built from
 its default configuration, random weights), called as ``model(pixel_values=x).logits``. Their
 ``forward`` branches on flags (``return_dict``, ``output_hidden_states``), so torch.fx cannot
-trace them whole: with ``--fx``, fastml.patch traces their submodules one by one. Install it
+trace them: with ``--fx``, fastml.patch folds only the runs inside an nn.Sequential there. Install it
 beside the CPU torch as timm (``pip install --no-deps transformers tokenizers``, then its small
 dependencies: regex, pyyaml, packaging, safetensors, tqdm, huggingface_hub and its httpx).
 
