@@ -549,12 +549,16 @@ def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
         def is_leaf_module(self, module, qualified_name):
             return isinstance(module, leaves) or super().is_leaf_module(module, qualified_name)
 
+    saved = [(module, _attributes(module)) for module in model.modules()]
     try:
         graph = Tracer().trace(model)
     except Exception as exc:  # data-dependent control flow, unsupported ops: the trace is not the model
         report.left.append(Left("", _type_name(type(model)), f"not traced by torch.fx ({type(exc).__name__}: "
                                                               f"{exc}); only runs inside nn.Sequential fold"))
         return []
+    finally:
+        for module, attributes in saved:
+            _restore_attributes(module, attributes)
     modules = dict(model.named_modules(remove_duplicate=False))
     calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
 
@@ -611,6 +615,31 @@ def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
         folded += _fold_one(conv, bn, relu, tuple(n.target for n in nodes), report, shared,
                             relu_node is None or calls[relu_node.target] == 1)
     return folded
+
+
+_REGISTRIES = ("_parameters", "_buffers", "_modules")
+
+
+def _attributes(module: torch.nn.Module) -> tuple[dict, dict]:
+    """What ``_restore_attributes`` puts back: the module's attributes, and the entries of its
+    registries of parameters, buffers and submodules."""
+    attributes = module.__dict__
+    return dict(attributes), {name: dict(attributes[name]) for name in _REGISTRIES if name in attributes}
+
+
+def _restore_attributes(module: torch.nn.Module, saved: tuple[dict, dict]) -> None:
+    """The module's attributes as ``_attributes`` took them, before torch.fx ran its forward on
+    proxies: a forward that keeps something on its module (a mask or a positional table built
+    on the first call, a call counter) would otherwise keep the tracer's proxy, and the patched
+    model would return proxies from then on. Every value is put back, the same objects, rather
+    than compared (tensors compare elementwise)."""
+    attributes, registries = saved
+    for name, entries in registries.items():
+        registry = attributes[name]
+        registry.clear()
+        registry.update(entries)
+    module.__dict__.clear()
+    module.__dict__.update(attributes)
 
 
 def unpatch(model: torch.nn.Module) -> PatchReport:

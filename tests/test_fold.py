@@ -222,6 +222,51 @@ def test_fx_leaves_a_model_it_cannot_trace_and_says_why():
     assert left.reason.startswith("not traced by torch.fx (TraceError") and "only runs inside nn.Sequential" in left.reason
 
 
+class LazyOffset(nn.Module):
+    """A block that builds a tensor at its first call and keeps it (as models keep a mask or a
+    positional table), and counts its calls: torch.fx's trace runs this forward on proxies."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.offset, self.calls = None, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.offset is None:
+            self.offset = torch.ones_like(x[0])
+            self.register_buffer("scale", torch.full_like(x[0, :1], 2.0))
+        return self.relu(self.bn(self.conv(x * self.scale + self.offset)))
+
+
+class LazyThenBranching(nn.Module):
+    """LazyOffset, then a branch on the data: the trace runs the block, then fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = LazyOffset()
+
+    def forward(self, x):
+        out = self.block(x)
+        return out if out.sum() > 0 else -out
+
+
+@pytest.mark.parametrize("build", [LazyOffset, LazyThenBranching])
+def test_fx_tracing_leaves_the_model_as_it_was(build, rng):
+    reference, model, report = patched_pair(build, rng, fx=True)
+    block = model if build is LazyOffset else model.block
+    folded = [("conv", "bn", "relu")] if build is LazyOffset else []
+    assert [f.names for f in report.fused] == folded
+    # what the forward kept during the trace (the tracer's proxies) is gone again
+    assert block.offset is None and block.calls == 0 and "scale" not in block._buffers
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng)
+    for mode in ("eval", "train", "eval"):
+        getattr(reference, mode)()
+        getattr(model, mode)()
+        assert_same_model(reference, model, x)
+    assert type(block.offset) is torch.Tensor and model.state_dict().keys() == reference.state_dict().keys()
+
+
 def test_fx_conv_output_read_twice_does_not_fold(rng):
     class TwoReaders(nn.Module):
         def __init__(self):
