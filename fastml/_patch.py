@@ -317,10 +317,10 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
 
     ``fx``: also fold the Conv2d → BatchNorm2d (→ ReLU) runs, and the Conv2d → ReLU, Linear →
     ReLU and BatchNorm2d → ReLU pairs, that a model's ``forward`` calls outside any nn.Sequential
-    (ResNet's blocks, DenseNet's layers), found by tracing it with torch.fx: only where the trace
-    shows each module called once (a ReLU may be called more often: see above) and the conv's (or
-    linear's) output read by the batch norm (or the ReLU) alone, and the batch norm's by the ReLU
-    alone for the ReLU to fold. A model torch.fx cannot trace is left as it is, and the report
+    (ResNet's blocks, DenseNet's layers), found by tracing it with torch.fx in training and in
+    eval mode: only where both traces show each module called once (a ReLU may be called more
+    often: see above) and the conv's (or linear's) output read by the batch norm (or the ReLU)
+    alone, and the batch norm's by the ReLU alone for the ReLU to fold. A model torch.fx cannot trace is left as it is, and the report
     says why.
 
     Parameters, buffers and hooks stay the same objects (an optimizer built before keeps
@@ -540,18 +540,18 @@ def _bn_relu_runs(parent, name, report, shared) -> list[torch.nn.Module]:
 def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
     """Folds the Conv2d → BatchNorm2d (→ ReLU) runs (op "conv_bn"), and gives the Conv2d → ReLU
     pairs their epilogue (op "conv_relu"), that a torch.fx trace of ``model`` shows (see patch's
-    ``fx``); returns the modules folded."""
-    import torch.fx
+    ``fx``); returns the modules folded.
 
-    leaves = (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU, *_FASTML_MODULES)
-
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, module, qualified_name):
-            return isinstance(module, leaves) or super().is_leaf_module(module, qualified_name)
-
-    saved = [(module, _attributes(module)) for module in model.modules()]
+    The model is traced in training and in eval mode, and a run folds only where both traces
+    show it: a fold applies in both modes (the batch norm's kernel takes the ReLU in training),
+    and a forward may read a layer's output elsewhere in one mode only (``relu(z) + z if
+    self.training else relu(z)``), which a trace in the other mode would not show."""
+    graphs = {}
+    saved = [(module, _attributes(module)) for module in model.modules()]  # (the modes among them)
     try:
-        graph = Tracer().trace(model)
+        for training in (True, False):
+            model.train(training)
+            graphs[training] = _fx_trace(model)
     except Exception as exc:  # data-dependent control flow, unsupported ops: the trace is not the model
         report.left.append(Left("", _type_name(type(model)), f"not traced by torch.fx ({type(exc).__name__}: "
                                                               f"{exc}); only runs inside nn.Sequential fold"))
@@ -560,6 +560,38 @@ def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
         for module, attributes in saved:
             _restore_attributes(module, attributes)
     modules = dict(model.named_modules(remove_duplicate=False))
+    in_training: dict[tuple, bool] = {}
+
+    def note(conv, bn, relu, names, relu_called_once):
+        in_training[names] = relu_called_once
+        return [m for m in (conv, bn, relu) if m is not None]
+
+    def fold(conv, bn, relu, names, relu_called_once):
+        if names not in in_training:
+            return []
+        return _fold_one(conv, bn, relu, names, report, shared, relu_called_once and in_training[names])
+
+    _traced_runs(graphs[True], modules, selected, note)
+    return _traced_runs(graphs[False], modules, selected, fold)
+
+
+def _fx_trace(model: torch.nn.Module):
+    """torch.fx's graph of ``model``'s forward, the layers a run folds (and fastml's) as leaves."""
+    import torch.fx
+
+    leaves = (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU, *_FASTML_MODULES)
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, qualified_name):
+            return isinstance(module, leaves) or super().is_leaf_module(module, qualified_name)
+
+    return Tracer().trace(model)
+
+
+def _traced_runs(graph, modules, selected, fold) -> list[torch.nn.Module]:
+    """Calls ``fold(conv, bn, relu, names, relu_called_once)`` (conv or bn None where the run has
+    none) for each run ``graph`` shows, in call order, and returns what those calls returned
+    together: the modules folded. ``modules``: the model's, by name."""
     calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
 
     def single_reader(node, relu_ok=False):
@@ -576,22 +608,23 @@ def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
         return user
 
     folded = []
+    claimed = set()  # ids of the modules a conv's run took: its batch norm pairs with no ReLU then
     for node in graph.nodes:
         if node.op != "call_module" or calls[node.target] != 1:
             continue
         if _is_plain_bn(modules[node.target]) and _BN_RELU in selected:
             # nodes come in call order: a conv before this batch norm has folded it already
             relu_node = single_reader(node, relu_ok=True)
-            if _fold.fold_of(modules[node.target]) is None and relu_node is not None \
-                    and _is_relu(modules[relu_node.target]):
-                folded += _fold_one(None, modules[node.target], modules[relu_node.target],
-                                    (node.target, relu_node.target), report, shared, calls[relu_node.target] == 1)
+            if _fold.fold_of(modules[node.target]) is None and id(modules[node.target]) not in claimed \
+                    and relu_node is not None and _is_relu(modules[relu_node.target]):
+                folded += fold(None, modules[node.target], modules[relu_node.target],
+                               (node.target, relu_node.target), calls[relu_node.target] == 1)
             continue
         if _is_linear(modules[node.target]) and _LINEAR_RELU in selected:
             relu_node = single_reader(node, relu_ok=True)
             if relu_node is not None and _is_relu(modules[relu_node.target]):
-                folded += _fold_one(modules[node.target], None, modules[relu_node.target],
-                                    (node.target, relu_node.target), report, shared, calls[relu_node.target] == 1)
+                folded += fold(modules[node.target], None, modules[relu_node.target],
+                               (node.target, relu_node.target), calls[relu_node.target] == 1)
             continue
         if not _is_conv(modules[node.target]):
             continue
@@ -612,8 +645,9 @@ def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
         nodes = [n for n in (node, bn_node, relu_node) if n is not None]
         conv, bn = modules[node.target], None if bn_node is None else modules[bn_node.target]
         relu = None if relu_node is None else modules[relu_node.target]
-        folded += _fold_one(conv, bn, relu, tuple(n.target for n in nodes), report, shared,
-                            relu_node is None or calls[relu_node.target] == 1)
+        run = fold(conv, bn, relu, tuple(n.target for n in nodes), relu_node is None or calls[relu_node.target] == 1)
+        folded += run
+        claimed.update(map(id, run))
     return folded
 
 

@@ -222,6 +222,34 @@ def test_fx_leaves_a_model_it_cannot_trace_and_says_why():
     assert left.reason.startswith("not traced by torch.fx (TraceError") and "only runs inside nn.Sequential" in left.reason
 
 
+class ReadTwiceInTraining(nn.Module):
+    """A batch norm's output that the forward reads twice in training and once in eval: a trace in
+    either mode alone shows one of the two."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x):
+        z = self.bn(self.conv(x))
+        return self.relu(z) + z if self.training else self.relu(z)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fx_folds_only_what_both_modes_trace_alike(mode, rng):
+    torch.manual_seed(0)
+    reference = randomise_batch_norms(getattr(ReadTwiceInTraining().double(), mode)(), rng)
+    model = copy.deepcopy(reference)
+    report = fastml.patch(model, fx=True)  # traced in both modes, whichever the model is in
+    assert report.fused == [] and model.training == reference.training
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng)
+    for step in ("eval", "train", "eval"):
+        getattr(reference, step)()
+        getattr(model, step)()
+        assert_same_model(reference, model, x)
+    assert [f.names for f in fastml.patch(Block().eval(), fx=True).fused] == [("conv1", "bn1", "relu"), ("conv2", "bn2")]
+
+
 class LazyOffset(nn.Module):
     """A block that builds a tensor at its first call and keeps it (as models keep a mask or a
     positional table), and counts its calls: torch.fx's trace runs this forward on proxies."""
