@@ -547,19 +547,20 @@ def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
     and a forward may read a layer's output elsewhere in one mode only (``relu(z) + z if
     self.training else relu(z)``), which a trace in the other mode would not show."""
     graphs = {}
-    saved = [(module, _attributes(module)) for module in model.modules()]  # (the modes among them)
-    try:
-        for training in (True, False):
-            model.train(training)
-            graphs[training] = _fx_trace(model)
-    except Exception as exc:  # data-dependent control flow, unsupported ops: the trace is not the model
-        report.left.append(Left("", _type_name(type(model)), f"not traced by torch.fx ({type(exc).__name__}: "
-                                                              f"{exc}); only runs inside nn.Sequential fold"))
-        return []
-    finally:
-        for module, attributes in saved:
-            _restore_attributes(module, attributes)
     modules = dict(model.named_modules(remove_duplicate=False))
+    saved = [(module, _attributes(module)) for module in model.modules()]  # (the modes among them)
+    for training in (True, False):
+        try:
+            for module in modules.values():  # (the flags only: a model's own train() may do more)
+                module.training = training
+            graphs[training] = _fx_trace(model)
+        except Exception as exc:  # data-dependent control flow, unsupported ops: the trace is not the model
+            report.left.append(Left("", _type_name(type(model)), f"not traced by torch.fx ({type(exc).__name__}: "
+                                                                  f"{exc}); only runs inside nn.Sequential fold"))
+            return []
+        finally:  # each trace from the model as it was, and the model so after
+            for module, attributes in saved:
+                _restore_attributes(module, attributes)
     in_training: dict[tuple, bool] = {}
 
     def note(conv, bn, relu, names, relu_called_once):
@@ -601,7 +602,7 @@ def _traced_runs(graph, modules, selected, fold) -> list[torch.nn.Module]:
         if len(node.users) != 1:
             return None
         (user,) = node.users
-        if user.op != "call_module" or user.args != (node,) or user.kwargs:
+        if user.op != "call_module" or user.args != (node,) or user.kwargs or user.target not in modules:
             return None
         if calls[user.target] != 1 and not (relu_ok and _is_relu(modules[user.target])):
             return None
@@ -610,8 +611,8 @@ def _traced_runs(graph, modules, selected, fold) -> list[torch.nn.Module]:
     folded = []
     claimed = set()  # ids of the modules a conv's run took: its batch norm pairs with no ReLU then
     for node in graph.nodes:
-        if node.op != "call_module" or calls[node.target] != 1:
-            continue
+        if node.op != "call_module" or calls[node.target] != 1 or node.target not in modules:
+            continue  # (not in modules: registered by the forward during the trace, and taken back since)
         if _is_plain_bn(modules[node.target]) and _BN_RELU in selected:
             # nodes come in call order: a conv before this batch norm has folded it already
             relu_node = single_reader(node, relu_ok=True)

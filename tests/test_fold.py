@@ -268,7 +268,8 @@ class LazyOffset(nn.Module):
 
 
 class LazyThenBranching(nn.Module):
-    """LazyOffset, then a branch on the data: the trace runs the block, then fails."""
+    """LazyOffset, then a layer built at the first call and a branch on the data: the trace runs
+    the block, then fails."""
 
     def __init__(self):
         super().__init__()
@@ -276,6 +277,9 @@ class LazyThenBranching(nn.Module):
 
     def forward(self, x):
         out = self.block(x)
+        if "tail" not in self._modules:
+            self.tail = nn.Tanh()
+        out = self.tail(out)
         return out if out.sum() > 0 else -out
 
 
@@ -286,7 +290,7 @@ def test_fx_tracing_leaves_the_model_as_it_was(build, rng):
     folded = [("conv", "bn", "relu")] if build is LazyOffset else []
     assert [f.names for f in report.fused] == folded
     # what the forward kept during the trace (the tracer's proxies) is gone again
-    assert block.offset is None and block.calls == 0 and "scale" not in block._buffers
+    assert block.offset is None and block.calls == 0 and "scale" not in block._buffers and "tail" not in model._modules
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng)
     for mode in ("eval", "train", "eval"):
         getattr(reference, mode)()
