@@ -320,8 +320,9 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
     (ResNet's blocks, DenseNet's layers), found by tracing it with torch.fx in training and in
     eval mode: only where both traces show each module called once (a ReLU may be called more
     often: see above) and the conv's (or linear's) output read by the batch norm (or the ReLU)
-    alone, and the batch norm's by the ReLU alone for the ReLU to fold. A model torch.fx cannot trace is left as it is, and the report
-    says why.
+    alone, and the batch norm's by the ReLU alone for the ReLU to fold. A model torch.fx cannot
+    trace is left as it is, and the report says why. Whatever the traces' forward calls keep on
+    the modules (a mask built at the first call) is taken back after.
 
     Parameters, buffers and hooks stay the same objects (an optimizer built before keeps
     working), state_dict keys do not change, and only modules whose type is exactly the torch
@@ -564,13 +565,19 @@ def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
     in_training: dict[tuple, bool] = {}
 
     def note(conv, bn, relu, names, relu_called_once):
+        if _fold_obstacles(conv, bn, relu, shared):
+            return []  # (as _fold_one: the batch norm stays free to pair with its ReLU)
         in_training[names] = relu_called_once
         return [m for m in (conv, bn, relu) if m is not None]
 
     def fold(conv, bn, relu, names, relu_called_once):
-        if names not in in_training:
-            return []
-        return _fold_one(conv, bn, relu, names, report, shared, relu_called_once and in_training[names])
+        if names in in_training or _fold_obstacles(conv, bn, relu, shared):  # (the latter: reported why not)
+            return _fold_one(conv, bn, relu, names, report, shared, relu_called_once and in_training.get(names, True))
+        if conv is not None and bn is not None and any(run[:2] == names[:2] for run in in_training):
+            # one mode's run has the ReLU, the other's not (it reads the batch norm's output again):
+            # the conv and the batch norm fold in both
+            return _fold_one(conv, bn, None, names[:2], report, shared)
+        return []
 
     _traced_runs(graphs[True], modules, selected, note)
     return _traced_runs(graphs[False], modules, selected, fold)
@@ -652,27 +659,30 @@ def _traced_runs(graph, modules, selected, fold) -> list[torch.nn.Module]:
     return folded
 
 
-_REGISTRIES = ("_parameters", "_buffers", "_modules")
-
-
 def _attributes(module: torch.nn.Module) -> tuple[dict, dict]:
-    """What ``_restore_attributes`` puts back: the module's attributes, and the entries of its
-    registries of parameters, buffers and submodules."""
+    """What ``_restore_attributes`` puts back: the module's attributes, and the entries of those
+    that are dicts or lists (its registries of parameters, buffers and submodules, its hooks, a
+    cache of its own)."""
     attributes = module.__dict__
-    return dict(attributes), {name: dict(attributes[name]) for name in _REGISTRIES if name in attributes}
+    return dict(attributes), {name: (dict(value) if isinstance(value, dict) else list(value))
+                              for name, value in attributes.items() if isinstance(value, (dict, list))}
 
 
 def _restore_attributes(module: torch.nn.Module, saved: tuple[dict, dict]) -> None:
     """The module's attributes as ``_attributes`` took them, before torch.fx ran its forward on
     proxies: a forward that keeps something on its module (a mask or a positional table built
-    on the first call, a call counter) would otherwise keep the tracer's proxy, and the patched
-    model would return proxies from then on. Every value is put back, the same objects, rather
-    than compared (tensors compare elementwise)."""
-    attributes, registries = saved
-    for name, entries in registries.items():
-        registry = attributes[name]
-        registry.clear()
-        registry.update(entries)
+    on the first call, a call counter, a hook it registers once) would otherwise keep the
+    tracer's proxy or its side effect, and the patched model would return proxies from then on.
+    Every value is put back, the same objects, rather than compared (tensors compare
+    elementwise), and so are the entries of the dicts and lists among them."""
+    attributes, containers = saved
+    for name, entries in containers.items():
+        container = attributes[name]
+        if isinstance(container, dict):
+            container.clear()
+            container.update(entries)
+        else:
+            container[:] = entries
     module.__dict__.clear()
     module.__dict__.update(attributes)
 

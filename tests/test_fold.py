@@ -241,13 +241,24 @@ def test_fx_folds_only_what_both_modes_trace_alike(mode, rng):
     reference = randomise_batch_norms(getattr(ReadTwiceInTraining().double(), mode)(), rng)
     model = copy.deepcopy(reference)
     report = fastml.patch(model, fx=True)  # traced in both modes, whichever the model is in
-    assert report.fused == [] and model.training == reference.training
+    # the batch norm's output goes to the ReLU alone in eval only: the conv and the batch norm fold
+    assert [f.names for f in report.fused] == [("conv", "bn")] and model.training == reference.training
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng)
     for step in ("eval", "train", "eval"):
         getattr(reference, step)()
         getattr(model, step)()
         assert_same_model(reference, model, x)
-    assert [f.names for f in fastml.patch(Block().eval(), fx=True).fused] == [("conv1", "bn1", "relu"), ("conv2", "bn2")]
+    block_in_eval = fastml.patch(Block().eval(), fx=True)
+    assert [f.names for f in block_in_eval.fused] == [("conv1", "bn1", "relu"), ("conv2", "bn2")]
+
+
+def test_fx_a_conv_that_cannot_fold_leaves_its_batch_norm_to_its_relu():
+    model = LazyOffset()
+    model.conv.register_forward_hook(lambda module, args, out: None)  # a fold would not call it
+    report = fastml.patch(model, fx=True)
+    assert [f.names for f in report.fused] == [("bn", "relu")]
+    assert [left.reason for left in report.left if left.name == "conv, bn, relu"] == [
+        "not folded: hooks on the conv (a folded run would not call them as before)"]
 
 
 class LazyOffset(nn.Module):
@@ -257,14 +268,18 @@ class LazyOffset(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv, self.bn, self.relu = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
-        self.offset, self.calls = None, 0
+        self.offset, self.calls, self.cache, self.hooked = None, 0, {}, False
 
     def forward(self, x):
         self.calls += 1
         if self.offset is None:
             self.offset = torch.ones_like(x[0])
             self.register_buffer("scale", torch.full_like(x[0, :1], 2.0))
-        return self.relu(self.bn(self.conv(x * self.scale + self.offset)))
+            self.cache["shift"] = torch.full_like(x[0, :1, :1], 0.5)
+        if not self.hooked:  # a hook registered once, at the first call
+            self.relu.register_forward_hook(lambda module, args, out: out * 2)
+            self.hooked = True
+        return self.relu(self.bn(self.conv(x * self.scale + self.offset))) + self.cache["shift"]
 
 
 class LazyThenBranching(nn.Module):
@@ -291,6 +306,7 @@ def test_fx_tracing_leaves_the_model_as_it_was(build, rng):
     assert [f.names for f in report.fused] == folded
     # what the forward kept during the trace (the tracer's proxies) is gone again
     assert block.offset is None and block.calls == 0 and "scale" not in block._buffers and "tail" not in model._modules
+    assert block.cache == {} and not block.hooked and not block.relu._forward_hooks
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng)
     for mode in ("eval", "train", "eval"):
         getattr(reference, mode)()
