@@ -47,6 +47,16 @@ ENTRY_IDS = [info.name for info in ENTRIES]
 DTYPES = [torch.float32, torch.float64]
 
 
+def in_modes(entries):
+    """(entry, training) cases, as test_modules.py makes them: both modes where the entry says its
+    module's modes differ (``train_and_eval_differ``: batch norm), train mode alone elsewhere. Those
+    twins never read ``training`` (test_runs_without_training_attribute), so an eval-mode case
+    would repeat the train-mode computation; it cost half this file's time (gradgradcheck of the
+    cross-entropy's 105 samples: 17 s a mode)."""
+    return [pytest.param(info, training, id=f"{info.name}-{'train' if training else 'eval'}")
+            for info in entries for training in ((True, False) if info.train_and_eval_differ else (True,))]
+
+
 def test_module_db_has_every_twin():
     """The table names each replaced class: a torch that dropped an entry would otherwise leave the
     checks below silently empty for it."""
@@ -112,9 +122,8 @@ def assert_same(actual, expected, what, rtol=None, atol=None):
     torch.testing.assert_close(actual, expected, equal_nan=True, msg=lambda m: f"{what}: {m}", **kw)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("info", ENTRIES, ids=ENTRY_IDS)
+@pytest.mark.parametrize("info, training", in_modes(ENTRIES))
 def test_matches_twin(info, dtype, training):
     for sample in samples(info, dtype, training):
         torch_module = build(info.module_cls, sample, dtype, training)
@@ -167,8 +176,7 @@ def _gradcheck_sample(info, sample, training, check):
     return True
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("info", ENTRIES, ids=ENTRY_IDS)
+@pytest.mark.parametrize("info, training", in_modes(ENTRIES))
 def test_gradcheck(info, training):
     skip_where_torch_skips(info, "test_grad", torch.float64, training)
     checked = [_gradcheck_sample(info, sample, training, torch.autograd.gradcheck)
@@ -176,8 +184,7 @@ def test_gradcheck(info, training):
     assert any(checked)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("info", [i for i in ENTRIES if i.supports_gradgrad], ids=lambda i: i.name)
+@pytest.mark.parametrize("info, training", in_modes([i for i in ENTRIES if i.supports_gradgrad]))
 def test_gradgradcheck(info, training):
     skip_where_torch_skips(info, "test_gradgrad", torch.float64, training)
     checked = [_gradcheck_sample(info, sample, training, torch.autograd.gradgradcheck)
@@ -195,9 +202,8 @@ def _non_contiguous(obj):
     return tree_map(view, obj)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("info", ENTRIES, ids=ENTRY_IDS)
+@pytest.mark.parametrize("info, training", in_modes(ENTRIES))
 def test_non_contiguous(info, dtype, training):
     skip_where_torch_skips(info, "test_non_contiguous_tensors", dtype, training)
     for sample in samples(info, dtype, training):
@@ -221,9 +227,8 @@ def test_non_contiguous(info, dtype, training):
                         rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("info", ENTRIES, ids=ENTRY_IDS)
+@pytest.mark.parametrize("info, training", in_modes(ENTRIES))
 def test_memory_format(info, dtype, training):
     """torch's rule: a 4-D result is channels-last when the input is, or when the module's weights
     are and its format decides the output's (module_memformat_affects_out); otherwise contiguous.
@@ -293,8 +298,7 @@ def test_construction(info, dtype):
             assert not t.dtype.is_floating_point or t.dtype == dtype, sample.desc
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("info", ENTRIES, ids=ENTRY_IDS)
+@pytest.mark.parametrize("info, training", in_modes(ENTRIES))
 def test_save_load_and_repr(info, training):
     for sample in samples(info, torch.float32, training, requires_grad=False):
         module = build(TWINS[info.module_cls], sample, torch.float32, training)
@@ -321,8 +325,7 @@ def test_runs_without_training_attribute(info):
 
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("info", [i for i in ENTRIES if i.module_error_inputs_func is not None], ids=lambda i: i.name)
+@pytest.mark.parametrize("info, training", in_modes([i for i in ENTRIES if i.module_error_inputs_func is not None]))
 def test_rejects_what_twin_rejects(info, training):
     """Each of module_db's bad inputs: the twin's error (its type and message, which may have moved
     on from the table's regex; none where the twin accepts the input, as batch norm in eval mode
