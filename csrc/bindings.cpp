@@ -53,6 +53,7 @@ PYBIND11_MODULE(FASTML_MODULE_NAME, m) {
         const CacheSizes& c = cache_sizes();
         return py::dict(py::arg("l1d") = c.l1d, py::arg("l2") = c.l2);
     });
+    m.def("set_cache_sizes", &set_cache_sizes, py::arg("l1d"), py::arg("l2"));
 
     FASTML_DEF("linear_mse_forward_f32", linear_mse_forward<float>);
     FASTML_DEF("linear_mse_forward_f64", linear_mse_forward<double>);

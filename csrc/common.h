@@ -38,15 +38,15 @@ private:
 };
 
 // The per-core data caches this CPU reports, in bytes: block sizes derive from them, not from
-// constants tuned on one machine (L1d is 32 KiB on Zen 3 and Zen 4, 48 KiB on Sapphire Rapids;
-// L2 512 KiB, 1 MiB and 2 MiB). glibc reads them from cpuid; where it cannot (another libc, a
-// hypervisor hiding the leaf), the common sizes stand in. Out-of-range reports are clamped.
+// constants tuned on one machine (L1d is 32 KiB on Zen 3 and Zen 4, 48 KiB on Zen 5 and Sapphire
+// Rapids; L2 512 KiB, 1 MiB and 2 MiB). glibc reads them from cpuid; where it cannot (another
+// libc, a hypervisor hiding the leaf), the common sizes stand in. Out-of-range reports are clamped.
 struct CacheSizes {
     index_t l1d, l2;
 };
 
-inline const CacheSizes& cache_sizes() {
-    static const CacheSizes sizes = [] {
+inline CacheSizes& cache_sizes_in_use() {
+    static CacheSizes sizes = [] {
         CacheSizes found{32 * 1024, 512 * 1024};
 #if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
         const long l1d = sysconf(_SC_LEVEL1_DCACHE_SIZE), l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
@@ -56,6 +56,16 @@ inline const CacheSizes& cache_sizes() {
         return found;
     }();
     return sizes;
+}
+
+inline const CacheSizes& cache_sizes() { return cache_sizes_in_use(); }
+
+// Sizes given in place of the report (FASTML_CACHE_SIZES, which fastml/_cpp.py reads and checks
+// before any kernel runs): another CPU's caches, to run its blocking here, or sizes below any
+// CPU's, which make a test's small shapes cross the blocks' boundaries. Taken as given: every
+// size derived from them has a floor of its own.
+inline void set_cache_sizes(index_t l1d, index_t l2) {
+    cache_sizes_in_use() = CacheSizes{l1d, l2};
 }
 
 // Splits [0, n) into `parts` contiguous ranges that differ in length by at most one;

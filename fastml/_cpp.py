@@ -11,6 +11,11 @@ Which compiled module holds the kernels (setup.py's docstring has the two layout
 
 The choice is made once per process (the first kernel call, or ``cpu_level()``) and
 ``cpu_level()`` says what was chosen and why.
+
+The kernels size their cache blocks from the L1d and L2 the CPU reports (csrc/common.h).
+``FASTML_CACHE_SIZES="l1d=48K,l2=2M"`` gives other sizes in their place (``cache_sizes_given``):
+another CPU's, to run its blocking on this one, or tiny ones, which make small shapes cross the
+blocks' boundaries (tests/test_cache_sizes.py).
 """
 
 from __future__ import annotations
@@ -190,14 +195,49 @@ def cpu_level() -> dict:
     return choose_level(flags, source, built, single, single_arch, os.environ.get(LEVEL_ENV, "").strip())
 
 
+CACHE_ENV = "FASTML_CACHE_SIZES"
+_CACHE_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
+_CACHE_RANGE = (1 << 10, 1 << 30)
+
+
+def cache_sizes_given(text: str) -> dict[str, int]:
+    """The sizes, in bytes, that ``text`` (FASTML_CACHE_SIZES's value) gives: {"l1d": ..., "l2":
+    ...}, either or both. ValueError naming the variable for anything else: a size the kernels
+    were not blocked for is the silent slowdown, or the untested blocking, the variable is for."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{CACHE_ENV}={text!r}: {why}; expected l1d=SIZE and/or l2=SIZE, comma-separated, "
+                          f"each SIZE in bytes or with K or M (KiB, MiB) from 1K to 1024M, e.g. 'l1d=48K,l2=2M'")
+    given: dict[str, int] = {}
+    for item in text.split(","):
+        name, sep, size = (part.strip().lower() for part in item.partition("="))
+        if not sep or name not in ("l1d", "l2"):
+            raise bad(f"{item.strip()!r} names no cache")
+        if name in given:
+            raise bad(f"{name} is given twice")
+        digits = size.rstrip("kibm")
+        unit = _CACHE_UNITS.get(size[len(digits):])
+        if not digits.isdigit() or unit is None:
+            raise bad(f"{size!r} is not a size")
+        given[name] = int(digits) * unit
+        if not _CACHE_RANGE[0] <= given[name] <= _CACHE_RANGE[1]:
+            raise bad(f"{name}={size} is out of range")
+    return given
+
+
 @functools.cache
 def module():
-    """The compiled module chosen by cpu_level(), imported once; ImportError saying why when none
-    can run here."""
+    """The compiled module chosen by cpu_level(), imported once, with FASTML_CACHE_SIZES's sizes
+    (if set) in place of the caches the CPU reports; ImportError saying why when none can run
+    here, ValueError for a bad FASTML_CACHE_SIZES."""
     chosen = cpu_level()
     if chosen["module"] is None:
         raise ImportError(f"no fastml C++ module to load: {chosen['reason']}")
-    return importlib.import_module(chosen["module"])
+    text = os.environ.get(CACHE_ENV, "").strip()
+    given = cache_sizes_given(text) if text else {}  # (checked before the import: nothing half set)
+    loaded = importlib.import_module(chosen["module"])
+    if given:
+        loaded.set_cache_sizes(**{**loaded.cache_sizes(), **given})
+    return loaded
 
 
 @functools.cache
