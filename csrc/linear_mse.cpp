@@ -1,8 +1,8 @@
 // Fused linear forward + squared loss (and its gradients) for linear regression.
 //
 // One pass over X: each row block's prediction P = X W^T + b, residual R = P - Y, the loss and
-// the weight / bias gradients (sums of R-weighted rows) come from the same tile of X while it
-// is in L1. The N × O prediction never exists whole: a block of kBlockRows rows at a time.
+// the weight / bias gradients (sums of R-weighted rows) come from the same block of X while it
+// is in cache. The N × O prediction never exists whole: a block of at most kBlockRows rows at a time.
 #include <cmath>
 #include <vector>
 
@@ -28,9 +28,12 @@ double process_rows(const Problem& p, const T* x, const T* w, const T* bias, con
                     index_t row_begin, index_t row_end, index_t col_begin, index_t col_end,
                     T* residual, T* loss_elems, T* grad_acc, T* grad_b_acc) {
     const index_t d = p.d, o = p.o, cols = col_end - col_begin;
-    // A row block is read twice (prediction, then gradient): half the L1 keeps it there between
-    // the two, beside the weights' tiles.
-    const index_t block_bytes = cache_sizes().l1d / 2;
+    // A row block is read twice (prediction, then gradient), and each block also loads and stores
+    // the gradient tile (cols × d) once: the more rows, the less the tile costs each row. An
+    // eighth of the L2 keeps the block there between its two reads, beside the weights and the
+    // tile. (Half the L1 made 4-row blocks at MNIST's d = 784, where the tile's pass cost more than
+    // x's: 1.33x slower on a Zen 4; bench/results/cpu-amd-epyc-2c-linear-mse-blocks.txt.)
+    const index_t block_bytes = cache_sizes().l2 / 8;
     const index_t block_rows =
         std::clamp<index_t>(block_bytes / std::max<index_t>(1, d * index_t(sizeof(T))) / kRows * kRows, kRows,
                             kBlockRows);
