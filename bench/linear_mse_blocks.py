@@ -3,9 +3,9 @@
 The C++ kernel reads x in blocks of rows: each block is read twice (prediction, then gradient) and
 costs one load and store of the (outputs x features) gradient tile. Its rows follow the caches the
 CPU reports (an eighth of the L2). This times forward + backward of the course's shapes and
-larger ones with the blocks that other L2 sizes would give (``set_cache_sizes``, the mechanism
-of FASTML_CACHE_SIZES), interleaved in one process beside torch's F.mse_loss(F.linear(...)),
-medians of --rounds samples.
+larger ones with the blocks that other L2 sizes would give (FASTML_CACHE_SIZES's setter, called
+between calls from this one thread), interleaved in one process beside torch's
+F.mse_loss(F.linear(...)), medians of --rounds samples.
 
     python bench/linear_mse_blocks.py [--rounds 9]
 """
@@ -65,9 +65,9 @@ def main() -> None:
                     if which == "torch":
                         times[which].append(seconds(torch_step, reps))
                         continue
-                    module.set_cache_sizes(l1d=reported["l1d"], l2=which << 13)
+                    module._set_cache_sizes(l1d=reported["l1d"], l2=which << 13)
                     times[which].append(seconds(fastml_step, reps))
-        module.set_cache_sizes(**reported)
+        module._set_cache_sizes(**reported)
         base = statistics.median(times["torch"])
         cells = "  ".join(f"{kib:>3}K {statistics.median(times[kib]) * 1e3:7.2f} ms {base / statistics.median(times[kib]):5.2f}x"
                           for kib in BLOCK_KIB)

@@ -53,7 +53,9 @@ PYBIND11_MODULE(FASTML_MODULE_NAME, m) {
         const CacheSizes& c = cache_sizes();
         return py::dict(py::arg("l1d") = c.l1d, py::arg("l2") = c.l2);
     });
-    m.def("set_cache_sizes", &set_cache_sizes, py::arg("l1d"), py::arg("l2"));
+    // Before any kernel runs (fastml/_cpp.py calls it at load): kernels read the sizes unlocked,
+    // some more than once a call (a buffer's size, then its use).
+    m.def("_set_cache_sizes", &set_cache_sizes, py::arg("l1d"), py::arg("l2"));
 
     FASTML_DEF("linear_mse_forward_f32", linear_mse_forward<float>);
     FASTML_DEF("linear_mse_forward_f64", linear_mse_forward<double>);

@@ -38,9 +38,10 @@ private:
 };
 
 // The per-core data caches this CPU reports, in bytes: block sizes derive from them, not from
-// constants tuned on one machine (L1d is 32 KiB on Zen 3 and Zen 4, 48 KiB on Zen 5 and Sapphire
-// Rapids; L2 512 KiB, 1 MiB and 2 MiB). glibc reads them from cpuid; where it cannot (another
-// libc, a hypervisor hiding the leaf), the common sizes stand in. Out-of-range reports are clamped.
+// constants tuned on one machine (L2 is 512 KiB on Zen 3, 1 MiB on Zen 4 and Zen 5, 2 MiB on
+// Sapphire Rapids; every block follows the L2 today, the L1d, 32 or 48 KiB, is reported too).
+// glibc reads them from cpuid; where it cannot (another libc, a hypervisor hiding the leaf), the
+// common sizes stand in. Out-of-range reports are clamped.
 struct CacheSizes {
     index_t l1d, l2;
 };
@@ -60,10 +61,10 @@ inline CacheSizes& cache_sizes_in_use() {
 
 inline const CacheSizes& cache_sizes() { return cache_sizes_in_use(); }
 
-// Sizes given in place of the report (FASTML_CACHE_SIZES, which fastml/_cpp.py reads and checks
-// before any kernel runs): another CPU's caches, to run its blocking here, or sizes below any
-// CPU's, which make a test's small shapes cross the blocks' boundaries. Taken as given: every
-// size derived from them has a floor of its own.
+// Sizes given in place of the report (FASTML_CACHE_SIZES, which fastml/_cpp.py reads and checks,
+// and sets before any kernel runs): another CPU's caches, to run its blocking here, or sizes
+// below any CPU's, which make a test's small shapes cross the blocks' boundaries. Taken as given:
+// every size derived from them has a floor of its own.
 inline void set_cache_sizes(index_t l1d, index_t l2) {
     cache_sizes_in_use() = CacheSizes{l1d, l2};
 }

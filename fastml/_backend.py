@@ -101,7 +101,7 @@ def _probe_cpp() -> BackendStatus:
         caches = module.cache_sizes()
         tiles = (f", {module.vector_registers} x {module.vector_bytes}-byte vector registers, "
                  f"L1d {caches['l1d'] // 1024} KiB, L2 {caches['l2'] // 1024} KiB")
-        if os.environ.get(_cpp.CACHE_ENV, "").strip():
+        if _cpp.cache_sizes_in_force:
             tiles += f" ({_cpp.CACHE_ENV})"
     return BackendStatus("cpp", True, f"{module.__name__} ({getattr(module, 'isa', '') or 'generic'}{tiles}), OpenMP, "
                                       f"up to {module.openmp_max_threads} threads; {level}{failed}")

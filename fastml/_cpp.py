@@ -12,10 +12,10 @@ Which compiled module holds the kernels (setup.py's docstring has the two layout
 The choice is made once per process (the first kernel call, or ``cpu_level()``) and
 ``cpu_level()`` says what was chosen and why.
 
-The kernels size their cache blocks from the L1d and L2 the CPU reports (csrc/common.h).
-``FASTML_CACHE_SIZES="l1d=48K,l2=2M"`` gives other sizes in their place (``cache_sizes_given``):
-another CPU's, to run its blocking on this one, or tiny ones, which make small shapes cross the
-blocks' boundaries (tests/test_cache_sizes.py).
+The kernels size their cache blocks from the caches the CPU reports (csrc/common.h: today every
+block follows the L2; the L1d is reported too). ``FASTML_CACHE_SIZES="l1d=48K,l2=2M"`` gives other
+sizes in their place (``cache_sizes_given``): another CPU's, to run its blocking on this one, or
+tiny ones, which make small shapes cross the blocks' boundaries (tests/test_cache_sizes.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -196,8 +197,12 @@ def cpu_level() -> dict:
 
 
 CACHE_ENV = "FASTML_CACHE_SIZES"
-_CACHE_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
+_CACHE_SIZE = re.compile(r"(\d+)\s*(k|kib|m|mib|g|gib)?", re.ASCII | re.IGNORECASE)
+_CACHE_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
 _CACHE_RANGE = (1 << 10, 1 << 30)
+
+cache_sizes_in_force: dict[str, int] = {}
+"""The sizes FASTML_CACHE_SIZES gave the loaded module (empty: the CPU's own), as ``module()`` set them."""
 
 
 def cache_sizes_given(text: str) -> dict[str, int]:
@@ -206,19 +211,19 @@ def cache_sizes_given(text: str) -> dict[str, int]:
     were not blocked for is the silent slowdown, or the untested blocking, the variable is for."""
     def bad(why: str) -> ValueError:
         return ValueError(f"{CACHE_ENV}={text!r}: {why}; expected l1d=SIZE and/or l2=SIZE, comma-separated, "
-                          f"each SIZE in bytes or with K or M (KiB, MiB) from 1K to 1024M, e.g. 'l1d=48K,l2=2M'")
+                          f"each SIZE in bytes or with K, M or G (KiB, MiB, GiB) from 1K to 1G, e.g. 'l1d=48K,l2=2M'")
     given: dict[str, int] = {}
     for item in text.split(","):
-        name, sep, size = (part.strip().lower() for part in item.partition("="))
-        if not sep or name not in ("l1d", "l2"):
+        name, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or name.lower() not in ("l1d", "l2"):
             raise bad(f"{item.strip()!r} names no cache")
+        name = name.lower()
         if name in given:
             raise bad(f"{name} is given twice")
-        digits = size.rstrip("kibm")
-        unit = _CACHE_UNITS.get(size[len(digits):])
-        if not digits.isdigit() or unit is None:
+        match = _CACHE_SIZE.fullmatch(size)
+        if match is None:
             raise bad(f"{size!r} is not a size")
-        given[name] = int(digits) * unit
+        given[name] = int(match[1]) * _CACHE_UNITS[(match[2] or "").lower()]
         if not _CACHE_RANGE[0] <= given[name] <= _CACHE_RANGE[1]:
             raise bad(f"{name}={size} is out of range")
     return given
@@ -236,7 +241,11 @@ def module():
     given = cache_sizes_given(text) if text else {}  # (checked before the import: nothing half set)
     loaded = importlib.import_module(chosen["module"])
     if given:
-        loaded.set_cache_sizes(**{**loaded.cache_sizes(), **given})
+        if not hasattr(loaded, "_set_cache_sizes"):
+            raise ValueError(f"{CACHE_ENV} is set, but {chosen['module']} was built before fastml read it: "
+                             f"rebuild fastml (pip install -e .) or unset {CACHE_ENV}")
+        loaded._set_cache_sizes(**{**loaded.cache_sizes(), **given})  # before any kernel: they read it unlocked
+        cache_sizes_in_force.update(given)
     return loaded
 
 

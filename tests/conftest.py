@@ -144,7 +144,17 @@ class Backend:
         return fastml.use_backend(self.name)
 
 
-@pytest.fixture(params=_backend.BACKENDS)
+def _test_backends() -> list[str]:
+    """The backends the ``backend`` fixture runs each test on: all of them, or those FASTML_TEST_BACKENDS
+    names (comma-separated; tests/test_cache_sizes.py runs the cpp ones on other caches)."""
+    named = [name.strip() for name in os.environ.get("FASTML_TEST_BACKENDS", "").split(",") if name.strip()]
+    unknown = [name for name in named if name not in _backend.BACKENDS]
+    if unknown:
+        raise pytest.UsageError(f"FASTML_TEST_BACKENDS names {unknown}; the backends are {list(_backend.BACKENDS)}")
+    return named or list(_backend.BACKENDS)
+
+
+@pytest.fixture(params=_test_backends())
 def backend(request) -> Backend:
     name = request.param
     status = _backend.status(name)
