@@ -169,7 +169,7 @@ def test_tiles_are_sized_for_the_build_and_this_cpu():
     assert module.vector_bytes == expected_vector_bytes(isa), module.isa
     assert module.vector_registers == (32 if "avx512f" in isa or "neon" in isa else 16), module.isa
     caches = module.cache_sizes()
-    given = _cpp.cache_sizes_given(os.environ[_cpp.CACHE_ENV]) if os.environ.get(_cpp.CACHE_ENV, "").strip() else {}
+    given = _cpp.cache_sizes_in_force  # (FASTML_CACHE_SIZES's, which module() set)
     for key, name, low, high in (("l1d", "LEVEL1_DCACHE_SIZE", 16 << 10, 256 << 10),
                                  ("l2", "LEVEL2_CACHE_SIZE", 128 << 10, 64 << 20)):
         reported = _getconf(name)

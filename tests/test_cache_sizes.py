@@ -66,23 +66,29 @@ def test_a_bad_value_names_the_variable_and_what_is_wrong(text, why):
     assert why in str(raised.value) and "e.g. 'l1d=48K,l2=2M'" in str(raised.value)
 
 
-def _child(code: str, cache_sizes: str | None) -> subprocess.CompletedProcess:
+@pytest.fixture
+def cpp():
+    try:
+        return _cpp.module()
+    except ImportError:
+        pytest.skip("the cpp backend is absent")
+
+
+def _child(args: list[str], cache_sizes: str | None, **env_set: str) -> subprocess.CompletedProcess:
+    """``python *args`` with FASTML_CACHE_SIZES=``cache_sizes`` (unset: None), no forced backend."""
     env = {name: value for name, value in os.environ.items() if name not in ("FASTML_CACHE_SIZES", "FASTML_BACKEND")}
     if cache_sizes is not None:
         env["FASTML_CACHE_SIZES"] = cache_sizes
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    env.update(env_set)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
 
 
 REPORT = ("import fastml\nfrom fastml import _cpp\nprint(_cpp.module().cache_sizes())\n"
           "print(fastml.info(print_report=False)['backends']['cpp']['detail'])")
 
 
-def test_the_kernels_block_for_the_sizes_given_and_info_says_so():
-    try:
-        _cpp.module()
-    except ImportError:
-        pytest.skip("the cpp backend is absent")
-    own, given = _child(REPORT, None), _child(REPORT, "l2=2M")
+def test_the_kernels_block_for_the_sizes_given_and_info_says_so(cpp):
+    own, given = _child(["-c", REPORT], None), _child(["-c", REPORT], "l2=2M")
     assert own.returncode == 0 and given.returncode == 0, own.stderr[-3000:] + given.stderr[-3000:]
     reported = eval(own.stdout.splitlines()[0])  # the CPU's own, in a child without the variable
     sizes, detail = given.stdout.splitlines()[:2]
@@ -91,32 +97,20 @@ def test_the_kernels_block_for_the_sizes_given_and_info_says_so():
     assert "FASTML_CACHE_SIZES" not in own.stdout
 
 
-def test_a_bad_value_stops_the_first_cpp_kernel_naming_the_variable():
-    try:
-        _cpp.module()
-    except ImportError:
-        pytest.skip("the cpp backend is absent")
-    done = _child("import torch, fastml\nwith fastml.use_backend('cpp'):\n"
-                  "    fastml.functional.linear(torch.randn(3, 2), torch.randn(4, 2))", "l2=2T")
+def test_a_bad_value_stops_the_first_cpp_kernel_naming_the_variable(cpp):
+    done = _child(["-c", "import torch, fastml\nwith fastml.use_backend('cpp'):\n"
+                         "    fastml.functional.linear(torch.randn(3, 2), torch.randn(4, 2))"], "l2=2T")
     assert done.returncode != 0
     assert "ValueError: FASTML_CACHE_SIZES='l2=2T': '2T' is not a size" in done.stderr
 
 
-def test_cpp_ops_match_the_reference_across_block_boundaries():
+def test_cpp_ops_match_the_reference_across_block_boundaries(cpp):
     """The tests of every blocked op, in a child whose caches are TINY and whose backend-parametrised
     tests run on cpp alone (FASTML_TEST_BACKENDS): each block boundary and each choice's other side
     runs on the tests' shapes, against the same float64 references; the tests without the backend
-    fixture (layouts, grouped convolutions, training a model) run on the measured choice, cpp among it."""
-    try:
-        _cpp.module()
-    except ImportError:
-        pytest.skip("the cpp backend is absent")
-    env = {name: value for name, value in os.environ.items() if name != "FASTML_BACKEND"}
-    env.update(FASTML_CACHE_SIZES=TINY, FASTML_TEST_BACKENDS="cpp")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
-         *[str(REPO / "tests" / name) for name in BLOCKED_OPS]],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    fixture (the layouts' training, a model's) run on the measured choice, cpp among it."""
+    done = _child(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
+                   *[str(REPO / "tests" / name) for name in BLOCKED_OPS]], TINY, FASTML_TEST_BACKENDS="cpp")
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
     assert done.returncode == 0, f"tests on caches {TINY}: {summary}\n{done.stdout[-6000:]}"
     assert " passed" in summary, summary
