@@ -37,6 +37,7 @@ merge them. A call that fails on one rank raises on all of them, so none waits i
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import numbers
@@ -65,6 +66,18 @@ class DataConversionWarning(UserWarning):
     """Input was converted to the shape the estimator expects (as scikit-learn's
     DataConversionWarning). Where scikit-learn is installed, the warning issued is also an
     instance of scikit-learn's class."""
+
+
+class UndefinedMetricWarning(UserWarning):
+    """A score is not defined for the data given and NaN is returned (as scikit-learn's
+    UndefinedMetricWarning). Where scikit-learn is installed, the warning issued is also an
+    instance of scikit-learn's class."""
+
+
+class InvalidParameterError(ValueError, TypeError):
+    """A constructor argument outside what the estimator takes, found by ``fit`` (as
+    scikit-learn's InvalidParameterError, which is both a ValueError and a TypeError). Where
+    scikit-learn is installed, the error raised is also an instance of scikit-learn's class."""
 
 
 # private attributes a fit by the kernels sets (besides the public ones, which end in "_")
@@ -280,20 +293,22 @@ class _KNeighborsBase:
     def _norm(self) -> float:
         metric = self.metric
         if not isinstance(metric, str) or metric not in _METRICS:
-            raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
+            raise _twin(InvalidParameterError)(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
         if _METRICS[metric] is not None:
             return _METRICS[metric]
         p = self.p
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not p > 0:
-            raise ValueError(f"p must be a positive number (p = 2: euclidean, 1: manhattan), got {p!r}")
+            raise _twin(InvalidParameterError)(f"p must be a positive number (p = 2: euclidean, 1: manhattan), "
+                                               f"got {p!r}")
         return float(p)
 
     def _check_params(self) -> None:
         k = self.n_neighbors
         if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k <= 0):
-            raise ValueError(f"n_neighbors must be a positive integer, got {k!r}")
+            raise _twin(InvalidParameterError)(f"n_neighbors must be a positive integer, got {k!r}")
         if not (self.weights in ("uniform", "distance") or self.weights is None or callable(self.weights)):
-            raise ValueError(f"weights must be 'uniform', 'distance' or a callable, got {self.weights!r}")
+            raise _twin(InvalidParameterError)(f"weights must be 'uniform', 'distance' or a callable, got "
+                                               f"{self.weights!r}")
         self._norm()
 
     def _check_fitted(self) -> None:
@@ -452,11 +467,22 @@ class _KNeighborsBase:
 
     def _neighbours(self, X, n_neighbors, with_targets: bool = False):
         """(distances, indices, targets or None, device of a torch query or None): as
-        ``kneighbors``, in tensors, plus the neighbours' targets (n_queries, k, ...) if asked."""
+        ``kneighbors``, in tensors, plus the neighbours' targets (n_queries, k, ...) if asked.
+        A numpy query's distances are float64 whatever the training data's dtype, as
+        scikit-learn's are, and so is all that is computed from them (weights, probabilities,
+        distance-weighted means); a torch query's stay in the training data's dtype."""
         self._check_fitted()
+        if self._group is None:
+            distances, indices, targets, device = self._neighbours_here(X, n_neighbors, with_targets)
+        else:
+            distances, indices, targets, device = self._neighbours_across_ranks(X, n_neighbors, with_targets)
+        if device is None:
+            distances = distances.to(torch.float64)
+        return distances, indices, targets, device
+
+    def _neighbours_across_ranks(self, X, n_neighbors, with_targets):
+        """_neighbours where the training set is split across the ranks of a process group."""
         group = self._group
-        if group is None:
-            return self._neighbours_here(X, n_neighbors, with_targets)
         _checked_group(group)
         error, call = None, (0, 0, 0)
         try:  # the same call on every rank: a bad one fails everywhere, unless the ranks' calls differ
@@ -770,9 +796,7 @@ class KNeighborsClassifier(_KNeighborsBase):
         estimator = self._sklearn_estimator()
         if estimator is not None:
             return estimator.score(X, y, sample_weight)
-        predicted = self.predict(X)
-        predicted = predicted.cpu().numpy() if isinstance(predicted, torch.Tensor) else predicted
-        truth = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+        predicted, truth = _scored(self.predict(X), y)
         if truth.ndim == 2 and truth.shape[1] == 1:
             truth = truth.ravel()
         if truth.ndim == 1 and predicted.ndim == 1:
@@ -783,6 +807,18 @@ class KNeighborsClassifier(_KNeighborsBase):
         if kinds[0] != "multilabel-indicator":
             raise ValueError(f"{kinds[0]} is not supported")
         return float(np.average((predicted == truth).all(axis=1), weights=sample_weight))
+
+
+def _scored(predicted, y) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, true values) as numpy arrays, of as many samples (a ValueError, as
+    scikit-learn's metrics raise, where they are not: numpy would broadcast one against the other)."""
+    predicted = predicted.cpu().numpy() if isinstance(predicted, torch.Tensor) else np.asarray(predicted)
+    truth = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    if truth.ndim == 0:
+        raise _twin(InvalidParameterError)(f"y must be an array-like of the true values, got {y!r}")
+    if len(truth) != len(predicted):
+        raise ValueError(f"Found input variables with inconsistent numbers of samples: [{len(truth)}, {len(predicted)}]")
+    return predicted, truth
 
 
 def _score_kind(labels: np.ndarray) -> str:
@@ -824,14 +860,20 @@ class KNeighborsRegressor(_KNeighborsBase):
         return X, targets
 
     def _describe(self, X, targets) -> dict:
-        return {**super()._describe(X, targets), "outputs": tuple(targets.shape[1:])}
+        return {**super()._describe(X, targets), "outputs": tuple(targets.shape[1:]), "target_dtype": targets.dtype}
 
     def _set_targets(self, targets, shards) -> None:
-        self._y = targets.to(self._fit_X.dtype)
+        # The targets keep their own precision (float32 or float64; integers become float64), not
+        # X's: scikit-learn averages float64 targets in float64 whatever X is. Across ranks, the
+        # shards' dtypes promoted (an empty shard's, numpy's default for [], takes no part).
+        dtypes = [shard["target_dtype"] for shard in shards if shard["n_samples"]] or [targets.dtype]
+        self._y = targets.to(functools.reduce(torch.promote_types, dtypes))
 
     def predict(self, X):
         """The (weighted) mean target of each query's neighbours: (n_queries,) or
-        (n_queries, n_outputs), as y."""
+        (n_queries, n_outputs), as y; in y's floating dtype (float64 for integer y), or with
+        distance weights in the promotion of it and the distances' (so float64 for numpy
+        queries), as scikit-learn."""
         estimator = self._sklearn_estimator()
         if estimator is not None:
             return estimator.predict(X)
@@ -845,13 +887,17 @@ class KNeighborsRegressor(_KNeighborsBase):
         return _back(prediction, device)
 
     def score(self, X, y, sample_weight=None) -> float:
-        """R² of ``predict(X)`` against y, averaged uniformly over outputs."""
+        """R² of ``predict(X)`` against y, averaged uniformly over outputs; NaN, with an
+        UndefinedMetricWarning, for fewer than two queries (as scikit-learn's r2_score)."""
         estimator = self._sklearn_estimator()
         if estimator is not None:
             return estimator.score(X, y, sample_weight)
-        predicted = self.predict(X)
-        predicted = predicted.cpu().numpy() if isinstance(predicted, torch.Tensor) else np.asarray(predicted)
-        truth = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, dtype=float)
+        predicted, truth = _scored(self.predict(X), y)
+        if len(predicted) < 2:
+            warnings.warn("R^2 score is not well-defined with less than two samples.",
+                          _twin(UndefinedMetricWarning), stacklevel=2)
+            return float("nan")
+        truth = truth.astype(float, copy=False)
         truth, predicted = truth.reshape(len(truth), -1), predicted.reshape(len(predicted), -1)
         w = np.ones(len(truth)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
         mean = np.average(truth, axis=0, weights=w)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -169,8 +170,77 @@ def test_float32_and_integer_inputs():
     as_uint8 = KNeighborsClassifier(1).fit(X[:1400].astype(np.uint8), y[:1400]).score(X[1400:], y[1400:])
     as_float = KNeighborsClassifier(1).fit(X[:1400], y[:1400]).score(X[1400:], y[1400:])
     assert as_uint8 == as_float > 0.95
-    clf = KNeighborsClassifier(3).fit(X[:200].astype(np.float32), y[:200])
-    assert clf.kneighbors(X[:3])[0].dtype == np.float32
+
+
+@pytest.mark.parametrize("x_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("y_dtype", [np.float32, np.float64, np.int64])
+@pytest.mark.parametrize("weights", ["uniform", "distance"])
+def test_results_have_sklearns_dtypes_and_targets_keep_their_precision(x_dtype, y_dtype, weights):
+    """numpy in, numpy out in scikit-learn's dtypes: float64 distances and probabilities whatever
+    X's dtype; a regressor's mean in y's own floating dtype (float64 for integers, or under
+    distance weights). Targets are never rounded to X's dtype: float64 targets 1e8 + i, which
+    float32 cannot tell apart, come back as they are."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((40, 3)).astype(x_dtype)
+    targets = (1e8 + np.arange(40)).astype(y_dtype) if y_dtype != np.float32 else rng.standard_normal(40).astype(y_dtype)
+    queries = X[:6] + np.float32(0.01)
+    for ours, theirs in ((KNeighborsRegressor, sk_neighbors.KNeighborsRegressor),
+                         (KNeighborsClassifier, sk_neighbors.KNeighborsClassifier)):
+        y = targets if ours is KNeighborsRegressor else np.arange(40) % 3
+        mine, expected = ours(3, weights=weights).fit(X, y), theirs(3, weights=weights).fit(X, y)
+        assert mine.kneighbors(queries)[0].dtype == expected.kneighbors(queries)[0].dtype
+        assert mine.predict(queries).dtype == expected.predict(queries).dtype, ours.__name__
+        if ours is KNeighborsClassifier:
+            assert mine.predict_proba(queries).dtype == expected.predict_proba(queries).dtype
+        else:
+            np.testing.assert_allclose(mine.predict(queries), expected.predict(queries), rtol=1e-6)
+            if y_dtype != np.float32:  # the targets apart by 1 at 1e8: averaged in float64, as there
+                assert np.array_equal(mine.predict(X[:6]), expected.predict(X[:6]))
+
+
+def test_tensor_results_keep_the_training_dtype_and_the_targets_theirs():
+    X = torch.randn(30, 3)
+    y = 1e8 + torch.arange(30, dtype=torch.float64)
+    reg = KNeighborsRegressor(1).fit(X, y)
+    assert reg.kneighbors(X[:4])[0].dtype == torch.float32
+    assert reg.predict(X[:4]).dtype == torch.float64 and torch.equal(reg.predict(X[:4]), y[:4])
+    clf = KNeighborsClassifier(3).fit(X, torch.arange(30) % 3)
+    assert clf.predict_proba(X[:4]).dtype == torch.float32
+
+
+@pytest.mark.parametrize("ours, theirs", [(KNeighborsRegressor, sk_neighbors.KNeighborsRegressor),
+                                          (KNeighborsClassifier, sk_neighbors.KNeighborsClassifier)])
+def test_score_of_too_few_or_mismatched_samples_as_sklearn(ours, theirs):
+    """R² of one sample is NaN with scikit-learn's UndefinedMetricWarning; y and X of different
+    lengths are refused with its error (numpy would broadcast one against the other)."""
+    from sklearn.exceptions import UndefinedMetricWarning
+
+    X, y = np.arange(6.0)[:, None], np.arange(6)
+    mine, expected = ours(1).fit(X, y), theirs(1).fit(X, y)
+    for queries, truth in ((X[:3], y[:1]), (X[:1], y[:3])):
+        with pytest.raises(ValueError) as theirs_raised:
+            expected.score(queries, truth)
+        with pytest.raises(ValueError, match=re.escape(str(theirs_raised.value))):
+            mine.score(queries, truth)
+    if ours is KNeighborsRegressor:
+        with pytest.warns(UndefinedMetricWarning, match="less than two samples"):
+            assert np.isnan(mine.score(X[:1], y[:1]))
+    else:
+        assert mine.score(X[:1], y[:1]) == expected.score(X[:1], y[:1]) == 1.0
+
+
+@pytest.mark.parametrize("params", [dict(n_neighbors=0), dict(n_neighbors=2.0), dict(p=0), dict(p=-1),
+                                    dict(weights="gaussian")])
+def test_bad_parameters_raise_sklearns_invalid_parameter_error(params):
+    """scikit-learn's parameter errors are InvalidParameterError, a ValueError and a TypeError:
+    code catching either catches fastml's."""
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError) as raised:
+        KNeighborsClassifier(**params).fit(np.eye(3), [0, 1, 2])
+    assert isinstance(raised.value, TypeError)
+    with pytest.raises(InvalidParameterError):
+        sk_neighbors.KNeighborsClassifier(**params).fit(np.eye(3), [0, 1, 2])
 
 
 def test_params_api_and_clone():
