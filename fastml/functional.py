@@ -381,12 +381,8 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight, routed: bo
     if target.size() != input.size():
         if in_custom_op_graph():  # torch's op warns inside the graph; warnings.warn would break it
             return F.mse_loss(input, target, reduction=reduction)
-        warnings.warn(
-            f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
-            "This will likely lead to incorrect results due to broadcasting. Please ensure they have the same size.",
-            stacklevel=3 if routed else 2,  # the caller of mse_loss (as torch's), or the layer
-        )
-        input, target = torch.broadcast_tensors(input, target)  # differentiable: grads sum back
+        # the caller of mse_loss (as torch's), or the layer
+        input, target = broadcast_with_warning(input, target, stacklevel=3 if routed else 2)
 
     def fastml_forward(input, target):
         return _mse_loss_op.mse_loss(input, target, reduction)
@@ -398,6 +394,18 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight, routed: bo
         return torch_mse_loss(input, target, reduction)
 
     return _route.call_function("mse_loss", (input, target), config, torch_forward, fastml_forward, sig)
+
+
+def broadcast_with_warning(input: torch.Tensor, target: torch.Tensor, stacklevel: int):
+    """F.mse_loss's warning for a target of another size than the input's (``stacklevel`` as
+    warnings.warn's, counted from the caller of this), then both broadcast to one shape as it
+    broadcasts them (differentiably: their gradients sum back; torch's error if they cannot be)."""
+    warnings.warn(
+        f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
+        "This will likely lead to incorrect results due to broadcasting. Please ensure they have the same size.",
+        stacklevel=stacklevel + 1,
+    )
+    return torch.broadcast_tensors(input, target)
 
 
 _CDIST_MODES = ("use_mm_for_euclid_dist_if_necessary", "use_mm_for_euclid_dist", "donot_use_mm_for_euclid_dist")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fastml import (_few_windows, _gemm_weight_grad, _grouped, _layout, _onednn, _pointwise, _recycled_linear, _route,
                     _winograd, functional)
 from fastml._layout import relayout  # (here too: tests swap fastml.nn.relayout to count the copies)
-from fastml.ops import relu_in_place
+from fastml.ops import is_compiling, relu_in_place
 
 __all__ = ["BatchNorm2d", "Conv2d", "ConvReLUPool2d", "CrossEntropyLoss", "Linear", "LinearCrossEntropyLoss",
            "LinearMSELoss", "MaxPool2d", "MSELoss"]
@@ -313,6 +313,12 @@ class MSELoss(torch.nn.MSELoss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return F.mse_loss(input, target, reduction=self.reduction)
+        if (type(input) is torch.Tensor and type(target) is torch.Tensor and target.size() != input.size()
+                and not is_compiling()):
+            # torch's warning once, here, and both forwards given the shapes F.mse_loss broadcasts
+            # them to: a route being measured calls each forward several times, and each would
+            # warn again.
+            input, target = functional.broadcast_with_warning(input, target, stacklevel=1)
         found = _route.settled(self, input, None, target)
         if found[0] == _route.TORCH:
             return self._torch_forward(input, target)

@@ -7,9 +7,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FunctionRecorder, assert_close, magnitude, rand, upcast
+from conftest import SHIPPED_TIMING, FunctionRecorder, assert_close, magnitude, rand, upcast
 
 import fastml
+from fastml import _tune
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -155,3 +156,45 @@ def test_a_routed_call_warns_as_the_callers_every_time(rng):
         with pytest.warns(UserWarning, match="different to the input size") as ours:
             fastml.functional.mse_loss(inp, tgt).backward()
         assert len(ours) == 1 and ours[0].filename == __file__
+
+
+def test_the_layer_warns_once_a_call_while_its_route_is_measured(rng, monkeypatch):
+    """fastml.nn.MSELoss, called with a target to broadcast on a signature not yet decided, times
+    torch's forward and fastml's several times (as many as it ships with, not the test run's few):
+    the caller still sees torch's one warning a call, and the results and gradients of torch's
+    layer."""
+    monkeypatch.setattr(_tune, "ROUNDS", SHIPPED_TIMING[0])
+    monkeypatch.setattr(_tune, "SAMPLE_SECONDS", SHIPPED_TIMING[1])
+    inp = rand(5, 3, 1, generator=rng, requires_grad=True)  # a shape no other test routes
+    tgt = rand(5, 1, 7, generator=rng)
+    ours, torchs = fastml.nn.MSELoss(), torch.nn.MSELoss()
+    for _ in range(3):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = ours(inp, tgt)
+        assert [str(w.message) for w in seen] == [
+            f"Using a target size ({tgt.size()}) that is different to the input size ({inp.size()}). This will likely "
+            "lead to incorrect results due to broadcasting. Please ensure they have the same size."]
+        (grad,) = torch.autograd.grad(out, inp)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = torchs(inp, tgt)
+        (expected_grad,) = torch.autograd.grad(expected, inp)
+        assert_close(out, expected, torch.float32)
+        assert_close(grad, expected_grad, torch.float32)
+
+
+@pytest.mark.parametrize("make", [lambda g: rand(7, 5, generator=g).t(),
+                                  lambda g: rand(2, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last),
+                                  lambda g: rand(5, 1, 3, generator=g).transpose(0, 2),
+                                  lambda g: rand(6, 8, generator=g)[:, ::2]],
+                         ids=["transposed", "channels_last", "size-1 dimension", "sliced"])
+def test_none_gives_the_loss_torchs_strides(backend, make, rng):
+    """Elementwise, torch's loss takes the input's layout (its memory order): so does fastml's."""
+    inp = make(rng).to(backend.device).requires_grad_()
+    tgt = rand(*inp.shape, device=backend.device, generator=rng)
+    with fastml.use_backend(backend.name):
+        out = fastml.functional.mse_loss(inp, tgt, reduction="none")
+    expected = F.mse_loss(inp, tgt, reduction="none")
+    assert out.stride() == expected.stride()
+    check(inp, tgt, "none", rng)

@@ -77,12 +77,28 @@ def squared_error_tangent(diff, input_t, target_t, reduction):
     return elementwise.mean() if reduction == "mean" else elementwise.sum()
 
 
+def memory_order(t: torch.Tensor) -> list[int] | None:
+    """The order of t's dimensions in which a dense, permuted t (a transpose, channels-last) is
+    contiguous; None for a contiguous t, or one that is not dense (then copied)."""
+    if t.dim() < 2 or t.is_contiguous():
+        return None
+    # (A size-1 dimension's stride is free; one equal to another's goes after it, as it lies in
+    # a contiguous tensor: the loss of "none" then has the input's strides exactly.)
+    order = sorted(range(t.dim()), key=lambda dim: (-t.stride(dim), t.size(dim) == 1))
+    return order if t.permute(order).is_contiguous() else None
+
+
 def mse_loss(input, target, reduction):
-    """Dispatches equally shaped, same-dtype tensors to the selected backend."""
+    """Dispatches equally shaped, same-dtype tensors to the selected backend. The kernels walk a
+    dense input in its memory order, as torch's elementwise ops do: a permuted input is not
+    copied, and "none" gives the loss the input's layout (strides), as torch's."""
     if in_custom_op_graph():
         return torch.ops.fastml.mse_loss(input, target, reduction, any(needs_grad(input, target)))[0]
     with_grad = tracks_gradients(input, target)  # the Function keeps the difference for backward
     key = shape_class("mse_loss", "forward", (input, target), reduction, with_grad)
+    order = memory_order(input)
+    if order is not None:
+        input, target = input.permute(order), target.permute(order)
     shape = input.shape
     input, target = input.contiguous().reshape(-1), target.contiguous().reshape(-1)
     backend = _backend.select(input, IMPLEMENTED, key,
@@ -93,4 +109,7 @@ def mse_loss(input, target, reduction):
         loss = impl(backend).forward(input, target, reduction, keep_diff=False)[0]
     if _route.watched():
         _route.report(backend, input, IMPLEMENTED, backward_key(input, loss) if with_grad else None)
-    return loss.reshape(shape) if reduction == "none" else loss
+    if reduction != "none":
+        return loss
+    loss = loss.reshape(shape)
+    return loss if order is None else loss.permute([order.index(dim) for dim in range(len(order))])
