@@ -84,6 +84,22 @@ struct RowTargets {
     T smoothing;  // ε
 };
 
+// The gradient of an ignored row, as torch's: 0 times its softmax, so zeros where the row's
+// log-sum-exp is finite and NaN everywhere where it is not (a NaN logit, a +inf one, or only
+// -inf ones): torch's log_softmax is NaN there, and its backward multiplies it by the row's
+// zero gradient. grad may be z itself (every logit is read before any is written).
+template <typename T>
+inline void ignored_row_gradient(const T* z, index_t c, T* grad) {
+    T m = -std::numeric_limits<T>::infinity();
+    bool nan = false;
+    for (index_t k = 0; k < c; ++k) {
+        nan |= z[k] != z[k];
+        m = z[k] > m ? z[k] : m;
+    }
+    const bool finite = !nan && m < std::numeric_limits<T>::infinity() && m > -std::numeric_limits<T>::infinity();
+    std::fill(grad, grad + c, finite ? T(0) : std::numeric_limits<T>::quiet_NaN());
+}
+
 // Loss of row i with logits z (c); when grad is set (it may be z itself), writes
 // grad = scale · (A softmax(z) - a). Every element goes through the vector code: the last
 // partial vector is padded with -inf logits (exp 0), zero coefficients and, in the sum of
@@ -99,7 +115,7 @@ inline double cross_entropy_row(const T* z, index_t c, const RowTargets<T>& tg, 
     if (tg.index) {
         t = tg.index[i];
         if (t == tg.ignore_index) {
-            if (grad) std::fill(grad, grad + c, T(0));
+            if (grad) ignored_row_gradient(z, c, grad);
             return 0.0;
         }
     }

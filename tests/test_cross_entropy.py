@@ -105,6 +105,40 @@ def test_custom_ignore_index_and_all_ignored(backend, rng):
     assert torch.equal(z.grad, torch.zeros_like(z))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_ignored_rows_of_non_finite_log_sum_exp_get_torchs_nan_gradient(backend, reduction, label_smoothing, rng):
+    """An ignored row's gradient is 0 times its softmax in torch: zeros, but NaN across the row
+    where its log-sum-exp is not finite (a NaN logit, a +inf one, only -inf ones), which also
+    reaches every weight of a linear layer before it. A -inf logit among finite ones is not."""
+    nan, inf = float("nan"), float("inf")
+    logits = rand(6, 5, dtype=torch.float64, generator=rng)
+    logits[0, 1], logits[1, 3], logits[2] = nan, inf, -inf
+    logits[3, 0] = -inf
+    target = torch.tensor([-100, -100, -100, -100, 1, 4])
+    ours = logits.clone().to(backend.device).requires_grad_()
+    fastml.functional.cross_entropy(ours, target.to(backend.device), reduction=reduction,
+                                    label_smoothing=label_smoothing).sum().backward()
+    theirs = logits.clone().requires_grad_()
+    F.cross_entropy(theirs, target, reduction=reduction, label_smoothing=label_smoothing).sum().backward()
+    assert theirs.grad[:3].isnan().all() and not theirs.grad[3:].isnan().any()  # what torch does
+    torch.testing.assert_close(ours.grad.cpu(), theirs.grad, equal_nan=True)
+
+    x = rand(6, 4, dtype=torch.float64, generator=rng)
+    x[0, 2] = nan  # an ignored row's input
+    weight = rand(5, 4, dtype=torch.float64, generator=rng)
+    grads = []
+    for fn, dev in ((fastml.functional.linear_cross_entropy, backend.device), (None, "cpu")):
+        xs, ws = x.clone().to(dev).requires_grad_(), weight.clone().to(dev).requires_grad_()
+        loss = (fn(xs, ws, target.to(dev), reduction=reduction, label_smoothing=label_smoothing) if fn else
+                F.cross_entropy(xs @ ws.T, target, reduction=reduction, label_smoothing=label_smoothing))
+        loss.sum().backward()
+        grads.append((xs.grad.cpu(), ws.grad.cpu()))
+    assert grads[1][1].isnan().all()  # torch's: the NaN row reaches every weight
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, equal_nan=True)
+
+
 def test_empty_batch(backend):
     z = torch.zeros(0, 4, device=backend.device, requires_grad=True)
     t = torch.zeros(0, dtype=torch.int64, device=backend.device)

@@ -12,7 +12,8 @@ sums run over up to ~10^5 classes in program order (fastmath=False), where float
 up to C·2^-24, and the row's cost is in its exp calls and memory traffic, not in the adds.
 
 An ignored row (index target equal to ignore_index) gets loss 0 and a gradient of exact zeros,
-whatever its logits and its scale (torch's gradient, also for a "mean" whose rows are all ignored).
+whatever its scale (torch's gradient, also for a "mean" whose rows are all ignored), except where
+its log-sum-exp is not finite: NaN there, as torch's.
 """
 
 from __future__ import annotations
@@ -43,6 +44,16 @@ def _log_normalizer(z, i):
     for k in range(z.shape[1]):
         total += math.exp(np.float64(z[i, k]) - top)
     return top, math.log(total)
+
+
+@jit
+def _ignored_row_gradient(z, i, grad):
+    """The gradient of ignored row i, as torch's: 0 times its softmax, so zeros where its
+    log-sum-exp is finite and NaN everywhere where it is not (a NaN or +inf logit, or only -inf)."""
+    if z.shape[1] == 0:
+        return
+    top, log_sum = _log_normalizer(z, i)
+    grad[i, :] = 0.0 if math.isfinite(top + log_sum) else math.nan
 
 
 @jit
@@ -111,7 +122,7 @@ def _rows_kernel(z, index, probs, use_probs, w, weighted, ignore_index, keep, ep
             elif index[i] == ignore_index:
                 value = 0.0
                 if write_grad:
-                    grad[i, :] = 0
+                    _ignored_row_gradient(z, i, grad)
             else:
                 value = _index_row(z, i, index[i], w, weighted, keep, eps_c, w_sum, smooth_loss, s, grad,
                                    write_grad)

@@ -82,12 +82,13 @@ def rows(logits, target, class_weight, ignore_index, label_smoothing, grad_scale
 
 
 def scaled_gradient(softmax, a, target, ignore_index, scale):
-    """(A · softmax - a) · scale, exactly 0 on ignored rows whatever the scale (torch's gradient
-    when every row is ignored and the "mean" divides 0 by 0). One knowing difference: torch
-    gives an ignored row with NaN logits a NaN gradient, fastml 0 (the row is ignored)."""
+    """(A · softmax - a) · scale, and 0 · softmax on ignored rows whatever the scale: exactly 0
+    (torch's gradient, also when every row is ignored and the "mean" divides 0 by 0), except NaN
+    on a row whose log-sum-exp is not finite (a NaN or +inf logit, or only -inf ones), where
+    torch's log_softmax is NaN and its backward multiplies it by the row's zero gradient."""
     grad = (a.sum(1, keepdim=True) * softmax - a) * scale
     if target.dtype == torch.int64:
-        grad = torch.where((target != ignore_index).unsqueeze(1), grad, torch.zeros_like(grad))
+        grad = torch.where((target != ignore_index).unsqueeze(1), grad, softmax * 0)
     return grad
 
 

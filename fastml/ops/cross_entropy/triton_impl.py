@@ -16,9 +16,10 @@ An index target without label smoothing needs only its own logit for the loss: w
 gradient, the second sweep is one load per row.
 
 Arithmetic runs in float32 for float16 / bfloat16 / float32 logits and in float64 for float64
-ones (ACC), rounded once on each store. An ignored row (index target equal to ignore_index) reads
-nothing and gets loss 0 and a gradient of exact zeros, whatever its scale (torch's gradient, also
-for a "mean" whose rows are all ignored).
+ones (ACC), rounded once on each store. An ignored row (index target equal to ignore_index) gets
+loss 0 and a gradient of exact zeros, whatever its scale (torch's gradient, also for a "mean"
+whose rows are all ignored), except NaN where its log-sum-exp is not finite, as torch's: so
+with the gradient wanted its logits are read in the first sweep, and otherwise never.
 
 No autotuning: the tile follows from the shape, and an autotuner's timing runs would overwrite
 the logits of an in-place call.
@@ -102,14 +103,16 @@ def _cross_entropy_rows_kernel(
         else:
             w_t = tl.full([BLOCK_M], 1.0, ACC)
 
-    # Sweep 1: each row's running maximum and Σ exp(z - maximum), rescaled as the maximum grows;
-    # ignored rows load nothing.
+    # Sweep 1: each row's running maximum and Σ exp(z - maximum), rescaled as the maximum grows.
+    # Ignored rows load nothing, unless their gradient is written: it is NaN where their
+    # log-sum-exp is not finite, as torch's.
     row_max = tl.full([BLOCK_M], float("-inf"), ACC)
     row_sum = tl.zeros([BLOCK_M], ACC)
     a_total = tl.zeros([BLOCK_M], ACC)
+    read = row_ok if DO_GRAD else kept
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        mask = kept[:, None] & (cols < C)[None, :]
+        mask = read[:, None] & (cols < C)[None, :]
         offs = starts[:, None] + cols[None, :]
         x = tl.load(z_ptr + offs, mask=mask, other=float("-inf")).to(ACC)
         new_max = tl.maximum(row_max, tl.max(x, axis=1))
@@ -118,8 +121,13 @@ def _cross_entropy_rows_kernel(
         row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
         row_max = new_max
         if DO_GRAD:
-            a, w = _coefficients(target_ptr, w_ptr, offs, cols, mask, t, w_t, keep, eps_c, C, PROBS, WEIGHTED, ACC)
+            a, w = _coefficients(target_ptr, w_ptr, offs, cols, kept[:, None] & (cols < C)[None, :], t, w_t, keep,
+                                 eps_c, C, PROBS, WEIGHTED, ACC)
             a_total += tl.sum(a, axis=1)
+    # An ignored row's gradient: 0, or NaN where its log-sum-exp is not finite (a NaN or +inf
+    # logit makes the sum NaN or the maximum +inf; a row of -inf keeps a maximum of -inf).
+    ignored_grad = tl.where((row_sum == row_sum) & (row_max > float("-inf")) & (row_max < float("inf")), 0.0,
+                            float("nan"))
     # A row of -inf only gets log Σ = -inf and NaN log-probabilities (as a NaN or +inf logit
     # gives a NaN sum), as in torch; an ignored row gets harmless zeros (its results are replaced).
     row_max = tl.where(kept, row_max, 0.0)
@@ -146,7 +154,7 @@ def _cross_entropy_rows_kernel(
             a, w = _coefficients(target_ptr, w_ptr, offs, cols, mask, t, w_t, keep, eps_c, C, PROBS, WEIGHTED, ACC)
             if DO_GRAD:
                 g = s[:, None] * (a_total[:, None] * tl.exp(log_p) - a)
-                g = tl.where(kept[:, None], g, 0.0)
+                g = tl.where(kept[:, None], g, ignored_grad[:, None])
                 tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < C)[None, :])
             if PROBS:  # every class, so 0 · -inf gives NaN as in torch
                 nll -= tl.sum(a * log_p, axis=1)
