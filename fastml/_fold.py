@@ -33,8 +33,12 @@ the convolution's backward does not need it), or in the epilogue of oneDNN's pac
 where the measured choice runs that (fastml/_onednn.py).
 
 The folded weight and bias are cached while no gradient is wanted, keyed by the tensors' versions
-(an optimizer step, ``load_state_dict`` or ``model.to`` changes them); when a gradient is wanted
-they are formed with autograd each call, so every Parameter gets its exact gradient.
+(an optimizer step, ``load_state_dict`` or ``model.to`` changes them; a training forward of the
+batch norm, whose statistics torch updates without a version bump, changes num_batches_tracked's),
+and dropped when the modules switch mode (``model.eval()``), which also takes up a write through
+``.data`` that no version shows; inference tensors, which have no versions, are folded at every
+call. When a gradient is wanted they are formed with autograd each call, so every Parameter gets
+its exact gradient.
 """
 
 from __future__ import annotations
@@ -92,12 +96,22 @@ class BatchNormFold:
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         if is_compiling() or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return self._fold()  # a traced graph computes the fold itself (and its compiler may hoist it)
-        key = (tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors), bn.eps,
-               torch.is_inference_mode_enabled())
+        # torch's batch_norm updates the running statistics without a version bump; the module's
+        # training forward counts the batch in num_batches_tracked, whose version then moves.
+        states = [None if t is None else (_route.state_key(t), t.dtype, t.device)
+                  for t in (*tensors, bn.num_batches_tracked)]
+        if any(state is not None and state[0] is None for state in states):
+            with torch.no_grad():  # an inference tensor, which no version names: folded at every call
+                return self._fold()
+        key = (tuple(states), bn.eps, torch.is_inference_mode_enabled())
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                self._cache = (key, self._fold())
+                self._cache = (key, tuple(_route.mark_derived(t) for t in self._fold()))
         return self._cache[1]
+
+    def forget(self) -> None:
+        """Drops the cached fold: formed anew at the next call."""
+        self._cache = None
 
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
         conv, bn = self.layer, self.bn
@@ -143,10 +157,21 @@ def relu_applied(t: torch.Tensor) -> bool:
     return version is not None and not t.is_inference() and version == t._version
 
 
+def _forget_fold(module: torch.nn.Module) -> None:
+    fold = fold_of(module)
+    if fold is not None:
+        fold.forget()
+
+
 class FoldedConv2d(fastml_nn.Conv2d):
     """A Conv2d whose output only a batch norm (then, optionally, a ReLU) reads: while the fold
     applies, one convolution with the folded weight and bias, then the ReLU in place; otherwise
     fastml's Conv2d."""
+
+    def train(self, mode: bool = True):
+        """torch's ``train``; the fold is formed anew at the next call (see the module docstring)."""
+        _forget_fold(self)
+        return super().train(mode)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # unfolded, as torch's (fastml/nn.py's docstring)
@@ -185,6 +210,11 @@ class FoldedBatchNorm2d(fastml_nn.BatchNorm2d):
     fold applies; otherwise normalises as fastml's BatchNorm2d, and where the run has a ReLU,
     applies it too (fused into the training kernel's normalising pass), so the ReLU module passes
     its input through in both modes."""
+
+    def train(self, mode: bool = True):
+        """torch's ``train``; the fold is formed anew at the next call (see the module docstring)."""
+        _forget_fold(self)
+        return super().train(mode)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():

@@ -94,9 +94,10 @@ def _cached_packing(conv: torch.nn.Conv2d, weight: torch.Tensor) -> _onednn.Pack
         cache = _onednn.PackedWeight()  # (source, key, packed, finite), derived state as oneDNN's
         object.__setattr__(conv, WEIGHT_ATTR, cache)  # a plain attribute: not state, not a buffer
     # a weight packed in inference mode is an inference tensor: kept apart from one outside
-    key = (weight.data_ptr(), weight._version, torch.is_inference_mode_enabled())
+    state = _route.state_key(weight)  # None: derived anew at every call
+    key = None if state is None else (state, torch.is_inference_mode_enabled())
     # The source is held with its packing, so (identity, storage, version) names one weight.
-    if cache.source is not weight or cache.key != key:
+    if key is None or cache.source is not weight or cache.key != key:
         cache.packed = pack_weight(weight, conv.groups)
         cache.finite = _onednn.finite(cache.packed)
         cache.source, cache.key = weight, key

@@ -19,8 +19,8 @@ It is offered only where it computes what torch's module would, layout included:
 - float32 on the CPU, zero padding given as numbers, and a torch built with oneDNN that has the ops.
 
 The packed weight is cached on the layer, keyed by the source weight's identity, storage and
-version (an optimizer step, ``load_state_dict`` or a newly folded weight changes one of them)
-and by the input's shape, for which oneDNN chose the packing.
+version (an optimizer step, ``load_state_dict`` or a newly folded weight changes one of them;
+``_route.state_key``) and by the input's shape, for which oneDNN chose the packing.
 """
 
 from __future__ import annotations
@@ -98,14 +98,15 @@ def packed_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch
     packed once per weight version and input shape. Only where ``applies``."""
     reorder, convolution = _OPS
     padding, stride, dilation = list(conv.padding), list(conv.stride), list(conv.dilation)
-    key = (weight.data_ptr(), weight._version, tuple(input.shape), torch.is_inference_mode_enabled())
+    state = _route.state_key(weight)  # None: packed anew at every call
+    key = None if state is None else (state, tuple(input.shape), torch.is_inference_mode_enabled())
     cache = conv.__dict__.get(PACKED_ATTR)
     if cache is None:
         cache = PackedWeight()
         object.__setattr__(conv, PACKED_ATTR, cache)  # a plain attribute: not state, not a buffer
     # The source weight itself is held with its packing: while it lives, no other tensor can take
     # its storage, so (identity, storage, version) cannot be matched by a different weight.
-    if cache.source is not weight or cache.key != key:
+    if key is None or cache.source is not weight or cache.key != key:
         with torch.no_grad():
             cache.packed = reorder(weight.detach(), padding, stride, dilation, conv.groups, list(input.shape))
             cache.finite = finite(weight)

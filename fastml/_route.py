@@ -51,10 +51,35 @@ weight version (oneDNN's packing, Winograd's transform): modules that cache so a
 
 
 def forget_derived_weights(module: torch.nn.Module) -> None:
-    """Drops what the variants derived from ``module``'s weight: unpatch does, and so does every
-    timed training call (``retimes_derived_weights``)."""
+    """Drops what the variants derived from ``module``'s weight: unpatch does, so does every timed
+    training call (``retimes_derived_weights``), and so does switching the layer's mode
+    (``train()`` / ``eval()``: the refresh point for a change that no version counter shows)."""
     for attr in DERIVED_WEIGHT_ATTRS:
         module.__dict__.pop(attr, None)
+
+
+DERIVED_ATTR = "_fastml_derived"
+
+
+def mark_derived(tensor: torch.Tensor) -> torch.Tensor:
+    """Marks a tensor fastml formed itself from a layer's parameters (a folded weight), which
+    nothing outside fastml holds, so nothing writes in place: ``state_key`` names it by its
+    storage where it has no version counter."""
+    tensor.__dict__[DERIVED_ATTR] = True
+    return tensor
+
+
+def state_key(tensor: torch.Tensor) -> tuple | None:
+    """What names the present contents of ``tensor`` for a cache of something derived from it:
+    its storage and version (an optimizer step, ``load_state_dict``, any in-place op changes
+    one). None where nothing does, so the cache must derive anew: an inference tensor has no
+    version counter, and inference mode may write it in place unseen, unless fastml derived it
+    itself (``mark_derived``). A write through ``.data`` is seen by no version counter (as by
+    none of autograd's checks): switching the layer's mode drops what was derived
+    (``forget_derived_weights``)."""
+    if not tensor.is_inference():
+        return tensor.data_ptr(), tensor._version
+    return (tensor.data_ptr(), DERIVED_ATTR) if tensor.__dict__.get(DERIVED_ATTR) else None
 
 
 def retimes_derived_weights(parameters: list) -> bool:

@@ -142,9 +142,10 @@ def _packed(conv: torch.nn.Conv2d, weight: torch.Tensor, chunk_shape: tuple) -> 
         cache = _TransformedWeight()
         object.__setattr__(conv, WEIGHT_ATTR, cache)  # a plain attribute: not state, not a buffer
     # a weight transformed in inference mode is an inference tensor: kept apart from one outside
-    key = (weight.data_ptr(), weight._version, torch.is_inference_mode_enabled())
+    state = _route.state_key(weight)  # None: derived anew at every call
+    key = None if state is None else (state, torch.is_inference_mode_enabled())
     # The source is held with its transform, so (identity, storage, version) names one weight.
-    if cache.source is not weight or cache.key != key:
+    if key is None or cache.source is not weight or cache.key != key:
         cache.grouped, cache.packed = transform_weight(weight), {}
         cache.source, cache.key = weight, key
     packed = cache.packed.get(chunk_shape)

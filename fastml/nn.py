@@ -60,6 +60,14 @@ class Conv2d(torch.nn.Conv2d):
     modes other than "zeros" pad in torch first), parameters, state_dict and repr. Input
     (N, C, H, W) or (C, H, W)."""
 
+    def train(self, mode: bool = True):
+        """torch's ``train``; what the layer's variants derived from its weight (oneDNN's packing,
+        Winograd's transform) is formed anew at the next call. They are kept by the weight's
+        version, which a write through ``.data`` does not change: switching the mode
+        (``model.eval()``) takes such a write up."""
+        _route.forget_derived_weights(self)
+        return super().train(mode)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._conv_forward(input, self.weight, self.bias)

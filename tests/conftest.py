@@ -20,6 +20,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -276,6 +277,33 @@ def sgd_loss_curve(parameters, loss_at, steps, lr=0.1):
         opt.step()
         curve.append(loss.item())
     return torch.tensor(curve)
+
+
+def refreshes_where_no_version_tells(conv: torch.nn.Conv2d, x: torch.Tensor, convolve) -> None:
+    """A variant that derives a weight once per weight version (``convolve(layer, input,
+    weight)``, no gradient) against torch's convolution, where no version counter tells of a
+    change: a write through ``.data``, taken up when the layer switches mode (``eval()``), and
+    inference tensors (no version counter at all), derived anew at every call, so that a write in
+    inference mode is seen too."""
+    layer = copy.deepcopy(conv)
+    layer.__class__ = fastml.nn.Conv2d  # as fastml.patch makes it
+
+    def check(weight, bias):
+        out = convolve(layer, x, weight)
+        expected = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), layer.stride,
+                            layer.padding, layer.dilation, layer.groups)
+        assert_close(out, expected, scale=magnitude(expected))
+
+    with torch.no_grad():
+        check(layer.weight, layer.bias)
+        layer.weight.data.mul_(-3)  # no version moves
+        layer.eval()
+        check(layer.weight, layer.bias)
+    with torch.inference_mode():
+        layer.weight = torch.nn.Parameter(layer.weight.detach().clone())  # an inference tensor
+        check(layer.weight, layer.bias)
+        layer.weight.mul_(0.5)  # in place, in inference mode: no version to move
+        check(layer.weight, layer.bias)
 
 
 def prefer(monkeypatch, name):

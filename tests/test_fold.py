@@ -113,6 +113,69 @@ def test_the_fold_follows_parameter_and_statistic_changes(rng):
         assert_close(model(x), reference(x))
 
 
+@pytest.mark.parametrize("tuning", ["on", "off"])
+def test_the_fold_follows_statistics_torch_updates_without_a_version(tuning, rng):
+    """torch's batch_norm updates the running statistics in place without moving their version
+    counters: a training forward between two evaluations, the convolution's weight unchanged (a
+    frozen backbone, torch.optim.swa_utils.update_bn), must still give the new fold."""
+    fastml.set_tuning(tuning)
+    try:
+        reference, model, _ = patched_pair(conv_bn_relu, rng)
+        x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=rng)
+        for scale in (2.0, 5.0):
+            batch = torch.randn(6, 4, 8, 8, dtype=torch.float64, generator=rng) * scale
+            for m in (reference, model):
+                m.eval()
+                with torch.no_grad():
+                    m(x)  # (the fold cached)
+                m.train()
+                with torch.no_grad():
+                    m(batch)  # new running statistics, the same weights
+                m.eval()
+            with torch.no_grad():
+                assert_close(model(x), reference(x))
+    finally:
+        fastml.set_tuning("on")
+
+
+def test_a_write_through_data_is_taken_up_when_the_mode_switches(rng):
+    """A write through ``.data`` moves no version counter (autograd does not see it either):
+    ``model.eval()`` drops the cached fold, so the next call folds the new values."""
+    reference, model, _ = patched_pair(conv_bn_relu, rng)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=rng)
+    for m in (reference, model):
+        m.eval()
+    with torch.no_grad():
+        model(x)
+        for m in (reference, model):
+            m[0].weight.data.mul_(2)
+            m[1].running_var.data.fill_(4.0)
+            m.eval()
+        assert_close(model(x), reference(x))
+
+
+@pytest.mark.parametrize("built_in_inference_mode", [False, True])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_the_fold_runs_in_inference_mode(built_in_inference_mode, memory_format, rng):
+    """Under torch.inference_mode the fold, and the variants' weights derived from it, are
+    inference tensors, which have no version counter; so are a model's own parameters where it
+    was built in inference mode, which inference mode may also change in place."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    x = torch.randn(2, 4, 8, 8, generator=rng).contiguous(memory_format=memory_format)
+    with torch.inference_mode(built_in_inference_mode):
+        reference = randomise_batch_norms(conv_bn_relu(), rng).eval()
+        model = copy.deepcopy(reference)
+    fastml.patch(model)
+    with torch.inference_mode():
+        for _ in range(3):  # the route decided, then followed
+            assert_close(model(x), reference(x), torch.float32)
+        if built_in_inference_mode:
+            for m in (reference, model):
+                m[0].weight.mul_(-1)
+                m[1].running_mean.add_(1.0)
+            assert_close(model(x), reference(x), torch.float32)
+
+
 def test_state_dict_parameters_and_classes_stay_the_users(rng):
     reference, model, _ = patched_pair(conv_bn_relu, rng)
     assert list(model.state_dict()) == list(reference.state_dict())

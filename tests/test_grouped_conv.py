@@ -14,7 +14,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, eval_conv_bn_relu, magnitude, patched_eval_run, prefer
+from conftest import assert_close, eval_conv_bn_relu, magnitude, patched_eval_run, prefer, refreshes_where_no_version_tells
 
 import fastml
 from fastml import _grouped, _route
@@ -138,6 +138,8 @@ def test_the_packed_weight_follows_the_weight(rng):
     check(torch.randn(1, 36, 5, 12, generator=rng).contiguous(memory_format=CL))  # another shape
     with torch.inference_mode():
         check(x)
+    refreshes_where_no_version_tells(conv, x, lambda layer, inp, weight: _grouped.convolution(
+        layer, inp, weight, layer.bias, False))
     check(x)  # outside inference mode again: its inference tensors are not reused here
     for copied in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):  # derived state: not copied
         assert copied.__dict__[_grouped.WEIGHT_ATTR].packed is None

@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, eval_conv_bn_relu, magnitude, prefer
+from conftest import assert_close, eval_conv_bn_relu, magnitude, prefer, refreshes_where_no_version_tells
 
 import fastml
 from fastml import _fold, _onednn, _route
@@ -94,6 +94,8 @@ def test_the_packing_follows_the_weight_and_the_input_shape(rng):
     conv.weight = torch.nn.Parameter(torch.randn(conv.weight.shape, generator=rng))  # a new tensor
     check(x)
     check(torch.randn(1, 5, 6, 20, generator=rng).contiguous(memory_format=CL))  # another shape
+    refreshes_where_no_version_tells(conv, x, lambda layer, inp, weight: _onednn.packed_convolution(
+        layer, inp, weight, layer.bias, False))
     for copied in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):  # derived state: not copied
         assert copied.__dict__[_onednn.PACKED_ATTR].packed is None
         with torch.no_grad():

@@ -11,7 +11,8 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, eval_conv_bn_relu, magnitude, patched_eval_run, prefer, rand
+from conftest import (assert_close, eval_conv_bn_relu, magnitude, patched_eval_run, prefer, rand,
+                      refreshes_where_no_version_tells)
 
 import fastml
 from fastml import _fold, _onednn, _route, _winograd
@@ -148,6 +149,8 @@ def test_the_transformed_weight_follows_the_weight(rng):
     with torch.inference_mode():
         check(x)
     check(x)  # outside inference mode again: its inference tensors are not reused here
+    refreshes_where_no_version_tells(conv, x, lambda layer, inp, weight: _winograd.convolution(
+        layer, inp, weight, layer.bias, False))
     for copied in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):  # derived state: not copied
         assert copied.__dict__[_winograd.WEIGHT_ATTR].grouped is None
         with torch.no_grad():
