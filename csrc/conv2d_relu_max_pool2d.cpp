@@ -152,7 +152,7 @@ void relu_max_pool2d_backward(address_t grad_, address_t out_, address_t argmax_
         for (index_t r = 0; r < ph_out; ++r) {
             for (index_t c = 0; c < pw_out; ++c) {
                 const index_t at = (p * ph_out + r) * pw_out + c;
-                if (!(out[at] > 0)) continue;  // ReLU passes nothing at 0 or NaN
+                if (out[at] <= 0) continue;  // ReLU passes nothing at 0; NaN passes, as torch's
                 const index_t offset = argmax[at];
                 plane[(r * psh + offset / pkw) * ow + c * psw + offset % pkw] += grad[at];
             }
@@ -326,7 +326,7 @@ void sparse_weight_gradient(const T* grad, const T* out, const std::int8_t* argm
                 index_t entries = 0;
                 T total = 0;
                 for (index_t q = 0; q < pooled; ++q) {
-                    if (!(out[base + q] > 0)) continue;  // ReLU passes nothing at 0 or NaN
+                    if (out[base + q] <= 0) continue;  // ReLU passes nothing at 0; NaN passes, as torch's
                     at[entries] = window_at[q] + offset_at[argmax[base + q]];  // the patch's first tap
                     g[entries++] = grad[base + q];
                     total += grad[base + q];
@@ -439,7 +439,7 @@ void conv2d_relu_max_pool2d_backward(address_t grad_, address_t out_, address_t 
         for (index_t l = 0; l < images; ++l) {
             const index_t at = ((ib * L + l) * cs.k + ko) * pooled;
             for (index_t q = 0; q < pooled; ++q) {
-                if (!(out[at + q] > 0)) continue;  // ReLU passes nothing at 0 or NaN
+                if (out[at + q] <= 0) continue;  // ReLU passes nothing at 0; NaN passes, as torch's
                 const index_t offset = argmax[at + q], pr = q / pw_out, pc = q % pw_out;
                 const index_t row = top + pr * psh + offset / pkw, col = left + pc * psw + offset % pkw;
                 plane[(row * wp + col) * L + l] += grad[at + q];

@@ -103,10 +103,26 @@ def test_ties_nan_and_relu_zero_route_as_torch(backend, rng, batch):
     expected = _composite(*cpu, config)
     torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0, equal_nan=True)
     grad = torch.randn(out.shape, generator=rng, dtype=torch.float64)
-    mask = ~expected.isnan()  # NaN poisons the weight gradient alike on both sides; compare the rest
-    for a, e in zip(torch.autograd.grad(out, leaves[:1], grad.to(backend.device) * mask.to(backend.device)),
-                    torch.autograd.grad(expected, cpu[:1], grad * mask)):
+    # A NaN output passes its gradient (torch's ReLU lets it through), which NaN's input then
+    # turns into NaN in the weight gradient alike on both sides: the input's is compared.
+    for a, e in zip(torch.autograd.grad(out, leaves[:1], grad.to(backend.device)),
+                    torch.autograd.grad(expected, cpu[:1], grad)):
         torch.testing.assert_close(a.cpu(), e, rtol=0, atol=1e-12, equal_nan=True)
+
+
+def test_a_nan_activation_passes_its_gradient_as_torchs_relu(backend):
+    """torch's ReLU backward zeroes the gradient where its output is <= 0, so a NaN's passes: to
+    the input under it, the bias, and (times the NaN) the weight."""
+    config = ((1, 1, 2, 2), (1, 1, 1, 1), True, 1, 0, 1, 1, 2, None)
+    x = torch.tensor([[[[float("nan"), 1.0], [2.0, 3.0]]]], dtype=torch.float64)
+    w, b = torch.tensor([[[[-0.5]]]], dtype=torch.float64), torch.tensor([0.25], dtype=torch.float64)
+    leaves = [t.clone().to(backend.device).requires_grad_() for t in (x, w, b)]
+    _fused(*leaves, config).sum().backward()
+    cpu = [t.clone().requires_grad_() for t in (x, w, b)]
+    _composite(*cpu, config).sum().backward()
+    assert cpu[2].grad.item() == 1.0  # torch's
+    for ours, theirs in zip(leaves, cpu):
+        torch.testing.assert_close(ours.grad.cpu(), theirs.grad, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("pool", [2, 3], ids=["pool2", "pool3"])

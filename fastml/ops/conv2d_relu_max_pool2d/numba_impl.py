@@ -70,8 +70,8 @@ def _forward_kernel(x, w, bias, has_bias, out, argmax, groups, sh, sw, ph, pw, d
 
 @pjit
 def _activation_grad_kernel(grad, out, argmax, grad_z, pkw, psh, psw):
-    """grad_z (N, K, OH, OW) zeroed += grad (N, K, PH, PW) at each window's argmax where out > 0
-    (ReLU passes nothing at 0 or NaN)."""
+    """grad_z (N, K, OH, OW) zeroed += grad (N, K, PH, PW) at each window's argmax except where
+    out <= 0 (ReLU passes nothing at 0, and passes a NaN's, as torch's)."""
     k_out, ph_count, pw_count = grad.shape[1], grad.shape[2], grad.shape[3]
     for p in numba.prange(grad.shape[0] * k_out):
         t = np.int64(p)
@@ -79,7 +79,7 @@ def _activation_grad_kernel(grad, out, argmax, grad_z, pkw, psh, psw):
         g, o, a, gz = grad[n, k], out[n, k], argmax[n, k], grad_z[n, k]
         for pi in range(ph_count):
             for pj in range(pw_count):
-                if o[pi, pj] > 0:
+                if not o[pi, pj] <= 0:
                     at = np.int64(a[pi, pj])
                     gz[pi * psh + at // pkw, pj * psw + at % pkw] += g[pi, pj]
 

@@ -12,8 +12,9 @@ Every backend module provides the two functions below with these signatures and 
     window, all the backward needs (with out): the pre-pool activation is never stored.
 ``backward(grad, out, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs)
         -> (grad_x, grad_weight, grad_bias)``
-    grad (N, K, PH, PW) contiguous; the gradient of z is grad at each window's argmax where out > 0
-    (ReLU passes no gradient at 0 or NaN, as torch's threshold_backward), zero elsewhere; then the
+    grad (N, K, PH, PW) contiguous; the gradient of z is grad at each window's argmax except where
+    out <= 0 (ReLU passes no gradient at 0, and passes it at NaN, as torch's threshold_backward),
+    zero elsewhere; then the
     convolution's backward (fastml.ops.conv2d.reference.backward, same `needs`).
 """
 
@@ -55,14 +56,14 @@ def window_offsets(indices, width, pooled, pool_kernel, pool_stride):
 
 def activation_grad(grad, out, argmax, conv_size, pool_kernel, pool_stride):
     """The gradient of the pre-ReLU activation z (N, K, OH, OW): grad at each window's maximum
-    where out > 0, zero elsewhere."""
+    except where out <= 0 (a NaN passes it, as torch's ReLU), zero elsewhere."""
     n, k, ph, pw = grad.shape
     offsets = argmax.long()
     rows = torch.arange(ph, device=grad.device)[:, None] * pool_stride[0] + offsets // pool_kernel[1]
     cols = torch.arange(pw, device=grad.device)[None, :] * pool_stride[1] + offsets % pool_kernel[1]
     flat = (rows * conv_size[1] + cols).reshape(n, k, ph * pw)
     grad_z = grad.new_zeros((n, k, conv_size[0] * conv_size[1]))
-    grad_z.scatter_add_(2, flat, torch.where(out > 0, grad, torch.zeros_like(grad)).reshape(n, k, ph * pw))
+    grad_z.scatter_add_(2, flat, torch.where(out <= 0, torch.zeros_like(grad), grad).reshape(n, k, ph * pw))
     return grad_z.reshape(n, k, *conv_size)
 
 

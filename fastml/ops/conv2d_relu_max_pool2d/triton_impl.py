@@ -12,8 +12,8 @@ NaN, ties to the first. The pre-pool activation (N, K, OH, OW) never goes to mem
 overlap (PSH < PKH or PSW < PKW) recompute the convolution values they share.
 
 backward: _pool_grad_scatter_kernel rebuilds the gradient of z in a zeroed (N, K, OH, OW) buffer,
-one program per BLOCK pooled outputs: grad at each window's argmax where out > 0 (ReLU passes
-nothing at 0 or NaN). Disjoint windows write each element at most once (plain stores, in grad's
+one program per BLOCK pooled outputs: grad at each window's argmax where out > 0 or NaN (ReLU
+passes nothing at 0, and a NaN's gradient, as torch's). Disjoint windows write each element at most once (plain stores, in grad's
 dtype); overlapping ones add with atomics into an accumulation-dtype buffer (float32 for half
 types), cast once after. conv2d's Triton backward does the rest.
 """
@@ -89,7 +89,7 @@ def _conv2d_relu_max_pool2d_forward_kernel(
 @triton.jit
 def _pool_grad_scatter_kernel(
     grad_ptr,        # (N·K, POH, POW) gradient of the pooled output, contiguous
-    out_ptr,         # (N·K, POH, POW) pooled output (the gradient passes where it is > 0)
+    out_ptr,         # (N·K, POH, POW) pooled output (the gradient passes where it is > 0 or NaN)
     argmax_ptr,      # (N·K, POH, POW) int8: offset i·PKW + j of each maximum within its window
     grad_input_ptr,  # (N·K, OH, OW) zeroed gradient of the pre-ReLU activation z
     n_outputs,       # N·K·POH·POW
@@ -103,7 +103,8 @@ def _pool_grad_scatter_kernel(
     plane = e // pooled
     q = (e - plane * pooled).to(tl.int32)
     offset = tl.load(argmax_ptr + e, mask=ok, other=0).to(tl.int32)
-    passes = ok & (tl.load(out_ptr + e, mask=ok, other=0) > 0)
+    pooled_out = tl.load(out_ptr + e, mask=ok, other=0)
+    passes = ok & ((pooled_out > 0) | (pooled_out != pooled_out))  # noqa: PLR0124 (NaN passes, as torch's ReLU)
     grad = tl.load(grad_ptr + e, mask=passes, other=0).to(grad_input_ptr.dtype.element_ty)
     oh = (q // POW) * PSH + offset // PKW
     ow = (q % POW) * PSW + offset % PKW
