@@ -515,9 +515,9 @@ class _KNeighborsBase:
             Xq, device = self._queries(X)
             n_queries = Xq.shape[0]
         k_search = k + self_query  # each training point finds itself too, which is then left out
-        if k_search > self.n_samples_fit_:
-            raise ValueError(f"Expected n_neighbors <= n_samples_fit, but n_neighbors = {k_search}, "
-                             f"n_samples_fit = {self.n_samples_fit_}, n_samples = {n_queries}")
+        if k_search > self.n_samples_fit_:  # (scikit-learn's words: "<" where the points leave themselves out)
+            raise ValueError(f"Expected n_neighbors {'<' if self_query else '<='} n_samples_fit, but n_neighbors = "
+                             f"{k}, n_samples_fit = {self.n_samples_fit_}, n_samples = {n_queries}")
         return k, Xq, device, self_query
 
     def _neighbours_here(self, X, n_neighbors, with_targets):

@@ -328,7 +328,9 @@ def test_bad_input_raises_what_sklearn_raises():
            "X strings": lambda cls: cls().fit(X.astype(str), y),
            "X inf": lambda cls: cls().fit(X * np.inf, y),
            "y too short": lambda cls: cls().fit(X, y[:5]),
-           "y 3d": lambda cls: cls().fit(X, y[:, None, None])}
+           "y 3d": lambda cls: cls().fit(X, y[:, None, None]),
+           "k = n without X": lambda cls: cls(20).fit(X, y).kneighbors(),
+           "k > n": lambda cls: cls(21).fit(X, y).kneighbors(X)}
     for ours, theirs in ((KNeighborsClassifier, sk_neighbors.KNeighborsClassifier),
                          (KNeighborsRegressor, sk_neighbors.KNeighborsRegressor)):
         for name, call in bad.items():
