@@ -98,11 +98,16 @@ class BatchNormFold:
             return self._fold()  # a traced graph computes the fold itself (and its compiler may hoist it)
         # torch's batch_norm updates the running statistics without a version bump; the module's
         # training forward counts the batch in num_batches_tracked, whose version then moves.
-        states = [None if t is None else (_route.state_key(t), t.dtype, t.device)
-                  for t in (*tensors, bn.num_batches_tracked)]
-        if any(state is not None and state[0] is None for state in states):
-            with torch.no_grad():  # an inference tensor, which no version names: folded at every call
-                return self._fold()
+        states = []  # (a loop, not comprehensions: this runs at every eval call of every folded conv)
+        for t in (*tensors, bn.num_batches_tracked):
+            if t is None:
+                states.append(None)
+                continue
+            state = _route.state_key(t)
+            if state is None:
+                with torch.no_grad():  # an inference tensor, which no version names: folded at every call
+                    return self._fold()
+            states.append((state, t.dtype, t.device))
         key = (tuple(states), bn.eps, torch.is_inference_mode_enabled())
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():

@@ -77,9 +77,12 @@ def state_key(tensor: torch.Tensor) -> tuple | None:
     itself (``mark_derived``). A write through ``.data`` is seen by no version counter (as by
     none of autograd's checks): switching the layer's mode drops what was derived
     (``forget_derived_weights``)."""
-    if not tensor.is_inference():
+    try:
         return tensor.data_ptr(), tensor._version
-    return (tensor.data_ptr(), DERIVED_ATTR) if tensor.__dict__.get(DERIVED_ATTR) else None
+    except RuntimeError:  # an inference tensor (asked only where it is: is_inference costs a call)
+        if not tensor.is_inference():
+            raise
+        return (tensor.data_ptr(), DERIVED_ATTR) if tensor.__dict__.get(DERIVED_ATTR) else None
 
 
 def retimes_derived_weights(parameters: list) -> bool:
