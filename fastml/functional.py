@@ -565,7 +565,8 @@ def _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return
 
     def fastml_forward(input):
         x = input if input.dim() == 4 else input.unsqueeze(0)
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        # (channels_last is a layout of 4-D tensors: torch pools an unbatched input into a contiguous output)
+        channels_last = input.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         out, indices = _max_pool2d_op.max_pool2d(_nchw(x, channels_last), *args, ceil_mode)
         if channels_last:
             out, indices = (t.contiguous(memory_format=torch.channels_last) for t in (out, indices))
@@ -805,9 +806,12 @@ def conv2d_relu_max_pool2d(input: torch.Tensor, weight: torch.Tensor, bias: torc
                 and all(size >= k for size, k in zip(conv_size, pool_kernel))):
             def fastml_forward(input, weight, bias):
                 x, weight, fused_padding, restore = _conv_operands(input, weight, args[1])
-                return restore(_fused_op.conv2d_relu_max_pool2d(
+                out = restore(_fused_op.conv2d_relu_max_pool2d(
                     x, weight, None if bias is None else bias.contiguous(), conv_stride, fused_padding,
                     conv_dilation, groups, pool_kernel, pool_step))
+                # torch's max_pool2d gives an unbatched input a contiguous output, whatever the
+                # layout of the convolution's (channels_last is a layout of 4-D tensors alone)
+                return out if input.dim() == 4 else out.contiguous()
 
             def torch_forward(input, weight, bias):
                 return F.max_pool2d(F.relu(_layout.conv2d(input, weight, bias, stride, padding, dilation, groups)),

@@ -188,6 +188,12 @@ def test_unbatched_empty_and_fallbacks(backend, rng):
     assert big_window.shape == (4, 1, 1)  # 168 elements per window: past int8 offsets, torch's ops run
     expected = torch.relu(TF.conv2d(tall.cpu(), w.cpu(), padding=1)).amax((1, 2))[:, None, None]
     torch.testing.assert_close(big_window.cpu(), expected, rtol=1e-5, atol=1e-5)
+    # a channels-last weight makes the convolution's output channels-last, but torch's pool gives an
+    # unbatched input a contiguous output
+    last = w.contiguous(memory_format=torch.channels_last)
+    ours = F.conv2d_relu_max_pool2d(x, last, padding=1)
+    expected = TF.max_pool2d(torch.relu(TF.conv2d(x, last, padding=1)), 2)
+    assert ours.stride() == expected.stride()
     with pytest.raises(RuntimeError, match="stride must either be omitted"):  # torch's error, not a default
         F.conv2d_relu_max_pool2d(x, w, pool_stride=[2, 2, 2])
     with pytest.raises(RuntimeError, match="Output size is too small"):

@@ -212,6 +212,12 @@ def test_unbatched_empty_noncontiguous_and_channels_last(backend, rng):
     out = F.max_pool2d(last, 2)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out.cpu(), TF.max_pool2d(wide.cpu(), 2), rtol=0, atol=0)
+    # an unbatched image of channels-last strides (one image of a channels-last batch): torch's
+    # output and indices are contiguous (channels_last is a layout of 4-D tensors)
+    image = last[1]
+    ours, theirs = F.max_pool2d(image, 2, return_indices=True), TF.max_pool2d(image, 2, return_indices=True)
+    assert [t.stride() for t in ours] == [t.stride() for t in theirs]
+    _assert_same_pooling(ours, tuple(t.cpu() for t in theirs))
 
 
 def test_indices_feed_max_unpool2d(backend, rng):
