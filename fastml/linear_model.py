@@ -37,6 +37,7 @@ from fastml.ops import linear_mse as _linear_mse_op
 __all__ = ["InvalidArgumentError", "LinearRegression", "NotFittedError"]
 
 SOLVERS = ("sgd", "lstsq")
+LSTSQ_RCOND = 1e-6  # scikit-learn's LinearRegression(tol=1e-6)
 _DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64, "float32": torch.float32,
            "float64": torch.float64}
 _NAME = "LinearRegression"
@@ -287,13 +288,16 @@ class LinearRegression:
         # rank-deficient X too, where the GPU's only driver (QR) is not. Centering X and y finds
         # the intercept without a ones column (better conditioned when features have large means)
         # and gives scikit-learn's minimum-norm coefficients when X is rank-deficient.
+        # Singular values below LSTSQ_RCOND of the largest count as zero, as in scikit-learn's
+        # (its tol, scipy's cond): LAPACK's default cutoff (machine epsilon) keeps nearly
+        # collinear columns apart and returns huge coefficients of opposite signs.
         X64, Y64 = X.to("cpu", torch.float64), Y.to("cpu", torch.float64)
         if self.fit_intercept:
             x_mean, y_mean = X64.mean(0), Y64.mean(0)
-            solution = torch.linalg.lstsq(X64 - x_mean, Y64 - y_mean, driver="gelsd").solution  # (d, k)
-            bias64 = y_mean - x_mean @ solution
+            solution = torch.linalg.lstsq(X64 - x_mean, Y64 - y_mean, rcond=LSTSQ_RCOND, driver="gelsd").solution
+            bias64 = y_mean - x_mean @ solution  # (solution: (d, k))
         else:
-            solution = torch.linalg.lstsq(X64, Y64, driver="gelsd").solution
+            solution = torch.linalg.lstsq(X64, Y64, rcond=LSTSQ_RCOND, driver="gelsd").solution
             bias64 = None
         weight = solution.T.to(device=X.device, dtype=X.dtype).contiguous()
         bias = None if bias64 is None else bias64.to(device=X.device, dtype=X.dtype)

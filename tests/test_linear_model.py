@@ -156,6 +156,23 @@ def test_lstsq_rank_deficient_matches_sklearn(rng):
     assert ours.intercept_ == pytest.approx(theirs.intercept_, rel=1e-7)
 
 
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_lstsq_nearly_collinear_columns_match_sklearn(fit_intercept, rng):
+    """Columns apart by 1e-8: below scikit-learn's cutoff (singular values under 1e-6 of the
+    largest count as zero) they are one column, and the coefficients share its weight, where
+    LAPACK's own cutoff would give two huge ones of opposite signs."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    x = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=rng))).normal(size=(50, 1))
+    X = np.hstack([x, x + 1e-8 * np.cos(np.arange(50.0))[:, None]])
+    y = 3 * x[:, 0] + 0.1 * np.sin(np.arange(50.0))
+    ours = LinearRegression(solver="lstsq", fit_intercept=fit_intercept).fit(X, y)
+    theirs = sklearn.LinearRegression(fit_intercept=fit_intercept).fit(X, y)
+    np.testing.assert_allclose(ours.coef_, theirs.coef_, rtol=1e-7)
+    assert abs(ours.coef_).max() < 2.0  # (LAPACK's cutoff: about 1e6)
+    np.testing.assert_allclose(ours.intercept_, theirs.intercept_, rtol=1e-7, atol=1e-12)
+
+
 # -- kinds, shapes, dtypes ----------------------------------------------------------------------
 
 def test_numpy_in_numpy_out(rng):
