@@ -12,7 +12,7 @@ to zero in the same pass.
 ``foreach`` and ``fused`` are accepted and recorded as torch does (torch validates them): fastml
 runs its own single-launch kernels either way. What the kernels do not cover runs torch's own
 implementation for that group, so a step is never wrong where torch's is right: sparse
-gradients, ``differentiable=True``, ``capturable=True``, gradient scaling by torch.amp (an
+gradients, a parameter listed twice, ``differentiable=True``, ``capturable=True``, gradient scaling by torch.amp (an
 optimizer given ``grad_scale`` / ``found_inf``), hyperparameters that require grad, and
 torch.compile tracing on torch < 2.4 (later, a traced step calls fastml::sgd_step /
 fastml::adam_step, the same kernels as a custom op).
@@ -65,6 +65,12 @@ def _requires_grad(*values) -> bool:
     return False
 
 
+def _repeats(params) -> bool:
+    """Whether a parameter appears twice in a group (torch warns, and its for-loop step updates it
+    once for each time; one launch would update it once)."""
+    return len(set(map(id, params))) != len(params)
+
+
 def _zero(grads) -> None:
     for g in grads:
         g.zero_()
@@ -86,7 +92,7 @@ class _KernelStep:
                 self._group_step(group, zero_grad)
         return loss
 
-    def _runs_in_torch(self, group, *hyperparameters) -> bool:
+    def _runs_in_torch(self, group, params, *hyperparameters) -> bool:
         """Whether a group's step must run torch's own implementation (see the module docstring)."""
         tracing = is_compiling()
         # Traced into a graph, the step is fastml's custom op where torch has them. Dynamo shows
@@ -97,7 +103,8 @@ class _KernelStep:
                     or group.get("differentiable")
                     or getattr(self, "grad_scale", None) is not None
                     or getattr(self, "found_inf", None) is not None
-                    or _requires_grad(*hyperparameters))
+                    or _requires_grad(*hyperparameters)
+                    or (not tracing and _repeats(params)))  # (dynamo need not trace ids)
 
 
 class SGD(_KernelStep, torch.optim.SGD):
@@ -115,7 +122,7 @@ class SGD(_KernelStep, torch.optim.SGD):
         if not params:
             return
         momentum = group["momentum"]
-        if has_sparse_grad or self._runs_in_torch(group, group["lr"], group["weight_decay"]):
+        if has_sparse_grad or self._runs_in_torch(group, params, group["lr"], group["weight_decay"]):
             self._torch_group_step(group, params, grads, buffers, has_sparse_grad)
             if zero_grad:
                 _zero(grads)
@@ -170,7 +177,7 @@ class _AdamStep(_KernelStep):
         if not params:
             return
         beta1, beta2 = group["betas"]
-        if self._runs_in_torch(group, group["lr"], beta1, beta2, group["weight_decay"]):
+        if self._runs_in_torch(group, params, group["lr"], beta1, beta2, group["weight_decay"]):
             self._torch_group_step(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                                    has_complex)
             if zero_grad:

@@ -349,6 +349,28 @@ def test_sgd_sparse_gradients_take_torch_path(rng):
     assert torch.equal(ours[0], theirs[0])
 
 
+@pytest.mark.parametrize("zero_grad", [False, True])
+@pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)
+def test_a_parameter_listed_twice_is_updated_twice_as_by_torch(ours_cls, torch_cls, kwargs, zero_grad, rng):
+    """torch warns of a parameter listed twice in a group, and its for-loop step updates it once
+    for each listing: fastml's group then runs torch's step (one launch would update it once)."""
+    ours, theirs = twin_params([torch.randn(5, 3, generator=rng), torch.randn(4, generator=rng)])
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt_ours = ours_cls([ours[0], ours[1], ours[0]], **kwargs)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt_theirs = torch_cls([theirs[0], theirs[1], theirs[0]], **kwargs)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=rng) for p in ours]
+        for params, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step(zero_grad=True) if zero_grad and opt is opt_ours else opt.step()
+        if zero_grad:
+            assert all(not p.grad.any() for p in ours)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("cls", [optim.Adam, optim.AdamW])
 def test_adam_refuses_sparse_gradients_as_torch(cls):
     p = torch.randn(10, 3, requires_grad=True)
