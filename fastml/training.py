@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import sys
 import time
 from pathlib import Path
@@ -112,8 +113,12 @@ class DataModule:
     def __init__(self, train, val=None, *, batch_size: int = 32, shuffle: bool = True, seed: int = 0) -> None:
         self.train = _tensors("train", train)
         self.val = None if val is None else _tensors("val", val)
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.generator = torch.Generator().manual_seed(seed)
+        if not isinstance(shuffle, bool):
+            raise InvalidArgumentError(f"shuffle must be True or False, got {shuffle!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise InvalidArgumentError(f"seed must be an int, got {seed!r}")
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, int(seed)
+        self.generator = torch.Generator().manual_seed(int(seed))
         self.train_dataloader(), self.val_dataloader()  # bad shapes and batch sizes fail here, not mid-fit
 
     def train_dataloader(self):
@@ -196,9 +201,12 @@ class Trainer:
     """
 
     def __init__(self, max_epochs: int, device="auto", progress=True) -> None:
-        if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
+        if isinstance(max_epochs, bool) or not isinstance(max_epochs, numbers.Integral) or max_epochs < 1:
             raise InvalidArgumentError(f"max_epochs must be a positive int, got {max_epochs!r}")
-        self.max_epochs = max_epochs
+        if not (progress is None or isinstance(progress, bool) or callable(getattr(progress, "write", None))):
+            raise InvalidArgumentError(f"progress must be True, False or a stream with a write method (such as "
+                                       f"sys.stdout or an open file), got {progress!r}")
+        self.max_epochs = int(max_epochs)
         self.device = _device(device)
         self.progress = sys.stderr if progress is True else progress or None
         self.history = History()
@@ -211,8 +219,11 @@ class Trainer:
         validation set; returns (and keeps as ``self.history``) the losses and metrics."""
         model.to(self.device)
         optimizer = model.configure_optimizers()
-        # fastml's optimizers zero the gradients in the update's own pass
+        # fastml's optimizers zero the gradients in the update's own pass: after each step, so
+        # gradients left from before fit are cleared first, as the course's zero_grad would
         fused_zero = isinstance(optimizer, (optim.SGD, optim.Adam, optim.AdamW))
+        if fused_zero:
+            optimizer.zero_grad()
         train, val = data.train_dataloader(), data.val_dataloader()
         bar = _ProgressBar(self.progress, self.max_epochs) if self.progress else None
         self.history = history = History()

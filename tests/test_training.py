@@ -63,6 +63,10 @@ def test_datamodule_shuffles_each_epoch_and_repeats_with_its_seed():
     (lambda X, y: DataModule((X, y), val=y), "val must be a tuple of tensors"),
     (lambda X, y: DataModule((X, y[:-1])), "same first dimension"),
     (lambda X, y: DataModule((X, y), batch_size=0), "batch_size must be a positive int"),
+    (lambda X, y: DataModule((X, y), shuffle="no"), "shuffle must be True or False"),
+    (lambda X, y: DataModule((X, y), seed=None), "seed must be an int"),
+    (lambda X, y: DataModule((X, y), seed=1.5), "seed must be an int"),
+    (lambda X, y: Trainer(2, progress="log.txt"), "progress must be True, False or a stream"),
 ])
 def test_datamodule_rejects_bad_data_when_built(make, message):
     X, y = torch.randn(10, 2), torch.randn(10, 1)
@@ -93,6 +97,19 @@ def test_fastml_optimizer_trains_as_torch_optimizer():
         torch.manual_seed(0)
         model = Regression(optimizer=optimizer)
         Trainer(max_epochs=3, progress=False).fit(model, regression_data())
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_left_from_before_fit_are_cleared_first():
+    """A backward before fit (trying the model out) leaves gradients: the course's loop clears
+    them with its first zero_grad, and so must a fastml optimizer that zeroes after its steps."""
+    results = []
+    for optimizer in (fastml.optim.SGD, torch.optim.SGD):
+        torch.manual_seed(0)
+        model, data = Regression(optimizer=optimizer), regression_data()
+        model.loss(model(data.train[0]), data.train[1]).backward()  # left over
+        Trainer(max_epochs=1, progress=False).fit(model, data)
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
 
