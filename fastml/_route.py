@@ -202,6 +202,8 @@ def settled(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | 
     sig = (input.shape, strides, input.dtype, input.device, _grad_enabled(), input.requires_grad,
            weight is not None and weight.requires_grad, _threads(), _tune.state())
     if target is not None:
+        if not isinstance(target, torch.Tensor):
+            return TORCH, None  # (torch's loss says what is wrong with it)
         sig = (*sig, target.shape, target.dtype, target.requires_grad)
     memo = attributes.get(ATTR)
     return (None if memo is None else memo.table.get(sig)), sig

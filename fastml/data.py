@@ -69,6 +69,8 @@ def synthetic_linear(w, b, num_examples: int, noise_std: float = 0.01,
         raise InvalidArgumentError(f"noise_std must be a non-negative number, got {noise_std!r}")
     _check_generator(generator)
     if isinstance(w, torch.Tensor):
+        if w.is_complex():  # (as a complex list is refused: the model is real)
+            raise InvalidArgumentError(f"w must be real, got a tensor of dtype {w.dtype}")
         dtype = w.dtype if w.dtype.is_floating_point else torch.float32
         w = w.detach().to(dtype)
     else:

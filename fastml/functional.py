@@ -12,6 +12,7 @@ errors.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -207,8 +208,8 @@ def _kernels_can_run(*tensors: torch.Tensor | None) -> bool:
             or (not is_compiling() and dispatch_mode_active())):
         return False
     for t in tensors:  # a plain loop: all() over a generator costs ~0.4 us more, on every call
-        if t is not None and t.layout is not torch.strided:
-            return False
+        if t is not None and (not isinstance(t, torch.Tensor) or t.layout is not torch.strided):
+            return False  # (not a tensor: torch's op says what is wrong)
     return True
 
 
@@ -319,6 +320,9 @@ def linear_mse(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
     args = (input, weight, bias, target)
     if _defer_to_torch(*args):
+        # its strict shapes hold for tensor subclasses too (not for torch.fx's proxies: no shapes)
+        if all(a is None or isinstance(a, torch.Tensor) for a in args) and not _linear_mse_args_ok(*args):
+            _diagnose_linear_mse(*args)
         return torch_forward(*args)
     sig = _route.function_signature("linear_mse", args, (reduction,))
     if _route.settled_on_torch(sig, input):
@@ -464,8 +468,10 @@ def knn(query: torch.Tensor, reference: torch.Tensor, k: int, p: float = 2.0) ->
     if not query.dtype.is_floating_point:
         raise DTypeError(f"query must be a floating-point tensor, got dtype {query.dtype}")
     _check_same("query", query, reference=reference)
-    if isinstance(k, bool) or not isinstance(k, int) and not (isinstance(k, torch.Tensor) and k.numel() == 1):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if (isinstance(k, torch.Tensor) and (k.numel() != 1 or k.dtype.is_floating_point or k.dtype.is_complex
+                                         or k.dtype == torch.bool)
+            or not isinstance(k, torch.Tensor) and (isinstance(k, bool) or not isinstance(k, numbers.Integral))):
+        raise TypeError(f"k must be an int (or a one-element integer tensor), got {k!r}")
     k, r = int(k), reference.shape[-2]
     if not 0 <= k <= r:
         raise ValueError(f"k must be between 0 and the number of reference points ({r}), got k={k}")
@@ -623,6 +629,8 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     kernels do not cover (eval mode, other dtypes or ranks, transforms) runs torch's batch_norm,
     then torch's ReLU. Routed as the other functionals are (2x3x8x8 in training: 0.44x torch's
     unrouted); the timed calls leave the running statistics as the real call left them."""
+    if not isinstance(relu, bool):  # (fastml's own argument: torch checks the others)
+        raise TypeError(f"relu must be True or False, got {relu!r}")
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu, routed=True)
 
 

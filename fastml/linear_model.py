@@ -342,6 +342,7 @@ class LinearRegression:
         y, _ = _as_tensor("y", y)
         if y.shape[0] != pred.shape[0]:
             raise _inconsistent(pred.shape[0], y.shape[0])
+        _check_finite("y", y)  # (scikit-learn's r2_score refuses NaN and inf alike)
         y = y.to(device=pred.device, dtype=torch.float64).reshape(y.shape[0], -1)
         pred = pred.to(torch.float64).reshape(pred.shape[0], -1)
         if y.shape != pred.shape:

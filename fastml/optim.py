@@ -242,5 +242,7 @@ def sgd_(params, lr, batch_size) -> None:
         raise TypeError(f"sgd_: batch_size must be a positive number, got {type(batch_size).__name__}")
     if not _value(batch_size) > 0:
         raise ValueError(f"sgd_: batch_size must be positive, got {_value(batch_size)}")
+    if not params:
+        return  # (the course's loop over no parameters does nothing)
     with torch.no_grad():
         sgd_op.sgd_course_step(params, [p.grad for p in params], lr=_value(lr), batch_size=_value(batch_size))

@@ -486,6 +486,13 @@ def test_bad_arguments_raise_torchs_errors(backend, case, relu):
         assert str(ours.value) == str(theirs.value)
 
 
+def test_relu_must_be_a_bool():
+    """relu is fastml's own argument: a value other than True or False is refused, not read as
+    one (torch checks the others)."""
+    with pytest.raises(TypeError, match="relu must be True or False"):
+        F.batch_norm(torch.randn(2, 3, 4, 4), None, None, training=True, relu="no")
+
+
 def test_module_input_errors_are_torchs(backend):
     """fastml.nn.BatchNorm2d rejects what torch.nn.BatchNorm2d rejects, with its messages."""
     for x in (torch.randn(2, 3, 5), torch.randn(2, 3), torch.randn(2, 3, 4, 5, 6), torch.randn(2, 4, 5, 5)):

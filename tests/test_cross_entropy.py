@@ -255,7 +255,10 @@ def test_a_divisor_kept_on_the_device_scales_like_a_float(rng):
     lambda z: (z, torch.zeros(4, dtype=torch.int64), dict(label_smoothing=1.5)),
     lambda z: (z, torch.zeros(4, dtype=torch.int64), dict(reduction="avg")),
     lambda z: (z, torch.rand(4, 5), dict(ignore_index=1)),
-], ids=["batch", "probs-shape", "int32", "weight-shape", "smoothing", "reduction", "ignore-probs"])
+    lambda z: (z, [0, 1, 2, 3]),
+    lambda z: (z, torch.zeros(4, dtype=torch.int64), dict(weight=[1.0] * 5)),
+], ids=["batch", "probs-shape", "int32", "weight-shape", "smoothing", "reduction", "ignore-probs", "list-target",
+        "list-weight"])
 def test_bad_arguments_raise_torchs_errors(call, rng):
     z = rand(4, 5, generator=rng, requires_grad=True)
     args = call(z)
@@ -265,6 +268,10 @@ def test_bad_arguments_raise_torchs_errors(call, rng):
     with pytest.raises(type(theirs.value)) as ours:
         fastml.functional.cross_entropy(args[0], args[1], **kwargs)
     assert str(ours.value) == str(theirs.value)
+    if "weight" not in kwargs:  # the module too (its route has no signature for a target that is not a tensor)
+        with pytest.raises(type(theirs.value)) as ours:
+            fastml.nn.CrossEntropyLoss(**kwargs)(args[0], args[1])
+        assert str(ours.value) == str(theirs.value)
 
 
 def test_legacy_size_average_and_reduce(rng):

@@ -77,6 +77,12 @@ def test_synthetic_linear_rejects_w_not_1d(w):
         synthetic_linear(w, 4.2, 10)
 
 
+def test_synthetic_linear_rejects_complex_w():
+    """A complex tensor is refused as a complex list is (torch would drop the imaginary part)."""
+    with pytest.raises(InvalidArgumentError, match="w must be real"):
+        synthetic_linear(torch.tensor([1 + 5j]), 0.0, 3)
+
+
 @pytest.mark.parametrize("noise_std", [-0.01, float("nan"), "0.1"])
 def test_synthetic_linear_rejects_bad_noise_std(noise_std):
     with pytest.raises(ValueError, match="noise_std"):

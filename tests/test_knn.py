@@ -296,6 +296,8 @@ def test_reference_screen_widens_its_bound_for_reduced_precision_products(monkey
     ((torch.zeros(2, 3), torch.zeros(4, 3), 5), ValueError, "k must be between 0 and the number of reference"),
     ((torch.zeros(2, 3), torch.zeros(4, 3), -1), ValueError, "k must be between"),
     ((torch.zeros(2, 3), torch.zeros(4, 3), 1.5), TypeError, "k must be an int"),
+    ((torch.zeros(2, 3), torch.zeros(4, 3), torch.tensor(2.5)), TypeError, "k must be an int"),
+    ((torch.zeros(2, 3), torch.zeros(4, 3), torch.tensor([1, 2])), TypeError, "k must be an int"),
     ((torch.zeros(2, 3), torch.zeros(4, 3, dtype=torch.float64), 1), TypeError, "reference has dtype"),
     ((torch.zeros(2, 3, dtype=torch.int64), torch.zeros(4, 3, dtype=torch.int64), 1), TypeError, "floating-point"),
     ((torch.zeros(2, 3), torch.zeros(4, 3), 1, -2.0), ValueError, "p must be a non-negative number"),
@@ -304,6 +306,16 @@ def test_reference_screen_widens_its_bound_for_reduced_precision_products(monkey
 def test_bad_input(args, error, message):
     with pytest.raises(error, match=message):
         F.knn(*args)
+
+
+def test_k_of_any_integer_type():
+    """k as numpy's and torch's integers give the same neighbours as a Python int."""
+    import numpy as np
+
+    q, r = torch.randn(4, 3), torch.randn(9, 3)
+    expected = F.knn(q, r, 2)
+    for k in (np.int64(2), torch.tensor(2), torch.tensor([2], dtype=torch.int32)):
+        assert all(torch.equal(a, b) for a, b in zip(F.knn(q, r, k), expected))
 
 
 def test_each_backend_runs_its_kernel(backend, monkeypatch):

@@ -314,6 +314,14 @@ def test_score_of_a_constant_target_as_sklearn(rng):
     assert rough.score(X, y) == metrics.r2_score(y, rough.predict(X)) == 0.0
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_score_refuses_a_non_finite_y_as_sklearn(bad, rng):
+    X, y = problem(rng, n=20, d=2)
+    model = LinearRegression(solver="lstsq").fit(X, y)
+    with pytest.raises(ValueError, match="Input y contains"):
+        model.score(X, np.full(20, bad))
+
+
 # -- scikit-learn's interface -------------------------------------------------------------------
 
 def test_params_protocol_and_clone():

@@ -261,3 +261,19 @@ def test_sparse_input_follows_torch(rng):
     w, b, y = rand(2, 5, generator=rng), rand(2, generator=rng), rand(6, 2, generator=rng)
     got = fastml.functional.linear_mse(dense.to_sparse(), w, b, y)
     torch.testing.assert_close(got, oracle(dense, w, b, y, "mean"))
+
+
+def test_tensor_subclasses_get_the_strict_shape_check_too():
+    """A tensor subclass (its own __torch_function__) runs torch's ops, which would broadcast a
+    (N,) target against the (N, 1) prediction: the shape check comes first for it as well."""
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    x, w, y = torch.randn(5, 3), torch.randn(1, 3), torch.randn(5)
+    with pytest.raises(ShapeError, match=r"target must have the prediction's shape \(5, 1\)"):
+        fastml.functional.linear_mse(x.as_subclass(Logged), w, None, y)
+    expected = F.mse_loss(x @ w.T, y[:, None])
+    ours = fastml.functional.linear_mse(x.as_subclass(Logged), w, None, y[:, None])
+    torch.testing.assert_close(ours.as_subclass(torch.Tensor), expected)

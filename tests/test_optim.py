@@ -538,3 +538,9 @@ def test_sgd_underscore_rejects_bad_input(params, lr, batch_size, error, message
         params[0].grad = torch.ones(2)
     with pytest.raises(error, match=message):
         optim.sgd_(params, lr, batch_size)
+
+
+def test_sgd_underscore_over_no_parameters_does_nothing():
+    """The course's loop over an empty parameter list does nothing; so does sgd_."""
+    optim.sgd_([], 0.1, 10)
+    optim.sgd_(iter(()), 0.1, 10)
