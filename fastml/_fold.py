@@ -94,12 +94,18 @@ class BatchNormFold:
         if bn is None:
             return conv.weight, conv.bias
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        if is_compiling() or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        if is_compiling():
             return self._fold()  # a traced graph computes the fold itself (and its compiler may hoist it)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            # A step may follow that changes the parameters without a version bump (torch's fused
+            # optimizers): the fold is formed anew at the next call without gradients.
+            self._cache = None
+            return self._fold()
         # torch's batch_norm updates the running statistics without a version bump; the module's
         # training forward counts the batch in num_batches_tracked, whose version then moves.
+        watched = (*tensors, bn.num_batches_tracked)
         states = []  # (a loop, not comprehensions: this runs at every eval call of every folded conv)
-        for t in (*tensors, bn.num_batches_tracked):
+        for t in watched:
             if t is None:
                 states.append(None)
                 continue
@@ -107,11 +113,13 @@ class BatchNormFold:
             if state is None:
                 with torch.no_grad():  # an inference tensor, which no version names: folded at every call
                     return self._fold()
-            states.append((state, t.dtype, t.device))
+            states.append((id(t), state, t.dtype, t.device))
         key = (tuple(states), bn.eps, torch.is_inference_mode_enabled())
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                self._cache = (key, tuple(_route.mark_derived(t) for t in self._fold()))
+                # The cache holds the tensors it was formed from, so no other tensor can take their
+                # identity or storage (a new Parameter put in place of a freed one could, at version 0).
+                self._cache = (key, tuple(_route.mark_derived(t) for t in self._fold()), watched)
         return self._cache[1]
 
     def forget(self) -> None:
@@ -155,11 +163,19 @@ def mark_relu_applied(out: torch.Tensor) -> torch.Tensor:
 
 
 def relu_applied(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a folded run's output with the ReLU applied, unchanged since."""
+    """Whether ``t`` is a folded run's output with the ReLU applied, unchanged since: the ReLU
+    module that then passes it through takes the mark off (``take_relu_mark``)."""
     if is_compiling() or not isinstance(t, torch.Tensor):
         return False
     version = t.__dict__.get(RELU_MARK)
     return version is not None and not t.is_inference() and version == t._version
+
+
+def take_relu_mark(t: torch.Tensor) -> torch.Tensor:
+    """``t``, no longer marked: the ReLU it stood for has been called once, and a second call
+    on it must give a new tensor, as torch's relu does (the caller may change one in place)."""
+    t.__dict__.pop(RELU_MARK, None)
+    return t
 
 
 def _forget_fold(module: torch.nn.Module) -> None:
@@ -262,7 +278,7 @@ class FoldedReLU(torch.nn.ReLU):
                                         and not _route.runs_as_torch(fold.layer or fold.bn)):
                 return input
             if relu_applied(input):
-                return input
+                return take_relu_mark(input)
         return super().forward(input)
 
 

@@ -200,7 +200,7 @@ def settled(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | 
     # tensor's) or raises: its layout stands there instead.
     strides = input.stride() if input.layout is _STRIDED else input.layout
     sig = (input.shape, strides, input.dtype, input.device, _grad_enabled(), input.requires_grad,
-           weight is not None and weight.requires_grad, _threads(), _tune.state())
+           weight is not None and weight.requires_grad, _threads(), _tune.state())  # (trains_weight reads 4 and 6)
     if target is not None:
         if not isinstance(target, torch.Tensor):
             return TORCH, None  # (torch's loss says what is wrong with it)
@@ -210,6 +210,13 @@ def settled(layer: torch.nn.Module, input: torch.Tensor, weight: torch.Tensor | 
 
 
 _STRIDED, _CHANNELS_LAST, _grad_enabled = torch.strided, torch.channels_last, torch.is_grad_enabled
+
+
+def trains_weight(sig: tuple | None) -> bool:
+    """Whether a layer's call of signature ``sig`` (``settled``'s) wants its weight's gradient:
+    read from the signature, which has it, rather than asked again (a TorchFunctionMode would
+    see the question)."""
+    return sig is not None and sig[4] and sig[6]
 
 
 def _layout(input: torch.Tensor) -> tuple | bool:

@@ -73,6 +73,10 @@ class Conv2d(torch.nn.Conv2d):
             return self._conv_forward(input, self.weight, self.bias)
         weight = _route.weight_of(self)
         found = _route.settled(self, input, weight)
+        if _route.trains_weight(found[1]):
+            # A step may follow that changes the weight without a version bump (torch's fused
+            # optimizers): what the variants derived from it is formed anew at the next call.
+            _route.forget_derived_weights(self)
         if found[0] == _route.TORCH:  # (as Linear's)
             return _layout.torch_convolution(self, input, weight, _route.registered(self, "bias"))
         return _route.call(self, input, weight, self._torch_forward, self._fastml_forward,

@@ -176,6 +176,69 @@ def test_the_fold_runs_in_inference_mode(built_in_inference_mode, memory_format,
             assert_close(model(x), reference(x), torch.float32)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_fold_follows_a_fused_optimizer_step_in_eval_mode(channels_last, rng):
+    """torch's fused optimizers update the parameters without a version bump: trained in eval mode
+    (frozen batch norms), a model evaluated between steps must fold the new weights, and so must
+    the packed copies the variants derived from them."""
+    reference, model, _ = patched_pair(conv_bn_relu, rng)
+    reference, model = reference.float().eval(), model.float().eval()
+    if channels_last:
+        fastml.patch(model, channels_last=True)
+    x = torch.randn(2, 4, 8, 8, generator=rng)
+    for m in (reference, model):
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.1, fused=True)
+        for _ in range(2):
+            with torch.no_grad():
+                m(x)  # (the fold cached)
+            m(x).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    with torch.no_grad():
+        assert_close(model(x), reference(x), torch.float32)
+
+
+def test_a_new_parameter_in_place_of_a_freed_one_is_folded(rng):
+    """A Parameter put in place of one that is freed may take its storage, at the same version:
+    the cache holds what it was formed from, so it cannot."""
+    for _ in range(5):
+        reference, model, _ = patched_pair(conv_bn_relu, rng)
+        x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=rng)
+        for m in (reference, model):
+            m.eval()
+        with torch.no_grad():
+            model(x)
+            weight = torch.randn(reference[0].weight.shape, dtype=torch.float64, generator=rng)
+            for m in (reference, model):
+                del m[0].weight
+                m[0].weight = nn.Parameter(weight.clone())
+            assert_close(model(x), reference(x))
+
+
+def test_a_shared_relu_called_twice_on_a_runs_output_gives_a_new_tensor(rng):
+    """The first call of a shared ReLU on a run's output passes it through (the run applied the
+    ReLU); a second call on it gives a new tensor, as torch's relu, which the caller may change in
+    place without changing the first."""
+    class TwoCalls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.relu = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            a = self.relu(self.fc(x))
+            b = self.relu(a)
+            b.mul_(2)
+            return a + b
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    reference = TwoCalls().double()
+    model = copy.deepcopy(reference)
+    fastml.patch(model, fx=True)
+    x = torch.randn(3, 4, dtype=torch.float64, generator=rng)
+    with torch.no_grad():
+        assert_close(model(x), reference(x))
+
+
 def test_state_dict_parameters_and_classes_stay_the_users(rng):
     reference, model, _ = patched_pair(conv_bn_relu, rng)
     assert list(model.state_dict()) == list(reference.state_dict())
