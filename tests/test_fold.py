@@ -138,15 +138,23 @@ def test_the_fold_follows_statistics_torch_updates_without_a_version(tuning, rng
         fastml.set_tuning("on")
 
 
-def test_a_write_through_data_is_taken_up_when_the_mode_switches(rng):
-    """A write through ``.data`` moves no version counter (autograd does not see it either):
-    ``model.eval()`` drops the cached fold, so the next call folds the new values."""
+def folded_in_eval(rng):
+    """(reference, patched model, input): both in eval mode, the model's fold formed and cached by
+    a first call."""
     reference, model, _ = patched_pair(conv_bn_relu, rng)
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=rng)
     for m in (reference, model):
         m.eval()
     with torch.no_grad():
         model(x)
+    return reference, model, x
+
+
+def test_a_write_through_data_is_taken_up_when_the_mode_switches(rng):
+    """A write through ``.data`` moves no version counter (autograd does not see it either):
+    ``model.eval()`` drops the cached fold, so the next call folds the new values."""
+    reference, model, x = folded_in_eval(rng)
+    with torch.no_grad():
         for m in (reference, model):
             m[0].weight.data.mul_(2)
             m[1].running_var.data.fill_(4.0)
@@ -202,12 +210,8 @@ def test_a_new_parameter_in_place_of_a_freed_one_is_folded(rng):
     """A Parameter put in place of one that is freed may take its storage, at the same version:
     the cache holds what it was formed from, so it cannot."""
     for _ in range(5):
-        reference, model, _ = patched_pair(conv_bn_relu, rng)
-        x = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=rng)
-        for m in (reference, model):
-            m.eval()
+        reference, model, x = folded_in_eval(rng)
         with torch.no_grad():
-            model(x)
             weight = torch.randn(reference[0].weight.shape, dtype=torch.float64, generator=rng)
             for m in (reference, model):
                 del m[0].weight
