@@ -99,7 +99,7 @@ class BatchNormFold:
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             # A step may follow that changes the parameters without a version bump (torch's fused
             # optimizers): the fold is formed anew at the next call without gradients.
-            self._cache = None
+            self.forget()
             return self._fold()
         # torch's batch_norm updates the running statistics without a version bump; the module's
         # training forward counts the batch in num_batches_tracked, whose version then moves.

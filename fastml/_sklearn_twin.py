@@ -1,9 +1,9 @@
 """fastml's errors and warnings as scikit-learn's too, where scikit-learn is installed.
 
 fastml's estimators raise their own NotFittedError and InvalidParameterError and warn their own
-DataConversionWarning and UndefinedMetricWarning (scikit-learn is optional). scikit-learn's tools and check_estimator catch and filter by their own
-classes, so what fastml raises is, where scikit-learn is installed, an instance of a subclass of
-both: ``twin(NotFittedError)(message)``. scikit-learn is imported on that path only: it takes
+DataConversionWarning and UndefinedMetricWarning (scikit-learn is optional). scikit-learn's tools
+and check_estimator catch and filter by their own classes, so what fastml raises is, where
+scikit-learn is installed, an instance of a subclass of both: ``twin(NotFittedError)(message)``. scikit-learn is imported on that path only: it takes
 about a second to import.
 """
 
@@ -16,7 +16,7 @@ _TWINS: dict[type, type] = {}
 
 def twin(cls: type) -> type:
     """``cls``, or where scikit-learn is installed a subclass of it that is also scikit-learn's
-    class of the same name (in sklearn.exceptions)."""
+    class of the same name (``_HOMES``)."""
     if cls not in _TWINS:
         theirs = _sklearn_class(cls.__name__)
         _TWINS[cls] = cls if theirs is None else type(

@@ -386,7 +386,7 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight, routed: bo
         if in_custom_op_graph():  # torch's op warns inside the graph; warnings.warn would break it
             return F.mse_loss(input, target, reduction=reduction)
         # the caller of mse_loss (as torch's), or the layer
-        input, target = broadcast_with_warning(input, target, stacklevel=3 if routed else 2)
+        input, target = _broadcast_with_warning(input, target, stacklevel=3 if routed else 2)
 
     def fastml_forward(input, target):
         return _mse_loss_op.mse_loss(input, target, reduction)
@@ -400,7 +400,7 @@ def _mse_loss(input, target, size_average, reduce, reduction, weight, routed: bo
     return _route.call_function("mse_loss", (input, target), config, torch_forward, fastml_forward, sig)
 
 
-def broadcast_with_warning(input: torch.Tensor, target: torch.Tensor, stacklevel: int):
+def _broadcast_with_warning(input: torch.Tensor, target: torch.Tensor, stacklevel: int):
     """F.mse_loss's warning for a target of another size than the input's (``stacklevel`` as
     warnings.warn's, counted from the caller of this), then both broadcast to one shape as it
     broadcasts them (differentiably: their gradients sum back; torch's error if they cannot be)."""
@@ -468,9 +468,11 @@ def knn(query: torch.Tensor, reference: torch.Tensor, k: int, p: float = 2.0) ->
     if not query.dtype.is_floating_point:
         raise DTypeError(f"query must be a floating-point tensor, got dtype {query.dtype}")
     _check_same("query", query, reference=reference)
-    if (isinstance(k, torch.Tensor) and (k.numel() != 1 or k.dtype.is_floating_point or k.dtype.is_complex
-                                         or k.dtype == torch.bool)
-            or not isinstance(k, torch.Tensor) and (isinstance(k, bool) or not isinstance(k, numbers.Integral))):
+    if isinstance(k, torch.Tensor):
+        integral = k.numel() == 1 and not (k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool)
+    else:
+        integral = isinstance(k, numbers.Integral) and not isinstance(k, bool)
+    if not integral:
         raise TypeError(f"k must be an int (or a one-element integer tensor), got {k!r}")
     k, r = int(k), reference.shape[-2]
     if not 0 <= k <= r:
@@ -572,7 +574,8 @@ def _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return
     def fastml_forward(input):
         x = input if input.dim() == 4 else input.unsqueeze(0)
         # (channels_last is a layout of 4-D tensors: torch pools an unbatched input into a contiguous output)
-        channels_last = input.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        channels_last = (input.dim() == 4 and not x.is_contiguous()
+                         and x.is_contiguous(memory_format=torch.channels_last))
         out, indices = _max_pool2d_op.max_pool2d(_nchw(x, channels_last), *args, ceil_mode)
         if channels_last:
             out, indices = (t.contiguous(memory_format=torch.channels_last) for t in (out, indices))

@@ -817,7 +817,8 @@ def _scored(predicted, y) -> tuple[np.ndarray, np.ndarray]:
     if truth.ndim == 0:
         raise _twin(InvalidParameterError)(f"y must be an array-like of the true values, got {y!r}")
     if len(truth) != len(predicted):
-        raise ValueError(f"Found input variables with inconsistent numbers of samples: [{len(truth)}, {len(predicted)}]")
+        raise ValueError(f"Found input variables with inconsistent numbers of samples: "
+                         f"[{len(truth)}, {len(predicted)}]")
     return predicted, truth
 
 

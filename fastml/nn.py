@@ -330,7 +330,7 @@ class MSELoss(torch.nn.MSELoss):
             # torch's warning once, here, and both forwards given the shapes F.mse_loss broadcasts
             # them to: a route being measured calls each forward several times, and each would
             # warn again.
-            input, target = functional.broadcast_with_warning(input, target, stacklevel=1)
+            input, target = functional._broadcast_with_warning(input, target, stacklevel=1)
         found = _route.settled(self, input, None, target)
         if found[0] == _route.TORCH:
             return self._torch_forward(input, target)

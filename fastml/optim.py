@@ -12,8 +12,9 @@ to zero in the same pass.
 ``foreach`` and ``fused`` are accepted and recorded as torch does (torch validates them): fastml
 runs its own single-launch kernels either way. What the kernels do not cover runs torch's own
 implementation for that group, so a step is never wrong where torch's is right: sparse
-gradients, a parameter listed twice, ``differentiable=True``, ``capturable=True``, gradient scaling by torch.amp (an
-optimizer given ``grad_scale`` / ``found_inf``), hyperparameters that require grad, and
+gradients, a parameter listed twice, ``differentiable=True``, ``capturable=True``, gradient
+scaling by torch.amp (an optimizer given ``grad_scale`` / ``found_inf``), hyperparameters that
+require grad, and
 torch.compile tracing on torch < 2.4 (later, a traced step calls fastml::sgd_step /
 fastml::adam_step, the same kernels as a custom op).
 

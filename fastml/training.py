@@ -118,7 +118,7 @@ class DataModule:
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise InvalidArgumentError(f"seed must be an int, got {seed!r}")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, int(seed)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.train_dataloader(), self.val_dataloader()  # bad shapes and batch sizes fail here, not mid-fit
 
     def train_dataloader(self):

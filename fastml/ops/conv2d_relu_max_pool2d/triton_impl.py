@@ -104,7 +104,8 @@ def _pool_grad_scatter_kernel(
     q = (e - plane * pooled).to(tl.int32)
     offset = tl.load(argmax_ptr + e, mask=ok, other=0).to(tl.int32)
     pooled_out = tl.load(out_ptr + e, mask=ok, other=0)
-    passes = ok & ((pooled_out > 0) | (pooled_out != pooled_out))  # noqa: PLR0124 (NaN passes, as torch's ReLU)
+    # NaN passes, as through torch's ReLU
+    passes = ok & ((pooled_out > 0) | (pooled_out != pooled_out))  # noqa: PLR0124
     grad = tl.load(grad_ptr + e, mask=passes, other=0).to(grad_input_ptr.dtype.element_ty)
     oh = (q // POW) * PSH + offset // PKW
     ow = (q % POW) * PSW + offset % PKW
