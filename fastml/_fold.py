@@ -16,8 +16,11 @@ same object in the same place, with the same Parameters, buffers and state_dict.
 one ``BatchNormFold`` (a plain attribute, not a submodule). At every call they ask it whether the
 fold applies: only while the conv and the batch norm are both in eval mode and the batch norm
 normalises with running statistics. Then the conv runs the folded convolution (and the ReLU) and
-the batch norm and ReLU pass their input through; otherwise the conv and the batch norm run
-unfolded, so ``model.train()`` undoes the fold at once and ``model.eval()`` redoes it.
+the batch norm and ReLU pass its output through; otherwise the conv and the batch norm run
+unfolded, so ``model.train()`` undoes the fold at once and ``model.eval()`` redoes it. All this
+only where the model calls the run (its nn.Sequential, or the forward a trace showed calling it):
+called any other way (a slice of the Sequential, a member on its own), each module computes
+itself, as the torch module (fastml/_runs.py).
 ``fastml.unpatch`` restores the classes. Unfolded (in training), the batch norm is fastml's
 BatchNorm2d, and where the run has a ReLU it applies it in its normalising pass
 (fastml.functional.batch_norm's ``relu``), the ReLU module passing its input through: one pass
@@ -46,7 +49,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastml import _layout, _route
+from fastml import _layout, _route, _runs
 from fastml import nn as fastml_nn
 from fastml.ops import is_compiling, relu_in_place
 
@@ -59,21 +62,30 @@ class BatchNormFold:
 
     def __init__(self, layer: torch.nn.Conv2d | torch.nn.Linear, bn: torch.nn.BatchNorm2d | None,
                  relu: torch.nn.ReLU | None, classes: tuple[type, type | None, type | None],
-                 names: tuple[str, ...], relu_exclusive: bool = True) -> None:
+                 names: tuple[str, ...], owner: torch.nn.Module, slots: tuple,
+                 relu_exclusive: bool = True) -> None:
         # layer: the Conv2d (or, with no batch norm, a Linear; with no layer, a BatchNorm2d → ReLU pair)
         self.layer, self.bn, self.relu = layer, bn, relu
         self.classes = classes  # the classes before folding, which unpatch restores
         self.names = names  # the modules' qualified names, for patch's and unpatch's reports
-        # Whether this run alone calls its ReLU module, once: then the ReLU passes every input
-        # through. A ReLU also called elsewhere (ResNet's blocks call one ReLU module two or three
-        # times) passes through only what a run marked as its output (``mark_relu_applied``).
+        # The module whose forward calls the run, and (parent, key, module) for each later member:
+        # the run computes as one only when called so (fastml/_runs.py).
+        self.owner, self.slots = owner, slots
+        # Whether this run alone calls its ReLU module, once: then, where runs compute by the rule
+        # of a traced graph (fastml/_runs.py), the ReLU passes every input through; a ReLU also
+        # called elsewhere (ResNet's blocks call one ReLU module two or three times) applies itself.
         self.relu_exclusive = relu_exclusive
         self._cache: tuple | None = None
 
-    def relu_done(self, out: torch.Tensor) -> torch.Tensor:
-        """``out``, the run's output with its ReLU applied, marked so where the ReLU module is not
-        the run's alone."""
-        return out if self.relu_exclusive else mark_relu_applied(out)
+    @property
+    def members(self) -> tuple:
+        """(layer, batch norm, ReLU), None where the run has none: the indices of ``_runs.mark``."""
+        return self.layer, self.bn, self.relu
+
+    def done(self, out: torch.Tensor, last: int) -> torch.Tensor:
+        """``out``, the run's output with its members up to index ``last`` applied, marked so for
+        them to pass it through."""
+        return _runs.mark(out, self, last)
 
     def active(self) -> bool:
         """Whether the run computes as one folded convolution now: the conv and the batch norm in
@@ -148,36 +160,6 @@ def fold_of(module: torch.nn.Module) -> BatchNormFold | None:
     return module.__dict__.get(FOLD_ATTR)
 
 
-RELU_MARK = "_fastml_relu_applied"
-"""On a tensor a folded run returned with its ReLU applied: the tensor's version then. A ReLU of
-such a tensor, unchanged since (same version), is the tensor itself: ReLU is idempotent, bit for
-bit (NaN stays NaN, every other value is already ≥ 0 or -0.0, which ReLU keeps)."""
-
-
-def mark_relu_applied(out: torch.Tensor) -> torch.Tensor:
-    # Not while tracing a graph (a mark is Python state dynamo would guard on), nor on an
-    # inference tensor, which has no version counter to tell a later in-place change.
-    if not is_compiling() and not out.is_inference():
-        out.__dict__[RELU_MARK] = out._version
-    return out
-
-
-def relu_applied(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a folded run's output with the ReLU applied, unchanged since: the ReLU
-    module that then passes it through takes the mark off (``take_relu_mark``)."""
-    if is_compiling() or not isinstance(t, torch.Tensor):
-        return False
-    version = t.__dict__.get(RELU_MARK)
-    return version is not None and not t.is_inference() and version == t._version
-
-
-def take_relu_mark(t: torch.Tensor) -> torch.Tensor:
-    """``t``, no longer marked: the ReLU it stood for has been called once, and a second call
-    on it must give a new tensor, as torch's relu does (the caller may change one in place)."""
-    t.__dict__.pop(RELU_MARK, None)
-    return t
-
-
 def _forget_fold(module: torch.nn.Module) -> None:
     fold = fold_of(module)
     if fold is not None:
@@ -205,8 +187,8 @@ class FoldedConv2d(fastml_nn.Conv2d):
         if isinstance(input, _route.PROXY):  # (as FoldedBatchNorm2d's)
             return _route.traced(self, (input,), super().forward)
         fold = fold_of(self)
-        if fold is None or not fold.active():
-            return super().forward(input)
+        if fold is None or not fold.active() or not _runs.called_as_run(fold, depth=1):
+            return super().forward(input)  # (called on its own, it is a convolution: fastml/_runs.py)
         relu = fold.relu is not None
         # Each forward forms the folded parameters itself (cached without gradients): with
         # gradients, every timed call of the measured choice runs its own backward through them.
@@ -223,7 +205,7 @@ class FoldedConv2d(fastml_nn.Conv2d):
             return fastml_nn.torch_conv_variants(self, x, fold.parameters, relu, only)
 
         out = _route.call(self, input, _route.weight_of(self), torch_forward, fastml_forward, variants=variants)
-        return fold.relu_done(out) if relu else out
+        return fold.done(out, 2 if relu else 1)
 
 
 class FoldedBatchNorm2d(fastml_nn.BatchNorm2d):
@@ -245,13 +227,16 @@ class FoldedBatchNorm2d(fastml_nn.BatchNorm2d):
         fold = fold_of(self)
         if fold is None:
             return super().forward(input)
-        if fold.active():
+        if _runs.whole_runs():  # (fastml/_runs.py)
+            if fold.active():
+                return input
+        elif _runs.passes(self, input):  # the folded convolution's output
             return input
-        if fold.relu is None:
+        if fold.relu is None or not _runs.called_as_run(fold, depth=0):
             return super().forward(input)
         if not self.uses_batch_statistics():  # eval, unfolded (a bn_relu pair, or the conv in training)
-            return fold.relu_done(self._torch_relu(input))
-        return fold.relu_done(_route.call(self, input, _route.weight_of(self), self._torch_relu, self._fastml_relu))
+            return fold.done(self._torch_relu(input), 2)
+        return fold.done(_route.call(self, input, _route.weight_of(self), self._torch_relu, self._fastml_relu), 2)
 
     def _torch_relu(self, input: torch.Tensor) -> torch.Tensor:
         """What it replaces: torch's batch norm, then torch's ReLU (in place: the batch norm's
@@ -272,13 +257,13 @@ class FoldedReLU(torch.nn.ReLU):
             return F.relu(input, inplace=self.inplace)
         if isinstance(input, _route.PROXY):  # (as FoldedBatchNorm2d's)
             return _route.traced(self, (input,), super().forward)
-        fold = fold_of(self)
-        if fold is not None:
-            if fold.relu_exclusive and (fold.active() or fold.bn is not None
-                                        and not _route.runs_as_torch(fold.layer or fold.bn)):
+        if _runs.whole_runs():  # (fastml/_runs.py)
+            fold = fold_of(self)
+            if fold is not None and fold.relu_exclusive and (
+                    fold.active() or fold.bn is not None and not _route.runs_as_torch(fold.layer or fold.bn)):
                 return input
-            if relu_applied(input):
-                return take_relu_mark(input)
+        elif _runs.passes(self, input):  # a run's output, its ReLU applied (this module, or a shared one)
+            return input
         return super().forward(input)
 
 
@@ -297,10 +282,10 @@ class FoldedLinear(fastml_nn.Linear):
         if isinstance(input, _route.PROXY):
             return _route.traced(self, (input,), super().forward)
         fold = fold_of(self)
-        if fold is None or not fold.active():
+        if fold is None or not fold.active() or not _runs.called_as_run(fold, depth=1):
             return super().forward(input)
-        return fold.relu_done(_route.call(self, input, _route.weight_of(self), self._torch_relu, self._fastml_relu,
-                                          variants=lambda x, only=None: self._torch_variants(x, only, relu=True)))
+        return fold.done(_route.call(self, input, _route.weight_of(self), self._torch_relu, self._fastml_relu,
+                                     variants=lambda x, only=None: self._torch_variants(x, only, relu=True)), 2)
 
     def _torch_relu(self, input: torch.Tensor) -> torch.Tensor:
         return relu_in_place(F.linear(input, _route.weight_of(self), _route.registered(self, "bias")))
@@ -315,22 +300,22 @@ _route.TORCH_TWINS.update({FoldedConv2d: torch.nn.Conv2d, FoldedLinear: torch.nn
 
 
 def fold(layer: torch.nn.Conv2d | torch.nn.Linear | None, bn: torch.nn.BatchNorm2d | None, relu: torch.nn.ReLU | None,
-         names: tuple[str, ...], relu_exclusive: bool = True) -> BatchNormFold:
-    """Folds the run in place (classes changed, objects and Parameters kept). A ReLU not the
-    run's alone (``relu_exclusive`` False) may be another run's already: that run keeps it (its
-    class and the original class it restores)."""
-    owner = None if relu is None else fold_of(relu)
+         names: tuple[str, ...], owner: torch.nn.Module, slots: tuple, relu_exclusive: bool = True) -> BatchNormFold:
+    """Folds the run in place (classes changed, objects and Parameters kept). ``owner`` and
+    ``slots``: see BatchNormFold. A ReLU not the run's alone (``relu_exclusive`` False) may be
+    another run's already: that run keeps it (its class and the original class it restores)."""
+    relu_run = None if relu is None else fold_of(relu)  # another run's ReLU already
     classes = tuple(None if m is None else type(m) for m in (layer, bn, relu))
-    if owner is not None:
-        classes = (*classes[:2], owner.classes[2])
-    run = BatchNormFold(layer, bn, relu, classes, names, relu_exclusive)
+    if relu_run is not None:
+        classes = (*classes[:2], relu_run.classes[2])
+    run = BatchNormFold(layer, bn, relu, classes, names, owner, slots, relu_exclusive)
     if layer is not None:
         layer.__class__ = FoldedLinear if isinstance(layer, torch.nn.Linear) else FoldedConv2d
     if bn is not None:
         bn.__class__ = FoldedBatchNorm2d
-    if relu is not None and owner is None:
+    if relu is not None and relu_run is None:
         relu.__class__ = FoldedReLU
-    for module in (layer, bn, relu if owner is None else None):
+    for module in (layer, bn, relu if relu_run is None else None):
         if module is not None:
             object.__setattr__(module, FOLD_ATTR, run)
     return run

@@ -15,7 +15,8 @@ left out for its configuration, except fusion below.
 
 Fusion: Conv2d → ReLU → MaxPool2d, consecutive in a module that chains its children as
 nn.Sequential does, becomes one ConvReLUPool2d at the conv's key, and the ReLU's and pool's keys
-hold nn.Identity, so indices and state_dict keys stay as they were. Here a new module is built
+hold FusedSlots (nn.Identity that apply the ReLU or pool to any input but the run's own output:
+fastml/_runs.py), so indices and state_dict keys stay as they were. Here a new module is built
 (sharing the conv's Parameters) rather than the conv's class swapped: a reference to the conv
 held elsewhere must keep meaning "a convolution". The originals are kept on the fused module so
 that unpatch puts the same objects back.
@@ -28,10 +29,10 @@ import dataclasses
 
 import torch
 
-from fastml import _fold, _layout, _recycle, _route
+from fastml import _fold, _layout, _recycle, _route, _runs
 from fastml import nn as fastml_nn
 
-__all__ = ["Fused", "Left", "PatchReport", "Replaced", "patch", "unpatch"]
+__all__ = ["Fused", "FusedSlot", "Left", "PatchReport", "Replaced", "patch", "unpatch"]
 
 # op name → (torch class, fastml twin)
 _ONE_FOR_ONE = {
@@ -58,8 +59,8 @@ _FASTML_MODULES = tuple(getattr(fastml_nn, name) for name in fastml_nn.__all__)
 # model the user built from fastml.nn modules keeps them. An attribute (not a registry) survives
 # deepcopy and pickling of the patched model.
 _SWAPPED = "_fastml_patched"
-_FUSED_RUN = "_fastml_fused_run"  # on a ConvReLUPool2d patch built: the _FusedRun
-_PLACEHOLDER = "_fastml_fused_placeholder"  # on the nn.Identity in a fused-away slot
+_FUSED_RUN = _runs.FUSED_RUN  # on a ConvReLUPool2d patch built: the _FusedRun
+_PLACEHOLDER = "_fastml_fused_placeholder"  # on the FusedSlot in a fused-away slot
 
 # Every per-module hook dict torch has (some only in newer versions). A fused run would skip the
 # conv's output and the ReLU's and pool's calls, which forward / backward hooks observe; state
@@ -148,8 +149,9 @@ def _display(name: str) -> str:
 @dataclasses.dataclass(eq=False)
 class _FusedRun:
     """What a fused run replaced, kept for unpatch: the original modules, the keys of the ReLU's
-    and pool's slots in their parent, and the nn.Identity placeholders patch put there. A plain
-    object, not a Module, so the originals stay out of the model's modules() and state_dict."""
+    and pool's slots in their parent, and the FusedSlot placeholders patch put there; and for
+    fastml/_runs.py, the fused module and its parent, which calls the run. A plain object, not a
+    Module, so the originals stay out of the model's modules() and state_dict."""
     conv: torch.nn.Module
     relu: torch.nn.Module
     pool: torch.nn.Module
@@ -157,6 +159,45 @@ class _FusedRun:
     pool_key: str
     relu_slot: torch.nn.Module
     pool_slot: torch.nn.Module
+    fused: torch.nn.Module
+    owner: torch.nn.Module
+
+    @property
+    def members(self) -> tuple:
+        return self.fused, self.relu_slot, self.pool_slot
+
+    @property
+    def slots(self) -> tuple:
+        return (self.owner, self.relu_key, self.relu_slot), (self.owner, self.pool_key, self.pool_slot)
+
+
+class FusedSlot(torch.nn.Identity):
+    """The slot of a fused run's ReLU or MaxPool2d: passes through the output of the
+    ConvReLUPool2d before it, called as the model calls the run; on any other input (a slice of
+    the model that ends inside the run, a loop over its members) it applies the module it stands
+    for, as that module would (fastml/_runs.py)."""
+
+    def __init__(self, replaced: torch.nn.Module) -> None:
+        super().__init__()
+        self.training = replaced.training  # model.eval() / train() state reads the same
+        self.__dict__["replaced"] = replaced  # a plain attribute: not a submodule, not in state_dict
+        setattr(self, _PLACEHOLDER, True)
+
+    def extra_repr(self) -> str:
+        return f"fused, stands for {self.replaced!r}"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # the fused module scripts as the three ops
+            return input
+        return self._eager_forward(input)
+
+    def _eager_forward(self, input):
+        """forward outside TorchScript (as fastml/_fold.py's)."""
+        if isinstance(input, _route.PROXY):  # traced: a call of the slot, which decides when the graph runs
+            return _route.traced(self, (input,), lambda x: x)
+        if _runs.whole_runs() or _runs.passes(self, input):
+            return input
+        return self.replaced(input)
 
 
 def _type_name(cls: type) -> str:
@@ -269,13 +310,6 @@ def _share_state(source: torch.nn.Module, target: torch.nn.Module) -> None:
     target.training = source.training
 
 
-def _placeholder(replaced: torch.nn.Module) -> torch.nn.Identity:
-    slot = torch.nn.Identity()
-    slot.training = replaced.training  # model.eval() / train() state reads the same
-    setattr(slot, _PLACEHOLDER, True)
-    return slot
-
-
 def _fuse(parent, keys, conv, relu, pool) -> torch.nn.Module:
     # Built on the meta device: no memory, no use of the random generator; the conv's own
     # Parameters then take the place of the meta ones.
@@ -284,7 +318,7 @@ def _fuse(parent, keys, conv, relu, pool) -> torch.nn.Module:
                                      pool_kernel_size=pool.kernel_size, pool_stride=pool.stride, device="meta")
     _share_state(conv, fused)
     conv_key, relu_key, pool_key = keys
-    run = _FusedRun(conv, relu, pool, relu_key, pool_key, _placeholder(relu), _placeholder(pool))
+    run = _FusedRun(conv, relu, pool, relu_key, pool_key, FusedSlot(relu), FusedSlot(pool), fused, parent)
     setattr(fused, _FUSED_RUN, run)
     # Assigning to an existing key keeps its place in the parent's ordered dict of children.
     parent._modules[conv_key] = fused
@@ -302,7 +336,7 @@ def patch(model: torch.nn.Module, ops=None, *, example_inputs=None, fx: bool = F
     "conv2d" (nn.Conv2d), "max_pool2d" (nn.MaxPool2d), "batch_norm" (nn.BatchNorm2d not folded
     into a conv: fastml's kernels in training), "mse_loss" (nn.MSELoss), "cross_entropy"
     (nn.CrossEntropyLoss), "conv_relu_pool" (Conv2d → ReLU → MaxPool2d in an nn.Sequential
-    becomes one fastml.nn.ConvReLUPool2d; the ReLU's and pool's slots hold nn.Identity) and
+    becomes one fastml.nn.ConvReLUPool2d; the ReLU's and pool's slots hold FusedSlots) and
     "conv_bn" (Conv2d → BatchNorm2d, and a ReLU after it, in an nn.Sequential: in eval mode one
     convolution with the batch norm folded into its weight and bias, the ReLU in place; in
     training mode the conv, then fastml's batch norm with the ReLU in its normalising pass.
@@ -469,11 +503,12 @@ def _is_plain_bn(module) -> bool:
     return type(module) is torch.nn.BatchNorm2d
 
 
-def _fold_one(conv, bn, relu, names, report, shared, relu_called_once=True) -> list[torch.nn.Module]:
+def _fold_one(conv, bn, relu, names, report, shared, caller, slots, relu_called_once=True) -> list[torch.nn.Module]:
     # conv: the run's Conv2d, or (no batch norm) its Linear
-    """Folds one run, or reports why not; returns the modules folded. ``relu_called_once``:
-    whether the model calls the ReLU module only here (a trace tells; in an nn.Sequential, a
-    module sitting in one place is called once)."""
+    """Folds one run, or reports why not; returns the modules folded. ``caller``: the module whose
+    forward calls the run; ``slots``: (parent, key, module) for each module after the first
+    (fastml/_runs.py). ``relu_called_once``: whether the model calls the ReLU module only here (a
+    trace tells; in an nn.Sequential, a module sitting in one place is called once)."""
     modules = [m for m in (conv, bn, relu) if m is not None]
     owner = None if relu is None else _fold.fold_of(relu)  # a ReLU another run folded already
     run_type = _run_type(*modules[:-1]) + f" + {_type_name(owner.classes[2])}" if owner else _run_type(*modules)
@@ -481,7 +516,7 @@ def _fold_one(conv, bn, relu, names, report, shared, relu_called_once=True) -> l
     if obstacles:
         report.left.append(Left(", ".join(names), run_type, "not folded: " + "; ".join(obstacles)))
         return []
-    _fold.fold(conv, bn, relu, names, relu_exclusive=relu_called_once and id(relu) not in shared)
+    _fold.fold(conv, bn, relu, names, caller, slots, relu_exclusive=relu_called_once and id(relu) not in shared)
     description = (_BN_RELU_DESCRIPTION if conv is None else _FOLDED_DESCRIPTION if bn is not None
                    else _LINEAR_RELU_DESCRIPTION if isinstance(conv, torch.nn.Linear) else _RELU_DESCRIPTION)
     report.fused.append(Fused(names, run_type, description))
@@ -511,8 +546,9 @@ def _fold_runs(parent, name, report, shared) -> list[torch.nn.Module]:
             continue
         relu_item = items[i + 2] if i + 2 < len(items) and _is_relu(items[i + 2][1]) else None
         keys = (conv_key, bn_key) + ((relu_item[0],) if relu_item else ())
+        slots = tuple((parent, key, module) for key, module in items[i + 1:i + len(keys)])
         done = _fold_one(conv, bn, relu_item[1] if relu_item else None, tuple(_join(name, k) for k in keys), report,
-                         shared)
+                         shared, parent, slots)
         folded += done
         i += len(keys) if done else 1
     return folded
@@ -527,7 +563,8 @@ def _relu_runs(parent, name, report, shared, selected) -> list[torch.nn.Module]:
         if not _is_relu(relu) or _fold.fold_of(layer) is not None:
             continue
         if (_is_conv(layer) and _RELU_EPILOGUE in selected) or (_is_linear(layer) and _LINEAR_RELU in selected):
-            done += _fold_one(layer, None, relu, (_join(name, key), _join(name, relu_key)), report, shared)
+            done += _fold_one(layer, None, relu, (_join(name, key), _join(name, relu_key)), report, shared, parent,
+                              ((parent, relu_key, relu),))
     return done
 
 
@@ -538,7 +575,8 @@ def _bn_relu_runs(parent, name, report, shared) -> list[torch.nn.Module]:
     done = []
     for (key, bn), (relu_key, relu) in zip(items, items[1:]):
         if _is_plain_bn(bn) and _fold.fold_of(bn) is None and _is_relu(relu):
-            done += _fold_one(None, bn, relu, (_join(name, key), _join(name, relu_key)), report, shared)
+            done += _fold_one(None, bn, relu, (_join(name, key), _join(name, relu_key)), report, shared, parent,
+                              ((parent, relu_key, relu),))
     return done
 
 
@@ -568,19 +606,24 @@ def _fold_traced(model, report, selected, shared) -> list[torch.nn.Module]:
                 _restore_attributes(module, attributes)
     in_training: dict[tuple, bool] = {}
 
-    def note(conv, bn, relu, names, relu_called_once):
+    def note(conv, bn, relu, names, relu_called_once, owner):
         if _fold_obstacles(conv, bn, relu, shared):
             return []  # (as _fold_one: the batch norm stays free to pair with its ReLU)
         in_training[names] = relu_called_once
         return [m for m in (conv, bn, relu) if m is not None]
 
-    def fold(conv, bn, relu, names, relu_called_once):
+    def slots(names):
+        return tuple((modules[parent], key, modules[name]) for name in names[1:]
+                     for parent, _, key in [name.rpartition(".")])
+
+    def fold(conv, bn, relu, names, relu_called_once, owner):
         if names in in_training or _fold_obstacles(conv, bn, relu, shared):  # (the latter: reported why not)
-            return _fold_one(conv, bn, relu, names, report, shared, relu_called_once and in_training.get(names, True))
+            return _fold_one(conv, bn, relu, names, report, shared, modules[owner], slots(names),
+                             relu_called_once and in_training.get(names, True))
         if conv is not None and bn is not None and any(run[:2] == names[:2] for run in in_training):
             # one mode's run has the ReLU, the other's not (it reads the batch norm's output again):
             # the conv and the batch norm fold in both
-            return _fold_one(conv, bn, None, names[:2], report, shared)
+            return _fold_one(conv, bn, None, names[:2], report, shared, modules[owner], slots(names[:2]))
         return []
 
     _traced_runs(graphs[True], modules, selected, note)
@@ -601,9 +644,10 @@ def _fx_trace(model: torch.nn.Module):
 
 
 def _traced_runs(graph, modules, selected, fold) -> list[torch.nn.Module]:
-    """Calls ``fold(conv, bn, relu, names, relu_called_once)`` (conv or bn None where the run has
-    none) for each run ``graph`` shows, in call order, and returns what those calls returned
-    together: the modules folded. ``modules``: the model's, by name."""
+    """Calls ``fold(conv, bn, relu, names, relu_called_once, owner)`` (conv or bn None where the run
+    has none; ``owner``: the name of the module whose forward calls the run) for each run ``graph``
+    shows, in call order, and returns what those calls returned together: the modules folded.
+    ``modules``: the model's, by name."""
     calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
 
     def single_reader(node, relu_ok=False):
@@ -630,13 +674,13 @@ def _traced_runs(graph, modules, selected, fold) -> list[torch.nn.Module]:
             if _fold.fold_of(modules[node.target]) is None and id(modules[node.target]) not in claimed \
                     and relu_node is not None and _is_relu(modules[relu_node.target]):
                 folded += fold(None, modules[node.target], modules[relu_node.target],
-                               (node.target, relu_node.target), calls[relu_node.target] == 1)
+                               (node.target, relu_node.target), calls[relu_node.target] == 1, _caller(node, modules))
             continue
         if _is_linear(modules[node.target]) and _LINEAR_RELU in selected:
             relu_node = single_reader(node, relu_ok=True)
             if relu_node is not None and _is_relu(modules[relu_node.target]):
                 folded += fold(modules[node.target], None, modules[relu_node.target],
-                               (node.target, relu_node.target), calls[relu_node.target] == 1)
+                               (node.target, relu_node.target), calls[relu_node.target] == 1, _caller(node, modules))
             continue
         if not _is_conv(modules[node.target]):
             continue
@@ -657,10 +701,23 @@ def _traced_runs(graph, modules, selected, fold) -> list[torch.nn.Module]:
         nodes = [n for n in (node, bn_node, relu_node) if n is not None]
         conv, bn = modules[node.target], None if bn_node is None else modules[bn_node.target]
         relu = None if relu_node is None else modules[relu_node.target]
-        run = fold(conv, bn, relu, tuple(n.target for n in nodes), relu_node is None or calls[relu_node.target] == 1)
+        run = fold(conv, bn, relu, tuple(n.target for n in nodes), relu_node is None or calls[relu_node.target] == 1,
+                   _caller(node, modules))
         folded += run
         claimed.update(map(id, run))
     return folded
+
+
+def _caller(node, modules) -> str:
+    """The name of the module whose forward made the call ``node`` records: the innermost module
+    of the trace's stack other than the called one ("" for the model), or where a torch.fx
+    records no stack, the called module's parent."""
+    stack = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+    if not stack:
+        return node.target.rpartition(".")[0]
+    while stack and stack[-1] == node.target:
+        stack.pop()
+    return stack[-1] if stack and stack[-1] in modules else ""
 
 
 def _attributes(module: torch.nn.Module) -> tuple[dict, dict]:
@@ -696,7 +753,7 @@ def unpatch(model: torch.nn.Module) -> PatchReport:
     same object, same Parameters), and every fused run is the original Conv2d, ReLU and
     MaxPool2d objects again, the conv holding the fused module's current Parameters. fastml
     modules the user built are left. Returns a :class:`PatchReport` (``action="unpatch"``).
-    Hooks added to a fused module or its Identity slots after patching are dropped with them."""
+    Hooks added to a fused module or its FusedSlots after patching are dropped with them."""
     _check_model(model, "unpatch")
     report = PatchReport("unpatch")
     _route.run_as_torch(model, False)  # fastml.tune's verdict "faster unpatched" goes with the patch
@@ -757,7 +814,7 @@ def _unpatch_module(module, name, report) -> None:
         report.replaced.append(Replaced(name, _type_name(cls), _type_name(old)))
     elif isinstance(module, _FASTML_MODULES):
         if hasattr(module, _FUSED_RUN):
-            reason = "fused by patch, but no longer beside the Identity slots of its ReLU and MaxPool2d"
+            reason = "fused by patch, but no longer beside the FusedSlots of its ReLU and MaxPool2d"
         else:
             reason = "built as a fastml module, not by fastml.patch"
         report.left.append(Left(name, _type_name(cls), reason))

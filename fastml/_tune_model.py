@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from fastml import _layout, _memory, _route, _tune
+from fastml import _layout, _memory, _route, _runs, _tune
 from fastml.ops import forced_backend
 from fastml import nn as fastml_nn
 
@@ -222,7 +222,9 @@ def _tune_layers(model, example_inputs, parameters, backward: bool) -> tuple[lis
         others = _route.take_routes(module)
         # Nor the fused functionals' routes the model's run settled: a call settled on torch's
         # sequence would not reach its ops, and the layer would get no rows.
-        with _route.function_routes_set_aside(), _tune.recording() as decisions:
+        # A run's modules compute as the model runs them, not as modules called on their own
+        # (fastml/_runs.py): the first the whole run, the later ones pass their input through.
+        with _route.function_routes_set_aside(), _tune.recording() as decisions, _runs.as_runs():
             _forward_and_backward(module, args, [p for p in module.parameters() if p.requires_grad], backward)
         for sig, route in others.items():
             _route.routes(module).get(sig) or _route.remember(module, sig, route)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastml import (_few_windows, _gemm_weight_grad, _grouped, _layout, _onednn, _pointwise, _recycled_linear, _route,
-                    _winograd, functional)
+                    _runs, _winograd, functional)
 from fastml._layout import relayout  # (here too: tests swap fastml.nn.relayout to count the copies)
 from fastml.ops import is_compiling, relu_in_place
 
@@ -205,12 +205,23 @@ class ConvReLUPool2d(torch.nn.Conv2d):
         if torch.jit.is_scripting():
             return F.max_pool2d(F.relu(self._conv_forward(input, self.weight, self.bias)), self.pool_kernel_size,
                                 self.pool_stride)
+        return self._eager_forward(input)
+
+    def _eager_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """forward outside TorchScript."""
+        run = self.__dict__.get(_runs.FUSED_RUN)  # built by fastml.patch from a Conv2d → ReLU → MaxPool2d run
+        if run is not None and not isinstance(input, _route.PROXY) and not _runs.called_as_run(run, depth=1):
+            # Called on its own, it is the run's convolution; the slots after it apply the
+            # ReLU and the pool (fastml/_runs.py).
+            return _layout.torch_convolution(self, input, _route.weight_of(self), _route.registered(self, "bias"))
         weight = _route.weight_of(self)
         found = _route.settled(self, input, weight)
         if found[0] == _route.TORCH:
-            return self._torch_forward(input)
-        return _route.call(self, input, weight, self._torch_forward, self._fastml_forward,
-                           variants=self._torch_variants, found=found)
+            out = self._torch_forward(input)
+        else:
+            out = _route.call(self, input, weight, self._torch_forward, self._fastml_forward,
+                              variants=self._torch_variants, found=found)
+        return out if run is None else _runs.mark(out, run, 2)
 
     def _torch_variants(self, input: torch.Tensor, only: str | None = None) -> dict:
         """The convolution variants of ``torch_conv_variants`` with the ReLU in their epilogue,

@@ -219,6 +219,31 @@ def test_a_new_parameter_in_place_of_a_freed_one_is_folded(rng):
             assert_close(model(x), reference(x))
 
 
+def test_a_run_called_from_forward_is_one_run_only_there(rng, monkeypatch):
+    """A run folds only where the forward that the trace showed calls it: the block's modules
+    called on their own (a feature tap) or by a GraphModule that torch.fx made of the patched
+    block compute themselves, as torch's, and the block itself still runs one convolution per
+    run in eval mode (fastml/_runs.py)."""
+    reference, model, _ = patched_pair(Block, rng, fx=True)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng)
+    graph = torch.fx.symbolic_trace(model)
+    for mode in ("eval", "train"):
+        for m in (reference, model, graph):
+            getattr(m, mode)()
+        for name in ("conv1", "bn1", "relu", "conv2", "bn2"):
+            with torch.no_grad():
+                assert_close(getattr(model, name)(x.clone()), getattr(reference, name)(x.clone()))
+        assert_same_model(reference, graph, x)
+        assert_same_model(reference, model, x)
+    model.eval()
+    called = []
+    check = torch.nn.BatchNorm2d._check_input_dim
+    monkeypatch.setattr(torch.nn.BatchNorm2d, "_check_input_dim", lambda self, x: called.append(self) or check(self, x))
+    with torch.no_grad():
+        model(x)
+    assert called == []
+
+
 def test_a_shared_relu_called_twice_on_a_runs_output_gives_a_new_tensor(rng):
     """The first call of a shared ReLU on a run's output passes it through (the run applied the
     ReLU); a second call on it gives a new tensor, as torch's relu, which the caller may change in
@@ -514,18 +539,17 @@ def test_conv_relu_gets_the_relu_on_its_output_in_both_modes(backend, rng):
 
 def test_a_relu_sitting_in_two_places_folds_into_each_run(rng):
     """Each run marks its output; the shared ReLU passes a marked tensor through, and applies
-    itself to anything else (here: a tensor the first run marked, then changed in place)."""
+    itself to anything else (here: the first conv's output, the conv called on its own)."""
     reference, model, report = patched_pair(lambda: conv_relu_model(shared_relu=True), rng)
     assert [f.names for f in report.fused] == [("0", "1"), ("2", "3")]
     assert type(model[1]) is _fold.FoldedReLU and not _fold.fold_of(model[2]).relu_exclusive
     x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng)
     assert_same_model(reference, model, x)
     with torch.no_grad():
-        out = model[0](x)
-        assert model[1](out) is out  # marked: already the ReLU's output
-        out.sub_(1.0)  # a new version: the mark no longer holds
+        out = model[0](x)  # on its own: the convolution alone, as torch's
+        assert_close(out, reference[0](x))
         assert_close(model[1](out), out.relu())
-        assert model[1](out.clone()) is not out
+        assert model[1](out) is not out
     undone = fastml.unpatch(model)
     assert len(undone.fused) == 2 and type(model[1]) is nn.ReLU and type(model[2]) is nn.Conv2d
     assert_same_model(reference, model, x)

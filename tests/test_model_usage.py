@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.utils.prune as prune
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
 import fastml
 from fastml import _route, _tune
@@ -78,6 +78,54 @@ def test_checkpointing_follows_routes_settled_before():
     assert_same(unpatched, patched, steps=1)  # routes settled outside checkpointing
     assert any(_route.routes(m) for m in patched.modules())
     assert_same(unpatched, patched, lambda model, x: checkpoint(model, x, use_reentrant=False))
+
+
+def members_one_by_one(model, x):
+    """A loop over the model's members, each called on its own, each output kept (style transfer
+    taps a VGG so): a member of a fused or folded run computes itself, as the torch module."""
+    taps = []
+    for module in model:
+        x = module(x)
+        taps.append(x.flatten())
+    return torch.cat(taps)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("run", [
+    *(pytest.param(lambda model, x, stop=stop: model[:stop](x), id=f"slice[:{stop}]") for stop in range(1, 11)),
+    pytest.param(lambda model, x: model[4:](model[1:4](model[0](x))), id="slices"),
+    pytest.param(members_one_by_one, id="members-one-by-one"),
+    pytest.param(lambda model, x: checkpoint_sequential(model, 4, x, use_reentrant=False), id="checkpoint_sequential"),
+])
+def test_parts_of_a_patched_sequential(mode, run):
+    """Perceptual losses slice VGG's features (``features[:k]``) and checkpoint_sequential cuts
+    the model into segments: a part that ends inside a fused Conv2d → ReLU → MaxPool2d run, a
+    folded Conv2d → BatchNorm2d → ReLU or a Linear → ReLU computes its own modules, not the run
+    (fastml/_runs.py); the whole model still runs each run as one."""
+    unpatched, patched = twins(lambda model: getattr(model, mode)())
+    assert_same(unpatched, patched, run)
+    assert_same(unpatched, patched)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_whole_patched_sequential_runs_each_run_as_one(mode, monkeypatch):
+    """The other side of the test above: called as a whole, the model runs no ReLU or pool of
+    its own (each is in a run: the fused block, the folded batch norm's pass, the linear's
+    epilogue), and in eval mode no batch norm (folded into its convolution)."""
+    unpatched, patched = twins(lambda model: getattr(model, mode)())
+    assert_same(unpatched, patched)
+    called = []
+    for cls, name in ((nn.ReLU, "forward"), (nn.MaxPool2d, "forward"), (nn.BatchNorm2d, "_check_input_dim")):
+        monkeypatch.setattr(cls, name, lambda self, *args, original=getattr(cls, name): called.append(self)
+                            or original(self, *args))
+    with torch.no_grad():
+        patched(torch.randn(4, 3, 14, 14, dtype=torch.float64))
+    # (in training the batch norm computes, the ReLU in its pass; its first calls are timed)
+    assert [m for m in called if mode == "eval" or not isinstance(m, nn.BatchNorm2d)] == []
+    called.clear()
+    with torch.no_grad():
+        patched[:2](torch.randn(4, 3, 14, 14, dtype=torch.float64))  # the slice computes its ReLU itself
+    assert [type(m).__name__ for m in called] == ["ReLU"]
 
 
 def prune_layers(model):

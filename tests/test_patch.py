@@ -13,7 +13,7 @@ from torch import nn
 
 import fastml
 from fastml._fold import FoldedLinear
-from fastml._patch import _LINEAR_RELU_DESCRIPTION, Fused, Left, Replaced
+from fastml._patch import _LINEAR_RELU_DESCRIPTION, Fused, FusedSlot, Left, Replaced
 
 
 class Temperature(nn.Module):
@@ -112,7 +112,8 @@ def test_patched_lenet_matches_torch(rng, dtype):
     assert all(x.reason == "no fastml module for this type" for x in report.left)
     after = types(model)
     assert after["features.0"] is after["features.4"] is fastml.nn.ConvReLUPool2d
-    assert after["features.1"] is after["features.2"] is nn.Identity  # indices kept
+    assert after["features.1"] is after["features.2"] is FusedSlot  # indices kept
+    assert issubclass(FusedSlot, nn.Identity)
     assert after["classifier.0"] is FoldedLinear and after["classifier.3"] is fastml.nn.Linear
 
     loss_fn = nn.CrossEntropyLoss()

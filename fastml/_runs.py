@@ -1,0 +1,148 @@
+"""When a fused or folded run computes as a whole, and how its later modules know.
+
+``fastml.patch`` fuses runs of modules (Conv2d → BatchNorm2d → ReLU, Conv2d → ReLU → MaxPool2d,
+Linear → ReLU, ...) without changing the model's tree: the run's first module computes the whole
+run and the later ones pass its output through. That is right only where the run is called as
+the model calls it. The same modules are also called on their own: a slice of a patched
+``nn.Sequential`` (``features[:k]``, as perceptual losses tap VGG), a loop over its members (the
+course's style transfer), ``torch.utils.checkpoint.checkpoint_sequential``'s segments, a
+GraphModule that torch.fx made of the model. There each module must compute itself, as torch's.
+
+So a run knows its ``owner``, the module whose ``forward`` (an ``nn.Sequential``, or the block
+whose ``forward`` a torch.fx trace showed calling the run) calls its members in order, and where
+its later members sit (``slots``). The first module computes the whole run only when called from
+a method of the owner with the later members still in their slots (``called_as_run``), and then
+marks its output (``mark``) with the run and how far it got. A later member passes its input
+through only when the input carries that mark, unchanged since (``passes``); otherwise it computes
+itself. The caller is read from the Python stack: ~1-2 µs a call, once per run.
+
+Two places keep the earlier rule (the first module always computes the whole run, the later
+ones always pass through): a graph being traced by torch.compile, which has no stack to read
+and no Python state on tensors (it compiles the whole model, where the run is called as a run),
+and ``fastml.tune`` timing a run's modules one by one (``as_runs``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+
+import torch
+
+from fastml.ops import function_mode_active, is_compiling
+
+FUSED_RUN = "_fastml_fused_run"
+"""On a fastml.nn.ConvReLUPool2d that fastml.patch built from a run: the run (fastml/_patch.py)."""
+
+MARK = "_fastml_run_output"
+"""On a tensor a run's first module returned: (the run, the index of the last member it
+covered, the tensor's version then, or None for an inference tensor, which has none)."""
+
+# The frames between a module's forward and the code that called the module.
+_CALL_MACHINERY = frozenset(getattr(torch.nn.Module, name).__code__
+                            for name in ("_call_impl", "_wrapped_call_impl", "_slow_forward")
+                            if hasattr(torch.nn.Module, name))
+
+
+def _machinery_frames() -> int:
+    """How many frames torch's module call puts between a module's forward and its caller (2 in
+    torch 2.x: _wrapped_call_impl, _call_impl), found by calling a module once."""
+    found = []
+
+    class Probe(torch.nn.Module):
+        def forward(self):
+            frame, count = sys._getframe(1), 0
+            while frame is not None and frame.f_code in _CALL_MACHINERY:
+                frame, count = frame.f_back, count + 1
+            found.append(count)
+
+    Probe()()
+    return found[0]
+
+
+_BETWEEN = _machinery_frames()
+
+_as_runs = contextvars.ContextVar("fastml_as_runs", default=0)  # (a context variable: ~0.05 µs to read)
+
+
+def whole_runs() -> bool:
+    """Whether runs compute by the earlier rule: while torch.compile traces a graph, or in
+    ``as_runs``."""
+    return is_compiling() or _as_runs.get() > 0
+
+
+@contextlib.contextmanager
+def as_runs():
+    """Within: a run's first module computes the whole run wherever it is called, and its later
+    modules pass their input through (fastml.tune times each module alone as the model runs it)."""
+    token = _as_runs.set(_as_runs.get() + 1)
+    try:
+        yield
+    finally:
+        _as_runs.reset(token)
+
+
+def _caller_self(depth: int):
+    """The ``self`` of the code that called the module whose forward is running (None where that
+    code has no ``self``). ``depth``: frames from called_as_run's caller to the module's forward
+    (see there). The frame is read by number, not walked to: each frame walked past costs Python
+    an object (~1 µs a check, walked). Where torch's call takes another path (torch.jit.trace's
+    adds a frame), the frame read is a call's own, whose ``self`` is the module: it computes itself."""
+    try:
+        frame = sys._getframe(depth + _BETWEEN + 3)  # (+ this function, called_as_run, the forward)
+    except ValueError:
+        return None
+    return frame.f_locals.get("self")
+
+
+def called_as_run(run, depth: int) -> bool:
+    """Whether the run's first module, whose forward asks, is called as the model calls the run:
+    from a method of ``run.owner``, its later members still in their slots. ``run``: an object
+    with ``owner`` and ``slots`` ((parent, key, module) for each later member). ``depth``: the
+    frames from the caller of this function to the module's forward (0 when the forward asks, 1
+    when a method that forward called asks)."""
+    if whole_runs():
+        return True
+    if _caller_self(depth) is not run.owner:
+        return False
+    for parent, key, module in run.slots:  # (a loop: a generator costs ~1 µs to make)
+        if parent._modules.get(key) is not module:
+            return False
+    return True
+
+
+def _version(t: torch.Tensor):
+    """``t``'s version, None for an inference tensor, which has none; unseen by a Python
+    TorchFunctionMode (a mode that logs the calls sees what it sees unpatched)."""
+    if function_mode_active():
+        with torch._C.DisableTorchFunction():
+            return None if t.is_inference() else t._version
+    return None if t.is_inference() else t._version
+
+
+def mark(out: torch.Tensor, run, last: int) -> torch.Tensor:
+    """``out``, marked as ``run``'s output with its members up to ``last`` (an index into
+    ``run.members``) applied: those members then pass it through."""
+    if isinstance(out, torch.Tensor) and not whole_runs():
+        out.__dict__[MARK] = (run, last, _version(out))
+    return out
+
+
+def passes(module: torch.nn.Module, input) -> bool:
+    """Whether ``module``, a later member of a run, passes ``input`` through: it is its run's
+    marked output, unchanged since, with ``module`` among the members applied. The last member
+    applied takes the mark off, so that a second call computes (as a torch module would)."""
+    found = input.__dict__.get(MARK) if isinstance(input, torch.Tensor) else None
+    if found is None:
+        return False
+    run, last, version = found
+    if version != _version(input):
+        return False
+    members = run.members
+    for index in range(1, last + 1):
+        if members[index] is module:
+            if index == last:
+                del input.__dict__[MARK]
+            return True
+    return False
