@@ -64,6 +64,13 @@ def _machinery_frames() -> int:
 _BETWEEN = _machinery_frames()
 
 _as_runs = contextvars.ContextVar("fastml_as_runs", default=0)  # (a context variable: ~0.05 µs to read)
+_hooks_watch_only = contextvars.ContextVar("fastml_hooks_watch_only", default=0)
+
+# torch's hooks on every module's call (torch.nn.modules.module.register_module_forward_hook, ...):
+# dicts torch changes in place, so these references stay current.
+_GLOBAL_HOOKS = tuple(getattr(torch.nn.modules.module, name) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+    if hasattr(torch.nn.modules.module, name))
 
 
 def whole_runs() -> bool:
@@ -83,6 +90,32 @@ def as_runs():
         _as_runs.reset(token)
 
 
+@contextlib.contextmanager
+def hooks_watch_only():
+    """Within: hooks on a run's modules are fastml.tune's, which record the modules' inputs and
+    change nothing, so the runs still compute as one (see ``called_as_run``)."""
+    token = _hooks_watch_only.set(_hooks_watch_only.get() + 1)
+    try:
+        yield
+    finally:
+        _hooks_watch_only.reset(token)
+
+
+def _hooked(members) -> bool:
+    """Whether a forward or backward hook would see a member of the run: on the member, or on
+    every module. It expects the member's own input and output, not the run's."""
+    if _hooks_watch_only.get():
+        return False
+    for hooks in _GLOBAL_HOOKS:
+        if hooks:
+            return True
+    for module in members:
+        if module is not None and (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                                   or module._backward_pre_hooks):
+            return True
+    return False
+
+
 def _caller_self(depth: int):
     """The ``self`` of the code that called the module whose forward is running (None where that
     code has no ``self``). ``depth``: frames from called_as_run's caller to the module's forward
@@ -98,8 +131,9 @@ def _caller_self(depth: int):
 
 def called_as_run(run, depth: int) -> bool:
     """Whether the run's first module, whose forward asks, is called as the model calls the run:
-    from a method of ``run.owner``, its later members still in their slots. ``run``: an object
-    with ``owner`` and ``slots`` ((parent, key, module) for each later member). ``depth``: the
+    from a method of ``run.owner``, its later members still in their slots, no hook on any of
+    them (one registered after patching: patch fuses no run with hooks). ``run``: an object
+    with ``owner``, ``members`` and ``slots`` ((parent, key, module) for each later member). ``depth``: the
     frames from the caller of this function to the module's forward (0 when the forward asks, 1
     when a method that forward called asks)."""
     if whole_runs():
@@ -109,7 +143,7 @@ def called_as_run(run, depth: int) -> bool:
     for parent, key, module in run.slots:  # (a loop: a generator costs ~1 µs to make)
         if parent._modules.get(key) is not module:
             return False
-    return True
+    return not _hooked(run.members)
 
 
 def _version(t: torch.Tensor):

@@ -210,7 +210,8 @@ def _tune_layers(model, example_inputs, parameters, backward: bool) -> tuple[lis
     try:
         # The whole model once: every decision it needs is made here (layers called from
         # forward, functional calls), and each layer's inputs are caught on the way.
-        _forward_and_backward(model, _detached(example_inputs), parameters, backward)
+        with _runs.hooks_watch_only():  # (the capture hooks: the runs still compute as one)
+            _forward_and_backward(model, _detached(example_inputs), parameters, backward)
     finally:
         for handle in handles:
             handle.remove()

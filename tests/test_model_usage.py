@@ -128,6 +128,35 @@ def test_the_whole_patched_sequential_runs_each_run_as_one(mode, monkeypatch):
     assert [type(m).__name__ for m in called] == ["ReLU"]
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("where", [0, 1, 2, 3, 4, 5, 8, "every module"])
+def test_a_hook_registered_after_patching_sees_its_own_module(mode, where):
+    """A forward hook on a member of a run, registered after patching (patch fuses no run with
+    hooks), or on every module: the run computes module by module, so the hook sees its own
+    module's output, as on the torch model."""
+    unpatched, patched = twins(lambda model: getattr(model, mode)())
+    seen = {"torch": [], "fastml": []}
+    handles = []
+    for name, model in (("torch", unpatched), ("fastml", patched)):
+        def hook(module, args, out, owner=model, seen=seen[name]):
+            if any(module is m for m in owner.modules()):  # (a global hook sees both models)
+                seen.append(out.detach().clone())
+        if where == "every module":
+            handles.append(torch.nn.modules.module.register_module_forward_hook(hook))
+        else:
+            handles.append(model[where].register_forward_hook(hook))
+    try:
+        assert_same(unpatched, patched)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(seen["fastml"]) == len(seen["torch"]) > 0
+    for got, expected in zip(seen["fastml"], seen["torch"]):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    with torch.no_grad():  # the hooks removed, the runs compute as one again
+        patched(torch.randn(4, 3, 14, 14, dtype=torch.float64))
+
+
 def prune_layers(model):
     prune.l1_unstructured(model[0], "weight", amount=0.3)
     prune.random_unstructured(model[7], "weight", amount=0.5)
