@@ -67,7 +67,8 @@ void fused_forward(const T* padded, index_t hp, index_t wp, const T* packed, con
                         }
                     }
                     out[at + pc] = best;
-                    argmax[at + pc] = static_cast<std::int8_t>(offset);
+                    // -1: the ReLU passes no gradient (a NaN is not <= 0: it passes, as torch's)
+                    argmax[at + pc] = static_cast<std::int8_t>(best <= 0 ? -1 : offset);
                 }
             }
         }
@@ -128,7 +129,8 @@ void batch_fused_forward(const T* planes, index_t hp, index_t wp, const T* packe
                     }
                     for (index_t l = 0; l < images; ++l) {
                         out[at + l * cs.k * pooled + pc] = best[l];
-                        argmax[at + l * cs.k * pooled + pc] = static_cast<std::int8_t>(offset[l]);
+                        argmax[at + l * cs.k * pooled + pc] =
+                            static_cast<std::int8_t>(best[l] <= 0 ? -1 : offset[l]);  // (as fused_forward's)
                     }
                 }
             }
@@ -136,13 +138,13 @@ void batch_fused_forward(const T* planes, index_t hp, index_t wp, const T* packe
     }
 }
 
-// grad_z (planes, oh, ow) = grad (planes, ph_out, pw_out) at each window's maximum where out > 0,
-// zero elsewhere (overlapping windows add up, in output order).
+// grad_z (planes, oh, ow) = grad (planes, ph_out, pw_out) at each window's maximum where argmax is
+// not -1 (the ReLU passes the gradient), zero elsewhere (overlapping windows add up, in output order).
 template <typename T>
-void relu_max_pool2d_backward(address_t grad_, address_t out_, address_t argmax_, index_t planes, index_t oh,
-                              index_t ow, const std::vector<index_t>& pool, address_t grad_z_, int nthreads) {
+void relu_max_pool2d_backward(address_t grad_, address_t argmax_, index_t planes, index_t oh, index_t ow,
+                              const std::vector<index_t>& pool, address_t grad_z_, int nthreads) {
     const index_t pkw = pool[1], psh = pool[2], psw = pool[3], ph_out = pool[4], pw_out = pool[5];
-    const T *grad = as_ptr<const T>(grad_), *out = as_ptr<const T>(out_);
+    const T* grad = as_ptr<const T>(grad_);
     const auto* argmax = as_ptr<const std::int8_t>(argmax_);
     T* grad_z = as_ptr<T>(grad_z_);
 #pragma omp parallel for schedule(static) num_threads(threads_for(planes * oh * ow, nthreads))
@@ -152,8 +154,8 @@ void relu_max_pool2d_backward(address_t grad_, address_t out_, address_t argmax_
         for (index_t r = 0; r < ph_out; ++r) {
             for (index_t c = 0; c < pw_out; ++c) {
                 const index_t at = (p * ph_out + r) * pw_out + c;
-                if (out[at] <= 0) continue;  // ReLU passes nothing at 0; NaN passes, as torch's
                 const index_t offset = argmax[at];
+                if (offset < 0) continue;  // the ReLU passes nothing
                 plane[(r * psh + offset / pkw) * ow + c * psw + offset % pkw] += grad[at];
             }
         }
@@ -295,7 +297,7 @@ inline void sparse_row_block(index_t rows, index_t channels, const T* x, index_t
 // sparse_weight_gradient_applies and x is finite). Threads take images and keep partial sums,
 // added in a fixed order.
 template <typename T>
-void sparse_weight_gradient(const T* grad, const T* out, const std::int8_t* argmax, const T* x, const ConvShape& cs,
+void sparse_weight_gradient(const T* grad, const std::int8_t* argmax, const T* x, const ConvShape& cs,
                             const std::vector<index_t>& pool, T* grad_w, T* grad_b, int threads) {
     constexpr index_t W = NarrowSimd<T>::kWidth;
     const index_t pkw = pool[1], psh = pool[2], psw = pool[3], ph_out = pool[4], pw_out = pool[5];
@@ -326,7 +328,7 @@ void sparse_weight_gradient(const T* grad, const T* out, const std::int8_t* argm
                 index_t entries = 0;
                 T total = 0;
                 for (index_t q = 0; q < pooled; ++q) {
-                    if (out[base + q] <= 0) continue;  // ReLU passes nothing at 0; NaN passes, as torch's
+                    if (argmax[base + q] < 0) continue;  // the ReLU passes nothing
                     at[entries] = window_at[q] + offset_at[argmax[base + q]];  // the patch's first tap
                     g[entries++] = grad[base + q];
                     total += grad[base + q];
@@ -396,7 +398,7 @@ void conv2d_relu_max_pool2d_forward(address_t x_, address_t w_, address_t b_, co
 // their offset: no (n, k, oh, ow) activation gradient, and one transposition instead of three.
 // Otherwise relu_max_pool2d_backward and conv2d.cpp's gradients, as before.
 template <typename T>
-void conv2d_relu_max_pool2d_backward(address_t grad_, address_t out_, address_t argmax_, address_t x_, address_t w_,
+void conv2d_relu_max_pool2d_backward(address_t grad_, address_t argmax_, address_t x_, address_t w_,
                                      const std::vector<index_t>& dims, const std::vector<index_t>& pool,
                                      address_t grad_x_, address_t grad_w_, address_t grad_b_, int nthreads) {
     const ConvShape cs = conv_shape(dims);
@@ -404,8 +406,8 @@ void conv2d_relu_max_pool2d_backward(address_t grad_, address_t out_, address_t 
         const int threads = threads_for(cs.n * cs.k * pool[4] * pool[5] * cs.c * cs.r * cs.s, nthreads);
         const T* x = as_ptr<const T>(x_);
         if (all_finite(x, cs.n * cs.c * cs.h * cs.w, threads)) {
-            sparse_weight_gradient(as_ptr<const T>(grad_), as_ptr<const T>(out_), as_ptr<const std::int8_t>(argmax_), x,
-                                   cs, pool, as_ptr<T>(grad_w_), as_ptr<T>(grad_b_), threads);
+            sparse_weight_gradient(as_ptr<const T>(grad_), as_ptr<const std::int8_t>(argmax_), x, cs, pool,
+                                   as_ptr<T>(grad_w_), as_ptr<T>(grad_b_), threads);
             grad_w_ = grad_b_ = 0;  // done: what is left is the input gradient, if wanted
             if (!grad_x_) return;
         }
@@ -414,7 +416,7 @@ void conv2d_relu_max_pool2d_backward(address_t grad_, address_t out_, address_t 
     if (!batch_layout_pays<T>(cs.n) || cs.sh != 1 || cs.sw != 1 || top < 0 || left < 0) {
         std::vector<T> grad_z(cs.n * cs.k * cs.oh * cs.ow);
         const address_t z = reinterpret_cast<address_t>(grad_z.data());
-        relu_max_pool2d_backward<T>(grad_, out_, argmax_, cs.n * cs.k, cs.oh, cs.ow, pool, z, nthreads);
+        relu_max_pool2d_backward<T>(grad_, argmax_, cs.n * cs.k, cs.oh, cs.ow, pool, z, nthreads);
         if (grad_x_) conv2d_backward_input<T>(z, w_, dims, grad_x_, nthreads);
         if (grad_w_ || grad_b_) conv2d_backward_weight<T>(z, x_, dims, grad_w_, grad_b_, nthreads);
         return;
@@ -426,7 +428,7 @@ void conv2d_relu_max_pool2d_backward(address_t grad_, address_t out_, address_t 
     const index_t hp = gradient_plane_rows(cs.h + (cs.r - 1) * cs.dh, cs.w + (cs.s - 1) * cs.dw);
     const index_t wp = cs.w + (cs.s - 1) * cs.dw, pitch = hp * wp * L, pooled = ph_out * pw_out;
     const index_t image_blocks = (cs.n + L - 1) / L;
-    const T *grad = as_ptr<const T>(grad_), *out = as_ptr<const T>(out_);
+    const T* grad = as_ptr<const T>(grad_);
     const auto* argmax = as_ptr<const std::int8_t>(argmax_);
     Uninitialized<T> planes(image_blocks * cs.k * pitch);  // each task zeroes its own plane
     std::vector<T> bias_parts(image_blocks * cs.k, T(0));
@@ -439,8 +441,8 @@ void conv2d_relu_max_pool2d_backward(address_t grad_, address_t out_, address_t 
         for (index_t l = 0; l < images; ++l) {
             const index_t at = ((ib * L + l) * cs.k + ko) * pooled;
             for (index_t q = 0; q < pooled; ++q) {
-                if (out[at + q] <= 0) continue;  // ReLU passes nothing at 0; NaN passes, as torch's
                 const index_t offset = argmax[at + q], pr = q / pw_out, pc = q % pw_out;
+                if (offset < 0) continue;  // the ReLU passes nothing
                 const index_t row = top + pr * psh + offset / pkw, col = left + pc * psw + offset % pkw;
                 plane[(row * wp + col) * L + l] += grad[at + q];
                 total += grad[at + q];
@@ -475,7 +477,7 @@ void conv2d_relu_max_pool2d_backward(address_t grad_, address_t out_, address_t 
 #define FASTML_FUSED(T)                                                                                        \
     template void conv2d_relu_max_pool2d_forward<T>(address_t, address_t, address_t, const std::vector<index_t>&, \
                                                     const std::vector<index_t>&, address_t, address_t, int);      \
-    template void conv2d_relu_max_pool2d_backward<T>(address_t, address_t, address_t, address_t, address_t,      \
+    template void conv2d_relu_max_pool2d_backward<T>(address_t, address_t, address_t, address_t,                 \
                                                      const std::vector<index_t>&, const std::vector<index_t>&,    \
                                                      address_t, address_t, address_t, int);
 FASTML_FUSED(float)

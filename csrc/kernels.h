@@ -101,12 +101,13 @@ void conv2d_backward_weight(address_t grad, address_t x, const std::vector<index
                             address_t grad_b, int nthreads);
 
 // conv2d_relu_max_pool2d.cpp: dims as conv2d's; pool = (kernel h, kernel w, stride h, stride w,
-// pooled h, pooled w); out (n, k, pooled h, pooled w), argmax the same, int8 window offsets.
+// pooled h, pooled w); out (n, k, pooled h, pooled w), argmax the same, int8 window offsets (-1
+// where the ReLU passes no gradient: all the backward reads besides grad, x and w).
 template <typename T>
 void conv2d_relu_max_pool2d_forward(address_t x, address_t w, address_t b, const std::vector<index_t>& dims,
                                     const std::vector<index_t>& pool, address_t out, address_t argmax, int nthreads);
 template <typename T>
-void conv2d_relu_max_pool2d_backward(address_t grad, address_t out, address_t argmax, address_t x, address_t w,
+void conv2d_relu_max_pool2d_backward(address_t grad, address_t argmax, address_t x, address_t w,
                                      const std::vector<index_t>& dims, const std::vector<index_t>& pool,
                                      address_t grad_x, address_t grad_w, address_t grad_b, int nthreads);
 

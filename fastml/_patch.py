@@ -470,10 +470,6 @@ def _fuse_runs(parent, name, report) -> list[torch.nn.Module]:
         names = tuple(_join(name, k) for k in keys)
         run_type = _run_type(conv, relu, pool)
         obstacles = _fusion_obstacles(conv, relu, pool)
-        follower = items[i + 3][1] if i + 3 < len(items) else None
-        if getattr(follower, "inplace", False) is True:  # ReLU, Dropout, ... (inplace=True)
-            obstacles.append(f"the {type(follower).__name__}(inplace=True) after the pool (it would change the "
-                             "output the fused block's backward reads)")
         if obstacles:
             report.left.append(Left(", ".join(names), run_type, "not fused: " + "; ".join(obstacles)))
             i += 1

@@ -110,6 +110,27 @@ def test_ties_nan_and_relu_zero_route_as_torch(backend, rng, batch):
         torch.testing.assert_close(a.cpu(), e, rtol=0, atol=1e-12, equal_nan=True)
 
 
+@pytest.mark.parametrize("change", ["relu_", "mul_", "masked_fill_"])
+def test_the_output_may_be_changed_in_place_before_backward(backend, rng, change):
+    """The block keeps its window offsets for backward (-1 where the ReLU passes nothing), not its
+    output: an in-place op after it (a ReLU(inplace=True), a scaling, an in-place dropout) leaves
+    its gradients those of torch's three ops, whose backward does not read the pooled output."""
+    config = ((3, 2, 9, 8), (4, 2, 3, 3), True, 1, 1, 1, 1, 2, None)
+    inputs = [torch.randn(shape, generator=rng, dtype=torch.float64) for shape in (config[0], config[1], (4,))]
+    keep = torch.rand((3, 4, 4, 4), generator=rng) < 0.5
+    arguments = {"relu_": (), "mul_": (-2.0,), "masked_fill_": (keep.to(backend.device), 0.0)}[change]
+    leaves = [t.clone().to(backend.device).requires_grad_() for t in inputs]
+    out = _fused(*leaves, config)
+    getattr(out, change)(*arguments)
+    cpu = [t.clone().requires_grad_() for t in inputs]
+    expected = _composite(*cpu, config)
+    getattr(expected, change)(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in arguments))
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(out.shape, generator=rng, dtype=torch.float64)
+    for a, e in zip(torch.autograd.grad(out, leaves, grad.to(backend.device)), torch.autograd.grad(expected, cpu, grad)):
+        torch.testing.assert_close(a.cpu(), e, rtol=1e-10, atol=1e-10)
+
+
 def test_a_nan_activation_passes_its_gradient_as_torchs_relu(backend):
     """torch's ReLU backward zeroes the gradient where its output is <= 0, so a NaN's passes: to
     the input under it, the bias, and (times the NaN) the weight."""

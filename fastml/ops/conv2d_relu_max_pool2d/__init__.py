@@ -1,9 +1,9 @@
 """Conv + bias + ReLU + max-pool in one kernel: autograd.Function and per-backend dispatch.
 
 Backend modules provide ``forward(x, weight, bias, stride, padding, dilation, groups,
-pool_kernel, pool_stride)`` → (out, argmax) and ``backward(grad, out, argmax, x, weight, ...,
-needs)``, as documented in reference.py. Backward keeps the pooled output and int8 window
-offsets, never the pre-pool activation.
+pool_kernel, pool_stride)`` → (out, argmax) and ``backward(grad, argmax, x, weight, ...,
+needs)``, as documented in reference.py. Backward keeps the int8 window offsets (-1 where the
+ReLU blocks), never the pre-pool activation nor the output, which the caller may change in place.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride, backend):
         out, argmax = impl(backend).forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel,
                                             pool_stride)
-        ctx.save_for_backward(out, argmax, x, weight)
+        ctx.save_for_backward(argmax, x, weight)
         ctx.args = (stride, padding, dilation, groups, pool_kernel, pool_stride)
         keep_dispatch(ctx, backend)
         ctx.backward_key = backward_key(out, x, weight, ctx.args, tuple(ctx.needs_input_grad[:3]))
@@ -38,11 +38,11 @@ class Conv2dReLUMaxPool2dFunction(torch.autograd.Function):
         # The backward may run on another backend than the forward did (each is chosen on its
         # own), and the kernels take raw pointers to contiguous tensors: torch's forward (the
         # reference) returns a channels-last out and argmax where the weight is channels-last.
-        out, argmax, x, weight = (t.contiguous() for t in ctx.saved_tensors)
+        argmax, x, weight = (t.contiguous() for t in ctx.saved_tensors)
         grad, needs = grad.contiguous(), tuple(ctx.needs_input_grad[:3])
 
         def run(name):
-            return impl(name).backward(grad, out, argmax, x, weight, *ctx.args, needs)
+            return impl(name).backward(grad, argmax, x, weight, *ctx.args, needs)
 
         return (*run(backward_backend(ctx, grad, IMPLEMENTED, run)), *([None] * 7))
 

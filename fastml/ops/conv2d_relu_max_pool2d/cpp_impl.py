@@ -23,13 +23,13 @@ def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, poo
     return out, argmax
 
 
-def backward(grad, out, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
+def backward(grad, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
     dims = conv.dims(x, weight, stride, padding, dilation, groups)
     need_x, need_w, need_b = needs
     grad_x = x.new_empty(x.shape) if need_x else None
     grad_w = weight.new_empty(weight.shape) if need_w else None
     grad_b = weight.new_empty(weight.shape[0]) if need_b else None
     kernel("conv2d_relu_max_pool2d_backward", grad.dtype)(
-        grad.data_ptr(), out.data_ptr(), argmax.data_ptr(), x.data_ptr(), weight.data_ptr(), dims,
+        grad.data_ptr(), argmax.data_ptr(), x.data_ptr(), weight.data_ptr(), dims,
         _pool_dims(dims, pool_kernel, pool_stride), ptr(grad_x), ptr(grad_w), ptr(grad_b), threads())
     return grad_x, grad_w, grad_b

@@ -1,6 +1,6 @@
 """fastml::conv2d_relu_max_pool2d and its backward: the fused conv + bias + ReLU + max-pool as
 torch.library custom ops, with fakes and autograd, for torch.compile / torch.export (see
-fastml/_library.py). As in eager, backward keeps the pooled output and int8 window offsets."""
+fastml/_library.py). As in eager, backward keeps the int8 window offsets alone."""
 
 from typing import Optional, Sequence
 
@@ -32,14 +32,14 @@ def _(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stri
 
 
 @torch.library.custom_op("fastml::conv2d_relu_max_pool2d_backward", mutates_args=())
-def conv2d_relu_max_pool2d_backward(grad: Tensor, out: Tensor, argmax: Tensor, x: Tensor, weight: Tensor,
+def conv2d_relu_max_pool2d_backward(grad: Tensor, argmax: Tensor, x: Tensor, weight: Tensor,
                                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                                     groups: int, pool_kernel: Sequence[int], pool_stride: Sequence[int],
                                     needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """grad (N, K, PH, PW) → (grad_x, grad_weight, grad_bias) for needs = which of them to form;
     an empty (0,) tensor for each one not asked for."""
     def run(name):
-        return impl(name).backward(grad.contiguous(), out.contiguous(), argmax.contiguous(), x.contiguous(),
+        return impl(name).backward(grad.contiguous(), argmax.contiguous(), x.contiguous(),
                                    weight.contiguous(), tuple(stride), tuple(padding), tuple(dilation), groups,
                                    tuple(pool_kernel), tuple(pool_stride), tuple(needs))
 
@@ -49,22 +49,22 @@ def conv2d_relu_max_pool2d_backward(grad: Tensor, out: Tensor, argmax: Tensor, x
 
 
 @conv2d_relu_max_pool2d_backward.register_fake
-def _(grad, out, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
+def _(grad, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
     return gradient_fakes(grad, x, weight, needs)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, *ctx.args = inputs
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(*output, x, weight)
+    ctx.save_for_backward(output[1], x, weight)
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad, _):
-    out, argmax, x, weight = ctx.saved_tensors
+    argmax, x, weight = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     needs = [need_x, need_w, need_b and ctx.has_bias]
-    grads = asked(torch.ops.fastml.conv2d_relu_max_pool2d_backward(grad, out, argmax, x, weight, *ctx.args, needs),
+    grads = asked(torch.ops.fastml.conv2d_relu_max_pool2d_backward(grad, argmax, x, weight, *ctx.args, needs),
                   needs)
     return (*grads, *([None] * 6))
 

@@ -8,7 +8,7 @@ activation (N, K, OH, OW) is never stored; rows shared by overlapping windows (p
 pool_kernel[0]) are recomputed.
 
 Backward: one (n, k) plane per task rebuilds the gradient of the pre-ReLU activation from (grad,
-out, argmax), each plane's windows added in row-major order (overlapping windows sum in a fixed
+argmax), each plane's windows added in row-major order (overlapping windows sum in a fixed
 order), then conv2d's numba backward does the rest.
 """
 
@@ -30,7 +30,8 @@ from fastml.ops.conv2d_relu_max_pool2d.reference import empty_outputs
 @pjit
 def _forward_kernel(x, w, bias, has_bias, out, argmax, groups, sh, sw, ph, pw, dh, dw, pkh, pkw, psh, psw, chunks):
     """out (N, K, PH, PW) = max_pool(relu(conv(x (N, C, H, W), w (K, C / groups, R, S)) + bias (K,)));
-    argmax (N, K, PH, PW) int8: i·pkw + j of each window's maximum. The N·K planes are split into
+    argmax (N, K, PH, PW) int8: i·pkw + j of each window's maximum, -1 where the ReLU passes no
+    gradient (the maximum <= 0; a NaN passes). The N·K planes are split into
     ``chunks`` contiguous ranges, one per thread."""
     k_out, ph_count, pw_count = out.shape[1], out.shape[2], out.shape[3]
     cg, kg = w.shape[1], k_out // groups
@@ -65,21 +66,21 @@ def _forward_kernel(x, w, bias, has_bias, out, argmax, groups, sh, sw, ph, pw, d
                             if v > best or math.isnan(v):  # every NaN replaces, as in torch's max_pool2d
                                 best, at = v, i * pkw + j
                     out[n, k, pi, pj] = best
-                    argmax[n, k, pi, pj] = at
+                    argmax[n, k, pi, pj] = -1 if best <= 0 else at
 
 
 @pjit
-def _activation_grad_kernel(grad, out, argmax, grad_z, pkw, psh, psw):
-    """grad_z (N, K, OH, OW) zeroed += grad (N, K, PH, PW) at each window's argmax except where
-    out <= 0 (ReLU passes nothing at 0, and passes a NaN's, as torch's)."""
+def _activation_grad_kernel(grad, argmax, grad_z, pkw, psh, psw):
+    """grad_z (N, K, OH, OW) zeroed += grad (N, K, PH, PW) at each window's argmax, except where
+    it is -1 (the ReLU passes nothing)."""
     k_out, ph_count, pw_count = grad.shape[1], grad.shape[2], grad.shape[3]
     for p in numba.prange(grad.shape[0] * k_out):
         t = np.int64(p)
         n, k = t // k_out, t % k_out
-        g, o, a, gz = grad[n, k], out[n, k], argmax[n, k], grad_z[n, k]
+        g, a, gz = grad[n, k], argmax[n, k], grad_z[n, k]
         for pi in range(ph_count):
             for pj in range(pw_count):
-                if not o[pi, pj] <= 0:
+                if a[pi, pj] >= 0:
                     at = np.int64(a[pi, pj])
                     gz[pi * psh + at // pkw, pj * psw + at % pkw] += g[pi, pj]
 
@@ -96,12 +97,11 @@ def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, poo
     return out, argmax
 
 
-def backward(grad, out, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
+def backward(grad, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
     conv_size = tuple(output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d], dilation[d])
                       for d in range(2))
     grad_z = grad.new_zeros((grad.shape[0], grad.shape[1], *conv_size))
     if grad.numel() > 0:
         nb.threads_for(grad.numel())
-        _activation_grad_kernel(nb.view(grad), nb.view(out), nb.view(argmax), grad_z.numpy(), pool_kernel[1],
-                                *pool_stride)
+        _activation_grad_kernel(nb.view(grad), nb.view(argmax), grad_z.numpy(), pool_kernel[1], *pool_stride)
     return conv_numba.backward(grad_z, x, weight, stride, padding, dilation, groups, needs)

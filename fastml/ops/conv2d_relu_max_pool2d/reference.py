@@ -9,13 +9,15 @@ Every backend module provides the two functions below with these signatures and 
     pool_stride), PH = (OH − pool_kernel[0]) // pool_stride[0] + 1 (PW alike), the window scanned
     row by row, a value replacing the maximum when greater or NaN (torch's rule, ties to the
     first). argmax (N, K, PH, PW) int8: the offset i·pool_kernel[1] + j of the maximum within its
-    window, all the backward needs (with out): the pre-pool activation is never stored.
-``backward(grad, out, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs)
+    window, or -1 where the ReLU passes no gradient (out <= 0: every z of the window <= 0; a NaN
+    passes it, as torch's threshold_backward): all the backward needs. Neither the pre-pool
+    activation nor the output is kept for it, so the caller may change the output in place
+    (a ReLU(inplace=True) after the block), as after torch's three ops.
+``backward(grad, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs)
         -> (grad_x, grad_weight, grad_bias)``
-    grad (N, K, PH, PW) contiguous; the gradient of z is grad at each window's argmax except where
-    out <= 0 (ReLU passes no gradient at 0, and passes it at NaN, as torch's threshold_backward),
-    zero elsewhere; then the
-    convolution's backward (fastml.ops.conv2d.reference.backward, same `needs`).
+    grad (N, K, PH, PW) contiguous; the gradient of z is grad at each window's argmax where it is
+    not -1, zero elsewhere; then the convolution's backward (fastml.ops.conv2d.reference.backward,
+    same `needs`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def empty_outputs(x, weight, stride, padding, dilation, pool_kernel, pool_stride
 def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
     z = torch.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
     out, indices = F.max_pool2d(z, pool_kernel, pool_stride, return_indices=True)
-    return out, window_offsets(indices, z.shape[-1], out.shape[-2:], pool_kernel, pool_stride)
+    offsets = window_offsets(indices, z.shape[-1], out.shape[-2:], pool_kernel, pool_stride)
+    return out, offsets.masked_fill_(out <= 0, -1)  # (a NaN is not <= 0: it passes)
 
 
 def window_offsets(indices, width, pooled, pool_kernel, pool_stride):
@@ -54,21 +57,21 @@ def window_offsets(indices, width, pooled, pool_kernel, pool_stride):
     return (i * pool_kernel[1] + j).to(torch.int8)
 
 
-def activation_grad(grad, out, argmax, conv_size, pool_kernel, pool_stride):
+def activation_grad(grad, argmax, conv_size, pool_kernel, pool_stride):
     """The gradient of the pre-ReLU activation z (N, K, OH, OW): grad at each window's maximum
-    except where out <= 0 (a NaN passes it, as torch's ReLU), zero elsewhere."""
+    where the ReLU passes it (argmax not -1), zero elsewhere."""
     n, k, ph, pw = grad.shape
-    offsets = argmax.long()
+    offsets = argmax.long().clamp_(min=0)
     rows = torch.arange(ph, device=grad.device)[:, None] * pool_stride[0] + offsets // pool_kernel[1]
     cols = torch.arange(pw, device=grad.device)[None, :] * pool_stride[1] + offsets % pool_kernel[1]
     flat = (rows * conv_size[1] + cols).reshape(n, k, ph * pw)
     grad_z = grad.new_zeros((n, k, conv_size[0] * conv_size[1]))
-    grad_z.scatter_add_(2, flat, torch.where(out <= 0, torch.zeros_like(grad), grad).reshape(n, k, ph * pw))
+    grad_z.scatter_add_(2, flat, torch.where(argmax < 0, torch.zeros_like(grad), grad).reshape(n, k, ph * pw))
     return grad_z.reshape(n, k, *conv_size)
 
 
-def backward(grad, out, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
+def backward(grad, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
     conv_size = tuple(conv_reference.output_size(x.shape[2 + d], weight.shape[2 + d], stride[d], padding[d],
                                                  dilation[d]) for d in range(2))
-    grad_z = activation_grad(grad, out, argmax, conv_size, pool_kernel, pool_stride)
+    grad_z = activation_grad(grad, argmax, conv_size, pool_kernel, pool_stride)
     return conv_reference.backward(grad_z, x, weight, stride, padding, dilation, groups, needs)

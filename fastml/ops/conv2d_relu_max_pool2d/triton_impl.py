@@ -8,12 +8,13 @@ computes the convolution at (pi·PSH + i, pj·PSW + j) for the whole tile as an 
 rounds to the output dtype (the reference's z is in x's dtype, so its ties and maxima are those
 of the rounded values), applies ReLU (z <= 0 → 0: NaN passes, -0 becomes 0) and keeps the running
 maximum and its offset i·PKW + j with torch's rule: a value replaces the maximum when greater or
-NaN, ties to the first. The pre-pool activation (N, K, OH, OW) never goes to memory; windows that
+NaN, ties to the first; the offset is stored as -1 where the maximum is <= 0 (the ReLU passes no
+gradient there; a NaN passes it, as torch's). The pre-pool activation (N, K, OH, OW) never goes to memory; windows that
 overlap (PSH < PKH or PSW < PKW) recompute the convolution values they share.
 
 backward: _pool_grad_scatter_kernel rebuilds the gradient of z in a zeroed (N, K, OH, OW) buffer,
-one program per BLOCK pooled outputs: grad at each window's argmax where out > 0 or NaN (ReLU
-passes nothing at 0, and a NaN's gradient, as torch's). Disjoint windows write each element at most once (plain stores, in grad's
+one program per BLOCK pooled outputs: grad at each window's argmax where it is not -1.
+Disjoint windows write each element at most once (plain stores, in grad's
 dtype); overlapping ones add with atomics into an accumulation-dtype buffer (float32 for half
 types), cast once after. conv2d's Triton backward does the rest.
 """
@@ -42,7 +43,7 @@ def _conv2d_relu_max_pool2d_forward_kernel(
     w_ptr,       # (K, C / groups, KH, KW) filters, contiguous, x's dtype
     bias_ptr,    # (K,) bias, x's dtype (read when HAS_BIAS)
     out_ptr,     # (N, K, POH, POW) pooled maxima, x's dtype
-    argmax_ptr,  # (N, K, POH, POW) int8: offset i·PKW + j of each maximum within its window
+    argmax_ptr,  # (N, K, POH, POW) int8: offset i·PKW + j of each maximum within its window, or -1
     M, C, H, W, K, POH, POW,  # M = N·POH·POW pooled positions
     KH, KW, SH, SW, PH, PW, DH, DW,  # convolution: filter size, stride, padding, dilation
     PKH, PKW, PSH, PSW,  # pool window and stride (rows, columns)
@@ -83,14 +84,13 @@ def _conv2d_relu_max_pool2d_forward_kernel(
     at = (n * K * pooled + q)[:, None] + (k.to(tl.int64) * pooled)[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     tl.store(out_ptr + at, best.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(argmax_ptr + at, index.to(tl.int8), mask=mask)
+    tl.store(argmax_ptr + at, tl.where(best <= 0, -1, index).to(tl.int8), mask=mask)  # (NaN passes)
 
 
 @triton.jit
 def _pool_grad_scatter_kernel(
     grad_ptr,        # (N·K, POH, POW) gradient of the pooled output, contiguous
-    out_ptr,         # (N·K, POH, POW) pooled output (the gradient passes where it is > 0 or NaN)
-    argmax_ptr,      # (N·K, POH, POW) int8: offset i·PKW + j of each maximum within its window
+    argmax_ptr,      # (N·K, POH, POW) int8: offset i·PKW + j of each maximum, -1 where the ReLU blocks
     grad_input_ptr,  # (N·K, OH, OW) zeroed gradient of the pre-ReLU activation z
     n_outputs,       # N·K·POH·POW
     POH, POW, OH, OW, PKW, PSH, PSW,
@@ -102,10 +102,8 @@ def _pool_grad_scatter_kernel(
     pooled = POH * POW
     plane = e // pooled
     q = (e - plane * pooled).to(tl.int32)
-    offset = tl.load(argmax_ptr + e, mask=ok, other=0).to(tl.int32)
-    pooled_out = tl.load(out_ptr + e, mask=ok, other=0)
-    # NaN passes, as through torch's ReLU
-    passes = ok & ((pooled_out > 0) | (pooled_out != pooled_out))  # noqa: PLR0124
+    offset = tl.load(argmax_ptr + e, mask=ok, other=-1).to(tl.int32)
+    passes = ok & (offset >= 0)
     grad = tl.load(grad_ptr + e, mask=passes, other=0).to(grad_input_ptr.dtype.element_ty)
     oh = (q // POW) * PSH + offset // PKW
     ow = (q % POW) * PSW + offset % PKW
@@ -135,7 +133,7 @@ def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, poo
     return out, argmax
 
 
-def backward(grad, out, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
+def backward(grad, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
     n, k, poh, pow_ = grad.shape
     oh = output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
     ow = output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
@@ -143,9 +141,9 @@ def backward(grad, out, argmax, x, weight, stride, padding, dilation, groups, po
     buffer_dtype = tt.torch_acc_dtype(grad.dtype) if overlap else grad.dtype
     grad_z = torch.zeros((n, k, oh, ow), dtype=buffer_dtype, device=grad.device)
     if grad.numel():
-        grad, out, argmax = grad.contiguous(), out.contiguous(), argmax.contiguous()
+        grad, argmax = grad.contiguous(), argmax.contiguous()
         block = INTERPRETER_SCATTER_BLOCK if tt.interpreted() else SCATTER_BLOCK
         _pool_grad_scatter_kernel[(tt.cdiv(grad.numel(), block),)](
-            grad, out, argmax, grad_z, grad.numel(), poh, pow_, oh, ow, pool_kernel[1], *pool_stride,
+            grad, argmax, grad_z, grad.numel(), poh, pow_, oh, ow, pool_kernel[1], *pool_stride,
             ATOMIC=overlap, BLOCK=block, num_warps=NUM_WARPS)
     return conv_triton.backward(grad_z.to(grad.dtype), x, weight, stride, padding, dilation, groups, needs)
