@@ -662,8 +662,10 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         if running_mean is not None:
             count = x.numel() // x.shape[1]
             with torch.no_grad():  # torch's update: (1 − momentum) · running + momentum · batch
-                running_mean.lerp_(stats[0], momentum)
-                running_var.lerp_(stats[1] * (count / (count - 1)), momentum)
+                # (in that form, not lerp_'s: at momentum >= 0.5 lerp_ computes batch − (batch −
+                # running)·(1 − momentum), NaN for an infinite statistic where torch's is ±inf)
+                running_mean.mul_(1 - momentum).add_(stats[0], alpha=momentum)
+                running_var.mul_(1 - momentum).add_(stats[1] * (count / (count - 1)), alpha=momentum)
         return out
 
     if not routed:
