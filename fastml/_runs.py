@@ -4,17 +4,19 @@
 Linear → ReLU, ...) without changing the model's tree: the run's first module computes the whole
 run and the later ones pass its output through. That is right only where the run is called as
 the model calls it. The same modules are also called on their own: a slice of a patched
-``nn.Sequential`` (``features[:k]``, as perceptual losses tap VGG), a loop over its members (the
-course's style transfer), ``torch.utils.checkpoint.checkpoint_sequential``'s segments, a
-GraphModule that torch.fx made of the model. There each module must compute itself, as torch's.
+``nn.Sequential`` (``features[:k]``, as perceptual losses tap VGG), a loop over its members (as
+style transfer taps VGG), ``torch.utils.checkpoint.checkpoint_sequential``'s segments, a
+GraphModule that torch.fx made of the model, another method of the owner that keeps each
+member's output. There each module must compute itself, as torch's.
 
 So a run knows its ``owner``, the module whose ``forward`` (an ``nn.Sequential``, or the block
 whose ``forward`` a torch.fx trace showed calling the run) calls its members in order, and where
-its later members sit (``slots``). The first module computes the whole run only when called from
-a method of the owner with the later members still in their slots (``called_as_run``), and then
-marks its output (``mark``) with the run and how far it got. A later member passes its input
-through only when the input carries that mark, unchanged since (``passes``); otherwise it computes
-itself. The caller is read from the Python stack: ~1-2 µs a call, once per run.
+its later members sit (``slots``). The first module computes the whole run only when the owner's
+forward calls it (itself, or through a helper it calls), the later members still in their slots
+and no hook on any (``called_as_run``), and then marks its output (``mark``) with the members it
+applied. A later member passes its input through only when the input carries that mark,
+unchanged since (``passes``); otherwise it computes itself. The caller is read from the Python
+stack: ~1-2 µs a call, once per run.
 
 Two places keep the earlier rule (the first module always computes the whole run, the later
 ones always pass through): a graph being traced by torch.compile, which has no stack to read
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import sys
 
 import torch
@@ -36,8 +39,9 @@ FUSED_RUN = "_fastml_fused_run"
 """On a fastml.nn.ConvReLUPool2d that fastml.patch built from a run: the run (fastml/_patch.py)."""
 
 MARK = "_fastml_run_output"
-"""On a tensor a run's first module returned: (the run, the index of the last member it
-covered, the tensor's version then, or None for an inference tensor, which has none)."""
+"""On a tensor a run's first module returned: (the ids of the later members it applied, in
+order; the tensor's version then, or None for an inference tensor, which has none). Ids, not the
+modules: a tensor kept (or saved) must not keep the model alive with it."""
 
 # The frames between a module's forward and the code that called the module.
 _CALL_MACHINERY = frozenset(getattr(torch.nn.Module, name).__code__
@@ -116,29 +120,54 @@ def _hooked(members) -> bool:
     return False
 
 
-def _caller_self(depth: int):
-    """The ``self`` of the code that called the module whose forward is running (None where that
-    code has no ``self``). ``depth``: frames from called_as_run's caller to the module's forward
-    (see there). The frame is read by number, not walked to: each frame walked past costs Python
-    an object (~1 µs a check, walked). Where torch's call takes another path (torch.jit.trace's
-    adds a frame), the frame read is a call's own, whose ``self`` is the module: it computes itself."""
+_REACH = 6
+"""Frames above a module's call in which its run's owner's forward may be found: the owner's
+forward calls the module itself, or through a helper (a method, a nested function, a lambda given
+to functools.reduce), or a wrapper of the module's forward (accelerate's hooks) stands between."""
+
+_forward_codes: dict[type, object] = {}
+
+
+def _forward_code(cls: type):
+    """The code object of ``cls.forward``, unwrapped from decorators (``@torch.no_grad()``):
+    the frame a call of the owner's forward runs."""
+    code = _forward_codes.get(cls)
+    if code is None:
+        code = _forward_codes[cls] = inspect.unwrap(cls.forward).__code__
+    return code
+
+
+def _called_from_forward(owner, depth: int) -> bool:
+    """Whether ``owner``'s forward made the module call whose forward is running, reading the
+    frames above the call. ``depth``: frames from called_as_run's caller to the module's forward
+    (see there). The first frame is read by number: where the owner's forward calls the module
+    itself (an nn.Sequential's does), it is that forward's, and no frame is walked past (each
+    costs Python an object, ~0.2 µs)."""
+    code = _forward_code(type(owner))
     try:
-        frame = sys._getframe(depth + _BETWEEN + 3)  # (+ this function, called_as_run, the forward)
+        frame = sys._getframe(depth + _BETWEEN + 3)  # (+ _called_from_forward, called_as_run, the forward)
     except ValueError:
-        return None
-    return frame.f_locals.get("self")
+        return False
+    for _ in range(_REACH):
+        if frame is None:
+            return False
+        if frame.f_code is code and frame.f_locals.get("self") is owner:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def called_as_run(run, depth: int) -> bool:
     """Whether the run's first module, whose forward asks, is called as the model calls the run:
-    from a method of ``run.owner``, its later members still in their slots, no hook on any of
-    them (one registered after patching: patch fuses no run with hooks). ``run``: an object
-    with ``owner``, ``members`` and ``slots`` ((parent, key, module) for each later member). ``depth``: the
-    frames from the caller of this function to the module's forward (0 when the forward asks, 1
-    when a method that forward called asks)."""
+    from ``run.owner``'s forward (a method of its that forward calls included, not one called
+    from elsewhere), its later members still in their slots, no hook on any of them (one
+    registered after patching: patch fuses no run with hooks). ``run``: an object with
+    ``owner``, ``members`` and ``slots`` ((parent, key, module) for each later member).
+    ``depth``: the frames from the caller of this function to the module's forward (0 when the
+    forward asks, 1 when a method that forward called asks)."""
     if whole_runs():
         return True
-    if _caller_self(depth) is not run.owner:
+    if not _called_from_forward(run.owner, depth):
         return False
     for parent, key, module in run.slots:  # (a loop: a generator costs ~1 µs to make)
         if parent._modules.get(key) is not module:
@@ -159,7 +188,7 @@ def mark(out: torch.Tensor, run, last: int) -> torch.Tensor:
     """``out``, marked as ``run``'s output with its members up to ``last`` (an index into
     ``run.members``) applied: those members then pass it through."""
     if isinstance(out, torch.Tensor) and not whole_runs():
-        out.__dict__[MARK] = (run, last, _version(out))
+        out.__dict__[MARK] = (tuple(map(id, run.members[1:last + 1])), _version(out))
     return out
 
 
@@ -170,13 +199,10 @@ def passes(module: torch.nn.Module, input) -> bool:
     found = input.__dict__.get(MARK) if isinstance(input, torch.Tensor) else None
     if found is None:
         return False
-    run, last, version = found
-    if version != _version(input):
+    applied, version = found
+    key = id(module)
+    if key not in applied or version != _version(input):
         return False
-    members = run.members
-    for index in range(1, last + 1):
-        if members[index] is module:
-            if index == last:
-                del input.__dict__[MARK]
-            return True
-    return False
+    if key == applied[-1]:
+        del input.__dict__[MARK]
+    return True

@@ -107,6 +107,31 @@ def test_parts_of_a_patched_sequential(mode, run):
     assert_same(unpatched, patched)
 
 
+class Tapped(nn.Sequential):
+    """An nn.Sequential (its forward kept, so patch fuses its runs) with a method of its own
+    that keeps every member's output, as feature extractors do."""
+
+    def taps(self, x):
+        outputs = []
+        for module in self:
+            x = module(x)
+            outputs.append(x.flatten())
+        return torch.cat(outputs)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_another_method_of_the_sequential_computes_each_module(mode):
+    """Only the Sequential's forward calls a run as one: its own tap method, looping over the
+    same members, gets each module's output, as torch's."""
+    torch.manual_seed(0)
+    unpatched = Tapped(*course_cnn())
+    getattr(unpatched, mode)()
+    patched = copy.deepcopy(unpatched)
+    assert len(fastml.patch(patched).fused) == 3
+    assert_same(unpatched, patched, lambda model, x: model.taps(x))
+    assert_same(unpatched, patched)
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_the_whole_patched_sequential_runs_each_run_as_one(mode, monkeypatch):
     """The other side of the test above: called as a whole, the model runs no ReLU or pool of
