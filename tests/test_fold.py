@@ -77,6 +77,18 @@ def test_folded_equals_unfolded_in_eval_and_training(backend, rng, options):
     assert _fold.fold_of(model[0]).active() is False  # left in training mode
 
 
+def batch_norms_computing(model, x, monkeypatch) -> list:
+    """The batch norms that compute in a call of ``model`` on ``x`` without gradients (every
+    batch-norm forward, torch's or fastml's, checks its input's rank first): in eval mode, those
+    not folded."""
+    called = []
+    check = torch.nn.BatchNorm2d._check_input_dim
+    monkeypatch.setattr(torch.nn.BatchNorm2d, "_check_input_dim", lambda self, x: called.append(self) or check(self, x))
+    with torch.no_grad():
+        model(x)
+    return called
+
+
 def test_eval_runs_one_convolution_per_run(rng, monkeypatch):
     """While the fold applies, the batch norm does no work: it passes the convolution's output on.
     (Every batch-norm forward, torch's or fastml's, checks its input's rank first.)"""
@@ -240,12 +252,7 @@ def test_a_run_called_from_forward_is_one_run_only_there(rng, monkeypatch):
         assert_same_model(reference, graph, x)
         assert_same_model(reference, model, x)
     model.eval()
-    called = []
-    check = torch.nn.BatchNorm2d._check_input_dim
-    monkeypatch.setattr(torch.nn.BatchNorm2d, "_check_input_dim", lambda self, x: called.append(self) or check(self, x))
-    with torch.no_grad():
-        model(x)
-    assert called == []
+    assert batch_norms_computing(model, x, monkeypatch) == []
 
 
 def test_a_shared_relu_called_twice_on_a_runs_output_gives_a_new_tensor(rng):
@@ -377,12 +384,7 @@ def test_a_run_called_through_helpers_of_the_forward_folds(build, rng, monkeypat
         getattr(reference, mode)()
         getattr(model, mode)()
         assert_same_model(reference, model, x)
-    called = []
-    check = torch.nn.BatchNorm2d._check_input_dim
-    monkeypatch.setattr(torch.nn.BatchNorm2d, "_check_input_dim", lambda self, x: called.append(self) or check(self, x))
-    with torch.no_grad():
-        model(x)
-    assert called == []
+    assert batch_norms_computing(model, x, monkeypatch) == []
 
 
 def test_fx_folds_runs_called_from_forward(backend, rng):

@@ -112,11 +112,7 @@ class Tapped(nn.Sequential):
     that keeps every member's output, as feature extractors do."""
 
     def taps(self, x):
-        outputs = []
-        for module in self:
-            x = module(x)
-            outputs.append(x.flatten())
-        return torch.cat(outputs)
+        return members_one_by_one(self, x)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
