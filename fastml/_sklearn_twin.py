@@ -3,8 +3,8 @@
 fastml's estimators raise their own NotFittedError and InvalidParameterError and warn their own
 DataConversionWarning and UndefinedMetricWarning (scikit-learn is optional). scikit-learn's tools
 and check_estimator catch and filter by their own classes, so what fastml raises is, where
-scikit-learn is installed, an instance of a subclass of both: ``twin(NotFittedError)(message)``. scikit-learn is imported on that path only: it takes
-about a second to import.
+scikit-learn is installed, an instance of a subclass of both: ``twin(NotFittedError)(message)``.
+scikit-learn is imported on that path only: it takes about a second to import.
 """
 
 from __future__ import annotations

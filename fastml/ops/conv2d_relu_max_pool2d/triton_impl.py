@@ -9,14 +9,15 @@ rounds to the output dtype (the reference's z is in x's dtype, so its ties and m
 of the rounded values), applies ReLU (z <= 0 → 0: NaN passes, -0 becomes 0) and keeps the running
 maximum and its offset i·PKW + j with torch's rule: a value replaces the maximum when greater or
 NaN, ties to the first; the offset is stored as -1 where the maximum is <= 0 (the ReLU passes no
-gradient there; a NaN passes it, as torch's). The pre-pool activation (N, K, OH, OW) never goes to memory; windows that
-overlap (PSH < PKH or PSW < PKW) recompute the convolution values they share.
+gradient there; a NaN passes it, as torch's). The pre-pool activation (N, K, OH, OW) never goes
+to memory; windows that overlap (PSH < PKH or PSW < PKW) recompute the convolution values they
+share.
 
 backward: _pool_grad_scatter_kernel rebuilds the gradient of z in a zeroed (N, K, OH, OW) buffer,
-one program per BLOCK pooled outputs: grad at each window's argmax where it is not -1.
-Disjoint windows write each element at most once (plain stores, in grad's
-dtype); overlapping ones add with atomics into an accumulation-dtype buffer (float32 for half
-types), cast once after. conv2d's Triton backward does the rest.
+one program per BLOCK pooled outputs: grad at each window's argmax where it is not -1. Disjoint
+windows write each element at most once (plain stores, in grad's dtype); overlapping ones add
+with atomics into an accumulation-dtype buffer (float32 for half types), cast once after.
+conv2d's Triton backward does the rest.
 """
 
 from __future__ import annotations
