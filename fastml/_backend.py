@@ -237,7 +237,7 @@ def settings() -> tuple | None:
     may remember select's answer for a key beside this value and reuse it while they are equal:
     a cheaper check than select's own, which counts for a small model's step."""
     tuning = _tune.settings()
-    return None if tuning is None else (_override.get(), _backend_env(), tuning)
+    return None if tuning is None else (_override.get(), _backend_env_set(), tuning)  # (raw: compared only)
 
 
 def decided(tensor: torch.Tensor, implemented: tuple[str, ...], key: tuple) -> str | None:

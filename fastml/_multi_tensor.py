@@ -28,6 +28,9 @@ except ImportError:  # pragma: no cover - older torch: only contiguous rows go d
         return t.is_contiguous()
 
 
+_numel = torch.Tensor.numel
+
+
 def bucket_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
     """Indices of ``tensors`` per (device, dtype), in first-seen order: one launch per bucket.
     A complex tensor goes with the real tensors of its parts' dtype (kernels take its real view)."""
@@ -83,42 +86,49 @@ def mark_written(tensors: Sequence[torch.Tensor]) -> None:
             torch.autograd.graph.increment_version(t)
 
 
-def uniform(params: Sequence[torch.Tensor], *others: Sequence[torch.Tensor]) -> int | None:
-    """The number of elements in ``params`` where one launch can take the lists as they are
-    (every tensor contiguous, strided and real, of one dtype and on one device: the common case,
-    checked in one cheap pass so that a small model's step is not dominated by its preparation);
-    None where it cannot."""
+def uniform(*lists: Sequence[torch.Tensor]) -> bool:
+    """Whether one launch can take the lists as they are: every tensor contiguous, strided and
+    real, of one dtype and on one device, and of its parameter's shape (the common case, checked
+    in one cheap pass so that a small model's step is not dominated by its preparation). A
+    kernel walks each row's tensors as its parameter's element count: a state tensor of another
+    size (a parameter's ``.data`` replaced after its first step) must not reach it."""
+    params = lists[0]
     first = params[0]
     dtype, device = first.dtype, first.get_device()
     if dtype.is_complex:
-        return None
-    elements = 0
+        return False
     for t in params:
-        if (t.dtype is not dtype or t.get_device() != device or t.layout is not torch.strided
-                or not t.is_contiguous()):
-            return None
-        elements += t.numel()
-    for tensors in others:
-        for t in tensors:
+        if t.dtype is not dtype or t.get_device() != device or t.layout is not torch.strided or not t.is_contiguous():
+            return False
+    for tensors in lists[1:]:
+        for t, p in zip(tensors, params):
             if (t.dtype is not dtype or t.get_device() != device or t.layout is not torch.strided
-                    or not t.is_contiguous()):
-                return None
-    return elements
+                    or not t.is_contiguous() or t.shape != p.shape):
+                return False
+    return True
 
 
-def launches(lists: Sequence[Sequence[torch.Tensor]], implemented: tuple[str, ...], options: tuple, launch):
+def launches(lists: Sequence[Sequence[torch.Tensor]], written: Sequence[bool], implemented: tuple[str, ...],
+             options: tuple, launch):
     """Yields (backend, row indices) per launch of an optimizer step: one per (device, dtype)
-    bucket of the rows a kernel can take (a dense gradient of its parameter's dtype and
-    device), then the remaining rows on the reference (which does what torch's ops do)."""
-    params, grads = lists[0], lists[1]
+    bucket of the rows a kernel can take (a strided parameter whose gradient and state are of
+    its dtype and device), then the remaining rows on the reference (which does what torch's ops
+    do). A gradient or state tensor can differ from its parameter where the parameter's ``.data``
+    was replaced after its first step: ``model.double()`` keeps the optimizer's float32 state
+    (which torch's in-place ops then update), a resized parameter keeps its old-sized state
+    (which torch's ops refuse). A kernel would walk it as its parameter's dtype and size."""
+    params = lists[0]
     kernel_rows, reference_rows = [], []
-    for i, (p, g) in enumerate(zip(params, grads)):
-        same = g.dtype == p.dtype and g.device == p.device and g.layout == p.layout == torch.strided
+    for i, p in enumerate(params):
+        dtype, device, shape = p.dtype, p.device, p.shape
+        same = p.layout == torch.strided and all(
+            t.dtype == dtype and t.device == device and t.layout == torch.strided and t.shape == shape
+            for t in (column[i] for column in lists[1:]))
         (kernel_rows if same else reference_rows).append(i)
     for bucket in bucket_by_device_and_dtype([params[i] for i in kernel_rows]).values():
         rows = [kernel_rows[j] for j in bucket]
         yield choose_backend([[real_view(tensors[i]) for i in rows] for tensors in lists], implemented, options,
-                             launch, rows), rows
+                             launch, rows, written), rows
     if reference_rows:
         yield "reference", reference_rows
 
@@ -133,18 +143,18 @@ def scratch_copies(columns: Sequence[Sequence[torch.Tensor]]) -> list[list[torch
 
 
 def choose_backend(columns: Sequence[Sequence[torch.Tensor]], implemented: tuple[str, ...], options: tuple, launch,
-                   rows: list[int] | None, elements: int | None = None) -> str:
+                   rows: list[int] | None, written: Sequence[bool], key: tuple | None = None) -> str:
     """The backend of one launch over ``columns`` (walkable tensors of one device and dtype): the
-    measured choice for the shape class (op and ``options``, tensor count, elements, dtype,
-    device, threads). ``launch(backend, rows, columns, timing)`` runs the step; for timing it
-    runs on scratch copies, made once, in its steady state (``timing=True``: no first-step
-    buffer initialisation and no gradient reset, which would leave later calls nothing to do).
-    ``elements``: the parameters' element count, where the caller has it."""
-    first = columns[0][0]
-    if elements is None:
-        elements = sum(t.numel() for t in columns[0])
-    key = (options[0], "step", torch.get_num_threads(), first.dtype, first.device, len(columns[0]), elements,
-           *options[1:])
+    measured choice for the shape class ``key`` (``step_class``, worked out here where not
+    given). ``launch(backend, rows, columns, timing)`` runs the step; for timing it runs on
+    scratch copies, made once, in its steady state (``timing=True``: no first-step buffer
+    initialisation and no gradient reset, which would leave later calls nothing to do). A
+    kernel's candidate is timed with what its route adds to every step, the layout check before
+    the launch and the version bumps after it (``written``: the columns the step writes), so
+    that a step of a few small tensors, where those cost more than the arithmetic, goes to the
+    reference's single foreach call."""
+    if key is None:
+        key = step_class(columns[0], options, sum(map(_numel, columns[0])))
     settings = _backend.settings()
     settled = _settled.get(key)
     if settled is not None and settled[0] == settings:
@@ -154,12 +164,34 @@ def choose_backend(columns: Sequence[Sequence[torch.Tensor]], implemented: tuple
     def run(name):
         if not scratch:
             scratch.append(scratch_copies(columns))
-        launch(name, rows, scratch[0], True)
+        copies = scratch[0]
+        if name == "reference":
+            launch(name, rows, copies, True)
+            return
+        uniform(*copies)
+        launch(name, rows, copies, True)
+        mark_rows_written(copies, written)
 
-    backend = _backend.select(first, implemented, key, run)
+    backend = _backend.select(columns[0][0], implemented, key, run)
     if settings is not None:
         _settled[key] = (settings, backend)
     return backend
+
+
+def step_class(params: Sequence[torch.Tensor], options: tuple, elements: int) -> tuple:
+    """The shape class of an optimizer step over ``params`` (the measured choice's key): the op and
+    ``options``, the thread count, the first tensor's dtype and device, the tensor count and
+    ``elements``, their element count."""
+    first = params[0]
+    return (options[0], "step", torch.get_num_threads(), first.dtype, first.device, len(params), elements,
+            *options[1:])
+
+
+def settled_choice(key: tuple) -> str | None:
+    """choose_backend's answer for shape class ``key`` if it is remembered under the current
+    settings, else None."""
+    settled = _settled.get(key)
+    return settled[1] if settled is not None and settled[0] == _backend.settings() else None
 
 
 _settled: dict[tuple, tuple[tuple, str]] = {}
@@ -197,18 +229,26 @@ def run_launches(lists: Sequence[Sequence[torch.Tensor]], written: Sequence[bool
     """The launches of one optimizer step over ``lists`` (params, grads, then state lists, one
     entry per tensor): ``launch(backend, rows, columns, timing=False)`` runs each, ``columns``
     being the rows' tensors of each list as the backend takes them, and ``rows`` their indices
-    (None: all of them, the uniform case, passed through without any per-row work). Each
-    launch's backend is the measured choice for ``options`` (the op's name, then what changes its
-    cost; see choose_backend). The tensors of the lists flagged ``written`` have their version
-    counters bumped after a kernel's launch."""
-    elements = uniform(*lists)
-    if elements is not None:
-        backend = choose_backend(lists, implemented, options, launch, None, elements)
+    (None: all of them, passed through without any per-row work). Each launch's backend is the
+    measured choice for ``options`` (the op's name, then what changes its cost; see
+    choose_backend). The tensors of the lists flagged ``written`` have their version counters
+    bumped after a kernel's launch.
+
+    A step whose shape class has settled on the reference runs it on the lists as they are, with
+    no layout check: torch's ops take any mix of layouts, dtypes and devices."""
+    key = step_class(lists[0], options, sum(map(_numel, lists[0])))
+    backend = settled_choice(key)
+    if backend == "reference":
+        launch(backend, None, lists, False)
+        return
+    if uniform(*lists):
+        if backend is None:
+            backend = choose_backend(lists, implemented, options, launch, None, written, key)
         launch(backend, None, lists, False)
         if backend != "reference":
             mark_rows_written(lists, written)
         return
-    for backend, rows in launches(lists, implemented, options, launch):
+    for backend, rows in launches(lists, written, implemented, options, launch):
         with columns_for(backend, lists, rows, written) as columns:
             launch(backend, rows, columns, False)
 

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import STEP_TOLERANCES, assert_steps_close, rand
+from conftest import STEP_TOLERANCES, assert_steps_close, prefer, rand
 
 import fastml
 from fastml import optim
@@ -302,6 +302,74 @@ def test_one_launch_per_device_and_dtype(backend, rng, monkeypatch):
             calls.clear()
             opt.step()
             assert sorted(map(str, calls)) == ["torch.float32", "torch.float64"], calls
+
+
+SETTLED_ON = ["reference"] + [name for name in ("cpp", "numba") if fastml._backend.status(name).present]
+
+
+@pytest.mark.parametrize("settled", SETTLED_ON)
+@pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS + [(optim.SGD, torch.optim.SGD, dict(lr=0.05))],
+                         ids=OPT_IDS + ["SGD-plain"])
+def test_a_settled_choice_takes_later_layouts_and_dtypes(rng, monkeypatch, settled, ours_cls, torch_cls, kwargs):
+    """The measured choice settles a step's shape class (the first tensor's dtype and device, the
+    tensor count and size) on uniform lists; a settled reference then runs on the lists as they
+    come, with no layout check. Later steps of the same class with a transposed gradient, a
+    strided parameter, and (for SGD, whose state torch updates in its own dtype) another dtype
+    after the first tensor must still step as torch's."""
+    prefer(monkeypatch, settled)
+    values = [rand(6, 4, generator=rng), rand(5, generator=rng), rand(3, 3, generator=rng)]
+    ours, theirs = twin_params(values)
+    opt_ours, opt_theirs = ours_cls(ours, **kwargs), torch_cls(theirs, **kwargs)
+    layouts = [lambda i, g: g,  # uniform: settles the choice
+               lambda i, g: g.t().contiguous().t() if i == 0 else g,  # a gradient laid out transposed
+               lambda i, g: g]
+    for step, layout in enumerate(layouts):
+        if step == 2:  # the same class: the first tensor's dtype and every size kept
+            for params in (ours, theirs):
+                if ours_cls is optim.SGD:
+                    params[1].data = params[1].data.double()
+                params[2].data = params[2].data.t()  # a transposed parameter
+        set_grads(ours, theirs, rng, layout=layout)
+        opt_ours.step()
+        opt_theirs.step()
+        assert_same_state(opt_ours, opt_theirs, ours, theirs)
+
+
+@pytest.mark.parametrize("change", ["double", "resize"])
+@pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)
+def test_state_unlike_its_parameter(backend, rng, ours_cls, torch_cls, kwargs, change):
+    """A parameter whose ``.data`` is replaced after its first steps keeps its state: given
+    float64 data (as ``model.double()`` does), float32 state, which torch's SGD updates in place
+    in its own dtype and torch's Adam refuses; given more elements, state of the old size, which
+    torch refuses. fastml must do the same, where a kernel walking the state as its parameter's
+    dtype and size read past the end of it (and crashed)."""
+    values = [rand(6, 4, generator=rng, device=backend.device), rand(3000, generator=rng, device=backend.device)]
+    ours, theirs = twin_params(values)
+    opt_ours, opt_theirs = ours_cls(ours, **kwargs), torch_cls(theirs, **kwargs)
+    for _ in range(2):
+        set_grads(ours, theirs, rng)
+        opt_ours.step()
+        opt_theirs.step()
+    grown = rand(4000, generator=rng, device=backend.device)
+    for params in (ours, theirs):
+        params[1].data = params[1].data.double() if change == "double" else grown.clone()
+    with torch.no_grad():  # the checked step starts from torch's values (a kernel's float32 rounding
+        for a, b in zip(ours, theirs):  # so far would exceed float64's tolerance)
+            a.copy_(b)
+            for key, value in opt_ours.state[a].items():
+                if isinstance(value, torch.Tensor):
+                    value.copy_(opt_theirs.state[b][key])
+    set_grads(ours, theirs, rng)
+    try:
+        opt_theirs.step()
+    except RuntimeError as error:
+        with pytest.raises(RuntimeError, match="dtype" if change == "double" else "size"):
+            opt_ours.step()
+        assert ("dtype" if change == "double" else "size") in str(error)
+        return
+    opt_ours.step()
+    assert ours_cls is optim.SGD and change == "double"
+    assert_same_state(opt_ours, opt_theirs, ours, theirs)
 
 
 @pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)

@@ -7,6 +7,8 @@ one device and dtype (and, for the kernel backends, walkable: see fastml/_multi_
 
 from __future__ import annotations
 
+import torch
+
 
 def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_decay, nesterov,
              maximize, zero_grad):
@@ -17,6 +19,13 @@ def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_d
     first step, as torch does), else updated. lr, momentum, dampening, weight_decay: floats.
     zero_grad: also set every gradient to zero.
     """
+    if momentum == 0 and weight_decay == 0 and not maximize:
+        # torch's param.add_(grad, alpha=-lr) for every tensor, in one call: a few small tensors'
+        # step costs less so than one Python-level op per tensor (or a kernel's layout checks).
+        torch._foreach_add_(params, grads, alpha=-lr)
+        if zero_grad:
+            torch._foreach_zero_(grads)
+        return
     for i, param in enumerate(params):
         grad = -grads[i] if maximize else grads[i]
         if weight_decay != 0:
