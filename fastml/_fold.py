@@ -97,7 +97,27 @@ class BatchNormFold:
         bn = self.bn
         if bn is None:
             return True
-        return not (self.layer.training or bn.training or bn.running_mean is None or bn.running_var is None)
+        if self.layer.training or bn.training or bn.running_mean is None or bn.running_var is None:
+            return False
+        return self._fits()
+
+    def _fits(self) -> bool:
+        """Whether the batch norm's tensors and the conv's bias are what torch's convolution and
+        batch_norm accept for the convolution's output: one value per output channel, of its
+        dtype (or float32 beside a half-precision one, as torch's batch_norm takes). A tensor
+        replaced after patching (a new Parameter or buffer, another ``.data``) can be otherwise:
+        unfolded, torch's modules then raise as they would unpatched, where the fold would
+        broadcast or cast it."""
+        conv, bn = self.layer, self.bn
+        weight = conv.weight
+        channels, dtype = (weight.shape[0],), weight.dtype
+        if conv.bias is not None and (conv.bias.shape != channels or conv.bias.dtype != dtype):
+            return False
+        mixed = dtype in (torch.float16, torch.bfloat16)
+        for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias):
+            if t is not None and (t.shape != channels or not (t.dtype == dtype or mixed and t.dtype == torch.float32)):
+                return False
+        return True
 
     def parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W', b') for the current Parameters and running statistics (the conv's own without a

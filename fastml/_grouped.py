@@ -67,7 +67,7 @@ def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bi
         return False
     if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
         return False
-    if not _onednn.strictly_channels_last(input):
+    if not _onednn.strictly_channels_last(input) or not _onednn.shapes_agree(conv, input, weight, bias):
         return False
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or input.numel() == 0:
         return False

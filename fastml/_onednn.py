@@ -79,11 +79,21 @@ def packable(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, b
         return False
     if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
         return False
-    if not strictly_channels_last(input):
+    if not strictly_channels_last(input) or not shapes_agree(conv, input, weight, bias):
         return False
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return False
     return input.numel() != 0
+
+
+def shapes_agree(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the 4-D ``input``, ``weight`` and ``bias`` have the shapes ``conv``'s attributes
+    say. The variants size their kernels from those attributes, and walk the tensors by address:
+    a tensor replaced after the layer was made (a new Parameter, another ``.data``) may be
+    smaller. torch's own convolution then computes what the tensors' shapes say, or raises."""
+    return (input.shape[1] == conv.in_channels
+            and weight.shape == (conv.out_channels, conv.in_channels // conv.groups, *conv.kernel_size)
+            and (bias is None or bias.shape == (conv.out_channels,)))
 
 
 def strictly_channels_last(input: torch.Tensor) -> bool:
@@ -111,7 +121,7 @@ def packed_convolution(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch
             cache.packed = reorder(weight.detach(), padding, stride, dilation, conv.groups, list(input.shape))
             cache.finite = finite(weight)
         cache.source, cache.key = weight, key
-    bias = None if bias is None else bias.detach()
+    bias = None if bias is None else bias.detach().contiguous()  # (oneDNN reads it densely)
     # oneDNN's ReLU post-op is max(x, 0), which turns NaN into 0 where torch's relu keeps it. A NaN
     # out of the convolution needs an inf or NaN in its input, weight or bias (or an overflow to
     # inf - inf, left alone): where a sum says there may be one, the ReLU runs after, as torch's.

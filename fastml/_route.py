@@ -363,6 +363,16 @@ class RouteTable:
     def __init__(self):
         self.table: dict[tuple, str] = {}
 
+    def __reduce__(self):
+        # Routes are measured on this machine: a pickled layer (torch.save of a model) loaded on
+        # another CPU measures its own. A deep copy, in this process, keeps them (__deepcopy__).
+        return RouteTable, ()
+
+    def __deepcopy__(self, memo):
+        copy = RouteTable()
+        copy.table = dict(self.table)
+        return copy
+
 
 def routes(layer: torch.nn.Module) -> dict:
     """{call signature: route} the layer remembers (empty if none)."""

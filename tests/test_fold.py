@@ -7,10 +7,11 @@ from __future__ import annotations
 import copy
 import functools
 import pickle
+import re
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, raised
 from torch import nn
 
 import fastml
@@ -315,6 +316,34 @@ def test_copies_and_pickles_stay_folded_and_exact(rng):
         for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
             assert type(clone[0]) is _fold.FoldedConv2d and _fold.fold_of(clone[1]).bn is clone[1]
             assert_close(clone(x), reference(x))
+
+
+@pytest.mark.parametrize("tensor, replacement", [
+    ("bn.running_mean", "short"), ("bn.running_var", "short"), ("bn.weight", "short"), ("bn.bias", "short"),
+    ("conv.bias", "short"), ("bn.running_mean", "float32"), ("bn.weight", "float32"), ("conv.bias", "float32")])
+def test_tensors_replaced_after_patching_unfold_as_torch(rng, tensor, replacement):
+    """A batch norm's statistic or parameter, or the conv's bias, replaced after patching by one
+    of another size or dtype: torch's modules refuse it, where the fold would broadcast or cast it
+    into a folded weight. The run computes unfolded, and raises what torch raises."""
+    reference, model, _ = patched_pair(lambda: conv_bn_relu(bias=True), rng)
+    reference.eval()
+    model.eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng)
+    with torch.no_grad():
+        model(x)  # folded once first: a cached fold must not outlive its tensors
+        for net in (reference, model):
+            owner = net[0] if tensor.startswith("conv") else net[1]
+            name = tensor.split(".")[1]
+            old = getattr(owner, name)
+            new = old[:1].clone() if replacement == "short" else old.float()
+            if isinstance(old, nn.Parameter):
+                setattr(owner, name, nn.Parameter(new))
+            else:
+                setattr(owner, name, new)
+        error = raised(lambda: reference(x))
+        assert error is not None
+        with pytest.raises(type(error), match=re.escape(str(error).splitlines()[0])):
+            model(x)
 
 
 def test_what_does_not_fold_and_why(rng):

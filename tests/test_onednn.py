@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, eval_conv_bn_relu, magnitude, prefer, refreshes_where_no_version_tells
+from conftest import assert_close, eval_conv_bn_relu, magnitude, prefer, raised, refreshes_where_no_version_tells
 
 import fastml
 from fastml import _fold, _onednn, _route
@@ -197,3 +198,62 @@ def test_a_settled_variant_gives_way_to_torch_under_forward_mode_ad(variant, mon
     assert actual.tangent is not None
     assert_close(actual.primal, expected.primal, scale=magnitude(expected.primal))
     assert_close(actual.tangent, expected.tangent, scale=magnitude(expected.tangent))
+
+
+REPLACEMENTS = {
+    "bias_short": lambda k, cpg: {"bias": torch.randn(1)},
+    "bias_strided": lambda k, cpg: {"bias": torch.randn(2 * k)[::2]},
+    "bias_expanded": lambda k, cpg: {"bias": torch.randn(1).expand(k)},
+    "weight_1x1": lambda k, cpg: {"weight": torch.randn(k, cpg, 1, 1)},
+    "weight_fewer_inputs": lambda k, cpg: {"weight": torch.randn(k, max(cpg // 2, 1), 3, 3)},
+}
+
+
+@pytest.mark.parametrize("replacement", sorted(REPLACEMENTS))
+@pytest.mark.parametrize("variant", ["onednn_packed", "winograd", "grouped_direct"])
+def test_a_settled_variant_takes_tensors_replaced_after_as_torch(variant, replacement, monkeypatch, rng):
+    """A layer's route settles on a variant, then its bias or weight is replaced by a tensor of
+    another size or layout (a new Parameter). The variants size their kernels from the layer's
+    attributes and read the tensors by address: they must give way to torch's module, which
+    computes what the tensors' shapes say or raises, where a kernel read past their end."""
+    from fastml import _grouped, _winograd
+    if variant != "onednn_packed" and not (_winograd._kernels_built() and _grouped._kernels_built()):
+        pytest.skip("needs fastml's C++ kernels")
+    prefer(monkeypatch, variant)
+    channels, groups = (16, 16) if variant == "grouped_direct" else (8, 1)
+    unpatched = torch.nn.Conv2d(channels, 16, 3, padding=1, groups=groups)
+    layer = fastml.nn.Conv2d(channels, 16, 3, padding=1, groups=groups)
+    layer.load_state_dict(unpatched.state_dict())
+    x = torch.randn(2, channels, 6, 7, generator=rng).contiguous(memory_format=CL)
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+    assert set(_route.routes(layer).values()) == {variant}
+    for name, value in REPLACEMENTS[replacement](16, channels // groups).items():
+        setattr(unpatched, name, torch.nn.Parameter(value))
+        setattr(layer, name, torch.nn.Parameter(value))
+    with torch.no_grad():
+        error = raised(lambda: unpatched(x))
+        if error is not None:
+            with pytest.raises(type(error), match=re.escape(str(error).splitlines()[0])):
+                layer(x)
+            return
+        expected, actual = unpatched(x), layer(x)
+    assert actual.shape == expected.shape
+    assert_close(actual, expected, scale=magnitude(expected))
+
+
+def test_routes_are_copied_within_the_process_and_not_pickled(monkeypatch, rng):
+    """A layer's settled routes were measured on this machine: a deep copy keeps them, a pickle
+    (torch.save of the model, loaded perhaps on another CPU) leaves them to be measured there."""
+    prefer(monkeypatch, "onednn_packed")
+    layer = fastml.nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(2, 8, 6, 7, generator=rng).contiguous(memory_format=CL)
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+    assert set(_route.routes(layer).values()) == {"onednn_packed"}
+    copied = copy.deepcopy(layer)
+    assert _route.routes(copied) == _route.routes(layer)
+    assert _route.routes(copied) is not _route.routes(layer)
+    assert _route.routes(pickle.loads(pickle.dumps(layer))) == {}

@@ -1,5 +1,7 @@
 """Pure-PyTorch SGD: the oracle, tensor by tensor in the ops (and so the rounding) of
-torch.optim.SGD's for-loop implementation. Runs any device and dtype.
+torch.optim.SGD's for-loop implementation (plain SGD's ``add_`` for all tensors in one
+``torch._foreach_add_``, which rounds as ``add_``). Runs any device and dtype, and any mix of
+them in one call (the measured choice may settle a step on it: fastml/_multi_tensor.py).
 
 Every backend module provides the same two functions. Lists hold one entry per tensor, all of
 one device and dtype (and, for the kernel backends, walkable: see fastml/_multi_tensor.py).
