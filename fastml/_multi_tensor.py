@@ -15,6 +15,7 @@ real and imaginary parts alike, as torch.optim's own implementations treat them.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +30,7 @@ except ImportError:  # pragma: no cover - older torch: only contiguous rows go d
 
 
 _numel = torch.Tensor.numel
+_shape = operator.attrgetter("shape")
 
 
 def bucket_by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -97,14 +99,15 @@ def uniform(*lists: Sequence[torch.Tensor]) -> bool:
     dtype, device = first.dtype, first.get_device()
     if dtype.is_complex:
         return False
-    for t in params:
-        if t.dtype is not dtype or t.get_device() != device or t.layout is not torch.strided or not t.is_contiguous():
-            return False
-    for tensors in lists[1:]:
-        for t, p in zip(tensors, params):
-            if (t.dtype is not dtype or t.get_device() != device or t.layout is not torch.strided
-                    or not t.is_contiguous() or t.shape != p.shape):
+    shapes = None
+    for tensors in lists:
+        for t in tensors:
+            if t.dtype is not dtype or t.get_device() != device or t.layout is not torch.strided or not t.is_contiguous():
                 return False
+        if shapes is None:
+            shapes = list(map(_shape, tensors))  # (map: the per-tensor step stays in C)
+        elif list(map(_shape, tensors)) != shapes:
+            return False
     return True
 
 
