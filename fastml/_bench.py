@@ -305,11 +305,17 @@ def _linear_regression_prepare(device, exp):
 LENET_PARAMETER_SIZES = (150, 6, 2400, 16, 48000, 120, 10080, 84, 840, 10)  # 61,706 in 10 tensors
 OPTIMIZER_SETTINGS = {
     "sgd": ("SGD", {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}),
+    "sgd_plain": ("SGD", {"lr": 0.03}),  # the course's torch.optim.SGD(net.parameters(), lr=0.03)
     "adam": ("Adam", {"lr": 1e-3}),
 }
 # Arrays an optimizer step must move per parameter: SGD with momentum reads p, grad, buffer and
-# writes p, buffer; Adam reads p, grad, exp_avg, exp_avg_sq and writes p, exp_avg, exp_avg_sq.
-OPTIMIZER_ARRAY_PASSES = {"sgd": 5, "adam": 7}
+# writes p, buffer; plain SGD reads p, grad and writes p; Adam reads p, grad, exp_avg,
+# exp_avg_sq and writes p, exp_avg, exp_avg_sq.
+OPTIMIZER_ARRAY_PASSES = {"sgd": 5, "sgd_plain": 3, "adam": 7}
+# The course's models' parameters, tensor by tensor: softmax regression (784 -> 10) and the MLP
+# (784 -> 256 -> 10); LeNet's are LENET_PARAMETER_SIZES.
+COURSE_PARAMETER_SIZES = {"softmax regression": (7840, 10), "MLP": (200704, 256, 2560, 10),
+                          "LeNet": LENET_PARAMETER_SIZES}
 # torch's own implementations of a step: its default (the for-loop on the CPU, foreach on CUDA),
 # foreach and fused; each is timed beside fastml's.
 TORCH_OPTIMIZER_IMPLS = {"torch": {}, "torch-foreach": {"foreach": True}, "torch-fused": {"fused": True}}
@@ -336,6 +342,8 @@ def optimizer_step_factory(kind: str, sizes, device, seed: int = 0):
         p.grad = randn(p.numel())
     if kind == "sgd":
         states = [{"momentum_buffer": randn(p.numel())} for p in params]
+    elif kind == "sgd_plain":
+        states = [{} for p in params]
     else:
         states = [{"step": torch.tensor(0.0), "exp_avg": randn(p.numel()), "exp_avg_sq": randn(p.numel(), True)}
                   for p in params]
@@ -357,7 +365,9 @@ def _optimizer_cases(kind: str):
     def cases(device: torch.device, sizes: str) -> list[Case]:
         shapes = {"tiny": [("1M params in 10 tensors", [100_000] * 10), ("LeNet", list(LENET_PARAMETER_SIZES))]}.get(
             sizes, [("10M params in 20 tensors", [500_000] * 20), ("LeNet", list(LENET_PARAMETER_SIZES))])
-        if device.type == "cuda" and sizes != "tiny":
+        if kind == "sgd_plain":  # the course's models, whose step is mostly fixed costs
+            shapes = [(label, list(sizes)) for label, sizes in COURSE_PARAMETER_SIZES.items()]
+        elif device.type == "cuda" and sizes != "tiny":
             shapes = [("100M params in 100 tensors", [1_000_000] * 100), ("1000 tensors of 1024", [1024] * 1000)]
         out = []
         for label, tensor_sizes in shapes:
@@ -736,6 +746,12 @@ HOT_PATHS: dict[str, HotPath] = {hp.name: hp for hp in (
             "one optimizer step, SGD with momentum 0.9 and weight decay 1e-4, gradients given "
             "(torch: torch.optim.SGD, default implementation; fastml: fastml.optim.SGD)",
             "read params, grads, momentum buffers; write params, buffers (5 arrays of N floats)",
+            torch_impls=("torch-foreach", "torch-fused")),
+    HotPath("sgd_plain_step", ("sgd",), _optimizer_cases("sgd_plain"),
+            "one optimizer step, SGD without momentum (the course's torch.optim.SGD(params, lr=0.03)) over the "
+            "course's models' parameters, gradients given (torch: torch.optim.SGD, default implementation; "
+            "fastml: fastml.optim.SGD)",
+            "read params, grads; write params (3 arrays of N floats)",
             torch_impls=("torch-foreach", "torch-fused")),
     HotPath("adam_step", ("adam",), _optimizer_cases("adam"),
             "one optimizer step, Adam lr 1e-3, gradients given "

@@ -190,13 +190,6 @@ def step_class(params: Sequence[torch.Tensor], options: tuple, elements: int) ->
             *options[1:])
 
 
-def settled_choice(key: tuple) -> str | None:
-    """choose_backend's answer for shape class ``key`` if it is remembered under the current
-    settings, else None."""
-    settled = _settled.get(key)
-    return settled[1] if settled is not None and settled[0] == _backend.settings() else None
-
-
 _settled: dict[tuple, tuple[tuple, str]] = {}
 """choose_backend's answers, by shape class, beside the settings they were given under
 (_backend.settings). A step's fixed cost decides a small model's: select's own lookup costs
@@ -240,7 +233,8 @@ def run_launches(lists: Sequence[Sequence[torch.Tensor]], written: Sequence[bool
     A step whose shape class has settled on the reference runs it on the lists as they are, with
     no layout check: torch's ops take any mix of layouts, dtypes and devices."""
     key = step_class(lists[0], options, sum(map(_numel, lists[0])))
-    backend = settled_choice(key)
+    settled = _settled.get(key)  # (choose_backend's lookup, inline: this runs at every step)
+    backend = settled[1] if settled is not None and settled[0] == _backend.settings() else None
     if backend == "reference":
         launch(backend, None, lists, False)
         return
