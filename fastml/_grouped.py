@@ -32,7 +32,8 @@ import functools
 import torch
 
 from fastml import _conv_backward, _cpp, _layout, _onednn, _route
-from fastml.ops import forward_ad_active, is_compiling, relu_in_place
+from fastml.functional import _variant_can_run
+from fastml.ops import forward_ad_active, relu_in_place
 from fastml.ops.conv2d.reference import output_size
 
 WEIGHT_ATTR = "_fastml_grouped_weight"
@@ -61,8 +62,8 @@ def applies(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, bi
     would (see the module's docstring)."""
     if conv.groups == 1 or not (depthwise(conv) or conv.out_channels // conv.groups >= MIN_OUTPUTS_PER_GROUP):
         return False
-    if is_compiling() or torch.jit.is_tracing() or forward_ad_active() or not _kernels_built():
-        return False  # (forward-mode AD: the kernels would drop the tangents)
+    if not _variant_can_run(input, weight, bias) or forward_ad_active() or not _kernels_built():
+        return False  # (traced, torch.func's transforms, autocast, a dispatch mode, forward-mode AD: torch's ops)
     if input.dim() != 4 or input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
         return False
     if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):

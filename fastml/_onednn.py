@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 
 from fastml import _route
-from fastml.ops import forward_ad_active, is_compiling, relu_in_place
+from fastml.functional import _variant_can_run
+from fastml.ops import forward_ad_active, relu_in_place
 
 PACKED_ATTR = "_fastml_packed_weight"
 _route.DERIVED_WEIGHT_ATTRS.add(PACKED_ATTR)
@@ -73,8 +74,8 @@ def packable(conv: torch.nn.Conv2d, input: torch.Tensor, weight: torch.Tensor, b
     fastml/_winograd.py). Never while a graph is traced (torch.compile, torch.jit.trace): the
     packing is cached state a graph would not see; nor under forward-mode AD, whose tangents
     these ops would drop."""
-    if _OPS is None or is_compiling() or torch.jit.is_tracing() or forward_ad_active():
-        return False
+    if _OPS is None or not _variant_can_run(input, weight, bias) or forward_ad_active():
+        return False  # (traced, under torch.func's transforms, autocast or a dispatch mode: torch's ops)
     if input.dim() != 4 or input.device.type != "cpu" or input.dtype != torch.float32:
         return False
     if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):

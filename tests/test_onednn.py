@@ -257,3 +257,35 @@ def test_routes_are_copied_within_the_process_and_not_pickled(monkeypatch, rng):
     assert _route.routes(copied) == _route.routes(layer)
     assert _route.routes(copied) is not _route.routes(layer)
     assert _route.routes(pickle.loads(pickle.dumps(layer))) == {}
+
+
+@pytest.mark.parametrize("context", ["autocast", "vmap"])
+@pytest.mark.parametrize("variant", ["onednn_packed", "winograd", "grouped_direct"])
+def test_a_settled_variant_gives_way_to_torch_under_autocast_and_vmap(variant, context, monkeypatch, rng):
+    """A route settled outside torch.autocast or torch.func.vmap: under autocast, torch's module
+    computes in bfloat16 and returns it, and under vmap its ops see batched tensors, which a
+    variant calling oneDNN or fastml's kernels directly would not (a float32 output, where
+    torch's is bfloat16; no data pointer). The layer must run torch's module there."""
+    from fastml import _grouped, _winograd
+    if variant != "onednn_packed" and not (_winograd._kernels_built() and _grouped._kernels_built()):
+        pytest.skip("needs fastml's C++ kernels")
+    prefer(monkeypatch, variant)
+    groups = 8 if variant == "grouped_direct" else 1
+    unpatched = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    layer = fastml.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    layer.load_state_dict(unpatched.state_dict())
+    # Two batches, each laid out channels-last (as vmap shows each to the layer).
+    batches = torch.randn(2, 2, 6, 7, 8, generator=rng).permute(0, 1, 4, 2, 3)
+    x = batches[0]
+    assert x.is_contiguous(memory_format=CL)
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+        assert set(_route.routes(layer).values()) == {variant}
+        if context == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                actual, expected = layer(x), unpatched(x)
+            assert actual.dtype == expected.dtype == torch.bfloat16
+        else:
+            actual, expected = torch.func.vmap(layer)(batches), torch.func.vmap(unpatched)(batches)
+    assert_close(actual.float(), expected.float(), scale=magnitude(expected.float()))
