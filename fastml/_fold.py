@@ -89,35 +89,24 @@ class BatchNormFold:
 
     def active(self) -> bool:
         """Whether the run computes as one folded convolution now: the conv and the batch norm in
-        eval mode, the batch norm normalising with running statistics (torch's own condition).
-        A run without a batch norm always applies. None applies in a model fastml.tune found
-        faster unpatched."""
+        eval mode, the batch norm normalising with running statistics (torch's own condition),
+        its tensors fitting the convolution's output (``_foldable``). A run without a batch norm
+        always applies. None applies in a model fastml.tune found faster unpatched."""
         if self.layer is None or _route.runs_as_torch(self.layer):
             return False  # (a batch norm → ReLU pair has no convolution to fold into)
         bn = self.bn
         if bn is None:
             return True
-        if self.layer.training or bn.training or bn.running_mean is None or bn.running_var is None:
+        if self.layer.training or bn.training:
             return False
-        return self._fits()
+        return _foldable(*self._tensors())
 
-    def _fits(self) -> bool:
-        """Whether the batch norm's tensors and the conv's bias are what torch's convolution and
-        batch_norm accept for the convolution's output: one value per output channel, of its
-        dtype (or float32 beside a half-precision one, as torch's batch_norm takes). A tensor
-        replaced after patching (a new Parameter or buffer, another ``.data``) can be otherwise:
-        unfolded, torch's modules then raise as they would unpatched, where the fold would
-        broadcast or cast it."""
+    def _tensors(self) -> tuple:
+        """(the conv's weight and bias, the batch norm's weight, bias, running mean and variance),
+        as the modules hold them now."""
         conv, bn = self.layer, self.bn
-        weight = conv.weight
-        channels, dtype = (weight.shape[0],), weight.dtype
-        if conv.bias is not None and (conv.bias.shape != channels or conv.bias.dtype != dtype):
-            return False
-        mixed = dtype in (torch.float16, torch.bfloat16)
-        for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias):
-            if t is not None and (t.shape != channels or not (t.dtype == dtype or mixed and t.dtype == torch.float32)):
-                return False
-        return True
+        return (_own(conv, "weight"), _own(conv, "bias"), _own(bn, "weight"), _own(bn, "bias"),
+                _own(bn, "running_mean"), _own(bn, "running_var"))
 
     def parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W', b') for the current Parameters and running statistics (the conv's own without a
@@ -125,7 +114,7 @@ class BatchNormFold:
         conv, bn = self.layer, self.bn
         if bn is None:
             return conv.weight, conv.bias
-        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        tensors = self._tensors()
         if is_compiling():
             return self._fold()  # a traced graph computes the fold itself (and its compiler may hoist it)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
@@ -135,7 +124,7 @@ class BatchNormFold:
             return self._fold()
         # torch's batch_norm updates the running statistics without a version bump; the module's
         # training forward counts the batch in num_batches_tracked, whose version then moves.
-        watched = (*tensors, bn.num_batches_tracked)
+        watched = (*tensors, _own(bn, "num_batches_tracked"))
         states = []  # (a loop, not comprehensions: this runs at every eval call of every folded conv)
         for t in watched:
             if t is None:
@@ -159,21 +148,54 @@ class BatchNormFold:
         self._cache = None
 
     def _fold(self) -> tuple[torch.Tensor, torch.Tensor]:
-        conv, bn = self.layer, self.bn
-        dtype = conv.weight.dtype
-        scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.to(dtype)
-        shift = -bn.running_mean.to(dtype) if conv.bias is None else conv.bias - bn.running_mean.to(dtype)
+        weight, conv_bias, bn_weight, bn_bias, running_mean, running_var = self._tensors()
+        dtype = weight.dtype
+        scale = torch.rsqrt(running_var.to(dtype) + self.bn.eps)
+        if bn_weight is not None:
+            scale = scale * bn_weight.to(dtype)
+        shift = -running_mean.to(dtype) if conv_bias is None else conv_bias - running_mean.to(dtype)
         bias = shift * scale
-        if bn.bias is not None:
-            bias = bias + bn.bias.to(dtype)
-        return conv.weight * scale.reshape(-1, 1, 1, 1), bias
+        if bn_bias is not None:
+            bias = bias + bn_bias.to(dtype)
+        return weight * scale.reshape(-1, 1, 1, 1), bias
 
     def __getstate__(self):  # the cache is derived state: not pickled
         state = dict(self.__dict__)
         state["_cache"] = None
         return state
+
+
+def _own(module: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """``module.<name>`` for a parameter or buffer, read from the module's own dicts: an attribute
+    read goes through nn.Module.__getattr__ (~0.6 us each, and a fold reads six at every call).
+    A name the dicts do not hold (a parametrization's property, torch.nn.utils.parametrize)
+    is read as an attribute."""
+    parameters = module._parameters
+    if name in parameters:
+        return parameters[name]
+    buffers = module._buffers
+    if name in buffers:
+        return buffers[name]
+    return getattr(module, name)
+
+
+def _foldable(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var) -> bool:
+    """Whether the batch norm normalises with running statistics (torch's own condition in eval
+    mode), and they, its weight and bias and the conv's bias are what torch's convolution and
+    batch_norm accept for the convolution's output: one value per output channel, of its dtype
+    (or float32 beside a half-precision one, as torch's batch_norm takes). A tensor replaced after
+    patching (a new Parameter or buffer, another ``.data``) can be otherwise: unfolded, torch's
+    modules then raise as they would unpatched, where the fold would broadcast or cast it."""
+    if running_mean is None or running_var is None:
+        return False
+    channels, dtype = (weight.shape[0],), weight.dtype
+    if conv_bias is not None and (conv_bias.shape != channels or conv_bias.dtype is not dtype):
+        return False
+    mixed = dtype is torch.float16 or dtype is torch.bfloat16
+    for t in (running_mean, running_var, bn_weight, bn_bias):
+        if t is not None and (t.shape != channels or not (t.dtype is dtype or mixed and t.dtype is torch.float32)):
+            return False
+    return True
 
 
 def fold_of(module: torch.nn.Module) -> BatchNormFold | None:
