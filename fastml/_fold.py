@@ -92,12 +92,12 @@ class BatchNormFold:
         eval mode, the batch norm normalising with running statistics (torch's own condition),
         its tensors fitting the convolution's output (``_foldable``). A run without a batch norm
         always applies. None applies in a model fastml.tune found faster unpatched."""
-        if self.layer is None or _route.runs_as_torch(self.layer):
-            return False  # (a batch norm → ReLU pair has no convolution to fold into)
-        bn = self.bn
+        if self.layer is None or _route.runs_as_torch(self.layer) or _route.parametrized(self.layer):
+            return False  # (no convolution to fold into: a batch norm → ReLU pair; a parametrized weight,
+        bn = self.bn      # computed at each read, which torch's modules read once: fastml/_route.py)
         if bn is None:
             return True
-        if self.layer.training or bn.training:
+        if self.layer.training or bn.training or _route.parametrized(bn):
             return False
         return _foldable(*self._tensors())
 
@@ -105,8 +105,9 @@ class BatchNormFold:
         """(the conv's weight and bias, the batch norm's weight, bias, running mean and variance),
         as the modules hold them now."""
         conv, bn = self.layer, self.bn
-        return (_own(conv, "weight"), _own(conv, "bias"), _own(bn, "weight"), _own(bn, "bias"),
-                _own(bn, "running_mean"), _own(bn, "running_var"))
+        read = _route.registered  # (not through nn.Module.__getattr__: ~0.6 us a read, six at every call)
+        return (read(conv, "weight"), read(conv, "bias"), read(bn, "weight"), read(bn, "bias"),
+                read(bn, "running_mean"), read(bn, "running_var"))
 
     def parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W', b') for the current Parameters and running statistics (the conv's own without a
@@ -115,8 +116,10 @@ class BatchNormFold:
         if bn is None:
             return conv.weight, conv.bias
         tensors = self._tensors()
-        if is_compiling():
-            return self._fold()  # a traced graph computes the fold itself (and its compiler may hoist it)
+        if is_compiling() or torch._C._are_functorch_transforms_active():
+            # A traced graph computes the fold itself (and its compiler may hoist it); torch.func's
+            # wrapped tensors have no storage to name a cached fold by.
+            return self._fold()
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             # A step may follow that changes the parameters without a version bump (torch's fused
             # optimizers): the fold is formed anew at the next call without gradients.
@@ -124,7 +127,7 @@ class BatchNormFold:
             return self._fold()
         # torch's batch_norm updates the running statistics without a version bump; the module's
         # training forward counts the batch in num_batches_tracked, whose version then moves.
-        watched = (*tensors, _own(bn, "num_batches_tracked"))
+        watched = (*tensors, _route.registered(bn, "num_batches_tracked"))
         states = []  # (a loop, not comprehensions: this runs at every eval call of every folded conv)
         for t in watched:
             if t is None:
@@ -163,20 +166,6 @@ class BatchNormFold:
         state = dict(self.__dict__)
         state["_cache"] = None
         return state
-
-
-def _own(module: torch.nn.Module, name: str) -> torch.Tensor | None:
-    """``module.<name>`` for a parameter or buffer, read from the module's own dicts: an attribute
-    read goes through nn.Module.__getattr__ (~0.6 us each, and a fold reads six at every call).
-    A name the dicts do not hold (a parametrization's property, torch.nn.utils.parametrize)
-    is read as an attribute."""
-    parameters = module._parameters
-    if name in parameters:
-        return parameters[name]
-    buffers = module._buffers
-    if name in buffers:
-        return buffers[name]
-    return getattr(module, name)
 
 
 def _foldable(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var) -> bool:
@@ -276,8 +265,8 @@ class FoldedBatchNorm2d(fastml_nn.BatchNorm2d):
             return input
         if fold.relu is None or not _runs.called_as_run(fold, depth=0):
             return super().forward(input)
-        if not self.uses_batch_statistics():  # eval, unfolded (a bn_relu pair, or the conv in training)
-            return fold.done(self._torch_relu(input), 2)
+        if not self.uses_batch_statistics() or _route.parametrized(self):  # eval, unfolded (a bn_relu pair, or
+            return fold.done(self._torch_relu(input), 2)  # the conv in training); torch's (see _route.parametrized)
         return fold.done(_route.call(self, input, _route.weight_of(self), self._torch_relu, self._fastml_relu), 2)
 
     def _torch_relu(self, input: torch.Tensor) -> torch.Tensor:

@@ -152,6 +152,14 @@ def registered(layer: torch.nn.Module, name: str):
     return buffers[name] if name in buffers else getattr(layer, name)
 
 
+def parametrized(layer: torch.nn.Module) -> bool:
+    """Whether a parametrization (torch.nn.utils.parametrize: weight_norm, spectral_norm, a
+    user's) computes some of ``layer``'s tensors at every read, which may advance its state
+    (spectral_norm's power iteration in training) or draw random numbers. The layer then runs
+    torch's own forward, which reads each once, and nothing times it."""
+    return "parametrizations" in layer._modules
+
+
 def weight_of(layer: torch.nn.Module) -> torch.Tensor | None:
     """``layer.weight`` (``registered``), for the route's signature and torch's computation."""
     return registered(layer, "weight")

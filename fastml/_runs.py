@@ -125,16 +125,18 @@ _REACH = 6
 forward calls the module itself, or through a helper (a method, a nested function, a lambda given
 to functools.reduce), or a wrapper of the module's forward (accelerate's hooks) stands between."""
 
-_forward_codes: dict[type, object] = {}
+_forward_codes: dict[type, tuple] = {}
 
 
-def _forward_code(cls: type):
-    """The code object of ``cls.forward``, unwrapped from decorators (``@torch.no_grad()``):
-    the frame a call of the owner's forward runs."""
-    code = _forward_codes.get(cls)
-    if code is None:
-        code = _forward_codes[cls] = inspect.unwrap(cls.forward).__code__
-    return code
+def _forward_code(cls: type) -> tuple:
+    """(the code object of ``cls.forward``, unwrapped from decorators (``@torch.no_grad()``): the
+    frame a call of the owner's forward runs; the name of its first argument, the module itself,
+    ``self`` by convention only)."""
+    found = _forward_codes.get(cls)
+    if found is None:
+        code = inspect.unwrap(cls.forward).__code__
+        found = _forward_codes[cls] = (code, code.co_varnames[0] if code.co_argcount else None)
+    return found
 
 
 def _called_from_forward(owner, depth: int) -> bool:
@@ -143,7 +145,7 @@ def _called_from_forward(owner, depth: int) -> bool:
     (see there). The first frame is read by number: where the owner's forward calls the module
     itself (an nn.Sequential's does), it is that forward's, and no frame is walked past (each
     costs Python an object, ~0.2 µs)."""
-    code = _forward_code(type(owner))
+    code, itself = _forward_code(type(owner))
     try:
         frame = sys._getframe(depth + _BETWEEN + 3)  # (+ _called_from_forward, called_as_run, the forward)
     except ValueError:
@@ -151,7 +153,7 @@ def _called_from_forward(owner, depth: int) -> bool:
     for _ in range(_REACH):
         if frame is None:
             return False
-        if frame.f_code is code and frame.f_locals.get("self") is owner:
+        if frame.f_code is code and frame.f_locals.get(itself) is owner:
             return True
         frame = frame.f_back
     return False

@@ -28,6 +28,8 @@ class Linear(torch.nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():  # (see the module docstring)
             return F.linear(input, self.weight, self.bias)
+        if _route.parametrized(self):
+            return super().forward(input)
         weight = _route.weight_of(self)
         found = _route.settled(self, input, weight)
         if found[0] == _route.TORCH:  # torch's forward, its parameters read without Module.__getattr__
@@ -71,6 +73,8 @@ class Conv2d(torch.nn.Conv2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self._conv_forward(input, self.weight, self.bias)
+        if _route.parametrized(self):
+            return self._torch_forward(input)
         weight = _route.weight_of(self)
         found = _route.settled(self, input, weight)
         if _route.trains_weight(found[1]):
@@ -214,6 +218,9 @@ class ConvReLUPool2d(torch.nn.Conv2d):
             # Called on its own, it is the run's convolution; the slots after it apply the
             # ReLU and the pool (fastml/_runs.py).
             return _layout.torch_convolution(self, input, _route.weight_of(self), _route.registered(self, "bias"))
+        if _route.parametrized(self):
+            out = self._torch_forward(input)
+            return out if run is None else _runs.mark(out, run, 2)
         weight = _route.weight_of(self)
         found = _route.settled(self, input, weight)
         if found[0] == _route.TORCH:
@@ -273,6 +280,8 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
         if not self.uses_batch_statistics():  # eval mode: nothing of fastml's to run, not even a dispatch
             if isinstance(input, _route.PROXY):  # (traced: the mode is decided when the graph runs)
                 return _route.traced(self, (input,), super().forward)
+            return self._torch_forward(input)
+        if _route.parametrized(self):
             return self._torch_forward(input)
         weight = _route.weight_of(self)
         found = _route.settled(self, input, weight)

@@ -346,6 +346,34 @@ def test_tensors_replaced_after_patching_unfold_as_torch(rng, tensor, replacemen
             model(x)
 
 
+def test_torch_func_transforms_over_a_folded_runs_parameters(rng):
+    """torch.func over the parameters (functional_call under jvp, and vmap over stacked copies
+    of them, as model ensembling does) of an eval-mode folded run: their wrapped tensors have no
+    storage to cache a fold by; the fold is formed from them at each call, as torch computes."""
+    reference, model, _ = patched_pair(conv_bn_relu, rng)
+    reference.eval()
+    model.eval()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=rng)
+    with torch.no_grad():
+        model(x)  # a cached fold first
+
+    def jvp_of(net):
+        params = dict(net.named_parameters())
+        tangents = {name: torch.ones_like(p) for name, p in params.items()}
+        return torch.func.jvp(lambda p: torch.func.functional_call(net, p, (x,)), (params,), (tangents,))
+
+    def ensemble_of(net):
+        copies = [net, copy.deepcopy(net)]
+        params, buffers = torch.func.stack_module_state(copies)
+        return torch.func.vmap(lambda p, b: torch.func.functional_call(net, (p, b), (x,)))(params, buffers)
+
+    for transform in (jvp_of, ensemble_of):
+        expected, actual = transform(reference), transform(model)
+        for a, e in zip(actual if isinstance(actual, tuple) else (actual,),
+                        expected if isinstance(expected, tuple) else (expected,)):
+            assert_close(a, e)
+
+
 def test_what_does_not_fold_and_why(rng):
     hooked = conv_bn_relu()
     hooked[1].register_forward_hook(lambda *args: None)
@@ -402,7 +430,15 @@ class BlockThroughReduce(Block):
         return self.relu(out + x)
 
 
-@pytest.mark.parametrize("build", [BlockThroughHelpers, BlockThroughReduce])
+class BlockNamingItselfOtherwise(Block):
+    """The forward's first argument not named ``self``: the block is found by position."""
+
+    def forward(block, x):  # noqa: N805
+        out = block.relu(block.bn1(block.conv1(x)))
+        return block.relu(block.bn2(block.conv2(out)) + x)
+
+
+@pytest.mark.parametrize("build", [BlockThroughHelpers, BlockThroughReduce, BlockNamingItselfOtherwise])
 def test_a_run_called_through_helpers_of_the_forward_folds(build, rng, monkeypatch):
     """The forward that the trace showed calling the run is found a few frames up: the runs fold
     (no batch norm computes in eval) and compute as the unpatched block."""

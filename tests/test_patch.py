@@ -453,3 +453,46 @@ def test_bad_inputs_are_clear_errors_and_change_nothing(rng, call, error, match)
     with pytest.raises(error, match=match):
         call(model)
     assert types(model) == before
+
+
+class CountingNoise(nn.Module):
+    """A parametrization that counts its evaluations and adds noise from torch's generator:
+    what spectral_norm's power iteration (state advanced at each read) and a random weight
+    (DropConnect) do to a layer that reads its weight more than once per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, weight):
+        self.calls += 1
+        return weight + 0.01 * torch.randn_like(weight)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_parametrization_added_after_patching_is_evaluated_as_often_as_unpatched(rng, train):
+    """torch's modules read a parametrized tensor once per call; fastml's must too (and time
+    nothing with it), for the layers patch replaced, a fused Conv2d → ReLU → MaxPool2d, a folded
+    Conv2d → BatchNorm2d → ReLU and a Linear → ReLU run."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    reference = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(8 * 4 * 4, 12), nn.ReLU(), nn.Linear(12, 5)).double()
+    model = copy.deepcopy(reference)
+    fastml.patch(model)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=rng)
+    for net in (reference, model):
+        net.train(train)
+        with torch.no_grad():
+            net(x)  # the routes settle before the parametrizations come
+        for index in (0, 3, 4, 7, 9):
+            torch.nn.utils.parametrize.register_parametrization(net[index], "weight", CountingNoise())
+            net[index].parametrizations.weight[0].calls = 0  # (registering evaluates it once)
+    for _ in range(3):
+        torch.manual_seed(1)
+        expected = reference(x)
+        torch.manual_seed(1)
+        actual = model(x)
+        assert_close(actual, expected, scale=magnitude(expected))
+    for index in (0, 3, 4, 7, 9):
+        assert model[index].parametrizations.weight[0].calls == reference[index].parametrizations.weight[0].calls == 3
