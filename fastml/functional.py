@@ -716,9 +716,15 @@ def _conv_args(input, weight, bias, stride, padding, dilation, groups):
     if pads is None:
         return None
     h, w = input.shape[-2:]
-    if (h + pads[0] + pads[1] < dilation[0] * (weight.shape[2] - 1) + 1
-            or w + pads[2] + pads[3] < dilation[1] * (weight.shape[3] - 1) + 1):
+    extent = (h + pads[0] + pads[1], w + pads[2] + pads[3])
+    if (extent[0] < dilation[0] * (weight.shape[2] - 1) + 1
+            or extent[1] < dilation[1] * (weight.shape[3] - 1) + 1):
         return None
+    # A stride past the padded image takes one window along it, as a stride of the image's extent
+    # does, and a 1-tap kernel's dilation spans nothing: given so, the kernels' products of strides
+    # and sizes stay far from int64's limit (a stride of 2**59 sized a scratch buffer by overflow).
+    stride = (min(stride[0], extent[0]), min(stride[1], extent[1]))
+    dilation = (dilation[0] if weight.shape[2] > 1 else 1, dilation[1] if weight.shape[3] > 1 else 1)
     return stride, pads, dilation
 
 

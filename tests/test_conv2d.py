@@ -29,6 +29,10 @@ CONFIGS = [
     ((31, 3, 9, 11), (10, 3, 3, 2), True, 1, 1, 1, 1),         # batch layout, a partial channel block
     ((31, 4, 10, 8), (12, 2, 3, 3), True, 2, 1, 1, 2),         # batch layout, strides, groups
     ((31, 2, 12, 9), (9, 2, 3, 3), False, 1, 2, 2, 1),         # batch layout, dilation, no bias
+    # Strides past the image (one window along it) and a 1-tap kernel's dilation, as large as
+    # torch takes them (a product of such a stride once sized a C++ scratch buffer by overflow).
+    ((2, 3, 9, 9), (4, 3, 3, 3), True, 2 ** 59, 0, 1, 1),
+    ((2, 2, 7, 6), (3, 2, 1, 3), True, (1, 2 ** 40), 1, (2 ** 40, 1), 1),
 ]
 
 
