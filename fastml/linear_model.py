@@ -79,6 +79,8 @@ def _as_tensor(name: str, value) -> tuple[torch.Tensor, bool]:
                 raise InvalidArgumentError(f"{name} holds objects that are not numbers: {exc}") from None
         if array.dtype.kind not in "biufc":
             raise InvalidArgumentError(f"{name} must hold real numbers, got a numpy array of dtype {array.dtype}")
+        if not array.dtype.isnative:  # big-endian data, which scikit-learn takes and torch.from_numpy refuses
+            array = array.astype(array.dtype.newbyteorder("="))
         t, is_tensor = torch.from_numpy(np.ascontiguousarray(array)), False
     if t.is_complex():
         raise InvalidArgumentError(f"Complex data not supported: {name} has dtype {t.dtype}.")

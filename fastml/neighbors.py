@@ -115,6 +115,8 @@ def _numpy(name: str, data) -> np.ndarray:
         raise ValueError(f"Complex data not supported: {name} has dtype {array.dtype}.")
     if array.dtype == object:
         array = array.astype(np.float64)
+    if not array.dtype.isnative:  # big-endian data, which scikit-learn takes and torch.from_numpy refuses
+        array = array.astype(array.dtype.newbyteorder("="))
     return array
 
 

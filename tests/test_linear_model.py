@@ -511,3 +511,14 @@ def test_not_fitted_error_is_also_sklearns():
 
 def test_public_surface():
     assert fastml.linear_model.LinearRegression is LinearRegression
+
+
+def test_big_endian_arrays_fit_as_native_ones():
+    """numpy data in the other byte order (which torch.from_numpy refuses) gives the same model as
+    the same values in the native order, as scikit-learn's estimators take either."""
+    rng = np.random.default_rng(12)
+    X, y = rng.normal(size=(50, 3)), rng.normal(size=50)
+    native = LinearRegression(random_state=0).fit(X, y)
+    swapped = LinearRegression(random_state=0).fit(X.astype(">f8"), y.astype(">f8"))
+    np.testing.assert_array_equal(swapped.coef_, native.coef_)
+    np.testing.assert_array_equal(swapped.predict(X.astype(">f8")), native.predict(X))

@@ -582,3 +582,19 @@ def test_kneighbors_graph_is_sklearns(mode, X_given):
     np.testing.assert_allclose(ours.toarray(), twin.toarray(), rtol=1e-12)
     with pytest.raises(ValueError, match="Unsupported mode"):
         KNeighborsClassifier(3).fit(X, y).kneighbors_graph(query, mode="weights")
+
+
+def test_big_endian_arrays_as_scikit_learn_takes_them():
+    """numpy data in the other byte order (read from a file written elsewhere): scikit-learn takes
+    it; torch.from_numpy refuses it, so the estimators convert it first."""
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(40, 3))
+    y = np.arange(40) % 3
+    Xb, yb = X.astype(">f8"), y.astype(">i8")
+    ours = KNeighborsClassifier(n_neighbors=4).fit(Xb, yb)
+    theirs = sk_neighbors.KNeighborsClassifier(n_neighbors=4).fit(Xb, yb)
+    np.testing.assert_array_equal(ours.predict(Xb), theirs.predict(Xb))
+    distances, indices = ours.kneighbors(Xb)
+    expected_distances, expected_indices = theirs.kneighbors(Xb)
+    np.testing.assert_allclose(distances, expected_distances, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(indices, expected_indices)
