@@ -173,25 +173,34 @@ def test_the_relu_keeps_nan_as_torchs(value, where, rng):
     assert torch.equal(out.isnan(), torchs.isnan()) and torch.equal(out.isinf(), torchs.isinf())
 
 
+def settled_twins(variant: str, monkeypatch, x: torch.Tensor, out_channels: int = 8):
+    """(torch's 3x3 Conv2d, a fastml.nn.Conv2d twin whose route for ``x`` settled on ``variant``),
+    depthwise for the grouped kernel; skipped where the variant's kernels are not built."""
+    from fastml import _grouped, _winograd
+    if variant != "onednn_packed" and not (_winograd._kernels_built() and _grouped._kernels_built()):
+        pytest.skip("needs fastml's C++ kernels")
+    prefer(monkeypatch, variant)
+    channels = x.shape[1]
+    groups = channels if variant == "grouped_direct" else 1
+    unpatched = torch.nn.Conv2d(channels, out_channels, 3, padding=1, groups=groups)
+    layer = fastml.nn.Conv2d(channels, out_channels, 3, padding=1, groups=groups)
+    layer.load_state_dict(unpatched.state_dict())
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+    assert set(_route.routes(layer).values()) == {variant}
+    return unpatched, layer
+
+
 @pytest.mark.parametrize("variant", ["onednn_packed", "winograd", "grouped_direct"])
 def test_a_settled_variant_gives_way_to_torch_under_forward_mode_ad(variant, monkeypatch, rng):
     """Forward-mode AD (torch.autograd.forward_ad) carries tangents through torch's ops only:
     a layer whose route settled on a variant that calls oneDNN's or fastml's kernels directly
     must run torch's module for a dual input, or the tangent would be silently dropped."""
-    from fastml import _grouped, _winograd
-    if variant != "onednn_packed" and not (_winograd._kernels_built() and _grouped._kernels_built()):
-        pytest.skip("needs fastml's C++ kernels")
-    prefer(monkeypatch, variant)
-    groups = 8 if variant == "grouped_direct" else 1
-    unpatched = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
-    layer = fastml.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
-    layer.load_state_dict(unpatched.state_dict())
     x = torch.randn(2, 8, 6, 7, generator=rng).contiguous(memory_format=CL)
     tangent = torch.randn(x.shape, generator=rng).contiguous(memory_format=CL)
+    unpatched, layer = settled_twins(variant, monkeypatch, x)
     with torch.no_grad():
-        for _ in range(3):
-            layer(x)
-        assert set(_route.routes(layer).values()) == {variant}
         with torch.autograd.forward_ad.dual_level():
             actual = torch.autograd.forward_ad.unpack_dual(layer(torch.autograd.forward_ad.make_dual(x, tangent)))
             expected = torch.autograd.forward_ad.unpack_dual(unpatched(torch.autograd.forward_ad.make_dual(x, tangent)))
@@ -216,20 +225,10 @@ def test_a_settled_variant_takes_tensors_replaced_after_as_torch(variant, replac
     another size or layout (a new Parameter). The variants size their kernels from the layer's
     attributes and read the tensors by address: they must give way to torch's module, which
     computes what the tensors' shapes say or raises, where a kernel read past their end."""
-    from fastml import _grouped, _winograd
-    if variant != "onednn_packed" and not (_winograd._kernels_built() and _grouped._kernels_built()):
-        pytest.skip("needs fastml's C++ kernels")
-    prefer(monkeypatch, variant)
-    channels, groups = (16, 16) if variant == "grouped_direct" else (8, 1)
-    unpatched = torch.nn.Conv2d(channels, 16, 3, padding=1, groups=groups)
-    layer = fastml.nn.Conv2d(channels, 16, 3, padding=1, groups=groups)
-    layer.load_state_dict(unpatched.state_dict())
+    channels = 16 if variant == "grouped_direct" else 8
     x = torch.randn(2, channels, 6, 7, generator=rng).contiguous(memory_format=CL)
-    with torch.no_grad():
-        for _ in range(3):
-            layer(x)
-    assert set(_route.routes(layer).values()) == {variant}
-    for name, value in REPLACEMENTS[replacement](16, channels // groups).items():
+    unpatched, layer = settled_twins(variant, monkeypatch, x, out_channels=16)
+    for name, value in REPLACEMENTS[replacement](16, channels // unpatched.groups).items():
         setattr(unpatched, name, torch.nn.Parameter(value))
         setattr(layer, name, torch.nn.Parameter(value))
     with torch.no_grad():
@@ -266,22 +265,12 @@ def test_a_settled_variant_gives_way_to_torch_under_autocast_and_vmap(variant, c
     computes in bfloat16 and returns it, and under vmap its ops see batched tensors, which a
     variant calling oneDNN or fastml's kernels directly would not (a float32 output, where
     torch's is bfloat16; no data pointer). The layer must run torch's module there."""
-    from fastml import _grouped, _winograd
-    if variant != "onednn_packed" and not (_winograd._kernels_built() and _grouped._kernels_built()):
-        pytest.skip("needs fastml's C++ kernels")
-    prefer(monkeypatch, variant)
-    groups = 8 if variant == "grouped_direct" else 1
-    unpatched = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
-    layer = fastml.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
-    layer.load_state_dict(unpatched.state_dict())
     # Two batches, each laid out channels-last (as vmap shows each to the layer).
     batches = torch.randn(2, 2, 6, 7, 8, generator=rng).permute(0, 1, 4, 2, 3)
     x = batches[0]
     assert x.is_contiguous(memory_format=CL)
+    unpatched, layer = settled_twins(variant, monkeypatch, x)
     with torch.no_grad():
-        for _ in range(3):
-            layer(x)
-        assert set(_route.routes(layer).values()) == {variant}
         if context == "autocast":
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 actual, expected = layer(x), unpatched(x)
