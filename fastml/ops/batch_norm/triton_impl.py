@@ -59,8 +59,9 @@ def _channel_sums_kernel(
         d = tl.where(mask, x - center[None, :], 0)
         if GRADIENT:
             g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
-            if RELU:
-                g = tl.where(tl.fma(x, a[None, :], b[None, :]) <= 0, 0, g)  # as _elementwise_kernel's pre
+            if RELU:  # (as _elementwise_kernel's mask: the output's sign after its rounding)
+                pre = tl.fma(x, a[None, :], b[None, :]).to(x_ptr.dtype.element_ty).to(ACC)
+                g = tl.where(pre <= 0, 0, g)
             first += tl.sum(g, axis=0).to(tl.float64)
             second += tl.sum(g * d, axis=0).to(tl.float64)
         else:
@@ -99,7 +100,9 @@ def _elementwise_kernel(
         if GRADIENT:
             g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
             if RELU:
-                g = tl.where(pre <= 0, 0, g)
+                # The mask is the stored output's sign, as torch's ReLU after a half-precision
+                # batch norm sees it: a pre-activation too small for x's dtype is stored as 0.
+                g = tl.where(pre.to(x_ptr.dtype.element_ty).to(ACC) <= 0, 0, g)
             centred = x - tl.load(mean_ptr + ch, mask=mask, other=0).to(ACC)
             k = tl.load(k_ptr + ch, mask=mask, other=0).to(ACC)
             mg = tl.load(mg_ptr + ch, mask=mask, other=0).to(ACC)
