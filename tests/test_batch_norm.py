@@ -168,6 +168,15 @@ def test_op_matches_float64_reference(backend, rng, kernel_calls, shape, layout,
         assert kernel_calls == [(backend.name, "forward", relu), (backend.name, "backward", relu)], kernel_calls
 
 
+def test_op_relu_mask_where_a_half_precision_output_rounds_to_zero(backend, kernel_calls):
+    """The seed with which test_op_matches_float64_reference once drew, in float16 and channels
+    last, a pre-activation positive in the kernel's float32 and stored as 0: the Triton kernel's
+    backward took the float32 sign as the ReLU's mask and passed that element's gradient, where
+    torch's ReLU sees the stored 0 (an input gradient off by 0.41)."""
+    test_op_matches_float64_reference(backend, torch.Generator().manual_seed(1304269363), kernel_calls,
+                                      (3, 5, 7, 11), "channels_last", "weight", True)
+
+
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
 def test_op_without_gradients(backend, rng, kernel_calls, layout, relu):
