@@ -159,9 +159,9 @@ def choose_backend(columns: Sequence[Sequence[torch.Tensor]], implemented: tuple
     if key is None:
         key = step_class(columns[0], options, sum(map(_numel, columns[0])))
     settings = _backend.settings()
-    settled = _settled.get(key)
-    if settled is not None and settled[0] == settings:
-        return settled[1]
+    backend = remembered(key, settings)
+    if backend is not None:
+        return backend
     scratch = []
 
     def run(name):
@@ -188,6 +188,13 @@ def step_class(params: Sequence[torch.Tensor], options: tuple, elements: int) ->
     first = params[0]
     return (options[0], "step", torch.get_num_threads(), first.dtype, first.device, len(params), elements,
             *options[1:])
+
+
+def remembered(key: tuple, settings: tuple | None) -> str | None:
+    """choose_backend's answer for shape class ``key``, if it was given under ``settings``
+    (``_backend.settings()``), else None."""
+    settled = _settled.get(key)
+    return settled[1] if settled is not None and settled[0] == settings else None
 
 
 _settled: dict[tuple, tuple[tuple, str]] = {}
@@ -233,8 +240,7 @@ def run_launches(lists: Sequence[Sequence[torch.Tensor]], written: Sequence[bool
     A step whose shape class has settled on the reference runs it on the lists as they are, with
     no layout check: torch's ops take any mix of layouts, dtypes and devices."""
     key = step_class(lists[0], options, sum(map(_numel, lists[0])))
-    settled = _settled.get(key)  # (choose_backend's lookup, inline: this runs at every step)
-    backend = settled[1] if settled is not None and settled[0] == _backend.settings() else None
+    backend = remembered(key, _backend.settings())
     if backend == "reference":
         launch(backend, None, lists, False)
         return

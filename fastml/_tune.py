@@ -490,7 +490,7 @@ def settings() -> tuple | None:
     value beside it may reuse it while the value is equal (fastml/_backend.py's ``settings``)."""
     if _recorder.get() is not None:
         return None
-    return _mode_override.get(), _tune_env_stored(), _generation, _in_process_group()  # (state(), inline)
+    return state(), _in_process_group()
 
 
 def clear_tuning(persisted: bool = False) -> None:
