@@ -227,20 +227,30 @@ def columns_for(backend: str, lists: Sequence[Sequence[torch.Tensor]], rows: lis
     mark_rows_written(lists, written, rows)
 
 
+def settled(params: Sequence[torch.Tensor], options: tuple) -> tuple[tuple, str | None]:
+    """The shape class of an optimizer step over ``params`` with ``options`` (see
+    choose_backend), and the backend the measured choice settled it on under the present
+    settings (None: not yet). A caller that finds "reference" may run the reference's step on
+    its lists as they are, without run_launches (a small model's step is mostly fixed costs);
+    otherwise it hands the pair to run_launches, which then need not look it up again."""
+    key = step_class(params, options, sum(map(_numel, params)))
+    return key, remembered(key, _backend.settings())
+
+
 def run_launches(lists: Sequence[Sequence[torch.Tensor]], written: Sequence[bool], implemented: tuple[str, ...],
-                 options: tuple, launch) -> None:
+                 options: tuple, launch, choice: tuple[tuple, str | None] | None = None) -> None:
     """The launches of one optimizer step over ``lists`` (params, grads, then state lists, one
     entry per tensor): ``launch(backend, rows, columns, timing=False)`` runs each, ``columns``
     being the rows' tensors of each list as the backend takes them, and ``rows`` their indices
     (None: all of them, passed through without any per-row work). Each launch's backend is the
     measured choice for ``options`` (the op's name, then what changes its cost; see
-    choose_backend). The tensors of the lists flagged ``written`` have their version counters
-    bumped after a kernel's launch.
+    choose_backend); ``choice``: what ``settled`` said of the lists, if the caller asked it. The
+    tensors of the lists flagged ``written`` have their version counters bumped after a kernel's
+    launch.
 
     A step whose shape class has settled on the reference runs it on the lists as they are, with
     no layout check: torch's ops take any mix of layouts, dtypes and devices."""
-    key = step_class(lists[0], options, sum(map(_numel, lists[0])))
-    backend = remembered(key, _backend.settings())
+    key, backend = settled(lists[0], options) if choice is None else choice
     if backend == "reference":
         launch(backend, None, lists, False)
         return

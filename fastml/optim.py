@@ -81,9 +81,15 @@ class _KernelStep:
         allocated, unlike ``optimizer.zero_grad()``'s default of setting them to None).
         """
         loss = _evaluate(closure)
-        with torch.set_grad_enabled(self.defaults["differentiable"]):  # as torch.optim's steps
+        # Grad mode as torch.optim's steps set it, and in their form: set_grad_enabled as a call
+        # costs ~0.4 us less than as a context manager, which counts in a small model's step.
+        previous = torch.is_grad_enabled()
+        torch.set_grad_enabled(self.defaults["differentiable"])
+        try:
             for group in self.param_groups:
                 self._group_step(group, zero_grad)
+        finally:
+            torch.set_grad_enabled(previous)
         return loss
 
     def _runs_in_torch(self, group, params, *hyperparameters) -> bool:
@@ -94,7 +100,8 @@ class _KernelStep:
                 or getattr(self, "found_inf", None) is not None):
             return True
         for value in hyperparameters:
-            if isinstance(value, torch.Tensor) and value.requires_grad:
+            # (a float, the common case, is told apart first: isinstance with torch.Tensor costs more)
+            if type(value) is not float and isinstance(value, torch.Tensor) and value.requires_grad:
                 return True
         if is_compiling():
             # Traced into a graph, the step is fastml's custom op where torch has them. Dynamo

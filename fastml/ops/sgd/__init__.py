@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from fastml import _backend
-from fastml._multi_tensor import pick, run_launches
+from fastml._multi_tensor import pick, run_launches, settled
 from fastml.ops import in_custom_op_graph
+from fastml.ops.sgd import reference
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -31,14 +32,29 @@ def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_d
             buffers, fresh = [], []  # torch's buffer list then holds Nones, which a Tensor[] cannot
         torch.ops.fastml.sgd_step(params, grads, buffers, fresh, lr, momentum, dampening, weight_decay, nesterov,
                                   maximize, zero_grad)
-    else:
-        launch_sgd_step(params, grads, buffers, fresh, lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, zero_grad=zero_grad)
+        return
+    options = _options(momentum, dampening, weight_decay, nesterov, maximize)
+    choice = settled(params, options)
+    if choice[1] == "reference":
+        # Straight to torch's ops, as run_launches would go, without its layers of calls: a
+        # course model's step settles here, and is mostly such fixed costs (~1 us of ~9).
+        reference.sgd_step(params, grads, buffers, fresh, lr=lr, momentum=momentum, dampening=dampening,
+                           weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, zero_grad=zero_grad)
+        return
+    launch_sgd_step(params, grads, buffers, fresh, lr=lr, momentum=momentum, dampening=dampening,
+                    weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, zero_grad=zero_grad,
+                    choice=choice)
+
+
+def _options(momentum, dampening, weight_decay, nesterov, maximize) -> tuple:
+    """An SGD step's options for the measured choice: the op, then what changes its cost."""
+    return "sgd_step", momentum != 0, nesterov, weight_decay != 0, dampening != 0, maximize
 
 
 def launch_sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                    zero_grad):
-    """sgd_step's kernel launches, one per bucket (also fastml::sgd_step's implementation)."""
+                    zero_grad, choice=None):
+    """sgd_step's kernel launches, one per bucket (also fastml::sgd_step's implementation);
+    ``choice``: what _multi_tensor.settled said of the step, if the caller asked it."""
     with_momentum = momentum != 0
     lists = (params, grads, buffers) if with_momentum else (params, grads)
 
@@ -52,8 +68,8 @@ def launch_sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, w
                                dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                                zero_grad=zero_grad and not timing)
 
-    options = ("sgd_step", with_momentum, nesterov, weight_decay != 0, dampening != 0, maximize)
-    run_launches(lists, (True, zero_grad, True), IMPLEMENTED, options, launch)
+    run_launches(lists, (True, zero_grad, True), IMPLEMENTED,
+                 _options(momentum, dampening, weight_decay, nesterov, maximize), launch, choice)
 
 
 def sgd_course_step(params, grads, *, lr, batch_size):
