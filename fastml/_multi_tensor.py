@@ -51,6 +51,13 @@ def walkable(row: Sequence[torch.Tensor]) -> bool:
     return _dense(first) and all(t.stride() == first.stride() and _dense(t) for t in row[1:])
 
 
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether elements of ``t`` share memory (an expanded gradient, as ``grad.expand``
+    leaves it): a staged copy could not be written back into it (``copy_`` refuses), while
+    torch's in-place ops read it, and zero it, as the course's loop does."""
+    return not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1  # (1: MemOverlap::Yes)
+
+
 def real_view(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
@@ -116,10 +123,11 @@ def launches(lists: Sequence[Sequence[torch.Tensor]], written: Sequence[bool], i
     """Yields (backend, row indices) per launch of an optimizer step: one per (device, dtype)
     bucket of the rows a kernel can take (a strided parameter whose gradient and state are of
     its dtype and device), then the remaining rows on the reference (which does what torch's ops
-    do). A gradient or state tensor can differ from its parameter where the parameter's ``.data``
-    was replaced after its first step: ``model.double()`` keeps the optimizer's float32 state
-    (which torch's in-place ops then update), a resized parameter keeps its old-sized state
-    (which torch's ops refuse). A kernel would walk it as its parameter's dtype and size."""
+    do), with the rows where a tensor's elements overlap in memory (``_overlaps``). A gradient or
+    state tensor can differ from its parameter where the parameter's ``.data`` was replaced after
+    its first step: ``model.double()`` keeps the optimizer's float32 state (which torch's in-place
+    ops then update), a resized parameter keeps its old-sized state (which torch's ops refuse). A
+    kernel would walk it as its parameter's dtype and size."""
     params = lists[0]
     kernel_rows, reference_rows = [], []
     for i, p in enumerate(params):
@@ -127,7 +135,10 @@ def launches(lists: Sequence[Sequence[torch.Tensor]], written: Sequence[bool], i
         same = p.layout == torch.strided and all(
             t.dtype == dtype and t.device == device and t.layout == torch.strided and t.shape == shape
             for t in (column[i] for column in lists[1:]))
-        (kernel_rows if same else reference_rows).append(i)
+        if same and not any(_overlaps(column[i]) for column in lists):
+            kernel_rows.append(i)
+        else:
+            reference_rows.append(i)
     for bucket in bucket_by_device_and_dtype([params[i] for i in kernel_rows]).values():
         rows = [kernel_rows[j] for j in bucket]
         yield choose_backend([[real_view(tensors[i]) for i in rows] for tensors in lists], implemented, options,

@@ -197,6 +197,48 @@ def test_noncontiguous_parameters(backend, rng, ours_cls, torch_cls, kwargs):
     assert_same_state(opt_ours, opt_theirs, ours, theirs)
 
 
+def set_expanded_grads(ours, theirs, gen):
+    """set_grads, with the gradient of tensor 1 a broadcast of one value on both copies (its
+    elements share one memory location), as ``grad.expand`` leaves it."""
+    set_grads(ours, theirs, gen)
+    for params in (ours, theirs):
+        grad = params[1].grad
+        params[1].grad = grad.reshape(-1)[:1].expand(grad.shape)
+    assert torch._debug_has_internal_overlap(ours[1].grad) == 1
+
+
+@pytest.mark.parametrize("zero_grad", [False, True])
+@pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)
+def test_expanded_gradients(backend, rng, ours_cls, torch_cls, kwargs, zero_grad):
+    """A gradient whose elements overlap in memory: torch's steps read it, and zero it; a kernel's
+    staged copy could not be written back into it (copy_ refused it: a RuntimeError)."""
+    values = [rand(6, 4, generator=rng), rand(5, 3, generator=rng), rand(7, generator=rng)]
+    ours, theirs = twin_params(values)
+    opt_ours, opt_theirs = ours_cls(ours, **kwargs), torch_cls(theirs, **kwargs)
+    for _ in range(3):
+        set_expanded_grads(ours, theirs, rng)
+        opt_ours.step(zero_grad=zero_grad)
+        opt_theirs.step()
+        if zero_grad:
+            assert all(torch.count_nonzero(p.grad) == 0 for p in ours)
+            for p in theirs:
+                p.grad.zero_()
+        assert_same_state(opt_ours, opt_theirs, ours, theirs)
+
+
+def test_sgd_underscore_takes_expanded_gradients(backend, rng):
+    """The course's loop reads an expanded gradient and zeroes it; so must sgd_."""
+    values = make_params(torch.float32, backend.device, rng, [(6, 4), (5, 3)])
+    ours, theirs = twin_params(values)
+    for _ in range(3):
+        set_expanded_grads(ours, theirs, rng)
+        optim.sgd_(ours, 0.03, 10)
+        course_sgd(theirs, 0.03, 10)
+        assert all(torch.count_nonzero(p.grad) == 0 for p in ours)
+    for a, b in zip(ours, theirs):
+        assert_steps_close(a, b)
+
+
 @pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)
 def test_param_groups_tensor_lr_and_scheduler(backend, rng, ours_cls, torch_cls, kwargs):
     """Groups with their own hyperparameters, one added mid-training, a tensor lr, a scheduler."""
