@@ -308,7 +308,8 @@ def linear_mse(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                reduction: str = "mean") -> torch.Tensor:
     """Squared loss of a linear layer, fused: ``mse_loss(linear(input, weight, bias), target)``.
 
-    input (*, D); weight (O, D); bias (O,) or None; target (*, O), the prediction's shape. The
+    input (*, D); weight (O, D); bias (O,) or None (a bias that broadcasts to the prediction, as
+    F.linear takes one, runs torch's ops); target (*, O), the prediction's shape. The
     loss and the weight / bias gradients come from one pass over ``input``; gradients flow to
     every argument that requires them. reduction: "mean" (over all elements), "sum" or "none"
     (→ (*, O)), as in ``torch.nn.MSELoss``.
@@ -329,6 +330,7 @@ def linear_mse(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return torch_forward(*args)
     if not _linear_mse_args_ok(*args):
         _diagnose_linear_mse(*args)
+        return torch_forward(*args)  # a bias that broadcasts, which the kernels do not take
     if not _kernels_can_run(*args):  # sparse and other layouts: torch's own ops
         return torch_forward(*args)
 
@@ -340,18 +342,29 @@ def linear_mse(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def _diagnose_linear_mse(input, weight, bias, target) -> None:
-    """Raises the clear error for whatever _linear_mse_args_ok rejected."""
-    _check_linear_args(input, weight, bias, weight_rank_1_ok=False, strict_bias=True)
+    """Raises the clear error for whatever _linear_mse_args_ok rejected, except a bias that
+    broadcasts to the prediction (a 1-element bias), which F.linear takes: that one returns, for
+    torch's ops to compute, on every route alike."""
+    _check_linear_args(input, weight, bias, weight_rank_1_ok=False, strict_bias=False)
     _check_tensor("target", target)
     expected = (*input.shape[:-1], weight.shape[0])
+    if bias is not None and not _broadcasts_to(bias, expected):
+        raise ShapeError(f"bias must have shape ({weight.shape[0]},) to match weight's out_features, "
+                         f"got {tuple(bias.shape)}")
     if tuple(target.shape) != expected:
         raise ShapeError(f"target must have the prediction's shape {expected} (input's leading dims, "
                          f"then out_features), got {tuple(target.shape)}")
-    if bias is not None and bias.dim() != 1:
-        raise ShapeError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if input.dtype not in _KERNEL_DTYPES:
         raise DTypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
     _check_same("input", input, weight=weight, bias=bias, target=target)
+
+
+def _broadcasts_to(tensor: torch.Tensor, shape: tuple) -> bool:
+    """Whether ``tensor`` broadcasts to ``shape`` without changing it."""
+    try:
+        return torch.broadcast_shapes(tensor.shape, shape) == shape
+    except RuntimeError:
+        return False
 
 
 def mse_loss(input: torch.Tensor, target: torch.Tensor, size_average=None, reduce=None, reduction: str = "mean",

@@ -162,6 +162,22 @@ def test_large_batch_float32_accuracy(backend, rng):
     check_against_oracle(x, w, b, y, "mean", rng)
 
 
+@pytest.mark.parametrize("bias_shape", [(1,), (), (7, 1)])
+def test_bias_that_broadcasts_is_taken_as_linear_takes_it(backend, bias_shape, rng):
+    """A bias that broadcasts to the prediction (F.linear takes it): torch's loss and gradients,
+    on every backend (the kernels take an (O,) bias; the others run torch's ops)."""
+    x, w, _, y = make_problem((7,), 5, 3, torch.float64, backend.device, rng)
+    b = rand(*bias_shape, dtype=torch.float64, device=backend.device, generator=rng).requires_grad_()
+    loss = fastml.functional.linear_mse(x, w, b, y)
+    twins = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    ref = F.mse_loss(F.linear(*twins), y)
+    assert_close(loss, ref, scale=magnitude(ref))
+    loss.backward()
+    ref.backward()
+    for ours, theirs in zip((x, w, b), twins):
+        assert_close(ours.grad, theirs.grad, scale=magnitude(theirs.grad))
+
+
 class TestBadInput:
     def args(self, **over):
         a = dict(input=torch.randn(5, 3), weight=torch.randn(2, 3), bias=torch.randn(2), target=torch.randn(5, 2))
@@ -190,6 +206,8 @@ class TestBadInput:
     def test_bias_shape(self):
         with pytest.raises(ShapeError, match="bias must have shape"):
             self.call(bias=torch.randn(3))
+        with pytest.raises(ShapeError, match="bias must have shape"):
+            self.call(bias=torch.randn(2, 2))  # (F.linear refuses it too: it does not broadcast)
 
     def test_dtype_mismatch_names_argument(self):
         with pytest.raises(DTypeError, match="target has dtype torch.float64"):

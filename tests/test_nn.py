@@ -113,6 +113,29 @@ def test_linear_mse_loss_equals_linear_then_mse(backend, bias, reduction, rng):
         assert_close(p.grad, q.grad.double(), scale=magnitude(q.grad))
 
 
+@pytest.mark.parametrize("replaced_at", [0, 4])
+@pytest.mark.parametrize("bias_shape", [(1,), ()])
+def test_linear_mse_loss_broadcasts_a_one_element_bias_on_every_route(bias_shape, replaced_at, rng):
+    """A bias replaced by one that broadcasts, as nn.Linear then nn.MSELoss take it, before and
+    after the module's route settles: torch's result each time (it raised before the route
+    settled, and broadcast after, when the route had settled on torch's ops)."""
+    fused, linear = LinearMSELoss(6, 3, dtype=torch.float64), torch.nn.Linear(6, 3, dtype=torch.float64)
+    linear.load_state_dict(fused.state_dict())
+    x, y = rand(11, 6, generator=rng).double(), rand(11, 3, generator=rng).double()
+    for step in range(8):
+        if step == replaced_at:
+            value = rand(*bias_shape, generator=rng).double()
+            fused.bias, linear.bias = torch.nn.Parameter(value.clone()), torch.nn.Parameter(value.clone())
+        loss, ref = fused(x, y), torch.nn.MSELoss()(linear(x), y)
+        assert_close(loss, ref, scale=magnitude(ref))
+        loss.backward()
+        ref.backward()
+        for p, q in zip(fused.parameters(), linear.parameters()):
+            assert p.shape == q.shape
+            assert_close(p.grad, q.grad, scale=magnitude(q.grad))
+            p.grad = q.grad = None
+
+
 def test_linear_mse_loss_module_contract():
     torch.manual_seed(0)
     fused = LinearMSELoss(4, 2)
