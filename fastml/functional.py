@@ -524,6 +524,9 @@ def _pair(value, allow_empty: bool = False) -> tuple[int, int] | None:
     return None
 
 
+_C_INT_MAX = 2**31 - 1
+
+
 def _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode):
     """(kernel, stride, padding, dilation) pairs where fastml's kernels take this max_pool2d call as
     it is, else None: then torch's own max_pool2d runs, with its results and its errors."""
@@ -535,6 +538,8 @@ def _pool_args(input, kernel_size, stride, padding, dilation, ceil_mode):
     stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0) else _pair(stride)
     padding, dilation = _pair(padding), _pair(dilation)
     if None in (kernel, stride, padding, dilation) or min(*kernel, *stride, *dilation) <= 0:
+        return None
+    if max(*kernel, *stride, *padding, *dilation) > _C_INT_MAX:  # torch raises: its pooling takes C ints
         return None
     if not (0 <= padding[0] <= kernel[0] // 2 and 0 <= padding[1] <= kernel[1] // 2):
         return None
@@ -835,6 +840,7 @@ def conv2d_relu_max_pool2d(input: torch.Tensor, weight: torch.Tensor, bias: torc
                      zip(input.shape[-2:], (top, left), (bottom, right), weight.shape[2:], conv_stride, conv_dilation)]
         # int8 window offsets hold windows of up to 127 elements
         if (min(*pool_kernel, *pool_step) > 0 and pool_kernel[0] * pool_kernel[1] <= 127
+                and max(*pool_kernel, *pool_step) <= _C_INT_MAX  # (torch's pooling raises beyond)
                 and all(size >= k for size, k in zip(conv_size, pool_kernel))):
             def fastml_forward(input, weight, bias):
                 x, weight, fused_padding, restore = _conv_operands(input, weight, args[1])

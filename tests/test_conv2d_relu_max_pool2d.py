@@ -220,6 +220,9 @@ def test_unbatched_empty_and_fallbacks(backend, rng):
         F.conv2d_relu_max_pool2d(x, w, pool_stride=[2, 2, 2])
     with pytest.raises(RuntimeError, match="Output size is too small"):
         F.conv2d_relu_max_pool2d(x, w, pool_kernel_size=20)
+    for step in (2 ** 31, 2 ** 40):  # torch's pooling takes C ints; a kernel would take one window
+        with pytest.raises(RuntimeError, match="without overflow"):
+            F.conv2d_relu_max_pool2d(x, w, pool_stride=step)
 
 
 def test_module_state_dict_is_a_conv2ds(backend, rng):

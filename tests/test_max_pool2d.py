@@ -240,11 +240,15 @@ def test_other_dtypes_run_torch():
     (((1, 1, 4, 4), 2, 0), "stride should not be zero"),
     (((1, 1, 4, 4), 0, 1), "kernel size should be greater than zero"),
     (((1, 1, 4, 4), 2, 1, 0, 0), "dilation should be greater than zero"),
+    # torch's pooling takes C ints: a kernel would take these as one window
+    (((1, 1, 4, 4), 2, 2 ** 31), "without overflow"),
+    (((1, 1, 4, 4), 2, 2 ** 40), "without overflow"),
+    (((1, 1, 4, 4), 1, 1, 0, 2 ** 31), "without overflow"),
 ])
-def test_bad_arguments_raise_torchs_errors(args, message):
+def test_bad_arguments_raise_torchs_errors(backend, args, message):
     shape, *rest = args
     with pytest.raises(RuntimeError, match=message):
-        F.max_pool2d(torch.randn(shape), *rest)
+        F.max_pool2d(torch.randn(shape, device=backend.device), *rest)
     with pytest.raises(RuntimeError, match=message):
         TF.max_pool2d(torch.randn(shape), *rest)
 
