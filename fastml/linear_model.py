@@ -8,6 +8,15 @@
 at zero, then per epoch a fresh random order and the whole minibatch loop in ONE compiled kernel
 call (``fastml.ops.linear_mse.sgd_epoch``: C++ / numba on the CPU, Triton on the GPU), with the
 course's update ``w -= lr * summed_gradient / batch_size``. ``solver="lstsq"`` is the closed form.
+The default, ``solver="auto"``, is SGD where any of ``lr``, ``batch_size``, ``epochs`` is given,
+and otherwise the closed form, as scikit-learn's ``LinearRegression`` fits (it takes that
+class's parameters too: ``copy_X``, ``tol``, ``n_jobs``, ``positive``, and ``sample_weight``).
+
+A closed-form fit of data that is not a torch tensor (numpy arrays, pandas frames, scipy's sparse
+matrices), with no ``dtype`` asked for, is scikit-learn's own computation, where scikit-learn is
+installed: no fastml kernel takes part in it, and the fit is then scikit-learn's in every respect
+(feature names, ``rank_`` and ``singular_``, dtypes, errors and warnings). fastml computes the
+closed form of tensors, on their device, and every SGD fit.
 
 numpy arrays (or lists) in → numpy out; torch tensors in → tensors out, on the input's device,
 where the work also runs.
@@ -31,13 +40,13 @@ import torch
 from fastml import functional
 from fastml._sklearn_twin import twin as _twin
 from fastml.data import InvalidArgumentError, _randperm
-from fastml.neighbors import _is_sparse
+from fastml.neighbors import UndefinedMetricWarning, _is_sparse
 from fastml.ops import linear_mse as _linear_mse_op
 
 __all__ = ["InvalidArgumentError", "LinearRegression", "NotFittedError"]
 
-SOLVERS = ("sgd", "lstsq")
-LSTSQ_RCOND = 1e-6  # scikit-learn's LinearRegression(tol=1e-6)
+SOLVERS = ("auto", "sgd", "lstsq")
+SGD_DEFAULTS = {"lr": 0.03, "batch_size": 10, "epochs": 3}  # the course's, where solver="sgd" leaves them None
 _DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64, "float32": torch.float32,
            "float64": torch.float64}
 _NAME = "LinearRegression"
@@ -81,6 +90,8 @@ def _as_tensor(name: str, value) -> tuple[torch.Tensor, bool]:
             raise InvalidArgumentError(f"{name} must hold real numbers, got a numpy array of dtype {array.dtype}")
         if not array.dtype.isnative:  # big-endian data, which scikit-learn takes and torch.from_numpy refuses
             array = array.astype(array.dtype.newbyteorder("="))
+        if not array.flags.writeable:  # (a memmap, a pandas copy-on-write column): torch would warn
+            array = array.copy()
         t, is_tensor = torch.from_numpy(np.ascontiguousarray(array)), False
     if t.is_complex():
         raise InvalidArgumentError(f"Complex data not supported: {name} has dtype {t.dtype}.")
@@ -120,24 +131,53 @@ def _to_user(t: torch.Tensor, as_tensor: bool):
     return t if as_tensor else t.cpu().numpy()
 
 
+def _sample_weights(sample_weight, n: int) -> torch.Tensor:
+    """sample_weight as float64 CPU weights of the n samples: a number weighs every sample alike;
+    otherwise one finite weight per sample (scikit-learn's shape message)."""
+    weights, _ = _as_tensor("sample_weight", sample_weight)
+    weights = weights.to("cpu", torch.float64)
+    if np.ndim(sample_weight) == 0:  # (_as_tensor gives a number's array one dimension)
+        return weights.reshape(()).expand(n)
+    if weights.shape != (n,):
+        raise InvalidArgumentError(f"sample_weight.shape == {tuple(weights.shape)}, expected ({n},)!")
+    _check_finite("sample_weight", weights)
+    return weights
+
+
+def _sklearn_linear_regression() -> type | None:
+    """scikit-learn's LinearRegression, from the module that defines it (code that swaps the
+    public name for fastml's must not make fastml hand a fit to itself), or None where
+    scikit-learn is not installed (it is optional: imported on the path that needs it only)."""
+    try:
+        from sklearn.linear_model import _base
+    except ImportError:
+        return None
+    return getattr(_base, "LinearRegression", None)
+
+
 class LinearRegression:
     """Least-squares linear regression, y ≈ X @ coef_.T + intercept_.
 
     Parameters
     ----------
-    solver : "sgd" (the course's minibatch SGD, default) or "lstsq" (closed form, float64).
-    lr : SGD learning rate, > 0.
+    solver : "sgd" (the course's minibatch SGD), "lstsq" (closed form, float64), or "auto" (the
+        default): "sgd" where any of lr, batch_size, epochs is given, else "lstsq".
+    lr : SGD learning rate, > 0 (None: 0.03).
     batch_size : SGD minibatch size, a positive int (the last minibatch of an epoch is shorter;
-        its update still divides by ``batch_size``, as the course's ``sgd``).
-    epochs : passes over the data, a non-negative int.
+        its update still divides by ``batch_size``, as the course's ``sgd``). None: 10.
+    epochs : passes over the data, a non-negative int (None: 3).
     fit_intercept : learn a bias (True) or fit through the origin.
     shuffle : a fresh random order every epoch (True, as the course) or the data's own order.
     dtype : the dtype training and prediction run in: torch.float32 / torch.float64 (or the
         strings). None: float64 for float64 inputs, else float32.
-    random_state : an int seed: every ``fit`` draws the same initial weights and orders.
+    random_state : an int seed: every ``fit`` draws the same initial weights and orders (or a
+        numpy RandomState, as scikit-learn's tools pass one, which gives the seed).
     generator : a torch.Generator to draw from (its state advances across fits); at most one of
         ``random_state`` and ``generator``. With neither, torch's global generator is used, so
         ``torch.manual_seed`` makes a fit reproducible, as in the course.
+    copy_X, tol, n_jobs, positive : scikit-learn's LinearRegression's. X is never written;
+        singular values below ``tol`` times the largest count as zero in the closed form;
+        ``positive=True`` (non-negative coefficients) is scikit-learn's fit and needs it.
 
     The parameters are stored as given and checked at ``fit`` (scikit-learn's convention).
 
@@ -151,12 +191,14 @@ class LinearRegression:
     n_features_in_ : number of features seen by ``fit``.
     """
 
-    def __init__(self, solver: str = "sgd", lr: float = 0.03, batch_size: int = 10, epochs: int = 3,
-                 fit_intercept: bool = True, shuffle: bool = True, dtype=None, random_state: int | None = None,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(self, solver: str = "auto", lr: float | None = None, batch_size: int | None = None,
+                 epochs: int | None = None, fit_intercept: bool = True, shuffle: bool = True, dtype=None,
+                 random_state: int | None = None, generator: torch.Generator | None = None, *, copy_X: bool = True,
+                 tol: float = 1e-6, n_jobs: int | None = None, positive: bool = False) -> None:
         self.solver, self.lr, self.batch_size, self.epochs = solver, lr, batch_size, epochs
         self.fit_intercept, self.shuffle, self.dtype = fit_intercept, shuffle, dtype
         self.random_state, self.generator = random_state, generator
+        self.copy_X, self.tol, self.n_jobs, self.positive = copy_X, tol, n_jobs, positive
 
     # -- scikit-learn's parameter protocol (so sklearn.base.clone and grid searches work) --------
 
@@ -164,15 +206,16 @@ class LinearRegression:
 
     def __sklearn_tags__(self):
         """What scikit-learn's tools (cross_val_score, Pipeline, GridSearchCV, check_estimator)
-        ask of an estimator since scikit-learn 1.6: a regressor of dense X, y of one or several
-        targets. Built on demand: scikit-learn is optional here."""
+        ask of an estimator since scikit-learn 1.6: a regressor of X (sparse too, in the closed
+        form), y of one or several targets. Built on demand: scikit-learn is optional here."""
         from sklearn.utils import InputTags, RegressorTags, Tags, TargetTags
 
-        return Tags(estimator_type="regressor", input_tags=InputTags(),
+        sparse = self._solver() == "lstsq"  # (scikit-learn's fit takes sparse X; the course's SGD does not)
+        return Tags(estimator_type="regressor", input_tags=InputTags(sparse=sparse),
                     target_tags=TargetTags(required=True, multi_output=True), regressor_tags=RegressorTags())
 
     _PARAMS = ("solver", "lr", "batch_size", "epochs", "fit_intercept", "shuffle", "dtype", "random_state",
-               "generator")
+               "generator", "copy_X", "tol", "n_jobs", "positive")
 
     def get_params(self, deep: bool = True) -> dict:
         return {name: getattr(self, name) for name in self._PARAMS}
@@ -189,30 +232,51 @@ class LinearRegression:
         return self
 
     def __repr__(self) -> str:
-        defaults = LinearRegression.__init__.__defaults__
-        changed = [f"{name}={getattr(self, name)!r}" for name, default in zip(self._PARAMS, defaults)
-                   if getattr(self, name) is not default and getattr(self, name) != default]
+        defaults = dict(zip(self._PARAMS, LinearRegression.__init__.__defaults__))
+        defaults.update(LinearRegression.__init__.__kwdefaults__)
+        changed = [f"{name}={getattr(self, name)!r}" for name in self._PARAMS
+                   if getattr(self, name) is not defaults[name] and getattr(self, name) != defaults[name]]
         return f"LinearRegression({', '.join(changed)})"
+
+    def _solver(self) -> str:
+        """The solver a fit runs: "auto" resolved."""
+        if self.solver != "auto":
+            return self.solver
+        return "sgd" if any(getattr(self, name) is not None for name in SGD_DEFAULTS) else "lstsq"
+
+    def _sgd_setting(self, name: str):
+        value = getattr(self, name)
+        return SGD_DEFAULTS[name] if value is None else value
 
     def _validate_params(self) -> None:
         if not isinstance(self.solver, str) or self.solver not in SOLVERS:
             raise InvalidArgumentError(f"solver must be one of {', '.join(map(repr, SOLVERS))}, got {self.solver!r}")
-        lr = self.lr
+        lr = self._sgd_setting("lr")
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (lr > 0 and math.isfinite(lr)):
             raise InvalidArgumentError(f"lr must be a positive finite number, got {lr!r}")
         for name, minimum in (("batch_size", 1), ("epochs", 0)):
-            value = getattr(self, name)
+            value = self._sgd_setting(name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
                 kind = "a positive int" if minimum else "a non-negative int"
                 raise InvalidArgumentError(f"{name} must be {kind}, got {value!r}")
-        for name in ("fit_intercept", "shuffle"):
+        for name in ("fit_intercept", "shuffle", "copy_X", "positive"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise InvalidArgumentError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        tol = self.tol
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0:
+            raise InvalidArgumentError(f"tol must be a non-negative number, got {tol!r}")
+        if self.n_jobs is not None and (isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, numbers.Integral)):
+            raise InvalidArgumentError(f"n_jobs must be None or an int, got {self.n_jobs!r}")
+        if self.positive and self._solver() == "sgd":
+            raise InvalidArgumentError("positive=True needs the closed form: solver='lstsq' (or 'auto' without "
+                                       "lr, batch_size and epochs)")
         if self.dtype is not None and (not isinstance(self.dtype, (torch.dtype, str)) or self.dtype not in _DTYPES):
             raise InvalidArgumentError(f"dtype must be None, torch.float32 or torch.float64, got {self.dtype!r}")
         rs = self.random_state
-        if rs is not None and (isinstance(rs, bool) or not isinstance(rs, numbers.Integral) or rs < 0):
-            raise InvalidArgumentError(f"random_state must be None or a non-negative int, got {rs!r}")
+        if rs is not None and not isinstance(rs, np.random.RandomState) and (
+                isinstance(rs, bool) or not isinstance(rs, numbers.Integral) or rs < 0):
+            raise InvalidArgumentError(f"random_state must be None, a non-negative int or a numpy RandomState, "
+                                       f"got {rs!r}")
         if self.generator is not None and not isinstance(self.generator, torch.Generator):
             raise InvalidArgumentError(f"generator must be a torch.Generator or None, "
                                        f"got {type(self.generator).__name__}")
@@ -221,9 +285,23 @@ class LinearRegression:
 
     # -- fitting ---------------------------------------------------------------------------------
 
-    def fit(self, X, y) -> LinearRegression:
-        """Fit on X (n_samples, n_features) and y (n_samples,) or (n_samples, n_targets). Returns self."""
+    def fit(self, X, y, sample_weight=None) -> LinearRegression:
+        """Fit on X (n_samples, n_features) and y (n_samples,) or (n_samples, n_targets), each
+        sample weighted by ``sample_weight`` (n_samples,) or a number, in the closed form only.
+        Returns self."""
         self._validate_params()
+        solver = self._solver()
+        self.__dict__.pop("_sklearn_fitted", None)
+        if solver == "lstsq" and self.dtype is None and not isinstance(X, torch.Tensor):
+            theirs = _sklearn_linear_regression()
+            if theirs is not None:
+                return self._fit_by_sklearn(theirs, X, y, sample_weight)
+        if self.positive:
+            raise InvalidArgumentError("positive=True is scikit-learn's fit (a non-negative least squares): it needs "
+                                       "scikit-learn installed, and data that is not a torch tensor")
+        if sample_weight is not None and solver == "sgd":
+            raise InvalidArgumentError("sample_weight is taken by the closed form only: solver='lstsq' (or 'auto' "
+                                       "without lr, batch_size and epochs)")
         if y is None:
             raise InvalidArgumentError(f"This {_NAME} estimator requires y to be passed, but the target y is None.")
         X, x_is_tensor = _as_tensor("X", X)
@@ -243,12 +321,15 @@ class LinearRegression:
         Y = y.to(device=X.device, dtype=dtype).reshape(n, -1).contiguous()
         _check_finite("X", X)
         _check_finite("y", Y)
+        weights = None if sample_weight is None else _sample_weights(sample_weight, n)
+        for name in ("rank_", "singular_"):  # (the closed form's, from an earlier fit)
+            self.__dict__.pop(name, None)
 
         with torch.no_grad():
-            if self.solver == "sgd":
+            if solver == "sgd":
                 weight, bias, history = self._fit_sgd(X, Y)
             else:
-                weight, bias, history = self._fit_lstsq(X, Y)
+                weight, bias, history = self._fit_lstsq(X, Y, weights)
 
         single = y.dim() == 1
         if bias is None:
@@ -258,13 +339,34 @@ class LinearRegression:
         self.intercept_ = float(intercept) if single and not x_is_tensor else intercept
         self.loss_history_ = history
         self.n_features_in_ = d
+        if "singular_" in self.__dict__:
+            self.singular_ = _to_user(self.singular_, x_is_tensor)
+        return self
+
+    def _fit_by_sklearn(self, theirs: type, X, y, sample_weight) -> LinearRegression:
+        """The closed-form fit by scikit-learn's LinearRegression (see the module docstring), its
+        fitted attributes then this estimator's, with the course's loss of the solution."""
+        estimator = theirs(fit_intercept=self.fit_intercept, copy_X=self.copy_X, tol=self.tol, n_jobs=self.n_jobs,
+                           positive=self.positive)
+        estimator.fit(X, y, sample_weight=sample_weight)
+        for name in [name for name in vars(self) if name.endswith("_")]:
+            delattr(self, name)  # what an earlier fit left
+        for name, value in vars(estimator).items():
+            if name.endswith("_") and not name.startswith("__"):
+                setattr(self, name, value)
+        residual = np.asarray(estimator.predict(X), dtype=np.float64) - np.asarray(y, dtype=np.float64)
+        self.loss_history_ = [float(np.mean(np.square(residual))) / 2]
+        self._sklearn_fitted = estimator
         return self
 
     def _generator(self) -> torch.Generator | None:
         if self.generator is not None:
             return self.generator
-        if self.random_state is not None:
-            return torch.Generator().manual_seed(int(self.random_state))
+        rs = self.random_state
+        if isinstance(rs, np.random.RandomState):
+            return torch.Generator().manual_seed(int(rs.randint(np.iinfo(np.int32).max)))
+        if rs is not None:
+            return torch.Generator().manual_seed(int(rs))
         return None
 
     def _fit_sgd(self, X: torch.Tensor, Y: torch.Tensor):
@@ -276,31 +378,39 @@ class LinearRegression:
         weight = torch.normal(0.0, 0.01, (k, d), generator=gen, device=draw_device, dtype=X.dtype).to(X.device)
         bias = X.new_zeros(k) if self.fit_intercept else None
         history = []
-        for _ in range(self.epochs):
+        lr, batch_size = float(self._sgd_setting("lr")), int(self._sgd_setting("batch_size"))
+        for _ in range(self._sgd_setting("epochs")):
             order = _randperm(n, X.device, gen) if self.shuffle else torch.arange(n, device=X.device)
-            _linear_mse_op.sgd_epoch(X, Y, order, weight, bias, float(self.lr), int(self.batch_size))
+            _linear_mse_op.sgd_epoch(X, Y, order, weight, bias, lr, batch_size)
             history.append(self._loss(X, Y, weight, bias))
         if history and not math.isfinite(history[-1]):
-            warnings.warn(f"SGD diverged (training loss {history[-1]}): lower lr (now {self.lr}) or scale X",
+            warnings.warn(f"SGD diverged (training loss {history[-1]}): lower lr (now {lr}) or scale X",
                           RuntimeWarning, stacklevel=3)
         return weight, bias, history
 
-    def _fit_lstsq(self, X: torch.Tensor, Y: torch.Tensor):
+    def _fit_lstsq(self, X: torch.Tensor, Y: torch.Tensor, weights: torch.Tensor | None):
         # float64 on the CPU with LAPACK's SVD driver (as numpy.linalg.lstsq): exact for
         # rank-deficient X too, where the GPU's only driver (QR) is not. Centering X and y finds
         # the intercept without a ones column (better conditioned when features have large means)
         # and gives scikit-learn's minimum-norm coefficients when X is rank-deficient.
-        # Singular values below LSTSQ_RCOND of the largest count as zero, as in scikit-learn's
-        # (its tol, scipy's cond): LAPACK's default cutoff (machine epsilon) keeps nearly
-        # collinear columns apart and returns huge coefficients of opposite signs.
+        # Singular values below ``tol`` of the largest count as zero, as in scikit-learn's
+        # (scipy's cond): LAPACK's default cutoff (machine epsilon) keeps nearly collinear
+        # columns apart and returns huge coefficients of opposite signs. Sample weights as
+        # scikit-learn's: weighted means, then each row scaled by its weight's square root.
         X64, Y64 = X.to("cpu", torch.float64), Y.to("cpu", torch.float64)
         if self.fit_intercept:
-            x_mean, y_mean = X64.mean(0), Y64.mean(0)
-            solution = torch.linalg.lstsq(X64 - x_mean, Y64 - y_mean, rcond=LSTSQ_RCOND, driver="gelsd").solution
-            bias64 = y_mean - x_mean @ solution  # (solution: (d, k))
-        else:
-            solution = torch.linalg.lstsq(X64, Y64, rcond=LSTSQ_RCOND, driver="gelsd").solution
-            bias64 = None
+            if weights is None:
+                x_mean, y_mean = X64.mean(0), Y64.mean(0)
+            else:
+                x_mean, y_mean = (weights @ X64) / weights.sum(), (weights @ Y64) / weights.sum()
+            X64, Y64 = X64 - x_mean, Y64 - y_mean
+        if weights is not None:
+            root = weights.sqrt()[:, None]
+            X64, Y64 = X64 * root, Y64 * root
+        fitted = torch.linalg.lstsq(X64, Y64, rcond=float(self.tol), driver="gelsd")
+        solution = fitted.solution  # (d, k)
+        bias64 = y_mean - x_mean @ solution if self.fit_intercept else None
+        self.rank_, self.singular_ = int(fitted.rank), fitted.singular_values.to(X.device)
         weight = solution.T.to(device=X.device, dtype=X.dtype).contiguous()
         bias = None if bias64 is None else bias64.to(device=X.device, dtype=X.dtype)
         return weight, bias, [self._loss(X, Y, weight, bias)]
@@ -321,6 +431,9 @@ class LinearRegression:
         """X (n_samples, n_features) → (n_samples,) or (n_samples, n_targets), as y in ``fit``:
         numpy for numpy input, a tensor on X's device for tensor input."""
         self._check_fitted()
+        theirs = self.__dict__.get("_sklearn_fitted")
+        if theirs is not None and not isinstance(X, torch.Tensor):
+            return theirs.predict(X)
         X, x_is_tensor = _as_tensor("X", X)
         _check_X(X)
         if X.shape[1] != self.n_features_in_:
@@ -337,9 +450,13 @@ class LinearRegression:
             out = functional.linear(X, weight.reshape(-1, X.shape[1]), bias.reshape(-1))
         return _to_user(out.reshape(-1) if single else out, x_is_tensor)
 
-    def score(self, X, y) -> float:
+    def score(self, X, y, sample_weight=None) -> float:
         """R² of ``predict(X)`` against y, as scikit-learn's ``r2_score`` (averaged uniformly over
-        targets; a constant target scores 1.0 when predicted exactly, else 0.0)."""
+        targets; a constant target scores 1.0 when predicted exactly, else 0.0), each sample
+        weighted by ``sample_weight``."""
+        theirs = self.__dict__.get("_sklearn_fitted")
+        if theirs is not None and not isinstance(X, torch.Tensor):
+            return theirs.score(X, y, sample_weight=sample_weight)
         pred, _ = _as_tensor("predict(X)", self.predict(X))
         y, _ = _as_tensor("y", y)
         if y.shape[0] != pred.shape[0]:
@@ -350,10 +467,14 @@ class LinearRegression:
         if y.shape != pred.shape:
             raise InvalidArgumentError(f"y has {y.shape[1]} targets but the model predicts {pred.shape[1]}")
         if y.shape[0] < 2:
-            warnings.warn("R^2 score is not well-defined with less than two samples.", stacklevel=2)
+            warnings.warn(_twin(UndefinedMetricWarning)("R^2 score is not well-defined with less than two samples."),
+                          stacklevel=2)
             return float("nan")
-        ss_res = (y - pred).square().sum(0)
-        ss_tot = (y - y.mean(0)).square().sum(0)
+        w = y.new_ones(y.shape[0]) if sample_weight is None else \
+            _sample_weights(sample_weight, y.shape[0]).to(y.device)
+        w = w[:, None]
+        ss_res = (w * (y - pred).square()).sum(0)
+        ss_tot = (w * (y - (w * y).sum(0) / w.sum()).square()).sum(0)
         r2 = torch.where(ss_tot != 0, 1 - ss_res / torch.where(ss_tot != 0, ss_tot, 1.0),
                          (ss_res == 0).to(torch.float64))
         return float(r2.mean())

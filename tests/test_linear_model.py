@@ -99,7 +99,7 @@ def test_sgd_is_the_courses_update(backend, dtype, fit_intercept, rng):
 
 def test_course_experiment_numpy_1d_y_on_the_default_backend(rng):
     X, y = course_data(rng)
-    model = LinearRegression(random_state=seed_from(rng)).fit(X.numpy(), y.numpy()[:, 0])
+    model = LinearRegression(solver="sgd", random_state=seed_from(rng)).fit(X.numpy(), y.numpy()[:, 0])
     assert isinstance(model.coef_, np.ndarray) and model.coef_.shape == (2,)
     assert isinstance(model.intercept_, float)
     np.testing.assert_allclose(model.coef_, TRUE_W, atol=1e-2)
@@ -255,37 +255,37 @@ def test_zero_epochs_keeps_the_initial_weights(rng):
 def test_random_state_reproduces_every_fit(rng):
     X, y = course_data(rng)
     seed = seed_from(rng)
-    model = LinearRegression(random_state=seed)
+    model = LinearRegression(solver="sgd", random_state=seed)
     first = model.fit(X, y).coef_.clone()
     assert torch.equal(model.fit(X, y).coef_, first)
-    assert torch.equal(LinearRegression(random_state=seed).fit(X, y).coef_, first)
-    assert not torch.equal(LinearRegression(random_state=seed + 1).fit(X, y).coef_, first)
+    assert torch.equal(LinearRegression(solver="sgd", random_state=seed).fit(X, y).coef_, first)
+    assert not torch.equal(LinearRegression(solver="sgd", random_state=seed + 1).fit(X, y).coef_, first)
 
 
 def test_generator_reproduces_and_advances(rng):
     X, y = course_data(rng)
     seed = seed_from(rng)
     gen_a, gen_b = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-    a = LinearRegression(generator=gen_a).fit(X, y).coef_
-    b = LinearRegression(generator=gen_b).fit(X, y).coef_
+    a = LinearRegression(solver="sgd", generator=gen_a).fit(X, y).coef_
+    b = LinearRegression(solver="sgd", generator=gen_b).fit(X, y).coef_
     assert torch.equal(a, b)
-    assert not torch.equal(LinearRegression(generator=gen_a).fit(X, y).coef_, a)  # gen_a moved on
+    assert not torch.equal(LinearRegression(solver="sgd", generator=gen_a).fit(X, y).coef_, a)  # gen_a moved on
 
 
 def test_global_seed_reproduces_without_generator(rng):
     X, y = course_data(rng)
     seed = seed_from(rng)
     torch.manual_seed(seed)
-    a = LinearRegression().fit(X, y).coef_
+    a = LinearRegression(solver="sgd").fit(X, y).coef_
     torch.manual_seed(seed)
-    assert torch.equal(LinearRegression().fit(X, y).coef_, a)
+    assert torch.equal(LinearRegression(solver="sgd").fit(X, y).coef_, a)
 
 
 def test_shuffle_false_is_deterministic_given_the_init(rng):
     X, y = course_data(rng, n=100)
     seed = seed_from(rng)
-    a = LinearRegression(shuffle=False, random_state=seed).fit(X, y).coef_
-    b = LinearRegression(shuffle=False, random_state=seed).fit(X, y).coef_
+    a = LinearRegression(solver="sgd", shuffle=False, random_state=seed).fit(X, y).coef_
+    b = LinearRegression(solver="sgd", shuffle=False, random_state=seed).fit(X, y).coef_
     c = LinearRegression(shuffle=True, random_state=seed).fit(X, y).coef_
     assert torch.equal(a, b) and not torch.equal(a, c)
 
@@ -318,8 +318,10 @@ def test_score_of_a_constant_target_as_sklearn(rng):
 def test_score_refuses_a_non_finite_y_as_sklearn(bad, rng):
     X, y = problem(rng, n=20, d=2)
     model = LinearRegression(solver="lstsq").fit(X, y)
-    with pytest.raises(ValueError, match="Input y contains"):
+    with pytest.raises(ValueError, match="Input (y )?contains"):  # (scikit-learn's own fit says "Input contains")
         model.score(X, np.full(20, bad))
+    with pytest.raises(ValueError, match="Input y contains"):
+        model.score(torch.from_numpy(X), np.full(20, bad))
 
 
 # -- scikit-learn's interface -------------------------------------------------------------------
@@ -428,8 +430,10 @@ def test_rejects_bad_parameters(kwargs, name):
     (torch.ones(3, 2).to_sparse(), torch.ones(3), "Sparse data was passed for X, but dense data is required"),
 ])
 def test_rejects_bad_data(X, y, match):
+    """fastml's own checks (the course's SGD; a closed form of numpy data is scikit-learn's fit,
+    with its own errors)."""
     with pytest.raises(InvalidArgumentError, match=match):
-        LinearRegression().fit(X, y)
+        LinearRegression(solver="sgd").fit(X, y)
 
 
 def test_rejects_values_too_large_for_the_dtype_it_computes_in():
@@ -444,7 +448,7 @@ def test_rejects_scipy_sparse_X():
     sparse = pytest.importorskip("scipy.sparse")
     for X in (sparse.csr_matrix(np.eye(3)), sparse.csr_array(np.eye(3))):
         with pytest.raises(InvalidArgumentError, match="Sparse data was passed for X.*toarray"):
-            LinearRegression().fit(X, np.ones(3))
+            LinearRegression(solver="sgd").fit(X, np.ones(3))
 
 
 def test_object_arrays_of_numbers_are_floats(rng):
@@ -459,7 +463,7 @@ def test_object_arrays_of_numbers_are_floats(rng):
                                         (-np.inf, "Input X contains infinity")])
 def test_predict_rejects_nan_and_inf(bad, match, rng):
     X, y = problem(rng, n=10, d=3)
-    model = LinearRegression(solver="lstsq").fit(X, y)
+    model = LinearRegression(solver="lstsq").fit(torch.from_numpy(X), torch.from_numpy(y))
     X[4, 1] = bad
     with pytest.raises(InvalidArgumentError, match=match):
         model.predict(X)
@@ -522,3 +526,101 @@ def test_big_endian_arrays_fit_as_native_ones():
     swapped = LinearRegression(random_state=0).fit(X.astype(">f8"), y.astype(">f8"))
     np.testing.assert_array_equal(swapped.coef_, native.coef_)
     np.testing.assert_array_equal(swapped.predict(X.astype(">f8")), native.predict(X))
+
+
+# -- scikit-learn's LinearRegression, as a drop-in -----------------------------------------------
+
+def test_default_is_the_least_squares_fit_and_sgd_where_its_settings_are_given(rng):
+    """solver="auto": the closed form, as scikit-learn's LinearRegression() fits (3 epochs of SGD
+    answered R² = 0.66 on exact data); SGD where lr, batch_size or epochs is given."""
+    X, y = problem(rng, n=100, d=3)
+    exact = X @ np.array([1.5, -2.0, 0.5]) + 3.0
+    for data in ((X, exact), (torch.from_numpy(X), torch.from_numpy(exact))):
+        model = LinearRegression().fit(*data)
+        np.testing.assert_allclose(np.asarray(model.coef_), [1.5, -2.0, 0.5], rtol=0, atol=1e-12)
+        assert model.score(*data) == pytest.approx(1.0, abs=1e-12)
+    for setting in ("lr", "batch_size", "epochs"):
+        model = LinearRegression(**{setting: 1 if setting == "epochs" else 0.03 if setting == "lr" else 10})
+        assert model._solver() == "sgd" and len(model.fit(X, y).loss_history_) == (1 if setting == "epochs" else 3)
+    assert LinearRegression()._solver() == "lstsq" and LinearRegression(random_state=0)._solver() == "lstsq"
+
+
+def test_takes_sklearns_parameters_and_they_clone(rng):
+    base = pytest.importorskip("sklearn.base")
+    model = LinearRegression(copy_X=False, tol=1e-8, n_jobs=2, positive=False)
+    params = model.get_params()
+    assert {k: params[k] for k in ("copy_X", "tol", "n_jobs", "positive")} == dict(copy_X=False, tol=1e-8, n_jobs=2,
+                                                                                  positive=False)
+    assert base.clone(model).get_params() == params
+    assert repr(model) == "LinearRegression(copy_X=False, tol=1e-08, n_jobs=2)"
+    for name, value in (("tol", -1.0), ("copy_X", "yes"), ("n_jobs", 1.5), ("positive", None)):
+        with pytest.raises(InvalidArgumentError, match=name):
+            LinearRegression(**{name: value}).fit(*problem(rng, n=10, d=2))
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("targets", [None, 2])
+def test_sample_weight_and_rank_as_sklearn_on_tensors(rng, fit_intercept, targets):
+    """The closed form of tensors (fastml's) against scikit-learn's of the same numpy data:
+    weighted coefficients, rank_, singular_, and the weighted score."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    X, y = problem(rng, n=30, d=4)
+    X[:, 3] = X[:, 0] + X[:, 1]  # rank 3
+    if targets:
+        y = np.stack([y, 2 * y - 1], axis=1)
+    w = rng_uniform(rng, 30) * 3
+    ours = LinearRegression(fit_intercept=fit_intercept).fit(torch.from_numpy(X), torch.from_numpy(y), sample_weight=w)
+    theirs = sklearn.LinearRegression(fit_intercept=fit_intercept).fit(X, y, sample_weight=w)
+    np.testing.assert_allclose(ours.coef_.numpy(), theirs.coef_, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(np.asarray(ours.intercept_), theirs.intercept_, rtol=1e-9, atol=1e-11)
+    assert ours.rank_ == theirs.rank_ == 3
+    np.testing.assert_allclose(ours.singular_.numpy(), theirs.singular_, rtol=1e-9, atol=1e-11)
+    assert ours.score(torch.from_numpy(X), y, sample_weight=w) == pytest.approx(theirs.score(X, y, sample_weight=w),
+                                                                               rel=1e-12)
+    scalar = LinearRegression(fit_intercept=fit_intercept).fit(torch.from_numpy(X), torch.from_numpy(y), sample_weight=2.0)
+    np.testing.assert_allclose(scalar.coef_.numpy(), sklearn.LinearRegression(fit_intercept=fit_intercept).fit(X, y).coef_,
+                               rtol=1e-9, atol=1e-11)
+
+
+def rng_uniform(rng, n):
+    return torch.rand(n, generator=rng, dtype=torch.float64).numpy()
+
+
+def test_what_only_the_closed_form_takes_is_refused_by_sgd(rng):
+    X, y = problem(rng, n=10, d=2)
+    with pytest.raises(InvalidArgumentError, match="sample_weight is taken by the closed form only"):
+        LinearRegression(solver="sgd").fit(X, y, sample_weight=np.ones(10))
+    with pytest.raises(InvalidArgumentError, match="positive=True needs the closed form"):
+        LinearRegression(epochs=2, positive=True).fit(X, y)
+    with pytest.raises(InvalidArgumentError, match="positive=True is scikit-learn's fit"):
+        LinearRegression(positive=True).fit(torch.from_numpy(X), torch.from_numpy(y))
+    with pytest.raises(InvalidArgumentError, match=r"sample_weight.shape == \(3,\), expected \(10,\)!"):
+        LinearRegression().fit(torch.from_numpy(X), torch.from_numpy(y), sample_weight=np.ones(3))
+
+
+def test_a_closed_form_of_numpy_data_is_sklearns_fit(rng):
+    """positive=True, sparse X and a numpy RandomState (as RANSAC sets one) as scikit-learn's own."""
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    sparse = pytest.importorskip("scipy.sparse")
+    X, y = problem(rng, n=40, d=3)
+    for kwargs, data in ((dict(positive=True), X), ({}, sparse.csr_matrix(X))):
+        ours, theirs = LinearRegression(**kwargs).fit(data, y), sklearn.LinearRegression(**kwargs).fit(data, y)
+        np.testing.assert_array_equal(ours.coef_, theirs.coef_)
+        np.testing.assert_array_equal(ours.predict(data), theirs.predict(data))
+        assert len(ours.loss_history_) == 1
+    ransac = sklearn.RANSACRegressor(LinearRegression(), min_samples=5, random_state=0).fit(X, y)
+    reference = sklearn.RANSACRegressor(sklearn.LinearRegression(), min_samples=5, random_state=0).fit(X, y)
+    np.testing.assert_allclose(ransac.estimator_.coef_, reference.estimator_.coef_, rtol=1e-12)
+    sgd = LinearRegression(solver="sgd", random_state=np.random.RandomState(3))
+    assert sgd.fit(X, y).coef_.shape == (3,)
+
+
+def test_read_only_data_and_a_one_sample_score_warn_as_sklearn(rng):
+    X, y = problem(rng, n=20, d=2)
+    X.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = LinearRegression(solver="sgd").fit(X, y)
+    exceptions = pytest.importorskip("sklearn.exceptions")
+    with pytest.warns(exceptions.UndefinedMetricWarning, match="not well-defined with less than two samples"):
+        model.score(X[:1], y[:1])
