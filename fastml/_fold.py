@@ -37,8 +37,9 @@ where the measured choice runs that (fastml/_onednn.py).
 
 The folded weight and bias are cached while no gradient is wanted, keyed by the tensors' versions
 (an optimizer step, ``load_state_dict`` or ``model.to`` changes them; a training forward of the
-batch norm, whose statistics torch updates without a version bump, changes num_batches_tracked's),
-and dropped when the modules switch mode (``model.eval()``), which also takes up a write through
+batch norm, whose statistics torch updates without a version bump, changes num_batches_tracked's)
+and by the last step of a fused optimizer, which moves no version (``_route.state_key``), and
+dropped when the modules switch mode (``model.eval()``), which also takes up a write through
 ``.data`` that no version shows; inference tensors, which have no versions, are folded at every
 call. When a gradient is wanted they are formed with autograd each call, so every Parameter gets
 its exact gradient.
@@ -121,8 +122,8 @@ class BatchNormFold:
             # wrapped tensors have no storage to name a cached fold by.
             return self._fold()
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            # A step may follow that changes the parameters without a version bump (torch's fused
-            # optimizers): the fold is formed anew at the next call without gradients.
+            # A step may follow that changes the parameters without a version bump (the course's
+            # ``param.data.sub_(...)``): the fold is formed anew at the next call without gradients.
             self.forget()
             return self._fold()
         # torch's batch_norm updates the running statistics without a version bump; the module's

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 import weakref
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fastml import _backend, _tune
 from fastml._layout import faulting_shape
@@ -69,16 +71,55 @@ def mark_derived(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class _FusedStep:
+    """One step of an optimizer with a ``fused`` param group: torch's fused kernels write the
+    parameters without moving their version counters. A new instance at each step, equal only
+    to itself."""
+    __slots__ = ()
+
+
+_fused_step: _FusedStep | None = None
+"""The last fused optimizer step (``_count_fused_step``), part of every ``state_key``."""
+_fused_step_hook = None
+_fused_step_hook_lock = threading.Lock()
+
+
+def _count_fused_step(optimizer, args, kwargs) -> None:
+    """torch.optim's global step post-hook, run after every step of every optimizer. Only a fused
+    step counts: the others' in-place ops move the version counters, and counting them would drop
+    the caches of models they do not step (a frozen teacher evaluated at each student step).
+    Inside a compiled step it is traced, so it stores a new object rather than incrementing a
+    number: dynamo would guard on a number it read and recompile at every step."""
+    global _fused_step
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            _fused_step = _FusedStep()
+            return
+
+
+def _follow_fused_steps() -> None:
+    """Registers ``_count_fused_step``, once per process, before the first cache is keyed: fastml
+    changes nothing global at import, and before a cache exists no step can make one stale. The
+    handle stays here, not on a module or optimizer, which copies and pickles would carry."""
+    global _fused_step_hook
+    with _fused_step_hook_lock:
+        if _fused_step_hook is None:
+            _fused_step_hook = register_optimizer_step_post_hook(_count_fused_step)
+
+
 def state_key(tensor: torch.Tensor) -> tuple | None:
     """What names the present contents of ``tensor`` for a cache of something derived from it:
     its storage and version (an optimizer step, ``load_state_dict``, any in-place op changes
-    one). None where nothing does, so the cache must derive anew: an inference tensor has no
-    version counter, and inference mode may write it in place unseen, unless fastml derived it
-    itself (``mark_derived``). A write through ``.data`` is seen by no version counter (as by
-    none of autograd's checks): switching the layer's mode drops what was derived
-    (``forget_derived_weights``)."""
+    one), and the last step of a fused optimizer, which changes parameters without moving their
+    versions (``_FusedStep``). None where nothing does, so the cache must derive anew: an
+    inference tensor has no version counter, and inference mode may write it in place unseen,
+    unless fastml derived it itself (``mark_derived``). A write through ``.data`` is seen by no
+    version counter (as by none of autograd's checks): switching the layer's mode drops what was
+    derived (``forget_derived_weights``)."""
+    if _fused_step_hook is None:
+        _follow_fused_steps()
     try:
-        return tensor.data_ptr(), tensor._version
+        return tensor.data_ptr(), tensor._version, _fused_step
     except RuntimeError:  # an inference tensor (asked only where it is: is_inference costs a call)
         if not tensor.is_inference():
             raise

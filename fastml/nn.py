@@ -78,8 +78,9 @@ class Conv2d(torch.nn.Conv2d):
         weight = _route.weight_of(self)
         found = _route.settled(self, input, weight)
         if _route.trains_weight(found[1]):
-            # A step may follow that changes the weight without a version bump (torch's fused
-            # optimizers): what the variants derived from it is formed anew at the next call.
+            # A step may follow that changes the weight without a version bump: the course's
+            # ``param.data.sub_(...)``. What the variants derived from it is formed anew at the
+            # next call (fused optimizers' steps are followed by _route.state_key).
             _route.forget_derived_weights(self)
         if found[0] == _route.TORCH:  # (as Linear's)
             return _layout.torch_convolution(self, input, weight, _route.registered(self, "bias"))

@@ -11,11 +11,11 @@ import re
 
 import pytest
 import torch
-from conftest import assert_close, raised
+from conftest import assert_close, magnitude, prefer, raised
 from torch import nn
 
 import fastml
-from fastml import _fold
+from fastml import _fold, _onednn, _route, _winograd
 from fastml._patch import _FOLDED_DESCRIPTION, _RELU_DESCRIPTION
 
 
@@ -198,29 +198,77 @@ def test_the_fold_runs_in_inference_mode(built_in_inference_mode, memory_format,
             assert_close(model(x), reference(x), torch.float32)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_the_fold_follows_a_fused_optimizer_step_in_eval_mode(channels_last, rng):
-    """torch's fused optimizers update the parameters without a version bump: trained in eval mode
-    (frozen batch norms), a model evaluated between steps must fold the new weights, and so must
-    the packed copies the variants derived from them."""
-    reference, model, _ = patched_pair(conv_bn_relu, rng)
-    reference, model = reference.float().eval(), model.float().eval()
-    if channels_last:
-        fastml.patch(model, channels_last=True)
-    x = torch.randn(2, 4, 8, 8, generator=rng)
-    for m in (reference, model):
-        # (lr 0.01: at 0.1 the sum's steps blow the outputs up to ~1e7, where float32 rounding
-        # alone, in torch's model too, missed the tolerance in 1 seed of ~80; at 0.01 the steps
-        # still move the outputs by thousands of tolerances, which a stale fold would miss)
-        optimizer = torch.optim.SGD(m.parameters(), lr=0.01, fused=True)
-        for _ in range(2):
-            with torch.no_grad():
-                m(x)  # (the fold cached)
+FUSED_OPTIMIZERS = {"SGD": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, fused=True),
+                    "Adam": lambda ps: torch.optim.Adam(ps, lr=0.01, fused=True)}
+
+
+def fused_steps_between_no_grad_calls(reference, model, x, optimizer, steps=3):
+    """``steps`` steps of a fused ``optimizer`` on each model in eval mode (frozen batch norms,
+    whose affine parameters still get gradients), each model called without gradients between
+    its backward and its step, so that what it caches there is of the weights the step changes;
+    each step's outputs compared by ``assert_close`` without gradients."""
+    optimizers = [FUSED_OPTIMIZERS[optimizer](m.eval().parameters()) for m in (reference, model)]
+    for _ in range(steps):
+        for m, opt in zip((reference, model), optimizers):
             m(x).sum().backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    with torch.no_grad():
-        assert_close(model(x), reference(x), torch.float32)
+            with torch.no_grad():
+                m(x)
+            opt.step()  # no version counter moves
+            opt.zero_grad()
+        with torch.no_grad():
+            expected = reference(x)
+            assert_close(model(x), expected, x.dtype, scale=magnitude(expected))
+
+
+@pytest.mark.parametrize("optimizer", list(FUSED_OPTIMIZERS))
+def test_the_fold_follows_fused_optimizer_steps(optimizer, rng):
+    """torch's fused optimizers write the parameters without moving their version counters: a
+    fold cached between the backward and the step is formed anew after it."""
+    reference, model, _ = patched_pair(conv_bn_relu, rng)
+    fused_steps_between_no_grad_calls(reference, model, torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=rng),
+                                      optimizer)
+
+
+@pytest.mark.parametrize("variant", ["onednn_packed", "winograd"])
+@pytest.mark.parametrize("build", [conv_bn_relu, lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU())],
+                         ids=["folded", "conv-relu"])
+def test_packed_weights_follow_fused_optimizer_steps(variant, build, monkeypatch, rng):
+    """The variants' packed copies (of the folded weight; of a conv's own Parameter in a
+    Conv2d → ReLU run) follow a fused step too. float32 channels-last: where they run."""
+    if _onednn.ops() is None or variant == "winograd" and not _winograd._kernels_built():
+        pytest.skip(f"{variant} is not available in this build")
+    prefer(monkeypatch, variant)
+    reference, model, _ = patched_pair(build, rng)
+    reference, model = reference.float(), model.float()
+    x = torch.randn(2, 4, 8, 8, generator=rng).contiguous(memory_format=torch.channels_last)
+    fused_steps_between_no_grad_calls(reference, model, x, "SGD")
+    assert variant in _route.routes(model[0]).values()
+
+
+@pytest.mark.parametrize("build", [conv_bn_relu, lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU())],
+                         ids=["conv-bn-relu", "conv-relu"])
+def test_packed_weights_follow_the_courses_data_steps_in_training(build, monkeypatch, rng):
+    """The course's hand-written step, ``param.data.sub_(lr * param.grad / batch_size)``, moves no
+    version counter: a training call (gradients wanted) forms Winograd's transformed weight (the
+    variant that keeps one in training) anew, so each step's forward sees the last step's weights."""
+    variant = "winograd"
+    if _onednn.ops() is None or not _winograd._kernels_built():
+        pytest.skip(f"{variant} is not available in this build")
+    prefer(monkeypatch, variant)
+    reference, model, _ = patched_pair(build, rng)
+    reference, model = reference.float().train(), model.float().train()
+    x = torch.randn(2, 4, 8, 8, generator=rng).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        outputs = []
+        for m in (reference, model):
+            out = m(x)
+            outputs.append(out.detach())
+            out.sum().backward()
+            for param in m.parameters():
+                param.data.sub_(0.01 * param.grad / 2)
+                param.grad = None
+        assert_close(outputs[1], outputs[0], x.dtype, scale=magnitude(outputs[0]))
+    assert variant in _route.routes(model[0]).values()
 
 
 def test_a_new_parameter_in_place_of_a_freed_one_is_folded(rng):
