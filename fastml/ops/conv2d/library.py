@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from fastml.ops import _contract as contract
 from fastml.ops import asked, contiguous, gradient_fakes, gradient_outputs, graph_backend
 from fastml.ops.conv2d import IMPLEMENTED, impl, output_size
 
@@ -15,6 +16,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[i
            dilation: Sequence[int], groups: int) -> Tensor:
     """x (N, C, H, W), weight (K, C / groups, R, S), bias (K,) or None, (rows, columns) pairs as
     reference.forward's → (N, K, OH, OW)."""
+    contract.conv2d("conv2d", x, weight, bias, stride, padding, dilation, groups)
+
     # The dispatcher hands int[] arguments over as lists; the backends take tuples.
     def run(name):
         return impl(name).forward(x.contiguous(), weight.contiguous(), contiguous(bias), tuple(stride), tuple(padding),
@@ -26,6 +29,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[i
 
 @conv2d.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups):
+    contract.conv2d("conv2d", x, weight, bias, stride, padding, dilation, groups)
     return x.new_empty((x.shape[0], weight.shape[0], *(output_size(x.shape[2 + d], weight.shape[2 + d], stride[d],
                                                                    padding[d], dilation[d]) for d in range(2))))
 
@@ -35,6 +39,8 @@ def conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[in
                     dilation: Sequence[int], groups: int, needs: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """grad (N, K, OH, OW) → (grad_x, grad_weight, grad_bias) for needs = which of them to form;
     an empty (0,) tensor for each one not asked for."""
+    _check_backward(grad, x, weight, stride, padding, dilation, groups, needs)
+
     def run(name):
         return impl(name).backward(grad.contiguous(), x.contiguous(), weight.contiguous(), tuple(stride),
                                    tuple(padding), tuple(dilation), groups, tuple(needs))
@@ -44,8 +50,17 @@ def conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, stride: Sequence[in
     return gradient_outputs(grads, needs, grad)
 
 
+def _check_backward(grad, x, weight, stride, padding, dilation, groups, needs) -> None:
+    op = "conv2d_backward"
+    size = contract.conv2d(op, x, weight, None, stride, padding, dilation, groups)
+    contract.same(op, "x", x, grad=grad)
+    contract.shape(op, "grad", grad, (x.shape[0], weight.shape[0], *size), "(N, K, OH, OW)")
+    contract.needs(op, needs)
+
+
 @conv2d_backward.register_fake
 def _(grad, x, weight, stride, padding, dilation, groups, needs):
+    _check_backward(grad, x, weight, stride, padding, dilation, groups, needs)
     return gradient_fakes(grad, x, weight, needs)
 
 

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastml.ops import _contract as contract
 from fastml.ops import contiguous, graph_backend, or_placeholder, placeholder
 from fastml.ops.cross_entropy import IMPLEMENTED, impl, loss_and_gradient, row_gradients, target_gradient
 
@@ -19,6 +20,9 @@ def cross_entropy(logits: Tensor, target: Tensor, class_weight: Optional[Tensor]
     """logits (M, C), target (M,) int64 or (M, C) probabilities, class_weight (C,) or None →
     (loss: 0-dim, or (M,) for "none"; d loss / d logits (M, C) for "mean" / "sum" when
     want_grad, else an empty (0,) tensor). Raises IndexError for a class index out of range."""
+    _check("cross_entropy", logits, target, class_weight, label_smoothing)
+    contract.reduction("cross_entropy", reduction)
+
     def run(name):
         return loss_and_gradient(impl(name), logits.contiguous(), target.contiguous(), contiguous(class_weight),
                                  ignore_index, label_smoothing, reduction, want_grad)
@@ -28,8 +32,16 @@ def cross_entropy(logits: Tensor, target: Tensor, class_weight: Optional[Tensor]
     return loss, or_placeholder(grad, logits)
 
 
+def _check(op: str, logits: Tensor, target: Tensor, class_weight: Optional[Tensor], label_smoothing: float) -> None:
+    contract.dims(op, "logits", logits, 2, "(M, C)")
+    contract.floating(op, "logits", logits)
+    contract.class_target(op, "logits", logits, *logits.shape, target, class_weight, label_smoothing)
+
+
 @cross_entropy.register_fake
 def _(logits, target, class_weight, ignore_index, label_smoothing, reduction, want_grad):
+    _check("cross_entropy", logits, target, class_weight, label_smoothing)
+    contract.reduction("cross_entropy", reduction)
     return (logits.new_empty(logits.shape[:1] if reduction == "none" else ()),
             logits.new_empty(logits.shape) if want_grad and reduction != "none" else placeholder(logits))
 
@@ -38,6 +50,10 @@ def _(logits, target, class_weight, ignore_index, label_smoothing, reduction, wa
 def cross_entropy_backward(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], ignore_index: int,
                            label_smoothing: float, grad_output: Tensor) -> Tensor:
     """The logits' gradient (M, C) of Σ_i grad_output[i] · ℓ_i, grad_output (M,)."""
+    _check_backward(logits, target, class_weight, label_smoothing, grad_output)
+    if target.dtype == torch.int64:  # the row kernel reads and writes each row's element at its target
+        contract.class_targets("cross_entropy_backward", target, logits.shape[1], ignore_index)
+
     def run(name):
         return row_gradients(impl(name), logits.contiguous(), target.contiguous(), contiguous(class_weight),
                              ignore_index, label_smoothing, grad_output)
@@ -46,8 +62,15 @@ def cross_entropy_backward(logits: Tensor, target: Tensor, class_weight: Optiona
     return run(graph_backend("cross_entropy", "backward", IMPLEMENTED, arguments, run))
 
 
+def _check_backward(logits, target, class_weight, label_smoothing, grad_output) -> None:
+    _check("cross_entropy_backward", logits, target, class_weight, label_smoothing)
+    contract.floating("cross_entropy_backward", "grad_output", grad_output)
+    contract.shape("cross_entropy_backward", "grad_output", grad_output, logits.shape[:1], "(M,)")
+
+
 @cross_entropy_backward.register_fake
 def _(logits, target, class_weight, ignore_index, label_smoothing, grad_output):
+    _check_backward(logits, target, class_weight, label_smoothing, grad_output)
     return logits.new_empty(logits.shape)
 
 

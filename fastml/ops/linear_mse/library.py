@@ -12,7 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastml.ops import _contract as contract
 from fastml.ops import contiguous, graph_backend, or_placeholder, placeholder
+from fastml.ops.linear.library import check_linear
 from fastml.ops.linear.library import gradients as linear_gradients
 from fastml.ops.linear_mse import IMPLEMENTED, impl
 from fastml.ops.mse_loss import error_scale
@@ -25,6 +27,8 @@ def linear_mse(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor
     """x (N, D), weight (O, D), bias (O,) or None, target (N, O) → (loss, residual, grad_weight,
     grad_bias) as the backends' forward (see reference.py), an empty (0,) tensor for each one
     not computed."""
+    _check(x, weight, bias, target, reduction)
+
     def run(name):
         return impl(name).forward(x.contiguous(), weight.contiguous(), contiguous(bias), target.contiguous(),
                                   reduction, need_weight_grad, need_bias_grad, keep_residual)
@@ -34,8 +38,16 @@ def linear_mse(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor
     return outputs[0], *(or_placeholder(t, x) for t in outputs[1:])
 
 
+def _check(x, weight, bias, target, reduction) -> None:
+    check_linear("linear_mse", x, weight, bias)
+    contract.same("linear_mse", "x", x, target=target)
+    contract.shape("linear_mse", "target", target, (x.shape[0], weight.shape[0]), "(N, O)")
+    contract.reduction("linear_mse", reduction)
+
+
 @linear_mse.register_fake
 def _(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual):
+    _check(x, weight, bias, target, reduction)
     n, o = x.shape[0], weight.shape[0]
     fused = reduction != "none"  # "none" forms the weight and bias gradients in backward
     return (x.new_empty((n, o) if reduction == "none" else ()),

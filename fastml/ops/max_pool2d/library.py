@@ -6,9 +6,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from fastml.ops import _contract as contract
 from fastml.ops import graph_backend
 from fastml.ops.max_pool2d import IMPLEMENTED, impl
-from fastml.ops.max_pool2d.reference import empty_outputs
+from fastml.ops.max_pool2d.reference import empty_outputs, output_size
 
 
 @torch.library.custom_op("fastml::max_pool2d", mutates_args=())
@@ -16,6 +17,8 @@ def max_pool2d(x: Tensor, kernel: Sequence[int], stride: Sequence[int], padding:
                dilation: Sequence[int], ceil_mode: bool) -> tuple[Tensor, Tensor]:
     """x (N, C, H, W), (rows, columns) pairs as reference.forward's → (out, indices int64), both
     (N, C, OH, OW)."""
+    _check(x, kernel, stride, padding, dilation, ceil_mode)
+
     # The dispatcher hands int[] arguments over as lists; the backends take tuples.
     def run(name):
         return impl(name).forward(x.contiguous(), tuple(kernel), tuple(stride), tuple(padding), tuple(dilation),
@@ -25,8 +28,26 @@ def max_pool2d(x: Tensor, kernel: Sequence[int], stride: Sequence[int], padding:
                              run))
 
 
+def _check(x, kernel, stride, padding, dilation, ceil_mode) -> None:
+    """x (N, C, H, W) floating; positive kernel, stride and dilation; padding at most half the
+    kernel (torch's rule); at least one window along each dimension."""
+    op = "max_pool2d"
+    contract.dims(op, "x", x, 4, "(N, C, H, W)")
+    contract.floating(op, "x", x)
+    contract.pairs(op, kernel=kernel, stride=stride, padding=padding, dilation=dilation)
+    contract.positive(op, kernel=kernel, stride=stride, dilation=dilation)
+    contract.non_negative(op, padding=padding)
+    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+        contract.fail(op, ValueError, f"padding must be at most half the kernel {list(kernel)}, got {list(padding)}")
+    for d in range(2):
+        if output_size(x.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d], ceil_mode) < 1:
+            contract.fail(op, ValueError, f"the window (kernel {list(kernel)}, dilation {list(dilation)}) is larger "
+                                          f"than the padded input {tuple(x.shape[2:])} (padding {list(padding)})")
+
+
 @max_pool2d.register_fake
 def _(x, kernel, stride, padding, dilation, ceil_mode):
+    _check(x, kernel, stride, padding, dilation, ceil_mode)
     return empty_outputs(x, kernel, stride, padding, dilation, ceil_mode)
 
 
@@ -38,6 +59,10 @@ def max_pool2d_backward(grad: Tensor, indices: Tensor, height: int, width: int,
     """grad and indices (N, C, OH, OW) → the input's gradient (N, C, height, width); kernel, stride,
     padding and dilation: the forward's window, which the Triton gather walks (all four or none:
     without them it takes a window that reaches every output from every input)."""
+    _check_backward(grad, indices, height, width, kernel, stride, padding, dilation)
+    # The kernels add each gradient at the input position its index gives.
+    contract.indices_below("max_pool2d_backward", "indices", indices, height * width,
+                           "positions in a height x width input plane")
     window = None if kernel is None else (tuple(kernel), tuple(stride), tuple(padding), tuple(dilation))
 
     def run(name):
@@ -47,8 +72,31 @@ def max_pool2d_backward(grad: Tensor, indices: Tensor, height: int, width: int,
                              (grad, indices, height, width, kernel, stride, padding, dilation), run))
 
 
+def _check_backward(grad, indices, height, width, kernel, stride, padding, dilation) -> None:
+    op = "max_pool2d_backward"
+    contract.dims(op, "grad", grad, 4, "(N, C, OH, OW)")
+    contract.floating(op, "grad", grad)
+    if indices.dtype != torch.int64:
+        contract.fail(op, contract.DTypeError, f"indices must be int64, got dtype {indices.dtype}")
+    if indices.device != grad.device:
+        contract.fail(op, contract.DeviceError, f"indices is on {indices.device} but grad is on {grad.device}")
+    contract.shape(op, "indices", indices, grad.shape, "grad's (N, C, OH, OW)")
+    if height < 0 or width < 0:
+        contract.fail(op, ValueError, f"height and width must be non-negative, got {height} and {width}")
+    window = {"kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation}
+    given = [value is not None for value in window.values()]
+    if any(given) and not all(given):
+        contract.fail(op, ValueError, "kernel, stride, padding and dilation are given all four or none, got "
+                                      + ", ".join(f"{name}={value}" for name, value in window.items()))
+    if all(given):
+        contract.pairs(op, **window)
+        contract.positive(op, kernel=kernel, stride=stride, dilation=dilation)
+        contract.non_negative(op, padding=padding)
+
+
 @max_pool2d_backward.register_fake
 def _(grad, indices, height, width, kernel=None, stride=None, padding=None, dilation=None):
+    _check_backward(grad, indices, height, width, kernel, stride, padding, dilation)
     return grad.new_empty((grad.shape[0], grad.shape[1], height, width))
 
 

@@ -5,6 +5,7 @@ any shape and strides; the kernels see them flattened, as MSELossFunction's do."
 import torch
 from torch import Tensor
 
+from fastml.ops import _contract as contract
 from fastml.ops import graph_backend, placeholder
 from fastml.ops.mse_loss import IMPLEMENTED, error_scale, impl
 
@@ -17,6 +18,8 @@ def _flat(t: Tensor) -> Tensor:
 def mse_loss(input: Tensor, target: Tensor, reduction: str, keep_diff: bool) -> tuple[Tensor, Tensor]:
     """input, target of one shape → (loss: 0-dim, or input's shape for "none"; diff = input -
     target when keep_diff, else an empty (0,) tensor)."""
+    _check(input, target, reduction)
+
     def run(name):
         return impl(name).forward(_flat(input), _flat(target), reduction, keep_diff)
 
@@ -25,8 +28,16 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str, keep_diff: bool) -> 
             diff.reshape(input.shape) if keep_diff else placeholder(input))
 
 
+def _check(input: Tensor, target: Tensor, reduction: str) -> None:
+    contract.floating("mse_loss", "input", input)
+    contract.same("mse_loss", "input", input, target=target)
+    contract.shape("mse_loss", "target", target, input.shape, "input's")
+    contract.reduction("mse_loss", reduction)
+
+
 @mse_loss.register_fake
 def _(input, target, reduction, keep_diff):
+    _check(input, target, reduction)
     return (input.new_empty(input.shape if reduction == "none" else ()),
             input.new_empty(input.shape) if keep_diff else placeholder(input))
 
@@ -35,6 +46,7 @@ def _(input, target, reduction, keep_diff):
 def mse_loss_backward(diff: Tensor, grad: Tensor, reduction: str) -> Tensor:
     """d loss / d input for diff = input - target and the incoming grad (0-dim, or diff's shape
     for "none")."""
+    _check_backward(diff, grad, reduction)
     grad = grad.contiguous() if grad.dim() == 0 else _flat(grad)
 
     def run(name):
@@ -43,8 +55,17 @@ def mse_loss_backward(diff: Tensor, grad: Tensor, reduction: str) -> Tensor:
     return run(graph_backend("mse_loss", "backward", IMPLEMENTED, (diff, grad, reduction), run)).reshape(diff.shape)
 
 
+def _check_backward(diff: Tensor, grad: Tensor, reduction: str) -> None:
+    contract.floating("mse_loss_backward", "diff", diff)
+    contract.same("mse_loss_backward", "diff", diff, grad=grad)
+    if grad.dim() != 0:
+        contract.shape("mse_loss_backward", "grad", grad, diff.shape, "() or diff's")
+    contract.reduction("mse_loss_backward", reduction)
+
+
 @mse_loss_backward.register_fake
 def _(diff, grad, reduction):
+    _check_backward(diff, grad, reduction)
     return diff.new_empty(diff.shape)
 
 
