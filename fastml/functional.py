@@ -591,9 +591,9 @@ def _max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return
 
     def fastml_forward(input):
         x = input if input.dim() == 4 else input.unsqueeze(0)
-        # (channels_last is a layout of 4-D tensors: torch pools an unbatched input into a contiguous output)
-        channels_last = (input.dim() == 4 and not x.is_contiguous()
-                         and x.is_contiguous(memory_format=torch.channels_last))
+        # (channels_last is a layout of 4-D tensors: torch pools an unbatched input into a contiguous
+        # output; and its rule is the strides' order, which a channel-sliced channels-last view keeps)
+        channels_last = input.dim() == 4 and not x.is_contiguous() and _layout.suggests_channels_last(x)
         out, indices = _max_pool2d_op.max_pool2d(_nchw(x, channels_last), *args, ceil_mode)
         if channels_last:
             out, indices = (t.contiguous(memory_format=torch.channels_last) for t in (out, indices))

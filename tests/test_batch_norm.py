@@ -925,3 +925,14 @@ def test_patched_model_trains_as_torch_under_the_measured_choice(rng, monkeypatc
         getattr(model, mode)()
         getattr(reference, mode)()
         _assert_same(model, reference, x, upstream)
+
+
+def test_a_channel_sliced_channels_last_view_normalises_into_channels_last(backend, rng):
+    """torch's batch norm lays its output out by the input's stride order, which a channel-sliced
+    view of a channels-last tensor keeps (suggest_memory_format)."""
+    x = rand(4, 8, 6, 5, dtype=torch.float64, device=backend.device, generator=rng)
+    x = x.contiguous(memory_format=torch.channels_last)[:, ::2]
+    out = F.batch_norm(x, None, None, training=True)
+    expected = TF.batch_norm(x, None, None, training=True)
+    assert out.stride() == expected.stride()
+    assert_close(out, expected, torch.float64, scale=magnitude(expected))

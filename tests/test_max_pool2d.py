@@ -267,3 +267,20 @@ def test_module_is_a_drop_in(backend, rng, kwargs):
         _assert_same_pooling(a, b)
     else:
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0)
+
+
+def test_a_channel_sliced_channels_last_view_pools_into_channels_last(backend, rng):
+    """torch lays its output out by the input's stride order (suggest_memory_format), which a
+    channel-sliced view of a channels-last tensor keeps, though it is not channels-last-contiguous:
+    torch's own test_pooling_max_nhwc pools such a view."""
+    x = rand(4, 8, 10, 10, device=backend.device, generator=rng).contiguous(memory_format=torch.channels_last)[:, ::2]
+    x.requires_grad_()
+    out, indices = F.max_pool2d(x, (2, 2), (1, 1), (1, 1), (2, 2), return_indices=True)
+    expected, expected_indices = TF.max_pool2d(x, (2, 2), (1, 1), (1, 1), (2, 2), return_indices=True)
+    assert out.stride() == expected.stride() and indices.stride() == expected_indices.stride()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(indices, expected_indices, rtol=0, atol=0)
+    grad = rand(*out.shape, device=backend.device, generator=rng)
+    ours, = torch.autograd.grad(out, x, grad)
+    theirs, = torch.autograd.grad(expected, x, grad)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)

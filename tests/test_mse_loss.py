@@ -198,3 +198,16 @@ def test_none_gives_the_loss_torchs_strides(backend, make, rng):
     expected = F.mse_loss(inp, tgt, reduction="none")
     assert out.stride() == expected.stride()
     check(inp, tgt, "none", rng)
+
+
+def test_none_takes_the_strides_order_of_an_input_that_is_not_dense(rng):
+    """torch's elementwise ops lay the output out in the input's stride order, dense or not: a
+    channel-sliced channels-last view gives a channels-last loss; a sliced contiguous one a
+    contiguous loss."""
+    channels_last = rand(4, 8, 6, 5, generator=rng).contiguous(memory_format=torch.channels_last)
+    for x in (channels_last[:, ::2], rand(4, 8, 6, 5, generator=rng)[:, ::2], channels_last[:, ::2].transpose(2, 3)):
+        target = rand(*x.shape, generator=rng)
+        ours = fastml.functional.mse_loss(x, target, reduction="none")
+        theirs = F.mse_loss(x, target, reduction="none")
+        assert ours.stride() == theirs.stride()
+        assert_close(ours, theirs, torch.float32, scale=magnitude(theirs))

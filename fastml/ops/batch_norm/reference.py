@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from fastml import _layout
+
 DIMS = (0, 2, 3)  # the reduced dimensions: every one but the channels'
 
 
@@ -43,8 +45,10 @@ def like(x: torch.Tensor) -> torch.Tensor:
 
 def layout_of(x: torch.Tensor) -> torch.memory_format:
     """channels_last for a channels-last x (one that is not also contiguous: C = 1 or H = W = 1
-    are both), else contiguous."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    are both), or one whose strides are in channels-last order (a channel-sliced view of one:
+    torch's suggest_memory_format), else contiguous."""
+    if not x.is_contiguous() and (x.is_contiguous(memory_format=torch.channels_last)
+                                  or _layout.suggests_channels_last(x)):
         return torch.channels_last
     return torch.contiguous_format
 

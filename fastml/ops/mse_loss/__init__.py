@@ -78,14 +78,16 @@ def squared_error_tangent(diff, input_t, target_t, reduction):
 
 
 def memory_order(t: torch.Tensor) -> list[int] | None:
-    """The order of t's dimensions in which a dense, permuted t (a transpose, channels-last) is
-    contiguous; None for a contiguous t, or one that is not dense (then copied)."""
+    """The order of t's dimensions by their strides, outermost first, in which a dense, permuted t
+    (a transpose, channels-last) is contiguous, and in which torch's elementwise ops lay out the
+    output of any t (a channel-sliced channels-last view, which is copied); None for a contiguous
+    t, or one whose dimensions are in that order already."""
     if t.dim() < 2 or t.is_contiguous():
         return None
     # (A size-1 dimension's stride is free; one equal to another's goes after it, as it lies in
     # a contiguous tensor: the loss of "none" then has the input's strides exactly.)
     order = sorted(range(t.dim()), key=lambda dim: (-t.stride(dim), t.size(dim) == 1))
-    return order if t.permute(order).is_contiguous() else None
+    return None if order == list(range(t.dim())) else order
 
 
 def mse_loss(input, target, reduction):
