@@ -148,6 +148,17 @@ def _check_linear_args(input, weight, bias, weight_rank_1_ok: bool, strict_bias:
                          f"got {tuple(bias.shape)}")
 
 
+def _in_torchs_words(error: Exception, torch_function, *args) -> Exception:
+    """``error`` with the message torch's own function gives for the same arguments after its
+    own: a drop-in's errors are matched by their words too (torch's tests match them). torch's
+    function runs only to say them."""
+    try:
+        torch_function(*args)
+    except RuntimeError as theirs:
+        return type(error)(f"{error} ({theirs})")
+    return error
+
+
 def _autocast_on() -> bool:
     """Whether torch.autocast is active on the CPU or CUDA (an autograd.Function is invisible to it)."""
     return _autocast_enabled("cpu") or _autocast_enabled("cuda")
@@ -240,7 +251,10 @@ def _linear(input, weight, bias, routed: bool):
         sig = _route.function_signature("linear", (input, weight, bias), ())
         if _route.settled_on_torch(sig, input):
             return F.linear(input, weight, bias)
-    _check_linear_args(input, weight, bias, weight_rank_1_ok=True, strict_bias=False)
+    try:
+        _check_linear_args(input, weight, bias, weight_rank_1_ok=True, strict_bias=False)
+    except ShapeError as error:
+        raise _in_torchs_words(error, F.linear, input, weight, bias) from None
     if (weight.dim() != 2 or not _kernels_can_run(input, weight, bias)
             or _not_kernel_dtype(input) or weight.dtype != input.dtype
             or (bias is not None and (bias.dtype != input.dtype or bias.shape != (weight.shape[0],)))
@@ -699,14 +713,18 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
 
 def _conv_padding(padding, weight, stride, dilation):
     """(top, bottom, left, right) zero padding for conv2d's padding argument (ints, a pair, "valid"
-    or "same", torch's meaning: "same" puts the odd one out at the bottom and right), or None."""
+    or "same", torch's meaning), or None. An uneven "same" (an even kernel length at an odd
+    dilation) is torch's alone: it warns, then pads a copy of the input, the odd one out at the
+    bottom and right."""
     if padding == "valid":
         return 0, 0, 0, 0
     if padding == "same":
         if stride != (1, 1):
             return None  # torch's error
         (top, left) = (dilation[0] * (weight.shape[2] - 1), dilation[1] * (weight.shape[3] - 1))
-        return top // 2, top - top // 2, left // 2, left - left // 2
+        if top % 2 or left % 2:
+            return None  # uneven: torch's, with its warning that it pads a copy of the input
+        return top // 2, top // 2, left // 2, left // 2
     pair = _pair(padding)
     if pair is None or min(pair) < 0:
         return None

@@ -137,3 +137,18 @@ def test_module_is_a_drop_in(backend, rng, kwargs):
     out.square().sum().backward()
     theirs(x.cpu()).square().sum().backward()
     torch.testing.assert_close(ours.weight.grad.cpu(), theirs.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel, dilation", [((4, 2), 1), ((3, 2), (1, 1)), ((2, 3), (3, 1))])
+def test_an_uneven_same_padding_is_torchs_with_its_warning(backend, kernel, dilation, rng):
+    """An even kernel length at an odd dilation pads "same" unevenly: torch warns (once per
+    process) that it pads a copy of the input. fastml's kernels leave such a call to torch's
+    convolution, which warns as it does; an even one (a 3x3 kernel, or a 4-tap one at dilation 2)
+    stays theirs."""
+    x = rand(2, 2, 7, 6, device=backend.device, generator=rng)
+    w = rand(3, 2, *kernel, device=backend.device, generator=rng)
+    assert F._conv_args(x, w, None, 1, "same", dilation, 1) is None
+    torch.testing.assert_close(F.conv2d(x, w, padding="same", dilation=dilation),
+                               TF.conv2d(x, w, padding="same", dilation=dilation), rtol=0, atol=0)
+    assert F._conv_args(x, rand(3, 2, 3, 3, generator=rng), None, 1, "same", 1, 1) is not None
+    assert F._conv_args(x, rand(3, 2, 4, 4, generator=rng), None, 1, "same", 2, 1) is not None

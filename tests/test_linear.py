@@ -110,3 +110,16 @@ def test_sparse_input_follows_torch(rng):
     sparse = dense.to_sparse()
     torch.testing.assert_close(fastml.functional.linear(sparse, w, b), F.linear(sparse, w, b))
     assert fastml.nn.Linear(5, 3)(sparse).shape == (6, 3)
+
+
+@pytest.mark.parametrize("in_features, input_shape, torch_words", [
+    (1, (), r"both arguments to linear need to be at least 1D"),
+    (7, (4, 8), r"mat1 and mat2 shapes cannot be multiplied \(4x8 and 7x2\)"),
+])
+def test_shape_errors_say_torchs_words_too(in_features, input_shape, torch_words):
+    """fastml's ShapeError names the argument, and carries the message torch's own linear gives,
+    which code and tests written against torch match (torch's test_linear_raise_on_scalar_input)."""
+    layer = fastml.nn.Linear(in_features, 2)
+    for call in (lambda x: layer(x), lambda x: fastml.functional.linear(x, layer.weight, layer.bias)):
+        with pytest.raises(ShapeError, match=torch_words):
+            call(torch.ones(input_shape))
