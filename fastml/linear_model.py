@@ -133,14 +133,18 @@ def _to_user(t: torch.Tensor, as_tensor: bool):
 
 def _sample_weights(sample_weight, n: int) -> torch.Tensor:
     """sample_weight as float64 CPU weights of the n samples: a number weighs every sample alike;
-    otherwise one finite weight per sample (scikit-learn's shape message)."""
+    otherwise one weight per sample. Finite, none negative, not all zero, in scikit-learn's words."""
     weights, _ = _as_tensor("sample_weight", sample_weight)
     weights = weights.to("cpu", torch.float64)
     if np.ndim(sample_weight) == 0:  # (_as_tensor gives a number's array one dimension)
-        return weights.reshape(()).expand(n)
-    if weights.shape != (n,):
+        weights = weights.reshape(()).expand(n)
+    elif weights.shape != (n,):
         raise InvalidArgumentError(f"sample_weight.shape == {tuple(weights.shape)}, expected ({n},)!")
     _check_finite("sample_weight", weights)
+    if bool((weights < 0).any()):
+        raise InvalidArgumentError("Negative values in data passed to `sample_weight`.")
+    if n and not bool(weights.any()):
+        raise InvalidArgumentError("Sample weights must contain at least one non-zero number.")
     return weights
 
 
@@ -175,7 +179,8 @@ class LinearRegression:
     generator : a torch.Generator to draw from (its state advances across fits); at most one of
         ``random_state`` and ``generator``. With neither, torch's global generator is used, so
         ``torch.manual_seed`` makes a fit reproducible, as in the course.
-    copy_X, tol, n_jobs, positive : scikit-learn's LinearRegression's. X is never written;
+    copy_X, tol, n_jobs, positive : scikit-learn's LinearRegression's. fastml's own fits never
+        write X (``copy_X=False`` lets scikit-learn's fit centre it in place, as its own does);
         singular values below ``tol`` times the largest count as zero in the closed form;
         ``positive=True`` (non-negative coefficients) is scikit-learn's fit and needs it.
 
@@ -292,13 +297,15 @@ class LinearRegression:
         self._validate_params()
         solver = self._solver()
         self.__dict__.pop("_sklearn_fitted", None)
-        if solver == "lstsq" and self.dtype is None and not isinstance(X, torch.Tensor):
+        for name in [name for name in vars(self) if name.endswith("_")]:
+            delattr(self, name)  # what an earlier fit left (feature_names_in_, rank_, ...)
+        if solver == "lstsq" and self.dtype is None and (self.positive or not isinstance(X, torch.Tensor)):
             theirs = _sklearn_linear_regression()
             if theirs is not None:
                 return self._fit_by_sklearn(theirs, X, y, sample_weight)
         if self.positive:
             raise InvalidArgumentError("positive=True is scikit-learn's fit (a non-negative least squares): it needs "
-                                       "scikit-learn installed, and data that is not a torch tensor")
+                                       "scikit-learn installed, and no dtype asked for")
         if sample_weight is not None and solver == "sgd":
             raise InvalidArgumentError("sample_weight is taken by the closed form only: solver='lstsq' (or 'auto' "
                                        "without lr, batch_size and epochs)")
@@ -322,8 +329,6 @@ class LinearRegression:
         _check_finite("X", X)
         _check_finite("y", Y)
         weights = None if sample_weight is None else _sample_weights(sample_weight, n)
-        for name in ("rank_", "singular_"):  # (the closed form's, from an earlier fit)
-            self.__dict__.pop(name, None)
 
         with torch.no_grad():
             if solver == "sgd":
@@ -345,15 +350,20 @@ class LinearRegression:
 
     def _fit_by_sklearn(self, theirs: type, X, y, sample_weight) -> LinearRegression:
         """The closed-form fit by scikit-learn's LinearRegression (see the module docstring), its
-        fitted attributes then this estimator's, with the course's loss of the solution."""
+        fitted attributes then this estimator's, with the course's loss of the solution. Tensors
+        (``positive=True`` asks for scikit-learn's fit of them too) go to it as CPU arrays, and
+        its arrays come back as tensors on X's device."""
+        device = X.device if isinstance(X, torch.Tensor) else None
+        X, y, sample_weight = (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
+                               for v in (X, y, sample_weight))
         estimator = theirs(fit_intercept=self.fit_intercept, copy_X=self.copy_X, tol=self.tol, n_jobs=self.n_jobs,
                            positive=self.positive)
         estimator.fit(X, y, sample_weight=sample_weight)
-        for name in [name for name in vars(self) if name.endswith("_")]:
-            delattr(self, name)  # what an earlier fit left
         for name, value in vars(estimator).items():
             if name.endswith("_") and not name.startswith("__"):
-                setattr(self, name, value)
+                as_tensor = device is not None and isinstance(value, (np.ndarray, np.floating)) and name != \
+                    "feature_names_in_"
+                setattr(self, name, torch.as_tensor(value, device=device) if as_tensor else value)
         residual = np.asarray(estimator.predict(X), dtype=np.float64) - np.asarray(y, dtype=np.float64)
         self.loss_history_ = [float(np.mean(np.square(residual))) / 2]
         self._sklearn_fitted = estimator

@@ -593,7 +593,7 @@ def test_what_only_the_closed_form_takes_is_refused_by_sgd(rng):
     with pytest.raises(InvalidArgumentError, match="positive=True needs the closed form"):
         LinearRegression(epochs=2, positive=True).fit(X, y)
     with pytest.raises(InvalidArgumentError, match="positive=True is scikit-learn's fit"):
-        LinearRegression(positive=True).fit(torch.from_numpy(X), torch.from_numpy(y))
+        LinearRegression(positive=True, dtype="float32").fit(torch.from_numpy(X), torch.from_numpy(y))
     with pytest.raises(InvalidArgumentError, match=r"sample_weight.shape == \(3,\), expected \(10,\)!"):
         LinearRegression().fit(torch.from_numpy(X), torch.from_numpy(y), sample_weight=np.ones(3))
 
@@ -624,3 +624,42 @@ def test_read_only_data_and_a_one_sample_score_warn_as_sklearn(rng):
     exceptions = pytest.importorskip("sklearn.exceptions")
     with pytest.warns(exceptions.UndefinedMetricWarning, match="not well-defined with less than two samples"):
         model.score(X[:1], y[:1])
+
+
+@pytest.mark.parametrize("weights, message", [
+    (lambda n: np.r_[-1.0, np.ones(n - 1)], "Negative values in data passed to `sample_weight`"),
+    (lambda n: np.zeros(n), "Sample weights must contain at least one non-zero number"),
+    (lambda n: 0.0, "Sample weights must contain at least one non-zero number"),
+    (lambda n: -1.0, "Negative values"),
+    (lambda n: float("nan"), "Input sample_weight contains NaN"),
+])
+def test_bad_sample_weights_are_refused_as_sklearn_on_tensors(weights, message, rng):
+    """Weights a least-squares fit cannot take: scikit-learn's ValueErrors (they reached LAPACK,
+    which failed an internal assertion)."""
+    X, y = problem(rng, n=20, d=3)
+    with pytest.raises(InvalidArgumentError, match=message):
+        LinearRegression().fit(torch.from_numpy(X), torch.from_numpy(y), sample_weight=weights(20))
+    model = LinearRegression().fit(torch.from_numpy(X), torch.from_numpy(y))
+    with pytest.raises(InvalidArgumentError, match=message):
+        model.score(torch.from_numpy(X), y, sample_weight=weights(20))
+
+
+def test_positive_fits_tensors_as_sklearn(rng):
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    X, y = problem(rng, n=30, d=3)
+    ours = LinearRegression(positive=True).fit(torch.from_numpy(X), torch.from_numpy(y))
+    theirs = sklearn.LinearRegression(positive=True).fit(X, y)
+    assert isinstance(ours.coef_, torch.Tensor) and isinstance(ours.intercept_, torch.Tensor)
+    np.testing.assert_array_equal(ours.coef_.numpy(), theirs.coef_)
+    np.testing.assert_array_equal(ours.predict(torch.from_numpy(X)).numpy(), theirs.predict(X))
+
+
+def test_a_refit_keeps_nothing_of_the_last_fit(rng):
+    """Each fit starts afresh: attributes only another path sets (rank_ and singular_ of the
+    closed form, scikit-learn's fit's own) do not outlive it."""
+    pytest.importorskip("sklearn")
+    X, y = problem(rng, n=20, d=3)
+    model = LinearRegression().fit(X, y)
+    assert hasattr(model, "rank_") and hasattr(model, "_sklearn_fitted")
+    model.set_params(solver="sgd").fit(torch.from_numpy(X), torch.from_numpy(y))
+    assert not hasattr(model, "rank_") and not hasattr(model, "singular_") and not hasattr(model, "_sklearn_fitted")
