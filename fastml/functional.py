@@ -820,16 +820,12 @@ def _nchw(x: torch.Tensor, grad_channels_last: bool) -> torch.Tensor:
 
 def _conv_operands(input, weight, pads):
     """The kernels' view of a convolution's operands: (x (N, C, H, W) contiguous, weight
-    contiguous, symmetric padding, restore) where restore gives the output torch's layout
+    contiguous, padding (rows, columns), restore) where restore gives the output torch's layout
     (unbatched; channels_last when the input or the weight is, torch's CPU rule, which then holds
-    for their gradients too). Asymmetric padding (an even kernel under "same") adds the odd row and
-    column by F.pad."""
-    top, bottom, left, right = pads
+    for their gradients too). ``pads``: _conv_padding's (top, bottom, left, right), symmetric."""
+    top, _, left, _ = pads
     x = input if input.dim() == 4 else input.unsqueeze(0)
     channels_last = _layout.suggests_channels_last(x) or _layout.suggests_channels_last(weight)
-    if top != bottom or left != right:
-        x = F.pad(x, (left, right, top, bottom))
-        top = left = 0
 
     def restore(out):
         if channels_last:

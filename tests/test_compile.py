@@ -318,9 +318,13 @@ def _module_cases():
                                                  {"batch_norm", "batch_norm_backward"}),
         "Conv2d": (lambda: nn.Conv2d(3, 4, 3, stride=(2, 1), padding=1),
                    lambda n, d, g: [r(n, 3, 11, 9, dtype=d, g=g)], {"conv2d", "conv2d_backward"}),
-        "Conv2d-groups-same-dilated": (lambda: nn.Conv2d(4, 6, (2, 3), padding="same", dilation=(1, 2), groups=2,
+        # (an even kernel length at an even dilation: "same" pads both sides alike, the kernels' case)
+        "Conv2d-groups-same-dilated": (lambda: nn.Conv2d(4, 6, (3, 2), padding="same", dilation=(1, 2), groups=2,
                                                          bias=False),
                                        lambda n, d, g: [r(n, 4, 10, 9, dtype=d, g=g)], {"conv2d", "conv2d_backward"}),
+        # (uneven: torch's convolution, which pads a copy of the input)
+        "Conv2d-uneven-same": (lambda: nn.Conv2d(4, 6, (2, 3), padding="same", dilation=(1, 2), groups=2, bias=False),
+                               lambda n, d, g: [r(n, 4, 10, 9, dtype=d, g=g)], set()),
         "Conv2d-channels_last": (lambda: nn.Conv2d(3, 4, 3),
                                  lambda n, d, g: [r(n, 3, 9, 8, dtype=d, g=g, grad=False).contiguous(
                                      memory_format=torch.channels_last).requires_grad_()],

@@ -211,3 +211,12 @@ def test_none_takes_the_strides_order_of_an_input_that_is_not_dense(rng):
         theirs = F.mse_loss(x, target, reduction="none")
         assert ours.stride() == theirs.stride()
         assert_close(ours, theirs, torch.float32, scale=magnitude(theirs))
+
+
+def test_none_of_a_broadcast_input_is_contiguous_as_torchs(rng):
+    """An expanded input (a stride of 0) gives torch's layout, the other operand's: contiguous."""
+    for x in (rand(1, 4, generator=rng).expand(3, 4), rand(1, 6, 5, 7, generator=rng).expand(2, 6, 5, 7),
+              rand(2, 1, 5, 7, generator=rng).expand(2, 6, 5, 7)):
+        target = rand(*x.shape, generator=rng)
+        assert fastml.functional.mse_loss(x, target, reduction="none").stride() == \
+            F.mse_loss(x, target, reduction="none").stride()

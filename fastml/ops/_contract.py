@@ -139,8 +139,13 @@ def class_targets(op: str, target: torch.Tensor, num_classes: int, ignore_index:
     """Every class index in ``target`` is in [0, num_classes) or ignore_index, as a row kernel
     reads and writes the row's element at its target: IndexError with torch's message, as the
     forward's check (cross_entropy.loss_scale) raises. A reduction to the range first; the rows
-    are searched only where it leaves [0, num_classes)."""
+    are searched only where it leaves [0, num_classes). Off the CPU, asserted on the device."""
     if target.numel() == 0:
+        return
+    if target.device.type != "cpu":  # asserted on the device, as indices_below: no wait mid-graph
+        valid = ((target >= 0) & (target < num_classes)) | (target == ignore_index)
+        torch._assert_async(valid.all(), f"fastml::{op}: a target is out of bounds (class indices in "
+                                         f"[0, {num_classes}) or ignore_index={ignore_index})")
         return
     low, high = torch.aminmax(target)
     if low >= 0 and high < num_classes:

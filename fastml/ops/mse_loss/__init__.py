@@ -82,8 +82,8 @@ def memory_order(t: torch.Tensor) -> list[int] | None:
     (a transpose, channels-last) is contiguous, and in which torch's elementwise ops lay out the
     output of any t (a channel-sliced channels-last view, which is copied); None for a contiguous
     t, or one whose dimensions are in that order already."""
-    if t.dim() < 2 or t.is_contiguous():
-        return None
+    if t.dim() < 2 or t.is_contiguous() or 0 in t.stride():
+        return None  # (a broadcast input: torch's output takes the other operand's order, here contiguous)
     # (A size-1 dimension's stride is free; one equal to another's goes after it, as it lies in
     # a contiguous tensor: the loss of "none" then has the input's strides exactly.)
     order = sorted(range(t.dim()), key=lambda dim: (-t.stride(dim), t.size(dim) == 1))
