@@ -14,7 +14,6 @@ import torch
 from fastml import _backend
 from fastml._multi_tensor import pick, run_launches, settled
 from fastml.ops import in_custom_op_graph
-from fastml.ops.sgd import reference
 
 IMPLEMENTED = ("triton", "cpp", "numba", "reference")
 
@@ -38,8 +37,9 @@ def sgd_step(params, grads, buffers, fresh, *, lr, momentum, dampening, weight_d
     if choice[1] == "reference":
         # Straight to torch's ops, as run_launches would go, without its layers of calls: a
         # course model's step settles here, and is mostly such fixed costs (~1 us of ~9).
-        reference.sgd_step(params, grads, buffers, fresh, lr=lr, momentum=momentum, dampening=dampening,
-                           weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, zero_grad=zero_grad)
+        impl("reference").sgd_step(params, grads, buffers, fresh, lr=lr, momentum=momentum, dampening=dampening,
+                                   weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                                   zero_grad=zero_grad)
         return
     launch_sgd_step(params, grads, buffers, fresh, lr=lr, momentum=momentum, dampening=dampening,
                     weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, zero_grad=zero_grad,
