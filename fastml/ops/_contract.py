@@ -121,6 +121,25 @@ def needs(op: str, value) -> None:
         fail(op, ValueError, f"needs must be three flags (input, weight, bias), got {list(value)}")
 
 
+def window(op: str, kernel, stride, padding, dilation) -> None:
+    """A pooling window: (rows, columns) pairs, positive kernel, stride and dilation, and
+    non-negative padding."""
+    pairs(op, kernel=kernel, stride=stride, padding=padding, dilation=dilation)
+    positive(op, kernel=kernel, stride=stride, dilation=dilation)
+    non_negative(op, padding=padding)
+
+
+def indices_for(op: str, name: str, indices: torch.Tensor, dtype: torch.dtype, grad: torch.Tensor,
+                layout: str) -> None:
+    """``indices`` (a pooling backward's positions) is of ``dtype``, on ``grad``'s device and of
+    its shape (``layout`` naming its dimensions): one position per gradient element."""
+    if indices.dtype != dtype:
+        fail(op, DTypeError, f"{name} must be {str(dtype).removeprefix('torch.')}, got dtype {indices.dtype}")
+    if indices.device != grad.device:
+        fail(op, DeviceError, f"{name} is on {indices.device} but grad is on {grad.device}")
+    shape(op, name, indices, grad.shape, f"grad's {layout}")
+
+
 def indices_below(op: str, name: str, indices: torch.Tensor, bound: int, meaning: str) -> None:
     """Every value of ``indices`` is below ``bound``: the one check that reads data, for an op
     whose kernels write at the position an index gives (one reduction over the indices). Off

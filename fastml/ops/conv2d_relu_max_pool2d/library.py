@@ -79,11 +79,7 @@ def _check_backward(grad, argmax, x, weight, stride, padding, dilation, groups, 
     pooled = _check(op, x, weight, None, stride, padding, dilation, groups, pool_kernel, pool_stride)
     contract.same(op, "x", x, grad=grad)
     contract.shape(op, "grad", grad, (x.shape[0], weight.shape[0], *pooled), "(N, K, PH, PW)")
-    if argmax.dtype != torch.int8:
-        contract.fail(op, contract.DTypeError, f"argmax must be int8, got dtype {argmax.dtype}")
-    if argmax.device != grad.device:
-        contract.fail(op, contract.DeviceError, f"argmax is on {argmax.device} but grad is on {grad.device}")
-    contract.shape(op, "argmax", argmax, grad.shape, "grad's (N, K, PH, PW)")
+    contract.indices_for(op, "argmax", argmax, torch.int8, grad, "(N, K, PH, PW)")
     contract.needs(op, needs)
 
 

@@ -34,9 +34,7 @@ def _check(x, kernel, stride, padding, dilation, ceil_mode) -> None:
     op = "max_pool2d"
     contract.dims(op, "x", x, 4, "(N, C, H, W)")
     contract.floating(op, "x", x)
-    contract.pairs(op, kernel=kernel, stride=stride, padding=padding, dilation=dilation)
-    contract.positive(op, kernel=kernel, stride=stride, dilation=dilation)
-    contract.non_negative(op, padding=padding)
+    contract.window(op, kernel, stride, padding, dilation)
     if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
         contract.fail(op, ValueError, f"padding must be at most half the kernel {list(kernel)}, got {list(padding)}")
     for d in range(2):
@@ -76,11 +74,7 @@ def _check_backward(grad, indices, height, width, kernel, stride, padding, dilat
     op = "max_pool2d_backward"
     contract.dims(op, "grad", grad, 4, "(N, C, OH, OW)")
     contract.floating(op, "grad", grad)
-    if indices.dtype != torch.int64:
-        contract.fail(op, contract.DTypeError, f"indices must be int64, got dtype {indices.dtype}")
-    if indices.device != grad.device:
-        contract.fail(op, contract.DeviceError, f"indices is on {indices.device} but grad is on {grad.device}")
-    contract.shape(op, "indices", indices, grad.shape, "grad's (N, C, OH, OW)")
+    contract.indices_for(op, "indices", indices, torch.int64, grad, "(N, C, OH, OW)")
     if height < 0 or width < 0:
         contract.fail(op, ValueError, f"height and width must be non-negative, got {height} and {width}")
     window = {"kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation}
@@ -89,9 +83,7 @@ def _check_backward(grad, indices, height, width, kernel, stride, padding, dilat
         contract.fail(op, ValueError, "kernel, stride, padding and dilation are given all four or none, got "
                                       + ", ".join(f"{name}={value}" for name, value in window.items()))
     if all(given):
-        contract.pairs(op, **window)
-        contract.positive(op, kernel=kernel, stride=stride, dilation=dilation)
-        contract.non_negative(op, padding=padding)
+        contract.window(op, kernel, stride, padding, dilation)
 
 
 @max_pool2d_backward.register_fake
