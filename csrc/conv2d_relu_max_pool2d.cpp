@@ -76,7 +76,8 @@ void fused_forward(const T* padded, index_t hp, index_t wp, const T* packed, con
 }
 
 // fused_forward in the batch layout: a task is (block of images, group, block of 8 output
-// channels, pooled row); scratch holds [channel][window row][column] vectors of images.
+// channels, pooled row), the pooled rows outermost where batch_rows_outermost says; scratch holds
+// [channel][window row][column] vectors of images.
 template <typename T>
 void batch_fused_forward(const T* planes, index_t hp, index_t wp, const T* packed, const T* bias, const ConvShape& cs,
                          index_t pkh, index_t pkw, index_t psh, index_t psw, index_t ph_out, index_t pw_out, T* out,
@@ -90,19 +91,21 @@ void batch_fused_forward(const T* planes, index_t hp, index_t wp, const T* packe
     const index_t image_blocks = (cs.n + L - 1) / L, pooled = ph_out * pw_out;
     const PlaneWindow window = placed_window(cs.ph, cs.pw, cs.h, cs.w, 1, 1, hp, wp);  // the input, padded
     const index_t tasks = image_blocks * cs.groups * blocks * ph_out;
+    const bool rows_outer = batch_rows_outermost<T>(cs, hp, wp);
 #pragma omp parallel num_threads(threads)
     {
-        std::vector<V> scratch(kKB * pkh * cs.ow);
+        std::vector<V> scratch(kKB * pkh * cs.ow), partial;
 #pragma omp for schedule(static)
         for (index_t task = 0; task < tasks; ++task) {
-            const index_t prow = task % ph_out, block = task / ph_out % blocks, g = task / ph_out / blocks % cs.groups,
-                          ib = task / ph_out / blocks / cs.groups;
+            const index_t prow = rows_outer ? task / blocks % ph_out : task % ph_out,
+                          block = rows_outer ? task % blocks : task / ph_out % blocks,
+                          g = task / ph_out / blocks % cs.groups, ib = task / ph_out / blocks / cs.groups;
             const T* xg = planes + (ib * cs.c + g * cs.cg()) * hp * wp * L;
             const T* wb = packed + (g * blocks + block) * weights_per_block;
             const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);
             for (index_t i = 0; i < pkh; ++i) {
-                batch_conv_row<T>(xg, cs, hp, wp, window, wb, count, prow * psh + i, [&](index_t col, index_t cols,
-                                                                                  const auto& acc) {
+                batch_conv_row<T>(xg, cs, hp, wp, window, wb, count, prow * psh + i, partial,
+                                  [&](index_t col, index_t cols, const auto& acc) {
                     for (index_t o = 0; o < count; ++o) {
                         const V shift = S::broadcast(bias ? bias[first + o] : T(0));
                         for (index_t p = 0; p < cols; ++p) {

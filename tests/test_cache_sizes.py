@@ -1,9 +1,10 @@
 """The C++ kernels' cache blocking on caches other than this CPU's (FASTML_CACHE_SIZES).
 
-The kernels size their blocks from the L2 the CPU reports: rows per block of the fused linear +
-squared loss, references per packed chunk of the distance tiles, rows per band of the
-convolution's weight gradient, and the choice between two ways of summing a weight gradient (and
-whether the fused conv block's sparse weight gradient applies). On this machine's caches the
+The kernels size their blocks from the caches the CPU reports: from the L2, rows per block of the
+fused linear + squared loss, references per packed chunk of the distance tiles, rows per band of
+the convolution's weight gradient, the choice between two ways of summing a weight gradient (and
+whether the fused conv block's sparse weight gradient applies) and the order of the batch-layout
+convolution's tasks; from the L1d, the input channels that convolution sums per pass. On this machine's caches the
 tests' small shapes fit one block, so a block boundary, and the other side of each choice, would
 run first on a CPU whose caches are smaller, or at shapes too large for the default run.
 FASTML_CACHE_SIZES puts other sizes in place of the report: here, sizes below any CPU's, which
@@ -24,8 +25,9 @@ from fastml import _cpp
 REPO = Path(__file__).resolve().parents[1]
 
 # Below every CPU's caches: the fused loss's row blocks, the distance tiles' chunks and the weight
-# gradient's bands shrink to their floors (a register tile's rows, 4 tiles' width, 16 positions).
-# (No kernel sizes a block from the L1d today; it is set too, for one that will.)
+# gradient's bands shrink to their floors (a register tile's rows, 4 tiles' width, 16 positions),
+# the batch-layout convolution sums one input channel per pass and takes each output row's channel
+# blocks one after another wherever its weights are under 2 KiB.
 TINY = "l1d=1K,l2=4K"
 
 # The tests of the ops whose kernels read the cache sizes (csrc: linear, linear_mse, cdist, knn,

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import assert_close, rand, upcast
+from conftest import Backend, assert_close, rand, upcast
 
 import fastml
+import fastml._cpp
 from fastml import functional as F
 
 # (input shape, weight shape, bias, stride, padding, dilation, groups)
@@ -65,6 +66,23 @@ def _check_against_float64(backend, rng, config, dtype):
 def test_matches_float64_reference(backend, rng, config):
     for dtype in (torch.float32, torch.float64):
         _check_against_float64(backend, rng, config, dtype)
+
+
+# Past the batch layout's blocking on any CPU's caches: 40 input channels under a 3 x 3 kernel take
+# several L1-sized passes (16 to 25 a pass on 32 to 48 KiB L1s), and 20 x 20 planes of them pass half
+# of a 2 MiB L2 while the weights stay inside it (each output row's channel blocks then run one after
+# another). test_cache_sizes.py runs the CONFIGS on caches small enough to cross both.
+MANY_CHANNELS = ((16, 40, 20, 20), (16, 40, 3, 3), True, 1, 1, 1, 1)
+
+
+def test_the_batch_layout_sums_many_channels_in_passes_on_this_cpus_caches(rng):
+    try:
+        fastml._cpp.module()
+    except ImportError:
+        pytest.skip("the cpp backend is absent")
+    with fastml.use_backend("cpp"):
+        for dtype in (torch.float32, torch.float64):
+            _check_against_float64(Backend("cpp", torch.device("cpu")), rng, MANY_CHANNELS, dtype)
 
 
 def test_gradcheck(backend, rng):
