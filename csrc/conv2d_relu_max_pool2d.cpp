@@ -97,9 +97,7 @@ void batch_fused_forward(const T* planes, index_t hp, index_t wp, const T* packe
         std::vector<V> scratch(kKB * pkh * cs.ow), partial;
 #pragma omp for schedule(static)
         for (index_t task = 0; task < tasks; ++task) {
-            const index_t prow = rows_outer ? task / blocks % ph_out : task % ph_out,
-                          block = rows_outer ? task % blocks : task / ph_out % blocks,
-                          g = task / ph_out / blocks % cs.groups, ib = task / ph_out / blocks / cs.groups;
+            const auto [ib, g, block, prow] = batch_task(task, ph_out, blocks, cs.groups, rows_outer);
             const T* xg = planes + (ib * cs.c + g * cs.cg()) * hp * wp * L;
             const T* wb = packed + (g * blocks + block) * weights_per_block;
             const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);

@@ -229,18 +229,14 @@ inline void batch_conv_row(const T* x, const ConvShape& cs, index_t hp, index_t 
             for (; col + P <= cs.ow; col += P) f(std::integral_constant<int, P>{}, col);
             for (; col < cs.ow; ++col) f(std::integral_constant<int, 1>{}, col);
         };
-        if (pass >= ins) {  // one pass: each tile's sums go straight to body
-            each_tile([&](auto positions, index_t col) {
-                constexpr int count = decltype(positions)::value;
-                V acc[kKB][count];
-                tile(positions, col, 0, ins, false, acc);
-                body(col, count, acc);
-            });
-            return;
-        }
-        partial.resize(kKB * cs.ow);
-        for (index_t first = 0; first < ins; first += pass) {
+        if (pass < ins) partial.resize(kKB * cs.ow);
+        // Pass after pass over slices of the input channels (one pass where they all fit), each
+        // adding to the tiles' sums of the passes before it, kept in partial between passes; the
+        // last pass hands the sums to body. (At least one pass: a group of no channels gives body
+        // zero sums.)
+        for (index_t first = 0;; first += pass) {
             const index_t count_in = std::min(pass, ins - first);
+            const bool last = first + count_in >= ins;
             each_tile([&](auto positions, index_t col) {
                 constexpr int count = decltype(positions)::value;
                 V acc[kKB][count];
@@ -248,17 +244,15 @@ inline void batch_conv_row(const T* x, const ConvShape& cs, index_t hp, index_t 
                     for (int o = 0; o < C; ++o)
                         for (int p = 0; p < count; ++p) acc[o][p] = partial[o * cs.ow + col + p];
                 tile(positions, col, first, count_in, first > 0, acc);
-                for (int o = 0; o < C; ++o)
-                    for (int p = 0; p < count; ++p) partial[o * cs.ow + col + p] = acc[o][p];
+                if (last) {
+                    body(col, count, acc);
+                } else {
+                    for (int o = 0; o < C; ++o)
+                        for (int p = 0; p < count; ++p) partial[o * cs.ow + col + p] = acc[o][p];
+                }
             });
+            if (last) break;
         }
-        each_tile([&](auto positions, index_t col) {
-            constexpr int count = decltype(positions)::value;
-            V acc[kKB][count];
-            for (int o = 0; o < C; ++o)
-                for (int p = 0; p < count; ++p) acc[o][p] = partial[o * cs.ow + col + p];
-            body(col, count, acc);
-        });
     });
 }
 
@@ -286,6 +280,19 @@ inline bool batch_rows_outermost(const ConvShape& cs, index_t hp, index_t wp) {
     return weight_bytes <= half_l2 && input_bytes > half_l2;
 }
 
+// A batch-layout task's block of images, group, block of output channels and (output or pooled)
+// row: within an image block and a group, tasks run the rows fastest, or the channel blocks where
+// rows_outer (batch_rows_outermost).
+struct BatchTask {
+    index_t ib, g, block, row;
+};
+
+inline BatchTask batch_task(index_t task, index_t rows, index_t blocks, index_t groups, bool rows_outer) {
+    const index_t within = task % (rows * blocks), rest = task / (rows * blocks);
+    return {rest / groups, rest % groups, rows_outer ? within % blocks : within / rows,
+            rows_outer ? within / blocks : within % rows};
+}
+
 // out (n, outs, oh, ow) = correlation of batch planes x (blocks, ins, hp, wp, lane; nonzero only
 // inside `window`) with the packed weights of every group, plus bias (or none). A task's row of
 // result vectors is kept in a scratch [channel][column] of vectors, then written image by image
@@ -305,9 +312,7 @@ void batch_correlate(const T* x, index_t hp, index_t wp, const PlaneWindow& wind
         std::vector<V> scratch(kKB * cs.ow), partial;
 #pragma omp for schedule(static)
         for (index_t task = 0; task < tasks; ++task) {
-            const index_t row = rows_outer ? task / blocks % cs.oh : task % cs.oh,
-                          block = rows_outer ? task % blocks : task / cs.oh % blocks,
-                          g = task / cs.oh / blocks % cs.groups, ib = task / cs.oh / blocks / cs.groups;
+            const auto [ib, g, block, row] = batch_task(task, cs.oh, blocks, cs.groups, rows_outer);
             const T* xg = x + (ib * cs.c + g * cs.cg()) * hp * wp * L;
             const T* wb = packed + (g * blocks + block) * weights_per_block;
             const index_t first = g * kg + block * kKB, count = std::min(kKB, kg - block * kKB);

@@ -155,15 +155,27 @@ def _test_backends() -> list[str]:
     return named or list(_backend.BACKENDS)
 
 
-@pytest.fixture(params=_test_backends())
-def backend(request) -> Backend:
-    name = request.param
+def _backend_in_use(name: str):
+    """Backend ``name`` in use (fastml.use_backend) while the test runs; the test skipped where
+    the backend is absent."""
     status = _backend.status(name)
     if not status.present:
         pytest.skip(f"backend {name} absent: {status.reason}")
     device = torch.device("cuda" if name == "triton" and torch.cuda.is_available() else "cpu")
     with fastml.use_backend(name):
         yield Backend(name, device)
+
+
+@pytest.fixture(params=_test_backends())
+def backend(request) -> Backend:
+    yield from _backend_in_use(request.param)
+
+
+@pytest.fixture
+def cpp_backend() -> Backend:
+    """The cpp backend alone, in use: for tests of its own blocking, at shapes too large for the
+    other backends (the Triton interpreter, numba's loops) in the default run."""
+    yield from _backend_in_use("cpp")
 
 
 def assert_device_side_assert(code: str, *args: str) -> None:

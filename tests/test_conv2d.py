@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import Backend, assert_close, rand, upcast
+from conftest import assert_close, rand, upcast
 
 import fastml
-import fastml._cpp
 from fastml import functional as F
 
 # (input shape, weight shape, bias, stride, padding, dilation, groups)
@@ -75,14 +74,9 @@ def test_matches_float64_reference(backend, rng, config):
 MANY_CHANNELS = ((16, 40, 20, 20), (16, 40, 3, 3), True, 1, 1, 1, 1)
 
 
-def test_the_batch_layout_sums_many_channels_in_passes_on_this_cpus_caches(rng):
-    try:
-        fastml._cpp.module()
-    except ImportError:
-        pytest.skip("the cpp backend is absent")
-    with fastml.use_backend("cpp"):
-        for dtype in (torch.float32, torch.float64):
-            _check_against_float64(Backend("cpp", torch.device("cpu")), rng, MANY_CHANNELS, dtype)
+def test_the_batch_layout_sums_many_channels_in_passes_on_this_cpus_caches(cpp_backend, rng):
+    for dtype in (torch.float32, torch.float64):
+        _check_against_float64(cpp_backend, rng, MANY_CHANNELS, dtype)
 
 
 def test_gradcheck(backend, rng):

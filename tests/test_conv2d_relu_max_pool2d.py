@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import Backend, assert_close, rand, upcast
+from conftest import assert_close, rand, upcast
 
 import fastml
-import fastml._cpp
 from fastml import functional as F
 
 # (input shape, weight shape, bias, stride, padding, dilation, groups, pool kernel, pool stride)
@@ -88,23 +87,17 @@ def test_matches_float64_composite(backend, rng, config):
             assert_close(a, e, scale=max(1.0, float(e.abs().max())))
 
 
-def test_the_batch_layout_sums_many_channels_in_passes_on_this_cpus_caches(rng):
+def test_the_batch_layout_sums_many_channels_in_passes_on_this_cpus_caches(cpp_backend, rng):
     """The fused block past the batch layout's blocking on any CPU's caches, as
     test_conv2d.py's MANY_CHANNELS (several L1-sized passes of input channels, rows outermost)."""
-    try:
-        fastml._cpp.module()
-    except ImportError:
-        pytest.skip("the cpp backend is absent")
     config = ((16, 40, 20, 20), (16, 40, 3, 3), True, 1, 1, 1, 1, 2, None)
-    backend = Backend("cpp", torch.device("cpu"))
-    with fastml.use_backend("cpp"):
-        for dtype in (torch.float32, torch.float64):
-            # (the output alone: a window's maximum is the same value whichever of near-tied
-            # elements attains it, so no draw need avoid them, as the gradients' checks do)
-            x, w, b = (rand(*shape, dtype=dtype, device=backend.device, generator=rng)
-                       for shape in (config[0], config[1], config[1][:1]))
-            out = _fused(x, w, b, config)
-            assert_close(out, _composite(*upcast(x, w, b), config), scale=40 * 9)
+    for dtype in (torch.float32, torch.float64):
+        # (the output alone: a window's maximum is the same value whichever of near-tied
+        # elements attains it, so no draw need avoid them, as the gradients' checks do)
+        x, w, b = (rand(*shape, dtype=dtype, device=cpp_backend.device, generator=rng)
+                   for shape in (config[0], config[1], config[1][:1]))
+        out = _fused(x, w, b, config)
+        assert_close(out, _composite(*upcast(x, w, b), config), scale=40 * 9)
 
 
 @pytest.mark.parametrize("batch", [2, 15], ids=["rows", "batch-layout"])
