@@ -52,18 +52,25 @@ _lock = threading.Lock()
 _keeping = False
 
 
+def _open_library(name: str | None):
+    """``ctypes.CDLL(name)``: the one way ``_glibc`` opens a library, which tests replace (never
+    ctypes's own CDLL, through which numba's llvmlite loads its library lazily: with that replaced,
+    fastml.info's backend check found numba absent for the rest of the process)."""
+    return ctypes.CDLL(name)
+
+
 def _glibc():
     """The process's C library where glibc's malloc is the allocator in use (mallopt and
     malloc_trim are glibc's), else None. Never raises."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        process = ctypes.CDLL(None)
+        process = _open_library(None)
         if not all(hasattr(process, name) for name in ("gnu_get_libc_version", "mallopt", "malloc_trim")):
             return None
         # an allocator interposed with LD_PRELOAD (jemalloc, tcmalloc) answers for malloc: glibc's
         # mallopt would then tune an allocator nobody uses, and report success
-        libc = ctypes.CDLL("libc.so.6")
+        libc = _open_library("libc.so.6")
         if ctypes.cast(process.malloc, ctypes.c_void_p).value != ctypes.cast(libc.malloc, ctypes.c_void_p).value:
             return None
     except Exception:  # no such library, or a ctypes that cannot open the process itself

@@ -87,7 +87,7 @@ class _NotGlibc:
 
 
 def _process_library(kind):
-    def open_library(name, *args, **kwargs):
+    def open_library(name):
         if kind == "not glibc":
             return _NotGlibc()
         if kind == "no ctypes name":  # Windows' ctypes given None
@@ -98,7 +98,7 @@ def _process_library(kind):
 
 @pytest.mark.parametrize("kind", ["not glibc", "no ctypes name", "no library"])
 def test_without_glibc_nothing_changes_and_nothing_raises(monkeypatch, kind):
-    monkeypatch.setattr(_memory.ctypes, "CDLL", _process_library(kind))
+    monkeypatch.setattr(_memory, "_open_library", _process_library(kind))
     monkeypatch.setattr(_memory, "_keeping", False)
     assert _memory._glibc() is None
     assert fastml.keep_freed_memory() is False and not _memory.keeping_freed_memory()
@@ -111,12 +111,12 @@ def test_an_interposed_allocator_is_not_glibc(monkeypatch):
     would report success and change nothing."""
     real = ctypes.CDLL
 
-    def open_library(name, *args, **kwargs):
-        library = real(name, *args, **kwargs)
+    def open_library(name):
+        library = real(name)
         if name is None:
             return _Interposed(library)
         return library
-    monkeypatch.setattr(_memory.ctypes, "CDLL", open_library)
+    monkeypatch.setattr(_memory, "_open_library", open_library)
     assert _memory._glibc() is None
 
 
