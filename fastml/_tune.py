@@ -577,10 +577,12 @@ def verdict(seconds: dict[str, float], kernels: tuple[str, ...], margin: float =
 
 def near_the_line(seconds: dict[str, float], kernels: tuple[str, ...], margin: float = MARGIN) -> bool:
     """Whether ``verdict`` hangs on noise: torch's time within a factor (1 + ``margin``) of the
-    line where the fastest kernel wins (its time × (1 + ``margin``)), on either side, and no call
-    slower than SLOW_CALL_SECONDS, whose one round is all its class is worth."""
+    line where the fastest kernel wins (its time × (1 + ``margin``)), on either side. Slow calls
+    too, whose single round is the least evidence: the VGG-sized conv block's forward + backward
+    (about 0.9 s) read 0.99 s for fastml's path against 0.98 s for torch's on an Ice Lake Xeon,
+    where the same path ran at 0.83 s a call, steadily."""
     fastest = min(seconds[name] for name in kernels)
-    if fastest <= 0 or max(fastest, seconds["reference"]) > SLOW_CALL_SECONDS:
+    if fastest <= 0:
         return False
     ratio = seconds["reference"] / fastest
     return 1.0 / (1.0 + margin) <= ratio <= (1.0 + margin) ** 2

@@ -118,6 +118,11 @@ def test_a_verdict_near_the_line_is_timed_again(clock):
     run, calls = costed_run(clock, tie)
     assert _tune.choose(key("tie"), ("cpp",), X, run) == "reference"
     assert calls == {name: 2 * count for name, count in calls_of_one_timing(tie).items()}
+    slow_tie = {"cpp": 0.5, "reference": 0.5}  # one round each (SLOW_CALL_SECONDS), and one more
+    assert _tune.SLOW_CALL_SECONDS < 0.5
+    run, calls = costed_run(clock, slow_tie)
+    assert _tune.choose(key("slow tie"), ("cpp",), X, run) == "reference"
+    assert calls == {"cpp": 4, "reference": 4}
     run, calls = costed_run(clock, clear)
     assert _tune.choose(key("clear"), ("cpp",), X, run) == "cpp"
     assert calls == calls_of_one_timing(clear)
