@@ -64,9 +64,9 @@ inline __mmask16 lanes_left(index_t k, index_t m) {
 
 // Quantizes row x − center (m floats) sixteen coordinates at a time: bytes receives each x̃_k
 // xor `flip` (0 for signed bytes, 0x80 for x̃ + 128), for k < quantized_width(m), x̃ = 0 past m;
-// bytes has room for quantized_width(m) rounded up to 16 (kQuantizedMaxDim + 16 always do). Vectorized because references are
-// quantized at every scan (1M rows of 32 floats: 41% of the scan's time as a scalar loop per
-// coordinate, on an Ice Lake Xeon). Each x̃ is the scalar loop's: the same difference, product
+// bytes has room for quantized_width(m) rounded up to 16 (kQuantizedMaxDim + 16 always do).
+// Vectorized because references are quantized at every scan (1M rows of 32 floats: 41% of the
+// scan's time as a scalar loop per coordinate, on an Ice Lake Xeon). Each x̃ is the scalar loop's: the same difference, product
 // and rounding (to nearest even, as nearbyint under the default mode), the clamp in integers
 // instead of floats (|x·(1/s)| <= 127.5 before rounding); only |x|² sums in another order, which
 // the bound's slack covers (m·ε whatever the order).

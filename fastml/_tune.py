@@ -25,9 +25,9 @@ repeated calls for a small one, and nothing per call afterwards: the decision is
 lookup. A call that takes longer than ``SLOW_CALL_SECONDS`` gets one timed round instead of
 ``ROUNDS``. CUDA work is synchronised around every sample. Where the times leave the verdict
 within a margin's width of the line (``near_the_line``), the fastest kernel and torch's are timed
-once more, each keeping its fastest time of both: a decision persists, and a single burst of noise on a
-shared machine had routed linear_mse (65536 x 256 -> 1) to torch for good, its kernel timed at
-8.15 ms against torch's 8.41 where its steady call took 5.1 ms against 9.2.
+once more, each keeping its fastest time of both: a decision persists, and a single burst of
+noise on a shared machine had routed linear_mse (65536 x 256 -> 1) to torch for good, its kernel
+timed at 8.15 ms against torch's 8.41 where its steady call took 5.1 ms against 9.2.
 
 Inputs too small to time: a class whose input has no elements is not timed; it follows the
 static rule (below), which runs torch's implementation for every op but the few whose win is
