@@ -475,12 +475,23 @@ void conv2d_relu_max_pool2d_backward(address_t grad_, address_t argmax_, address
     }
 }
 
+// The activation gradient alone, grad_z (planes, oh, ow) (relu_max_pool2d_backward), for a
+// backward that leaves the convolution's gradients to torch's (fastml/ops/conv2d_relu_max_pool2d/
+// cpp_impl.py, where the measured choice finds oneDNN's faster).
+template <typename T>
+void relu_max_pool2d_gradient(address_t grad, address_t argmax, index_t planes, index_t oh, index_t ow,
+                              const std::vector<index_t>& pool, address_t grad_z, int nthreads) {
+    relu_max_pool2d_backward<T>(grad, argmax, planes, oh, ow, pool, grad_z, nthreads);
+}
+
 #define FASTML_FUSED(T)                                                                                        \
     template void conv2d_relu_max_pool2d_forward<T>(address_t, address_t, address_t, const std::vector<index_t>&, \
                                                     const std::vector<index_t>&, address_t, address_t, int);      \
     template void conv2d_relu_max_pool2d_backward<T>(address_t, address_t, address_t, address_t,                 \
                                                      const std::vector<index_t>&, const std::vector<index_t>&,    \
-                                                     address_t, address_t, address_t, int);
+                                                     address_t, address_t, address_t, int);        \
+    template void relu_max_pool2d_gradient<T>(address_t, address_t, index_t, index_t, index_t,                \
+                                              const std::vector<index_t>&, address_t, int);
 FASTML_FUSED(float)
 FASTML_FUSED(double)
 #undef FASTML_FUSED

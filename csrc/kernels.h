@@ -110,6 +110,11 @@ template <typename T>
 void conv2d_relu_max_pool2d_backward(address_t grad, address_t argmax, address_t x, address_t w,
                                      const std::vector<index_t>& dims, const std::vector<index_t>& pool,
                                      address_t grad_x, address_t grad_w, address_t grad_b, int nthreads);
+// grad_z (planes, oh, ow): grad (planes, pooled h, pooled w) at each window's argmax offset, zero
+// elsewhere and where argmax is -1; pool as above.
+template <typename T>
+void relu_max_pool2d_gradient(address_t grad, address_t argmax, index_t planes, index_t oh, index_t ow,
+                              const std::vector<index_t>& pool, address_t grad_z, int nthreads);
 
 // cross_entropy.cpp: logits (m, c), index (m,) int64 or probs (m, c), weight (c,) or 0,
 // row_scale (m,) or 0 → row_loss (m,), grad (m, c) (either may be 0; grad may be logits).

@@ -10,6 +10,7 @@ import torch.nn.functional as TF
 from conftest import assert_close, rand, upcast
 
 import fastml
+from fastml import _backend, _tune
 from fastml import functional as F
 
 # (input shape, weight shape, bias, stride, padding, dilation, groups, pool kernel, pool stride)
@@ -98,6 +99,35 @@ def test_the_batch_layout_sums_many_channels_in_passes_on_this_cpus_caches(cpp_b
                    for shape in (config[0], config[1], config[1][:1]))
         out = _fused(x, w, b, config)
         assert_close(out, _composite(*upcast(x, w, b), config), scale=40 * 9)
+
+
+def _pair(value):
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+@pytest.mark.skipif(not _backend.status("cpp").present, reason="the C++ extension is absent")
+@pytest.mark.parametrize("config", CONFIGS, ids=_ids)
+def test_the_cpp_backward_either_way_gives_torchs_gradients(rng, monkeypatch, config):
+    """The cpp backend's backward is a measured choice between its fused kernel and the activation
+    gradient from C++ handed to torch's convolution backward: either way, every gradient is
+    torch's three ops' (float64)."""
+    from fastml.ops.conv2d_relu_max_pool2d import cpp_impl
+
+    shape_x, shape_w, bias, stride, padding, dilation, groups, pk, ps = config
+    x, w = rand(*shape_x, dtype=torch.float64, generator=rng), rand(*shape_w, dtype=torch.float64, generator=rng)
+    b = rand(shape_w[0], dtype=torch.float64, generator=rng) if bias else None
+    args = (_pair(stride), _pair(padding), _pair(dilation), groups, _pair(pk), _pair(pk if ps is None else ps))
+    out, argmax = cpp_impl.forward(x, w, b, *args)
+    grad = rand(*out.shape, dtype=torch.float64, generator=rng)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+    expected = torch.autograd.grad(_composite(*leaves[:2], leaves[2] if bias else None, config), leaves, grad)
+    for way in ("cpp", "reference"):
+        monkeypatch.setattr(_tune, "choose", lambda *arguments, way=way: way)
+        got = cpp_impl.backward(grad, argmax, x, w, *args, (True, True, bias))
+        for a, e in zip([g for g in got if g is not None], expected):
+            assert_close(a, e, scale=max(1.0, float(e.abs().max())))
+        if not bias:
+            assert got[2] is None
 
 
 @pytest.mark.parametrize("batch", [2, 15], ids=["rows", "batch-layout"])

@@ -1,10 +1,20 @@
 """Conv + bias + ReLU + max-pool on fastml._C (csrc/conv2d_relu_max_pool2d.cpp: the forward pass,
-and the backward pass in one call); signatures as in reference.py."""
+and the backward pass in one call); signatures as in reference.py.
+
+The backward is a measured choice of its own (fastml/_tune.py), per shape class: the fused C++
+backward, or the activation gradient from C++ (one pass) with the convolution's gradients from
+torch's own convolution backward, which oneDNN does faster on some CPUs and shapes (VGG's block,
+64 x 64 -> 128 at 56 x 56, on an Ice Lake Xeon). A forced backend (fastml.use_backend("cpp"))
+runs the fused backward alone.
+"""
 
 from __future__ import annotations
 
+from fastml import _tune
 from fastml._cpp import kernel, ptr, threads
+from fastml.ops import backward_class, forced_backend
 from fastml.ops.conv2d import cpp_impl as conv
+from fastml.ops.conv2d import reference as conv_reference
 from fastml.ops.conv2d_relu_max_pool2d.reference import empty_outputs, pooled_size
 
 
@@ -24,6 +34,18 @@ def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, poo
 
 
 def backward(grad, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
+    args = (stride, padding, dilation, groups, pool_kernel, pool_stride)
+    if forced_backend() or x.numel() == 0:
+        return _fused_backward(grad, argmax, x, weight, *args, needs)
+
+    def run(name):
+        return (_fused_backward if name == "cpp" else _backward_through_torch)(grad, argmax, x, weight, *args, needs)
+
+    key = backward_class("conv2d_relu_max_pool2d convolution", x, (grad.shape, x.shape, weight.shape), *args, needs)
+    return run(_tune.choose(key, ("cpp",), grad, run))
+
+
+def _fused_backward(grad, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
     dims = conv.dims(x, weight, stride, padding, dilation, groups)
     need_x, need_w, need_b = needs
     grad_x = x.new_empty(x.shape) if need_x else None
@@ -33,3 +55,16 @@ def backward(grad, argmax, x, weight, stride, padding, dilation, groups, pool_ke
         grad.data_ptr(), argmax.data_ptr(), x.data_ptr(), weight.data_ptr(), dims,
         _pool_dims(dims, pool_kernel, pool_stride), ptr(grad_x), ptr(grad_w), ptr(grad_b), threads())
     return grad_x, grad_w, grad_b
+
+
+def _backward_through_torch(grad, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride,
+                            needs):
+    """The activation gradient in one C++ pass, then torch's convolution backward
+    (fastml.ops.conv2d.reference.backward)."""
+    dims = conv.dims(x, weight, stride, padding, dilation, groups)
+    n, k, oh, ow = dims[0], dims[4], dims[-2], dims[-1]
+    grad_z = grad.new_empty((n, k, oh, ow))
+    kernel("relu_max_pool2d_gradient", grad.dtype)(grad.data_ptr(), argmax.data_ptr(), n * k, oh, ow,
+                                                   _pool_dims(dims, pool_kernel, pool_stride), grad_z.data_ptr(),
+                                                   threads())
+    return conv_reference.backward(grad_z, x, weight, stride, padding, dilation, groups, needs)
