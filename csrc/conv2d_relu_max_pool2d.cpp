@@ -23,6 +23,28 @@ namespace fastml {
 
 namespace {
 
+// The ReLU'd maximum of a pool window, pkh rows of pkw values `stride` apart from `row`, into best,
+// and its offset i·pkw + j into argmax: a value replaces the maximum when greater or NaN (torch's
+// max_pool2d: ties to the first); -1 where the maximum is <= 0, the ReLU passing no gradient (a NaN
+// is not <= 0: it passes, as torch's). ReLU keeps NaN (a NaN is not below 0), as torch.relu.
+template <typename T>
+inline void relu_window_max(const T* row, index_t stride, index_t pkh, index_t pkw, T& best, std::int8_t& argmax) {
+    T top = 0;
+    int offset = -1;
+    for (index_t i = 0; i < pkh; ++i) {
+        for (index_t j = 0; j < pkw; ++j) {
+            const T z = row[i * stride + j];
+            const T v = z < 0 ? T(0) : z;
+            if (offset < 0 || v > top || v != v) {
+                top = v;
+                offset = static_cast<int>(i * pkw + j);
+            }
+        }
+    }
+    best = top;
+    argmax = static_cast<std::int8_t>(top <= 0 ? -1 : offset);
+}
+
 template <typename T, int NV>
 void fused_forward(const T* padded, index_t hp, index_t wp, const T* packed, const T* bias, const ConvShape& cs,
                    index_t pkh, index_t pkw, index_t psh, index_t psw, index_t ph_out, index_t pw_out, T* out,
@@ -53,23 +75,9 @@ void fused_forward(const T* padded, index_t hp, index_t wp, const T* packed, con
             }
             for (index_t o = 0; o < count; ++o) {
                 const index_t at = ((img * cs.k + first + o) * ph_out + prow) * pw_out;
-                for (index_t pc = 0; pc < pw_out; ++pc) {
-                    T best = 0;
-                    int offset = -1;
-                    for (index_t i = 0; i < pkh; ++i) {
-                        const T* row = scratch.data() + (o * pkh + i) * row_stride + pc * psw;
-                        for (index_t j = 0; j < pkw; ++j) {
-                            const T v = row[j];
-                            if (offset < 0 || v > best || v != v) {
-                                best = v;
-                                offset = static_cast<int>(i * pkw + j);
-                            }
-                        }
-                    }
-                    out[at + pc] = best;
-                    // -1: the ReLU passes no gradient (a NaN is not <= 0: it passes, as torch's)
-                    argmax[at + pc] = static_cast<std::int8_t>(best <= 0 ? -1 : offset);
-                }
+                for (index_t pc = 0; pc < pw_out; ++pc)
+                    relu_window_max(scratch.data() + o * pkh * row_stride + pc * psw, row_stride, pkh, pkw,
+                                    out[at + pc], argmax[at + pc]);
             }
         }
     }
@@ -484,6 +492,27 @@ void relu_max_pool2d_gradient(address_t grad, address_t argmax, index_t planes, 
     relu_max_pool2d_backward<T>(grad, argmax, planes, oh, ow, pool, grad_z, nthreads);
 }
 
+// out, argmax (planes, pooled h, pooled w) from a convolution's output z (planes, oh, ow), bias
+// included: max_pool2d(relu(z)) and the window offsets, as the fused forward's epilogue, for a
+// forward that leaves the convolution to torch's (fastml/ops/conv2d_relu_max_pool2d/cpp_impl.py).
+template <typename T>
+void relu_max_pool2d_forward(address_t z_, index_t planes, index_t oh, index_t ow, const std::vector<index_t>& pool,
+                             address_t out_, address_t argmax_, int nthreads) {
+    const index_t pkh = pool[0], pkw = pool[1], psh = pool[2], psw = pool[3], ph_out = pool[4], pw_out = pool[5];
+    const T* z = as_ptr<const T>(z_);
+    T* out = as_ptr<T>(out_);
+    auto* argmax = as_ptr<std::int8_t>(argmax_);
+#pragma omp parallel for schedule(static) num_threads(threads_for(planes * oh * ow, nthreads))
+    for (index_t p = 0; p < planes; ++p) {
+        for (index_t r = 0; r < ph_out; ++r) {
+            const T* row = z + (p * oh + r * psh) * ow;
+            const index_t at = (p * ph_out + r) * pw_out;
+            for (index_t c = 0; c < pw_out; ++c)
+                relu_window_max(row + c * psw, ow, pkh, pkw, out[at + c], argmax[at + c]);
+        }
+    }
+}
+
 #define FASTML_FUSED(T)                                                                                        \
     template void conv2d_relu_max_pool2d_forward<T>(address_t, address_t, address_t, const std::vector<index_t>&, \
                                                     const std::vector<index_t>&, address_t, address_t, int);      \
@@ -491,7 +520,9 @@ void relu_max_pool2d_gradient(address_t grad, address_t argmax, index_t planes, 
                                                      const std::vector<index_t>&, const std::vector<index_t>&,    \
                                                      address_t, address_t, address_t, int);        \
     template void relu_max_pool2d_gradient<T>(address_t, address_t, index_t, index_t, index_t,                \
-                                              const std::vector<index_t>&, address_t, int);
+                                              const std::vector<index_t>&, address_t, int);                 \
+    template void relu_max_pool2d_forward<T>(address_t, index_t, index_t, index_t, const std::vector<index_t>&, \
+                                             address_t, address_t, int);
 FASTML_FUSED(float)
 FASTML_FUSED(double)
 #undef FASTML_FUSED

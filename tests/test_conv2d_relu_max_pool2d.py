@@ -107,22 +107,31 @@ def _pair(value):
 
 @pytest.mark.skipif(not _backend.status("cpp").present, reason="the C++ extension is absent")
 @pytest.mark.parametrize("config", CONFIGS, ids=_ids)
-def test_the_cpp_backward_either_way_gives_torchs_gradients(rng, monkeypatch, config):
-    """The cpp backend's backward is a measured choice between its fused kernel and the activation
-    gradient from C++ handed to torch's convolution backward: either way, every gradient is
-    torch's three ops' (float64)."""
-    from fastml.ops.conv2d_relu_max_pool2d import cpp_impl
+def test_the_cpp_block_either_way_gives_torchs_values(rng, monkeypatch, config):
+    """The cpp backend's forward and backward are each a measured choice between its fused kernel
+    and a split (torch's convolution or convolution backward, with the ReLU and pool, or the
+    activation gradient, in one C++ pass): either way, the output, argmax and every gradient are
+    torch's three ops' (float64; small integers, so that windows tie exactly and a NaN, which wins
+    its window, routes as torch's)."""
+    from fastml.ops.conv2d_relu_max_pool2d import cpp_impl, reference
 
     shape_x, shape_w, bias, stride, padding, dilation, groups, pk, ps = config
-    x, w = rand(*shape_x, dtype=torch.float64, generator=rng), rand(*shape_w, dtype=torch.float64, generator=rng)
-    b = rand(shape_w[0], dtype=torch.float64, generator=rng) if bias else None
+    x = torch.randint(-2, 3, shape_x, generator=rng).double()
+    w = torch.randint(-1, 2, shape_w, generator=rng).double()
+    b = torch.randint(-1, 2, shape_w[:1], generator=rng).double() if bias else None
     args = (_pair(stride), _pair(padding), _pair(dilation), groups, _pair(pk), _pair(pk if ps is None else ps))
-    out, argmax = cpp_impl.forward(x, w, b, *args)
-    grad = rand(*out.shape, dtype=torch.float64, generator=rng)
+    poisoned = x.clone()
+    poisoned[0, 0, 1, 1] = float("nan")
+    want = reference.forward(poisoned, w, b, *args)
+    grad = rand(*want[0].shape, dtype=torch.float64, generator=rng)
     leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
     expected = torch.autograd.grad(_composite(*leaves[:2], leaves[2] if bias else None, config), leaves, grad)
     for way in ("cpp", "reference"):
         monkeypatch.setattr(_tune, "choose", lambda *arguments, way=way: way)
+        out, argmax = cpp_impl.forward(poisoned, w, b, *args)
+        assert torch.equal(out.isnan(), want[0].isnan()) and torch.equal(out.nan_to_num(), want[0].nan_to_num()), way
+        assert torch.equal(argmax, want[1]), way
+        argmax = cpp_impl.forward(x, w, b, *args)[1]
         got = cpp_impl.backward(grad, argmax, x, w, *args, (True, True, bias))
         for a, e in zip([g for g in got if g is not None], expected):
             assert_close(a, e, scale=max(1.0, float(e.abs().max())))

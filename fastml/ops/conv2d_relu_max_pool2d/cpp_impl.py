@@ -1,18 +1,20 @@
 """Conv + bias + ReLU + max-pool on fastml._C (csrc/conv2d_relu_max_pool2d.cpp: the forward pass,
 and the backward pass in one call); signatures as in reference.py.
 
-The backward is a measured choice of its own (fastml/_tune.py), per shape class: the fused C++
-backward, or the activation gradient from C++ (one pass) with the convolution's gradients from
-torch's own convolution backward, which oneDNN does faster on some CPUs and shapes (VGG's block,
-64 x 64 -> 128 at 56 x 56, on an Ice Lake Xeon). A forced backend (fastml.use_backend("cpp"))
-runs the fused backward alone.
+Forward and backward are each a measured choice of their own (fastml/_tune.py), per shape class,
+between the fused kernel and a split: torch's own convolution (or its convolution backward), which
+oneDNN does faster on some CPUs and shapes (VGG's deeper blocks on an Ice Lake Xeon), with the
+ReLU and pool (or the activation gradient) in one C++ pass over its output. A forced backend
+(fastml.use_backend("cpp")) runs the fused kernels alone.
 """
 
 from __future__ import annotations
 
+import torch.nn.functional as F
+
 from fastml import _tune
 from fastml._cpp import kernel, ptr, threads
-from fastml.ops import backward_class, forced_backend
+from fastml.ops import backward_class, forced_backend, shape_class
 from fastml.ops.conv2d import cpp_impl as conv
 from fastml.ops.conv2d import reference as conv_reference
 from fastml.ops.conv2d_relu_max_pool2d.reference import empty_outputs, pooled_size
@@ -25,11 +27,34 @@ def _pool_dims(conv_dims, pool_kernel, pool_stride):
 
 
 def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
+    args = (stride, padding, dilation, groups, pool_kernel, pool_stride)
+    if forced_backend() or x.numel() == 0:
+        return _fused_forward(x, weight, bias, *args)
+
+    def run(name):
+        return (_fused_forward if name == "cpp" else _forward_through_torch)(x, weight, bias, *args)
+
+    key = shape_class("conv2d_relu_max_pool2d convolution", "forward", (x, weight, bias), *args)
+    return run(_tune.choose(key, ("cpp",), x, run))
+
+
+def _fused_forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
     dims = conv.dims(x, weight, stride, padding, dilation, groups)
     out, argmax = empty_outputs(x, weight, stride, padding, dilation, pool_kernel, pool_stride)
     pool = [*pool_kernel, *pool_stride, *out.shape[2:]]
     kernel("conv2d_relu_max_pool2d_forward", x.dtype)(x.data_ptr(), weight.data_ptr(), ptr(bias), dims, pool,
                                                       out.data_ptr(), argmax.data_ptr(), threads())
+    return out, argmax
+
+
+def _forward_through_torch(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
+    """torch's convolution (with its bias), then ReLU and the pool in one C++ pass over its output."""
+    z = F.conv2d(x, weight, bias, stride, padding, dilation, groups).contiguous()
+    out, argmax = empty_outputs(x, weight, stride, padding, dilation, pool_kernel, pool_stride)
+    n, k, oh, ow = z.shape
+    pool = [*pool_kernel, *pool_stride, *out.shape[2:]]
+    kernel("relu_max_pool2d_forward", x.dtype)(z.data_ptr(), n * k, oh, ow, pool, out.data_ptr(), argmax.data_ptr(),
+                                               threads())
     return out, argmax
 
 
