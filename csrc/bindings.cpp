@@ -107,8 +107,8 @@ PYBIND11_MODULE(FASTML_MODULE_NAME, m) {
     FASTML_DEF("conv2d_relu_max_pool2d_forward_f64", conv2d_relu_max_pool2d_forward<double>);
     FASTML_DEF("conv2d_relu_max_pool2d_backward_f32", conv2d_relu_max_pool2d_backward<float>);
     FASTML_DEF("conv2d_relu_max_pool2d_backward_f64", conv2d_relu_max_pool2d_backward<double>);
-    FASTML_DEF("relu_max_pool2d_gradient_f32", relu_max_pool2d_gradient<float>);
-    FASTML_DEF("relu_max_pool2d_gradient_f64", relu_max_pool2d_gradient<double>);
+    FASTML_DEF("relu_max_pool2d_backward_f32", relu_max_pool2d_backward<float>);
+    FASTML_DEF("relu_max_pool2d_backward_f64", relu_max_pool2d_backward<double>);
     FASTML_DEF("relu_max_pool2d_forward_f32", relu_max_pool2d_forward<float>);
     FASTML_DEF("relu_max_pool2d_forward_f64", relu_max_pool2d_forward<double>);
     FASTML_DEF("winograd_f2_weight_f32", winograd_f2_weight<float>);

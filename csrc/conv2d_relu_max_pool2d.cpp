@@ -147,8 +147,12 @@ void batch_fused_forward(const T* planes, index_t hp, index_t wp, const T* packe
     }
 }
 
+}  // namespace
+
 // grad_z (planes, oh, ow) = grad (planes, ph_out, pw_out) at each window's maximum where argmax is
-// not -1 (the ReLU passes the gradient), zero elsewhere (overlapping windows add up, in output order).
+// not -1 (the ReLU passes the gradient), zero elsewhere (overlapping windows add up, in output order):
+// the fused backward's first step where it does not fuse it, and the whole C++ part of a backward
+// that leaves the convolution's gradients to torch's (fastml/ops/conv2d_relu_max_pool2d/cpp_impl.py).
 template <typename T>
 void relu_max_pool2d_backward(address_t grad_, address_t argmax_, index_t planes, index_t oh, index_t ow,
                               const std::vector<index_t>& pool, address_t grad_z_, int nthreads) {
@@ -170,6 +174,8 @@ void relu_max_pool2d_backward(address_t grad_, address_t argmax_, index_t planes
         }
     }
 }
+
+namespace {
 
 // ------------------------------------------------- the weight gradient, from the nonzero entries
 //
@@ -483,15 +489,6 @@ void conv2d_relu_max_pool2d_backward(address_t grad_, address_t argmax_, address
     }
 }
 
-// The activation gradient alone, grad_z (planes, oh, ow) (relu_max_pool2d_backward), for a
-// backward that leaves the convolution's gradients to torch's (fastml/ops/conv2d_relu_max_pool2d/
-// cpp_impl.py, where the measured choice finds oneDNN's faster).
-template <typename T>
-void relu_max_pool2d_gradient(address_t grad, address_t argmax, index_t planes, index_t oh, index_t ow,
-                              const std::vector<index_t>& pool, address_t grad_z, int nthreads) {
-    relu_max_pool2d_backward<T>(grad, argmax, planes, oh, ow, pool, grad_z, nthreads);
-}
-
 // out, argmax (planes, pooled h, pooled w) from a convolution's output z (planes, oh, ow), bias
 // included: max_pool2d(relu(z)) and the window offsets, as the fused forward's epilogue, for a
 // forward that leaves the convolution to torch's (fastml/ops/conv2d_relu_max_pool2d/cpp_impl.py).
@@ -519,7 +516,7 @@ void relu_max_pool2d_forward(address_t z_, index_t planes, index_t oh, index_t o
     template void conv2d_relu_max_pool2d_backward<T>(address_t, address_t, address_t, address_t,                 \
                                                      const std::vector<index_t>&, const std::vector<index_t>&,    \
                                                      address_t, address_t, address_t, int);        \
-    template void relu_max_pool2d_gradient<T>(address_t, address_t, index_t, index_t, index_t,                \
+    template void relu_max_pool2d_backward<T>(address_t, address_t, index_t, index_t, index_t,                \
                                               const std::vector<index_t>&, address_t, int);                 \
     template void relu_max_pool2d_forward<T>(address_t, index_t, index_t, index_t, const std::vector<index_t>&, \
                                              address_t, address_t, int);

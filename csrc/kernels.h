@@ -118,7 +118,7 @@ template <typename T>
 void relu_max_pool2d_forward(address_t z, index_t planes, index_t oh, index_t ow, const std::vector<index_t>& pool,
                              address_t out, address_t argmax, int nthreads);
 template <typename T>
-void relu_max_pool2d_gradient(address_t grad, address_t argmax, index_t planes, index_t oh, index_t ow,
+void relu_max_pool2d_backward(address_t grad, address_t argmax, index_t planes, index_t oh, index_t ow,
                               const std::vector<index_t>& pool, address_t grad_z, int nthreads);
 
 // cross_entropy.cpp: logits (m, c), index (m,) int64 or probs (m, c), weight (c,) or 0,

@@ -26,16 +26,22 @@ def _pool_dims(conv_dims, pool_kernel, pool_stride):
             pooled_size(ow, pool_kernel[1], pool_stride[1])]
 
 
-def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
-    args = (stride, padding, dilation, groups, pool_kernel, pool_stride)
+def _fused_or_split(key, x, timed, fused, split, *args):
+    """fused(*args), or split(*args) where the measured choice for shape class ``key`` (timed on
+    ``timed``) finds it faster; the fused kernel alone under a forced backend or for an empty x."""
     if forced_backend() or x.numel() == 0:
-        return _fused_forward(x, weight, bias, *args)
+        return fused(*args)
 
     def run(name):
-        return (_fused_forward if name == "cpp" else _forward_through_torch)(x, weight, bias, *args)
+        return (fused if name == "cpp" else split)(*args)
 
+    return run(_tune.choose(key, ("cpp",), timed, run))
+
+
+def forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
+    args = (stride, padding, dilation, groups, pool_kernel, pool_stride)
     key = shape_class("conv2d_relu_max_pool2d convolution", "forward", (x, weight, bias), *args)
-    return run(_tune.choose(key, ("cpp",), x, run))
+    return _fused_or_split(key, x, x, _fused_forward, _forward_through_torch, x, weight, bias, *args)
 
 
 def _fused_forward(x, weight, bias, stride, padding, dilation, groups, pool_kernel, pool_stride):
@@ -60,14 +66,9 @@ def _forward_through_torch(x, weight, bias, stride, padding, dilation, groups, p
 
 def backward(grad, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
     args = (stride, padding, dilation, groups, pool_kernel, pool_stride)
-    if forced_backend() or x.numel() == 0:
-        return _fused_backward(grad, argmax, x, weight, *args, needs)
-
-    def run(name):
-        return (_fused_backward if name == "cpp" else _backward_through_torch)(grad, argmax, x, weight, *args, needs)
-
     key = backward_class("conv2d_relu_max_pool2d convolution", x, (grad.shape, x.shape, weight.shape), *args, needs)
-    return run(_tune.choose(key, ("cpp",), grad, run))
+    return _fused_or_split(key, x, grad, _fused_backward, _backward_through_torch, grad, argmax, x, weight, *args,
+                           needs)
 
 
 def _fused_backward(grad, argmax, x, weight, stride, padding, dilation, groups, pool_kernel, pool_stride, needs):
@@ -89,7 +90,7 @@ def _backward_through_torch(grad, argmax, x, weight, stride, padding, dilation, 
     dims = conv.dims(x, weight, stride, padding, dilation, groups)
     n, k, oh, ow = dims[0], dims[4], dims[-2], dims[-1]
     grad_z = grad.new_empty((n, k, oh, ow))
-    kernel("relu_max_pool2d_gradient", grad.dtype)(grad.data_ptr(), argmax.data_ptr(), n * k, oh, ow,
+    kernel("relu_max_pool2d_backward", grad.dtype)(grad.data_ptr(), argmax.data_ptr(), n * k, oh, ow,
                                                    _pool_dims(dims, pool_kernel, pool_stride), grad_z.data_ptr(),
                                                    threads())
     return conv_reference.backward(grad_z, x, weight, stride, padding, dilation, groups, needs)
