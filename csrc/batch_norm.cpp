@@ -31,15 +31,11 @@ namespace {
 
 constexpr index_t kRun = 256;  // values a T partial sum takes before it is added to the double one
 
-// x · a + b, one rounding where the build has FMA: forward's output and backward's ReLU mask go
-// through this one function, so they see the same value bit for bit.
+// x · a + b (common.h's multiply_add): forward's output and backward's ReLU mask go through this
+// one function, so they see the same value bit for bit.
 template <typename T>
 inline T affine(T x, T a, T b) {
-#if defined(__FMA__)
-    return std::fma(x, a, b);
-#else
-    return x * a + b;
-#endif
+    return multiply_add(x, a, b);
 }
 
 // The per-channel scale and shift of forward's formula: scale = invstd · weight, shift = bias −

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <omp.h>
@@ -20,6 +21,18 @@ using address_t = std::uintptr_t;  // a tensor's data_ptr(), 0 meaning "absent"
 template <typename T>
 inline T* as_ptr(address_t address) {
     return reinterpret_cast<T*>(address);
+}
+
+// a · b + c as torch's CPU kernels form it: rounded once where the build has FMA (ATen's
+// vectorised fmadd, e.g. add with alpha, addcmul), twice where it has none (ATen's default
+// kernels then compute a * b + c), and never a libm call emulating one in a hot loop.
+template <typename T>
+inline T multiply_add(T a, T b, T c) {
+#if defined(__FMA__)
+    return std::fma(a, b, c);
+#else
+    return a * b + c;
+#endif
 }
 
 // n elements on the heap, left uninitialised, for a buffer whose every element a parallel pass

@@ -2,7 +2,8 @@
 //
 // Per element, in the order torch's for-loop implementation rounds:
 //   g   = maximize ? -grad : grad
-//   g   = g + weight_decay * p                          (when weight_decay != 0)
+//   g   = fma(weight_decay, p, g)                       (when weight_decay != 0; rounded once, as
+//                                                        torch's grad.add(param, alpha=...): adam.cpp)
 //   buf = fresh ? g : momentum * buf + (1 - dampening) * g   (when momentum != 0)
 //   g   = nesterov ? g + momentum * buf : buf           (when momentum != 0)
 //   p   = p - lr * g
@@ -35,7 +36,7 @@ void sgd_span(T* __restrict p, T* __restrict grad, T* __restrict buf, index_t be
     for (index_t i = begin; i < end; ++i) {
         T g = s.sign * grad[i];
         const T pi = p[i];
-        g = s.decay ? g + s.weight_decay * pi : g;
+        g = s.decay ? multiply_add(s.weight_decay, pi, g) : g;
         if constexpr (Momentum) {
             const T scaled = buf[i] * s.momentum;  // torch: buf.mul_(momentum), rounded
             const T b = fresh ? g : scaled + s.one_minus_dampening * g;

@@ -30,6 +30,7 @@ import functools
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
@@ -108,6 +109,22 @@ def split_outputs(threads: int, o: int, d: int, itemsize: int) -> bool:
 
 
 # ---------------------------------------------------------------- jitted building blocks
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a · b + c rounded once (LLVM's llvm.fma), for three floats of one type: what torch's CPU
+    kernels form with a fused multiply-add (addcmul, add with alpha), where rounding the product
+    first can differ in the last bit, and by much more after a cancelling sum."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):
+        t = args[0].type
+        fused = builder.module.declare_intrinsic("llvm.fma", [t], ir.FunctionType(t, [t, t, t]))
+        return builder.call(fused, args)
+
+    return a(a, b, c), codegen
 
 
 @intrinsic

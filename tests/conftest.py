@@ -227,11 +227,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                                rtol=rtol, atol=atol, equal_nan=True)
 
 
-def assert_steps_close(actual: torch.Tensor, expected: torch.Tensor, atol: float | None = None):
-    """A tensor after optimizer steps against torch.optim's, both in actual's dtype (``atol``
-    overrides the table's absolute tolerance)."""
-    rtol, table_atol = STEP_TOLERANCES[actual.dtype.to_real()]
-    atol = table_atol if atol is None else atol
+def assert_steps_close(actual: torch.Tensor, expected: torch.Tensor):
+    """A tensor after optimizer steps against torch.optim's, both in actual's dtype."""
+    rtol, atol = STEP_TOLERANCES[actual.dtype.to_real()]
     torch.testing.assert_close(actual.detach().cpu(), expected.detach().cpu(), rtol=rtol, atol=atol, equal_nan=True)
 
 

@@ -9,7 +9,7 @@ import numba
 import numpy as np
 
 from fastml import _numba as nb
-from fastml._numba import array_at, chunk_pieces, jit, pjit, tensor_starts
+from fastml._numba import array_at, chunk_pieces, fma, jit, pjit, tensor_starts
 
 PIECE = 2048  # elements per piece: its p, g, m, v (and vmax) stay in L1
 
@@ -18,7 +18,7 @@ PIECE = 2048  # elements per piece: its p, g, m, v (and vmax) stay in L1
 def _moments(pi, gi, mi, vi, l2, lerp_weight, one_minus_w, beta2, one_minus_beta2, sign, l2_decay, low_weight):
     """One element's gradient (signed, L2-decayed) and new first and second moments."""
     d = sign * gi
-    d = d + l2 * pi if l2_decay else d
+    d = fma(l2, pi, d) if l2_decay else d  # rounded once, as torch's grad.add(param, alpha=...): csrc/adam.cpp
     m = mi + lerp_weight * (d - mi) if low_weight else d - (d - mi) * one_minus_w  # torch.lerp
     v = vi * beta2 + one_minus_beta2 * d * d
     return m, v

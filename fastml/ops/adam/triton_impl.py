@@ -49,7 +49,7 @@ def _adam_kernel(
         if MAXIMIZE:
             g = -g
         if L2_DECAY:
-            g = g + l2 * p
+            g = tl.fma(l2, p, g)  # rounded once, as torch's grad.add(param, alpha=weight_decay): csrc/adam.cpp
         m = tl.load(m_ptr + offs, mask=mask, other=0).to(ACC)
         m = tl.where(tl.abs(w) < 0.5, m + w * (g - m), g - (g - m) * (1 - w))  # torch.lerp
         v = tl.load(v_ptr + offs, mask=mask, other=0).to(ACC) * beta2 + one_minus_beta2 * g * g

@@ -16,27 +16,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
 from fastml import _numba as nb
-from fastml._numba import jit, pjit
+from fastml._numba import fma, jit, pjit
 from fastml.ops.batch_norm import reference
-
-
-@intrinsic
-def _fma(typingctx, a, b, c):
-    """a · b + c rounded once (LLVM's llvm.fma), for three floats of one type."""
-    if not (isinstance(a, types.Float) and a == b == c):
-        return None
-
-    def codegen(context, builder, signature, args):
-        t = args[0].type
-        fma = builder.module.declare_intrinsic("llvm.fma", [t], ir.FunctionType(t, [t, t, t]))
-        return builder.call(fma, args)
-
-    return a(a, b, c), codegen
 
 
 @jit
@@ -44,7 +27,7 @@ def _pre_relu(x, scale, shift):
     """x · scale + shift, forward's output before the ReLU, rounded once, as torch's addcmul
     (reference.py) and the C++ kernel's fused multiply-add form it on a CPU with FMA: for equal
     statistics, the same outputs and ReLU mask as theirs to the bit."""
-    return _fma(x, scale, shift)
+    return fma(x, scale, shift)
 
 
 @jit

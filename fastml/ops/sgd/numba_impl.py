@@ -12,7 +12,7 @@ import numba
 import numpy as np
 
 from fastml import _numba as nb
-from fastml._numba import array_at, chunk_pieces, jit, pjit, tensor_starts
+from fastml._numba import array_at, chunk_pieces, fma, jit, pjit, tensor_starts
 
 PIECE = 2048  # elements per piece: a piece of p, g and buf is 24 KB of float32, in L1
 
@@ -26,7 +26,7 @@ def _plain_piece(p, g, begin, end, lr, weight_decay, sign, decay):
     for i in range(p.shape[0]):
         pi = p[i]
         d = sign * g[i]
-        d = d + weight_decay * pi if decay else d
+        d = fma(weight_decay, pi, d) if decay else d  # rounded once, as torch's (csrc/sgd.cpp)
         p[i] = pi - lr * d
 
 
@@ -37,7 +37,7 @@ def _momentum_piece(p, g, buf, begin, end, lr, momentum, keep, weight_decay, sig
     for i in range(p.shape[0]):
         pi = p[i]
         d = sign * g[i]
-        d = d + weight_decay * pi if decay else d
+        d = fma(weight_decay, pi, d) if decay else d  # rounded once, as torch's (csrc/sgd.cpp)
         b = d if fresh else buf[i] * momentum + keep * d
         buf[i] = b
         d = d + momentum * b if nesterov else b

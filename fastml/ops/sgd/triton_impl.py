@@ -48,7 +48,7 @@ def _sgd_kernel(
         if MAXIMIZE:
             g = -g
         if DECAY:
-            g = g + weight_decay * p
+            g = tl.fma(weight_decay, p, g)  # rounded once, as torch's grad.add(param, alpha=...)
         if MOMENTUM:
             b_ptr = load_pointer(table_ptr, 2, count, t, DTYPE)
             # The flag as a block: the interpreter cannot combine a scalar flag with a block mask.
