@@ -165,6 +165,12 @@ template <typename T>
 inline void accumulate_outer(const T* coef, const T* x, index_t rows, index_t d, index_t o, T* acc) {
     constexpr index_t W = Simd<T>::kWidth;
     index_t k = 0;
+    // A single output (linear regression's o = 1) takes four vectors at a time: each accumulator
+    // is a chain of dependent FMAs down the block's rows, and two chains left the FMA units idle
+    // for most of their latency (9 registers with four: AVX2's 16 hold them). On an Ice Lake
+    // Xeon the kernel's pass at 65536 x 256 -> 1 took 4% less time.
+    if (o == 1)
+        for (; k + 4 * W <= d; k += 4 * W) outer_tile<T, 1, 4>(coef, o, x, d, rows, 0, k, acc);
     for (; k + kOuterVectors * W <= d; k += kOuterVectors * W) {
         index_t j = 0;
         for (; j + 4 <= o; j += 4) outer_tile<T, 4, kOuterVectors>(coef, o, x, d, rows, j, k, acc);

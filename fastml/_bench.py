@@ -942,7 +942,7 @@ def _auto_runs(decisions) -> str:
     "op phase: choice" for each (op, phase) where they differ."""
     runs = {}
     for key, decision in decisions:
-        runs[(key[0], key[1])] = "torch" if decision.choice == "reference" else decision.choice
+        runs[(key[0], key[1])] = _tune.label(key[0], decision.choice)
     kinds = set(runs.values())
     if len(kinds) <= 1:
         return next(iter(kinds), "torch")

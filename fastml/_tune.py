@@ -162,6 +162,18 @@ STATIC_KERNEL_OPS = {
 }
 """Per backend, the ops the static rule runs on fastml's kernel (see the module docstring)."""
 
+VARIANT_BASELINES = {"linear_mse prefetch": "no prefetch"}
+"""Choices between two ways of one kernel rather than between a kernel and torch's op, by their
+op name (a shape class's first item): what their "reference", the way that runs unless the other
+wins by the margin, is called in reports (``label``)."""
+
+
+def label(op: str, choice: str) -> str:
+    """How a report names ``choice`` for ``op``: "torch" for torch's implementation (the
+    reference), a variant's name for the baseline of a choice among a kernel's own variants."""
+    return VARIANT_BASELINES.get(op, "torch") if choice == "reference" else choice
+
+
 REPLICATED_OPS = frozenset({"sgd_step", "sgd_course_step", "adam_step"})
 """Ops whose results must be the same bits in every process of a torch.distributed group: the
 optimizer steps, which update each rank's replica of the parameters from the same all-reduced

@@ -47,7 +47,7 @@ class LayerChoice:
         if self.op == "unpatched":
             return "torch's modules, as unpatched" if self.choice == "reference" else "the patched model"
         if self.choice == "reference":
-            return "torch"
+            return _tune.label(self.op, self.choice)
         if self.op.startswith("layer ") and self.choice != "fastml":
             return f"torch ({self.choice.replace('_', '-')})"
         return f"fastml {self.choice}"
@@ -73,7 +73,8 @@ class TuneTable:
         model_on_torch = any(row.op in ("model", "unpatched") and row.choice == "reference" for row in self.rows)
         whole_layer = {row.layer: row.runs for row in self.rows if row.whole_call and row.choice != "fastml"}
         for row in self.rows:
-            if not row.whole_call and row.op not in ("model", "layout", "unpatched"):
+            # (a choice between a kernel's own variants says nothing of who runs the layer)
+            if not row.whole_call and row.op not in ("model", "layout", "unpatched", *_tune.VARIANT_BASELINES):
                 runs = "torch" if model_on_torch else whole_layer.get(row.layer, row.runs)
                 table.setdefault(row.layer, {})[row.phase] = runs
         return table

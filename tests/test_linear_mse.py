@@ -162,6 +162,30 @@ def test_large_batch_float32_accuracy(backend, rng):
     check_against_oracle(x, w, b, y, "mean", rng)
 
 
+@pytest.mark.parametrize("larger_than_l2", [True, False])
+def test_the_cpp_kernels_prefetch_is_chosen_out_of_cache_and_moves_no_bits(cpp_backend, monkeypatch, rng,
+                                                                           larger_than_l2):
+    """The C++ kernel's software prefetch of the next row block is a measured choice where x is
+    larger than the L2 (csrc/linear_mse.cpp says why), and untimed within it. It changes which
+    loads the CPU asks for early, nothing of the arithmetic: either way, the same bits."""
+    from fastml import _tune
+    from fastml.ops.linear_mse import cpp_impl
+
+    x, w, b, y = (t.detach() for t in make_problem((301,), 67, 3, torch.float32, cpp_backend.device, rng))
+    monkeypatch.setattr(cpp_impl, "_l2_bytes", lambda: x.numel() * x.element_size() - 1 if larger_than_l2
+                        else x.numel() * x.element_size())
+    with _tune.recording() as seen:
+        chosen = cpp_impl.forward(x, w, b, y, "mean", True, True, True)
+    assert [k[0] for k, _ in seen] == (["linear_mse prefetch"] if larger_than_l2 else [])
+    for prefetch in (True, False):
+        for reduction in ("mean", "none"):
+            outputs = cpp_impl._forward(x, w, b, y, reduction, True, True, True, prefetch)
+            reference = chosen if reduction == "mean" else cpp_impl._forward(x, w, b, y, reduction, True, True,
+                                                                            True, not prefetch)
+            for got, want in zip(outputs, reference):
+                assert (got is None) == (want is None) and (got is None or torch.equal(got, want))
+
+
 @pytest.mark.parametrize("bias_shape", [(1,), (), (7, 1)])
 def test_bias_that_broadcasts_is_taken_as_linear_takes_it(backend, bias_shape, rng):
     """A bias that broadcasts to the prediction (F.linear takes it): torch's loss and gradients,

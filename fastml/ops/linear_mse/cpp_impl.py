@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from fastml._cpp import kernel, ptr, threads
+from fastml import _tune
+from fastml._cpp import kernel, module, ptr, threads
+from fastml.ops import shape_class
 
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 
 
+@functools.cache
+def _l2_bytes() -> int:
+    """The L2 the kernels block for (the CPU's, or FASTML_CACHE_SIZES's)."""
+    return module().cache_sizes()["l2"]
+
+
 def forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual):
+    """The kernel, prefetching each next row block of x in software or leaving that to the CPU:
+    a measured choice per shape class where x is larger than the L2 (the kernel streams it from
+    memory; csrc/linear_mse.cpp says what each CPU made of it), none within (x is in cache)."""
+    def run(variant):
+        return _forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual,
+                        variant == "prefetch")
+
+    if x.numel() * x.element_size() <= _l2_bytes():
+        return run("in cache")
+    return run(_tune.choose(shape_class("linear_mse prefetch", "forward", (x, weight)), ("prefetch",), x, run))
+
+
+def _forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual, prefetch):
     n, d = x.shape
     o = weight.shape[0]
     def new(shape):  # torch.empty: ~0.3 µs cheaper than new_empty, which counts at batch 10
@@ -23,7 +46,7 @@ def forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad
     grad_b = torch.empty_like(bias) if fused_grads and need_bias_grad else None
     kernel("linear_mse_forward", x.dtype)(
         ptr(x), ptr(weight), ptr(bias), ptr(target), n, d, o, _REDUCTION_CODE[reduction],
-        ptr(loss), ptr(residual), ptr(grad_w), ptr(grad_b), threads())
+        ptr(loss), ptr(residual), ptr(grad_w), ptr(grad_b), prefetch, threads())
     return loss, residual, grad_w, grad_b
 
 
