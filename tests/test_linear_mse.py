@@ -290,6 +290,7 @@ def test_course_experiment_from_scratch(backend, rng):
     assert abs(b.item() - 4.2) < 1e-2
 
 
+@pytest.mark.interpreter_slow  # the second derivatives are torch ops on every backend: 5 s a case there
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_double_backward(backend, reduction, rng):
     """Second derivatives (create_graph=True), as torch's mse_loss(linear(...)) has them."""

@@ -49,6 +49,9 @@ def _untied(fm, X_test, k):
     return d[:, k] - d[:, k - 1] > 1e-9 * np.maximum(1.0, d[:, k])
 
 
+# (interpreter_slow: these check the estimator against scikit-learn's, which the other backends
+# do; the Triton kernel's own checks are test_knn's, 9 and 6 s of the default run's 10 minutes)
+@pytest.mark.interpreter_slow
 @pytest.mark.parametrize("name", list(DATASETS))
 def test_classifier_identical_to_sklearn(backend, name):
     # a spread of k; the interpreter: one k and one p (test_knn checks its kernel at every k and p)
@@ -87,6 +90,7 @@ def classifier_identical_to_sklearn(backend, name, ks, ps):
         assert fm.score(X_test, sk.predict(X_test)) >= untied.mean()
 
 
+@pytest.mark.interpreter_slow
 @pytest.mark.parametrize("p", [2, pytest.param(1, marks=pytest.mark.slow)])
 def test_regressor_identical_to_sklearn(backend, p):
     rng = np.random.default_rng(1)
