@@ -25,8 +25,8 @@ namespace {
 
 // The ReLU'd maximum of a pool window, pkh rows of pkw values `stride` apart from `row`, into best,
 // and its offset i·pkw + j into argmax: a value replaces the maximum when greater or NaN (torch's
-// max_pool2d: ties to the first); -1 where the maximum is <= 0, the ReLU passing no gradient (a NaN
-// is not <= 0: it passes, as torch's). ReLU keeps NaN (a NaN is not below 0), as torch.relu.
+// max_pool2d: ties to the first); -1 where the maximum is <= 0, the ReLU passing no gradient. The
+// ReLU keeps a NaN (it is not below 0), as torch.relu, and passes its gradient (nor is it <= 0).
 template <typename T>
 inline void relu_window_max(const T* row, index_t stride, index_t pkh, index_t pkw, T& best, std::int8_t& argmax) {
     T top = 0;
@@ -515,9 +515,9 @@ void relu_max_pool2d_forward(address_t z_, index_t planes, index_t oh, index_t o
                                                     const std::vector<index_t>&, address_t, address_t, int);      \
     template void conv2d_relu_max_pool2d_backward<T>(address_t, address_t, address_t, address_t,                 \
                                                      const std::vector<index_t>&, const std::vector<index_t>&,    \
-                                                     address_t, address_t, address_t, int);        \
-    template void relu_max_pool2d_backward<T>(address_t, address_t, index_t, index_t, index_t,                \
-                                              const std::vector<index_t>&, address_t, int);                 \
+                                                     address_t, address_t, address_t, int);                \
+    template void relu_max_pool2d_backward<T>(address_t, address_t, index_t, index_t, index_t,                 \
+                                              const std::vector<index_t>&, address_t, int);                    \
     template void relu_max_pool2d_forward<T>(address_t, index_t, index_t, index_t, const std::vector<index_t>&, \
                                              address_t, address_t, int);
 FASTML_FUSED(float)

@@ -110,13 +110,13 @@ template <typename T>
 void conv2d_relu_max_pool2d_backward(address_t grad, address_t argmax, address_t x, address_t w,
                                      const std::vector<index_t>& dims, const std::vector<index_t>& pool,
                                      address_t grad_x, address_t grad_w, address_t grad_b, int nthreads);
-// grad_z (planes, oh, ow): grad (planes, pooled h, pooled w) at each window's argmax offset, zero
-// elsewhere and where argmax is -1; pool as above.
 // out, argmax (planes, pooled h, pooled w) = max_pool2d(relu(z)) of a convolution's output z
 // (planes, oh, ow) and its window offsets, as conv2d_relu_max_pool2d_forward's; pool as above.
 template <typename T>
 void relu_max_pool2d_forward(address_t z, index_t planes, index_t oh, index_t ow, const std::vector<index_t>& pool,
                              address_t out, address_t argmax, int nthreads);
+// grad_z (planes, oh, ow): grad (planes, pooled h, pooled w) at each window's argmax offset, zero
+// elsewhere and where argmax is -1; pool as above.
 template <typename T>
 void relu_max_pool2d_backward(address_t grad, address_t argmax, index_t planes, index_t oh, index_t ow,
                               const std::vector<index_t>& pool, address_t grad_z, int nthreads);
