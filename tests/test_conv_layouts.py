@@ -236,6 +236,7 @@ print("ok unpatched")
 """
 
 
+@pytest.mark.long  # a child timing every way anew: 6 s on 2 cores
 def test_strided_1x1_convolutions_of_few_channels_train_on_channels_last_memory(tmp_path):
     env = {**os.environ, "FASTML_CACHE_DIR": str(tmp_path)}  # every way timed anew
     done = subprocess.run([sys.executable, "-c", FAULTING_CONVOLUTIONS], capture_output=True, text=True,

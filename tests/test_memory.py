@@ -58,6 +58,7 @@ def _faults(setting: str) -> int:
     return json.loads(done.stdout.strip().splitlines()[-1])["faults"]
 
 
+@pytest.mark.long  # four children each faulting 256 MiB in: 8 s on 2 cores
 @glibc_only
 def test_kept_memory_is_reused_without_faults_and_released_memory_faults_again():
     pages = (128 << 20) // 4096

@@ -1,7 +1,7 @@
 """scikit-learn's own neighbours and linear-model tests, run on fastml's estimators.
 
 scikit-learn ships its test suite. ``sklearn.neighbors.tests.test_neighbors`` (and the graph and
-pipeline tests) run here in a child pytest with ``sklearn.neighbors.KNeighborsClassifier`` and
+pipeline tests) run, marked long (CI runs them after the default run), here in a child pytest with ``sklearn.neighbors.KNeighborsClassifier`` and
 ``KNeighborsRegressor`` replaced by fastml's, as a user's code that swaps them would see them;
 ``sklearn.linear_model``'s tests that fit a ``LinearRegression`` run with it replaced by
 fastml.linear_model's (those of its files that run in seconds; test_ridge's and test_common's,
@@ -53,6 +53,7 @@ def _child_environment(plugin_folder) -> dict:
     return {**os.environ, "PYTHONPATH": path}
 
 
+@pytest.mark.long  # 20 s on 2 cores
 def test_sklearn_neighbors_suite_passes_on_fastml(tmp_path):
     (tmp_path / "swap_to_fastml.py").write_text(PLUGIN)
     done = subprocess.run(
@@ -89,6 +90,7 @@ ASKS_FOR_SKLEARNS_CLASS = ("test_ransac_no_valid_data", "test_ransac_no_valid_mo
                            "test_perfect_horizontal_line")
 
 
+@pytest.mark.long  # 13 s on 2 cores
 def test_sklearn_linear_model_suite_passes_on_fastml(tmp_path):
     (tmp_path / "swap_linear_to_fastml.py").write_text(LINEAR_PLUGIN)
     modules = [f"sklearn.linear_model.tests.{name}" for name in

@@ -47,13 +47,14 @@ ENTRY_IDS = [info.name for info in ENTRIES]
 DTYPES = [torch.float32, torch.float64]
 
 
-def in_modes(entries):
+def in_modes(entries, long=frozenset()):
     """(entry, training) cases, as test_modules.py makes them: both modes where the entry says its
     module's modes differ (``train_and_eval_differ``: batch norm), train mode alone elsewhere. Those
     twins never read ``training`` (test_runs_without_training_attribute), so an eval-mode case
     would repeat the train-mode computation; it cost half this file's time (gradgradcheck of the
-    cross-entropy's 105 samples: 17 s a mode)."""
-    return [pytest.param(info, training, id=f"{info.name}-{'train' if training else 'eval'}")
+    cross-entropy's 105 samples: 17 s a mode). The entries named in ``long`` are marked long."""
+    return [pytest.param(info, training, id=f"{info.name}-{'train' if training else 'eval'}",
+                         marks=[pytest.mark.long] if info.name in long else [])
             for info in entries for training in ((True, False) if info.train_and_eval_differ else (True,))]
 
 
@@ -176,7 +177,9 @@ def _gradcheck_sample(info, sample, training, check):
     return True
 
 
-@pytest.mark.parametrize("info, training", in_modes(ENTRIES))
+# The cross-entropy's 105 samples: gradcheck 8 s and gradgradcheck 36 s on 2 cores (torch's own
+# module 23 s), so CI runs them after the default run.
+@pytest.mark.parametrize("info, training", in_modes(ENTRIES, long={"nn.CrossEntropyLoss"}))
 def test_gradcheck(info, training):
     skip_where_torch_skips(info, "test_grad", torch.float64, training)
     checked = [_gradcheck_sample(info, sample, training, torch.autograd.gradcheck)
@@ -184,7 +187,8 @@ def test_gradcheck(info, training):
     assert any(checked)
 
 
-@pytest.mark.parametrize("info, training", in_modes([i for i in ENTRIES if i.supports_gradgrad]))
+@pytest.mark.parametrize("info, training", in_modes([i for i in ENTRIES if i.supports_gradgrad],
+                                                    long={"nn.CrossEntropyLoss"}))
 def test_gradgradcheck(info, training):
     skip_where_torch_skips(info, "test_gradgrad", torch.float64, training)
     checked = [_gradcheck_sample(info, sample, training, torch.autograd.gradgradcheck)
