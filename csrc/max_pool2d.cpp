@@ -119,7 +119,7 @@ void max_pool2d_forward(address_t x, index_t planes, index_t h, index_t w, index
                         const T v = cmax[col];
                         const std::int32_t row = crow[col];
                         const bool v_nan = v != v, best_nan = best != best;
-                        const bool take = v_nan ? (!best_nan | (row >= best_row))
+                        const bool take = v_nan ? ((!best_nan) | (row >= best_row))
                                                 : (!best_nan & ((v > best) | ((v == best) & (row < best_row))));
                         best = select_bits(take, v, best);
                         best_row = take ? row : best_row;
