@@ -112,7 +112,7 @@ def test_cpp_ops_match_the_reference_across_block_boundaries(cpp):
     tests run on cpp alone (FASTML_TEST_BACKENDS): each block boundary and each choice's other side
     runs on the tests' shapes, against the same float64 references; the tests without the backend
     fixture (the layouts' training, a model's) run on the measured choice, cpp among it."""
-    done = _child(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore", "-m", "not slow",  # long too
+    done = _child(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore", "-m", "not slow",  # (long ones too)
                    *[str(REPO / "tests" / name) for name in BLOCKED_OPS]], TINY, FASTML_TEST_BACKENDS="cpp")
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
     assert done.returncode == 0, f"tests on caches {TINY}: {summary}\n{done.stdout[-6000:]}"

@@ -1,12 +1,13 @@
 """scikit-learn's own neighbours and linear-model tests, run on fastml's estimators.
 
 scikit-learn ships its test suite. ``sklearn.neighbors.tests.test_neighbors`` (and the graph and
-pipeline tests) run, marked long (CI runs them after the default run), here in a child pytest with ``sklearn.neighbors.KNeighborsClassifier`` and
+pipeline tests) run here in a child pytest with ``sklearn.neighbors.KNeighborsClassifier`` and
 ``KNeighborsRegressor`` replaced by fastml's, as a user's code that swaps them would see them;
 ``sklearn.linear_model``'s tests that fit a ``LinearRegression`` run with it replaced by
 fastml.linear_model's (those of its files that run in seconds; test_ridge's and test_common's,
 which also pass, take minutes). Every test must pass, but for the few named below that ask
-whether the estimator is scikit-learn's own class. About 40 seconds on a 2-core machine.
+whether the estimator is scikit-learn's own class. About 35 seconds on a 2-core machine: both
+are marked long, left out of the README's run and run by CI after it (``-m long``).
 """
 
 from __future__ import annotations
