@@ -31,6 +31,8 @@ def test_info_runs():
     assert "CPU kernels" in done.stdout and "decisions:" in done.stdout
 
 
+# The tests of `python -m fastml bench` share one run of it in a child: 10 s on 2 cores, 50 s where
+# numba compiles its kernels anew (a fresh checkout), so they are long: CI runs them.
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
@@ -39,6 +41,7 @@ def tiny_bench(tmp_path_factory):
     return out, done, json.loads((out / "fastml-bench.json").read_text())
 
 
+@pytest.mark.long
 def test_bench_json_has_every_op_backend_and_unit(tiny_bench):
     _, done, report = tiny_bench
     assert report["machine"]["cpu_model"] and report["machine"]["cpu_cores"] >= 1
@@ -71,6 +74,7 @@ def test_bench_json_has_every_op_backend_and_unit(tiny_bench):
     assert "vs torch" in done.stdout and "of ceiling" in done.stdout
 
 
+@pytest.mark.long
 def test_bench_chart_is_a_png(tiny_bench):
     out, done, _ = tiny_bench
     if importlib.util.find_spec("matplotlib") is None:
@@ -79,6 +83,7 @@ def test_bench_chart_is_a_png(tiny_bench):
     assert (out / "fastml-bench.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+@pytest.mark.long
 def test_compare_two_profiles(tiny_bench, tmp_path):
     """--compare prints every shared row with B's speed relative to A (A's time / B's time)."""
     out, _, report = tiny_bench
@@ -91,6 +96,7 @@ def test_compare_two_profiles(tiny_bench, tmp_path):
     assert "not compared: 1 row(s) only in fastml-bench.json, 0 only in slower.json" in done.stdout
 
 
+@pytest.mark.long
 def test_compare_rejects_what_is_not_a_profile(tiny_bench, tmp_path, capsys):
     out, _, _ = tiny_bench
     (tmp_path / "other.json").write_text('{"rows": []}')

@@ -477,6 +477,7 @@ def lenet() -> torch.nn.Module:
         nn.Linear(84, 10))
 
 
+@pytest.mark.long  # inductor compiles the model: 4 s with its cache warm, 15 s on a fresh machine
 def test_lenet_under_inductor(rng):
     """A real inductor compile (C++ code generation around fastml's ops): loss and gradients as
     eager's. ~20 s on 2 cores with a cold inductor cache."""

@@ -45,6 +45,8 @@ def assert_ties_only(indices, i64, d64, query, reference, p, rtol, atol):
         torch.testing.assert_close(chosen[differ], d64[differ], rtol=rtol, atol=atol)
 
 
+# On the Triton interpreter the odd shape takes 5 to 7 s a norm: p2's case stays in the default run.
+@pytest.mark.interpreter_long("odd-p1", "odd-pinf")
 @pytest.mark.parametrize("p", NORMS, ids=["p2", "p1", "pinf"])
 @pytest.mark.parametrize("q, r, m, k", [(7, 11, 3, 1), (37, 253, 19, 5), (5, 9, 4, 9), (1, 1, 1, 1), (64, 70, 1, 7)],
                          ids=["small-k1", "odd", "k-equals-R", "one", "one-feature"])
