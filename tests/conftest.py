@@ -102,8 +102,9 @@ def pytest_collection_modifyitems(config, items):
     every pair of two parameters' values, see pairwise_cover); the rest are marked slow and run
     with ``-m slow``. A test marked ``interpreter_slow`` (its point is another backend's
     path, its Triton cases a repeat of others') runs on the interpreter only with ``-m slow``;
-    one marked ``interpreter_long(*ids)`` has its cases of those ids (the backend's left out)
-    marked long on the interpreter: CI runs them after the default run. On a GPU every case runs."""
+    one marked ``interpreter_long(*ids)`` has its cases of those ids (the backend's left out), or
+    all its cases without ids, marked long on the interpreter: CI runs them after the default run.
+    On a GPU every case runs."""
     if torch.cuda.is_available():
         return
     grids = defaultdict(list)
@@ -119,7 +120,7 @@ def pytest_collection_modifyitems(config, items):
         long_marker = group[0].get_closest_marker("interpreter_long")
         if long_marker is not None:
             for item in group:
-                if item.callspec.id.split("-", 1)[-1] in long_marker.args:
+                if not long_marker.args or item.callspec.id.split("-", 1)[-1] in long_marker.args:
                     item.add_marker(pytest.mark.long)
         columns = [_grid_columns(item.callspec.params) for item in group]
         names = sorted(set().union(*columns))

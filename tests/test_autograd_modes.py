@@ -10,6 +10,10 @@ from conftest import rand
 
 import fastml
 
+# The Triton cases (seconds each on the interpreter) repeat the kernels' own tests in each autograd
+# mode: long there (CI runs them).
+pytestmark = pytest.mark.interpreter_long()
+
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -46,6 +46,7 @@ def run_installed(target, code):
     return proc.stdout
 
 
+@pytest.mark.long  # pip installs or builds in a child: 3 to 10 s
 def test_install_succeeds_and_says_so(install_without_compiler):
     target, proc = install_without_compiler
     assert "fastml will run on its numba / reference backends" in proc.stderr + proc.stdout
@@ -58,6 +59,7 @@ def test_install_succeeds_and_says_so(install_without_compiler):
     assert report["default_cpu_backend"] in ("numba", "reference")
 
 
+@pytest.mark.long  # pip installs or builds in a child: 3 to 10 s
 def test_ops_still_work_without_the_extension(install_without_compiler):
     target, _ = install_without_compiler
     code = ("import torch, fastml, torch.nn.functional as F\n"
@@ -71,6 +73,7 @@ def test_ops_still_work_without_the_extension(install_without_compiler):
     assert proc_out.strip().endswith("ok")
 
 
+@pytest.mark.long  # pip installs or builds in a child: 3 to 10 s
 def test_fallback_is_announced_once(install_without_compiler):
     target, _ = install_without_compiler
     code = ("import warnings, torch, fastml\n"
@@ -262,6 +265,7 @@ def _install_with_fake_compiler(tmp_path, arch, bad_file, bad_flag):
     return target, proc.stdout + proc.stderr, record
 
 
+@pytest.mark.long  # pip installs or builds in a child: 3 to 10 s
 def test_a_file_that_does_not_compile_is_named(tmp_path):
     target, log, record = _install_with_fake_compiler(tmp_path, "x86-64-v3", "csrc/conv2d.cpp", "-march=x86-64-v3")
     assert "WARNING: fastml C++ module _C (-march=x86-64-v3) was not built" in log
@@ -274,6 +278,7 @@ def test_a_file_that_does_not_compile_is_named(tmp_path):
     assert "csrc/conv2d.cpp" in report["backends"]["cpp"]["detail"]
 
 
+@pytest.mark.long  # pip installs or builds in a child: 3 to 10 s
 def test_a_dispatch_level_that_fails_leaves_the_others(tmp_path):
     _, log, record = _install_with_fake_compiler(tmp_path, "dispatch", "csrc/knn.cpp", "-march=x86-64-v4")
     modules = record["modules"]

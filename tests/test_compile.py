@@ -233,6 +233,8 @@ def _to(device, value):
     return value
 
 
+# Its Triton cases (seconds each on the interpreter) repeat what the kernels' own tests run: long there.
+@pytest.mark.interpreter_long()
 @pytest.mark.parametrize("case", [c for c in OPCHECK_CASES if not c.startswith(("sgd", "adam"))])
 def test_fakes_match_every_backend(case, backend, rng):
     """The implementation picks the backend when it runs: each backend's outputs have the fake's

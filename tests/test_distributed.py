@@ -211,6 +211,7 @@ def ddp_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, dtype", DDP_RUNS)
+@pytest.mark.long  # two gloo processes: seconds each
 def test_ddp_trains_as_one_process_on_the_whole_batch(ddp_runs, name, dtype):
     seed, ranks = ddp_runs
     case = _ddp_case(name, dtype, seed)
@@ -413,6 +414,7 @@ def _assert_same(got, expected, where):
         assert got == expected, f"{where}: {got!r} against {expected!r}"
 
 
+@pytest.mark.long  # two gloo processes: seconds each
 def test_neighbours_identical_to_one_process_on_the_concatenation(knn_runs):
     seed, ranks = knn_runs
     expected = _knn_answers(seed)
@@ -437,6 +439,7 @@ def test_neighbours_identical_to_one_process_on_the_concatenation(knn_runs):
     assert len(expected[("multi-output, an empty shard", "distance"), "predict_proba"]) == 3
 
 
+@pytest.mark.long  # two gloo processes: seconds each
 def test_distributed_errors_raise_on_every_rank(knn_runs):
     _, ranks = knn_runs
     errors = [run["errors"] for run in ranks]
@@ -460,6 +463,7 @@ def test_distributed_errors_raise_on_every_rank(knn_runs):
     assert "kneighbors failed on rank 0" in errors[1]["bad query on rank 0"][2]
 
 
+@pytest.mark.long  # two gloo processes: seconds each
 def test_distributed_parameters(knn_runs):
     _, ranks = knn_runs
     for run in ranks:

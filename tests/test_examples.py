@@ -93,6 +93,7 @@ def test_digits_without_sklearn_says_how_to_install_it(monkeypatch):
         load_digits()
 
 
+@pytest.mark.long  # trains every demo in a child: 5 s
 def test_demo_command_prints_results_and_writes_pngs(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fastml", "demo", "knn_wolves", "linreg", "--quick", "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=300)

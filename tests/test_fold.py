@@ -61,6 +61,8 @@ def assert_same_model(reference, model, x):
         assert_close(got, expected, scale=max(1.0, float(expected.abs().max())))
 
 
+# Its Triton cases (seconds each on the interpreter) repeat what the kernels' own tests run: long there.
+@pytest.mark.interpreter_long()
 @pytest.mark.parametrize("options", [{}, {"bias": True}, {"groups": 2}, {"affine": False},
                                      {"padding_mode": "reflect"}], ids=["plain", "bias", "groups", "no-affine",
                                                                        "reflect"])

@@ -59,6 +59,8 @@ def sgd_oracle(X, Y, lr, batch_size, epochs, fit_intercept, seed):
 
 # -- the course's experiment, on every backend --------------------------------------------------
 
+# Its Triton cases (seconds each on the interpreter) repeat what the kernels' own tests run: long there.
+@pytest.mark.interpreter_long()
 def test_course_experiment(backend, rng):
     X, y = course_data(rng, backend.device)
     model = LinearRegression(solver="sgd", lr=0.03, batch_size=10, epochs=3, generator=rng)

@@ -593,6 +593,8 @@ def test_closure_and_hooks(ours_cls, torch_cls, kwargs):
     assert isinstance(loss, torch.Tensor) and seen == ["pre", "post"]
 
 
+# Its Triton cases (seconds each on the interpreter) repeat what the kernels' own tests run: long there.
+@pytest.mark.interpreter_long()
 @pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)
 def test_training_curve_matches_torch(backend, ours_cls, torch_cls, kwargs):
     """A small MLP trained with fastml's optimizer loses as it does with torch's."""
