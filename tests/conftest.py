@@ -102,8 +102,9 @@ def pytest_collection_modifyitems(config, items):
     every pair of two parameters' values, see pairwise_cover); the rest are marked slow and run
     with ``-m slow``. A test marked ``interpreter_slow`` (its point is another backend's
     path, its Triton cases a repeat of others') runs on the interpreter only with ``-m slow``;
-    one marked ``interpreter_long(*ids)`` has its cases of those ids (the backend's left out), or
-    all its cases without ids, marked long on the interpreter: CI runs them after the default run.
+    one marked ``interpreter_long(*ids)`` has the cases of those ids (the backend's left out), or
+    all cases without ids, that the cover keeps marked long instead: CI runs them after the
+    default run.
     On a GPU every case runs."""
     if torch.cuda.is_available():
         return
@@ -118,10 +119,6 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.slow)
             continue
         long_marker = group[0].get_closest_marker("interpreter_long")
-        if long_marker is not None:
-            for item in group:
-                if not long_marker.args or item.callspec.id.split("-", 1)[-1] in long_marker.args:
-                    item.add_marker(pytest.mark.long)
         columns = [_grid_columns(item.callspec.params) for item in group]
         names = sorted(set().union(*columns))
         rows = [tuple(row.get(name) for name in names) for row in columns]
@@ -129,6 +126,9 @@ def pytest_collection_modifyitems(config, items):
         for index, item in enumerate(group):
             if index not in kept:
                 item.add_marker(pytest.mark.slow)
+            elif long_marker is not None and (not long_marker.args
+                                              or item.callspec.id.split("-", 1)[-1] in long_marker.args):
+                item.add_marker(pytest.mark.long)  # (a case outside the cover stays slow, not long)
 
 
 @dataclasses.dataclass(frozen=True)
