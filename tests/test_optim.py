@@ -10,6 +10,7 @@ import itertools
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from conftest import STEP_TOLERANCES, assert_steps_close, prefer, rand
 
 import fastml
@@ -591,6 +592,94 @@ def test_closure_and_hooks(ours_cls, torch_cls, kwargs):
 
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and seen == ["pre", "post"]
+
+
+def _hook_run(cls, kwargs, subclass_steps):
+    """The calls a step makes to the global and the optimizer's own hooks, in order, for ``cls``
+    or, with ``subclass_steps``, a subclass of it whose own step calls its parent's."""
+    if subclass_steps:
+        class Sub(cls):
+            def step(self, closure=None):
+                return super().step(closure)
+        cls = Sub
+    w = torch.randn(3, requires_grad=True)
+    w.grad = torch.ones(3)
+    opt = cls([w], **kwargs)
+    seen = []
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: seen.append("global pre")),
+               register_optimizer_step_post_hook(lambda o, a, k: seen.append("global post")),
+               opt.register_step_pre_hook(lambda o, a, k: seen.append("pre")),
+               opt.register_step_post_hook(lambda o, a, k: seen.append("post"))]
+    try:
+        opt.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("subclass_steps", [False, True], ids=["class", "subclass_step"])
+@pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)
+def test_step_hooks_as_torch_calls_them(ours_cls, torch_cls, kwargs, subclass_steps):
+    """fastml's step wrapper calls the hooks as torch.optim's does, in its order, once per
+    wrapped step (a subclass whose step calls its parent's runs them twice with torch too)."""
+    ours, theirs = _hook_run(ours_cls, kwargs, subclass_steps), _hook_run(torch_cls, kwargs, subclass_steps)
+    assert ours == theirs
+    assert ours[:2] == ["global pre", "pre"] and ours[-2:] == ["post", "global post"]
+
+
+@pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)
+def test_step_pre_hook_replaces_arguments(ours_cls, torch_cls, kwargs):
+    """A pre-hook may return new (args, kwargs) for the step; any other value is refused, with
+    torch's error."""
+    w = torch.randn(3, requires_grad=True)
+    opt = ours_cls([w], **kwargs)
+    calls = []
+
+    def closure():
+        calls.append("closure")
+        opt.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    handle = opt.register_step_pre_hook(lambda o, args, kw: ((args[0], closure), kw))
+    assert isinstance(opt.step(), torch.Tensor) and calls == ["closure"]
+    handle.remove()
+    for cls in (ours_cls, torch_cls):
+        bad = cls([w], **kwargs)
+        bad.register_step_pre_hook(lambda o, args, kw: "not a pair")
+        with pytest.raises(RuntimeError, match="must return None or a tuple of \\(new_args, new_kwargs\\)"):
+            bad.step()
+
+
+def _step_ranges(opt, closure=None):
+    """The names of the profiler ranges of one ``opt.step(closure)`` that name an optimizer step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        try:
+            opt.step(closure)
+        except ZeroDivisionError:
+            pass
+    return [event.name for event in prof.events() if event.name.startswith("Optimizer.step#")]
+
+
+@pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)
+def test_step_profiler_range_as_torch_names_it(ours_cls, torch_cls, kwargs):
+    """A profiler sees fastml's step as torch's: one range, named for the class, also when the
+    step raises (the range is closed, so the next step's is whole)."""
+    def make(cls):
+        w = torch.randn(3, requires_grad=True)
+        w.grad = torch.ones(3)
+        return cls([w], **kwargs)
+
+    ours, theirs = make(ours_cls), make(torch_cls)
+    assert _step_ranges(ours) == _step_ranges(theirs) == [f"Optimizer.step#{torch_cls.__name__}.step"]
+
+    def failing():
+        raise ZeroDivisionError
+
+    assert _step_ranges(ours, failing) == _step_ranges(theirs, failing)
+    assert _step_ranges(ours) == [f"Optimizer.step#{torch_cls.__name__}.step"]
 
 
 # Its Triton cases (seconds each on the interpreter) repeat what the kernels' own tests run: long there.
