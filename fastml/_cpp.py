@@ -250,6 +250,16 @@ def module():
 
 
 @functools.cache
+def l2_bytes() -> int:
+    """The per-core L2 the kernels block for: this CPU's, as fastml._C reads it, or
+    FASTML_CACHE_SIZES's; 1 MiB where no compiled module loads (a build without a compiler)."""
+    try:
+        return module().cache_sizes()["l2"]
+    except (ImportError, AttributeError):
+        return 1 << 20
+
+
+@functools.cache
 def kernel(name: str, dtype: torch.dtype):
     """The compiled kernel ``name`` for ``dtype`` (float32 or float64), looked up once."""
     return getattr(module(), f"{name}_{_SUFFIX[dtype]}")

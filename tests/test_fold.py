@@ -15,7 +15,7 @@ from conftest import assert_close, magnitude, prefer, raised
 from torch import nn
 
 import fastml
-from fastml import _fold, _onednn, _route, _winograd
+from fastml import _fold, _onednn, _route, _runs, _winograd
 from fastml._patch import _FOLDED_DESCRIPTION, _RELU_DESCRIPTION
 
 
@@ -769,6 +769,27 @@ def test_linear_relu_on_sequences_leaves_the_products_view_alone(rng, path):
     x = torch.randn(3, 4, 6, dtype=torch.float64, generator=rng)
     out = getattr(model[0], path)(x)
     assert type(out.grad_fn).__name__ == "ReluBackward0"
+    assert_same_model(reference, model, x)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+@pytest.mark.parametrize("large", [True, False], ids=["at_half_l2", "under_half_l2"])
+def test_linear_relu_on_torchs_linear_takes_the_run_only_where_the_relu_in_place_pays(rng, monkeypatch, large,
+                                                                                     grad):
+    """Settled on torch's linear, the run applies the ReLU itself, in place, with its checks and
+    mark, only where the output is at least half the L2; under, the linear returns torch's
+    product and the ReLU module applies itself, as torch's."""
+    reference, model, _ = patched_pair(lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU()), rng)
+    x = torch.randn(4, 6, dtype=torch.float64, generator=rng)
+    out_bytes = 4 * 5 * 8
+    monkeypatch.setattr(_route, "settled", lambda *args: (_route.TORCH, None))
+    monkeypatch.setattr(_fold, "l2_bytes", lambda: 2 * out_bytes + (0 if large else 2))
+    passed = []
+    passes = _runs.passes
+    monkeypatch.setattr(_runs, "passes", lambda module, input: passed.append(passes(module, input)) or passed[-1])
+    with torch.set_grad_enabled(grad):
+        assert_close(model(x), reference(x))
+    assert passed == [large]
     assert_same_model(reference, model, x)
 
 

@@ -172,7 +172,7 @@ def test_the_cpp_kernels_prefetch_is_chosen_out_of_cache_and_moves_no_bits(cpp_b
     from fastml.ops.linear_mse import cpp_impl
 
     x, w, b, y = (t.detach() for t in make_problem((301,), 67, 3, torch.float32, cpp_backend.device, rng))
-    monkeypatch.setattr(cpp_impl, "_l2_bytes", lambda: x.numel() * x.element_size() - 1 if larger_than_l2
+    monkeypatch.setattr(cpp_impl, "l2_bytes", lambda: x.numel() * x.element_size() - 1 if larger_than_l2
                         else x.numel() * x.element_size())
     with _tune.recording() as seen:
         chosen = cpp_impl.forward(x, w, b, y, "mean", True, True, True)

@@ -70,9 +70,14 @@ def relu_in_place(out: torch.Tensor) -> torch.Tensor:
     The test reads two of the tensor's attributes, which a TorchFunctionMode or a tensor
     subclass would see (as ``__get__`` calls torch's own module never makes): for those, in
     place as before, so they see the calls they see unpatched."""
-    if out.__class__ is _TENSOR and not function_mode_active() and out._base is not None and out.requires_grad:
+    if relu_out_of_place(out):
         return torch.relu(out)
     return out.relu_()
+
+
+def relu_out_of_place(out: torch.Tensor) -> bool:
+    """Whether relu_in_place applies its ReLU out of place to ``out`` (see there)."""
+    return out.__class__ is _TENSOR and not function_mode_active() and out._base is not None and out.requires_grad
 
 
 _TENSOR = torch.Tensor

@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from fastml import _tune
-from fastml._cpp import kernel, module, ptr, threads
+from fastml._cpp import kernel, l2_bytes, ptr, threads
 from fastml.ops import shape_class
 
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
-
-
-@functools.cache
-def _l2_bytes() -> int:
-    """The L2 the kernels block for (the CPU's, or FASTML_CACHE_SIZES's)."""
-    return module().cache_sizes()["l2"]
 
 
 def forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual):
     """The kernel, prefetching each next row block of x in software or leaving that to the CPU:
     a measured choice per shape class where x is larger than the L2 (the kernel streams it from
     memory; csrc/linear_mse.cpp says what each CPU made of it), none within (x is in cache)."""
-    if x.numel() * x.element_size() <= _l2_bytes():  # (first: no closure for the course's batch of 10)
+    if x.numel() * x.element_size() <= l2_bytes():  # (first: no closure for the course's batch of 10)
         return _forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual, False)
 
     def run(variant):
