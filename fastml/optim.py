@@ -103,9 +103,15 @@ def _hooked_step(step):
     (the same range for a profiler, the same CUPTI-monitor annotation where torch has one), but
     through the range's direct binding rather than two dispatcher ops: 1.9 against 8.3 us a
     step (Ice Lake), where torch's whole step over a small model takes ~27 us. While dynamo
-    traces, torch's record_function itself, the context manager dynamo knows."""
+    traces, torch's record_function itself, the context manager dynamo knows.
+
+    The hooks run once a step: where a subclass's own step calls this one (``super().step()``),
+    that step's wrapper (torch's, or this one) ran them. (torch's runs them twice there, but only
+    once the parent class has been instantiated in the process.)"""
     @functools.wraps(step)
     def wrapper(*args, **kwargs):
+        if type(args[0]).step is not wrapper:
+            return step(*args, **kwargs)
         name = f"Optimizer.step#{type(args[0]).__name__}.step"
         if is_compiling():
             with torch.autograd.profiler.record_function(name):

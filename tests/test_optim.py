@@ -618,14 +618,14 @@ def _hook_run(cls, kwargs, subclass_steps):
     return seen
 
 
-@pytest.mark.parametrize("subclass_steps", [False, True], ids=["class", "subclass_step"])
 @pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)
-def test_step_hooks_as_torch_calls_them(ours_cls, torch_cls, kwargs, subclass_steps):
-    """fastml's step wrapper calls the hooks as torch.optim's does, in its order, once per
-    wrapped step (a subclass whose step calls its parent's runs them twice with torch too)."""
-    ours, theirs = _hook_run(ours_cls, kwargs, subclass_steps), _hook_run(torch_cls, kwargs, subclass_steps)
-    assert ours == theirs
-    assert ours[:2] == ["global pre", "pre"] and ours[-2:] == ["post", "global post"]
+def test_step_hooks_as_torch_calls_them(ours_cls, torch_cls, kwargs):
+    """fastml's step wrapper calls the hooks as torch.optim's does, in its order, once a step;
+    also for a subclass whose own step calls its parent's. (torch's wrappers run them twice
+    there once the parent class has been instantiated in the process, once before.)"""
+    once = ["global pre", "pre", "post", "global post"]
+    assert _hook_run(ours_cls, kwargs, False) == _hook_run(torch_cls, kwargs, False) == once
+    assert _hook_run(ours_cls, kwargs, True) == once
 
 
 @pytest.mark.parametrize("ours_cls, torch_cls, kwargs", OPTIMIZERS, ids=OPT_IDS)
@@ -680,6 +680,12 @@ def test_step_profiler_range_as_torch_names_it(ours_cls, torch_cls, kwargs):
 
     assert _step_ranges(ours, failing) == _step_ranges(theirs, failing)
     assert _step_ranges(ours) == [f"Optimizer.step#{torch_cls.__name__}.step"]
+
+    class Sub(ours_cls):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    assert _step_ranges(make(Sub)) == ["Optimizer.step#Sub.step"]  # one range, the outermost step's
 
 
 # Its Triton cases (seconds each on the interpreter) repeat what the kernels' own tests run: long there.
