@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from fastml import _layout, _route, _runs
 from fastml import nn as fastml_nn
 from fastml._cpp import l2_bytes
-from fastml.ops import is_compiling, relu_in_place, relu_out_of_place
+from fastml.ops import function_mode_active, is_compiling, relu_in_place, relu_out_of_place
 
 FOLD_ATTR = "_fastml_fold"
 
@@ -330,9 +330,11 @@ class FoldedLinear(fastml_nn.Linear):
         found = _route.settled(self, input, weight)
         if found[0] == _route.TORCH:
             out = F.linear(input, weight, _route.registered(self, "bias"))
-            if (relu_out_of_place(out) or out.numel() * out.element_size() < l2_bytes() // 2
-                    or not _runs.called_as_run(fold, depth=1)):
-                return out  # the ReLU module applies itself (see the class docstring)
+            if (function_mode_active() or relu_out_of_place(out)
+                    or out.numel() * out.element_size() < l2_bytes() // 2 or not _runs.called_as_run(fold, depth=1)):
+                # The ReLU module applies itself (see the class docstring); also under a Python
+                # TorchFunctionMode, which then sees the calls it sees unpatched, no size read.
+                return out
             return fold.done(out.relu_(), 2)
         if not _runs.called_as_run(fold, depth=1):
             return super().forward(input)
