@@ -1010,6 +1010,10 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         config = (reduction, ignore_index, label_smoothing)
         sig = _route.function_signature("linear_cross_entropy", (input, linear_weight, linear_bias, target, weight),
                                         config)
+        backend = _route.kernel_route(sig, config)
+        if backend is not None and _kernels_can_run() and not forward_ad_active():
+            return _fused_linear_cross_entropy(input, linear_weight, linear_bias, target, weight, ignore_index,
+                                               label_smoothing, reduction, backend)
         if _route.settled_on_torch(sig, input):
             return _unfused_or_torch_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                                           ignore_index, label_smoothing, options)
@@ -1019,22 +1023,21 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                                               ignore_index, label_smoothing) is not None):
             if not passed:
                 _route.pass_checks(sig, config)
-            ignore = -100 if ignore_index is None else ignore_index
 
             def fastml_forward(input, linear_weight, linear_bias, target, weight):
-                x, target_rows = _as_rows(input, target)
-                loss = _linear_cross_entropy_op.linear_cross_entropy(
-                    x, linear_weight.contiguous(), None if linear_bias is None else linear_bias.contiguous(),
-                    target_rows, None if weight is None else weight.contiguous(), ignore, float(label_smoothing),
-                    reduction)
-                return loss.squeeze(0) if reduction == "none" and input.dim() == 1 else loss
+                return _fused_linear_cross_entropy(input, linear_weight, linear_bias, target, weight, ignore_index,
+                                                   label_smoothing, reduction)
 
             def torch_forward(input, linear_weight, linear_bias, target, weight):
                 return _unfused_or_torch_linear_cross_entropy(input, linear_weight, target, linear_bias, weight,
                                                               reduction, ignore_index, label_smoothing, options)
 
-            return _route.call_function("linear_cross_entropy", (input, linear_weight, linear_bias, target, weight),
+            loss = _route.call_function("linear_cross_entropy", (input, linear_weight, linear_bias, target, weight),
                                         config, torch_forward, fastml_forward, sig)
+            _route.remember_kernel_route(sig, config, lambda: _linear_cross_entropy_op.decided_backend(
+                *_kernel_operands(input, linear_weight, linear_bias, target, weight), float(label_smoothing),
+                reduction))
+            return loss
     return _torch_linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
                                        reduction=reduction, ignore_index=ignore_index,
                                        label_smoothing=label_smoothing, options=options)
@@ -1092,6 +1095,29 @@ def _as_rows(input, target):
     x = input if input.dim() == 2 else input.unsqueeze(0)
     rows = target if input.dim() == 2 else target.unsqueeze(0)
     return x.contiguous(), rows.contiguous()
+
+
+def _kernel_operands(input, linear_weight, linear_bias, target, weight) -> tuple:
+    """linear_cross_entropy's tensors as its op takes them: (x, linear weight, linear bias,
+    target, class weight), the input and target as rows, every one contiguous."""
+    x, rows = _as_rows(input, target)
+    return (x, linear_weight.contiguous(), None if linear_bias is None else linear_bias.contiguous(), rows,
+            None if weight is None else weight.contiguous())
+
+
+def _fused_linear_cross_entropy(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing,
+                                reduction, backend=None):
+    """fastml's path of linear_cross_entropy, its arguments checked: the op's measured choice,
+    or ``backend`` where the call's route remembers it (fastml/_route.py's kernel_route)."""
+    x, w, b, rows, class_weight = _kernel_operands(input, linear_weight, linear_bias, target, weight)
+    ignore = -100 if ignore_index is None else ignore_index
+    if backend is None:
+        loss = _linear_cross_entropy_op.linear_cross_entropy(x, w, b, rows, class_weight, ignore,
+                                                             float(label_smoothing), reduction)
+    else:
+        loss = _linear_cross_entropy_op.on_backend(backend, x, w, b, rows, class_weight, ignore,
+                                                   float(label_smoothing), reduction)
+    return loss.squeeze(0) if reduction == "none" and input.dim() == 1 else loss
 
 
 LOGITS_HELD_MAX = 1 << 24

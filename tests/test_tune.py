@@ -1653,3 +1653,44 @@ def test_an_optimizer_step_follows_every_setting_it_runs_under(monkeypatch):
         step()
         step()
     assert [decision.choice for key, decision in seen if key[0] == "sgd_step"] == [KERNEL, KERNEL]
+
+
+@needs_kernel
+def test_a_fused_functional_settled_on_its_kernel_goes_straight_to_it(monkeypatch):
+    """Once linear_cross_entropy's route settled on fastml's path and its op chose a kernel, later
+    calls of the same signature run that kernel's Function without the op's selection (nor the
+    route's other lookups), with the same results; a call of another signature, under other
+    settings, or with a layer listening for where its ops go selects again."""
+    monkeypatch.setattr(_tune, "measure", lambda names, run, device, rounds=None:
+                        {name: 2.0 if name == "reference" else 1.0 for name in names})  # every kernel wins
+    x, w, b = torch.randn(6, 5), torch.randn(3, 5), torch.randn(3)
+    target = torch.tensor([0, 1, 2, 0, 1, 2])
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    expected = torch.nn.functional.cross_entropy(torch.nn.functional.linear(*leaves), target)
+    expected.backward()
+
+    def call(*tensors):
+        return fastml.functional.linear_cross_entropy(tensors[0], tensors[1], target, linear_bias=tensors[2])
+
+    fresh = [t.clone().requires_grad_() for t in (x, w, b)]
+    call(*fresh).backward()  # settles the route (fastml's) and the op's choice (the kernel)
+    selected = []
+    select = _backend.select
+    monkeypatch.setattr(_backend, "select", lambda *args, **kwargs: selected.append(args[2][0]) or select(*args, **kwargs))
+    for _ in range(2):
+        ours = [t.clone().requires_grad_() for t in (x, w, b)]
+        loss = call(*ours)
+        loss.backward()
+        assert_close(loss, expected)
+        for got, want in zip(ours, leaves):
+            assert_close(got.grad, want.grad)
+    assert selected == []
+    with torch.no_grad():  # another signature (grad mode, no gradient formed)
+        assert_close(call(x, w, b), expected)
+    assert selected == ["linear_cross_entropy"]
+    with fastml.tuning("off"):  # other settings (and signature): the static rule's choice
+        assert_close(call(*ours), expected)
+    assert len(selected) == 2
+    with _route.watching():
+        assert_close(call(*ours), expected)
+    assert len(selected) == 3

@@ -93,19 +93,46 @@ def linear_cross_entropy(x, weight, bias, target, class_weight, ignore_index, la
         need_x, need_w, need_b = needs_grad(x, weight, bias)
         return torch.ops.fastml.linear_cross_entropy(x, weight, bias, target, class_weight, ignore_index,
                                                      label_smoothing, reduction, need_x, need_w, need_b)[0]
-    with_grad = tracks_gradients(x, weight, bias)
-    need_x, need_w, need_b = needs_grad(x, weight, bias) if with_grad else (False, False, False)
-    need_b = need_b and bias is not None
-    key = shape_class("linear_cross_entropy", "forward", (x, weight, bias, target, class_weight),
-                      label_smoothing != 0, reduction, need_x, need_w, need_b)
-    backend = _backend.select(x, IMPLEMENTED, key, lambda name: impl(name).forward(
-        x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction, need_x, need_w, need_b))
+    needs = _gradients_wanted(x, weight, bias)
+    backend = _backend.select(x, IMPLEMENTED, _forward_class(x, weight, bias, target, class_weight, label_smoothing,
+                                                             reduction, needs),
+                              lambda name: impl(name).forward(x, weight, bias, target, class_weight, ignore_index,
+                                                              label_smoothing, reduction, *needs))
     if _route.watched():  # "mean" / "sum" backward only scales the gradients formed going forward
         _route.report(backend, x, IMPLEMENTED, backward_key(x, weight, bias, target, class_weight, label_smoothing,
-                                                            (need_x, need_w, need_b))
-                      if with_grad and reduction == "none" else None)
-    if with_grad:
+                                                            needs)
+                      if reduction == "none" and tracks_gradients(x, weight, bias) else None)
+    return on_backend(backend, x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction)
+
+
+def on_backend(backend, x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction):
+    """The loss on ``backend``, chosen already (by linear_cross_entropy, or the functional's
+    settled route: fastml/_route.py's kernel_route), through the Function where gradients are
+    tracked."""
+    if tracks_gradients(x, weight, bias):
         return LinearCrossEntropyFunction.apply(x, weight, bias, target, class_weight, ignore_index,
                                                 label_smoothing, reduction, backend)
     return impl(backend).forward(x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction,
                                  False, False, False)[0]
+
+
+def decided_backend(x, weight, bias, target, class_weight, label_smoothing, reduction) -> str | None:
+    """The backend linear_cross_entropy's measured choice chose for a call with these arguments,
+    None where it has not decided (nothing is timed here)."""
+    needs = _gradients_wanted(x, weight, bias)
+    return _backend.decided(x, IMPLEMENTED, _forward_class(x, weight, bias, target, class_weight, label_smoothing,
+                                                           reduction, needs))
+
+
+def _gradients_wanted(x, weight, bias) -> tuple[bool, bool, bool]:
+    """(input, weight, bias): whether the forward forms each gradient."""
+    if not tracks_gradients(x, weight, bias):
+        return False, False, False
+    need_x, need_w, need_b = needs_grad(x, weight, bias)
+    return need_x, need_w, need_b and bias is not None
+
+
+def _forward_class(x, weight, bias, target, class_weight, label_smoothing, reduction, needs) -> tuple:
+    """The forward's shape class, the key of its measured choice."""
+    return shape_class("linear_cross_entropy", "forward", (x, weight, bias, target, class_weight),
+                       label_smoothing != 0, reduction, *needs)
