@@ -132,13 +132,17 @@ std::tuple<double, std::int64_t, bool> cross_entropy_target_total(address_t inde
                                                                   index_t c, std::int64_t ignore_index);
 
 // linear_cross_entropy.cpp: x (n, d), w (c, d), b (c,) or 0, targets as cross_entropy_rows';
-// every row's gradient scaled by `scale`. Writes row_loss (n,) or the scaled total into
-// loss_total (0-dim), and the gradients asked for (0 = not asked).
+// reduction 0 none, 1 mean, 2 sum. Every row's gradient scaled by the reduction's scale (for
+// "mean", 1 / the targets' total weight, as cross_entropy_target_total finds it). Writes row_loss
+// (n,) or the scaled total into loss_total (0-dim), and the gradients asked for (0 = not asked).
+// Returns (the first out-of-range index target, whether there is one): then nothing is written.
 template <typename T>
-void linear_cross_entropy_forward(address_t x, address_t w, address_t b, address_t index, address_t probs,
-                                  address_t weight, index_t n, index_t d, index_t c, std::int64_t ignore_index,
-                                  double smoothing, double scale, address_t row_loss, address_t loss_total,
-                                  address_t grad_x, address_t grad_w, address_t grad_b, int nthreads);
+std::tuple<std::int64_t, bool> linear_cross_entropy_forward(address_t x, address_t w, address_t b, address_t index,
+                                                           address_t probs, address_t weight, index_t n, index_t d,
+                                                           index_t c, std::int64_t ignore_index, double smoothing,
+                                                           int reduction, address_t row_loss, address_t loss_total,
+                                                           address_t grad_x, address_t grad_w, address_t grad_b,
+                                                           int nthreads);
 
 // winograd.cpp: F(2x2, 3x3) transforms around a grouped 1x1 convolution, channels-last tensors:
 // x (n, h, w, c) → v (tiles, 16, c) for tiles [first_tile, first_tile + tiles) of the

@@ -6,6 +6,8 @@
 //
 // Large heads go chunk by chunk through a vendor GEMM instead (fastml/ops/linear_cross_entropy/
 // chunked.py): per-thread copies of a C × D weight gradient only pay off while it is small.
+#include <limits>
+#include <tuple>
 #include <vector>
 
 #include "cross_entropy_rows.h"
@@ -17,11 +19,23 @@ namespace {
 constexpr index_t kBlockRows = 32;
 }  // namespace
 
+// The reduction's scale: for "mean", 1 / the targets' total weight (NaN for none, as torch's 0 / 0).
+// Index targets are checked first, as cross_entropy_target_total checks them: one call from
+// Python rather than two (a softmax-regression step is mostly such fixed costs).
 template <typename T>
-void linear_cross_entropy_forward(address_t x_, address_t w_, address_t b_, address_t index_, address_t probs_,
-                                  address_t weight_, index_t n, index_t d, index_t c, std::int64_t ignore_index,
-                                  double smoothing, double scale, address_t row_loss_, address_t loss_total_,
-                                  address_t grad_x_, address_t grad_w_, address_t grad_b_, int nthreads) {
+std::tuple<std::int64_t, bool> linear_cross_entropy_forward(address_t x_, address_t w_, address_t b_, address_t index_,
+                                                           address_t probs_, address_t weight_, index_t n, index_t d,
+                                                           index_t c, std::int64_t ignore_index, double smoothing,
+                                                           int reduction, address_t row_loss_, address_t loss_total_,
+                                                           address_t grad_x_, address_t grad_w_, address_t grad_b_,
+                                                           int nthreads) {
+    double total = double(n);
+    if (index_) {
+        const auto [weighted, bad, found] = cross_entropy_target_total<T>(index_, weight_, n, c, ignore_index);
+        if (found) return {bad, true};
+        total = weighted;
+    }
+    const double scale = reduction != 1 ? 1.0 : (total != 0.0 ? 1.0 / total : std::numeric_limits<double>::quiet_NaN());
     const T *x = as_ptr<const T>(x_), *w = as_ptr<const T>(w_), *bias = as_ptr<const T>(b_);
     T *row_loss = as_ptr<T>(row_loss_), *loss_total = as_ptr<T>(loss_total_);
     T *grad_x = as_ptr<T>(grad_x_), *grad_w = as_ptr<T>(grad_w_), *grad_b = as_ptr<T>(grad_b_);
@@ -66,17 +80,18 @@ void linear_cross_entropy_forward(address_t x_, address_t w_, address_t b_, addr
     }
     if (grad_b) reduce_partials(grad_b_parts.data(), threads, c, T(1), grad_b, 1);
     if (loss_total) {
-        double total = 0.0;
-        for (double part : loss_parts) total += part;
-        *loss_total = T(total * scale);
+        double sum = 0.0;
+        for (double part : loss_parts) sum += part;
+        *loss_total = T(sum * scale);
     }
+    return {0, false};
 }
 
-template void linear_cross_entropy_forward<float>(address_t, address_t, address_t, address_t, address_t, address_t,
-                                                  index_t, index_t, index_t, std::int64_t, double, double, address_t,
-                                                  address_t, address_t, address_t, address_t, int);
-template void linear_cross_entropy_forward<double>(address_t, address_t, address_t, address_t, address_t, address_t,
-                                                   index_t, index_t, index_t, std::int64_t, double, double, address_t,
-                                                   address_t, address_t, address_t, address_t, int);
+template std::tuple<std::int64_t, bool> linear_cross_entropy_forward<float>(
+    address_t, address_t, address_t, address_t, address_t, address_t, index_t, index_t, index_t, std::int64_t, double,
+    int, address_t, address_t, address_t, address_t, address_t, int);
+template std::tuple<std::int64_t, bool> linear_cross_entropy_forward<double>(
+    address_t, address_t, address_t, address_t, address_t, address_t, index_t, index_t, index_t, std::int64_t, double,
+    int, address_t, address_t, address_t, address_t, address_t, int);
 
 }  // namespace fastml

@@ -11,12 +11,13 @@ import torch
 
 from fastml._cpp import kernel, ptr, threads
 from fastml.ops.cross_entropy import cpp_impl as rows_kernels
-from fastml.ops.cross_entropy import loss_scale
 from fastml.ops.linear_cross_entropy import chunked
 
 # Up to here a per-thread copy of the weight gradient stays in L2 (256 Ki elements = 1 MiB in
 # float32) and the fused kernel's own dot products beat a BLAS call's overhead.
 _FUSED_MAX_WEIGHT = 1 << 18
+
+_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 
 
 def forward(x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction,
@@ -26,7 +27,6 @@ def forward(x, weight, bias, target, class_weight, ignore_index, label_smoothing
     if c * d > _FUSED_MAX_WEIGHT:
         return chunked.forward(rows_kernels, x, weight, bias, target, class_weight, ignore_index, label_smoothing,
                                reduction, need_input_grad, need_weight_grad, need_bias_grad)
-    scale = loss_scale(rows_kernels, reduction, target, class_weight, ignore_index, c, n)
     reduced = reduction != "none"
     loss = torch.empty(() if reduced else (n,), dtype=x.dtype)
     grads = (need_input_grad, need_weight_grad, need_bias_grad) if reduced else (False, False, False)
@@ -34,10 +34,12 @@ def forward(x, weight, bias, target, class_weight, ignore_index, label_smoothing
     grad_w = torch.empty_like(weight) if grads[1] else None
     grad_b = torch.empty(c, dtype=x.dtype) if grads[2] else None
     index, probs = (target, None) if target.dtype == torch.int64 else (None, target)
-    kernel("linear_cross_entropy_forward", x.dtype)(
+    bad, found = kernel("linear_cross_entropy_forward", x.dtype)(  # (it checks the targets and scales itself)
         ptr(x), ptr(weight), ptr(bias), ptr(index), ptr(probs), ptr(class_weight), n, d, c, ignore_index,
-        float(label_smoothing), scale, ptr(None if reduced else loss), ptr(loss if reduced else None),
-        ptr(grad_x), ptr(grad_w), ptr(grad_b), threads())
+        float(label_smoothing), _REDUCTION_CODE[reduction], ptr(None if reduced else loss),
+        ptr(loss if reduced else None), ptr(grad_x), ptr(grad_w), ptr(grad_b), threads())
+    if found:
+        raise IndexError(f"Target {bad} is out of bounds.")
     return loss, grad_x, grad_w, grad_b
 
 
