@@ -89,6 +89,7 @@ REPORT = ("import fastml\nfrom fastml import _cpp\nprint(_cpp.module().cache_siz
           "print(fastml.info(print_report=False)['backends']['cpp']['detail'])")
 
 
+@pytest.mark.long  # two child processes that import torch and fastml: ~5 s
 def test_the_kernels_block_for_the_sizes_given_and_info_says_so(cpp):
     own, given = _child(["-c", REPORT], None), _child(["-c", REPORT], "l2=2M")
     assert own.returncode == 0 and given.returncode == 0, own.stderr[-3000:] + given.stderr[-3000:]

@@ -621,6 +621,7 @@ def test_bad_input_raises_as_in_eager(rng):
             fn(logits, target)
 
 
+@pytest.mark.long  # a child process that imports torch and compiles: ~5 s
 def test_without_custom_ops_nothing_is_registered_and_compile_runs_torch():
     """torch < 2.4 (simulated: torch.library without custom_op): fastml imports, registers
     nothing, runs eager on its kernels and leaves compiled calls to torch's ops."""
