@@ -1676,7 +1676,8 @@ def test_a_fused_functional_settled_on_its_kernel_goes_straight_to_it(monkeypatc
     call(*fresh).backward()  # settles the route (fastml's) and the op's choice (the kernel)
     selected = []
     select = _backend.select
-    monkeypatch.setattr(_backend, "select", lambda *args, **kwargs: selected.append(args[2][0]) or select(*args, **kwargs))
+    monkeypatch.setattr(_backend, "select",
+                        lambda *args, **kwargs: selected.append(args[2][0]) or select(*args, **kwargs))
     for _ in range(2):
         ours = [t.clone().requires_grad_() for t in (x, w, b)]
         loss = call(*ours)
