@@ -265,6 +265,10 @@ def kernel(name: str, dtype: torch.dtype):
     return getattr(module(), f"{name}_{_SUFFIX[dtype]}")
 
 
+REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
+"""A loss's reduction as the kernels take it (csrc/kernels.h: 0 none, 1 mean, 2 sum)."""
+
+
 def ptr(tensor: torch.Tensor | None) -> int:
     """Data pointer of a contiguous tensor, 0 for an absent one."""
     return 0 if tensor is None else tensor.data_ptr()

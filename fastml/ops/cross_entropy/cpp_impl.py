@@ -12,8 +12,14 @@ def target_total(target, class_weight, ignore_index, num_classes):
     total, bad, found = kernel("cross_entropy_target_total", dtype)(
         ptr(target), ptr(class_weight), target.shape[0], num_classes, ignore_index)
     if found:
-        raise IndexError(f"Target {bad} is out of bounds.")
+        raise out_of_bounds(bad)
     return total
+
+
+def out_of_bounds(bad: int) -> IndexError:
+    """torch's error for a class-index target outside [0, C) (the first such, ``bad``), as the
+    kernels that check the targets report it."""
+    return IndexError(f"Target {bad} is out of bounds.")
 
 
 def rows(logits, target, class_weight, ignore_index, label_smoothing, grad_scale, row_loss, grad):

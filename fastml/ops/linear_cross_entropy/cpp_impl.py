@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from fastml._cpp import kernel, ptr, threads
+from fastml._cpp import REDUCTION_CODE, kernel, ptr, threads
 from fastml.ops.cross_entropy import cpp_impl as rows_kernels
 from fastml.ops.linear_cross_entropy import chunked
 
 # Up to here a per-thread copy of the weight gradient stays in L2 (256 Ki elements = 1 MiB in
 # float32) and the fused kernel's own dot products beat a BLAS call's overhead.
 _FUSED_MAX_WEIGHT = 1 << 18
-
-_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 
 
 def forward(x, weight, bias, target, class_weight, ignore_index, label_smoothing, reduction,
@@ -36,10 +34,10 @@ def forward(x, weight, bias, target, class_weight, ignore_index, label_smoothing
     index, probs = (target, None) if target.dtype == torch.int64 else (None, target)
     bad, found = kernel("linear_cross_entropy_forward", x.dtype)(  # (it checks the targets and scales itself)
         ptr(x), ptr(weight), ptr(bias), ptr(index), ptr(probs), ptr(class_weight), n, d, c, ignore_index,
-        float(label_smoothing), _REDUCTION_CODE[reduction], ptr(None if reduced else loss),
+        float(label_smoothing), REDUCTION_CODE[reduction], ptr(None if reduced else loss),
         ptr(loss if reduced else None), ptr(grad_x), ptr(grad_w), ptr(grad_b), threads())
     if found:
-        raise IndexError(f"Target {bad} is out of bounds.")
+        raise rows_kernels.out_of_bounds(bad)
     return loss, grad_x, grad_w, grad_b
 
 

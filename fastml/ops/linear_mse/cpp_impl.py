@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 
 from fastml import _tune
-from fastml._cpp import kernel, l2_bytes, ptr, threads
+from fastml._cpp import REDUCTION_CODE, kernel, l2_bytes, ptr, threads
 from fastml.ops import shape_class
-
-_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 
 
 def forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual):
@@ -38,7 +36,7 @@ def _forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_gra
     grad_w = torch.empty_like(weight) if fused_grads and need_weight_grad else None
     grad_b = torch.empty_like(bias) if fused_grads and need_bias_grad else None
     kernel("linear_mse_forward", x.dtype)(
-        ptr(x), ptr(weight), ptr(bias), ptr(target), n, d, o, _REDUCTION_CODE[reduction],
+        ptr(x), ptr(weight), ptr(bias), ptr(target), n, d, o, REDUCTION_CODE[reduction],
         ptr(loss), ptr(residual), ptr(grad_w), ptr(grad_b), prefetch, threads())
     return loss, residual, grad_w, grad_b
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from fastml._cpp import kernel, ptr, threads
-
-_REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
+from fastml._cpp import REDUCTION_CODE, kernel, ptr, threads
 
 
 def forward(input, target, reduction, keep_diff):
     loss = input.new_empty(input.shape if reduction == "none" else ())
     diff = input.new_empty(input.shape) if keep_diff else None
-    kernel("mse_loss_forward", input.dtype)(ptr(input), ptr(target), input.numel(), _REDUCTION_CODE[reduction],
+    kernel("mse_loss_forward", input.dtype)(ptr(input), ptr(target), input.numel(), REDUCTION_CODE[reduction],
                                             ptr(loss), ptr(diff), threads())
     return loss, diff
 
