@@ -10,11 +10,12 @@
 
 namespace fastml {
 
-// linear_mse.cpp: reduction 0 none, 1 mean, 2 sum.
+// linear_mse.cpp: reduction 0 none, 1 mean, 2 sum; way, how x's rows are read (linear_mse.cpp).
+enum LinearMseWay : int { kBlocks = 0, kBlocksPrefetch = 1, kStream = 2, kStreamPrefetch = 3 };
 template <typename T>
 void linear_mse_forward(address_t x, address_t w, address_t b, address_t y, index_t n, index_t d,
                         index_t o, int reduction, address_t loss, address_t residual,
-                        address_t grad_w, address_t grad_b, bool prefetch, int nthreads);
+                        address_t grad_w, address_t grad_b, int way, int nthreads);
 template <typename T>
 void linear_regression_sgd_epoch(address_t x, address_t y, address_t order, index_t n, index_t d,
                                  index_t o, address_t w, address_t b, double lr, index_t batch_size);

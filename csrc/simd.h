@@ -97,6 +97,28 @@ struct Simd {
         for (index_t i = 0; i < kWidth; ++i) s += v[i];
         return s;
     }
+    // The sum of the lanes by halving: log2(kWidth) dependent adds rather than sum's chain of
+    // kWidth (which GCC keeps in lane order without -ffast-math). For short rows, where the sum
+    // is a large part of each row's work.
+    static T sum_by_halves(vec v) {
+#if defined(__AVX512F__)
+        if constexpr (sizeof(T) == 4) return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
+        else return _mm512_reduce_add_pd(reinterpret_cast<__m512d>(v));
+#elif defined(__AVX__)
+        if constexpr (sizeof(T) == 4) {
+            const __m256 x = reinterpret_cast<__m256>(v);
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+        } else {
+            const __m256d x = reinterpret_cast<__m256d>(v);
+            const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+            return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+        }
+#else
+        return sum(v);
+#endif
+    }
     // The first `count` (< kWidth) elements at p in the first lanes, `fill` in the others, and
     // the converse store; neither touches memory past p + count. One masked load or store with
     // AVX-512, a masked move with AVX; a memcpy of variable length otherwise (a library call:

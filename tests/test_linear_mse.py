@@ -163,27 +163,62 @@ def test_large_batch_float32_accuracy(backend, rng):
 
 
 @pytest.mark.parametrize("larger_than_l2", [True, False])
-def test_the_cpp_kernels_prefetch_is_chosen_out_of_cache_and_moves_no_bits(cpp_backend, monkeypatch, rng,
-                                                                           larger_than_l2):
-    """The C++ kernel's software prefetch of the next row block is a measured choice where x is
-    larger than the L2 (csrc/linear_mse.cpp says why), and untimed within it. It changes which
-    loads the CPU asks for early, nothing of the arithmetic: either way, the same bits."""
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_the_cpp_kernels_way_is_chosen_out_of_cache_and_prefetch_moves_no_bits(cpp_backend, monkeypatch, rng,
+                                                                               larger_than_l2, outputs):
+    """How the C++ kernel reads x (row blocks, with or without a software prefetch of the next;
+    for a lone output, one streaming pass, with or without a steady prefetch) is a measured choice
+    where x is larger than the L2 (csrc/linear_mse.cpp says why), and untimed within it. A
+    prefetch changes which loads the CPU asks for early, nothing of the arithmetic: the same bits."""
     from fastml import _tune
     from fastml.ops.linear_mse import cpp_impl
 
-    x, w, b, y = (t.detach() for t in make_problem((301,), 67, 3, torch.float32, cpp_backend.device, rng))
+    x, w, b, y = (t.detach() for t in make_problem((301,), 67, outputs, torch.float32, cpp_backend.device, rng))
     monkeypatch.setattr(cpp_impl, "l2_bytes", lambda: x.numel() * x.element_size() - 1 if larger_than_l2
                         else x.numel() * x.element_size())
     with _tune.recording() as seen:
-        chosen = cpp_impl.forward(x, w, b, y, "mean", True, True, True)
-    assert [k[0] for k, _ in seen] == (["linear_mse prefetch"] if larger_than_l2 else [])
-    for prefetch in (True, False):
+        cpp_impl.forward(x, w, b, y, "mean", True, True, True)
+    assert [k[0] for k, _ in seen] == (["linear_mse way"] if larger_than_l2 else [])
+    pairs = [("reference", "prefetch")] + ([("stream", "stream prefetch")] if outputs == 1 else [])
+    for plain, prefetching in pairs:
         for reduction in ("mean", "none"):
-            outputs = cpp_impl._forward(x, w, b, y, reduction, True, True, True, prefetch)
-            reference = chosen if reduction == "mean" else cpp_impl._forward(x, w, b, y, reduction, True, True,
-                                                                            True, not prefetch)
-            for got, want in zip(outputs, reference):
+            outputs_plain = cpp_impl._forward(x, w, b, y, reduction, True, True, True, plain)
+            outputs_prefetching = cpp_impl._forward(x, w, b, y, reduction, True, True, True, prefetching)
+            for got, want in zip(outputs_prefetching, outputs_plain):
                 assert (got is None) == (want is None) and (got is None or torch.equal(got, want))
+
+
+@pytest.mark.parametrize("way", ["reference", "prefetch", "stream", "stream prefetch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n, d", [(0, 5), (1, 1), (3, 13), (7, 16), (129, 13), (261, 33), (301, 67), (1031, 256)],
+                         ids=str)
+def test_each_way_of_the_cpp_kernel_matches_float64(cpp_backend, rng, way, dtype, n, d):
+    """Every way of reading x, forced, against float64 on odd sizes: rows not a multiple of the
+    four a group reads or of a gradient block's 64, rows shorter than a vector, vectors and a
+    masked tail; loss, residual and both gradients, with and without a bias, each reduction."""
+    from fastml.ops.linear_mse import cpp_impl
+
+    for bias in (True, False):
+        x, w, b, y = (t if t is None else t.detach()
+                      for t in make_problem((n,), d, 1, dtype, cpp_backend.device, rng, bias=bias))
+        x64, w64, y64 = upcast(x, w, y)
+        b64 = None if b is None else upcast(b)[0]
+        residual = F.linear(x64, w64, b64) - y64
+        for reduction, scale in (("mean", 1 / max(n, 1)), ("sum", 1.0), ("none", None)):
+            loss, kept, grad_w, grad_b = cpp_impl._forward(x, w, b, y, reduction, True, bias, True, way)
+            assert_close(kept, residual, dtype, scale=magnitude(residual))
+            if reduction == "none":
+                assert_close(loss, residual**2, dtype, scale=magnitude(residual**2))
+                assert grad_w is None and grad_b is None
+                continue
+            want_loss = F.mse_loss(F.linear(x64, w64, b64), y64, reduction=reduction)  # mean of none: NaN
+            assert_close(loss, want_loss, dtype, scale=magnitude(residual**2))
+            want_w = 2 * scale * residual.t() @ x64
+            assert_close(grad_w, want_w, dtype, scale=magnitude(want_w))
+            assert (grad_b is None) == (not bias)
+            if bias:
+                want_b = 2 * scale * residual.sum(0)
+                assert_close(grad_b, want_b, dtype, scale=magnitude(want_b))
 
 
 @pytest.mark.parametrize("bias_shape", [(1,), (), (7, 1)])

@@ -9,21 +9,28 @@ from fastml._cpp import REDUCTION_CODE, kernel, l2_bytes, ptr, threads
 from fastml.ops import shape_class
 
 
+# How the kernel reads x's rows (csrc/kernels.h's LinearMseWay), by the name the measured choice
+# gives each way; "reference" is its baseline, two passes over each row block from cache.
+WAYS = {"reference": 0, "prefetch": 1, "stream": 2, "stream prefetch": 3}
+
+
 def forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual):
-    """The kernel, prefetching each next row block of x in software or leaving that to the CPU:
-    a measured choice per shape class where x is larger than the L2 (the kernel streams it from
-    memory; csrc/linear_mse.cpp says what each CPU made of it), none within (x is in cache)."""
+    """The kernel, reading x in row blocks (prefetching each next block in software, or leaving
+    that to the CPU) or, for a lone output, streaming it in one pass (with or without a steady
+    prefetch): a measured choice per shape class where x is larger than the L2 (the kernel streams
+    it from memory; csrc/linear_mse.cpp says what each CPU made of each way), blocks without a
+    prefetch within it (x is in cache)."""
     if x.numel() * x.element_size() <= l2_bytes():  # (first: no closure for the course's batch of 10)
-        return _forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual, False)
+        return _forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual, "reference")
 
-    def run(variant):
-        return _forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual,
-                        variant == "prefetch")
+    def run(way):
+        return _forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual, way)
 
-    return run(_tune.choose(shape_class("linear_mse prefetch", "forward", (x, weight)), ("prefetch",), x, run))
+    ways = ("prefetch", "stream", "stream prefetch") if weight.shape[0] == 1 else ("prefetch",)
+    return run(_tune.choose(shape_class("linear_mse way", "forward", (x, weight)), ways, x, run))
 
 
-def _forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual, prefetch):
+def _forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_grad, keep_residual, way):
     n, d = x.shape
     o = weight.shape[0]
     def new(shape):  # torch.empty: ~0.3 µs cheaper than new_empty, which counts at batch 10
@@ -37,7 +44,7 @@ def _forward(x, weight, bias, target, reduction, need_weight_grad, need_bias_gra
     grad_b = torch.empty_like(bias) if fused_grads and need_bias_grad else None
     kernel("linear_mse_forward", x.dtype)(
         ptr(x), ptr(weight), ptr(bias), ptr(target), n, d, o, REDUCTION_CODE[reduction],
-        ptr(loss), ptr(residual), ptr(grad_w), ptr(grad_b), prefetch, threads())
+        ptr(loss), ptr(residual), ptr(grad_w), ptr(grad_b), WAYS[way], threads())
     return loss, residual, grad_w, grad_b
 
 
