@@ -80,7 +80,6 @@ inline void stream_row_group(const T* x, index_t d, const T* w, T b, const T* y,
     constexpr index_t W = S::kWidth;
     const T* xr[R];
     for (int r = 0; r < R; ++r) xr[r] = x + (r0 + r) * d;
-    const char* ahead = reinterpret_cast<const char*>(xr[0]) + kStreamAheadBytes;
     // Two accumulators a row: four rows make eight independent chains of FMAs, enough to cover
     // their latency (one a row left the dot latency-bound).
     V acc[R][2];
@@ -88,10 +87,13 @@ inline void stream_row_group(const T* x, index_t d, const T* w, T b, const T* y,
     index_t k = 0;
     for (; k + 2 * W <= d; k += 2 * W) {
         if constexpr (Prefetch) {
-            // the group's rows are consecutive: ask for as many bytes as this step reads, a
-            // steady kStreamAheadBytes ahead of the group's progress through them
+            // The group's rows are consecutive in memory: each step asks for as many bytes as it
+            // reads, in one sweep through them, from kStreamAheadBytes past the group's start (a
+            // sweep in address order, not the four rows' own positions; the last d % 2W columns
+            // of each group's share take no prefetch). The next group's first lines are asked
+            // for during this one.
             constexpr index_t kStepBytes = R * 2 * W * index_t(sizeof(T));
-            const char* line = ahead + R * k * index_t(sizeof(T));
+            const char* line = reinterpret_cast<const char*>(xr[0]) + kStreamAheadBytes + R * k * index_t(sizeof(T));
             for (index_t byte = 0; byte < kStepBytes; byte += 64) __builtin_prefetch(line + byte, 0, 3);
         }
         V w0 = S::load(w + k), w1 = S::load(w + k + W);
@@ -144,8 +146,9 @@ inline void stream_row_group(const T* x, index_t d, const T* w, T b, const T* y,
 // process_rows for a lone output, in one pass: kRows rows at a time are read from memory once,
 // and their dots and gradient terms are formed while they are in L1. process_rows reads each
 // 64-row block twice, the second time from the L2, and the memory stream waits meanwhile: on an
-// Ice Lake Xeon at 65536 x 256 its kernel took 1.18x to 1.31x a plain sum's read of x. As there,
-// the weight gradient is summed per block of kBlockRows rows, then added to grad_acc.
+// Ice Lake Xeon at 65536 x 256 its kernel took 1.18x to 1.31x a plain sum's read of x. As there
+// (its blocks of up to kBlockRows rows), the weight gradient is summed per kBlockRows rows, then
+// added to grad_acc.
 template <typename T, bool Prefetch>
 double stream_rows(const T* x, index_t d, const T* w, const T* bias, const T* y, index_t row_begin,
                    index_t row_end, T* residual, T* loss_elems, T* grad_acc, T* grad_b_acc) {
@@ -176,8 +179,11 @@ double stream_rows(const T* x, index_t d, const T* w, const T* bias, const T* y,
 // prefetch of each next row block (prefetch_rows): out of cache it took a Zen 4's read of x at
 // 65536 × 256 from 37 to 22 ns a row; an Ice Lake Xeon's own prefetchers follow the four row
 // streams already, and there the same instructions cost 7 to 28%. kStream and kStreamPrefetch
-// (a lone output only; blocks elsewhere) read x in one pass, with a steady prefetch in the
-// second (stream_rows). The caller's measured choice says which (fastml/ops/linear_mse/cpp_impl.py).
+// read x in one pass, with a steady prefetch in the second (stream_rows), for a lone output whose
+// per-thread gradient copies fit kMaxPartialBytes (rows of up to millions of features); asked of
+// any other problem, they read it in blocks without a prefetch. The caller's measured choice says which
+// (fastml/ops/linear_mse/cpp_impl.py). The ways sum in different orders: which one a process runs
+// may move the last bits of the loss and gradients, not more than float rounding does.
 template <typename T>
 void linear_mse_forward(address_t x_, address_t w_, address_t b_, address_t y_, index_t n,
                         index_t d, index_t o, int reduction, address_t loss_, address_t residual_,

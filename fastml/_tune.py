@@ -163,9 +163,9 @@ STATIC_KERNEL_OPS = {
 """Per backend, the ops the static rule runs on fastml's kernel (see the module docstring)."""
 
 VARIANT_BASELINES = {"linear_mse way": "blocks"}
-"""Choices between two ways of one kernel rather than between a kernel and torch's op, by their
-op name (a shape class's first item): what their "reference", the way that runs unless the other
-wins by the margin, is called in reports (``label``)."""
+"""Choices among ways of one kernel rather than between a kernel and torch's op, by their op
+name (a shape class's first item): what their "reference", the way that runs unless another wins
+by the margin, is called in reports (``label``)."""
 
 
 def label(op: str, choice: str) -> str:

@@ -177,8 +177,11 @@ def test_the_cpp_kernels_way_is_chosen_out_of_cache_and_prefetch_moves_no_bits(c
     monkeypatch.setattr(cpp_impl, "l2_bytes", lambda: x.numel() * x.element_size() - 1 if larger_than_l2
                         else x.numel() * x.element_size())
     with _tune.recording() as seen:
-        cpp_impl.forward(x, w, b, y, "mean", True, True, True)
+        chosen = cpp_impl.forward(x, w, b, y, "mean", True, True, True)
     assert [k[0] for k, _ in seen] == (["linear_mse way"] if larger_than_l2 else [])
+    way = seen[0][1].choice if larger_than_l2 else "stream" if outputs == 1 else "reference"
+    for got, want in zip(chosen, cpp_impl._forward(x, w, b, y, "mean", True, True, True, way)):
+        assert torch.equal(got, want)
     pairs = [("reference", "prefetch")] + ([("stream", "stream prefetch")] if outputs == 1 else [])
     for plain, prefetching in pairs:
         for reduction in ("mean", "none"):
@@ -190,12 +193,13 @@ def test_the_cpp_kernels_way_is_chosen_out_of_cache_and_prefetch_moves_no_bits(c
 
 @pytest.mark.parametrize("way", ["reference", "prefetch", "stream", "stream prefetch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("n, d", [(0, 5), (1, 1), (3, 13), (7, 16), (129, 13), (261, 33), (301, 67), (1031, 256)],
-                         ids=str)
+@pytest.mark.parametrize("n, d", [(0, 5), (4, 0), (1, 1), (3, 13), (7, 16), (37, 29), (129, 13), (261, 33), (301, 67),
+                                  (1031, 256)], ids=str)
 def test_each_way_of_the_cpp_kernel_matches_float64(cpp_backend, rng, way, dtype, n, d):
     """Every way of reading x, forced, against float64 on odd sizes: rows not a multiple of the
     four a group reads or of a gradient block's 64, rows shorter than a vector, vectors and a
-    masked tail; loss, residual and both gradients, with and without a bias, each reduction."""
+    masked tail, no features at all; loss, residual and both gradients, with and without a bias,
+    each reduction."""
     from fastml.ops.linear_mse import cpp_impl
 
     for bias in (True, False):
@@ -219,6 +223,28 @@ def test_each_way_of_the_cpp_kernel_matches_float64(cpp_backend, rng, way, dtype
             if bias:
                 want_b = 2 * scale * residual.sum(0)
                 assert_close(grad_b, want_b, dtype, scale=magnitude(want_b))
+
+
+@pytest.mark.parametrize("way", ["reference", "prefetch", "stream", "stream prefetch"])
+def test_each_way_of_the_cpp_kernel_propagates_nan_and_inf_like_torch(cpp_backend, rng, way):
+    """A NaN in x (in a masked tail's column, a row of a four-row group and a lone last row) and an
+    Inf in the target reach the residual, the loss and the gradients as torch's ops carry them."""
+    from fastml.ops.linear_mse import cpp_impl
+
+    x, w, b, y = (t.detach() for t in make_problem((9,), 21, 1, torch.float32, cpp_backend.device, rng))
+    x[2, 19] = float("nan")
+    x[8, 4] = float("nan")
+    y[5, 0] = float("inf")
+    x64, w64, b64, y64 = upcast(x, w, b, y)
+    residual = F.linear(x64, w64, b64) - y64
+    for reduction in ("none", "sum"):
+        loss, kept, grad_w, grad_b = cpp_impl._forward(x, w, b, y, reduction, True, True, True, way)
+        want_loss = F.mse_loss(F.linear(x64, w64, b64), y64, reduction=reduction)
+        wants = [(loss, want_loss), (kept, residual)]
+        if reduction == "sum":
+            wants += [(grad_w, 2 * residual.t() @ x64), (grad_b, 2 * residual.sum(0))]
+        for got, want in wants:
+            assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
 
 
 @pytest.mark.parametrize("bias_shape", [(1,), (), (7, 1)])
