@@ -12,6 +12,7 @@
 // entries alone where that applies (sparse_weight_gradient), then the activation gradient (grad
 // at each window's maximum where the output is positive) and the convolution's remaining
 // gradients (see conv2d_relu_max_pool2d_backward).
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -45,6 +46,61 @@ inline void relu_window_max(const T* row, index_t stride, index_t pkh, index_t p
     argmax = static_cast<std::int8_t>(top <= 0 ? -1 : offset);
 }
 
+// relu_window_max over `count` 2 x 2 windows at stride 2 from `row` (the next row `stride`
+// values on), a vector of pooled columns at a time: the two rows' values split into even and odd
+// columns, the four candidates taken in the scalar scan's order by the same rule; the last
+// columns by a vector overlapping the one before. Returns the first pooled column left for
+// relu_window_max: 0 where the row has fewer than a vector's worth, else count. The scalar scan
+// took 67 ms for VGG's 64 x 128 x 56 x 56 conv output on an Ice Lake Xeon, where torch's
+// max_pool2d took 117 ms and a read of the 102 MB takes a few.
+template <typename T>
+inline index_t relu_max_pool_2x2_vectors(const T* row, index_t stride, index_t count, T* out, std::int8_t* argmax) {
+    using S = Simd<T>;
+    using V = typename S::vec;
+    constexpr index_t W = S::kWidth;
+    using I = std::conditional_t<sizeof(T) == 4, std::int32_t, std::int64_t>;
+    typedef I IV __attribute__((vector_size(sizeof(V))));
+    typedef std::int8_t BV __attribute__((vector_size(W)));
+    IV even, odd;
+    for (index_t lane = 0; lane < W; ++lane) even[lane] = I(2 * lane), odd[lane] = I(2 * lane + 1);
+    if (count < W) return 0;
+    index_t c = 0;
+    for (;; c += W) {  // columns [2c, 2c + 2W) of both rows lie within the windows
+        if (c + W > count) {
+            if (c == count) break;
+            c = count - W;  // the last columns: a vector that overlaps the one before (same values)
+        }
+        IV offset{};
+        V best{};
+        for (index_t i = 0; i < 2; ++i) {
+            const V first = S::load(row + i * stride + 2 * c), second = S::load(row + i * stride + 2 * c + W);
+            const V pair[2] = {__builtin_shuffle(first, second, even), __builtin_shuffle(first, second, odd)};
+            for (index_t j = 0; j < 2; ++j) {
+                const V v = pair[j] < T(0) ? V{} : pair[j];  // ReLU keeping NaN and -0, as relu_window_max
+                if (i == 0 && j == 0) {
+                    best = v;
+                    continue;
+                }
+                const IV take = (v > best) | (v != v);
+                best = take ? v : best;
+                offset = take ? IV{} + I(i * 2 + j) : offset;
+            }
+        }
+        S::store(out + c, best);
+        const BV offsets = __builtin_convertvector(best <= T(0) ? IV{} - I(1) : offset, BV);
+        std::memcpy(argmax + c, &offsets, sizeof(offsets));
+    }
+    return count;
+}
+
+// relu_window_max for `count` consecutive pooled columns (windows psw apart) of one pooled row.
+template <typename T>
+inline void relu_max_pool_row(const T* row, index_t stride, index_t pkh, index_t pkw, index_t psw, index_t count,
+                              T* out, std::int8_t* argmax) {
+    index_t c = pkh == 2 && pkw == 2 && psw == 2 ? relu_max_pool_2x2_vectors(row, stride, count, out, argmax) : 0;
+    for (; c < count; ++c) relu_window_max(row + c * psw, stride, pkh, pkw, out[c], argmax[c]);
+}
+
 template <typename T, int NV>
 void fused_forward(const T* padded, index_t hp, index_t wp, const T* packed, const T* bias, const ConvShape& cs,
                    index_t pkh, index_t pkw, index_t psh, index_t psw, index_t ph_out, index_t pw_out, T* out,
@@ -75,9 +131,8 @@ void fused_forward(const T* padded, index_t hp, index_t wp, const T* packed, con
             }
             for (index_t o = 0; o < count; ++o) {
                 const index_t at = ((img * cs.k + first + o) * ph_out + prow) * pw_out;
-                for (index_t pc = 0; pc < pw_out; ++pc)
-                    relu_window_max(scratch.data() + o * pkh * row_stride + pc * psw, row_stride, pkh, pkw,
-                                    out[at + pc], argmax[at + pc]);
+                relu_max_pool_row(scratch.data() + o * pkh * row_stride, row_stride, pkh, pkw, psw, pw_out, out + at,
+                                  argmax + at);
             }
         }
     }
@@ -504,8 +559,7 @@ void relu_max_pool2d_forward(address_t z_, index_t planes, index_t oh, index_t o
         for (index_t r = 0; r < ph_out; ++r) {
             const T* row = z + (p * oh + r * psh) * ow;
             const index_t at = (p * ph_out + r) * pw_out;
-            for (index_t c = 0; c < pw_out; ++c)
-                relu_window_max(row + c * psw, ow, pkh, pkw, out[at + c], argmax[at + c]);
+            relu_max_pool_row(row, ow, pkh, pkw, psw, pw_out, out + at, argmax + at);
         }
     }
 }

@@ -20,6 +20,7 @@ CONFIGS = [
     ((1, 4, 11, 10), (6, 2, 3, 3), False, 1, 1, 1, 2, 3, 2),            # groups, overlapping pool windows
     ((2, 3, 9, 13), (5, 3, 3, 2), True, (2, 1), (1, 0), (1, 2), 1, (2, 3), (1, 2)),  # everything rectangular
     ((1, 3, 10, 36), (9, 3, 3, 3), True, 1, 1, 1, 1, 2, 2),             # rows wider than two SIMD vectors
+    ((2, 3, 6, 70), (4, 3, 3, 3), True, 1, 1, 1, 1, 2, None),           # 2x2 pools: 35 columns, vectors and a tail
     ((31, 6, 9, 9), (16, 6, 5, 5), True, 1, 0, 1, 1, 2, None),          # C++ batch layout, a partial block
     ((31, 4, 11, 10), (6, 2, 3, 3), False, 1, 1, 1, 2, 3, 2),           # batch layout, overlapping windows
     ((16, 7, 8, 8), (5, 7, 3, 3), True, 1, 1, 1, 1, 2, None),           # batch layout: blocks of 5 and (backward) 7
