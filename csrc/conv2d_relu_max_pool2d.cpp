@@ -61,9 +61,9 @@ inline index_t relu_max_pool_2x2_vectors(const T* row, index_t stride, index_t c
     using I = std::conditional_t<sizeof(T) == 4, std::int32_t, std::int64_t>;
     typedef I IV __attribute__((vector_size(sizeof(V))));
     typedef std::int8_t BV __attribute__((vector_size(W)));
+    if (count < W) return 0;
     IV even, odd;
     for (index_t lane = 0; lane < W; ++lane) even[lane] = I(2 * lane), odd[lane] = I(2 * lane + 1);
-    if (count < W) return 0;
     index_t c = 0;
     for (;; c += W) {  // columns [2c, 2c + 2W) of both rows lie within the windows
         if (c + W > count) {
