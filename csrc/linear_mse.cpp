@@ -22,6 +22,15 @@ struct Problem {
     int reduction;  // 0 none, 1 mean, 2 sum
 };
 
+// One residual e, at flat index g of the (n, o) prediction: kept where asked, its square kept for
+// reduction "none", and added to the loss in double.
+template <typename T>
+inline void record_residual(T e, index_t g, T* residual, T* loss_elems, double& loss) {
+    if (residual) residual[g] = e;
+    if (loss_elems) loss_elems[g] = e * e;
+    loss += double(e) * double(e);
+}
+
 // Processes rows [row_begin, row_end) for outputs [col_begin, col_end) of the full problem.
 // W, bias, Y, residual and loss are indexed by global column; grad_acc is (cols × d) local.
 // prefetch: ask for each next row block while this one is computed (see linear_mse_forward).
@@ -51,9 +60,7 @@ double process_rows(const Problem& p, const T* x, const T* w, const T* bias, con
                 const index_t g = (r0 + r) * o + col_begin + j;
                 const T diff = pred[r * cols + j] - y[g];
                 pred[r * cols + j] = diff;  // the block's residual, reused below
-                if (residual) residual[g] = diff;
-                if (loss_elems) loss_elems[g] = diff * diff;
-                loss += double(diff) * double(diff);
+                record_residual(diff, g, residual, loss_elems, loss);
                 if (grad_b_acc) grad_b_acc[j] += diff;
             }
         }
@@ -121,9 +128,7 @@ inline void stream_row_group(const T* x, index_t d, const T* w, T b, const T* y,
     for (int r = 0; r < R; ++r) {
         const T e = S::sum_by_halves(acc[r][0] + acc[r][1]) + b - y[r0 + r];
         diff[r] = e;
-        if (residual) residual[r0 + r] = e;
-        if (loss_elems) loss_elems[r0 + r] = e * e;
-        loss += double(e) * double(e);
+        record_residual(e, r0 + r, residual, loss_elems, loss);
         grad_b += e;
     }
     if (!grad_block) return;
