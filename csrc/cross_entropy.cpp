@@ -1,6 +1,7 @@
 // Softmax cross-entropy over rows of logits (fastml.nn.CrossEntropyLoss on the CPU, and the
 // row kernel of the chunked linear + cross-entropy): each row's loss and its scaled gradient in
 // one parallel pass over the rows (cross_entropy_rows.h), plus the check of index targets.
+#include <algorithm>
 #include <tuple>
 
 #include "cross_entropy_rows.h"
@@ -20,12 +21,18 @@ void cross_entropy_rows(address_t logits_, address_t index_, address_t probs_, a
     T *row_loss = as_ptr<T>(row_loss_), *grad = as_ptr<T>(grad_);
     const RowTargets<T> targets{as_ptr<const std::int64_t>(index_), as_ptr<const T>(probs_),
                                 as_ptr<const T>(weight_), ignore_index, T(smoothing)};
-    // A row costs about 30 flops per class (three passes, the exponential's polynomial).
+    // A row costs about 30 flops per class (three passes, the exponential's polynomial). Blocks
+    // of rows, so that short rows go several at a time (cross_entropy_block).
+    constexpr index_t kBlockRows = 64;
+    const index_t blocks = (m + kBlockRows - 1) / kBlockRows;
+    auto scale_of = [&](index_t i) { return row_scale ? T(scale * double(row_scale[i])) : T(scale); };
 #pragma omp parallel for num_threads(threads_for(m * c * 30, nthreads)) schedule(static)
-    for (index_t i = 0; i < m; ++i) {
-        const T s = row_scale ? T(scale * double(row_scale[i])) : T(scale);
-        const double loss = cross_entropy_row(logits + i * c, c, targets, i, s, grad ? grad + i * c : nullptr);
-        if (row_loss) row_loss[i] = T(loss);
+    for (index_t b = 0; b < blocks; ++b) {
+        const index_t i0 = b * kBlockRows, rows = std::min(kBlockRows, m - i0);
+        cross_entropy_block(logits + i0 * c, rows, c, targets, i0, scale_of, grad ? grad + i0 * c : nullptr,
+                            [&](index_t r, double loss) {
+                                if (row_loss) row_loss[i0 + r] = T(loss);
+                            });
     }
 }
 

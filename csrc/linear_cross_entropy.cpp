@@ -59,12 +59,11 @@ std::tuple<std::int64_t, bool> linear_cross_entropy_forward(address_t x_, addres
             const index_t rows = std::min(kBlockRows, end - r0);
             const T* xb = x + r0 * d;
             dot_block(xb, rows, d, w, bias, c, logits.data());
-            for (index_t r = 0; r < rows; ++r) {
-                T* z = logits.data() + r * c;
-                const double row = cross_entropy_row(z, c, targets, r0 + r, T(scale), want_grad ? z : nullptr);
-                if (row_loss) row_loss[r0 + r] = T(row);
-                loss += row;
-            }
+            cross_entropy_block(logits.data(), rows, c, targets, r0, [&](index_t) { return T(scale); },
+                                want_grad ? logits.data() : nullptr, [&](index_t r, double row) {
+                                    if (row_loss) row_loss[r0 + r] = T(row);
+                                    loss += row;
+                                });
             if (grad_x) combine_rows(logits.data(), rows, c, w, d, grad_x + r0 * d);
             if (acc_w) accumulate_outer(logits.data(), xb, rows, d, c, acc_w);
             if (acc_b)

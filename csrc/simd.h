@@ -98,8 +98,9 @@ struct Simd {
         return s;
     }
     // The sum of the lanes by halving: log2(kWidth) dependent adds rather than sum's chain of
-    // kWidth (which GCC keeps in lane order without -ffast-math). For short rows, where the sum
-    // is a large part of each row's work.
+    // kWidth (which GCC keeps in lane order without -ffast-math, each lane extracted by its own
+    // shuffle). For short rows, where the sum is a large part of each row's work, and for tiles
+    // that end in many sums (linear_tiles.h's dot_tile).
     static T sum_by_halves(vec v) {
 #if defined(__AVX512F__)
         if constexpr (sizeof(T) == 4) return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
@@ -119,7 +120,7 @@ struct Simd {
         return sum(v);
 #endif
     }
-    // The first `count` (< kWidth) elements at p in the first lanes, `fill` in the others, and
+    // The first `count` (<= kWidth) elements at p in the first lanes, `fill` in the others, and
     // the converse store; neither touches memory past p + count. One masked load or store with
     // AVX-512, a masked move with AVX; a memcpy of variable length otherwise (a library call:
     // on a row of 10 classes, four of them cost more than the row's arithmetic).

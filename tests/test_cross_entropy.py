@@ -11,8 +11,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (FunctionRecorder, assert_close, assert_device_side_assert, backward_and_compare, loss_options,
-                      magnitude, rand, sgd_loss_curve, upcast)
+from conftest import (GROUPED_CLASSES, FunctionRecorder, assert_close, assert_device_side_assert, backward_and_compare,
+                      loss_options, magnitude, rand, sgd_loss_curve, upcast)
 
 import fastml
 
@@ -63,6 +63,33 @@ def test_matches_torch(backend, dtype, shape, kind, reduction, rng):
         logits = rand(*shape, dtype=dtype, device=dev, generator=rng, requires_grad=True, scale=3.0)
         target = make_target(kind, shape, rng, dev, dtype)
         check(logits, target, rng, reduction=reduction, **loss_options(opts, classes, dtype, dev, rng))
+
+
+def grouped_rows_case(rows, classes, kind, dtype, device, generator, ignore_index=-100):
+    """Logits and targets of rows ``rows`` (23: five groups of four and three rows alone) where
+    only group 2 holds an ignored row, group 3 a NaN logit and group 4 a +inf and a -inf one."""
+    logits = rand(rows, classes, dtype=dtype, generator=generator, scale=3.0)
+    logits[13, -1] = float("nan")
+    logits[17, 0] = float("inf")
+    logits[18, -1] = float("-inf")
+    if kind == "probs":
+        target = rand(rows, classes, dtype=torch.float64, generator=generator).softmax(1).to(dtype)
+    else:
+        target = torch.randint(0, classes, (rows,), generator=generator)
+        target[9] = ignore_index
+    return logits.to(device).requires_grad_(), target.to(device)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("classes", GROUPED_CLASSES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_rows_taken_in_groups(backend, dtype, classes, kind, reduction, rng):
+    if backend.interpreted and dtype == torch.float64:
+        pytest.skip("the Triton interpreter takes the float32 cases")
+    for opts in OPTIONS:
+        logits, target = grouped_rows_case(23, classes, kind, dtype, backend.device, rng)
+        check(logits, target, rng, reduction=reduction, **loss_options(opts, classes, dtype, backend.device, rng))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -12,8 +12,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (assert_close, assert_device_side_assert, backward_and_compare, loss_options, magnitude, rand,
-                      sgd_loss_curve, upcast)
+from conftest import (GROUPED_CLASSES, assert_close, assert_device_side_assert, backward_and_compare, loss_options,
+                      magnitude, rand, sgd_loss_curve, upcast)
 
 import fastml
 from fastml.ops.linear_cross_entropy import chunked, cpp_impl
@@ -86,6 +86,34 @@ def test_matches_float64_reference(backend, path, dtype, shape, kind, reduction,
         b = rand(c, dtype=dtype, device=dev, generator=rng, requires_grad=True) if bias else None
         target = make_target(kind, lead, c, rng, dev, dtype, opts.get("ignore_index", -100))
         check(x, w, b, target, rng, reduction=reduction, **loss_options(opts, c, dtype, dev, rng))
+
+
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("classes", GROUPED_CLASSES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_rows_taken_in_groups(backend, path, dtype, classes, kind, rng):
+    """The fused kernel's rows four at a time (test_cross_entropy.py's grouped_rows_case: an
+    ignored row in one group, a NaN row in another), the rows of a block past its last group one
+    at a time. 70 rows: the fused kernel's blocks of 32 rows, split between threads."""
+    if backend.interpreted and dtype == torch.float64:
+        pytest.skip("the Triton interpreter takes the float32 cases")
+    dev = backend.device
+    for reduction in REDUCTIONS:
+        for opts in OPTIONS:
+            if kind == "probs" and "ignore_index" in opts:
+                continue
+            ignore_index = opts.get("ignore_index", -100)
+            x = rand(70, 9, dtype=dtype, device=dev, generator=rng, requires_grad=True)
+            w = rand(classes, 9, dtype=dtype, device=dev, generator=rng, requires_grad=True)
+            b = rand(classes, dtype=dtype, device=dev, generator=rng, requires_grad=True)
+            target = make_target(kind, (70,), classes, rng, dev, dtype, ignore_index)
+            if kind == "index":  # one ignored row, in one group of four
+                target = torch.randint(0, classes, (70,), generator=rng).to(dev)
+                target[41] = ignore_index
+            if reduction == "none":  # a NaN input in one group (in a sum, every gradient would be NaN)
+                with torch.no_grad():
+                    x[45, 2] = float("nan")
+            check(x, w, b, target, rng, reduction=reduction, **loss_options(opts, classes, dtype, dev, rng))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
