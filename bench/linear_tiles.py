@@ -15,8 +15,8 @@ import time
 
 import torch
 
-import fastml
-from fastml._cpp import kernel, ptr
+from fastml import _bench
+from fastml._cpp import REDUCTION_CODE, kernel, ptr
 
 N, D, C = 256, 784, 10
 ROUNDS, CALLS = 15, 200
@@ -31,21 +31,12 @@ def main():
     fused = kernel("linear_cross_entropy_forward", torch.float32)
 
     def passes(with_grad_x, with_grad_w, threads):
-        return lambda: fused(ptr(x), ptr(w), ptr(b), ptr(target), 0, 0, N, D, C, -100, 0.0, 1.0 / N, 0,
-                             ptr(loss), ptr(grad_x if with_grad_x else None), ptr(grad_w if with_grad_w else None),
-                             ptr(grad_b), threads)
+        return lambda: fused(ptr(x), ptr(w), ptr(b), ptr(target), 0, 0, N, D, C, -100, 0.0, REDUCTION_CODE["mean"],
+                             0, ptr(loss), ptr(grad_x if with_grad_x else None),
+                             ptr(grad_w if with_grad_w else None), ptr(grad_b), threads)
 
-    xg = x.clone().requires_grad_()
-    lin, loss_fn = torch.nn.Linear(D, C), torch.nn.CrossEntropyLoss()
-
-    def torch_step():
-        xg.grad = lin.weight.grad = lin.bias.grad = None
-        loss_fn(lin(xg), target).backward()
-
-    def fastml_step():
-        xg.grad = lin.weight.grad = lin.bias.grad = None
-        fastml.functional.linear_cross_entropy(xg, lin.weight, target, linear_bias=lin.bias).backward()
-
+    steps = _bench._linear_cross_entropy_prepare(torch.device("cpu"), N, D, C)  # the profile's step
+    torch_step, fastml_step = steps("torch"), steps("auto")
     cases = {"kernel forward": passes(False, False, 2), "kernel + input grad": passes(True, False, 2),
              "kernel + weight grad": passes(False, True, 2), "kernel, all (2 threads)": passes(True, True, 2),
              "kernel, all (1 thread)": passes(True, True, 1), "step torch": torch_step, "step fastml": fastml_step}

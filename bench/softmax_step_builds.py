@@ -9,7 +9,7 @@ and the step runs on each in turn, round after round, with torch's step in every
         new=fastml/_C.cpython-311-x86_64-linux-gnu.so
 
 The step is ``python -m fastml bench``'s linear_cross_entropy case N=256 D=784 C=10 (x, weight
-and bias requiring grad, the gradients set to None first). Only the fused kernel's module is
+and bias requiring grad, the gradients set to None first; fastml._bench's own step). Only the fused kernel's module is
 swapped; the Python around it is this checkout's.
 """
 
@@ -22,8 +22,7 @@ import time
 
 import torch
 
-import fastml
-from fastml import _cpp
+from fastml import _bench, _cpp
 from fastml.ops.linear_cross_entropy import cpp_impl
 
 
@@ -50,19 +49,8 @@ def main() -> None:
     args = parser.parse_args()
     builds = {name: load(name, path) for name, path in (b.split("=", 1) for b in args.builds)}
 
-    gen = torch.Generator().manual_seed(0)
-    n, d, c = 256, 784, 10
-    x = torch.randn(n, d, generator=gen).requires_grad_()
-    target = torch.randint(0, c, (n,), generator=gen)
-    linear, loss_fn = torch.nn.Linear(d, c), torch.nn.CrossEntropyLoss()
-
-    def torch_step():
-        x.grad = linear.weight.grad = linear.bias.grad = None
-        loss_fn(linear(x), target).backward()
-
-    def fastml_step():
-        x.grad = linear.weight.grad = linear.bias.grad = None
-        fastml.functional.linear_cross_entropy(x, linear.weight, target, linear_bias=linear.bias).backward()
+    steps = _bench._linear_cross_entropy_prepare(torch.device("cpu"), 256, 784, 10)
+    torch_step, fastml_step = steps("torch"), steps("auto")
 
     def timed(step) -> float:
         start = time.perf_counter()
