@@ -1,7 +1,6 @@
 // Softmax cross-entropy over rows of logits (fastml.nn.CrossEntropyLoss on the CPU, and the
 // row kernel of the chunked linear + cross-entropy): each row's loss and its scaled gradient in
 // one parallel pass over the rows (cross_entropy_rows.h), plus the check of index targets.
-#include <algorithm>
 #include <tuple>
 
 #include "cross_entropy_rows.h"
@@ -21,17 +20,19 @@ void cross_entropy_rows(address_t logits_, address_t index_, address_t probs_, a
     T *row_loss = as_ptr<T>(row_loss_), *grad = as_ptr<T>(grad_);
     const RowTargets<T> targets{as_ptr<const std::int64_t>(index_), as_ptr<const T>(probs_),
                                 as_ptr<const T>(weight_), ignore_index, T(smoothing)};
-    // A row costs about 30 flops per class (three passes, the exponential's polynomial). Blocks
-    // of rows, so that short rows go several at a time (cross_entropy_block).
-    constexpr index_t kBlockRows = 64;
-    const index_t blocks = (m + kBlockRows - 1) / kBlockRows;
+    // A row costs about 30 flops per class (three passes, the exponential's polynomial). Each
+    // thread takes a contiguous range of rows, as the per-row loop's static schedule gave it, and
+    // passes it whole to cross_entropy_block, so that short rows go four at a time. (Blocks of a
+    // fixed number of rows had cut the parallelism of a few long rows: 64 rows of 32000 classes
+    // ran on one thread.)
     auto scale_of = [&](index_t i) { return row_scale ? T(scale * double(row_scale[i])) : T(scale); };
-#pragma omp parallel for num_threads(threads_for(m * c * 30, nthreads)) schedule(static)
-    for (index_t b = 0; b < blocks; ++b) {
-        const index_t i0 = b * kBlockRows, rows = std::min(kBlockRows, m - i0);
-        cross_entropy_block(logits + i0 * c, rows, c, targets, i0, scale_of, grad ? grad + i0 * c : nullptr,
-                            [&](index_t r, double loss) {
-                                if (row_loss) row_loss[i0 + r] = T(loss);
+#pragma omp parallel num_threads(threads_for(m * c * 30, nthreads))
+    {
+        index_t begin, end;
+        split_range(m, omp_get_num_threads(), omp_get_thread_num(), begin, end);
+        cross_entropy_block(logits + begin * c, end - begin, c, targets, begin, scale_of,
+                            grad ? grad + begin * c : nullptr, [&](index_t r, double loss) {
+                                if (row_loss) row_loss[begin + r] = T(loss);
                             });
     }
 }

@@ -100,6 +100,19 @@ inline void ignored_row_gradient(const T* z, index_t c, T* grad) {
     std::fill(grad, grad + c, finite ? T(0) : std::numeric_limits<T>::quiet_NaN());
 }
 
+// ratio · e - scale · a, the gradient of a row's vector before its target's step, rounded the same
+// way wherever a row goes: both products are formed and rounded first (keep_in_register), so
+// that -ffp-contract=fast fuses neither into the subtraction. Left to the compiler, the paths fused
+// one product or the other, or none (where a product had two uses), and a row's gradient moved by
+// an ulp with the path: one row at a time, or with its group of four.
+template <typename V>
+inline V dense_gradient(V ratio, V e, V scale, V a) {
+    V exp_part = ratio * e, coef_part = scale * a;
+    keep_in_register(exp_part);
+    keep_in_register(coef_part);
+    return exp_part - coef_part;
+}
+
 // v with x subtracted from its lane l alone.
 template <typename T>
 inline typename Simd<T>::vec minus_in_lane(typename Simd<T>::vec v, index_t l, T x) {
@@ -158,7 +171,8 @@ inline double cross_entropy_row(const T* z, index_t c, const RowTargets<T>& tg, 
     const T m = S::max_lanes(vmax);  // (no NaN lane: a NaN logit never wins the compares above)
     const T z_target = t >= 0 ? z[t] : T(0);  // read before grad may overwrite z
 
-    // Pass 2: e = exp(z - m) (kept in grad for pass 3), S = Σ e, and Σ a_c (z_c - m) without
+    // Pass 2: e = exp(z - m) (kept in grad for pass 3, the last partial vector's in a register),
+    // S = Σ e, and Σ a_c (z_c - m) without
     // the target's term (added below). Coefficients: probabilities (a = w ⊙ (keep·p + ε/C)),
     // or the smoothing part of an index target ((ε/C) w), or none.
     const bool dense = p != nullptr || eps != T(0);
@@ -201,9 +215,10 @@ inline double cross_entropy_row(const T* z, index_t c, const RowTargets<T>& tg, 
     const V ratio = S::broadcast(T(double(scale) * total_coef / sum));
     const V vs = S::broadcast(scale);
     for (index_t k = 0; k < full; k += W) {
-        V g = ratio * S::load(grad + k);
-        if (dense) g -= vs * coefficients(w ? S::load(w + k) : ones, p ? S::load(p + k) : zero);
-        S::store(grad + k, g);
+        const V e = S::load(grad + k);
+        S::store(grad + k, dense ? dense_gradient(ratio, e, vs, coefficients(w ? S::load(w + k) : ones,
+                                                                              p ? S::load(p + k) : zero))
+                                 : ratio * e);
     }
     // The target's -scale · (1 - ε) w_t: in the stored vectors, or in its lane of the last partial
     // one before that is stored (a scalar read of a masked store's lane waits for the store to
@@ -211,10 +226,10 @@ inline double cross_entropy_row(const T* z, index_t c, const RowTargets<T>& tg, 
     const T target_step = tg.index ? T(scale * keep * (w ? w[t] : T(1))) : T(0);
     if (tg.index && t < full) grad[t] -= target_step;
     if (tail) {
-        V g = ratio * e_tail;
-        if (dense)
-            g -= vs * coefficients(w ? S::load_first(w + full, tail, T(0)) : ones,
-                                   p ? S::load_first(p + full, tail, T(0)) : zero);
+        V g = dense ? dense_gradient(ratio, e_tail, vs,
+                                     coefficients(w ? S::load_first(w + full, tail, T(0)) : ones,
+                                                  p ? S::load_first(p + full, tail, T(0)) : zero))
+                    : ratio * e_tail;
         if (tg.index && t >= full) g = minus_in_lane<T>(g, t - full, target_step);
         S::store_first(grad + full, tail, g);
     }
@@ -223,8 +238,9 @@ inline double cross_entropy_row(const T* z, index_t c, const RowTargets<T>& tg, 
 
 // cross_entropy_row for R rows of at most one vector each (c <= W), i0 .. i0 + R - 1: logits z
 // (R × c), their gradients into grad (may be z) where set, each row's loss into loss[r], the
-// row's gradient scaled by scale[r]. No row may be ignored (the caller sends those to
-// cross_entropy_row). The same operations as cross_entropy_row's in the same order, step by step
+// row's gradient scaled by scale[r]. No row may be ignored (cross_entropy_block sends those to
+// cross_entropy_row; here an ignored index would be read as a class). The same operations as
+// cross_entropy_row's in the same order, with the same results to the bit, step by step
 // across the rows: a row alone is a chain of dependent steps (the lanes' max, the exponential's
 // polynomial, the lanes' sums, the log, a division) of about 200 cycles, which left the core
 // mostly waiting (softmax regression's 10 classes, an Ice Lake Xeon); four chains overlap.
@@ -241,7 +257,7 @@ inline void cross_entropy_short_rows(const T* z, index_t c, const RowTargets<T>&
     const T eps = tg.smoothing, keep = T(1) - eps, uniform = eps / T(c);
     const bool dense = tg.probs != nullptr || eps != T(0);
     const V class_weight = tg.weight ? S::load_first(tg.weight, c, T(0)) : (valid ? ones : zero);
-    V shifted[R], e[R], a[R];
+    V shifted[R], e[R], a[R]{};  // (a: set where dense, read only there)
     T m[R], z_target[R];
     std::int64_t t[R];
     double sum[R], dot[R], coef[R];
@@ -271,8 +287,8 @@ inline void cross_entropy_short_rows(const T* z, index_t c, const RowTargets<T>&
         loss[r] = row_loss_from_sums(tg, t[r], std::log(sum[r]), double(z_target[r]) - double(m[r]), dot[r], coef[r],
                                      total_coef);
         if (!grad) continue;
-        V g = S::broadcast(T(double(scale[r]) * total_coef / sum[r])) * e[r];
-        if (dense) g -= S::broadcast(scale[r]) * a[r];
+        const V ratio = S::broadcast(T(double(scale[r]) * total_coef / sum[r]));
+        V g = dense ? dense_gradient(ratio, e[r], S::broadcast(scale[r]), a[r]) : ratio * e[r];
         if (t[r] >= 0)
             g = minus_in_lane<T>(g, t[r], T(scale[r] * keep * (tg.weight ? tg.weight[t[r]] : T(1))));
         S::store_first(grad + r * c, c, g);

@@ -37,9 +37,9 @@ inline void dot_tile(const T* const* x, const T* w, index_t d, T (&dots)[R][C]) 
             for (int c = 0; c < C; ++c) acc[r][c] += xv * wv[c];
         }
     }
-    // Each accumulator's lanes by halving: in lane order, the 20 sums of an AVX-512 4 x 5 tile
-    // were 16-long chains of extracts and adds, and the tile's dot products took 1.25x to 1.34x
-    // as long (softmax regression's 784 features: 49 vectors a sum).
+    // Each accumulator's lanes by halving (Simd::sum_by_halves, with AVX): in lane order, the 20
+    // sums of an AVX-512 4 x 5 tile were 16-long chains of extracts and adds, and the tile's dot
+    // products took 1.25x to 1.34x as long (softmax regression's 784 features: 49 vectors a sum).
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < C; ++c) {
             T a = S::sum_by_halves(acc[r][c]);

@@ -100,7 +100,7 @@ struct Simd {
     // The sum of the lanes by halving: log2(kWidth) dependent adds rather than sum's chain of
     // kWidth (which GCC keeps in lane order without -ffast-math, each lane extracted by its own
     // shuffle). For short rows, where the sum is a large part of each row's work, and for tiles
-    // that end in many sums (linear_tiles.h's dot_tile).
+    // that end in many sums (linear_tiles.h's dot_tile). Builds without AVX take sum's lane order.
     static T sum_by_halves(vec v) {
 #if defined(__AVX512F__)
         if constexpr (sizeof(T) == 4) return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
@@ -262,12 +262,14 @@ using NarrowSimd = Simd<T>;
 // then copy it into the tile's array: pinning an array element itself kept GCC from holding the
 // tile's arrays in registers where the tile was inlined into a larger loop (linear + squared
 // loss), and its accumulators went to the stack, 25% slower. The "v" constraint names one vector
-// register, which V is with AVX and AVX-512 (simd.h's width); an SSE2 build leaves GCC its own
-// choice.
+// register, which V is with AVX and AVX-512 (simd.h's width), "w" a NEON one; an SSE2 build
+// leaves GCC its own choice (and has no FMA to fuse a product into).
 template <typename V>
 inline void keep_in_register(V& v) {
 #if defined(__AVX__)
     __asm__("" : "+v"(v));
+#elif defined(__aarch64__)
+    __asm__("" : "+w"(v));  // (a NEON register)
 #else
     (void)v;
 #endif

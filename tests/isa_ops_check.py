@@ -61,6 +61,13 @@ def check_ops(dtype):
     x, w, b = rand(19, 9, **g), rand(11, 9, **g), rand(11, **g)
     compare(lambda x, w, b: F.linear_cross_entropy(x, w, target, linear_bias=b),
             lambda x, w, b: TF.cross_entropy(TF.linear(x, w, b), target), (x, w, b), dtype)
+    # rows of 3 classes, at most one vector on every build: four at a time (cross_entropy_short_rows)
+    short = torch.randint(0, 3, (10,))
+    compare(lambda z: F.cross_entropy(z, short, label_smoothing=0.1),
+            lambda z: TF.cross_entropy(z, short, label_smoothing=0.1), (rand(10, 3, **g),), dtype)
+    x, w, b = rand(10, 9, **g), rand(3, 9, **g), rand(3, **g)
+    compare(lambda x, w, b: F.linear_cross_entropy(x, w, short, linear_bias=b),
+            lambda x, w, b: TF.cross_entropy(TF.linear(x, w, b), short), (x, w, b), dtype)
     # distances and neighbours (20 coordinates: past the int8 tiles' lower limit, where built)
     q, r = rand(7, 20, **g), rand(45, 20, **g)
     compare(F.cdist, torch.cdist, (q, r), dtype)

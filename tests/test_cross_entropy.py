@@ -65,13 +65,15 @@ def test_matches_torch(backend, dtype, shape, kind, reduction, rng):
         check(logits, target, rng, reduction=reduction, **loss_options(opts, classes, dtype, dev, rng))
 
 
-def grouped_rows_case(rows, classes, kind, dtype, device, generator, ignore_index=-100):
-    """Logits and targets of rows ``rows`` (23: five groups of four and three rows alone) where
-    only group 2 holds an ignored row, group 3 a NaN logit and group 4 a +inf and a -inf one."""
+def grouped_rows_case(rows, classes, kind, dtype, device, generator, ignore_index=-100, non_finite=False):
+    """Logits and targets of ``rows`` rows (23: five groups of four and three rows alone) where
+    only group 2 holds an ignored row and, with ``non_finite``, group 3 a NaN logit and group 4
+    a +inf and a -inf one (their losses NaN, inf or finite: reduced, the loss would be NaN)."""
     logits = rand(rows, classes, dtype=dtype, generator=generator, scale=3.0)
-    logits[13, -1] = float("nan")
-    logits[17, 0] = float("inf")
-    logits[18, -1] = float("-inf")
+    if non_finite:
+        logits[13, -1] = float("nan")
+        logits[17, 0] = float("inf")
+        logits[18, -1] = float("-inf")
     if kind == "probs":
         target = rand(rows, classes, dtype=torch.float64, generator=generator).softmax(1).to(dtype)
     else:
@@ -88,8 +90,32 @@ def test_rows_taken_in_groups(backend, dtype, classes, kind, reduction, rng):
     if backend.interpreted and dtype == torch.float64:
         pytest.skip("the Triton interpreter takes the float32 cases")
     for opts in OPTIONS:
-        logits, target = grouped_rows_case(23, classes, kind, dtype, backend.device, rng)
+        logits, target = grouped_rows_case(23, classes, kind, dtype, backend.device, rng,
+                                           non_finite=reduction == "none")
         check(logits, target, rng, reduction=reduction, **loss_options(opts, classes, dtype, backend.device, rng))
+
+
+@pytest.mark.parametrize("classes", GROUPED_CLASSES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_rows_result_does_not_depend_on_its_group(cpp_backend, dtype, classes, rng):
+    """Each row's loss and gradient to the bit, whether the C++ kernel takes it with three
+    others (8 rows: two groups) or alone (one row a call), for every kind of coefficient: a row of
+    exactly one vector of classes moved by an ulp with the path until both rounded alike."""
+    logits = rand(8, classes, dtype=dtype, generator=rng, scale=3.0)
+    weight = (torch.rand(classes, generator=rng, dtype=torch.float64) + 0.1).to(dtype)
+    index = torch.randint(0, classes, (8,), generator=rng)
+    probs = rand(8, classes, dtype=torch.float64, generator=rng).softmax(1).to(dtype)
+    for target, opts in ((index, {}), (index, dict(weight=weight, label_smoothing=0.2)), (probs, dict(weight=weight)),
+                         (probs, dict(label_smoothing=0.1))):
+        def rows(z, t):
+            z = z.detach().clone().requires_grad_()
+            loss = fastml.functional.cross_entropy(z, t, reduction="none", **opts)
+            loss.backward(torch.ones_like(loss))
+            return loss.detach(), z.grad
+        together = rows(logits, target)
+        alone = [rows(logits[i:i + 1], target[i:i + 1]) for i in range(8)]
+        assert torch.equal(together[0], torch.cat([a[0] for a in alone]))
+        assert torch.equal(together[1], torch.cat([a[1] for a in alone]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

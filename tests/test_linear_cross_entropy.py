@@ -92,9 +92,10 @@ def test_matches_float64_reference(backend, path, dtype, shape, kind, reduction,
 @pytest.mark.parametrize("classes", GROUPED_CLASSES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_rows_taken_in_groups(backend, path, dtype, classes, kind, rng):
-    """The fused kernel's rows four at a time (test_cross_entropy.py's grouped_rows_case: an
-    ignored row in one group, a NaN row in another), the rows of a block past its last group one
-    at a time. 70 rows: the fused kernel's blocks of 32 rows, split between threads."""
+    """The fused kernel's rows four at a time (as test_cross_entropy.py's test_rows_taken_in_groups:
+    one ignored row, in one group), the rows of a block past its last group one at a time. 70
+    rows of 110 features: the fused kernel's blocks of 32 rows, on two threads where there are
+    two and three classes or more, and a masked tail in each row's dot products."""
     if backend.interpreted and dtype == torch.float64:
         pytest.skip("the Triton interpreter takes the float32 cases")
     dev = backend.device
@@ -103,15 +104,17 @@ def test_rows_taken_in_groups(backend, path, dtype, classes, kind, rng):
             if kind == "probs" and "ignore_index" in opts:
                 continue
             ignore_index = opts.get("ignore_index", -100)
-            x = rand(70, 9, dtype=dtype, device=dev, generator=rng, requires_grad=True)
-            w = rand(classes, 9, dtype=dtype, device=dev, generator=rng, requires_grad=True)
+            x = rand(70, 110, dtype=dtype, device=dev, generator=rng, requires_grad=True)
+            w = rand(classes, 110, dtype=dtype, device=dev, generator=rng, requires_grad=True, scale=0.3)
             b = rand(classes, dtype=dtype, device=dev, generator=rng, requires_grad=True)
             target = make_target(kind, (70,), classes, rng, dev, dtype, ignore_index)
-            if kind == "index":  # one ignored row, in one group of four
-                target = torch.randint(0, classes, (70,), generator=rng).to(dev)
+            if kind == "index":  # one ignored row, row 41, and no other (classes other than ignore_index)
+                others = torch.tensor([k for k in range(classes) if k != ignore_index])
+                target = others[torch.randint(0, len(others), (70,), generator=rng)]
                 target[41] = ignore_index
-            if reduction == "none":  # a NaN input in one group (in a sum, every gradient would be NaN)
-                with torch.no_grad():
+                target = target.to(dev)
+            if reduction == "none":  # a NaN input in row 45 (every weight and bias gradient is then NaN:
+                with torch.no_grad():  # the row losses and the other rows' input gradients are compared)
                     x[45, 2] = float("nan")
             check(x, w, b, target, rng, reduction=reduction, **loss_options(opts, classes, dtype, dev, rng))
 
