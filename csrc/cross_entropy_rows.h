@@ -172,9 +172,9 @@ inline double cross_entropy_row(const T* z, index_t c, const RowTargets<T>& tg, 
     const T z_target = t >= 0 ? z[t] : T(0);  // read before grad may overwrite z
 
     // Pass 2: e = exp(z - m) (kept in grad for pass 3, the last partial vector's in a register),
-    // S = Σ e, and Σ a_c (z_c - m) without
-    // the target's term (added below). Coefficients: probabilities (a = w ⊙ (keep·p + ε/C)),
-    // or the smoothing part of an index target ((ε/C) w), or none.
+    // S = Σ e, and Σ a_c (z_c - m) without the target's term (added below). Coefficients:
+    // probabilities (a = w ⊙ (keep·p + ε/C)), or the smoothing part of an index target
+    // ((ε/C) w), or none.
     const bool dense = p != nullptr || eps != T(0);
     V vsum{}, vdot{}, vcoef{}, e_tail{};
     const V vm = S::broadcast(m), zero{}, ones = S::broadcast(T(1));
