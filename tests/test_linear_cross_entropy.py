@@ -94,8 +94,8 @@ def test_matches_float64_reference(backend, path, dtype, shape, kind, reduction,
 def test_rows_taken_in_groups(backend, path, dtype, classes, kind, rng):
     """The fused kernel's rows four at a time (as test_cross_entropy.py's test_rows_taken_in_groups:
     one ignored row, in one group), the rows of a block past its last group one at a time. 70
-    rows of 110 features: the fused kernel's blocks of 32 rows, on two threads where there are
-    two and three classes or more, and a masked tail in each row's dot products."""
+    rows of 110 features: the fused kernel's blocks of 32 rows, on two threads (where the machine
+    has two) from three classes up, and a masked tail in each row's dot products."""
     if backend.interpreted and dtype == torch.float64:
         pytest.skip("the Triton interpreter takes the float32 cases")
     dev = backend.device
