@@ -409,8 +409,8 @@ void batch_weight_gradient(const T* grad, index_t grad_row, index_t pitch, const
                         for (index_t a = 0; a < cs.r; ++a) {
                             const T* xa = x + ((ib * cs.c + g * cg + i) * hp + row0 * cs.sh + a * cs.dh) * wp * L;
                             T* dst = mine + (((first * cg + i) * cs.r + a) * cs.s);
-                            // (each tile's 24 lane sums by halving: in lane order they were
-                            // chains of extracts and adds as long as a vector)
+                            // (each tile's lane sums by halving: in lane order they were chains
+                            // of extracts and adds as long as a vector)
                             auto add = [&](const auto& acc, index_t b0, index_t taps) {
                                 for (index_t o = 0; o < count; ++o)
                                     for (index_t p = 0; p < taps; ++p)

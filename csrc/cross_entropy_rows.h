@@ -113,12 +113,18 @@ inline V dense_gradient(V ratio, V e, V scale, V a) {
     return exp_part - coef_part;
 }
 
+// 0, 1, ..., kWidth - 1: each lane's index, to compare with a count or a class.
+template <typename T>
+inline typename Simd<T>::vec lane_indices() {
+    typename Simd<T>::vec lane;
+    for (index_t k = 0; k < Simd<T>::kWidth; ++k) lane[k] = T(k);
+    return lane;
+}
+
 // v with x subtracted from its lane l alone.
 template <typename T>
 inline typename Simd<T>::vec minus_in_lane(typename Simd<T>::vec v, index_t l, T x) {
-    typename Simd<T>::vec lane;
-    for (index_t k = 0; k < Simd<T>::kWidth; ++k) lane[k] = T(k);
-    return lane == T(l) ? v - Simd<T>::broadcast(x) : v;
+    return lane_indices<T>() == T(l) ? v - Simd<T>::broadcast(x) : v;
 }
 
 // A row's loss from its sums (see the terms above): log_sum = log S, z_target_shifted =
@@ -191,9 +197,7 @@ inline double cross_entropy_row(const T* z, index_t c, const RowTargets<T>& tg, 
         if (grad) S::store(grad + k, e);
     }
     if (tail) {
-        V lane{};
-        for (index_t l = 0; l < W; ++l) lane[l] = T(l);
-        const auto valid = lane < S::broadcast(T(tail));
+        const auto valid = lane_indices<T>() < S::broadcast(T(tail));
         const V shifted = S::load_first(z + full, tail, kNegInf) - vm;
         const V e = exp_nonpositive<T>(shifted);
         vsum += e;
@@ -249,11 +253,8 @@ inline void cross_entropy_short_rows(const T* z, index_t c, const RowTargets<T>&
                                      T* grad, double* loss) {
     using S = Simd<T>;
     using V = typename S::vec;
-    constexpr index_t W = S::kWidth;
     const V neg_inf = S::broadcast(-std::numeric_limits<T>::infinity()), zero{}, ones = S::broadcast(T(1));
-    V lane{};
-    for (index_t l = 0; l < W; ++l) lane[l] = T(l);
-    const auto valid = lane < S::broadcast(T(c));
+    const auto valid = lane_indices<T>() < S::broadcast(T(c));
     const T eps = tg.smoothing, keep = T(1) - eps, uniform = eps / T(c);
     const bool dense = tg.probs != nullptr || eps != T(0);
     const V class_weight = tg.weight ? S::load_first(tg.weight, c, T(0)) : (valid ? ones : zero);
@@ -303,6 +304,9 @@ template <typename T, typename ScaleOf, typename Emit>
 inline void cross_entropy_block(const T* z, index_t rows, index_t c, const RowTargets<T>& tg, index_t i0,
                                 ScaleOf scale_of, T* grad, Emit emit) {
     constexpr int R = 4;
+    auto one_row = [&](index_t r) {
+        emit(r, cross_entropy_row(z + r * c, c, tg, i0 + r, scale_of(i0 + r), grad ? grad + r * c : nullptr));
+    };
     index_t r = 0;
     if (c <= Simd<T>::kWidth) {
         for (; r + R <= rows; r += R) {
@@ -310,9 +314,7 @@ inline void cross_entropy_block(const T* z, index_t rows, index_t c, const RowTa
             if (tg.index)
                 for (int k = 0; k < R; ++k) ignored |= tg.index[i0 + r + k] == tg.ignore_index;
             if (ignored) {
-                for (int k = 0; k < R; ++k)
-                    emit(r + k, cross_entropy_row(z + (r + k) * c, c, tg, i0 + r + k, scale_of(i0 + r + k),
-                                                  grad ? grad + (r + k) * c : nullptr));
+                for (int k = 0; k < R; ++k) one_row(r + k);
                 continue;
             }
             T scales[R];
@@ -322,8 +324,7 @@ inline void cross_entropy_block(const T* z, index_t rows, index_t c, const RowTa
             for (int k = 0; k < R; ++k) emit(r + k, losses[k]);
         }
     }
-    for (; r < rows; ++r)
-        emit(r, cross_entropy_row(z + r * c, c, tg, i0 + r, scale_of(i0 + r), grad ? grad + r * c : nullptr));
+    for (; r < rows; ++r) one_row(r);
 }
 
 }  // namespace fastml
