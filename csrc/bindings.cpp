@@ -128,6 +128,8 @@ PYBIND11_MODULE(FASTML_MODULE_NAME, m) {
     FASTML_DEF("cross_entropy_rows_f64", cross_entropy_rows<double>);
     FASTML_DEF("cross_entropy_target_total_f32", cross_entropy_target_total<float>);
     FASTML_DEF("cross_entropy_target_total_f64", cross_entropy_target_total<double>);
+    FASTML_DEF("cross_entropy_forward_f32", cross_entropy_forward<float>);
+    FASTML_DEF("cross_entropy_forward_f64", cross_entropy_forward<double>);
     FASTML_DEF("linear_cross_entropy_forward_f32", linear_cross_entropy_forward<float>);
     FASTML_DEF("linear_cross_entropy_forward_f64", linear_cross_entropy_forward<double>);
 }

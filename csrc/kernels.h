@@ -131,6 +131,20 @@ void cross_entropy_rows(address_t logits, address_t index, address_t probs, addr
 template <typename T>
 std::tuple<double, std::int64_t, bool> cross_entropy_target_total(address_t index, address_t weight, index_t m,
                                                                   index_t c, std::int64_t ignore_index);
+// The reduction's scale (reduction 0 none, 1 mean, 2 sum: 1 / the targets' total weight for
+// "mean", else 1), after checking index targets: (scale, the first out-of-range target, found).
+template <typename T>
+std::tuple<double, std::int64_t, bool> cross_entropy_scale(address_t index, address_t weight, index_t m, index_t c,
+                                                           std::int64_t ignore_index, int reduction);
+// cross_entropy_scale, then the rows: row_loss (m,) for "none", else the reduced loss into
+// loss_total (0-dim); grad (m, c) scaled by the reduction's scale where given. Returns
+// (scale, the first out-of-range index target, whether there is one): then nothing is written.
+template <typename T>
+std::tuple<double, std::int64_t, bool> cross_entropy_forward(address_t logits, address_t index, address_t probs,
+                                                             address_t weight, index_t m, index_t c,
+                                                             std::int64_t ignore_index, double smoothing,
+                                                             int reduction, address_t row_loss, address_t loss_total,
+                                                             address_t grad, int nthreads);
 
 // linear_cross_entropy.cpp: x (n, d), w (c, d), b (c,) or 0, targets as cross_entropy_rows';
 // reduction 0 none, 1 mean, 2 sum. Every row's gradient scaled by the reduction's scale (for

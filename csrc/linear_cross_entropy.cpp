@@ -6,7 +6,6 @@
 //
 // Large heads go chunk by chunk through a vendor GEMM instead (fastml/ops/linear_cross_entropy/
 // chunked.py): per-thread copies of a C × D weight gradient only pay off while it is small.
-#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -19,8 +18,7 @@ namespace {
 constexpr index_t kBlockRows = 32;
 }  // namespace
 
-// The reduction's scale: for "mean", 1 / the targets' total weight (NaN for none, as torch's 0 / 0).
-// Index targets are checked first, as cross_entropy_target_total checks them: one call from
+// The reduction's scale and the index targets' check come from cross_entropy_scale: one call from
 // Python rather than two (a softmax-regression step is mostly such fixed costs).
 template <typename T>
 std::tuple<std::int64_t, bool> linear_cross_entropy_forward(address_t x_, address_t w_, address_t b_, address_t index_,
@@ -29,13 +27,8 @@ std::tuple<std::int64_t, bool> linear_cross_entropy_forward(address_t x_, addres
                                                            int reduction, address_t row_loss_, address_t loss_total_,
                                                            address_t grad_x_, address_t grad_w_, address_t grad_b_,
                                                            int nthreads) {
-    double total = double(n);
-    if (index_) {
-        const auto [weighted, bad, found] = cross_entropy_target_total<T>(index_, weight_, n, c, ignore_index);
-        if (found) return {bad, true};
-        total = weighted;
-    }
-    const double scale = reduction != 1 ? 1.0 : (total != 0.0 ? 1.0 / total : std::numeric_limits<double>::quiet_NaN());
+    const auto [scale, bad, found] = cross_entropy_scale<T>(index_, weight_, n, c, ignore_index, reduction);
+    if (found) return {bad, true};
     const T *x = as_ptr<const T>(x_), *w = as_ptr<const T>(w_), *bias = as_ptr<const T>(b_);
     T *row_loss = as_ptr<T>(row_loss_), *loss_total = as_ptr<T>(loss_total_);
     T *grad_x = as_ptr<T>(grad_x_), *grad_w = as_ptr<T>(grad_w_), *grad_b = as_ptr<T>(grad_b_);

@@ -3,7 +3,8 @@
 For "mean" / "sum" the kernel returns each row's loss and, in the same pass, the logits'
 gradient, which backward only scales by the incoming gradient. For "none" backward runs the
 kernel again with the incoming gradient as per-row scale. Backend modules provide ``rows`` and
-``target_total`` as documented in reference.py.
+``target_total`` as documented in reference.py, and may provide ``forward``, the whole of
+``loss_and_gradient`` in one call (cpp_impl.py).
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ def gradient_in_torch_ops(logits, target, class_weight, ignore_index, label_smoo
 
 def loss_and_gradient(kernels, logits, target, class_weight, ignore_index, label_smoothing, reduction, want_grad):
     """(loss, its scale, the logits' gradient for "mean" / "sum" when want_grad, else None) from
-    one pass of the backend's row kernel."""
+    one pass of the backend's row kernel: the backend's own ``forward`` where it has one (the
+    check, the rows and the sum in one call), else its target_total, rows and torch's sum."""
+    forward = getattr(kernels, "forward", None)
+    if forward is not None:
+        return forward(logits, target, class_weight, ignore_index, label_smoothing, reduction, want_grad)
     m, c = logits.shape
     scale = loss_scale(kernels, reduction, target, class_weight, ignore_index, c, m)
     row_loss = row_loss_buffer(logits)
