@@ -15,8 +15,8 @@ namespace {
 // contiguous range of rows, as the per-row loop's static schedule gave it, and passes it whole to
 // cross_entropy_block, so that short rows go four at a time. (Blocks of a fixed number of rows
 // had cut the parallelism of a few long rows: 64 rows of 32000 classes ran on one thread.)
-// Returns Σ of the rows' losses, each thread's part summed in double and the parts added in
-// thread order (deterministic for a thread count).
+// Returns Σ of the rows' losses, each thread's part summed in double with compensation and the
+// parts added in thread order (deterministic for a thread count).
 template <typename T, typename ScaleOf>
 double rows_in_parallel(const T* logits, index_t m, index_t c, const RowTargets<T>& targets, ScaleOf scale_of,
                         T* row_loss, T* grad, int nthreads) {
@@ -28,17 +28,17 @@ double rows_in_parallel(const T* logits, index_t m, index_t c, const RowTargets<
         const int t = omp_get_thread_num();
         index_t begin, end;
         split_range(m, omp_get_num_threads(), t, begin, end);
-        double loss = 0.0;
+        CompensatedSum loss;
         cross_entropy_block(logits + begin * c, end - begin, c, targets, begin, scale_of,
                             grad ? grad + begin * c : nullptr, [&](index_t r, double row) {
                                 if (row_loss) row_loss[begin + r] = T(row);
-                                loss += row;
+                                loss.add(row);
                             });
-        parts[t] = loss;
+        parts[t] = loss.value();
     }
-    double sum = 0.0;
-    for (double part : parts) sum += part;
-    return sum;
+    CompensatedSum sum;
+    for (double part : parts) sum.add(part);
+    return sum.value();
 }
 }  // namespace
 

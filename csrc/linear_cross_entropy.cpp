@@ -47,7 +47,7 @@ std::tuple<std::int64_t, bool> linear_cross_entropy_forward(address_t x_, addres
         std::vector<T> logits(kBlockRows * c);
         T* acc_w = grad_w ? grad_w_parts.data() + t * c * d : nullptr;
         T* acc_b = grad_b ? grad_b_parts.data() + t * c : nullptr;
-        double loss = 0.0;
+        CompensatedSum loss;
         for (index_t r0 = begin; r0 < end; r0 += kBlockRows) {
             const index_t rows = std::min(kBlockRows, end - r0);
             const T* xb = x + r0 * d;
@@ -55,7 +55,7 @@ std::tuple<std::int64_t, bool> linear_cross_entropy_forward(address_t x_, addres
             cross_entropy_block(logits.data(), rows, c, targets, r0, [&](index_t) { return T(scale); },
                                 want_grad ? logits.data() : nullptr, [&](index_t r, double row) {
                                     if (row_loss) row_loss[r0 + r] = T(row);
-                                    loss += row;
+                                    loss.add(row);
                                 });
             if (grad_x) combine_rows(logits.data(), rows, c, w, d, grad_x + r0 * d);
             if (acc_w) accumulate_outer(logits.data(), xb, rows, d, c, acc_w);
@@ -63,7 +63,7 @@ std::tuple<std::int64_t, bool> linear_cross_entropy_forward(address_t x_, addres
                 for (index_t r = 0; r < rows; ++r)
                     for (index_t j = 0; j < c; ++j) acc_b[j] += logits[r * c + j];
         }
-        loss_parts[t] = loss;
+        loss_parts[t] = loss.value();
         if (grad_w) {  // the threads' weight gradients added by the same team: no second fork and join
 #pragma omp barrier
             split_range(c * d, threads, t, begin, end);
@@ -72,9 +72,9 @@ std::tuple<std::int64_t, bool> linear_cross_entropy_forward(address_t x_, addres
     }
     if (grad_b) reduce_partials(grad_b_parts.data(), threads, c, T(1), grad_b, 1);
     if (loss_total) {
-        double sum = 0.0;
-        for (double part : loss_parts) sum += part;
-        *loss_total = T(sum * scale);
+        CompensatedSum sum;
+        for (double part : loss_parts) sum.add(part);
+        *loss_total = T(sum.value() * scale);
     }
     return {0, false};
 }
