@@ -222,7 +222,9 @@ def test_each_way_of_the_cpp_kernel_matches_float64(cpp_backend, rng, way, dtype
             assert (grad_b is None) == (not bias)
             if bias:
                 want_b = 2 * scale * residual.sum(0)
-                assert_close(grad_b, want_b, dtype, scale=magnitude(want_b))
+                # The rounding of a sum follows its terms, not its result: 1031 float32 residuals of up
+                # to 60 whose sum cancelled to 0.46 came out 1.6e-4 off, as torch's own float32 sum did.
+                assert_close(grad_b, want_b, dtype, scale=magnitude(2 * scale * residual))
 
 
 @pytest.mark.parametrize("way", ["reference", "prefetch", "stream", "stream prefetch"])
