@@ -148,7 +148,7 @@ std::tuple<double, std::int64_t, bool> cross_entropy_forward(address_t logits, a
 
 // linear_cross_entropy.cpp: x (n, d), w (c, d), b (c,) or 0, targets as cross_entropy_rows';
 // reduction 0 none, 1 mean, 2 sum. Every row's gradient scaled by the reduction's scale (for
-// "mean", 1 / the targets' total weight, as cross_entropy_target_total finds it). Writes row_loss
+// "mean", 1 / the targets' total weight, as cross_entropy_scale finds it). Writes row_loss
 // (n,) or the scaled total into loss_total (0-dim), and the gradients asked for (0 = not asked).
 // Returns (the first out-of-range index target, whether there is one): then nothing is written.
 template <typename T>
